@@ -1,0 +1,44 @@
+# `make help` lists the targets. Every target sets up what it needs first.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+ARGS ?=
+
+.DEFAULT_GOAL := help
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --disable-pip-version-check --upgrade pip
+	$(PY) -m pip install -q --disable-pip-version-check -e '.[test]'
+	touch $@
+
+.PHONY: help
+help: ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-8s %s\n", $$1, $$2}'
+
+.PHONY: install
+install: $(VENV)/.installed ## make the virtualenv and install the package with its test tools
+
+.PHONY: demo
+demo: $(VENV)/.installed ## run the demo on embedded PostgreSQL (ARGS=--serve keeps it running)
+	$(VENV)/bin/ai-jobs demo $(ARGS)
+
+.PHONY: test
+test: $(VENV)/.installed ## run the whole test suite against a real PostgreSQL
+	$(PY) -m pytest $(ARGS)
+
+.PHONY: lint
+lint: $(VENV)/.installed ## ruff check and format check
+	$(VENV)/bin/ruff check listener tests bench
+	$(VENV)/bin/ruff format --check listener
+
+.PHONY: types
+types: $(VENV)/.installed ## mypy strict on the package
+	$(VENV)/bin/mypy
+
+.PHONY: check
+check: lint types test ## lint + types + tests
+
+.PHONY: bench
+bench: $(VENV)/.installed ## benchmarks against the peers (ARGS=--quick for a short run)
+	$(PY) -m bench $(ARGS)

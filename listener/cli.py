@@ -1,0 +1,185 @@
+"""The `ai-jobs` command line: parse, call, print.
+
+Exit status: 0 success, 1 error (one line on stderr), 2 bad usage (argparse).
+Results go to stdout alone; logs go to stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+from collections.abc import Callable, Coroutine, Sequence
+from typing import Any
+from uuid import UUID
+
+from listener import db, logs, ops
+from listener import settings as settings_mod
+from listener.errors import AiJobsError, translate
+from listener.settings import Settings
+
+Handler = Callable[[argparse.Namespace, Settings], Coroutine[Any, Any, int]]
+_COMMANDS: dict[str, Handler] = {}
+
+
+def command(name: str) -> Callable[[Handler], Handler]:
+    def register(fn: Handler) -> Handler:
+        _COMMANDS[name] = fn
+        return fn
+
+    return register
+
+
+def print_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
+    cells = [[str(h) for h in headers], *[["" if c is None else str(c) for c in r] for r in rows]]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
+    for r in cells:
+        print("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
+
+
+def print_json(data: Any) -> None:
+    print(json.dumps(data, default=str))
+
+
+def _uuid(text: str) -> UUID:
+    try:
+        return UUID(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a UUID: {text!r}") from None
+
+
+# -- commands ---------------------------------------------------------------
+
+
+@command("migrate")
+async def _migrate(args: argparse.Namespace, s: Settings) -> int:
+    from listener.migrate import migrate
+
+    applied = await migrate(db.require_dsn(s.dsn), rate_limit_per_hour=s.rate_limit_per_hour)
+    print(f"applied {len(applied)} migration(s)" + (": " + ", ".join(applied) if applied else ""))
+    return 0
+
+
+@command("enqueue")
+async def _enqueue(args: argparse.Namespace, s: Settings) -> int:
+    params = dict(ops.parse_param(p) for p in args.param or [])
+    async with db.connection(db.require_dsn(s.dsn)) as conn:
+        if args.kind == "course":
+            job_id = await ops.enqueue_course(
+                conn, args.subject, user=args.user, params=params, max_retries=s.max_retries
+            )
+        else:
+            job_id = await ops.enqueue_media(
+                conn,
+                args.prompt,
+                args.media_type,
+                user=args.user,
+                params=params,
+                max_retries=s.max_retries,
+            )
+    print(job_id)
+    return 0
+
+
+@command("status")
+async def _status(args: argparse.Namespace, s: Settings) -> int:
+    async with db.connection(db.require_dsn(s.dsn)) as conn:
+        depth = await ops.queue_depth(conn)
+    if args.json:
+        print_json(depth)
+    else:
+        print_table(["table", *ops.STATUSES], [[t, *depth[t].values()] for t in ops.TABLES])
+    return 0
+
+
+@command("requeue")
+async def _requeue(args: argparse.Namespace, s: Settings) -> int:
+    async with db.connection(db.require_dsn(s.dsn)) as conn:
+        table = await ops.requeue(conn, args.id, args.table)
+    print(f"requeued {args.id} in {table}")
+    return 0
+
+
+@command("mark-stale")
+async def _mark_stale(args: argparse.Namespace, s: Settings) -> int:
+    async with db.connection(db.require_dsn(s.dsn)) as conn:
+        rows = await ops.mark_stale(conn, s.stale_after_seconds)
+    if args.json:
+        print_json(rows)
+    else:
+        print_table(["job_id", "job_type", "stale_duration"], [list(r.values()) for r in rows])
+    return 0
+
+
+@command("dead-letter")
+async def _dead_letter(args: argparse.Namespace, s: Settings) -> int:
+    async with db.connection(db.require_dsn(s.dsn)) as conn:
+        rows = await ops.dead_letter(conn)
+    if args.json:
+        print_json(rows)
+    else:
+        print_table(["job_id", "job_type", "retry_count"], [list(r.values()) for r in rows])
+    return 0
+
+
+@command("purge")
+async def _purge(args: argparse.Namespace, s: Settings) -> int:
+    days = args.days if args.days is not None else s.retention_days
+    async with db.connection(db.require_dsn(s.dsn)) as conn:
+        deleted = await ops.purge(conn, days)
+    print(deleted)
+    return 0
+
+
+# -- parser -----------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="ai-jobs", description=__doc__.splitlines()[0])
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    sub.add_parser("migrate", help="apply sql/ and triggers/ to DATABASE_URL")
+
+    enq = sub.add_parser("enqueue", help="insert a job and print its id")
+    kinds = enq.add_subparsers(dest="kind", required=True, metavar="KIND")
+    course = kinds.add_parser("course", help="a course generation job")
+    course.add_argument("--subject", required=True)
+    media = kinds.add_parser("media", help="a media generation job")
+    media.add_argument("--prompt", required=True)
+    media.add_argument("--media-type", required=True, choices=["image", "audio"])
+    for k in (course, media):
+        k.add_argument("--user", type=_uuid, help="the requesting user (rate-limit key)")
+        k.add_argument("--param", action="append", metavar="K=V", help="handler option")
+
+    st = sub.add_parser("status", help="queue depth per table and status")
+    st.add_argument("--json", action="store_true")
+
+    rq = sub.add_parser("requeue", help="put one job back to pending")
+    rq.add_argument("id", type=_uuid)
+    rq.add_argument("--table", choices=ops.TABLES)
+
+    for name, text in (
+        ("mark-stale", "processing jobs with an old heartbeat become stale"),
+        ("dead-letter", "failed jobs out of retries go to the dead letter"),
+    ):
+        sp = sub.add_parser(name, help=text)
+        sp.add_argument("--json", action="store_true")
+
+    pg = sub.add_parser("purge", help="delete finished jobs older than --days")
+    pg.add_argument("--days", type=float, help="default RETENTION_DAYS (90)")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        s = settings_mod.load()
+        logs.setup(s.log_format, s.log_level)
+        return asyncio.run(_COMMANDS[args.command](args, s))
+    except KeyboardInterrupt:
+        return 130
+    except Exception as exc:  # one clear line, never a traceback
+        err = translate(exc) if not isinstance(exc, AiJobsError) else exc
+        print(f"ai-jobs: error: {err.message}", file=sys.stderr)
+        return 1

@@ -1,0 +1,96 @@
+"""Numbered, forward-only migrations from sql/ and triggers/.
+
+Files are named NNN_name.sql; the number is unique across both folders and sets
+the order. Each file runs in its own transaction, which first takes an advisory
+lock and then records its version before the body: two migrators never apply
+the same file, and a second run finds everything applied (graphile-worker's
+scheme).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from importlib import resources
+from importlib.abc import Traversable
+from pathlib import Path
+
+import psycopg
+
+from listener import db
+from listener.errors import AiJobsError, SchemaOutdated, translate
+
+_FILE = re.compile(r"^(\d{3})_[a-z0-9_]+\.sql$")
+FOLDERS = ("sql", "triggers")
+
+
+@dataclass(frozen=True)
+class Migration:
+    version: int
+    name: str  # e.g. "sql/001_tables.sql"
+    text: str
+
+
+def _folder(name: str) -> Traversable:
+    # Installed wheel: shipped as package data. Source checkout (editable
+    # install): the folders at the top of the repository.
+    packaged = resources.files("listener").joinpath("migrations", name)
+    if packaged.is_dir():
+        return packaged
+    return Path(__file__).resolve().parent.parent / name
+
+
+def migrations() -> list[Migration]:
+    found: dict[int, Migration] = {}
+    for folder in FOLDERS:
+        for entry in _folder(folder).iterdir():
+            m = _FILE.match(entry.name)
+            if not m:
+                continue
+            version = int(m.group(1))
+            name = f"{folder}/{entry.name}"
+            if version in found:
+                raise AiJobsError(
+                    f"Two migrations numbered {version}: {found[version].name}, {name}"
+                )
+            found[version] = Migration(version, name, entry.read_text(encoding="utf-8"))
+    return [found[v] for v in sorted(found)]
+
+
+async def migrate(dsn: str, rate_limit_per_hour: int | None = None) -> list[str]:
+    """Apply what is missing; return the names applied by this call."""
+    applied: list[str] = []
+    async with db.connection(dsn, app="ai-jobs migrate") as conn:
+        try:
+            for m in migrations():
+                async with conn.transaction():
+                    await conn.execute(db.sql("migrate_lock"))
+                    await conn.execute(db.sql("create_migrations_table"))
+                    done = {r["version"] for r in await db.fetch(conn, "applied_migrations")}
+                    if m.version in done:
+                        continue
+                    await conn.execute(
+                        db.sql("record_migration"), {"version": m.version, "name": m.name}
+                    )
+                    await conn.execute(m.text.encode())  # several statements: simple protocol
+                applied.append(m.name)
+            if rate_limit_per_hour is not None:
+                await conn.execute(db.sql("set_rate_limit"), {"limit": rate_limit_per_hour})
+        except psycopg.Error as exc:
+            raise translate(exc) from exc
+    return applied
+
+
+async def check_schema(conn: psycopg.AsyncConnection[dict[str, object]]) -> None:
+    """Raise SchemaOutdated unless every migration this code ships is applied."""
+    try:
+        rows = await db.fetch(conn, "applied_migrations")
+    except SchemaOutdated:
+        raise SchemaOutdated("The database has no ai-jobs schema: run `ai-jobs migrate`") from None
+    done = {int(str(r["version"])) for r in rows}
+    missing = [m.name for m in migrations() if m.version not in done]
+    if missing:
+        raise SchemaOutdated(
+            f"The database schema is older than this code (missing {', '.join(missing)}): "
+            "run `ai-jobs migrate`"
+        )

@@ -1,0 +1,112 @@
+"""The operators' one-shot operations (the runbook's "Common Operations").
+Each takes an open connection and returns plain data; cli.py prints it."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+from uuid import UUID
+
+import psycopg
+from psycopg.types.json import Jsonb
+
+from listener import db
+from listener.errors import InvalidJob, JobNotFound
+
+Conn = psycopg.AsyncConnection[dict[str, Any]]
+
+TABLES = ("ai_course_jobs", "ai_media_jobs")
+STATUSES = ("pending", "processing", "done", "failed", "dead_letter", "stale")
+
+
+def parse_param(text: str) -> tuple[str, Any]:
+    """K=V; V is read as JSON when it is JSON (12, true, "x"), else as a string."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key.strip():
+        raise InvalidJob(f"--param expects KEY=VALUE, got {text!r}")
+    try:
+        value: Any = json.loads(raw)
+    except ValueError:
+        value = raw
+    return key.strip(), value
+
+
+async def enqueue_course(
+    conn: Conn,
+    subject: str,
+    *,
+    user: UUID | None = None,
+    params: dict[str, Any] | None = None,
+    max_retries: int = 3,
+    course_id: str | None = None,
+) -> UUID:
+    rows = await db.fetch(
+        conn,
+        "enqueue_course",
+        {
+            "subject": subject,
+            "params": Jsonb(params or {}),
+            "user": user,
+            "max_retries": max_retries,
+            "course_id": course_id,
+        },
+    )
+    return UUID(str(rows[0]["id"]))
+
+
+async def enqueue_media(
+    conn: Conn,
+    prompt: str,
+    media_type: str,
+    *,
+    user: UUID | None = None,
+    params: dict[str, Any] | None = None,
+    max_retries: int = 3,
+    course_id: str | None = None,
+) -> UUID:
+    rows = await db.fetch(
+        conn,
+        "enqueue_media",
+        {
+            "prompt": prompt,
+            "media_type": media_type,
+            "params": Jsonb(params or {}),
+            "user": user,
+            "max_retries": max_retries,
+            "course_id": course_id,
+        },
+    )
+    return UUID(str(rows[0]["id"]))
+
+
+async def queue_depth(conn: Conn) -> dict[str, dict[str, int]]:
+    depth = {t: dict.fromkeys(STATUSES, 0) for t in TABLES}
+    for row in await db.fetch(conn, "queue_depth"):
+        depth[row["job_table"]][row["status"]] = int(row["count"])
+    return depth
+
+
+async def find_table(conn: Conn, job_id: UUID) -> str:
+    rows = await db.fetch(conn, "find_job_table", {"id": job_id})
+    if not rows:
+        raise JobNotFound(f"Job {job_id} not found in ai_course_jobs or ai_media_jobs")
+    return str(rows[0]["job_table"])
+
+
+async def requeue(conn: Conn, job_id: UUID, table: str | None = None) -> str:
+    table = table or await find_table(conn, job_id)
+    await db.fetch(conn, "requeue_job", {"id": job_id, "table": table})
+    return table
+
+
+async def mark_stale(conn: Conn, stale_after_seconds: float) -> list[dict[str, Any]]:
+    return await db.fetch(conn, "mark_stale_jobs", {"seconds": stale_after_seconds})
+
+
+async def dead_letter(conn: Conn) -> list[dict[str, Any]]:
+    return await db.fetch(conn, "move_to_dead_letter")
+
+
+async def purge(conn: Conn, days: float) -> int:
+    rows = await db.fetch(conn, "purge_old_jobs", {"days": days})
+    return int(rows[0]["deleted"])

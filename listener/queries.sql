@@ -1,0 +1,81 @@
+-- The statements Python sends, each under a `-- name:` header (loaded by db.queries()).
+-- The state changes themselves are functions in sql/003_functions.sql; these are thin calls.
+
+-- name: migrate_lock
+-- One migrator at a time per database; held until the file's transaction ends.
+select pg_advisory_xact_lock(hashtext('ai-jobs migrate'))
+
+-- name: create_migrations_table
+create table if not exists ai_jobs_migrations (
+    version    int primary key,
+    name       text not null,
+    applied_at timestamptz not null default now()
+)
+
+-- name: applied_migrations
+select version, name from ai_jobs_migrations order by version
+
+-- name: record_migration
+insert into ai_jobs_migrations (version, name) values (%(version)s, %(name)s)
+
+-- name: set_rate_limit
+update ai_job_settings set rate_limit_per_hour = %(limit)s
+
+-- name: enqueue_course
+insert into ai_course_jobs (subject, params, created_by, max_retries, course_id)
+values (%(subject)s, %(params)s, %(user)s, %(max_retries)s, %(course_id)s)
+returning id
+
+-- name: enqueue_media
+insert into ai_media_jobs (prompt, media_type, params, created_by, max_retries, course_id)
+values (%(prompt)s, %(media_type)s, %(params)s, %(user)s, %(max_retries)s, %(course_id)s)
+returning id
+
+-- name: queue_depth
+select 'ai_course_jobs' as job_table, status, count(*) as count from ai_course_jobs group by status
+union all
+select 'ai_media_jobs', status, count(*) from ai_media_jobs group by status
+
+-- name: claim_jobs
+select * from claim_jobs(%(table)s, %(worker)s, %(n)s)
+
+-- name: claim_job
+select * from claim_job(%(table)s, %(id)s, %(worker)s)
+
+-- name: heartbeat_jobs
+select heartbeat_jobs as id from heartbeat_jobs(%(table)s, %(ids)s, %(tokens)s)
+
+-- name: complete_jobs
+select complete_jobs as id from complete_jobs(%(table)s, %(ids)s, %(tokens)s, %(paths)s, %(metrics)s)
+
+-- name: fail_job
+select * from fail_job(%(table)s, %(id)s, %(token)s, %(error)s, %(base)s)
+
+-- name: release_jobs
+select release_jobs as id from release_jobs(%(table)s, %(ids)s, %(tokens)s)
+
+-- name: mark_stale_jobs
+select * from mark_stale_jobs(make_interval(secs => %(seconds)s))
+
+-- name: rescue_stale_jobs
+select * from rescue_stale_jobs(%(n)s)
+
+-- name: move_to_dead_letter
+select * from move_to_dead_letter()
+
+-- name: purge_old_jobs
+select purge_old_jobs(make_interval(secs => %(days)s * 86400.0)) as deleted
+
+-- name: requeue_job
+select requeue_job(%(id)s, %(table)s)
+
+-- name: find_job_table
+select 'ai_course_jobs' as job_table from ai_course_jobs where id = %(id)s
+union all
+select 'ai_media_jobs' from ai_media_jobs where id = %(id)s
+
+-- name: next_job_due
+select extract(epoch from next_job_due() - now())::float8 as seconds
+
+-- name: keepalive
+select 1

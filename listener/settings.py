@@ -1,0 +1,98 @@
+"""All configuration, read once from the environment (see INTERFACE.md, "Settings")."""
+
+from __future__ import annotations
+
+from functools import cached_property
+from pathlib import Path
+
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+# Defaults mirror the runbook.
+WORKER_CONCURRENCY = 3
+SWEEP_INTERVAL_SECONDS = 60.0
+HEARTBEAT_INTERVAL_SECONDS = 30.0
+STALE_AFTER_SECONDS = 300.0
+SHUTDOWN_GRACE_SECONDS = 25.0
+RETRY_BASE_SECONDS = 10.0
+MAX_RETRIES = 3
+RATE_LIMIT_PER_HOUR = 10
+RETENTION_DAYS = 90
+AI_TIMEOUT_SECONDS = 50.0
+PROVIDERS = ("openai", "anthropic")
+DEFAULT_STORAGE = ".storage"
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="", case_sensitive=False, extra="ignore")
+
+    database_url: SecretStr | None = None
+    worker_concurrency: int = Field(WORKER_CONCURRENCY, ge=1, le=1000)
+    sweep_interval_seconds: float = Field(SWEEP_INTERVAL_SECONDS, gt=0)
+    heartbeat_interval_seconds: float = Field(HEARTBEAT_INTERVAL_SECONDS, gt=0)
+    stale_after_seconds: float = Field(STALE_AFTER_SECONDS, gt=0)
+    shutdown_grace_seconds: float = Field(SHUTDOWN_GRACE_SECONDS, ge=0)
+    retry_base_seconds: float = Field(RETRY_BASE_SECONDS, ge=0)
+    max_retries: int = Field(MAX_RETRIES, ge=0)
+    rate_limit_per_hour: int = Field(RATE_LIMIT_PER_HOUR, ge=0)
+    retention_days: float = Field(RETENTION_DAYS, gt=0)
+
+    ai_provider_priority: str = ",".join(PROVIDERS)
+    openai_api_key: SecretStr | None = None
+    openai_base_url: str | None = None
+    anthropic_api_key: SecretStr | None = None
+    anthropic_base_url: str | None = None
+    ai_timeout_seconds: float = Field(AI_TIMEOUT_SECONDS, gt=0)
+    allow_placeholder: bool = False
+    placeholder_delay_ms: int = Field(0, ge=0)
+
+    storage_url: str = DEFAULT_STORAGE
+    admin_token: SecretStr | None = None
+    port: int = Field(8000, ge=1, le=65535)
+    sentry_dsn: SecretStr | None = None
+    alert_webhook_url: SecretStr | None = None
+    log_format: str = "text"
+    log_level: str = "INFO"
+
+    @field_validator("log_format")
+    @classmethod
+    def _log_format(cls, v: str) -> str:
+        if v not in ("text", "json"):
+            raise ValueError("LOG_FORMAT must be 'text' or 'json'")
+        return v
+
+    @field_validator("ai_provider_priority")
+    @classmethod
+    def _providers(cls, v: str) -> str:
+        names = [p.strip().lower() for p in v.split(",") if p.strip()]
+        unknown = [p for p in names if p not in PROVIDERS]
+        if unknown:
+            raise ValueError(f"unknown provider(s) {unknown}; known: {', '.join(PROVIDERS)}")
+        return ",".join(names)
+
+    @cached_property
+    def provider_order(self) -> list[str]:
+        return [p for p in self.ai_provider_priority.split(",") if p]
+
+    @property
+    def dsn(self) -> str | None:
+        return self.database_url.get_secret_value() if self.database_url else None
+
+    @property
+    def storage_root(self) -> Path:
+        url = self.storage_url
+        return Path(url.removeprefix("file://")).expanduser()
+
+
+def load() -> Settings:
+    """Read the settings; a bad value raises ConfigError with one line naming it."""
+    from pydantic import ValidationError
+
+    from listener.errors import ConfigError
+
+    try:
+        return Settings()
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        name = str(first["loc"][0]).upper() if first["loc"] else "settings"
+        raise ConfigError(f"Invalid setting {name}: {first['msg']}") from None

@@ -1,0 +1,75 @@
+"""Shared fixtures: a real PostgreSQL (see tests/pgserver.py), a migrated template
+database made once per run, and a fresh database cloned from it for each test."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
+
+import psycopg
+import pytest
+from psycopg.rows import dict_row
+
+from listener.migrate import migrate
+from tests.pgserver import server_url, with_dbname
+
+
+@pytest.fixture(scope="session")
+def pg_server() -> Iterator[str]:
+    with server_url() as url:
+        yield url
+
+
+def _admin(url: str) -> psycopg.Connection[Any]:
+    return psycopg.connect(url, autocommit=True)
+
+
+@pytest.fixture(scope="session")
+def template_db(pg_server: str) -> Iterator[str]:
+    name = f"aijobs_tpl_{os.getpid()}_{uuid.uuid4().hex[:6]}"
+    with _admin(pg_server) as conn:
+        conn.execute(f'create database "{name}"')
+    url = with_dbname(pg_server, name)
+    asyncio.run(migrate(url, rate_limit_per_hour=10))
+    yield url
+    with _admin(pg_server) as conn:
+        conn.execute(f'drop database if exists "{name}" with (force)')
+
+
+def _new_database(pg_server: str, template: str | None) -> str:
+    name = f"aijobs_t_{uuid.uuid4().hex[:12]}"
+    with _admin(pg_server) as conn:
+        if template:
+            tpl = psycopg.conninfo.conninfo_to_dict(template)["dbname"]
+            conn.execute(f'create database "{name}" template "{tpl}"')
+        else:
+            conn.execute(f'create database "{name}"')
+    return name
+
+
+@pytest.fixture
+def db_url(pg_server: str, template_db: str) -> Iterator[str]:
+    """A fresh, migrated database for this test alone."""
+    name = _new_database(pg_server, template_db)
+    yield with_dbname(pg_server, name)
+    with _admin(pg_server) as conn:
+        conn.execute(f'drop database if exists "{name}" with (force)')
+
+
+@pytest.fixture
+def empty_db_url(pg_server: str) -> Iterator[str]:
+    """A fresh database with nothing in it (for migration tests)."""
+    name = _new_database(pg_server, None)
+    yield with_dbname(pg_server, name)
+    with _admin(pg_server) as conn:
+        conn.execute(f'drop database if exists "{name}" with (force)')
+
+
+@pytest.fixture
+async def conn(db_url: str) -> AsyncIterator[psycopg.AsyncConnection[dict[str, Any]]]:
+    c = await psycopg.AsyncConnection.connect(db_url, autocommit=True, row_factory=dict_row)
+    yield c
+    await c.close()

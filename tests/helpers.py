@@ -1,0 +1,102 @@
+"""Small helpers shared by the tests."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import sys
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import psycopg
+from psycopg.rows import dict_row
+
+ROOT = Path(__file__).resolve().parent.parent
+AI_JOBS = [sys.executable, "-m", "listener"]
+
+
+async def aconnect(url: str) -> psycopg.AsyncConnection[dict[str, Any]]:
+    return await psycopg.AsyncConnection.connect(url, autocommit=True, row_factory=dict_row)
+
+
+def connect(url: str) -> psycopg.Connection[dict[str, Any]]:
+    return psycopg.connect(url, autocommit=True, row_factory=dict_row)
+
+
+def insert_course(conn: psycopg.Connection[Any], subject: str = "Algebra", **cols: Any) -> str:
+    cols = {"subject": subject, **cols}
+    if "params" in cols:
+        cols["params"] = json.dumps(cols["params"])
+    names = ", ".join(cols)
+    marks = ", ".join(["%s"] * len(cols))
+    row = conn.execute(
+        f"insert into ai_course_jobs ({names}) values ({marks}) returning id", list(cols.values())
+    ).fetchone()
+    assert row is not None
+    return str(row["id"] if isinstance(row, dict) else row[0])
+
+
+def insert_media(
+    conn: psycopg.Connection[Any], prompt: str = "a cat", media_type: str = "image", **cols: Any
+) -> str:
+    cols = {"prompt": prompt, "media_type": media_type, **cols}
+    names = ", ".join(cols)
+    marks = ", ".join(["%s"] * len(cols))
+    row = conn.execute(
+        f"insert into ai_media_jobs ({names}) values ({marks}) returning id", list(cols.values())
+    ).fetchone()
+    assert row is not None
+    return str(row["id"] if isinstance(row, dict) else row[0])
+
+
+def job(
+    conn: psycopg.Connection[Any], job_id: str, table: str = "ai_course_jobs"
+) -> dict[str, Any]:
+    cur = conn.cursor(row_factory=dict_row)
+    row = cur.execute(f"select * from {table} where id = %s", [job_id]).fetchone()
+    assert row is not None, f"job {job_id} not in {table}"
+    return row
+
+
+def env(db_url: str | None = None, **extra: Any) -> dict[str, str]:
+    """Environment for an `ai-jobs` subprocess."""
+    e = {k: v for k, v in os.environ.items() if not k.startswith(("OPENAI", "ANTHROPIC"))}
+    e.pop("DATABASE_URL", None)
+    if db_url:
+        e["DATABASE_URL"] = db_url
+    e.setdefault("PYTHONUNBUFFERED", "1")
+    e.update({k: str(v) for k, v in extra.items()})
+    return e
+
+
+def wait_until(
+    predicate: Callable[[], Any], timeout: float = 15.0, interval: float = 0.02, what: str = ""
+) -> Any:
+    """Poll a condition on real state until it holds (never an assertion by sleeping)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what or predicate}")
+        time.sleep(interval)
+
+
+async def await_until(
+    predicate: Callable[[], Awaitable[Any]],
+    timeout: float = 15.0,  # noqa: ASYNC109 - a polling deadline, as in wait_until
+    interval: float = 0.02,
+    what: str = "",
+) -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        value = await predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what or predicate}")
+        await asyncio.sleep(interval)

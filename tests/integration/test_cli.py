@@ -1,0 +1,108 @@
+"""The real `ai-jobs` command in a subprocess: stdout, stderr and exit codes."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import uuid
+from typing import Any
+
+from tests.helpers import AI_JOBS, connect, env, insert_course, job
+
+
+def run(db_url: str | None, *args: str, **extra: Any) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [*AI_JOBS, *args], env=env(db_url, **extra), capture_output=True, text=True, timeout=60
+    )
+
+
+def test_enqueue_status_requeue(db_url: str) -> None:
+    user = str(uuid.uuid4())
+    p = run(
+        db_url,
+        "enqueue",
+        "course",
+        "--subject",
+        "Algebra Basics",
+        "--user",
+        user,
+        "--param",
+        "itemsPerGroup=6",
+        "--param",
+        "level=beginner",
+    )
+    assert p.returncode == 0, p.stderr
+    jid = p.stdout.strip()
+    uuid.UUID(jid)
+    with connect(db_url) as c:
+        row = job(c, jid)
+    assert row["params"] == {"itemsPerGroup": 6, "level": "beginner"}
+    assert str(row["created_by"]) == user and row["course_id"] == "algebra-basics"
+
+    p = run(db_url, "enqueue", "media", "--prompt", "a cat", "--media-type", "audio")
+    assert p.returncode == 0, p.stderr
+
+    p = run(db_url, "status", "--json")
+    assert p.returncode == 0, p.stderr
+    depth = json.loads(p.stdout)
+    assert depth["ai_course_jobs"] == {
+        "pending": 1,
+        "processing": 0,
+        "done": 0,
+        "failed": 0,
+        "dead_letter": 0,
+        "stale": 0,
+    }
+    assert depth["ai_media_jobs"]["pending"] == 1
+
+    with connect(db_url) as c:
+        dead = insert_course(c, status="dead_letter", retry_count=3, error="x")
+    p = run(db_url, "requeue", dead)
+    assert p.returncode == 0 and "ai_course_jobs" in p.stdout
+    with connect(db_url) as c:
+        assert job(c, dead)["status"] == "pending"
+
+
+def test_errors_are_one_line_and_exit_1(db_url: str) -> None:
+    p = run(db_url, "requeue", str(uuid.uuid4()))
+    assert p.returncode == 1
+    assert p.stderr.count("\n") == 1 and "not found" in p.stderr and "Traceback" not in p.stderr
+    p = run(db_url, "requeue", str(uuid.uuid4()), "--table", "ai_media_jobs")
+    assert p.returncode == 1 and "not found in ai_media_jobs" in p.stderr
+
+    user = str(uuid.uuid4())
+    with connect(db_url) as c:
+        c.execute("update ai_job_settings set rate_limit_per_hour = 0")
+    p = run(db_url, "enqueue", "course", "--subject", "x", "--user", user)
+    assert p.returncode == 1 and p.stderr.startswith("ai-jobs: error: Rate limit exceeded")
+
+    p = run(None, "status")
+    assert p.returncode == 1 and "DATABASE_URL is not set" in p.stderr
+
+    p = run("postgresql://postgres:s3cret-pw@127.0.0.1:1/nope", "status")
+    assert p.returncode == 1 and p.stderr.count("\n") == 1
+    assert "s3cret-pw" not in p.stderr
+
+
+def test_bad_usage_exits_2(db_url: str) -> None:
+    assert run(db_url, "requeue", "not-a-uuid").returncode == 2
+    assert run(db_url, "enqueue", "media", "--prompt", "x", "--media-type", "video").returncode == 2
+    assert run(db_url, "frobnicate").returncode == 2
+    p = run(db_url, "status", WORKER_CONCURRENCY="lots")
+    assert p.returncode == 1 and "WORKER_CONCURRENCY" in p.stderr
+
+
+def test_purge_mark_stale_dead_letter(db_url: str) -> None:
+    with connect(db_url) as c:
+        insert_course(
+            c,
+            status="done",
+            completed_at=c.execute("select now() - interval '100 days' as t").fetchone()["t"],
+        )
+        insert_course(c, status="failed", retry_count=3)
+    p = run(db_url, "purge", "--days", "90")
+    assert (p.returncode, p.stdout.strip()) == (0, "1")
+    p = run(db_url, "dead-letter", "--json")
+    assert p.returncode == 0 and len(json.loads(p.stdout)) == 1
+    p = run(db_url, "mark-stale")
+    assert p.returncode == 0 and p.stdout.startswith("job_id")
