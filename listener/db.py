@@ -35,10 +35,17 @@ _NAME = re.compile(r"^-- name: (\w+)\s*$", re.MULTILINE)
 
 @cache
 def queries() -> dict[str, str]:
-    """The statements of listener/queries.sql, by their `-- name:` header."""
-    text = resources.files("listener").joinpath("queries.sql").read_text(encoding="utf-8")
-    parts = _NAME.split(text)
-    return {name: body.strip() for name, body in zip(parts[1::2], parts[2::2], strict=True)}
+    """The statements of listener/queries/*.sql, by their `-- name:` header."""
+    found: dict[str, str] = {}
+    for entry in sorted(resources.files("listener").joinpath("queries").iterdir(), key=str):
+        if not entry.name.endswith(".sql"):
+            continue
+        parts = _NAME.split(entry.read_text(encoding="utf-8"))
+        for name, body in zip(parts[1::2], parts[2::2], strict=True):
+            if name in found:
+                raise KeyError(f"query {name!r} defined twice ({entry.name})")
+            found[name] = body.strip()
+    return found
 
 
 def sql(name: str) -> str:

@@ -91,4 +91,4 @@ def test_wheel_ships_the_sql(tmp_path: Path) -> None:
     names = zipfile.ZipFile(wheel).namelist()
     for m in migrations():
         assert f"listener/migrations/{m.name}" in names
-    assert "listener/queries.sql" in names
+    assert "listener/queries/core.sql" in names

@@ -1,4 +1,4 @@
--- The statements Python sends, each under a `-- name:` header (loaded by db.queries()).
+-- The core statements Python sends, each under a `-- name:` header (see db.queries()).
 -- The state changes themselves are functions in sql/003_functions.sql; these are thin calls.
 
 -- name: migrate_lock

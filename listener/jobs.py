@@ -1,0 +1,63 @@
+"""What a handler receives and returns. The worker owns the lifecycle; a handler
+only turns one claimed job into a stored result, or raises."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+from uuid import UUID
+
+JOB_TYPES = {"ai_course_jobs": "course", "ai_media_jobs": "media"}
+TABLES_BY_TYPE = {v: k for k, v in JOB_TYPES.items()}
+
+
+@dataclass(frozen=True)
+class Job:
+    table: str  # ai_course_jobs | ai_media_jobs
+    id: UUID
+    claim_token: UUID
+    retry_count: int  # failed attempts before this one
+    max_retries: int
+    row: dict[str, Any]  # the whole row as claimed (JSON types: ids and times as text)
+
+    @property
+    def attempt(self) -> int:
+        return self.retry_count + 1
+
+    @property
+    def job_type(self) -> str:
+        return JOB_TYPES[self.table]
+
+    @property
+    def params(self) -> dict[str, Any]:
+        params = self.row.get("params")
+        return params if isinstance(params, dict) else {}
+
+    @classmethod
+    def from_claim(cls, rec: dict[str, Any]) -> Job:
+        return cls(
+            table=rec["job_table"],
+            id=rec["id"],
+            claim_token=rec["claim_token"],
+            retry_count=rec["retry_count"],
+            max_retries=rec["max_retries"],
+            row=rec["job"],
+        )
+
+
+@dataclass
+class Outcome:
+    """A finished job: where its result is stored (relative to the storage root)
+    and its telemetry (at least generationDurationMs and provider; the worker adds
+    totalDurationMs)."""
+
+    result_path: str | None
+    metrics: dict[str, Any] = field(default_factory=dict)
+
+
+class Handler(Protocol):
+    def __call__(self, job: Job) -> Awaitable[Outcome]: ...
+
+
+HandlerMap = dict[str, Callable[[Job], Awaitable[Outcome]]]
