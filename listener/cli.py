@@ -132,6 +132,24 @@ async def _purge(args: argparse.Namespace, s: Settings) -> int:
     return 0
 
 
+@command("worker")
+async def _worker(args: argparse.Namespace, s: Settings) -> int:
+    from listener.app import run_worker
+
+    return await run_worker(s)
+
+
+@command("run-once")
+async def _run_once(args: argparse.Namespace, s: Settings) -> int:
+    from listener.app import run_once
+
+    code, result = await run_once(s, args.type)
+    print_json(result)
+    if code:
+        print(f"ai-jobs: error: job {result['jobId']} failed: {result['error']}", file=sys.stderr)
+    return code
+
+
 # -- parser -----------------------------------------------------------------
 
 
@@ -140,6 +158,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     sub.add_parser("migrate", help="apply sql/ and triggers/ to DATABASE_URL")
+    sub.add_parser("worker", help="the long-running listener (Procfile worker:)")
+    ro = sub.add_parser("run-once", help="process one pending job now and print the result")
+    ro.add_argument("--type", choices=["course", "media"])
 
     enq = sub.add_parser("enqueue", help="insert a job and print its id")
     kinds = enq.add_subparsers(dest="kind", required=True, metavar="KIND")

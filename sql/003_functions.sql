@@ -315,11 +315,12 @@ $$;
 
 -- One failed attempt: count it, keep the error, and either wait for the retry
 -- (failed, run_after = now + base * 2^(n-1), jittered by +-25%) or, at
--- max_retries, go to the dead letter. Returns nothing if the token no longer
--- matches (the job was taken away from this worker).
+-- max_retries, go to the dead letter. give_up sends it there at once (a job
+-- that can never succeed, such as invalid params). Returns nothing if the token
+-- no longer matches (the job was taken away from this worker).
 create or replace function fail_job(
     table_name text, job_id uuid, token uuid, error_message text,
-    retry_base_seconds double precision default 10)
+    retry_base_seconds double precision default 10, give_up boolean default false)
 returns table(status text, retry_count int, run_after timestamptz)
 language plpgsql
 as $$
@@ -329,14 +330,16 @@ begin
         set retry_count = j.retry_count + 1,
             error = left(coalesce($3, 'unknown error'), 2000),
             claim_token = null,
-            status = case when j.retry_count + 1 >= j.max_retries then 'dead_letter' else 'failed' end,
-            completed_at = case when j.retry_count + 1 >= j.max_retries then clock_timestamp() end,
-            run_after = case when j.retry_count + 1 >= j.max_retries then j.run_after
+            status = case when $5 or j.retry_count + 1 >= j.max_retries then 'dead_letter'
+                          else 'failed' end,
+            completed_at = case when $5 or j.retry_count + 1 >= j.max_retries
+                                then clock_timestamp() end,
+            run_after = case when $5 or j.retry_count + 1 >= j.max_retries then j.run_after
                              else clock_timestamp() + make_interval(secs =>
                                   $4 * power(2, j.retry_count) * (0.75 + random() * 0.5)) end
         where j.id = $1 and j.claim_token = $2 and j.status in ('processing', 'stale')
         returning j.status, j.retry_count, j.run_after
-    $q$, ai_job_table(table_name)) using job_id, token, error_message, retry_base_seconds;
+    $q$, ai_job_table(table_name)) using job_id, token, error_message, retry_base_seconds, give_up;
 end
 $$;
 
