@@ -66,7 +66,7 @@ class WorkerProcess:
         self.proc = subprocess.Popen(
             [*AI_JOBS, "worker"],
             env=env(db_url, **{**base, **settings_env}),
-            stdout=subprocess.PIPE,
+            stdout=subprocess.DEVNULL,
             stderr=self._log,
             text=True,
         )
