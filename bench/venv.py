@@ -1,0 +1,47 @@
+"""The benchmark's own environment, bench/.venv: this project (editable) plus the
+peers and tools it measures with, so that none of them enters the project's
+dependencies. Made on first use, refreshed when bench/requirements.txt or
+pyproject.toml changes, then the benchmark re-runs itself inside it."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+VENV = ROOT / "bench" / ".venv"
+REQUIREMENTS = ROOT / "bench" / "requirements.txt"
+STAMP = VENV / ".installed"
+
+
+def _digest() -> str:
+    h = hashlib.sha256()
+    for f in (REQUIREMENTS, ROOT / "pyproject.toml"):
+        h.update(f.read_bytes())
+    return h.hexdigest()
+
+
+def _inside() -> bool:
+    return Path(sys.prefix).resolve() == VENV.resolve()
+
+
+def ensure(argv: list[str]) -> None:
+    python = VENV / "bin" / "python"
+    digest = _digest()
+    fresh = STAMP.exists() and STAMP.read_text().strip() == digest
+    if _inside() and fresh:
+        return
+    if not fresh:
+        print("bench: preparing bench/.venv (first run or changed requirements)", flush=True)
+        if not python.exists():
+            base = getattr(sys, "_base_executable", sys.executable)
+            subprocess.run([base, "-m", "venv", str(VENV)], check=True)
+        pip = [str(python), "-m", "pip", "install", "-q", "--disable-pip-version-check"]
+        subprocess.run([*pip, "-e", str(ROOT)], check=True)
+        subprocess.run([*pip, "-r", str(REQUIREMENTS)], check=True)
+        STAMP.write_text(digest + "\n")
+    os.chdir(ROOT)
+    os.execv(str(python), [str(python), "-m", "bench", *argv])
