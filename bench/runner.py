@@ -19,6 +19,7 @@ from bench.systems import LATENCY, MULTI, THROUGHPUT
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results" / "latest.json"
+RAW = ROOT / "bench" / "results" / "raw.json.tmp"
 PLOT = ROOT / "docs" / "benchmarks.png"
 PEERS = ("pgqueuer_sys", "procrastinate_sys")
 FINISHED = (0, 100_000, 1_000_000)
@@ -229,6 +230,9 @@ def main(argv: list[str] | None = None) -> int:
         env = environment(srv)
         say(f"PostgreSQL {env['postgres']['version'].split(' on ')[0]} ({srv.kind}); {cfg}")
         raw = asyncio.run(run_all(srv, cfg))
+    # The raw rounds first: a summary that fails still leaves the measurements.
+    RAW.parent.mkdir(parents=True, exist_ok=True)
+    RAW.write_text(json.dumps({"config": asdict(cfg), "environment": env, **raw}) + "\n")
     result = summarize(raw, cfg, env)
     result["duration_s"] = round(time.monotonic() - t0, 1)
     result["environment"]["load_average_at_end"] = list(os.getloadavg())

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Sequence
+from typing import Any
 
 
 def percentile(values: Iterable[float], p: float) -> float:
@@ -48,13 +49,17 @@ def latency_summary(ms: Sequence[float]) -> dict[str, float]:
     }
 
 
-def across_rounds(rounds: Sequence[dict[str, float]]) -> dict[str, object]:
-    """Combine the summaries of several rounds: the median of each figure across
-    rounds, and its range as [min, max] under "range"."""
+def across_rounds(rounds: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Combine the summaries of several rounds: the median of each numeric figure
+    across rounds, and its range as [min, max] under "range"."""
     if not rounds:
         raise ValueError("no rounds to combine")
-    keys = [k for k in rounds[0] if all(k in r for r in rounds)]
-    out: dict[str, object] = {k: median(r[k] for r in rounds) for k in keys}
+    keys = [
+        k
+        for k, v in rounds[0].items()
+        if isinstance(v, int | float) and all(isinstance(r.get(k), int | float) for r in rounds)
+    ]
+    out: dict[str, Any] = {k: median(r[k] for r in rounds) for k in keys}
     out["range"] = {k: list(value_range(r[k] for r in rounds)) for k in keys}
     out["rounds"] = len(rounds)
     return out

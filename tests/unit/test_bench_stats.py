@@ -75,3 +75,10 @@ def test_across_rounds_takes_medians_and_ranges() -> None:
 def test_ratio() -> None:
     assert stats.ratio(1.0, 4.0) == 0.25
     assert stats.ratio(1.0, 0.0) is None
+
+
+def test_across_rounds_skips_nested_figures() -> None:
+    rounds = [{"p50_ms": 1.0, "started_at": {"p50_ms": 0.5}}, {"p50_ms": 3.0, "started_at": {}}]
+    out = stats.across_rounds(rounds)
+    assert out["p50_ms"] == 2.0
+    assert "started_at" not in out
