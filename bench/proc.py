@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import queue
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -106,10 +107,13 @@ class WorkerProcess:
             raise RuntimeError(f"worker exited {self.proc.returncode}{self._err()}")
         return dict(json.loads(self.out.read_text()))
 
-    def kill(self) -> None:
+    def close(self) -> None:
+        """Kill it if still running and remove its scratch folder."""
         if self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait()
+        self.stderr.close()
+        shutil.rmtree(self.tmp, ignore_errors=True)
 
     def _err(self) -> str:
         self.stderr.flush()

@@ -101,7 +101,7 @@ async def latency(srv: Server, name: str, tag: str, n: int, pace_s: float) -> di
         if enq is not None:
             await enq.close()
         if wp is not None:
-            wp.kill()
+            wp.close()
         srv.drop_database(dbname)
         shutil.rmtree(storage, ignore_errors=True)
     ms = [(res["starts"][k] - t) * 1000 for k, t in commits.items() if k in res["starts"]]
@@ -163,7 +163,7 @@ async def throughput(
         after = await counters(url, pg_version)
     finally:
         for p in procs:
-            p.kill()
+            p.close()
         srv.drop_database(dbname)
         shutil.rmtree(storage, ignore_errors=True)
     count = sum(r["count"] for r in results)
