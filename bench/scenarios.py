@@ -30,23 +30,38 @@ def system(name: str) -> ModuleType:
     return importlib.import_module(f"bench.systems.{name}")
 
 
-def server_cpu_seconds() -> float:
-    """CPU time (user + system) of every process named postgres on this machine: the
-    server's share of a run, read before and after it (backends still alive)."""
+def _stat(pid: int | str) -> list[str] | None:
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as f:
+            stat = f.read()
+    except OSError:
+        return None
+    return stat[stat.rfind(")") + 2 :].split()  # fields from the 3rd (state) on
+
+
+def postmaster_pid(url: str) -> int:
+    """The server's postmaster: the parent of one of its backends."""
+    with psycopg.connect(url, row_factory=dict_row) as conn:
+        row = conn.execute(sql("backend_pid")).fetchone()
+    fields = _stat(row["pid"]) if row else None
+    if not fields:
+        raise RuntimeError("cannot read the server's processes (is it on this machine?)")
+    return int(fields[1])  # ppid
+
+
+def server_cpu_seconds(postmaster: int) -> float:
+    """CPU time (user + system) of this server's processes (the postmaster and its
+    children: backends, WAL writer, checkpointer...), read before and after a run
+    while the backends are still alive. Other PostgreSQL servers on the machine
+    are not counted."""
     tick = os.sysconf("SC_CLK_TCK")
     total = 0
     for pid in os.listdir("/proc"):
         if not pid.isdigit():
             continue
-        try:
-            with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as f:
-                stat = f.read()
-        except OSError:
+        fields = _stat(pid)
+        if not fields or (int(pid) != postmaster and int(fields[1]) != postmaster):
             continue
-        name = stat[stat.find("(") + 1 : stat.rfind(")")]
-        if name != "postgres":
-            continue
-        fields = stat[stat.rfind(")") + 2 :].split()
         total += int(fields[11]) + int(fields[12])  # utime, stime
     return total / tick
 
@@ -144,7 +159,8 @@ async def throughput(
         for p in procs:
             await asyncio.to_thread(p.expect_line, "ready", 120)
         before = await counters(url, pg_version)
-        cpu0 = server_cpu_seconds()
+        postmaster = postmaster_pid(url)
+        cpu0 = server_cpu_seconds(postmaster)
         t_go = time.time()
         for p in procs:
             p.send("go")
@@ -157,7 +173,7 @@ async def throughput(
                 if time.monotonic() > deadline:
                     raise TimeoutError(f"{name}: {workers} workers did not drain {n} jobs")
                 await asyncio.sleep(0.05)
-        cpu1 = server_cpu_seconds()
+        cpu1 = server_cpu_seconds(postmaster)
         results = [await asyncio.to_thread(p.stop) for p in procs]
         left = await mod.remaining(url)
         after = await counters(url, pg_version)

@@ -100,3 +100,6 @@ select current_setting('server_version_num')::int as n
 
 -- name: floor_listen
 listen ai_jobs
+
+-- name: backend_pid
+select pg_backend_pid() as pid
