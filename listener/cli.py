@@ -132,6 +132,24 @@ async def _purge(args: argparse.Namespace, s: Settings) -> int:
     return 0
 
 
+@command("check-providers")
+async def _check_providers(args: argparse.Namespace, s: Settings) -> int:
+    from listener.providers import NO_PROVIDER
+    from listener.providers.check import check_providers
+
+    checks = await check_providers(s)
+    print_table(
+        ["provider", "model", "status", "detail"],
+        [[c.provider, c.model, c.status, c.detail] for c in checks],
+    )
+    failed = [f"{c.provider} ({c.detail})" for c in checks if c.failed]
+    if failed:
+        raise AiJobsError("provider check failed: " + ", ".join(failed))
+    if all(c.status == "not configured" for c in checks):
+        raise AiJobsError(NO_PROVIDER)
+    return 0
+
+
 # -- parser -----------------------------------------------------------------
 
 
@@ -168,6 +186,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     pg = sub.add_parser("purge", help="delete finished jobs older than --days")
     pg.add_argument("--days", type=float, help="default RETENTION_DAYS (90)")
+
+    sub.add_parser("check-providers", help="verify each configured AI provider key")
     return p
 
 

@@ -1,0 +1,165 @@
+"""The course catalog: one database row per finished course (sql/006), rendered to
+courses/catalog.json in batches.
+
+A render happens at most once per CATALOG_BATCH_JOBS courses this process finished,
+or CATALOG_BATCH_SECONDS after the first one not yet rendered (the worker's tick),
+and once more at shutdown (the runbook: "batch catalog updates"). Renders from
+every process take turns on an advisory lock and each writes every row, so no
+entry is ever lost, whichever process renders last.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from datetime import UTC, datetime
+from typing import Any
+from uuid import UUID
+
+from loguru import logger
+from psycopg_pool import AsyncConnectionPool
+
+from listener import db
+from listener.course_schema import Course
+from listener.storage import Storage
+
+CATALOG_PATH = "courses/catalog.json"
+CATALOG_VERSION = 1
+
+
+class Catalog:
+    def __init__(
+        self,
+        pool: AsyncConnectionPool[Any] | None,
+        storage: Storage,
+        batch_jobs: int,
+        batch_seconds: float,
+    ) -> None:
+        self.pool = pool
+        self.storage = storage
+        self.batch_jobs = batch_jobs
+        self.batch_seconds = batch_seconds
+        self.renders = 0
+        self._unrendered = 0
+        self._first_unrendered: float | None = None
+        self._lock = asyncio.Lock()
+
+    @property
+    def unrendered(self) -> int:
+        return self._unrendered
+
+    async def record(
+        self,
+        course: Course,
+        *,
+        job_id: UUID,
+        result_path: str,
+        cache_key: str | None,
+        provider: str,
+        model: str,
+    ) -> None:
+        """Add or replace the course's row; render when the batch is full."""
+        if self.pool is None:
+            return
+        async with self.pool.connection() as conn:
+            await db.fetch(
+                conn,
+                "catalog_upsert",
+                {
+                    "course_id": course.id,
+                    "job_id": job_id,
+                    "subject": course.subject,
+                    "title": course.title,
+                    "description": course.description,
+                    "level": course.level,
+                    "language": course.language,
+                    "group_count": len(course.groups),
+                    "item_count": course.item_count,
+                    "result_path": result_path,
+                    "cache_key": cache_key,
+                    "provider": provider,
+                    "model": model,
+                },
+            )
+        self._unrendered += 1
+        if self._first_unrendered is None:
+            self._first_unrendered = time.monotonic()
+        if self._unrendered >= self.batch_jobs:
+            await self.render_quietly()
+
+    async def tick(self) -> None:
+        since = self._first_unrendered
+        if since is not None and time.monotonic() - since >= self.batch_seconds:
+            await self.render_quietly()
+
+    async def flush(self) -> None:
+        if self._unrendered:
+            await self.render_quietly()
+
+    async def render_quietly(self) -> None:
+        # The courses are stored and their rows saved; a failed render only delays
+        # the file, and the next tick tries again.
+        try:
+            await self.render()
+        except Exception as exc:
+            logger.bind(action="catalog_render_failed").warning(
+                "catalog render failed (will retry): {}", exc
+            )
+
+    async def render(self) -> int:
+        """Write courses/catalog.json from every row; returns the number of courses."""
+        if self.pool is None:
+            return 0
+        async with self._lock, self.pool.connection() as conn, conn.transaction():
+            await db.fetch(conn, "catalog_render_lock")
+            # Rows saved from here on are this render's or a later one's.
+            pending, self._unrendered, self._first_unrendered = self._unrendered, 0, None
+            try:
+                rows = await db.fetch(conn, "catalog_rows")
+                await self.storage.write(CATALOG_PATH, render_catalog(rows), "application/json")
+            except BaseException:
+                self._unrendered += pending
+                self._first_unrendered = self._first_unrendered or time.monotonic()
+                raise
+        self.renders += 1
+        logger.bind(action="catalog_rendered", courses=len(rows)).debug("catalog rendered")
+        return len(rows)
+
+    async def cached(self, cache_key: str, ttl_seconds: float) -> dict[str, Any] | None:
+        if self.pool is None or ttl_seconds <= 0:
+            return None
+        async with self.pool.connection() as conn:
+            rows = await db.fetch(
+                conn, "course_cache_lookup", {"cache_key": cache_key, "ttl": ttl_seconds}
+            )
+        return rows[0] if rows else None
+
+
+def render_catalog(rows: list[dict[str, Any]]) -> bytes:
+    courses = [
+        {
+            "id": r["course_id"],
+            "title": r["title"],
+            "subject": r["subject"],
+            "description": r["description"],
+            "level": r["level"],
+            "language": r["language"],
+            "groups": r["group_count"],
+            "items": r["item_count"],
+            "path": r["result_path"],
+            "jobId": str(r["job_id"]),
+            "provider": r["provider"],
+            "model": r["model"],
+            "createdAt": r["created_at"].isoformat(),
+            "updatedAt": r["updated_at"].isoformat(),
+        }
+        for r in rows
+    ]
+    doc = {
+        "version": CATALOG_VERSION,
+        "generatedAt": datetime.now(UTC).isoformat(),
+        "count": len(courses),
+        "courses": courses,
+    }
+    return json.dumps(doc, ensure_ascii=False, indent=1).encode()

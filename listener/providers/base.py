@@ -1,0 +1,136 @@
+"""What every provider offers, what it answers, and how a failure is told.
+
+A provider makes one call per method (the SDKs' own retries are off); falling
+through to the next provider is the chain's job (listener/providers/chain.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import anthropic
+import openai
+
+from listener.course_schema import CourseParams, SchemaValidationError
+
+
+@dataclass
+class Usage:
+    input_tokens: int = 0
+    output_tokens: int = 0
+    cost_usd: float | None = 0.0  # None once any part of it is unknown
+
+    def add(self, other: Usage) -> None:
+        self.input_tokens += other.input_tokens
+        self.output_tokens += other.output_tokens
+        if self.cost_usd is None or other.cost_usd is None:
+            self.cost_usd = None
+        else:
+            self.cost_usd += other.cost_usd
+
+
+@dataclass(frozen=True)
+class CoursePrompt:
+    system: str
+    user: str
+    schema: dict[str, Any]
+    # the request itself, for the placeholder, which needs no prose
+    subject: str
+    course_id: str
+    params: CourseParams
+    # (the previous answer, what was wrong with it): the one repair round
+    repair: tuple[str, str] | None = None
+
+
+@dataclass
+class Answer:
+    """A course answer as text (JSON when the provider behaved)."""
+
+    text: str
+    model: str
+    usage: Usage = field(default_factory=Usage)
+
+
+@dataclass
+class Media:
+    data: bytes
+    ext: str
+    content_type: str
+    model: str
+    usage: Usage = field(default_factory=Usage)
+
+
+class CourseProvider(Protocol):
+    name: str
+    model: str
+
+    async def course(self, prompt: CoursePrompt) -> Answer: ...
+
+    async def check(self) -> str: ...
+
+    async def aclose(self) -> None: ...
+
+
+class MediaProvider(Protocol):
+    name: str
+
+    async def image(self, prompt: str, size: str) -> Media: ...
+
+    async def speech(self, text: str, voice: str, fmt: str) -> Media: ...
+
+
+def repair_request(problem: str) -> str:
+    """The follow-up of the one repair round."""
+    return (
+        f"That answer is not a valid course: {problem}. "
+        "Answer again with only the corrected course as JSON matching the schema."
+    )
+
+
+_KEY_PATTERNS = re.compile(r"\b(sk-[A-Za-z0-9_\-]{3}|sk-ant-)[A-Za-z0-9_\-*]{4,}")
+
+
+def scrub(text: str, secrets: list[str]) -> str:
+    """Hide secret values, and anything shaped like a provider key, in text that an
+    error body or exception may have echoed (OpenAI quotes part of a wrong key)."""
+    for secret in secrets:
+        if len(secret) >= 4:
+            text = text.replace(secret, "***")
+    return _KEY_PATTERNS.sub("***", text)
+
+
+_STATUS_ERRORS = (openai.APIStatusError, anthropic.APIStatusError)
+_TIMEOUTS = (openai.APITimeoutError, anthropic.APITimeoutError, TimeoutError)
+_CONNECTION_ERRORS = (openai.APIConnectionError, anthropic.APIConnectionError, OSError)
+
+
+def describe(exc: BaseException, timeout: float, secrets: list[str]) -> str:
+    """One short cause for the error message: never a key, never a traceback."""
+    if isinstance(exc, SchemaValidationError):
+        return scrub(str(exc), secrets)[:300]
+    if isinstance(exc, _TIMEOUTS):
+        return f"timeout after {timeout:g}s"
+    if isinstance(exc, _STATUS_ERRORS):
+        code = exc.status_code
+        if code == 429:
+            return "HTTP 429 rate limited"
+        if code >= 500:
+            return f"HTTP {code} server error"
+        return f"HTTP {code} {scrub(_status_message(exc), secrets)}"[:200]
+    if isinstance(exc, _CONNECTION_ERRORS):
+        return "connection error"
+    if isinstance(exc, asyncio.CancelledError):
+        return "cancelled"
+    return f"{type(exc).__name__}: {scrub(str(exc), secrets)}"[:200]
+
+
+def _status_message(exc: openai.APIStatusError | anthropic.APIStatusError) -> str:
+    body = exc.body
+    if isinstance(body, dict):
+        err = body.get("error", body)
+        if isinstance(err, dict) and isinstance(err.get("message"), str):
+            return str(err["message"])
+    return type(exc).__name__
