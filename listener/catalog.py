@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
 from uuid import UUID
@@ -85,23 +86,32 @@ class Catalog:
         self._unrendered += 1
         if self._first_unrendered is None:
             self._first_unrendered = time.monotonic()
-        if self._unrendered >= self.batch_jobs:
-            await self.render_quietly()
+        if self._due():
+            await self.render_quietly(self._due)
+
+    def _due(self) -> bool:
+        since = self._first_unrendered
+        return self._unrendered >= self.batch_jobs or (
+            since is not None and time.monotonic() - since >= self.batch_seconds
+        )
 
     async def tick(self) -> None:
-        since = self._first_unrendered
-        if since is not None and time.monotonic() - since >= self.batch_seconds:
-            await self.render_quietly()
+        if self._due():
+            await self.render_quietly(self._due)
 
     async def flush(self) -> None:
         if self._unrendered:
-            await self.render_quietly()
+            await self.render_quietly(lambda: self._unrendered > 0)
 
-    async def render_quietly(self) -> None:
+    async def render_quietly(self, still_needed: Callable[[], bool] | None = None) -> None:
         # The courses are stored and their rows saved; a failed render only delays
         # the file, and the next tick tries again.
         try:
-            await self.render()
+            async with self._lock:
+                # Jobs that finished together all found the batch full; the first
+                # render covers them, and the others have nothing left to do.
+                if still_needed is None or still_needed():
+                    await self._render()
         except Exception as exc:
             logger.bind(action="catalog_render_failed").warning(
                 "catalog render failed (will retry): {}", exc
@@ -109,9 +119,13 @@ class Catalog:
 
     async def render(self) -> int:
         """Write courses/catalog.json from every row; returns the number of courses."""
+        async with self._lock:
+            return await self._render()
+
+    async def _render(self) -> int:
         if self.pool is None:
             return 0
-        async with self._lock, self.pool.connection() as conn, conn.transaction():
+        async with self.pool.connection() as conn, conn.transaction():
             await db.fetch(conn, "catalog_render_lock")
             # Rows saved from here on are this render's or a later one's.
             pending, self._unrendered, self._first_unrendered = self._unrendered, 0, None
