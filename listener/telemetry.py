@@ -30,7 +30,6 @@ def init_sentry(settings: Settings) -> bool:
 
     sentry_sdk.init(
         dsn=settings.sentry_dsn.get_secret_value(),
-        send_default_pii=False,
         # Only what we capture on purpose: no auto-enabled framework or HTTP-client hooks.
         auto_enabling_integrations=False,
         before_send=before_send,

@@ -19,6 +19,7 @@ Sentry envelopes (POST /api/<project>/envelope/) in `fake.envelopes`.
 from __future__ import annotations
 
 import base64
+import gzip
 import json
 import re
 import threading
@@ -139,6 +140,8 @@ class FakeAI(HTTPFake):
         raw = self.body(h)
         path = h.path.split("?")[0]
         if re.fullmatch(r"/api/\d+/envelope/", path):
+            if h.headers.get("content-encoding") == "gzip":
+                raw = gzip.decompress(raw)
             with self.lock:
                 self.envelopes.append(raw)
             return self.send(h, 200, {"id": "x"})
@@ -155,10 +158,10 @@ class FakeAI(HTTPFake):
         mode = self.modes.get(provider, "valid")
         if key != self.keys[provider] or mode == "401":
             return self.error(h, provider, 401, f"Incorrect API key provided: {key}")
-        if path == "/v1/models":
-            return self.models(h, provider)
         if mode == "slow":
             time.sleep(self.slow_seconds)
+        if path == "/v1/models":
+            return self.models(h, provider)
         if mode == "429":
             return self.error(h, provider, 429, "Rate limit reached", {"retry-after": "0"})
         if mode == "500":
