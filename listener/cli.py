@@ -150,6 +150,15 @@ async def _run_once(args: argparse.Namespace, s: Settings) -> int:
     return code
 
 
+@command("demo")
+async def _demo(args: argparse.Namespace, s: Settings) -> int:
+    from rich.console import Console
+
+    from listener.demo import run_demo
+
+    return await run_demo(s, args.serve, Console())
+
+
 # -- parser -----------------------------------------------------------------
 
 
@@ -186,6 +195,9 @@ def build_parser() -> argparse.ArgumentParser:
     ):
         sp = sub.add_parser(name, help=text)
         sp.add_argument("--json", action="store_true")
+
+    dm = sub.add_parser("demo", help="everything on one machine: embedded PostgreSQL, sample jobs")
+    dm.add_argument("--serve", action="store_true", help="keep the worker and dashboard running")
 
     pg = sub.add_parser("purge", help="delete finished jobs older than --days")
     pg.add_argument("--days", type=float, help="default RETENTION_DAYS (90)")
