@@ -81,6 +81,8 @@ class Worker:
         self._timers: list[float] = []  # monotonic times when a waiting job becomes due
         self._turn = 0  # which table a claim round asks first (fairness)
         self._give_up_at: float | None = None  # writes stop retrying after this (shutdown)
+        self.claim_queries = 0  # claim statements sent (tests check the coalescing)
+        self.notifications = 0  # valid notifications received
 
     # -- signals from outside -------------------------------------------------
 
@@ -98,6 +100,7 @@ class Worker:
         self._wake.set()
 
     def _on_nudge(self, nudge: Nudge) -> None:
+        self.notifications += 1
         if nudge.sweep:
             self.request_sweep()
         self._look([nudge.table] if nudge.table else TABLES)
@@ -160,6 +163,7 @@ class Worker:
     async def _claim_round(self, tables: list[str], free: int) -> bool:
         for table in tables:
             gen = self._gen[table]
+            self.claim_queries += 1
             try:
                 async with self.pool.connection() as conn:
                     rows = await db.fetch(
