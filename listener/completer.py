@@ -19,6 +19,9 @@ from listener.jobs import Job, Outcome
 
 T = TypeVar("T")
 MAX_BATCH = 1000
+# A write waits this long for more finished jobs to share its round trip and
+# commit: short next to a generation, long next to a no-op job.
+GATHER_SECONDS = 0.005
 Retry = Callable[[Callable[[], Awaitable[T]]], Awaitable[T]]
 
 
@@ -46,6 +49,7 @@ class Completer:
     async def run(self) -> None:
         while True:
             await self._more.wait()
+            await asyncio.sleep(GATHER_SECONDS)
             self._more.clear()
             while self._pending:
                 batch, self._pending = self._pending[:MAX_BATCH], self._pending[MAX_BATCH:]
