@@ -170,7 +170,7 @@ class Worker:
                         conn, "claim_jobs", {"table": table, "worker": self.id, "n": free}
                     )
             except Exception as exc:
-                self.db_health.down(exc)
+                self._report(exc, "claim")
                 return False
             self.db_health.up()
             if len(rows) < free and gen == self._gen[table]:
@@ -280,12 +280,16 @@ class Worker:
         try:
             await fn()
         except Exception as exc:
-            if db.is_connection_error(exc) or _is_pool_timeout(exc):
-                self.db_health.down(exc)
-            else:
-                logger.bind(action="duty_failed", duty=name).warning(
-                    f"{name} failed: {scrub(error_text(exc), self.settings)}"
-                )
+            self._report(exc, name)
+
+    def _report(self, exc: BaseException, what: str) -> None:
+        """A lost database is a health transition; anything else is an error to show."""
+        if db.is_connection_error(exc) or _is_pool_timeout(exc):
+            self.db_health.down(exc)
+        else:
+            logger.bind(action="duty_failed", duty=what).error(
+                f"{what} failed: {scrub(error_text(exc), self.settings)}"
+            )
 
     async def _sweeps(self) -> None:
         """At start, on request (reconnect, empty NOTIFY) and every interval."""
