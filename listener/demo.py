@@ -202,7 +202,7 @@ async def _serve(settings: Settings, console: Console) -> None:
         else secrets.token_urlsafe(18)
     )
     try:
-        serve = importlib.import_module("listener.web.app").serve
+        serve = importlib.import_module("listener.web.server").serve
     except (ImportError, AttributeError):
         console.print("[yellow]the dashboard is not available in this build; worker only[/]")
         await asyncio.Event().wait()
@@ -211,4 +211,6 @@ async def _serve(settings: Settings, console: Console) -> None:
         f"\nDashboard: [bold]http://127.0.0.1:{settings.port}/admin/jobs?live=1[/]"
         f"  token: [bold]{token}[/]   (Ctrl-C stops everything)"
     )
-    await serve(settings.model_copy(update={"admin_token": SecretStr(token)}))
+    # The dashboard's server owns SIGINT from here: Ctrl-C ends it, then the demo
+    # stops the worker and the embedded PostgreSQL.
+    await serve(settings.model_copy(update={"admin_token": SecretStr(token)}), host="127.0.0.1")
