@@ -132,6 +132,70 @@ async def _purge(args: argparse.Namespace, s: Settings) -> int:
     return 0
 
 
+@command("stuck")
+async def _stuck(args: argparse.Namespace, s: Settings) -> int:
+    async with db.connection(db.require_dsn(s.dsn)) as conn:
+        rows = await ops.stuck(conn, s.stale_after_seconds)
+    if args.json:
+        print_json(rows)
+    else:
+        print_table(
+            ["table", "id", "subject/prompt", "last_heartbeat", "stale_for", "worker"],
+            [
+                [
+                    r["job_table"],
+                    r["id"],
+                    _clip(r["label"]),
+                    r["last_heartbeat"],
+                    r["stale_for"],
+                    r["worker_id"],
+                ]
+                for r in rows
+            ],
+        )
+    return 0
+
+
+@command("alerts")
+async def _alerts(args: argparse.Namespace, s: Settings) -> int:
+    from listener import alerts
+
+    async with db.connection(db.require_dsn(s.dsn)) as conn:
+        # Sampling here too lets a cron job alone track the rejection rate.
+        await alerts.record_samples(conn)
+        found = await alerts.evaluate(conn, s)
+    if args.json:
+        print_json({"alerts": [a.as_dict() for a in found]})
+    else:
+        print_table(
+            ["rule", "severity", "state", "value", "threshold"],
+            [
+                [
+                    a.rule,
+                    a.severity,
+                    "FIRING" if a.firing else "ok",
+                    "n/a" if a.value is None else a.value,
+                    a.threshold,
+                ]
+                for a in found
+            ],
+        )
+    return 1 if alerts.any_critical(found) else 0
+
+
+@command("web")
+async def _web(args: argparse.Namespace, s: Settings) -> int:
+    from listener.web.server import serve
+
+    await serve(s, host=args.host, port=args.port)
+    return 0
+
+
+def _clip(value: Any, width: int = 40) -> str:
+    text = "" if value is None else " ".join(str(value).split())
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
 # -- parser -----------------------------------------------------------------
 
 
@@ -165,6 +229,16 @@ def build_parser() -> argparse.ArgumentParser:
     ):
         sp = sub.add_parser(name, help=text)
         sp.add_argument("--json", action="store_true")
+
+    sk = sub.add_parser("stuck", help="processing jobs with a stale heartbeat")
+    sk.add_argument("--json", action="store_true")
+
+    al = sub.add_parser("alerts", help="the runbook's alert rules; exit 1 while a critical fires")
+    al.add_argument("--json", action="store_true")
+
+    wb = sub.add_parser("web", help="the admin dashboard at /admin/jobs (needs ADMIN_TOKEN)")
+    wb.add_argument("--host", default="0.0.0.0", help="default 0.0.0.0")
+    wb.add_argument("--port", type=int, help="default PORT (8000)")
 
     pg = sub.add_parser("purge", help="delete finished jobs older than --days")
     pg.add_argument("--days", type=float, help="default RETENTION_DAYS (90)")

@@ -110,3 +110,8 @@ async def dead_letter(conn: Conn) -> list[dict[str, Any]]:
 async def purge(conn: Conn, days: float) -> int:
     rows = await db.fetch(conn, "purge_old_jobs", {"days": days})
     return int(rows[0]["deleted"])
+
+
+async def stuck(conn: Conn, stale_after_seconds: float) -> list[dict[str, Any]]:
+    """The runbook's "Find stuck jobs": processing jobs with an old heartbeat."""
+    return await db.fetch(conn, "stuck_jobs", {"seconds": stale_after_seconds})
