@@ -196,6 +196,33 @@ def _clip(value: Any, width: int = 40) -> str:
     return text if len(text) <= width else text[: width - 1] + "…"
 
 
+@command("worker")
+async def _worker(args: argparse.Namespace, s: Settings) -> int:
+    from listener.app import run_worker
+
+    return await run_worker(s)
+
+
+@command("run-once")
+async def _run_once(args: argparse.Namespace, s: Settings) -> int:
+    from listener.app import run_once
+
+    code, result = await run_once(s, args.type)
+    print_json(result)
+    if code:
+        print(f"ai-jobs: error: job {result['jobId']} failed: {result['error']}", file=sys.stderr)
+    return code
+
+
+@command("demo")
+async def _demo(args: argparse.Namespace, s: Settings) -> int:
+    from rich.console import Console
+
+    from listener.demo import run_demo
+
+    return await run_demo(s, args.serve, Console())
+
+
 # -- parser -----------------------------------------------------------------
 
 
@@ -204,6 +231,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     sub.add_parser("migrate", help="apply sql/ and triggers/ to DATABASE_URL")
+    sub.add_parser("worker", help="the long-running listener (Procfile worker:)")
+    ro = sub.add_parser("run-once", help="process one pending job now and print the result")
+    ro.add_argument("--type", choices=["course", "media"])
 
     enq = sub.add_parser("enqueue", help="insert a job and print its id")
     kinds = enq.add_subparsers(dest="kind", required=True, metavar="KIND")
@@ -239,6 +269,8 @@ def build_parser() -> argparse.ArgumentParser:
     wb = sub.add_parser("web", help="the admin dashboard at /admin/jobs (needs ADMIN_TOKEN)")
     wb.add_argument("--host", default="0.0.0.0", help="default 0.0.0.0")
     wb.add_argument("--port", type=int, help="default PORT (8000)")
+    dm = sub.add_parser("demo", help="everything on one machine: embedded PostgreSQL, sample jobs")
+    dm.add_argument("--serve", action="store_true", help="keep the worker and dashboard running")
 
     pg = sub.add_parser("purge", help="delete finished jobs older than --days")
     pg.add_argument("--days", type=float, help="default RETENTION_DAYS (90)")

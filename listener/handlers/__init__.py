@@ -11,7 +11,7 @@ from pathlib import Path
 
 from psycopg_pool import AsyncConnectionPool
 
-from listener.errors import InvalidJob
+from listener.errors import GenerationError, InvalidJob
 from listener.jobs import HandlerMap, Job, Outcome
 from listener.settings import Settings
 
@@ -40,6 +40,8 @@ async def create_runtime(settings: Settings, pool: AsyncConnectionPool | None) -
             raise InvalidJob("Invalid job: subject and course_id are required")
         t0 = time.perf_counter()
         await asyncio.sleep(settings.placeholder_delay_ms / 1000)
+        if job.params.get("simulateFailure"):
+            raise GenerationError(f"placeholder: {job.params['simulateFailure']}")
         rel = f"courses/{course_id}/course.json"
         path = root / rel
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -290,3 +290,10 @@ def create_app(settings: Settings, dsn: str, admin_token: str) -> Starlette:
     app = Starlette(routes=routes, lifespan=d.lifespan)
     app.state.dashboard = d
     return app
+
+
+async def serve(settings: Settings, host: str = "0.0.0.0", port: int | None = None) -> None:
+    """`ai-jobs web` (see server.py); here too for callers that embed the dashboard."""
+    from listener.web.server import serve as run
+
+    await run(settings, host=host, port=port)
