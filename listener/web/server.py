@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import signal
+from collections.abc import Iterator
+
 import uvicorn
 from loguru import logger
 
@@ -11,6 +16,22 @@ from listener.settings import Settings
 from listener.web.app import create_app
 
 GRACEFUL_SECONDS = 3  # open event streams never end by themselves
+
+
+class _Server(uvicorn.Server):
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        # SIGTERM/SIGINT start uvicorn's graceful shutdown, then the process exits
+        # 0 as the worker does (uvicorn would re-raise the signal after shutdown).
+        loop = asyncio.get_running_loop()
+        signals = (signal.SIGTERM, signal.SIGINT)
+        for sig in signals:
+            loop.add_signal_handler(sig, self.handle_exit, sig, None)
+        try:
+            yield
+        finally:
+            for sig in signals:
+                loop.remove_signal_handler(sig)
 
 
 async def serve(settings: Settings, host: str = "0.0.0.0", port: int | None = None) -> None:
@@ -31,7 +52,7 @@ async def serve(settings: Settings, host: str = "0.0.0.0", port: int | None = No
         lifespan="on",
         timeout_graceful_shutdown=GRACEFUL_SECONDS,
     )
-    server = uvicorn.Server(config)
+    server = _Server(config)
     log = logger.bind(action="web", port=port)
     log.bind(action="web_started").info("dashboard on http://{}:{}/admin/jobs", host, port)
     await server.serve()
