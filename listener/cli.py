@@ -183,6 +183,54 @@ async def _alerts(args: argparse.Namespace, s: Settings) -> int:
     return 1 if alerts.any_critical(found) else 0
 
 
+@command("jobs")
+async def _jobs(args: argparse.Namespace, s: Settings) -> int:
+    async with db.connection(db.require_dsn(s.dsn)) as conn:
+        rows = await ops.list_jobs(conn, args.status, args.limit)
+    if args.json:
+        print_json(rows)
+    else:
+        print_table(
+            ["table", "id", "subject/prompt", "status", "retries", "heartbeat_age", "error"],
+            [
+                [
+                    r["job_table"],
+                    r["id"],
+                    _clip(r["label"]),
+                    r["status"],
+                    f"{r['retry_count']}/{r['max_retries']}",
+                    r["heartbeat_age"],
+                    _clip(r["error"], 60),
+                ]
+                for r in rows
+            ],
+        )
+    return 0
+
+
+@command("rate-limit")
+async def _rate_limit(args: argparse.Namespace, s: Settings) -> int:
+    async with db.connection(db.require_dsn(s.dsn)) as conn:
+        rows = await ops.rate_limit_usage(conn)
+    if args.json:
+        print_json(rows)
+    else:
+        print_table(
+            ["table", "user", "jobs_last_hour", "limit", "at_limit"],
+            [
+                [
+                    r["job_table"],
+                    r["created_by"],
+                    r["jobs_last_hour"],
+                    r["rate_limit"],
+                    "yes" if r["jobs_last_hour"] >= r["rate_limit"] else "",
+                ]
+                for r in rows
+            ],
+        )
+    return 0
+
+
 @command("web")
 async def _web(args: argparse.Namespace, s: Settings) -> int:
     from listener.web.server import serve
@@ -265,6 +313,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     al = sub.add_parser("alerts", help="the runbook's alert rules; exit 1 while a critical fires")
     al.add_argument("--json", action="store_true")
+
+    jb = sub.add_parser("jobs", help="jobs of a status, newest activity first, with errors")
+    jb.add_argument("--status", choices=ops.STATUSES)
+    jb.add_argument("--limit", type=int, default=20, help="default 20")
+    jb.add_argument("--json", action="store_true")
+
+    rl = sub.add_parser("rate-limit", help="jobs per user in the last hour against the limit")
+    rl.add_argument("--json", action="store_true")
 
     wb = sub.add_parser("web", help="the admin dashboard at /admin/jobs (needs ADMIN_TOKEN)")
     wb.add_argument("--host", default="0.0.0.0", help="default 0.0.0.0")

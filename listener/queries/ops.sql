@@ -162,3 +162,43 @@ group by job_type
 -- name: listen_events
 -- The dashboard's channel (triggers/007); payload: the table name.
 listen ai_jobs_events
+
+-- name: list_jobs
+-- The runbook's diagnosis queries in one: jobs of a status (or all), newest
+-- activity first, with their error and heartbeat age.
+select * from (
+    (select 'ai_course_jobs' as job_table, id, subject as label, status, retry_count, max_retries,
+            date_trunc('second', now() - last_heartbeat) as heartbeat_age,
+            coalesce(completed_at, last_heartbeat, created_at) as last_activity, error
+     from ai_course_jobs
+     where %(status)s::text is null or status = %(status)s::text
+     order by coalesce(completed_at, last_heartbeat, created_at) desc limit %(limit)s)
+    union all
+    (select 'ai_media_jobs', id, prompt, status, retry_count, max_retries,
+            date_trunc('second', now() - last_heartbeat),
+            coalesce(completed_at, last_heartbeat, created_at), error
+     from ai_media_jobs
+     where %(status)s::text is null or status = %(status)s::text
+     order by coalesce(completed_at, last_heartbeat, created_at) desc limit %(limit)s)
+) jobs
+order by last_activity desc
+limit %(limit)s
+
+-- name: rate_limit_usage
+-- The runbook's "Check rate limit violations": who submitted how much in the
+-- last hour, per table, against the limit the database enforces.
+select job_table, created_by, jobs_last_hour,
+       (select rate_limit_per_hour from ai_job_settings) as rate_limit
+from (
+    select 'ai_course_jobs' as job_table, created_by, count(*) as jobs_last_hour
+    from ai_course_jobs
+    where created_by is not null and created_at > now() - interval '1 hour'
+    group by created_by
+    union all
+    select 'ai_media_jobs', created_by, count(*)
+    from ai_media_jobs
+    where created_by is not null and created_at > now() - interval '1 hour'
+    group by created_by
+) usage
+order by jobs_last_hour desc, job_table, created_by
+limit 100

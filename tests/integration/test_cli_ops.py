@@ -1,9 +1,10 @@
-"""`ai-jobs stuck`, and the failures of `ai-jobs web` before it serves."""
+"""`ai-jobs stuck`, `jobs`, `rate-limit`, and the failures of `ai-jobs web` before it serves."""
 
 from __future__ import annotations
 
 import json
 import subprocess
+import uuid
 from typing import Any
 
 from tests.helpers import AI_JOBS, connect, env, insert_course, insert_media
@@ -62,3 +63,47 @@ def test_bad_usage_exits_2(db_url: str) -> None:
     assert run(db_url, "stuck", "--frobnicate").returncode == 2
     assert run(db_url, "alerts", "extra").returncode == 2
     assert run(db_url, "web", "--port", "eighty").returncode == 2
+
+
+def test_jobs_lists_a_status_newest_first_with_errors(db_url: str) -> None:
+    with connect(db_url) as c:
+        old = insert_course(c, "Old", status="dead_letter", retry_count=3, error="timeout")
+        c.execute(
+            "update ai_course_jobs set completed_at = now() - interval '1 hour' where id = %s",
+            [old],
+        )
+        new = insert_media(c, status="dead_letter", retry_count=3, error="Storage upload failed")
+        c.execute("update ai_media_jobs set completed_at = now() where id = %s", [new])
+        insert_course(c, "Fine")
+
+    p = run(db_url, "jobs", "--status", "dead_letter", "--json")
+    assert p.returncode == 0, p.stderr
+    rows = json.loads(p.stdout)
+    assert [(r["id"], r["error"]) for r in rows] == [
+        (new, "Storage upload failed"),
+        (old, "timeout"),
+    ]
+    p = run(db_url, "jobs", "--status", "dead_letter", "--limit", "1")
+    assert p.returncode == 0 and len(p.stdout.splitlines()) == 2 and new in p.stdout
+    assert len(json.loads(run(db_url, "jobs", "--json").stdout)) == 3
+    assert run(db_url, "jobs", "--status", "lost").returncode == 2
+
+
+def test_rate_limit_shows_users_against_the_limit(db_url: str) -> None:
+    heavy, light = str(uuid.uuid4()), str(uuid.uuid4())
+    with connect(db_url) as c:
+        c.execute("update ai_job_settings set rate_limit_per_hour = 3")
+        for _ in range(3):
+            insert_course(c, created_by=heavy)
+        insert_media(c, created_by=light)
+        insert_course(c, "system job")  # no user: exempt, not listed
+    p = run(db_url, "rate-limit", "--json")
+    assert p.returncode == 0, p.stderr
+    assert [
+        (r["created_by"], r["job_table"], r["jobs_last_hour"]) for r in json.loads(p.stdout)
+    ] == [
+        (heavy, "ai_course_jobs", 3),
+        (light, "ai_media_jobs", 1),
+    ]
+    lines = run(db_url, "rate-limit").stdout.splitlines()
+    assert lines[1].split()[-2:] == ["3", "yes"] and heavy in lines[1]
