@@ -168,9 +168,11 @@ def slack_message(alert: Alert, resolved: bool) -> dict[str, Any]:
 class AlertMonitor:
     """Evaluates the rules on each tick and reports transitions once.
 
-    The worker calls `tick()` every 60 s. The firing state lives in this object, so a
-    rule that fires for an hour is logged and posted once when it starts firing and
-    once when it resolves, not every minute.
+    The worker calls `tick()` every 60 s. A rule that fires for an hour is logged
+    and posted once when it starts firing and once when it resolves, not every
+    minute. The state lives in ai_job_alert_state, so several workers (or a
+    restarted one) report each transition once between them; `firing` mirrors it
+    for this process.
     """
 
     def __init__(
@@ -188,13 +190,17 @@ class AlertMonitor:
     async def tick(self) -> list[Alert]:
         """Sample, evaluate, report transitions; returns every rule's state.
         A database error propagates (the caller logs it and tries next minute)."""
+        changed: list[Alert] = []
         async with self.pool.connection() as conn:
             await record_samples(conn)
             alerts = await evaluate(conn, self.settings)
-        for alert in alerts:
-            was = alert.rule in self.firing
-            if alert.firing and not was:
-                self.firing[alert.rule] = alert
+            for alert in alerts:
+                params = {"rule": alert.rule, "firing": alert.firing, "value": alert.value}
+                if await db.fetch(conn, "alert_transition", params):
+                    changed.append(alert)
+        self.firing = {a.rule: a for a in alerts if a.firing}
+        for alert in changed:
+            if alert.firing:
                 log = self._log.bind(
                     action="alert_firing",
                     rule=alert.rule,
@@ -206,15 +212,11 @@ class AlertMonitor:
                     log.error("alert firing: {}", alert.summary)
                 else:
                     log.warning("alert firing: {}", alert.summary)
-                await self._post(alert, resolved=False)
-            elif was and not alert.firing:
-                del self.firing[alert.rule]
+            else:
                 self._log.bind(action="alert_resolved", rule=alert.rule, value=alert.value).info(
                     "alert resolved: {}", alert.summary
                 )
-                await self._post(alert, resolved=True)
-            elif alert.firing:
-                self.firing[alert.rule] = alert  # keep the latest value
+            await self._post(alert, resolved=not alert.firing)
         return alerts
 
     async def _post(self, alert: Alert, resolved: bool) -> None:

@@ -202,3 +202,13 @@ from (
 ) usage
 order by jobs_last_hour desc, job_table, created_by
 limit 100
+
+-- name: alert_transition
+-- Returns the rule when this call changed its state (see sql/008_alert_state.sql):
+-- of several workers evaluating at once, one gets the row.
+insert into ai_job_alert_state as s (rule, firing, value)
+values (%(rule)s, %(firing)s, %(value)s)
+on conflict (rule) do update
+    set firing = excluded.firing, value = excluded.value, changed_at = now()
+    where s.firing is distinct from excluded.firing
+returning rule

@@ -3,6 +3,7 @@ monitor's transitions and webhook, and `ai-jobs alerts`."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import subprocess
 import uuid
@@ -145,12 +146,16 @@ async def test_monitor_reports_transitions_once(pool: AsyncConnectionPool[Any], 
     settings = Settings(alert_webhook_url="https://hooks.example.invalid/T000/B000/secret")
     client = httpx.AsyncClient(transport=httpx.MockTransport(webhook))
     monitor = alerts.AlertMonitor(settings, pool, client=client)
+    # Another worker, and later a restarted one: they share the reported state.
+    other = alerts.AlertMonitor(settings, pool, client=client)
     try:
         await conn.execute(
             "insert into ai_course_jobs (subject) select 'p' || g from generate_series(1, 25) g"
         )
-        for _ in range(3):  # firing for three minutes: reported once
+        for _ in range(3):  # firing for three minutes, seen by two workers: reported once
             await monitor.tick()
+            await other.tick()
+        await alerts.AlertMonitor(settings, pool, client=client).tick()
         assert [p["text"] for p in posted] == [
             ":rotating_light: ai-jobs alert FIRING (critical): pending_depth = 25 (threshold 20):"
             " pending jobs: more worker capacity is needed"
@@ -159,7 +164,7 @@ async def test_monitor_reports_transitions_once(pool: AsyncConnectionPool[Any], 
         assert set(monitor.firing) == {"pending_depth"}
 
         await conn.execute("delete from ai_course_jobs")
-        await monitor.tick()
+        await asyncio.gather(monitor.tick(), other.tick())  # at the same moment
         await monitor.tick()
         assert len(posted) == 2 and "RESOLVED" in posted[1]["text"]
         assert monitor.firing == {}
