@@ -22,6 +22,14 @@ AI_TIMEOUT_SECONDS = 50.0
 PROVIDERS = ("openai", "anthropic")
 DEFAULT_STORAGE = ".storage"
 
+# Alert thresholds: the runbook's "Recommended Alerts".
+ALERT_DEAD_LETTER_PER_HOUR = 5
+ALERT_STALE_PROCESSING = 3
+ALERT_PENDING_DEPTH = 20
+ALERT_AVG_PROCESSING_SECONDS = 90.0
+ALERT_FAILURE_RATE_PERCENT = 10.0
+ALERT_RATE_LIMIT_VIOLATIONS_PER_HOUR = 5
+
 
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="", case_sensitive=False, extra="ignore")
@@ -52,6 +60,13 @@ class Settings(BaseSettings):
     sentry_dsn: SecretStr | None = None
     alert_webhook_url: SecretStr | None = None
     log_format: str = "text"
+    # An alert fires when its value is above its threshold.
+    alert_dead_letter_per_hour: int = Field(ALERT_DEAD_LETTER_PER_HOUR, ge=0)
+    alert_stale_processing: int = Field(ALERT_STALE_PROCESSING, ge=0)
+    alert_pending_depth: int = Field(ALERT_PENDING_DEPTH, ge=0)
+    alert_avg_processing_seconds: float = Field(ALERT_AVG_PROCESSING_SECONDS, ge=0)
+    alert_failure_rate_percent: float = Field(ALERT_FAILURE_RATE_PERCENT, ge=0, le=100)
+    alert_rate_limit_violations_per_hour: int = Field(ALERT_RATE_LIMIT_VIOLATIONS_PER_HOUR, ge=0)
     log_level: str = "INFO"
 
     @field_validator("log_format")
