@@ -88,6 +88,9 @@ class CourseParams(BaseModel):
     audience: str | None = Field(None, max_length=200)
     item_type: ItemType = "flashcard"
     instructions: str | None = Field(None, max_length=1000)
+    # Demos and tests: the placeholder provider fails with this message (real
+    # providers ignore it), to show retries ending in the dead letter.
+    simulate_failure: str | None = Field(None, max_length=200)
 
     def normalized(self) -> dict[str, Any]:
         """The params as they shape the result (defaults filled, text folded)."""

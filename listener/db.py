@@ -94,15 +94,13 @@ def make_pool(dsn: str, size: int, app: str = "ai-jobs worker") -> AsyncConnecti
             "application_name": app,
             **KEEPALIVES,
         },
-        check=AsyncConnectionPool.check_connection,
-        timeout=10,
-        reconnect_timeout=0,  # keep trying for as long as the database is away
+        # No check on checkout: it would cost a round trip on every claim. A broken
+        # connection fails its query, the caller retries, the pool drops it.
+        timeout=5,
     )
 
 
-async def fetch(
-    conn: psycopg.AsyncConnection[dict[str, Any]], name: str, params: Any = None
-) -> list[dict[str, Any]]:
+async def fetch(conn: psycopg.AsyncConnection[Any], name: str, params: Any = None) -> list[Any]:
     """Run a named statement and return its rows, with errors translated."""
     try:
         cur = await conn.execute(sql(name), params)

@@ -83,6 +83,28 @@ def redact(text: str) -> str:
     return _KV_PASSWORD.sub(r"\1***", _URL_PASSWORD.sub(r"\1***@", text))
 
 
+_TOKENS = re.compile(
+    r"(sk-(?:ant-)?[A-Za-z0-9_\-]{8,})|((?:Bearer|Basic)\s+)[A-Za-z0-9._~+/=\-]{8,}", re.IGNORECASE
+)
+MAX_ERROR = 2000
+
+
+def scrub(text: str, settings: object | None = None) -> str:
+    """An error message fit for a job row or a log line: no secret of the settings,
+    no password in a URL, no API-key-looking token, at most MAX_ERROR characters."""
+    from pydantic import SecretStr
+
+    if settings is not None:
+        for name in type(settings).model_fields:  # type: ignore[attr-defined]
+            value = getattr(settings, name, None)
+            if isinstance(value, SecretStr):
+                secret = value.get_secret_value()
+                if len(secret) >= 4:
+                    text = text.replace(secret, "***")
+    text = _TOKENS.sub(lambda m: (m.group(2) or "") + "***", redact(text))
+    return text if len(text) <= MAX_ERROR else text[: MAX_ERROR - 1] + "…"
+
+
 def translate(exc: BaseException) -> AiJobsError:
     """Turn a psycopg error into ours, by SQLSTATE class, never by message text."""
     if isinstance(exc, AiJobsError):

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from importlib import resources
 from importlib.abc import Traversable
 from pathlib import Path
+from typing import Any
 
 import psycopg
 
@@ -81,7 +82,7 @@ async def migrate(dsn: str, rate_limit_per_hour: int | None = None) -> list[str]
     return applied
 
 
-async def check_schema(conn: psycopg.AsyncConnection[dict[str, object]]) -> None:
+async def check_schema(conn: psycopg.AsyncConnection[Any]) -> None:
     """Raise SchemaOutdated unless every migration this code ships is applied."""
     try:
         rows = await db.fetch(conn, "applied_migrations")

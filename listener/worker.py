@@ -1,0 +1,410 @@
+"""The long-running worker: wait for a reason to look, claim what the free slots
+allow, run each job's handler, and record how it ended.
+
+Reasons to look: a notification (listener), a finished job (a free slot), a due
+retry (timer), a sweep. A burst of any of them is one claim round: they only set
+flags and one event.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import heapq
+import os
+import socket
+import time
+import uuid
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+from loguru import logger
+from psycopg_pool import AsyncConnectionPool
+
+from listener import db
+from listener.completer import Completer
+from listener.errors import AiJobsError, DatabaseUnavailable, InvalidJob, scrub
+from listener.jobs import JOB_TYPES, HandlerMap, Job, Outcome
+from listener.migrate import check_schema
+from listener.notifications import Backoff, Health, Listener, Nudge
+from listener.settings import Settings
+from listener.sweeper import Sweeper
+
+T = TypeVar("T")
+TABLES = tuple(JOB_TYPES)
+Periodic = tuple[float, Callable[[], Awaitable[Any]], str]
+FailureHook = Callable[[Job, BaseException], None]
+
+
+@dataclass
+class Running:
+    job: Job
+    task: asyncio.Task[Outcome | None] = field(repr=False)
+
+
+def make_worker_id() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
+
+
+class Worker:
+    def __init__(
+        self,
+        settings: Settings,
+        pool: AsyncConnectionPool,
+        handlers: HandlerMap,
+        *,
+        dsn: str | None = None,
+        listen: bool = True,
+        periodic: Sequence[Periodic] = (),
+        on_failure: FailureHook | None = None,
+    ) -> None:
+        self.settings = settings
+        self.pool = pool
+        self.handlers = handlers
+        self.dsn = dsn or settings.dsn or ""
+        self.listen = listen
+        self.periodic = list(periodic)
+        self.on_failure = on_failure
+        self.id = make_worker_id()
+        self.concurrency = settings.worker_concurrency
+        self.running: dict[uuid.UUID, Running] = {}
+        self.sweeper = Sweeper(pool, settings)
+        self.completer = Completer(pool, self._retry, backlog=10 * self.concurrency)
+        self.listener = Listener(self.dsn, self._on_nudge, self.request_sweep)
+        self.db_health = Health("database")
+        self._stop = asyncio.Event()
+        self._wake = asyncio.Event()
+        self._sweep_now = asyncio.Event()
+        self._more = dict.fromkeys(TABLES, True)  # may a claim in this table find a job?
+        self._gen = dict.fromkeys(TABLES, 0)  # bumped by every reason to look
+        self._timers: list[float] = []  # monotonic times when a waiting job becomes due
+        self._turn = 0  # which table a claim round asks first (fairness)
+        self._give_up_at: float | None = None  # writes stop retrying after this (shutdown)
+        self.claim_queries = 0  # claim statements sent (tests check the coalescing)
+        self.notifications = 0  # valid notifications received
+
+    # -- signals from outside -------------------------------------------------
+
+    def request_stop(self) -> None:
+        self._stop.set()
+        self._wake.set()
+
+    def request_sweep(self) -> None:
+        self._sweep_now.set()
+
+    def _look(self, tables: Sequence[str] = TABLES) -> None:
+        for t in tables:
+            self._more[t] = True
+            self._gen[t] += 1
+        self._wake.set()
+
+    def _on_nudge(self, nudge: Nudge) -> None:
+        self.notifications += 1
+        if nudge.sweep:
+            self.request_sweep()
+        self._look([nudge.table] if nudge.table else TABLES)
+
+    def _at(self, due_in: float | None) -> None:
+        if due_in is not None:
+            heapq.heappush(self._timers, time.monotonic() + max(0.0, due_in))
+            self._wake.set()
+
+    # -- the loop ---------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Work until request_stop(); then finish, release and return."""
+        if not await self._wait_for_schema():
+            return
+        background = [
+            asyncio.create_task(self._sweeps()),
+            asyncio.create_task(self.heartbeats()),
+            asyncio.create_task(self.completer.run()),
+            *(asyncio.create_task(self._every(i, fn, name)) for i, fn, name in self.periodic),
+        ]
+        if self.listen:
+            background.append(asyncio.create_task(self.listener.run()))
+        logger.bind(action="worker_started", worker=self.id).info(
+            f"worker started (concurrency {self.concurrency}, "
+            f"listen {'on' if self.listen else 'off'})"
+        )
+        try:
+            await self._claim_loop()
+        finally:
+            await self._shutdown(background)
+            logger.bind(action="worker_stopped", worker=self.id).info("worker stopped")
+
+    async def _claim_loop(self) -> None:
+        backoff = Backoff(base=0.2, cap=5.0)
+        while not self._stop.is_set():
+            self._wake.clear()
+            now = time.monotonic()
+            if self._timers and self._timers[0] <= now:
+                while self._timers and self._timers[0] <= now:
+                    heapq.heappop(self._timers)
+                self._look()
+            free = self.concurrency - len(self.running)
+            wanted = [t for t in self._tables_in_turn() if self._more[t]]
+            if free > 0 and wanted:
+                if await self._claim_round(wanted, free):
+                    backoff.reset()
+                else:
+                    await self._sleep(backoff.next())
+                continue
+            timeout = self._timers[0] - now if self._timers else None
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(timeout):
+                    await self._wake.wait()
+
+    def _tables_in_turn(self) -> list[str]:
+        self._turn = (self._turn + 1) % len(TABLES)
+        return [*TABLES[self._turn :], *TABLES[: self._turn]]
+
+    async def _claim_round(self, tables: list[str], free: int) -> bool:
+        for table in tables:
+            gen = self._gen[table]
+            self.claim_queries += 1
+            try:
+                async with self.pool.connection() as conn:
+                    rows = await db.fetch(
+                        conn, "claim_jobs", {"table": table, "worker": self.id, "n": free}
+                    )
+            except Exception as exc:
+                self._report(exc, "claim")
+                return False
+            self.db_health.up()
+            if len(rows) < free and gen == self._gen[table]:
+                self._more[table] = False  # nothing more until the next reason to look
+            for rec in rows:
+                self._start(Job.from_claim(rec))
+            free -= len(rows)
+            if free <= 0:
+                break
+        return True
+
+    async def _sleep(self, seconds: float) -> None:
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(seconds):
+                await self._stop.wait()
+
+    # -- one job ----------------------------------------------------------------
+
+    def _start(self, job: Job) -> None:
+        task = asyncio.create_task(self.execute(job), name=f"job {job.id}")
+        self.running[job.id] = Running(job, task)
+
+    async def execute(self, job: Job) -> Outcome | None:
+        """Run the handler and record the end; never raises but on cancellation."""
+        log = logger.bind(job_id=str(job.id), table=job.table, attempt=job.attempt)
+        log.bind(action="job_started").info("job started")
+        t0 = time.perf_counter()
+        try:
+            handler = self.handlers.get(job.table)
+            if handler is None:
+                raise InvalidJob(f"No handler registered for {job.table}")
+            outcome = await handler(job)
+            outcome.metrics["totalDurationMs"] = round((time.perf_counter() - t0) * 1000, 3)
+            self.running.pop(job.id, None)  # handed over: no longer ours to release
+            await self.completer.add(job, outcome)
+            log.bind(action="job_done").info(f"job done in {outcome.metrics['totalDurationMs']} ms")
+            return outcome
+        except asyncio.CancelledError:
+            raise  # shutdown past the grace period, or the job was taken away
+        except Exception as exc:
+            await asyncio.shield(self._fail(job, exc, log))
+            return None
+        finally:
+            self.running.pop(job.id, None)
+            self._wake.set()  # a free slot
+
+    async def _fail(self, job: Job, exc: BaseException, log: Any) -> None:
+        message = scrub(error_text(exc), self.settings)
+        params = {
+            "table": job.table,
+            "id": job.id,
+            "token": job.claim_token,
+            "error": message,
+            "base": self.settings.retry_base_seconds,
+            "give_up": isinstance(exc, InvalidJob),
+        }
+        if self.on_failure:
+            with contextlib.suppress(Exception):
+                self.on_failure(job, exc)
+        try:
+            rows = await self._retry(lambda: self._fetch("fail_job", params))
+        except Exception as write_exc:
+            log.bind(action="job_fail_lost").error(f"could not record failure: {write_exc}")
+            return
+        if not rows:
+            log.bind(action="job_lost").warning(f"job failed ({message}) but is no longer held")
+        elif rows[0]["status"] == "dead_letter":
+            log.bind(action="job_dead_letter").error(f"job moved to the dead letter: {message}")
+        else:
+            due_in = float(rows[0]["due_in"])
+            self._at(due_in)
+            log.bind(action="job_failed").warning(
+                f"job failed (attempt {job.attempt}/{job.max_retries}), retry in {due_in:.1f}s: "
+                f"{message}"
+            )
+
+    # -- database writes that must land ---------------------------------------
+
+    async def _fetch(self, name: str, params: Any) -> list[dict[str, Any]]:
+        async with self.pool.connection() as conn:
+            return await db.fetch(conn, name, params)
+
+    async def _retry(self, fn: Callable[[], Awaitable[T]]) -> T:
+        """Retry a write while the database is unreachable; until shutdown's deadline."""
+        backoff = Backoff(base=0.2, cap=5.0)
+        while True:
+            try:
+                result = await fn()
+                self.db_health.up()
+                return result
+            except Exception as exc:
+                if not db.is_connection_error(exc) and not _is_pool_timeout(exc):
+                    raise
+                self.db_health.down(exc)
+                if self._give_up_at is not None and time.monotonic() > self._give_up_at:
+                    raise DatabaseUnavailable("database unreachable at shutdown") from exc
+                await asyncio.sleep(backoff.next())
+
+    # -- background duties ------------------------------------------------------
+
+    async def _every(self, interval: float, fn: Callable[[], Awaitable[Any]], name: str) -> None:
+        while True:
+            await asyncio.sleep(interval)
+            await self._guarded(fn, name)
+
+    async def _guarded(self, fn: Callable[[], Awaitable[Any]], name: str) -> None:
+        try:
+            await fn()
+        except Exception as exc:
+            self._report(exc, name)
+
+    def _report(self, exc: BaseException, what: str) -> None:
+        """A lost database is a health transition; anything else is an error to show."""
+        if db.is_connection_error(exc) or _is_pool_timeout(exc):
+            self.db_health.down(exc)
+        else:
+            logger.bind(action="duty_failed", duty=what).error(
+                f"{what} failed: {scrub(error_text(exc), self.settings)}"
+            )
+
+    async def _sweeps(self) -> None:
+        """At start, on request (reconnect, empty NOTIFY) and every interval."""
+        while True:
+            self._sweep_now.clear()
+            await self._guarded(self._sweep, "sweep")
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self.settings.sweep_interval_seconds):
+                    await self._sweep_now.wait()
+
+    async def _sweep(self) -> None:
+        result = await self.sweeper.run_once()
+        self.db_health.up()
+        self._at(result.due_in)
+        self._look()
+
+    async def heartbeats(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.heartbeat_interval_seconds)
+            for table in TABLES:
+                jobs = [r.job for r in list(self.running.values()) if r.job.table == table]
+                if not jobs:
+                    continue
+                params = {
+                    "table": table,
+                    "ids": [j.id for j in jobs],
+                    "tokens": [j.claim_token for j in jobs],
+                }
+                try:
+                    held = {r["id"] for r in await self._fetch("heartbeat_jobs", params)}
+                except Exception as exc:
+                    self.db_health.down(exc)
+                    continue
+                for j in jobs:
+                    if j.id not in held and j.id in self.running:
+                        # Marked stale and maybe handed on: stop, so that it never
+                        # runs in two places at once.
+                        logger.bind(
+                            action="job_lost", job_id=str(j.id), table=table, attempt=j.attempt
+                        ).warning("job no longer held by this worker (marked stale); cancelling")
+                        self.running[j.id].task.cancel()
+
+    async def _wait_for_schema(self) -> bool:
+        backoff = Backoff(base=0.5, cap=10.0)
+        while not self._stop.is_set():
+            try:
+                async with self.pool.connection() as conn:
+                    await check_schema(conn)
+                self.db_health.up()
+                return True
+            except AiJobsError as exc:
+                if not isinstance(exc, DatabaseUnavailable):
+                    raise
+                self.db_health.down(exc)
+            except Exception as exc:
+                if not db.is_connection_error(exc) and not _is_pool_timeout(exc):
+                    raise
+                self.db_health.down(exc)
+            await self._sleep(backoff.next())
+        return False
+
+    # -- shutdown -------------------------------------------------------------
+
+    async def _shutdown(self, background: list[asyncio.Task[Any]]) -> None:
+        grace = self.settings.shutdown_grace_seconds
+        tasks = [r.task for r in self.running.values()]
+        if tasks:
+            logger.bind(action="worker_draining").info(
+                f"stopping: {len(tasks)} job(s) running, waiting up to {grace:g}s"
+            )
+            await asyncio.wait(tasks, timeout=grace)
+        unfinished = [r.job for r in self.running.values()]
+        for r in list(self.running.values()):
+            r.task.cancel()
+        await asyncio.gather(*(r.task for r in list(self.running.values())), return_exceptions=True)
+        self._give_up_at = time.monotonic() + max(5.0, grace)
+        if unfinished:
+            await self._release(unfinished)
+        with contextlib.suppress(Exception):
+            async with asyncio.timeout(max(5.0, grace)):
+                await self.completer.drain()
+        for t in background:
+            t.cancel()
+        await asyncio.gather(*background, return_exceptions=True)
+
+    async def _release(self, jobs: list[Job]) -> None:
+        for table in TABLES:
+            mine = [j for j in jobs if j.table == table]
+            if not mine:
+                continue
+            params = {
+                "table": table,
+                "ids": [j.id for j in mine],
+                "tokens": [j.claim_token for j in mine],
+            }
+            try:
+                rows = await self._retry(lambda p=params: self._fetch("release_jobs", p))  # type: ignore[misc]
+            except Exception as exc:
+                logger.bind(action="release_failed").error(
+                    f"could not release {len(mine)} job(s): {exc}; they will be rescued when stale"
+                )
+                continue
+            logger.bind(action="jobs_released", table=table, count=len(rows)).info(
+                f"released {len(rows)} unfinished job(s) back to pending"
+            )
+
+
+def error_text(exc: BaseException) -> str:
+    if isinstance(exc, AiJobsError):
+        return exc.message
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def _is_pool_timeout(exc: BaseException) -> bool:
+    from psycopg_pool import PoolTimeout
+
+    return isinstance(exc, PoolTimeout)

@@ -1,0 +1,282 @@
+"""The worker in-process, with handlers written by the test: dispatch, coalescing,
+retries, dead letter, heartbeats, polling fallback, lost jobs."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import uuid
+from typing import Any
+
+import pytest
+
+from listener.errors import InvalidJob
+from listener.jobs import Job, Outcome
+from listener.notifications import parse_payload
+from listener.sweeper import Sweeper
+from tests.helpers import aconnect, await_until, connect, insert_course, insert_media, job
+from tests.workers import running_worker, settings
+
+
+async def done_handler(job: Job) -> Outcome:
+    return Outcome(f"courses/{job.row['course_id']}/course.json", {"provider": "test"})
+
+
+async def _status(db_url: str, jid: str, table: str = "ai_course_jobs") -> dict[str, Any]:
+    c = await aconnect(db_url)
+    try:
+        cur = await c.execute(f"select * from {table} where id = %s", [jid])
+        row = await cur.fetchone()
+        assert row is not None
+        return row
+    finally:
+        await c.close()
+
+
+async def test_notified_job_runs_at_once_with_no_sweep(db_url: str) -> None:
+    started = asyncio.Event()
+
+    async def handler(job: Job) -> Outcome:
+        started.set()
+        return await done_handler(job)
+
+    s = settings(db_url, sweep_interval_seconds=3600)
+    async with running_worker(s, {"ai_course_jobs": handler}) as w:
+        await asyncio.sleep(0)  # the start-up sweep has nothing to find
+        with connect(db_url) as c:
+            jid = insert_course(c, "Algebra")
+        await asyncio.wait_for(started.wait(), 5)
+        row = await await_until(lambda: _done(db_url, jid), what="job done")
+        assert row["result_path"] == "courses/algebra/course.json"
+        assert row["metrics"]["provider"] == "test" and "totalDurationMs" in row["metrics"]
+        assert row["worker_id"] == w.id
+
+
+async def _done(db_url: str, jid: str, table: str = "ai_course_jobs") -> dict[str, Any] | None:
+    row = await _status(db_url, jid, table)
+    return row if row["status"] == "done" else None
+
+
+async def test_concurrency_is_bounded_and_free_slots_refill(db_url: str) -> None:
+    now_running = 0
+    peak = 0
+    gate = asyncio.Event()
+
+    async def handler(job: Job) -> Outcome:
+        nonlocal now_running, peak
+        now_running += 1
+        peak = max(peak, now_running)
+        await gate.wait()
+        await asyncio.sleep(0.01)
+        now_running -= 1
+        return await done_handler(job)
+
+    with connect(db_url) as c:
+        c.execute(
+            "insert into ai_course_jobs (subject) select 's' || g from generate_series(1, 40) g"
+        )
+    s = settings(db_url, worker_concurrency=4)
+    async with running_worker(s, {"ai_course_jobs": handler}):
+        await await_until(lambda: _count(db_url, "processing", 4), what="4 processing")
+        gate.set()
+        await await_until(lambda: _count(db_url, "done", 40), what="all done", timeout=20)
+    assert peak == 4
+
+
+async def _count(db_url: str, status: str, n: int) -> bool:
+    c = await aconnect(db_url)
+    try:
+        cur = await c.execute("select count(*) from ai_course_jobs where status = %s", [status])
+        row = await cur.fetchone()
+        return bool(row and row["count"] == n)
+    finally:
+        await c.close()
+
+
+async def test_failures_retry_with_backoff_then_dead_letter(db_url: str) -> None:
+    attempts: list[float] = []
+
+    async def handler(job: Job) -> Outcome:
+        attempts.append(asyncio.get_running_loop().time())
+        raise RuntimeError(
+            f"provider exploded on attempt {job.attempt} with key sk-test-SECRET123456"
+        )
+
+    s = settings(db_url, retry_base_seconds=0.3)
+    with connect(db_url) as c:
+        jid = insert_course(c, "Flaky", max_retries=3)
+    async with running_worker(s, {"ai_course_jobs": handler}):
+        row = await await_until(
+            lambda: _with_status(db_url, jid, "dead_letter"), timeout=15, what="dead letter"
+        )
+    assert len(attempts) == 3
+    gaps = [b - a for a, b in itertools.pairwise(attempts)]
+    assert 0.2 < gaps[0] < 0.6 and 0.4 < gaps[1] < 1.2  # 0.3 * 2^(n-1), +-25%, plus a little
+    assert row["retry_count"] == 3 and row["completed_at"] is not None
+    assert row["error"].startswith("RuntimeError: provider exploded on attempt 3")
+    assert "SECRET123456" not in row["error"]
+
+
+async def _with_status(db_url: str, jid: str, status: str, table: str = "ai_course_jobs") -> Any:
+    row = await _status(db_url, jid, table)
+    return row if row["status"] == status else None
+
+
+async def test_invalid_job_goes_to_dead_letter_at_once_and_worker_keeps_going(db_url: str) -> None:
+    async def handler(job: Job) -> Outcome:
+        if not isinstance(job.params.get("itemsPerGroup", 12), int):
+            raise InvalidJob("Invalid params: itemsPerGroup must be an integer")
+        return await done_handler(job)
+
+    with connect(db_url) as c:
+        bad = insert_course(c, "Bad", params={"itemsPerGroup": "many"})
+        good = insert_course(c, "Good")
+        media = insert_media(c)  # no handler registered for media in this test
+    async with running_worker(settings(db_url), {"ai_course_jobs": handler}):
+        row = await await_until(lambda: _with_status(db_url, bad, "dead_letter"))
+        await await_until(lambda: _done(db_url, good))
+        m = await await_until(lambda: _with_status(db_url, media, "dead_letter", "ai_media_jobs"))
+    assert row["retry_count"] == 1 and "itemsPerGroup must be an integer" in row["error"]
+    assert "No handler registered" in m["error"]
+
+
+async def test_heartbeat_while_running_and_lost_job_is_cancelled(db_url: str) -> None:
+    cancelled = asyncio.Event()
+
+    async def handler(job: Job) -> Outcome:
+        try:
+            await asyncio.sleep(60)
+        except asyncio.CancelledError:
+            cancelled.set()
+            raise
+        raise AssertionError("not reached")
+
+    with connect(db_url) as c:
+        jid = insert_course(c)
+    async with running_worker(settings(db_url), {"ai_course_jobs": handler}) as w:
+        first = await await_until(lambda: _with_status(db_url, jid, "processing"))
+        later = await await_until(
+            lambda: _beat_after(db_url, jid, first["last_heartbeat"]), what="a newer heartbeat"
+        )
+        assert later["last_heartbeat"] > first["last_heartbeat"]
+        with connect(db_url) as c:  # an operator marks it stale: the worker must let go
+            c.execute("select * from mark_stale_jobs('0 seconds')")
+        await asyncio.wait_for(cancelled.wait(), 5)
+        await await_until(lambda: _not_running(w, jid), what="job gone from running")
+        assert (await _status(db_url, jid))["status"] == "stale"
+
+
+async def _beat_after(db_url: str, jid: str, t: Any) -> Any:
+    row = await _status(db_url, jid)
+    return row if row["last_heartbeat"] > t else None
+
+
+async def _not_running(w: Any, jid: str) -> bool:
+    return uuid.UUID(jid) not in w.running
+
+
+async def test_polling_fallback_with_listen_disabled(db_url: str) -> None:
+    s = settings(db_url, sweep_interval_seconds=0.3)
+    async with running_worker(s, {"ai_course_jobs": done_handler}, listen=False):
+        with connect(db_url) as c:
+            jid = insert_course(c)
+        await await_until(lambda: _done(db_url, jid), what="done by polling")
+
+
+async def test_sweeper_duties_return_counts(db_url: str) -> None:
+    with connect(db_url) as c:
+        stale = insert_course(c, status="processing", last_heartbeat=_ago(c, 600))
+        insert_course(c, status="failed", retry_count=3)
+        insert_course(c, status="done", completed_at=_ago(c, 100 * 86400))
+    s = settings(db_url, stale_after_seconds=300)
+    from listener import db
+
+    pool = db.make_pool(db_url, 2)
+    await pool.open()
+    try:
+        sw = Sweeper(pool, s)
+        assert await sw.mark_stale() == 1
+        assert await sw.rescue_stale() == 1
+        assert await sw.dead_letter() == 1
+        assert await sw.retention() == 1
+        assert await sw.retention() == 0  # at most daily
+        result = await sw.run_once()
+        assert (result.stale, result.rescued, result.dead_lettered, result.purged) == (0, 0, 0, 0)
+        assert result.due_in is not None and result.due_in <= 0  # the rescued job is due
+    finally:
+        await pool.close()
+    with connect(db_url) as c:
+        row = job(c, stale)
+    assert row["status"] == "pending" and row["retry_count"] == 1
+
+
+def _ago(c: Any, seconds: float) -> Any:
+    return c.execute("select now() - make_interval(secs => %s) as t", [seconds]).fetchone()["t"]
+
+
+@pytest.mark.parametrize(
+    ("payload", "expected"),
+    [
+        ("", {"sweep": True}),
+        ("  ", {"sweep": True}),
+        ("1b4e28ba-2fa1-11d2-883f-0016d3cca427", {"job_id": True}),
+        (
+            '{"table": "ai_media_jobs", "id": "1b4e28ba-2fa1-11d2-883f-0016d3cca427"}',
+            {"table": "ai_media_jobs", "job_id": True},
+        ),
+        ('{"table": "ai_course_jobs", "count": 3}', {"table": "ai_course_jobs"}),
+    ],
+)
+def test_parse_payload_accepts_the_documented_shapes(
+    payload: str, expected: dict[str, Any]
+) -> None:
+    n = parse_payload(payload)
+    assert n.sweep == expected.get("sweep", False)
+    assert n.table == expected.get("table")
+    assert (n.job_id is not None) == expected.get("job_id", False)
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [
+        "garbage",
+        "{",
+        "[1,2]",
+        '{"table": "users"}',
+        '{"table": "ai_course_jobs", "id": 5}',
+        '{"table": "ai_course_jobs", "id": "nope"}',
+        "'; drop table ai_course_jobs; --",
+    ],
+)
+def test_parse_payload_rejects_everything_else(payload: str) -> None:
+    with pytest.raises(ValueError):
+        parse_payload(payload)
+
+
+async def test_a_burst_of_notifications_is_not_a_burst_of_queries(db_url: str) -> None:
+    gate = asyncio.Event()
+
+    async def handler(job: Job) -> Outcome:
+        await gate.wait()
+        return await done_handler(job)
+
+    s = settings(db_url, worker_concurrency=2)
+    async with running_worker(s, {"ai_course_jobs": handler}) as w:
+        with connect(db_url) as c:
+            insert_course(c, "first")
+            insert_course(c, "second")
+        await await_until(lambda: _count(db_url, "processing", 2), what="both slots busy")
+        before, heard = w.claim_queries, w.notifications
+        with connect(db_url) as c:  # 100 commits, 100 notifications, while no slot is free
+            for i in range(100):
+                insert_course(c, f"burst {i}")
+        await await_until(lambda: _heard(w, heard + 100), what="all 100 notifications heard")
+        assert w.claim_queries == before  # full: the notifications only set a flag
+        gate.set()
+        await await_until(lambda: _count(db_url, "done", 102), what="all done", timeout=20)
+        # Each claim fills every free slot: about one query per two jobs, not per notification.
+        assert w.claim_queries - before <= 102 // 2 + 10
+
+
+async def _heard(w: Any, n: int) -> bool:
+    return bool(w.notifications >= n)
