@@ -7,11 +7,9 @@ through to the next provider is the chain's job (listener/providers/chain.py).
 from __future__ import annotations
 
 import asyncio
+import sys
 from dataclasses import dataclass, field
 from typing import Any, Protocol
-
-import anthropic
-import openai
 
 from listener import errors
 from listener.course_schema import CourseParams, SchemaValidationError
@@ -100,9 +98,14 @@ def scrub(text: str, secrets: list[str]) -> str:
     return errors.scrub(text)
 
 
-_STATUS_ERRORS = (openai.APIStatusError, anthropic.APIStatusError)
-_TIMEOUTS = (openai.APITimeoutError, anthropic.APITimeoutError, TimeoutError)
-_CONNECTION_ERRORS = (openai.APIConnectionError, anthropic.APIConnectionError, OSError)
+def _sdk_errors(kind: str) -> tuple[type[BaseException], ...]:
+    # An SDK's error exists only once its module is loaded, so look there instead of
+    # importing both SDKs (seconds of start-up) into a worker that may use neither.
+    found = [getattr(sys.modules[name], kind) for name in _SDKS if name in sys.modules]
+    return tuple(found)
+
+
+_SDKS = ("openai", "anthropic")
 
 
 def describe(exc: BaseException, timeout: float, secrets: list[str]) -> str:
@@ -111,24 +114,24 @@ def describe(exc: BaseException, timeout: float, secrets: list[str]) -> str:
         return scrub(str(exc), secrets)[:300]
     if isinstance(exc, errors.AiJobsError):
         return scrub(exc.message, secrets)[:300]
-    if isinstance(exc, _TIMEOUTS):
+    if isinstance(exc, (TimeoutError, *_sdk_errors("APITimeoutError"))):
         return f"timeout after {timeout:g}s"
-    if isinstance(exc, _STATUS_ERRORS):
-        code = exc.status_code
+    if isinstance(exc, _sdk_errors("APIStatusError")):
+        code: int = getattr(exc, "status_code", 0)
         if code == 429:
             return "HTTP 429 rate limited"
         if code >= 500:
             return f"HTTP {code} server error"
         return f"HTTP {code} {scrub(_status_message(exc), secrets)}"[:200]
-    if isinstance(exc, _CONNECTION_ERRORS):
+    if isinstance(exc, (OSError, *_sdk_errors("APIConnectionError"))):
         return "connection error"
     if isinstance(exc, asyncio.CancelledError):
         return "cancelled"
     return f"{type(exc).__name__}: {scrub(str(exc), secrets)}"[:200]
 
 
-def _status_message(exc: openai.APIStatusError | anthropic.APIStatusError) -> str:
-    body = exc.body
+def _status_message(exc: BaseException) -> str:
+    body = getattr(exc, "body", None)
     if isinstance(body, dict):
         err = body.get("error", body)
         if isinstance(err, dict) and isinstance(err.get("message"), str):

@@ -34,8 +34,7 @@ def _make(name: str, settings: Settings) -> CourseProvider | None:
     return None
 
 
-async def _one(name: str, settings: Settings) -> Check:
-    provider = _make(name, settings)
+async def _one(name: str, provider: CourseProvider | None, settings: Settings) -> Check:
     if provider is None:
         return Check(name, "", "not configured", f"{name.upper()}_API_KEY not set")
     try:
@@ -51,7 +50,9 @@ async def _one(name: str, settings: Settings) -> Check:
 
 async def check_providers(settings: Settings) -> list[Check]:
     order = settings.provider_order + [p for p in PROVIDERS if p not in settings.provider_order]
-    checks = list(await asyncio.gather(*(_one(name, settings) for name in order)))
+    # Clients first (importing an SDK blocks the loop for a while), then the timed calls.
+    providers = [(name, _make(name, settings)) for name in order]
+    checks = list(await asyncio.gather(*(_one(n, p, settings) for n, p in providers)))
     for c in checks:
         if c.provider not in settings.provider_order and c.status != "not configured":
             c.detail += " (not in AI_PROVIDER_PRIORITY: never asked)"

@@ -258,6 +258,7 @@ async def test_keys_never_reach_rows_or_logs(
             "token": failing.claim_token,
             "error": err.value.message,
             "base": 10,
+            "give_up": False,
         },
     )
     fake.modes["anthropic"] = "valid"
