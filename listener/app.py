@@ -8,7 +8,7 @@ from typing import Any
 
 from loguru import logger
 
-from listener import db
+from listener import db, telemetry
 from listener.errors import redact
 from listener.handlers import create_runtime
 from listener.jobs import TABLES_BY_TYPE, Job
@@ -34,6 +34,7 @@ async def run_worker(settings: Settings) -> int:
         runtime.handlers,
         dsn=dsn,
         periodic=[(RUNTIME_TICK_SECONDS, runtime.tick, "handlers tick")],
+        on_failure=telemetry.capture_job_failure,
     )
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -47,6 +48,7 @@ async def run_worker(settings: Settings) -> int:
     finally:
         await runtime.aclose()
         await pool.close()
+        telemetry.flush()
     return 0
 
 
@@ -61,7 +63,14 @@ async def run_once(settings: Settings, job_type: str | None) -> tuple[int, dict[
     pool = db.make_pool(dsn, 3, app="ai-jobs run-once")
     await pool.open(wait=True, timeout=15)
     runtime = await create_runtime(settings, pool)
-    worker = Worker(settings, pool, runtime.handlers, dsn=dsn, listen=False)
+    worker = Worker(
+        settings,
+        pool,
+        runtime.handlers,
+        dsn=dsn,
+        listen=False,
+        on_failure=telemetry.capture_job_failure,
+    )
     table = TABLES_BY_TYPE[job_type] if job_type else None
     try:
         async with pool.connection() as conn:
@@ -100,3 +109,4 @@ async def run_once(settings: Settings, job_type: str | None) -> tuple[int, dict[
     finally:
         await runtime.aclose()
         await pool.close()
+        telemetry.flush()
