@@ -24,7 +24,6 @@ Severity = Literal["critical", "warning"]
 
 REJECTIONS = "rate_limit_rejections"  # counter name in ai_job_counter_samples
 WEBHOOK_TIMEOUT_SECONDS = 5.0
-ALERT_INTERVAL_SECONDS = 60.0  # how often the worker calls AlertMonitor.tick()
 
 
 @dataclass(frozen=True)

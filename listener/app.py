@@ -9,6 +9,7 @@ from typing import Any
 from loguru import logger
 
 from listener import db, telemetry
+from listener.alerts import AlertMonitor
 from listener.errors import redact
 from listener.handlers import create_runtime
 from listener.jobs import TABLES_BY_TYPE, Job
@@ -33,7 +34,10 @@ async def run_worker(settings: Settings) -> int:
         pool,
         runtime.handlers,
         dsn=dsn,
-        periodic=[(RUNTIME_TICK_SECONDS, runtime.tick, "handlers tick")],
+        periodic=[
+            (RUNTIME_TICK_SECONDS, runtime.tick, "handlers tick"),
+            (settings.alert_interval_seconds, AlertMonitor(settings, pool).tick, "alerts"),
+        ],
         on_failure=telemetry.capture_job_failure,
     )
     loop = asyncio.get_running_loop()

@@ -39,6 +39,7 @@ ALERT_PENDING_DEPTH = 20
 ALERT_AVG_PROCESSING_SECONDS = 90.0
 ALERT_FAILURE_RATE_PERCENT = 10.0
 ALERT_RATE_LIMIT_VIOLATIONS_PER_HOUR = 5
+ALERT_INTERVAL_SECONDS = 60.0  # how often the worker evaluates the alert rules
 
 
 class Settings(BaseSettings):
@@ -79,6 +80,7 @@ class Settings(BaseSettings):
     port: int = Field(8000, ge=1, le=65535)
     sentry_dsn: SecretStr | None = None
     alert_webhook_url: SecretStr | None = None
+    alert_interval_seconds: float = Field(ALERT_INTERVAL_SECONDS, gt=0)  # worker evaluates alerts
     log_format: str = "text"
     # An alert fires when its value is above its threshold.
     alert_dead_letter_per_hour: int = Field(ALERT_DEAD_LETTER_PER_HOUR, ge=0)

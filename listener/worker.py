@@ -34,6 +34,7 @@ from listener.sweeper import Sweeper
 T = TypeVar("T")
 TABLES = tuple(JOB_TYPES)
 Periodic = tuple[float, Callable[[], Awaitable[Any]], str]
+SHUTDOWN_BACKGROUND_SECONDS = 10.0  # a cancelled background task gets this long to end
 FailureHook = Callable[[Job, BaseException], None]
 
 
@@ -373,7 +374,12 @@ class Worker:
                 await self.completer.drain()
         for t in background:
             t.cancel()
-        await asyncio.gather(*background, return_exceptions=True)
+        _, stuck = await asyncio.wait(background, timeout=SHUTDOWN_BACKGROUND_SECONDS)
+        if stuck:
+            logger.bind(action="shutdown_stuck").warning(
+                f"{len(stuck)} background task(s) did not stop in time: "
+                + ", ".join(t.get_name() for t in stuck)
+            )
 
     async def _release(self, jobs: list[Job]) -> None:
         for table in TABLES:

@@ -188,8 +188,9 @@ class Dashboard:
             try:
                 yield "retry: 2000\n\n"
                 while True:
-                    try:
-                        snap = await asyncio.wait_for(queue.get(), SSE_KEEPALIVE_SECONDS)
+                    try:  # asyncio.timeout: wait_for may swallow a cancellation on 3.11
+                        async with asyncio.timeout(SSE_KEEPALIVE_SECONDS):
+                            snap = await queue.get()
                     except TimeoutError:
                         yield ": keepalive\n\n"
                         continue
