@@ -125,7 +125,9 @@ class Settings(BaseSettings):
             self.admin_token,
             self.database_url,
         )
-        return [v.get_secret_value() for v in values if v and v.get_secret_value()]
+        # model_copy(update=...) does not validate, so a copy may hold a plain str.
+        plain = [v.get_secret_value() if isinstance(v, SecretStr) else str(v) for v in values if v]
+        return [v for v in plain if v]
 
     @property
     def storage_root(self) -> Path:
