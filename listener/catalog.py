@@ -6,6 +6,11 @@ or CATALOG_BATCH_SECONDS after the first one not yet rendered (the worker's tick
 and once more at shutdown (the runbook: "batch catalog updates"). Renders from
 every process take turns on an advisory lock and each writes every row, so no
 entry is ever lost, whichever process renders last.
+
+A job does not wait for the database: while it is unreachable, finished courses
+keep their rows in memory and the tick saves them once it is back (the worker,
+too, writes completions when the database returns). Only a process that dies
+during an outage loses such rows; the course files themselves are stored.
 """
 
 from __future__ import annotations
@@ -27,6 +32,9 @@ from listener.storage import Storage
 
 CATALOG_PATH = "courses/catalog.json"
 CATALOG_VERSION = 1
+# How long a job waits for the database on the catalog's account before it moves
+# on (a cache lookup counts as a miss, a row is saved later).
+DB_WAIT_SECONDS = 2.0
 
 
 class Catalog:
@@ -45,10 +53,16 @@ class Catalog:
         self._unrendered = 0
         self._first_unrendered: float | None = None
         self._lock = asyncio.Lock()
+        self._unsaved: list[dict[str, Any]] = []
+        self._save_lock = asyncio.Lock()
 
     @property
     def unrendered(self) -> int:
         return self._unrendered
+
+    @property
+    def unsaved(self) -> int:
+        return len(self._unsaved)
 
     async def record(
         self,
@@ -63,26 +77,24 @@ class Catalog:
         """Add or replace the course's row; render when the batch is full."""
         if self.pool is None:
             return
-        async with self.pool.connection() as conn:
-            await db.fetch(
-                conn,
-                "catalog_upsert",
-                {
-                    "course_id": course.id,
-                    "job_id": job_id,
-                    "subject": course.subject,
-                    "title": course.title,
-                    "description": course.description,
-                    "level": course.level,
-                    "language": course.language,
-                    "group_count": len(course.groups),
-                    "item_count": course.item_count,
-                    "result_path": result_path,
-                    "cache_key": cache_key,
-                    "provider": provider,
-                    "model": model,
-                },
-            )
+        self._unsaved.append(
+            {
+                "course_id": course.id,
+                "job_id": job_id,
+                "subject": course.subject,
+                "title": course.title,
+                "description": course.description,
+                "level": course.level,
+                "language": course.language,
+                "group_count": len(course.groups),
+                "item_count": course.item_count,
+                "result_path": result_path,
+                "cache_key": cache_key,
+                "provider": provider,
+                "model": model,
+            }
+        )
+        await self.save_quietly()
         self._unrendered += 1
         if self._first_unrendered is None:
             self._first_unrendered = time.monotonic()
@@ -95,13 +107,37 @@ class Catalog:
             since is not None and time.monotonic() - since >= self.batch_seconds
         )
 
+    async def save_quietly(self) -> None:
+        """Save the rows not yet in the database; on failure keep them for the tick."""
+        if self.pool is None or not self._unsaved or self._save_lock.locked():
+            return  # the running save takes every row, ours included
+        async with self._save_lock:
+            try:
+                async with asyncio.timeout(DB_WAIT_SECONDS * 2):
+                    async with self.pool.connection(timeout=DB_WAIT_SECONDS) as conn:
+                        while self._unsaved:
+                            await db.fetch(conn, "catalog_upsert", self._unsaved[0])
+                            self._unsaved.pop(0)
+            except Exception as exc:
+                logger.bind(action="catalog_save_deferred", unsaved=len(self._unsaved)).warning(
+                    "catalog rows saved later (database unavailable: {})", exc
+                )
+
     async def tick(self) -> None:
+        await self.save_quietly()
         if self._due():
             await self.render_quietly(self._due)
 
     async def flush(self) -> None:
+        await self.save_quietly()
         if self._unrendered:
             await self.render_quietly(lambda: self._unrendered > 0)
+        if self._unsaved:
+            lost = [r["course_id"] for r in self._unsaved]
+            logger.bind(action="catalog_rows_lost", courses=lost).error(
+                "catalog rows not saved (database unavailable at shutdown); "
+                "the courses are stored and will be listed when they are regenerated"
+            )
 
     async def render_quietly(self, still_needed: Callable[[], bool] | None = None) -> None:
         # The courses are stored and their rows saved; a failed render only delays
@@ -125,7 +161,12 @@ class Catalog:
     async def _render(self) -> int:
         if self.pool is None:
             return 0
-        async with self.pool.connection() as conn, conn.transaction():
+        if self._unsaved:
+            raise RuntimeError("catalog rows wait for the database")
+        async with (
+            self.pool.connection(timeout=DB_WAIT_SECONDS) as conn,
+            conn.transaction(),
+        ):
             await db.fetch(conn, "catalog_render_lock")
             # Rows saved from here on are this render's or a later one's.
             pending, self._unrendered, self._first_unrendered = self._unrendered, 0, None
@@ -141,12 +182,21 @@ class Catalog:
         return len(rows)
 
     async def cached(self, cache_key: str, ttl_seconds: float) -> dict[str, Any] | None:
+        """The newest catalog row made from this request, if recent enough. Best effort:
+        without the database it is a miss, and the job goes on to the providers."""
         if self.pool is None or ttl_seconds <= 0:
             return None
-        async with self.pool.connection() as conn:
-            rows = await db.fetch(
-                conn, "course_cache_lookup", {"cache_key": cache_key, "ttl": ttl_seconds}
+        try:
+            async with asyncio.timeout(DB_WAIT_SECONDS * 2):
+                async with self.pool.connection(timeout=DB_WAIT_SECONDS) as conn:
+                    rows = await db.fetch(
+                        conn, "course_cache_lookup", {"cache_key": cache_key, "ttl": ttl_seconds}
+                    )
+        except Exception as exc:
+            logger.bind(action="course_cache_unavailable").warning(
+                "course cache skipped (database unavailable: {})", exc
             )
+            return None
         return rows[0] if rows else None
 
 

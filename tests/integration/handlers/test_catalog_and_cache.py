@@ -153,3 +153,39 @@ async def test_a_missing_cached_file_means_a_fresh_generation(
     assert (s.storage_root / (out.result_path or "")).exists()
     rows = await db.fetch(conn, "catalog_rows")
     assert [(r["course_id"], r["job_id"]) for r in rows] == [("sailing", job.id)]
+
+
+async def test_jobs_finish_while_the_catalog_table_is_unreachable(
+    conn: Conn, pool: AsyncConnectionPool[Any], make_settings: MakeSettings
+) -> None:
+    s = make_settings(cache_ttl_seconds=3600, catalog_batch_jobs=1)
+    rt = await create_runtime(s, pool)
+    await conn.execute("alter table ai_course_catalog rename to ai_course_catalog_away")
+    out = await rt.handlers["ai_course_jobs"](await course_job(conn, "Outage Course"))
+    assert out.result_path and (s.storage_root / out.result_path).exists()
+    assert not (s.storage_root / CATALOG_PATH).exists()  # the row waits in memory
+    await rt.tick()
+    assert not (s.storage_root / CATALOG_PATH).exists()
+
+    await conn.execute("alter table ai_course_catalog_away rename to ai_course_catalog")
+    await rt.tick()  # saves the row, then renders the due batch
+    assert catalog_ids(s.storage_root) == ["outage-course"]
+    await rt.aclose()
+
+
+async def test_a_job_does_not_wait_for_an_unreachable_database(
+    conn: Conn, make_settings: MakeSettings
+) -> None:
+    # A pool whose server never answers: the cache is a miss, the row is kept.
+    dead = db.make_pool("postgresql://postgres@127.0.0.1:9/none", 2)
+    await dead.open(wait=False)
+    s = make_settings(
+        openai_api_key=None, anthropic_api_key=None, allow_placeholder=True, cache_ttl_seconds=60
+    )
+    rt = await create_runtime(s, dead)
+    job = await course_job(conn, "Offline")
+    out = await asyncio.wait_for(rt.handlers["ai_course_jobs"](job), timeout=15)
+    assert out.metrics["provider"] == "placeholder" and out.metrics["cacheHit"] is False
+    assert rt.catalog.unsaved == 1
+    await rt.aclose()
+    await dead.close()
