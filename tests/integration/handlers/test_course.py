@@ -81,7 +81,7 @@ async def test_falls_through_to_the_next_provider(
 ) -> None:
     second = OTHER[first]
     fake.modes[first] = mode
-    s = make_settings(ai_provider_priority=f"{first},{second}", ai_timeout_seconds=0.5)
+    s = make_settings(ai_provider_priority=f"{first},{second}", ai_timeout_seconds=1)
     rt = await create_runtime(s, pool)
     job = await course_job(conn, "Rust Ownership", params={"itemsPerGroup": 2, "groupCount": 1})
     out = await rt.handlers["ai_course_jobs"](job)
@@ -91,7 +91,7 @@ async def test_falls_through_to_the_next_provider(
     cause = {
         "429": "HTTP 429 rate limited",
         "500": "HTTP 500 server error",
-        "slow": "timeout after 0.5s",
+        "slow": "timeout after 1s",
         "invalid": "Schema validation failed: ",
         "401": "HTTP 401 Incorrect API key provided: ***",
     }[mode]
@@ -107,13 +107,13 @@ async def test_every_cause_is_named_when_all_fail(
     conn: Conn, pool: AsyncConnectionPool[Any], fake: FakeAI, make_settings: MakeSettings
 ) -> None:
     fake.modes.update(openai="429", anthropic="slow")
-    rt = await create_runtime(make_settings(ai_timeout_seconds=0.4), pool)
+    rt = await create_runtime(make_settings(ai_timeout_seconds=1), pool)
     job = await course_job(conn)
     with pytest.raises(GenerationError) as err:
         await rt.handlers["ai_course_jobs"](job)
     await rt.aclose()
     assert err.value.message == (
-        "Course generation failed: openai: HTTP 429 rate limited; anthropic: timeout after 0.4s"
+        "Course generation failed: openai: HTTP 429 rate limited; anthropic: timeout after 1s"
     )
     assert fake.count("openai") == 1 and fake.count("anthropic") == 1
 
