@@ -85,7 +85,7 @@ def _fresh_database(server_dsn: str) -> str:
 def demo_settings(base: Settings, dsn: str) -> Settings:
     return base.model_copy(
         update={
-            "database_url": dsn,
+            "database_url": SecretStr(dsn),
             "allow_placeholder": True,
             "placeholder_delay_ms": base.placeholder_delay_ms or 700,
             "retry_base_seconds": min(base.retry_base_seconds, 0.5),
