@@ -23,7 +23,7 @@ from loguru import logger
 from psycopg_pool import AsyncConnectionPool
 
 from listener import db
-from listener.completer import Completer
+from listener.completer import Completer, completion_params
 from listener.errors import AiJobsError, DatabaseUnavailable, InvalidJob, scrub
 from listener.jobs import JOB_TYPES, HandlerMap, Job, Outcome
 from listener.migrate import check_schema
@@ -165,15 +165,24 @@ class Worker:
         for table in tables:
             gen = self._gen[table]
             self.claim_queries += 1
+            done = self.completer.take(table)  # finished jobs ride along: one commit
+            params = {"table": table, "worker": self.id, "n": free}
             try:
                 async with self.pool.connection() as conn:
-                    rows = await db.fetch(
-                        conn, "claim_jobs", {"table": table, "worker": self.id, "n": free}
-                    )
+                    if done:
+                        params |= completion_params(table, done)
+                        rows = await db.fetch(conn, "complete_and_claim", params)
+                    else:
+                        rows = await db.fetch(conn, "claim_jobs", params)
             except Exception as exc:
+                if done:
+                    await self.completer.settle(done, None)
                 self._report(exc, "claim")
                 return False
             self.db_health.up()
+            if done:
+                await self.completer.settle(done, {r["id"] for r in rows if r["kind"] == "done"})
+                rows = [r for r in rows if r["kind"] == "claimed"]
             if len(rows) < free and gen == self._gen[table]:
                 self._more[table] = False  # nothing more until the next reason to look
             for rec in rows:

@@ -337,6 +337,25 @@ begin
 end
 $$;
 
+-- The worker's busy loop: write the jobs that finished since the last claim and
+-- claim the next ones in one transaction, one commit instead of two. Rows with
+-- kind 'done' acknowledge a completion; rows with kind 'claimed' are new jobs.
+create or replace function complete_and_claim(
+    table_name text, worker text, max_jobs int,
+    job_ids uuid[], tokens uuid[], result_paths text[], job_metrics jsonb[])
+returns table(kind text, job_table text, id uuid, claim_token uuid, retry_count int,
+              max_retries int, job jsonb)
+language plpgsql
+as $$
+begin
+    return query
+    select 'done'::text, table_name, c.id, null::uuid, null::int, null::int, null::jsonb
+    from complete_jobs(table_name, job_ids, tokens, result_paths, job_metrics) as c(id);
+    return query
+    select 'claimed'::text, c.* from claim_jobs(table_name, worker, max_jobs) as c;
+end
+$$;
+
 -- One failed attempt: count it, keep the error, and either wait for the retry
 -- (failed, run_after = now + base * 2^(n-1), jittered by +-25%) or, at
 -- max_retries, go to the dead letter. give_up sends it there at once (a job
