@@ -12,6 +12,7 @@ import secrets
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+from uuid import UUID
 
 import psycopg
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
@@ -96,12 +97,11 @@ def demo_settings(base: Settings, dsn: str) -> Settings:
     )
 
 
-async def _enqueue(conn: Any) -> None:
-    for subject, params in COURSES:
-        await ops.enqueue_course(conn, subject, params=params)
-    for prompt, media_type in MEDIA:
-        await ops.enqueue_media(conn, prompt, media_type)
-    await ops.enqueue_course(conn, FAILING[0], params=FAILING[1], max_retries=3)
+async def _enqueue(conn: Any) -> list[UUID]:
+    ids = [await ops.enqueue_course(conn, subject, params=params) for subject, params in COURSES]
+    ids += [await ops.enqueue_media(conn, prompt, kind) for prompt, kind in MEDIA]
+    ids.append(await ops.enqueue_course(conn, FAILING[0], params=FAILING[1], max_retries=3))
+    return ids
 
 
 def _render(rows: list[dict[str, Any]], progress: Progress, task: Any) -> Group:
@@ -143,25 +143,23 @@ async def run_demo(base: Settings, serve: bool, console: Console) -> int:
         worker_task = asyncio.create_task(worker.run())
         try:
             async with pool.connection() as conn:
-                await _enqueue(conn)
-            rows = await _watch(pool, console)
-            _summary(rows, settings, console)
+                ids = await _enqueue(conn)
+            rows = await _watch(pool, ids, console)
             if serve:
+                _summary(rows, settings, console)
                 await _serve(settings, console)
         finally:
             worker.request_stop()
             await worker_task
-            await runtime.aclose()
+            await runtime.aclose()  # renders the catalog one last time
             await pool.close()
-        failed = [
-            r
-            for r in rows
-            if r["status"] != ("dead_letter" if r["title"] == FAILING[0] else "done")
-        ]
-        return 1 if failed else 0
+        if not serve:
+            _summary(rows, settings, console)
+        expected = {r["id"]: "dead_letter" if r["title"] == FAILING[0] else "done" for r in rows}
+        return 0 if all(r["status"] == expected[r["id"]] for r in rows) else 1
 
 
-async def _watch(pool: Any, console: Console) -> list[dict[str, Any]]:
+async def _watch(pool: Any, ids: list[UUID], console: Console) -> list[dict[str, Any]]:
     progress = Progress(
         TextColumn("[bold]jobs finished"),
         BarColumn(),
@@ -174,7 +172,7 @@ async def _watch(pool: Any, console: Console) -> list[dict[str, Any]]:
     with Live(console=console, refresh_per_second=8, transient=False) as live:
         while True:
             async with pool.connection() as conn:
-                rows = await db.fetch(conn, "demo_jobs")
+                rows = await db.fetch(conn, "demo_jobs", {"ids": ids})
             live.update(_render(rows, progress, task))
             if rows and all(r["status"] in FINAL for r in rows):
                 return rows

