@@ -23,10 +23,9 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from listener import db, logs, ops
-from listener.handlers import create_runtime
+from listener.app import open_worker
 from listener.migrate import migrate
 from listener.settings import Settings
-from listener.worker import Worker
 
 DEMO_DIR = Path(".demo")
 DEMO_DB = "ai_jobs_demo"
@@ -130,29 +129,19 @@ async def run_demo(base: Settings, serve: bool, console: Console) -> int:
         dsn = _fresh_database(server_dsn) if not base.dsn else server_dsn
         settings = demo_settings(base, dsn)
         await migrate(dsn, rate_limit_per_hour=settings.rate_limit_per_hour)
-        pool = db.make_pool(dsn, settings.worker_concurrency + 3)
-        await pool.open()
-        runtime = await create_runtime(settings, pool)
-        worker = Worker(
-            settings,
-            pool,
-            runtime.handlers,
-            dsn=dsn,
-            periodic=[(1.0, runtime.tick, "handlers tick")],
-        )
-        worker_task = asyncio.create_task(worker.run())
-        try:
-            async with pool.connection() as conn:
-                ids = await _enqueue(conn)
-            rows = await _watch(pool, ids, console)
-            if serve:
-                _summary(rows, settings, console)
-                await _serve(settings, console)
-        finally:
-            worker.request_stop()
-            await worker_task
-            await runtime.aclose()  # renders the catalog one last time
-            await pool.close()
+        async with open_worker(settings, app="ai-jobs demo") as worker:
+            worker_task = asyncio.create_task(worker.run())
+            try:
+                async with worker.pool.connection() as conn:
+                    ids = await _enqueue(conn)
+                rows = await _watch(worker.pool, ids, console)
+                if serve:
+                    _summary(rows, settings, console)
+                    await _serve(settings, console)
+            finally:
+                worker.request_stop()
+                await worker_task
+        # (the catalog got its last render as the worker's handlers closed)
         if not serve:
             _summary(rows, settings, console)
         expected = {r["id"]: "dead_letter" if r["title"] == FAILING[0] else "done" for r in rows}

@@ -199,6 +199,24 @@ class Worker:
 
     # -- one job ----------------------------------------------------------------
 
+    async def run_one(self, table: str | None) -> tuple[Job, Outcome | None] | None:
+        """Claim one due job (of `table`, or of either) and run it here, with its
+        heartbeat, until its end is written (`ai-jobs run-once`)."""
+        rows = await self._fetch("claim_jobs", {"table": table, "worker": self.id, "n": 1})
+        if not rows:
+            return None
+        job = Job.from_claim(rows[0])
+        side = [asyncio.create_task(self.completer.run()), asyncio.create_task(self.heartbeats())]
+        try:
+            self._start(job)
+            outcome = await self.running[job.id].task
+            await self.completer.drain()
+        finally:
+            for t in side:
+                t.cancel()
+            await asyncio.gather(*side, return_exceptions=True)
+        return job, outcome
+
     def _start(self, job: Job) -> None:
         task = asyncio.create_task(self.execute(job), name=f"job {job.id}")
         self.running[job.id] = Running(job, task)
