@@ -4,17 +4,20 @@ from __future__ import annotations
 
 import asyncio
 import signal
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from typing import Any
 
 from loguru import logger
 
-from listener import db
+from listener import db, telemetry
+from listener.alerts import AlertMonitor
 from listener.errors import redact
 from listener.handlers import create_runtime
-from listener.jobs import TABLES_BY_TYPE, Job
+from listener.jobs import TABLES_BY_TYPE
 from listener.migrate import check_schema
 from listener.settings import Settings
-from listener.worker import Running, Worker
+from listener.worker import Periodic, Worker
 
 RUNTIME_TICK_SECONDS = 2.0
 
@@ -23,30 +26,47 @@ def pool_size(settings: Settings) -> int:
     return min(10, settings.worker_concurrency + 3)
 
 
-async def run_worker(settings: Settings) -> int:
+@asynccontextmanager
+async def open_worker(
+    settings: Settings, *, app: str = "ai-jobs worker", listen: bool = True
+) -> AsyncIterator[Worker]:
+    """A worker with its pool, its handlers and its periodic duties; closed in order."""
     dsn = db.require_dsn(settings.dsn)
-    pool = db.make_pool(dsn, pool_size(settings))
+    pool = db.make_pool(dsn, pool_size(settings), app=app)
     await pool.open(wait=False)
     runtime = await create_runtime(settings, pool)
+    periodic: list[Periodic] = [(RUNTIME_TICK_SECONDS, runtime.tick, "handlers tick")]
+    if listen:  # a long-running worker also watches the alert rules
+        periodic.append(
+            (settings.alert_interval_seconds, AlertMonitor(settings, pool).tick, "alerts")
+        )
     worker = Worker(
         settings,
         pool,
         runtime.handlers,
         dsn=dsn,
-        periodic=[(RUNTIME_TICK_SECONDS, runtime.tick, "handlers tick")],
-    )
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, _on_signal, worker, sig)
-    logger.bind(action="worker_config").info(
-        f"database {redact(dsn)}; sweep every {settings.sweep_interval_seconds:g}s, "
-        f"stale after {settings.stale_after_seconds:g}s"
+        listen=listen,
+        periodic=periodic,
+        on_failure=telemetry.capture_job_failure,
     )
     try:
-        await worker.run()
+        yield worker
     finally:
         await runtime.aclose()
         await pool.close()
+        telemetry.flush()
+
+
+async def run_worker(settings: Settings) -> int:
+    async with open_worker(settings) as worker:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, _on_signal, worker, sig)
+        logger.bind(action="worker_config").info(
+            f"database {redact(worker.dsn)}; sweep every {settings.sweep_interval_seconds:g}s, "
+            f"stale after {settings.stale_after_seconds:g}s"
+        )
+        await worker.run()
     return 0
 
 
@@ -57,32 +77,16 @@ def _on_signal(worker: Worker, sig: signal.Signals) -> None:
 
 async def run_once(settings: Settings, job_type: str | None) -> tuple[int, dict[str, Any]]:
     """The runbook's "Manual Job Trigger": process one due job now, here."""
-    dsn = db.require_dsn(settings.dsn)
-    pool = db.make_pool(dsn, 3, app="ai-jobs run-once")
-    await pool.open(wait=True, timeout=15)
-    runtime = await create_runtime(settings, pool)
-    worker = Worker(settings, pool, runtime.handlers, dsn=dsn, listen=False)
     table = TABLES_BY_TYPE[job_type] if job_type else None
-    try:
-        async with pool.connection() as conn:
+    async with open_worker(settings, app="ai-jobs run-once", listen=False) as worker:
+        async with worker.pool.connection() as conn:
             await check_schema(conn)
-            rows = await db.fetch(conn, "claim_jobs", {"table": table, "worker": worker.id, "n": 1})
-        if not rows:
+        ran = await worker.run_one(table)
+        if ran is None:
             return 0, {"processed": False, "message": "No pending jobs"}
-        job = Job.from_claim(rows[0])
-        side = [
-            asyncio.create_task(worker.completer.run()),
-            asyncio.create_task(worker.heartbeats()),
-        ]
-        task = asyncio.create_task(worker.execute(job))
-        worker.running[job.id] = Running(job, task)
-        outcome = await task
-        await worker.completer.drain()
-        for t in side:
-            t.cancel()
-        await asyncio.gather(*side, return_exceptions=True)
+        job, outcome = ran
         if outcome is None:
-            async with pool.connection() as conn:
+            async with worker.pool.connection() as conn:
                 row = (await db.fetch(conn, "job_state", {"id": job.id}))[0]
             return 1, {
                 "processed": True,
@@ -97,6 +101,3 @@ async def run_once(settings: Settings, job_type: str | None) -> tuple[int, dict[
             "resultPath": outcome.result_path,
             "metrics": outcome.metrics,
         }
-    finally:
-        await runtime.aclose()
-        await pool.close()

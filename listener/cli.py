@@ -132,6 +132,136 @@ async def _purge(args: argparse.Namespace, s: Settings) -> int:
     return 0
 
 
+@command("check-providers")
+async def _check_providers(args: argparse.Namespace, s: Settings) -> int:
+    from listener.providers import NO_PROVIDER
+    from listener.providers.check import check_providers
+
+    checks = await check_providers(s)
+    print_table(
+        ["provider", "model", "status", "detail"],
+        [[c.provider, c.model, c.status, c.detail] for c in checks],
+    )
+    failed = [f"{c.provider} ({c.detail})" for c in checks if c.failed]
+    if failed:
+        raise AiJobsError("provider check failed: " + ", ".join(failed))
+    if all(c.status == "not configured" for c in checks):
+        raise AiJobsError(NO_PROVIDER)
+    return 0
+
+
+@command("stuck")
+async def _stuck(args: argparse.Namespace, s: Settings) -> int:
+    async with db.connection(db.require_dsn(s.dsn)) as conn:
+        rows = await ops.stuck(conn, s.stale_after_seconds)
+    if args.json:
+        print_json(rows)
+    else:
+        print_table(
+            ["table", "id", "subject/prompt", "last_heartbeat", "stale_for", "worker"],
+            [
+                [
+                    r["job_table"],
+                    r["id"],
+                    _clip(r["label"]),
+                    r["last_heartbeat"],
+                    r["stale_for"],
+                    r["worker_id"],
+                ]
+                for r in rows
+            ],
+        )
+    return 0
+
+
+@command("alerts")
+async def _alerts(args: argparse.Namespace, s: Settings) -> int:
+    from listener import alerts
+
+    async with db.connection(db.require_dsn(s.dsn)) as conn:
+        # Sampling here too lets a cron job alone track the rejection rate.
+        await alerts.record_samples(conn)
+        found = await alerts.evaluate(conn, s)
+    if args.json:
+        print_json({"alerts": [a.as_dict() for a in found]})
+    else:
+        print_table(
+            ["rule", "severity", "state", "value", "threshold"],
+            [
+                [
+                    a.rule,
+                    a.severity,
+                    "FIRING" if a.firing else "ok",
+                    "n/a" if a.value is None else a.value,
+                    a.threshold,
+                ]
+                for a in found
+            ],
+        )
+    return 1 if alerts.any_critical(found) else 0
+
+
+@command("jobs")
+async def _jobs(args: argparse.Namespace, s: Settings) -> int:
+    async with db.connection(db.require_dsn(s.dsn)) as conn:
+        rows = await ops.list_jobs(conn, args.status, args.limit)
+    if args.json:
+        print_json(rows)
+    else:
+        print_table(
+            ["table", "id", "subject/prompt", "status", "retries", "heartbeat_age", "error"],
+            [
+                [
+                    r["job_table"],
+                    r["id"],
+                    _clip(r["label"]),
+                    r["status"],
+                    f"{r['retry_count']}/{r['max_retries']}",
+                    r["heartbeat_age"],
+                    _clip(r["error"], 60),
+                ]
+                for r in rows
+            ],
+        )
+    return 0
+
+
+@command("rate-limit")
+async def _rate_limit(args: argparse.Namespace, s: Settings) -> int:
+    async with db.connection(db.require_dsn(s.dsn)) as conn:
+        rows = await ops.rate_limit_usage(conn)
+    if args.json:
+        print_json(rows)
+    else:
+        print_table(
+            ["table", "user", "jobs_last_hour", "limit", "at_limit"],
+            [
+                [
+                    r["job_table"],
+                    r["created_by"],
+                    r["jobs_last_hour"],
+                    r["rate_limit"],
+                    "yes" if r["jobs_last_hour"] >= r["rate_limit"] else "",
+                ]
+                for r in rows
+            ],
+        )
+    return 0
+
+
+@command("web")
+async def _web(args: argparse.Namespace, s: Settings) -> int:
+    from listener.web.server import serve
+
+    await serve(s, host=args.host, port=args.port)
+    return 0
+
+
+def _clip(value: Any, width: int = 40) -> str:
+    text = "" if value is None else " ".join(str(value).split())
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
 @command("worker")
 async def _worker(args: argparse.Namespace, s: Settings) -> int:
     from listener.app import run_worker
@@ -148,6 +278,15 @@ async def _run_once(args: argparse.Namespace, s: Settings) -> int:
     if code:
         print(f"ai-jobs: error: job {result['jobId']} failed: {result['error']}", file=sys.stderr)
     return code
+
+
+@command("demo")
+async def _demo(args: argparse.Namespace, s: Settings) -> int:
+    from rich.console import Console
+
+    from listener.demo import run_demo
+
+    return await run_demo(s, args.serve, Console())
 
 
 # -- parser -----------------------------------------------------------------
@@ -187,8 +326,30 @@ def build_parser() -> argparse.ArgumentParser:
         sp = sub.add_parser(name, help=text)
         sp.add_argument("--json", action="store_true")
 
+    sk = sub.add_parser("stuck", help="processing jobs with a stale heartbeat")
+    sk.add_argument("--json", action="store_true")
+
+    al = sub.add_parser("alerts", help="the runbook's alert rules; exit 1 while a critical fires")
+    al.add_argument("--json", action="store_true")
+
+    jb = sub.add_parser("jobs", help="jobs of a status, newest activity first, with errors")
+    jb.add_argument("--status", choices=ops.STATUSES)
+    jb.add_argument("--limit", type=int, default=20, help="default 20")
+    jb.add_argument("--json", action="store_true")
+
+    rl = sub.add_parser("rate-limit", help="jobs per user in the last hour against the limit")
+    rl.add_argument("--json", action="store_true")
+
+    wb = sub.add_parser("web", help="the admin dashboard at /admin/jobs (needs ADMIN_TOKEN)")
+    wb.add_argument("--host", default="0.0.0.0", help="default 0.0.0.0")
+    wb.add_argument("--port", type=int, help="default PORT (8000)")
+    dm = sub.add_parser("demo", help="everything on one machine: embedded PostgreSQL, sample jobs")
+    dm.add_argument("--serve", action="store_true", help="keep the worker and dashboard running")
+
     pg = sub.add_parser("purge", help="delete finished jobs older than --days")
     pg.add_argument("--days", type=float, help="default RETENTION_DAYS (90)")
+
+    sub.add_parser("check-providers", help="verify each configured AI provider key")
     return p
 
 

@@ -19,6 +19,9 @@ from listener.jobs import Job, Outcome
 
 T = TypeVar("T")
 MAX_BATCH = 1000
+# A write waits this long for more finished jobs to share its round trip and
+# commit: short next to a generation, long next to a no-op job.
+GATHER_SECONDS = 0.005
 Retry = Callable[[Callable[[], Awaitable[T]]], Awaitable[T]]
 
 
@@ -46,10 +49,11 @@ class Completer:
     async def run(self) -> None:
         while True:
             await self._more.wait()
+            await asyncio.sleep(GATHER_SECONDS)
             self._more.clear()
             while self._pending:
                 batch, self._pending = self._pending[:MAX_BATCH], self._pending[MAX_BATCH:]
-                self._in_flight = len(batch)
+                self._in_flight += len(batch)
                 try:
                     await self.retry(lambda b=batch: self._write(b))  # type: ignore[misc]
                 except Exception as exc:
@@ -58,9 +62,30 @@ class Completer:
                         "marked stale and run again"
                     )
                 finally:
-                    self._in_flight = 0
+                    self._in_flight -= len(batch)
                     async with self._written:
                         self._written.notify_all()
+
+    def take(self, table: str) -> list[tuple[Job, Outcome]]:
+        """Hand one table's finished jobs to a claim that writes them in its own
+        transaction (complete_and_claim); settle() must follow."""
+        mine = [item for item in self._pending if item[0].table == table]
+        if mine:
+            self._pending = [item for item in self._pending if item[0].table != table]
+            self._in_flight += len(mine)
+        return mine
+
+    async def settle(self, items: list[tuple[Job, Outcome]], written: set[UUID] | None) -> None:
+        """The claim that took `items` ended: written ids, or None if it failed
+        (the items go back to be written again)."""
+        self._in_flight -= len(items)
+        if written is None:
+            self._pending[:0] = items
+            self._more.set()
+        else:
+            report_lost(items, written)
+        async with self._written:
+            self._written.notify_all()
 
     async def drain(self) -> None:
         """Wait until every finished job handed over so far is written."""
@@ -72,18 +97,24 @@ class Completer:
         for item in batch:
             by_table.setdefault(item[0].table, []).append(item)
         for table, items in by_table.items():
-            params = {
-                "table": table,
-                "ids": [j.id for j, _ in items],
-                "tokens": [j.claim_token for j, _ in items],
-                "paths": [o.result_path for _, o in items],
-                "metrics": [Jsonb(o.metrics) for _, o in items],
-            }
             async with self.pool.connection() as conn:
-                rows = await db.fetch(conn, "complete_jobs", params)
-            written: set[UUID] = {r["id"] for r in rows}
-            for j, _ in items:
-                if j.id not in written:
-                    logger.bind(
-                        action="job_lost", job_id=str(j.id), table=table, attempt=j.attempt
-                    ).warning("job finished but no longer held by this worker; result not recorded")
+                rows = await db.fetch(conn, "complete_jobs", completion_params(table, items))
+            report_lost(items, {r["id"] for r in rows})
+
+
+def completion_params(table: str, items: list[tuple[Job, Outcome]]) -> dict[str, Any]:
+    return {
+        "table": table,
+        "ids": [j.id for j, _ in items],
+        "tokens": [j.claim_token for j, _ in items],
+        "paths": [o.result_path for _, o in items],
+        "metrics": [Jsonb(o.metrics) for _, o in items],
+    }
+
+
+def report_lost(items: list[tuple[Job, Outcome]], written: set[UUID]) -> None:
+    for j, _ in items:
+        if j.id not in written:
+            logger.bind(
+                action="job_lost", job_id=str(j.id), table=j.table, attempt=j.attempt
+            ).warning("job finished but no longer held by this worker; result not recorded")

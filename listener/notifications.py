@@ -138,9 +138,12 @@ class Listener:
             async for n in conn.notifies(timeout=PING_INTERVAL):
                 self._dispatch(n.payload)
             # Quiet for PING_INTERVAL: prove the connection is still there. A
-            # half-open TCP connection does not answer; wait_for turns that into
-            # an error and a reconnect.
-            await asyncio.wait_for(conn.execute(db.sql("keepalive")), PING_TIMEOUT)
+            # half-open TCP connection does not answer; the timeout turns that
+            # into an error and a reconnect. (asyncio.timeout, not wait_for: on
+            # Python 3.11 wait_for can swallow a cancellation that arrives as the
+            # ping completes, and the listener would then never stop.)
+            async with asyncio.timeout(PING_TIMEOUT):
+                await conn.execute(db.sql("keepalive"))
 
     def _dispatch(self, payload: str) -> None:
         try:

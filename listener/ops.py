@@ -110,3 +110,18 @@ async def dead_letter(conn: Conn) -> list[dict[str, Any]]:
 async def purge(conn: Conn, days: float) -> int:
     rows = await db.fetch(conn, "purge_old_jobs", {"days": days})
     return int(rows[0]["deleted"])
+
+
+async def stuck(conn: Conn, stale_after_seconds: float) -> list[dict[str, Any]]:
+    """The runbook's "Find stuck jobs": processing jobs with an old heartbeat."""
+    return await db.fetch(conn, "stuck_jobs", {"seconds": stale_after_seconds})
+
+
+async def list_jobs(conn: Conn, status: str | None, limit: int) -> list[dict[str, Any]]:
+    """Jobs of one status (or all), newest activity first: the runbook's diagnoses."""
+    return await db.fetch(conn, "list_jobs", {"status": status, "limit": limit})
+
+
+async def rate_limit_usage(conn: Conn) -> list[dict[str, Any]]:
+    """Jobs per user and table in the last hour, with the enforced limit."""
+    return await db.fetch(conn, "rate_limit_usage")

@@ -21,6 +21,25 @@ RETENTION_DAYS = 90
 AI_TIMEOUT_SECONDS = 50.0
 PROVIDERS = ("openai", "anthropic")
 DEFAULT_STORAGE = ".storage"
+# Models: override per deployment; any model the provider's structured output supports.
+OPENAI_MODEL = "gpt-4.1-mini"
+ANTHROPIC_MODEL = "claude-haiku-4-5"
+OPENAI_IMAGE_MODEL = "gpt-image-1"
+OPENAI_TTS_MODEL = "gpt-4o-mini-tts"
+OPENAI_TTS_VOICE = "alloy"
+AI_MAX_OUTPUT_TOKENS = 16000
+CACHE_TTL_SECONDS = 86400.0  # a day; 0 turns the course cache off
+CATALOG_BATCH_JOBS = 10  # render courses/catalog.json at most once per N finished courses
+CATALOG_BATCH_SECONDS = 5.0  # ... or once T seconds after the first unrendered one
+
+# Alert thresholds: the runbook's "Recommended Alerts".
+ALERT_DEAD_LETTER_PER_HOUR = 5
+ALERT_STALE_PROCESSING = 3
+ALERT_PENDING_DEPTH = 20
+ALERT_AVG_PROCESSING_SECONDS = 90.0
+ALERT_FAILURE_RATE_PERCENT = 10.0
+ALERT_RATE_LIMIT_VIOLATIONS_PER_HOUR = 5
+ALERT_INTERVAL_SECONDS = 60.0  # how often the worker evaluates the alert rules
 
 
 class Settings(BaseSettings):
@@ -45,13 +64,31 @@ class Settings(BaseSettings):
     ai_timeout_seconds: float = Field(AI_TIMEOUT_SECONDS, gt=0)
     allow_placeholder: bool = False
     placeholder_delay_ms: int = Field(0, ge=0)
+    openai_model: str = OPENAI_MODEL
+    anthropic_model: str = ANTHROPIC_MODEL
+    openai_image_model: str = OPENAI_IMAGE_MODEL
+    openai_tts_model: str = OPENAI_TTS_MODEL
+    openai_tts_voice: str = OPENAI_TTS_VOICE
+    ai_max_output_tokens: int = Field(AI_MAX_OUTPUT_TOKENS, ge=256)
+    cache_ttl_seconds: float = Field(CACHE_TTL_SECONDS, ge=0)
+    catalog_batch_jobs: int = Field(CATALOG_BATCH_JOBS, ge=1)
+    catalog_batch_seconds: float = Field(CATALOG_BATCH_SECONDS, ge=0)
+    supabase_service_role_key: SecretStr | None = None
 
     storage_url: str = DEFAULT_STORAGE
     admin_token: SecretStr | None = None
     port: int = Field(8000, ge=1, le=65535)
     sentry_dsn: SecretStr | None = None
     alert_webhook_url: SecretStr | None = None
+    alert_interval_seconds: float = Field(ALERT_INTERVAL_SECONDS, gt=0)  # worker evaluates alerts
     log_format: str = "text"
+    # An alert fires when its value is above its threshold.
+    alert_dead_letter_per_hour: int = Field(ALERT_DEAD_LETTER_PER_HOUR, ge=0)
+    alert_stale_processing: int = Field(ALERT_STALE_PROCESSING, ge=0)
+    alert_pending_depth: int = Field(ALERT_PENDING_DEPTH, ge=0)
+    alert_avg_processing_seconds: float = Field(ALERT_AVG_PROCESSING_SECONDS, ge=0)
+    alert_failure_rate_percent: float = Field(ALERT_FAILURE_RATE_PERCENT, ge=0, le=100)
+    alert_rate_limit_violations_per_hour: int = Field(ALERT_RATE_LIMIT_VIOLATIONS_PER_HOUR, ge=0)
     log_level: str = "INFO"
 
     @field_validator("log_format")
@@ -77,6 +114,20 @@ class Settings(BaseSettings):
     @property
     def dsn(self) -> str | None:
         return self.database_url.get_secret_value() if self.database_url else None
+
+    def secrets(self) -> list[str]:
+        """Every secret value set, for scrubbing text that may quote one."""
+        values = (
+            self.openai_api_key,
+            self.anthropic_api_key,
+            self.supabase_service_role_key,
+            self.sentry_dsn,
+            self.admin_token,
+            self.database_url,
+        )
+        # model_copy(update=...) does not validate, so a copy may hold a plain str.
+        plain = [v.get_secret_value() if isinstance(v, SecretStr) else str(v) for v in values if v]
+        return [v for v in plain if v]
 
     @property
     def storage_root(self) -> Path:

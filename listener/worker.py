@@ -23,7 +23,7 @@ from loguru import logger
 from psycopg_pool import AsyncConnectionPool
 
 from listener import db
-from listener.completer import Completer
+from listener.completer import Completer, completion_params
 from listener.errors import AiJobsError, DatabaseUnavailable, InvalidJob, scrub
 from listener.jobs import JOB_TYPES, HandlerMap, Job, Outcome
 from listener.migrate import check_schema
@@ -34,6 +34,7 @@ from listener.sweeper import Sweeper
 T = TypeVar("T")
 TABLES = tuple(JOB_TYPES)
 Periodic = tuple[float, Callable[[], Awaitable[Any]], str]
+SHUTDOWN_BACKGROUND_SECONDS = 10.0  # a cancelled background task gets this long to end
 FailureHook = Callable[[Job, BaseException], None]
 
 
@@ -81,6 +82,8 @@ class Worker:
         self._timers: list[float] = []  # monotonic times when a waiting job becomes due
         self._turn = 0  # which table a claim round asks first (fairness)
         self._give_up_at: float | None = None  # writes stop retrying after this (shutdown)
+        self.claim_queries = 0  # claim statements sent (tests check the coalescing)
+        self.notifications = 0  # valid notifications received
 
     # -- signals from outside -------------------------------------------------
 
@@ -98,6 +101,7 @@ class Worker:
         self._wake.set()
 
     def _on_nudge(self, nudge: Nudge) -> None:
+        self.notifications += 1
         if nudge.sweep:
             self.request_sweep()
         self._look([nudge.table] if nudge.table else TABLES)
@@ -160,15 +164,25 @@ class Worker:
     async def _claim_round(self, tables: list[str], free: int) -> bool:
         for table in tables:
             gen = self._gen[table]
+            self.claim_queries += 1
+            done = self.completer.take(table)  # finished jobs ride along: one commit
+            params = {"table": table, "worker": self.id, "n": free}
             try:
                 async with self.pool.connection() as conn:
-                    rows = await db.fetch(
-                        conn, "claim_jobs", {"table": table, "worker": self.id, "n": free}
-                    )
+                    if done:
+                        params |= completion_params(table, done)
+                        rows = await db.fetch(conn, "complete_and_claim", params)
+                    else:
+                        rows = await db.fetch(conn, "claim_jobs", params)
             except Exception as exc:
-                self.db_health.down(exc)
+                if done:
+                    await self.completer.settle(done, None)
+                self._report(exc, "claim")
                 return False
             self.db_health.up()
+            if done:
+                await self.completer.settle(done, {r["id"] for r in rows if r["kind"] == "done"})
+                rows = [r for r in rows if r["kind"] == "claimed"]
             if len(rows) < free and gen == self._gen[table]:
                 self._more[table] = False  # nothing more until the next reason to look
             for rec in rows:
@@ -184,6 +198,24 @@ class Worker:
                 await self._stop.wait()
 
     # -- one job ----------------------------------------------------------------
+
+    async def run_one(self, table: str | None) -> tuple[Job, Outcome | None] | None:
+        """Claim one due job (of `table`, or of either) and run it here, with its
+        heartbeat, until its end is written (`ai-jobs run-once`)."""
+        rows = await self._fetch("claim_jobs", {"table": table, "worker": self.id, "n": 1})
+        if not rows:
+            return None
+        job = Job.from_claim(rows[0])
+        side = [asyncio.create_task(self.completer.run()), asyncio.create_task(self.heartbeats())]
+        try:
+            self._start(job)
+            outcome = await self.running[job.id].task
+            await self.completer.drain()
+        finally:
+            for t in side:
+                t.cancel()
+            await asyncio.gather(*side, return_exceptions=True)
+        return job, outcome
 
     def _start(self, job: Job) -> None:
         task = asyncio.create_task(self.execute(job), name=f"job {job.id}")
@@ -276,12 +308,16 @@ class Worker:
         try:
             await fn()
         except Exception as exc:
-            if db.is_connection_error(exc) or _is_pool_timeout(exc):
-                self.db_health.down(exc)
-            else:
-                logger.bind(action="duty_failed", duty=name).warning(
-                    f"{name} failed: {scrub(error_text(exc), self.settings)}"
-                )
+            self._report(exc, name)
+
+    def _report(self, exc: BaseException, what: str) -> None:
+        """A lost database is a health transition; anything else is an error to show."""
+        if db.is_connection_error(exc) or _is_pool_timeout(exc):
+            self.db_health.down(exc)
+        else:
+            logger.bind(action="duty_failed", duty=what).error(
+                f"{what} failed: {scrub(error_text(exc), self.settings)}"
+            )
 
     async def _sweeps(self) -> None:
         """At start, on request (reconnect, empty NOTIFY) and every interval."""
@@ -365,7 +401,12 @@ class Worker:
                 await self.completer.drain()
         for t in background:
             t.cancel()
-        await asyncio.gather(*background, return_exceptions=True)
+        _, stuck = await asyncio.wait(background, timeout=SHUTDOWN_BACKGROUND_SECONDS)
+        if stuck:
+            logger.bind(action="shutdown_stuck").warning(
+                f"{len(stuck)} background task(s) did not stop in time: "
+                + ", ".join(t.get_name() for t in stuck)
+            )
 
     async def _release(self, jobs: list[Job]) -> None:
         for table in TABLES:

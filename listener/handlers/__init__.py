@@ -1,57 +1,66 @@
 """The generation handlers, one per job table, and what they share (providers,
-storage, catalog) bundled as a Runtime that the worker opens and closes."""
+storage, catalog) bundled as a Runtime that the worker opens and closes.
+
+The worker's contract: `handlers[table](job)` returns an Outcome or raises
+(InvalidJob: never retry; anything else: a failed attempt); `tick()` runs every
+few seconds (catalog batching); `aclose()` runs once at shutdown (the last catalog
+render, SDK clients closed).
+"""
 
 from __future__ import annotations
 
-import asyncio
-import json
-import time
 from dataclasses import dataclass, field
-from pathlib import Path
+from typing import Any
 
+from loguru import logger
 from psycopg_pool import AsyncConnectionPool
 
-from listener.errors import InvalidJob
-from listener.jobs import HandlerMap, Job, Outcome
+from listener.catalog import Catalog
+from listener.handlers.course import CourseHandler
+from listener.handlers.media import MediaHandler
+from listener.jobs import HandlerMap
+from listener.providers import Providers
 from listener.settings import Settings
+from listener.storage import Storage, open_storage
+from listener.telemetry import init_sentry
 
 
 @dataclass
 class Runtime:
     settings: Settings
-    pool: AsyncConnectionPool | None
+    pool: AsyncConnectionPool[Any] | None
+    providers: Providers
+    storage: Storage
+    catalog: Catalog
     handlers: HandlerMap = field(default_factory=dict)
 
     async def tick(self) -> None:
         """Periodic housekeeping (called by the worker's timer)."""
+        await self.catalog.tick()
 
     async def aclose(self) -> None:
         """Flush and release what the handlers hold (called once at shutdown)."""
+        try:
+            await self.catalog.flush()
+        finally:
+            await self.providers.aclose()
+            await self.storage.aclose()
 
 
-async def create_runtime(settings: Settings, pool: AsyncConnectionPool | None) -> Runtime:
-    rt = Runtime(settings, pool)
-    root = settings.storage_root
-
-    async def course(job: Job) -> Outcome:
-        subject = str(job.row.get("subject") or "").strip()
-        course_id = str(job.row.get("course_id") or "")
-        if not subject or not course_id:
-            raise InvalidJob("Invalid job: subject and course_id are required")
-        t0 = time.perf_counter()
-        await asyncio.sleep(settings.placeholder_delay_ms / 1000)
-        rel = f"courses/{course_id}/course.json"
-        path = root / rel
-        path.parent.mkdir(parents=True, exist_ok=True)
-        _atomic_write(path, json.dumps({"id": course_id, "title": subject}).encode())
-        ms = round((time.perf_counter() - t0) * 1000, 3)
-        return Outcome(rel, {"generationDurationMs": ms, "provider": "placeholder"})
-
-    rt.handlers = {"ai_course_jobs": course}
+async def create_runtime(settings: Settings, pool: AsyncConnectionPool[Any] | None) -> Runtime:
+    init_sentry(settings)
+    providers = Providers.from_settings(settings)
+    storage = open_storage(settings, timeout=settings.ai_timeout_seconds)
+    catalog = Catalog(pool, storage, settings.catalog_batch_jobs, settings.catalog_batch_seconds)
+    rt = Runtime(settings, pool, providers, storage, catalog)
+    rt.handlers = {
+        "ai_course_jobs": CourseHandler(settings, providers, storage, catalog),
+        "ai_media_jobs": MediaHandler(settings, providers, storage),
+    }
+    logger.bind(
+        action="handlers_ready",
+        course_providers=[p.name for p in providers.course],
+        media_providers=[p.name for p in providers.media],
+        storage=storage.location,
+    ).info("generation handlers ready")
     return rt
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_bytes(data)
-    tmp.replace(path)

@@ -48,6 +48,10 @@ select heartbeat_jobs as id from heartbeat_jobs(%(table)s, %(ids)s, %(tokens)s)
 -- name: complete_jobs
 select complete_jobs as id from complete_jobs(%(table)s, %(ids)s, %(tokens)s, %(paths)s, %(metrics)s)
 
+-- name: complete_and_claim
+select * from complete_and_claim(%(table)s, %(worker)s, %(n)s, %(ids)s, %(tokens)s, %(paths)s,
+                                 %(metrics)s)
+
 -- name: fail_job
 select status, retry_count, extract(epoch from run_after - clock_timestamp())::float8 as due_in
 from fail_job(%(table)s, %(id)s, %(token)s, %(error)s, %(base)s, %(give_up)s)

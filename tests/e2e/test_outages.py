@@ -68,3 +68,18 @@ def test_completion_written_when_the_database_is_back(cluster: Cluster) -> None:
     finally:
         w.signal(signal.SIGTERM)
         assert w.wait() == 0
+
+
+def test_worker_started_while_the_database_is_down_waits_for_it(cluster: Cluster) -> None:
+    cluster.stop("fast")
+    w = WorkerProcess(cluster.url)
+    try:
+        w.wait_for("database_unhealthy", timeout=20)
+        cluster.start()
+        w.wait_for("worker_started", timeout=30)
+        with connect(cluster.url) as c:
+            jid = insert_course(c, "after the database came up")
+        wait_until(lambda: _status(cluster.url, jid) == "done", timeout=20, what="done")
+    finally:
+        w.signal(signal.SIGTERM)
+        assert w.wait() == 0

@@ -9,6 +9,8 @@ import subprocess
 import uuid
 from collections import Counter
 
+from psycopg.conninfo import make_conninfo
+
 from tests.helpers import AI_JOBS, connect, env, insert_course, job, wait_until
 from tests.workers import WorkerProcess
 
@@ -19,7 +21,9 @@ def _status(db_url: str, jid: str) -> str:
 
 
 def test_insert_is_processed_by_notify_alone(db_url: str) -> None:
-    w = WorkerProcess(db_url, SWEEP_INTERVAL_SECONDS=3600).started()
+    # trust auth ignores the password; the worker must still never print it
+    secret_url = make_conninfo(db_url, password="pw-hunter2-secret")
+    w = WorkerProcess(secret_url, SWEEP_INTERVAL_SECONDS=3600).started()
     try:
         w.wait_for("worker_started")
         with connect(db_url) as c:
@@ -36,6 +40,11 @@ def test_insert_is_processed_by_notify_alone(db_url: str) -> None:
         w.signal(signal.SIGTERM)
         assert w.wait() == 0
     assert w.actions("worker_stopped")
+    lines = w.log().splitlines()
+    assert lines and all(
+        json.loads(line)["record"]["message"] for line in lines
+    )  # JSON, one a line
+    assert "pw-hunter2-secret" not in w.log()
 
 
 def test_four_workers_two_thousand_jobs_each_runs_exactly_once(db_url: str) -> None:

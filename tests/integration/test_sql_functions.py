@@ -298,3 +298,24 @@ def _ago(c: Any, *, days: float = 0, minutes: float = 0, seconds: float = 0) -> 
         [int(days), int(minutes), seconds],
     ).fetchone()
     return row["t"]
+
+
+def test_complete_and_claim_in_one_transaction(c: Any) -> None:
+    a, b, z = insert_course(c, "a"), insert_course(c, "b"), insert_course(c, "z")
+    ja = _claim(c)
+    rows = c.execute(
+        "select * from complete_and_claim('ai_course_jobs', 'w', 5, %s, %s, %s, %s)",
+        [
+            [ja["id"], uuid.uuid4()],
+            [ja["claim_token"], uuid.uuid4()],
+            ["p", "q"],
+            [Jsonb({}), Jsonb({})],
+        ],
+    ).fetchall()
+    assert [(r["kind"], str(r["id"])) for r in rows] == [
+        ("done", a),
+        ("claimed", b),
+        ("claimed", z),
+    ]
+    assert job(c, a)["status"] == "done" and job(c, a)["result_path"] == "p"
+    assert rows[1]["job"]["subject"] == "b" and rows[1]["claim_token"] is not None

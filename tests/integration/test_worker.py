@@ -251,3 +251,32 @@ def test_parse_payload_accepts_the_documented_shapes(
 def test_parse_payload_rejects_everything_else(payload: str) -> None:
     with pytest.raises(ValueError):
         parse_payload(payload)
+
+
+async def test_a_burst_of_notifications_is_not_a_burst_of_queries(db_url: str) -> None:
+    gate = asyncio.Event()
+
+    async def handler(job: Job) -> Outcome:
+        await gate.wait()
+        return await done_handler(job)
+
+    s = settings(db_url, worker_concurrency=2)
+    async with running_worker(s, {"ai_course_jobs": handler}) as w:
+        with connect(db_url) as c:
+            insert_course(c, "first")
+            insert_course(c, "second")
+        await await_until(lambda: _count(db_url, "processing", 2), what="both slots busy")
+        before, heard = w.claim_queries, w.notifications
+        with connect(db_url) as c:  # 100 commits, 100 notifications, while no slot is free
+            for i in range(100):
+                insert_course(c, f"burst {i}")
+        await await_until(lambda: _heard(w, heard + 100), what="all 100 notifications heard")
+        assert w.claim_queries == before  # full: the notifications only set a flag
+        gate.set()
+        await await_until(lambda: _count(db_url, "done", 102), what="all done", timeout=20)
+        # Each claim fills every free slot: about one query per two jobs, not per notification.
+        assert w.claim_queries - before <= 102 // 2 + 10
+
+
+async def _heard(w: Any, n: int) -> bool:
+    return bool(w.notifications >= n)

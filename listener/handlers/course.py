@@ -1,0 +1,168 @@
+"""The course handler: subject + params -> a validated course in storage, its row in
+the catalog, and its telemetry. A recent course made from the same request is
+reused instead of asking a provider (the cache)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import time
+import unicodedata
+from typing import Any
+
+from loguru import logger
+from pydantic import ValidationError
+
+from listener.catalog import Catalog
+from listener.course_schema import SCHEMA_VERSION, Course, CourseParams
+from listener.errors import InvalidJob
+from listener.jobs import Job, Outcome
+from listener.prompts import course_prompt
+from listener.providers import Providers
+from listener.providers.chain import generate_course
+from listener.settings import Settings
+from listener.storage import Storage
+
+_COURSE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,127}$")
+
+
+def parse_params(raw: dict[str, Any]) -> CourseParams:
+    try:
+        return CourseParams.model_validate(raw)
+    except ValidationError as exc:
+        err = exc.errors(include_url=False, include_input=False)[0]
+        where = ".".join(str(p) for p in err["loc"]) or "params"
+        raise InvalidJob(f"Invalid job params: {where}: {err['msg']}") from None
+
+
+def normalize_subject(subject: str) -> str:
+    text = unicodedata.normalize("NFKC", subject).casefold()
+    return " ".join(text.split()).strip(" .!?;:,")
+
+
+def cache_key(subject: str, params: CourseParams) -> str:
+    """Requests that would make the same course share a key."""
+    doc = {"v": SCHEMA_VERSION, "subject": normalize_subject(subject), **params.normalized()}
+    return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()
+
+
+def course_path(course_id: str) -> str:
+    return f"courses/{course_id}/course.json"
+
+
+class CourseHandler:
+    def __init__(
+        self, settings: Settings, providers: Providers, storage: Storage, catalog: Catalog
+    ) -> None:
+        self.settings = settings
+        self.providers = providers
+        self.storage = storage
+        self.catalog = catalog
+        self.cache_hits = 0
+
+    async def __call__(self, job: Job) -> Outcome:
+        subject = str(job.row.get("subject") or "").strip()
+        course_id = str(job.row.get("course_id") or "")
+        if not subject:
+            raise InvalidJob("Invalid job: subject is empty")
+        if not _COURSE_ID.match(course_id):
+            raise InvalidJob(f"Invalid job: course_id {course_id!r} is not a slug")
+        params = parse_params(job.params)
+        key = cache_key(subject, params)
+        log = logger.bind(action="course_generate", job_id=str(job.id), course_id=course_id)
+
+        if self.settings.cache_ttl_seconds > 0:
+            hit = await self._from_cache(job, subject, course_id, key)
+            if hit is not None:
+                log.bind(action="course_cache_hit").info("course reused from the cache")
+                return hit
+
+        chain = self.providers.course_chain()
+        prompt = course_prompt(subject, course_id, params)
+        course, gen = await generate_course(
+            chain, prompt, self.settings.ai_timeout_seconds, self.settings.secrets()
+        )
+        # The job decides these, whatever the model wrote.
+        course = course.model_copy(update={"id": course_id, "subject": subject})
+        path = course_path(course_id)
+        storage_ms = await self._store(path, course)
+        await self.catalog.record(
+            course,
+            job_id=job.id,
+            result_path=path,
+            cache_key=key,
+            provider=gen.provider,
+            model=gen.model,
+        )
+        log.bind(provider=gen.provider, model=gen.model).info("course stored at {}", path)
+        return Outcome(
+            path,
+            {
+                "generationDurationMs": gen.duration_ms,
+                "storageMs": storage_ms,
+                "provider": gen.provider,
+                "model": gen.model,
+                "inputTokens": gen.usage.input_tokens,
+                "outputTokens": gen.usage.output_tokens,
+                "totalTokens": gen.usage.input_tokens + gen.usage.output_tokens,
+                "estimatedCostUsd": gen.usage.cost_usd,
+                "cacheHit": False,
+                "repairRounds": gen.repairs,
+                "fallbacks": gen.fallbacks,
+                "groups": len(course.groups),
+                "items": course.item_count,
+            },
+        )
+
+    async def _store(self, path: str, course: Course) -> float:
+        t0 = time.perf_counter()
+        data = course.model_dump_json(indent=1).encode()
+        await self.storage.write(path, data, "application/json")
+        return round((time.perf_counter() - t0) * 1000, 3)
+
+    async def _from_cache(self, job: Job, subject: str, course_id: str, key: str) -> Outcome | None:
+        t0 = time.perf_counter()
+        row = await self.catalog.cached(key, self.settings.cache_ttl_seconds)
+        if row is None:
+            return None
+        data = await self.storage.read(row["result_path"])
+        if data is None:
+            return None
+        try:
+            course = Course.model_validate_json(data)
+        except ValidationError:
+            return None  # an older or damaged file: generate afresh
+        lookup_ms = round((time.perf_counter() - t0) * 1000, 3)
+        path, storage_ms = row["result_path"], 0.0
+        if row["course_id"] != course_id:  # same request under another course id
+            course = course.model_copy(update={"id": course_id, "subject": subject})
+            path = course_path(course_id)
+            storage_ms = await self._store(path, course)
+            await self.catalog.record(
+                course,
+                job_id=job.id,
+                result_path=path,
+                cache_key=key,
+                provider=row["provider"] or "cache",
+                model=row["model"] or "",
+            )
+        self.cache_hits += 1
+        return Outcome(
+            path,
+            {
+                "generationDurationMs": lookup_ms,
+                "storageMs": storage_ms,
+                "provider": "cache",
+                "model": row["model"],
+                "inputTokens": 0,
+                "outputTokens": 0,
+                "totalTokens": 0,
+                "estimatedCostUsd": 0.0,
+                "cacheHit": True,
+                "cachedFromJobId": str(row["job_id"]),
+                "cachedProvider": row["provider"],
+                "groups": len(course.groups),
+                "items": course.item_count,
+            },
+        )

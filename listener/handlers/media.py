@@ -1,0 +1,85 @@
+"""The media handler: an image (OpenAI Images API) or a sound (OpenAI Speech API)
+for the job's prompt, stored as media/<jobId>.<ext>."""
+
+from __future__ import annotations
+
+import time
+from typing import Literal
+
+from loguru import logger
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic.alias_generators import to_camel
+
+from listener.errors import InvalidJob
+from listener.jobs import Job, Outcome
+from listener.providers import Providers
+from listener.providers.base import Media, MediaProvider
+from listener.providers.chain import generate_media
+from listener.settings import Settings
+from listener.storage import Storage
+
+MEDIA_TYPES = ("image", "audio")
+
+
+class MediaParams(BaseModel):
+    """The options of a media job (`ai_media_jobs.params`)."""
+
+    model_config = ConfigDict(extra="forbid", alias_generator=to_camel, populate_by_name=True)
+
+    size: str = Field("1024x1024", pattern=r"^(auto|\d{2,4}x\d{2,4})$")
+    voice: str | None = Field(None, min_length=1, max_length=40)
+    format: Literal["mp3", "wav", "opus", "aac", "flac"] = "mp3"
+
+
+class MediaHandler:
+    def __init__(self, settings: Settings, providers: Providers, storage: Storage) -> None:
+        self.settings = settings
+        self.providers = providers
+        self.storage = storage
+
+    async def __call__(self, job: Job) -> Outcome:
+        prompt = str(job.row.get("prompt") or "").strip()
+        media_type = job.row.get("media_type")
+        if not prompt:
+            raise InvalidJob("Invalid job: prompt is empty")
+        if media_type not in MEDIA_TYPES:
+            raise InvalidJob(f"Invalid job: unknown media_type {media_type!r} (image or audio)")
+        try:
+            params = MediaParams.model_validate(job.params)
+        except ValidationError as exc:
+            err = exc.errors(include_url=False, include_input=False)[0]
+            where = ".".join(str(p) for p in err["loc"]) or "params"
+            raise InvalidJob(f"Invalid job params: {where}: {err['msg']}") from None
+        voice = params.voice or self.settings.openai_tts_voice
+
+        async def make(provider: MediaProvider) -> Media:
+            if media_type == "image":
+                return await provider.image(prompt, params.size)
+            return await provider.speech(prompt, voice, params.format)
+
+        media, gen = await generate_media(
+            self.providers.media_chain(),
+            make,
+            self.settings.ai_timeout_seconds,
+            self.settings.secrets(),
+        )
+        path = f"media/{job.id}.{media.ext}"
+        t0 = time.perf_counter()
+        await self.storage.write(path, media.data, media.content_type)
+        storage_ms = round((time.perf_counter() - t0) * 1000, 3)
+        logger.bind(
+            action="media_stored", job_id=str(job.id), provider=gen.provider, model=gen.model
+        ).info("{} stored at {}", media_type, path)
+        return Outcome(
+            path,
+            {
+                "generationDurationMs": gen.duration_ms,
+                "storageMs": storage_ms,
+                "provider": gen.provider,
+                "model": gen.model,
+                "mediaType": media_type,
+                "bytes": len(media.data),
+                "estimatedCostUsd": gen.usage.cost_usd,
+                "fallbacks": gen.fallbacks,
+            },
+        )

@@ -1,0 +1,139 @@
+"""What every provider offers, what it answers, and how a failure is told.
+
+A provider makes one call per method (the SDKs' own retries are off); falling
+through to the next provider is the chain's job (listener/providers/chain.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from listener import errors
+from listener.course_schema import CourseParams, SchemaValidationError
+
+
+@dataclass
+class Usage:
+    input_tokens: int = 0
+    output_tokens: int = 0
+    cost_usd: float | None = 0.0  # None once any part of it is unknown
+
+    def add(self, other: Usage) -> None:
+        self.input_tokens += other.input_tokens
+        self.output_tokens += other.output_tokens
+        if self.cost_usd is None or other.cost_usd is None:
+            self.cost_usd = None
+        else:
+            self.cost_usd += other.cost_usd
+
+
+@dataclass(frozen=True)
+class CoursePrompt:
+    system: str
+    user: str
+    schema: dict[str, Any]
+    # the request itself, for the placeholder, which needs no prose
+    subject: str
+    course_id: str
+    params: CourseParams
+    # (the previous answer, what was wrong with it): the one repair round
+    repair: tuple[str, str] | None = None
+
+
+@dataclass
+class Answer:
+    """A course answer as text (JSON when the provider behaved)."""
+
+    text: str
+    model: str
+    usage: Usage = field(default_factory=Usage)
+
+
+@dataclass
+class Media:
+    data: bytes
+    ext: str
+    content_type: str
+    model: str
+    usage: Usage = field(default_factory=Usage)
+
+
+class CourseProvider(Protocol):
+    name: str
+    model: str
+
+    async def course(self, prompt: CoursePrompt) -> Answer: ...
+
+    async def check(self) -> str: ...
+
+    async def aclose(self) -> None: ...
+
+
+class MediaProvider(Protocol):
+    name: str
+
+    async def image(self, prompt: str, size: str) -> Media: ...
+
+    async def speech(self, text: str, voice: str, fmt: str) -> Media: ...
+
+
+def repair_request(problem: str) -> str:
+    """The follow-up of the one repair round."""
+    return (
+        f"That answer is not a valid course: {problem}. "
+        "Answer again with only the corrected course as JSON matching the schema."
+    )
+
+
+def scrub(text: str, secrets: list[str]) -> str:
+    """Hide the settings' secret values, and anything shaped like a key or a bearer
+    token, in text that an error body or exception may have echoed (OpenAI quotes
+    part of a wrong key)."""
+    for secret in secrets:
+        if len(secret) >= 4:
+            text = text.replace(secret, "***")
+    return errors.scrub(text)
+
+
+def _sdk_errors(kind: str) -> tuple[type[BaseException], ...]:
+    # An SDK's error exists only once its module is loaded, so look there instead of
+    # importing both SDKs (seconds of start-up) into a worker that may use neither.
+    found = [getattr(sys.modules[name], kind) for name in _SDKS if name in sys.modules]
+    return tuple(found)
+
+
+_SDKS = ("openai", "anthropic")
+
+
+def describe(exc: BaseException, timeout: float, secrets: list[str]) -> str:
+    """One short cause for the error message: never a key, never a traceback."""
+    if isinstance(exc, SchemaValidationError):
+        return scrub(str(exc), secrets)[:300]
+    if isinstance(exc, errors.AiJobsError):
+        return scrub(exc.message, secrets)[:300]
+    if isinstance(exc, (TimeoutError, *_sdk_errors("APITimeoutError"))):
+        return f"timeout after {timeout:g}s"
+    if isinstance(exc, _sdk_errors("APIStatusError")):
+        code: int = getattr(exc, "status_code", 0)
+        if code == 429:
+            return "HTTP 429 rate limited"
+        if code >= 500:
+            return f"HTTP {code} server error"
+        return f"HTTP {code} {scrub(_status_message(exc), secrets)}"[:200]
+    if isinstance(exc, (OSError, *_sdk_errors("APIConnectionError"))):
+        return "connection error"
+    if isinstance(exc, asyncio.CancelledError):
+        return "cancelled"
+    return f"{type(exc).__name__}: {scrub(str(exc), secrets)}"[:200]
+
+
+def _status_message(exc: BaseException) -> str:
+    body = getattr(exc, "body", None)
+    if isinstance(body, dict):
+        err = body.get("error", body)
+        if isinstance(err, dict) and isinstance(err.get("message"), str):
+            return str(err["message"])
+    return type(exc).__name__

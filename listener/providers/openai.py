@@ -1,0 +1,112 @@
+"""OpenAI: courses through Chat Completions with a strict JSON-schema response
+format, images through the Images API, audio through the Speech API."""
+
+from __future__ import annotations
+
+import base64
+from typing import Any
+
+import httpx
+import openai
+from openai.types.chat import ChatCompletionMessageParam
+
+from listener.providers import pricing
+from listener.providers.base import Answer, CoursePrompt, Media, Usage, repair_request
+from listener.settings import Settings
+
+
+class OpenAIProvider:
+    name = "openai"
+
+    def __init__(self, settings: Settings) -> None:
+        assert settings.openai_api_key is not None
+        self.model = settings.openai_model
+        self.image_model = settings.openai_image_model
+        self.tts_model = settings.openai_tts_model
+        self.max_tokens = settings.ai_max_output_tokens
+        self.timeout = settings.ai_timeout_seconds
+        # One shared client: it pools connections. Retries are ours (next provider,
+        # then the job's own retry), so the SDK's are off.
+        self.client = openai.AsyncOpenAI(
+            api_key=settings.openai_api_key.get_secret_value(),
+            base_url=settings.openai_base_url or None,
+            timeout=settings.ai_timeout_seconds,
+            max_retries=0,
+        )
+
+    async def course(self, prompt: CoursePrompt) -> Answer:
+        messages: list[ChatCompletionMessageParam] = [
+            {"role": "system", "content": prompt.system},
+            {"role": "user", "content": prompt.user},
+        ]
+        if prompt.repair:
+            previous, problem = prompt.repair
+            messages.append({"role": "assistant", "content": previous})
+            messages.append({"role": "user", "content": repair_request(problem)})
+        resp = await self.client.chat.completions.create(
+            model=self.model,
+            messages=messages,
+            max_completion_tokens=self.max_tokens,
+            response_format={
+                "type": "json_schema",
+                "json_schema": {"name": "course", "schema": prompt.schema, "strict": True},
+            },
+        )
+        text = (resp.choices[0].message.content or "") if resp.choices else ""
+        usage = Usage()
+        if resp.usage:
+            usage = Usage(resp.usage.prompt_tokens, resp.usage.completion_tokens)
+        usage.cost_usd = pricing.token_cost(resp.model or self.model, *_tokens(usage))
+        return Answer(text, resp.model or self.model, usage)
+
+    async def image(self, prompt: str, size: str) -> Media:
+        extra: dict[str, Any] = {}
+        if self.image_model.startswith("dall-e"):
+            extra["response_format"] = "b64_json"  # gpt-image models always answer base64
+        resp = await self.client.images.generate(
+            model=self.image_model, prompt=prompt, size=size, n=1, **extra
+        )
+        if not resp.data:
+            raise ValueError("the images API returned no image")
+        first = resp.data[0]
+        if first.b64_json:
+            data = base64.b64decode(first.b64_json)
+        elif first.url:
+            async with httpx.AsyncClient(timeout=self.timeout) as http:
+                got = await http.get(first.url)
+                got.raise_for_status()
+                data = got.content
+        else:
+            raise ValueError("the images API returned neither data nor a URL")
+        usage = Usage(cost_usd=pricing.image_cost(self.image_model))
+        return Media(data, "png", "image/png", self.image_model, usage)
+
+    async def speech(self, text: str, voice: str, fmt: str) -> Media:
+        resp = await self.client.audio.speech.create(
+            model=self.tts_model,
+            voice=voice,
+            input=text,
+            response_format=fmt,  # type: ignore[arg-type]  # checked by MediaParams
+        )
+        usage = Usage(cost_usd=pricing.speech_cost(self.tts_model, len(text)))
+        return Media(resp.content, fmt, _AUDIO_TYPES.get(fmt, "audio/mpeg"), self.tts_model, usage)
+
+    async def check(self) -> str:
+        page = await self.client.models.list()
+        return f"{len(page.data)} models"
+
+    async def aclose(self) -> None:
+        await self.client.close()
+
+
+_AUDIO_TYPES = {
+    "mp3": "audio/mpeg",
+    "wav": "audio/wav",
+    "opus": "audio/ogg",
+    "aac": "audio/aac",
+    "flac": "audio/flac",
+}
+
+
+def _tokens(u: Usage) -> tuple[int, int]:
+    return u.input_tokens, u.output_tokens

@@ -1,0 +1,168 @@
+"""Where results go: a local folder (the default) or Supabase Storage.
+
+STORAGE_URL
+  a path or file:///abs/path      a local folder (default `.storage`)
+  supabase://<project host>[/<bucket>]
+                                  Supabase Storage over HTTPS, bucket `courses` unless
+                                  named, authenticated with SUPABASE_SERVICE_ROLE_KEY
+  supabase+http://host:port[/<bucket>]
+                                  the same over plain HTTP (a local Supabase stack)
+
+Two small classes over httpx rather than fsspec: Supabase has no first-party fsspec
+backend, fsspec's local writes are not atomic, and the whole need is three verbs.
+
+Every write is atomic: a reader sees the old file or the new one, never half of one
+(locally: a temporary file in the same folder, then rename; Supabase replaces an
+object only once its upload is complete).
+
+Layout: courses/<courseId>/course.json, courses/catalog.json, media/<jobId>.<ext>.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import uuid
+from pathlib import Path
+from typing import Protocol
+from urllib.parse import quote, urlsplit
+
+import httpx
+
+from listener.errors import AiJobsError, ConfigError
+from listener.settings import Settings
+
+DEFAULT_BUCKET = "courses"
+
+
+class StorageError(AiJobsError):
+    """Storage upload failed."""
+
+
+class Storage(Protocol):
+    location: str  # for logs and errors; never holds a secret
+
+    async def write(self, path: str, data: bytes, content_type: str) -> None: ...
+
+    async def read(self, path: str) -> bytes | None: ...
+
+    async def aclose(self) -> None: ...
+
+
+def open_storage(settings: Settings, timeout: float = 30.0) -> Storage:
+    url = settings.storage_url
+    scheme = urlsplit(url).scheme if "://" in url else ""
+    if scheme in ("supabase", "supabase+https", "supabase+http"):
+        key = settings.supabase_service_role_key
+        if not key:
+            raise ConfigError("STORAGE_URL is a Supabase URL: set SUPABASE_SERVICE_ROLE_KEY")
+        parts = urlsplit(url)
+        http = "http" if scheme == "supabase+http" else "https"
+        bucket = parts.path.strip("/") or DEFAULT_BUCKET
+        return SupabaseStorage(
+            f"{http}://{parts.netloc}", bucket, key.get_secret_value(), timeout=timeout
+        )
+    if scheme not in ("", "file"):
+        raise ConfigError(
+            f"STORAGE_URL: unsupported scheme {scheme!r} (a path, file://, or supabase://)"
+        )
+    return LocalStorage(settings.storage_root)
+
+
+def _check(path: str) -> str:
+    # Paths are ours (course ids are slugs, job ids uuids), but never let one escape.
+    parts = path.split("/")
+    if not path or path.startswith("/") or any(p in ("", ".", "..") for p in parts):
+        raise StorageError(f"Storage upload failed: invalid path {path!r}")
+    return path
+
+
+class LocalStorage:
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.location = str(root)
+
+    async def write(self, path: str, data: bytes, content_type: str) -> None:
+        try:
+            await asyncio.to_thread(self._write, self.root / _check(path), data)
+        except OSError as exc:
+            raise StorageError(f"Storage upload failed: {path}: {exc.strerror or exc}") from exc
+
+    @staticmethod
+    def _write(target: Path, data: bytes) -> None:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        # A name of its own per writer, in the same folder (same file system), so the
+        # rename is atomic and two writers of one file never share a temporary file.
+        tmp = target.with_name(f".{target.name}.{uuid.uuid4().hex}.tmp")
+        try:
+            with open(tmp, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, target)
+        finally:
+            tmp.unlink(missing_ok=True)
+
+    async def read(self, path: str) -> bytes | None:
+        target = self.root / _check(path)
+        try:
+            return await asyncio.to_thread(target.read_bytes)
+        except FileNotFoundError:
+            return None
+
+    async def aclose(self) -> None:
+        return None
+
+
+class SupabaseStorage:
+    """Supabase Storage's object API: POST /storage/v1/object/<bucket>/<path>."""
+
+    def __init__(self, base_url: str, bucket: str, key: str, timeout: float = 30.0) -> None:
+        self.bucket = bucket
+        self.location = f"{base_url}/storage/v1/object/{bucket}"
+        self.client = httpx.AsyncClient(
+            base_url=f"{base_url}/storage/v1",
+            headers={"Authorization": f"Bearer {key}", "apikey": key},
+            timeout=timeout,
+        )
+
+    def _url(self, path: str) -> str:
+        return f"/object/{quote(self.bucket)}/{quote(_check(path))}"
+
+    async def write(self, path: str, data: bytes, content_type: str) -> None:
+        try:
+            resp = await self.client.post(
+                self._url(path),
+                content=data,
+                headers={"content-type": content_type, "x-upsert": "true"},
+            )
+        except httpx.HTTPError as exc:
+            raise StorageError(f"Storage upload failed: {path}: {type(exc).__name__}") from None
+        if resp.status_code >= 300:
+            raise StorageError(
+                f"Storage upload failed: {path}: HTTP {resp.status_code} {_message(resp)}"
+            )
+
+    async def read(self, path: str) -> bytes | None:
+        try:
+            resp = await self.client.get(self._url(path))
+        except httpx.HTTPError as exc:
+            raise StorageError(f"Storage read failed: {path}: {type(exc).__name__}") from None
+        if resp.status_code == 404 or (
+            resp.status_code == 400 and _message(resp, "statusCode") == "404"
+        ):
+            return None  # Supabase answers a missing object with 400 {"statusCode": "404"}
+        if resp.status_code >= 300:
+            raise StorageError(f"Storage read failed: {path}: HTTP {resp.status_code}")
+        return resp.content
+
+    async def aclose(self) -> None:
+        await self.client.aclose()
+
+
+def _message(resp: httpx.Response, key: str = "message") -> str:
+    try:
+        body = resp.json()
+    except ValueError:
+        return ""
+    return str(body.get(key, ""))[:200] if isinstance(body, dict) else ""

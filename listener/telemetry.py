@@ -1,0 +1,71 @@
+"""Errors to Sentry when SENTRY_DSN is set (nothing is sent, or even set up, when it
+is not). The worker calls capture_job_failure() for every failed attempt, tagged
+as the runbook says: `function: ai-job-runner`, `request_id`, and the extras
+jobId, courseId, retryCount and the error."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import sentry_sdk
+from loguru import logger
+
+from listener.jobs import Job
+from listener.providers.base import scrub
+from listener.settings import Settings
+
+FUNCTION_TAG = "ai-job-runner"
+
+
+def init_sentry(settings: Settings) -> bool:
+    """Set up the Sentry client once; True when errors will be sent."""
+    if settings.sentry_dsn is None or not settings.sentry_dsn.get_secret_value():
+        return False
+    if sentry_sdk.is_initialized():
+        return True
+    secrets = settings.secrets()
+
+    def before_send(event: Any, hint: Any) -> Any:
+        return _scrub_event(event, secrets)
+
+    sentry_sdk.init(
+        dsn=settings.sentry_dsn.get_secret_value(),
+        # Only what we capture on purpose: no auto-enabled framework or HTTP-client hooks.
+        auto_enabling_integrations=False,
+        before_send=before_send,
+    )
+    logger.bind(action="sentry_enabled").info("errors are reported to Sentry")
+    return True
+
+
+def capture_job_failure(job: Job, exc: BaseException) -> None:
+    """Report one failed attempt (no-op without SENTRY_DSN)."""
+    if not sentry_sdk.is_initialized():
+        return
+    with sentry_sdk.new_scope() as scope:
+        scope.set_tag("function", FUNCTION_TAG)
+        # One id per attempt: the claim token is fresh for every claim of the job.
+        scope.set_tag("request_id", str(job.claim_token))
+        scope.set_tag("job_type", job.job_type)
+        scope.set_extra("jobId", str(job.id))
+        scope.set_extra("courseId", job.row.get("course_id"))
+        scope.set_extra("retryCount", job.retry_count)
+        scope.set_extra("maxRetries", job.max_retries)
+        scope.set_extra("table", job.table)
+        scope.set_extra("error", str(exc))
+        scope.capture_exception(exc)
+
+
+def flush(timeout: float = 2.0) -> None:
+    if sentry_sdk.is_initialized():
+        sentry_sdk.flush(timeout=timeout)
+
+
+def _scrub_event(value: Any, secrets: list[str]) -> Any:
+    if isinstance(value, str):
+        return scrub(value, secrets)
+    if isinstance(value, dict):
+        return {k: _scrub_event(v, secrets) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_scrub_event(v, secrets) for v in value]
+    return value

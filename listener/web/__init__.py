@@ -1,0 +1,1 @@
+"""The admin dashboard (`ai-jobs web`): pages, live updates, /metrics, /healthz."""

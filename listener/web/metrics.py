@@ -1,0 +1,109 @@
+"""/metrics in the Prometheus text format, read from the database at scrape time.
+
+The queue lives in PostgreSQL, so every web process reports the same numbers and
+nothing is lost when one restarts. Durations and provider latency are quantiles
+over the jobs finished in the last hour (gauges, since finished jobs are purged);
+the rejection counter is a real, ever-growing counter.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import psycopg
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from listener import alerts, db, ops
+from listener.settings import Settings
+
+Conn = psycopg.AsyncConnection[dict[str, Any]]
+QUANTILES = (("0.5", "p50"), ("0.9", "p90"), ("0.99", "p99"))
+
+
+class _Families(Collector):
+    def __init__(self, families: list[Metric]) -> None:
+        self._families = families
+
+    def collect(self) -> Iterable[Metric]:
+        return self._families
+
+
+async def collect(conn: Conn, settings: Settings) -> list[Metric]:
+    depth = GaugeMetricFamily(
+        "ai_jobs_queue_depth", "Jobs per table and status", labels=["table", "status"]
+    )
+    for table, statuses in (await ops.queue_depth(conn)).items():
+        for status, count in statuses.items():
+            depth.add_metric([table, status], count)
+
+    avg = GaugeMetricFamily(
+        "ai_jobs_avg_duration_seconds",
+        "Average completed_at - started_at per job type and status (ai_job_metrics)",
+        labels=["job_type", "status"],
+    )
+    for row in await db.fetch(conn, "job_metrics"):
+        if row["avg_duration_seconds"] is not None:
+            avg.add_metric([row["job_type"], row["status"]], row["avg_duration_seconds"])
+
+    duration = GaugeMetricFamily(
+        "ai_jobs_job_duration_seconds",
+        "Duration quantiles of the jobs done in the last hour",
+        labels=["job_type", "quantile"],
+    )
+    done = GaugeMetricFamily(
+        "ai_jobs_done_last_hour", "Jobs done in the last hour", labels=["job_type"]
+    )
+    for row in await db.fetch(conn, "duration_quantiles"):
+        done.add_metric([row["job_type"]], row["count"])
+        for q, col in QUANTILES:
+            duration.add_metric([row["job_type"], q], row[col])
+
+    failures = GaugeMetricFamily(
+        "ai_jobs_failures_last_hour",
+        "Failed attempts and dead letters of the last hour",
+        labels=["job_type"],
+    )
+    for row in await db.fetch(conn, "failures_last_hour"):
+        failures.add_metric([row["job_type"]], row["count"])
+
+    latency = GaugeMetricFamily(
+        "ai_jobs_provider_latency_seconds",
+        "Generation time quantiles per provider over the last hour (metrics.generationDurationMs)",
+        labels=["provider", "quantile"],
+    )
+    provider_jobs = GaugeMetricFamily(
+        "ai_jobs_provider_jobs_last_hour",
+        "Jobs done per provider in the last hour",
+        labels=["provider"],
+    )
+    for row in await db.fetch(conn, "provider_latency"):
+        provider_jobs.add_metric([row["provider"]], row["count"])
+        for q, col in QUANTILES:
+            latency.add_metric([row["provider"], q], row[col])
+
+    rejections = CounterMetricFamily(
+        "ai_jobs_rate_limit_rejections", "Inserts rejected by the rate limit since the start"
+    )
+    rejections.add_metric([], (await db.fetch(conn, "rate_limit_rejections"))[0]["value"])
+
+    firing = GaugeMetricFamily(
+        "ai_jobs_alert_firing", "1 while the alert rule fires", labels=["rule", "severity"]
+    )
+    value = GaugeMetricFamily(
+        "ai_jobs_alert_value", "The alert rule's current value", labels=["rule"]
+    )
+    for alert in await alerts.evaluate(conn, settings):
+        firing.add_metric([alert.rule, alert.severity], int(alert.firing))
+        if alert.value is not None:
+            value.add_metric([alert.rule], alert.value)
+
+    return [depth, avg, duration, done, failures, latency, provider_jobs, rejections, firing, value]
+
+
+def render(families: list[Metric]) -> bytes:
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(_Families(families))
+    return generate_latest(registry)

@@ -1,0 +1,25 @@
+"""`ai-jobs demo` as a newcomer runs it: no DATABASE_URL, so an embedded
+PostgreSQL; every sample job must reach its expected final state."""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+from tests.helpers import AI_JOBS, ROOT, env
+
+
+def test_demo_on_embedded_postgres(tmp_path: Path) -> None:
+    e = env(None, PYTHONPATH=str(ROOT), COLUMNS="160")
+    p = subprocess.run(
+        [*AI_JOBS, "demo"], cwd=tmp_path, env=e, capture_output=True, text=True, timeout=120
+    )
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    assert "in the dead letter" in p.stdout and "embedded PostgreSQL stopped" in p.stdout
+    assert "Catalog:" in p.stdout
+    storage = tmp_path / ".demo" / "storage"
+    assert (storage / "courses" / "algebra-basics" / "course.json").is_file()
+    assert (storage / "courses" / "catalog.json").is_file()
+    assert {f.suffix for f in (storage / "media").iterdir()} == {".png", ".wav"}
+    # nothing left running: the data folder holds no live server
+    assert not (tmp_path / ".demo" / "pgdata" / "postmaster.pid").exists()
