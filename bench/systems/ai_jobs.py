@@ -5,6 +5,7 @@ WORKER_CONCURRENCY=10, logs at WARNING, the pool and wiring of `ai-jobs worker`
 from __future__ import annotations
 
 import argparse
+import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
@@ -70,48 +71,33 @@ def settings_for(opts: argparse.Namespace, **extra: Any) -> Any:
 async def worker(
     opts: argparse.Namespace, rec: Any, full: bool = False
 ) -> AsyncIterator[Callable[[Any], Awaitable[None]]]:
-    import asyncio
-
-    from listener import app, db, logs
-    from listener.handlers import create_runtime
+    """The worker exactly as `ai-jobs worker` builds it (listener.app.open_worker:
+    pool, handlers runtime, periodic duties), with the course handler wrapped to
+    stamp its start, or replaced by a no-op."""
+    from listener import app, logs
     from listener.jobs import Job, Outcome
-    from listener.worker import Worker
 
     extra: dict[str, Any] = {}
     if full:
         extra = {"allow_placeholder": True, "storage_url": opts.storage}
     settings = settings_for(opts, **extra)
     logs.setup(settings.log_format, settings.log_level)
-    pool = db.make_pool(opts.url, app.pool_size(settings))
-    await pool.open(wait=True)
-    runtime = await create_runtime(settings, pool)
-    periodic: list[Any] = []
-    if full:
-        real = runtime.handlers["ai_course_jobs"]
+    async with app.open_worker(settings) as w:
+        real = w.handlers["ai_course_jobs"]
 
         async def handler(job: Job) -> Outcome:
             rec.hit(str(job.id))
-            return await real(job)
+            return await real(job) if full else Outcome(None, {})
 
-        periodic = [(app.RUNTIME_TICK_SECONDS, runtime.tick, "handlers tick")]
-    else:
+        w.handlers = {**w.handlers, "ai_course_jobs": handler}
+        await w.pool.wait()  # connected before "ready"
 
-        async def handler(job: Job) -> Outcome:
-            rec.hit(str(job.id))
-            return Outcome(None, {})
+        async def run(stop: asyncio.Event) -> None:
+            task = asyncio.create_task(w.run())
+            stopper = asyncio.create_task(stop.wait())
+            await asyncio.wait({task, stopper}, return_when=asyncio.FIRST_COMPLETED)
+            w.request_stop()
+            stopper.cancel()
+            await task
 
-    w = Worker(settings, pool, {"ai_course_jobs": handler}, dsn=opts.url, periodic=periodic)
-
-    async def run(stop: asyncio.Event) -> None:
-        task = asyncio.create_task(w.run())
-        stopper = asyncio.create_task(stop.wait())
-        await asyncio.wait({task, stopper}, return_when=asyncio.FIRST_COMPLETED)
-        w.request_stop()
-        stopper.cancel()
-        await task
-
-    try:
         yield run
-    finally:
-        await runtime.aclose()
-        await pool.close()
