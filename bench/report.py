@@ -100,7 +100,11 @@ def plot(res: dict[str, Any], samples: dict[str, list[float]], out: Path) -> Non
         ax2.bar(mx, mm, 0.4, yerr=[mlo, mhi], capsize=4, label="4 worker processes")
     ax2.set_xticks(list(x), names, rotation=15)
     ax2.set_ylabel("jobs/s (median, whiskers: range)")
-    ax2.set_title(f"Throughput, draining {res['config']['throughput_jobs']:,} no-op jobs")
+    cfg = res["config"]
+    ax2.set_title(
+        f"Throughput, draining {cfg['throughput_jobs']:,} queued no-op jobs "
+        f"(full pipeline: {cfg['full_pipeline_jobs']:,})"
+    )
     ax2.grid(True, axis="y", alpha=0.3)
     ax2.legend()
     fig.suptitle(f"{res['mode']} run, {res['config']['rounds']} rounds, {res['generated_at']}")
