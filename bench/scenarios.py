@@ -43,7 +43,7 @@ def postmaster_pid(url: str) -> int:
     """The server's postmaster: the parent of one of its backends."""
     with psycopg.connect(url, row_factory=dict_row) as conn:
         row = conn.execute(sql("backend_pid")).fetchone()
-    fields = _stat(row["pid"]) if row else None
+        fields = _stat(row["pid"]) if row else None  # while the backend lives
     if not fields:
         raise RuntimeError("cannot read the server's processes (is it on this machine?)")
     return int(fields[1])  # ppid
