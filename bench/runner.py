@@ -41,7 +41,7 @@ class Config:
     @classmethod
     def of(cls, quick: bool, rounds: int | None) -> Config:
         if quick:
-            return cls(rounds or 3, 100, 20.0, 1_000, 300, 4, 300, True)
+            return cls(rounds or 3, 80, 20.0, 1_000, 300, 4, 300, True)
         return cls(rounds or 3, 500, 20.0, 20_000, 5_000, 4, 2_000, True)
 
 

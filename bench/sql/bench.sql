@@ -103,3 +103,8 @@ listen ai_jobs
 
 -- name: backend_pid
 select pg_backend_pid() as pid
+
+-- name: skip_triggers
+-- Filling finished rows only: no notification or insert check is wanted for them
+-- (needs a superuser; without one the fill just runs the triggers).
+set session_replication_role = replica
