@@ -38,6 +38,14 @@ def print_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
         print("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
 
 
+def print_rows(as_json: bool, headers: Sequence[str], rows: list[dict[str, Any]]) -> None:
+    """A runbook function's rows: JSON, or a table in the function's column order."""
+    if as_json:
+        print_json(rows)
+    else:
+        print_table(headers, [list(r.values()) for r in rows])
+
+
 def print_json(data: Any) -> None:
     print(json.dumps(data, default=str))
 
@@ -105,10 +113,7 @@ async def _requeue(args: argparse.Namespace, s: Settings) -> int:
 async def _mark_stale(args: argparse.Namespace, s: Settings) -> int:
     async with db.connection(db.require_dsn(s.dsn)) as conn:
         rows = await ops.mark_stale(conn, s.stale_after_seconds)
-    if args.json:
-        print_json(rows)
-    else:
-        print_table(["job_id", "job_type", "stale_duration"], [list(r.values()) for r in rows])
+    print_rows(args.json, ["job_id", "job_type", "stale_duration"], rows)
     return 0
 
 
@@ -116,10 +121,7 @@ async def _mark_stale(args: argparse.Namespace, s: Settings) -> int:
 async def _dead_letter(args: argparse.Namespace, s: Settings) -> int:
     async with db.connection(db.require_dsn(s.dsn)) as conn:
         rows = await ops.dead_letter(conn)
-    if args.json:
-        print_json(rows)
-    else:
-        print_table(["job_id", "job_type", "retry_count"], [list(r.values()) for r in rows])
+    print_rows(args.json, ["job_id", "job_type", "retry_count"], rows)
     return 0
 
 

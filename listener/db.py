@@ -4,7 +4,7 @@ one-shot connections for the command line, and the named SQL of queries.sql."""
 from __future__ import annotations
 
 import re
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterable
 from contextlib import asynccontextmanager
 from functools import cache
 from importlib import resources
@@ -33,19 +33,25 @@ KEEPALIVES: dict[str, Any] = {
 _NAME = re.compile(r"^-- name: (\w+)\s*$", re.MULTILINE)
 
 
+def named_statements(files: Iterable[tuple[str, str]]) -> dict[str, str]:
+    """Statements by their `-- name:` header, from (file name, text) pairs."""
+    found: dict[str, str] = {}
+    for filename, text in files:
+        parts = _NAME.split(text)
+        for name, body in zip(parts[1::2], parts[2::2], strict=True):
+            if name in found:
+                raise KeyError(f"query {name!r} defined twice ({filename})")
+            found[name] = body.strip()
+    return found
+
+
 @cache
 def queries() -> dict[str, str]:
     """The statements of listener/queries/*.sql, by their `-- name:` header."""
-    found: dict[str, str] = {}
-    for entry in sorted(resources.files("listener").joinpath("queries").iterdir(), key=str):
-        if not entry.name.endswith(".sql"):
-            continue
-        parts = _NAME.split(entry.read_text(encoding="utf-8"))
-        for name, body in zip(parts[1::2], parts[2::2], strict=True):
-            if name in found:
-                raise KeyError(f"query {name!r} defined twice ({entry.name})")
-            found[name] = body.strip()
-    return found
+    entries = sorted(resources.files("listener").joinpath("queries").iterdir(), key=str)
+    return named_statements(
+        (e.name, e.read_text(encoding="utf-8")) for e in entries if e.name.endswith(".sql")
+    )
 
 
 def sql(name: str) -> str:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any
 from uuid import UUID
 
 JOB_TYPES = {"ai_course_jobs": "course", "ai_media_jobs": "media"}
@@ -54,10 +54,6 @@ class Outcome:
 
     result_path: str | None
     metrics: dict[str, Any] = field(default_factory=dict)
-
-
-class Handler(Protocol):
-    def __call__(self, job: Job) -> Awaitable[Outcome]: ...
 
 
 HandlerMap = dict[str, Callable[[Job], Awaitable[Outcome]]]
