@@ -6,6 +6,7 @@ that fail on a lost connection are retried until the database is back."""
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 from uuid import UUID
@@ -19,8 +20,9 @@ from listener.jobs import Job, Outcome
 
 T = TypeVar("T")
 MAX_BATCH = 1000
-# A write waits this long for more finished jobs to share its round trip and
-# commit: short next to a generation, long next to a no-op job.
+# A finished job waits this long for more to share its round trip and commit,
+# or for the worker's next claim to carry it (complete_and_claim): short next
+# to a generation, long next to a claim round trip.
 GATHER_SECONDS = 0.005
 Retry = Callable[[Callable[[], Awaitable[T]]], Awaitable[T]]
 
@@ -31,6 +33,7 @@ class Completer:
         self.retry = retry
         self.backlog = backlog  # finished jobs waiting for their write before add() waits
         self._pending: list[tuple[Job, Outcome]] = []
+        self._since = 0.0  # monotonic time of the oldest pending item
         self._more = asyncio.Event()
         self._written = asyncio.Condition()
         self._in_flight = 0
@@ -40,6 +43,8 @@ class Completer:
         return len(self._pending) + self._in_flight
 
     async def add(self, job: Job, outcome: Outcome) -> None:
+        if not self._pending:
+            self._since = time.monotonic()
         self._pending.append((job, outcome))
         self._more.set()
         if self.waiting > self.backlog:  # back-pressure while the database lags
@@ -49,8 +54,8 @@ class Completer:
     async def run(self) -> None:
         while True:
             await self._more.wait()
-            await asyncio.sleep(GATHER_SECONDS)
             self._more.clear()
+            await self._gathered()
             while self._pending:
                 batch, self._pending = self._pending[:MAX_BATCH], self._pending[MAX_BATCH:]
                 self._in_flight += len(batch)
@@ -66,6 +71,15 @@ class Completer:
                     async with self._written:
                         self._written.notify_all()
 
+    async def _gathered(self) -> None:
+        """Until the oldest pending item is GATHER_SECONDS old; a claim that takes
+        the items meanwhile restarts the clock."""
+        while self._pending:
+            wait = self._since + GATHER_SECONDS - time.monotonic()
+            if wait <= 0:
+                return
+            await asyncio.sleep(wait)
+
     def take(self, table: str) -> list[tuple[Job, Outcome]]:
         """Hand one table's finished jobs to a claim that writes them in its own
         transaction (complete_and_claim); settle() must follow."""
@@ -80,6 +94,8 @@ class Completer:
         (the items go back to be written again)."""
         self._in_flight -= len(items)
         if written is None:
+            if not self._pending:
+                self._since = time.monotonic()
             self._pending[:0] = items
             self._more.set()
         else:

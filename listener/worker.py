@@ -15,6 +15,7 @@ import os
 import socket
 import time
 import uuid
+from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -28,6 +29,7 @@ from listener.errors import AiJobsError, DatabaseUnavailable, InvalidJob, scrub
 from listener.jobs import JOB_TYPES, HandlerMap, Job, Outcome
 from listener.migrate import check_schema
 from listener.notifications import Backoff, Health, Listener, Nudge
+from listener.pacing import Pacing
 from listener.settings import Settings
 from listener.sweeper import Sweeper
 
@@ -70,6 +72,8 @@ class Worker:
         self.id = make_worker_id()
         self.concurrency = settings.worker_concurrency
         self.running: dict[uuid.UUID, Running] = {}
+        self.ready: deque[Job] = deque()  # claimed ahead of a free slot (see pacing)
+        self.pacing = Pacing(self.concurrency)
         self.sweeper = Sweeper(pool, settings)
         self.completer = Completer(pool, self._retry, backlog=10 * self.concurrency)
         self.listener = Listener(self.dsn, self._on_nudge, self.request_sweep)
@@ -144,7 +148,7 @@ class Worker:
                 while self._timers and self._timers[0] <= now:
                     heapq.heappop(self._timers)
                 self._look()
-            free = self.concurrency - len(self.running)
+            free = self.concurrency + self.pacing.ahead() - len(self.running) - len(self.ready)
             wanted = [t for t in self._tables_in_turn() if self._more[t]]
             if free > 0 and wanted:
                 if await self._claim_round(wanted, free):
@@ -167,6 +171,7 @@ class Worker:
             self.claim_queries += 1
             done = self.completer.take(table)  # finished jobs ride along: one commit
             params = {"table": table, "worker": self.id, "n": free}
+            t0 = time.perf_counter()
             try:
                 async with self.pool.connection() as conn:
                     if done:
@@ -180,13 +185,14 @@ class Worker:
                 self._report(exc, "claim")
                 return False
             self.db_health.up()
+            self.pacing.round_trip.add(time.perf_counter() - t0)
             if done:
                 await self.completer.settle(done, {r["id"] for r in rows if r["kind"] == "done"})
                 rows = [r for r in rows if r["kind"] == "claimed"]
             if len(rows) < free and gen == self._gen[table]:
                 self._more[table] = False  # nothing more until the next reason to look
-            for rec in rows:
-                self._start(Job.from_claim(rec))
+            self.ready.extend(Job.from_claim(rec) for rec in rows)
+            self._fill()
             free -= len(rows)
             if free <= 0:
                 break
@@ -217,6 +223,11 @@ class Worker:
             await asyncio.gather(*side, return_exceptions=True)
         return job, outcome
 
+    def _fill(self) -> None:
+        """Start claimed jobs in the free slots."""
+        while self.ready and len(self.running) < self.concurrency and not self._stop.is_set():
+            self._start(self.ready.popleft())
+
     def _start(self, job: Job) -> None:
         task = asyncio.create_task(self.execute(job), name=f"job {job.id}")
         self.running[job.id] = Running(job, task)
@@ -224,7 +235,7 @@ class Worker:
     async def execute(self, job: Job) -> Outcome | None:
         """Run the handler and record the end; never raises but on cancellation."""
         log = logger.bind(job_id=str(job.id), table=job.table, attempt=job.attempt)
-        log.bind(action="job_started").info("job started")
+        log.info("job started", action="job_started")
         t0 = time.perf_counter()
         try:
             handler = self.handlers.get(job.table)
@@ -234,7 +245,8 @@ class Worker:
             outcome.metrics["totalDurationMs"] = round((time.perf_counter() - t0) * 1000, 3)
             self.running.pop(job.id, None)  # handed over: no longer ours to release
             await self.completer.add(job, outcome)
-            log.bind(action="job_done").info(f"job done in {outcome.metrics['totalDurationMs']} ms")
+            ms = outcome.metrics["totalDurationMs"]
+            log.info("job done in {ms} ms", action="job_done", ms=ms)
             return outcome
         except asyncio.CancelledError:
             raise  # shutdown past the grace period, or the job was taken away
@@ -242,7 +254,9 @@ class Worker:
             await asyncio.shield(self._fail(job, exc, log))
             return None
         finally:
+            self.pacing.job_time.add(time.perf_counter() - t0)
             self.running.pop(job.id, None)
+            self._fill()
             self._wake.set()  # a free slot
 
     async def _fail(self, job: Job, exc: BaseException, log: Any) -> None:
@@ -337,8 +351,9 @@ class Worker:
     async def heartbeats(self) -> None:
         while True:
             await asyncio.sleep(self.settings.heartbeat_interval_seconds)
+            held_here = [*(r.job for r in self.running.values()), *self.ready]
             for table in TABLES:
-                jobs = [r.job for r in list(self.running.values()) if r.job.table == table]
+                jobs = [j for j in held_here if j.table == table]
                 if not jobs:
                     continue
                 params = {
@@ -352,13 +367,22 @@ class Worker:
                     self.db_health.down(exc)
                     continue
                 for j in jobs:
-                    if j.id not in held and j.id in self.running:
-                        # Marked stale and maybe handed on: stop, so that it never
-                        # runs in two places at once.
-                        logger.bind(
-                            action="job_lost", job_id=str(j.id), table=table, attempt=j.attempt
-                        ).warning("job no longer held by this worker (marked stale); cancelling")
-                        self.running[j.id].task.cancel()
+                    if j.id not in held:
+                        self._drop(j)
+
+    def _drop(self, job: Job) -> None:
+        """The job was marked stale and maybe handed on: stop it (or never start
+        it), so that it never runs in two places at once."""
+        running = self.running.get(job.id)
+        if running is None and job not in self.ready:
+            return  # ended meanwhile
+        logger.bind(
+            action="job_lost", job_id=str(job.id), table=job.table, attempt=job.attempt
+        ).warning("job no longer held by this worker (marked stale); dropping it")
+        if running is not None:
+            running.task.cancel()
+        else:
+            self.ready.remove(job)
 
     async def _wait_for_schema(self) -> bool:
         backoff = Backoff(base=0.5, cap=10.0)
@@ -383,6 +407,11 @@ class Worker:
 
     async def _shutdown(self, background: list[asyncio.Task[Any]]) -> None:
         grace = self.settings.shutdown_grace_seconds
+        if self.ready:  # never started: back to the queue at once, for other workers
+            waiting, self.ready = list(self.ready), deque()
+            self._give_up_at = time.monotonic() + 5.0
+            await self._release(waiting)
+            self._give_up_at = None
         tasks = [r.task for r in self.running.values()]
         if tasks:
             logger.bind(action="worker_draining").info(

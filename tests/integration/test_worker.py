@@ -4,8 +4,10 @@ retries, dead letter, heartbeats, polling fallback, lost jobs."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import uuid
+from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
@@ -280,3 +282,96 @@ async def test_a_burst_of_notifications_is_not_a_burst_of_queries(db_url: str) -
 
 async def _heard(w: Any, n: int) -> bool:
     return bool(w.notifications >= n)
+
+
+async def _statuses(db_url: str) -> dict[str, int]:
+    c = await aconnect(db_url)
+    try:
+        cur = await c.execute("select status, count(*) from ai_course_jobs group by status")
+        return {r["status"]: r["count"] for r in await cur.fetchall()}
+    finally:
+        await c.close()
+
+
+@contextlib.asynccontextmanager
+async def _holding_ahead(
+    db_url: str, **overrides: Any
+) -> AsyncIterator[tuple[Any, list[str], asyncio.Event]]:
+    """A worker with one slot, its one job blocked until `gate`, that has learnt
+    that jobs take no time (so it claims ahead of its slot) and holds 4 more."""
+    started: list[str] = []
+    gate = asyncio.Event()
+
+    async def handler(job: Job) -> Outcome:
+        started.append(str(job.id))
+        await gate.wait()
+        return await done_handler(job)
+
+    s = settings(db_url, worker_concurrency=1, **overrides)
+    async with running_worker(s, {"ai_course_jobs": handler}) as w:
+        with connect(db_url) as c:
+            insert_course(c, "first")
+        await await_until(lambda: _started(started, 1), what="the first job running")
+        w.pacing.round_trip.value, w.pacing.job_time.value = 1.0, 0.0
+        assert w.pacing.ahead() == 4
+        with connect(db_url) as c:
+            c.execute(
+                "insert into ai_course_jobs (subject) select 's' || g from generate_series(1, 5) g"
+            )
+        await await_until(lambda: _ready(w, 4), what="4 jobs claimed ahead")
+        assert await _statuses(db_url) == {"processing": 5, "pending": 1}
+        yield w, started, gate
+
+
+async def _started(started: list[str], n: int) -> bool:
+    return len(started) == n
+
+
+async def _ready(w: Any, n: int) -> bool:
+    return len(w.ready) == n
+
+
+async def test_jobs_claimed_ahead_wait_for_a_slot_and_go_back_at_shutdown(db_url: str) -> None:
+    async with _holding_ahead(db_url, shutdown_grace_seconds=30) as (w, started, gate):
+        # Held jobs are heartbeated like the running one.
+        with connect(db_url) as c:
+            c.execute("update ai_course_jobs set last_heartbeat = now() - interval '1 hour'")
+        await await_until(lambda: _fresh_heartbeats(db_url, 5), what="5 fresh heartbeats")
+        w.request_stop()
+        # Given back at once, while the running job still has its grace period.
+        await await_until(lambda: _statuses_are(db_url, {"processing": 1, "pending": 5}))
+        assert len(started) == 1 and not w.ready
+        gate.set()  # the running job ends within its grace period
+    assert await _statuses(db_url) == {"done": 1, "pending": 5}
+    assert len(started) == 1  # no held job ever ran
+
+
+async def _fresh_heartbeats(db_url: str, n: int) -> bool:
+    c = await aconnect(db_url)
+    try:
+        cur = await c.execute(
+            "select count(*) from ai_course_jobs where status = 'processing'"
+            " and last_heartbeat > now() - interval '1 minute'"
+        )
+        row = await cur.fetchone()
+        return bool(row and row["count"] == n)
+    finally:
+        await c.close()
+
+
+async def _statuses_are(db_url: str, want: dict[str, int]) -> bool:
+    return await _statuses(db_url) == want
+
+
+async def test_a_held_job_marked_stale_is_dropped_not_run(db_url: str) -> None:
+    async with _holding_ahead(db_url) as (w, started, gate):
+        with connect(db_url) as c:  # an operator marks every running job stale
+            stale = {str(r["job_id"]) for r in c.execute("select * from mark_stale_jobs('0 s')")}
+        assert len(stale) == 5
+        await await_until(lambda: _ready(w, 0), what="held jobs dropped")
+        await await_until(lambda: _not_running(w, started[0]), what="running job cancelled")
+        # The freed slot takes the job still pending, never one of the stale ones.
+        await await_until(lambda: _started(started, 2), what="the pending job started")
+        gate.set()
+        await await_until(lambda: _statuses_are(db_url, {"stale": 5, "done": 1}))
+        assert started[1] not in stale

@@ -1,0 +1,36 @@
+"""How far ahead of its slots a worker claims, from what it measured."""
+
+from __future__ import annotations
+
+from listener.pacing import ROUNDS, Average, Pacing
+
+
+def paced(round_trip: float | None, job_time: float | None, concurrency: int = 10) -> int:
+    p = Pacing(concurrency)
+    p.round_trip.value, p.job_time.value = round_trip, job_time
+    return p.ahead()
+
+
+def test_nothing_ahead_before_anything_was_measured() -> None:
+    assert paced(None, None) == 0
+    assert paced(0.001, None) == 0
+    assert paced(None, 0.0) == 0
+
+
+def test_jobs_that_take_no_time_get_whole_batches_ahead() -> None:
+    assert paced(0.001, 0.0) == ROUNDS * 10
+
+
+def test_the_buffer_shrinks_as_jobs_get_longer_than_a_round_trip() -> None:
+    assert paced(0.001, 0.001) == ROUNDS * 10 // 2
+    assert paced(0.001, 0.1) == 0  # a hundred round trips long: no job held back
+    assert paced(0.002, 30.0) == 0  # a generation
+
+
+def test_moving_average_follows_the_newest_samples() -> None:
+    a = Average()
+    a.add(1.0)
+    assert a.value == 1.0
+    for _ in range(50):
+        a.add(0.0)
+    assert a.value is not None and a.value < 0.001
