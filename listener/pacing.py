@@ -9,17 +9,19 @@ waiting on the round trip:
 
     ahead = ROUNDS * concurrency * round_trip / (job_time + round_trip)
 
-For jobs that take no time that is ROUNDS batches of WORKER_CONCURRENCY: one
-claim in flight while the jobs of the previous ones start, and claims large
-enough that a commit serves tens of jobs. Jobs as long as a round trip get
-half of it; jobs a hundred times longer get none, so a generation job never
-waits in one worker's hands while another worker is idle. Held jobs are
+Its slots start `concurrency` jobs per `job_time`, so a held job waits at most
+ROUNDS * round_trip * job_time / (job_time + round_trip) < ROUNDS round trips
+for its slot: some 16 ms here, whatever the jobs. Jobs that take no time get
+ROUNDS batches ahead, so that one commit serves a hundred of them; jobs longer
+than ROUNDS * concurrency round trips (a sixth of a second at concurrency 10)
+get none at all, so a generation never waits in one worker's hands while
+another worker is idle. Held jobs are
 heartbeated like running ones and given back at shutdown without waiting.
 """
 
 from __future__ import annotations
 
-ROUNDS = 4
+ROUNDS = 16
 SMOOTHING = 0.2  # weight of the newest sample in the moving averages
 
 

@@ -29,7 +29,7 @@ from listener.errors import AiJobsError, DatabaseUnavailable, InvalidJob, scrub
 from listener.jobs import JOB_TYPES, HandlerMap, Job, Outcome
 from listener.migrate import check_schema
 from listener.notifications import Backoff, Health, Listener, Nudge
-from listener.pacing import Pacing
+from listener.pacing import ROUNDS, Pacing
 from listener.settings import Settings
 from listener.sweeper import Sweeper
 
@@ -75,7 +75,10 @@ class Worker:
         self.ready: deque[Job] = deque()  # claimed ahead of a free slot (see pacing)
         self.pacing = Pacing(self.concurrency)
         self.sweeper = Sweeper(pool, settings)
-        self.completer = Completer(pool, self._retry, backlog=10 * self.concurrency)
+        # Results waiting for their write before a finished job has to wait too:
+        # two claims' worth, the most that can finish between two claim rounds.
+        backlog = 2 * (ROUNDS + 1) * self.concurrency
+        self.completer = Completer(pool, self._retry, backlog=backlog)
         self.listener = Listener(self.dsn, self._on_nudge, self.request_sweep)
         self.db_health = Health("database")
         self._stop = asyncio.Event()

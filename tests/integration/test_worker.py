@@ -15,6 +15,7 @@ import pytest
 from listener.errors import InvalidJob
 from listener.jobs import Job, Outcome
 from listener.notifications import parse_payload
+from listener.pacing import ROUNDS
 from listener.sweeper import Sweeper
 from tests.helpers import aconnect, await_until, connect, insert_course, insert_media, job
 from tests.workers import running_worker, settings
@@ -298,7 +299,7 @@ async def _holding_ahead(
     db_url: str, **overrides: Any
 ) -> AsyncIterator[tuple[Any, list[str], asyncio.Event]]:
     """A worker with one slot, its one job blocked until `gate`, that has learnt
-    that jobs take no time (so it claims ahead of its slot) and holds 4 more."""
+    that its jobs are short (so it claims ahead of its slot) and holds 4 more."""
     started: list[str] = []
     gate = asyncio.Event()
 
@@ -312,7 +313,8 @@ async def _holding_ahead(
         with connect(db_url) as c:
             insert_course(c, "first")
         await await_until(lambda: _started(started, 1), what="the first job running")
-        w.pacing.round_trip.value, w.pacing.job_time.value = 1.0, 0.0
+        # Jobs (ROUNDS / 4 - 1) round trips long: 4 jobs ahead of the one slot.
+        w.pacing.round_trip.value, w.pacing.job_time.value = 1.0, ROUNDS / 4 - 1
         assert w.pacing.ahead() == 4
         with connect(db_url) as c:
             c.execute(

@@ -23,7 +23,7 @@ def test_jobs_that_take_no_time_get_whole_batches_ahead() -> None:
 
 def test_the_buffer_shrinks_as_jobs_get_longer_than_a_round_trip() -> None:
     assert paced(0.001, 0.001) == ROUNDS * 10 // 2
-    assert paced(0.001, 0.1) == 0  # a hundred round trips long: no job held back
+    assert paced(0.001, 0.2) == 0  # two hundred round trips long: no job held back
     assert paced(0.002, 30.0) == 0  # a generation
 
 
@@ -34,3 +34,9 @@ def test_moving_average_follows_the_newest_samples() -> None:
     for _ in range(50):
         a.add(0.0)
     assert a.value is not None and a.value < 0.001
+
+
+def test_a_held_job_waits_less_than_rounds_round_trips_for_its_slot() -> None:
+    for job_time in (0.0, 0.0005, 0.001, 0.01, 0.1, 1.0):
+        ahead = paced(0.001, job_time, concurrency=10)
+        assert ahead * job_time / 10 < ROUNDS * 0.001
