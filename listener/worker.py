@@ -15,7 +15,6 @@ import os
 import socket
 import time
 import uuid
-from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -29,7 +28,7 @@ from listener.errors import AiJobsError, DatabaseUnavailable, InvalidJob, scrub
 from listener.jobs import JOB_TYPES, HandlerMap, Job, Outcome
 from listener.migrate import check_schema
 from listener.notifications import Backoff, Health, Listener, Nudge
-from listener.pacing import ROUNDS, Pacing
+from listener.pacing import ROUNDS, Held, Pacing
 from listener.settings import Settings
 from listener.sweeper import Sweeper
 
@@ -44,6 +43,7 @@ FailureHook = Callable[[Job, BaseException], None]
 class Running:
     job: Job
     task: asyncio.Task[Outcome | None] = field(repr=False)
+    since: float = field(default_factory=time.monotonic)
 
 
 def make_worker_id() -> str:
@@ -72,7 +72,7 @@ class Worker:
         self.id = make_worker_id()
         self.concurrency = settings.worker_concurrency
         self.running: dict[uuid.UUID, Running] = {}
-        self.ready: deque[Job] = deque()  # claimed ahead of a free slot (see pacing)
+        self.ready = Held()  # claimed ahead of a free slot (see pacing)
         self.pacing = Pacing(self.concurrency)
         self.sweeper = Sweeper(pool, settings)
         # Results waiting for their write before a finished job has to wait too:
@@ -151,7 +151,9 @@ class Worker:
                 while self._timers and self._timers[0] <= now:
                     heapq.heappop(self._timers)
                 self._look()
-            free = self.concurrency + self.pacing.ahead() - len(self.running) - len(self.ready)
+            if overdue := self.ready.overdue(now):
+                await self._give_back(overdue)
+            free = self.concurrency + self._ahead(now) - len(self.running) - len(self.ready)
             wanted = [t for t in self._tables_in_turn() if self._more[t]]
             if free > 0 and wanted:
                 if await self._claim_round(wanted, free):
@@ -159,10 +161,20 @@ class Worker:
                 else:
                     await self._sleep(backoff.next())
                 continue
-            timeout = self._timers[0] - now if self._timers else None
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(timeout):
-                    await self._wake.wait()
+            await self._wait(now)
+
+    async def _wait(self, now: float) -> None:
+        """Until a reason to look, the next retry timer, or a held job's limit."""
+        waits = [t - now for t in self._timers[:1]]
+        if (held := self.ready.due_in(now)) is not None:
+            waits.append(held)
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(min(waits, default=None)):
+                await self._wake.wait()
+
+    def _ahead(self, now: float) -> int:
+        oldest = min((r.since for r in self.running.values()), default=now)
+        return self.pacing.ahead(running_for=now - oldest)
 
     def _tables_in_turn(self) -> list[str]:
         self._turn = (self._turn + 1) % len(TABLES)
@@ -194,7 +206,7 @@ class Worker:
                 rows = [r for r in rows if r["kind"] == "claimed"]
             if len(rows) < free and gen == self._gen[table]:
                 self._more[table] = False  # nothing more until the next reason to look
-            self.ready.extend(Job.from_claim(rec) for rec in rows)
+            self.ready.add([Job.from_claim(rec) for rec in rows])
             self._fill()
             free -= len(rows)
             if free <= 0:
@@ -229,7 +241,7 @@ class Worker:
     def _fill(self) -> None:
         """Start claimed jobs in the free slots."""
         while self.ready and len(self.running) < self.concurrency and not self._stop.is_set():
-            self._start(self.ready.popleft())
+            self._start(self.ready.pop())
 
     def _start(self, job: Job) -> None:
         task = asyncio.create_task(self.execute(job), name=f"job {job.id}")
@@ -354,17 +366,13 @@ class Worker:
     async def heartbeats(self) -> None:
         while True:
             await asyncio.sleep(self.settings.heartbeat_interval_seconds)
-            held_here = [*(r.job for r in self.running.values()), *self.ready]
+            held_here = [*(r.job for r in self.running.values()), *self.ready.jobs()]
             for table in TABLES:
                 jobs = [j for j in held_here if j.table == table]
                 if not jobs:
                     continue
-                params = {
-                    "table": table,
-                    "ids": [j.id for j in jobs],
-                    "tokens": [j.claim_token for j in jobs],
-                }
                 try:
+                    params = held_params(table, jobs)
                     held = {r["id"] for r in await self._fetch("heartbeat_jobs", params)}
                 except Exception as exc:
                     self.db_health.down(exc)
@@ -377,15 +385,13 @@ class Worker:
         """The job was marked stale and maybe handed on: stop it (or never start
         it), so that it never runs in two places at once."""
         running = self.running.get(job.id)
-        if running is None and job not in self.ready:
+        if running is None and not self.ready.remove(job):
             return  # ended meanwhile
         logger.bind(
             action="job_lost", job_id=str(job.id), table=job.table, attempt=job.attempt
         ).warning("job no longer held by this worker (marked stale); dropping it")
         if running is not None:
             running.task.cancel()
-        else:
-            self.ready.remove(job)
 
     async def _wait_for_schema(self) -> bool:
         backoff = Backoff(base=0.5, cap=10.0)
@@ -411,9 +417,8 @@ class Worker:
     async def _shutdown(self, background: list[asyncio.Task[Any]]) -> None:
         grace = self.settings.shutdown_grace_seconds
         if self.ready:  # never started: back to the queue at once, for other workers
-            waiting, self.ready = list(self.ready), deque()
             self._give_up_at = time.monotonic() + 5.0
-            await self._release(waiting)
+            await self._release(self.ready.take_all())
             self._give_up_at = None
         tasks = [r.task for r in self.running.values()]
         if tasks:
@@ -440,16 +445,30 @@ class Worker:
                 + ", ".join(t.get_name() for t in stuck)
             )
 
+    async def _give_back(self, jobs: list[Job]) -> None:
+        """Held jobs that waited HOLD_SECONDS for a slot go back to the queue, for
+        any idle worker (without counting an attempt). If the database is away
+        they stay held, heartbeated, and go at the next try."""
+        for table in TABLES:
+            mine = [j for j in jobs if j.table == table]
+            if not mine:
+                continue
+            try:
+                rows = await self._fetch("release_jobs", held_params(table, mine))
+            except Exception as exc:
+                self._report(exc, "give back")
+                self.ready.add(mine)
+                continue
+            logger.bind(action="jobs_given_back", table=table, count=len(rows)).info(
+                f"gave back {len(rows)} job(s) held for {self.ready.limit:g}s without a free slot"
+            )
+
     async def _release(self, jobs: list[Job]) -> None:
         for table in TABLES:
             mine = [j for j in jobs if j.table == table]
             if not mine:
                 continue
-            params = {
-                "table": table,
-                "ids": [j.id for j in mine],
-                "tokens": [j.claim_token for j in mine],
-            }
+            params = held_params(table, mine)
             try:
                 rows = await self._retry(lambda p=params: self._fetch("release_jobs", p))  # type: ignore[misc]
             except Exception as exc:
@@ -460,6 +479,10 @@ class Worker:
             logger.bind(action="jobs_released", table=table, count=len(rows)).info(
                 f"released {len(rows)} unfinished job(s) back to pending"
             )
+
+
+def held_params(table: str, jobs: list[Job]) -> dict[str, Any]:
+    return {"table": table, "ids": [j.id for j in jobs], "tokens": [j.claim_token for j in jobs]}
 
 
 def error_text(exc: BaseException) -> str:

@@ -316,6 +316,7 @@ async def _holding_ahead(
         # Jobs (ROUNDS / 4 - 1) round trips long: 4 jobs ahead of the one slot.
         w.pacing.round_trip.value, w.pacing.job_time.value = 1.0, ROUNDS / 4 - 1
         assert w.pacing.ahead() == 4
+        w.ready.limit = 3600  # held for as long as the test needs
         with connect(db_url) as c:
             c.execute(
                 "insert into ai_course_jobs (subject) select 's' || g from generate_series(1, 5) g"
@@ -377,3 +378,28 @@ async def test_a_held_job_marked_stale_is_dropped_not_run(db_url: str) -> None:
         gate.set()
         await await_until(lambda: _statuses_are(db_url, {"stale": 5, "done": 1}))
         assert started[1] not in stale
+
+
+async def test_jobs_held_too_long_go_back_for_an_idle_worker(db_url: str) -> None:
+    async with _holding_ahead(db_url) as (w, started, gate):
+        # Round trips of a millisecond: with its slot busy for seconds the worker
+        # claims nothing more ahead, and what it holds goes back after the limit.
+        w.pacing.round_trip.value = 0.001
+        w.ready.limit = 0.2
+        w.request_sweep()  # any reason to look makes the loop read the new limit
+        await await_until(lambda: _statuses_are(db_url, {"processing": 1, "pending": 5}))
+        assert len(w.ready) == 0 and len(started) == 1
+        async with running_worker(settings(db_url), {"ai_course_jobs": done_handler}) as idle:
+            await await_until(lambda: _statuses_are(db_url, {"processing": 1, "done": 5}))
+        gate.set()
+    c = await aconnect(db_url)
+    try:
+        cur = await c.execute(
+            "select worker_id, retry_count from ai_course_jobs where subject <> 'first'"
+        )
+        rows = await cur.fetchall()
+    finally:
+        await c.close()
+    assert {r["worker_id"] for r in rows} == {idle.id}  # ran once each, by the idle worker
+    assert {r["retry_count"] for r in rows} == {0}  # giving back is not a failed attempt
+    assert len(started) == 1

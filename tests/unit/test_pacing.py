@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
-from listener.pacing import ROUNDS, Average, Pacing
+import time
+import uuid
+
+from listener.jobs import Job
+from listener.pacing import ROUNDS, Average, Held, Pacing
 
 
 def paced(round_trip: float | None, job_time: float | None, concurrency: int = 10) -> int:
@@ -40,3 +44,34 @@ def test_a_held_job_waits_less_than_rounds_round_trips_for_its_slot() -> None:
     for job_time in (0.0, 0.0005, 0.001, 0.01, 0.1, 1.0):
         ahead = paced(0.001, job_time, concurrency=10)
         assert ahead * job_time / 10 < ROUNDS * 0.001
+
+
+def test_a_long_job_running_now_stops_claiming_ahead() -> None:
+    p = Pacing(10)
+    p.round_trip.value, p.job_time.value = 0.001, 0.0  # short jobs so far
+    assert p.ahead(running_for=0.0) == ROUNDS * 10
+    assert p.ahead(running_for=5.0) == 0  # but a slot is busy with a generation
+
+
+def _job(n: int) -> Job:
+    return Job("ai_course_jobs", uuid.UUID(int=n), uuid.uuid4(), 0, 3, {})
+
+
+def test_held_jobs_come_out_oldest_first_and_overdue_after_the_limit() -> None:
+    held = Held(limit=1.0)
+    assert held.due_in(time.monotonic()) is None
+    held.add([_job(1), _job(2)])
+    now = time.monotonic()
+    assert held.overdue(now) == []
+    assert 0.9 < (held.due_in(now) or 0) <= 1.0
+    assert [j.id.int for j in held.overdue(now + 1.0)] == [1, 2]
+    assert len(held) == 0
+
+
+def test_held_jobs_can_be_dropped_one_by_one_or_all_at_once() -> None:
+    held = Held()
+    held.add([_job(1), _job(2), _job(3)])
+    assert held.remove(_job(2)) and not held.remove(_job(2))
+    assert held.pop().id.int == 1
+    assert [j.id.int for j in held.take_all()] == [3]
+    assert len(held) == 0
