@@ -12,10 +12,10 @@ waiting on the round trip:
 Its slots start `concurrency` jobs per `job_time`, so a held job waits at most
 ROUNDS * round_trip * job_time / (job_time + round_trip) < ROUNDS round trips
 for its slot (some 16 ms here) while jobs keep one length, whatever it is.
-Jobs that take no time get ROUNDS batches ahead, so that one commit serves a
-hundred of them; jobs longer than ROUNDS * concurrency round trips (a sixth of
-a second at concurrency 10) get none at all, so a generation never waits in
-one worker's hands while another worker is idle.
+Jobs that take no time get ROUNDS batches ahead, so that one claim brings in
+over a hundred of them; jobs longer than ROUNDS * concurrency round trips (a
+sixth of a second at concurrency 10) get none at all, so a generation never
+waits in one worker's hands while another worker is idle.
 
 Job lengths can change under a worker's feet: a run of cached courses (a few
 milliseconds each) followed by generations (seconds). Two guards keep a held job
