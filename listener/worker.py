@@ -15,7 +15,7 @@ import os
 import socket
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -151,8 +151,9 @@ class Worker:
                 while self._timers and self._timers[0] <= now:
                     heapq.heappop(self._timers)
                 self._look()
-            if overdue := self.ready.overdue(now):
-                await self._give_back(overdue)
+            if overdue := self.ready.overdue(now):  # for any idle worker; kept if the db is away
+                why = f"held {self.ready.limit:g}s without a free slot"
+                self.ready.add(await self._release(overdue, why, retry=False))
             free = self.concurrency + self._ahead(now) - len(self.running) - len(self.ready)
             wanted = [t for t in self._tables_in_turn() if self._more[t]]
             if free > 0 and wanted:
@@ -367,10 +368,7 @@ class Worker:
         while True:
             await asyncio.sleep(self.settings.heartbeat_interval_seconds)
             held_here = [*(r.job for r in self.running.values()), *self.ready.jobs()]
-            for table in TABLES:
-                jobs = [j for j in held_here if j.table == table]
-                if not jobs:
-                    continue
+            for table, jobs in by_table(held_here):
                 try:
                     params = held_params(table, jobs)
                     held = {r["id"] for r in await self._fetch("heartbeat_jobs", params)}
@@ -417,22 +415,20 @@ class Worker:
     async def _shutdown(self, background: list[asyncio.Task[Any]]) -> None:
         grace = self.settings.shutdown_grace_seconds
         if self.ready:  # never started: back to the queue at once, for other workers
-            self._give_up_at = time.monotonic() + 5.0
-            await self._release(self.ready.take_all())
-            self._give_up_at = None
+            self.ready.add(await self._release(self.ready.take_all(), "held", retry=False))
         tasks = [r.task for r in self.running.values()]
         if tasks:
             logger.bind(action="worker_draining").info(
                 f"stopping: {len(tasks)} job(s) running, waiting up to {grace:g}s"
             )
             await asyncio.wait(tasks, timeout=grace)
-        unfinished = [r.job for r in self.running.values()]
+        unfinished = [r.job for r in self.running.values()] + self.ready.take_all()
         for r in list(self.running.values()):
             r.task.cancel()
         await asyncio.gather(*(r.task for r in list(self.running.values())), return_exceptions=True)
         self._give_up_at = time.monotonic() + max(5.0, grace)
         if unfinished:
-            await self._release(unfinished)
+            await self._release(unfinished, "unfinished")
         with contextlib.suppress(Exception):
             async with asyncio.timeout(max(5.0, grace)):
                 await self.completer.drain()
@@ -445,40 +441,37 @@ class Worker:
                 + ", ".join(t.get_name() for t in stuck)
             )
 
-    async def _give_back(self, jobs: list[Job]) -> None:
-        """Held jobs that waited HOLD_SECONDS for a slot go back to the queue, for
-        any idle worker (without counting an attempt). If the database is away
-        they stay held, heartbeated, and go at the next try."""
-        for table in TABLES:
-            mine = [j for j in jobs if j.table == table]
-            if not mine:
-                continue
-            try:
-                rows = await self._fetch("release_jobs", held_params(table, mine))
-            except Exception as exc:
-                self._report(exc, "give back")
-                self.ready.add(mine)
-                continue
-            logger.bind(action="jobs_given_back", table=table, count=len(rows)).info(
-                f"gave back {len(rows)} job(s) held for {self.ready.limit:g}s without a free slot"
-            )
-
-    async def _release(self, jobs: list[Job]) -> None:
-        for table in TABLES:
-            mine = [j for j in jobs if j.table == table]
-            if not mine:
-                continue
+    async def _release(self, jobs: list[Job], what: str, *, retry: bool = True) -> list[Job]:
+        """Back to pending without counting an attempt. With `retry`, while the
+        database is away (until shutdown's deadline), then left to be rescued when
+        stale; without, one try, and the jobs it could not release are returned."""
+        kept: list[Job] = []
+        for table, mine in by_table(jobs):
             params = held_params(table, mine)
             try:
-                rows = await self._retry(lambda p=params: self._fetch("release_jobs", p))  # type: ignore[misc]
+                if retry:
+                    rows = await self._retry(lambda p=params: self._fetch("release_jobs", p))  # type: ignore[misc]
+                else:
+                    rows = await self._fetch("release_jobs", params)
             except Exception as exc:
+                if not retry:
+                    self._report(exc, "release")
+                    kept += mine
+                    continue
                 logger.bind(action="release_failed").error(
                     f"could not release {len(mine)} job(s): {exc}; they will be rescued when stale"
                 )
                 continue
             logger.bind(action="jobs_released", table=table, count=len(rows)).info(
-                f"released {len(rows)} unfinished job(s) back to pending"
+                f"released {len(rows)} {what} job(s) back to pending"
             )
+        return kept
+
+
+def by_table(jobs: list[Job]) -> Iterator[tuple[str, list[Job]]]:
+    for table in TABLES:
+        if mine := [j for j in jobs if j.table == table]:
+            yield table, mine
 
 
 def held_params(table: str, jobs: list[Job]) -> dict[str, Any]:
