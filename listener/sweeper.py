@@ -6,7 +6,7 @@ empty NOTIFY and every SWEEP_INTERVAL_SECONDS; tests call the duties directly.""
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, field
 
 from loguru import logger
 from psycopg_pool import AsyncConnectionPool
@@ -25,6 +25,7 @@ class SweepResult:
     dead_lettered: int = 0  # failed jobs out of retries moved to the dead letter
     purged: int = 0  # finished jobs deleted by retention
     due_in: float | None = None  # seconds until the next waiting job is due
+    error: Exception | None = field(default=None, repr=False)  # the first duty that failed
 
 
 class Sweeper:
@@ -69,13 +70,25 @@ class Sweeper:
         return None if seconds is None else float(seconds)
 
     async def run_once(self) -> SweepResult:
+        """Every duty, each on its own: one that fails does not stop the others
+        (its error is in the result). A lost database stops the sweep at once:
+        the other duties would only wait for a connection in turn."""
         r = SweepResult()
-        r.stale = await self.mark_stale()
-        r.rescued = await self.rescue_stale()
-        r.dead_lettered = await self.dead_letter()
-        r.purged = await self.retention()
+        duties = (
+            ("stale", self.mark_stale),
+            ("rescued", self.rescue_stale),
+            ("dead_lettered", self.dead_letter),
+            ("purged", self.retention),
+        )
+        for name, duty in duties:
+            try:
+                setattr(r, name, await duty())
+            except Exception as exc:
+                if db.is_connection_error(exc):
+                    raise
+                r.error = r.error or exc
         r.due_in = await self.next_due()
-        counts = {k: v for k, v in asdict(r).items() if k != "due_in" and v}
+        counts = {name: getattr(r, name) for name, _ in duties if getattr(r, name)}
         if counts:
             logger.bind(action="sweep", **counts).info(
                 "sweep: " + ", ".join(f"{k} {v}" for k, v in counts.items())

@@ -2,8 +2,8 @@
 allow, run each job's handler, and record how it ended.
 
 Reasons to look: a notification (listener), a finished job (a free slot), a due
-retry (timer), a sweep. A burst of any of them is one claim round: they only set
-flags and one event.
+retry (timer), a sweep, a poll tick (LISTEN_MODE=poll). A burst of any of them is
+one claim round: they only set flags and one event.
 """
 
 from __future__ import annotations
@@ -36,6 +36,7 @@ T = TypeVar("T")
 TABLES = tuple(JOB_TYPES)
 Periodic = tuple[float, Callable[[], Awaitable[Any]], str]
 SHUTDOWN_BACKGROUND_SECONDS = 10.0  # a cancelled background task gets this long to end
+POLL_INTERVAL_SECONDS = 1.0  # LISTEN_MODE=poll: how often the worker looks for work
 FailureHook = Callable[[Job, BaseException], None]
 
 
@@ -59,16 +60,20 @@ class Worker:
         *,
         dsn: str | None = None,
         listen: bool = True,
+        poll_interval: float = POLL_INTERVAL_SECONDS,
         periodic: Sequence[Periodic] = (),
         on_failure: FailureHook | None = None,
+        on_started: Callable[[], None] | None = None,
     ) -> None:
         self.settings = settings
         self.pool = pool
         self.handlers = handlers
         self.dsn = dsn or settings.dsn or ""
         self.listen = listen
+        self.poll_interval = poll_interval
         self.periodic = list(periodic)
         self.on_failure = on_failure
+        self.on_started = on_started
         self.id = make_worker_id()
         self.concurrency = settings.worker_concurrency
         self.running: dict[uuid.UUID, Running] = {}
@@ -79,10 +84,19 @@ class Worker:
         # two claims' worth, the most that can finish between two claim rounds.
         backlog = 2 * (ROUNDS + 1) * self.concurrency
         self.completer = Completer(pool, self._retry, backlog=backlog)
-        self.listener = Listener(self.dsn, self._on_nudge, self.request_sweep)
+        self.medic = db.PoolMedic(pool)
+        self.listener = Listener(
+            self.dsn,
+            self._on_nudge,
+            self._on_listening,
+            notify=self._notify,
+            probe_every=settings.listen_probe_seconds,
+            sender=self.id,
+        )
         self.db_health = Health("database")
         self._stop = asyncio.Event()
         self._wake = asyncio.Event()
+        self._back = asyncio.Event()  # the database answers again: end a claim backoff
         self._sweep_now = asyncio.Event()
         self._more = dict.fromkeys(TABLES, True)  # may a claim in this table find a job?
         self._gen = dict.fromkeys(TABLES, 0)  # bumped by every reason to look
@@ -91,6 +105,9 @@ class Worker:
         self._give_up_at: float | None = None  # writes stop retrying after this (shutdown)
         self.claim_queries = 0  # claim statements sent (tests check the coalescing)
         self.notifications = 0  # valid notifications received
+        self.sweeps = 0  # sweeps that ran to the end
+        self.polls = 0  # looks for work by the poll timer (LISTEN_MODE=poll)
+        self._side: set[asyncio.Task[Any]] = set()
 
     # -- signals from outside -------------------------------------------------
 
@@ -113,6 +130,32 @@ class Worker:
             self.request_sweep()
         self._look([nudge.table] if nudge.table else TABLES)
 
+    def _on_listening(self, recovered: bool) -> None:
+        """The LISTEN connection is up. After a reconnect the notifications of the
+        gap are lost, and the pool's connections may have died with it."""
+        if recovered:
+            self._spawn(self._catch_up())
+        else:
+            self.request_sweep()
+
+    async def _catch_up(self) -> None:
+        await self.medic.heal()  # fresh connections first, not one failure per caller
+        self._back.set()
+        self.request_sweep()
+
+    async def _notify(self, channel: str, payload: str) -> None:
+        """The listener's probe, sent through the pool like any job's notification."""
+        try:
+            await self._fetch("notify", {"channel": channel, "payload": payload})
+        except Exception as exc:
+            self._report(exc, "probe")
+            raise
+
+    def _spawn(self, coro: Awaitable[Any]) -> None:
+        task = asyncio.ensure_future(coro)
+        self._side.add(task)
+        task.add_done_callback(self._side.discard)
+
     def _at(self, due_in: float | None) -> None:
         if due_in is not None:
             heapq.heappush(self._timers, time.monotonic() + max(0.0, due_in))
@@ -124,6 +167,8 @@ class Worker:
         """Work until request_stop(); then finish, release and return."""
         if not await self._wait_for_schema():
             return
+        if self.listen and not await self.listener.service.verify(self._stop):
+            return
         background = [
             asyncio.create_task(self._sweeps()),
             asyncio.create_task(self.heartbeats()),
@@ -131,10 +176,16 @@ class Worker:
             *(asyncio.create_task(self._every(i, fn, name)) for i, fn, name in self.periodic),
         ]
         if self.listen:
-            background.append(asyncio.create_task(self.listener.run()))
+            background.append(asyncio.create_task(self.listener.run(), name="listener"))
+        else:
+            background.append(
+                asyncio.create_task(self._every(self.poll_interval, self._poll, "poll"))
+            )
+        mode = "listen" if self.listen else f"poll every {self.poll_interval:g}s"
+        if self.on_started is not None:
+            self.on_started()
         logger.bind(action="worker_started", worker=self.id).info(
-            f"worker started (concurrency {self.concurrency}, "
-            f"listen {'on' if self.listen else 'off'})"
+            f"worker started (concurrency {self.concurrency}, {mode})"
         )
         try:
             await self._claim_loop()
@@ -157,10 +208,11 @@ class Worker:
             free = self.concurrency + self._ahead(now) - len(self.running) - len(self.ready)
             wanted = [t for t in self._tables_in_turn() if self._more[t]]
             if free > 0 and wanted:
+                self._back.clear()
                 if await self._claim_round(wanted, free):
                     backoff.reset()
-                else:
-                    await self._sleep(backoff.next())
+                else:  # until the backoff ends, or the listener finds the database back
+                    await self._sleep(backoff.next(), self._back)
                 continue
             await self._wait(now)
 
@@ -214,10 +266,14 @@ class Worker:
                 break
         return True
 
-    async def _sleep(self, seconds: float) -> None:
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(seconds):
-                await self._stop.wait()
+    async def _sleep(self, seconds: float, also: asyncio.Event | None = None) -> None:
+        """For `seconds`, or until stopped (or `also` is set)."""
+        waits = [asyncio.ensure_future(e.wait()) for e in (self._stop, also) if e is not None]
+        try:
+            await asyncio.wait(waits, timeout=seconds, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for w in waits:
+                w.cancel()
 
     # -- one job ----------------------------------------------------------------
 
@@ -322,7 +378,7 @@ class Worker:
             except Exception as exc:
                 if not db.is_connection_error(exc) and not _is_pool_timeout(exc):
                     raise
-                self.db_health.down(exc)
+                self._report(exc, "write")
                 if self._give_up_at is not None and time.monotonic() > self._give_up_at:
                     raise DatabaseUnavailable("database unreachable at shutdown") from exc
                 await asyncio.sleep(backoff.next())
@@ -334,35 +390,60 @@ class Worker:
             await asyncio.sleep(interval)
             await self._guarded(fn, name)
 
-    async def _guarded(self, fn: Callable[[], Awaitable[Any]], name: str) -> None:
+    async def _guarded(
+        self, fn: Callable[[], Awaitable[Any]], name: str, quiet: bool = False
+    ) -> bool:
         try:
             await fn()
+            return True
         except Exception as exc:
-            self._report(exc, name)
+            self._report(exc, name, quiet)
+            return False
 
-    def _report(self, exc: BaseException, what: str) -> None:
-        """A lost database is a health transition; anything else is an error to show."""
+    async def _poll(self) -> None:
+        self.polls += 1
+        self._look()
+
+    def _report(self, exc: BaseException, what: str, quiet: bool = False) -> None:
+        """A lost database is a health transition, and the pool's other connections
+        are replaced at once; anything else is an error to show (unless `quiet`:
+        the same duty failing again)."""
         if db.is_connection_error(exc) or _is_pool_timeout(exc):
             self.db_health.down(exc)
-        else:
+            self.medic.heal_soon()
+        elif not quiet:
             logger.bind(action="duty_failed", duty=what).error(
                 f"{what} failed: {scrub(error_text(exc), self.settings)}"
             )
 
     async def _sweeps(self) -> None:
-        """At start, on request (reconnect, empty NOTIFY) and every interval."""
+        """At start, on request (reconnect, empty NOTIFY) and every interval. A
+        sweep that fails is retried with backoff until it succeeds (the catch-up
+        after a reconnect must land), and every attempt, failed or not, is followed
+        by a claim round: a failed duty never hides pending work."""
+        backoff = Backoff(base=0.2, cap=5.0)
+        failing = False
         while True:
             self._sweep_now.clear()
-            await self._guarded(self._sweep, "sweep")
+            ok = await self._guarded(self._sweep, "sweep", quiet=failing)
+            self._look()
+            if ok and failing:
+                logger.bind(action="sweep_recovered").info("sweep: ran again")
+            failing = not ok
+            if ok:
+                backoff.reset()
+            wait = backoff.next() if failing else self.settings.sweep_interval_seconds
             with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(self.settings.sweep_interval_seconds):
+                async with asyncio.timeout(wait):
                     await self._sweep_now.wait()
 
     async def _sweep(self) -> None:
         result = await self.sweeper.run_once()
         self.db_health.up()
         self._at(result.due_in)
-        self._look()
+        if result.error is not None:
+            raise result.error
+        self.sweeps += 1
 
     async def heartbeats(self) -> None:
         while True:
@@ -373,7 +454,7 @@ class Worker:
                     params = held_params(table, jobs)
                     held = {r["id"] for r in await self._fetch("heartbeat_jobs", params)}
                 except Exception as exc:
-                    self.db_health.down(exc)
+                    self._report(exc, "heartbeat")
                     continue
                 for j in jobs:
                     if j.id not in held:
@@ -432,6 +513,7 @@ class Worker:
         with contextlib.suppress(Exception):
             async with asyncio.timeout(max(5.0, grace)):
                 await self.completer.drain()
+        background += self._side
         for t in background:
             t.cancel()
         _, stuck = await asyncio.wait(background, timeout=SHUTDOWN_BACKGROUND_SECONDS)

@@ -38,6 +38,14 @@ class Runtime:
         """Periodic housekeeping (called by the worker's timer)."""
         await self.catalog.tick()
 
+    def announce(self) -> None:
+        logger.bind(
+            action="handlers_ready",
+            course_providers=[p.name for p in self.providers.course],
+            media_providers=[p.name for p in self.providers.media],
+            storage=self.storage.location,
+        ).info("generation handlers ready")
+
     async def aclose(self) -> None:
         """Flush and release what the handlers hold (called once at shutdown)."""
         try:
@@ -47,7 +55,11 @@ class Runtime:
             await self.storage.aclose()
 
 
-async def create_runtime(settings: Settings, pool: AsyncConnectionPool[Any] | None) -> Runtime:
+async def create_runtime(
+    settings: Settings, pool: AsyncConnectionPool[Any] | None, *, announce: bool = True
+) -> Runtime:
+    """Everything the handlers need, without touching the database (so that a
+    configuration error stops the process before any connection is opened)."""
     init_sentry(settings)
     providers = Providers.from_settings(settings)
     storage = open_storage(settings, timeout=settings.ai_timeout_seconds)
@@ -57,10 +69,6 @@ async def create_runtime(settings: Settings, pool: AsyncConnectionPool[Any] | No
         "ai_course_jobs": CourseHandler(settings, providers, storage, catalog),
         "ai_media_jobs": MediaHandler(settings, providers, storage),
     }
-    logger.bind(
-        action="handlers_ready",
-        course_providers=[p.name for p in providers.course],
-        media_providers=[p.name for p in providers.media],
-        storage=storage.location,
-    ).info("generation handlers ready")
+    if announce:
+        rt.announce()
     return rt
