@@ -275,17 +275,33 @@ class ListenService:
                 wait = due - now
             else:
                 wait = PING_INTERVAL
+            probing = self._probe_deadline is not None
             async for n in conn.notifies(timeout=max(0.001, min(wait, PING_INTERVAL))):
                 self._heard(n.payload)
-            if time.monotonic() - max(self._heard_at, self._pinged_at) >= PING_INTERVAL:
-                # Quiet: prove the connection is still there. A half-open TCP
-                # connection does not answer; the timeout turns that into an error
-                # and a reconnect. (asyncio.timeout, not wait_for: on Python 3.11
-                # wait_for can swallow a cancellation that arrives as the ping
-                # completes, and the listener would then never stop.)
-                async with asyncio.timeout(PING_TIMEOUT):
-                    await conn.execute(db.sql("keepalive"))
-                self._pinged_at = time.monotonic()
+                if probing and self._probe_deadline is None:
+                    break  # answered: the next probe is due a full interval from now
+            quiet = time.monotonic() - max(self._heard_at, self._pinged_at)
+            if self._probe_deadline is None and quiet >= PING_INTERVAL:
+                await self._ping(conn)  # a probe under way answers the same question
+
+    async def _ping(self, conn: Conn) -> None:
+        """Prove that the connection is still there. A half-open TCP connection
+        does not answer: after PING_TIMEOUT the connection is closed, then the
+        query abandoned (cancelled first, psycopg would send a cancel request
+        and wait for its answer, up to 10 s more), and the session ends."""
+        ping = asyncio.ensure_future(conn.execute(db.sql("keepalive")))
+        try:
+            done, _ = await asyncio.wait({ping}, timeout=PING_TIMEOUT)
+        except asyncio.CancelledError:
+            ping.cancel()
+            raise
+        if not done:
+            await _close(conn)
+            ping.cancel()
+            await asyncio.wait({ping}, timeout=1.0)
+            raise TimeoutError(f"no answer to a ping within {PING_TIMEOUT:g}s")
+        ping.result()
+        self._pinged_at = time.monotonic()
 
     def _heard(self, payload: str) -> None:
         self._heard_at = time.monotonic()
@@ -296,6 +312,9 @@ class ListenService:
         if probe[1] == self._probe_n and self._probe_sent is not None:
             self.probe_seconds = self._heard_at - self._probe_sent
             self._probe_sent = self._probe_deadline = None
+            self._log.bind(action=f"{self.name}_probe").debug(
+                f"{self.name}: probe {probe[1]} back in {self.probe_seconds * 1000:.1f} ms"
+            )
             if self.state == DEAF:
                 self._log.bind(action=f"{self.name}_healthy").info(
                     f"{self.name}: hears the channel again (probe back in "
@@ -326,9 +345,12 @@ class ListenService:
                 await self.notify(self.channel, probe_payload(self.sender, n))
         except TimeoutError:
             return
-        except Exception:
+        except Exception as exc:
             # The pool could not send it (its owner reports that): no verdict on
             # the LISTEN connection; try again after the next quiet period.
+            self._log.bind(action=f"{self.name}_probe_unsent").debug(
+                f"{self.name}: probe {n} not sent: {reason(exc)}"
+            )
             if n == self._probe_n:
                 self._probe_sent = self._probe_deadline = None
                 self._heard_at = time.monotonic()

@@ -126,7 +126,13 @@ class FaultProxy:
             c_writer.transport.abort()
             return
         try:
-            s_reader, s_writer = await asyncio.open_connection(self.target_host, self.target_port)
+            if self.target_host.startswith("/"):  # a Unix-socket directory (embedded server)
+                path = f"{self.target_host}/.s.PGSQL.{self.target_port}"
+                s_reader, s_writer = await asyncio.open_unix_connection(path)
+            else:
+                s_reader, s_writer = await asyncio.open_connection(
+                    self.target_host, self.target_port
+                )
         except OSError:
             c_writer.transport.abort()
             return

@@ -85,9 +85,17 @@ class Dashboard:
     def __init__(self, settings: Settings, dsn: str, admin_token: str) -> None:
         self.settings = settings
         self.auth = Auth(admin_token)
-        self.pool: AsyncConnectionPool[Any] = db.make_pool(dsn, 4, app="ai-jobs web")
+        self.pool: AsyncConnectionPool[Any] = db.make_pool(
+            dsn, 4, app="ai-jobs web", prepare=settings.listen_mode == "listen"
+        )
         self.alert_cache = views.AlertCache(settings)
-        self.feed = LiveFeed(dsn, self.snapshot)
+        self.feed = LiveFeed(
+            dsn,
+            self.snapshot,
+            notify=self._notify,
+            probe_every=settings.listen_probe_seconds,
+            listen=settings.listen_mode == "listen",
+        )
         self._log = logger.bind(action="web")
 
     # -- plumbing ------------------------------------------------------------
@@ -142,6 +150,11 @@ class Dashboard:
         if status >= 400:
             return PlainTextResponse(message, status)
         return RedirectResponse(PAGE, 303)
+
+    async def _notify(self, channel: str, payload: str) -> None:
+        """The live feed's probe, sent through the dashboard's pool."""
+        async with self.pool.connection(timeout=5) as conn:
+            await db.fetch(conn, "notify", {"channel": channel, "payload": payload})
 
     async def snapshot(self) -> dict[str, str]:
         async with self.pool.connection() as conn:
