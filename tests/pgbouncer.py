@@ -97,7 +97,8 @@ class PgBouncer:
         self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + 10
         while True:
-            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", self.port), 1):
+            with contextlib.suppress(OSError):
+                socket.create_connection(("127.0.0.1", self.port), 1).close()
                 return self
             if self.proc.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError(f"pgbouncer did not start: {self.log()[-2000:]}")
