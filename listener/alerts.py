@@ -1,6 +1,8 @@
-"""The runbook's recommended alerts, evaluated against the live database.
+"""The runbook's recommended alerts, and two about the workers themselves,
+evaluated against the live database.
 
-`evaluate()` reads the six rules' values (one query plus the rejection counter);
+`evaluate()` reads the rules' values (one query, the rejection counter and the
+worker registry);
 `AlertMonitor.tick()` runs every minute in the worker: it samples the rate-limit
 rejection counter, evaluates, logs each firing and resolved *transition* once, and
 posts those transitions to ALERT_WEBHOOK_URL (Slack-compatible JSON) when set.
@@ -17,6 +19,7 @@ from loguru import logger
 from psycopg_pool import AsyncConnectionPool
 
 from listener import db
+from listener.registry import NO_WORKER_GRACE_SECONDS, live_seconds
 from listener.settings import Settings
 
 Conn = psycopg.AsyncConnection[dict[str, Any]]
@@ -30,7 +33,7 @@ WEBHOOK_TIMEOUT_SECONDS = 5.0
 class Rule:
     name: str
     severity: Severity
-    setting: str  # the Settings field that holds the threshold
+    setting: str  # the Settings field that holds the threshold; "": fires above 0
     summary: str  # what the alert means, for people
     unit: str = ""
 
@@ -73,6 +76,19 @@ RULES: tuple[Rule, ...] = (
         "warning",
         "alert_rate_limit_violations_per_hour",
         "inserts rejected by the rate limit in the last hour: user education needed",
+    ),
+    Rule(
+        "no_worker",
+        "critical",
+        "",
+        "jobs due for over a minute and no live worker listening: start `ai-jobs worker`",
+    ),
+    Rule(
+        "worker_deaf",
+        "warning",
+        "",
+        "workers whose LISTEN connection does not hear its probes: check the network or "
+        "pooler between them and PostgreSQL",
     ),
 )
 
@@ -117,6 +133,13 @@ async def record_samples(conn: Conn) -> None:
 async def evaluate(conn: Conn, settings: Settings) -> list[Alert]:
     """Every rule, firing or not, in the runbook's order (critical ones first)."""
     row = (await db.fetch(conn, "alert_values", {"stale_seconds": settings.stale_after_seconds}))[0]
+    workers = (
+        await db.fetch(
+            conn,
+            "worker_alert_values",
+            {"live_seconds": live_seconds(settings), "grace": NO_WORKER_GRACE_SECONDS},
+        )
+    )[0]
     values: dict[str, float | int | None] = {
         "dead_letter_last_hour": int(row["dead_letter_last_hour"]),
         "stale_processing": int(row["stale_processing"]),
@@ -124,10 +147,12 @@ async def evaluate(conn: Conn, settings: Settings) -> list[Alert]:
         "avg_processing_time": row["avg_processing_time"],
         "failure_rate": row["failure_rate"],
         "rate_limit_violations": await rejections_last_hour(conn),
+        "no_worker": 0 if workers["listening"] else int(workers["waiting"]),
+        "worker_deaf": int(workers["deaf"]),
     }
     alerts = []
     for rule in RULES:
-        threshold: float | int = getattr(settings, rule.setting)
+        threshold: float | int = getattr(settings, rule.setting) if rule.setting else 0
         value = values[rule.name]
         firing = value is not None and value > threshold
         alerts.append(Alert(rule.name, rule.severity, firing, value, threshold))

@@ -125,3 +125,8 @@ async def list_jobs(conn: Conn, status: str | None, limit: int) -> list[dict[str
 async def rate_limit_usage(conn: Conn) -> list[dict[str, Any]]:
     """Jobs per user and table in the last hour, with the enforced limit."""
     return await db.fetch(conn, "rate_limit_usage")
+
+
+async def workers(conn: Conn, live_seconds: float) -> list[dict[str, Any]]:
+    """The live worker processes (the registry, sql/012), oldest first."""
+    return await db.fetch(conn, "workers_list", {"live_seconds": live_seconds})

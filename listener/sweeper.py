@@ -12,6 +12,7 @@ from loguru import logger
 from psycopg_pool import AsyncConnectionPool
 
 from listener import db
+from listener.registry import live_seconds
 from listener.settings import Settings
 
 RESCUE_PAGE = 100  # stale jobs requeued per call; the sweep calls again while pages are full
@@ -24,6 +25,7 @@ class SweepResult:
     rescued: int = 0  # stale jobs sent back to pending (or to the dead letter)
     dead_lettered: int = 0  # failed jobs out of retries moved to the dead letter
     purged: int = 0  # finished jobs deleted by retention
+    expired: int = 0  # rows of worker processes that stopped beating, deleted
     due_in: float | None = None  # seconds until the next waiting job is due
     error: Exception | None = field(default=None, repr=False)  # the first duty that failed
 
@@ -63,6 +65,12 @@ class Sweeper:
         self._last_retention = now
         return int(rows[0]["deleted"])
 
+    async def expire_workers(self) -> int:
+        """The registry rows of processes that died (a clean exit removes its own)."""
+        seconds = max(self.settings.stale_after_seconds, live_seconds(self.settings))
+        async with self.pool.connection() as conn:
+            return len(await db.fetch(conn, "workers_expire", {"seconds": seconds}))
+
     async def next_due(self) -> float | None:
         async with self.pool.connection() as conn:
             rows = await db.fetch(conn, "next_job_due")
@@ -79,6 +87,7 @@ class Sweeper:
             ("rescued", self.rescue_stale),
             ("dead_lettered", self.dead_letter),
             ("purged", self.retention),
+            ("expired", self.expire_workers),
         )
         for name, duty in duties:
             try:

@@ -29,6 +29,7 @@ from listener.jobs import JOB_TYPES, HandlerMap, Job, Outcome
 from listener.migrate import check_schema
 from listener.notifications import Backoff, Health, Listener, Nudge
 from listener.pacing import ROUNDS, Held, Pacing
+from listener.registry import POLLING, Registry, Status
 from listener.settings import Settings
 from listener.sweeper import Sweeper
 
@@ -92,7 +93,9 @@ class Worker:
             notify=self._notify,
             probe_every=settings.listen_probe_seconds,
             sender=self.id,
+            on_state=lambda state: self.registry.poke(),
         )
+        self.registry = Registry(pool, settings, self.id, self._status, self._registry_error)
         self.db_health = Health("database")
         self._stop = asyncio.Event()
         self._wake = asyncio.Event()
@@ -151,6 +154,18 @@ class Worker:
             self._report(exc, "probe")
             raise
 
+    def _status(self) -> Status:
+        service = self.listener.service
+        return Status(
+            listener_state=service.state if self.listen else POLLING,
+            jobs_running=len(self.running),
+            probe_seconds=service.probe_seconds,
+            reconnects=service.reconnects,
+        )
+
+    def _registry_error(self, exc: BaseException) -> None:
+        self._report(exc, "registry")
+
     def _spawn(self, coro: Awaitable[Any]) -> None:
         task = asyncio.ensure_future(coro)
         self._side.add(task)
@@ -173,6 +188,7 @@ class Worker:
             asyncio.create_task(self._sweeps()),
             asyncio.create_task(self.heartbeats()),
             asyncio.create_task(self.completer.run()),
+            asyncio.create_task(self.registry.run(), name="registry"),
             *(asyncio.create_task(self._every(i, fn, name)) for i, fn, name in self.periodic),
         ]
         if self.listen:
@@ -513,6 +529,7 @@ class Worker:
         with contextlib.suppress(Exception):
             async with asyncio.timeout(max(5.0, grace)):
                 await self.completer.drain()
+        await self.registry.remove()
         background += self._side
         for t in background:
             t.cancel()

@@ -7,7 +7,8 @@ connections (a server that is down, for as long as the test needs).
 
 It runs its own event loop in a thread, so that sync tests drive it too. Faults
 apply to the connections open when they are injected; connections opened later
-are healthy unless `partition` is on (then they are blackholed too).
+are healthy unless `partition` (or `muting`) is on: then they are blackholed
+(or muted) too.
 
 Clients must not ask for TLS (`url()` adds sslmode=disable): the proxy frames the
 server's messages (type byte + length) to find notifications.
@@ -51,6 +52,7 @@ class FaultProxy:
         self.port = free_port()
         self.delay = 0.0  # seconds added to every chunk, both ways
         self.partition = False  # new connections are blackholed too
+        self.muting = False  # new connections are muted too
         self.refusing = False  # new connections are closed at once, as by a server that is down
         self.links: set[Link] = set()
         self.accepted = 0
@@ -137,7 +139,7 @@ class FaultProxy:
             c_writer.transport.abort()
             return
         self.accepted += 1
-        link = Link(c_writer, s_writer, blackholed=self.partition)
+        link = Link(c_writer, s_writer, blackholed=self.partition, muted=self.muting)
         self.links.add(link)
         link.tasks = [
             asyncio.create_task(self._pump(link, c_reader, s_writer, frames=False)),

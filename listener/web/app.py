@@ -38,7 +38,7 @@ from starlette.responses import (
 )
 from starlette.routing import Route
 
-from listener import db, ops
+from listener import db, ops, registry
 from listener.errors import AiJobsError, JobBusy, JobNotFound, translate
 from listener.settings import Settings
 from listener.web import metrics, views
@@ -164,14 +164,28 @@ class Dashboard:
     # -- pages -----------------------------------------------------------------
 
     async def healthz(self, request: Request) -> Response:
+        """The database answers: 200, with or without workers (their absence is
+        the no_worker alert's business, not a reason to restart the dashboard)."""
         try:
             async with self.pool.connection(timeout=3) as conn:
                 await conn.execute(db.sql("keepalive"))
+                workers = await self._live_workers(conn)
         except psycopg.Error:
             return JSONResponse({"status": "unavailable", "database": False}, 503)
         return JSONResponse(
-            {"status": "ok", "database": True, "live": self.feed.listening.is_set()}
+            {
+                "status": "ok",
+                "database": True,
+                "live": self.feed.listening.is_set(),
+                "workers": workers,
+            }
         )
+
+    async def _live_workers(self, conn: Any) -> int | None:
+        try:
+            return len(await ops.workers(conn, registry.live_seconds(self.settings)))
+        except AiJobsError:  # a schema older than the registry: still healthy
+            return None
 
     async def jobs_page(self, request: Request, who: Principal) -> Response:
         async with self.pool.connection() as conn:

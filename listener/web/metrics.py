@@ -16,7 +16,8 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from listener import alerts, db, ops
+from listener import alerts, db, ops, registry
+from listener.listen import LISTENING
 from listener.settings import Settings
 
 Conn = psycopg.AsyncConnection[dict[str, Any]]
@@ -100,7 +101,49 @@ async def collect(conn: Conn, settings: Settings) -> list[Metric]:
         if alert.value is not None:
             value.add_metric([alert.rule], alert.value)
 
-    return [depth, avg, duration, done, failures, latency, provider_jobs, rejections, firing, value]
+    return [
+        depth,
+        avg,
+        duration,
+        done,
+        failures,
+        latency,
+        provider_jobs,
+        rejections,
+        firing,
+        value,
+        *await _workers(conn, settings),
+    ]
+
+
+async def _workers(conn: Conn, settings: Settings) -> list[Metric]:
+    """The live workers (the registry), and what each reports of its listener.
+    Worker ids as labels: bounded by the live processes, written by them alone."""
+    rows = await ops.workers(conn, registry.live_seconds(settings))
+    count = GaugeMetricFamily(
+        "ai_jobs_workers", "Live worker processes per listener state", labels=["listener_state"]
+    )
+    for state in registry.LISTENER_STATES:
+        count.add_metric([state], sum(r["listener_state"] == state for r in rows))
+    up = GaugeMetricFamily(
+        "ai_jobs_listener_up",
+        "1 while the worker's LISTEN connection is up and hears its probes, else 0",
+        labels=["worker"],
+    )
+    probe = GaugeMetricFamily(
+        "ai_jobs_listen_probe_seconds",
+        "Round trip of the worker's last probe: sent through its pool, heard on its LISTEN",
+        labels=["worker"],
+    )
+    reconnects = CounterMetricFamily(
+        "ai_jobs_reconnects", "LISTEN reconnects of the worker since it started", labels=["worker"]
+    )
+    for r in rows:
+        up.add_metric([r["id"]], int(r["listener_state"] == LISTENING))
+        if r["probe_seconds"] is not None:
+            probe.add_metric([r["id"]], r["probe_seconds"])
+        reconnects.add_metric([r["id"]], r["reconnects"])
+    return [count, up, probe, reconnects]
 
 
 def render(families: list[Metric]) -> bytes:

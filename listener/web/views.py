@@ -15,7 +15,7 @@ from typing import Any
 import psycopg
 from jinja2 import Environment, PackageLoader, select_autoescape
 
-from listener import alerts, db, ops
+from listener import alerts, db, ops, registry
 from listener.settings import Settings
 
 Conn = psycopg.AsyncConnection[dict[str, Any]]
@@ -110,8 +110,10 @@ class AlertCache:
 
 
 async def load(conn: Conn, alert_cache: AlertCache) -> dict[str, Any]:
+    live = registry.live_seconds(alert_cache.settings)
     return {
         "cards": cards(await db.fetch(conn, "job_metrics")),
+        "workers": await ops.workers(conn, live),
         "jobs": await db.fetch(conn, "recent_jobs", {"limit": RECENT_LIMIT}),
         "alerts": await alert_cache.get(conn),
         "generated_at": datetime.now(UTC),
@@ -125,6 +127,7 @@ def fragments(data: dict[str, Any]) -> dict[str, str]:
     return {
         "alerts": env.get_template("_alerts.html").render(data),
         "cards": env.get_template("_cards.html").render(data),
+        "workers": env.get_template("_workers.html").render(data),
         "rows": env.get_template("_rows.html").render(data),
         "updated": _clock(data["generated_at"]),
     }

@@ -6,7 +6,9 @@ nothing twice and never exits."""
 
 from __future__ import annotations
 
+import json
 import signal
+import subprocess
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -16,7 +18,7 @@ import pytest
 
 from listener.listen import PROBE_TIMEOUT
 from tests.faultproxy import FaultProxy
-from tests.helpers import connect, insert_course, job, wait_until
+from tests.helpers import AI_JOBS, connect, env, insert_course, job, wait_until
 from tests.workers import WorkerProcess
 
 PROBE = 1.0  # LISTEN_PROBE_SECONDS for these tests
@@ -108,3 +110,54 @@ def test_dropped_connections_jobs_start_within_two_seconds(
     wait_until(lambda: _row(db_url, jid)["status"] == "done", what="the unheard job done")
     assert (_row(db_url, jid)["started_at"] - back).total_seconds() < 2.0
     _ran_once(w, jid)
+
+
+def _workers(url: str) -> list[dict[str, Any]]:
+    p = subprocess.run(
+        [*AI_JOBS, "workers", "--json"], env=env(url), capture_output=True, text=True, timeout=30
+    )
+    assert p.returncode == 0, p.stderr
+    return list(json.loads(p.stdout))
+
+
+def _alert(url: str, rule: str) -> dict[str, Any]:
+    p = subprocess.run(
+        [*AI_JOBS, "alerts", "--json"], env=env(url), capture_output=True, text=True, timeout=30
+    )
+    return next(a for a in json.loads(p.stdout)["alerts"] if a["rule"] == rule)
+
+
+def test_a_worker_that_stays_deaf_says_so_and_keeps_working(
+    proxied: tuple[FaultProxy, WorkerProcess], db_url: str
+) -> None:
+    proxy, w = proxied
+    proxy.muting = True  # every connection, the new ones too, loses its notifications
+    proxy.mute()
+    wait_until(lambda: [r["listener_state"] for r in _workers(db_url)] == ["deaf"], timeout=20)
+    assert _alert(db_url, "worker_deaf")["firing"]
+    with connect(db_url) as c:  # unheard: found by the catch-up after each reconnect
+        jid = insert_course(c, "while deaf")
+    wait_until(lambda: _row(db_url, jid)["status"] == "done", timeout=DEAF_WITHIN + 10)
+    _ran_once(w, jid)
+    assert len(w.actions("listener_deaf")) == 1  # a transition, not every missed probe
+    proxy.muting = False
+    wait_until(lambda: [r["listener_state"] for r in _workers(db_url)] == ["listening"], 20)
+    assert not _alert(db_url, "worker_deaf")["firing"]
+    row = _workers(db_url)[0]
+    assert row["reconnects"] >= 2 and row["pid"] == w.pid
+
+
+def test_a_slow_network_is_slow_not_deaf(
+    proxied: tuple[FaultProxy, WorkerProcess], db_url: str
+) -> None:
+    proxy, w = proxied
+    proxy.set_delay(0.2)  # each way, on every connection
+    wait_until(
+        lambda: (_workers(db_url)[0]["probe_seconds"] or 0) >= 0.4,
+        timeout=15,
+        what="a probe round trip through the slow network",
+    )
+    with connect(db_url) as c:
+        jid = insert_course(c, "through a slow network")
+    wait_until(lambda: _row(db_url, jid)["status"] == "done", timeout=10)
+    assert not w.actions("listener_deaf") and not w.actions("listener_unhealthy")

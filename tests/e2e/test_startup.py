@@ -41,9 +41,7 @@ def _run(command: str, db_url: str | None, **settings: str) -> tuple[int, list[s
     e = env(db_url, **base)
     e.update(settings)
     t0 = time.monotonic()
-    p = subprocess.run(
-        [*AI_JOBS, command], env=e, capture_output=True, text=True, timeout=60
-    )
+    p = subprocess.run([*AI_JOBS, command], env=e, capture_output=True, text=True, timeout=60)
     return p.returncode, p.stderr.splitlines(), time.monotonic() - t0
 
 

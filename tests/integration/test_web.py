@@ -233,6 +233,42 @@ async def test_metrics_in_prometheus_format(client: httpx.AsyncClient, db_url: s
     assert "ai_jobs_rate_limit_rejections_total 0.0" in text
 
 
+async def test_workers_on_the_page_in_metrics_and_healthz(
+    client: httpx.AsyncClient, db_url: str
+) -> None:
+    r = await client.get("/healthz")  # a deployment with no worker still answers
+    assert r.status_code == 200 and r.json()["database"] is True and r.json()["workers"] == 0
+    page = (await client.get("/admin/jobs", headers=BEARER | HTML)).text
+    assert "No live worker" in page
+    async with await aconnect(db_url) as c:
+        await c.execute(
+            "insert into ai_job_workers (id, host, pid, listener_state, jobs_running, version,"
+            " probe_seconds, reconnects) values"
+            " ('h1:10:aaaaaa', 'h1', 10, 'listening', 2, '0.1.0', 0.002, 3),"
+            " ('h2:20:bbbbbb', 'h2', 20, 'deaf', 0, '0.1.0', null, 7)"
+        )
+        await c.execute(  # a dead one, not shown
+            "insert into ai_job_workers (id, host, pid, last_seen, listener_state, version)"
+            " values ('h3:30:cccccc', 'h3', 30, now() - interval '1 hour', 'listening', '0.1.0')"
+        )
+    page = (await client.get("/admin/jobs", headers=BEARER | HTML)).text
+    assert 'data-worker="h1:10:aaaaaa" data-listener="listening"' in page
+    assert 'data-worker="h2:20:bbbbbb" data-listener="deaf"' in page
+    assert "h3:30:cccccc" not in page
+    snap = (await client.get("/admin/jobs/snapshot", headers=BEARER | JSON)).json()
+    assert 'data-worker="h1:10:aaaaaa"' in snap["workers"]
+    assert (await client.get("/healthz")).json()["workers"] == 2
+    text = (await client.get("/metrics", headers=BEARER)).text
+    assert 'ai_jobs_workers{listener_state="listening"} 1.0' in text
+    assert 'ai_jobs_workers{listener_state="deaf"} 1.0' in text
+    assert 'ai_jobs_workers{listener_state="polling"} 0.0' in text
+    assert 'ai_jobs_listener_up{worker="h1:10:aaaaaa"} 1.0' in text
+    assert 'ai_jobs_listener_up{worker="h2:20:bbbbbb"} 0.0' in text
+    assert 'ai_jobs_listen_probe_seconds{worker="h1:10:aaaaaa"} 0.002' in text
+    assert 'ai_jobs_reconnects_total{worker="h2:20:bbbbbb"} 7.0' in text
+    assert "h3:30:cccccc" not in text
+
+
 class Stream:
     """One server-sent-events connection, read in the background."""
 
