@@ -64,7 +64,11 @@ def _uuid(text: str) -> UUID:
 async def _migrate(args: argparse.Namespace, s: Settings) -> int:
     from listener.migrate import migrate
 
-    applied = await migrate(db.require_dsn(s.dsn), rate_limit_per_hour=s.rate_limit_per_hour)
+    applied = await migrate(
+        db.require_dsn(s.dsn),
+        rate_limit_per_hour=s.rate_limit_per_hour,
+        request_limits=s.request_limits(),
+    )
     print(f"applied {len(applied)} migration(s)" + (": " + ", ".join(applied) if applied else ""))
     return 0
 

@@ -128,7 +128,11 @@ async def run_demo(base: Settings, serve: bool, console: Console) -> int:
     with database(base, console) as server_dsn:
         dsn = _fresh_database(server_dsn) if not base.dsn else server_dsn
         settings = demo_settings(base, dsn)
-        await migrate(dsn, rate_limit_per_hour=settings.rate_limit_per_hour)
+        await migrate(
+            dsn,
+            rate_limit_per_hour=settings.rate_limit_per_hour,
+            request_limits=settings.request_limits(),
+        )
         async with open_worker(settings, app="ai-jobs demo") as worker:
             worker_task = asyncio.create_task(worker.run())
             try:

@@ -58,8 +58,14 @@ def migrations() -> list[Migration]:
     return [found[v] for v in sorted(found)]
 
 
-async def migrate(dsn: str, rate_limit_per_hour: int | None = None) -> list[str]:
-    """Apply what is missing; return the names applied by this call."""
+async def migrate(
+    dsn: str,
+    rate_limit_per_hour: int | None = None,
+    request_limits: dict[str, int] | None = None,
+) -> list[str]:
+    """Apply what is missing; return the names applied by this call. The rate limit
+    and the request limits (Settings.request_limits()), when given, are written
+    into ai_job_settings, where the database enforces them."""
     applied: list[str] = []
     async with db.connection(dsn, app="ai-jobs migrate") as conn:
         try:
@@ -77,6 +83,8 @@ async def migrate(dsn: str, rate_limit_per_hour: int | None = None) -> list[str]
                 applied.append(m.name)
             if rate_limit_per_hour is not None:
                 await conn.execute(db.sql("set_rate_limit"), {"limit": rate_limit_per_hour})
+            if request_limits is not None:
+                await conn.execute(db.sql("set_request_limits"), request_limits)
         except psycopg.Error as exc:
             raise translate(exc) from exc
     return applied
