@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import re
 import sys
 from collections.abc import Callable, Coroutine, Sequence
 from typing import Any
@@ -101,7 +102,13 @@ async def _status(args: argparse.Namespace, s: Settings) -> int:
     if args.json:
         print_json(depth)
     else:
-        print_table(["table", *ops.STATUSES], [[t, *depth[t].values()] for t in ops.TABLES])
+        columns = [
+            *ops.STATUSES,
+            *([ops.OTHER] if any(ops.OTHER in d for d in depth.values()) else []),
+        ]
+        print_table(
+            ["table", *columns], [[t, *(depth[t].get(c, 0) for c in columns)] for t in ops.TABLES]
+        )
     return 0
 
 
@@ -264,8 +271,14 @@ async def _web(args: argparse.Namespace, s: Settings) -> int:
 
 
 def _clip(value: Any, width: int = 40) -> str:
-    text = "" if value is None else " ".join(str(value).split())
+    """One line of at most `width` characters, without control characters: a
+    subject or an error may come from a client, and an escape sequence printed
+    as is would drive the operator's terminal."""
+    text = "" if value is None else _CONTROL.sub("?", " ".join(str(value).split()))
     return text if len(text) <= width else text[: width - 1] + "…"
+
+
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u200b-\u200f\u202a-\u202e\u2066-\u2069]")
 
 
 @command("worker")
@@ -363,7 +376,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         s = settings_mod.load()
-        logs.setup(s.log_format, s.log_level)
+        logs.setup(s.log_format, s.log_level, s.secrets())
         return asyncio.run(_COMMANDS[args.command](args, s))
     except KeyboardInterrupt:
         return 130

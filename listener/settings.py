@@ -123,18 +123,18 @@ class Settings(BaseSettings):
         return self.database_url.get_secret_value() if self.database_url else None
 
     def secrets(self) -> list[str]:
-        """Every secret value set, for scrubbing text that may quote one."""
-        values = (
-            self.openai_api_key,
-            self.anthropic_api_key,
-            self.supabase_service_role_key,
-            self.sentry_dsn,
-            self.admin_token,
-            self.database_url,
-        )
-        # model_copy(update=...) does not validate, so a copy may hold a plain str.
-        plain = [v.get_secret_value() if isinstance(v, SecretStr) else str(v) for v in values if v]
-        return [v for v in plain if v]
+        """Every secret value set (each SecretStr field: a new secret setting is
+        covered without a change here), for scrubbing text that may quote one."""
+        plain = []
+        for name, field in type(self).model_fields.items():
+            if "SecretStr" not in str(field.annotation):
+                continue
+            value = getattr(self, name)
+            # model_copy(update=...) does not validate, so a copy may hold a plain str.
+            text = value.get_secret_value() if isinstance(value, SecretStr) else value
+            if text:
+                plain.append(str(text))
+        return plain
 
     def request_limits(self) -> dict[str, int]:
         """The limits of a client's request, as `ai-jobs migrate` writes them."""

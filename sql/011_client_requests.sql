@@ -198,6 +198,17 @@ from ai_course_owners o
 where o.course_id = j.course_id and o.owner is distinct from j.created_by
   and j.status in ('pending', 'failed', 'stale');
 
+-- Queued jobs whose params the worker could not even parse (a JSON parser has a
+-- depth limit, and the claim parses every row it returns) end now.
+update ai_course_jobs
+set status = 'dead_letter', completed_at = now(), claim_token = null,
+    error = 'Invalid job: params nested more than 20 levels deep'
+where status in ('pending', 'failed', 'stale') and jsonb_path_exists(params, 'strict $.**{21}');
+update ai_media_jobs
+set status = 'dead_letter', completed_at = now(), claim_token = null,
+    error = 'Invalid job: params nested more than 20 levels deep'
+where status in ('pending', 'failed', 'stale') and jsonb_path_exists(params, 'strict $.**{21}');
+
 -- Values the worker and the operators' tools can compute with ----------------
 --
 -- Rows written before this migration are brought within the bounds first (a

@@ -22,15 +22,24 @@ from tests.helpers import connect
 
 # -- the allow-list -------------------------------------------------------------
 
-COURSE_PUBLIC = (
-    "id status params retry_count max_retries error created_by created_at run_after "
-    "started_at last_heartbeat completed_at result_path metrics subject course_id"
-).split()
-MEDIA_PUBLIC = [c for c in COURSE_PUBLIC if c not in ("subject", "course_id")] + [
-    "prompt",
-    "media_type",
-    "course_id",
+LIFECYCLE = [
+    "id",
+    "status",
+    "params",
+    "retry_count",
+    "max_retries",
+    "error",
+    "created_by",
+    "created_at",
+    "run_after",
+    "started_at",
+    "last_heartbeat",
+    "completed_at",
+    "result_path",
+    "metrics",
 ]
+COURSE_PUBLIC = [*LIFECYCLE, "subject", "course_id"]
+MEDIA_PUBLIC = [*LIFECYCLE, "prompt", "media_type", "course_id"]
 COURSE_REQUEST = ["subject", "params", "created_by", "course_id"]
 MEDIA_REQUEST = ["prompt", "media_type", "params", "created_by", "course_id"]
 SETTINGS_PUBLIC = [
@@ -100,9 +109,7 @@ ALLOWED: dict[str, dict[str, set[str]]] = {
     "function complete_and_claim(text,text,integer,uuid[],uuid[],text[],jsonb[])": {
         "service_role": EXECUTE
     },
-    "function fail_job(text,uuid,uuid,text,double precision,boolean)": {
-        "service_role": EXECUTE
-    },
+    "function fail_job(text,uuid,uuid,text,double precision,boolean)": {"service_role": EXECUTE},
     "function release_jobs(text,uuid[],uuid[])": {"service_role": EXECUTE},
     "function rescue_stale_jobs(integer)": {"service_role": EXECUTE},
     "function next_job_due()": {"service_role": EXECUTE},
@@ -135,8 +142,8 @@ select case c.relkind when 'S' then 'sequence' when 'v' then 'view' when 'm' the
        case when a.grantee = 0 then 'PUBLIC' else pg_get_userbyid(a.grantee) end as grantee,
        a.privilege_type as privilege
 from pg_class c join pg_namespace n on n.oid = c.relnamespace,
-     aclexplode(coalesce(c.relacl, acldefault(case when c.relkind = 'S' then 's' else 'r' end::"char",
-                                               c.relowner))) a
+     aclexplode(coalesce(c.relacl, acldefault(
+         case when c.relkind = 'S' then 's' else 'r' end::"char", c.relowner))) a
 where n.nspname = 'public' and c.relkind = any('{r,p,f,v,m,S}') and a.grantee <> c.relowner
 union all
 select case c.relkind when 'v' then 'view' when 'm' then 'view' else 'table' end
