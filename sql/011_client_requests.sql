@@ -292,9 +292,9 @@ alter table ai_media_jobs
 
 -- Failures that always end ------------------------------------------------------
 
--- As in 003, with the arithmetic bounded: the backoff exponent stops at 20 and
--- the wait at a day, whatever the retry count or the base; the counter stops at
--- 1000. Should the write fail all the same, the job goes to the dead letter with
+-- As in 003, with the arithmetic bounded: the base counts up to a day, the
+-- backoff exponent stops at 20 and the wait at a day, whatever the retry count
+-- or the base (NaN and infinity included); the counter stops at 1000. Should the write fail all the same, the job goes to the dead letter with
 -- both errors rather than stay processing, be rescued when stale, and run again.
 create or replace function fail_job(
     table_name text, job_id uuid, token uuid, error_message text,
@@ -317,7 +317,8 @@ begin
                                     then clock_timestamp() end,
                 run_after = case when $5 or j.retry_count >= j.max_retries - 1 then j.run_after
                                  else clock_timestamp() + make_interval(secs => least(86400,
-                                      greatest(0, $4) * power(2, least(j.retry_count, 20))
+                                      greatest(0, least($4, 86400))
+                                      * power(2, least(j.retry_count, 20))
                                       * (0.75 + random() * 0.5))) end
             where j.id = $1 and j.claim_token = $2 and j.status in ('processing', 'stale')
             returning j.status, j.retry_count, j.run_after
