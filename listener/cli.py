@@ -33,7 +33,7 @@ def command(name: str) -> Callable[[Handler], Handler]:
 
 
 def print_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
-    cells = [[str(h) for h in headers], *[["" if c is None else str(c) for c in r] for r in rows]]
+    cells = [[str(h) for h in headers], *[[_printable(c) for c in r] for r in rows]]
     widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
     for r in cells:
         print("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
@@ -270,11 +270,15 @@ async def _web(args: argparse.Namespace, s: Settings) -> int:
     return 0
 
 
+def _printable(value: Any) -> str:
+    """A cell on one line, without control characters: a subject, an error or a
+    worker id may come from a client, and an escape sequence printed as is would
+    drive the operator's terminal."""
+    return "" if value is None else _CONTROL.sub("?", " ".join(str(value).split()))
+
+
 def _clip(value: Any, width: int = 40) -> str:
-    """One line of at most `width` characters, without control characters: a
-    subject or an error may come from a client, and an escape sequence printed
-    as is would drive the operator's terminal."""
-    text = "" if value is None else _CONTROL.sub("?", " ".join(str(value).split()))
+    text = _printable(value)
     return text if len(text) <= width else text[: width - 1] + "…"
 
 
