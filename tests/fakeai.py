@@ -125,6 +125,12 @@ class FakeAI(HTTPFake):
         self.slow_seconds = 3.0
         self.requests: list[Recorded] = []
         self.envelopes: list[bytes] = []
+        # The images API answers {"url": image_url} instead of base64 when set;
+        # GET /files/<name> serves files[name] (without a Content-Length when the
+        # name ends in ".stream").
+        self.image_url: str | None = None
+        self.files: dict[str, bytes] = {}
+        self.redirects: dict[str, str] = {}  # GET /files/<name> answers 302 to the value
 
     def count(self, provider: str, path: str | None = None) -> int:
         with self.lock:
@@ -145,6 +151,11 @@ class FakeAI(HTTPFake):
             with self.lock:
                 self.envelopes.append(raw)
             return self.send(h, 200, {"id": "x"})
+        name = path.removeprefix("/files/")
+        if path.startswith("/files/") and name in self.redirects:
+            return self.send(h, 302, b"", headers={"location": self.redirects[name]})
+        if path.startswith("/files/") and name in self.files:
+            return self.file(h, name)
         provider = "anthropic" if "anthropic-version" in h.headers else "openai"
         try:
             body: Any = json.loads(raw) if raw else None
@@ -171,6 +182,9 @@ class FakeAI(HTTPFake):
         if path == "/v1/messages":
             return self.messages(h, body, mode)
         if path == "/v1/images/generations":
+            if self.image_url:
+                answer = {"created": int(time.time()), "data": [{"url": self.image_url}]}
+                return self.send(h, 200, answer)
             b64 = base64.b64encode(FAKE_IMAGE).decode()
             return self.send(h, 200, {"created": int(time.time()), "data": [{"b64_json": b64}]})
         if path == "/v1/audio/speech":
@@ -193,6 +207,20 @@ class FakeAI(HTTPFake):
         else:
             body = {"error": {"message": message, "type": "invalid_request_error", "code": None}}
         self.send(h, status, body, headers=headers)
+
+    def file(self, h: BaseHTTPRequestHandler, name: str) -> None:
+        data = self.files[name]
+        if not name.endswith(".stream"):
+            return self.send(h, 200, data, "image/png")
+        try:  # no Content-Length: the body ends when the connection closes
+            h.close_connection = True
+            h.send_response(200)
+            h.send_header("content-type", "image/png")
+            h.end_headers()
+            for i in range(0, len(data), 65536):
+                h.wfile.write(data[i : i + 65536])
+        except OSError:
+            pass  # the client stopped reading
 
     def models(self, h: BaseHTTPRequestHandler, provider: str) -> None:
         if provider == "anthropic":
