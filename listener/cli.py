@@ -69,6 +69,7 @@ async def _migrate(args: argparse.Namespace, s: Settings) -> int:
         db.require_dsn(s.dsn),
         rate_limit_per_hour=s.rate_limit_per_hour,
         request_limits=s.request_limits(),
+        write_settings=args.write_settings,
     )
     print(f"applied {len(applied)} migration(s)" + (": " + ", ".join(applied) if applied else ""))
     return 0
@@ -319,7 +320,15 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="ai-jobs", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    sub.add_parser("migrate", help="apply sql/ and triggers/ to DATABASE_URL")
+    mg = sub.add_parser("migrate", help="apply sql/ and triggers/ to DATABASE_URL")
+    mg.add_argument(
+        "--write-settings",
+        action="store_true",
+        help="write RATE_LIMIT_PER_HOUR and the request limits (MAX_SUBJECT_LENGTH, "
+        "MAX_PROMPT_LENGTH, MAX_PARAMS_BYTES) into ai_job_settings even when the database has "
+        "values (by default only when they are created, so that a limit changed live survives "
+        "the migrate of every deploy)",
+    )
     sub.add_parser("worker", help="the long-running listener (Procfile worker:)")
     ro = sub.add_parser("run-once", help="process one pending job now and print the result")
     ro.add_argument("--type", choices=["course", "media"])

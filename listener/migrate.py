@@ -23,6 +23,7 @@ from listener.errors import AiJobsError, SchemaOutdated, translate
 
 _FILE = re.compile(r"^(\d{3})_[a-z0-9_]+\.sql$")
 FOLDERS = ("sql", "triggers")
+REQUEST_LIMITS_MIGRATION = 11  # adds the request limits to ai_job_settings
 
 
 @dataclass(frozen=True)
@@ -62,10 +63,17 @@ async def migrate(
     dsn: str,
     rate_limit_per_hour: int | None = None,
     request_limits: dict[str, int] | None = None,
+    *,
+    write_settings: bool = False,
 ) -> list[str]:
-    """Apply what is missing; return the names applied by this call. The rate limit
-    and the request limits (Settings.request_limits()), when given, are written
-    into ai_job_settings, where the database enforces them."""
+    """Apply what is missing; return the names applied by this call.
+
+    The settings the database holds (ai_job_settings: the rate limit; the request
+    limits of Settings.request_limits()) are written from the arguments when this
+    call creates their columns (the first install; migration 011 for the request
+    limits), or when `write_settings` asks for it. Otherwise they are left alone:
+    `ai-jobs migrate` runs on every deploy (the Procfile's release line), and an
+    operator who changed a limit live in psql must not find it reset."""
     applied: list[str] = []
     async with db.connection(dsn, app="ai-jobs migrate") as conn:
         try:
@@ -81,9 +89,10 @@ async def migrate(
                     )
                     await conn.execute(m.text.encode())  # several statements: simple protocol
                 applied.append(m.name)
-            if rate_limit_per_hour is not None:
+            new = {m.version for m in migrations() if m.name in applied}
+            if rate_limit_per_hour is not None and (1 in new or write_settings):
                 await conn.execute(db.sql("set_rate_limit"), {"limit": rate_limit_per_hour})
-            if request_limits is not None:
+            if request_limits is not None and (REQUEST_LIMITS_MIGRATION in new or write_settings):
                 await conn.execute(db.sql("set_request_limits"), request_limits)
         except psycopg.Error as exc:
             raise translate(exc) from exc

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import re
+import subprocess
 import uuid
 from collections.abc import Iterator
 from typing import Any
@@ -18,7 +19,7 @@ import psycopg
 import pytest
 from psycopg import errors
 
-from tests.helpers import connect, insert_course, insert_media, job
+from tests.helpers import AI_JOBS, connect, env, insert_course, insert_media, job
 from tests.supabase import as_anon, as_service, as_user
 
 ALICE = uuid.UUID("00000000-0000-4000-8000-00000000a11c")
@@ -509,9 +510,36 @@ def test_limits_change_from_psql_and_from_the_settings(supabase_db_url: str) -> 
             insert_course(c, "123456")
         insert_course(c, "12345")
     limits = Settings(max_subject_length=7, max_prompt_length=8, max_params_bytes=20)
+    # every deploy's migrate leaves a limit changed live alone ...
     asyncio.run(migrate(supabase_db_url, request_limits=limits.request_limits()))
+    with connect(supabase_db_url) as c:
+        assert c.execute("select max_subject_length from ai_job_settings").fetchone() == {
+            "max_subject_length": 5
+        }
+    # ... unless asked to write the settings
+    asyncio.run(
+        migrate(supabase_db_url, request_limits=limits.request_limits(), write_settings=True)
+    )
     with connect(supabase_db_url) as c:
         row = c.execute(
             "select max_subject_length, max_prompt_length, max_params_bytes from ai_job_settings"
         ).fetchone()
         assert row == {"max_subject_length": 7, "max_prompt_length": 8, "max_params_bytes": 20}
+
+
+def test_the_first_migrate_writes_the_request_limits(empty_db_url: str) -> None:
+    """Like the rate limit: written from the settings when the columns appear (the
+    first install, or migration 011 on an older database), left alone later."""
+    p = subprocess.run(
+        [*AI_JOBS, "migrate"],
+        env=env(empty_db_url, MAX_SUBJECT_LENGTH="42", MAX_PARAMS_BYTES="1000"),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert p.returncode == 0, p.stderr
+    with connect(empty_db_url) as c:
+        row = c.execute(
+            "select max_subject_length, max_prompt_length, max_params_bytes from ai_job_settings"
+        ).fetchone()
+    assert row == {"max_subject_length": 42, "max_prompt_length": 4000, "max_params_bytes": 1000}
