@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import signal
+import subprocess
 import tempfile
 import uuid
 from pathlib import Path
@@ -12,12 +13,12 @@ from typing import Any
 
 import psycopg
 import pytest
-from psycopg.conninfo import conninfo_to_dict
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 from listener.notifications import parse_payload
 from tests import fakeai
 from tests.fakeai import FakeAI
-from tests.helpers import connect, job, wait_until
+from tests.helpers import AI_JOBS, connect, env, job, wait_until
 from tests.supabase import as_anon, as_user
 from tests.workers import WorkerProcess
 
@@ -203,3 +204,48 @@ def test_secrets_echoed_by_a_provider_reach_neither_the_job_nor_the_log(
         assert secret not in log
         assert secret[-12:] not in log  # nor its tail (OpenAI quotes a key's last characters)
     assert "***" in log
+
+
+def test_the_worker_and_the_reports_run_as_service_role(supabase_db_url: str) -> None:
+    """service_role's grants are enough for everything the worker and the
+    operators' commands do: claims, completions, the catalog, the sweep, the
+    alert monitor's samples and transitions."""
+    params = conninfo_to_dict(supabase_db_url)
+    as_service_role = make_conninfo(**params, options="-c role=service_role")
+    storage = Path(tempfile.mkdtemp())
+    w = WorkerProcess(
+        as_service_role,
+        STORAGE_URL=storage,
+        ALERT_INTERVAL_SECONDS="0.2",
+        CATALOG_BATCH_JOBS="1",
+        CACHE_TTL_SECONDS="0",
+    ).started()
+    try:
+        with connect(as_service_role) as c:
+            assert c.execute("select current_user as u").fetchone()["u"] == "service_role"
+            course = str(
+                c.execute(
+                    "insert into ai_course_jobs (subject, created_by) values ('Roles', %s)"
+                    " returning id",
+                    [ALICE],
+                ).fetchone()["id"]
+            )
+            wait_until(lambda: job(c, course)["status"] == "done", what="course done")
+        wait_until(lambda: (storage / "courses/catalog.json").exists(), what="catalog")
+        with connect(supabase_db_url) as c:
+            wait_until(
+                lambda: c.execute("select count(*) from ai_job_counter_samples").fetchone()[
+                    "count"
+                ],
+                what="an alert tick",
+            )
+        for args in (["status"], ["alerts"], ["jobs"], ["stuck"], ["rate-limit"], ["dead-letter"]):
+            p = subprocess.run(
+                [*AI_JOBS, *args], env=env(as_service_role), capture_output=True, text=True
+            )
+            assert p.returncode == 0, (args, p.stderr)
+    finally:
+        w.signal(signal.SIGTERM)
+        assert w.wait() == 0
+    failed = [e for e in w.events() if e["level"] in ("ERROR", "CRITICAL", "WARNING")]
+    assert failed == [], failed
