@@ -37,7 +37,11 @@ declare
     lim record;
     trusted boolean;
 begin
-    select max_subject_length, max_prompt_length, max_params_bytes into lim from ai_job_settings;
+    -- The defaults stand in should the settings row be missing: never no limit.
+    select coalesce(max(max_subject_length), 500) as max_subject_length,
+           coalesce(max(max_prompt_length), 4000) as max_prompt_length,
+           coalesce(max(max_params_bytes), 8192) as max_params_bytes
+    into lim from ai_job_settings;
     if tg_table_name = 'ai_course_jobs' then
         if length(new.subject) > lim.max_subject_length then
             raise exception 'subject is % characters long, over the limit of %',
@@ -116,10 +120,11 @@ create or replace trigger ai_media_jobs_admit
 --     (an operator regenerates a user's course by requeueing that user's job, or
 --     by enqueueing as that user).
 -- The claim is an INSERT ... ON CONFLICT on the primary key, so two users asking
--- for one id at once queue on it and one of them gets it.
+-- for one id at once queue on it and one of them gets it. Ids are owned in lower
+-- case: 'Algebra' and 'algebra' are one folder on a case-insensitive file system.
 
 create table if not exists ai_course_owners (
-    course_id  text primary key,
+    course_id  text primary key,  -- lower(course_id) of the jobs
     owner      uuid,
     claimed_at timestamptz not null default now()
 );
@@ -133,12 +138,12 @@ declare
     holder uuid;
 begin
     for attempt in 1..8 loop
-        insert into ai_course_owners as o (course_id, owner) values (candidate, owner_id)
+        insert into ai_course_owners as o (course_id, owner) values (lower(candidate), owner_id)
         on conflict (course_id) do nothing;
         if found then
             return candidate;
         end if;
-        select o.owner into holder from ai_course_owners o where o.course_id = candidate;
+        select o.owner into holder from ai_course_owners o where o.course_id = lower(candidate);
         if holder is not distinct from owner_id then
             return candidate;
         end if;
@@ -181,21 +186,22 @@ create or replace trigger ai_course_jobs_set_course_id
 -- use each id. Queued jobs that would write into another user's course move to
 -- their own id (processing ones cannot be stopped here).
 insert into ai_course_owners (course_id, owner, claimed_at)
-select c.course_id, j.created_by, c.created_at
+select distinct on (lower(c.course_id)) lower(c.course_id), j.created_by, c.created_at
 from ai_course_catalog c left join ai_course_jobs j on j.id = c.job_id
+order by lower(c.course_id), c.created_at
 on conflict do nothing;
 
 insert into ai_course_owners (course_id, owner, claimed_at)
-select distinct on (course_id) course_id, created_by, created_at
+select distinct on (lower(course_id)) lower(course_id), created_by, created_at
 from ai_course_jobs
 where course_id is not null
-order by course_id, created_at, id
+order by lower(course_id), created_at, id
 on conflict do nothing;
 
 update ai_course_jobs j
 set course_id = ai_job_claim_course_id(j.course_id, j.created_by, true)
 from ai_course_owners o
-where o.course_id = j.course_id and o.owner is distinct from j.created_by
+where o.course_id = lower(j.course_id) and o.owner is distinct from j.created_by
   and j.status in ('pending', 'failed', 'stale');
 
 -- Queued jobs whose params the worker could not even parse (a JSON parser has a

@@ -409,7 +409,14 @@ def test_nobody_takes_over_a_course_another_user_made(supabase_db_url: str) -> N
         assert bobs.startswith("algebra-") and len(bobs) == len("algebra-") + 6
         assert _course_id(bob, "  ALGEBRA! ") == bobs
         # naming Alice's course outright is refused, whatever the spelling tricks
-        for given in ("algebra", "algebra\n", "algebra/../algebra", " algebra"):
+        for given in (
+            "algebra",
+            "ALGEBRA",
+            "Algebra",
+            "algebra\n",
+            "algebra/../algebra",
+            " algebra",
+        ):
             with pytest.raises((errors.InsufficientPrivilege, errors.CheckViolation)):
                 _course_id(bob, "Anything", course_id=given)
         # each regenerates their own
