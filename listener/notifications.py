@@ -9,6 +9,7 @@ import asyncio
 import contextlib
 import json
 import random
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from uuid import UUID
@@ -38,6 +39,9 @@ class Nudge:
 # much longer is not ours, and is refused before json.loads sees it (any role can
 # NOTIFY the channel, and a few thousand nested brackets exhaust the parser).
 MAX_PAYLOAD = 512
+# An empty NOTIFY asks for a sweep, and any role may send one: a flood of them
+# costs at most one sweep per SWEEP_NUDGE_SPACING; the others are plain looks.
+SWEEP_NUDGE_SPACING = 1.0
 
 
 def parse_payload(payload: str) -> Nudge:
@@ -120,6 +124,7 @@ class Listener:
         self.health = Health("listener")
         self.connected = asyncio.Event()
         self.backend_pid: int | None = None
+        self._last_sweep_nudge = -SWEEP_NUDGE_SPACING
 
     async def run(self) -> None:
         """Listen until cancelled; never returns on a database error."""
@@ -167,6 +172,12 @@ class Listener:
                 f"({type(exc).__name__}: {str(exc)[:200]}): {payload[:200]!r}"
             )
             return
+        if nudge.sweep:
+            now = time.monotonic()
+            if now - self._last_sweep_nudge < SWEEP_NUDGE_SPACING:
+                nudge = Nudge()  # a look at both tables, not another sweep
+            else:
+                self._last_sweep_nudge = now
         try:
             self.on_nudge(nudge)
         except Exception as exc:

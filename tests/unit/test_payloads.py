@@ -11,7 +11,13 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from listener.notifications import MAX_PAYLOAD, Listener, Nudge, parse_payload
+from listener.notifications import (
+    MAX_PAYLOAD,
+    SWEEP_NUDGE_SPACING,
+    Listener,
+    Nudge,
+    parse_payload,
+)
 
 JOB = uuid.UUID("0b9f7c1e-8a4f-4b8e-9a51-6f2b9c1d2e3f")
 NOTIFY_TEXT = st.text(st.characters(codec="utf-8", exclude_characters="\x00"), max_size=2000)
@@ -71,3 +77,15 @@ def test_dispatch_survives_a_failing_nudge_handler() -> None:
     listener = Listener("", boom, lambda: None)
     listener._dispatch("")  # the handler raises: logged, not raised
     listener._dispatch("[" * 7000)
+
+
+def test_a_flood_of_sweep_requests_is_one_sweep_a_second() -> None:
+    got: list[Nudge] = []
+    listener = Listener("", got.append, lambda: None)
+    for _ in range(1000):
+        listener._dispatch("")
+    assert [n.sweep for n in got].count(True) == 1
+    assert len(got) == 1000  # the others still look for work
+    listener._last_sweep_nudge -= SWEEP_NUDGE_SPACING  # a second later
+    listener._dispatch("")
+    assert got[-1].sweep
