@@ -58,8 +58,13 @@ def migrations() -> list[Migration]:
     return [found[v] for v in sorted(found)]
 
 
-async def migrate(dsn: str, rate_limit_per_hour: int | None = None) -> list[str]:
-    """Apply what is missing; return the names applied by this call."""
+async def migrate(
+    dsn: str,
+    rate_limit_per_hour: int | None = None,
+    daily_budget_usd_per_user: float | None = None,
+) -> list[str]:
+    """Apply what is missing; return the names applied by this call. The settings
+    given (not None) are written to ai_job_settings."""
     applied: list[str] = []
     async with db.connection(dsn, app="ai-jobs migrate") as conn:
         try:
@@ -77,6 +82,9 @@ async def migrate(dsn: str, rate_limit_per_hour: int | None = None) -> list[str]
                 applied.append(m.name)
             if rate_limit_per_hour is not None:
                 await conn.execute(db.sql("set_rate_limit"), {"limit": rate_limit_per_hour})
+            if daily_budget_usd_per_user is not None:
+                params = {"budget": daily_budget_usd_per_user}
+                await conn.execute(db.sql("set_daily_budget"), params)
         except psycopg.Error as exc:
             raise translate(exc) from exc
     return applied

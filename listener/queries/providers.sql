@@ -27,3 +27,18 @@ from defer_job(%(table)s, %(id)s, %(token)s, %(wait)s, %(reason)s, %(max_wait)s)
 select ai_job_add_usage(%(providers)s::text[], %(models)s::text[], %(calls)s::bigint[],
                         %(input)s::bigint[], %(cached)s::bigint[], %(output)s::bigint[],
                         %(costs)s::numeric[])
+
+-- name: providers_refusing_auth
+-- The provider_auth alert: breakers opened by a 401/403/404 and not closed since
+-- by an answer (a probe, or ai_job_provider_reset).
+select count(*) as count from ai_job_provider_state where cooldown_kind = 'auth'
+
+-- name: provider_breakers
+-- /metrics: 1 while a breaker is not closed (open, or half-open awaiting its probe).
+select provider, (open_until is not null)::int as open from ai_job_provider_state
+
+-- name: usage_totals
+-- /metrics: what every provider call spent (ai_job_add_usage), by provider and model.
+select provider, model, input_tokens, cached_input_tokens, output_tokens, cost_usd::float8 as cost_usd
+from ai_job_usage_totals
+order by provider, model
