@@ -136,7 +136,7 @@ def configure(overrides: str | None) -> None:
 
 def _load(text: str) -> dict[str, Any]:
     source = "PRICING_OVERRIDES"
-    if not text.lstrip().startswith("{"):
+    if not text.lstrip().startswith(("{", "[")):
         path = Path(text.strip()).expanduser()
         try:
             text = path.read_text(encoding="utf-8")
