@@ -62,6 +62,7 @@ async def create_runtime(settings: Settings, pool: AsyncConnectionPool[Any] | No
     known = {settings.openai_model, settings.anthropic_model}
     known |= {settings.openai_image_model, settings.openai_tts_model}
     chain = Chain(settings, Breakers(pool, settings), Meter(pool, known))
+    await chain.breakers.forget_auth([p.name for p in providers.course if p.name != "placeholder"])
     rt = Runtime(settings, pool, providers, storage, catalog, chain)
     rt.handlers = {
         "ai_course_jobs": CourseHandler(settings, providers, chain, storage, catalog),

@@ -98,6 +98,24 @@ class Breakers:
             return Admission(True, probe=True)
         return Admission(False, wait=PROBE_RECHECK_SECONDS, reason=f"breaker half-open ({reason})")
 
+    async def forget_auth(self, names: list[str]) -> None:
+        """At start-up: close the breakers a credentials error opened for the
+        providers this process has keys for. A new process may hold a fixed key;
+        if not, its first call opens the breaker again (and the alert stays)."""
+        if self.pool is None or not names:
+            return
+        try:
+            rows = await self._fetch("provider_forget_auth", {"providers": names})
+        except Exception as exc:
+            self._down(exc)
+            return
+        for row in rows:
+            logger.bind(action="provider_breaker_closed", provider=row["provider"]).info(
+                "{} breaker closed at start-up (opened by a credentials error; the key may "
+                "be fixed now)",
+                row["provider"],
+            )
+
     def is_open(self, name: str) -> bool:
         st = self.states.get(name)
         return st is not None and st.open_until is not None

@@ -18,6 +18,11 @@ select s.*, clock_timestamp() as db_now from ai_job_provider_succeeded(%(provide
 -- name: provider_probe
 select s.*, clock_timestamp() as db_now from ai_job_provider_probe(%(provider)s, %(lease)s) s
 
+-- name: provider_forget_auth
+select provider, ai_job_provider_reset(provider)
+from ai_job_provider_state
+where cooldown_kind = 'auth' and provider = any(%(providers)s::text[])
+
 -- name: defer_job
 select status, retry_count, counted,
        extract(epoch from run_after - clock_timestamp())::float8 as due_in

@@ -77,6 +77,15 @@ async def test_auth_errors_open_the_breaker_for_long(
     assert state is not None and state["is_open"] and state["cooldown_kind"] == "auth"
     assert "sk-test" not in str(state["cooldown_reason"])
 
+    # A process that starts (perhaps with a fixed key) tries again.
+    fake.modes["openai"] = "valid"
+    rt = await create_runtime(make_settings(), pool)
+    state = await breaker(conn, "openai")
+    third = await rt.handlers["ai_course_jobs"](await course_job(conn, "Keys Three"))
+    await rt.aclose()
+    assert state is not None and state["open_until"] is None
+    assert third.metrics["provider"] == "openai"
+
 
 async def test_every_provider_refusing_ends_the_job(
     conn: Conn, pool: AsyncConnectionPool[Any], fake: FakeAI, make_settings: MakeSettings
