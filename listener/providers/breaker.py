@@ -89,6 +89,7 @@ class Breakers:
             return Admission(False, wait=wait, reason=why)
         got = await self._probe(name, lease)
         st = self.states.get(name)
+        now = time.monotonic()
         if st is None or st.open_until is None:
             return CALL  # closed meanwhile by another worker
         if got:
@@ -96,6 +97,8 @@ class Breakers:
                 "probing {} after its cooldown ({})", name, reason
             )
             return Admission(True, probe=True)
+        if st.open_until > now:  # another worker's probe failed: open again
+            return Admission(False, wait=st.open_until - now, reason=_open_text(st, now))
         return Admission(False, wait=PROBE_RECHECK_SECONDS, reason=f"breaker half-open ({reason})")
 
     async def forget_auth(self, names: list[str]) -> None:
