@@ -87,7 +87,7 @@ class Settings(BaseSettings):
     provider_retry_after_max_seconds: float = Field(PROVIDER_RETRY_AFTER_MAX_SECONDS, ge=0)
     provider_outage_max_wait_seconds: float = Field(PROVIDER_OUTAGE_MAX_WAIT_SECONDS, ge=0)
     pricing_overrides: str | None = None  # JSON, or the path of a JSON file (pricing.py)
-    # Written to ai_job_settings by `ai-jobs migrate` when set; unset leaves it alone.
+    # Written to ai_job_settings when migration 015 adds it, or by `migrate --write-settings`.
     daily_budget_usd_per_user: float | None = Field(None, ge=0)
 
     storage_url: str = DEFAULT_STORAGE

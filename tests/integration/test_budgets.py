@@ -11,6 +11,7 @@ from typing import Any
 
 import psycopg
 import pytest
+from psycopg.rows import dict_row
 
 from listener import alerts, errors
 from listener.settings import Settings
@@ -125,10 +126,13 @@ def _cli(db_url: str, *args: str, **extra: Any) -> subprocess.CompletedProcess[s
 async def test_cli_refuses_with_one_line_and_migrate_writes_the_setting(
     conn: Conn, db_url: str
 ) -> None:
-    p = _cli(db_url, "migrate", DAILY_BUDGET_USD_PER_USER="0.01")
+    # An installed database keeps its value through every deploy's migrate ...
+    assert _cli(db_url, "migrate", DAILY_BUDGET_USD_PER_USER="0.01").returncode == 0
+    assert await cap(conn) is None
+    # ... unless asked.
+    p = _cli(db_url, "migrate", "--write-settings", DAILY_BUDGET_USD_PER_USER="0.01")
     assert p.returncode == 0, p.stderr
-    cur = await conn.execute("select daily_budget_usd_per_user::float8 as cap from ai_job_settings")
-    assert (await cur.fetchone() or {})["cap"] == 0.01
+    assert await cap(conn) == 0.01
     user = uuid.uuid4()
     await spent(conn, user, 0.02)
     p = _cli(db_url, "enqueue", "course", "--subject", "More", "--user", str(user))
@@ -137,11 +141,24 @@ async def test_cli_refuses_with_one_line_and_migrate_writes_the_setting(
         "ai-jobs: error: Budget exceeded: $0.0200 spent or reserved in the last 24 hours "
         "(cap $0.01 per user)"
     ]
-    # Unset, migrate leaves the value an operator set from psql alone.
+    # Unset, even --write-settings leaves the value an operator set from psql alone.
     await conn.execute("update ai_job_settings set daily_budget_usd_per_user = 7")
-    assert _cli(db_url, "migrate").returncode == 0
+    assert _cli(db_url, "migrate", "--write-settings").returncode == 0
+    assert await cap(conn) == 7
+
+
+async def cap(conn: Conn) -> float | None:
     cur = await conn.execute("select daily_budget_usd_per_user::float8 as cap from ai_job_settings")
-    assert (await cur.fetchone() or {})["cap"] == 7
+    return (await cur.fetchone() or {})["cap"]
+
+
+async def test_a_fresh_install_takes_the_budget_from_the_setting(empty_db_url: str) -> None:
+    p = _cli(empty_db_url, "migrate", DAILY_BUDGET_USD_PER_USER="2.5")
+    assert p.returncode == 0, p.stderr
+    async with await psycopg.AsyncConnection.connect(
+        empty_db_url, autocommit=True, row_factory=dict_row
+    ) as c:
+        assert await cap(c) == 2.5
 
 
 async def test_costs_command(conn: Conn, db_url: str) -> None:
