@@ -164,7 +164,7 @@ class Worker:
                 why = f"held {self.ready.limit:g}s without a free slot"
                 self.ready.add(await self._release(overdue, why, retry=False))
             free = self.concurrency + self._ahead(now) - len(self.running) - len(self.ready)
-            wanted = [t for t in self._tables_in_turn() if self._more[t] and not self._held(t, now)]
+            wanted = [t for t in self._tables_in_turn() if not self._held(t, now) and self._more[t]]
             if free > 0 and wanted:
                 if await self._claim_round(wanted, free):
                     backoff.reset()
@@ -176,7 +176,7 @@ class Worker:
     async def _wait(self, now: float) -> None:
         """Until a reason to look, the next retry timer, or a held job's limit."""
         waits = [t - now for t in self._timers[:1]]
-        waits += [until - now for until in self._hold.values()]
+        waits += [until - now for until in self._hold.values() if until > now]
         if (held := self.ready.due_in(now)) is not None:
             waits.append(held)
         with contextlib.suppress(TimeoutError):
