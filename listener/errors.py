@@ -8,10 +8,13 @@ AiJobsError
 ├── JobNotFound             no job with that id
 ├── JobBusy                 the job is running and cannot be changed now
 ├── RateLimitExceeded       the user inserted too many jobs this hour
+├── BudgetExceeded          the user's jobs of the last 24 h cost more than the cap
 ├── PermissionDenied        the database refused the role (e.g. another user's course_id)
 ├── InvalidJob              a job row or its params cannot be processed, or a request
-│                           breaks a limit the database enforces
+│   │                       breaks a limit the database enforces
+│   └── RequestRefused      every provider refused the request (retrying cannot help)
 └── GenerationError         every provider failed for one attempt
+    └── ProvidersUnavailable  every provider is down or rate-limited: wait, count nothing
 """
 
 from __future__ import annotations
@@ -61,6 +64,10 @@ class RateLimitExceeded(AiJobsError):
     """Rate limit exceeded."""
 
 
+class BudgetExceeded(AiJobsError):
+    """Budget exceeded."""
+
+
 class PermissionDenied(AiJobsError):
     """Permission denied."""
 
@@ -69,8 +76,21 @@ class InvalidJob(AiJobsError):
     """Invalid job."""
 
 
+class RequestRefused(InvalidJob):
+    """Every provider refused the request."""
+
+
 class GenerationError(AiJobsError):
     """Generation failed."""
+
+
+class ProvidersUnavailable(GenerationError):
+    """Every provider of the chain is down or rate-limited. The worker puts the job
+    back to pending, due in `wait_seconds`, without counting an attempt."""
+
+    def __init__(self, message: str, wait_seconds: float) -> None:
+        super().__init__(message)
+        self.wait_seconds = wait_seconds
 
 
 # SQLSTATEs raised by sql/003_functions.sql, and what they mean to us.
@@ -79,6 +99,7 @@ _BY_SQLSTATE: dict[str, type[AiJobsError]] = {
     "P0002": JobNotFound,  # no_data_found
     "55000": JobBusy,  # object_not_in_prerequisite_state
     "AJ429": RateLimitExceeded,
+    "AJ402": BudgetExceeded,  # sql/015_budgets.sql
     "23514": InvalidJob,  # check_violation: a request over a limit (sql/011)
     "42501": PermissionDenied,  # insufficient_privilege
 }

@@ -60,6 +60,8 @@ def snapshot(url: str) -> dict[str, Any]:
                 "ai_job_alert_state",
                 "ai_jobs_migrations",
                 "ai_course_owners",
+                "ai_job_provider_state",
+                "ai_job_usage_totals",
             )
         } | {
             "rejections": c.execute(
@@ -81,6 +83,8 @@ ATTACKS = [
             "ai_job_alert_state",
             "ai_job_counter_samples",
             "ai_course_owners",
+            "ai_job_provider_state",
+            "ai_job_usage_totals",
         )
     ),
     "update ai_job_settings set rate_limit_per_hour = 100000",
@@ -119,6 +123,15 @@ ATTACKS = [
     "select next_job_due()",
     "select ai_job_claim_course_id('algebra', auth.uid(), false)",
     "select ai_job_slugify('x')",
+    # sql/014-015: breakers, usage, budgets
+    "update ai_job_settings set daily_budget_usd_per_user = null",
+    "select ai_job_provider_reset('openai')",
+    "select * from ai_job_provider_failed('openai', 'auth', 'x', 1, 3600)",
+    "insert into ai_job_provider_state (provider) values ('evil')",
+    "select * from defer_job('ai_course_jobs', gen_random_uuid(), gen_random_uuid(), 1, 'x')",
+    "select ai_job_add_usage('{openai}', '{m}', '{1}', '{1}', '{0}', '{1}', '{1000}')",
+    "select nextval('ai_job_budget_rejections')",
+    "select ai_job_user_spend(auth.uid(), now())",
 ]
 
 
