@@ -191,8 +191,14 @@ def test_secrets_echoed_by_a_provider_reach_neither_the_job_nor_the_log(
                     " returning id"
                 ).fetchone()["id"]
             )
-            wait_until(lambda: job(c, jid)["status"] == "dead_letter", what="dead letter")
+            # Both keys refused: the job waits for the providers (their breakers
+            # open), with the reason as its error.
+            wait_until(lambda: "401" in (job(c, jid)["error"] or ""), what="the refusal")
             error = job(c, jid)["error"]
+            reasons = " ".join(
+                str(r["cooldown_reason"])
+                for r in c.execute("select cooldown_reason from ai_job_provider_state")
+            )
     finally:
         w.signal(signal.SIGTERM)
         assert w.wait() == 0
@@ -201,6 +207,7 @@ def test_secrets_echoed_by_a_provider_reach_neither_the_job_nor_the_log(
     log = w.log()
     for secret in (openai_key, anthropic_key, password):
         assert secret not in error
+        assert secret not in reasons
         assert secret not in log
         assert secret[-12:] not in log  # nor its tail (OpenAI quotes a key's last characters)
     assert "***" in log
