@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import re
 import sys
 from collections.abc import Callable, Coroutine, Sequence
 from typing import Any
@@ -32,7 +33,7 @@ def command(name: str) -> Callable[[Handler], Handler]:
 
 
 def print_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
-    cells = [[str(h) for h in headers], *[["" if c is None else str(c) for c in r] for r in rows]]
+    cells = [[str(h) for h in headers], *[[_printable(c) for c in r] for r in rows]]
     widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
     for r in cells:
         print("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
@@ -77,6 +78,7 @@ async def _migrate(args: argparse.Namespace, s: Settings) -> int:
     applied = await migrate(
         db.require_dsn(s.dsn),
         rate_limit_per_hour=s.rate_limit_per_hour,
+        request_limits=s.request_limits(),
         write_settings=args.write_settings,
         daily_budget_usd_per_user=s.daily_budget_usd_per_user,
     )
@@ -112,7 +114,13 @@ async def _status(args: argparse.Namespace, s: Settings) -> int:
     if args.json:
         print_json(depth)
     else:
-        print_table(["table", *ops.STATUSES], [[t, *depth[t].values()] for t in ops.TABLES])
+        columns = [
+            *ops.STATUSES,
+            *([ops.OTHER] if any(ops.OTHER in d for d in depth.values()) else []),
+        ]
+        print_table(
+            ["table", *columns], [[t, *(depth[t].get(c, 0) for c in columns)] for t in ops.TABLES]
+        )
     return 0
 
 
@@ -317,9 +325,19 @@ async def _web(args: argparse.Namespace, s: Settings) -> int:
     return 0
 
 
+def _printable(value: Any) -> str:
+    """A cell on one line, without control characters: a subject, an error or a
+    worker id may come from a client, and an escape sequence printed as is would
+    drive the operator's terminal."""
+    return "" if value is None else _CONTROL.sub("?", " ".join(str(value).split()))
+
+
 def _clip(value: Any, width: int = 40) -> str:
-    text = "" if value is None else " ".join(str(value).split())
+    text = _printable(value)
     return text if len(text) <= width else text[: width - 1] + "…"
+
+
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u200b-\u200f\u202a-\u202e\u2066-\u2069]")
 
 
 @command("worker")
@@ -360,9 +378,10 @@ def build_parser() -> argparse.ArgumentParser:
     mg.add_argument(
         "--write-settings",
         action="store_true",
-        help="write RATE_LIMIT_PER_HOUR (and DAILY_BUDGET_USD_PER_USER when set) into "
-        "ai_job_settings even when the database has a value (by default only on the first "
-        "install, so that a limit changed live survives the migrate of every deploy)",
+        help="write RATE_LIMIT_PER_HOUR, the request limits (MAX_SUBJECT_LENGTH, "
+        "MAX_PROMPT_LENGTH, MAX_PARAMS_BYTES) and DAILY_BUDGET_USD_PER_USER (when set) into "
+        "ai_job_settings even when the database has values (by default only when they are "
+        "created, so that a limit changed live survives the migrate of every deploy)",
     )
     sub.add_parser("worker", help="the long-running listener (Procfile worker:)")
     ro = sub.add_parser("run-once", help="process one pending job now and print the result")
@@ -429,7 +448,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         s = settings_mod.load()
-        logs.setup(s.log_format, s.log_level)
+        logs.setup(s.log_format, s.log_level, s.secrets())
         return asyncio.run(_COMMANDS[args.command](args, s))
     except KeyboardInterrupt:
         return 130

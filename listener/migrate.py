@@ -23,6 +23,7 @@ from listener.errors import AiJobsError, SchemaOutdated, translate
 
 _FILE = re.compile(r"^(\d{3})_[a-z0-9_]+\.sql$")
 FOLDERS = ("sql", "triggers")
+REQUEST_LIMITS_MIGRATION = 11  # adds the request limits to ai_job_settings
 BUDGET_MIGRATION = 15  # adds ai_job_settings.daily_budget_usd_per_user
 
 
@@ -62,18 +63,20 @@ def migrations() -> list[Migration]:
 async def migrate(
     dsn: str,
     rate_limit_per_hour: int | None = None,
+    request_limits: dict[str, int] | None = None,
     *,
     write_settings: bool = False,
     daily_budget_usd_per_user: float | None = None,
 ) -> list[str]:
     """Apply what is missing; return the names applied by this call.
 
-    The settings the database holds (ai_job_settings: the rate limit, the daily
-    budget) are written from the arguments given (not None) when this call creates
-    their column (the rate limit on the first install, the budget with migration
-    015), or when `write_settings` asks for it. Otherwise they are left alone:
-    `ai-jobs migrate` runs on every deploy (the Procfile's release line), and an
-    operator who changed the limit live in psql must not find it reset."""
+    The settings the database holds (ai_job_settings: the rate limit, the request
+    limits of Settings.request_limits(), the daily budget) are written from the
+    arguments given (not None) when this call creates their columns (the rate
+    limit on the first install, the request limits with migration 011, the budget
+    with migration 015), or when `write_settings` asks for it. Otherwise they are
+    left alone: `ai-jobs migrate` runs on every deploy (the Procfile's release
+    line), and an operator who changed a limit live in psql must not find it reset."""
     applied: list[str] = []
     async with db.connection(dsn, app="ai-jobs migrate") as conn:
         try:
@@ -89,12 +92,14 @@ async def migrate(
                     )
                     await conn.execute(m.text.encode())  # several statements: simple protocol
                 applied.append(m.name)
-            first_install = any(m.version == 1 for m in migrations() if m.name in applied)
-            if rate_limit_per_hour is not None and (first_install or write_settings):
-                await conn.execute(db.sql("set_rate_limit"), {"limit": rate_limit_per_hour})
             new = {m.version for m in migrations() if m.name in applied}
-            budget_added = BUDGET_MIGRATION in new
-            if daily_budget_usd_per_user is not None and (budget_added or write_settings):
+            if rate_limit_per_hour is not None and (1 in new or write_settings):
+                await conn.execute(db.sql("set_rate_limit"), {"limit": rate_limit_per_hour})
+            if request_limits is not None and (REQUEST_LIMITS_MIGRATION in new or write_settings):
+                await conn.execute(db.sql("set_request_limits"), request_limits)
+            if daily_budget_usd_per_user is not None and (
+                BUDGET_MIGRATION in new or write_settings
+            ):
                 params = {"budget": daily_budget_usd_per_user}
                 await conn.execute(db.sql("set_daily_budget"), params)
         except psycopg.Error as exc:

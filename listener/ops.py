@@ -17,6 +17,7 @@ Conn = psycopg.AsyncConnection[dict[str, Any]]
 
 TABLES = ("ai_course_jobs", "ai_media_jobs")
 STATUSES = ("pending", "processing", "done", "failed", "dead_letter", "stale")
+OTHER = "other"  # a status this code does not know (a newer schema): counted, not named
 
 
 def parse_param(text: str) -> tuple[str, Any]:
@@ -80,9 +81,13 @@ async def enqueue_media(
 
 
 async def queue_depth(conn: Conn) -> dict[str, dict[str, int]]:
+    """Jobs per table and status: every status of STATUSES, plus OTHER when some
+    job has a status this code does not know."""
     depth = {t: dict.fromkeys(STATUSES, 0) for t in TABLES}
     for row in await db.fetch(conn, "queue_depth"):
-        depth[row["job_table"]][row["status"]] = int(row["count"])
+        status = row["status"] if row["status"] in STATUSES else OTHER
+        counts = depth[row["job_table"]]
+        counts[status] = counts.get(status, 0) + int(row["count"])
     return depth
 
 

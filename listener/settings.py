@@ -18,6 +18,10 @@ RETRY_BASE_SECONDS = 10.0
 MAX_RETRIES = 3
 RATE_LIMIT_PER_HOUR = 10
 RETENTION_DAYS = 90
+# Limits of a client's request, enforced by the database (ai_job_settings).
+MAX_SUBJECT_LENGTH = 500  # characters
+MAX_PROMPT_LENGTH = 4000  # characters (OpenAI's speech input takes 4096)
+MAX_PARAMS_BYTES = 8192  # of params as JSON text
 AI_TIMEOUT_SECONDS = 50.0
 PROVIDERS = ("openai", "anthropic")
 DEFAULT_STORAGE = ".storage"
@@ -59,8 +63,11 @@ class Settings(BaseSettings):
     stale_after_seconds: float = Field(STALE_AFTER_SECONDS, gt=0)
     shutdown_grace_seconds: float = Field(SHUTDOWN_GRACE_SECONDS, ge=0)
     retry_base_seconds: float = Field(RETRY_BASE_SECONDS, ge=0)
-    max_retries: int = Field(MAX_RETRIES, ge=0)
+    max_retries: int = Field(MAX_RETRIES, ge=0, le=100)  # the database's bound
     rate_limit_per_hour: int = Field(RATE_LIMIT_PER_HOUR, ge=0)
+    max_subject_length: int = Field(MAX_SUBJECT_LENGTH, ge=1, le=1_000_000)
+    max_prompt_length: int = Field(MAX_PROMPT_LENGTH, ge=1, le=1_000_000)
+    max_params_bytes: int = Field(MAX_PARAMS_BYTES, ge=2, le=10_000_000)
     retention_days: float = Field(RETENTION_DAYS, gt=0)
 
     ai_provider_priority: str = ",".join(PROVIDERS)
@@ -132,18 +139,26 @@ class Settings(BaseSettings):
         return self.database_url.get_secret_value() if self.database_url else None
 
     def secrets(self) -> list[str]:
-        """Every secret value set, for scrubbing text that may quote one."""
-        values = (
-            self.openai_api_key,
-            self.anthropic_api_key,
-            self.supabase_service_role_key,
-            self.sentry_dsn,
-            self.admin_token,
-            self.database_url,
-        )
-        # model_copy(update=...) does not validate, so a copy may hold a plain str.
-        plain = [v.get_secret_value() if isinstance(v, SecretStr) else str(v) for v in values if v]
-        return [v for v in plain if v]
+        """Every secret value set (each SecretStr field: a new secret setting is
+        covered without a change here), for scrubbing text that may quote one."""
+        plain = []
+        for name, field in type(self).model_fields.items():
+            if "SecretStr" not in str(field.annotation):
+                continue
+            value = getattr(self, name)
+            # model_copy(update=...) does not validate, so a copy may hold a plain str.
+            text = value.get_secret_value() if isinstance(value, SecretStr) else value
+            if text:
+                plain.append(str(text))
+        return plain
+
+    def request_limits(self) -> dict[str, int]:
+        """The limits of a client's request, as `ai-jobs migrate` writes them."""
+        return {
+            "max_subject_length": self.max_subject_length,
+            "max_prompt_length": self.max_prompt_length,
+            "max_params_bytes": self.max_params_bytes,
+        }
 
     @property
     def storage_root(self) -> Path:

@@ -144,6 +144,12 @@ class FakeAI(HTTPFake):
         self.hooks: list[Any] = []
         self.prefixes: set[str] = set()  # system prompts seen (the prompt caches)
         self._unhang = threading.Event()
+        # The images API answers {"url": image_url} instead of base64 when set;
+        # GET /files/<name> serves files[name] (without a Content-Length when the
+        # name ends in ".stream").
+        self.image_url: str | None = None
+        self.files: dict[str, bytes] = {}
+        self.redirects: dict[str, str] = {}  # GET /files/<name> answers 302 to the value
 
     def stop(self) -> None:
         self._unhang.set()
@@ -177,6 +183,11 @@ class FakeAI(HTTPFake):
             with self.lock:
                 self.hooks.append(json.loads(raw))
             return self.send(h, 200, {"ok": True})
+        name = path.removeprefix("/files/")
+        if path.startswith("/files/") and name in self.redirects:
+            return self.send(h, 302, b"", headers={"location": self.redirects[name]})
+        if path.startswith("/files/") and name in self.files:
+            return self.file(h, name)
         provider = "anthropic" if "anthropic-version" in h.headers else "openai"
         try:
             body: Any = json.loads(raw) if raw else None
@@ -208,6 +219,9 @@ class FakeAI(HTTPFake):
                 return self.error(
                     h, provider, 400, "Your request was rejected by the content policy"
                 )
+            if self.image_url:
+                answer = {"created": int(time.time()), "data": [{"url": self.image_url}]}
+                return self.send(h, 200, answer)
             b64 = base64.b64encode(FAKE_IMAGE).decode()
             return self.send(h, 200, {"created": int(time.time()), "data": [{"b64_json": b64}]})
         if path == "/v1/audio/speech":
@@ -271,6 +285,20 @@ class FakeAI(HTTPFake):
                 code = "content_policy_violation"
             body = {"error": {"message": message, "type": "invalid_request_error", "code": code}}
         self.send(h, status, body, headers=headers)
+
+    def file(self, h: BaseHTTPRequestHandler, name: str) -> None:
+        data = self.files[name]
+        if not name.endswith(".stream"):
+            return self.send(h, 200, data, "image/png")
+        try:  # no Content-Length: the body ends when the connection closes
+            h.close_connection = True
+            h.send_response(200)
+            h.send_header("content-type", "image/png")
+            h.end_headers()
+            for i in range(0, len(data), 65536):
+                h.wfile.write(data[i : i + 65536])
+        except OSError:
+            pass  # the client stopped reading
 
     def models(self, h: BaseHTTPRequestHandler, provider: str) -> None:
         if provider == "anthropic":

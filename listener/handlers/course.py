@@ -26,7 +26,9 @@ from listener.settings import Settings
 from listener.storage import Storage
 
 PLACEHOLDER = PlaceholderProvider.name
-_COURSE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,127}$")
+# The whole id, as the database checks it (sql/011): `$` would let a trailing
+# newline through, into a storage path.
+_COURSE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,127}")
 
 
 def parse_params(raw: dict[str, Any]) -> CourseParams:
@@ -74,7 +76,7 @@ class CourseHandler:
         course_id = str(job.row.get("course_id") or "")
         if not subject:
             raise InvalidJob("Invalid job: subject is empty")
-        if not _COURSE_ID.match(course_id):
+        if not _COURSE_ID.fullmatch(course_id):
             raise InvalidJob(f"Invalid job: course_id {course_id!r} is not a slug")
         params = parse_params(job.params)
         key = cache_key(subject, params)

@@ -6,12 +6,12 @@ from __future__ import annotations
 import base64
 from typing import Any
 
-import httpx
 import openai
 from openai.types.chat import ChatCompletionMessageParam
 
 from listener.providers import pricing
 from listener.providers.base import Answer, CoursePrompt, Media, Refused, Usage, repair_request
+from listener.providers.download import download
 from listener.settings import Settings
 
 # Requests that share this key and their first 1,024+ tokens are routed to the same
@@ -30,6 +30,7 @@ class OpenAIProvider:
         self.tts_model = settings.openai_tts_model
         self.max_tokens = settings.ai_max_output_tokens
         self.timeout = settings.ai_timeout_seconds
+        self.base_url = settings.openai_base_url
         # One shared client: it pools connections. Retries are ours (next provider,
         # then the job's own retry), so the SDK's are off.
         self.client = openai.AsyncOpenAI(
@@ -90,11 +91,8 @@ class OpenAIProvider:
         first = resp.data[0]
         if first.b64_json:
             data = base64.b64decode(first.b64_json)
-        elif first.url:
-            async with httpx.AsyncClient(timeout=self.timeout) as http:
-                got = await http.get(first.url)
-                got.raise_for_status()
-                data = got.content
+        elif first.url:  # the answer's URL is untrusted input (providers/download.py)
+            data = await download(first.url, self.timeout, trusted_base=self.base_url)
         else:
             raise ValueError("the images API returned neither data nor a URL")
         usage = Usage(cost_usd=pricing.image_cost(self.image_model))

@@ -21,6 +21,9 @@ from listener.settings import PROVIDERS, Settings
 
 Conn = psycopg.AsyncConnection[dict[str, Any]]
 QUANTILES = (("0.5", "p50"), ("0.9", "p90"), ("0.99", "p99"))
+# Every label value comes from a fixed set, never from a row: a client cannot make
+# the scrape grow by writing new values. A provider not listed here is "other".
+PROVIDER_LABELS = (*PROVIDERS, "placeholder", "cache")
 
 
 class _Families(Collector):
@@ -35,7 +38,7 @@ async def collect(conn: Conn, settings: Settings) -> list[Metric]:
     depth = GaugeMetricFamily(
         "ai_jobs_queue_depth", "Jobs per table and status", labels=["table", "status"]
     )
-    for table, statuses in (await ops.queue_depth(conn)).items():
+    for table, statuses in (await ops.queue_depth(conn)).items():  # labels: fixed sets
         for status, count in statuses.items():
             depth.add_metric([table, status], count)
 
@@ -45,7 +48,7 @@ async def collect(conn: Conn, settings: Settings) -> list[Metric]:
         labels=["job_type", "status"],
     )
     for row in await db.fetch(conn, "job_metrics"):
-        if row["avg_duration_seconds"] is not None:
+        if row["avg_duration_seconds"] is not None and row["status"] in ops.STATUSES:
             avg.add_metric([row["job_type"], row["status"]], row["avg_duration_seconds"])
 
     duration = GaugeMetricFamily(
@@ -79,7 +82,7 @@ async def collect(conn: Conn, settings: Settings) -> list[Metric]:
         "Jobs done per provider in the last hour",
         labels=["provider"],
     )
-    for row in await db.fetch(conn, "provider_latency"):
+    for row in await db.fetch(conn, "provider_latency", {"providers": list(PROVIDER_LABELS)}):
         provider_jobs.add_metric([row["provider"]], row["count"])
         for q, col in QUANTILES:
             latency.add_metric([row["provider"], q], row[col])

@@ -20,7 +20,7 @@ from listener.settings import Settings
 from listener.web.app import create_app
 from tests.helpers import aconnect, await_until
 
-TOKEN = "test-admin-token-ABC"
+TOKEN = "test-admin-token-ABC-0123456789-xyz"
 BEARER = {"Authorization": f"Bearer {TOKEN}"}
 HTML = {"Accept": "text/html"}
 JSON = {"Accept": "application/json"}
