@@ -242,7 +242,8 @@ insert into ai_job_alert_state (rule) values ('provider_auth') on conflict do no
 -- Least privilege: the worker and operators (service_role) only.
 alter table ai_job_provider_state enable row level security;
 alter table ai_job_usage_totals enable row level security;
-revoke all on ai_job_provider_state, ai_job_usage_totals from public, anon, authenticated;
+revoke all on ai_job_provider_state, ai_job_usage_totals
+    from public, anon, authenticated, service_role;
 grant select, insert, update, delete on ai_job_provider_state, ai_job_usage_totals to service_role;
 revoke execute on function
     ai_job_provider_failed(text, text, text, int, double precision, double precision),
@@ -251,7 +252,7 @@ revoke execute on function
     ai_job_provider_reset(text),
     defer_job(text, uuid, uuid, double precision, text, double precision),
     ai_job_add_usage(text[], text[], bigint[], bigint[], bigint[], bigint[], numeric[])
-    from public, anon, authenticated;
+    from public, anon, authenticated, service_role;
 grant execute on function
     ai_job_provider_failed(text, text, text, int, double precision, double precision),
     ai_job_provider_succeeded(text),

@@ -88,8 +88,8 @@ insert into ai_job_alert_state (rule) values ('budget_rejections') on conflict d
 
 -- Least privilege. The trigger runs for every inserting role without an EXECUTE
 -- grant (PostgreSQL checks it when the trigger is created, not when it fires).
-revoke all on sequence ai_job_budget_rejections from public, anon, authenticated;
+revoke all on sequence ai_job_budget_rejections from public, anon, authenticated, service_role;
 grant usage, select on sequence ai_job_budget_rejections to service_role;
 revoke execute on function ai_job_user_spend(uuid, timestamptz), ai_job_enforce_budget()
-    from public, anon, authenticated;
+    from public, anon, authenticated, service_role;
 grant execute on function ai_job_user_spend(uuid, timestamptz) to service_role;

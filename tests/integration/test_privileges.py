@@ -139,18 +139,6 @@ ALLOWED: dict[str, dict[str, set[str]]] = {
     "function ai_job_enforce_budget()": {},
 }
 
-# Privileges that a migration which has shipped left to a role on a database
-# prepared like Supabase (whose default privileges grant service_role ALL), before
-# the rule included service_role in the revoke: tolerated where present, never
-# required, until a later migration revokes them. New objects never go here.
-TOLERATED: dict[str, dict[str, set[str]]] = {
-    # sql/014 revokes from public, anon and authenticated only
-    "table ai_job_provider_state": {"service_role": {"TRUNCATE", "REFERENCES", "TRIGGER"}},
-    "table ai_job_usage_totals": {"service_role": {"TRUNCATE", "REFERENCES", "TRIGGER"}},
-    # sql/015 likewise
-    "sequence ai_job_budget_rejections": {"service_role": {"UPDATE"}},
-    "function ai_job_enforce_budget()": {"service_role": EXECUTE},
-}
 
 # -- reading the catalogs ------------------------------------------------------
 
@@ -220,8 +208,7 @@ def differences(found: dict[str, dict[str, set[str]]]) -> list[str]:
     for obj in sorted(found.keys() & ALLOWED.keys()):
         have, allowed = found[obj], ALLOWED[obj]
         for role in sorted(have.keys() | allowed.keys()):
-            tolerated = TOLERATED.get(obj, {}).get(role, set())
-            extra = have.get(role, set()) - allowed.get(role, set()) - tolerated
+            extra = have.get(role, set()) - allowed.get(role, set())
             missing = allowed.get(role, set()) - have.get(role, set())
             for p in sorted(extra):
                 problems.append(f"{obj}: {role} has {p}, which is not allowed")
