@@ -1,11 +1,10 @@
-"""The runbook's recommended alerts, and two about the workers themselves,
-evaluated against the live database.
+"""The runbook's recommended alerts, and ours, evaluated against the live database.
 
-`evaluate()` reads the rules' values (one query, the rejection counter and the
-worker registry);
-`AlertMonitor.tick()` runs every minute in the worker: it samples the rate-limit
-rejection counter, evaluates, logs each firing and resolved *transition* once, and
-posts those transitions to ALERT_WEBHOOK_URL (Slack-compatible JSON) when set.
+`evaluate()` reads the rules' values (one query, the providers' breakers, the
+rejection counters and the worker registry); `AlertMonitor.tick()` runs every
+minute in the worker: it samples the rejection counters, evaluates, logs each
+firing and resolved *transition* once, and posts those transitions to
+ALERT_WEBHOOK_URL (Slack-compatible JSON) when set.
 """
 
 from __future__ import annotations
@@ -26,6 +25,9 @@ Conn = psycopg.AsyncConnection[dict[str, Any]]
 Severity = Literal["critical", "warning"]
 
 REJECTIONS = "rate_limit_rejections"  # counter name in ai_job_counter_samples
+BUDGET_REJECTIONS = "budget_rejections"
+# counter name in ai_job_counter_samples -> the query that reads its sequence
+COUNTERS = {REJECTIONS: "rate_limit_rejections", BUDGET_REJECTIONS: "budget_rejections"}
 WEBHOOK_TIMEOUT_SECONDS = 5.0
 
 
@@ -33,7 +35,7 @@ WEBHOOK_TIMEOUT_SECONDS = 5.0
 class Rule:
     name: str
     severity: Severity
-    setting: str  # the Settings field that holds the threshold; "": fires above 0
+    setting: str | None  # the Settings field that holds the threshold (None: 0)
     summary: str  # what the alert means, for people
     unit: str = ""
 
@@ -78,15 +80,28 @@ RULES: tuple[Rule, ...] = (
         "inserts rejected by the rate limit in the last hour: user education needed",
     ),
     Rule(
+        "provider_auth",
+        "critical",
+        None,
+        "providers refusing our credentials or model (401/403/404): their jobs wait or "
+        "fall through until the key or model is fixed",
+    ),
+    Rule(
+        "budget_rejections",
+        "warning",
+        "alert_budget_rejections_per_hour",
+        "inserts refused by the daily budget in the last hour: users at their cap",
+    ),
+    Rule(
         "no_worker",
         "critical",
-        "",
+        None,
         "jobs due for over a minute and no live worker listening: start `ai-jobs worker`",
     ),
     Rule(
         "worker_deaf",
         "warning",
-        "",
+        None,
         "workers whose LISTEN connection does not hear its probes: check the network or "
         "pooler between them and PostgreSQL",
     ),
@@ -114,19 +129,20 @@ class Alert:
 RULE_BY_NAME = {r.name: r for r in RULES}
 
 
-async def rejections_last_hour(conn: Conn) -> int:
-    """Rate-limit rejections since the sample taken about an hour ago (or since the
-    oldest sample; 0 while there is none)."""
-    current = int((await db.fetch(conn, "rate_limit_rejections"))[0]["value"])
-    base = await db.fetch(conn, "counter_baseline", {"counter": REJECTIONS})
+async def rejections_last_hour(conn: Conn, counter: str = REJECTIONS) -> int:
+    """Rejections since the sample taken about an hour ago (or since the oldest
+    sample; 0 while there is none)."""
+    current = int((await db.fetch(conn, COUNTERS[counter]))[0]["value"])
+    base = await db.fetch(conn, "counter_baseline", {"counter": counter})
     # A sequence only grows; a lower current value means it was reset by hand.
     return max(0, current - int(base[0]["value"])) if base else 0
 
 
 async def record_samples(conn: Conn) -> None:
-    """Sample the rejection counter and drop samples the rule no longer needs."""
-    current = int((await db.fetch(conn, "rate_limit_rejections"))[0]["value"])
-    await db.fetch(conn, "record_counter_sample", {"counter": REJECTIONS, "value": current})
+    """Sample the rejection counters and drop samples the rules no longer need."""
+    for counter, query in COUNTERS.items():
+        current = int((await db.fetch(conn, query))[0]["value"])
+        await db.fetch(conn, "record_counter_sample", {"counter": counter, "value": current})
     await db.fetch(conn, "prune_counter_samples")
 
 
@@ -147,6 +163,8 @@ async def evaluate(conn: Conn, settings: Settings) -> list[Alert]:
         "avg_processing_time": row["avg_processing_time"],
         "failure_rate": row["failure_rate"],
         "rate_limit_violations": await rejections_last_hour(conn),
+        "provider_auth": int((await db.fetch(conn, "providers_refusing_auth"))[0]["count"]),
+        "budget_rejections": await rejections_last_hour(conn, BUDGET_REJECTIONS),
         "no_worker": 0 if workers["listening"] else int(workers["waiting"]),
         "worker_deaf": int(workers["deaf"]),
     }

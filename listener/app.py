@@ -16,7 +16,7 @@ from loguru import logger
 
 from listener import db, telemetry
 from listener.alerts import AlertMonitor
-from listener.errors import redact
+from listener.errors import ConfigError, redact
 from listener.handlers import Runtime, create_runtime
 from listener.jobs import TABLES_BY_TYPE
 from listener.migrate import check_schema
@@ -40,7 +40,7 @@ async def open_worker(
     dsn = db.require_dsn(settings.dsn)
     listen = settings.listen_mode == "listen"
     pool = db.make_pool(dsn, pool_size(settings), app=app, prepare=listen)  # not open yet
-    runtime = await create_runtime(settings, pool, announce=False)
+    runtime = await create_runtime(settings, pool, announce=False, start=False)
     try:
         await pool.open(wait=False)
         periodic: list[Periodic] = [(RUNTIME_TICK_SECONDS, runtime.tick, "handlers tick")]
@@ -56,7 +56,7 @@ async def open_worker(
             listen=listen and long_running,
             periodic=periodic,
             on_failure=telemetry.capture_job_failure,
-            on_started=lambda: _announce(settings, runtime, dsn),
+            on_ready=lambda: _ready(settings, runtime, dsn, long_running),
         )
         yield worker
     finally:
@@ -67,8 +67,13 @@ async def open_worker(
             telemetry.flush()
 
 
-def _announce(settings: Settings, runtime: Runtime, dsn: str) -> None:
+async def _ready(settings: Settings, runtime: Runtime, dsn: str, long_running: bool) -> None:
+    """Once the schema is known to be current: the handlers' own start-up, then
+    what this worker runs with."""
+    await runtime.start()
     runtime.announce()
+    if not long_running:
+        return
     logger.bind(action="worker_config").info(
         f"database {redact(dsn)}; sweep every {settings.sweep_interval_seconds:g}s, "
         f"stale after {settings.stale_after_seconds:g}s, LISTEN_MODE={settings.listen_mode}"
@@ -76,6 +81,10 @@ def _announce(settings: Settings, runtime: Runtime, dsn: str) -> None:
 
 
 async def run_worker(settings: Settings) -> int:
+    from listener.providers import NO_PROVIDER, configured
+
+    if not configured(settings):  # it would send every job to the dead letter
+        raise ConfigError(f"{NO_PROVIDER}; the worker does not start without one")
     async with open_worker(settings) as worker:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -95,6 +104,7 @@ async def run_once(settings: Settings, job_type: str | None) -> tuple[int, dict[
     async with open_worker(settings, app="ai-jobs run-once", long_running=False) as worker:
         async with worker.pool.connection() as conn:
             await check_schema(conn)
+        await worker.prepare()
         ran = await worker.run_one(table)
         if ran is None:
             return 0, {"processed": False, "message": "No pending jobs"}

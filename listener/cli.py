@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import re
 import sys
 from collections.abc import Callable, Coroutine, Sequence
 from typing import Any
@@ -32,7 +33,7 @@ def command(name: str) -> Callable[[Handler], Handler]:
 
 
 def print_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
-    cells = [[str(h) for h in headers], *[["" if c is None else str(c) for c in r] for r in rows]]
+    cells = [[str(h) for h in headers], *[[_printable(c) for c in r] for r in rows]]
     widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
     for r in cells:
         print("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
@@ -57,6 +58,16 @@ def _uuid(text: str) -> UUID:
         raise argparse.ArgumentTypeError(f"not a UUID: {text!r}") from None
 
 
+def _positive(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be > 0: {text!r}")
+    return value
+
+
 # -- commands ---------------------------------------------------------------
 
 
@@ -64,7 +75,13 @@ def _uuid(text: str) -> UUID:
 async def _migrate(args: argparse.Namespace, s: Settings) -> int:
     from listener.migrate import migrate
 
-    applied = await migrate(db.require_dsn(s.dsn), rate_limit_per_hour=s.rate_limit_per_hour)
+    applied = await migrate(
+        db.require_dsn(s.dsn),
+        rate_limit_per_hour=s.rate_limit_per_hour,
+        request_limits=s.request_limits(),
+        write_settings=args.write_settings,
+        daily_budget_usd_per_user=s.daily_budget_usd_per_user,
+    )
     print(f"applied {len(applied)} migration(s)" + (": " + ", ".join(applied) if applied else ""))
     return 0
 
@@ -97,7 +114,13 @@ async def _status(args: argparse.Namespace, s: Settings) -> int:
     if args.json:
         print_json(depth)
     else:
-        print_table(["table", *ops.STATUSES], [[t, *depth[t].values()] for t in ops.TABLES])
+        columns = [
+            *ops.STATUSES,
+            *([ops.OTHER] if any(ops.OTHER in d for d in depth.values()) else []),
+        ]
+        print_table(
+            ["table", *columns], [[t, *(depth[t].get(c, 0) for c in columns)] for t in ops.TABLES]
+        )
     return 0
 
 
@@ -251,6 +274,49 @@ async def _rate_limit(args: argparse.Namespace, s: Settings) -> int:
     return 0
 
 
+@command("costs")
+async def _costs(args: argparse.Namespace, s: Settings) -> int:
+    async with db.connection(db.require_dsn(s.dsn)) as conn:
+        rows = await ops.costs(conn, args.days, args.by)
+    if args.json:
+        print_json(
+            {
+                "days": args.days,
+                "by": args.by,
+                "rows": [
+                    {
+                        args.by: r["key"],
+                        "jobs": r["jobs"],
+                        "inputTokens": r["input_tokens"],
+                        "cachedInputTokens": r["cached_input_tokens"],
+                        "outputTokens": r["output_tokens"],
+                        "costUsd": r["cost_usd"],
+                        "unpricedJobs": r["unpriced"],
+                    }
+                    for r in rows
+                ],
+                "totalCostUsd": round(sum(r["cost_usd"] for r in rows), 6),
+            }
+        )
+    else:
+        print_table(
+            [args.by, "jobs", "input", "cached", "output", "cost_usd", "unpriced"],
+            [
+                [
+                    r["key"],
+                    r["jobs"],
+                    r["input_tokens"],
+                    r["cached_input_tokens"],
+                    r["output_tokens"],
+                    f"{r['cost_usd']:.4f}",
+                    r["unpriced"] or "",
+                ]
+                for r in rows
+            ],
+        )
+    return 0
+
+
 @command("workers")
 async def _workers(args: argparse.Namespace, s: Settings) -> int:
     from listener.registry import live_seconds
@@ -300,9 +366,19 @@ async def _web(args: argparse.Namespace, s: Settings) -> int:
     return 0
 
 
+def _printable(value: Any) -> str:
+    """A cell on one line, without control characters: a subject, an error or a
+    worker id may come from a client, and an escape sequence printed as is would
+    drive the operator's terminal."""
+    return "" if value is None else _CONTROL.sub("?", " ".join(str(value).split()))
+
+
 def _clip(value: Any, width: int = 40) -> str:
-    text = "" if value is None else " ".join(str(value).split())
+    text = _printable(value)
     return text if len(text) <= width else text[: width - 1] + "…"
+
+
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u200b-\u200f\u202a-\u202e\u2066-\u2069]")
 
 
 @command("worker")
@@ -339,7 +415,15 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="ai-jobs", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    sub.add_parser("migrate", help="apply sql/ and triggers/ to DATABASE_URL")
+    mg = sub.add_parser("migrate", help="apply sql/ and triggers/ to DATABASE_URL")
+    mg.add_argument(
+        "--write-settings",
+        action="store_true",
+        help="write RATE_LIMIT_PER_HOUR, the request limits (MAX_SUBJECT_LENGTH, "
+        "MAX_PROMPT_LENGTH, MAX_PARAMS_BYTES) and DAILY_BUDGET_USD_PER_USER (when set) into "
+        "ai_job_settings even when the database has values (by default only when they are "
+        "created, so that a limit changed live survives the migrate of every deploy)",
+    )
     sub.add_parser("worker", help="the long-running listener (Procfile worker:)")
     ro = sub.add_parser("run-once", help="process one pending job now and print the result")
     ro.add_argument("--type", choices=["course", "media"])
@@ -383,6 +467,11 @@ def build_parser() -> argparse.ArgumentParser:
     rl = sub.add_parser("rate-limit", help="jobs per user in the last hour against the limit")
     rl.add_argument("--json", action="store_true")
 
+    co = sub.add_parser("costs", help="tokens and USD spent by done jobs, from their metrics")
+    co.add_argument("--days", type=_positive, default=7.0, help="created in the last N days (7)")
+    co.add_argument("--by", choices=ops.COST_GROUPS, default="model", help="default model")
+    co.add_argument("--json", action="store_true")
+
     wk = sub.add_parser("workers", help="the live worker processes and their listeners")
     wk.add_argument("--json", action="store_true")
 
@@ -403,7 +492,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         s = settings_mod.load()
-        logs.setup(s.log_format, s.log_level)
+        logs.setup(s.log_format, s.log_level, s.secrets())
         return asyncio.run(_COMMANDS[args.command](args, s))
     except KeyboardInterrupt:
         return 130

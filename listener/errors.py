@@ -8,13 +8,19 @@ AiJobsError
 ├── JobNotFound             no job with that id
 ├── JobBusy                 the job is running and cannot be changed now
 ├── RateLimitExceeded       the user inserted too many jobs this hour
-├── InvalidJob              a job row or its params cannot be processed
+├── BudgetExceeded          the user's jobs of the last 24 h cost more than the cap
+├── PermissionDenied        the database refused the role (e.g. another user's course_id)
+├── InvalidJob              a job row or its params cannot be processed, or a request
+│   │                       breaks a limit the database enforces
+│   └── RequestRefused      every provider refused the request (retrying cannot help)
 └── GenerationError         every provider failed for one attempt
+    └── ProvidersUnavailable  every provider is down or rate-limited: wait, count nothing
 """
 
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 
 import psycopg
 
@@ -58,12 +64,33 @@ class RateLimitExceeded(AiJobsError):
     """Rate limit exceeded."""
 
 
+class BudgetExceeded(AiJobsError):
+    """Budget exceeded."""
+
+
+class PermissionDenied(AiJobsError):
+    """Permission denied."""
+
+
 class InvalidJob(AiJobsError):
     """Invalid job."""
 
 
+class RequestRefused(InvalidJob):
+    """Every provider refused the request."""
+
+
 class GenerationError(AiJobsError):
     """Generation failed."""
+
+
+class ProvidersUnavailable(GenerationError):
+    """Every provider of the chain is down or rate-limited. The worker puts the job
+    back to pending, due in `wait_seconds`, without counting an attempt."""
+
+    def __init__(self, message: str, wait_seconds: float) -> None:
+        super().__init__(message)
+        self.wait_seconds = wait_seconds
 
 
 # SQLSTATEs raised by sql/003_functions.sql, and what they mean to us.
@@ -72,6 +99,9 @@ _BY_SQLSTATE: dict[str, type[AiJobsError]] = {
     "P0002": JobNotFound,  # no_data_found
     "55000": JobBusy,  # object_not_in_prerequisite_state
     "AJ429": RateLimitExceeded,
+    "AJ402": BudgetExceeded,  # sql/015_budgets.sql
+    "23514": InvalidJob,  # check_violation: a request over a limit (sql/011)
+    "42501": PermissionDenied,  # insufficient_privilege
 }
 
 _URL_PASSWORD = re.compile(r"(\w+://[^:/@\s]*:)[^@\s]*@")
@@ -83,25 +113,51 @@ def redact(text: str) -> str:
     return _KV_PASSWORD.sub(r"\1***", _URL_PASSWORD.sub(r"\1***@", text))
 
 
+# What a credential looks like wherever it is quoted: an OpenAI or Anthropic key,
+# an HTTP Authorization value (whatever its length), a JWT (Supabase keys).
 _TOKENS = re.compile(
-    r"(sk-(?:ant-)?[A-Za-z0-9_\-]{8,})|((?:Bearer|Basic)\s+)[A-Za-z0-9._~+/=\-]{8,}", re.IGNORECASE
+    r"(sk-(?:ant-)?[A-Za-z0-9_\-]{8,})"
+    r"|((?:Bearer|Basic)\s+)[A-Za-z0-9._~+/=\-]+"
+    r"|(eyJ[A-Za-z0-9_\-]{8,}\.[A-Za-z0-9_\-]{8,}\.[A-Za-z0-9_\-]*)",
+    re.IGNORECASE,
 )
 MAX_ERROR = 2000
+
+
+_TOKEN_MARKERS = ("sk-", "bearer", "basic", "eyj")  # lower case: what _TOKENS needs
+
+
+def _hide_token(m: re.Match[str]) -> str:
+    return (m.group(2) or "") + "***"
+
+
+class Scrubber:
+    """Hides given secret values, passwords in URLs and anything shaped like a
+    key or a bearer token; the secrets are compiled once, for text scrubbed over
+    and over (every log line)."""
+
+    def __init__(self, secrets: Iterable[str] = ()) -> None:
+        found = sorted({s for s in secrets if len(s) >= 4}, key=len, reverse=True)
+        self._secrets = re.compile("|".join(map(re.escape, found))) if found else None
+
+    def __call__(self, text: str) -> str:
+        if self._secrets is not None:
+            text = self._secrets.sub("***", text)
+        # The patterns run only on text that can hold what they look for: most log
+        # lines hold none of it, and each pattern costs microseconds per line.
+        low = text.lower()
+        if ("://" in text and "@" in text) or "password" in low:
+            text = redact(text)
+        if any(marker in low for marker in _TOKEN_MARKERS):
+            text = _TOKENS.sub(_hide_token, text)
+        return text
 
 
 def scrub(text: str, settings: object | None = None) -> str:
     """An error message fit for a job row or a log line: no secret of the settings,
     no password in a URL, no API-key-looking token, at most MAX_ERROR characters."""
-    from pydantic import SecretStr
-
-    if settings is not None:
-        for name in type(settings).model_fields:  # type: ignore[attr-defined]
-            value = getattr(settings, name, None)
-            if isinstance(value, SecretStr):
-                secret = value.get_secret_value()
-                if len(secret) >= 4:
-                    text = text.replace(secret, "***")
-    text = _TOKENS.sub(lambda m: (m.group(2) or "") + "***", redact(text))
+    secrets = settings.secrets() if hasattr(settings, "secrets") else []
+    text = Scrubber(secrets)(text)
     return text if len(text) <= MAX_ERROR else text[: MAX_ERROR - 1] + "…"
 
 

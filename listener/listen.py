@@ -43,6 +43,7 @@ RECONNECT_CAP = 1.0
 STABLE_SESSION = 5.0  # a session that lived this long resets the reconnect backoff
 
 CONNECTING, LISTENING, RECONNECTING, DEAF = "connecting", "listening", "reconnecting", "deaf"
+MAX_PROBE = 200  # a probe's payload is about 60 characters
 
 Notify = Callable[[str, str], Awaitable[None]]  # (channel, payload), sent through a pool
 Conn = psycopg.AsyncConnection[dict[str, Any]]
@@ -77,12 +78,15 @@ def probe_payload(sender: str, n: int) -> str:
 
 def probe_of(payload: str) -> tuple[str, int] | None:
     """(sender, n) when the payload is a probe, else None. Cheap for the
-    notifications of jobs, which never start this way."""
-    if not payload.startswith('{"probe"'):
+    notifications of jobs, which never start this way; safe on any text (every
+    role may NOTIFY a channel)."""
+    if len(payload) > MAX_PROBE or not payload.startswith('{"probe"'):
         return None
     try:
         data = json.loads(payload)
-    except ValueError:
+    except (ValueError, RecursionError):
+        return None
+    if not isinstance(data, dict):
         return None
     sender, n = data.get("probe"), data.get("n")
     if isinstance(sender, str) and isinstance(n, int) and not isinstance(n, bool):
@@ -127,6 +131,7 @@ class ListenService:
         self.reconnects = 0  # sessions after the first
         self.deaf_count = 0  # probes that did not come back
         self.probe_seconds: float | None = None  # the last probe's round trip
+        self.probes = 0  # probes sent
         self._sessions = 0
         self._verified: Conn | None = None  # the connection verify() proved, for run()
         self._probe_n = 0
@@ -325,7 +330,10 @@ class ListenService:
     # -- probes -----------------------------------------------------------------
 
     def _start_probe(self, timeout: float) -> None:
-        self._probe_n += 1
+        # A nonce, not a counter: any role may NOTIFY the channel, and a forged
+        # echo must not pass for the real one and hide a deaf connection.
+        self._probe_n = random.getrandbits(53)
+        self.probes += 1
         self._probe_sent = time.monotonic()
         self._probe_deadline = self._probe_sent + timeout
 

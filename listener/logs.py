@@ -1,30 +1,53 @@
-"""Logging setup: loguru to stderr, as text or one JSON object per line."""
+"""Logging setup: loguru to stderr, as text or one JSON object per line.
+
+Every record is scrubbed before any sink sees it (errors.Scrubber): the settings'
+secret values, passwords in URLs and key- or token-shaped text never reach a log
+line, whichever code logged them and however (an exception's text quoted in a
+message, a value bound as an extra field).
+"""
 
 from __future__ import annotations
 
 import logging
 import sys
+from collections.abc import Iterable
+from typing import Any
 
 from loguru import logger
 
-from listener.errors import redact
+from listener.errors import Scrubber
 
 
 class _ToLoguru(logging.Handler):
     """psycopg's and psycopg_pool's warnings (a failed connection attempt of the
     pool, one per retry during an outage) at debug level: the worker logs the
-    outage itself, once, as a transition."""
+    outage itself, once, as a transition. (Scrubbed like every record.)"""
 
     def emit(self, record: logging.LogRecord) -> None:
-        logger.bind(action="psycopg", logger=record.name).debug(redact(record.getMessage()))
+        logger.bind(action="psycopg", logger=record.name).debug(record.getMessage())
 
 
-def setup(log_format: str = "text", level: str = "INFO") -> None:
+def scrubbing(secrets: Iterable[str] = ()) -> Any:
+    """A loguru patcher that scrubs the message and every text extra field."""
+    scrub = Scrubber(secrets)
+
+    def patch(record: Any) -> None:
+        record["message"] = scrub(record["message"])
+        extra = record["extra"]
+        for key, value in extra.items():
+            if isinstance(value, str):
+                extra[key] = scrub(value)
+
+    return patch
+
+
+def setup(log_format: str = "text", level: str = "INFO", secrets: Iterable[str] = ()) -> None:
     psycopg_log = logging.getLogger("psycopg")
     psycopg_log.handlers = [_ToLoguru()]
     psycopg_log.propagate = False
     psycopg_log.setLevel(logging.WARNING)  # the pool's info records cost on every claim
     logger.remove()
+    logger.configure(patcher=scrubbing(secrets))
     if log_format == "json":
         logger.add(sys.stderr, level=level, serialize=True, backtrace=False, diagnose=False)
     else:

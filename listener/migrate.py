@@ -23,6 +23,8 @@ from listener.errors import AiJobsError, SchemaOutdated, translate
 
 _FILE = re.compile(r"^(\d{3})_[a-z0-9_]+\.sql$")
 FOLDERS = ("sql", "triggers")
+REQUEST_LIMITS_MIGRATION = 11  # adds the request limits to ai_job_settings
+BUDGET_MIGRATION = 15  # adds ai_job_settings.daily_budget_usd_per_user
 
 
 @dataclass(frozen=True)
@@ -58,8 +60,23 @@ def migrations() -> list[Migration]:
     return [found[v] for v in sorted(found)]
 
 
-async def migrate(dsn: str, rate_limit_per_hour: int | None = None) -> list[str]:
-    """Apply what is missing; return the names applied by this call."""
+async def migrate(
+    dsn: str,
+    rate_limit_per_hour: int | None = None,
+    request_limits: dict[str, int] | None = None,
+    *,
+    write_settings: bool = False,
+    daily_budget_usd_per_user: float | None = None,
+) -> list[str]:
+    """Apply what is missing; return the names applied by this call.
+
+    The settings the database holds (ai_job_settings: the rate limit, the request
+    limits of Settings.request_limits(), the daily budget) are written from the
+    arguments given (not None) when this call creates their columns (the rate
+    limit on the first install, the request limits with migration 011, the budget
+    with migration 015), or when `write_settings` asks for it. Otherwise they are
+    left alone: `ai-jobs migrate` runs on every deploy (the Procfile's release
+    line), and an operator who changed a limit live in psql must not find it reset."""
     applied: list[str] = []
     async with db.connection(dsn, app="ai-jobs migrate") as conn:
         try:
@@ -75,8 +92,16 @@ async def migrate(dsn: str, rate_limit_per_hour: int | None = None) -> list[str]
                     )
                     await conn.execute(m.text.encode())  # several statements: simple protocol
                 applied.append(m.name)
-            if rate_limit_per_hour is not None:
+            new = {m.version for m in migrations() if m.name in applied}
+            if rate_limit_per_hour is not None and (1 in new or write_settings):
                 await conn.execute(db.sql("set_rate_limit"), {"limit": rate_limit_per_hour})
+            if request_limits is not None and (REQUEST_LIMITS_MIGRATION in new or write_settings):
+                await conn.execute(db.sql("set_request_limits"), request_limits)
+            if daily_budget_usd_per_user is not None and (
+                BUDGET_MIGRATION in new or write_settings
+            ):
+                params = {"budget": daily_budget_usd_per_user}
+                await conn.execute(db.sql("set_daily_budget"), params)
         except psycopg.Error as exc:
             raise translate(exc) from exc
     return applied

@@ -6,6 +6,7 @@ hint; the worker never trusts it for more than "look now"."""
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from uuid import UUID
@@ -16,7 +17,15 @@ from listener import db
 from listener.jobs import JOB_TYPES
 from listener.listen import Backoff, ListenService, Notify, probe_of, reason
 
-__all__ = ["Backoff", "Health", "Listener", "Nudge", "parse_payload"]
+__all__ = [
+    "MAX_PAYLOAD",
+    "SWEEP_NUDGE_SPACING",
+    "Backoff",
+    "Health",
+    "Listener",
+    "Nudge",
+    "parse_payload",
+]
 
 
 @dataclass(frozen=True)
@@ -30,10 +39,21 @@ class Nudge:
     probe: str | None = None  # a LISTEN service's probe: its sender, never a reason to look
 
 
+# The largest payload of INTERFACE.md's shapes is about 80 characters; anything
+# much longer is not ours, and is refused before json.loads sees it (any role can
+# NOTIFY the channel, and a few thousand nested brackets exhaust the parser).
+MAX_PAYLOAD = 512
+# An empty NOTIFY asks for a sweep, and any role may send one: a flood of them
+# costs at most one sweep per SWEEP_NUDGE_SPACING; the others are plain looks.
+SWEEP_NUDGE_SPACING = 1.0
+
+
 def parse_payload(payload: str) -> Nudge:
     """Raise ValueError with a reason for anything that is not one of the shapes
     of INTERFACE.md (empty, a job uuid, or {"table": ..., "id"?: ...}), or a
     probe ({"probe": "<sender>", "n": k}, see listener/listen.py)."""
+    if len(payload) > MAX_PAYLOAD:
+        raise ValueError(f"payload of {len(payload)} characters (at most {MAX_PAYLOAD})")
     text = payload.strip()
     if not text:
         return Nudge(sweep=True)
@@ -41,12 +61,15 @@ def parse_payload(payload: str) -> Nudge:
         return Nudge(probe=probe[0])
     if not text.startswith("{"):
         return Nudge(job_id=UUID(text))  # ValueError if not a uuid
-    data = json.loads(text)
+    try:
+        data = json.loads(text)
+    except RecursionError:
+        raise ValueError("JSON payload nested too deeply") from None
     if not isinstance(data, dict):
         raise ValueError("JSON payload is not an object")
     table = data.get("table")
-    if table not in JOB_TYPES:
-        raise ValueError(f"unknown table {table!r}")
+    if not isinstance(table, str) or table not in JOB_TYPES:
+        raise ValueError(f"unknown table {str(table)[:60]!r}")
     raw_id = data.get("id")
     if raw_id is not None and not isinstance(raw_id, str):
         raise ValueError("id is not a string")
@@ -90,6 +113,7 @@ class Listener:
         on_state: Callable[[str], None] | None = None,
     ) -> None:
         self.on_nudge = on_nudge
+        self._last_sweep_nudge = -SWEEP_NUDGE_SPACING
         self.service = ListenService(
             dsn,
             name="listener",
@@ -113,14 +137,25 @@ class Listener:
         await self.service.run()
 
     def _dispatch(self, payload: str) -> None:
+        # Whatever arrives, the LISTEN task goes on: a payload is a hint from a
+        # channel every role may write to.
         try:
             nudge = parse_payload(payload)
-        except ValueError as exc:
+        except Exception as exc:
             logger.bind(action="bad_payload").warning(
                 f"ignored a notification on ai_jobs with a malformed payload "
-                f"({exc}): {payload[:200]!r}"
+                f"({type(exc).__name__}: {str(exc)[:200]}): {payload[:200]!r}"
             )
             return
         if nudge.probe is not None:
             return  # another process proving its own LISTEN connection
-        self.on_nudge(nudge)
+        if nudge.sweep:
+            now = time.monotonic()
+            if now - self._last_sweep_nudge < SWEEP_NUDGE_SPACING:
+                nudge = Nudge()  # a look at both tables, not another sweep
+            else:
+                self._last_sweep_nudge = now
+        try:
+            self.on_nudge(nudge)
+        except Exception as exc:
+            logger.bind(action="nudge_failed").error(f"a notification could not be handled: {exc}")

@@ -17,6 +17,7 @@ Conn = psycopg.AsyncConnection[dict[str, Any]]
 
 TABLES = ("ai_course_jobs", "ai_media_jobs")
 STATUSES = ("pending", "processing", "done", "failed", "dead_letter", "stale")
+OTHER = "other"  # a status this code does not know (a newer schema): counted, not named
 
 
 def parse_param(text: str) -> tuple[str, Any]:
@@ -80,9 +81,13 @@ async def enqueue_media(
 
 
 async def queue_depth(conn: Conn) -> dict[str, dict[str, int]]:
+    """Jobs per table and status: every status of STATUSES, plus OTHER when some
+    job has a status this code does not know."""
     depth = {t: dict.fromkeys(STATUSES, 0) for t in TABLES}
     for row in await db.fetch(conn, "queue_depth"):
-        depth[row["job_table"]][row["status"]] = int(row["count"])
+        status = row["status"] if row["status"] in STATUSES else OTHER
+        counts = depth[row["job_table"]]
+        counts[status] = counts.get(status, 0) + int(row["count"])
     return depth
 
 
@@ -125,6 +130,17 @@ async def list_jobs(conn: Conn, status: str | None, limit: int) -> list[dict[str
 async def rate_limit_usage(conn: Conn) -> list[dict[str, Any]]:
     """Jobs per user and table in the last hour, with the enforced limit."""
     return await db.fetch(conn, "rate_limit_usage")
+
+
+COST_GROUPS = ("model", "user", "day")
+
+
+async def costs(conn: Conn, days: float, by: str) -> list[dict[str, Any]]:
+    """Tokens and USD of the done jobs created in the last `days`, from their
+    metrics, per model ("provider model"), user or UTC day; the dearest first."""
+    if by not in COST_GROUPS:
+        raise InvalidJob(f"--by expects one of {', '.join(COST_GROUPS)}, got {by!r}")
+    return await db.fetch(conn, "costs", {"days": days, "by": by})
 
 
 async def workers(conn: Conn, live_seconds: float) -> list[dict[str, Any]]:

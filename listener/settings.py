@@ -18,6 +18,10 @@ RETRY_BASE_SECONDS = 10.0
 MAX_RETRIES = 3
 RATE_LIMIT_PER_HOUR = 10
 RETENTION_DAYS = 90
+# Limits of a client's request, enforced by the database (ai_job_settings).
+MAX_SUBJECT_LENGTH = 500  # characters
+MAX_PROMPT_LENGTH = 4000  # characters (OpenAI's speech input takes 4096)
+MAX_PARAMS_BYTES = 8192  # of params as JSON text
 AI_TIMEOUT_SECONDS = 50.0
 PROVIDERS = ("openai", "anthropic")
 DEFAULT_STORAGE = ".storage"
@@ -31,6 +35,12 @@ AI_MAX_OUTPUT_TOKENS = 16000
 CACHE_TTL_SECONDS = 86400.0  # a day; 0 turns the course cache off
 CATALOG_BATCH_JOBS = 10  # render courses/catalog.json at most once per N finished courses
 CATALOG_BATCH_SECONDS = 5.0  # ... or once T seconds after the first unrendered one
+# Providers' breakers and waits (docs/generation.md, "Breakers").
+PROVIDER_BREAKER_THRESHOLD = 3  # consecutive unwell calls that open a provider's breaker
+PROVIDER_BREAKER_COOLDOWN_SECONDS = 30.0  # open this long, then one probe call decides
+PROVIDER_AUTH_COOLDOWN_SECONDS = 3600.0  # after a 401/403/404: every call would fail alike
+PROVIDER_RETRY_AFTER_MAX_SECONDS = 600.0  # a provider's retry-after is obeyed up to this
+PROVIDER_OUTAGE_MAX_WAIT_SECONDS = 1800.0  # jobs wait this long without counting attempts
 
 # Alert thresholds: the runbook's "Recommended Alerts".
 ALERT_DEAD_LETTER_PER_HOUR = 5
@@ -39,6 +49,7 @@ ALERT_PENDING_DEPTH = 20
 ALERT_AVG_PROCESSING_SECONDS = 90.0
 ALERT_FAILURE_RATE_PERCENT = 10.0
 ALERT_RATE_LIMIT_VIOLATIONS_PER_HOUR = 5
+ALERT_BUDGET_REJECTIONS_PER_HOUR = 5
 ALERT_INTERVAL_SECONDS = 60.0  # how often the worker evaluates the alert rules
 
 LISTEN_MODES = ("listen", "poll")
@@ -55,8 +66,11 @@ class Settings(BaseSettings):
     stale_after_seconds: float = Field(STALE_AFTER_SECONDS, gt=0)
     shutdown_grace_seconds: float = Field(SHUTDOWN_GRACE_SECONDS, ge=0)
     retry_base_seconds: float = Field(RETRY_BASE_SECONDS, ge=0)
-    max_retries: int = Field(MAX_RETRIES, ge=0)
+    max_retries: int = Field(MAX_RETRIES, ge=0, le=100)  # the database's bound
     rate_limit_per_hour: int = Field(RATE_LIMIT_PER_HOUR, ge=0)
+    max_subject_length: int = Field(MAX_SUBJECT_LENGTH, ge=1, le=1_000_000)
+    max_prompt_length: int = Field(MAX_PROMPT_LENGTH, ge=1, le=1_000_000)
+    max_params_bytes: int = Field(MAX_PARAMS_BYTES, ge=2, le=10_000_000)
     retention_days: float = Field(RETENTION_DAYS, gt=0)
 
     ai_provider_priority: str = ",".join(PROVIDERS)
@@ -77,6 +91,14 @@ class Settings(BaseSettings):
     catalog_batch_jobs: int = Field(CATALOG_BATCH_JOBS, ge=1)
     catalog_batch_seconds: float = Field(CATALOG_BATCH_SECONDS, ge=0)
     supabase_service_role_key: SecretStr | None = None
+    provider_breaker_threshold: int = Field(PROVIDER_BREAKER_THRESHOLD, ge=1)
+    provider_breaker_cooldown_seconds: float = Field(PROVIDER_BREAKER_COOLDOWN_SECONDS, gt=0)
+    provider_auth_cooldown_seconds: float = Field(PROVIDER_AUTH_COOLDOWN_SECONDS, gt=0)
+    provider_retry_after_max_seconds: float = Field(PROVIDER_RETRY_AFTER_MAX_SECONDS, ge=0)
+    provider_outage_max_wait_seconds: float = Field(PROVIDER_OUTAGE_MAX_WAIT_SECONDS, ge=0)
+    pricing_overrides: str | None = None  # JSON, or the path of a JSON file (pricing.py)
+    # Written to ai_job_settings when migration 015 adds it, or by `migrate --write-settings`.
+    daily_budget_usd_per_user: float | None = Field(None, ge=0)
 
     storage_url: str = DEFAULT_STORAGE
     admin_token: SecretStr | None = None
@@ -94,6 +116,7 @@ class Settings(BaseSettings):
     alert_avg_processing_seconds: float = Field(ALERT_AVG_PROCESSING_SECONDS, ge=0)
     alert_failure_rate_percent: float = Field(ALERT_FAILURE_RATE_PERCENT, ge=0, le=100)
     alert_rate_limit_violations_per_hour: int = Field(ALERT_RATE_LIMIT_VIOLATIONS_PER_HOUR, ge=0)
+    alert_budget_rejections_per_hour: int = Field(ALERT_BUDGET_REJECTIONS_PER_HOUR, ge=0)
     log_level: str = "INFO"
 
     @field_validator("log_format")
@@ -129,18 +152,26 @@ class Settings(BaseSettings):
         return self.database_url.get_secret_value() if self.database_url else None
 
     def secrets(self) -> list[str]:
-        """Every secret value set, for scrubbing text that may quote one."""
-        values = (
-            self.openai_api_key,
-            self.anthropic_api_key,
-            self.supabase_service_role_key,
-            self.sentry_dsn,
-            self.admin_token,
-            self.database_url,
-        )
-        # model_copy(update=...) does not validate, so a copy may hold a plain str.
-        plain = [v.get_secret_value() if isinstance(v, SecretStr) else str(v) for v in values if v]
-        return [v for v in plain if v]
+        """Every secret value set (each SecretStr field: a new secret setting is
+        covered without a change here), for scrubbing text that may quote one."""
+        plain = []
+        for name, field in type(self).model_fields.items():
+            if "SecretStr" not in str(field.annotation):
+                continue
+            value = getattr(self, name)
+            # model_copy(update=...) does not validate, so a copy may hold a plain str.
+            text = value.get_secret_value() if isinstance(value, SecretStr) else value
+            if text:
+                plain.append(str(text))
+        return plain
+
+    def request_limits(self) -> dict[str, int]:
+        """The limits of a client's request, as `ai-jobs migrate` writes them."""
+        return {
+            "max_subject_length": self.max_subject_length,
+            "max_prompt_length": self.max_prompt_length,
+            "max_params_bytes": self.max_params_bytes,
+        }
 
     @property
     def storage_root(self) -> Path:

@@ -24,8 +24,10 @@ create table if not exists ai_job_workers (
     reconnects     int not null default 0           -- LISTEN reconnects since the start
 );
 
+-- Least privilege (see 010): nobody but the workers and the operators
+-- (service_role); row-level security on, with no policy for anyone else.
 alter table ai_job_workers enable row level security;
-revoke all on ai_job_workers from public, anon, authenticated;
+revoke all on ai_job_workers from public, anon, authenticated, service_role;
 grant select, insert, update, delete on ai_job_workers to service_role;
 
 insert into ai_job_alert_state (rule) values ('no_worker'), ('worker_deaf')

@@ -14,6 +14,7 @@ import pytest
 from psycopg.rows import dict_row
 
 from listener.migrate import migrate
+from tests import supabase
 from tests.pgserver import server_url, with_dbname
 
 
@@ -54,6 +55,31 @@ def _new_database(pg_server: str, template: str | None) -> str:
 def db_url(pg_server: str, template_db: str) -> Iterator[str]:
     """A fresh, migrated database for this test alone."""
     name = _new_database(pg_server, template_db)
+    yield with_dbname(pg_server, name)
+    with _admin(pg_server) as conn:
+        conn.execute(f'drop database if exists "{name}" with (force)')
+
+
+@pytest.fixture(scope="session")
+def supabase_template_db(pg_server: str) -> Iterator[str]:
+    """Migrated once per run on a database prepared like Supabase (tests/supabase.py)."""
+    name = f"aijobs_supa_{os.getpid()}_{uuid.uuid4().hex[:6]}"
+    with _admin(pg_server) as conn:
+        conn.execute(f'create database "{name}"')
+    url = with_dbname(pg_server, name)
+    supabase.prepare(url)
+    asyncio.run(migrate(url, rate_limit_per_hour=10))
+    yield url
+    with _admin(pg_server) as conn:
+        conn.execute(f'drop database if exists "{name}" with (force)')
+
+
+@pytest.fixture
+def supabase_db_url(pg_server: str, supabase_template_db: str) -> Iterator[str]:
+    """A fresh database for this test alone, prepared like a Supabase project
+    (default grants to anon, authenticated and service_role set before
+    `ai-jobs migrate`, Supabase's auth.uid()) and then migrated."""
+    name = _new_database(pg_server, supabase_template_db)
     yield with_dbname(pg_server, name)
     with _admin(pg_server) as conn:
         conn.execute(f'drop database if exists "{name}" with (force)')

@@ -81,7 +81,7 @@ async def worker(
     if full:
         extra = {"allow_placeholder": True, "storage_url": opts.storage}
     settings = settings_for(opts, **extra)
-    logs.setup(settings.log_format, settings.log_level)
+    logs.setup(settings.log_format, settings.log_level, settings.secrets())
     async with app.open_worker(settings) as w:
         real = w.handlers["ai_course_jobs"]
 

@@ -6,13 +6,18 @@ from __future__ import annotations
 import base64
 from typing import Any
 
-import httpx
 import openai
 from openai.types.chat import ChatCompletionMessageParam
 
 from listener.providers import pricing
-from listener.providers.base import Answer, CoursePrompt, Media, Usage, repair_request
+from listener.providers.base import Answer, CoursePrompt, Media, Refused, Usage, repair_request
+from listener.providers.download import download
 from listener.settings import Settings
+
+# Requests that share this key and their first 1,024+ tokens are routed to the same
+# prompt cache: the system message (instructions) and the schema are the same for
+# every course, and they come first.
+PROMPT_CACHE_KEY = "ai-jobs-course-v1"
 
 
 class OpenAIProvider:
@@ -25,6 +30,7 @@ class OpenAIProvider:
         self.tts_model = settings.openai_tts_model
         self.max_tokens = settings.ai_max_output_tokens
         self.timeout = settings.ai_timeout_seconds
+        self.base_url = settings.openai_base_url
         # One shared client: it pools connections. Retries are ours (next provider,
         # then the job's own retry), so the SDK's are off.
         self.client = openai.AsyncOpenAI(
@@ -35,6 +41,8 @@ class OpenAIProvider:
         )
 
     async def course(self, prompt: CoursePrompt) -> Answer:
+        # The constant part first (instructions; the schema travels in response_format,
+        # ahead of the messages), the request after it: OpenAI caches prompt prefixes.
         messages: list[ChatCompletionMessageParam] = [
             {"role": "system", "content": prompt.system},
             {"role": "user", "content": prompt.user},
@@ -51,13 +59,25 @@ class OpenAIProvider:
                 "type": "json_schema",
                 "json_schema": {"name": "course", "schema": prompt.schema, "strict": True},
             },
+            prompt_cache_key=PROMPT_CACHE_KEY,
         )
-        text = (resp.choices[0].message.content or "") if resp.choices else ""
+        model = resp.model or self.model
         usage = Usage()
         if resp.usage:
+            details = resp.usage.prompt_tokens_details
+            cached = (details.cached_tokens or 0) if details else 0
             usage = Usage(resp.usage.prompt_tokens, resp.usage.completion_tokens)
-        usage.cost_usd = pricing.token_cost(resp.model or self.model, *_tokens(usage))
-        return Answer(text, resp.model or self.model, usage)
+            usage.cached_input_tokens = cached
+        usage.cost_usd = pricing.token_cost(
+            model, usage.input_tokens, usage.output_tokens, usage.cached_input_tokens
+        )
+        choice = resp.choices[0] if resp.choices else None
+        if choice is not None and choice.message.refusal:
+            raise Refused(choice.message.refusal, usage)
+        if choice is not None and choice.finish_reason == "content_filter":
+            raise Refused("blocked by the content filter", usage)
+        text = (choice.message.content or "") if choice else ""
+        return Answer(text, model, usage)
 
     async def image(self, prompt: str, size: str) -> Media:
         extra: dict[str, Any] = {}
@@ -71,11 +91,8 @@ class OpenAIProvider:
         first = resp.data[0]
         if first.b64_json:
             data = base64.b64decode(first.b64_json)
-        elif first.url:
-            async with httpx.AsyncClient(timeout=self.timeout) as http:
-                got = await http.get(first.url)
-                got.raise_for_status()
-                data = got.content
+        elif first.url:  # the answer's URL is untrusted input (providers/download.py)
+            data = await download(first.url, self.timeout, trusted_base=self.base_url)
         else:
             raise ValueError("the images API returned neither data nor a URL")
         usage = Usage(cost_usd=pricing.image_cost(self.image_model))
@@ -106,7 +123,3 @@ _AUDIO_TYPES = {
     "aac": "audio/aac",
     "flac": "audio/flac",
 }
-
-
-def _tokens(u: Usage) -> tuple[int, int]:
-    return u.input_tokens, u.output_tokens

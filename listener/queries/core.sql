@@ -21,6 +21,11 @@ insert into ai_jobs_migrations (version, name) values (%(version)s, %(name)s)
 -- name: set_rate_limit
 update ai_job_settings set rate_limit_per_hour = %(limit)s
 
+-- name: set_request_limits
+update ai_job_settings
+set max_subject_length = %(max_subject_length)s, max_prompt_length = %(max_prompt_length)s,
+    max_params_bytes = %(max_params_bytes)s
+
 -- name: enqueue_course
 insert into ai_course_jobs (subject, params, created_by, max_retries, course_id)
 values (%(subject)s, %(params)s, %(user)s, %(max_retries)s, %(course_id)s)

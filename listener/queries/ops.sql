@@ -3,15 +3,17 @@
 
 -- name: stuck_jobs
 -- The runbook's "Find stuck jobs", for both tables: processing with an old heartbeat.
+-- Labels are cut short: a subject or prompt is a client's text.
 select job_table, id, label, started_at, last_heartbeat, worker_id,
        date_trunc('second', now() - coalesce(last_heartbeat, started_at)) as stale_for
 from (
-    select 'ai_course_jobs' as job_table, id, subject as label, started_at, last_heartbeat, worker_id
+    select 'ai_course_jobs' as job_table, id, left(subject, 200) as label, started_at,
+           last_heartbeat, worker_id
     from ai_course_jobs
     where status = 'processing'
       and coalesce(last_heartbeat, started_at, created_at) < now() - make_interval(secs => %(seconds)s)
     union all
-    select 'ai_media_jobs', id, prompt, started_at, last_heartbeat, worker_id
+    select 'ai_media_jobs', id, left(prompt, 200), started_at, last_heartbeat, worker_id
     from ai_media_jobs
     where status = 'processing'
       and coalesce(last_heartbeat, started_at, created_at) < now() - make_interval(secs => %(seconds)s)
@@ -91,18 +93,18 @@ order by job_type, status
 
 -- name: recent_jobs
 -- The dashboard's table: the newest jobs of both tables (each side uses its
--- created_at index and stops at the limit).
+-- created_at index and stops at the limit). Texts are cut to what the page shows.
 select * from (
-    (select 'ai_course_jobs' as job_table, 'course' as job_type, id, subject as label, status,
-            retry_count, max_retries, error, created_at, started_at, completed_at,
-            extract(epoch from completed_at - started_at)::float8 as duration_seconds,
-            metrics ->> 'provider' as provider
+    (select 'ai_course_jobs' as job_table, 'course' as job_type, id, left(subject, 200) as label,
+            status, retry_count, max_retries, left(error, 500) as error, created_at, started_at,
+            completed_at, extract(epoch from completed_at - started_at)::float8 as duration_seconds,
+            left(metrics ->> 'provider', 40) as provider
      from ai_course_jobs order by created_at desc limit %(limit)s)
     union all
-    (select 'ai_media_jobs', 'media', id, prompt, status,
-            retry_count, max_retries, error, created_at, started_at, completed_at,
+    (select 'ai_media_jobs', 'media', id, left(prompt, 200), status,
+            retry_count, max_retries, left(error, 500), created_at, started_at, completed_at,
             extract(epoch from completed_at - started_at)::float8,
-            metrics ->> 'provider'
+            left(metrics ->> 'provider', 40)
      from ai_media_jobs order by created_at desc limit %(limit)s)
 ) jobs
 order by created_at desc, id
@@ -126,23 +128,28 @@ from (
 group by job_type
 
 -- name: provider_latency
--- Generation time per provider over the last hour, from the jobs' metrics.
+-- Generation time per provider over the last hour, from the jobs' metrics. The
+-- label set is bounded: a provider not in %(providers)s counts as 'other'
+-- (metrics are written by the worker, but a label must never come from a row).
+-- The database keeps metrics numbers within +-1e300 (sql/011): the cast is safe.
 select provider,
        count(*) as count,
        percentile_cont(0.5) within group (order by ms)::float8 / 1000 as p50,
        percentile_cont(0.9) within group (order by ms)::float8 / 1000 as p90,
        percentile_cont(0.99) within group (order by ms)::float8 / 1000 as p99
 from (
-    select metrics ->> 'provider' as provider, (metrics ->> 'generationDurationMs')::float8 as ms
+    select metrics ->> 'provider' as name, (metrics -> 'generationDurationMs')::float8 as ms
     from ai_course_jobs
     where status = 'done' and completed_at > now() - interval '1 hour'
       and metrics ? 'provider' and jsonb_typeof(metrics -> 'generationDurationMs') = 'number'
     union all
-    select metrics ->> 'provider', (metrics ->> 'generationDurationMs')::float8
+    select metrics ->> 'provider', (metrics -> 'generationDurationMs')::float8
     from ai_media_jobs
     where status = 'done' and completed_at > now() - interval '1 hour'
       and metrics ? 'provider' and jsonb_typeof(metrics -> 'generationDurationMs') = 'number'
-) p
+) p,
+lateral (select case when p.name = any(%(providers)s::text[]) then p.name else 'other' end
+         as provider) folded
 group by provider
 order by provider
 
@@ -167,14 +174,15 @@ listen ai_jobs_events
 -- The runbook's diagnosis queries in one: jobs of a status (or all), newest
 -- activity first, with their error and heartbeat age.
 select * from (
-    (select 'ai_course_jobs' as job_table, id, subject as label, status, retry_count, max_retries,
+    (select 'ai_course_jobs' as job_table, id, left(subject, 200) as label, status, retry_count,
+            max_retries,
             date_trunc('second', now() - last_heartbeat) as heartbeat_age,
             coalesce(completed_at, last_heartbeat, created_at) as last_activity, error
      from ai_course_jobs
      where %(status)s::text is null or status = %(status)s::text
      order by coalesce(completed_at, last_heartbeat, created_at) desc limit %(limit)s)
     union all
-    (select 'ai_media_jobs', id, prompt, status, retry_count, max_retries,
+    (select 'ai_media_jobs', id, left(prompt, 200), status, retry_count, max_retries,
             date_trunc('second', now() - last_heartbeat),
             coalesce(completed_at, last_heartbeat, created_at), error
      from ai_media_jobs

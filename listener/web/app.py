@@ -44,6 +44,7 @@ from listener.settings import Settings
 from listener.web import metrics, views
 from listener.web.auth import Auth, Principal, same_origin
 from listener.web.live import LiveFeed
+from listener.web.throttle import Throttle
 
 SSE_KEEPALIVE_SECONDS = 15.0
 PAGE = "/admin/jobs"
@@ -85,6 +86,7 @@ class Dashboard:
     def __init__(self, settings: Settings, dsn: str, admin_token: str) -> None:
         self.settings = settings
         self.auth = Auth(admin_token)
+        self.throttle = Throttle()  # failed sign-ins per client address
         self.pool: AsyncConnectionPool[Any] = db.make_pool(
             dsn, 4, app="ai-jobs web", prepare=settings.listen_mode == "listen"
         )
@@ -135,11 +137,11 @@ class Dashboard:
         return _harden(JSONResponse(body, 401, headers=_CHALLENGE))
 
     @staticmethod
-    def login_page(nxt: str, error: str = "") -> Response:
+    def login_page(nxt: str, error: str = "", status: int = 401) -> Response:
         """The sign-in form, answered with 401: the page stays closed until then."""
         nonce = secrets.token_urlsafe(16)
         html = views.page("login.html", nonce=nonce, next=nxt, error=error)
-        return _harden(HTMLResponse(html, 401, headers=_CHALLENGE), nonce)
+        return _harden(HTMLResponse(html, status, headers=_CHALLENGE), nonce)
 
     @staticmethod
     def _result(request: Request, status: int, message: str, **extra: Any) -> Response:
@@ -278,13 +280,22 @@ class Dashboard:
     async def login(self, request: Request) -> Response:
         form = await request.form()
         token, nxt = form.get("token"), _safe_next(form.get("next"))
+        client = request.client.host if request.client else "unknown"
+        if wait := self.throttle.retry_after(client):
+            self._log.bind(action="web_login_throttled").warning("sign-in throttled")
+            seconds = max(1, round(wait))
+            page = self.login_page(nxt, f"Too many attempts: try again in {seconds} s.", 429)
+            page.headers["Retry-After"] = str(seconds)
+            return page
         if (
             not same_origin(request)
             or not isinstance(token, str)
             or not self.auth.token_matches(token)
         ):
+            self.throttle.failed(client)
             self._log.bind(action="web_login_failed").warning("sign-in refused")
             return self.login_page(nxt, "That token is not right.")
+        self.throttle.succeeded(client)
         response = RedirectResponse(nxt, 303)
         self.auth.start_session(request, response)
         self._log.bind(action="web_login").info("signed in")

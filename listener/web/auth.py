@@ -33,16 +33,35 @@ class Principal:
     csrf: str  # "" for bearer requests
 
 
+# A token anyone can type is a token anyone can guess: 32 characters, e.g.
+# `openssl rand -hex 32` or `python -c "import secrets; print(secrets.token_urlsafe(32))"`.
+MIN_TOKEN_LENGTH = 32
+
+
+def token_problem(admin_token: str) -> str | None:
+    """Why the dashboard must not start with this token (None: it may)."""
+    if not admin_token:
+        return "ADMIN_TOKEN is not set: the dashboard refuses to start without it"
+    if len(admin_token) < MIN_TOKEN_LENGTH:
+        return (
+            f"ADMIN_TOKEN is too short ({len(admin_token)} characters, at least "
+            f"{MIN_TOKEN_LENGTH}): the dashboard refuses to start; make one with "
+            "`openssl rand -hex 32`"
+        )
+    return None
+
+
 class Auth:
     def __init__(self, admin_token: str) -> None:
-        if not admin_token:
-            raise ValueError("ADMIN_TOKEN is empty")
+        if problem := token_problem(admin_token):
+            raise ValueError(problem)
         self._token = admin_token.encode()
         key = hmac.new(self._token, b"ai-jobs dashboard session", hashlib.sha256).hexdigest()
         self._signer = URLSafeTimedSerializer(key, salt="ai-jobs-session")
 
     def token_matches(self, candidate: str) -> bool:
-        """Constant-time comparison, whatever the lengths."""
+        """The whole token, compared in constant time whatever the lengths (of
+        digests: a prefix, or the token with more after it, is another digest)."""
         return hmac.compare_digest(
             hashlib.sha256(candidate.encode()).digest(), hashlib.sha256(self._token).digest()
         )

@@ -16,12 +16,16 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from listener import alerts, db, ops, registry
+from listener import alerts, db, ops
 from listener.listen import LISTENING
-from listener.settings import Settings
+from listener.registry import LISTENER_STATES, live_seconds
+from listener.settings import PROVIDERS, Settings
 
 Conn = psycopg.AsyncConnection[dict[str, Any]]
 QUANTILES = (("0.5", "p50"), ("0.9", "p90"), ("0.99", "p99"))
+# Every label value comes from a fixed set, never from a row: a client cannot make
+# the scrape grow by writing new values. A provider not listed here is "other".
+PROVIDER_LABELS = (*PROVIDERS, "placeholder", "cache")
 
 
 class _Families(Collector):
@@ -36,7 +40,7 @@ async def collect(conn: Conn, settings: Settings) -> list[Metric]:
     depth = GaugeMetricFamily(
         "ai_jobs_queue_depth", "Jobs per table and status", labels=["table", "status"]
     )
-    for table, statuses in (await ops.queue_depth(conn)).items():
+    for table, statuses in (await ops.queue_depth(conn)).items():  # labels: fixed sets
         for status, count in statuses.items():
             depth.add_metric([table, status], count)
 
@@ -46,7 +50,7 @@ async def collect(conn: Conn, settings: Settings) -> list[Metric]:
         labels=["job_type", "status"],
     )
     for row in await db.fetch(conn, "job_metrics"):
-        if row["avg_duration_seconds"] is not None:
+        if row["avg_duration_seconds"] is not None and row["status"] in ops.STATUSES:
             avg.add_metric([row["job_type"], row["status"]], row["avg_duration_seconds"])
 
     duration = GaugeMetricFamily(
@@ -80,7 +84,7 @@ async def collect(conn: Conn, settings: Settings) -> list[Metric]:
         "Jobs done per provider in the last hour",
         labels=["provider"],
     )
-    for row in await db.fetch(conn, "provider_latency"):
+    for row in await db.fetch(conn, "provider_latency", {"providers": list(PROVIDER_LABELS)}):
         provider_jobs.add_metric([row["provider"]], row["count"])
         for q, col in QUANTILES:
             latency.add_metric([row["provider"], q], row[col])
@@ -112,18 +116,49 @@ async def collect(conn: Conn, settings: Settings) -> list[Metric]:
         rejections,
         firing,
         value,
+        *await _providers(conn),
         *await _workers(conn, settings),
     ]
+
+
+async def _providers(conn: Conn) -> list[Metric]:
+    """Spend and breakers. Labels come from bounded sets: the known providers, and
+    the models the workers folded (configured or priced, else "other")."""
+    tokens = CounterMetricFamily(
+        "ai_jobs_tokens",
+        "Tokens of every provider call (input includes cached_input)",
+        labels=["provider", "model", "kind"],
+    )
+    cost = CounterMetricFamily(
+        "ai_jobs_cost_usd",
+        "Estimated USD of every provider call, at the list prices (pricing.py)",
+        labels=["provider", "model"],
+    )
+    for row in await db.fetch(conn, "usage_totals"):
+        labels = [row["provider"], row["model"]]
+        tokens.add_metric([*labels, "input"], row["input_tokens"])
+        tokens.add_metric([*labels, "cached_input"], row["cached_input_tokens"])
+        tokens.add_metric([*labels, "output"], row["output_tokens"])
+        cost.add_metric(labels, row["cost_usd"])
+    breakers = GaugeMetricFamily(
+        "ai_jobs_provider_breaker_open",
+        "1 while the provider's breaker is not closed (open, or awaiting its probe)",
+        labels=["provider"],
+    )
+    found = {r["provider"]: r["open"] for r in await db.fetch(conn, "provider_breakers")}
+    for provider in PROVIDERS:
+        breakers.add_metric([provider], found.get(provider, 0))
+    return [tokens, cost, breakers]
 
 
 async def _workers(conn: Conn, settings: Settings) -> list[Metric]:
     """The live workers (the registry), and what each reports of its listener.
     Worker ids as labels: bounded by the live processes, written by them alone."""
-    rows = await ops.workers(conn, registry.live_seconds(settings))
+    rows = await ops.workers(conn, live_seconds(settings))
     count = GaugeMetricFamily(
         "ai_jobs_workers", "Live worker processes per listener state", labels=["listener_state"]
     )
-    for state in registry.LISTENER_STATES:
+    for state in LISTENER_STATES:
         count.add_metric([state], sum(r["listener_state"] == state for r in rows))
     up = GaugeMetricFamily(
         "ai_jobs_listener_up",

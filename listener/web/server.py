@@ -14,6 +14,7 @@ from listener import db, ops
 from listener.errors import AiJobsError, ConfigError
 from listener.settings import Settings
 from listener.web.app import create_app
+from listener.web.auth import token_problem
 
 GRACEFUL_SECONDS = 3  # open event streams never end by themselves
 
@@ -36,8 +37,8 @@ class _Server(uvicorn.Server):
 
 async def serve(settings: Settings, host: str = "0.0.0.0", port: int | None = None) -> None:
     token = settings.admin_token.get_secret_value().strip() if settings.admin_token else ""
-    if not token:
-        raise ConfigError("ADMIN_TOKEN is not set: the dashboard refuses to start without it")
+    if problem := token_problem(token):
+        raise ConfigError(problem)
     dsn = db.require_dsn(settings.dsn)
     async with db.connection(dsn, app="ai-jobs web") as conn:
         await ops.queue_depth(conn)  # reachable, and migrated (else: run `ai-jobs migrate`)

@@ -18,7 +18,7 @@ from tests.browser import CHROMIUM, CHROMIUM_ARGS, ensure_chromium
 from tests.helpers import AI_JOBS, ROOT, connect, env, insert_course, job, wait_until
 from tests.workers import WorkerProcess
 
-TOKEN = "browser-test-token"
+TOKEN = "browser-test-token-0123456789-abcdef"
 ARTIFACTS = ROOT / "test-artifacts"
 TIMEOUT_MS = 15_000
 

@@ -52,8 +52,16 @@ def test_web_refuses_to_start_without_admin_token(db_url: str) -> None:
     ]
 
 
+def test_web_refuses_a_short_admin_token(db_url: str) -> None:
+    p = run(db_url, "web", "--port", "1", ADMIN_TOKEN="x" * 31)
+    assert p.returncode == 1
+    (line,) = p.stderr.strip().splitlines()
+    assert line.startswith("ai-jobs: error: ADMIN_TOKEN is too short (31 characters, at least 32)")
+    assert "x" * 31 not in line  # never the token itself
+
+
 def test_web_needs_a_migrated_database(empty_db_url: str) -> None:
-    p = run(empty_db_url, "web", ADMIN_TOKEN="t")
+    p = run(empty_db_url, "web", ADMIN_TOKEN="t" * 32)
     assert p.returncode == 1
     (line,) = p.stderr.strip().splitlines()
     assert "run `ai-jobs migrate`" in line

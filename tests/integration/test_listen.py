@@ -84,7 +84,7 @@ async def _true(check: Any) -> bool:
 async def test_probes_prove_the_connection_and_stay_out_of_the_payloads(db_url: str) -> None:
     service, heard, connects = _service(db_url, _sender(db_url))
     async with running(service):
-        await await_until(lambda: _true(lambda: service._probe_n >= 3), what="three probes")
+        await await_until(lambda: _true(lambda: service.probes >= 3), what="three probes")
         assert service.probe_seconds is not None and service.probe_seconds < PROBE_TIMEOUT
         assert service.state == "listening" and service.deaf_count == 0
         async with await aconnect(db_url) as c:

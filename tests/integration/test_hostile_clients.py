@@ -1,0 +1,565 @@
+"""The attacks a browser can make with the anon key or a signed-in user's JWT, each
+tried the way PostgREST would send it (a role and the JWT claims on the session),
+on a database prepared like Supabase before `ai-jobs migrate` (tests/supabase.py).
+
+Every case asserts the refusal and that nothing changed; docs/security.md lists
+what each role may do."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import subprocess
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import psycopg
+import pytest
+from psycopg import errors
+
+from tests.helpers import AI_JOBS, connect, env, insert_course, insert_media, job
+from tests.supabase import as_anon, as_service, as_user
+
+ALICE = uuid.UUID("00000000-0000-4000-8000-00000000a11c")
+BOB = uuid.UUID("00000000-0000-4000-8000-000000000b0b")
+TOKEN = uuid.UUID("00000000-0000-4000-8000-0000000000aa")
+
+
+@pytest.fixture
+def seeded(supabase_db_url: str) -> Iterator[str]:
+    """A course of Alice's, done and in the catalog; a job of Bob's; the state an
+    attacker would like to change."""
+    with connect(supabase_db_url) as c:
+        jid = insert_course(c, "Algebra", created_by=ALICE)
+        c.execute(
+            "update ai_course_jobs set status = 'done', started_at = now(), completed_at = now(),"
+            " result_path = 'courses/algebra/course.json', worker_id = 'host:1'  where id = %s",
+            [jid],
+        )
+        c.execute(
+            "insert into ai_course_catalog (course_id, job_id, subject, title, result_path)"
+            " values ('algebra', %s, 'Algebra', 'Algebra', 'courses/algebra/course.json')",
+            [jid],
+        )
+        insert_media(c, "Bob's cat", created_by=BOB)
+    yield supabase_db_url
+
+
+def snapshot(url: str) -> dict[str, Any]:
+    """Everything an attack could change, read as the owner."""
+    with connect(url) as c:
+        return {
+            t: c.execute(f"select * from {t} order by 1").fetchall()
+            for t in (
+                "ai_course_jobs",
+                "ai_media_jobs",
+                "ai_job_settings",
+                "ai_course_catalog",
+                "ai_job_alert_state",
+                "ai_jobs_migrations",
+                "ai_course_owners",
+                "ai_job_provider_state",
+                "ai_job_usage_totals",
+            )
+        } | {
+            "rejections": c.execute(
+                "select last_value, is_called from ai_job_rate_limit_rejections"
+            ).fetchone()
+        }
+
+
+ATTACKS = [
+    # 1. default grants: tables, the counter, the bookkeeping of others
+    *(
+        f"truncate {t}"
+        for t in (
+            "ai_course_jobs",
+            "ai_media_jobs",
+            "ai_jobs_migrations",
+            "ai_job_settings",
+            "ai_course_catalog",
+            "ai_job_alert_state",
+            "ai_job_counter_samples",
+            "ai_course_owners",
+            "ai_job_provider_state",
+            "ai_job_usage_totals",
+        )
+    ),
+    "update ai_job_settings set rate_limit_per_hour = 100000",
+    "update ai_job_settings set max_subject_length = 100000000",
+    "insert into ai_job_settings (singleton) values (false)",
+    "update ai_course_catalog set title = 'pwned', result_path = 'courses/evil/course.json'",
+    "insert into ai_course_catalog (course_id, job_id, subject, title, result_path)"
+    " values ('evil', gen_random_uuid(), 'x', 'x', 'courses/evil/course.json')",
+    "delete from ai_course_catalog",
+    "select * from ai_course_catalog",
+    "select setval('ai_job_rate_limit_rejections', 1)",
+    "select nextval('ai_job_rate_limit_rejections')",
+    "select last_value from ai_job_rate_limit_rejections",
+    "update ai_job_alert_state set firing = true",
+    "delete from ai_jobs_migrations",
+    "insert into ai_course_owners (course_id, owner) values ('algebra', auth.uid())",
+    "update ai_course_owners set owner = auth.uid()",
+    "select * from ai_job_metrics",
+    "select * from ai_job_counter_samples",
+    "update ai_course_jobs set status = 'done'",
+    "update ai_course_jobs set created_at = now() - interval '2 hours'",
+    "delete from ai_course_jobs",
+    "delete from ai_media_jobs",
+    # the runbook's and the worker's functions
+    "select * from mark_stale_jobs('0 seconds')",
+    "select * from move_to_dead_letter()",
+    "select * from rescue_stale_jobs(100)",
+    "select purge_old_jobs('0 seconds')",
+    "select requeue_job(gen_random_uuid(), 'ai_course_jobs')",
+    "select * from claim_jobs(null, 'evil', 100)",
+    "select * from claim_job('ai_course_jobs', gen_random_uuid(), 'evil')",
+    "select * from fail_job('ai_course_jobs', gen_random_uuid(), gen_random_uuid(), 'x')",
+    "select * from complete_jobs('ai_course_jobs', '{}', '{}', '{}', '{}')",
+    "select * from release_jobs('ai_course_jobs', '{}', '{}')",
+    "select * from heartbeat_jobs('ai_course_jobs', '{}', '{}')",
+    "select next_job_due()",
+    "select ai_job_claim_course_id('algebra', auth.uid(), false)",
+    "select ai_job_slugify('x')",
+    # sql/014-015: breakers, usage, budgets
+    "update ai_job_settings set daily_budget_usd_per_user = null",
+    "select ai_job_provider_reset('openai')",
+    "select * from ai_job_provider_failed('openai', 'auth', 'x', 1, 3600)",
+    "insert into ai_job_provider_state (provider) values ('evil')",
+    "select * from defer_job('ai_course_jobs', gen_random_uuid(), gen_random_uuid(), 1, 'x')",
+    "select ai_job_add_usage('{openai}', '{m}', '{1}', '{1}', '{0}', '{1}', '{1000}')",
+    "select nextval('ai_job_budget_rejections')",
+    "select ai_job_user_spend(auth.uid(), now())",
+]
+
+
+@pytest.mark.parametrize("role", ["anon", "authenticated"])
+def test_client_roles_are_refused_everything_but_their_requests(seeded: str, role: str) -> None:
+    before = snapshot(seeded)
+    allowed = []
+    with connect(seeded) as c:
+        if role == "anon":
+            as_anon(c)
+        else:
+            as_user(c, BOB)
+        for statement in ATTACKS:
+            try:
+                c.execute(statement)
+            except errors.InsufficientPrivilege:
+                continue
+            allowed.append(statement)
+    assert not allowed, f"{role} may: {allowed}"
+    assert snapshot(seeded) == before
+
+
+def test_anon_can_neither_read_nor_insert_jobs(seeded: str) -> None:
+    with connect(seeded) as c:
+        as_anon(c)
+        for statement in (
+            "select id from ai_course_jobs",
+            "select id from ai_media_jobs",
+            "insert into ai_course_jobs (subject) values ('x')",
+            "insert into ai_media_jobs (prompt, media_type) values ('x', 'image')",
+            "select check_ai_job_rate_limit(gen_random_uuid())",
+            "select rate_limit_per_hour from ai_job_settings",
+        ):
+            with pytest.raises(errors.InsufficientPrivilege):
+                c.execute(statement)
+
+
+def test_a_user_reads_only_the_public_columns_of_their_own_jobs(seeded: str) -> None:
+    with connect(seeded) as c:
+        as_user(c, ALICE)
+        rows = c.execute("select subject, status, course_id, result_path from ai_course_jobs")
+        assert [r["subject"] for r in rows.fetchall()] == ["Algebra"]
+        assert c.execute("select id from ai_media_jobs").fetchall() == []  # Bob's
+        for column in ("worker_id", "claim_token", "*"):
+            with pytest.raises(errors.InsufficientPrivilege):
+                c.execute(f"select {column} from ai_course_jobs")
+        with pytest.raises(errors.InsufficientPrivilege):
+            c.execute("select worker_id from ai_media_jobs")
+        # what a client needs: the limits, and whether it may insert
+        limits = c.execute(
+            "select rate_limit_per_hour, max_subject_length, max_prompt_length, max_params_bytes"
+            " from ai_job_settings"
+        ).fetchone()
+        assert limits == {
+            "rate_limit_per_hour": 10,
+            "max_subject_length": 500,
+            "max_prompt_length": 4000,
+            "max_params_bytes": 8192,
+        }
+        assert c.execute("select check_ai_job_rate_limit(auth.uid()) as ok").fetchone()["ok"]
+
+
+BOOKKEEPING = {
+    "id": "gen_random_uuid()",
+    "status": "'done'",
+    "retry_count": "2000",
+    "max_retries": "100000",
+    "error": "'x'",
+    "created_at": "now() - interval '2 hours'",
+    "run_after": "now() - interval '1 year'",
+    "started_at": "'-infinity'",
+    "last_heartbeat": "now()",
+    "completed_at": "now()",
+    "result_path": "'courses/algebra/course.json'",
+    "metrics": """'{"generationDurationMs": 1e400}'""",
+    "claim_token": "gen_random_uuid()",
+    "worker_id": "'evil'",
+}
+
+
+@pytest.mark.parametrize("column", sorted(BOOKKEEPING))
+@pytest.mark.parametrize("table", ["ai_course_jobs", "ai_media_jobs"])
+def test_a_user_may_insert_the_request_columns_only(
+    supabase_db_url: str, table: str, column: str
+) -> None:
+    request = (
+        "subject, created_by" if table == "ai_course_jobs" else "prompt, media_type, created_by"
+    )
+    values = "'x', auth.uid()" if table == "ai_course_jobs" else "'x', 'image', auth.uid()"
+    with connect(supabase_db_url) as c:
+        as_user(c, ALICE)
+        value = BOOKKEEPING[column]
+        with pytest.raises(errors.InsufficientPrivilege):
+            c.execute(f"insert into {table} ({request}, {column}) values ({values}, {value})")
+        c.execute(f"insert into {table} ({request}) values ({values})")  # the request alone: fine
+
+
+def test_whatever_a_client_role_sends_a_job_starts_fresh(supabase_db_url: str) -> None:
+    """Should a deployment grant a client every column (a dashboard's "grant all"),
+    the database still keeps the bookkeeping: the insert trigger resets it for any
+    role but the owner and service_role, and back-dated rows cannot beat the rate
+    limit."""
+    with connect(supabase_db_url) as c:
+        c.execute("grant insert on ai_course_jobs, ai_media_jobs to authenticated")
+    with connect(supabase_db_url) as c:
+        as_user(c, ALICE)
+        columns = ", ".join(BOOKKEEPING)
+        values = ", ".join(
+            v if k != "metrics" else """'{"generationDurationMs": 1}'"""
+            for k, v in BOOKKEEPING.items()
+        ).replace("'-infinity'", "now()")
+        row = c.execute(
+            f"insert into ai_course_jobs (subject, created_by, {columns})"
+            f" values ('Algebra', auth.uid(), {values}) returning id"
+        ).fetchone()
+        # 30 back-dated jobs in one statement: the limit of 10 still holds
+        with pytest.raises(psycopg.Error, match=r"^Rate limit exceeded") as limited:
+            c.execute(
+                "insert into ai_course_jobs (subject, created_by, created_at)"
+                " select 'spam ' || g, auth.uid(), now() - interval '2 hours'"
+                " from generate_series(1, 30) g"
+            )
+        assert limited.value.sqlstate == "AJ429"
+    with connect(supabase_db_url) as c:
+        fresh = job(c, str(row["id"]))
+        assert fresh["status"] == "pending" and fresh["retry_count"] == 0
+        assert fresh["max_retries"] == 10  # bounded
+        for col in ("error", "started_at", "last_heartbeat", "completed_at", "result_path"):
+            assert fresh[col] is None, col
+        for col in ("metrics", "claim_token", "worker_id"):
+            assert fresh[col] is None, col
+        age = c.execute(
+            "select now() - created_at as age, run_after - created_at as wait"
+            " from ai_course_jobs where id = %s",
+            [row["id"]],
+        ).fetchone()
+        assert age["age"].total_seconds() < 60 and age["wait"].total_seconds() == 0
+        n = c.execute("select count(*) from ai_course_jobs where created_by = %s", [ALICE])
+        assert n.fetchone()["count"] == 1
+
+
+def test_the_owner_and_service_role_keep_full_control(supabase_db_url: str) -> None:
+    """The worker, `ai-jobs enqueue` and operators write any column they need."""
+    for act_as in (None, as_service):
+        with connect(supabase_db_url) as c:
+            if act_as:
+                act_as(c)
+            jid = insert_course(
+                c,
+                "Operator's",
+                status="failed",
+                retry_count=2,
+                max_retries=5,
+                error="earlier",
+                created_by=BOB,
+            )
+            c.execute("update ai_course_jobs set run_after = now() + interval '1 hour'")
+            row = c.execute(
+                "select status, retry_count, max_retries, error from ai_course_jobs where id = %s",
+                [jid],
+            ).fetchone()
+            assert row == {
+                "status": "failed",
+                "retry_count": 2,
+                "max_retries": 5,
+                "error": "earlier",
+            }
+            assert c.execute("select * from mark_stale_jobs()").fetchall() == []
+            c.execute("select requeue_job(%s, 'ai_course_jobs')", [jid])
+
+
+# -- 3. values that broke the worker or the operators' tools ---------------------
+
+POISON = [
+    ("started_at", "'-infinity'"),
+    ("completed_at", "'infinity'"),
+    ("run_after", "'infinity'"),
+    ("created_at", "'-infinity'"),
+    ("last_heartbeat", "'99999-01-01'"),
+    ("retry_count", "2000"),
+    ("max_retries", "1000"),
+    ("metrics", """'{"generationDurationMs": 1e400, "provider": "openai"}'"""),
+    ("metrics", """'{"nested": {"deep": [-1e301]}}'"""),
+    ("metrics", "'[1, 2]'"),
+]
+
+
+@pytest.mark.parametrize(("column", "value"), POISON)
+@pytest.mark.parametrize("who", ["owner", "service_role"])
+def test_no_role_can_write_a_value_the_worker_cannot_compute_with(
+    supabase_db_url: str, who: str, column: str, value: str
+) -> None:
+    with connect(supabase_db_url) as c:
+        if who == "service_role":
+            as_service(c)
+        with pytest.raises(errors.CheckViolation):
+            c.execute(
+                f"insert into ai_course_jobs (subject, status, {column})"
+                f" values ('x', 'done', {value})"
+            )
+        jid = insert_course(c, "y")
+        with pytest.raises(errors.CheckViolation):
+            c.execute(f"update ai_course_jobs set {column} = {value} where id = %s", [jid])
+
+
+def _processing(c: psycopg.Connection[Any], **cols: Any) -> str:
+    jid = insert_course(c, "Failing", **cols)
+    c.execute(
+        "update ai_course_jobs set status = 'processing', claim_token = %s, started_at = now()"
+        " where id = %s",
+        [TOKEN, jid],
+    )
+    return jid
+
+
+FAIL = "select * from fail_job('ai_course_jobs', %s, %s, 'boom', %s)"
+
+
+@pytest.mark.parametrize("base", [10.0, 1e308, float("inf"), float("nan"), -5.0])
+def test_fail_job_cannot_overflow(supabase_db_url: str, base: float) -> None:
+    with connect(supabase_db_url) as c:
+        jid = _processing(c, retry_count=999, max_retries=100)
+        (row,) = c.execute(FAIL, [jid, TOKEN, base]).fetchall()
+        assert row["status"] == "dead_letter" and row["retry_count"] == 1000
+        jid = _processing(c, retry_count=60, max_retries=100)
+        (row,) = c.execute(FAIL, [jid, TOKEN, base]).fetchall()
+        assert row["status"] == "failed" and row["retry_count"] == 61
+        wait = c.execute(
+            "select extract(epoch from run_after - now())::float8 as s from ai_course_jobs"
+            " where id = %s",
+            [jid],
+        ).fetchone()["s"]
+        assert wait <= 86400 + 5  # bounded: at most a day
+
+
+def test_a_failure_that_cannot_be_written_still_ends_the_job(supabase_db_url: str) -> None:
+    """Whatever breaks the usual failure write (here a planted trigger), the job
+    goes to the dead letter with both errors, instead of staying processing to be
+    rescued when stale and run again, calling the paid provider each time."""
+    with connect(supabase_db_url) as c:
+        c.execute(
+            "create function planted_fault() returns trigger language plpgsql as"
+            " $$ begin if new.status = 'failed' then raise exception 'disk on fire'; end if;"
+            " return new; end $$"
+        )
+        c.execute(
+            "create trigger planted_fault before update on ai_course_jobs"
+            " for each row execute function planted_fault()"
+        )
+        jid = _processing(c)
+        (row,) = c.execute(FAIL, [jid, TOKEN, 10.0]).fetchall()
+        assert row["status"] == "dead_letter"
+        final = job(c, jid)
+        assert final["error"] == "Failure could not be recorded (disk on fire): boom"
+        assert final["completed_at"] is not None and final["claim_token"] is None
+        # a token that no longer matches still changes nothing
+        assert c.execute(FAIL, [jid, TOKEN, 10.0]).fetchall() == []
+
+
+def test_rescue_of_a_stale_job_at_the_bounds(supabase_db_url: str) -> None:
+    with connect(supabase_db_url) as c:
+        jid = insert_course(c, "Lost", retry_count=1000, max_retries=100, status="stale")
+        rows = c.execute("select * from rescue_stale_jobs(10)").fetchall()
+        assert [(str(r["job_id"]), r["status"]) for r in rows] == [(jid, "dead_letter")]
+        assert job(c, jid)["retry_count"] == 1000
+
+
+# -- 5. courses have owners ------------------------------------------------------
+
+
+def _course_id(c: psycopg.Connection[Any], subject: str, **cols: Any) -> str:
+    names = ", ".join(["subject", "created_by", *cols])
+    marks = ", ".join(["%s", "auth.uid()", *(["%s"] * len(cols))])
+    row = c.execute(
+        f"insert into ai_course_jobs ({names}) values ({marks}) returning course_id",
+        [subject, *cols.values()],
+    ).fetchone()
+    return str(row["course_id"])
+
+
+def test_nobody_takes_over_a_course_another_user_made(supabase_db_url: str) -> None:
+    with connect(supabase_db_url) as alice, connect(supabase_db_url) as bob:
+        as_user(alice, ALICE)
+        as_user(bob, BOB)
+        assert _course_id(alice, "Algebra") == "algebra"
+        # the same subject: Bob's own course, under a suffix that stays his
+        bobs = _course_id(bob, "Algebra")
+        assert bobs.startswith("algebra-") and len(bobs) == len("algebra-") + 6
+        assert _course_id(bob, "  ALGEBRA! ") == bobs
+        # naming Alice's course outright is refused, whatever the spelling tricks
+        for given in (
+            "algebra",
+            "ALGEBRA",
+            "Algebra",
+            "algebra\n",
+            "algebra/../algebra",
+            " algebra",
+        ):
+            with pytest.raises((errors.InsufficientPrivilege, errors.CheckViolation)):
+                _course_id(bob, "Anything", course_id=given)
+        # each regenerates their own
+        assert _course_id(alice, "algebra") == "algebra"
+        assert _course_id(bob, "Algebra", course_id=bobs) == bobs
+        # a course id given and free is the giver's from then on
+        assert _course_id(bob, "Sailing", course_id="sailing-101") == "sailing-101"
+        with pytest.raises(errors.InsufficientPrivilege):
+            _course_id(alice, "Sailing", course_id="sailing-101")
+        assert _course_id(alice, "Sailing 101") != "sailing-101"
+    with connect(supabase_db_url) as c:
+        # system jobs (no user) are an owner of their own
+        assert job(c, insert_course(c, "Algebra"))["course_id"] not in ("algebra", bobs)
+        owners = c.execute("select course_id, owner from ai_course_owners order by 1").fetchall()
+        assert {r["course_id"]: r["owner"] for r in owners}["algebra"] == ALICE
+
+
+def test_two_users_asking_for_one_course_id_at_once(supabase_db_url: str) -> None:
+    """The claim is a primary key: one of them gets the id, the other a suffix."""
+    with connect(supabase_db_url) as alice, connect(supabase_db_url) as bob:
+        as_user(alice, ALICE)
+        as_user(bob, BOB)
+        alice.execute("begin")
+        first = _course_id(alice, "Geology")
+        bob.execute("set statement_timeout = '200ms'")  # Bob waits on Alice's claim ...
+        with pytest.raises(errors.QueryCanceled):
+            _course_id(bob, "Geology")
+        alice.execute("commit")
+        bob.execute("set statement_timeout = 0")
+        second = _course_id(bob, "Geology")  # ... and gets his own once it is decided
+    assert first == "geology" and second.startswith("geology-")
+
+
+# -- 6. the smaller items ----------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("table", "column", "size"),
+    [
+        ("ai_course_jobs", "subject", 501),
+        ("ai_media_jobs", "prompt", 4001),
+        ("ai_course_jobs", "subject", 1_000_000),
+    ],
+)
+def test_request_lengths_are_capped_for_every_role(
+    supabase_db_url: str, table: str, column: str, size: int
+) -> None:
+    other = ", media_type" if table == "ai_media_jobs" else ""
+    other_value = ", 'image'" if table == "ai_media_jobs" else ""
+    for act_as in (as_user, None):
+        with connect(supabase_db_url) as c:
+            if act_as:
+                act_as(c, ALICE)
+            with pytest.raises(errors.CheckViolation, match=f"^{column} is {size} characters"):
+                c.execute(
+                    f"insert into {table} ({column}, created_by{other})"
+                    f" values (%s, %s{other_value})",
+                    ["x" * size, ALICE],
+                )
+            c.execute(
+                f"insert into {table} ({column}, created_by{other}) values (%s, %s{other_value})",
+                ["x" * 400, ALICE],
+            )
+
+
+def test_params_are_capped_in_size_and_depth(supabase_db_url: str) -> None:
+    deep: Any = 1
+    for _ in range(21):
+        deep = [deep]
+    with connect(supabase_db_url) as c:
+        as_user(c, ALICE)
+        for params, message in (
+            ({"instructions": "x" * 9000}, r"^params are \d+ bytes long, over the limit of 8192"),
+            ({"a": deep}, "^params are nested more than 20 levels deep"),
+            ("[" * 3000 + "]" * 3000, None),  # not even an object
+        ):
+            with pytest.raises((errors.CheckViolation, errors.ProgramLimitExceeded)) as exc:
+                c.execute(
+                    "insert into ai_course_jobs (subject, params, created_by)"
+                    " values ('x', %s, auth.uid())",
+                    [params if isinstance(params, str) else json.dumps(params)],
+                )
+            if message:
+                assert re.match(message, str(exc.value.diag.message_primary))
+        c.execute(
+            "insert into ai_course_jobs (subject, params, created_by) values ('x', %s, auth.uid())",
+            [json.dumps({"a": deep[0][0]})],  # 20 levels: fine
+        )
+
+
+def test_limits_change_from_psql_and_from_the_settings(supabase_db_url: str) -> None:
+    from listener.migrate import migrate
+    from listener.settings import Settings
+
+    with connect(supabase_db_url) as c:
+        c.execute("update ai_job_settings set max_subject_length = 5")
+        with pytest.raises(errors.CheckViolation):
+            insert_course(c, "123456")
+        insert_course(c, "12345")
+    limits = Settings(max_subject_length=7, max_prompt_length=8, max_params_bytes=20)
+    # every deploy's migrate leaves a limit changed live alone ...
+    asyncio.run(migrate(supabase_db_url, request_limits=limits.request_limits()))
+    with connect(supabase_db_url) as c:
+        assert c.execute("select max_subject_length from ai_job_settings").fetchone() == {
+            "max_subject_length": 5
+        }
+    # ... unless asked to write the settings
+    asyncio.run(
+        migrate(supabase_db_url, request_limits=limits.request_limits(), write_settings=True)
+    )
+    with connect(supabase_db_url) as c:
+        row = c.execute(
+            "select max_subject_length, max_prompt_length, max_params_bytes from ai_job_settings"
+        ).fetchone()
+        assert row == {"max_subject_length": 7, "max_prompt_length": 8, "max_params_bytes": 20}
+
+
+def test_the_first_migrate_writes_the_request_limits(empty_db_url: str) -> None:
+    """Like the rate limit: written from the settings when the columns appear (the
+    first install, or migration 011 on an older database), left alone later."""
+    p = subprocess.run(
+        [*AI_JOBS, "migrate"],
+        env=env(empty_db_url, MAX_SUBJECT_LENGTH="42", MAX_PARAMS_BYTES="1000"),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert p.returncode == 0, p.stderr
+    with connect(empty_db_url) as c:
+        row = c.execute(
+            "select max_subject_length, max_prompt_length, max_params_bytes from ai_job_settings"
+        ).fetchone()
+    assert row == {"max_subject_length": 42, "max_prompt_length": 4000, "max_params_bytes": 1000}
