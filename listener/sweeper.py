@@ -1,17 +1,21 @@
 """The timer fallback's duties, each one call to a runbook SQL function that
 returns what it changed (River's JobRescuer / JobCleaner, Oban's Lifeline /
-Pruner). The worker calls run_once() at start-up, after every reconnect, on an
-empty NOTIFY and every SWEEP_INTERVAL_SECONDS; tests call the duties directly."""
+Pruner). `run()` sweeps at start-up, on request (after every reconnect, on an
+empty NOTIFY) and every SWEEP_INTERVAL_SECONDS; tests call the duties directly."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from loguru import logger
 from psycopg_pool import AsyncConnectionPool
 
 from listener import db
+from listener.listen import Backoff
 from listener.registry import live_seconds
 from listener.settings import Settings
 
@@ -103,3 +107,37 @@ class Sweeper:
                 "sweep: " + ", ".join(f"{k} {v}" for k, v in counts.items())
             )
         return r
+
+    async def run(
+        self,
+        requested: asyncio.Event,
+        swept: Callable[[SweepResult], None],
+        look: Callable[[], None],
+        failed: Callable[[BaseException, bool], None],
+    ) -> None:
+        """Sweep now, then whenever `requested` is set, or after the interval.
+        A sweep that fails (`failed(exc, again)`, `again` within one streak of
+        failures) is retried with backoff until it succeeds, since the catch-up
+        after a reconnect must land; every attempt, failed or not, is followed by
+        `look()` (a claim round): a failed duty never hides pending work."""
+        backoff = Backoff(base=0.2, cap=5.0)
+        failing = False
+        while True:
+            requested.clear()
+            try:
+                result = await self.run_once()
+                swept(result)
+                if result.error is not None:
+                    raise result.error
+                if failing:
+                    logger.bind(action="sweep_recovered").info("sweep: ran again")
+                failing = False
+                backoff.reset()
+            except Exception as exc:
+                failed(exc, failing)
+                failing = True
+            look()
+            wait = backoff.next() if failing else self.settings.sweep_interval_seconds
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(wait):
+                    await requested.wait()

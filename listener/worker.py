@@ -37,7 +37,7 @@ from listener.notifications import Backoff, Health, Listener, Nudge
 from listener.pacing import ROUNDS, Held, Pacing
 from listener.registry import POLLING, Registry, Status
 from listener.settings import Settings
-from listener.sweeper import Sweeper
+from listener.sweeper import Sweeper, SweepResult
 
 T = TypeVar("T")
 TABLES = tuple(JOB_TYPES)
@@ -469,15 +469,11 @@ class Worker:
             await asyncio.sleep(interval)
             await self._guarded(fn, name)
 
-    async def _guarded(
-        self, fn: Callable[[], Awaitable[Any]], name: str, quiet: bool = False
-    ) -> bool:
+    async def _guarded(self, fn: Callable[[], Awaitable[Any]], name: str) -> None:
         try:
             await fn()
-            return True
         except Exception as exc:
-            self._report(exc, name, quiet)
-            return False
+            self._report(exc, name)
 
     async def _poll(self) -> None:
         self.polls += 1
@@ -496,33 +492,16 @@ class Worker:
             )
 
     async def _sweeps(self) -> None:
-        """At start, on request (reconnect, empty NOTIFY) and every interval. A
-        sweep that fails is retried with backoff until it succeeds (the catch-up
-        after a reconnect must land), and every attempt, failed or not, is followed
-        by a claim round: a failed duty never hides pending work."""
-        backoff = Backoff(base=0.2, cap=5.0)
-        failing = False
-        while True:
-            self._sweep_now.clear()
-            ok = await self._guarded(self._sweep, "sweep", quiet=failing)
-            self._look()
-            if ok and failing:
-                logger.bind(action="sweep_recovered").info("sweep: ran again")
-            failing = not ok
-            if ok:
-                backoff.reset()
-            wait = backoff.next() if failing else self.settings.sweep_interval_seconds
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(wait):
-                    await self._sweep_now.wait()
+        await self.sweeper.run(self._sweep_now, self._swept, self._look, self._sweep_failed)
 
-    async def _sweep(self) -> None:
-        result = await self.sweeper.run_once()
+    def _swept(self, result: SweepResult) -> None:
         self.db_health.up()
         self._at(result.due_in)
-        if result.error is not None:
-            raise result.error
-        self.sweeps += 1
+        if result.error is None:
+            self.sweeps += 1
+
+    def _sweep_failed(self, exc: BaseException, again: bool) -> None:
+        self._report(exc, "sweep", quiet=again)
 
     async def heartbeats(self) -> None:
         while True:
