@@ -90,6 +90,7 @@ class Dashboard:
         self.pool: AsyncConnectionPool[Any] = db.make_pool(
             dsn, 4, app="ai-jobs web", prepare=settings.listen_mode == "listen"
         )
+        self.medic = db.PoolMedic(self.pool)  # dead connections replaced after an outage
         self.alert_cache = views.AlertCache(settings)
         self.feed = LiveFeed(
             dsn,
@@ -97,6 +98,7 @@ class Dashboard:
             notify=self._notify,
             probe_every=settings.listen_probe_seconds,
             listen=settings.listen_mode == "listen",
+            on_recovered=self.medic.heal_soon,
         )
         self._log = logger.bind(action="web")
 

@@ -40,8 +40,10 @@ class LiveFeed:
         notify: Notify | None = None,
         probe_every: float = 30.0,
         listen: bool = True,
+        on_recovered: Callable[[], None] | None = None,
     ) -> None:
         self._snapshot = snapshot
+        self._on_recovered = on_recovered
         self._listen = listen
         self._min_interval = min_interval
         self._subscribers: set[Subscriber] = set()
@@ -111,7 +113,10 @@ class LiveFeed:
             await asyncio.sleep(POLL_SECONDS)
 
     def _connected(self, recovered: bool) -> None:
-        # Changes made while we were away sent no notification we could hear.
+        # Changes made while we were away sent no notification we could hear; and
+        # the outage that took the LISTEN connection may have taken the pool's.
+        if recovered and self._on_recovered is not None:
+            self._on_recovered()
         self._dirty.set()
 
     async def _refresh(self) -> None:

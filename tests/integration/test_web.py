@@ -395,6 +395,32 @@ async def test_live_updates_survive_a_lost_listen_connection(
         await s.until(lambda snap: _row_status(snap, jid) == "pending")
 
 
+async def test_after_an_outage_the_dashboard_answers_at_once(
+    web: tuple[str, Any], client: httpx.AsyncClient, db_url: str
+) -> None:
+    feed = web[1].feed
+    await asyncio.gather(*(client.get("/admin/jobs/snapshot", headers=BEARER) for _ in range(4)))
+    old = feed.service.backend_pid
+    async with await aconnect(db_url) as c:  # every backend of the dashboard, pool included
+        await c.execute(
+            "select pg_terminate_backend(pid) from pg_stat_activity"
+            " where datname = current_database() and pid <> pg_backend_pid()"
+        )
+
+    async def relistening() -> bool:
+        return feed.listening.is_set() and feed.service.backend_pid != old
+
+    await await_until(relistening, what="LISTEN connection back")
+    await await_until(lambda: _healed(web[1]), what="the pool replaced")
+    for _ in range(4):  # the pool's dead connections were replaced, not served
+        r = await client.get("/admin/jobs/snapshot", headers=BEARER)
+        assert r.status_code == 200, r.text
+
+
+async def _healed(dashboard: Any) -> bool:
+    return bool(dashboard.medic.heals >= 1)
+
+
 async def test_healthz_reports_the_database(
     web: tuple[str, Any], client: httpx.AsyncClient
 ) -> None:
