@@ -109,6 +109,12 @@ class Worker:
 
     def _on_nudge(self, nudge: Nudge) -> None:
         self.notifications += 1
+        if nudge.cancel is not None:  # cancel_job: stop it here if it runs here
+            self._stop_job(nudge.cancel, "job_cancelled", "job cancelled; stopping it", "INFO")
+            return
+        if nudge.paused:  # pause_jobs: claim_jobs refuses the table; nothing to look at
+            logger.bind(action="table_paused", table=nudge.table).info("job type paused")
+            return
         if nudge.sweep:
             self.request_sweep()
         self._look([nudge.table] if nudge.table else TABLES)
@@ -382,12 +388,25 @@ class Worker:
     def _drop(self, job: Job) -> None:
         """The job was marked stale and maybe handed on: stop it (or never start
         it), so that it never runs in two places at once."""
-        running = self.running.get(job.id)
-        if running is None and not self.ready.remove(job):
-            return  # ended meanwhile
+        self._stop_job(
+            job.id, "job_lost", "job no longer held by this worker (marked stale); dropping it"
+        )
+
+    def _stop_job(
+        self, job_id: uuid.UUID, action: str, message: str, level: str = "WARNING"
+    ) -> None:
+        """Cancel a running job's task, or drop it if it is held; no result is
+        written (its claim_token is gone, so a late write would change nothing)."""
+        running = self.running.get(job_id)
+        held = next((j for j in self.ready.jobs() if j.id == job_id), None)
+        job = running.job if running is not None else held
+        if job is None:
+            return  # not here, or ended meanwhile
+        if held is not None:
+            self.ready.remove(held)
         logger.bind(
-            action="job_lost", job_id=str(job.id), table=job.table, attempt=job.attempt
-        ).warning("job no longer held by this worker (marked stale); dropping it")
+            action=action, job_id=str(job_id), table=job.table, attempt=job.attempt
+        ).warning(message)
         if running is not None:
             running.task.cancel()
 

@@ -85,8 +85,12 @@ limit 1
 delete from ai_job_counter_samples where sampled_at < now() - interval '2 hours'
 
 -- name: job_metrics
-select job_type, status, count, avg_duration_seconds::float8 as avg_duration_seconds
-from ai_job_metrics
+-- What the runbook's ai_job_metrics view says (count and average duration per job
+-- type and status), from sources that do not grow with history (sql/017). The
+-- view itself scans both tables: it stays for psql.
+select case job_table when 'ai_course_jobs' then 'course' else 'media' end as job_type,
+       status, jobs as count, avg_duration_seconds
+from ai_job_status_counts()
 order by job_type, status
 
 -- name: recent_jobs
