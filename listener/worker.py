@@ -404,9 +404,9 @@ class Worker:
             return  # not here, or ended meanwhile
         if held is not None:
             self.ready.remove(held)
-        logger.bind(
-            action=action, job_id=str(job_id), table=job.table, attempt=job.attempt
-        ).warning(message)
+        logger.bind(action=action, job_id=str(job_id), table=job.table, attempt=job.attempt).log(
+            level, message
+        )
         if running is not None:
             running.task.cancel()
 

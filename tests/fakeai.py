@@ -5,6 +5,8 @@ Point OPENAI_BASE_URL at `fake.openai_url` and ANTHROPIC_BASE_URL at
 
   valid         a course built from the prompt's "Groups:" / "Items per group:" lines
   slow          waits `fake.slow_seconds` before answering (for timeouts)
+  hang          holds the request for up to `fake.slow_seconds`, watching the client:
+                one that hangs up is recorded in `fake.abandoned` (a cancelled call)
   429 / 500     an error status with the provider's error body
   401           "Incorrect API key provided: <the key>", as OpenAI echoes it
   invalid       text that is not JSON, every time
@@ -22,6 +24,8 @@ import base64
 import gzip
 import json
 import re
+import select
+import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -125,6 +129,7 @@ class FakeAI(HTTPFake):
         self.slow_seconds = 3.0
         self.requests: list[Recorded] = []
         self.envelopes: list[bytes] = []
+        self.abandoned: list[tuple[str, float]] = []  # (path, time.time()) of hung-up calls
 
     def count(self, provider: str, path: str | None = None) -> int:
         with self.lock:
@@ -160,6 +165,8 @@ class FakeAI(HTTPFake):
             return self.error(h, provider, 401, f"Incorrect API key provided: {key}")
         if mode == "slow":
             time.sleep(self.slow_seconds)
+        if mode == "hang" and self.hang(h, path):
+            return None
         if path == "/v1/models":
             return self.models(h, provider)
         if mode == "429":
@@ -178,6 +185,23 @@ class FakeAI(HTTPFake):
             data = placeholder_wav("fake") if fmt == "wav" else FAKE_MP3
             return self.send(h, 200, data, "audio/mpeg" if fmt == "mp3" else f"audio/{fmt}")
         return self.error(h, provider, 404, f"no route {path}")
+
+    def hang(self, h: BaseHTTPRequestHandler, path: str) -> bool:
+        """Hold the request; True if the client hung up meanwhile (recorded)."""
+        sock = h.connection
+        deadline = time.monotonic() + self.slow_seconds
+        while time.monotonic() < deadline:
+            ready, _, _ = select.select([sock], [], [], 0.02)
+            if ready:
+                try:
+                    gone = sock.recv(1, socket.MSG_PEEK) == b""
+                except OSError:
+                    gone = True
+                if gone:
+                    with self.lock:
+                        self.abandoned.append((path, time.time()))
+                    return True
+        return False
 
     def error(
         self,
