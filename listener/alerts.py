@@ -108,9 +108,14 @@ async def rejections_last_hour(conn: Conn) -> int:
 
 
 async def record_samples(conn: Conn) -> None:
-    """Sample the rejection counter and drop samples the rule no longer needs."""
+    """Sample the rejection counter and the queue depth (the dashboard's chart),
+    and drop samples nothing needs any more."""
     current = int((await db.fetch(conn, "rate_limit_rejections"))[0]["value"])
     await db.fetch(conn, "record_counter_sample", {"counter": REJECTIONS, "value": current})
+    depth = (await db.fetch(conn, "live_depth"))[0]
+    for name in ("pending", "processing"):
+        params = {"counter": f"queue_{name}", "value": int(depth[name])}
+        await db.fetch(conn, "record_counter_sample", params)
     await db.fetch(conn, "prune_counter_samples")
 
 

@@ -81,8 +81,18 @@ order by rank
 limit 1
 
 -- name: prune_counter_samples
--- Keep a little more than the hour the rule looks back on.
-delete from ai_job_counter_samples where sampled_at < now() - interval '2 hours'
+-- Keep a little more than the hour the rate-limit rule looks back on, and a
+-- little more than the day the queue-depth chart shows.
+delete from ai_job_counter_samples
+where sampled_at < now() - case when left(counter, 6) = 'queue_' then interval '25 hours'
+                                else interval '2 hours' end
+
+-- name: live_depth
+-- Pending and processing jobs of both tables (partial indexes), for the chart.
+select coalesce(sum(jobs) filter (where status = 'pending'), 0) as pending,
+       coalesce(sum(jobs) filter (where status = 'processing'), 0) as processing
+from ai_job_status_counts()
+where status in ('pending', 'processing')
 
 -- name: job_metrics
 -- What the runbook's ai_job_metrics view says (count and average duration per job

@@ -39,9 +39,15 @@ async def collect(conn: Conn, settings: Settings) -> list[Metric]:
         for status, count in statuses.items():
             depth.add_metric([table, status], count)
 
+    paused = GaugeMetricFamily(
+        "ai_jobs_paused", "1 while the job table is paused (pause_jobs)", labels=["table"]
+    )
+    for table, is_paused in (await ops.paused(conn)).items():
+        paused.add_metric([table], int(is_paused))
+
     avg = GaugeMetricFamily(
         "ai_jobs_avg_duration_seconds",
-        "Average completed_at - started_at per job type and status (ai_job_metrics)",
+        "Average completed_at - started_at per job type and status (as ai_job_metrics)",
         labels=["job_type", "status"],
     )
     for row in await db.fetch(conn, "job_metrics"):
@@ -100,7 +106,19 @@ async def collect(conn: Conn, settings: Settings) -> list[Metric]:
         if alert.value is not None:
             value.add_metric([alert.rule], alert.value)
 
-    return [depth, avg, duration, done, failures, latency, provider_jobs, rejections, firing, value]
+    return [
+        depth,
+        paused,
+        avg,
+        duration,
+        done,
+        failures,
+        latency,
+        provider_jobs,
+        rejections,
+        firing,
+        value,
+    ]
 
 
 def render(families: list[Metric]) -> bytes:
