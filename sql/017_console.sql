@@ -105,19 +105,30 @@ create or replace trigger ai_media_jobs_count_truncate
     after truncate on ai_media_jobs
     for each statement execute function ai_jobs_count_truncated();
 
--- The counts as they stand when this migration runs (its triggers, created in the
--- same transaction, hold the tables' write lock until it commits: nothing slips
--- between the count and the first delta).
-delete from ai_job_status_deltas;
-delete from ai_job_status_counts;
-insert into ai_job_status_counts (job_table, status, jobs, timed, seconds)
-select 'ai_course_jobs', status, count(*), count(completed_at - started_at),
-       coalesce(sum(extract(epoch from completed_at - started_at)), 0)
-from ai_course_jobs where status in ('done', 'dead_letter', 'cancelled') group by status
-union all
-select 'ai_media_jobs', status, count(*), count(completed_at - started_at),
-       coalesce(sum(extract(epoch from completed_at - started_at)), 0)
-from ai_media_jobs where status in ('done', 'dead_letter', 'cancelled') group by status;
+-- Count the finished jobs afresh: a full scan, run by this migration, and by an
+-- operator after writing rows with triggers off (session_replication_role =
+-- replica, as a bulk load may). It locks the job tables against writes while it
+-- counts, so that nothing slips between the count and the next delta.
+create or replace function ai_job_recount() returns void
+language plpgsql
+as $$
+begin
+    lock table ai_course_jobs, ai_media_jobs in share mode;
+    lock table ai_job_status_counts, ai_job_status_deltas in exclusive mode;
+    delete from ai_job_status_deltas;
+    delete from ai_job_status_counts;
+    insert into ai_job_status_counts (job_table, status, jobs, timed, seconds)
+    select 'ai_course_jobs', status, count(*), count(completed_at - started_at),
+           coalesce(sum(extract(epoch from completed_at - started_at)), 0)
+    from ai_course_jobs where status in ('done', 'dead_letter', 'cancelled') group by status
+    union all
+    select 'ai_media_jobs', status, count(*), count(completed_at - started_at),
+           coalesce(sum(extract(epoch from completed_at - started_at)), 0)
+    from ai_media_jobs where status in ('done', 'dead_letter', 'cancelled') group by status;
+end
+$$;
+
+select ai_job_recount();
 
 -- Fold the deltas into the counts. Safe from several sessions at once: each delta
 -- row is deleted, and so added, by one of them.
@@ -219,8 +230,10 @@ $$;
 
 -- The WHERE conditions of a filter on one job table, values quoted as literals
 -- (format %L) so that each query is planned for its own values. search: a job id,
--- the start of one (8 or more hex digits, dashes allowed), or words found in the
--- subject or prompt (case-insensitive).
+-- or the start of one (8 or more hex digits, dashes allowed: a primary-key range),
+-- or else text found in the subject or prompt (case-insensitive; a walk of the
+-- newest jobs that stops at a page of matches, so a rare text over a long
+-- history costs a scan: narrow it with the other filters).
 create or replace function ai_job_filter_sql(
     t text, status text, provider text, user_id uuid,
     created_after timestamptz, created_before timestamptz, search text)
@@ -255,9 +268,9 @@ begin
         words := '%' || replace(replace(replace(search, '\', '\\'), '%', '\%'), '_', '\_') || '%';
         if hex ~ '^[0-9a-f]{32}$' then
             cond := cond || format(' and id = %L::uuid', hex);
-        elsif hex ~ '^[0-9a-f]{8,31}$' then
-            cond := cond || format(' and (id between %L::uuid and %L::uuid or %I ilike %L)',
-                                   rpad(hex, 32, '0'), rpad(hex, 32, 'f'), label, words);
+        elsif hex ~ '^[0-9a-f]{8,31}$' then  -- the start of an id, as the list shows it
+            cond := cond || format(' and id between %L::uuid and %L::uuid',
+                                   rpad(hex, 32, '0'), rpad(hex, 32, 'f'));
         else
             cond := cond || format(' and %I ilike %L', label, words);
         end if;
@@ -437,7 +450,7 @@ grant all on ai_job_status_counts, ai_job_status_deltas to service_role;
 
 revoke execute on function
     ai_jobs_count_finished(), ai_jobs_count_truncated(), ai_job_fold_counts(),
-    ai_job_status_counts(),
+    ai_job_recount(), ai_job_status_counts(),
     ai_job_filter_sql(text, text, text, uuid, timestamptz, timestamptz, text),
     find_jobs(text, text, text, uuid, timestamptz, timestamptz, text, timestamptz, uuid, int),
     ai_job_bulk(text, text, text, text, uuid, timestamptz, timestamptz, text, boolean),
@@ -447,7 +460,7 @@ revoke execute on function
 from public, anon, authenticated;
 grant execute on function
     ai_jobs_count_finished(), ai_jobs_count_truncated(), ai_job_fold_counts(),
-    ai_job_status_counts(),
+    ai_job_recount(), ai_job_status_counts(),
     ai_job_filter_sql(text, text, text, uuid, timestamptz, timestamptz, text),
     find_jobs(text, text, text, uuid, timestamptz, timestamptz, text, timestamptz, uuid, int),
     ai_job_bulk(text, text, text, text, uuid, timestamptz, timestamptz, text, boolean),
