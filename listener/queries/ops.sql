@@ -161,17 +161,13 @@ group by provider
 order by provider
 
 -- name: failures_last_hour
--- Failed attempts whose attempt started in the last hour, and dead letters of the hour.
-select job_type, count(*) as count from (
-    select 'course' as job_type from ai_course_jobs
-    where (status = 'failed' and started_at > now() - interval '1 hour')
-       or (status = 'dead_letter' and completed_at > now() - interval '1 hour')
-    union all
-    select 'media' from ai_media_jobs
-    where (status = 'failed' and started_at > now() - interval '1 hour')
-       or (status = 'dead_letter' and completed_at > now() - interval '1 hour')
-) f
-group by job_type
+-- Attempts that failed in the last hour (those that sent their job to the dead
+-- letter included), from the attempts' end-time index: a window, not the history.
+select case job_table when 'ai_course_jobs' then 'course' else 'media' end as job_type,
+       count(*) as count
+from ai_job_attempts
+where ended_at > now() - interval '1 hour' and outcome in ('failed', 'lost')
+group by job_table
 
 -- name: listen_events
 -- The dashboard's channel (triggers/007); payload: the table name.

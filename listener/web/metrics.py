@@ -69,7 +69,7 @@ async def collect(conn: Conn, settings: Settings) -> list[Metric]:
 
     failures = GaugeMetricFamily(
         "ai_jobs_failures_last_hour",
-        "Failed attempts and dead letters of the last hour",
+        "Failed attempts of the last hour (those that ended in the dead letter included)",
         labels=["job_type"],
     )
     for row in await db.fetch(conn, "failures_last_hour"):
