@@ -1,9 +1,10 @@
-"""The runbook's recommended alerts, evaluated against the live database.
+"""The runbook's recommended alerts, and ours, evaluated against the live database.
 
-`evaluate()` reads the six rules' values (one query plus the rejection counter);
-`AlertMonitor.tick()` runs every minute in the worker: it samples the rate-limit
-rejection counter, evaluates, logs each firing and resolved *transition* once, and
-posts those transitions to ALERT_WEBHOOK_URL (Slack-compatible JSON) when set.
+`evaluate()` reads the rules' values (one query, the providers' breakers and the
+rejection counters); `AlertMonitor.tick()` runs every minute in the worker: it
+samples the rejection counters, evaluates, logs each firing and resolved
+*transition* once, and posts those transitions to ALERT_WEBHOOK_URL
+(Slack-compatible JSON) when set.
 """
 
 from __future__ import annotations
@@ -23,6 +24,9 @@ Conn = psycopg.AsyncConnection[dict[str, Any]]
 Severity = Literal["critical", "warning"]
 
 REJECTIONS = "rate_limit_rejections"  # counter name in ai_job_counter_samples
+BUDGET_REJECTIONS = "budget_rejections"
+# counter name in ai_job_counter_samples -> the query that reads its sequence
+COUNTERS = {REJECTIONS: "rate_limit_rejections", BUDGET_REJECTIONS: "budget_rejections"}
 WEBHOOK_TIMEOUT_SECONDS = 5.0
 
 
@@ -30,7 +34,7 @@ WEBHOOK_TIMEOUT_SECONDS = 5.0
 class Rule:
     name: str
     severity: Severity
-    setting: str  # the Settings field that holds the threshold
+    setting: str | None  # the Settings field that holds the threshold (None: 0)
     summary: str  # what the alert means, for people
     unit: str = ""
 
@@ -74,6 +78,19 @@ RULES: tuple[Rule, ...] = (
         "alert_rate_limit_violations_per_hour",
         "inserts rejected by the rate limit in the last hour: user education needed",
     ),
+    Rule(
+        "provider_auth",
+        "critical",
+        None,
+        "providers refusing our credentials or model (401/403/404): their jobs wait or "
+        "fall through until the key or model is fixed",
+    ),
+    Rule(
+        "budget_rejections",
+        "warning",
+        "alert_budget_rejections_per_hour",
+        "inserts refused by the daily budget in the last hour: users at their cap",
+    ),
 )
 
 
@@ -98,20 +115,21 @@ class Alert:
 RULE_BY_NAME = {r.name: r for r in RULES}
 
 
-async def rejections_last_hour(conn: Conn) -> int:
-    """Rate-limit rejections since the sample taken about an hour ago (or since the
-    oldest sample; 0 while there is none)."""
-    current = int((await db.fetch(conn, "rate_limit_rejections"))[0]["value"])
-    base = await db.fetch(conn, "counter_baseline", {"counter": REJECTIONS})
+async def rejections_last_hour(conn: Conn, counter: str = REJECTIONS) -> int:
+    """Rejections since the sample taken about an hour ago (or since the oldest
+    sample; 0 while there is none)."""
+    current = int((await db.fetch(conn, COUNTERS[counter]))[0]["value"])
+    base = await db.fetch(conn, "counter_baseline", {"counter": counter})
     # A sequence only grows; a lower current value means it was reset by hand.
     return max(0, current - int(base[0]["value"])) if base else 0
 
 
 async def record_samples(conn: Conn) -> None:
-    """Sample the rejection counter and the queue depth (the dashboard's chart),
+    """Sample the rejection counters and the queue depth (the dashboard's chart),
     and drop samples nothing needs any more."""
-    current = int((await db.fetch(conn, "rate_limit_rejections"))[0]["value"])
-    await db.fetch(conn, "record_counter_sample", {"counter": REJECTIONS, "value": current})
+    for counter, query in COUNTERS.items():
+        current = int((await db.fetch(conn, query))[0]["value"])
+        await db.fetch(conn, "record_counter_sample", {"counter": counter, "value": current})
     depth = (await db.fetch(conn, "live_depth"))[0]
     for name in ("pending", "processing"):
         params = {"counter": f"queue_{name}", "value": int(depth[name])}
@@ -129,10 +147,12 @@ async def evaluate(conn: Conn, settings: Settings) -> list[Alert]:
         "avg_processing_time": row["avg_processing_time"],
         "failure_rate": row["failure_rate"],
         "rate_limit_violations": await rejections_last_hour(conn),
+        "provider_auth": int((await db.fetch(conn, "providers_refusing_auth"))[0]["count"]),
+        "budget_rejections": await rejections_last_hour(conn, BUDGET_REJECTIONS),
     }
     alerts = []
     for rule in RULES:
-        threshold: float | int = getattr(settings, rule.setting)
+        threshold: float | int = getattr(settings, rule.setting) if rule.setting else 0
         value = values[rule.name]
         firing = value is not None and value > threshold
         alerts.append(Alert(rule.name, rule.severity, firing, value, threshold))

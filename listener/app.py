@@ -12,7 +12,7 @@ from loguru import logger
 
 from listener import db, telemetry
 from listener.alerts import AlertMonitor
-from listener.errors import redact
+from listener.errors import ConfigError, redact
 from listener.handlers import create_runtime
 from listener.jobs import TABLES_BY_TYPE
 from listener.migrate import check_schema
@@ -58,6 +58,10 @@ async def open_worker(
 
 
 async def run_worker(settings: Settings) -> int:
+    from listener.providers import NO_PROVIDER, configured
+
+    if not configured(settings):  # it would send every job to the dead letter
+        raise ConfigError(f"{NO_PROVIDER}; the worker does not start without one")
     async with open_worker(settings) as worker:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):

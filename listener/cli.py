@@ -57,6 +57,16 @@ def _uuid(text: str) -> UUID:
         raise argparse.ArgumentTypeError(f"not a UUID: {text!r}") from None
 
 
+def _positive(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be > 0: {text!r}")
+    return value
+
+
 # -- commands ---------------------------------------------------------------
 
 
@@ -68,6 +78,7 @@ async def _migrate(args: argparse.Namespace, s: Settings) -> int:
         db.require_dsn(s.dsn),
         rate_limit_per_hour=s.rate_limit_per_hour,
         write_settings=args.write_settings,
+        daily_budget_usd_per_user=s.daily_budget_usd_per_user,
     )
     print(f"applied {len(applied)} migration(s)" + (": " + ", ".join(applied) if applied else ""))
     return 0
@@ -285,6 +296,49 @@ async def _rate_limit(args: argparse.Namespace, s: Settings) -> int:
     return 0
 
 
+@command("costs")
+async def _costs(args: argparse.Namespace, s: Settings) -> int:
+    async with db.connection(db.require_dsn(s.dsn)) as conn:
+        rows = await ops.costs(conn, args.days, args.by)
+    if args.json:
+        print_json(
+            {
+                "days": args.days,
+                "by": args.by,
+                "rows": [
+                    {
+                        args.by: r["key"],
+                        "jobs": r["jobs"],
+                        "inputTokens": r["input_tokens"],
+                        "cachedInputTokens": r["cached_input_tokens"],
+                        "outputTokens": r["output_tokens"],
+                        "costUsd": r["cost_usd"],
+                        "unpricedJobs": r["unpriced"],
+                    }
+                    for r in rows
+                ],
+                "totalCostUsd": round(sum(r["cost_usd"] for r in rows), 6),
+            }
+        )
+    else:
+        print_table(
+            [args.by, "jobs", "input", "cached", "output", "cost_usd", "unpriced"],
+            [
+                [
+                    r["key"],
+                    r["jobs"],
+                    r["input_tokens"],
+                    r["cached_input_tokens"],
+                    r["output_tokens"],
+                    f"{r['cost_usd']:.4f}",
+                    r["unpriced"] or "",
+                ]
+                for r in rows
+            ],
+        )
+    return 0
+
+
 @command("web")
 async def _web(args: argparse.Namespace, s: Settings) -> int:
     from listener.web.server import serve
@@ -336,9 +390,9 @@ def build_parser() -> argparse.ArgumentParser:
     mg.add_argument(
         "--write-settings",
         action="store_true",
-        help="write RATE_LIMIT_PER_HOUR into ai_job_settings even when the database has a "
-        "value (by default only on the first install, so that a limit changed live survives "
-        "the migrate of every deploy)",
+        help="write RATE_LIMIT_PER_HOUR (and DAILY_BUDGET_USD_PER_USER when set) into "
+        "ai_job_settings even when the database has a value (by default only on the first "
+        "install, so that a limit changed live survives the migrate of every deploy)",
     )
     sub.add_parser("worker", help="the long-running listener (Procfile worker:)")
     ro = sub.add_parser("run-once", help="process one pending job now and print the result")
@@ -392,6 +446,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     rl = sub.add_parser("rate-limit", help="jobs per user in the last hour against the limit")
     rl.add_argument("--json", action="store_true")
+
+    co = sub.add_parser("costs", help="tokens and USD spent by done jobs, from their metrics")
+    co.add_argument("--days", type=_positive, default=7.0, help="created in the last N days (7)")
+    co.add_argument("--by", choices=ops.COST_GROUPS, default="model", help="default model")
+    co.add_argument("--json", action="store_true")
 
     wb = sub.add_parser("web", help="the admin dashboard at /admin/jobs (needs ADMIN_TOKEN)")
     wb.add_argument("--host", default="0.0.0.0", help="default 0.0.0.0")

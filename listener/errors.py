@@ -8,8 +8,11 @@ AiJobsError
 ├── JobNotFound             no job with that id
 ├── JobBusy                 the job is running and cannot be changed now
 ├── RateLimitExceeded       the user inserted too many jobs this hour
+├── BudgetExceeded          the user's jobs of the last 24 h cost more than the cap
 ├── InvalidJob              a job row or its params cannot be processed
+│   └── RequestRefused      every provider refused the request (retrying cannot help)
 └── GenerationError         every provider failed for one attempt
+    └── ProvidersUnavailable  every provider is down or rate-limited: wait, count nothing
 """
 
 from __future__ import annotations
@@ -58,12 +61,29 @@ class RateLimitExceeded(AiJobsError):
     """Rate limit exceeded."""
 
 
+class BudgetExceeded(AiJobsError):
+    """Budget exceeded."""
+
+
 class InvalidJob(AiJobsError):
     """Invalid job."""
 
 
+class RequestRefused(InvalidJob):
+    """Every provider refused the request."""
+
+
 class GenerationError(AiJobsError):
     """Generation failed."""
+
+
+class ProvidersUnavailable(GenerationError):
+    """Every provider of the chain is down or rate-limited. The worker puts the job
+    back to pending, due in `wait_seconds`, without counting an attempt."""
+
+    def __init__(self, message: str, wait_seconds: float) -> None:
+        super().__init__(message)
+        self.wait_seconds = wait_seconds
 
 
 # SQLSTATEs raised by sql/003_functions.sql, and what they mean to us.
@@ -72,6 +92,7 @@ _BY_SQLSTATE: dict[str, type[AiJobsError]] = {
     "P0002": JobNotFound,  # no_data_found
     "55000": JobBusy,  # object_not_in_prerequisite_state
     "AJ429": RateLimitExceeded,
+    "AJ402": BudgetExceeded,  # sql/015_budgets.sql
 }
 
 _URL_PASSWORD = re.compile(r"(\w+://[^:/@\s]*:)[^@\s]*@")

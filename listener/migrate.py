@@ -23,6 +23,7 @@ from listener.errors import AiJobsError, SchemaOutdated, translate
 
 _FILE = re.compile(r"^(\d{3})_[a-z0-9_]+\.sql$")
 FOLDERS = ("sql", "triggers")
+BUDGET_MIGRATION = 15  # adds ai_job_settings.daily_budget_usd_per_user
 
 
 @dataclass(frozen=True)
@@ -59,13 +60,18 @@ def migrations() -> list[Migration]:
 
 
 async def migrate(
-    dsn: str, rate_limit_per_hour: int | None = None, *, write_settings: bool = False
+    dsn: str,
+    rate_limit_per_hour: int | None = None,
+    *,
+    write_settings: bool = False,
+    daily_budget_usd_per_user: float | None = None,
 ) -> list[str]:
     """Apply what is missing; return the names applied by this call.
 
-    The settings the database holds (ai_job_settings: the rate limit) are written
-    from `rate_limit_per_hour` on the first install, when this call creates the
-    table, or when `write_settings` asks for it. Otherwise they are left alone:
+    The settings the database holds (ai_job_settings: the rate limit, the daily
+    budget) are written from the arguments given (not None) when this call creates
+    their column (the rate limit on the first install, the budget with migration
+    015), or when `write_settings` asks for it. Otherwise they are left alone:
     `ai-jobs migrate` runs on every deploy (the Procfile's release line), and an
     operator who changed the limit live in psql must not find it reset."""
     applied: list[str] = []
@@ -86,6 +92,11 @@ async def migrate(
             first_install = any(m.version == 1 for m in migrations() if m.name in applied)
             if rate_limit_per_hour is not None and (first_install or write_settings):
                 await conn.execute(db.sql("set_rate_limit"), {"limit": rate_limit_per_hour})
+            new = {m.version for m in migrations() if m.name in applied}
+            budget_added = BUDGET_MIGRATION in new
+            if daily_budget_usd_per_user is not None and (budget_added or write_settings):
+                params = {"budget": daily_budget_usd_per_user}
+                await conn.execute(db.sql("set_daily_budget"), params)
         except psycopg.Error as exc:
             raise translate(exc) from exc
     return applied

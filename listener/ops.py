@@ -151,3 +151,14 @@ async def list_jobs(conn: Conn, status: str | None, limit: int) -> list[dict[str
 async def rate_limit_usage(conn: Conn) -> list[dict[str, Any]]:
     """Jobs per user and table in the last hour, with the enforced limit."""
     return await db.fetch(conn, "rate_limit_usage")
+
+
+COST_GROUPS = ("model", "user", "day")
+
+
+async def costs(conn: Conn, days: float, by: str) -> list[dict[str, Any]]:
+    """Tokens and USD of the done jobs created in the last `days`, from their
+    metrics, per model ("provider model"), user or UTC day; the dearest first."""
+    if by not in COST_GROUPS:
+        raise InvalidJob(f"--by expects one of {', '.join(COST_GROUPS)}, got {by!r}")
+    return await db.fetch(conn, "costs", {"days": days, "by": by})

@@ -31,6 +31,12 @@ AI_MAX_OUTPUT_TOKENS = 16000
 CACHE_TTL_SECONDS = 86400.0  # a day; 0 turns the course cache off
 CATALOG_BATCH_JOBS = 10  # render courses/catalog.json at most once per N finished courses
 CATALOG_BATCH_SECONDS = 5.0  # ... or once T seconds after the first unrendered one
+# Providers' breakers and waits (docs/generation.md, "Breakers").
+PROVIDER_BREAKER_THRESHOLD = 3  # consecutive unwell calls that open a provider's breaker
+PROVIDER_BREAKER_COOLDOWN_SECONDS = 30.0  # open this long, then one probe call decides
+PROVIDER_AUTH_COOLDOWN_SECONDS = 3600.0  # after a 401/403/404: every call would fail alike
+PROVIDER_RETRY_AFTER_MAX_SECONDS = 600.0  # a provider's retry-after is obeyed up to this
+PROVIDER_OUTAGE_MAX_WAIT_SECONDS = 1800.0  # jobs wait this long without counting attempts
 
 # Alert thresholds: the runbook's "Recommended Alerts".
 ALERT_DEAD_LETTER_PER_HOUR = 5
@@ -39,6 +45,7 @@ ALERT_PENDING_DEPTH = 20
 ALERT_AVG_PROCESSING_SECONDS = 90.0
 ALERT_FAILURE_RATE_PERCENT = 10.0
 ALERT_RATE_LIMIT_VIOLATIONS_PER_HOUR = 5
+ALERT_BUDGET_REJECTIONS_PER_HOUR = 5
 ALERT_INTERVAL_SECONDS = 60.0  # how often the worker evaluates the alert rules
 
 
@@ -74,6 +81,14 @@ class Settings(BaseSettings):
     catalog_batch_jobs: int = Field(CATALOG_BATCH_JOBS, ge=1)
     catalog_batch_seconds: float = Field(CATALOG_BATCH_SECONDS, ge=0)
     supabase_service_role_key: SecretStr | None = None
+    provider_breaker_threshold: int = Field(PROVIDER_BREAKER_THRESHOLD, ge=1)
+    provider_breaker_cooldown_seconds: float = Field(PROVIDER_BREAKER_COOLDOWN_SECONDS, gt=0)
+    provider_auth_cooldown_seconds: float = Field(PROVIDER_AUTH_COOLDOWN_SECONDS, gt=0)
+    provider_retry_after_max_seconds: float = Field(PROVIDER_RETRY_AFTER_MAX_SECONDS, ge=0)
+    provider_outage_max_wait_seconds: float = Field(PROVIDER_OUTAGE_MAX_WAIT_SECONDS, ge=0)
+    pricing_overrides: str | None = None  # JSON, or the path of a JSON file (pricing.py)
+    # Written to ai_job_settings when migration 015 adds it, or by `migrate --write-settings`.
+    daily_budget_usd_per_user: float | None = Field(None, ge=0)
 
     storage_url: str = DEFAULT_STORAGE
     admin_token: SecretStr | None = None
@@ -89,6 +104,7 @@ class Settings(BaseSettings):
     alert_avg_processing_seconds: float = Field(ALERT_AVG_PROCESSING_SECONDS, ge=0)
     alert_failure_rate_percent: float = Field(ALERT_FAILURE_RATE_PERCENT, ge=0, le=100)
     alert_rate_limit_violations_per_hour: int = Field(ALERT_RATE_LIMIT_VIOLATIONS_PER_HOUR, ge=0)
+    alert_budget_rejections_per_hour: int = Field(ALERT_BUDGET_REJECTIONS_PER_HOUR, ge=0)
     log_level: str = "INFO"
 
     @field_validator("log_format")

@@ -24,7 +24,13 @@ from psycopg_pool import AsyncConnectionPool
 
 from listener import db
 from listener.completer import Completer, completion_params
-from listener.errors import AiJobsError, DatabaseUnavailable, InvalidJob, scrub
+from listener.errors import (
+    AiJobsError,
+    DatabaseUnavailable,
+    InvalidJob,
+    ProvidersUnavailable,
+    scrub,
+)
 from listener.jobs import JOB_TYPES, HandlerMap, Job, Outcome
 from listener.migrate import check_schema
 from listener.notifications import Backoff, Health, Listener, Nudge
@@ -87,6 +93,9 @@ class Worker:
         self._more = dict.fromkeys(TABLES, True)  # may a claim in this table find a job?
         self._gen = dict.fromkeys(TABLES, 0)  # bumped by every reason to look
         self._timers: list[float] = []  # monotonic times when a waiting job becomes due
+        # Every provider of the table's chain is down: claim nothing there until then
+        # (monotonic), rather than claim jobs only to put them back.
+        self._hold: dict[str, float] = {}
         self._turn = 0  # which table a claim round asks first (fairness)
         self._give_up_at: float | None = None  # writes stop retrying after this (shutdown)
         self.claim_queries = 0  # claim statements sent (tests check the coalescing)
@@ -161,7 +170,7 @@ class Worker:
                 why = f"held {self.ready.limit:g}s without a free slot"
                 self.ready.add(await self._release(overdue, why, retry=False))
             free = self.concurrency + self._ahead(now) - len(self.running) - len(self.ready)
-            wanted = [t for t in self._tables_in_turn() if self._more[t]]
+            wanted = [t for t in self._tables_in_turn() if not self._held(t, now) and self._more[t]]
             if free > 0 and wanted:
                 if await self._claim_round(wanted, free):
                     backoff.reset()
@@ -173,6 +182,7 @@ class Worker:
     async def _wait(self, now: float) -> None:
         """Until a reason to look, the next retry timer, or a held job's limit."""
         waits = [t - now for t in self._timers[:1]]
+        waits += [until - now for until in self._hold.values() if until > now]
         if (held := self.ready.due_in(now)) is not None:
             waits.append(held)
         with contextlib.suppress(TimeoutError):
@@ -182,6 +192,16 @@ class Worker:
     def _ahead(self, now: float) -> int:
         oldest = min((r.since for r in self.running.values()), default=now)
         return self.pacing.ahead(running_for=now - oldest)
+
+    def _held(self, table: str, now: float) -> bool:
+        until = self._hold.get(table)
+        if until is None:
+            return False
+        if until > now:
+            return True
+        del self._hold[table]
+        logger.bind(action="claims_resumed", table=table).info(f"claiming {table} again")
+        return False
 
     def _tables_in_turn(self) -> list[str]:
         self._turn = (self._turn + 1) % len(TABLES)
@@ -272,6 +292,9 @@ class Worker:
             return outcome
         except asyncio.CancelledError:
             raise  # shutdown past the grace period, or the job was taken away
+        except ProvidersUnavailable as exc:
+            await asyncio.shield(self._defer(job, exc, log))
+            return None
         except Exception as exc:
             await asyncio.shield(self._fail(job, exc, log))
             return None
@@ -310,6 +333,42 @@ class Worker:
                 f"job failed (attempt {job.attempt}/{job.max_retries}), retry in {due_in:.1f}s: "
                 f"{message}"
             )
+
+    async def _defer(self, job: Job, exc: ProvidersUnavailable, log: Any) -> None:
+        """Every provider is down or rate-limited: back to pending until the earliest
+        recovery, no attempt counted (past PROVIDER_OUTAGE_MAX_WAIT_SECONDS of
+        waiting, defer_job counts one), and no more claims of this table until then."""
+        message = scrub(exc.message, self.settings)
+        params = {
+            "table": job.table,
+            "id": job.id,
+            "token": job.claim_token,
+            "wait": exc.wait_seconds,
+            "reason": message,
+            "max_wait": self.settings.provider_outage_max_wait_seconds,
+        }
+        try:
+            rows = await self._retry(lambda: self._fetch("defer_job", params))
+        except Exception as write_exc:
+            log.bind(action="job_defer_lost").error(f"could not put the job back: {write_exc}")
+            return
+        if not rows:
+            log.bind(action="job_lost").warning(f"job deferred ({message}) but is no longer held")
+            return
+        row, due_in = rows[0], max(0.0, float(rows[0]["due_in"]))
+        if job.table not in self._hold:
+            log.bind(action="claims_held", seconds=round(due_in, 1)).warning(
+                f"every provider is unavailable: no {job.job_type} jobs claimed for "
+                f"{due_in:.1f}s ({message})"
+            )
+        self._hold[job.table] = time.monotonic() + due_in
+        self._at(due_in)
+        if row["status"] == "dead_letter":
+            log.bind(action="job_dead_letter").error(f"job moved to the dead letter: {message}")
+        elif row["counted"]:
+            log.bind(action="job_failed").warning(f"waited too long, attempt counted: {message}")
+        else:
+            log.bind(action="job_deferred").debug(f"job waits {due_in:.1f}s for its providers")
 
     # -- database writes that must land ---------------------------------------
 

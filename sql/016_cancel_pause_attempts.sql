@@ -11,7 +11,7 @@
 --             asking and start again without waiting for a sweep.
 -- attempts    ai_job_attempts keeps one row per attempt that did not succeed
 --             (failed, lost with its worker, cancelled while running), written by
---             fail_job, rescue_stale_jobs and cancel_job. A successful attempt is the
+--             fail_job, rescue_stale_jobs, defer_job (once it counts) and cancel_job. A successful attempt is the
 --             job row itself (started_at .. completed_at): nothing is added to the
 --             path of a job that succeeds.
 --
@@ -272,6 +272,62 @@ begin
 end
 $$;
 
+-- defer_job (014), the same, and a deferral that counts an attempt (the job has
+-- waited for its providers longer than the limit) is kept in ai_job_attempts like
+-- a failure.
+create or replace function defer_job(
+    table_name text, job_id uuid, token uuid, wait_seconds double precision, reason text,
+    max_wait_seconds double precision default 1800)
+returns table(status text, retry_count int, run_after timestamptz, counted boolean)
+language plpgsql
+as $$
+begin
+    return query execute format($q$
+        with w as (
+            select id, worker_id,
+                   case when error is null then clock_timestamp()
+                        else coalesce(provider_wait_since, clock_timestamp()) end as since
+            from %1$I
+            where id = $1 and claim_token = $2 and status in ('processing', 'stale')
+            for update
+        ), c as (
+            select id, worker_id, since,
+                   since < clock_timestamp() - make_interval(secs => $5) as counted
+            from w
+        ), d as (
+            update %1$I j
+            set retry_count = j.retry_count + case when c.counted then 1 else 0 end,
+                status = case when not c.counted then 'pending'
+                              when j.retry_count + 1 >= j.max_retries then 'dead_letter'
+                              else 'failed' end,
+                completed_at = case when c.counted and j.retry_count + 1 >= j.max_retries
+                                    then clock_timestamp() end,
+                run_after = clock_timestamp() + make_interval(secs => greatest($3, 0)),
+                error = left(case when c.counted
+                                  then coalesce($4, 'providers unavailable')
+                                       || format(' (waiting since %%s, past the %%ss limit)',
+                                                 to_char(c.since, 'YYYY-MM-DD HH24:MI:SSOF'), $5)
+                                  else coalesce($4, 'providers unavailable') end, 2000),
+                provider_wait_since = c.since,
+                started_at = case when c.counted then j.started_at end,
+                last_heartbeat = case when c.counted then j.last_heartbeat end,
+                claim_token = null, worker_id = null
+            from c
+            where j.id = c.id
+            returning j.id, j.status, j.retry_count, j.run_after, c.counted, c.worker_id,
+                      j.started_at, j.error
+        ), kept as (
+            insert into ai_job_attempts
+                (job_table, job_id, attempt, worker_id, started_at, outcome, next_status, error)
+            select %1$L, d.id, d.retry_count, d.worker_id, d.started_at, 'failed', d.status,
+                   d.error
+            from d where d.counted
+        )
+        select d.status, d.retry_count, d.run_after, d.counted from d
+    $q$, ai_job_table(table_name)) using job_id, token, wait_seconds, reason, max_wait_seconds;
+end
+$$;
+
 ------------------------------------------------------------------------------
 -- Cancel
 ------------------------------------------------------------------------------
@@ -388,6 +444,7 @@ revoke execute on function
     ai_job_set_paused(text, boolean), pause_jobs(text), resume_jobs(text),
     claim_jobs(text, text, int), claim_job(text, uuid, text), next_job_due(),
     fail_job(text, uuid, uuid, text, double precision, boolean), rescue_stale_jobs(int),
+    defer_job(text, uuid, uuid, double precision, text, double precision),
     ai_job_cancel(uuid, text, uuid), ai_job_cancel_own(uuid, text), cancel_job(uuid, text),
     purge_old_jobs(interval)
 from public, anon, authenticated;
@@ -395,6 +452,7 @@ grant execute on function
     ai_job_set_paused(text, boolean), pause_jobs(text), resume_jobs(text),
     claim_jobs(text, text, int), claim_job(text, uuid, text), next_job_due(),
     fail_job(text, uuid, uuid, text, double precision, boolean), rescue_stale_jobs(int),
+    defer_job(text, uuid, uuid, double precision, text, double precision),
     ai_job_cancel(uuid, text, uuid), ai_job_cancel_own(uuid, text), cancel_job(uuid, text),
     purge_old_jobs(interval)
 to service_role;

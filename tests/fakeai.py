@@ -5,17 +5,30 @@ Point OPENAI_BASE_URL at `fake.openai_url` and ANTHROPIC_BASE_URL at
 
   valid         a course built from the prompt's "Groups:" / "Items per group:" lines
   slow          waits `fake.slow_seconds` before answering (for timeouts)
-  hang          holds the request for up to `fake.slow_seconds`, watching the client:
-                one that hangs up is recorded in `fake.abandoned` (a cancelled call)
-  429 / 500     an error status with the provider's error body
-  401           "Incorrect API key provided: <the key>", as OpenAI echoes it
+  hang          never answers (until the client gives up or the fake stops); a client
+                that hangs up is recorded in `fake.abandoned` (a cancelled call)
+  429 / 529     rate limited / overloaded, with the headers of `fake.retry_headers`
+                (e.g. {"retry-after-ms": "1000"}; default {"retry-after": "0"})
+  500           a server error
+  401 / 403     "Incorrect API key provided: <the key>" (as OpenAI echoes it) / forbidden
+  404           the model does not exist
+  context       400: the prompt exceeds the context window
+  refusal       an answer that refuses (OpenAI `refusal`, Anthropic stop_reason refusal)
+  blocked       a content-policy block (OpenAI finish_reason content_filter or a 400
+                content_policy_violation for images; Anthropic a 400)
   invalid       text that is not JSON, every time
   invalid_once  not JSON, then a valid course on the repair round
   wrong_schema  JSON that is not a course, every time
 
+Usage reports cached input tokens as the providers do: OpenAI when a request
+repeats a system prompt seen before (`prompt_tokens_details.cached_tokens`),
+Anthropic when its system block carries `cache_control` (written the first time,
+read afterwards).
+
 Routes: chat completions, messages, models list, image generation, speech. Every
 request is recorded (`fake.requests`, `fake.count(...)`). The same server records
-Sentry envelopes (POST /api/<project>/envelope/) in `fake.envelopes`.
+Sentry envelopes (POST /api/<project>/envelope/) in `fake.envelopes` and alert
+webhooks (POST /hook/...) in `fake.hooks`.
 """
 
 from __future__ import annotations
@@ -49,6 +62,7 @@ class Recorded:
     path: str
     headers: dict[str, str]
     body: Any
+    mode: str = "valid"
 
 
 class QuietServer(ThreadingHTTPServer):
@@ -127,9 +141,22 @@ class FakeAI(HTTPFake):
         self.modes: dict[str, str] = {"openai": "valid", "anthropic": "valid"}
         self.keys = {"openai": FAKE_OPENAI_KEY, "anthropic": FAKE_ANTHROPIC_KEY}
         self.slow_seconds = 3.0
+        self.retry_headers: dict[str, str] = {"retry-after": "0"}
         self.requests: list[Recorded] = []
         self.envelopes: list[bytes] = []
         self.abandoned: list[tuple[str, float]] = []  # (path, time.time()) of hung-up calls
+        self.hooks: list[Any] = []
+        self.prefixes: set[str] = set()  # system prompts seen (the prompt caches)
+        self._unhang = threading.Event()
+
+    def stop(self) -> None:
+        self._unhang.set()
+        super().stop()
+
+    def answered(self, provider: str, mode: str) -> int:
+        """Requests to `provider` answered in `mode`."""
+        with self.lock:
+            return sum(1 for r in self.requests if r.provider == provider and r.mode == mode)
 
     def count(self, provider: str, path: str | None = None) -> int:
         with self.lock:
@@ -150,34 +177,41 @@ class FakeAI(HTTPFake):
             with self.lock:
                 self.envelopes.append(raw)
             return self.send(h, 200, {"id": "x"})
+        if path.startswith("/hook/"):
+            with self.lock:
+                self.hooks.append(json.loads(raw))
+            return self.send(h, 200, {"ok": True})
         provider = "anthropic" if "anthropic-version" in h.headers else "openai"
         try:
             body: Any = json.loads(raw) if raw else None
         except ValueError:
             body = raw
+        mode = self.modes.get(provider, "valid")
         with self.lock:
-            self.requests.append(Recorded(provider, h.command, path, dict(h.headers), body))
+            self.requests.append(Recorded(provider, h.command, path, dict(h.headers), body, mode))
         # Anthropic's SDK sends x-api-key, or a bearer token in newer versions.
         bearer = (h.headers.get("authorization") or "").removeprefix("Bearer ")
         key = h.headers.get("x-api-key") or bearer
-        mode = self.modes.get(provider, "valid")
         if key != self.keys[provider] or mode == "401":
             return self.error(h, provider, 401, f"Incorrect API key provided: {key}")
         if mode == "slow":
             time.sleep(self.slow_seconds)
-        if mode == "hang" and self.hang(h, path):
+        if mode == "hang":
+            self.hang(h, path)
             return None
         if path == "/v1/models":
             return self.models(h, provider)
-        if mode == "429":
-            return self.error(h, provider, 429, "Rate limit reached", {"retry-after": "0"})
-        if mode == "500":
-            return self.error(h, provider, 500, "The server had an error")
+        if failed := self.failure(h, provider, path, mode, body):
+            return failed
         if path == "/v1/chat/completions":
             return self.chat(h, body, mode)
         if path == "/v1/messages":
             return self.messages(h, body, mode)
         if path == "/v1/images/generations":
+            if mode == "refusal":
+                return self.error(
+                    h, provider, 400, "Your request was rejected by the content policy"
+                )
             b64 = base64.b64encode(FAKE_IMAGE).decode()
             return self.send(h, 200, {"created": int(time.time()), "data": [{"b64_json": b64}]})
         if path == "/v1/audio/speech":
@@ -186,11 +220,12 @@ class FakeAI(HTTPFake):
             return self.send(h, 200, data, "audio/mpeg" if fmt == "mp3" else f"audio/{fmt}")
         return self.error(h, provider, 404, f"no route {path}")
 
-    def hang(self, h: BaseHTTPRequestHandler, path: str) -> bool:
-        """Hold the request; True if the client hung up meanwhile (recorded)."""
+    def hang(self, h: BaseHTTPRequestHandler, path: str) -> None:
+        """Never answer: hold the request until the fake stops (or 120 s), or until
+        the client hangs up, which is recorded in `abandoned` (a cancelled call)."""
         sock = h.connection
-        deadline = time.monotonic() + self.slow_seconds
-        while time.monotonic() < deadline:
+        deadline = time.monotonic() + 120
+        while not self._unhang.is_set() and time.monotonic() < deadline:
             ready, _, _ = select.select([sock], [], [], 0.02)
             if ready:
                 try:
@@ -200,8 +235,36 @@ class FakeAI(HTTPFake):
                 if gone:
                     with self.lock:
                         self.abandoned.append((path, time.time()))
-                    return True
-        return False
+                    return
+
+    def failure(
+        self, h: BaseHTTPRequestHandler, provider: str, path: str, mode: str, body: Any
+    ) -> bool:
+        """Answer with the mode's error, if it has one; True when it did."""
+        model = body.get("model", "?") if isinstance(body, dict) else "?"
+        errors: dict[str, tuple[int, str, dict[str, str] | None]] = {
+            "429": (429, "Rate limit reached", self.retry_headers),
+            "529": (529, "Overloaded", self.retry_headers),
+            "500": (500, "The server had an error", None),
+            "403": (403, "You do not have access to this resource", None),
+            "404": (404, f"The model `{model}` does not exist or you do not have access", None),
+            "context": (
+                400,
+                "This model's maximum context length is 128000 tokens. "
+                "However, your messages resulted in 200000 tokens.",
+                None,
+            ),
+        }
+        images = path == "/v1/images/generations"
+        if (mode == "blocked" and provider == "anthropic") or (
+            mode in ("blocked", "refusal") and images
+        ):
+            errors[mode] = (400, "Your request was rejected by the content policy", None)
+        if mode not in errors:
+            return False
+        status, message, headers = errors[mode]
+        self.error(h, provider, status, message, headers)
+        return True
 
     def error(
         self,
@@ -212,10 +275,22 @@ class FakeAI(HTTPFake):
         headers: dict[str, str] | None = None,
     ) -> None:
         if provider == "anthropic":
-            kind = {401: "authentication_error", 429: "rate_limit_error"}.get(status, "api_error")
+            kind = {
+                400: "invalid_request_error",
+                401: "authentication_error",
+                403: "permission_error",
+                404: "not_found_error",
+                429: "rate_limit_error",
+                529: "overloaded_error",
+            }.get(status, "api_error")
             body = {"type": "error", "error": {"type": kind, "message": message}}
         else:
-            body = {"error": {"message": message, "type": "invalid_request_error", "code": None}}
+            code = {404: "model_not_found", 429: "rate_limit_exceeded"}.get(status)
+            if "context length" in message:
+                code = "context_length_exceeded"
+            elif "content policy" in message:
+                code = "content_policy_violation"
+            body = {"error": {"message": message, "type": "invalid_request_error", "code": code}}
         self.send(h, status, body, headers=headers)
 
     def models(self, h: BaseHTTPRequestHandler, provider: str) -> None:
@@ -244,9 +319,23 @@ class FakeAI(HTTPFake):
             return {"title": "A course without groups"}
         return course_from_prompt(user)
 
+    def seen(self, system: str) -> bool:
+        """Whether this system prompt was sent before (and remember it)."""
+        with self.lock:
+            hit = system in self.prefixes
+            self.prefixes.add(system)
+        return hit
+
     def chat(self, h: BaseHTTPRequestHandler, body: dict[str, Any], mode: str) -> None:
         answer = self.answer(body["messages"], mode)
-        content = answer if isinstance(answer, str) else json.dumps(answer)
+        content: str | None = answer if isinstance(answer, str) else json.dumps(answer)
+        refusal, finish = None, "stop"
+        if mode == "refusal":
+            content, refusal = None, "I'm sorry, I can't help with that request."
+        elif mode == "blocked":
+            content, finish = None, "content_filter"
+        system = str(body["messages"][0]["content"])
+        cached = 100 if self.seen(system) else 0
         self.send(
             h,
             200,
@@ -258,21 +347,35 @@ class FakeAI(HTTPFake):
                 "choices": [
                     {
                         "index": 0,
-                        "finish_reason": "stop",
-                        "message": {"role": "assistant", "content": content, "refusal": None},
+                        "finish_reason": finish,
+                        "message": {"role": "assistant", "content": content, "refusal": refusal},
                     }
                 ],
-                "usage": {"prompt_tokens": 120, "completion_tokens": 800, "total_tokens": 920},
+                "usage": {
+                    "prompt_tokens": 120,
+                    "completion_tokens": 800,
+                    "total_tokens": 920,
+                    "prompt_tokens_details": {"cached_tokens": cached},
+                },
             },
         )
 
     def messages(self, h: BaseHTTPRequestHandler, body: dict[str, Any], mode: str) -> None:
         answer = self.answer(body["messages"], mode)
+        stop = "tool_use"
         if isinstance(answer, str):
             block: dict[str, Any] = {"type": "text", "text": answer}
         else:
             tool = body["tools"][0]["name"]
             block = {"type": "tool_use", "id": "toolu_fake", "name": tool, "input": answer}
+        if mode == "refusal":
+            block, stop = {"type": "text", "text": "I can't help with that."}, "refusal"
+        usage = {"input_tokens": 150, "output_tokens": 700}
+        system = body.get("system")
+        if isinstance(system, list) and system and system[-1].get("cache_control"):
+            read = self.seen(json.dumps(system))  # the cache breakpoint covers it
+            usage["input_tokens"] = 50  # Anthropic counts the cached part apart
+            usage["cache_read_input_tokens" if read else "cache_creation_input_tokens"] = 100
         self.send(
             h,
             200,
@@ -282,9 +385,9 @@ class FakeAI(HTTPFake):
                 "role": "assistant",
                 "model": body["model"],
                 "content": [block],
-                "stop_reason": "tool_use",
+                "stop_reason": stop,
                 "stop_sequence": None,
-                "usage": {"input_tokens": 150, "output_tokens": 700},
+                "usage": usage,
             },
         )
 

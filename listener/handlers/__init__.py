@@ -19,7 +19,10 @@ from listener.catalog import Catalog
 from listener.handlers.course import CourseHandler
 from listener.handlers.media import MediaHandler
 from listener.jobs import HandlerMap
-from listener.providers import Providers
+from listener.providers import Providers, pricing
+from listener.providers.breaker import Breakers
+from listener.providers.chain import Chain
+from listener.providers.meter import Meter
 from listener.settings import Settings
 from listener.storage import Storage, open_storage
 from listener.telemetry import init_sentry
@@ -32,15 +35,18 @@ class Runtime:
     providers: Providers
     storage: Storage
     catalog: Catalog
+    chain: Chain
     handlers: HandlerMap = field(default_factory=dict)
 
     async def tick(self) -> None:
         """Periodic housekeeping (called by the worker's timer)."""
+        await self.chain.meter.flush()
         await self.catalog.tick()
 
     async def aclose(self) -> None:
         """Flush and release what the handlers hold (called once at shutdown)."""
         try:
+            await self.chain.meter.flush()
             await self.catalog.flush()
         finally:
             await self.providers.aclose()
@@ -49,13 +55,18 @@ class Runtime:
 
 async def create_runtime(settings: Settings, pool: AsyncConnectionPool[Any] | None) -> Runtime:
     init_sentry(settings)
+    pricing.configure(settings.pricing_overrides)
     providers = Providers.from_settings(settings)
     storage = open_storage(settings, timeout=settings.ai_timeout_seconds)
     catalog = Catalog(pool, storage, settings.catalog_batch_jobs, settings.catalog_batch_seconds)
-    rt = Runtime(settings, pool, providers, storage, catalog)
+    known = {settings.openai_model, settings.anthropic_model}
+    known |= {settings.openai_image_model, settings.openai_tts_model}
+    chain = Chain(settings, Breakers(pool, settings), Meter(pool, known))
+    await chain.breakers.forget_auth([p.name for p in providers.course if p.name != "placeholder"])
+    rt = Runtime(settings, pool, providers, storage, catalog, chain)
     rt.handlers = {
-        "ai_course_jobs": CourseHandler(settings, providers, storage, catalog),
-        "ai_media_jobs": MediaHandler(settings, providers, storage),
+        "ai_course_jobs": CourseHandler(settings, providers, chain, storage, catalog),
+        "ai_media_jobs": MediaHandler(settings, providers, chain, storage),
     }
     logger.bind(
         action="handlers_ready",

@@ -20,10 +20,12 @@ from listener.errors import InvalidJob
 from listener.jobs import Job, Outcome
 from listener.prompts import course_prompt
 from listener.providers import Providers
-from listener.providers.chain import generate_course
+from listener.providers.chain import Chain
+from listener.providers.placeholder import PlaceholderProvider
 from listener.settings import Settings
 from listener.storage import Storage
 
+PLACEHOLDER = PlaceholderProvider.name
 _COURSE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,127}$")
 
 
@@ -53,10 +55,16 @@ def course_path(course_id: str) -> str:
 
 class CourseHandler:
     def __init__(
-        self, settings: Settings, providers: Providers, storage: Storage, catalog: Catalog
+        self,
+        settings: Settings,
+        providers: Providers,
+        chain: Chain,
+        storage: Storage,
+        catalog: Catalog,
     ) -> None:
         self.settings = settings
         self.providers = providers
+        self.chain = chain
         self.storage = storage
         self.catalog = catalog
         self.cache_hits = 0
@@ -78,11 +86,8 @@ class CourseHandler:
                 log.bind(action="course_cache_hit").info("course reused from the cache")
                 return hit
 
-        chain = self.providers.course_chain()
         prompt = course_prompt(subject, course_id, params)
-        course, gen = await generate_course(
-            chain, prompt, self.settings.ai_timeout_seconds, self.settings.secrets()
-        )
+        course, gen = await self.chain.course(self.providers.course_chain(), prompt)
         # The job decides these, whatever the model wrote.
         course = course.model_copy(update={"id": course_id, "subject": subject})
         path = course_path(course_id)
@@ -91,7 +96,9 @@ class CourseHandler:
             course,
             job_id=job.id,
             result_path=path,
-            cache_key=key,
+            # The cache holds real courses only: a placeholder's (the emergency
+            # switch during an outage) must not be served once the providers are back.
+            cache_key=None if gen.provider == PLACEHOLDER else key,
             provider=gen.provider,
             model=gen.model,
         )
@@ -104,6 +111,7 @@ class CourseHandler:
                 "provider": gen.provider,
                 "model": gen.model,
                 "inputTokens": gen.usage.input_tokens,
+                "cachedInputTokens": gen.usage.cached_input_tokens,
                 "outputTokens": gen.usage.output_tokens,
                 "totalTokens": gen.usage.input_tokens + gen.usage.output_tokens,
                 "estimatedCostUsd": gen.usage.cost_usd,
@@ -156,12 +164,15 @@ class CourseHandler:
                 "provider": "cache",
                 "model": row["model"],
                 "inputTokens": 0,
+                "cachedInputTokens": 0,
                 "outputTokens": 0,
                 "totalTokens": 0,
                 "estimatedCostUsd": 0.0,
                 "cacheHit": True,
                 "cachedFromJobId": str(row["job_id"]),
+                # who made the course: the cache never holds a placeholder's
                 "cachedProvider": row["provider"],
+                "cachedModel": row["model"],
                 "groups": len(course.groups),
                 "items": course.item_count,
             },

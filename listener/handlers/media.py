@@ -14,7 +14,7 @@ from listener.errors import InvalidJob
 from listener.jobs import Job, Outcome
 from listener.providers import Providers
 from listener.providers.base import Media, MediaProvider
-from listener.providers.chain import generate_media
+from listener.providers.chain import Chain
 from listener.settings import Settings
 from listener.storage import Storage
 
@@ -32,9 +32,12 @@ class MediaParams(BaseModel):
 
 
 class MediaHandler:
-    def __init__(self, settings: Settings, providers: Providers, storage: Storage) -> None:
+    def __init__(
+        self, settings: Settings, providers: Providers, chain: Chain, storage: Storage
+    ) -> None:
         self.settings = settings
         self.providers = providers
+        self.chain = chain
         self.storage = storage
 
     async def __call__(self, job: Job) -> Outcome:
@@ -57,12 +60,7 @@ class MediaHandler:
                 return await provider.image(prompt, params.size)
             return await provider.speech(prompt, voice, params.format)
 
-        media, gen = await generate_media(
-            self.providers.media_chain(),
-            make,
-            self.settings.ai_timeout_seconds,
-            self.settings.secrets(),
-        )
+        media, gen = await self.chain.media(self.providers.media_chain(), make)
         path = f"media/{job.id}.{media.ext}"
         t0 = time.perf_counter()
         await self.storage.write(path, media.data, media.content_type)

@@ -16,6 +16,13 @@ NO_PROVIDER = (
 )
 
 
+def configured(settings: Settings) -> list[str]:
+    """The providers this process would ask, without making their clients."""
+    keys = {"openai": settings.openai_api_key, "anthropic": settings.anthropic_api_key}
+    names = [n for n in settings.provider_order if keys.get(n)]
+    return names + (["placeholder"] if settings.allow_placeholder else [])
+
+
 @dataclass
 class Providers:
     course: list[CourseProvider] = field(default_factory=list)

@@ -9,7 +9,7 @@ from typing import Any
 import anthropic
 
 from listener.providers import pricing
-from listener.providers.base import Answer, CoursePrompt, Usage, repair_request
+from listener.providers.base import Answer, CoursePrompt, Refused, Usage, repair_request
 from listener.settings import Settings
 
 TOOL = "save_course"
@@ -38,7 +38,11 @@ class AnthropicProvider:
         resp = await self.client.messages.create(
             model=self.model,
             max_tokens=self.max_tokens,
-            system=prompt.system,
+            # The prompt cache covers the tools (the schema) and the system block up to
+            # this breakpoint: the constant part of every course request.
+            system=[
+                {"type": "text", "text": prompt.system, "cache_control": {"type": "ephemeral"}}
+            ],
             messages=messages,
             tools=[
                 {
@@ -49,6 +53,19 @@ class AnthropicProvider:
             ],
             tool_choice={"type": "tool", "name": TOOL},
         )
+        model = resp.model or self.model
+        u = resp.usage
+        cached, written = u.cache_read_input_tokens or 0, u.cache_creation_input_tokens or 0
+        # Anthropic's input_tokens leaves out the cached and cache-written ones.
+        usage = Usage(u.input_tokens + cached + written, u.output_tokens)
+        usage.cached_input_tokens, usage.cache_write_tokens = cached, written
+        usage.cost_usd = pricing.token_cost(
+            model, usage.input_tokens, usage.output_tokens, cached, written
+        )
+        if resp.stop_reason == "refusal":
+            raise Refused("the model declined (stop_reason refusal)", usage)
+        if resp.stop_reason == "model_context_window_exceeded":
+            raise Refused("context window exceeded", usage)
         text = ""
         for block in resp.content:
             if block.type == "tool_use" and block.name == TOOL:
@@ -56,11 +73,7 @@ class AnthropicProvider:
                 break
             if block.type == "text" and not text:
                 text = block.text  # no tool call: let validation say what is wrong
-        usage = Usage(resp.usage.input_tokens, resp.usage.output_tokens)
-        usage.cost_usd = pricing.token_cost(
-            resp.model or self.model, usage.input_tokens, usage.output_tokens
-        )
-        return Answer(text, resp.model or self.model, usage)
+        return Answer(text, model, usage)
 
     async def check(self) -> str:
         page = await self.client.models.list()

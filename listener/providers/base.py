@@ -1,4 +1,5 @@
-"""What every provider offers, what it answers, and how a failure is told.
+"""What every provider offers, what it answers, and how a failure is told and
+classified.
 
 A provider makes one call per method (the SDKs' own retries are off); falling
 through to the next provider is the chain's job (listener/providers/chain.py).
@@ -7,7 +8,10 @@ through to the next provider is the chain's job (listener/providers/chain.py).
 from __future__ import annotations
 
 import asyncio
+import email.utils
+import enum
 import sys
+import time
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -17,13 +21,17 @@ from listener.course_schema import CourseParams, SchemaValidationError
 
 @dataclass
 class Usage:
-    input_tokens: int = 0
+    input_tokens: int = 0  # every input token, those read from or written to a cache too
     output_tokens: int = 0
     cost_usd: float | None = 0.0  # None once any part of it is unknown
+    cached_input_tokens: int = 0  # read from the provider's prompt cache (cheaper)
+    cache_write_tokens: int = 0  # written to it (Anthropic: dearer than plain input)
 
     def add(self, other: Usage) -> None:
         self.input_tokens += other.input_tokens
         self.output_tokens += other.output_tokens
+        self.cached_input_tokens += other.cached_input_tokens
+        self.cache_write_tokens += other.cache_write_tokens
         if self.cost_usd is None or other.cost_usd is None:
             self.cost_usd = None
         else:
@@ -80,6 +88,72 @@ class MediaProvider(Protocol):
     async def speech(self, text: str, voice: str, fmt: str) -> Media: ...
 
 
+class Refused(Exception):
+    """The provider answered, but with a refusal or a content-policy block."""
+
+    def __init__(self, message: str, usage: Usage | None = None) -> None:
+        super().__init__(message)
+        self.usage = usage or Usage()  # what the refusal cost
+
+
+class Failure(enum.StrEnum):
+    """What a failed call says, and so what happens next (docs/generation.md)."""
+
+    UNWELL = "unwell"  # 5xx, 429/529, a timeout, a connection error: counts toward the breaker
+    AUTH = "auth"  # 401/403, 404 unknown model, 402: every call would fail alike
+    REFUSED = "refused"  # 400/413/422 (context length...), a refusal: this request, not them
+    INVALID = "invalid"  # an answer, still not a valid course after the repair round
+    OTHER = "other"  # anything else: a failed attempt, the breaker untouched
+
+
+@dataclass(frozen=True)
+class Classified:
+    failure: Failure
+    retry_after: float | None = None  # seconds the provider asked us to wait (bounded)
+
+
+def classify(exc: BaseException, retry_after_cap: float) -> Classified:
+    if isinstance(exc, SchemaValidationError):
+        return Classified(Failure.INVALID)
+    if isinstance(exc, Refused):
+        return Classified(Failure.REFUSED)
+    if isinstance(exc, (TimeoutError, *_sdk_errors("APITimeoutError"))):
+        return Classified(Failure.UNWELL)
+    if isinstance(exc, _sdk_errors("APIStatusError")):
+        code: int = getattr(exc, "status_code", 0)
+        if code in (401, 402, 403, 404):
+            return Classified(Failure.AUTH)
+        if code in (400, 413, 422):
+            return Classified(Failure.REFUSED)
+        if code in (408, 409, 429) or code >= 500:
+            wait = retry_after(exc)
+            return Classified(Failure.UNWELL, None if wait is None else min(wait, retry_after_cap))
+        return Classified(Failure.OTHER)
+    if isinstance(exc, (OSError, *_sdk_errors("APIConnectionError"))):
+        return Classified(Failure.UNWELL)
+    return Classified(Failure.OTHER)
+
+
+def retry_after(exc: BaseException) -> float | None:
+    """`retry-after-ms` (OpenAI, Anthropic), else `retry-after` in seconds or as an
+    HTTP date; None when the response names no time."""
+    headers = getattr(getattr(exc, "response", None), "headers", None)
+    if headers is None:
+        return None
+    try:
+        if ms := headers.get("retry-after-ms"):
+            return max(0.0, float(ms) / 1000)
+        if value := headers.get("retry-after"):
+            try:
+                return max(0.0, float(value))
+            except ValueError:
+                when = email.utils.parsedate_to_datetime(value)
+                return max(0.0, when.timestamp() - time.time())
+    except (ValueError, TypeError, OverflowError):
+        return None
+    return None
+
+
 def repair_request(problem: str) -> str:
     """The follow-up of the one repair round."""
     return (
@@ -114,12 +188,16 @@ def describe(exc: BaseException, timeout: float, secrets: list[str]) -> str:
         return scrub(str(exc), secrets)[:300]
     if isinstance(exc, errors.AiJobsError):
         return scrub(exc.message, secrets)[:300]
+    if isinstance(exc, Refused):
+        return f"refused: {scrub(str(exc), secrets)}"[:300]
     if isinstance(exc, (TimeoutError, *_sdk_errors("APITimeoutError"))):
         return f"timeout after {timeout:g}s"
     if isinstance(exc, _sdk_errors("APIStatusError")):
         code: int = getattr(exc, "status_code", 0)
         if code == 429:
             return "HTTP 429 rate limited"
+        if code == 529:
+            return "HTTP 529 overloaded"
         if code >= 500:
             return f"HTTP {code} server error"
         return f"HTTP {code} {scrub(_status_message(exc), secrets)}"[:200]

@@ -11,8 +11,13 @@ import openai
 from openai.types.chat import ChatCompletionMessageParam
 
 from listener.providers import pricing
-from listener.providers.base import Answer, CoursePrompt, Media, Usage, repair_request
+from listener.providers.base import Answer, CoursePrompt, Media, Refused, Usage, repair_request
 from listener.settings import Settings
+
+# Requests that share this key and their first 1,024+ tokens are routed to the same
+# prompt cache: the system message (instructions) and the schema are the same for
+# every course, and they come first.
+PROMPT_CACHE_KEY = "ai-jobs-course-v1"
 
 
 class OpenAIProvider:
@@ -35,6 +40,8 @@ class OpenAIProvider:
         )
 
     async def course(self, prompt: CoursePrompt) -> Answer:
+        # The constant part first (instructions; the schema travels in response_format,
+        # ahead of the messages), the request after it: OpenAI caches prompt prefixes.
         messages: list[ChatCompletionMessageParam] = [
             {"role": "system", "content": prompt.system},
             {"role": "user", "content": prompt.user},
@@ -51,13 +58,25 @@ class OpenAIProvider:
                 "type": "json_schema",
                 "json_schema": {"name": "course", "schema": prompt.schema, "strict": True},
             },
+            prompt_cache_key=PROMPT_CACHE_KEY,
         )
-        text = (resp.choices[0].message.content or "") if resp.choices else ""
+        model = resp.model or self.model
         usage = Usage()
         if resp.usage:
+            details = resp.usage.prompt_tokens_details
+            cached = (details.cached_tokens or 0) if details else 0
             usage = Usage(resp.usage.prompt_tokens, resp.usage.completion_tokens)
-        usage.cost_usd = pricing.token_cost(resp.model or self.model, *_tokens(usage))
-        return Answer(text, resp.model or self.model, usage)
+            usage.cached_input_tokens = cached
+        usage.cost_usd = pricing.token_cost(
+            model, usage.input_tokens, usage.output_tokens, usage.cached_input_tokens
+        )
+        choice = resp.choices[0] if resp.choices else None
+        if choice is not None and choice.message.refusal:
+            raise Refused(choice.message.refusal, usage)
+        if choice is not None and choice.finish_reason == "content_filter":
+            raise Refused("blocked by the content filter", usage)
+        text = (choice.message.content or "") if choice else ""
+        return Answer(text, model, usage)
 
     async def image(self, prompt: str, size: str) -> Media:
         extra: dict[str, Any] = {}
@@ -106,7 +125,3 @@ _AUDIO_TYPES = {
     "aac": "audio/aac",
     "flac": "audio/flac",
 }
-
-
-def _tokens(u: Usage) -> tuple[int, int]:
-    return u.input_tokens, u.output_tokens

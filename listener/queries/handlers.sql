@@ -28,9 +28,11 @@ from ai_course_catalog
 order by course_id
 
 -- name: course_cache_lookup
--- The newest course made from the same request within the TTL.
+-- The newest course made from the same request within the TTL, by a real provider
+-- (rows saved before placeholder courses stopped being cached are passed over).
 select course_id, job_id, result_path, provider, model
 from ai_course_catalog
 where cache_key = %(cache_key)s and updated_at > now() - make_interval(secs => %(ttl)s)
+  and provider is distinct from 'placeholder'
 order by updated_at desc
 limit 1

@@ -17,7 +17,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from listener import alerts, db, ops
-from listener.settings import Settings
+from listener.settings import PROVIDERS, Settings
 
 Conn = psycopg.AsyncConnection[dict[str, Any]]
 QUANTILES = (("0.5", "p50"), ("0.9", "p90"), ("0.99", "p99"))
@@ -118,7 +118,38 @@ async def collect(conn: Conn, settings: Settings) -> list[Metric]:
         rejections,
         firing,
         value,
+        *await _providers(conn),
     ]
+
+
+async def _providers(conn: Conn) -> list[Metric]:
+    """Spend and breakers. Labels come from bounded sets: the known providers, and
+    the models the workers folded (configured or priced, else "other")."""
+    tokens = CounterMetricFamily(
+        "ai_jobs_tokens",
+        "Tokens of every provider call (input includes cached_input)",
+        labels=["provider", "model", "kind"],
+    )
+    cost = CounterMetricFamily(
+        "ai_jobs_cost_usd",
+        "Estimated USD of every provider call, at the list prices (pricing.py)",
+        labels=["provider", "model"],
+    )
+    for row in await db.fetch(conn, "usage_totals"):
+        labels = [row["provider"], row["model"]]
+        tokens.add_metric([*labels, "input"], row["input_tokens"])
+        tokens.add_metric([*labels, "cached_input"], row["cached_input_tokens"])
+        tokens.add_metric([*labels, "output"], row["output_tokens"])
+        cost.add_metric(labels, row["cost_usd"])
+    breakers = GaugeMetricFamily(
+        "ai_jobs_provider_breaker_open",
+        "1 while the provider's breaker is not closed (open, or awaiting its probe)",
+        labels=["provider"],
+    )
+    found = {r["provider"]: r["open"] for r in await db.fetch(conn, "provider_breakers")}
+    for provider in PROVIDERS:
+        breakers.add_metric([provider], found.get(provider, 0))
+    return [tokens, cost, breakers]
 
 
 def render(families: list[Metric]) -> bytes:

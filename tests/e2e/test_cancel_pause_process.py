@@ -33,7 +33,6 @@ def fake() -> Any:
 def test_cancel_interrupts_the_running_provider_call(db_url: str, fake: FakeAI) -> None:
     storage = Path(tempfile.mkdtemp())
     fake.modes["openai"] = "hang"
-    fake.slow_seconds = 60
     w = WorkerProcess(
         db_url,
         OPENAI_API_KEY=FAKE_OPENAI_KEY,

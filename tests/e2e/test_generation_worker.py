@@ -76,8 +76,11 @@ def test_course_and_media_through_the_worker(db_url: str, fake: FakeAI) -> None:
 def test_all_providers_failing_retries_to_the_dead_letter(db_url: str, fake: FakeAI) -> None:
     fake.modes.update(openai="429", anthropic="500")
     dsn = f"http://publickey@{fake.url.removeprefix('http://')}/7"
+    # Breakers that never open: this is about the retries (an open breaker makes the
+    # job wait instead, tests/e2e/test_provider_outages.py).
+    quiet = {"PROVIDER_BREAKER_THRESHOLD": "100"}
     w = WorkerProcess(
-        db_url, **providers_env(fake, RETRY_BASE_SECONDS="0.2", SENTRY_DSN=dsn)
+        db_url, **providers_env(fake, RETRY_BASE_SECONDS="0.2", SENTRY_DSN=dsn, **quiet)
     ).started()
     try:
         with connect(db_url) as c:

@@ -174,7 +174,11 @@ def test_nudges_and_garbage_payloads(db_url: str) -> None:
 
 def test_worker_refuses_an_unmigrated_database(empty_db_url: str) -> None:
     p = subprocess.run(
-        [*AI_JOBS, "worker"], env=env(empty_db_url), capture_output=True, text=True, timeout=30
+        [*AI_JOBS, "worker"],
+        env=env(empty_db_url, ALLOW_PLACEHOLDER=1),
+        capture_output=True,
+        text=True,
+        timeout=30,
     )
     assert p.returncode == 1
     assert p.stderr.strip().splitlines()[-1].startswith("ai-jobs: error:")

@@ -36,9 +36,14 @@ async def test_quiet_database_fires_nothing(conn: Conn) -> None:
         "avg_processing_time",
         "failure_rate",
         "rate_limit_violations",
+        "provider_auth",
+        "budget_rejections",
     ]
     assert not any(a.firing for a in found)
-    assert [a.severity for a in found] == ["critical"] * 3 + ["warning"] * 3
+    assert [a.severity for a in found] == ["critical"] * 3 + ["warning"] * 3 + [
+        "critical",
+        "warning",
+    ]
     assert by_rule(found)["avg_processing_time"].value is None  # nothing finished yet
 
 
@@ -68,7 +73,8 @@ async def test_each_rule_fires_above_its_threshold(conn: Conn) -> None:
     assert found["pending_depth"].value == 21
     assert found["avg_processing_time"].value == pytest.approx(120, abs=1)
     assert found["failure_rate"].value == pytest.approx(30.0)  # 6 dead of 6 + 14 finished
-    assert all(a.firing for r, a in found.items() if r != "rate_limit_violations")
+    quiet = ("rate_limit_violations", "provider_auth", "budget_rejections")
+    assert all(a.firing for r, a in found.items() if r not in quiet)
     assert alerts.any_critical(list(found.values()))
 
     # Thresholds are settings.
@@ -206,7 +212,7 @@ def test_cli_alerts_exit_status_and_json(db_url: str) -> None:
     p = _cli(db_url, "alerts", "--json")
     assert p.returncode == 0, p.stderr
     out = json.loads(p.stdout)
-    assert set(out) == {"alerts"} and len(out["alerts"]) == 6
+    assert set(out) == {"alerts"} and len(out["alerts"]) == len(alerts.RULES) == 8
     assert set(out["alerts"][0]) == {"rule", "severity", "firing", "value", "threshold"}
 
     with connect(db_url) as c:  # a warning alone does not fail the command

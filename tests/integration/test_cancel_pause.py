@@ -251,3 +251,29 @@ def test_worker_reads_the_cancel_and_pause_payloads() -> None:
     ):
         with pytest.raises(ValueError):
             parse_payload(bad)
+
+
+def test_a_deferral_that_counts_is_kept_as_an_attempt(db_url: str) -> None:
+    with connect(db_url) as c:
+        jid = insert_course(c)
+        claimed = _claim(c)
+        # Waiting for providers does not count while under the limit...
+        row = c.execute(
+            "select * from defer_job('ai_course_jobs', %s, %s, 0, 'openai: 429', 1800)",
+            [jid, claimed["claim_token"]],
+        ).fetchone()
+        assert row is not None and row["counted"] is False
+        c.execute(
+            "update ai_course_jobs set provider_wait_since = now() - interval '1 hour'"
+            " where id = %s",
+            [jid],
+        )
+        claimed = _claim(c)
+        row = c.execute(
+            "select * from defer_job('ai_course_jobs', %s, %s, 0, 'openai: 429', 1800)",
+            [jid, claimed["claim_token"]],
+        ).fetchone()
+        assert row is not None and row["counted"] is True and row["status"] == "failed"
+        kept = c.execute("select * from ai_job_attempts where job_id = %s", [jid]).fetchall()
+        assert [(a["attempt"], a["outcome"], a["worker_id"]) for a in kept] == [(1, "failed", "w")]
+        assert kept[0]["error"].startswith("openai: 429 (waiting since")

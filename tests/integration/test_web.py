@@ -233,6 +233,31 @@ async def test_metrics_in_prometheus_format(client: httpx.AsyncClient, db_url: s
     assert "ai_jobs_rate_limit_rejections_total 0.0" in text
 
 
+async def test_metrics_of_providers(client: httpx.AsyncClient, db_url: str) -> None:
+    async with await aconnect(db_url) as c:
+        await c.execute(
+            "select ai_job_add_usage(array['openai', 'openai'], array['gpt-4.1-mini', 'other'],"
+            " array[3, 1], array[300, 10], array[100, 0], array[2400, 5], array[0.0125, 0])"
+        )
+        await c.execute(
+            "select ai_job_add_usage(array['openai'], array['gpt-4.1-mini'],"
+            " array[1], array[100], array[0], array[800], array[0.0013])"
+        )
+        await c.execute(
+            "select * from ai_job_provider_failed('anthropic', 'auth', 'HTTP 401', 3, 60)"
+        )
+    r = await client.get("/metrics", headers=BEARER)
+    text = r.text
+    labels = 'kind="{}",model="gpt-4.1-mini",provider="openai"'
+    assert f"ai_jobs_tokens_total{{{labels.format('input')}}} 400.0" in text
+    assert f"ai_jobs_tokens_total{{{labels.format('cached_input')}}} 100.0" in text
+    assert f"ai_jobs_tokens_total{{{labels.format('output')}}} 3200.0" in text
+    assert 'ai_jobs_cost_usd_total{model="gpt-4.1-mini",provider="openai"} 0.0138' in text
+    assert 'ai_jobs_provider_breaker_open{provider="anthropic"} 1.0' in text
+    assert 'ai_jobs_provider_breaker_open{provider="openai"} 0.0' in text
+    assert 'ai_jobs_alert_firing{rule="provider_auth",severity="critical"} 1.0' in text
+
+
 class Stream:
     """One server-sent-events connection, read in the background."""
 

@@ -1,0 +1,153 @@
+"""Jobs that wait for their providers: defer_job (no attempt counted, until the
+outage has lasted too long) and the worker's hold on claiming that table."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import psycopg
+import pytest
+
+from listener import db
+from listener.errors import ProvidersUnavailable
+from listener.jobs import Job, Outcome
+from tests.helpers import aconnect, await_until, connect, insert_course, insert_media
+from tests.workers import running_worker, settings
+
+Conn = psycopg.AsyncConnection[dict[str, Any]]
+pytestmark = pytest.mark.timeout(60)
+
+
+async def claim(conn: Conn, table: str = "ai_course_jobs") -> Job:
+    rows = await db.fetch(conn, "claim_jobs", {"table": table, "worker": "test", "n": 1})
+    return Job.from_claim(rows[0])
+
+
+async def defer(conn: Conn, job: Job, wait: float, max_wait: float = 1800) -> list[Any]:
+    params = {
+        "table": job.table,
+        "id": job.id,
+        "token": job.claim_token,
+        "wait": wait,
+        "reason": "Providers unavailable: openai: rate limited",
+        "max_wait": max_wait,
+    }
+    return await db.fetch(conn, "defer_job", params)
+
+
+async def row(conn: Conn, jid: Any) -> dict[str, Any]:
+    cur = await conn.execute("select * from ai_course_jobs where id = %s", [jid])
+    found = await cur.fetchone()
+    assert found is not None
+    return found
+
+
+async def test_defer_counts_no_attempt_until_the_outage_lasts_too_long(conn: Conn) -> None:
+    await conn.execute("insert into ai_course_jobs (subject, max_retries) values ('x', 2)")
+    job = await claim(conn)
+    [d] = await defer(conn, job, 30)
+    assert d["status"] == "pending" and d["retry_count"] == 0 and not d["counted"]
+    assert 29 < d["due_in"] <= 30
+    r = await row(conn, job.id)
+    assert r["claim_token"] is None and r["started_at"] is None
+    assert r["error"] == "Providers unavailable: openai: rate limited"
+    since = r["provider_wait_since"]
+    assert since is not None
+
+    # A stale token changes nothing.
+    assert await defer(conn, job, 30) == []
+
+    # Waiting again keeps the first moment; past max_wait each deferral counts.
+    await conn.execute("update ai_course_jobs set run_after = now()")
+    job = await claim(conn)
+    [d] = await defer(conn, job, 5)
+    assert not d["counted"] and (await row(conn, job.id))["provider_wait_since"] == since
+    await conn.execute(
+        "update ai_course_jobs set run_after = now(), provider_wait_since = now() - interval '1 h'"
+    )
+    job = await claim(conn)
+    [d] = await defer(conn, job, 5)
+    assert d["counted"] and d["status"] == "failed" and d["retry_count"] == 1
+    assert "past the 1800s limit" in (await row(conn, job.id))["error"]
+    await conn.execute("update ai_course_jobs set run_after = now()")
+    job = await claim(conn)
+    [d] = await defer(conn, job, 5)
+    assert d["status"] == "dead_letter" and d["retry_count"] == 2
+
+    # A requeued job starts a fresh wait.
+    await db.fetch(conn, "requeue_job", {"id": job.id, "table": "ai_course_jobs"})
+    job = await claim(conn)
+    [d] = await defer(conn, job, 5)
+    assert not d["counted"] and d["status"] == "pending"
+    assert (await row(conn, job.id))["provider_wait_since"] > since
+
+
+async def test_a_deferred_job_notifies_and_runs_again(db_url: str) -> None:
+    calls: list[str] = []
+
+    async def handler(job: Job) -> Outcome:
+        calls.append(str(job.id))
+        if len(calls) == 1:
+            raise ProvidersUnavailable("Providers unavailable: openai: rate limited", 0.5)
+        return Outcome("x", {"provider": "test"})
+
+    async with running_worker(settings(db_url), {"ai_course_jobs": handler}):
+        with connect(db_url) as c:
+            jid = insert_course(c, "Later")
+        async with await aconnect(db_url) as conn:
+            done = await await_until(
+                lambda: _status(conn, jid, "done"), timeout=10, what="done after the wait"
+            )
+    assert calls == [jid, jid]
+    assert done["retry_count"] == 0 and done["error"] is None
+
+
+async def test_the_worker_stops_claiming_that_table_while_providers_are_down(db_url: str) -> None:
+    deferred: list[str] = []
+    media: list[str] = []
+
+    async def course(job: Job) -> Outcome:
+        deferred.append(str(job.id))
+        raise ProvidersUnavailable("Providers unavailable: openai: breaker open", 60)
+
+    async def image(job: Job) -> Outcome:
+        media.append(str(job.id))
+        return Outcome("m", {"provider": "test"})
+
+    s = settings(db_url, worker_concurrency=1)
+    handlers = {"ai_course_jobs": course, "ai_media_jobs": image}
+    async with running_worker(s, handlers) as w:
+        with connect(db_url) as c:
+            first = insert_course(c, "First")
+        await await_until(lambda: _async(bool(deferred)), what="the first deferral")
+        notified, claims = w.notifications, w.claim_queries
+        with connect(db_url) as c:
+            later = [insert_course(c, f"Later {n}") for n in range(3)]
+            picture = insert_media(c)
+        # The other table goes on; this one is held (no claim, no churn).
+        await await_until(lambda: _async(media == [picture]), what="the media job done")
+        await await_until(lambda: _async(w.notifications >= notified + 4), what="notified")
+        await asyncio.sleep(0.3)  # a claim round would have run by now
+        async with await aconnect(db_url) as conn:
+            statuses = [(await _row(conn, jid))["status"] for jid in later]
+        assert deferred == [first]
+        assert statuses == ["pending"] * 3
+        assert w.claim_queries - claims <= 2  # the media claims only
+        assert "ai_course_jobs" in w._hold
+
+
+async def _async(value: Any) -> Any:
+    return value
+
+
+async def _row(conn: Conn, jid: str) -> dict[str, Any]:
+    cur = await conn.execute("select * from ai_course_jobs where id = %s", [jid])
+    found = await cur.fetchone()
+    assert found is not None
+    return found
+
+
+async def _status(conn: Conn, jid: str, status: str) -> dict[str, Any] | None:
+    r = await _row(conn, jid)
+    return r if r["status"] == status else None
