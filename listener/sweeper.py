@@ -62,6 +62,13 @@ class Sweeper:
         self._last_retention = now
         return int(rows[0]["deleted"])
 
+    async def fold_counts(self) -> int:
+        """Fold the finished-status deltas into their counts (sql/017), so that
+        reading the counts stays a handful of rows."""
+        async with self.pool.connection() as conn:
+            rows = await db.fetch(conn, "fold_counts")
+        return int(rows[0]["folded"])
+
     async def next_due(self) -> float | None:
         async with self.pool.connection() as conn:
             rows = await db.fetch(conn, "next_job_due")
@@ -74,6 +81,7 @@ class Sweeper:
         r.rescued = await self.rescue_stale()
         r.dead_lettered = await self.dead_letter()
         r.purged = await self.retention()
+        await self.fold_counts()
         r.due_in = await self.next_due()
         counts = {k: v for k, v in asdict(r).items() if k != "due_in" and v}
         if counts:
