@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from bench import pgserver, scenarios, stats
+from bench import console, pgserver, scenarios, stats
 from bench.systems import LATENCY, MULTI, THROUGHPUT
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -37,12 +37,13 @@ class Config:
     multi_workers: int
     claims: int
     profile: bool
+    console_calls: int = 100  # timed calls of each console read, per size and round
 
     @classmethod
     def of(cls, quick: bool, rounds: int | None) -> Config:
         if quick:
-            return cls(rounds or 3, 80, 20.0, 1_000, 300, 4, 300, True)
-        return cls(rounds or 3, 500, 20.0, 20_000, 5_000, 4, 2_000, True)
+            return cls(rounds or 3, 80, 20.0, 1_000, 300, 4, 300, True, 20)
+        return cls(rounds or 3, 500, 20.0, 20_000, 5_000, 4, 2_000, True, 100)
 
 
 def rotated(names: tuple[str, ...], k: int) -> list[str]:
@@ -101,6 +102,7 @@ async def run_all(srv: pgserver.Server, cfg: Config) -> dict[str, Any]:
     finally:
         for dbname, _ in dbs.values():
             srv.drop_database(dbname)
+    console_rounds = await console_cost(srv, cfg)
     profile: dict[str, Any] = {}
     if cfg.profile:
         path = RESULTS.parent / "profile-ai-jobs.json"
@@ -119,8 +121,29 @@ async def run_all(srv: pgserver.Server, cfg: Config) -> dict[str, Any]:
         "throughput_rounds": thr,
         "multi_rounds": multi,
         "claim_rounds": {str(k): v for k, v in claim.items()},
+        "console_rounds": console_rounds,
         "profile": profile,
     }
+
+
+async def console_cost(srv: pgserver.Server, cfg: Config) -> dict[str, Any]:
+    """The console's reads at each history size, sizes interleaved round by round."""
+    rounds: dict[str, list[Any]] = {str(n): [] for n in FINISHED}
+    dbs = {}
+    try:
+        for n in FINISHED:
+            dbs[n] = await console.console_db(srv, n)
+            say(f"console cost: {n} finished rows in place")
+        for r in range(cfg.rounds):
+            for n in rotated(FINISHED, r):
+                res = await console.measure(dbs[n][1], cfg.console_calls)
+                rounds[str(n)].append(res)
+                worst = max(res[k]["p50_ms"] for k in console.FLAT)
+                say(f"round {r + 1} console  {n:>9} finished: slowest flat read p50 {worst:.2f} ms")
+    finally:
+        for dbname, _ in dbs.values():
+            srv.drop_database(dbname)
+    return rounds
 
 
 def label(name: str) -> str:
@@ -173,6 +196,7 @@ def summarize(raw: dict[str, Any], cfg: Config, env: dict[str, Any]) -> dict[str
         "throughput": throughput,
         "throughput_4_workers": multi,
         "claim_cost_by_finished_rows": claim,
+        "console_cost_by_finished_rows": console.summarize(raw["console_rounds"]),
         "targets": targets,
         "ours_vs_floor": floor_ratios,
         "profile": raw["profile"],
@@ -225,10 +249,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quick", action="store_true", help="small sizes: a run under 3 minutes")
     p.add_argument("--rounds", type=int, default=None, help="rounds per measurement (min 3)")
     p.add_argument("--no-plot", action="store_true")
+    p.add_argument(
+        "--console-only",
+        action="store_true",
+        help="only the console cost part (bench/results/console-latest.json)",
+    )
     args = p.parse_args(argv)
     if args.rounds is not None and args.rounds < 3:
         p.error("--rounds must be at least 3")
     cfg = Config.of(args.quick, args.rounds)
+    if args.console_only:
+        return console_only(cfg)
     # SIGTERM unwinds like Ctrl-C: worker processes killed, embedded server removed.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     t0 = time.monotonic()
@@ -252,4 +283,26 @@ def main(argv: list[str] | None = None) -> int:
 
     print(table(result))
     say(f"done in {result['duration_s']} s: {RESULTS.relative_to(ROOT)}")
+    return 0
+
+
+def console_only(cfg: Config) -> int:
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    t0 = time.monotonic()
+    with pgserver.server() as srv:
+        env = environment(srv)
+        say(f"PostgreSQL {env['postgres']['version'].split(' on ')[0]} ({srv.kind}); {cfg}")
+        rounds = asyncio.run(console_cost(srv, cfg))
+    result = {
+        "generated_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "mode": "quick" if cfg.latency_jobs < 500 else "full",
+        "config": asdict(cfg),
+        "environment": env | {"load_average_at_end": list(os.getloadavg())},
+        "console_cost_by_finished_rows": console.summarize(rounds),
+        "duration_s": round(time.monotonic() - t0, 1),
+    }
+    out = RESULTS.parent / "console-latest.json"
+    out.write_text(json.dumps(result, indent=1) + "\n")
+    print(console.table(result["console_cost_by_finished_rows"]))
+    say(f"done in {result['duration_s']} s: {out.relative_to(ROOT)}")
     return 0

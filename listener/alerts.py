@@ -139,10 +139,15 @@ async def rejections_last_hour(conn: Conn, counter: str = REJECTIONS) -> int:
 
 
 async def record_samples(conn: Conn) -> None:
-    """Sample the rejection counters and drop samples the rules no longer need."""
+    """Sample the rejection counters and the queue depth (the dashboard's chart),
+    and drop samples nothing needs any more."""
     for counter, query in COUNTERS.items():
         current = int((await db.fetch(conn, query))[0]["value"])
         await db.fetch(conn, "record_counter_sample", {"counter": counter, "value": current})
+    depth = (await db.fetch(conn, "live_depth"))[0]
+    for name in ("pending", "processing"):
+        params = {"counter": f"queue_{name}", "value": int(depth[name])}
+        await db.fetch(conn, "record_counter_sample", params)
     await db.fetch(conn, "prune_counter_samples")
 
 

@@ -111,16 +111,47 @@ async def _enqueue(args: argparse.Namespace, s: Settings) -> int:
 async def _status(args: argparse.Namespace, s: Settings) -> int:
     async with db.connection(db.require_dsn(s.dsn)) as conn:
         depth = await ops.queue_depth(conn)
+        paused = await ops.paused(conn)
     if args.json:
-        print_json(depth)
+        print_json({**depth, "paused": paused})
     else:
         columns = [
             *ops.STATUSES,
             *([ops.OTHER] if any(ops.OTHER in d for d in depth.values()) else []),
         ]
         print_table(
-            ["table", *columns], [[t, *(depth[t].get(c, 0) for c in columns)] for t in ops.TABLES]
+            ["table", *columns, "claiming"],
+            [
+                [t, *(depth[t].get(c, 0) for c in columns), "PAUSED" if paused[t] else "yes"]
+                for t in ops.TABLES
+            ],
         )
+    return 0
+
+
+@command("cancel")
+async def _cancel(args: argparse.Namespace, s: Settings) -> int:
+    async with db.connection(db.require_dsn(s.dsn)) as conn:
+        table, was = await ops.cancel(conn, args.id, args.table)
+    print(f"cancelled {args.id} in {table} (was {was})")
+    return 0
+
+
+@command("pause")
+async def _pause(args: argparse.Namespace, s: Settings) -> int:
+    table = ops.JOB_TYPES[args.job_type]
+    async with db.connection(db.require_dsn(s.dsn)) as conn:
+        changed = await ops.set_paused(conn, table, True)
+    print(f"paused {args.job_type} ({table})" + ("" if changed else ": it already was"))
+    return 0
+
+
+@command("resume")
+async def _resume(args: argparse.Namespace, s: Settings) -> int:
+    table = ops.JOB_TYPES[args.job_type]
+    async with db.connection(db.require_dsn(s.dsn)) as conn:
+        changed = await ops.set_paused(conn, table, False)
+    print(f"resumed {args.job_type} ({table})" + ("" if changed else ": it was not paused"))
     return 0
 
 
@@ -445,6 +476,16 @@ def build_parser() -> argparse.ArgumentParser:
     rq = sub.add_parser("requeue", help="put one job back to pending")
     rq.add_argument("id", type=_uuid)
     rq.add_argument("--table", choices=ops.TABLES)
+
+    cn = sub.add_parser("cancel", help="cancel one job (a running one is stopped by its worker)")
+    cn.add_argument("id", type=_uuid)
+    cn.add_argument("--table", choices=ops.TABLES)
+    for name, text in (
+        ("pause", "every worker stops claiming this job type"),
+        ("resume", "workers claim this job type again"),
+    ):
+        ps = sub.add_parser(name, help=text)
+        ps.add_argument("job_type", choices=list(ops.JOB_TYPES), metavar="course|media")
 
     for name, text in (
         ("mark-stale", "processing jobs with an old heartbeat become stale"),

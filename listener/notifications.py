@@ -30,12 +30,14 @@ __all__ = [
 
 @dataclass(frozen=True)
 class Nudge:
-    """What a payload asks for: a sweep (empty payload), or a look at one table or
-    job."""
+    """What a payload asks for: a sweep (empty payload), a look at one table or
+    job, a running job to stop (cancel_job), or a table paused or resumed."""
 
     sweep: bool = False
     table: str | None = None
     job_id: UUID | None = None
+    cancel: UUID | None = None
+    paused: bool | None = None
     probe: str | None = None  # a LISTEN service's probe: its sender, never a reason to look
 
 
@@ -50,8 +52,10 @@ SWEEP_NUDGE_SPACING = 1.0
 
 def parse_payload(payload: str) -> Nudge:
     """Raise ValueError with a reason for anything that is not one of the shapes
-    of INTERFACE.md (empty, a job uuid, or {"table": ..., "id"?: ...}), or a
-    probe ({"probe": "<sender>", "n": k}, see listener/listen.py)."""
+    of INTERFACE.md (empty, a job uuid, or {"table": ..., "id"?: ...}) or of the
+    database's own cancel_job ({"cancel": ..., "table": ...}) and pause_jobs /
+    resume_jobs ({"table": ..., "paused": ...}), or a probe ({"probe": "<sender>",
+    "n": k}, see listener/listen.py)."""
     if len(payload) > MAX_PAYLOAD:
         raise ValueError(f"payload of {len(payload)} characters (at most {MAX_PAYLOAD})")
     text = payload.strip()
@@ -70,10 +74,18 @@ def parse_payload(payload: str) -> Nudge:
     table = data.get("table")
     if not isinstance(table, str) or table not in JOB_TYPES:
         raise ValueError(f"unknown table {str(table)[:60]!r}")
+    raw_cancel = data.get("cancel")
+    if raw_cancel is not None:
+        if not isinstance(raw_cancel, str):
+            raise ValueError("cancel is not a string")
+        return Nudge(table=table, cancel=UUID(raw_cancel))
+    paused = data.get("paused")
+    if paused is not None and not isinstance(paused, bool):
+        raise ValueError("paused is not true or false")
     raw_id = data.get("id")
     if raw_id is not None and not isinstance(raw_id, str):
         raise ValueError("id is not a string")
-    return Nudge(table=table, job_id=UUID(raw_id) if raw_id else None)
+    return Nudge(table=table, job_id=UUID(raw_id) if raw_id else None, paused=paused)
 
 
 class Health:

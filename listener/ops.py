@@ -16,8 +16,9 @@ from listener.errors import InvalidJob, JobNotFound
 Conn = psycopg.AsyncConnection[dict[str, Any]]
 
 TABLES = ("ai_course_jobs", "ai_media_jobs")
-STATUSES = ("pending", "processing", "done", "failed", "dead_letter", "stale")
+STATUSES = ("pending", "processing", "done", "failed", "dead_letter", "stale", "cancelled")
 OTHER = "other"  # a status this code does not know (a newer schema): counted, not named
+JOB_TYPES = {"course": "ai_course_jobs", "media": "ai_media_jobs"}
 
 
 def parse_param(text: str) -> tuple[str, Any]:
@@ -82,13 +83,36 @@ async def enqueue_media(
 
 async def queue_depth(conn: Conn) -> dict[str, dict[str, int]]:
     """Jobs per table and status: every status of STATUSES, plus OTHER when some
-    job has a status this code does not know."""
+    job has a status this code does not know. Live statuses are counted on their
+    partial indexes, finished ones kept by the database as they change (sql/017):
+    the cost does not grow with the history the tables keep."""
     depth = {t: dict.fromkeys(STATUSES, 0) for t in TABLES}
     for row in await db.fetch(conn, "queue_depth"):
         status = row["status"] if row["status"] in STATUSES else OTHER
         counts = depth[row["job_table"]]
         counts[status] = counts.get(status, 0) + int(row["count"])
     return depth
+
+
+async def paused(conn: Conn) -> dict[str, bool]:
+    """Which job tables are paused (pause_jobs / resume_jobs)."""
+    state = dict.fromkeys(TABLES, False)
+    for row in await db.fetch(conn, "queue_pauses"):
+        state[row["job_table"]] = bool(row["paused"])
+    return state
+
+
+async def set_paused(conn: Conn, table: str, pause: bool) -> bool:
+    """Pause or resume one job table; True when this call changed it."""
+    rows = await db.fetch(conn, "pause_jobs" if pause else "resume_jobs", {"table": table})
+    return bool(rows[0]["changed"])
+
+
+async def cancel(conn: Conn, job_id: UUID, table: str | None = None) -> tuple[str, str]:
+    """cancel_job: returns the table and the status the job had."""
+    table = table or await find_table(conn, job_id)
+    rows = await db.fetch(conn, "cancel_job", {"id": job_id, "table": table})
+    return table, str(rows[0]["previous"])
 
 
 async def find_table(conn: Conn, job_id: UUID) -> str:

@@ -8,7 +8,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 from loguru import logger
@@ -75,6 +75,13 @@ class Sweeper:
         async with self.pool.connection() as conn:
             return len(await db.fetch(conn, "workers_expire", {"seconds": seconds}))
 
+    async def fold_counts(self) -> int:
+        """Fold the finished-status deltas into their counts (sql/017), so that
+        reading the counts stays a handful of rows."""
+        async with self.pool.connection() as conn:
+            rows = await db.fetch(conn, "fold_counts")
+        return int(rows[0]["folded"])
+
     async def next_due(self) -> float | None:
         async with self.pool.connection() as conn:
             rows = await db.fetch(conn, "next_job_due")
@@ -86,22 +93,26 @@ class Sweeper:
         (its error is in the result). A lost database stops the sweep at once:
         the other duties would only wait for a connection in turn."""
         r = SweepResult()
-        duties = (
+        duties: tuple[tuple[str | None, Callable[[], Awaitable[int]]], ...] = (
             ("stale", self.mark_stale),
             ("rescued", self.rescue_stale),
             ("dead_lettered", self.dead_letter),
             ("purged", self.retention),
             ("expired", self.expire_workers),
+            (None, self.fold_counts),  # bookkeeping, not a change worth a log line
         )
         for name, duty in duties:
             try:
-                setattr(r, name, await duty())
+                n = await duty()
             except Exception as exc:
                 if db.is_connection_error(exc):
                     raise
                 r.error = r.error or exc
+                continue
+            if name is not None:
+                setattr(r, name, n)
         r.due_in = await self.next_due()
-        counts = {name: getattr(r, name) for name, _ in duties if getattr(r, name)}
+        counts = {name: getattr(r, name) for name, _ in duties if name and getattr(r, name)}
         if counts:
             logger.bind(action="sweep", **counts).info(
                 "sweep: " + ", ".join(f"{k} {v}" for k, v in counts.items())

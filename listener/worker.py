@@ -113,6 +113,7 @@ class Worker:
         # Every provider of the table's chain is down: claim nothing there until then
         # (monotonic), rather than claim jobs only to put them back.
         self._hold: dict[str, float] = {}
+        self._cancel_checks: dict[uuid.UUID, asyncio.Task[None]] = {}  # by job id
         self._turn = 0  # which table a claim round asks first (fairness)
         self._give_up_at: float | None = None  # writes stop retrying after this (shutdown)
         self.claim_queries = 0  # claim statements sent (tests check the coalescing)
@@ -138,6 +139,12 @@ class Worker:
 
     def _on_nudge(self, nudge: Nudge) -> None:
         self.notifications += 1
+        if nudge.cancel is not None:  # cancel_job, or anyone's NOTIFY: checked first
+            self._check_cancel(nudge.cancel)
+            return
+        if nudge.paused:  # pause_jobs: claim_jobs refuses the table; nothing to look at
+            logger.bind(action="table_paused", table=nudge.table).info("job type paused")
+            return
         if nudge.sweep:
             self.request_sweep()
         self._look([nudge.table] if nudge.table else TABLES)
@@ -521,12 +528,52 @@ class Worker:
     def _drop(self, job: Job) -> None:
         """The job was marked stale and maybe handed on: stop it (or never start
         it), so that it never runs in two places at once."""
-        running = self.running.get(job.id)
-        if running is None and not self.ready.remove(job):
-            return  # ended meanwhile
-        logger.bind(
-            action="job_lost", job_id=str(job.id), table=job.table, attempt=job.attempt
-        ).warning("job no longer held by this worker (marked stale); dropping it")
+        self._stop_job(
+            job.id, "job_lost", "job no longer held by this worker (marked stale); dropping it"
+        )
+
+    def _check_cancel(self, job_id: uuid.UUID) -> None:
+        """A cancel notification names a job that runs or waits here: ask the
+        database whether this worker still holds it before stopping it. Any role
+        may NOTIFY the channel, so the payload alone never stops a job; only
+        cancel_job, which takes the claim token away, does."""
+        running = self.running.get(job_id)
+        held = (j for j in self.ready.jobs() if j.id == job_id)
+        job = running.job if running else next(held, None)
+        if job is None or job_id in self._cancel_checks:
+            return  # not here, or already being checked
+        task = asyncio.create_task(self._confirm_cancel(job), name=f"cancel check {job_id}")
+        self._cancel_checks[job_id] = task
+        task.add_done_callback(lambda _: self._cancel_checks.pop(job_id, None))
+
+    async def _confirm_cancel(self, job: Job) -> None:
+        try:
+            held = await self._fetch("heartbeat_jobs", held_params(job.table, [job]))
+        except Exception as exc:
+            self._report(exc, "cancel check")  # kept running: the heartbeat decides later
+            return
+        if not held:
+            self._stop_job(job.id, "job_cancelled", "job cancelled; stopping it", "INFO")
+        else:
+            logger.bind(action="cancel_ignored", job_id=str(job.id), table=job.table).warning(
+                "ignored a cancel notification for a job this worker still holds"
+            )
+
+    def _stop_job(
+        self, job_id: uuid.UUID, action: str, message: str, level: str = "WARNING"
+    ) -> None:
+        """Cancel a running job's task, or drop it if it is held; no result is
+        written (its claim_token is gone, so a late write would change nothing)."""
+        running = self.running.get(job_id)
+        held = next((j for j in self.ready.jobs() if j.id == job_id), None)
+        job = running.job if running is not None else held
+        if job is None:
+            return  # not here, or ended meanwhile
+        if held is not None:
+            self.ready.remove(held)
+        logger.bind(action=action, job_id=str(job_id), table=job.table, attempt=job.attempt).log(
+            level, message
+        )
         if running is not None:
             running.task.cancel()
 

@@ -5,7 +5,8 @@ Point OPENAI_BASE_URL at `fake.openai_url` and ANTHROPIC_BASE_URL at
 
   valid         a course built from the prompt's "Groups:" / "Items per group:" lines
   slow          waits `fake.slow_seconds` before answering (for timeouts)
-  hang          never answers (until the client gives up or the fake stops)
+  hang          never answers (until the client gives up or the fake stops); a client
+                that hangs up is recorded in `fake.abandoned` (a cancelled call)
   429 / 529     rate limited / overloaded, with the headers of `fake.retry_headers`
                 (e.g. {"retry-after-ms": "1000"}; default {"retry-after": "0"})
   500           a server error
@@ -36,6 +37,8 @@ import base64
 import gzip
 import json
 import re
+import select
+import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -141,6 +144,7 @@ class FakeAI(HTTPFake):
         self.retry_headers: dict[str, str] = {"retry-after": "0"}
         self.requests: list[Recorded] = []
         self.envelopes: list[bytes] = []
+        self.abandoned: list[tuple[str, float]] = []  # (path, time.time()) of hung-up calls
         self.hooks: list[Any] = []
         self.prefixes: set[str] = set()  # system prompts seen (the prompt caches)
         self._unhang = threading.Event()
@@ -204,7 +208,7 @@ class FakeAI(HTTPFake):
         if mode == "slow":
             time.sleep(self.slow_seconds)
         if mode == "hang":
-            self._unhang.wait(120)
+            self.hang(h, path)
             return None
         if path == "/v1/models":
             return self.models(h, provider)
@@ -229,6 +233,23 @@ class FakeAI(HTTPFake):
             data = placeholder_wav("fake") if fmt == "wav" else FAKE_MP3
             return self.send(h, 200, data, "audio/mpeg" if fmt == "mp3" else f"audio/{fmt}")
         return self.error(h, provider, 404, f"no route {path}")
+
+    def hang(self, h: BaseHTTPRequestHandler, path: str) -> None:
+        """Never answer: hold the request until the fake stops (or 120 s), or until
+        the client hangs up, which is recorded in `abandoned` (a cancelled call)."""
+        sock = h.connection
+        deadline = time.monotonic() + 120
+        while not self._unhang.is_set() and time.monotonic() < deadline:
+            ready, _, _ = select.select([sock], [], [], 0.02)
+            if ready:
+                try:
+                    gone = sock.recv(1, socket.MSG_PEEK) == b""
+                except OSError:
+                    gone = True
+                if gone:
+                    with self.lock:
+                        self.abandoned.append((path, time.time()))
+                    return
 
     def failure(
         self, h: BaseHTTPRequestHandler, provider: str, path: str, mode: str, body: Any

@@ -113,3 +113,63 @@ select pg_backend_pid() as pid
 -- Filling finished rows only: no notification or insert check is wanted for them
 -- (needs a superuser; without one the fill just runs the triggers).
 set session_replication_role = replica
+
+-- name: restore_triggers
+set session_replication_role = default
+
+-- name: console_add_history
+-- Finished course jobs of the past 30 days (older than a day): the history the
+-- console's reads must not pay for. One in a hundred a dead letter.
+insert into ai_course_jobs (subject, status, created_at, started_at, completed_at,
+                            last_heartbeat, result_path, metrics)
+select 'old ' || g, case when g %% 100 = 0 then 'dead_letter' else 'done' end,
+       now() - interval '30 days' + (g %% 2000000) * interval '1 s',
+       now() - interval '30 days' + (g %% 2000000) * interval '1 s' + interval '2 s',
+       now() - interval '30 days' + (g %% 2000000) * interval '1 s' + interval '32 s',
+       now() - interval '30 days' + (g %% 2000000) * interval '1 s' + interval '30 s',
+       'courses/old/course.json',
+       jsonb_build_object('provider', case when g %% 3 = 0 then 'anthropic' else 'openai' end,
+                          'generationDurationMs', 28000, 'inputTokens', 900,
+                          'outputTokens', 2400, 'estimatedCostUsd', 0.004)
+from generate_series(%(offset)s + 1, %(offset)s + %(n)s) g
+
+-- name: console_recount
+select ai_job_recount()
+
+-- name: console_recent_done
+-- The last hour's work, the same at every history size.
+insert into ai_course_jobs (subject, status, created_at, started_at, completed_at, result_path, metrics)
+select 'recent ' || g, 'done', now() - g * interval '10 s' - interval '40 s',
+       now() - g * interval '10 s' - interval '30 s', now() - g * interval '10 s',
+       'courses/recent/course.json',
+       jsonb_build_object('provider', case when g % 2 = 0 then 'anthropic' else 'openai' end,
+                          'generationDurationMs', 25000 + g, 'inputTokens', 900,
+                          'outputTokens', 2400, 'estimatedCostUsd', 0.004)
+from generate_series(1, 300) g
+
+-- name: console_recent_live
+insert into ai_course_jobs (subject, status, started_at, last_heartbeat, completed_at,
+                            retry_count, error)
+select 'live ' || g,
+       case when g <= 20 then 'pending' when g <= 30 then 'processing' else 'dead_letter' end,
+       case when g > 20 then now() - interval '1 minute' end,
+       case when g > 20 then now() - interval '30 s' end,
+       case when g > 30 then now() - interval '10 s' end,
+       case when g > 30 then 3 else 0 end,
+       case when g > 30 then 'HTTP 500' end
+from generate_series(1, 90) g
+
+-- name: console_recent_failures
+-- Sixty failed attempts of the last hour (10 jobs now waiting to retry).
+insert into ai_job_attempts (job_table, job_id, attempt, worker_id, started_at, ended_at,
+                             outcome, next_status, error)
+select 'ai_course_jobs', gen_random_uuid(), 1, 'bench', now() - g * interval '50 s',
+       now() - g * interval '50 s' + interval '5 s', 'failed', 'failed', 'HTTP 429'
+from generate_series(1, 60) g
+
+-- name: console_fold
+select ai_job_fold_counts()
+
+-- name: bench_metrics_view
+-- The runbook's view, as an operator reads it in psql.
+select * from ai_job_metrics order by job_type, status

@@ -37,9 +37,25 @@ values (%(prompt)s, %(media_type)s, %(params)s, %(user)s, %(max_retries)s, %(cou
 returning id
 
 -- name: queue_depth
-select 'ai_course_jobs' as job_table, status, count(*) as count from ai_course_jobs group by status
-union all
-select 'ai_media_jobs', status, count(*) from ai_media_jobs group by status
+-- Live statuses from their partial indexes, finished ones from the counts kept
+-- by sql/017's triggers: flat however much history the tables keep.
+select job_table, status, jobs as count, avg_duration_seconds from ai_job_status_counts()
+
+-- name: queue_pauses
+select job_table, paused, changed_at, changed_by from ai_job_queues order by job_table
+
+-- name: pause_jobs
+select pause_jobs(%(table)s) as changed
+
+-- name: resume_jobs
+select resume_jobs(%(table)s) as changed
+
+-- name: cancel_job
+select cancel_job(%(id)s, %(table)s) as previous
+
+-- name: fold_counts
+-- The finished-status deltas into their counts (each sweep keeps the deltas few).
+select ai_job_fold_counts() as folded
 
 -- name: claim_jobs
 select * from claim_jobs(%(table)s, %(worker)s, %(n)s)

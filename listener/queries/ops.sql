@@ -83,12 +83,26 @@ order by rank
 limit 1
 
 -- name: prune_counter_samples
--- Keep a little more than the hour the rule looks back on.
-delete from ai_job_counter_samples where sampled_at < now() - interval '2 hours'
+-- Keep a little more than the hour the rate-limit rule looks back on, and a
+-- little more than the day the queue-depth chart shows.
+delete from ai_job_counter_samples
+where sampled_at < now() - case when left(counter, 6) = 'queue_' then interval '25 hours'
+                                else interval '2 hours' end
+
+-- name: live_depth
+-- Pending and processing jobs of both tables (partial indexes), for the chart.
+select coalesce(sum(jobs) filter (where status = 'pending'), 0) as pending,
+       coalesce(sum(jobs) filter (where status = 'processing'), 0) as processing
+from ai_job_status_counts()
+where status in ('pending', 'processing')
 
 -- name: job_metrics
-select job_type, status, count, avg_duration_seconds::float8 as avg_duration_seconds
-from ai_job_metrics
+-- What the runbook's ai_job_metrics view says (count and average duration per job
+-- type and status), from sources that do not grow with history (sql/017). The
+-- view itself scans both tables: it stays for psql.
+select case job_table when 'ai_course_jobs' then 'course' else 'media' end as job_type,
+       status, jobs as count, avg_duration_seconds
+from ai_job_status_counts()
 order by job_type, status
 
 -- name: recent_jobs
@@ -154,17 +168,13 @@ group by provider
 order by provider
 
 -- name: failures_last_hour
--- Failed attempts whose attempt started in the last hour, and dead letters of the hour.
-select job_type, count(*) as count from (
-    select 'course' as job_type from ai_course_jobs
-    where (status = 'failed' and started_at > now() - interval '1 hour')
-       or (status = 'dead_letter' and completed_at > now() - interval '1 hour')
-    union all
-    select 'media' from ai_media_jobs
-    where (status = 'failed' and started_at > now() - interval '1 hour')
-       or (status = 'dead_letter' and completed_at > now() - interval '1 hour')
-) f
-group by job_type
+-- Attempts that failed in the last hour (those that sent their job to the dead
+-- letter included), from the attempts' end-time index: a window, not the history.
+select case job_table when 'ai_course_jobs' then 'course' else 'media' end as job_type,
+       count(*) as count
+from ai_job_attempts
+where ended_at > now() - interval '1 hour' and outcome in ('failed', 'lost')
+group by job_table
 
 -- name: listen_events
 -- The dashboard's channel (triggers/007); payload: the table name.

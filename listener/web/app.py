@@ -1,15 +1,20 @@
 """The admin dashboard: a small Starlette app, server-rendered.
 
-    GET  /healthz                 for the PaaS (no auth; says only ok / unavailable)
-    GET  /metrics                 Prometheus text format
-    GET  /admin/jobs[?live=1]     the page: alerts, metrics cards, recent jobs
-    GET  /admin/jobs/snapshot     the page's fragments as JSON (Refresh)
-    GET  /admin/jobs/events       server-sent events: a snapshot after each change
-    POST /admin/jobs/mark-stale | dead-letter | requeue     the runbook's actions
-    POST /admin/login | logout    browser session
+    GET  /healthz                      for the PaaS (no auth; says only ok / unavailable)
+    GET  /metrics                      Prometheus text format
+    GET  /admin/jobs[?filters]         alerts, cards, pause toggles, jobs (filters, pages)
+    GET  /admin/jobs/rows?filters      one page of the list as a fragment (live filtered view)
+    GET  /admin/jobs/snapshot          the page's fragments as JSON (Refresh)
+    GET  /admin/jobs/events            server-sent events: a snapshot after each change
+    GET  /admin/jobs/{id}              one job in full;  .../result: its image or audio
+    GET  /admin/overview[/charts]      charts, cost and workers;  the charts' data
+    GET  /admin/static/{file}          the charting library (vendored, served here)
+    POST /admin/jobs/mark-stale | dead-letter | requeue | cancel | pause | bulk
+    POST /admin/login | logout         browser session
 
 Everything but /healthz needs the admin token (auth.py); without it a page answers
-401 with the sign-in form, anything else 401 alone.
+401 with the sign-in form (saying why: a wrong token, another site, an expired
+session), anything else 401 alone.
 """
 
 from __future__ import annotations
@@ -17,11 +22,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import re
 import secrets
 from collections.abc import AsyncIterator, Awaitable, Callable
-from datetime import timedelta
 from typing import Any
-from uuid import UUID
 
 import psycopg
 from loguru import logger
@@ -39,28 +43,36 @@ from starlette.responses import (
 from starlette.routing import Route
 
 from listener import db, ops, registry
-from listener.errors import AiJobsError, JobBusy, JobNotFound, translate
+from listener.errors import AiJobsError, InvalidJob, JobBusy, JobNotFound, translate
 from listener.settings import Settings
+from listener.storage import Storage, open_storage
 from listener.web import metrics, views
-from listener.web.auth import Auth, Principal, same_origin
+from listener.web.auth import Auth, Principal, origin_refusal
 from listener.web.live import LiveFeed
 from listener.web.throttle import Throttle
 
 SSE_KEEPALIVE_SECONDS = 15.0
 PAGE = "/admin/jobs"
-_STATUS = {JobNotFound: 404, JobBusy: 409}
+_STATUS = {JobNotFound: 404, JobBusy: 409, InvalidJob: 400}
 _CHALLENGE = {"WWW-Authenticate": 'Bearer realm="ai-jobs"'}
+# Where a sign-in or a plain form post may lead: our own pages only.
+_OWN_PAGE = re.compile(
+    r"^/admin/(jobs(/[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12})?|overview)"
+    r"(\?[A-Za-z0-9_=&%.~+:-]*)?$"
+)
 
 Handler = Callable[[Request, Principal], Awaitable[Response]]
 
 
-def _harden(response: Response, nonce: str | None = None) -> Response:
+def harden(response: Response, nonce: str | None = None) -> Response:
     """Headers for every dashboard response: no caching, no framing, no outside
-    resources; inline style and script only with this response's nonce."""
+    resources; inline style and script only with this response's nonce; images,
+    audio, scripts and styles from this site only."""
     src = f"'nonce-{nonce}'" if nonce else "'none'"
     response.headers["Content-Security-Policy"] = (
         f"default-src 'none'; style-src {src}; script-src {src}; connect-src 'self'; "
-        "img-src 'self' data:; form-action 'self'; frame-ancestors 'none'; base-uri 'none'"
+        "img-src 'self' data:; media-src 'self'; form-action 'self'; frame-ancestors 'none'; "
+        "base-uri 'none'"
     )
     response.headers["Cache-Control"] = "no-store"
     response.headers["X-Content-Type-Options"] = "nosniff"
@@ -69,17 +81,17 @@ def _harden(response: Response, nonce: str | None = None) -> Response:
     return response
 
 
-def _wants_json(request: Request) -> bool:
+def wants_json(request: Request) -> bool:
     return "application/json" in request.headers.get("accept", "")
 
 
-def _wants_html(request: Request) -> bool:
+def wants_html(request: Request) -> bool:
     return "text/html" in request.headers.get("accept", "")
 
 
-def _safe_next(value: Any) -> str:
-    """Only our own page, never an open redirect."""
-    return value if isinstance(value, str) and value in (PAGE, f"{PAGE}?live=1") else PAGE
+def safe_next(value: Any) -> str:
+    """Only our own pages, never an open redirect."""
+    return value if isinstance(value, str) and _OWN_PAGE.match(value) else PAGE
 
 
 class Dashboard:
@@ -100,7 +112,8 @@ class Dashboard:
             listen=settings.listen_mode == "listen",
             on_recovered=self.medic.heal_soon,
         )
-        self._log = logger.bind(action="web")
+        self._storage: Storage | None = None
+        self.log = logger.bind(action="web")
 
     # -- plumbing ------------------------------------------------------------
 
@@ -113,47 +126,73 @@ class Dashboard:
         finally:
             await self.feed.stop()
             await self.pool.close()
+            if self._storage is not None:
+                await self._storage.aclose()
+
+    @property
+    def storage(self) -> Storage:
+        """Where the worker stored results (STORAGE_URL), opened on first use."""
+        if self._storage is None:
+            self._storage = open_storage(self.settings)
+        return self._storage
 
     def guarded(self, handler: Handler) -> Callable[[Request], Awaitable[Response]]:
         async def endpoint(request: Request) -> Response:
             who = self.auth.principal(request)
             if who is None:
                 return self.unauthorized(request)
-            if request.method == "POST" and not await self.auth.csrf_ok(request, who):
-                return _harden(self._result(request, 403, "Cross-site request refused"))
+            if request.method == "POST":
+                refusal = await self.auth.csrf_refusal(request, who)
+                if refusal:
+                    self.log.bind(action="web_csrf_refused").warning(refusal)
+                    return harden(self.result(request, 403, refusal))
             try:
                 return await handler(request, who)
             except (psycopg.Error, AiJobsError) as exc:
                 err = translate(exc)
                 status = _STATUS.get(type(err), 503)
-                self._log.bind(action="web_error", path=request.url.path).warning(err.message)
-                return _harden(self._result(request, status, err.message))
+                self.log.bind(action="web_error", path=request.url.path).warning(err.message)
+                return harden(self.result(request, status, err.message))
 
         return endpoint
 
     def unauthorized(self, request: Request) -> Response:
-        if request.method == "GET" and _wants_html(request) and request.url.path == PAGE:
-            live = request.query_params.get("live") == "1"
-            return self.login_page(f"{PAGE}?live=1" if live else PAGE)
-        body = {"ok": False, "message": "Unauthorized"}
-        return _harden(JSONResponse(body, 401, headers=_CHALLENGE))
+        problem = self.auth.session_problem(request)
+        if (
+            request.method == "GET"
+            and wants_html(request)
+            and request.url.path.startswith("/admin")
+        ):
+            nxt = request.url.path + (f"?{request.url.query}" if request.url.query else "")
+            return self.login_page(safe_next(nxt), problem or "")
+        body = {"ok": False, "message": problem or "Unauthorized"}
+        return harden(JSONResponse(body, 401, headers=_CHALLENGE))
 
     @staticmethod
     def login_page(nxt: str, error: str = "", status: int = 401) -> Response:
         """The sign-in form, answered with 401: the page stays closed until then."""
         nonce = secrets.token_urlsafe(16)
         html = views.page("login.html", nonce=nonce, next=nxt, error=error)
-        return _harden(HTMLResponse(html, status, headers=_CHALLENGE), nonce)
+        return harden(HTMLResponse(html, status, headers=_CHALLENGE), nonce)
 
     @staticmethod
-    def _result(request: Request, status: int, message: str, **extra: Any) -> Response:
+    def result(
+        request: Request, status: int, message: str, back: str = PAGE, **extra: Any
+    ) -> Response:
         """An action's answer: JSON for scripts and the page's own fetch; a plain
         form post (no JavaScript) goes back to the page."""
-        if _wants_json(request) or not _wants_html(request):
+        if wants_json(request) or not wants_html(request):
             return JSONResponse({"ok": status < 400, "message": message, **extra}, status)
         if status >= 400:
             return PlainTextResponse(message, status)
-        return RedirectResponse(PAGE, 303)
+        return RedirectResponse(safe_next(back), 303)
+
+    def html(self, name: str, who: Principal, **context: Any) -> Response:
+        nonce = secrets.token_urlsafe(16)
+        body = views.page(
+            name, nonce=nonce, csrf=who.csrf, signed_in=who.via == "session", **context
+        )
+        return harden(HTMLResponse(body), nonce)
 
     async def _notify(self, channel: str, payload: str) -> None:
         """The live feed's probe, sent through the dashboard's pool."""
@@ -165,7 +204,7 @@ class Dashboard:
             data = await views.load(conn, self.alert_cache)
         return views.fragments(data)
 
-    # -- pages -----------------------------------------------------------------
+    # -- plain endpoints -------------------------------------------------------
 
     async def healthz(self, request: Request) -> Response:
         """The database answers: 200, with or without workers (their absence is
@@ -191,26 +230,8 @@ class Dashboard:
         except AiJobsError:  # a schema older than the registry: still healthy
             return None
 
-    async def jobs_page(self, request: Request, who: Principal) -> Response:
-        async with self.pool.connection() as conn:
-            data = await views.load(conn, self.alert_cache)
-        nonce = secrets.token_urlsafe(16)
-        stale_after = timedelta(seconds=round(self.settings.stale_after_seconds))
-        html = views.page(
-            "jobs.html",
-            **data,
-            nonce=nonce,
-            csrf=who.csrf,
-            signed_in=who.via == "session",
-            live=request.query_params.get("live") == "1",
-            limit=views.RECENT_LIMIT,
-            updated=views.fragments(data)["updated"],
-            stale_after=stale_after,
-        )
-        return _harden(HTMLResponse(html), nonce)
-
     async def snapshot_json(self, request: Request, who: Principal) -> Response:
-        return _harden(JSONResponse(await self.snapshot()))
+        return harden(JSONResponse(await self.snapshot()))
 
     async def events(self, request: Request, who: Principal) -> Response:
         queue = self.feed.subscribe()
@@ -233,7 +254,7 @@ class Dashboard:
 
         response = StreamingResponse(stream(), media_type="text/event-stream")
         response.headers["X-Accel-Buffering"] = "no"  # no proxy buffering of the stream
-        return _harden(response)
+        return harden(response)
 
     async def metrics(self, request: Request, who: Principal) -> Response:
         async with self.pool.connection() as conn:
@@ -241,72 +262,35 @@ class Dashboard:
         body = metrics.render(families)
         return Response(body, media_type="text/plain; version=0.0.4; charset=utf-8")
 
-    # -- actions -----------------------------------------------------------------
-
-    async def mark_stale(self, request: Request, who: Principal) -> Response:
-        async with self.pool.connection() as conn:
-            rows = await ops.mark_stale(conn, self.settings.stale_after_seconds)
-        self._log.bind(action="web_mark_stale", count=len(rows)).info("marked stale")
-        jobs = [{"job_id": str(r["job_id"]), "job_type": r["job_type"]} for r in rows]
-        return _harden(self._result(request, 200, f"Marked {len(rows)} job(s) stale", jobs=jobs))
-
-    async def dead_letter(self, request: Request, who: Principal) -> Response:
-        async with self.pool.connection() as conn:
-            rows = await ops.dead_letter(conn)
-        self._log.bind(action="web_dead_letter", count=len(rows)).info("moved to dead letter")
-        jobs = [{"job_id": str(r["job_id"]), "job_type": r["job_type"]} for r in rows]
-        msg = f"Moved {len(rows)} job(s) to the dead letter"
-        return _harden(self._result(request, 200, msg, jobs=jobs))
-
-    async def requeue(self, request: Request, who: Principal) -> Response:
-        form = await request.form()
-        raw_job, raw_id, raw_table = form.get("job"), form.get("id"), form.get("table")
-        if isinstance(raw_job, str) and ":" in raw_job:
-            raw_table, _, raw_id = raw_job.partition(":")
-        if raw_table is not None and raw_table not in ops.TABLES:
-            msg = "table must be ai_course_jobs or ai_media_jobs"
-            return _harden(self._result(request, 400, msg))
-        try:
-            job_id = UUID(str(raw_id))
-        except ValueError:
-            return _harden(self._result(request, 400, "id must be a job UUID"))
-        async with self.pool.connection() as conn:
-            given = raw_table if isinstance(raw_table, str) else None
-            table = await ops.requeue(conn, job_id, given)
-        self._log.bind(action="web_requeue", job_id=str(job_id), table=table).info("requeued")
-        msg = f"Requeued {job_id} in {table}"
-        return _harden(self._result(request, 200, msg, job_id=str(job_id), table=table))
-
     # -- session ---------------------------------------------------------------
 
     async def login(self, request: Request) -> Response:
         form = await request.form()
-        token, nxt = form.get("token"), _safe_next(form.get("next"))
+        token, nxt = form.get("token"), safe_next(form.get("next"))
         client = request.client.host if request.client else "unknown"
         if wait := self.throttle.retry_after(client):
-            self._log.bind(action="web_login_throttled").warning("sign-in throttled")
+            self.log.bind(action="web_login_throttled").warning("sign-in throttled")
             seconds = max(1, round(wait))
             page = self.login_page(nxt, f"Too many attempts: try again in {seconds} s.", 429)
             page.headers["Retry-After"] = str(seconds)
             return page
-        if (
-            not same_origin(request)
-            or not isinstance(token, str)
-            or not self.auth.token_matches(token)
-        ):
+        refusal = origin_refusal(request)
+        if refusal is None and not (isinstance(token, str) and self.auth.token_matches(token)):
+            refusal = "That token is not right."
+        if refusal:
             self.throttle.failed(client)
-            self._log.bind(action="web_login_failed").warning("sign-in refused")
-            return self.login_page(nxt, "That token is not right.")
+            self.log.bind(action="web_login_failed").warning("sign-in refused: {}", refusal)
+            return self.login_page(nxt, refusal)
         self.throttle.succeeded(client)
         response = RedirectResponse(nxt, 303)
         self.auth.start_session(request, response)
-        self._log.bind(action="web_login").info("signed in")
-        return _harden(response)
+        self.log.bind(action="web_login").info("signed in")
+        return harden(response)
 
     async def logout(self, request: Request, who: Principal) -> Response:
         response = RedirectResponse(PAGE, 303)
         self.auth.end_session(response)
-        return _harden(response)
+        return harden(response)
 
 
 async def _to_page(request: Request) -> Response:
@@ -314,19 +298,33 @@ async def _to_page(request: Request) -> Response:
 
 
 def create_app(settings: Settings, dsn: str, admin_token: str) -> Starlette:
+    from listener.web.actions import Actions
+    from listener.web.pages import Pages
+
     d = Dashboard(settings, dsn, admin_token)
+    p, a = Pages(d), Actions(d)
+    g = d.guarded
     routes = [
         Route("/healthz", d.healthz),
-        Route("/metrics", d.guarded(d.metrics)),
+        Route("/metrics", g(d.metrics)),
         Route("/admin", _to_page),
-        Route(PAGE, d.guarded(d.jobs_page)),
-        Route(f"{PAGE}/snapshot", d.guarded(d.snapshot_json)),
-        Route(f"{PAGE}/events", d.guarded(d.events)),
-        Route(f"{PAGE}/mark-stale", d.guarded(d.mark_stale), methods=["POST"]),
-        Route(f"{PAGE}/dead-letter", d.guarded(d.dead_letter), methods=["POST"]),
-        Route(f"{PAGE}/requeue", d.guarded(d.requeue), methods=["POST"]),
+        Route(PAGE, g(p.jobs)),
+        Route(f"{PAGE}/rows", g(p.rows)),
+        Route(f"{PAGE}/snapshot", g(d.snapshot_json)),
+        Route(f"{PAGE}/events", g(d.events)),
+        Route(f"{PAGE}/mark-stale", g(a.mark_stale), methods=["POST"]),
+        Route(f"{PAGE}/dead-letter", g(a.dead_letter), methods=["POST"]),
+        Route(f"{PAGE}/requeue", g(a.requeue), methods=["POST"]),
+        Route(f"{PAGE}/cancel", g(a.cancel), methods=["POST"]),
+        Route(f"{PAGE}/pause", g(a.pause), methods=["POST"]),
+        Route(f"{PAGE}/bulk", g(a.bulk), methods=["POST"]),
+        Route(PAGE + "/{id:uuid}", g(p.job)),
+        Route(PAGE + "/{id:uuid}/result", g(p.result)),
+        Route("/admin/overview", g(p.overview)),
+        Route("/admin/overview/charts", g(p.charts)),
+        Route("/admin/static/{name}", g(p.static)),
         Route("/admin/login", d.login, methods=["POST"]),
-        Route("/admin/logout", d.guarded(d.logout), methods=["POST"]),
+        Route("/admin/logout", g(d.logout), methods=["POST"]),
     ]
     app = Starlette(routes=routes, lifespan=d.lifespan)
     app.state.dashboard = d

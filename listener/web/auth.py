@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
 
-from itsdangerous import BadSignature, URLSafeTimedSerializer
+from itsdangerous import BadSignature, SignatureExpired, URLSafeTimedSerializer
 from starlette.requests import Request
 from starlette.responses import Response
 
@@ -81,6 +81,20 @@ class Auth:
         csrf = data.get("csrf") if isinstance(data, dict) else None
         return Principal("session", csrf) if isinstance(csrf, str) and csrf else None
 
+    def session_problem(self, request: Request) -> str | None:
+        """Why a request's session cookie is not accepted, for the sign-in page
+        (None: there is no cookie, or it is fine)."""
+        cookie = request.cookies.get(COOKIE)
+        if not cookie:
+            return None
+        try:
+            self._signer.loads(cookie, max_age=SESSION_MAX_AGE)
+        except SignatureExpired:
+            return "Your session expired: sign in again."
+        except BadSignature:
+            return "Your session is no longer valid (the token was changed?): sign in again."
+        return None
+
     def start_session(self, request: Request, response: Response) -> None:
         value = self._signer.dumps({"csrf": secrets.token_urlsafe(32)})
         response.set_cookie(
@@ -90,7 +104,7 @@ class Auth:
             path="/",
             httponly=True,
             samesite="strict",
-            secure=request.url.scheme == "https",
+            secure=served_over_https(request),
         )
 
     @staticmethod
@@ -98,29 +112,78 @@ class Auth:
         response.delete_cookie(COOKIE, path="/", httponly=True, samesite="strict")
 
     @staticmethod
-    async def csrf_ok(request: Request, who: Principal) -> bool:
-        """A state-changing request from a browser session: same origin and the
-        session's CSRF token. Bearer requests pass."""
+    async def csrf_refusal(request: Request, who: Principal) -> str | None:
+        """Why a state-changing request is refused (None: it may go ahead). A
+        browser session needs the same origin and the session's CSRF token; Bearer
+        requests pass."""
         if who.via == "bearer":
-            return True
-        if not same_origin(request):
-            return False
+            return None
+        origin_problem = origin_refusal(request)
+        if origin_problem:
+            return origin_problem
         sent = request.headers.get(CSRF_HEADER)
         if sent is None:
             form = await request.form()
             field = form.get(CSRF_FIELD)
             sent = field if isinstance(field, str) else None
-        return sent is not None and hmac.compare_digest(sent.encode(), who.csrf.encode())
+        if sent is None or not hmac.compare_digest(sent.encode(), who.csrf.encode()):
+            return "Cross-site request refused: the form's CSRF token is missing or stale"
+        return None
+
+
+_DEFAULT_PORTS = {"http": "80", "https": "443"}
+
+
+def _netloc(scheme: str, netloc: str) -> str:
+    host, sep, port = netloc.lower().rpartition(":")
+    if sep and not host.endswith("]") and port == _DEFAULT_PORTS.get(scheme):
+        return host  # https://app:443 is https://app
+    return netloc.lower()
+
+
+def served_over_https(request: Request) -> bool:
+    """https as the browser sees it. Behind a PaaS router (Heroku, Render, Fly)
+    TLS ends at the router, which forwards plain HTTP with X-Forwarded-Proto:
+    https; uvicorn honours that header only from FORWARDED_ALLOW_IPS (default
+    127.0.0.1), and the router's address is not known in advance. The header is
+    only used to mark the cookie Secure and to accept an https Origin, which a
+    forged header cannot turn into a cross-site request."""
+    if request.url.scheme == "https":
+        return True
+    forwarded = request.headers.get("x-forwarded-proto", "").split(",")[0].strip().lower()
+    return forwarded == "https"
+
+
+def origin_refusal(request: Request) -> str | None:
+    """Why the request does not come from this site (None: it does). Origin (or,
+    failing that, Referer) must name this host: the Host header, or the router's
+    X-Forwarded-Host, which a browser never lets another site set. Its scheme
+    must be this request's, or https where TLS ended before us (a browser on
+    https posting through the router), and then never http. A request with
+    neither header is refused when Sec-Fetch-Site says it is cross-site."""
+    source = request.headers.get("origin") or request.headers.get("referer")
+    if source == "null":  # sandboxed frames, privacy-sensitive redirects
+        return "Cross-site request refused: the browser sent Origin: null"
+    if not source:
+        if request.headers.get("sec-fetch-site", "same-origin") in ("same-origin", "none"):
+            return None
+        return "Cross-site request refused: Sec-Fetch-Site says another site sent it"
+    parts = urlsplit(source)
+    schemes = {"https"} if served_over_https(request) else {request.url.scheme}
+    hosts = {_netloc(s, n) for s in schemes for n in _hosts(request)}
+    if parts.scheme in schemes and _netloc(parts.scheme, parts.netloc) in hosts:
+        return None
+    here = " or ".join(sorted(f"{s}://{h}" for s in schemes for h in _hosts(request)))
+    return f"Cross-site request refused: it came from {parts.scheme}://{parts.netloc}, not {here}"
+
+
+def _hosts(request: Request) -> list[str]:
+    hosts = [request.headers.get("host") or request.url.netloc]
+    forwarded = request.headers.get("x-forwarded-host", "").split(",")[0].strip()
+    if forwarded:
+        hosts.append(forwarded)
+    return hosts
 
 
 def same_origin(request: Request) -> bool:
-    """Origin (or, failing that, Referer) must name this host. Browsers send Origin
-    on every POST; a request with neither is refused when Sec-Fetch-Site says it is
-    cross-site."""
-    source = request.headers.get("origin") or request.headers.get("referer")
-    if source == "null":  # sandboxed frames, privacy-sensitive redirects
-        return False
-    if not source:
-        return request.headers.get("sec-fetch-site", "same-origin") in ("same-origin", "none")
-    parts = urlsplit(source)
-    return parts.scheme == request.url.scheme and parts.netloc == request.url.netloc
+    return origin_refusal(request) is None

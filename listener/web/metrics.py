@@ -44,9 +44,15 @@ async def collect(conn: Conn, settings: Settings) -> list[Metric]:
         for status, count in statuses.items():
             depth.add_metric([table, status], count)
 
+    paused = GaugeMetricFamily(
+        "ai_jobs_paused", "1 while the job table is paused (pause_jobs)", labels=["table"]
+    )
+    for table, is_paused in (await ops.paused(conn)).items():
+        paused.add_metric([table], int(is_paused))
+
     avg = GaugeMetricFamily(
         "ai_jobs_avg_duration_seconds",
-        "Average completed_at - started_at per job type and status (ai_job_metrics)",
+        "Average completed_at - started_at per job type and status (as ai_job_metrics)",
         labels=["job_type", "status"],
     )
     for row in await db.fetch(conn, "job_metrics"):
@@ -68,7 +74,7 @@ async def collect(conn: Conn, settings: Settings) -> list[Metric]:
 
     failures = GaugeMetricFamily(
         "ai_jobs_failures_last_hour",
-        "Failed attempts and dead letters of the last hour",
+        "Failed attempts of the last hour (those that ended in the dead letter included)",
         labels=["job_type"],
     )
     for row in await db.fetch(conn, "failures_last_hour"):
@@ -107,6 +113,7 @@ async def collect(conn: Conn, settings: Settings) -> list[Metric]:
 
     return [
         depth,
+        paused,
         avg,
         duration,
         done,

@@ -22,7 +22,8 @@ Conn = psycopg.AsyncConnection[dict[str, Any]]
 
 RECENT_LIMIT = 50
 ALERTS_TTL_SECONDS = 10.0  # the rules scan an hour of jobs: not on every update
-REQUEUE_STATUSES = ("failed", "dead_letter", "stale")  # the runbook's "When"
+REQUEUE_STATUSES = ("failed", "dead_letter", "stale", "cancelled")  # the runbook's "When"
+CANCEL_STATUSES = ("pending", "failed", "processing", "stale")  # cancel_job accepts these
 JOB_TYPES = ("course", "media")
 
 
@@ -77,7 +78,8 @@ class Card:
 
 def cards(metric_rows: list[dict[str, Any]]) -> list[Card]:
     """The runbook's metrics cards: count and average duration per status, with the
-    split per job type (from the ai_job_metrics view)."""
+    split per job type (what the ai_job_metrics view says, read from sources that
+    do not grow with history: sql/017)."""
     by_status = {s: Card(s) for s in ops.STATUSES}
     for row in metric_rows:
         card = by_status.get(row["status"])
@@ -109,17 +111,25 @@ class AlertCache:
         return self._alerts
 
 
+ROW_CONTEXT = {"requeue_statuses": REQUEUE_STATUSES, "cancel_statuses": CANCEL_STATUSES}
+
+
 async def load(conn: Conn, alert_cache: AlertCache) -> dict[str, Any]:
     live = registry.live_seconds(alert_cache.settings)
+    paused = await ops.paused(conn)
     return {
         "cards": cards(await db.fetch(conn, "job_metrics")),
         "workers": await ops.workers(conn, live),
         "jobs": await db.fetch(conn, "recent_jobs", {"limit": RECENT_LIMIT}),
         "alerts": await alert_cache.get(conn),
+        "queues": [(t, JOB_TYPES_BY_TABLE[t], paused[t]) for t in ops.TABLES],
         "generated_at": datetime.now(UTC),
-        "requeue_statuses": REQUEUE_STATUSES,
         "job_types": JOB_TYPES,
+        **ROW_CONTEXT,
     }
+
+
+JOB_TYPES_BY_TABLE = {v: k for k, v in ops.JOB_TYPES.items()}
 
 
 def fragments(data: dict[str, Any]) -> dict[str, str]:
@@ -128,9 +138,14 @@ def fragments(data: dict[str, Any]) -> dict[str, str]:
         "alerts": env.get_template("_alerts.html").render(data),
         "cards": env.get_template("_cards.html").render(data),
         "workers": env.get_template("_workers.html").render(data),
-        "rows": env.get_template("_rows.html").render(data),
+        "rows": rows(data["jobs"]),
+        "queues": env.get_template("_queues.html").render(data),
         "updated": _clock(data["generated_at"]),
     }
+
+
+def rows(jobs: list[dict[str, Any]], empty: str = "") -> str:
+    return env.get_template("_rows.html").render(jobs=jobs, empty=empty, **ROW_CONTEXT)
 
 
 def page(name: str, **context: Any) -> str:

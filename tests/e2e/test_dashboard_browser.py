@@ -1,7 +1,10 @@
 """The dashboard in headless Chromium, with the real `ai-jobs web` and `ai-jobs
 worker` processes: sign in, watch a job go pending -> processing -> done without a
-reload, requeue a dead-letter job with the row's ↻ button. The page is saved as
-test-artifacts/dashboard.png."""
+reload, requeue a dead-letter job with the row's ↻ button (saved as
+test-artifacts/dashboard.png); then the console: open a job from the list and see
+its course and its attempts' errors, filter to dead letters and bulk-requeue them,
+watch them finish live, cancel a running job, pause and resume a job type.
+Screenshots of the list, a job and the charts go to the test's temp folder."""
 
 from __future__ import annotations
 
@@ -39,12 +42,20 @@ def _free_port() -> int:
 
 
 @pytest.fixture
-def web(db_url: str, tmp_path: Path) -> Iterator[str]:
+def storage(tmp_path: Path) -> Path:
+    """Where the worker writes results and the dashboard reads them."""
+    folder = tmp_path / "storage"
+    folder.mkdir()
+    return folder
+
+
+@pytest.fixture
+def web(db_url: str, tmp_path: Path, storage: Path) -> Iterator[str]:
     port = _free_port()
     log = (tmp_path / "web.log").open("w")
     proc = subprocess.Popen(
         [*AI_JOBS, "web", "--host", "127.0.0.1"],
-        env=env(db_url, ADMIN_TOKEN=TOKEN, PORT=port),
+        env=env(db_url, ADMIN_TOKEN=TOKEN, PORT=port, STORAGE_URL=storage),
         stdout=log,
         stderr=log,
     )
@@ -123,6 +134,136 @@ def test_dashboard_live_updates_and_requeue(chromium: str, web: str, db_url: str
             assert page.evaluate("window.__sameDocument") is True
             ARTIFACTS.mkdir(exist_ok=True)
             page.screenshot(path=str(ARTIFACTS / "dashboard.png"), full_page=True)
+        finally:
+            browser.close()
+            if worker is not None:
+                worker.stop()
+
+
+def _sign_in(page: Any, web: str, path: str) -> None:
+    response = page.goto(f"{web}{path}")
+    assert response is not None and response.status == 401
+    page.fill("#token", TOKEN)
+    page.click("button[type=submit]")
+    page.wait_for_url(f"{web}{path}")
+
+
+def _fail_twice(db_url: str, job_id: str) -> None:
+    """Two attempts that failed, as a worker records them."""
+    with connect(db_url) as c:
+        for n in (1, 2):
+            row = c.execute(
+                "select * from claim_job('ai_course_jobs', %s, 'earlier-worker')", [job_id]
+            ).fetchone()
+            assert row is not None
+            c.execute(
+                "select * from fail_job('ai_course_jobs', %s, %s, %s, 0)",
+                [job_id, row["claim_token"], f"openai: HTTP 429 rate limited (attempt {n})"],
+            )
+
+
+def test_console_in_the_browser(
+    chromium: str, web: str, db_url: str, storage: Path, tmp_path: Path
+) -> None:
+    from playwright.sync_api import expect, sync_playwright
+
+    shots = tmp_path / "screenshots"
+    shots.mkdir()
+    worker: WorkerProcess | None = None
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=chromium, args=CHROMIUM_ARGS)
+        page = browser.new_page(viewport={"width": 1400, "height": 900})
+        page.set_default_timeout(TIMEOUT_MS)
+        expect.set_options(timeout=TIMEOUT_MS)
+        errors: list[str] = []
+        page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
+        try:
+            _sign_in(page, web, "/admin/jobs?live=1")
+
+            def row(job_id: str) -> Any:
+                return page.locator(f'#rows tr[data-id="{job_id}"]')
+
+            # A course that failed twice, then the worker finishes it.
+            with connect(db_url) as c:
+                jid = insert_course(c, "Ocean Tides", params={"itemsPerGroup": 3})
+            _fail_twice(db_url, jid)
+            worker = WorkerProcess(
+                db_url, STORAGE_URL=storage, PLACEHOLDER_DELAY_MS=2500, ALERT_INTERVAL_SECONDS=1
+            ).started()
+            expect(row(jid)).to_have_attribute("data-status", "done")
+
+            # Open it from the list: the course, readable, and each attempt's error.
+            row(jid).locator("td.label a").click()
+            page.wait_for_url(f"{web}/admin/jobs/{jid}")
+            expect(page.locator("#status")).to_have_attribute("data-status", "done")
+            expect(page.locator(".attempt-error")).to_have_count(2)
+            expect(page.locator(".attempt-error").first).to_contain_text("(attempt 1)")
+            expect(page.locator("#course .group").first).to_be_visible()
+            assert page.locator("#course .item").count() >= 3
+            page.screenshot(path=str(shots / "job.png"), full_page=True)
+
+            # Filter to dead letters, bulk-requeue them, watch them finish live.
+            with connect(db_url) as c:
+                dead = [
+                    insert_course(
+                        c, f"Outage {n}", status="dead_letter", retry_count=3, error="HTTP 503"
+                    )
+                    for n in range(3)
+                ]
+            page.goto(f"{web}/admin/jobs?live=1")
+            page.select_option("#filters select[name=status]", "dead_letter")
+            page.click("#filters button[type=submit]")
+            page.wait_for_url(f"{web}/admin/jobs?*status=dead_letter*")
+            expect(page.locator("#rows tr[data-id]")).to_have_count(3)
+            page.screenshot(path=str(shots / "list.png"), full_page=True)
+            page.click('[data-bulk="requeue"]')
+            expect(page.locator("#confirm-text")).to_contain_text("Requeue 3 job(s)")
+            page.click("#confirm-ok")
+            expect(page.locator("#toast")).to_contain_text("Requeued 3 job(s)")
+            expect(page.locator("#rows tr[data-id]")).to_have_count(0)  # live: none left
+            page.get_by_role("link", name="Clear", exact=True).click()
+            for d in dead:
+                expect(row(d)).to_have_attribute("data-status", "done")
+
+            # Cancel a running job from its row.
+            with connect(db_url) as c:
+                slow = insert_course(c, "Long Generation")
+            expect(row(slow)).to_have_attribute("data-status", "processing")
+            row(slow).get_by_role("button", name=f"Cancel job {slow}").click()
+            expect(page.locator("#confirm-text")).to_contain_text("Cancel course job")
+            page.click("#confirm-ok")
+            expect(row(slow)).to_have_attribute("data-status", "cancelled")
+            worker.wait_for("job_cancelled", lambda e: e.get("job_id") == slow)
+
+            # Pause course jobs: a new one waits; resume: it runs.
+            page.get_by_role("button", name="Pause course jobs").click()
+            page.click("#confirm-ok")
+            expect(page.locator('#queues [data-table="ai_course_jobs"]')).to_have_attribute(
+                "data-paused", "1"
+            )
+            with connect(db_url) as c:
+                waiting = insert_course(c, "Waits For Resume")
+                media = c.execute(
+                    "insert into ai_media_jobs (prompt, media_type) values ('a wave', 'image')"
+                    " returning id"
+                ).fetchone()
+            assert media is not None
+            with connect(db_url) as c:
+                wait_until(
+                    lambda: job(c, str(media["id"]), "ai_media_jobs")["status"] == "done",
+                    what="media job done while courses are paused",
+                )
+                assert job(c, waiting)["status"] == "pending"
+            page.get_by_role("button", name="Resume course jobs").click()
+            page.click("#confirm-ok")
+            expect(row(waiting)).to_have_attribute("data-status", "done")
+
+            # The overview's charts, drawn from the database by the local library.
+            page.goto(f"{web}/admin/overview")
+            expect(page.locator("#charts")).to_have_attribute("data-loaded", "hour")
+            expect(page.locator("#chart-throughput canvas")).to_have_count(1)
+            page.screenshot(path=str(shots / "charts.png"), full_page=True)
+            assert not [e for e in errors if "Content Security Policy" in e], errors
         finally:
             browser.close()
             if worker is not None:

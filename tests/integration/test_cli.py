@@ -53,8 +53,10 @@ def test_enqueue_status_requeue(db_url: str) -> None:
         "failed": 0,
         "dead_letter": 0,
         "stale": 0,
+        "cancelled": 0,
     }
     assert depth["ai_media_jobs"]["pending"] == 1
+    assert depth["paused"] == {"ai_course_jobs": False, "ai_media_jobs": False}
 
     with connect(db_url) as c:
         dead = insert_course(c, status="dead_letter", retry_count=3, error="x")

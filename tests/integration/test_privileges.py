@@ -139,6 +139,37 @@ ALLOWED: dict[str, dict[str, set[str]]] = {
     "sequence ai_job_budget_rejections": {"service_role": {"USAGE", "SELECT"}},
     "function ai_job_user_spend(uuid,timestamp with time zone)": {"service_role": EXECUTE},
     "function ai_job_enforce_budget()": {},
+    # sql/016
+    "table ai_job_attempts": {"service_role": WRITE},
+    "sequence ai_job_attempts_id_seq": {},
+    "table ai_job_queues": {"service_role": WRITE},
+    "function ai_job_set_paused(text,boolean)": {"service_role": EXECUTE},
+    "function pause_jobs(text)": {"service_role": EXECUTE},
+    "function resume_jobs(text)": {"service_role": EXECUTE},
+    "function ai_job_cancel(uuid,text,uuid)": {"service_role": EXECUTE},
+    # a signed-in user cancels their own jobs (cancel_job hands them to ai_job_cancel_own)
+    "function cancel_job(uuid,text)": {"service_role": EXECUTE, "authenticated": EXECUTE},
+    "function ai_job_cancel_own(uuid,text)": {"service_role": EXECUTE, "authenticated": EXECUTE},
+    # sql/017
+    "table ai_job_status_counts": {"service_role": WRITE},
+    "table ai_job_status_deltas": {"service_role": WRITE},
+    "function ai_jobs_count_finished()": {},
+    "function ai_jobs_count_truncated()": {},
+    "function ai_job_fold_counts()": {"service_role": EXECUTE},
+    "function ai_job_recount()": {"service_role": EXECUTE},
+    "function ai_job_status_counts()": {"service_role": EXECUTE},
+    "function ai_job_filter_sql(text,text,text,uuid,timestamp with time zone,"
+    "timestamp with time zone,text)": {"service_role": EXECUTE},
+    "function find_jobs(text,text,text,uuid,timestamp with time zone,timestamp with time zone,"
+    "text,timestamp with time zone,uuid,integer)": {"service_role": EXECUTE},
+    "function ai_job_bulk(text,text,text,text,uuid,timestamp with time zone,"
+    "timestamp with time zone,text,boolean)": {"service_role": EXECUTE},
+    "function requeue_jobs(text,text,text,uuid,timestamp with time zone,"
+    "timestamp with time zone,text,boolean)": {"service_role": EXECUTE},
+    "function cancel_jobs(text,text,text,uuid,timestamp with time zone,"
+    "timestamp with time zone,text,boolean)": {"service_role": EXECUTE},
+    "function delete_jobs(text,text,text,uuid,timestamp with time zone,"
+    "timestamp with time zone,text,boolean)": {"service_role": EXECUTE},
 }
 
 
