@@ -282,6 +282,8 @@ async def test_workers_on_the_page_in_metrics_and_healthz(
     assert "h3:30:cccccc" not in page
     snap = (await client.get("/admin/jobs/snapshot", headers=BEARER | JSON)).json()
     assert 'data-worker="h1:10:aaaaaa"' in snap["workers"]
+    overview = (await client.get("/admin/overview", headers=BEARER | HTML)).text
+    assert "h2:20:bbbbbb" in overview and "h3:30:cccccc" not in overview
     assert (await client.get("/healthz")).json()["workers"] == 2
     text = (await client.get("/metrics", headers=BEARER)).text
     assert 'ai_jobs_workers{listener_state="listening"} 1.0' in text
