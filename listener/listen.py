@@ -160,6 +160,7 @@ class ListenService:
                 conn = await self._open()
                 if await self._prove(conn, VERIFY_TIMEOUT):
                     self._verified, conn = conn, None
+                    self._set_state(LISTENING)
                     return True
                 misses += 1
                 if misses >= VERIFY_ATTEMPTS:

@@ -18,6 +18,7 @@ from pathlib import Path
 
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
+from tests.debian import ensure_package
 from tests.pgserver import free_port
 
 PGBOUNCER = Path("/usr/sbin/pgbouncer")
@@ -26,25 +27,7 @@ UNPRIVILEGED = ("postgres", "nobody")  # PgBouncer refuses to run as root
 
 def ensure_pgbouncer() -> str | None:
     """Install Debian's pgbouncer when missing; return why it cannot be had, or None."""
-    if PGBOUNCER.exists():
-        return None
-    apt = shutil.which("apt-get")
-    if apt is None:
-        return f"{PGBOUNCER} is missing and apt-get is not available to install it"
-    sudo: list[str] = []
-    if os.geteuid() != 0:
-        if shutil.which("sudo") is None:
-            return f"{PGBOUNCER} is missing and installing it needs root (no sudo)"
-        sudo = ["sudo", "-n"]
-    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    for cmd in ([*sudo, apt, "update"], [*sudo, apt, "install", "-y", "-q", "pgbouncer"]):
-        done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
-        if done.returncode != 0:
-            tail = (done.stderr or done.stdout).strip().splitlines()[-1:] or ["no output"]
-            return f"installing pgbouncer failed ({' '.join(cmd[-3:])}): {tail[0]}"
-    if not PGBOUNCER.exists():
-        return f"pgbouncer was installed but {PGBOUNCER} is still missing"
-    return None
+    return ensure_package(PGBOUNCER, "pgbouncer")
 
 
 def _run_as() -> str | None:

@@ -38,8 +38,11 @@ async def test_a_worker_registers_beats_and_leaves(db_url: str) -> None:
     s = settings(db_url, listen_probe_seconds=0.3)
     async with running_worker(s, {"ai_course_jobs": handler}) as w:
         row = await await_until(
-            lambda: _row_where(db_url, lambda r: r["probe_seconds"] is not None),
-            what="registered, with a probe",
+            lambda: _row_where(
+                db_url,
+                lambda r: r["probe_seconds"] is not None and r["listener_state"] == "listening",
+            ),
+            what="registered, listening, with a probe",
         )
         assert row["id"] == w.id and row["pid"] == os.getpid()
         assert row["listener_state"] == "listening" and row["version"] == __version__
