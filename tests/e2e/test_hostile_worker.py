@@ -168,10 +168,11 @@ def test_secrets_echoed_by_a_provider_reach_neither_the_job_nor_the_log(
     anthropic_key = f"sk-ant-api03-{uuid.uuid4().hex}"
     password = f"pw-{uuid.uuid4().hex}"
     params = conninfo_to_dict(db_url)
-    dsn = (
-        f"postgresql://{params.get('user', 'postgres')}:{password}@{params['host']}:"
-        f"{params.get('port', 5432)}/{params['dbname']}"
-    )
+    user, port, host = params.get("user", "postgres"), params.get("port", 5432), params["host"]
+    if str(host).startswith("/"):  # a Unix socket (the embedded server): host in the query
+        dsn = f"postgresql://{user}:{password}@/{params['dbname']}?host={host}&port={port}"
+    else:
+        dsn = f"postgresql://{user}:{password}@{host}:{port}/{params['dbname']}"
     fake.keys = {"openai": openai_key, "anthropic": anthropic_key}
     fake.modes.update(openai="401", anthropic="401")  # each answers quoting the key it got
     w = WorkerProcess(
