@@ -113,7 +113,13 @@ class WorkerProcess:
         return self.log_path.read_text()
 
     def started(self) -> WorkerProcess:
-        self.wait_for("worker_started")
+        """Wait for the worker's start; if it never comes, kill it before failing,
+        so that no process outlives the test that started it."""
+        try:
+            self.wait_for("worker_started")
+        except BaseException:
+            self.stop()
+            raise
         return self
 
     def signal(self, sig: signal.Signals) -> None:

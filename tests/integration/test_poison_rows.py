@@ -68,9 +68,11 @@ def test_migration_011_repairs_the_rows_that_broke_the_worker(empty_db_url: str)
             [alices],
         )
         bobs = insert_course(c, "Algebra", created_by=BOB)
-        # the poison is real: the operators' view fails on it
-        with pytest.raises(psycopg.errors.DatetimeFieldOverflow):
-            c.execute("select * from ai_job_metrics").fetchall()
+        # the poison is real: the operators' view fails on it (PostgreSQL 17 and
+        # later have infinite intervals, and answer an infinite average instead)
+        if c.info.server_version < 170000:
+            with pytest.raises(psycopg.errors.DatetimeFieldOverflow):
+                c.execute("select * from ai_job_metrics").fetchall()
 
     asyncio.run(migrate(empty_db_url))
 
