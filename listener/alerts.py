@@ -1,10 +1,10 @@
 """The runbook's recommended alerts, and ours, evaluated against the live database.
 
-`evaluate()` reads the rules' values (one query, the providers' breakers and the
-rejection counters); `AlertMonitor.tick()` runs every minute in the worker: it
-samples the rejection counters, evaluates, logs each firing and resolved
-*transition* once, and posts those transitions to ALERT_WEBHOOK_URL
-(Slack-compatible JSON) when set.
+`evaluate()` reads the rules' values (one query, the providers' breakers, the
+rejection counters and the worker registry); `AlertMonitor.tick()` runs every
+minute in the worker: it samples the rejection counters, evaluates, logs each
+firing and resolved *transition* once, and posts those transitions to
+ALERT_WEBHOOK_URL (Slack-compatible JSON) when set.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from loguru import logger
 from psycopg_pool import AsyncConnectionPool
 
 from listener import db
+from listener.registry import NO_WORKER_GRACE_SECONDS, live_seconds
 from listener.settings import Settings
 
 Conn = psycopg.AsyncConnection[dict[str, Any]]
@@ -91,6 +92,19 @@ RULES: tuple[Rule, ...] = (
         "alert_budget_rejections_per_hour",
         "inserts refused by the daily budget in the last hour: users at their cap",
     ),
+    Rule(
+        "no_worker",
+        "critical",
+        None,
+        "jobs due for over a minute and no live worker listening: start `ai-jobs worker`",
+    ),
+    Rule(
+        "worker_deaf",
+        "warning",
+        None,
+        "workers whose LISTEN connection does not hear its probes: check the network or "
+        "pooler between them and PostgreSQL",
+    ),
 )
 
 
@@ -140,6 +154,13 @@ async def record_samples(conn: Conn) -> None:
 async def evaluate(conn: Conn, settings: Settings) -> list[Alert]:
     """Every rule, firing or not, in the runbook's order (critical ones first)."""
     row = (await db.fetch(conn, "alert_values", {"stale_seconds": settings.stale_after_seconds}))[0]
+    workers = (
+        await db.fetch(
+            conn,
+            "worker_alert_values",
+            {"live_seconds": live_seconds(settings), "grace": NO_WORKER_GRACE_SECONDS},
+        )
+    )[0]
     values: dict[str, float | int | None] = {
         "dead_letter_last_hour": int(row["dead_letter_last_hour"]),
         "stale_processing": int(row["stale_processing"]),
@@ -149,6 +170,8 @@ async def evaluate(conn: Conn, settings: Settings) -> list[Alert]:
         "rate_limit_violations": await rejections_last_hour(conn),
         "provider_auth": int((await db.fetch(conn, "providers_refusing_auth"))[0]["count"]),
         "budget_rejections": await rejections_last_hour(conn, BUDGET_REJECTIONS),
+        "no_worker": 0 if workers["listening"] else int(workers["waiting"]),
+        "worker_deaf": int(workers["deaf"]),
     }
     alerts = []
     for rule in RULES:

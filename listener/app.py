@@ -1,4 +1,8 @@
-"""Wiring: settings -> pool, handlers runtime, worker; signals; run-once."""
+"""Wiring: settings -> handlers runtime, pool, worker; signals; run-once.
+
+Configuration errors stop the process before any connection is opened: the
+handlers (providers, storage) are built first, and the pool is closed on every
+way out."""
 
 from __future__ import annotations
 
@@ -13,7 +17,7 @@ from loguru import logger
 from listener import db, telemetry
 from listener.alerts import AlertMonitor
 from listener.errors import ConfigError, redact
-from listener.handlers import create_runtime
+from listener.handlers import Runtime, create_runtime
 from listener.jobs import TABLES_BY_TYPE
 from listener.migrate import check_schema
 from listener.settings import Settings
@@ -28,33 +32,52 @@ def pool_size(settings: Settings) -> int:
 
 @asynccontextmanager
 async def open_worker(
-    settings: Settings, *, app: str = "ai-jobs worker", listen: bool = True
+    settings: Settings, *, app: str = "ai-jobs worker", long_running: bool = True
 ) -> AsyncIterator[Worker]:
-    """A worker with its pool, its handlers and its periodic duties; closed in order."""
+    """A worker with its pool, its handlers and its periodic duties; closed in order.
+    A long-running worker listens (LISTEN_MODE=listen) or polls, and watches the
+    alert rules; `run-once` does neither."""
     dsn = db.require_dsn(settings.dsn)
-    pool = db.make_pool(dsn, pool_size(settings), app=app)
-    await pool.open(wait=False)
-    runtime = await create_runtime(settings, pool)
-    periodic: list[Periodic] = [(RUNTIME_TICK_SECONDS, runtime.tick, "handlers tick")]
-    if listen:  # a long-running worker also watches the alert rules
-        periodic.append(
-            (settings.alert_interval_seconds, AlertMonitor(settings, pool).tick, "alerts")
-        )
-    worker = Worker(
-        settings,
-        pool,
-        runtime.handlers,
-        dsn=dsn,
-        listen=listen,
-        periodic=periodic,
-        on_failure=telemetry.capture_job_failure,
-    )
+    listen = settings.listen_mode == "listen"
+    pool = db.make_pool(dsn, pool_size(settings), app=app, prepare=listen)  # not open yet
+    runtime = await create_runtime(settings, pool, announce=False, start=False)
     try:
+        await pool.open(wait=False)
+        periodic: list[Periodic] = [(RUNTIME_TICK_SECONDS, runtime.tick, "handlers tick")]
+        if long_running:
+            periodic.append(
+                (settings.alert_interval_seconds, AlertMonitor(settings, pool).tick, "alerts")
+            )
+        worker = Worker(
+            settings,
+            pool,
+            runtime.handlers,
+            dsn=dsn,
+            listen=listen and long_running,
+            periodic=periodic,
+            on_failure=telemetry.capture_job_failure,
+            on_ready=lambda: _ready(settings, runtime, dsn, long_running),
+        )
         yield worker
     finally:
-        await runtime.aclose()
-        await pool.close()
-        telemetry.flush()
+        try:
+            await runtime.aclose()
+        finally:
+            await pool.close()
+            telemetry.flush()
+
+
+async def _ready(settings: Settings, runtime: Runtime, dsn: str, long_running: bool) -> None:
+    """Once the schema is known to be current: the handlers' own start-up, then
+    what this worker runs with."""
+    await runtime.start()
+    runtime.announce()
+    if not long_running:
+        return
+    logger.bind(action="worker_config").info(
+        f"database {redact(dsn)}; sweep every {settings.sweep_interval_seconds:g}s, "
+        f"stale after {settings.stale_after_seconds:g}s, LISTEN_MODE={settings.listen_mode}"
+    )
 
 
 async def run_worker(settings: Settings) -> int:
@@ -66,10 +89,6 @@ async def run_worker(settings: Settings) -> int:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, _on_signal, worker, sig)
-        logger.bind(action="worker_config").info(
-            f"database {redact(worker.dsn)}; sweep every {settings.sweep_interval_seconds:g}s, "
-            f"stale after {settings.stale_after_seconds:g}s"
-        )
         await worker.run()
     return 0
 
@@ -82,9 +101,10 @@ def _on_signal(worker: Worker, sig: signal.Signals) -> None:
 async def run_once(settings: Settings, job_type: str | None) -> tuple[int, dict[str, Any]]:
     """The runbook's "Manual Job Trigger": process one due job now, here."""
     table = TABLES_BY_TYPE[job_type] if job_type else None
-    async with open_worker(settings, app="ai-jobs run-once", listen=False) as worker:
+    async with open_worker(settings, app="ai-jobs run-once", long_running=False) as worker:
         async with worker.pool.connection() as conn:
             await check_schema(conn)
+        await worker.prepare()
         ran = await worker.run_one(table)
         if ran is None:
             return 0, {"processed": False, "message": "No pending jobs"}

@@ -35,6 +35,7 @@ CATALOG_VERSION = 1
 # How long a job waits for the database on the catalog's account before it moves
 # on (a cache lookup counts as a miss, a row is saved later).
 DB_WAIT_SECONDS = 2.0
+RENDER_TIMEOUT_SECONDS = 30.0  # a render stuck on a half-open connection gives up
 
 
 class Catalog:
@@ -98,7 +99,9 @@ class Catalog:
         self._unrendered += 1
         if self._first_unrendered is None:
             self._first_unrendered = time.monotonic()
-        if self._due():
+        # A render under way may hang on a connection gone half-open: a job never
+        # waits for it. Its row is counted, and the next tick renders it.
+        if self._due() and not self._lock.locked():
             await self.render_quietly(self._due)
 
     def _due(self) -> bool:
@@ -147,7 +150,8 @@ class Catalog:
                 # Jobs that finished together all found the batch full; the first
                 # render covers them, and the others have nothing left to do.
                 if still_needed is None or still_needed():
-                    await self._render()
+                    async with asyncio.timeout(RENDER_TIMEOUT_SECONDS):
+                        await self._render()
         except Exception as exc:
             logger.bind(action="catalog_render_failed").warning(
                 "catalog render failed (will retry): {}", exc

@@ -348,6 +348,47 @@ async def _costs(args: argparse.Namespace, s: Settings) -> int:
     return 0
 
 
+@command("workers")
+async def _workers(args: argparse.Namespace, s: Settings) -> int:
+    from listener.registry import live_seconds
+
+    async with db.connection(db.require_dsn(s.dsn)) as conn:
+        rows = await ops.workers(conn, live_seconds(s))
+    if args.json:
+        print_json(rows)
+    else:
+        print_table(
+            [
+                "id",
+                "host",
+                "pid",
+                "started",
+                "last_seen",
+                "listener",
+                "jobs",
+                "version",
+                "probe_ms",
+                "reconnects",
+            ],
+            [
+                [
+                    r["id"],
+                    r["host"],
+                    r["pid"],
+                    r["started_at"].isoformat(timespec="seconds"),
+                    f"{r['seen_seconds_ago']:g}s ago",
+                    r["listener_state"],
+                    r["jobs_running"],
+                    r["version"],
+                    "" if r["probe_seconds"] is None else f"{r['probe_seconds'] * 1000:.1f}",
+                    r["reconnects"],
+                ]
+                for r in rows
+            ],
+        )
+    return 0
+
+
 @command("web")
 async def _web(args: argparse.Namespace, s: Settings) -> int:
     from listener.web.server import serve
@@ -471,6 +512,9 @@ def build_parser() -> argparse.ArgumentParser:
     co.add_argument("--days", type=_positive, default=7.0, help="created in the last N days (7)")
     co.add_argument("--by", choices=ops.COST_GROUPS, default="model", help="default model")
     co.add_argument("--json", action="store_true")
+
+    wk = sub.add_parser("workers", help="the live worker processes and their listeners")
+    wk.add_argument("--json", action="store_true")
 
     wb = sub.add_parser("web", help="the admin dashboard at /admin/jobs (needs ADMIN_TOKEN)")
     wb.add_argument("--host", default="0.0.0.0", help="default 0.0.0.0")

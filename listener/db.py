@@ -3,7 +3,9 @@ one-shot connections for the command line, and the named SQL of queries.sql."""
 
 from __future__ import annotations
 
+import asyncio
 import re
+import time
 from collections.abc import AsyncIterator, Iterable
 from contextlib import asynccontextmanager
 from functools import cache
@@ -11,10 +13,12 @@ from importlib import resources
 from typing import Any
 
 import psycopg
+from loguru import logger
+from psycopg.conninfo import conninfo_to_dict
 from psycopg.rows import dict_row
 from psycopg_pool import AsyncConnectionPool
 
-from listener.errors import ConfigError, DatabaseUnavailable, translate
+from listener.errors import ConfigError, DatabaseUnavailable, redact, translate
 
 CHANNEL = "ai_jobs"
 
@@ -59,9 +63,26 @@ def sql(name: str) -> str:
 
 
 def require_dsn(dsn: str | None) -> str:
+    """The connection string, checked for form (not for reachability)."""
     if not dsn:
         raise ConfigError("DATABASE_URL is not set")
+    try:
+        conninfo_to_dict(dsn)
+    except psycopg.ProgrammingError as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ConfigError(
+            f"DATABASE_URL is not a valid connection string: {redact(first)}"
+        ) from None
     return dsn
+
+
+def host_port(dsn: str) -> str:
+    """Where a connection string points, for messages (never the password)."""
+    try:
+        params = conninfo_to_dict(dsn)
+    except psycopg.ProgrammingError:
+        return "?"
+    return f"{params.get('host') or 'local socket'}:{params.get('port') or 5432}"
 
 
 async def connect(
@@ -87,23 +108,88 @@ async def connection(
         await conn.close()
 
 
-def make_pool(dsn: str, size: int, app: str = "ai-jobs worker") -> AsyncConnectionPool:
-    """The pool for the work: claims, heartbeats, finishes, sweeps."""
+# How long the pool keeps retrying to open a connection before it gives up until
+# the next request. psycopg_pool's own retries back off from 1 s to 2, 4, 8 s and
+# more: after a long outage, a connection would be minutes away when the server
+# is back. Given up quickly, the next request (a claim, the catch-up sweep that
+# follows the listener's reconnect) starts a fresh attempt at once.
+POOL_RECONNECT_SECONDS = 1.0
+
+
+def make_pool(
+    dsn: str, size: int, app: str = "ai-jobs worker", *, prepare: bool = True
+) -> AsyncConnectionPool:
+    """The pool for the work: claims, heartbeats, finishes, sweeps. `prepare=False`
+    turns off server-side prepared statements, which a transaction-mode pooler
+    cannot keep (LISTEN_MODE=poll)."""
+    kwargs: dict[str, Any] = {
+        "autocommit": True,
+        "row_factory": dict_row,
+        "application_name": app,
+        **KEEPALIVES,
+    }
+    if not prepare:
+        kwargs["prepare_threshold"] = None
     return AsyncConnectionPool(
         dsn,
         min_size=1,
         max_size=max(2, size),
         open=False,
-        kwargs={
-            "autocommit": True,
-            "row_factory": dict_row,
-            "application_name": app,
-            **KEEPALIVES,
-        },
+        kwargs=kwargs,
         # No check on checkout: it would cost a round trip on every claim. A broken
-        # connection fails its query, the caller retries, the pool drops it.
+        # connection fails its query, the caller retries, and PoolMedic replaces
+        # the rest of the pool's connections at once.
         timeout=5,
+        reconnect_timeout=POOL_RECONNECT_SECONDS,
     )
+
+
+class PoolMedic:
+    """Replaces a pool's idle connections at once after a connection error.
+
+    An outage kills every connection of the pool, but the pool only learns that
+    one caller at a time, each eating a failure. `heal()` drains the pool: idle
+    connections are closed and replaced now, those in use when they come back.
+    Not psycopg_pool's `check()`: that makes a round trip on every idle
+    connection, and on a half-open one the round trip never returns. The errors
+    of one outage cost one drain (at most one every MIN_INTERVAL)."""
+
+    MIN_INTERVAL = 1.0
+
+    def __init__(self, pool: AsyncConnectionPool) -> None:
+        self.pool = pool
+        self.heals = 0
+        self._last = -self.MIN_INTERVAL
+        self._task: asyncio.Task[None] | None = None
+
+    def heal_soon(self) -> None:
+        """From an error path: drain in the background."""
+        if self._due():
+            self._task = asyncio.get_running_loop().create_task(self._drain(), name="pool heal")
+
+    async def heal(self) -> None:
+        """Drain now (or wait for the drain under way)."""
+        if self._due():
+            self._task = asyncio.get_running_loop().create_task(self._drain(), name="pool heal")
+        if self._task is not None:
+            await asyncio.shield(self._task)
+
+    def _due(self) -> bool:
+        if self._task is not None and not self._task.done():
+            return False
+        now = time.monotonic()
+        if now - self._last < self.MIN_INTERVAL:
+            return False
+        self._last = now
+        return True
+
+    async def _drain(self) -> None:
+        try:
+            drain = getattr(self.pool, "drain", None)  # psycopg_pool >= 3.3
+            await (drain() if drain is not None else self.pool.check())
+            self.heals += 1
+        except Exception as exc:  # a closed pool, at shutdown: nothing to heal
+            logger.bind(action="pool_heal_failed").debug(f"pool drain failed: {exc!r}")
 
 
 async def fetch(conn: psycopg.AsyncConnection[Any], name: str, params: Any = None) -> list[Any]:

@@ -8,6 +8,7 @@ message, a value bound as an extra field).
 
 from __future__ import annotations
 
+import logging
 import sys
 from collections.abc import Iterable
 from typing import Any
@@ -15,6 +16,15 @@ from typing import Any
 from loguru import logger
 
 from listener.errors import Scrubber
+
+
+class _ToLoguru(logging.Handler):
+    """psycopg's and psycopg_pool's warnings (a failed connection attempt of the
+    pool, one per retry during an outage) at debug level: the worker logs the
+    outage itself, once, as a transition. (Scrubbed like every record.)"""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        logger.bind(action="psycopg", logger=record.name).debug(record.getMessage())
 
 
 def scrubbing(secrets: Iterable[str] = ()) -> Any:
@@ -32,6 +42,10 @@ def scrubbing(secrets: Iterable[str] = ()) -> Any:
 
 
 def setup(log_format: str = "text", level: str = "INFO", secrets: Iterable[str] = ()) -> None:
+    psycopg_log = logging.getLogger("psycopg")
+    psycopg_log.handlers = [_ToLoguru()]
+    psycopg_log.propagate = False
+    psycopg_log.setLevel(logging.WARNING)  # the pool's info records cost on every claim
     logger.remove()
     logger.configure(patcher=scrubbing(secrets))
     if log_format == "json":

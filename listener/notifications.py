@@ -1,28 +1,31 @@
-"""The LISTEN side: one dedicated autocommit connection on channel ai_jobs, kept
-alive with a ping, reconnected with capped jittered backoff, and the defensive
-parsing of payloads. Every notification is a hint; the worker never trusts it
-for more than "look now"."""
+"""The worker's side of channel ai_jobs: the defensive parsing of payloads, and the
+Listener that hands them to the worker as nudges, on top of the LISTEN service
+(listener/listen.py: connection, ping, probe, reconnects). Every notification is a
+hint; the worker never trusts it for more than "look now"."""
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import json
-import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from uuid import UUID
 
-import psycopg
 from loguru import logger
 
 from listener import db
-from listener.errors import AiJobsError
 from listener.jobs import JOB_TYPES
+from listener.listen import Backoff, ListenService, Notify, probe_of, reason
 
-PING_INTERVAL = 5.0  # seconds of silence before a keepalive query (River pings every 5 s)
-PING_TIMEOUT = 10.0  # a ping that does not answer in this time means a dead connection
+__all__ = [
+    "MAX_PAYLOAD",
+    "SWEEP_NUDGE_SPACING",
+    "Backoff",
+    "Health",
+    "Listener",
+    "Nudge",
+    "parse_payload",
+]
 
 
 @dataclass(frozen=True)
@@ -35,6 +38,7 @@ class Nudge:
     job_id: UUID | None = None
     cancel: UUID | None = None
     paused: bool | None = None
+    probe: str | None = None  # a LISTEN service's probe: its sender, never a reason to look
 
 
 # The largest payload of INTERFACE.md's shapes is about 80 characters; anything
@@ -50,12 +54,15 @@ def parse_payload(payload: str) -> Nudge:
     """Raise ValueError with a reason for anything that is not one of the shapes
     of INTERFACE.md (empty, a job uuid, or {"table": ..., "id"?: ...}) or of the
     database's own cancel_job ({"cancel": ..., "table": ...}) and pause_jobs /
-    resume_jobs ({"table": ..., "paused": ...})."""
+    resume_jobs ({"table": ..., "paused": ...}), or a probe ({"probe": "<sender>",
+    "n": k}, see listener/listen.py)."""
     if len(payload) > MAX_PAYLOAD:
         raise ValueError(f"payload of {len(payload)} characters (at most {MAX_PAYLOAD})")
     text = payload.strip()
     if not text:
         return Nudge(sweep=True)
+    if (probe := probe_of(text)) is not None:
+        return Nudge(probe=probe[0])
     if not text.startswith("{"):
         return Nudge(job_id=UUID(text))  # ValueError if not a uuid
     try:
@@ -81,21 +88,6 @@ def parse_payload(payload: str) -> Nudge:
     return Nudge(table=table, job_id=UUID(raw_id) if raw_id else None, paused=paused)
 
 
-class Backoff:
-    """Capped exponential backoff with full jitter; reset after a success."""
-
-    def __init__(self, base: float = 0.1, cap: float = 10.0) -> None:
-        self.base, self.cap, self.attempt = base, cap, 0
-
-    def next(self) -> float:
-        delay = min(self.cap, self.base * 2**self.attempt)
-        self.attempt += 1
-        return random.uniform(delay / 2, delay)
-
-    def reset(self) -> None:
-        self.attempt = 0
-
-
 class Health:
     """Logs the transitions between healthy and unhealthy, not every retry."""
 
@@ -112,66 +104,49 @@ class Health:
     def down(self, exc: BaseException) -> None:
         if self.healthy is not False:
             logger.bind(action=f"{self.what}_unhealthy").warning(
-                f"{self.what}: connection lost ({_reason(exc)}); reconnecting"
+                f"{self.what}: connection lost ({reason(exc)}); reconnecting"
             )
             self.healthy = False
 
 
-def _reason(exc: BaseException) -> str:
-    from listener.errors import translate
-
-    return translate(exc).message if not isinstance(exc, AiJobsError) else exc.message
-
-
 class Listener:
+    """The worker's LISTEN on ai_jobs: payloads become nudges; probes of this
+    process are answered by the service, those of other processes ignored."""
+
     def __init__(
         self,
         dsn: str,
         on_nudge: Callable[[Nudge], None],
-        on_connect: Callable[[], None],
+        on_connect: Callable[[bool], None],
+        *,
+        notify: Notify | None = None,
+        probe_every: float = 30.0,
+        sender: str = "",
+        on_state: Callable[[str], None] | None = None,
     ) -> None:
-        self.dsn = dsn
         self.on_nudge = on_nudge
-        self.on_connect = on_connect
-        self.health = Health("listener")
-        self.connected = asyncio.Event()
-        self.backend_pid: int | None = None
         self._last_sweep_nudge = -SWEEP_NUDGE_SPACING
+        self.service = ListenService(
+            dsn,
+            name="listener",
+            channel=db.CHANNEL,
+            listen_query="listen",
+            on_payload=self._dispatch,
+            on_connect=on_connect,
+            notify=notify,
+            probe_every=probe_every,
+            sender=sender,
+            on_state=on_state,
+            app="ai-jobs listener",
+        )
+        self.connected = self.service.connected
+
+    @property
+    def backend_pid(self) -> int | None:
+        return self.service.backend_pid
 
     async def run(self) -> None:
-        """Listen until cancelled; never returns on a database error."""
-        backoff = Backoff()
-        while True:
-            conn = None
-            try:
-                conn = await db.connect(self.dsn, app="ai-jobs listener")
-                await conn.execute(db.sql("listen"))
-                self.backend_pid = conn.info.backend_pid
-                self.health.up()
-                backoff.reset()
-                self.connected.set()
-                self.on_connect()  # notifications sent while we were away are lost: sweep
-                await self._listen(conn)
-            except (psycopg.Error, AiJobsError, TimeoutError, OSError) as exc:
-                self.connected.clear()
-                self.health.down(exc)
-                await asyncio.sleep(backoff.next())
-            finally:
-                if conn is not None:
-                    with contextlib.suppress(Exception):
-                        await conn.close()
-
-    async def _listen(self, conn: psycopg.AsyncConnection[dict[str, object]]) -> None:
-        while True:
-            async for n in conn.notifies(timeout=PING_INTERVAL):
-                self._dispatch(n.payload)
-            # Quiet for PING_INTERVAL: prove the connection is still there. A
-            # half-open TCP connection does not answer; the timeout turns that
-            # into an error and a reconnect. (asyncio.timeout, not wait_for: on
-            # Python 3.11 wait_for can swallow a cancellation that arrives as the
-            # ping completes, and the listener would then never stop.)
-            async with asyncio.timeout(PING_TIMEOUT):
-                await conn.execute(db.sql("keepalive"))
+        await self.service.run()
 
     def _dispatch(self, payload: str) -> None:
         # Whatever arrives, the LISTEN task goes on: a payload is a hint from a
@@ -184,6 +159,8 @@ class Listener:
                 f"({type(exc).__name__}: {str(exc)[:200]}): {payload[:200]!r}"
             )
             return
+        if nudge.probe is not None:
+            return  # another process proving its own LISTEN connection
         if nudge.sweep:
             now = time.monotonic()
             if now - self._last_sweep_nudge < SWEEP_NUDGE_SPACING:

@@ -165,3 +165,8 @@ async def costs(conn: Conn, days: float, by: str) -> list[dict[str, Any]]:
     if by not in COST_GROUPS:
         raise InvalidJob(f"--by expects one of {', '.join(COST_GROUPS)}, got {by!r}")
     return await db.fetch(conn, "costs", {"days": days, "by": by})
+
+
+async def workers(conn: Conn, live_seconds: float) -> list[dict[str, Any]]:
+    """The live worker processes (the registry, sql/012), oldest first."""
+    return await db.fetch(conn, "workers_list", {"live_seconds": live_seconds})

@@ -52,6 +52,9 @@ ALERT_RATE_LIMIT_VIOLATIONS_PER_HOUR = 5
 ALERT_BUDGET_REJECTIONS_PER_HOUR = 5
 ALERT_INTERVAL_SECONDS = 60.0  # how often the worker evaluates the alert rules
 
+LISTEN_MODES = ("listen", "poll")
+LISTEN_PROBE_SECONDS = 30.0  # an idle worker proves its LISTEN connection this often
+
 
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="", case_sensitive=False, extra="ignore")
@@ -104,6 +107,8 @@ class Settings(BaseSettings):
     alert_webhook_url: SecretStr | None = None
     alert_interval_seconds: float = Field(ALERT_INTERVAL_SECONDS, gt=0)  # worker evaluates alerts
     log_format: str = "text"
+    listen_mode: str = "listen"
+    listen_probe_seconds: float = Field(LISTEN_PROBE_SECONDS, gt=0)
     # An alert fires when its value is above its threshold.
     alert_dead_letter_per_hour: int = Field(ALERT_DEAD_LETTER_PER_HOUR, ge=0)
     alert_stale_processing: int = Field(ALERT_STALE_PROCESSING, ge=0)
@@ -119,6 +124,14 @@ class Settings(BaseSettings):
     def _log_format(cls, v: str) -> str:
         if v not in ("text", "json"):
             raise ValueError("LOG_FORMAT must be 'text' or 'json'")
+        return v
+
+    @field_validator("listen_mode")
+    @classmethod
+    def _listen_mode(cls, v: str) -> str:
+        v = v.strip().lower()
+        if v not in LISTEN_MODES:
+            raise ValueError("LISTEN_MODE must be 'listen' or 'poll'")
         return v
 
     @field_validator("ai_provider_priority")

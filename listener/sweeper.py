@@ -1,17 +1,22 @@
 """The timer fallback's duties, each one call to a runbook SQL function that
 returns what it changed (River's JobRescuer / JobCleaner, Oban's Lifeline /
-Pruner). The worker calls run_once() at start-up, after every reconnect, on an
-empty NOTIFY and every SWEEP_INTERVAL_SECONDS; tests call the duties directly."""
+Pruner). `run()` sweeps at start-up, on request (after every reconnect, on an
+empty NOTIFY) and every SWEEP_INTERVAL_SECONDS; tests call the duties directly."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import time
-from dataclasses import asdict, dataclass
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
 
 from loguru import logger
 from psycopg_pool import AsyncConnectionPool
 
 from listener import db
+from listener.listen import Backoff
+from listener.registry import live_seconds
 from listener.settings import Settings
 
 RESCUE_PAGE = 100  # stale jobs requeued per call; the sweep calls again while pages are full
@@ -24,7 +29,9 @@ class SweepResult:
     rescued: int = 0  # stale jobs sent back to pending (or to the dead letter)
     dead_lettered: int = 0  # failed jobs out of retries moved to the dead letter
     purged: int = 0  # finished jobs deleted by retention
+    expired: int = 0  # rows of worker processes that stopped beating, deleted
     due_in: float | None = None  # seconds until the next waiting job is due
+    error: Exception | None = field(default=None, repr=False)  # the first duty that failed
 
 
 class Sweeper:
@@ -62,6 +69,12 @@ class Sweeper:
         self._last_retention = now
         return int(rows[0]["deleted"])
 
+    async def expire_workers(self) -> int:
+        """The registry rows of processes that died (a clean exit removes its own)."""
+        seconds = max(self.settings.stale_after_seconds, live_seconds(self.settings))
+        async with self.pool.connection() as conn:
+            return len(await db.fetch(conn, "workers_expire", {"seconds": seconds}))
+
     async def fold_counts(self) -> int:
         """Fold the finished-status deltas into their counts (sql/017), so that
         reading the counts stays a handful of rows."""
@@ -76,16 +89,66 @@ class Sweeper:
         return None if seconds is None else float(seconds)
 
     async def run_once(self) -> SweepResult:
+        """Every duty, each on its own: one that fails does not stop the others
+        (its error is in the result). A lost database stops the sweep at once:
+        the other duties would only wait for a connection in turn."""
         r = SweepResult()
-        r.stale = await self.mark_stale()
-        r.rescued = await self.rescue_stale()
-        r.dead_lettered = await self.dead_letter()
-        r.purged = await self.retention()
-        await self.fold_counts()
+        duties: tuple[tuple[str | None, Callable[[], Awaitable[int]]], ...] = (
+            ("stale", self.mark_stale),
+            ("rescued", self.rescue_stale),
+            ("dead_lettered", self.dead_letter),
+            ("purged", self.retention),
+            ("expired", self.expire_workers),
+            (None, self.fold_counts),  # bookkeeping, not a change worth a log line
+        )
+        for name, duty in duties:
+            try:
+                n = await duty()
+            except Exception as exc:
+                if db.is_connection_error(exc):
+                    raise
+                r.error = r.error or exc
+                continue
+            if name is not None:
+                setattr(r, name, n)
         r.due_in = await self.next_due()
-        counts = {k: v for k, v in asdict(r).items() if k != "due_in" and v}
+        counts = {name: getattr(r, name) for name, _ in duties if name and getattr(r, name)}
         if counts:
             logger.bind(action="sweep", **counts).info(
                 "sweep: " + ", ".join(f"{k} {v}" for k, v in counts.items())
             )
         return r
+
+    async def run(
+        self,
+        requested: asyncio.Event,
+        swept: Callable[[SweepResult], None],
+        look: Callable[[], None],
+        failed: Callable[[BaseException, bool], None],
+    ) -> None:
+        """Sweep now, then whenever `requested` is set, or after the interval.
+        A sweep that fails (`failed(exc, again)`, `again` within one streak of
+        failures) is retried with backoff until it succeeds, since the catch-up
+        after a reconnect must land; every attempt, failed or not, is followed by
+        `look()` (a claim round): a failed duty never hides pending work."""
+        backoff = Backoff(base=0.2, cap=5.0)
+        failing = False
+        while True:
+            requested.clear()
+            try:
+                result = await self.run_once()
+                swept(result)
+                if result.error is not None:
+                    raise result.error
+                if failing:
+                    logger.bind(action="sweep_recovered").info("sweep: ran again")
+                failing = False
+                backoff.reset()
+            except Exception as exc:
+                failed(exc, failing)
+                failing = True
+            look()
+            wait = backoff.next() if failing else self.settings.sweep_interval_seconds
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(wait):
+                    await requested.wait()

@@ -10,6 +10,7 @@ from typing import Any
 import sentry_sdk
 from loguru import logger
 
+from listener.errors import ConfigError
 from listener.jobs import Job
 from listener.providers.base import scrub
 from listener.settings import Settings
@@ -28,12 +29,15 @@ def init_sentry(settings: Settings) -> bool:
     def before_send(event: Any, hint: Any) -> Any:
         return _scrub_event(event, secrets)
 
-    sentry_sdk.init(
-        dsn=settings.sentry_dsn.get_secret_value(),
-        # Only what we capture on purpose: no auto-enabled framework or HTTP-client hooks.
-        auto_enabling_integrations=False,
-        before_send=before_send,
-    )
+    try:
+        sentry_sdk.init(
+            dsn=settings.sentry_dsn.get_secret_value(),
+            # Only what we capture on purpose: no auto-enabled framework or HTTP-client hooks.
+            auto_enabling_integrations=False,
+            before_send=before_send,
+        )
+    except sentry_sdk.utils.BadDsn as exc:  # never the DSN itself: it holds a key
+        raise ConfigError(f"SENTRY_DSN is not a valid Sentry DSN ({exc})") from None
     logger.bind(action="sentry_enabled").info("errors are reported to Sentry")
     return True
 

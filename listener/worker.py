@@ -2,8 +2,8 @@
 allow, run each job's handler, and record how it ended.
 
 Reasons to look: a notification (listener), a finished job (a free slot), a due
-retry (timer), a sweep. A burst of any of them is one claim round: they only set
-flags and one event.
+retry (timer), a sweep, a poll tick (LISTEN_MODE=poll). A burst of any of them is
+one claim round: they only set flags and one event.
 """
 
 from __future__ import annotations
@@ -35,13 +35,15 @@ from listener.jobs import JOB_TYPES, HandlerMap, Job, Outcome
 from listener.migrate import check_schema
 from listener.notifications import Backoff, Health, Listener, Nudge
 from listener.pacing import ROUNDS, Held, Pacing
+from listener.registry import POLLING, Registry, Status
 from listener.settings import Settings
-from listener.sweeper import Sweeper
+from listener.sweeper import Sweeper, SweepResult
 
 T = TypeVar("T")
 TABLES = tuple(JOB_TYPES)
 Periodic = tuple[float, Callable[[], Awaitable[Any]], str]
 SHUTDOWN_BACKGROUND_SECONDS = 10.0  # a cancelled background task gets this long to end
+POLL_INTERVAL_SECONDS = 1.0  # LISTEN_MODE=poll: how often the worker looks for work
 FailureHook = Callable[[Job, BaseException], None]
 
 
@@ -65,16 +67,20 @@ class Worker:
         *,
         dsn: str | None = None,
         listen: bool = True,
+        poll_interval: float = POLL_INTERVAL_SECONDS,
         periodic: Sequence[Periodic] = (),
         on_failure: FailureHook | None = None,
+        on_ready: Callable[[], Awaitable[None]] | None = None,
     ) -> None:
         self.settings = settings
         self.pool = pool
         self.handlers = handlers
         self.dsn = dsn or settings.dsn or ""
         self.listen = listen
+        self.poll_interval = poll_interval
         self.periodic = list(periodic)
         self.on_failure = on_failure
+        self.on_ready = on_ready
         self.id = make_worker_id()
         self.concurrency = settings.worker_concurrency
         self.running: dict[uuid.UUID, Running] = {}
@@ -85,10 +91,21 @@ class Worker:
         # two claims' worth, the most that can finish between two claim rounds.
         backlog = 2 * (ROUNDS + 1) * self.concurrency
         self.completer = Completer(pool, self._retry, backlog=backlog)
-        self.listener = Listener(self.dsn, self._on_nudge, self.request_sweep)
+        self.medic = db.PoolMedic(pool)
+        self.listener = Listener(
+            self.dsn,
+            self._on_nudge,
+            self._on_listening,
+            notify=self._notify,
+            probe_every=settings.listen_probe_seconds,
+            sender=self.id,
+            on_state=lambda state: self.registry.poke(),
+        )
+        self.registry = Registry(pool, settings, self.id, self._status, self._registry_error)
         self.db_health = Health("database")
         self._stop = asyncio.Event()
         self._wake = asyncio.Event()
+        self._back = asyncio.Event()  # the database answers again: end a claim backoff
         self._sweep_now = asyncio.Event()
         self._more = dict.fromkeys(TABLES, True)  # may a claim in this table find a job?
         self._gen = dict.fromkeys(TABLES, 0)  # bumped by every reason to look
@@ -101,6 +118,9 @@ class Worker:
         self._give_up_at: float | None = None  # writes stop retrying after this (shutdown)
         self.claim_queries = 0  # claim statements sent (tests check the coalescing)
         self.notifications = 0  # valid notifications received
+        self.sweeps = 0  # sweeps that ran to the end
+        self.polls = 0  # looks for work by the poll timer (LISTEN_MODE=poll)
+        self._side: set[asyncio.Task[Any]] = set()
 
     # -- signals from outside -------------------------------------------------
 
@@ -129,6 +149,44 @@ class Worker:
             self.request_sweep()
         self._look([nudge.table] if nudge.table else TABLES)
 
+    def _on_listening(self, recovered: bool) -> None:
+        """The LISTEN connection is up. After a reconnect the notifications of the
+        gap are lost, and the pool's connections may have died with it."""
+        if recovered:
+            self._spawn(self._catch_up())
+        else:
+            self.request_sweep()
+
+    async def _catch_up(self) -> None:
+        await self.medic.heal()  # fresh connections first, not one failure per caller
+        self._back.set()
+        self.request_sweep()
+
+    async def _notify(self, channel: str, payload: str) -> None:
+        """The listener's probe, sent through the pool like any job's notification."""
+        try:
+            await self._fetch("notify", {"channel": channel, "payload": payload})
+        except Exception as exc:
+            self._report(exc, "probe")
+            raise
+
+    def _status(self) -> Status:
+        service = self.listener.service
+        return Status(
+            listener_state=service.state if self.listen else POLLING,
+            jobs_running=len(self.running),
+            probe_seconds=service.probe_seconds,
+            reconnects=service.reconnects,
+        )
+
+    def _registry_error(self, exc: BaseException) -> None:
+        self._report(exc, "registry")
+
+    def _spawn(self, coro: Awaitable[Any]) -> None:
+        task = asyncio.ensure_future(coro)
+        self._side.add(task)
+        task.add_done_callback(self._side.discard)
+
     def _at(self, due_in: float | None) -> None:
         if due_in is not None:
             heapq.heappush(self._timers, time.monotonic() + max(0.0, due_in))
@@ -140,23 +198,36 @@ class Worker:
         """Work until request_stop(); then finish, release and return."""
         if not await self._wait_for_schema():
             return
+        if self.listen and not await self.listener.service.verify(self._stop):
+            return
+        await self.prepare()
         background = [
             asyncio.create_task(self._sweeps()),
             asyncio.create_task(self.heartbeats()),
             asyncio.create_task(self.completer.run()),
+            asyncio.create_task(self.registry.run(), name="registry"),
             *(asyncio.create_task(self._every(i, fn, name)) for i, fn, name in self.periodic),
         ]
         if self.listen:
-            background.append(asyncio.create_task(self.listener.run()))
+            background.append(asyncio.create_task(self.listener.run(), name="listener"))
+        else:
+            background.append(
+                asyncio.create_task(self._every(self.poll_interval, self._poll, "poll"))
+            )
+        mode = "listen" if self.listen else f"poll every {self.poll_interval:g}s"
         logger.bind(action="worker_started", worker=self.id).info(
-            f"worker started (concurrency {self.concurrency}, "
-            f"listen {'on' if self.listen else 'off'})"
+            f"worker started (concurrency {self.concurrency}, {mode})"
         )
         try:
             await self._claim_loop()
         finally:
             await self._shutdown(background)
             logger.bind(action="worker_stopped", worker=self.id).info("worker stopped")
+
+    async def prepare(self) -> None:
+        """Once the schema is current: the owner's start-up that needs the database."""
+        if self.on_ready is not None:
+            await self.on_ready()
 
     async def _claim_loop(self) -> None:
         backoff = Backoff(base=0.2, cap=5.0)
@@ -173,10 +244,11 @@ class Worker:
             free = self.concurrency + self._ahead(now) - len(self.running) - len(self.ready)
             wanted = [t for t in self._tables_in_turn() if not self._held(t, now) and self._more[t]]
             if free > 0 and wanted:
+                self._back.clear()
                 if await self._claim_round(wanted, free):
                     backoff.reset()
-                else:
-                    await self._sleep(backoff.next())
+                else:  # until the backoff ends, or the listener finds the database back
+                    await self._sleep(backoff.next(), self._back)
                 continue
             await self._wait(now)
 
@@ -241,10 +313,14 @@ class Worker:
                 break
         return True
 
-    async def _sleep(self, seconds: float) -> None:
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(seconds):
-                await self._stop.wait()
+    async def _sleep(self, seconds: float, also: asyncio.Event | None = None) -> None:
+        """For `seconds`, or until stopped (or `also` is set)."""
+        waits = [asyncio.ensure_future(e.wait()) for e in (self._stop, also) if e is not None]
+        try:
+            await asyncio.wait(waits, timeout=seconds, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for w in waits:
+                w.cancel()
 
     # -- one job ----------------------------------------------------------------
 
@@ -388,7 +464,7 @@ class Worker:
             except Exception as exc:
                 if not db.is_connection_error(exc) and not _is_pool_timeout(exc):
                     raise
-                self.db_health.down(exc)
+                self._report(exc, "write")
                 if self._give_up_at is not None and time.monotonic() > self._give_up_at:
                     raise DatabaseUnavailable("database unreachable at shutdown") from exc
                 await asyncio.sleep(backoff.next())
@@ -406,29 +482,33 @@ class Worker:
         except Exception as exc:
             self._report(exc, name)
 
-    def _report(self, exc: BaseException, what: str) -> None:
-        """A lost database is a health transition; anything else is an error to show."""
+    async def _poll(self) -> None:
+        self.polls += 1
+        self._look()
+
+    def _report(self, exc: BaseException, what: str, quiet: bool = False) -> None:
+        """A lost database is a health transition, and the pool's other connections
+        are replaced at once; anything else is an error to show (unless `quiet`:
+        the same duty failing again)."""
         if db.is_connection_error(exc) or _is_pool_timeout(exc):
             self.db_health.down(exc)
-        else:
+            self.medic.heal_soon()
+        elif not quiet:
             logger.bind(action="duty_failed", duty=what).error(
                 f"{what} failed: {scrub(error_text(exc), self.settings)}"
             )
 
     async def _sweeps(self) -> None:
-        """At start, on request (reconnect, empty NOTIFY) and every interval."""
-        while True:
-            self._sweep_now.clear()
-            await self._guarded(self._sweep, "sweep")
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(self.settings.sweep_interval_seconds):
-                    await self._sweep_now.wait()
+        await self.sweeper.run(self._sweep_now, self._swept, self._look, self._sweep_failed)
 
-    async def _sweep(self) -> None:
-        result = await self.sweeper.run_once()
+    def _swept(self, result: SweepResult) -> None:
         self.db_health.up()
         self._at(result.due_in)
-        self._look()
+        if result.error is None:
+            self.sweeps += 1
+
+    def _sweep_failed(self, exc: BaseException, again: bool) -> None:
+        self._report(exc, "sweep", quiet=again)
 
     async def heartbeats(self) -> None:
         while True:
@@ -439,7 +519,7 @@ class Worker:
                     params = held_params(table, jobs)
                     held = {r["id"] for r in await self._fetch("heartbeat_jobs", params)}
                 except Exception as exc:
-                    self.db_health.down(exc)
+                    self._report(exc, "heartbeat")
                     continue
                 for j in jobs:
                     if j.id not in held:
@@ -538,6 +618,8 @@ class Worker:
         with contextlib.suppress(Exception):
             async with asyncio.timeout(max(5.0, grace)):
                 await self.completer.drain()
+        await self.registry.remove()
+        background += self._side
         for t in background:
             t.cancel()
         _, stuck = await asyncio.wait(background, timeout=SHUTDOWN_BACKGROUND_SECONDS)

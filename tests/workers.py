@@ -35,11 +35,11 @@ def settings(db_url: str, **overrides: Any) -> Settings:
 
 @contextlib.asynccontextmanager
 async def running_worker(
-    s: Settings, handlers: HandlerMap, *, listen: bool = True
+    s: Settings, handlers: HandlerMap, *, listen: bool = True, **worker_args: Any
 ) -> AsyncIterator[Worker]:
     pool = db.make_pool(s.dsn or "", 5)
     await pool.open()
-    worker = Worker(s, pool, handlers, listen=listen)
+    worker = Worker(s, pool, handlers, listen=listen, **worker_args)
     task = asyncio.create_task(worker.run())
     try:
         if listen:
@@ -81,7 +81,12 @@ class WorkerProcess:
             with contextlib.suppress(ValueError):
                 rec = json.loads(line)["record"]
                 out.append(
-                    {"message": rec["message"], "level": rec["level"]["name"], **rec["extra"]}
+                    {
+                        "message": rec["message"],
+                        "level": rec["level"]["name"],
+                        "ts": rec["time"]["timestamp"],
+                        **rec["extra"],
+                    }
                 )
         return out
 

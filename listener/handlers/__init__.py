@@ -43,6 +43,20 @@ class Runtime:
         await self.chain.meter.flush()
         await self.catalog.tick()
 
+    async def start(self) -> None:
+        """What needs the database, once the pool is open: close the breakers a
+        credentials error opened (this process may hold a fixed key)."""
+        names = [p.name for p in self.providers.course if p.name != "placeholder"]
+        await self.chain.breakers.forget_auth(names)
+
+    def announce(self) -> None:
+        logger.bind(
+            action="handlers_ready",
+            course_providers=[p.name for p in self.providers.course],
+            media_providers=[p.name for p in self.providers.media],
+            storage=self.storage.location,
+        ).info("generation handlers ready")
+
     async def aclose(self) -> None:
         """Flush and release what the handlers hold (called once at shutdown)."""
         try:
@@ -53,7 +67,17 @@ class Runtime:
             await self.storage.aclose()
 
 
-async def create_runtime(settings: Settings, pool: AsyncConnectionPool[Any] | None) -> Runtime:
+async def create_runtime(
+    settings: Settings,
+    pool: AsyncConnectionPool[Any] | None,
+    *,
+    announce: bool = True,
+    start: bool = True,
+) -> Runtime:
+    """Everything the handlers need. With `start=False`, without touching the
+    database (the worker builds its handlers before it opens its pool, so that a
+    configuration error stops the process before any connection is opened), and
+    `Runtime.start()` comes later."""
     init_sentry(settings)
     pricing.configure(settings.pricing_overrides)
     providers = Providers.from_settings(settings)
@@ -62,16 +86,13 @@ async def create_runtime(settings: Settings, pool: AsyncConnectionPool[Any] | No
     known = {settings.openai_model, settings.anthropic_model}
     known |= {settings.openai_image_model, settings.openai_tts_model}
     chain = Chain(settings, Breakers(pool, settings), Meter(pool, known))
-    await chain.breakers.forget_auth([p.name for p in providers.course if p.name != "placeholder"])
     rt = Runtime(settings, pool, providers, storage, catalog, chain)
     rt.handlers = {
         "ai_course_jobs": CourseHandler(settings, providers, chain, storage, catalog),
         "ai_media_jobs": MediaHandler(settings, providers, chain, storage),
     }
-    logger.bind(
-        action="handlers_ready",
-        course_providers=[p.name for p in providers.course],
-        media_providers=[p.name for p in providers.media],
-        storage=storage.location,
-    ).info("generation handlers ready")
+    if start:
+        await rt.start()
+    if announce:
+        rt.announce()
     return rt

@@ -111,6 +111,11 @@ select 1
 -- name: listen
 listen ai_jobs
 
+-- name: notify
+-- A probe of the LISTEN service (listener/listen.py), sent through the pool on the
+-- service's own channel: proof that a notification reaches its LISTEN connection.
+select pg_notify(%(channel)s, %(payload)s)
+
 -- name: job_state
 select status, error, retry_count from ai_course_jobs where id = %(id)s
 union all

@@ -42,7 +42,7 @@ from starlette.responses import (
 )
 from starlette.routing import Route
 
-from listener import db
+from listener import db, ops, registry
 from listener.errors import AiJobsError, InvalidJob, JobBusy, JobNotFound, translate
 from listener.settings import Settings
 from listener.storage import Storage, open_storage
@@ -99,9 +99,19 @@ class Dashboard:
         self.settings = settings
         self.auth = Auth(admin_token)
         self.throttle = Throttle()  # failed sign-ins per client address
-        self.pool: AsyncConnectionPool[Any] = db.make_pool(dsn, 4, app="ai-jobs web")
+        self.pool: AsyncConnectionPool[Any] = db.make_pool(
+            dsn, 4, app="ai-jobs web", prepare=settings.listen_mode == "listen"
+        )
+        self.medic = db.PoolMedic(self.pool)  # dead connections replaced after an outage
         self.alert_cache = views.AlertCache(settings)
-        self.feed = LiveFeed(dsn, self.snapshot)
+        self.feed = LiveFeed(
+            dsn,
+            self.snapshot,
+            notify=self._notify,
+            probe_every=settings.listen_probe_seconds,
+            listen=settings.listen_mode == "listen",
+            on_recovered=self.medic.heal_soon,
+        )
         self._storage: Storage | None = None
         self.log = logger.bind(action="web")
 
@@ -184,6 +194,11 @@ class Dashboard:
         )
         return harden(HTMLResponse(body), nonce)
 
+    async def _notify(self, channel: str, payload: str) -> None:
+        """The live feed's probe, sent through the dashboard's pool."""
+        async with self.pool.connection(timeout=5) as conn:
+            await db.fetch(conn, "notify", {"channel": channel, "payload": payload})
+
     async def snapshot(self) -> dict[str, str]:
         async with self.pool.connection() as conn:
             data = await views.load(conn, self.alert_cache)
@@ -192,14 +207,28 @@ class Dashboard:
     # -- plain endpoints -------------------------------------------------------
 
     async def healthz(self, request: Request) -> Response:
+        """The database answers: 200, with or without workers (their absence is
+        the no_worker alert's business, not a reason to restart the dashboard)."""
         try:
             async with self.pool.connection(timeout=3) as conn:
                 await conn.execute(db.sql("keepalive"))
+                workers = await self._live_workers(conn)
         except psycopg.Error:
             return JSONResponse({"status": "unavailable", "database": False}, 503)
         return JSONResponse(
-            {"status": "ok", "database": True, "live": self.feed.listening.is_set()}
+            {
+                "status": "ok",
+                "database": True,
+                "live": self.feed.listening.is_set(),
+                "workers": workers,
+            }
         )
+
+    async def _live_workers(self, conn: Any) -> int | None:
+        try:
+            return len(await ops.workers(conn, registry.live_seconds(self.settings)))
+        except AiJobsError:  # a schema older than the registry: still healthy
+            return None
 
     async def snapshot_json(self, request: Request, who: Principal) -> Response:
         return harden(JSONResponse(await self.snapshot()))

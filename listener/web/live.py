@@ -1,5 +1,5 @@
 """Live updates: one LISTEN connection per web process, fanned out to every
-server-sent-events stream.
+server-sent-events stream (with LISTEN_MODE=poll: a re-read every second instead).
 
 PostgreSQL notifies `ai_jobs_events` once per statement that changed jobs
 (triggers/007). Notifications only mark the view dirty; a refresher re-reads and
@@ -12,20 +12,19 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import random
+import os
+import socket
+import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-import psycopg
 from loguru import logger
 
-from listener import db
-from listener.errors import AiJobsError
+from listener.listen import ListenService, Notify, probe_of
 
 CHANNEL = "ai_jobs_events"
 MIN_INTERVAL = 0.25  # at most four refreshes a second, whatever the write rate
-KEEPALIVE_SECONDS = 5.0
-MAX_BACKOFF = 10.0
+POLL_SECONDS = 1.0  # LISTEN_MODE=poll: re-read this often while a browser watches
 
 Snapshot = dict[str, Any]
 Subscriber = asyncio.Queue[Snapshot | None]
@@ -37,19 +36,40 @@ class LiveFeed:
         dsn: str,
         snapshot: Callable[[], Awaitable[Snapshot]],
         min_interval: float = MIN_INTERVAL,
+        *,
+        notify: Notify | None = None,
+        probe_every: float = 30.0,
+        listen: bool = True,
+        on_recovered: Callable[[], None] | None = None,
     ) -> None:
-        self._dsn = dsn
         self._snapshot = snapshot
+        self._on_recovered = on_recovered
+        self._listen = listen
         self._min_interval = min_interval
         self._subscribers: set[Subscriber] = set()
         self._dirty = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
-        self.listening = asyncio.Event()  # set while the LISTEN connection is up
+        # The worker's LISTEN service, on the events channel: the same ping,
+        # probe, reconnects and transition logs (action live_*).
+        self.service = ListenService(
+            dsn,
+            name="live",
+            channel=CHANNEL,
+            listen_query="listen_events",
+            on_payload=self._changed,
+            on_connect=self._connected,
+            notify=notify,
+            probe_every=probe_every,
+            sender=f"web:{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}",
+            app="ai-jobs web listen",
+        )
+        self.listening = self.service.connected  # set while the LISTEN connection is up
         self._log = logger.bind(action="live", channel=CHANNEL)
 
     async def start(self) -> None:
+        watch = self.service.run() if self._listen else self._poll()
         self._tasks = [
-            asyncio.create_task(self._listen(), name="live-listen"),
+            asyncio.create_task(watch, name="live-listen"),
             asyncio.create_task(self._refresh(), name="live-refresh"),
         ]
         self._log.bind(action="live_started").info("live updates started")
@@ -83,38 +103,21 @@ class LiveFeed:
             queue.get_nowait()
         queue.put_nowait(item)
 
-    async def _listen(self) -> None:
-        backoff = 0.5
-        healthy = True
+    def _changed(self, payload: str) -> None:
+        if probe_of(payload) is None:  # another web process's probe changes nothing
+            self._dirty.set()
+
+    async def _poll(self) -> None:
         while True:
-            try:
-                conn = await db.connect(self._dsn, app="ai-jobs web listen")
-                try:
-                    await conn.execute(db.sql("listen_events"))
-                    self.listening.set()
-                    backoff = 0.5
-                    if not healthy:
-                        self._log.bind(action="live_reconnected").info("LISTEN connection back")
-                        healthy = True
-                    # Changes made while we were away sent no notification we could hear.
-                    self._dirty.set()
-                    while True:
-                        async for _ in conn.notifies(timeout=KEEPALIVE_SECONDS):
-                            self._dirty.set()
-                        await conn.execute(db.sql("keepalive"))
-                finally:
-                    self.listening.clear()
-                    with contextlib.suppress(psycopg.Error):
-                        await conn.close()
-            except (psycopg.Error, AiJobsError) as exc:
-                if healthy:
-                    message = exc.message if isinstance(exc, AiJobsError) else type(exc).__name__
-                    self._log.bind(action="live_lost").warning(
-                        "LISTEN connection lost ({}); reconnecting", message
-                    )
-                    healthy = False
-                await asyncio.sleep(backoff * random.uniform(0.8, 1.2))
-                backoff = min(backoff * 2, MAX_BACKOFF)
+            self._dirty.set()
+            await asyncio.sleep(POLL_SECONDS)
+
+    def _connected(self, recovered: bool) -> None:
+        # Changes made while we were away sent no notification we could hear; and
+        # the outage that took the LISTEN connection may have taken the pool's.
+        if recovered and self._on_recovered is not None:
+            self._on_recovered()
+        self._dirty.set()
 
     async def _refresh(self) -> None:
         failing = False

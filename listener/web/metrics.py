@@ -17,6 +17,8 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from listener import alerts, db, ops
+from listener.listen import LISTENING
+from listener.registry import LISTENER_STATES, live_seconds
 from listener.settings import PROVIDERS, Settings
 
 Conn = psycopg.AsyncConnection[dict[str, Any]]
@@ -122,6 +124,7 @@ async def collect(conn: Conn, settings: Settings) -> list[Metric]:
         firing,
         value,
         *await _providers(conn),
+        *await _workers(conn, settings),
     ]
 
 
@@ -153,6 +156,36 @@ async def _providers(conn: Conn) -> list[Metric]:
     for provider in PROVIDERS:
         breakers.add_metric([provider], found.get(provider, 0))
     return [tokens, cost, breakers]
+
+
+async def _workers(conn: Conn, settings: Settings) -> list[Metric]:
+    """The live workers (the registry), and what each reports of its listener.
+    Worker ids as labels: bounded by the live processes, written by them alone."""
+    rows = await ops.workers(conn, live_seconds(settings))
+    count = GaugeMetricFamily(
+        "ai_jobs_workers", "Live worker processes per listener state", labels=["listener_state"]
+    )
+    for state in LISTENER_STATES:
+        count.add_metric([state], sum(r["listener_state"] == state for r in rows))
+    up = GaugeMetricFamily(
+        "ai_jobs_listener_up",
+        "1 while the worker's LISTEN connection is up and hears its probes, else 0",
+        labels=["worker"],
+    )
+    probe = GaugeMetricFamily(
+        "ai_jobs_listen_probe_seconds",
+        "Round trip of the worker's last probe: sent through its pool, heard on its LISTEN",
+        labels=["worker"],
+    )
+    reconnects = CounterMetricFamily(
+        "ai_jobs_reconnects", "LISTEN reconnects of the worker since it started", labels=["worker"]
+    )
+    for r in rows:
+        up.add_metric([r["id"]], int(r["listener_state"] == LISTENING))
+        if r["probe_seconds"] is not None:
+            probe.add_metric([r["id"]], r["probe_seconds"])
+        reconnects.add_metric([r["id"]], r["reconnects"])
+    return [count, up, probe, reconnects]
 
 
 def render(families: list[Metric]) -> bytes:

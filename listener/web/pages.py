@@ -14,9 +14,11 @@ from pydantic import ValidationError
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from listener import console, db, ops
+from listener import console, ops
 from listener.course_schema import Course
 from listener.errors import JobNotFound
+from listener.registry import live_seconds
+from listener.settings import Settings
 from listener.web import views
 from listener.web.app import PAGE, harden
 from listener.web.auth import Principal
@@ -148,7 +150,7 @@ class Pages:
         async with self.d.pool.connection() as conn:
             spend = await console.cost(conn)
             paused = await ops.paused(conn)
-            workers = await _workers(conn)
+            workers = await _workers(conn, self.d.settings)
         return self.d.html(
             "overview.html",
             who,
@@ -181,9 +183,6 @@ def _media_type(row: dict[str, Any]) -> str | None:
     return MEDIA_TYPES.get(path.rsplit(".", 1)[1].lower())
 
 
-async def _workers(conn: Any) -> list[dict[str, Any]] | None:
-    """The worker registry, where this version has one (None: it has not)."""
-    if "workers_list" not in db.queries():
-        return None
-    rows: list[dict[str, Any]] = await db.fetch(conn, "workers_list")
-    return rows
+async def _workers(conn: Any, settings: Settings) -> list[dict[str, Any]] | None:
+    """The live workers of the registry (sql/012)."""
+    return await ops.workers(conn, live_seconds(settings))

@@ -15,7 +15,7 @@ from typing import Any
 import psycopg
 from jinja2 import Environment, PackageLoader, select_autoescape
 
-from listener import alerts, db, ops
+from listener import alerts, db, ops, registry
 from listener.settings import Settings
 
 Conn = psycopg.AsyncConnection[dict[str, Any]]
@@ -115,9 +115,11 @@ ROW_CONTEXT = {"requeue_statuses": REQUEUE_STATUSES, "cancel_statuses": CANCEL_S
 
 
 async def load(conn: Conn, alert_cache: AlertCache) -> dict[str, Any]:
+    live = registry.live_seconds(alert_cache.settings)
     paused = await ops.paused(conn)
     return {
         "cards": cards(await db.fetch(conn, "job_metrics")),
+        "workers": await ops.workers(conn, live),
         "jobs": await db.fetch(conn, "recent_jobs", {"limit": RECENT_LIMIT}),
         "alerts": await alert_cache.get(conn),
         "queues": [(t, JOB_TYPES_BY_TABLE[t], paused[t]) for t in ops.TABLES],
@@ -135,6 +137,7 @@ def fragments(data: dict[str, Any]) -> dict[str, str]:
     return {
         "alerts": env.get_template("_alerts.html").render(data),
         "cards": env.get_template("_cards.html").render(data),
+        "workers": env.get_template("_workers.html").render(data),
         "rows": rows(data["jobs"]),
         "queues": env.get_template("_queues.html").render(data),
         "updated": _clock(data["generated_at"]),

@@ -1,15 +1,22 @@
-"""A PostgreSQL server of the test's own, stopped and restarted under a running
-worker (never the shared server)."""
+"""Outages under a running worker: a PostgreSQL server of the test's own, stopped
+and restarted (never the shared server), and every backend terminated. Jobs
+inserted during and right after an outage start within 2 s of PostgreSQL
+accepting connections again, with the sweep an hour away: only the catch-up
+after the listener's reconnect can explain that."""
 
 from __future__ import annotations
 
 import asyncio
 import signal
+from collections import Counter
 from collections.abc import Iterator
+from datetime import datetime, timedelta
+from typing import Any
 
 import pytest
 
 from listener.migrate import migrate
+from tests.faultproxy import FaultProxy
 from tests.helpers import connect, insert_course, job, wait_until
 from tests.pgserver import Cluster
 from tests.workers import WorkerProcess
@@ -83,3 +90,93 @@ def test_worker_started_while_the_database_is_down_waits_for_it(cluster: Cluster
     finally:
         w.signal(signal.SIGTERM)
         assert w.wait() == 0
+
+
+TARGET = timedelta(seconds=2)
+
+
+def _now(url: str) -> datetime:
+    with connect(url) as c:
+        return c.execute("select clock_timestamp() as t").fetchone()["t"]  # type: ignore[index,no-any-return]
+
+
+def _rows(url: str, ids: list[str]) -> list[dict[str, Any]]:
+    with connect(url) as c:
+        return [job(c, j) for j in ids]
+
+
+def _all_done(url: str, ids: list[str]) -> bool:
+    return all(r["status"] == "done" for r in _rows(url, ids))
+
+
+def _assert_started_in_time(url: str, ids: list[str], back: datetime, w: WorkerProcess) -> None:
+    """Each job started within TARGET of the later of the database being back and
+    its insert; each ran once, in this worker process, which never exited."""
+    wait_until(lambda: _all_done(url, ids), timeout=20, what="every job done")
+    for row in _rows(url, ids):
+        since = max(back, row["created_at"])
+        assert row["started_at"] - since < TARGET, (row["subject"], row["started_at"] - since)
+        assert row["retry_count"] == 0
+    starts = Counter(e["job_id"] for e in w.actions("job_started"))
+    assert all(starts[j] == 1 for j in ids), starts  # nothing ran twice
+    assert w.proc.poll() is None
+
+
+def test_jobs_of_a_restart_start_within_two_seconds_of_the_database(cluster: Cluster) -> None:
+    # Through a proxy that keeps refusing the worker after the restart until the
+    # test has inserted a job: that job surely arrived while nobody listened.
+    proxy = FaultProxy(cluster.url).start()
+    w = WorkerProcess(proxy.url(cluster.url), SWEEP_INTERVAL_SECONDS=3600).started()
+    try:
+        with connect(cluster.url) as c:  # the pool has connections to lose
+            warm = insert_course(c, "before")
+        wait_until(lambda: _all_done(cluster.url, [warm]), what="warm-up job done")
+        proxy.refusing = True
+        cluster.stop("fast")
+        w.wait_for("listener_unhealthy")
+        cluster.start()
+        with connect(cluster.url) as c:
+            during = insert_course(c, "while the listener reconnects")
+        back = _now(cluster.url)
+        proxy.refusing = False  # the database accepts the worker's connections again
+        # Alone: a later job's notification would make the worker claim it too.
+        _assert_started_in_time(cluster.url, [during], back, w)
+        w.wait_for("listener_healthy", timeout=10)
+        with connect(cluster.url) as c:
+            after = insert_course(c, "right after the reconnect")
+        _assert_started_in_time(cluster.url, [after], back, w)
+        assert len(w.actions("listener_unhealthy")) == 1
+    finally:
+        w.signal(signal.SIGTERM)
+        assert w.wait() == 0
+        proxy.stop()
+
+
+def test_jobs_of_terminated_backends_start_within_two_seconds(db_url: str) -> None:
+    w = WorkerProcess(db_url, SWEEP_INTERVAL_SECONDS=3600).started()
+    try:
+        with connect(db_url) as c:
+            warm = insert_course(c, "before")
+        wait_until(lambda: _all_done(db_url, [warm]), what="warm-up job done")
+        for round_ in range(2):  # and once more, on the fresh connections
+            with connect(db_url) as c:
+                killed = c.execute(
+                    "select pg_terminate_backend(pid) from pg_stat_activity"
+                    " where datname = current_database() and pid <> pg_backend_pid()"
+                ).fetchall()
+                back = _now(db_url)
+                during = insert_course(c, f"during the outage {round_}")  # nobody listens
+            assert len(killed) >= 2  # the LISTEN connection and the pool's
+            # Alone: a later job's notification would make the worker claim it too.
+            _assert_started_in_time(db_url, [during], back, w)
+            w.wait_for("listener_healthy", lambda e, n=round_: _nth(w, "listener_healthy", n))
+            with connect(db_url) as c:
+                after = insert_course(c, f"right after {round_}")
+            _assert_started_in_time(db_url, [after], back, w)
+    finally:
+        w.signal(signal.SIGTERM)
+        assert w.wait() == 0
+
+
+def _nth(w: WorkerProcess, action: str, n: int) -> bool:
+    return len(w.actions(action)) > n

@@ -38,9 +38,13 @@ async def test_quiet_database_fires_nothing(conn: Conn) -> None:
         "rate_limit_violations",
         "provider_auth",
         "budget_rejections",
+        "no_worker",
+        "worker_deaf",
     ]
     assert not any(a.firing for a in found)
     assert [a.severity for a in found] == ["critical"] * 3 + ["warning"] * 3 + [
+        "critical",
+        "warning",
         "critical",
         "warning",
     ]
@@ -73,7 +77,8 @@ async def test_each_rule_fires_above_its_threshold(conn: Conn) -> None:
     assert found["pending_depth"].value == 21
     assert found["avg_processing_time"].value == pytest.approx(120, abs=1)
     assert found["failure_rate"].value == pytest.approx(30.0)  # 6 dead of 6 + 14 finished
-    quiet = ("rate_limit_violations", "provider_auth", "budget_rejections")
+    quiet = ("rate_limit_violations", "provider_auth", "budget_rejections", "no_worker")
+    quiet += ("worker_deaf",)
     assert all(a.firing for r, a in found.items() if r not in quiet)
     assert alerts.any_critical(list(found.values()))
 
@@ -212,7 +217,7 @@ def test_cli_alerts_exit_status_and_json(db_url: str) -> None:
     p = _cli(db_url, "alerts", "--json")
     assert p.returncode == 0, p.stderr
     out = json.loads(p.stdout)
-    assert set(out) == {"alerts"} and len(out["alerts"]) == len(alerts.RULES) == 8
+    assert set(out) == {"alerts"} and len(out["alerts"]) == len(alerts.RULES) == 10
     assert set(out["alerts"][0]) == {"rule", "severity", "firing", "value", "threshold"}
 
     with connect(db_url) as c:  # a warning alone does not fail the command
@@ -239,3 +244,43 @@ def test_cli_alerts_exit_status_and_json(db_url: str) -> None:
         "value": 21,
         "threshold": 20,
     }
+
+
+async def _worker_row(conn: Conn, wid: str, state: str, seen_ago: float = 0) -> None:
+    await conn.execute(
+        "insert into ai_job_workers (id, host, pid, last_seen, listener_state, version)"
+        " values (%s, 'h', 1, now() - make_interval(secs => %s), %s, 't')",
+        [wid, seen_ago, state],
+    )
+
+
+async def test_no_worker_and_worker_deaf(conn: Conn) -> None:
+    await conn.execute(
+        """
+        -- due for five minutes (a pending job, a retry), one just inserted, one due later
+        insert into ai_course_jobs (subject, created_at, run_after)
+        values ('waiting', now() - interval '5 minutes', now() - interval '5 minutes');
+        insert into ai_media_jobs (prompt, media_type, status, retry_count, run_after)
+        values ('retry due', 'image', 'failed', 1, now() - interval '5 minutes');
+        insert into ai_course_jobs (subject) values ('just now');
+        insert into ai_course_jobs (subject, run_after) values ('later', now() + interval '1 hour');
+        """
+    )
+    found = by_rule(await alerts.evaluate(conn, Settings()))
+    assert found["no_worker"].firing and found["no_worker"].value == 2
+    assert found["no_worker"].severity == "critical"
+    assert not found["worker_deaf"].firing
+
+    # A worker that stopped beating long ago is no help; a deaf one does not listen.
+    await _worker_row(conn, "gone:1:a", "listening", seen_ago=3600)
+    await _worker_row(conn, "deaf:2:b", "deaf")
+    found = by_rule(await alerts.evaluate(conn, Settings()))
+    assert found["no_worker"].value == 2
+    assert found["worker_deaf"].firing and found["worker_deaf"].value == 1
+    assert found["worker_deaf"].severity == "warning"
+
+    for state in ("listening", "polling"):  # one live worker that hears (or polls)
+        await conn.execute("delete from ai_job_workers where id = 'live:3:c'")
+        await _worker_row(conn, "live:3:c", state)
+        found = by_rule(await alerts.evaluate(conn, Settings()))
+        assert not found["no_worker"].firing and found["no_worker"].value == 0

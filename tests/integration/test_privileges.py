@@ -118,6 +118,8 @@ ALLOWED: dict[str, dict[str, set[str]]] = {
     "function ai_jobs_notify_events()": {},
     "function ai_job_admit()": {},
     "function ai_job_claim_course_id(text,uuid,boolean)": {},
+    # sql/012
+    "table ai_job_workers": {"service_role": WRITE},
     # sql/014
     "table ai_job_provider_state": {"service_role": WRITE},
     "table ai_job_usage_totals": {"service_role": WRITE},

@@ -258,6 +258,44 @@ async def test_metrics_of_providers(client: httpx.AsyncClient, db_url: str) -> N
     assert 'ai_jobs_alert_firing{rule="provider_auth",severity="critical"} 1.0' in text
 
 
+async def test_workers_on_the_page_in_metrics_and_healthz(
+    client: httpx.AsyncClient, db_url: str
+) -> None:
+    r = await client.get("/healthz")  # a deployment with no worker still answers
+    assert r.status_code == 200 and r.json()["database"] is True and r.json()["workers"] == 0
+    page = (await client.get("/admin/jobs", headers=BEARER | HTML)).text
+    assert "No live worker" in page
+    async with await aconnect(db_url) as c:
+        await c.execute(
+            "insert into ai_job_workers (id, host, pid, listener_state, jobs_running, version,"
+            " probe_seconds, reconnects) values"
+            " ('h1:10:aaaaaa', 'h1', 10, 'listening', 2, '0.1.0', 0.002, 3),"
+            " ('h2:20:bbbbbb', 'h2', 20, 'deaf', 0, '0.1.0', null, 7)"
+        )
+        await c.execute(  # a dead one, not shown
+            "insert into ai_job_workers (id, host, pid, last_seen, listener_state, version)"
+            " values ('h3:30:cccccc', 'h3', 30, now() - interval '1 hour', 'listening', '0.1.0')"
+        )
+    page = (await client.get("/admin/jobs", headers=BEARER | HTML)).text
+    assert 'data-worker="h1:10:aaaaaa" data-listener="listening"' in page
+    assert 'data-worker="h2:20:bbbbbb" data-listener="deaf"' in page
+    assert "h3:30:cccccc" not in page
+    snap = (await client.get("/admin/jobs/snapshot", headers=BEARER | JSON)).json()
+    assert 'data-worker="h1:10:aaaaaa"' in snap["workers"]
+    overview = (await client.get("/admin/overview", headers=BEARER | HTML)).text
+    assert "h2:20:bbbbbb" in overview and "h3:30:cccccc" not in overview
+    assert (await client.get("/healthz")).json()["workers"] == 2
+    text = (await client.get("/metrics", headers=BEARER)).text
+    assert 'ai_jobs_workers{listener_state="listening"} 1.0' in text
+    assert 'ai_jobs_workers{listener_state="deaf"} 1.0' in text
+    assert 'ai_jobs_workers{listener_state="polling"} 0.0' in text
+    assert 'ai_jobs_listener_up{worker="h1:10:aaaaaa"} 1.0' in text
+    assert 'ai_jobs_listener_up{worker="h2:20:bbbbbb"} 0.0' in text
+    assert 'ai_jobs_listen_probe_seconds{worker="h1:10:aaaaaa"} 0.002' in text
+    assert 'ai_jobs_reconnects_total{worker="h2:20:bbbbbb"} 7.0' in text
+    assert "h3:30:cccccc" not in text
+
+
 class Stream:
     """One server-sent-events connection, read in the background."""
 
@@ -357,6 +395,32 @@ async def test_live_updates_survive_a_lost_listen_connection(
         await await_until(relistening, what="LISTEN connection back")
         jid = await insert_course(db_url, "After the reconnect")
         await s.until(lambda snap: _row_status(snap, jid) == "pending")
+
+
+async def test_after_an_outage_the_dashboard_answers_at_once(
+    web: tuple[str, Any], client: httpx.AsyncClient, db_url: str
+) -> None:
+    feed = web[1].feed
+    await asyncio.gather(*(client.get("/admin/jobs/snapshot", headers=BEARER) for _ in range(4)))
+    old = feed.service.backend_pid
+    async with await aconnect(db_url) as c:  # every backend of the dashboard, pool included
+        await c.execute(
+            "select pg_terminate_backend(pid) from pg_stat_activity"
+            " where datname = current_database() and pid <> pg_backend_pid()"
+        )
+
+    async def relistening() -> bool:
+        return feed.listening.is_set() and feed.service.backend_pid != old
+
+    await await_until(relistening, what="LISTEN connection back")
+    await await_until(lambda: _healed(web[1]), what="the pool replaced")
+    for _ in range(4):  # the pool's dead connections were replaced, not served
+        r = await client.get("/admin/jobs/snapshot", headers=BEARER)
+        assert r.status_code == 200, r.text
+
+
+async def _healed(dashboard: Any) -> bool:
+    return bool(dashboard.medic.heals >= 1)
 
 
 async def test_healthz_reports_the_database(

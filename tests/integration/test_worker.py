@@ -179,11 +179,31 @@ async def _not_running(w: Any, jid: str) -> bool:
 
 
 async def test_polling_fallback_with_listen_disabled(db_url: str) -> None:
-    s = settings(db_url, sweep_interval_seconds=0.3)
-    async with running_worker(s, {"ai_course_jobs": done_handler}, listen=False):
+    s = settings(db_url, sweep_interval_seconds=3600)
+    handlers = {"ai_course_jobs": done_handler}
+    async with running_worker(s, handlers, listen=False, poll_interval=0.5) as w:
+        await await_until(lambda: _polled(w, 1), what="a first poll")
         with connect(db_url) as c:
+            listening = await aconnect(db_url)  # hears what a listening worker would
+            await listening.execute("listen ai_jobs")
+            assert c.execute(
+                "select count(*) from pg_stat_activity where datname = current_database()"
+                " and application_name = 'ai-jobs listener'"
+            ).fetchone()["count"] == 0  # the worker holds no LISTEN connection
+            polls, claims = w.polls, w.claim_queries
             jid = insert_course(c)
+        async for _ in listening.notifies(timeout=5, stop_after=1):
+            pass  # delivered: a listening worker would be claiming it now
+        await listening.close()
+        if w.polls == polls:  # no poll since the insert: then no claim either
+            assert w.claim_queries == claims
+            assert (await _status(db_url, jid))["status"] == "pending"
         await await_until(lambda: _done(db_url, jid), what="done by polling")
+        assert w.polls > polls
+
+
+async def _polled(w: Any, n: int) -> bool:
+    return bool(w.polls >= n)
 
 
 async def test_sweeper_duties_return_counts(db_url: str) -> None:

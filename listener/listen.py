@@ -1,0 +1,407 @@
+"""One LISTEN service for every process that listens: the worker on `ai_jobs`, the
+dashboard's live feed on `ai_jobs_events` (River's single notifier).
+
+A dedicated autocommit connection holds the LISTEN. After PING_INTERVAL of
+silence it pings; a ping that does not answer within PING_TIMEOUT means a dead
+(half-open) connection. A ping proves that the connection answers, not that it
+hears: so, after `probe_every` seconds without a notification, the service sends
+itself a probe through its owner's pool (`notify`) on its own channel and
+expects it back on the LISTEN connection within PROBE_TIMEOUT. A probe that does
+not come back means deaf: reconnect, and the owner catches up (`on_connect`).
+
+Whatever ends a session (a lost connection, a missed probe, a bug in a callback)
+is logged once as a transition, the service reconnects with capped jittered
+backoff, and `on_connect(recovered=True)` tells the owner that notifications may
+have been missed. The task itself never ends but by cancellation.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import random
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import psycopg
+from loguru import logger
+
+from listener import db
+from listener.errors import AiJobsError, ConfigError, redact, translate
+
+PING_INTERVAL = 5.0  # seconds of silence before a keepalive query (River pings every 5 s)
+PING_TIMEOUT = 10.0  # a ping that does not answer in this time means a dead connection
+PROBE_TIMEOUT = 5.0  # a probe not back on the LISTEN connection by then: deaf
+VERIFY_TIMEOUT = 3.0  # at start: how long the first probe may take
+VERIFY_ATTEMPTS = 2  # fresh connections tried before LISTEN is declared not to work
+# Reconnect quickly: a job inserted while nobody listens waits for the catch-up
+# sweep that follows the reconnect. A refused connection costs the server nothing.
+RECONNECT_BASE = 0.05
+RECONNECT_CAP = 1.0
+STABLE_SESSION = 5.0  # a session that lived this long resets the reconnect backoff
+
+CONNECTING, LISTENING, RECONNECTING, DEAF = "connecting", "listening", "reconnecting", "deaf"
+MAX_PROBE = 200  # a probe's payload is about 60 characters
+
+Notify = Callable[[str, str], Awaitable[None]]  # (channel, payload), sent through a pool
+Conn = psycopg.AsyncConnection[dict[str, Any]]
+
+
+class Backoff:
+    """Capped exponential backoff with full jitter; reset after a success."""
+
+    def __init__(self, base: float = 0.1, cap: float = 10.0) -> None:
+        self.base, self.cap, self.attempt = base, cap, 0
+
+    def next(self) -> float:
+        delay = min(self.cap, self.base * 2**self.attempt)
+        self.attempt += 1
+        return random.uniform(delay / 2, delay)
+
+    def reset(self) -> None:
+        self.attempt = 0
+
+
+class ListenUnavailable(ConfigError):
+    """LISTEN does not work through DATABASE_URL."""
+
+
+class Deaf(Exception):
+    """A probe did not come back on the LISTEN connection in time."""
+
+
+def probe_payload(sender: str, n: int) -> str:
+    return json.dumps({"probe": sender, "n": n})
+
+
+def probe_of(payload: str) -> tuple[str, int] | None:
+    """(sender, n) when the payload is a probe, else None. Cheap for the
+    notifications of jobs, which never start this way; safe on any text (every
+    role may NOTIFY a channel)."""
+    if len(payload) > MAX_PROBE or not payload.startswith('{"probe"'):
+        return None
+    try:
+        data = json.loads(payload)
+    except (ValueError, RecursionError):
+        return None
+    if not isinstance(data, dict):
+        return None
+    sender, n = data.get("probe"), data.get("n")
+    if isinstance(sender, str) and isinstance(n, int) and not isinstance(n, bool):
+        return sender, n
+    return None
+
+
+def reason(exc: BaseException) -> str:
+    return exc.message if isinstance(exc, AiJobsError) else translate(exc).message
+
+
+class ListenService:
+    def __init__(
+        self,
+        dsn: str,
+        *,
+        name: str,
+        channel: str,
+        listen_query: str,
+        on_payload: Callable[[str], None],
+        on_connect: Callable[[bool], None],
+        notify: Notify | None = None,
+        probe_every: float = 30.0,
+        sender: str = "",
+        on_state: Callable[[str], None] | None = None,
+        app: str = "ai-jobs listener",
+    ) -> None:
+        self.dsn = dsn
+        self.name = name  # in log actions: <name>_unhealthy, <name>_healthy, <name>_deaf
+        self.channel = channel
+        self.listen_query = listen_query
+        self.on_payload = on_payload
+        self.on_connect = on_connect
+        self.notify = notify
+        self.probe_every = probe_every
+        self.sender = sender
+        self.on_state = on_state
+        self.app = app
+        self.state = CONNECTING
+        self.connected = asyncio.Event()  # set while a LISTEN connection is up
+        self.backend_pid: int | None = None
+        self.reconnects = 0  # sessions after the first
+        self.deaf_count = 0  # probes that did not come back
+        self.probe_seconds: float | None = None  # the last probe's round trip
+        self.probes = 0  # probes sent
+        self._sessions = 0
+        self._verified: Conn | None = None  # the connection verify() proved, for run()
+        self._probe_n = 0
+        self._probe_sent: float | None = None  # an outstanding probe's send time
+        self._probe_deadline: float | None = None
+        self._heard_at = 0.0
+        self._pinged_at = 0.0
+        self._next_probe = 0.0
+        self._sends: set[asyncio.Task[None]] = set()
+        self._log = logger.bind(listener=name, channel=channel)
+
+    # -- start-up ---------------------------------------------------------------
+
+    async def verify(self, stop: asyncio.Event) -> bool:
+        """Connect, LISTEN, and prove with a probe that notifications arrive.
+
+        Connection errors are retried (the database may be starting) until `stop`;
+        a probe that does not come back on VERIFY_ATTEMPTS fresh connections
+        raises ListenUnavailable (a transaction-mode pooler cannot deliver
+        notifications). True when verified; False when stopped first."""
+        backoff = Backoff(0.2, 5.0)
+        misses = 0
+        while not stop.is_set():
+            conn: Conn | None = None
+            try:
+                conn = await self._open()
+                if await self._prove(conn, VERIFY_TIMEOUT):
+                    self._verified, conn = conn, None
+                    self._set_state(LISTENING)
+                    return True
+                misses += 1
+                if misses >= VERIFY_ATTEMPTS:
+                    raise ListenUnavailable(self._unavailable())
+                continue
+            except ListenUnavailable:
+                raise
+            except (psycopg.Error, AiJobsError, TimeoutError, OSError) as exc:
+                self._lost(exc)
+            finally:
+                if conn is not None:
+                    await _close(conn)
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(backoff.next()):
+                    await stop.wait()
+        return False
+
+    def _unavailable(self) -> str:
+        where = db.host_port(self.dsn)
+        return (
+            f"LISTEN does not work through DATABASE_URL ({where}): a notification on "
+            f"{self.channel} never arrived, as behind a transaction-mode pooler "
+            "(PgBouncer pool_mode=transaction, Supabase port 6543). Use a direct or "
+            "session-mode connection (Supabase: port 5432), or set LISTEN_MODE=poll"
+        )
+
+    async def _prove(self, conn: Conn, limit: float) -> bool:
+        if self.notify is None:
+            return True
+        self._start_probe(limit)
+        async with asyncio.timeout(limit):
+            await self.notify(self.channel, probe_payload(self.sender, self._probe_n))
+        deadline = time.monotonic() + limit
+        while self._probe_deadline is not None:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                self._probe_sent = self._probe_deadline = None
+                return False
+            async for n in conn.notifies(timeout=left):
+                self._heard(n.payload)
+                if self._probe_deadline is None:
+                    break
+        return True
+
+    # -- the supervised loop --------------------------------------------------------
+
+    async def run(self) -> None:
+        """Listen until cancelled; never returns, whatever ends a session."""
+        backoff = Backoff(RECONNECT_BASE, RECONNECT_CAP)
+        while True:
+            started = time.monotonic()
+            conn, self._verified = self._verified, None
+            try:
+                if conn is None:
+                    conn = await self._open()
+                self._session_started(conn)
+                await self._listen(conn)
+                raise RuntimeError("the LISTEN loop returned")
+            except asyncio.CancelledError:
+                raise
+            except Deaf as exc:
+                self._deaf(exc)
+            except (psycopg.Error, AiJobsError, TimeoutError, OSError) as exc:
+                self._lost(exc)
+            except Exception as exc:  # a bug, or a callback that raised: restart
+                self._crashed(exc)
+            finally:
+                self.connected.clear()
+                if conn is not None:
+                    await _close(conn)
+            if time.monotonic() - started >= STABLE_SESSION:
+                backoff.reset()
+            await asyncio.sleep(backoff.next())
+
+    async def _open(self) -> Conn:
+        conn = await db.connect(self.dsn, app=self.app)
+        try:
+            await conn.execute(db.sql(self.listen_query))
+        except BaseException:
+            await _close(conn)
+            raise
+        return conn
+
+    def _session_started(self, conn: Conn) -> None:
+        self.backend_pid = conn.info.backend_pid
+        recovered = self._sessions > 0
+        self._sessions += 1
+        if recovered:
+            self.reconnects += 1
+        if self.state in (CONNECTING, RECONNECTING):
+            if self.state == RECONNECTING:
+                self._log.bind(action=f"{self.name}_healthy").info(f"{self.name}: connection back")
+            self._set_state(LISTENING)
+        now = time.monotonic()
+        self._heard_at = self._pinged_at = now
+        # Prove every new connection at once (but the one verify() just proved).
+        self._next_probe = now if recovered else now + self.probe_every
+        self.connected.set()
+        try:
+            self.on_connect(recovered)
+        except Exception as exc:
+            self._log.bind(action=f"{self.name}_callback_failed").error(
+                f"{self.name}: on_connect failed: {type(exc).__name__}: {exc}"
+            )
+
+    async def _listen(self, conn: Conn) -> None:
+        while True:
+            now = time.monotonic()
+            if self._probe_deadline is not None:
+                if now >= self._probe_deadline:
+                    raise Deaf(f"no probe back within {PROBE_TIMEOUT:g}s")
+                wait = self._probe_deadline - now
+            elif self.notify is not None:
+                due = max(self._next_probe, self._heard_at + self.probe_every)
+                if now >= due:
+                    self._send_probe()
+                    continue
+                wait = due - now
+            else:
+                wait = PING_INTERVAL
+            probing = self._probe_deadline is not None
+            async for n in conn.notifies(timeout=max(0.001, min(wait, PING_INTERVAL))):
+                self._heard(n.payload)
+                if probing and self._probe_deadline is None:
+                    break  # answered: the next probe is due a full interval from now
+            quiet = time.monotonic() - max(self._heard_at, self._pinged_at)
+            if self._probe_deadline is None and quiet >= PING_INTERVAL:
+                await self._ping(conn)  # a probe under way answers the same question
+
+    async def _ping(self, conn: Conn) -> None:
+        """Prove that the connection is still there. A half-open TCP connection
+        does not answer: after PING_TIMEOUT the connection is closed, then the
+        query abandoned (cancelled first, psycopg would send a cancel request
+        and wait for its answer, up to 10 s more), and the session ends."""
+        ping = asyncio.ensure_future(conn.execute(db.sql("keepalive")))
+        try:
+            done, _ = await asyncio.wait({ping}, timeout=PING_TIMEOUT)
+        except asyncio.CancelledError:
+            ping.cancel()
+            raise
+        if not done:
+            await _close(conn)
+            ping.cancel()
+            await asyncio.wait({ping}, timeout=1.0)
+            raise TimeoutError(f"no answer to a ping within {PING_TIMEOUT:g}s")
+        ping.result()
+        self._pinged_at = time.monotonic()
+
+    def _heard(self, payload: str) -> None:
+        self._heard_at = time.monotonic()
+        probe = probe_of(payload)
+        if probe is None or probe[0] != self.sender:
+            self.on_payload(payload)
+            return
+        if probe[1] == self._probe_n and self._probe_sent is not None:
+            self.probe_seconds = self._heard_at - self._probe_sent
+            self._probe_sent = self._probe_deadline = None
+            self._log.bind(action=f"{self.name}_probe").debug(
+                f"{self.name}: probe {probe[1]} back in {self.probe_seconds * 1000:.1f} ms"
+            )
+            if self.state == DEAF:
+                self._log.bind(action=f"{self.name}_healthy").info(
+                    f"{self.name}: hears the channel again (probe back in "
+                    f"{self.probe_seconds * 1000:.0f} ms)"
+                )
+                self._set_state(LISTENING)
+
+    # -- probes -----------------------------------------------------------------
+
+    def _start_probe(self, timeout: float) -> None:
+        # A nonce, not a counter: any role may NOTIFY the channel, and a forged
+        # echo must not pass for the real one and hide a deaf connection.
+        self._probe_n = random.getrandbits(53)
+        self.probes += 1
+        self._probe_sent = time.monotonic()
+        self._probe_deadline = self._probe_sent + timeout
+
+    def _send_probe(self) -> None:
+        assert self.notify is not None
+        self._start_probe(PROBE_TIMEOUT)
+        task = asyncio.create_task(self._deliver(self._probe_n), name=f"{self.name} probe")
+        self._sends.add(task)
+        task.add_done_callback(self._sends.discard)
+
+    async def _deliver(self, n: int) -> None:
+        assert self.notify is not None
+        try:
+            # A pool connection gone half-open would hold the probe forever: the
+            # deadline makes that a missed probe (deaf), which replaces connections.
+            async with asyncio.timeout(PROBE_TIMEOUT):
+                await self.notify(self.channel, probe_payload(self.sender, n))
+        except TimeoutError:
+            return
+        except Exception as exc:
+            # The pool could not send it (its owner reports that): no verdict on
+            # the LISTEN connection; try again after the next quiet period.
+            self._log.bind(action=f"{self.name}_probe_unsent").debug(
+                f"{self.name}: probe {n} not sent: {reason(exc)}"
+            )
+            if n == self._probe_n:
+                self._probe_sent = self._probe_deadline = None
+                self._heard_at = time.monotonic()
+
+    # -- transitions, logged once ------------------------------------------------
+
+    def _set_state(self, state: str) -> None:
+        if state != self.state:
+            self.state = state
+            if self.on_state is not None:
+                with contextlib.suppress(Exception):
+                    self.on_state(state)
+
+    def _lost(self, exc: BaseException) -> None:
+        self._probe_sent = self._probe_deadline = None
+        if self.state not in (RECONNECTING, DEAF):
+            self._log.bind(action=f"{self.name}_unhealthy").warning(
+                f"{self.name}: connection lost ({reason(exc)}); reconnecting"
+            )
+        if self.state != DEAF:
+            self._set_state(RECONNECTING)
+
+    def _deaf(self, exc: Deaf) -> None:
+        self._probe_sent = self._probe_deadline = None
+        self.deaf_count += 1
+        if self.state != DEAF:
+            self._log.bind(action=f"{self.name}_deaf", deaf_count=self.deaf_count).warning(
+                f"{self.name}: deaf: a probe sent on {self.channel} did not come back "
+                f"within {PROBE_TIMEOUT:g}s; reconnecting"
+            )
+        self._set_state(DEAF)
+
+    def _crashed(self, exc: BaseException) -> None:
+        self._probe_sent = self._probe_deadline = None
+        text = redact(f"{type(exc).__name__}: {exc}")[:500]
+        self._log.bind(action=f"{self.name}_restarted").error(
+            f"{self.name}: the LISTEN loop ended ({text}); restarting"
+        )
+        if self.state != DEAF:
+            self._set_state(RECONNECTING)
+
+
+async def _close(conn: Conn) -> None:
+    with contextlib.suppress(Exception):
+        await conn.close()

@@ -1,0 +1,149 @@
+"""The LISTEN service (listener/listen.py) on its own and under the dashboard's
+live feed: the probe proves the connection hears its channel, a deaf connection
+is found and replaced, and a channel that never delivers is refused at start."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import pytest
+from loguru import logger
+
+from listener.listen import PROBE_TIMEOUT, ListenService, ListenUnavailable, probe_payload
+from listener.notifications import parse_payload
+from listener.settings import Settings
+from listener.web.app import Dashboard
+from tests.faultproxy import FaultProxy
+from tests.helpers import aconnect, await_until
+
+PROBE = 0.5
+
+
+@pytest.fixture
+def proxy(db_url: str) -> Iterator[FaultProxy]:
+    p = FaultProxy(db_url).start()
+    yield p
+    p.stop()
+
+
+@pytest.fixture
+def records() -> Iterator[list[dict[str, Any]]]:
+    found: list[dict[str, Any]] = []
+    sink = logger.add(lambda m: found.append(m.record["extra"] | {"msg": m.record["message"]}))
+    yield found
+    logger.remove(sink)
+
+
+def _sender(url: str, channel_override: str | None = None) -> Any:
+    """A `notify` that sends through a connection of its own (as a pool would)."""
+
+    async def notify(channel: str, payload: str) -> None:
+        async with await aconnect(url) as c:
+            await c.execute("select pg_notify(%s, %s)", [channel_override or channel, payload])
+
+    return notify
+
+
+@asynccontextmanager
+async def running(service: ListenService) -> AsyncIterator[ListenService]:
+    task = asyncio.create_task(service.run())
+    try:
+        await asyncio.wait_for(service.connected.wait(), 10)
+        yield service
+    finally:
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+
+def _service(url: str, notify: Any, **kw: Any) -> tuple[ListenService, list[str], list[bool]]:
+    heard: list[str] = []
+    connects: list[bool] = []
+    service = ListenService(
+        url,
+        name="test",
+        channel="ai_jobs",
+        listen_query="listen",
+        on_payload=heard.append,
+        on_connect=connects.append,
+        notify=notify,
+        probe_every=PROBE,
+        sender="test-sender",
+        **kw,
+    )
+    return service, heard, connects
+
+
+async def _true(check: Any) -> bool:
+    return bool(check())
+
+
+async def test_probes_prove_the_connection_and_stay_out_of_the_payloads(db_url: str) -> None:
+    service, heard, connects = _service(db_url, _sender(db_url))
+    async with running(service):
+        await await_until(lambda: _true(lambda: service.probes >= 3), what="three probes")
+        assert service.probe_seconds is not None and service.probe_seconds < PROBE_TIMEOUT
+        assert service.state == "listening" and service.deaf_count == 0
+        async with await aconnect(db_url) as c:
+            await c.execute("notify ai_jobs, 'a payload'")
+            await c.execute("select pg_notify('ai_jobs', %s)", [probe_payload("another", 1)])
+        await await_until(lambda: _true(lambda: len(heard) == 2))
+    assert heard[0] == "a payload"  # its own probes never reach the owner
+    assert parse_payload(heard[1]).probe == "another"  # another's: a probe, not a nudge
+    assert connects == [False]
+
+
+async def test_a_muted_connection_is_found_deaf_then_replaced(
+    db_url: str, proxy: FaultProxy, records: list[dict[str, Any]]
+) -> None:
+    url = proxy.url(db_url)
+    service, _, connects = _service(url, _sender(db_url))
+    async with running(service):
+        await await_until(lambda: _true(lambda: service.probe_seconds is not None))
+        t0 = asyncio.get_running_loop().time()
+        assert proxy.mute() == 1  # pings still answer: only the probe can tell
+        await await_until(lambda: _true(lambda: service.deaf_count == 1), timeout=15)
+        deaf_after = asyncio.get_running_loop().time() - t0
+        await await_until(lambda: _true(lambda: service.state == "listening"), timeout=10)
+    assert deaf_after <= PROBE + PROBE_TIMEOUT + 1.0
+    assert service.reconnects == 1 and connects == [False, True]  # the owner catches up
+    actions = [r["action"] for r in records if r.get("listener") == "test"]
+    assert actions.count("test_deaf") == 1 and actions.count("test_healthy") == 1
+
+
+async def test_verify_refuses_a_channel_that_never_delivers(db_url: str) -> None:
+    # Probes sent elsewhere never come back: what a transaction-mode pooler does.
+    service, _, _ = _service(db_url, _sender(db_url, channel_override="elsewhere"))
+    with pytest.raises(ListenUnavailable, match="LISTEN does not work through DATABASE_URL"):
+        await service.verify(asyncio.Event())
+    assert "LISTEN_MODE=poll" in str(ListenUnavailable(service._unavailable()))
+
+
+async def test_verify_keeps_its_proved_connection_for_the_run(db_url: str) -> None:
+    service, _, connects = _service(db_url, _sender(db_url))
+    assert await service.verify(asyncio.Event())
+    pid = service._verified.info.backend_pid if service._verified else None
+    async with running(service):
+        assert service.backend_pid == pid
+    assert connects == [False]
+
+
+async def test_the_dashboard_feed_probes_through_its_own_pool(
+    db_url: str, proxy: FaultProxy, records: list[dict[str, Any]]
+) -> None:
+    d = Dashboard(Settings(listen_probe_seconds=PROBE), proxy.url(db_url), "x" * 32)
+    await d.pool.open(wait=True)
+    await d.feed.start()
+    try:
+        service = d.feed.service
+        await await_until(lambda: _true(lambda: service.probe_seconds is not None))
+        proxy.mute()
+        await await_until(lambda: _true(lambda: service.deaf_count == 1), timeout=15)
+        await await_until(lambda: _true(lambda: service.state == "listening"), timeout=10)
+    finally:
+        await d.feed.stop()
+        await d.pool.close()
+    assert any(r.get("action") == "live_deaf" for r in records)
