@@ -28,6 +28,7 @@ from psycopg_pool import AsyncConnectionPool
 
 from listener import db
 from listener.course_schema import Course
+from listener.outage import diagnose
 from listener.storage import Storage
 
 CATALOG_PATH = "courses/catalog.json"
@@ -123,7 +124,7 @@ class Catalog:
                             self._unsaved.pop(0)
             except Exception as exc:
                 logger.bind(action="catalog_save_deferred", unsaved=len(self._unsaved)).warning(
-                    "catalog rows saved later (database unavailable: {})", exc
+                    "catalog rows saved later ({})", diagnose(exc, self.pool)
                 )
 
     async def tick(self) -> None:
@@ -154,7 +155,7 @@ class Catalog:
                         await self._render()
         except Exception as exc:
             logger.bind(action="catalog_render_failed").warning(
-                "catalog render failed (will retry): {}", exc
+                "catalog render failed (will retry): {}", diagnose(exc, self.pool)
             )
 
     async def render(self) -> int:
@@ -198,7 +199,7 @@ class Catalog:
                     )
         except Exception as exc:
             logger.bind(action="course_cache_unavailable").warning(
-                "course cache skipped (database unavailable: {})", exc
+                "course cache skipped ({})", diagnose(exc, self.pool)
             )
             return None
         return rows[0] if rows else None

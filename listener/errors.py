@@ -3,6 +3,7 @@
 AiJobsError
 ├── ConfigError             a setting is missing or invalid
 ├── DatabaseUnavailable     cannot reach PostgreSQL
+│   └── DatabaseBusy        reached, but it did not serve the request in time
 ├── SchemaOutdated          the database needs `ai-jobs migrate`
 ├── UnknownJobTable         a table name other than the two job tables
 ├── JobNotFound             no job with that id
@@ -42,6 +43,10 @@ class ConfigError(AiJobsError):
 
 class DatabaseUnavailable(AiJobsError):
     """Cannot connect to PostgreSQL."""
+
+
+class DatabaseBusy(DatabaseUnavailable):
+    """PostgreSQL did not serve the request in time."""
 
 
 class SchemaOutdated(AiJobsError):
@@ -92,6 +97,10 @@ class ProvidersUnavailable(GenerationError):
         super().__init__(message)
         self.wait_seconds = wait_seconds
 
+
+# A reachable server that would not serve the request in time: a statement or
+# lock timeout, a cancel request, its connection limit (retry, as when it is away).
+_BUSY_SQLSTATES = ("57014", "55P03", "53300")
 
 # SQLSTATEs raised by sql/003_functions.sql, and what they mean to us.
 _BY_SQLSTATE: dict[str, type[AiJobsError]] = {
@@ -171,6 +180,8 @@ def translate(exc: BaseException) -> AiJobsError:
         state = exc.sqlstate or ""
         if state in _BY_SQLSTATE:
             return _BY_SQLSTATE[state](primary)
+        if state in _BUSY_SQLSTATES:
+            return DatabaseBusy(f"PostgreSQL did not serve the request in time: {redact(primary)}")
         if state in ("42P01", "42883"):  # undefined_table, undefined_function
             return SchemaOutdated(
                 f"The database has no ai-jobs schema ({primary}): run `ai-jobs migrate`"

@@ -29,7 +29,8 @@ import psycopg
 from loguru import logger
 
 from listener import db
-from listener.errors import AiJobsError, ConfigError, redact, translate
+from listener.errors import ConfigError, DatabaseUnavailable, redact
+from listener.outage import Backoff, Health, diagnose
 
 PING_INTERVAL = 5.0  # seconds of silence before a keepalive query (River pings every 5 s)
 PING_TIMEOUT = 10.0  # a ping that does not answer in this time means a dead connection
@@ -47,21 +48,6 @@ MAX_PROBE = 200  # a probe's payload is about 60 characters
 
 Notify = Callable[[str, str], Awaitable[None]]  # (channel, payload), sent through a pool
 Conn = psycopg.AsyncConnection[dict[str, Any]]
-
-
-class Backoff:
-    """Capped exponential backoff with full jitter; reset after a success."""
-
-    def __init__(self, base: float = 0.1, cap: float = 10.0) -> None:
-        self.base, self.cap, self.attempt = base, cap, 0
-
-    def next(self) -> float:
-        delay = min(self.cap, self.base * 2**self.attempt)
-        self.attempt += 1
-        return random.uniform(delay / 2, delay)
-
-    def reset(self) -> None:
-        self.attempt = 0
 
 
 class ListenUnavailable(ConfigError):
@@ -92,10 +78,6 @@ def probe_of(payload: str) -> tuple[str, int] | None:
     if isinstance(sender, str) and isinstance(n, int) and not isinstance(n, bool):
         return sender, n
     return None
-
-
-def reason(exc: BaseException) -> str:
-    return exc.message if isinstance(exc, AiJobsError) else translate(exc).message
 
 
 class ListenService:
@@ -142,6 +124,8 @@ class ListenService:
         self._next_probe = 0.0
         self._sends: set[asyncio.Task[None]] = set()
         self._log = logger.bind(listener=name, channel=channel)
+        # Transitions logged once: <name>_unhealthy, _busy, _deaf, _healthy.
+        self.health = Health(name, log=self._log)
 
     # -- start-up ---------------------------------------------------------------
 
@@ -160,6 +144,7 @@ class ListenService:
                 conn = await self._open()
                 if await self._prove(conn, VERIFY_TIMEOUT):
                     self._verified, conn = conn, None
+                    self.health.up()
                     self._set_state(LISTENING)
                     return True
                 misses += 1
@@ -168,7 +153,9 @@ class ListenService:
                 continue
             except ListenUnavailable:
                 raise
-            except (psycopg.Error, AiJobsError, TimeoutError, OSError) as exc:
+            except Exception as exc:
+                if not diagnose(exc).transient:
+                    raise  # retrying cannot help: say so at start
                 self._lost(exc)
             finally:
                 if conn is not None:
@@ -223,10 +210,11 @@ class ListenService:
                 raise
             except Deaf as exc:
                 self._deaf(exc)
-            except (psycopg.Error, AiJobsError, TimeoutError, OSError) as exc:
-                self._lost(exc)
-            except Exception as exc:  # a bug, or a callback that raised: restart
-                self._crashed(exc)
+            except Exception as exc:
+                if diagnose(exc).transient:
+                    self._lost(exc)
+                else:  # a bug, or a callback that raised: restart
+                    self._crashed(exc)
             finally:
                 self.connected.clear()
                 if conn is not None:
@@ -251,8 +239,7 @@ class ListenService:
         if recovered:
             self.reconnects += 1
         if self.state in (CONNECTING, RECONNECTING):
-            if self.state == RECONNECTING:
-                self._log.bind(action=f"{self.name}_healthy").info(f"{self.name}: connection back")
+            self.health.up()
             self._set_state(LISTENING)
         now = time.monotonic()
         self._heard_at = self._pinged_at = now
@@ -305,7 +292,8 @@ class ListenService:
             await _close(conn)
             ping.cancel()
             await asyncio.wait({ping}, timeout=1.0)
-            raise TimeoutError(f"no answer to a ping within {PING_TIMEOUT:g}s")
+            # A dead connection, not a busy server: the ping is one round trip.
+            raise DatabaseUnavailable(f"no answer to a ping within {PING_TIMEOUT:g}s")
         ping.result()
         self._pinged_at = time.monotonic()
 
@@ -322,9 +310,8 @@ class ListenService:
                 f"{self.name}: probe {probe[1]} back in {self.probe_seconds * 1000:.1f} ms"
             )
             if self.state == DEAF:
-                self._log.bind(action=f"{self.name}_healthy").info(
-                    f"{self.name}: hears the channel again (probe back in "
-                    f"{self.probe_seconds * 1000:.0f} ms)"
+                self.health.up(
+                    f"hears the channel again (probe back in {self.probe_seconds * 1000:.0f} ms)"
                 )
                 self._set_state(LISTENING)
 
@@ -358,7 +345,7 @@ class ListenService:
             # The pool could not send it (its owner reports that): no verdict on
             # the LISTEN connection; try again after the next quiet period.
             self._log.bind(action=f"{self.name}_probe_unsent").debug(
-                f"{self.name}: probe {n} not sent: {reason(exc)}"
+                f"{self.name}: probe {n} not sent: {diagnose(exc)}"
             )
             if n == self._probe_n:
                 self._probe_sent = self._probe_deadline = None
@@ -375,21 +362,19 @@ class ListenService:
 
     def _lost(self, exc: BaseException) -> None:
         self._probe_sent = self._probe_deadline = None
-        if self.state not in (RECONNECTING, DEAF):
-            self._log.bind(action=f"{self.name}_unhealthy").warning(
-                f"{self.name}: connection lost ({reason(exc)}); reconnecting"
-            )
+        self.health.down(exc, then="reconnecting")  # logged once, and not while deaf
         if self.state != DEAF:
             self._set_state(RECONNECTING)
 
     def _deaf(self, exc: Deaf) -> None:
         self._probe_sent = self._probe_deadline = None
         self.deaf_count += 1
-        if self.state != DEAF:
-            self._log.bind(action=f"{self.name}_deaf", deaf_count=self.deaf_count).warning(
-                f"{self.name}: deaf: a probe sent on {self.channel} did not come back "
-                f"within {PROBE_TIMEOUT:g}s; reconnecting"
-            )
+        self.health.enter(
+            DEAF,
+            f"deaf: a probe sent on {self.channel} did not come back within "
+            f"{PROBE_TIMEOUT:g}s; reconnecting",
+            deaf_count=self.deaf_count,
+        )
         self._set_state(DEAF)
 
     def _crashed(self, exc: BaseException) -> None:

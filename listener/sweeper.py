@@ -15,7 +15,7 @@ from loguru import logger
 from psycopg_pool import AsyncConnectionPool
 
 from listener import db
-from listener.listen import Backoff
+from listener.outage import Backoff, is_transient
 from listener.registry import live_seconds
 from listener.settings import Settings
 
@@ -105,7 +105,7 @@ class Sweeper:
             try:
                 n = await duty()
             except Exception as exc:
-                if db.is_connection_error(exc):
+                if is_transient(exc):  # the database away or busy
                     raise
                 r.error = r.error or exc
                 continue

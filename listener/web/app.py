@@ -111,6 +111,7 @@ class Dashboard:
             probe_every=settings.listen_probe_seconds,
             listen=settings.listen_mode == "listen",
             on_recovered=self.medic.heal_soon,
+            pool=self.pool,
         )
         self._storage: Storage | None = None
         self.log = logger.bind(action="web")
