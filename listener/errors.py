@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable
+from typing import Protocol, runtime_checkable
 
 import psycopg
 
@@ -162,11 +163,19 @@ class Scrubber:
         return text
 
 
-def scrub(text: str, settings: object | None = None) -> str:
-    """An error message fit for a job row or a log line: no secret of the settings,
-    no password in a URL, no API-key-looking token, at most MAX_ERROR characters."""
-    secrets = settings.secrets() if hasattr(settings, "secrets") else []
-    text = Scrubber(secrets)(text)
+@runtime_checkable
+class HasSecrets(Protocol):
+    def secrets(self) -> list[str]: ...
+
+
+def scrub(text: str, secrets: HasSecrets | Iterable[str] | None = None) -> str:
+    """Text fit for a job row, a log line, a provider's error or a Sentry event: no
+    secret value (`secrets`: the Settings, or the values themselves), no password
+    in a URL, no API-key-looking token, at most MAX_ERROR characters. The one
+    scrubbing path: logs.py and telemetry.py use the same Scrubber."""
+    # The Settings first: a pydantic model is iterable too (its fields).
+    values = secrets.secrets() if isinstance(secrets, HasSecrets) else secrets or ()
+    text = Scrubber(values)(text)
     return text if len(text) <= MAX_ERROR else text[: MAX_ERROR - 1] + "…"
 
 
