@@ -11,7 +11,7 @@ import asyncio
 import json
 import re
 import sys
-from collections.abc import Callable, Coroutine, Sequence
+from collections.abc import Callable, Coroutine, Mapping, Sequence
 from typing import Any
 from uuid import UUID
 
@@ -39,7 +39,7 @@ def print_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
         print("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
 
 
-def print_rows(as_json: bool, headers: Sequence[str], rows: list[dict[str, Any]]) -> None:
+def print_rows(as_json: bool, headers: Sequence[str], rows: Sequence[Mapping[str, Any]]) -> None:
     """A runbook function's rows: JSON, or a table in the function's column order."""
     if as_json:
         print_json(rows)

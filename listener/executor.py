@@ -21,7 +21,7 @@ from typing import Any
 from loguru import logger
 from psycopg_pool import AsyncConnectionPool
 
-from listener import db
+from listener import dal
 from listener.completer import Completer
 from listener.errors import AiJobsError, InvalidJob, ProvidersUnavailable, scrub
 from listener.jobs import HandlerMap, Job, Outcome
@@ -137,16 +137,16 @@ class Executor:
             with contextlib.suppress(Exception):
                 self.on_failure(job, exc)
         try:
-            rows = await self.retry(lambda: self._fetch("fail_job", params))
+            row = await self.retry(lambda: dal.FAIL_JOB.first(self.pool, params))
         except Exception as write_exc:
             log.bind(action="job_fail_lost").error(f"could not record failure: {write_exc}")
             return
-        if not rows:
+        if row is None:
             log.bind(action="job_lost").warning(f"job failed ({message}) but is no longer held")
-        elif rows[0]["status"] == "dead_letter":
+        elif row["status"] == "dead_letter":
             log.bind(action="job_dead_letter").error(f"job moved to the dead letter: {message}")
         else:
-            due_in = float(rows[0]["due_in"])
+            due_in = row["due_in"] or 0.0  # a failed job always has its run_after
             self.on_due(due_in)
             log.bind(action="job_failed").warning(
                 f"job failed (attempt {job.attempt}/{job.max_retries}), retry in {due_in:.1f}s: "
@@ -167,14 +167,14 @@ class Executor:
             "max_wait": self.settings.provider_outage_max_wait_seconds,
         }
         try:
-            rows = await self.retry(lambda: self._fetch("defer_job", params))
+            row = await self.retry(lambda: dal.DEFER_JOB.first(self.pool, params))
         except Exception as write_exc:
             log.bind(action="job_defer_lost").error(f"could not put the job back: {write_exc}")
             return
-        if not rows:
+        if row is None:
             log.bind(action="job_lost").warning(f"job deferred ({message}) but is no longer held")
             return
-        row, due_in = rows[0], max(0.0, float(rows[0]["due_in"]))
+        due_in = max(0.0, row["due_in"] or 0.0)
         if job.table not in self.holds:
             log.bind(action="claims_held", seconds=round(due_in, 1)).warning(
                 f"every provider is unavailable: no {job.job_type} jobs claimed for "
@@ -188,10 +188,6 @@ class Executor:
             log.bind(action="job_failed").warning(f"waited too long, attempt counted: {message}")
         else:
             log.bind(action="job_deferred").debug(f"job waits {due_in:.1f}s for its providers")
-
-    async def _fetch(self, name: str, params: Any) -> list[dict[str, Any]]:
-        async with self.pool.connection() as conn:
-            return await db.fetch(conn, name, params)
 
 
 def error_text(exc: BaseException) -> str:

@@ -8,6 +8,8 @@ from dataclasses import dataclass, field
 from typing import Any
 from uuid import UUID
 
+from listener.rows import ClaimedRow
+
 JOB_TYPES = {"ai_course_jobs": "course", "ai_media_jobs": "media"}
 TABLES_BY_TYPE = {v: k for k, v in JOB_TYPES.items()}
 
@@ -35,7 +37,7 @@ class Job:
         return params if isinstance(params, dict) else {}
 
     @classmethod
-    def from_claim(cls, rec: dict[str, Any]) -> Job:
+    def from_claim(cls, rec: ClaimedRow) -> Job:
         return cls(
             table=rec["job_table"],
             id=rec["id"],

@@ -16,7 +16,7 @@ from typing import Any, TypeVar
 from loguru import logger
 from psycopg_pool import AsyncConnectionPool
 
-from listener import db
+from listener import dal
 from listener.jobs import JOB_TYPES, Job, Outcome
 from listener.pacing import Held
 
@@ -71,7 +71,7 @@ class LeaseKeeper:
         """Refresh every held job's heartbeat; drop those no longer held."""
         for table, jobs in by_table(self.jobs()):
             try:
-                rows = await self._fetch("heartbeat_jobs", held_params(table, jobs))
+                rows = await dal.HEARTBEAT_JOBS.all(self.pool, held_params(table, jobs))
             except Exception as exc:
                 self.report(exc, "heartbeat")
                 continue
@@ -103,7 +103,7 @@ class LeaseKeeper:
 
     async def _confirm_cancel(self, job: Job) -> None:
         try:
-            still = await self._fetch("heartbeat_jobs", held_params(job.table, [job]))
+            still = await dal.HEARTBEAT_JOBS.all(self.pool, held_params(job.table, [job]))
         except Exception as exc:
             self.report(exc, "cancel check")  # kept running: the heartbeat decides later
             return
@@ -143,9 +143,9 @@ class LeaseKeeper:
             params = held_params(table, mine)
             try:
                 if retry:
-                    rows = await self.retry(lambda p=params: self._fetch("release_jobs", p))  # type: ignore[misc]
+                    rows = await self.retry(lambda p=params: dal.RELEASE_JOBS.all(self.pool, p))  # type: ignore[misc]
                 else:
-                    rows = await self._fetch("release_jobs", params)
+                    rows = await dal.RELEASE_JOBS.all(self.pool, params)
             except Exception as exc:
                 if not retry:
                     self.report(exc, "release")
@@ -159,10 +159,6 @@ class LeaseKeeper:
                 f"released {len(rows)} {what} job(s) back to pending"
             )
         return kept
-
-    async def _fetch(self, name: str, params: Any) -> list[dict[str, Any]]:
-        async with self.pool.connection() as conn:
-            return await db.fetch(conn, name, params)
 
 
 def by_table(jobs: list[Job]) -> Iterator[tuple[str, list[Job]]]:

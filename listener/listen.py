@@ -28,7 +28,8 @@ from typing import Any
 import psycopg
 from loguru import logger
 
-from listener import db
+from listener import dal, db
+from listener.dal import Statement
 from listener.errors import ConfigError, DatabaseUnavailable, redact
 from listener.outage import Backoff, Health, diagnose
 
@@ -87,7 +88,7 @@ class ListenService:
         *,
         name: str,
         channel: str,
-        listen_query: str,
+        listen_query: Statement | str,
         on_payload: Callable[[str], None],
         on_connect: Callable[[bool], None],
         notify: Notify | None = None,
@@ -99,7 +100,8 @@ class ListenService:
         self.dsn = dsn
         self.name = name  # in log actions: <name>_unhealthy, <name>_healthy, <name>_deaf
         self.channel = channel
-        self.listen_query = listen_query
+        # LISTEN on the channel: the statement, or its name in listener/queries.
+        self.listen = dal.named(listen_query) if isinstance(listen_query, str) else listen_query
         self.on_payload = on_payload
         self.on_connect = on_connect
         self.notify = notify
@@ -226,7 +228,7 @@ class ListenService:
     async def _open(self) -> Conn:
         conn = await db.connect(self.dsn, app=self.app)
         try:
-            await conn.execute(db.sql(self.listen_query))
+            await conn.execute(self.listen.sql)
         except BaseException:
             await _close(conn)
             raise
@@ -282,7 +284,7 @@ class ListenService:
         does not answer: after PING_TIMEOUT the connection is closed, then the
         query abandoned (cancelled first, psycopg would send a cancel request
         and wait for its answer, up to 10 s more), and the session ends."""
-        ping = asyncio.ensure_future(conn.execute(db.sql("keepalive")))
+        ping = asyncio.ensure_future(conn.execute(dal.KEEPALIVE.sql))
         try:
             done, _ = await asyncio.wait({ping}, timeout=PING_TIMEOUT)
         except asyncio.CancelledError:

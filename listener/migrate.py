@@ -18,7 +18,7 @@ from typing import Any
 
 import psycopg
 
-from listener import db
+from listener import dal, db
 from listener.errors import AiJobsError, SchemaOutdated, translate
 
 _FILE = re.compile(r"^(\d{3})_[a-z0-9_]+\.sql$")
@@ -82,26 +82,24 @@ async def migrate(
         try:
             for m in migrations():
                 async with conn.transaction():
-                    await conn.execute(db.sql("migrate_lock"))
-                    await conn.execute(db.sql("create_migrations_table"))
-                    done = {r["version"] for r in await db.fetch(conn, "applied_migrations")}
+                    await dal.MIGRATE_LOCK.run(conn)
+                    await dal.CREATE_MIGRATIONS_TABLE.run(conn)
+                    done = {r["version"] for r in await dal.APPLIED_MIGRATIONS.all(conn)}
                     if m.version in done:
                         continue
-                    await conn.execute(
-                        db.sql("record_migration"), {"version": m.version, "name": m.name}
-                    )
+                    await dal.RECORD_MIGRATION.run(conn, {"version": m.version, "name": m.name})
                     await conn.execute(m.text.encode())  # several statements: simple protocol
                 applied.append(m.name)
             new = {m.version for m in migrations() if m.name in applied}
             if rate_limit_per_hour is not None and (1 in new or write_settings):
-                await conn.execute(db.sql("set_rate_limit"), {"limit": rate_limit_per_hour})
+                await dal.SET_RATE_LIMIT.run(conn, {"limit": rate_limit_per_hour})
             if request_limits is not None and (REQUEST_LIMITS_MIGRATION in new or write_settings):
-                await conn.execute(db.sql("set_request_limits"), request_limits)
+                await dal.SET_REQUEST_LIMITS.run(conn, request_limits)
             if daily_budget_usd_per_user is not None and (
                 BUDGET_MIGRATION in new or write_settings
             ):
                 params = {"budget": daily_budget_usd_per_user}
-                await conn.execute(db.sql("set_daily_budget"), params)
+                await dal.SET_DAILY_BUDGET.run(conn, params)
         except psycopg.Error as exc:
             raise translate(exc) from exc
     return applied
@@ -110,7 +108,7 @@ async def migrate(
 async def check_schema(conn: psycopg.AsyncConnection[Any]) -> None:
     """Raise SchemaOutdated unless every migration this code ships is applied."""
     try:
-        rows = await db.fetch(conn, "applied_migrations")
+        rows = await dal.APPLIED_MIGRATIONS.all(conn)
     except SchemaOutdated:
         raise SchemaOutdated("The database has no ai-jobs schema: run `ai-jobs migrate`") from None
     done = {int(str(r["version"])) for r in rows}

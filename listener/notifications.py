@@ -13,7 +13,7 @@ from uuid import UUID
 
 from loguru import logger
 
-from listener import db
+from listener import dal, db
 from listener.jobs import JOB_TYPES
 from listener.listen import ListenService, Notify, probe_of
 
@@ -107,7 +107,7 @@ class Listener:
             dsn,
             name="listener",
             channel=db.CHANNEL,
-            listen_query="listen",
+            listen_query=dal.LISTEN,
             on_payload=self._dispatch,
             on_connect=on_connect,
             notify=notify,

@@ -18,7 +18,7 @@ from typing import Any
 from loguru import logger
 from psycopg_pool import AsyncConnectionPool
 
-from listener import __version__, db
+from listener import __version__, dal
 from listener.listen import CONNECTING, DEAF, LISTENING, RECONNECTING
 from listener.settings import Settings
 
@@ -95,7 +95,7 @@ class Registry:
         try:
             async with asyncio.timeout(BEAT_TIMEOUT):
                 async with self.pool.connection() as conn:
-                    await db.fetch(conn, "worker_beat", params)
+                    await dal.WORKER_BEAT.run(conn, params)
         except Exception as exc:
             self.on_error(exc)
             return False
@@ -107,7 +107,7 @@ class Registry:
         try:
             async with asyncio.timeout(BEAT_TIMEOUT):
                 async with self.pool.connection() as conn:
-                    await db.fetch(conn, "worker_remove", {"id": self.id})
+                    await dal.WORKER_REMOVE.run(conn, {"id": self.id})
         except Exception as exc:
             logger.bind(action="worker_unregister_failed").warning(
                 f"worker row not removed ({type(exc).__name__}); it expires by itself"

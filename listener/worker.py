@@ -26,7 +26,7 @@ from typing import Any
 from loguru import logger
 from psycopg_pool import AsyncConnectionPool
 
-from listener import db
+from listener import dal, db
 from listener.completer import Completer, completion_params
 from listener.errors import scrub
 from listener.executor import Executor, FailureHook, error_text
@@ -37,6 +37,7 @@ from listener.notifications import Listener, Nudge
 from listener.outage import AwayRetry, Backoff, Health
 from listener.pacing import ROUNDS, Pacing
 from listener.registry import POLLING, Registry, Status
+from listener.rows import ClaimedRow
 from listener.settings import Settings
 from listener.sweeper import Sweeper, SweepResult
 
@@ -175,8 +176,7 @@ class Worker:
     async def _notify(self, channel: str, payload: str) -> None:
         """The listener's probe, sent through the pool like any job's notification."""
         try:
-            async with self.pool.connection() as conn:
-                await db.fetch(conn, "notify", {"channel": channel, "payload": payload})
+            await dal.NOTIFY.run(self.pool, {"channel": channel, "payload": payload})
         except Exception as exc:
             self._report(exc, "probe")
             raise
@@ -293,12 +293,11 @@ class Worker:
             params = {"table": table, "worker": self.id, "n": free}
             t0 = time.perf_counter()
             try:
-                async with self.pool.connection() as conn:
-                    if done:
-                        params |= completion_params(table, done)
-                        rows = await db.fetch(conn, "complete_and_claim", params)
-                    else:
-                        rows = await db.fetch(conn, "claim_jobs", params)
+                if done:
+                    params |= completion_params(table, done)
+                    both = await dal.COMPLETE_AND_CLAIM.all(self.pool, params)
+                else:
+                    rows: Sequence[ClaimedRow] = await dal.CLAIM_JOBS.all(self.pool, params)
             except Exception as exc:
                 if done:
                     await self.completer.settle(done, None)
@@ -307,8 +306,8 @@ class Worker:
             self.db_health.up()
             self.pacing.round_trip.add(time.perf_counter() - t0)
             if done:
-                await self.completer.settle(done, {r["id"] for r in rows if r["kind"] == "done"})
-                rows = [r for r in rows if r["kind"] == "claimed"]
+                await self.completer.settle(done, {r["id"] for r in both if r["kind"] == "done"})
+                rows = [r for r in both if r["kind"] == "claimed"]
             if len(rows) < free and gen == self._gen[table]:
                 self._more[table] = False  # nothing more until the next reason to look
             self.ready.add([Job.from_claim(rec) for rec in rows])
@@ -337,11 +336,10 @@ class Worker:
     async def run_one(self, table: str | None) -> tuple[Job, Outcome | None] | None:
         """Claim one due job (of `table`, or of either) and run it here, with its
         heartbeat, until its end is written (`ai-jobs run-once`)."""
-        async with self.pool.connection() as conn:
-            rows = await db.fetch(conn, "claim_jobs", {"table": table, "worker": self.id, "n": 1})
-        if not rows:
+        row = await dal.CLAIM_JOBS.first(self.pool, {"table": table, "worker": self.id, "n": 1})
+        if row is None:
             return None
-        job = Job.from_claim(rows[0])
+        job = Job.from_claim(row)
         side = [
             asyncio.create_task(self.completer.run()),
             asyncio.create_task(self.leases.heartbeats()),

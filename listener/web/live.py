@@ -21,6 +21,7 @@ from typing import Any
 from loguru import logger
 from psycopg_pool import AsyncConnectionPool
 
+from listener import dal
 from listener.listen import ListenService, Notify, probe_of
 from listener.outage import diagnose
 
@@ -59,7 +60,7 @@ class LiveFeed:
             dsn,
             name="live",
             channel=CHANNEL,
-            listen_query="listen_events",
+            listen_query=dal.LISTEN_EVENTS,
             on_payload=self._changed,
             on_connect=self._connected,
             notify=notify,

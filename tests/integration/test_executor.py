@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 from psycopg_pool import AsyncConnectionPool
 
-from listener import db
+from listener import dal, db
 from listener.completer import Completer
 from listener.errors import InvalidJob, ProvidersUnavailable
 from listener.executor import Executor
@@ -38,10 +38,9 @@ class Rig:
     failures: list[tuple[Job, BaseException]] = field(default_factory=list)
 
     async def claim(self, pool: AsyncConnectionPool[Any]) -> Job:
-        async with pool.connection() as conn:
-            rows = await db.fetch(
-                conn, "claim_jobs", {"table": "ai_course_jobs", "worker": "exec-test", "n": 1}
-            )
+        rows = await dal.CLAIM_JOBS.all(
+            pool, {"table": "ai_course_jobs", "worker": "exec-test", "n": 1}
+        )
         return Job.from_claim(rows[0])
 
 

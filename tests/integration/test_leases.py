@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 from psycopg_pool import AsyncConnectionPool
 
-from listener import db
+from listener import dal, db
 from listener.jobs import Job, Outcome
 from listener.leases import LeaseKeeper, Running
 from listener.outage import AwayRetry, Health
@@ -41,10 +41,9 @@ def keeper(pool: AsyncConnectionPool[Any], reports: Reports | None = None) -> Le
 
 
 async def claim(pool: AsyncConnectionPool[Any], n: int) -> list[Job]:
-    async with pool.connection() as conn:
-        rows = await db.fetch(
-            conn, "claim_jobs", {"table": "ai_course_jobs", "worker": "lease-test", "n": n}
-        )
+    rows = await dal.CLAIM_JOBS.all(
+        pool, {"table": "ai_course_jobs", "worker": "lease-test", "n": n}
+    )
     return [Job.from_claim(r) for r in rows]
 
 

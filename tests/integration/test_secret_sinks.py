@@ -18,7 +18,7 @@ import sentry_sdk
 from loguru import logger
 from pydantic import SecretStr
 
-from listener import db, logs, telemetry
+from listener import dal, db, logs, telemetry
 from listener.completer import Completer
 from listener.errors import GenerationError
 from listener.executor import Executor
@@ -97,11 +97,9 @@ async def job_error_sink(s: Settings, leak: str, db_url: str) -> str:
             on_due=lambda due: None,
             on_free=lambda: None,
         )
-        async with pool.connection() as conn:
-            rows = await db.fetch(
-                conn, "claim_jobs", {"table": "ai_course_jobs", "worker": "w", "n": 1}
-            )
-        await executor.start(Job.from_claim(rows[0]))
+        row = await dal.CLAIM_JOB.first(pool, {"table": "ai_course_jobs", "id": jid, "worker": "w"})
+        assert row is not None
+        await executor.start(Job.from_claim(row))
     finally:
         await pool.close()
     with connect(db_url) as c:
