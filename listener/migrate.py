@@ -9,6 +9,8 @@ scheme).
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import re
 from dataclasses import dataclass
 from importlib import resources
@@ -17,9 +19,11 @@ from pathlib import Path
 from typing import Any
 
 import psycopg
+from psycopg_pool import AsyncConnectionPool
 
 from listener import dal, db
 from listener.errors import AiJobsError, SchemaOutdated, translate
+from listener.outage import Backoff, Health
 
 _FILE = re.compile(r"^(\d{3})_[a-z0-9_]+\.sql$")
 FOLDERS = ("sql", "triggers")
@@ -103,6 +107,28 @@ async def migrate(
         except psycopg.Error as exc:
             raise translate(exc) from exc
     return applied
+
+
+async def wait_for_schema(
+    pool: AsyncConnectionPool[Any], health: Health, stop: asyncio.Event
+) -> bool:
+    """Check the schema, waiting while the database is away (a worker may start
+    before it); True once current, False if `stop` came first. An outdated
+    schema, or any other error, is raised: retrying cannot fix it."""
+    backoff = Backoff(base=0.5, cap=10.0)
+    while not stop.is_set():
+        try:
+            async with pool.connection() as conn:
+                await check_schema(conn)
+            health.up()
+            return True
+        except Exception as exc:
+            if not health.down(exc).transient:
+                raise
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(backoff.next()):
+                await stop.wait()
+    return False
 
 
 async def check_schema(conn: psycopg.AsyncConnection[Any]) -> None:

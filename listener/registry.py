@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import os
 import socket
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -28,6 +29,11 @@ LIVE_BEATS = 3  # a worker not seen for this many beats is not live
 NO_WORKER_GRACE_SECONDS = 60.0  # no_worker counts the jobs due for longer than this
 POLLING = "polling"  # the listener_state of a worker with LISTEN_MODE=poll
 LISTENER_STATES = (LISTENING, POLLING, RECONNECTING, DEAF, CONNECTING)
+
+
+def make_worker_id() -> str:
+    """host:pid:random, as in the jobs' worker_id."""
+    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
 
 
 def beat_interval(settings: Settings) -> float:

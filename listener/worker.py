@@ -16,10 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import heapq
-import os
-import socket
 import time
-import uuid
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
@@ -32,11 +29,11 @@ from listener.errors import scrub
 from listener.executor import Executor, FailureHook, error_text
 from listener.jobs import JOB_TYPES, HandlerMap, Job, Outcome
 from listener.leases import LeaseKeeper
-from listener.migrate import check_schema
+from listener.migrate import wait_for_schema
 from listener.notifications import Listener, Nudge
 from listener.outage import AwayRetry, Backoff, Health
 from listener.pacing import ROUNDS, Pacing
-from listener.registry import POLLING, Registry, Status
+from listener.registry import POLLING, Registry, Status, make_worker_id
 from listener.rows import ClaimedRow
 from listener.settings import Settings
 from listener.sweeper import Sweeper, SweepResult
@@ -47,10 +44,6 @@ SHUTDOWN_BACKGROUND_SECONDS = 10.0  # a cancelled background task gets this long
 POLL_INTERVAL_SECONDS = 1.0  # LISTEN_MODE=poll: how often the worker looks for work
 
 __all__ = ["POLL_INTERVAL_SECONDS", "FailureHook", "Periodic", "Worker", "make_worker_id"]
-
-
-def make_worker_id() -> str:
-    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
 
 
 class Worker:
@@ -211,7 +204,7 @@ class Worker:
 
     async def run(self) -> None:
         """Work until request_stop(); then finish, release and return."""
-        if not await self._wait_for_schema():
+        if not await wait_for_schema(self.pool, self.db_health, self._stop):
             return
         if self.listen and not await self.listener.service.verify(self._stop):
             return
@@ -387,20 +380,6 @@ class Worker:
 
     def _sweep_failed(self, exc: BaseException, again: bool) -> None:
         self._report(exc, "sweep", quiet=again)
-
-    async def _wait_for_schema(self) -> bool:
-        backoff = Backoff(base=0.5, cap=10.0)
-        while not self._stop.is_set():
-            try:
-                async with self.pool.connection() as conn:
-                    await check_schema(conn)
-                self.db_health.up()
-                return True
-            except Exception as exc:
-                if not self.db_health.down(exc).transient:
-                    raise  # the schema is outdated, or another error: say so and stop
-            await self._sleep(backoff.next())
-        return False
 
     # -- shutdown -------------------------------------------------------------
 
