@@ -39,6 +39,10 @@ types: $(VENV)/.installed ## mypy strict on the package
 .PHONY: check
 check: lint types test ## lint + types + tests
 
+.PHONY: schema
+schema: $(VENV)/.installed ## regenerate sql/schema.sql from a migrated scratch database (ARGS=--check)
+	$(PY) -m listener.schema $(ARGS)
+
 .PHONY: lock
 lock: $(VENV)/.installed ## pin the runtime dependencies in requirements.txt (what the PaaS builds install)
 	$(PY) -m pip install -q --disable-pip-version-check uv

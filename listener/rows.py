@@ -418,3 +418,73 @@ class WorkerAlertValuesRow(TypedDict):  # worker_alert_values
     listening: int
     deaf: int
     waiting: int
+
+
+# -- schema.sql (`make schema`: listener/schema.py)
+
+
+class SchemaTableRow(TypedDict):  # schema_tables
+    name: str
+    row_security: bool
+
+
+class SchemaColumnRow(TypedDict):  # schema_columns
+    table_name: str
+    name: str
+    type: str
+    not_null: bool
+    default_value: str | None
+    identity: str
+    generated: str
+
+
+class SchemaConstraintRow(TypedDict):  # schema_constraints
+    table_name: str
+    name: str
+    kind: str
+    definition: str
+
+
+class SchemaIndexRow(TypedDict):  # schema_indexes
+    table_name: str
+    name: str
+    definition: str
+
+
+class SchemaViewRow(TypedDict):  # schema_views
+    name: str
+    materialized: bool
+    definition: str
+
+
+class SchemaSequenceRow(TypedDict):  # schema_sequences
+    name: str
+    type: str
+    start: int
+    increment: int
+    min_value: int
+    max_value: int
+    cache: int
+    cycle: bool
+
+
+class SchemaFunctionRow(TypedDict):  # schema_functions
+    name: str
+    arguments: str
+    definition: str
+
+
+class SchemaTriggerRow(TypedDict):  # schema_triggers
+    table_name: str
+    name: str
+    definition: str
+
+
+class SchemaPolicyRow(TypedDict):  # schema_policies
+    table_name: str
+    name: str
+    permissive: bool
+    command: str
+    roles: list[str]
+    using_expr: str | None
+    check_expr: str | None

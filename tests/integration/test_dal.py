@@ -101,6 +101,7 @@ PG_TYPES: dict[str, type] = {
     "interval": timedelta,
     "boolean": bool,
     "jsonb": dict,  # objects here; Any is accepted too
+    "text[]": list,
 }
 _PLACEHOLDER = re.compile(r"%\((\w+)\)[sbt]")
 
