@@ -33,7 +33,7 @@ lint: $(VENV)/.installed ## ruff check and format check
 	$(VENV)/bin/ruff format --check listener
 
 .PHONY: types
-types: $(VENV)/.installed ## mypy strict on the package
+types: $(VENV)/.installed ## mypy: the package strict, tests and bench with looser settings
 	$(VENV)/bin/mypy
 
 .PHONY: check

@@ -3,7 +3,7 @@ only turns one claimed job into a stored result, or raises."""
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 from uuid import UUID
@@ -58,4 +58,4 @@ class Outcome:
     metrics: dict[str, Any] = field(default_factory=dict)
 
 
-HandlerMap = dict[str, Callable[[Job], Awaitable[Outcome]]]
+HandlerMap = Mapping[str, Callable[[Job], Awaitable[Outcome]]]

@@ -17,7 +17,7 @@ from typing import Any, Protocol
 
 from listener import errors
 from listener.course_schema import CourseParams, SchemaValidationError
-from listener.errors import scrub
+from listener.errors import scrub as scrub  # the providers scrub with the one scrubber
 
 
 @dataclass

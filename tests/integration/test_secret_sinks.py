@@ -52,8 +52,9 @@ def settings_with_secrets(**real: str) -> tuple[Settings, dict[str, str]]:
     values = {name: f"{name}-{uuid.uuid4().hex}" for name in SECRET_FIELDS}
     values["database_url"] = f"postgresql://u:{uuid.uuid4().hex}@db.example:5432/x"
     values.update(real)
-    secret = {k: SecretStr(v) for k, v in values.items()}
-    return Settings(_env_file=None, storage_url="/tmp/unused", **secret), values  # type: ignore[call-arg]
+    fields: dict[str, Any] = {k: SecretStr(v) for k, v in values.items()}
+    fields["storage_url"] = "/tmp/unused"
+    return Settings(_env_file=None, **fields), values  # type: ignore[call-arg]
 
 
 @pytest.fixture
@@ -103,9 +104,9 @@ async def job_error_sink(s: Settings, leak: str, db_url: str) -> str:
     finally:
         await pool.close()
     with connect(db_url) as c:
-        row = job_row(c, jid)
-    assert row["status"] == "failed"
-    return str(row["error"])
+        failed = job_row(c, jid)
+    assert failed["status"] == "failed"
+    return str(failed["error"])
 
 
 class LeakyProvider:
