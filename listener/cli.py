@@ -426,7 +426,11 @@ async def _run_once(args: argparse.Namespace, s: Settings) -> int:
     code, result = await run_once(s, args.type)
     print_json(result)
     if code:
-        print(f"ai-jobs: error: job {result['jobId']} failed: {result['error']}", file=sys.stderr)
+        status = result.get("status")
+        # failed / dead_letter: the attempt failed; pending: it waits for its
+        # providers (rate-limited or down), no attempt counted; cancelled: stopped.
+        what = "failed" if status in ("failed", "dead_letter") else f"did not finish ({status})"
+        print(f"ai-jobs: error: job {result['jobId']} {what}: {result['error']}", file=sys.stderr)
     return code
 
 

@@ -117,3 +117,30 @@ def _events(fake: FakeAI) -> list[dict[str, Any]]:
             if line.startswith(b"{") and b'"exception"' in line:
                 found.append(json.loads(line))
     return found
+
+
+def test_run_once_says_a_job_waits_for_its_providers(db_url: str, fake: FakeAI) -> None:
+    """Every provider rate-limited: the job goes back to pending (no attempt
+    counted), and run-once says it did not finish rather than that it failed."""
+    import subprocess
+
+    from tests.helpers import AI_JOBS, env
+
+    fake.modes.update(openai="429", anthropic="529")
+    fake.retry_headers = {"retry-after": "30"}  # "come back later": a wait, not a failure
+    with connect(db_url) as c:
+        jid = insert_course(c, "Waiting")
+    p = subprocess.run(
+        [*AI_JOBS, "run-once"],
+        env=env(db_url, STORAGE_URL=tempfile.mkdtemp(), **providers_env(fake)),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert p.returncode == 1
+    out = json.loads(p.stdout)
+    assert out["jobId"] == jid and out["status"] == "pending"
+    last = p.stderr.splitlines()[-1]  # logs go to stderr before it
+    assert last.startswith(f"ai-jobs: error: job {jid} did not finish (pending): Providers")
+    with connect(db_url) as c:
+        assert job(c, jid)["retry_count"] == 0

@@ -90,7 +90,14 @@ async def test_probes_prove_the_connection_and_stay_out_of_the_payloads(db_url: 
         async with await aconnect(db_url) as c:
             await c.execute("notify ai_jobs, 'a payload'")
             await c.execute("select pg_notify('ai_jobs', %s)", [probe_payload("another", 1)])
-        await await_until(lambda: _true(lambda: len(heard) == 2))
+        try:
+            await await_until(lambda: _true(lambda: len(heard) >= 2), what="both payloads")
+        except AssertionError as exc:  # say what the service went through meanwhile
+            raise AssertionError(
+                f"{exc}: heard {heard}, connects {connects}, state {service.state}, "
+                f"deaf {service.deaf_count}"
+            ) from None
+    assert len(heard) == 2, heard
     assert heard[0] == "a payload"  # its own probes never reach the owner
     assert parse_payload(heard[1]).probe == "another"  # another's: a probe, not a nudge
     assert connects == [False]
