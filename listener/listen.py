@@ -188,10 +188,10 @@ class ListenService:
             if left <= 0:
                 self._probe_sent = self._probe_deadline = None
                 return False
-            async for n in conn.notifies(timeout=left):
+            # One packet at a time (stop_after), never a break: breaking out of
+            # notifies() drops the rest of the packet, whatever came with the probe.
+            async for n in conn.notifies(timeout=left, stop_after=1):
                 self._heard(n.payload)
-                if self._probe_deadline is None:
-                    break
         return True
 
     # -- the supervised loop --------------------------------------------------------
@@ -270,11 +270,14 @@ class ListenService:
                 wait = due - now
             else:
                 wait = PING_INTERVAL
+            # While a probe is out, one packet at a time (stop_after): its answer
+            # ends the wait (the next probe is due a full interval from then),
+            # and nothing that arrived with it is lost, as a break would lose the
+            # rest of the packet.
             probing = self._probe_deadline is not None
-            async for n in conn.notifies(timeout=max(0.001, min(wait, PING_INTERVAL))):
+            timeout = max(0.001, min(wait, PING_INTERVAL))
+            async for n in conn.notifies(timeout=timeout, stop_after=1 if probing else None):
                 self._heard(n.payload)
-                if probing and self._probe_deadline is None:
-                    break  # answered: the next probe is due a full interval from now
             quiet = time.monotonic() - max(self._heard_at, self._pinged_at)
             if self._probe_deadline is None and quiet >= PING_INTERVAL:
                 await self._ping(conn)  # a probe under way answers the same question
