@@ -33,11 +33,15 @@ lint: $(VENV)/.installed ## ruff check and format check
 	$(VENV)/bin/ruff format --check listener
 
 .PHONY: types
-types: $(VENV)/.installed ## mypy strict on the package
+types: $(VENV)/.installed ## mypy: the package strict, tests and bench with looser settings
 	$(VENV)/bin/mypy
 
 .PHONY: check
 check: lint types test ## lint + types + tests
+
+.PHONY: schema
+schema: $(VENV)/.installed ## regenerate sql/schema.sql from a migrated scratch database (ARGS=--check)
+	$(PY) -m listener.schema $(ARGS)
 
 .PHONY: lock
 lock: $(VENV)/.installed ## pin the runtime dependencies in requirements.txt (what the PaaS builds install)

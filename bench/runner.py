@@ -14,7 +14,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from bench import console, pgserver, scenarios, stats
 from bench.systems import LATENCY, MULTI, THROUGHPUT
@@ -25,6 +25,7 @@ RAW = ROOT / "bench" / "results" / "raw.json.tmp"
 PLOT = ROOT / "docs" / "benchmarks.png"
 PEERS = ("pgqueuer_sys", "procrastinate_sys")
 FINISHED = (0, 100_000, 1_000_000)
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -46,7 +47,7 @@ class Config:
         return cls(rounds or 3, 500, 20.0, 20_000, 5_000, 4, 2_000, True, 100)
 
 
-def rotated(names: tuple[str, ...], k: int) -> list[str]:
+def rotated(names: tuple[T, ...], k: int) -> list[T]:
     k %= len(names)
     return [*names[k:], *names[:k]]
 
@@ -293,7 +294,7 @@ def console_only(cfg: Config) -> int:
         env = environment(srv)
         say(f"PostgreSQL {env['postgres']['version'].split(' on ')[0]} ({srv.kind}); {cfg}")
         rounds = asyncio.run(console_cost(srv, cfg))
-    result = {
+    result: dict[str, Any] = {
         "generated_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "mode": "quick" if cfg.latency_jobs < 500 else "full",
         "config": asdict(cfg),

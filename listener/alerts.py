@@ -17,7 +17,7 @@ import psycopg
 from loguru import logger
 from psycopg_pool import AsyncConnectionPool
 
-from listener import db
+from listener import dal
 from listener.registry import NO_WORKER_GRACE_SECONDS, live_seconds
 from listener.settings import Settings
 
@@ -27,7 +27,7 @@ Severity = Literal["critical", "warning"]
 REJECTIONS = "rate_limit_rejections"  # counter name in ai_job_counter_samples
 BUDGET_REJECTIONS = "budget_rejections"
 # counter name in ai_job_counter_samples -> the query that reads its sequence
-COUNTERS = {REJECTIONS: "rate_limit_rejections", BUDGET_REJECTIONS: "budget_rejections"}
+COUNTERS = {REJECTIONS: dal.RATE_LIMIT_REJECTIONS, BUDGET_REJECTIONS: dal.BUDGET_REJECTIONS}
 WEBHOOK_TIMEOUT_SECONDS = 5.0
 
 
@@ -132,35 +132,31 @@ RULE_BY_NAME = {r.name: r for r in RULES}
 async def rejections_last_hour(conn: Conn, counter: str = REJECTIONS) -> int:
     """Rejections since the sample taken about an hour ago (or since the oldest
     sample; 0 while there is none)."""
-    current = int((await db.fetch(conn, COUNTERS[counter]))[0]["value"])
-    base = await db.fetch(conn, "counter_baseline", {"counter": counter})
+    current = (await COUNTERS[counter].one(conn))["value"]
+    base = await dal.COUNTER_BASELINE.first(conn, {"counter": counter})
     # A sequence only grows; a lower current value means it was reset by hand.
-    return max(0, current - int(base[0]["value"])) if base else 0
+    return max(0, current - base["value"]) if base else 0
 
 
 async def record_samples(conn: Conn) -> None:
     """Sample the rejection counters and the queue depth (the dashboard's chart),
     and drop samples nothing needs any more."""
     for counter, query in COUNTERS.items():
-        current = int((await db.fetch(conn, query))[0]["value"])
-        await db.fetch(conn, "record_counter_sample", {"counter": counter, "value": current})
-    depth = (await db.fetch(conn, "live_depth"))[0]
-    for name in ("pending", "processing"):
-        params = {"counter": f"queue_{name}", "value": int(depth[name])}
-        await db.fetch(conn, "record_counter_sample", params)
-    await db.fetch(conn, "prune_counter_samples")
+        current = (await query.one(conn))["value"]
+        await dal.RECORD_COUNTER_SAMPLE.run(conn, {"counter": counter, "value": current})
+    depth = await dal.LIVE_DEPTH.one(conn)
+    for name, count in (("pending", depth["pending"]), ("processing", depth["processing"])):
+        params = {"counter": f"queue_{name}", "value": int(count)}
+        await dal.RECORD_COUNTER_SAMPLE.run(conn, params)
+    await dal.PRUNE_COUNTER_SAMPLES.run(conn)
 
 
 async def evaluate(conn: Conn, settings: Settings) -> list[Alert]:
     """Every rule, firing or not, in the runbook's order (critical ones first)."""
-    row = (await db.fetch(conn, "alert_values", {"stale_seconds": settings.stale_after_seconds}))[0]
-    workers = (
-        await db.fetch(
-            conn,
-            "worker_alert_values",
-            {"live_seconds": live_seconds(settings), "grace": NO_WORKER_GRACE_SECONDS},
-        )
-    )[0]
+    row = await dal.ALERT_VALUES.one(conn, {"stale_seconds": settings.stale_after_seconds})
+    workers = await dal.WORKER_ALERT_VALUES.one(
+        conn, {"live_seconds": live_seconds(settings), "grace": NO_WORKER_GRACE_SECONDS}
+    )
     values: dict[str, float | int | None] = {
         "dead_letter_last_hour": int(row["dead_letter_last_hour"]),
         "stale_processing": int(row["stale_processing"]),
@@ -168,7 +164,7 @@ async def evaluate(conn: Conn, settings: Settings) -> list[Alert]:
         "avg_processing_time": row["avg_processing_time"],
         "failure_rate": row["failure_rate"],
         "rate_limit_violations": await rejections_last_hour(conn),
-        "provider_auth": int((await db.fetch(conn, "providers_refusing_auth"))[0]["count"]),
+        "provider_auth": (await dal.PROVIDERS_REFUSING_AUTH.one(conn))["count"],
         "budget_rejections": await rejections_last_hour(conn, BUDGET_REJECTIONS),
         "no_worker": 0 if workers["listening"] else int(workers["waiting"]),
         "worker_deaf": int(workers["deaf"]),
@@ -244,7 +240,7 @@ class AlertMonitor:
             alerts = await evaluate(conn, self.settings)
             for alert in alerts:
                 params = {"rule": alert.rule, "firing": alert.firing, "value": alert.value}
-                if await db.fetch(conn, "alert_transition", params):
+                if await dal.ALERT_TRANSITION.all(conn, params):
                     changed.append(alert)
         self.firing = {a.rule: a for a in alerts if a.firing}
         for alert in changed:

@@ -14,7 +14,7 @@ from typing import Any
 
 from loguru import logger
 
-from listener import db, telemetry
+from listener import dal, db, telemetry
 from listener.alerts import AlertMonitor
 from listener.errors import ConfigError, redact
 from listener.handlers import Runtime, create_runtime
@@ -111,7 +111,7 @@ async def run_once(settings: Settings, job_type: str | None) -> tuple[int, dict[
         job, outcome = ran
         if outcome is None:
             async with worker.pool.connection() as conn:
-                row = (await db.fetch(conn, "job_state", {"id": job.id}))[0]
+                row = await dal.JOB_STATE.one(conn, {"id": job.id})
             return 1, {
                 "processed": True,
                 "jobId": str(job.id),

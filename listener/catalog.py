@@ -26,8 +26,10 @@ from uuid import UUID
 from loguru import logger
 from psycopg_pool import AsyncConnectionPool
 
-from listener import db
+from listener import dal
 from listener.course_schema import Course
+from listener.outage import diagnose
+from listener.rows import CachedCourseRow, CatalogRow
 from listener.storage import Storage
 
 CATALOG_PATH = "courses/catalog.json"
@@ -119,11 +121,11 @@ class Catalog:
                 async with asyncio.timeout(DB_WAIT_SECONDS * 2):
                     async with self.pool.connection(timeout=DB_WAIT_SECONDS) as conn:
                         while self._unsaved:
-                            await db.fetch(conn, "catalog_upsert", self._unsaved[0])
+                            await dal.CATALOG_UPSERT.run(conn, self._unsaved[0])
                             self._unsaved.pop(0)
             except Exception as exc:
                 logger.bind(action="catalog_save_deferred", unsaved=len(self._unsaved)).warning(
-                    "catalog rows saved later (database unavailable: {})", exc
+                    "catalog rows saved later ({})", diagnose(exc, self.pool)
                 )
 
     async def tick(self) -> None:
@@ -154,7 +156,7 @@ class Catalog:
                         await self._render()
         except Exception as exc:
             logger.bind(action="catalog_render_failed").warning(
-                "catalog render failed (will retry): {}", exc
+                "catalog render failed (will retry): {}", diagnose(exc, self.pool)
             )
 
     async def render(self) -> int:
@@ -171,11 +173,11 @@ class Catalog:
             self.pool.connection(timeout=DB_WAIT_SECONDS) as conn,
             conn.transaction(),
         ):
-            await db.fetch(conn, "catalog_render_lock")
+            await dal.CATALOG_RENDER_LOCK.run(conn)
             # Rows saved from here on are this render's or a later one's.
             pending, self._unrendered, self._first_unrendered = self._unrendered, 0, None
             try:
-                rows = await db.fetch(conn, "catalog_rows")
+                rows = await dal.CATALOG_ROWS.all(conn)
                 await self.storage.write(CATALOG_PATH, render_catalog(rows), "application/json")
             except BaseException:
                 self._unrendered += pending
@@ -185,7 +187,7 @@ class Catalog:
         logger.bind(action="catalog_rendered", courses=len(rows)).debug("catalog rendered")
         return len(rows)
 
-    async def cached(self, cache_key: str, ttl_seconds: float) -> dict[str, Any] | None:
+    async def cached(self, cache_key: str, ttl_seconds: float) -> CachedCourseRow | None:
         """The newest catalog row made from this request, if recent enough. Best effort:
         without the database it is a miss, and the job goes on to the providers."""
         if self.pool is None or ttl_seconds <= 0:
@@ -193,18 +195,18 @@ class Catalog:
         try:
             async with asyncio.timeout(DB_WAIT_SECONDS * 2):
                 async with self.pool.connection(timeout=DB_WAIT_SECONDS) as conn:
-                    rows = await db.fetch(
-                        conn, "course_cache_lookup", {"cache_key": cache_key, "ttl": ttl_seconds}
+                    row = await dal.COURSE_CACHE_LOOKUP.first(
+                        conn, {"cache_key": cache_key, "ttl": ttl_seconds}
                     )
         except Exception as exc:
             logger.bind(action="course_cache_unavailable").warning(
-                "course cache skipped (database unavailable: {})", exc
+                "course cache skipped ({})", diagnose(exc, self.pool)
             )
             return None
-        return rows[0] if rows else None
+        return row
 
 
-def render_catalog(rows: list[dict[str, Any]]) -> bytes:
+def render_catalog(rows: list[CatalogRow]) -> bytes:
     courses = [
         {
             "id": r["course_id"],

@@ -11,7 +11,7 @@ import asyncio
 import json
 import re
 import sys
-from collections.abc import Callable, Coroutine, Sequence
+from collections.abc import Callable, Coroutine, Mapping, Sequence
 from typing import Any
 from uuid import UUID
 
@@ -39,7 +39,7 @@ def print_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
         print("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
 
 
-def print_rows(as_json: bool, headers: Sequence[str], rows: list[dict[str, Any]]) -> None:
+def print_rows(as_json: bool, headers: Sequence[str], rows: Sequence[Mapping[str, Any]]) -> None:
     """A runbook function's rows: JSON, or a table in the function's column order."""
     if as_json:
         print_json(rows)
@@ -446,11 +446,74 @@ async def _demo(args: argparse.Namespace, s: Settings) -> int:
 # -- parser -----------------------------------------------------------------
 
 
+# What each command does, for its `--help` (the one-line `help` is the list's).
+DESCRIPTIONS = {
+    "migrate": "Apply the migrations of sql/ and triggers/ that DATABASE_URL's database "
+    "lacks, each once, in its own transaction; safe to run twice and from two processes "
+    "at once. Settings kept in the database (the rate limit, the request limits, the "
+    "daily budget) are written on first install only, unless --write-settings.",
+    "worker": "Run the long-running worker: LISTEN on ai_jobs (or poll, LISTEN_MODE=poll), "
+    "claim due jobs up to WORKER_CONCURRENCY, run them, sweep stale and failed jobs, and "
+    "on SIGTERM finish or release what runs within SHUTDOWN_GRACE_SECONDS.",
+    "run-once": "Claim one due job (of --type, or of either table), run it here and print "
+    "the runbook's JSON result; exit 1 if it failed. The runbook's manual job trigger.",
+    "enqueue": "Insert a job into ai_course_jobs (course) or ai_media_jobs (media) and "
+    "print its id; the rate limit and the request limits apply as to any client.",
+    "course": "Insert a course generation job for --subject and print its id.",
+    "media": "Insert an image or audio generation job for --prompt and print its id.",
+    "status": "Print the queue depth: jobs per table and status, and whether each job "
+    "type is paused.",
+    "requeue": "Put one job back to pending with its retries reset (requeue_job); "
+    "without --table, whichever table holds it.",
+    "cancel": "Cancel one pending, failed or running job (cancel_job); a running one is "
+    "stopped by the worker that holds it.",
+    "pause": "Pause a job type: every worker stops claiming it within a second; jobs "
+    "running go on.",
+    "resume": "Resume a paused job type: workers claim it again at once.",
+    "mark-stale": "Mark processing jobs whose heartbeat is older than STALE_AFTER_SECONDS "
+    "as stale (mark_stale_jobs) and print them.",
+    "dead-letter": "Move failed jobs out of retries to the dead letter "
+    "(move_to_dead_letter) and print them.",
+    "stuck": "Print the processing jobs with a heartbeat older than STALE_AFTER_SECONDS "
+    "(the runbook's 'find stuck jobs').",
+    "alerts": "Evaluate the runbook's alert rules against the live database and print each "
+    "one's value and state; exit 1 while a critical one fires.",
+    "jobs": "Print recent jobs of a status (or every status), newest activity first, with "
+    "their retries, heartbeat age and error.",
+    "rate-limit": "Print each user's jobs of the last hour per table against the rate "
+    "limit the database enforces.",
+    "costs": "Print the tokens and USD spent by the done jobs of the last --days, from "
+    "their metrics, per model, user or day.",
+    "workers": "Print the live worker processes from the registry: host, pid, since when, "
+    "last seen, listener state, jobs running, last probe, reconnects.",
+    "web": "Serve the admin dashboard at /admin/jobs on PORT (needs ADMIN_TOKEN): live "
+    "jobs, filters, actions, charts, workers and /metrics.",
+    "demo": "Run everything on this machine with no set-up: an embedded PostgreSQL (unless "
+    "DATABASE_URL is set), the placeholder provider, sample jobs with live progress; "
+    "needs pip install 'ai-jobs[demo]'.",
+    "purge": "Delete done and dead-letter jobs completed more than --days ago "
+    "(purge_old_jobs) and print how many.",
+    "check-providers": "Verify each configured AI provider key with one cheap call, as "
+    "the runbook's curl checks do; exit 1 if one fails.",
+}
+
+
+def _add(
+    sub: argparse._SubParsersAction[argparse.ArgumentParser], name: str, help: str
+) -> argparse.ArgumentParser:
+    return sub.add_parser(name, help=help, description=DESCRIPTIONS[name])
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="ai-jobs", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(
+        prog="ai-jobs",
+        description="An event-driven job queue for AI generation work (courses, images, "
+        "audio) on PostgreSQL LISTEN/NOTIFY. Every command reads its settings from the "
+        "environment (DATABASE_URL first); `ai-jobs COMMAND --help` says what it does.",
+    )
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    mg = sub.add_parser("migrate", help="apply sql/ and triggers/ to DATABASE_URL")
+    mg = _add(sub, "migrate", help="apply sql/ and triggers/ to DATABASE_URL")
     mg.add_argument(
         "--write-settings",
         action="store_true",
@@ -459,77 +522,77 @@ def build_parser() -> argparse.ArgumentParser:
         "ai_job_settings even when the database has values (by default only when they are "
         "created, so that a limit changed live survives the migrate of every deploy)",
     )
-    sub.add_parser("worker", help="the long-running listener (Procfile worker:)")
-    ro = sub.add_parser("run-once", help="process one pending job now and print the result")
+    _add(sub, "worker", help="the long-running listener (Procfile worker:)")
+    ro = _add(sub, "run-once", help="process one pending job now and print the result")
     ro.add_argument("--type", choices=["course", "media"])
 
-    enq = sub.add_parser("enqueue", help="insert a job and print its id")
+    enq = _add(sub, "enqueue", help="insert a job and print its id")
     kinds = enq.add_subparsers(dest="kind", required=True, metavar="KIND")
-    course = kinds.add_parser("course", help="a course generation job")
+    course = _add(kinds, "course", help="a course generation job")
     course.add_argument("--subject", required=True)
-    media = kinds.add_parser("media", help="a media generation job")
+    media = _add(kinds, "media", help="a media generation job")
     media.add_argument("--prompt", required=True)
     media.add_argument("--media-type", required=True, choices=["image", "audio"])
     for k in (course, media):
         k.add_argument("--user", type=_uuid, help="the requesting user (rate-limit key)")
         k.add_argument("--param", action="append", metavar="K=V", help="handler option")
 
-    st = sub.add_parser("status", help="queue depth per table and status")
+    st = _add(sub, "status", help="queue depth per table and status")
     st.add_argument("--json", action="store_true")
 
-    rq = sub.add_parser("requeue", help="put one job back to pending")
+    rq = _add(sub, "requeue", help="put one job back to pending")
     rq.add_argument("id", type=_uuid)
     rq.add_argument("--table", choices=ops.TABLES)
 
-    cn = sub.add_parser("cancel", help="cancel one job (a running one is stopped by its worker)")
+    cn = _add(sub, "cancel", help="cancel one job (a running one is stopped by its worker)")
     cn.add_argument("id", type=_uuid)
     cn.add_argument("--table", choices=ops.TABLES)
     for name, text in (
         ("pause", "every worker stops claiming this job type"),
         ("resume", "workers claim this job type again"),
     ):
-        ps = sub.add_parser(name, help=text)
+        ps = _add(sub, name, help=text)
         ps.add_argument("job_type", choices=list(ops.JOB_TYPES), metavar="course|media")
 
     for name, text in (
         ("mark-stale", "processing jobs with an old heartbeat become stale"),
         ("dead-letter", "failed jobs out of retries go to the dead letter"),
     ):
-        sp = sub.add_parser(name, help=text)
+        sp = _add(sub, name, help=text)
         sp.add_argument("--json", action="store_true")
 
-    sk = sub.add_parser("stuck", help="processing jobs with a stale heartbeat")
+    sk = _add(sub, "stuck", help="processing jobs with a stale heartbeat")
     sk.add_argument("--json", action="store_true")
 
-    al = sub.add_parser("alerts", help="the runbook's alert rules; exit 1 while a critical fires")
+    al = _add(sub, "alerts", help="the runbook's alert rules; exit 1 while a critical fires")
     al.add_argument("--json", action="store_true")
 
-    jb = sub.add_parser("jobs", help="jobs of a status, newest activity first, with errors")
+    jb = _add(sub, "jobs", help="jobs of a status, newest activity first, with errors")
     jb.add_argument("--status", choices=ops.STATUSES)
     jb.add_argument("--limit", type=int, default=20, help="default 20")
     jb.add_argument("--json", action="store_true")
 
-    rl = sub.add_parser("rate-limit", help="jobs per user in the last hour against the limit")
+    rl = _add(sub, "rate-limit", help="jobs per user in the last hour against the limit")
     rl.add_argument("--json", action="store_true")
 
-    co = sub.add_parser("costs", help="tokens and USD spent by done jobs, from their metrics")
+    co = _add(sub, "costs", help="tokens and USD spent by done jobs, from their metrics")
     co.add_argument("--days", type=_positive, default=7.0, help="created in the last N days (7)")
     co.add_argument("--by", choices=ops.COST_GROUPS, default="model", help="default model")
     co.add_argument("--json", action="store_true")
 
-    wk = sub.add_parser("workers", help="the live worker processes and their listeners")
+    wk = _add(sub, "workers", help="the live worker processes and their listeners")
     wk.add_argument("--json", action="store_true")
 
-    wb = sub.add_parser("web", help="the admin dashboard at /admin/jobs (needs ADMIN_TOKEN)")
+    wb = _add(sub, "web", help="the admin dashboard at /admin/jobs (needs ADMIN_TOKEN)")
     wb.add_argument("--host", default="0.0.0.0", help="default 0.0.0.0")
     wb.add_argument("--port", type=int, help="default PORT (8000)")
-    dm = sub.add_parser("demo", help="everything on one machine: embedded PostgreSQL, sample jobs")
+    dm = _add(sub, "demo", help="everything on one machine: embedded PostgreSQL, sample jobs")
     dm.add_argument("--serve", action="store_true", help="keep the worker and dashboard running")
 
-    pg = sub.add_parser("purge", help="delete finished jobs older than --days")
+    pg = _add(sub, "purge", help="delete finished jobs older than --days")
     pg.add_argument("--days", type=float, help="default RETENTION_DAYS (90)")
 
-    sub.add_parser("check-providers", help="verify each configured AI provider key")
+    _add(sub, "check-providers", help="verify each configured AI provider key")
     return p
 
 

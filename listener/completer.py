@@ -16,7 +16,7 @@ from loguru import logger
 from psycopg.types.json import Jsonb
 from psycopg_pool import AsyncConnectionPool
 
-from listener import db
+from listener import dal
 from listener.jobs import Job, Outcome
 
 T = TypeVar("T")
@@ -114,8 +114,7 @@ class Completer:
         for item in batch:
             by_table.setdefault(item[0].table, []).append(item)
         for table, items in by_table.items():
-            async with self.pool.connection() as conn:
-                rows = await db.fetch(conn, "complete_jobs", completion_params(table, items))
+            rows = await dal.COMPLETE_JOBS.all(self.pool, completion_params(table, items))
             report_lost(items, {r["id"] for r in rows})
 
 

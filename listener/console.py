@@ -4,6 +4,7 @@ data; the dashboard (listener/web) renders it."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -11,8 +12,9 @@ from uuid import UUID
 
 import psycopg
 
-from listener import db, ops
+from listener import dal, ops
 from listener.errors import InvalidJob, JobNotFound
+from listener.rows import FoundJobRow
 
 Conn = psycopg.AsyncConnection[dict[str, Any]]
 
@@ -149,14 +151,14 @@ class Cursor:
 
 async def find(
     conn: Conn, f: JobFilter, after: Cursor | None = None, page_size: int = PAGE_SIZE
-) -> tuple[list[dict[str, Any]], Cursor | None]:
+) -> tuple[list[FoundJobRow], Cursor | None]:
     """One page of jobs, newest first, and the cursor of the next page (None: last)."""
     params = f.sql_params() | {
         "cursor_created_at": after.created_at if after else None,
         "cursor_id": after.id if after else None,
         "page_size": page_size + 1,
     }
-    rows = await db.fetch(conn, "find_jobs", params)
+    rows = await dal.FIND_JOBS.all(conn, params)
     more = len(rows) > page_size
     rows = rows[:page_size]
     nxt = Cursor(rows[-1]["created_at"], rows[-1]["id"]) if more and rows else None
@@ -168,8 +170,7 @@ async def bulk(conn: Conn, action: str, f: JobFilter, dry_run: bool) -> int:
     if action not in BULK_ACTIONS:
         raise InvalidJob(f"action must be one of {', '.join(BULK_ACTIONS)}")
     params = f.sql_params() | {"action": action, "dry_run": dry_run}
-    rows = await db.fetch(conn, "bulk_jobs", params)
-    return int(rows[0]["n"])
+    return (await dal.BULK_JOBS.one(conn, params))["n"]
 
 
 def bulk_actions(f: JobFilter) -> list[str]:
@@ -179,13 +180,11 @@ def bulk_actions(f: JobFilter) -> list[str]:
 
 async def job(conn: Conn, job_id: UUID) -> dict[str, Any]:
     """One job, whole, with its failed attempts (either table)."""
-    rows = await db.fetch(conn, "job_detail", {"id": job_id})
-    if not rows:
+    found = await dal.JOB_DETAIL.first(conn, {"id": job_id})
+    if found is None:
         raise JobNotFound(f"Job {job_id} not found in ai_course_jobs or ai_media_jobs")
-    row = dict(rows[0])
-    row["attempts"] = await db.fetch(
-        conn, "job_attempts", {"id": job_id, "table": row["job_table"]}
-    )
+    row: dict[str, Any] = dict(found)
+    row["attempts"] = await dal.JOB_ATTEMPTS.all(conn, {"id": job_id, "table": found["job_table"]})
     return row
 
 
@@ -196,9 +195,15 @@ async def charts(conn: Conn, window: str) -> dict[str, Any]:
         raise InvalidJob(f"window must be one of {', '.join(CHART_WINDOWS)}")
     length, bucket = CHART_WINDOWS[window]
     params = {"window": length, "bucket": bucket}
-    finished = {r["t"]: r for r in await db.fetch(conn, "chart_finished", params)}
-    failed = {r["t"]: r for r in await db.fetch(conn, "chart_failed", params)}
-    depth = {r["t"]: r for r in await db.fetch(conn, "chart_depth", params)}
+    finished: dict[datetime, Mapping[str, Any]] = {
+        r["t"]: r for r in await dal.CHART_FINISHED.all(conn, params)
+    }
+    failed: dict[datetime, Mapping[str, Any]] = {
+        r["t"]: r for r in await dal.CHART_FAILED.all(conn, params)
+    }
+    depth: dict[datetime, Mapping[str, Any]] = {
+        r["t"]: r for r in await dal.CHART_DEPTH.all(conn, params)
+    }
     step = bucket.total_seconds()
     now = datetime.now(UTC).timestamp()
     first = (now - length.total_seconds()) // step * step + step
@@ -224,9 +229,9 @@ async def cost(conn: Conn, hours: int = 24, top: int = 10) -> dict[str, Any]:
     """Spend and tokens per hour and per provider, and the top users, over `hours`."""
     params = {"window": timedelta(hours=hours), "limit": top}
     by_hour = [
-        {**r, "hour": r["hour"].isoformat()} for r in await db.fetch(conn, "cost_by_hour", params)
+        {**r, "hour": r["hour"].isoformat()} for r in await dal.COST_BY_HOUR.all(conn, params)
     ]
-    providers: dict[str, dict[str, Any]] = {}
+    providers: dict[Any, dict[str, Any]] = {}  # by provider (None: metrics that name none)
     for r in by_hour:
         p = providers.setdefault(
             r["provider"],
@@ -239,6 +244,6 @@ async def cost(conn: Conn, hours: int = 24, top: int = 10) -> dict[str, Any]:
         "hours": hours,
         "by_hour": by_hour,
         "by_provider": sorted(providers.values(), key=lambda p: -p["cost_usd"]),
-        "top_users": await db.fetch(conn, "cost_top_users", params),
+        "top_users": await dal.COST_TOP_USERS.all(conn, params),
         "total_usd": sum(p["cost_usd"] for p in providers.values()),
     }

@@ -18,7 +18,7 @@ from psycopg.conninfo import conninfo_to_dict
 from psycopg.rows import dict_row
 from psycopg_pool import AsyncConnectionPool
 
-from listener.errors import ConfigError, DatabaseUnavailable, redact, translate
+from listener.errors import ConfigError, redact, translate
 
 CHANNEL = "ai_jobs"
 
@@ -199,7 +199,3 @@ async def fetch(conn: psycopg.AsyncConnection[Any], name: str, params: Any = Non
         return await cur.fetchall() if cur.description else []
     except psycopg.Error as exc:
         raise translate(exc) from exc
-
-
-def is_connection_error(exc: BaseException) -> bool:
-    return isinstance(exc, DatabaseUnavailable | psycopg.OperationalError | psycopg.InterfaceError)

@@ -22,10 +22,11 @@ from rich.live import Live
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from listener import db, logs, ops
+from listener import dal, logs, ops
 from listener.app import open_worker
 from listener.errors import ConfigError
 from listener.migrate import migrate
+from listener.rows import DemoJobRow
 from listener.settings import Settings
 
 DEMO_DIR = Path(".demo")
@@ -82,8 +83,8 @@ def database(settings: Settings, console: Console) -> Iterator[str]:
 
 def _fresh_database(server_dsn: str) -> str:
     with psycopg.connect(server_dsn, autocommit=True) as conn:
-        conn.execute(db.sql("demo_drop_database"))
-        conn.execute(db.sql("demo_create_database"))
+        conn.execute(dal.DEMO_DROP_DATABASE.sql)
+        conn.execute(dal.DEMO_CREATE_DATABASE.sql)
     params = conninfo_to_dict(server_dsn)
     params["dbname"] = DEMO_DB
     return make_conninfo("", **params)
@@ -110,7 +111,7 @@ async def _enqueue(conn: Any) -> list[UUID]:
     return ids
 
 
-def _render(rows: list[dict[str, Any]], progress: Progress, task: Any) -> Group:
+def _render(rows: list[DemoJobRow], progress: Progress, task: Any) -> Group:
     table = Table(expand=True, header_style="bold")
     for col in ("type", "job", "status", "attempts", "seconds", "result / error"):
         table.add_column(col, overflow="fold")
@@ -159,7 +160,7 @@ async def run_demo(base: Settings, serve: bool, console: Console) -> int:
         return 0 if all(r["status"] == expected[r["id"]] for r in rows) else 1
 
 
-async def _watch(pool: Any, ids: list[UUID], console: Console) -> list[dict[str, Any]]:
+async def _watch(pool: Any, ids: list[UUID], console: Console) -> list[DemoJobRow]:
     progress = Progress(
         TextColumn("[bold]jobs finished"),
         BarColumn(),
@@ -168,18 +169,18 @@ async def _watch(pool: Any, ids: list[UUID], console: Console) -> list[dict[str,
         console=console,
     )
     task = progress.add_task("jobs", total=None)
-    rows: list[dict[str, Any]] = []
+    rows: list[DemoJobRow] = []
     with Live(console=console, refresh_per_second=8, transient=False) as live:
         while True:
             async with pool.connection() as conn:
-                rows = await db.fetch(conn, "demo_jobs", {"ids": ids})
+                rows = await dal.DEMO_JOBS.all(conn, {"ids": ids})
             live.update(_render(rows, progress, task))
             if rows and all(r["status"] in FINAL for r in rows):
                 return rows
             await asyncio.sleep(0.2)
 
 
-def _summary(rows: list[dict[str, Any]], settings: Settings, console: Console) -> None:
+def _summary(rows: list[DemoJobRow], settings: Settings, console: Console) -> None:
     done = sum(r["status"] == "done" for r in rows)
     dead = sum(r["status"] == "dead_letter" for r in rows)
     root = settings.storage_root

@@ -3,6 +3,7 @@
 AiJobsError
 ├── ConfigError             a setting is missing or invalid
 ├── DatabaseUnavailable     cannot reach PostgreSQL
+│   └── DatabaseBusy        reached, but it did not serve the request in time
 ├── SchemaOutdated          the database needs `ai-jobs migrate`
 ├── UnknownJobTable         a table name other than the two job tables
 ├── JobNotFound             no job with that id
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable
+from typing import Protocol, runtime_checkable
 
 import psycopg
 
@@ -42,6 +44,10 @@ class ConfigError(AiJobsError):
 
 class DatabaseUnavailable(AiJobsError):
     """Cannot connect to PostgreSQL."""
+
+
+class DatabaseBusy(DatabaseUnavailable):
+    """PostgreSQL did not serve the request in time."""
 
 
 class SchemaOutdated(AiJobsError):
@@ -92,6 +98,10 @@ class ProvidersUnavailable(GenerationError):
         super().__init__(message)
         self.wait_seconds = wait_seconds
 
+
+# A reachable server that would not serve the request in time: a statement or
+# lock timeout, a cancel request, its connection limit (retry, as when it is away).
+_BUSY_SQLSTATES = ("57014", "55P03", "53300")
 
 # SQLSTATEs raised by sql/003_functions.sql, and what they mean to us.
 _BY_SQLSTATE: dict[str, type[AiJobsError]] = {
@@ -153,11 +163,19 @@ class Scrubber:
         return text
 
 
-def scrub(text: str, settings: object | None = None) -> str:
-    """An error message fit for a job row or a log line: no secret of the settings,
-    no password in a URL, no API-key-looking token, at most MAX_ERROR characters."""
-    secrets = settings.secrets() if hasattr(settings, "secrets") else []
-    text = Scrubber(secrets)(text)
+@runtime_checkable
+class HasSecrets(Protocol):
+    def secrets(self) -> list[str]: ...
+
+
+def scrub(text: str, secrets: HasSecrets | Iterable[str] | None = None) -> str:
+    """Text fit for a job row, a log line, a provider's error or a Sentry event: no
+    secret value (`secrets`: the Settings, or the values themselves), no password
+    in a URL, no API-key-looking token, at most MAX_ERROR characters. The one
+    scrubbing path: logs.py and telemetry.py use the same Scrubber."""
+    # The Settings first: a pydantic model is iterable too (its fields).
+    values = secrets.secrets() if isinstance(secrets, HasSecrets) else secrets or ()
+    text = Scrubber(values)(text)
     return text if len(text) <= MAX_ERROR else text[: MAX_ERROR - 1] + "…"
 
 
@@ -171,6 +189,8 @@ def translate(exc: BaseException) -> AiJobsError:
         state = exc.sqlstate or ""
         if state in _BY_SQLSTATE:
             return _BY_SQLSTATE[state](primary)
+        if state in _BUSY_SQLSTATES:
+            return DatabaseBusy(f"PostgreSQL did not serve the request in time: {redact(primary)}")
         if state in ("42P01", "42883"):  # undefined_table, undefined_function
             return SchemaOutdated(
                 f"The database has no ai-jobs schema ({primary}): run `ai-jobs migrate`"

@@ -3,10 +3,12 @@ only turns one claimed job into a stored result, or raises."""
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 from uuid import UUID
+
+from listener.rows import ClaimedRow
 
 JOB_TYPES = {"ai_course_jobs": "course", "ai_media_jobs": "media"}
 TABLES_BY_TYPE = {v: k for k, v in JOB_TYPES.items()}
@@ -35,7 +37,7 @@ class Job:
         return params if isinstance(params, dict) else {}
 
     @classmethod
-    def from_claim(cls, rec: dict[str, Any]) -> Job:
+    def from_claim(cls, rec: ClaimedRow) -> Job:
         return cls(
             table=rec["job_table"],
             id=rec["id"],
@@ -56,4 +58,4 @@ class Outcome:
     metrics: dict[str, Any] = field(default_factory=dict)
 
 
-HandlerMap = dict[str, Callable[[Job], Awaitable[Outcome]]]
+HandlerMap = Mapping[str, Callable[[Job], Awaitable[Outcome]]]

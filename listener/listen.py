@@ -28,8 +28,10 @@ from typing import Any
 import psycopg
 from loguru import logger
 
-from listener import db
-from listener.errors import AiJobsError, ConfigError, redact, translate
+from listener import dal, db
+from listener.dal import Statement
+from listener.errors import ConfigError, DatabaseUnavailable, redact
+from listener.outage import Backoff, Health, diagnose
 
 PING_INTERVAL = 5.0  # seconds of silence before a keepalive query (River pings every 5 s)
 PING_TIMEOUT = 10.0  # a ping that does not answer in this time means a dead connection
@@ -47,21 +49,6 @@ MAX_PROBE = 200  # a probe's payload is about 60 characters
 
 Notify = Callable[[str, str], Awaitable[None]]  # (channel, payload), sent through a pool
 Conn = psycopg.AsyncConnection[dict[str, Any]]
-
-
-class Backoff:
-    """Capped exponential backoff with full jitter; reset after a success."""
-
-    def __init__(self, base: float = 0.1, cap: float = 10.0) -> None:
-        self.base, self.cap, self.attempt = base, cap, 0
-
-    def next(self) -> float:
-        delay = min(self.cap, self.base * 2**self.attempt)
-        self.attempt += 1
-        return random.uniform(delay / 2, delay)
-
-    def reset(self) -> None:
-        self.attempt = 0
 
 
 class ListenUnavailable(ConfigError):
@@ -94,10 +81,6 @@ def probe_of(payload: str) -> tuple[str, int] | None:
     return None
 
 
-def reason(exc: BaseException) -> str:
-    return exc.message if isinstance(exc, AiJobsError) else translate(exc).message
-
-
 class ListenService:
     def __init__(
         self,
@@ -105,7 +88,7 @@ class ListenService:
         *,
         name: str,
         channel: str,
-        listen_query: str,
+        listen_query: Statement | str,
         on_payload: Callable[[str], None],
         on_connect: Callable[[bool], None],
         notify: Notify | None = None,
@@ -117,7 +100,8 @@ class ListenService:
         self.dsn = dsn
         self.name = name  # in log actions: <name>_unhealthy, <name>_healthy, <name>_deaf
         self.channel = channel
-        self.listen_query = listen_query
+        # LISTEN on the channel: the statement, or its name in listener/queries.
+        self.listen = dal.named(listen_query) if isinstance(listen_query, str) else listen_query
         self.on_payload = on_payload
         self.on_connect = on_connect
         self.notify = notify
@@ -142,6 +126,8 @@ class ListenService:
         self._next_probe = 0.0
         self._sends: set[asyncio.Task[None]] = set()
         self._log = logger.bind(listener=name, channel=channel)
+        # Transitions logged once: <name>_unhealthy, _busy, _deaf, _healthy.
+        self.health = Health(name, log=self._log)
 
     # -- start-up ---------------------------------------------------------------
 
@@ -160,6 +146,7 @@ class ListenService:
                 conn = await self._open()
                 if await self._prove(conn, VERIFY_TIMEOUT):
                     self._verified, conn = conn, None
+                    self.health.up()
                     self._set_state(LISTENING)
                     return True
                 misses += 1
@@ -168,7 +155,9 @@ class ListenService:
                 continue
             except ListenUnavailable:
                 raise
-            except (psycopg.Error, AiJobsError, TimeoutError, OSError) as exc:
+            except Exception as exc:
+                if not diagnose(exc).transient:
+                    raise  # retrying cannot help: say so at start
                 self._lost(exc)
             finally:
                 if conn is not None:
@@ -199,10 +188,10 @@ class ListenService:
             if left <= 0:
                 self._probe_sent = self._probe_deadline = None
                 return False
-            async for n in conn.notifies(timeout=left):
+            # One packet at a time (stop_after), never a break: breaking out of
+            # notifies() drops the rest of the packet, whatever came with the probe.
+            async for n in conn.notifies(timeout=left, stop_after=1):
                 self._heard(n.payload)
-                if self._probe_deadline is None:
-                    break
         return True
 
     # -- the supervised loop --------------------------------------------------------
@@ -223,10 +212,11 @@ class ListenService:
                 raise
             except Deaf as exc:
                 self._deaf(exc)
-            except (psycopg.Error, AiJobsError, TimeoutError, OSError) as exc:
-                self._lost(exc)
-            except Exception as exc:  # a bug, or a callback that raised: restart
-                self._crashed(exc)
+            except Exception as exc:
+                if diagnose(exc).transient:
+                    self._lost(exc)
+                else:  # a bug, or a callback that raised: restart
+                    self._crashed(exc)
             finally:
                 self.connected.clear()
                 if conn is not None:
@@ -238,7 +228,7 @@ class ListenService:
     async def _open(self) -> Conn:
         conn = await db.connect(self.dsn, app=self.app)
         try:
-            await conn.execute(db.sql(self.listen_query))
+            await conn.execute(self.listen.sql)
         except BaseException:
             await _close(conn)
             raise
@@ -251,8 +241,7 @@ class ListenService:
         if recovered:
             self.reconnects += 1
         if self.state in (CONNECTING, RECONNECTING):
-            if self.state == RECONNECTING:
-                self._log.bind(action=f"{self.name}_healthy").info(f"{self.name}: connection back")
+            self.health.up()
             self._set_state(LISTENING)
         now = time.monotonic()
         self._heard_at = self._pinged_at = now
@@ -281,11 +270,14 @@ class ListenService:
                 wait = due - now
             else:
                 wait = PING_INTERVAL
+            # While a probe is out, one packet at a time (stop_after): its answer
+            # ends the wait (the next probe is due a full interval from then),
+            # and nothing that arrived with it is lost, as a break would lose the
+            # rest of the packet.
             probing = self._probe_deadline is not None
-            async for n in conn.notifies(timeout=max(0.001, min(wait, PING_INTERVAL))):
+            timeout = max(0.001, min(wait, PING_INTERVAL))
+            async for n in conn.notifies(timeout=timeout, stop_after=1 if probing else None):
                 self._heard(n.payload)
-                if probing and self._probe_deadline is None:
-                    break  # answered: the next probe is due a full interval from now
             quiet = time.monotonic() - max(self._heard_at, self._pinged_at)
             if self._probe_deadline is None and quiet >= PING_INTERVAL:
                 await self._ping(conn)  # a probe under way answers the same question
@@ -295,7 +287,7 @@ class ListenService:
         does not answer: after PING_TIMEOUT the connection is closed, then the
         query abandoned (cancelled first, psycopg would send a cancel request
         and wait for its answer, up to 10 s more), and the session ends."""
-        ping = asyncio.ensure_future(conn.execute(db.sql("keepalive")))
+        ping = asyncio.ensure_future(conn.execute(dal.KEEPALIVE.sql))
         try:
             done, _ = await asyncio.wait({ping}, timeout=PING_TIMEOUT)
         except asyncio.CancelledError:
@@ -305,7 +297,8 @@ class ListenService:
             await _close(conn)
             ping.cancel()
             await asyncio.wait({ping}, timeout=1.0)
-            raise TimeoutError(f"no answer to a ping within {PING_TIMEOUT:g}s")
+            # A dead connection, not a busy server: the ping is one round trip.
+            raise DatabaseUnavailable(f"no answer to a ping within {PING_TIMEOUT:g}s")
         ping.result()
         self._pinged_at = time.monotonic()
 
@@ -322,9 +315,8 @@ class ListenService:
                 f"{self.name}: probe {probe[1]} back in {self.probe_seconds * 1000:.1f} ms"
             )
             if self.state == DEAF:
-                self._log.bind(action=f"{self.name}_healthy").info(
-                    f"{self.name}: hears the channel again (probe back in "
-                    f"{self.probe_seconds * 1000:.0f} ms)"
+                self.health.up(
+                    f"hears the channel again (probe back in {self.probe_seconds * 1000:.0f} ms)"
                 )
                 self._set_state(LISTENING)
 
@@ -358,7 +350,7 @@ class ListenService:
             # The pool could not send it (its owner reports that): no verdict on
             # the LISTEN connection; try again after the next quiet period.
             self._log.bind(action=f"{self.name}_probe_unsent").debug(
-                f"{self.name}: probe {n} not sent: {reason(exc)}"
+                f"{self.name}: probe {n} not sent: {diagnose(exc)}"
             )
             if n == self._probe_n:
                 self._probe_sent = self._probe_deadline = None
@@ -375,21 +367,19 @@ class ListenService:
 
     def _lost(self, exc: BaseException) -> None:
         self._probe_sent = self._probe_deadline = None
-        if self.state not in (RECONNECTING, DEAF):
-            self._log.bind(action=f"{self.name}_unhealthy").warning(
-                f"{self.name}: connection lost ({reason(exc)}); reconnecting"
-            )
+        self.health.down(exc, then="reconnecting")  # logged once, and not while deaf
         if self.state != DEAF:
             self._set_state(RECONNECTING)
 
     def _deaf(self, exc: Deaf) -> None:
         self._probe_sent = self._probe_deadline = None
         self.deaf_count += 1
-        if self.state != DEAF:
-            self._log.bind(action=f"{self.name}_deaf", deaf_count=self.deaf_count).warning(
-                f"{self.name}: deaf: a probe sent on {self.channel} did not come back "
-                f"within {PROBE_TIMEOUT:g}s; reconnecting"
-            )
+        self.health.enter(
+            DEAF,
+            f"deaf: a probe sent on {self.channel} did not come back within "
+            f"{PROBE_TIMEOUT:g}s; reconnecting",
+            deaf_count=self.deaf_count,
+        )
         self._set_state(DEAF)
 
     def _crashed(self, exc: BaseException) -> None:

@@ -9,6 +9,8 @@ scheme).
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import re
 from dataclasses import dataclass
 from importlib import resources
@@ -17,9 +19,11 @@ from pathlib import Path
 from typing import Any
 
 import psycopg
+from psycopg_pool import AsyncConnectionPool
 
-from listener import db
+from listener import dal, db
 from listener.errors import AiJobsError, SchemaOutdated, translate
+from listener.outage import Backoff, Health
 
 _FILE = re.compile(r"^(\d{3})_[a-z0-9_]+\.sql$")
 FOLDERS = ("sql", "triggers")
@@ -82,35 +86,55 @@ async def migrate(
         try:
             for m in migrations():
                 async with conn.transaction():
-                    await conn.execute(db.sql("migrate_lock"))
-                    await conn.execute(db.sql("create_migrations_table"))
-                    done = {r["version"] for r in await db.fetch(conn, "applied_migrations")}
+                    await dal.MIGRATE_LOCK.run(conn)
+                    await dal.CREATE_MIGRATIONS_TABLE.run(conn)
+                    done = {r["version"] for r in await dal.APPLIED_MIGRATIONS.all(conn)}
                     if m.version in done:
                         continue
-                    await conn.execute(
-                        db.sql("record_migration"), {"version": m.version, "name": m.name}
-                    )
+                    await dal.RECORD_MIGRATION.run(conn, {"version": m.version, "name": m.name})
                     await conn.execute(m.text.encode())  # several statements: simple protocol
                 applied.append(m.name)
             new = {m.version for m in migrations() if m.name in applied}
             if rate_limit_per_hour is not None and (1 in new or write_settings):
-                await conn.execute(db.sql("set_rate_limit"), {"limit": rate_limit_per_hour})
+                await dal.SET_RATE_LIMIT.run(conn, {"limit": rate_limit_per_hour})
             if request_limits is not None and (REQUEST_LIMITS_MIGRATION in new or write_settings):
-                await conn.execute(db.sql("set_request_limits"), request_limits)
+                await dal.SET_REQUEST_LIMITS.run(conn, request_limits)
             if daily_budget_usd_per_user is not None and (
                 BUDGET_MIGRATION in new or write_settings
             ):
                 params = {"budget": daily_budget_usd_per_user}
-                await conn.execute(db.sql("set_daily_budget"), params)
+                await dal.SET_DAILY_BUDGET.run(conn, params)
         except psycopg.Error as exc:
             raise translate(exc) from exc
     return applied
 
 
+async def wait_for_schema(
+    pool: AsyncConnectionPool[Any], health: Health, stop: asyncio.Event
+) -> bool:
+    """Check the schema, waiting while the database is away (a worker may start
+    before it); True once current, False if `stop` came first. An outdated
+    schema, or any other error, is raised: retrying cannot fix it."""
+    backoff = Backoff(base=0.5, cap=10.0)
+    while not stop.is_set():
+        try:
+            async with pool.connection() as conn:
+                await check_schema(conn)
+            health.up()
+            return True
+        except Exception as exc:
+            if not health.down(exc).transient:
+                raise
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(backoff.next()):
+                await stop.wait()
+    return False
+
+
 async def check_schema(conn: psycopg.AsyncConnection[Any]) -> None:
     """Raise SchemaOutdated unless every migration this code ships is applied."""
     try:
-        rows = await db.fetch(conn, "applied_migrations")
+        rows = await dal.APPLIED_MIGRATIONS.all(conn)
     except SchemaOutdated:
         raise SchemaOutdated("The database has no ai-jobs schema: run `ai-jobs migrate`") from None
     done = {int(str(r["version"])) for r in rows}

@@ -13,15 +13,13 @@ from uuid import UUID
 
 from loguru import logger
 
-from listener import db
+from listener import dal, db
 from listener.jobs import JOB_TYPES
-from listener.listen import Backoff, ListenService, Notify, probe_of, reason
+from listener.listen import ListenService, Notify, probe_of
 
 __all__ = [
     "MAX_PAYLOAD",
     "SWEEP_NUDGE_SPACING",
-    "Backoff",
-    "Health",
     "Listener",
     "Nudge",
     "parse_payload",
@@ -88,27 +86,6 @@ def parse_payload(payload: str) -> Nudge:
     return Nudge(table=table, job_id=UUID(raw_id) if raw_id else None, paused=paused)
 
 
-class Health:
-    """Logs the transitions between healthy and unhealthy, not every retry."""
-
-    def __init__(self, what: str) -> None:
-        self.what = what
-        self.healthy: bool | None = None
-
-    def up(self) -> None:
-        if self.healthy is not True:
-            if self.healthy is False:
-                logger.bind(action=f"{self.what}_healthy").info(f"{self.what}: connection back")
-            self.healthy = True
-
-    def down(self, exc: BaseException) -> None:
-        if self.healthy is not False:
-            logger.bind(action=f"{self.what}_unhealthy").warning(
-                f"{self.what}: connection lost ({reason(exc)}); reconnecting"
-            )
-            self.healthy = False
-
-
 class Listener:
     """The worker's LISTEN on ai_jobs: payloads become nudges; probes of this
     process are answered by the service, those of other processes ignored."""
@@ -130,7 +107,7 @@ class Listener:
             dsn,
             name="listener",
             channel=db.CHANNEL,
-            listen_query="listen",
+            listen_query=dal.LISTEN,
             on_payload=self._dispatch,
             on_connect=on_connect,
             notify=notify,

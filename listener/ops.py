@@ -10,7 +10,7 @@ from uuid import UUID
 import psycopg
 from psycopg.types.json import Jsonb
 
-from listener import db
+from listener import dal, rows
 from listener.errors import InvalidJob, JobNotFound
 
 Conn = psycopg.AsyncConnection[dict[str, Any]]
@@ -42,9 +42,8 @@ async def enqueue_course(
     max_retries: int = 3,
     course_id: str | None = None,
 ) -> UUID:
-    rows = await db.fetch(
+    row = await dal.ENQUEUE_COURSE.one(
         conn,
-        "enqueue_course",
         {
             "subject": subject,
             "params": Jsonb(params or {}),
@@ -53,7 +52,7 @@ async def enqueue_course(
             "course_id": course_id,
         },
     )
-    return UUID(str(rows[0]["id"]))
+    return row["id"]
 
 
 async def enqueue_media(
@@ -66,9 +65,8 @@ async def enqueue_media(
     max_retries: int = 3,
     course_id: str | None = None,
 ) -> UUID:
-    rows = await db.fetch(
+    row = await dal.ENQUEUE_MEDIA.one(
         conn,
-        "enqueue_media",
         {
             "prompt": prompt,
             "media_type": media_type,
@@ -78,7 +76,7 @@ async def enqueue_media(
             "course_id": course_id,
         },
     )
-    return UUID(str(rows[0]["id"]))
+    return row["id"]
 
 
 async def queue_depth(conn: Conn) -> dict[str, dict[str, int]]:
@@ -87,7 +85,7 @@ async def queue_depth(conn: Conn) -> dict[str, dict[str, int]]:
     partial indexes, finished ones kept by the database as they change (sql/017):
     the cost does not grow with the history the tables keep."""
     depth = {t: dict.fromkeys(STATUSES, 0) for t in TABLES}
-    for row in await db.fetch(conn, "queue_depth"):
+    for row in await dal.QUEUE_DEPTH.all(conn):
         status = row["status"] if row["status"] in STATUSES else OTHER
         counts = depth[row["job_table"]]
         counts[status] = counts.get(status, 0) + int(row["count"])
@@ -97,76 +95,76 @@ async def queue_depth(conn: Conn) -> dict[str, dict[str, int]]:
 async def paused(conn: Conn) -> dict[str, bool]:
     """Which job tables are paused (pause_jobs / resume_jobs)."""
     state = dict.fromkeys(TABLES, False)
-    for row in await db.fetch(conn, "queue_pauses"):
+    for row in await dal.QUEUE_PAUSES.all(conn):
         state[row["job_table"]] = bool(row["paused"])
     return state
 
 
 async def set_paused(conn: Conn, table: str, pause: bool) -> bool:
     """Pause or resume one job table; True when this call changed it."""
-    rows = await db.fetch(conn, "pause_jobs" if pause else "resume_jobs", {"table": table})
-    return bool(rows[0]["changed"])
+    row = await (dal.PAUSE_JOBS if pause else dal.RESUME_JOBS).one(conn, {"table": table})
+    return bool(row["changed"])
 
 
 async def cancel(conn: Conn, job_id: UUID, table: str | None = None) -> tuple[str, str]:
     """cancel_job: returns the table and the status the job had."""
     table = table or await find_table(conn, job_id)
-    rows = await db.fetch(conn, "cancel_job", {"id": job_id, "table": table})
-    return table, str(rows[0]["previous"])
+    row = await dal.CANCEL_JOB.one(conn, {"id": job_id, "table": table})
+    return table, str(row["previous"])
 
 
 async def find_table(conn: Conn, job_id: UUID) -> str:
-    rows = await db.fetch(conn, "find_job_table", {"id": job_id})
-    if not rows:
+    row = await dal.FIND_JOB_TABLE.first(conn, {"id": job_id})
+    if row is None:
         raise JobNotFound(f"Job {job_id} not found in ai_course_jobs or ai_media_jobs")
-    return str(rows[0]["job_table"])
+    return row["job_table"]
 
 
 async def requeue(conn: Conn, job_id: UUID, table: str | None = None) -> str:
     table = table or await find_table(conn, job_id)
-    await db.fetch(conn, "requeue_job", {"id": job_id, "table": table})
+    await dal.REQUEUE_JOB.run(conn, {"id": job_id, "table": table})
     return table
 
 
-async def mark_stale(conn: Conn, stale_after_seconds: float) -> list[dict[str, Any]]:
-    return await db.fetch(conn, "mark_stale_jobs", {"seconds": stale_after_seconds})
+async def mark_stale(conn: Conn, stale_after_seconds: float) -> list[rows.MarkedStaleRow]:
+    return await dal.MARK_STALE_JOBS.all(conn, {"seconds": stale_after_seconds})
 
 
-async def dead_letter(conn: Conn) -> list[dict[str, Any]]:
-    return await db.fetch(conn, "move_to_dead_letter")
+async def dead_letter(conn: Conn) -> list[rows.DeadLetteredRow]:
+    return await dal.MOVE_TO_DEAD_LETTER.all(conn)
 
 
 async def purge(conn: Conn, days: float) -> int:
-    rows = await db.fetch(conn, "purge_old_jobs", {"days": days})
-    return int(rows[0]["deleted"])
+    row = await dal.PURGE_OLD_JOBS.one(conn, {"days": days})
+    return row["deleted"]
 
 
-async def stuck(conn: Conn, stale_after_seconds: float) -> list[dict[str, Any]]:
+async def stuck(conn: Conn, stale_after_seconds: float) -> list[rows.StuckJobRow]:
     """The runbook's "Find stuck jobs": processing jobs with an old heartbeat."""
-    return await db.fetch(conn, "stuck_jobs", {"seconds": stale_after_seconds})
+    return await dal.STUCK_JOBS.all(conn, {"seconds": stale_after_seconds})
 
 
-async def list_jobs(conn: Conn, status: str | None, limit: int) -> list[dict[str, Any]]:
+async def list_jobs(conn: Conn, status: str | None, limit: int) -> list[rows.ListedJobRow]:
     """Jobs of one status (or all), newest activity first: the runbook's diagnoses."""
-    return await db.fetch(conn, "list_jobs", {"status": status, "limit": limit})
+    return await dal.LIST_JOBS.all(conn, {"status": status, "limit": limit})
 
 
-async def rate_limit_usage(conn: Conn) -> list[dict[str, Any]]:
+async def rate_limit_usage(conn: Conn) -> list[rows.RateLimitUsageRow]:
     """Jobs per user and table in the last hour, with the enforced limit."""
-    return await db.fetch(conn, "rate_limit_usage")
+    return await dal.RATE_LIMIT_USAGE.all(conn)
 
 
 COST_GROUPS = ("model", "user", "day")
 
 
-async def costs(conn: Conn, days: float, by: str) -> list[dict[str, Any]]:
+async def costs(conn: Conn, days: float, by: str) -> list[rows.CostRow]:
     """Tokens and USD of the done jobs created in the last `days`, from their
     metrics, per model ("provider model"), user or UTC day; the dearest first."""
     if by not in COST_GROUPS:
         raise InvalidJob(f"--by expects one of {', '.join(COST_GROUPS)}, got {by!r}")
-    return await db.fetch(conn, "costs", {"days": days, "by": by})
+    return await dal.COSTS.all(conn, {"days": days, "by": by})
 
 
-async def workers(conn: Conn, live_seconds: float) -> list[dict[str, Any]]:
+async def workers(conn: Conn, live_seconds: float) -> list[rows.WorkerRow]:
     """The live worker processes (the registry, sql/012), oldest first."""
-    return await db.fetch(conn, "workers_list", {"live_seconds": live_seconds})
+    return await dal.WORKERS_LIST.all(conn, {"live_seconds": live_seconds})

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import os
 import socket
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -18,7 +19,7 @@ from typing import Any
 from loguru import logger
 from psycopg_pool import AsyncConnectionPool
 
-from listener import __version__, db
+from listener import __version__, dal
 from listener.listen import CONNECTING, DEAF, LISTENING, RECONNECTING
 from listener.settings import Settings
 
@@ -28,6 +29,11 @@ LIVE_BEATS = 3  # a worker not seen for this many beats is not live
 NO_WORKER_GRACE_SECONDS = 60.0  # no_worker counts the jobs due for longer than this
 POLLING = "polling"  # the listener_state of a worker with LISTEN_MODE=poll
 LISTENER_STATES = (LISTENING, POLLING, RECONNECTING, DEAF, CONNECTING)
+
+
+def make_worker_id() -> str:
+    """host:pid:random, as in the jobs' worker_id."""
+    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
 
 
 def beat_interval(settings: Settings) -> float:
@@ -95,7 +101,7 @@ class Registry:
         try:
             async with asyncio.timeout(BEAT_TIMEOUT):
                 async with self.pool.connection() as conn:
-                    await db.fetch(conn, "worker_beat", params)
+                    await dal.WORKER_BEAT.run(conn, params)
         except Exception as exc:
             self.on_error(exc)
             return False
@@ -107,7 +113,7 @@ class Registry:
         try:
             async with asyncio.timeout(BEAT_TIMEOUT):
                 async with self.pool.connection() as conn:
-                    await db.fetch(conn, "worker_remove", {"id": self.id})
+                    await dal.WORKER_REMOVE.run(conn, {"id": self.id})
         except Exception as exc:
             logger.bind(action="worker_unregister_failed").warning(
                 f"worker row not removed ({type(exc).__name__}); it expires by itself"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from functools import cached_property
 from pathlib import Path
+from typing import get_args
 
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -151,13 +152,21 @@ class Settings(BaseSettings):
     def dsn(self) -> str | None:
         return self.database_url.get_secret_value() if self.database_url else None
 
+    @classmethod
+    def secret_fields(cls) -> list[str]:
+        """The settings typed SecretStr: a new secret setting is one of them
+        by its type alone, and scrubbed everywhere without a change here."""
+        return [
+            name
+            for name, f in cls.model_fields.items()
+            if f.annotation is SecretStr or SecretStr in get_args(f.annotation)
+        ]
+
     def secrets(self) -> list[str]:
-        """Every secret value set (each SecretStr field: a new secret setting is
-        covered without a change here), for scrubbing text that may quote one."""
+        """Every secret value set (errors.scrub hides them in logs, job errors,
+        provider errors and Sentry events)."""
         plain = []
-        for name, field in type(self).model_fields.items():
-            if "SecretStr" not in str(field.annotation):
-                continue
+        for name in self.secret_fields():
             value = getattr(self, name)
             # model_copy(update=...) does not validate, so a copy may hold a plain str.
             text = value.get_secret_value() if isinstance(value, SecretStr) else value

@@ -14,8 +14,8 @@ from dataclasses import dataclass, field
 from loguru import logger
 from psycopg_pool import AsyncConnectionPool
 
-from listener import db
-from listener.listen import Backoff
+from listener import dal
+from listener.outage import Backoff, is_transient
 from listener.registry import live_seconds
 from listener.settings import Settings
 
@@ -41,52 +41,40 @@ class Sweeper:
         self._last_retention: float | None = None
 
     async def mark_stale(self) -> int:
-        async with self.pool.connection() as conn:
-            rows = await db.fetch(
-                conn, "mark_stale_jobs", {"seconds": self.settings.stale_after_seconds}
-            )
-        return len(rows)
+        params = {"seconds": self.settings.stale_after_seconds}
+        return len(await dal.MARK_STALE_JOBS.all(self.pool, params))
 
     async def rescue_stale(self) -> int:
         total = 0
         while True:
-            async with self.pool.connection() as conn:
-                rows = await db.fetch(conn, "rescue_stale_jobs", {"n": RESCUE_PAGE})
+            rows = await dal.RESCUE_STALE_JOBS.all(self.pool, {"n": RESCUE_PAGE})
             total += len(rows)
             if len(rows) < RESCUE_PAGE:  # no table filled a page: nothing left
                 return total
 
     async def dead_letter(self) -> int:
-        async with self.pool.connection() as conn:
-            return len(await db.fetch(conn, "move_to_dead_letter"))
+        return len(await dal.MOVE_TO_DEAD_LETTER.all(self.pool))
 
     async def retention(self, force: bool = False) -> int:
         now = time.monotonic()
         if not force and self._last_retention and now - self._last_retention < RETENTION_EVERY:
             return 0
-        async with self.pool.connection() as conn:
-            rows = await db.fetch(conn, "purge_old_jobs", {"days": self.settings.retention_days})
+        row = await dal.PURGE_OLD_JOBS.one(self.pool, {"days": self.settings.retention_days})
         self._last_retention = now
-        return int(rows[0]["deleted"])
+        return row["deleted"]
 
     async def expire_workers(self) -> int:
         """The registry rows of processes that died (a clean exit removes its own)."""
         seconds = max(self.settings.stale_after_seconds, live_seconds(self.settings))
-        async with self.pool.connection() as conn:
-            return len(await db.fetch(conn, "workers_expire", {"seconds": seconds}))
+        return len(await dal.WORKERS_EXPIRE.all(self.pool, {"seconds": seconds}))
 
     async def fold_counts(self) -> int:
         """Fold the finished-status deltas into their counts (sql/017), so that
         reading the counts stays a handful of rows."""
-        async with self.pool.connection() as conn:
-            rows = await db.fetch(conn, "fold_counts")
-        return int(rows[0]["folded"])
+        return (await dal.FOLD_COUNTS.one(self.pool))["folded"]
 
     async def next_due(self) -> float | None:
-        async with self.pool.connection() as conn:
-            rows = await db.fetch(conn, "next_job_due")
-        seconds = rows[0]["seconds"]
-        return None if seconds is None else float(seconds)
+        return (await dal.NEXT_JOB_DUE.one(self.pool))["seconds"]
 
     async def run_once(self) -> SweepResult:
         """Every duty, each on its own: one that fails does not stop the others
@@ -105,7 +93,7 @@ class Sweeper:
             try:
                 n = await duty()
             except Exception as exc:
-                if db.is_connection_error(exc):
+                if is_transient(exc):  # the database away or busy
                     raise
                 r.error = r.error or exc
                 continue

@@ -10,9 +10,8 @@ from typing import Any
 import sentry_sdk
 from loguru import logger
 
-from listener.errors import ConfigError
+from listener.errors import ConfigError, Scrubber
 from listener.jobs import Job
-from listener.providers.base import scrub
 from listener.settings import Settings
 
 FUNCTION_TAG = "ai-job-runner"
@@ -24,10 +23,10 @@ def init_sentry(settings: Settings) -> bool:
         return False
     if sentry_sdk.is_initialized():
         return True
-    secrets = settings.secrets()
+    scrub = Scrubber(settings.secrets())  # compiled once, for every event
 
     def before_send(event: Any, hint: Any) -> Any:
-        return _scrub_event(event, secrets)
+        return _scrub_event(event, scrub)
 
     try:
         sentry_sdk.init(
@@ -65,11 +64,13 @@ def flush(timeout: float = 2.0) -> None:
         sentry_sdk.flush(timeout=timeout)
 
 
-def _scrub_event(value: Any, secrets: list[str]) -> Any:
+def _scrub_event(value: Any, scrub: Scrubber) -> Any:
+    """Every text of the event, however deep (message, exception values, frames'
+    variables, extras, tags), through the scrubber of logs and job errors."""
     if isinstance(value, str):
-        return scrub(value, secrets)
+        return scrub(value)
     if isinstance(value, dict):
-        return {k: _scrub_event(v, secrets) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_scrub_event(v, secrets) for v in value]
+        return {k: _scrub_event(v, scrub) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_scrub_event(v, scrub) for v in value]
     return value

@@ -212,8 +212,8 @@ class FakeAI(HTTPFake):
             return None
         if path == "/v1/models":
             return self.models(h, provider)
-        if failed := self.failure(h, provider, path, mode, body):
-            return failed
+        if self.failure(h, provider, path, mode, body):
+            return None
         if path == "/v1/chat/completions":
             return self.chat(h, body, mode)
         if path == "/v1/messages":
@@ -333,8 +333,10 @@ class FakeAI(HTTPFake):
             ]
             page = {"data": data, "has_more": False, "first_id": "a", "last_id": "a"}
             return self.send(h, 200, page)
-        data = [{"id": "gpt-4.1-mini", "object": "model", "created": 0, "owned_by": "openai"}]
-        return self.send(h, 200, {"object": "list", "data": data})
+        models: list[dict[str, Any]] = [
+            {"id": "gpt-4.1-mini", "object": "model", "created": 0, "owned_by": "openai"}
+        ]
+        return self.send(h, 200, {"object": "list", "data": models})
 
     # -- answers ---------------------------------------------------------------
 

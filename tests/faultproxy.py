@@ -73,7 +73,7 @@ class FaultProxy:
         params = conninfo_to_dict(base_url)
         params.update(host="127.0.0.1", port=str(self.port), sslmode="disable")
         params["gssencmode"] = "disable"
-        return make_conninfo(**params)
+        return make_conninfo("", **params)
 
     def drop(self) -> int:
         """Close every connection now; returns how many."""

@@ -91,7 +91,7 @@ class PgBouncer:
         params = conninfo_to_dict(db_url)
         params.update(host="127.0.0.1", port=str(self.port), user="postgres")
         params.pop("password", None)
-        return make_conninfo(**params)
+        return make_conninfo("", **params)
 
     def log(self) -> str:
         with contextlib.suppress(OSError):

@@ -43,7 +43,7 @@ def _dsn(url: str) -> str:
     user = p.get("user", "postgres")
     port = p.get("port", "5432")
     db = p.get("dbname", "postgres")
-    if host.startswith("/"):
+    if str(host).startswith("/"):
         return f"postgresql://{user}@/{db}?host={host}&port={port}"
     pw = f":{p['password']}" if p.get("password") else ""
     return f"postgresql://{user}{pw}@{host}:{port}/{db}"

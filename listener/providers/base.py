@@ -17,6 +17,7 @@ from typing import Any, Protocol
 
 from listener import errors
 from listener.course_schema import CourseParams, SchemaValidationError
+from listener.errors import scrub as scrub  # the providers scrub with the one scrubber
 
 
 @dataclass
@@ -160,16 +161,6 @@ def repair_request(problem: str) -> str:
         f"That answer is not a valid course: {problem}. "
         "Answer again with only the corrected course as JSON matching the schema."
     )
-
-
-def scrub(text: str, secrets: list[str]) -> str:
-    """Hide the settings' secret values, and anything shaped like a key or a bearer
-    token, in text that an error body or exception may have echoed (OpenAI quotes
-    part of a wrong key)."""
-    for secret in secrets:
-        if len(secret) >= 4:
-            text = text.replace(secret, "***")
-    return errors.scrub(text)
 
 
 def _sdk_errors(kind: str) -> tuple[type[BaseException], ...]:

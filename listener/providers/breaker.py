@@ -17,14 +17,19 @@ import asyncio
 import time
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import Any, TypeVar
 
 from loguru import logger
 from psycopg_pool import AsyncConnectionPool
 
-from listener import db
+from listener import dal
+from listener.outage import diagnose
 from listener.providers.base import Classified, Failure
+from listener.rows import BreakerChangeRow, BreakerRow
 from listener.settings import Settings
+
+R = TypeVar("R")
+B = TypeVar("B", bound=BreakerRow)
 
 STATE_CACHE_SECONDS = 1.0  # how stale a process's copy of the shared state may be
 PROBE_RECHECK_SECONDS = 1.0  # while another caller's probe is in flight, look again after
@@ -108,7 +113,7 @@ class Breakers:
         if self.pool is None or not names:
             return
         try:
-            rows = await self._fetch("provider_forget_auth", {"providers": names})
+            rows = await self._fetch(dal.PROVIDER_FORGET_AUTH, {"providers": names})
         except Exception as exc:
             self._down(exc)
             return
@@ -133,7 +138,7 @@ class Breakers:
             if self._fresh():
                 return  # another job refreshed while this one waited
             try:
-                rows = await self._fetch("provider_states", None)
+                rows = await self._fetch(dal.PROVIDER_STATES, None)
             except Exception as exc:
                 self._down(exc)
             else:
@@ -164,7 +169,7 @@ class Breakers:
             "cooldown": cooldown,
             "retry_after": c.retry_after,
         }
-        row = await self._write("provider_failed", params)
+        row = await self._write(dal.PROVIDER_FAILED, params)
         if row is None:
             self._fail_locally(name, kind, reason, cooldown, c.retry_after)
         else:
@@ -179,14 +184,14 @@ class Breakers:
         st = self.states.get(name)
         if st is None or st.clean:
             return  # the hot path: nothing to reset, nothing written
-        row = await self._write("provider_succeeded", {"provider": name})
+        row = await self._write(dal.PROVIDER_SUCCEEDED, {"provider": name})
         if row is None:
             self.states[name] = State()
         else:
             self._transition(name, row)
 
     async def _probe(self, name: str, lease: float) -> bool:
-        row = await self._write("provider_probe", {"provider": name, "lease": lease})
+        row = await self._write(dal.PROVIDER_PROBE, {"provider": name, "lease": lease})
         if row is None:  # alone: the same rule, in this process
             st = self.states.setdefault(name, State())
             now = time.monotonic()
@@ -219,21 +224,21 @@ class Breakers:
 
     # -- plumbing -----------------------------------------------------------
 
-    async def _fetch(self, name: str, params: Any) -> list[dict[str, Any]]:
+    async def _fetch(self, query: dal.Query[R], params: Any) -> list[R]:
         assert self.pool is not None
         async with asyncio.timeout(DB_WAIT_SECONDS * 2):
             async with self.pool.connection(timeout=DB_WAIT_SECONDS) as conn:
-                rows = await db.fetch(conn, name, params)
+                rows = await query.all(conn, params)
         if not self._db_ok:
             self._db_ok = True
             logger.bind(action="breakers_shared").info("provider breakers shared again")
         return rows
 
-    async def _write(self, name: str, params: dict[str, Any]) -> dict[str, Any] | None:
+    async def _write(self, query: dal.Query[B], params: dict[str, Any]) -> B | None:
         if self.pool is None:
             return None
         try:
-            rows = await self._fetch(name, params)
+            rows = await self._fetch(query, params)
         except Exception as exc:
             self._down(exc)
             return None
@@ -246,10 +251,10 @@ class Breakers:
         if self._db_ok:
             self._db_ok = False
             logger.bind(action="breakers_local").warning(
-                "provider breakers kept in this process (database unavailable: {})", exc
+                "provider breakers kept in this process ({})", diagnose(exc, self.pool)
             )
 
-    def _store(self, row: dict[str, Any]) -> None:
+    def _store(self, row: BreakerRow) -> None:
         now, db_now = time.monotonic(), row["db_now"]
         self.states[row["provider"]] = State(
             failures=row["consecutive_failures"],
@@ -259,7 +264,7 @@ class Breakers:
             probe_until=_mono(row["probe_until"], db_now, now),
         )
 
-    def _transition(self, name: str, row: dict[str, Any]) -> None:
+    def _transition(self, name: str, row: BreakerChangeRow) -> None:
         """Log what this write changed: once, by the worker that changed it."""
         moved = row.get("transition")
         st = self.states[name]

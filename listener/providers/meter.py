@@ -17,7 +17,7 @@ from typing import Any
 from loguru import logger
 from psycopg_pool import AsyncConnectionPool
 
-from listener import db
+from listener import dal
 from listener.providers import pricing
 from listener.providers.base import Usage
 from listener.settings import PROVIDERS
@@ -83,7 +83,7 @@ class Meter:
             try:
                 async with asyncio.timeout(DB_WAIT_SECONDS * 2):
                     async with self.pool.connection(timeout=DB_WAIT_SECONDS) as conn:
-                        await db.fetch(conn, "add_usage", params)
+                        await dal.ADD_USAGE.run(conn, params)
             except Exception as exc:
                 for key, s in taken.items():  # keep them for the next tick
                     self.pending.setdefault(key, Sums()).add(s)

@@ -42,7 +42,7 @@ from starlette.responses import (
 )
 from starlette.routing import Route
 
-from listener import db, ops, registry
+from listener import dal, db, ops, registry
 from listener.errors import AiJobsError, InvalidJob, JobBusy, JobNotFound, translate
 from listener.settings import Settings
 from listener.storage import Storage, open_storage
@@ -111,6 +111,7 @@ class Dashboard:
             probe_every=settings.listen_probe_seconds,
             listen=settings.listen_mode == "listen",
             on_recovered=self.medic.heal_soon,
+            pool=self.pool,
         )
         self._storage: Storage | None = None
         self.log = logger.bind(action="web")
@@ -197,7 +198,7 @@ class Dashboard:
     async def _notify(self, channel: str, payload: str) -> None:
         """The live feed's probe, sent through the dashboard's pool."""
         async with self.pool.connection(timeout=5) as conn:
-            await db.fetch(conn, "notify", {"channel": channel, "payload": payload})
+            await dal.NOTIFY.run(conn, {"channel": channel, "payload": payload})
 
     async def snapshot(self) -> dict[str, str]:
         async with self.pool.connection() as conn:
@@ -211,9 +212,9 @@ class Dashboard:
         the no_worker alert's business, not a reason to restart the dashboard)."""
         try:
             async with self.pool.connection(timeout=3) as conn:
-                await conn.execute(db.sql("keepalive"))
+                await dal.KEEPALIVE.run(conn)
                 workers = await self._live_workers(conn)
-        except psycopg.Error:
+        except (psycopg.Error, AiJobsError):  # the pool's timeout, or the query's
             return JSONResponse({"status": "unavailable", "database": False}, 503)
         return JSONResponse(
             {

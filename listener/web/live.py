@@ -19,8 +19,11 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from loguru import logger
+from psycopg_pool import AsyncConnectionPool
 
+from listener import dal
 from listener.listen import ListenService, Notify, probe_of
+from listener.outage import diagnose
 
 CHANNEL = "ai_jobs_events"
 MIN_INTERVAL = 0.25  # at most four refreshes a second, whatever the write rate
@@ -41,8 +44,10 @@ class LiveFeed:
         probe_every: float = 30.0,
         listen: bool = True,
         on_recovered: Callable[[], None] | None = None,
+        pool: AsyncConnectionPool[Any] | None = None,
     ) -> None:
         self._snapshot = snapshot
+        self._pool = pool  # the snapshot's: a busy pool is told from an outage
         self._on_recovered = on_recovered
         self._listen = listen
         self._min_interval = min_interval
@@ -55,7 +60,7 @@ class LiveFeed:
             dsn,
             name="live",
             channel=CHANNEL,
-            listen_query="listen_events",
+            listen_query=dal.LISTEN_EVENTS,
             on_payload=self._changed,
             on_connect=self._connected,
             notify=notify,
@@ -130,7 +135,7 @@ class LiveFeed:
                 except Exception as exc:  # the database may be away: try again shortly
                     if not failing:
                         self._log.bind(action="live_refresh_failed").warning(
-                            "could not read the jobs: {}", type(exc).__name__
+                            "could not read the jobs ({})", diagnose(exc, self._pool)
                         )
                         failing = True
                     await asyncio.sleep(1.0)

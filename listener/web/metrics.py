@@ -16,13 +16,13 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from listener import alerts, db, ops
+from listener import alerts, dal, ops
 from listener.listen import LISTENING
 from listener.registry import LISTENER_STATES, live_seconds
 from listener.settings import PROVIDERS, Settings
 
 Conn = psycopg.AsyncConnection[dict[str, Any]]
-QUANTILES = (("0.5", "p50"), ("0.9", "p90"), ("0.99", "p99"))
+QUANTILES = ("0.5", "0.9", "0.99")
 # Every label value comes from a fixed set, never from a row: a client cannot make
 # the scrape grow by writing new values. A provider not listed here is "other".
 PROVIDER_LABELS = (*PROVIDERS, "placeholder", "cache")
@@ -55,7 +55,7 @@ async def collect(conn: Conn, settings: Settings) -> list[Metric]:
         "Average completed_at - started_at per job type and status (as ai_job_metrics)",
         labels=["job_type", "status"],
     )
-    for row in await db.fetch(conn, "job_metrics"):
+    for row in await dal.JOB_METRICS.all(conn):
         if row["avg_duration_seconds"] is not None and row["status"] in ops.STATUSES:
             avg.add_metric([row["job_type"], row["status"]], row["avg_duration_seconds"])
 
@@ -67,18 +67,19 @@ async def collect(conn: Conn, settings: Settings) -> list[Metric]:
     done = GaugeMetricFamily(
         "ai_jobs_done_last_hour", "Jobs done in the last hour", labels=["job_type"]
     )
-    for row in await db.fetch(conn, "duration_quantiles"):
-        done.add_metric([row["job_type"]], row["count"])
-        for q, col in QUANTILES:
-            duration.add_metric([row["job_type"], q], row[col])
+    for d in await dal.DURATION_QUANTILES.all(conn):
+        done.add_metric([d["job_type"]], d["count"])
+        for q, v in zip(QUANTILES, (d["p50"], d["p90"], d["p99"]), strict=True):
+            if v is not None:
+                duration.add_metric([d["job_type"], q], v)
 
     failures = GaugeMetricFamily(
         "ai_jobs_failures_last_hour",
         "Failed attempts of the last hour (those that ended in the dead letter included)",
         labels=["job_type"],
     )
-    for row in await db.fetch(conn, "failures_last_hour"):
-        failures.add_metric([row["job_type"]], row["count"])
+    for f in await dal.FAILURES_LAST_HOUR.all(conn):
+        failures.add_metric([f["job_type"]], f["count"])
 
     latency = GaugeMetricFamily(
         "ai_jobs_provider_latency_seconds",
@@ -90,15 +91,16 @@ async def collect(conn: Conn, settings: Settings) -> list[Metric]:
         "Jobs done per provider in the last hour",
         labels=["provider"],
     )
-    for row in await db.fetch(conn, "provider_latency", {"providers": list(PROVIDER_LABELS)}):
-        provider_jobs.add_metric([row["provider"]], row["count"])
-        for q, col in QUANTILES:
-            latency.add_metric([row["provider"], q], row[col])
+    for lat in await dal.PROVIDER_LATENCY.all(conn, {"providers": list(PROVIDER_LABELS)}):
+        provider_jobs.add_metric([lat["provider"]], lat["count"])
+        for q, v in zip(QUANTILES, (lat["p50"], lat["p90"], lat["p99"]), strict=True):
+            if v is not None:
+                latency.add_metric([lat["provider"], q], v)
 
     rejections = CounterMetricFamily(
         "ai_jobs_rate_limit_rejections", "Inserts rejected by the rate limit since the start"
     )
-    rejections.add_metric([], (await db.fetch(conn, "rate_limit_rejections"))[0]["value"])
+    rejections.add_metric([], (await dal.RATE_LIMIT_REJECTIONS.one(conn))["value"])
 
     firing = GaugeMetricFamily(
         "ai_jobs_alert_firing", "1 while the alert rule fires", labels=["rule", "severity"]
@@ -141,7 +143,7 @@ async def _providers(conn: Conn) -> list[Metric]:
         "Estimated USD of every provider call, at the list prices (pricing.py)",
         labels=["provider", "model"],
     )
-    for row in await db.fetch(conn, "usage_totals"):
+    for row in await dal.USAGE_TOTALS.all(conn):
         labels = [row["provider"], row["model"]]
         tokens.add_metric([*labels, "input"], row["input_tokens"])
         tokens.add_metric([*labels, "cached_input"], row["cached_input_tokens"])
@@ -152,7 +154,7 @@ async def _providers(conn: Conn) -> list[Metric]:
         "1 while the provider's breaker is not closed (open, or awaiting its probe)",
         labels=["provider"],
     )
-    found = {r["provider"]: r["open"] for r in await db.fetch(conn, "provider_breakers")}
+    found = {r["provider"]: r["open"] for r in await dal.PROVIDER_BREAKERS.all(conn)}
     for provider in PROVIDERS:
         breakers.add_metric([provider], found.get(provider, 0))
     return [tokens, cost, breakers]

@@ -18,6 +18,7 @@ from listener import console, ops
 from listener.course_schema import Course
 from listener.errors import JobNotFound
 from listener.registry import live_seconds
+from listener.rows import WorkerRow
 from listener.settings import Settings
 from listener.web import views
 from listener.web.app import PAGE, harden
@@ -183,6 +184,6 @@ def _media_type(row: dict[str, Any]) -> str | None:
     return MEDIA_TYPES.get(path.rsplit(".", 1)[1].lower())
 
 
-async def _workers(conn: Any, settings: Settings) -> list[dict[str, Any]] | None:
+async def _workers(conn: Any, settings: Settings) -> list[WorkerRow] | None:
     """The live workers of the registry (sql/012)."""
     return await ops.workers(conn, live_seconds(settings))

@@ -8,6 +8,7 @@ every viewer (no per-session data in them), so one rendering serves every stream
 from __future__ import annotations
 
 import time
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -15,7 +16,8 @@ from typing import Any
 import psycopg
 from jinja2 import Environment, PackageLoader, select_autoescape
 
-from listener import alerts, db, ops, registry
+from listener import alerts, dal, ops, registry
+from listener.rows import JobMetricsRow
 from listener.settings import Settings
 
 Conn = psycopg.AsyncConnection[dict[str, Any]]
@@ -76,7 +78,7 @@ class Card:
         return self._total_seconds / self._timed if self._timed else None
 
 
-def cards(metric_rows: list[dict[str, Any]]) -> list[Card]:
+def cards(metric_rows: Sequence[JobMetricsRow]) -> list[Card]:
     """The runbook's metrics cards: count and average duration per status, with the
     split per job type (what the ai_job_metrics view says, read from sources that
     do not grow with history: sql/017)."""
@@ -118,9 +120,9 @@ async def load(conn: Conn, alert_cache: AlertCache) -> dict[str, Any]:
     live = registry.live_seconds(alert_cache.settings)
     paused = await ops.paused(conn)
     return {
-        "cards": cards(await db.fetch(conn, "job_metrics")),
+        "cards": cards(await dal.JOB_METRICS.all(conn)),
         "workers": await ops.workers(conn, live),
-        "jobs": await db.fetch(conn, "recent_jobs", {"limit": RECENT_LIMIT}),
+        "jobs": await dal.RECENT_JOBS.all(conn, {"limit": RECENT_LIMIT}),
         "alerts": await alert_cache.get(conn),
         "queues": [(t, JOB_TYPES_BY_TABLE[t], paused[t]) for t in ops.TABLES],
         "generated_at": datetime.now(UTC),
@@ -144,7 +146,7 @@ def fragments(data: dict[str, Any]) -> dict[str, str]:
     }
 
 
-def rows(jobs: list[dict[str, Any]], empty: str = "") -> str:
+def rows(jobs: Sequence[Mapping[str, Any]], empty: str = "") -> str:
     return env.get_template("_rows.html").render(jobs=jobs, empty=empty, **ROW_CONTEXT)
 
 

@@ -232,7 +232,7 @@ def test_the_worker_and_the_reports_run_as_service_role(supabase_db_url: str) ->
     operators' commands do: claims, completions, the catalog, the sweep, the
     alert monitor's samples and transitions."""
     params = conninfo_to_dict(supabase_db_url)
-    as_service_role = make_conninfo(**params, options="-c role=service_role")
+    as_service_role = make_conninfo("", **params, options="-c role=service_role")
     storage = Path(tempfile.mkdtemp())
     w = WorkerProcess(
         as_service_role,

@@ -11,6 +11,7 @@ import signal
 from collections import Counter
 from collections.abc import Iterator
 from datetime import datetime, timedelta
+from functools import partial
 from typing import Any
 
 import pytest
@@ -169,7 +170,7 @@ def test_jobs_of_terminated_backends_start_within_two_seconds(db_url: str) -> No
             assert len(killed) >= 2  # the LISTEN connection and the pool's
             # Alone: a later job's notification would make the worker claim it too.
             _assert_started_in_time(db_url, [during], back, w)
-            w.wait_for("listener_healthy", lambda e, n=round_: _nth(w, "listener_healthy", n))
+            w.wait_for("listener_healthy", partial(_nth_event, w, "listener_healthy", round_))
             with connect(db_url) as c:
                 after = insert_course(c, f"right after {round_}")
             _assert_started_in_time(db_url, [after], back, w)
@@ -180,3 +181,7 @@ def test_jobs_of_terminated_backends_start_within_two_seconds(db_url: str) -> No
 
 def _nth(w: WorkerProcess, action: str, n: int) -> bool:
     return len(w.actions(action)) > n
+
+
+def _nth_event(w: WorkerProcess, action: str, n: int, event: dict[str, Any]) -> bool:
+    return _nth(w, action, n)

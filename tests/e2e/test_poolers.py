@@ -11,6 +11,7 @@ import subprocess
 import time
 from collections import Counter
 from collections.abc import Iterator
+from functools import partial
 
 import pytest
 from psycopg.conninfo import conninfo_to_dict
@@ -59,7 +60,7 @@ def test_session_mode_listens(session_pooler: PgBouncer, db_url: str) -> None:
         for i in range(3):
             with connect(db_url) as c:
                 jid = insert_course(c, f"through a session pooler {i}")
-            wait_until(lambda j=jid: _done(db_url, [j]), timeout=5, what="done")
+            wait_until(partial(_done, db_url, [jid]), timeout=5, what="done")
         with connect(db_url) as c:
             row = job(c, jid)
         assert (row["started_at"] - row["created_at"]).total_seconds() < 1.0  # notified
@@ -96,7 +97,7 @@ def test_transaction_mode_with_polling_chosen(transaction_pooler: PgBouncer, db_
         for i in range(4):  # polls enough for psycopg to prepare its statements, were it on
             with connect(db_url) as c:
                 batch = [insert_course(c, f"through a transaction pooler {i}.{k}") for k in (1, 2)]
-            wait_until(lambda b=batch: _done(db_url, b), timeout=10, what="done")
+            wait_until(partial(_done, db_url, batch), timeout=10, what="done")
             ids += batch
         starts = Counter(e["job_id"] for e in w.actions("job_started"))
         assert all(starts[j] == 1 for j in ids)

@@ -77,8 +77,8 @@ async def test_each_rule_fires_above_its_threshold(conn: Conn) -> None:
     assert found["pending_depth"].value == 21
     assert found["avg_processing_time"].value == pytest.approx(120, abs=1)
     assert found["failure_rate"].value == pytest.approx(30.0)  # 6 dead of 6 + 14 finished
-    quiet = ("rate_limit_violations", "provider_auth", "budget_rejections", "no_worker")
-    quiet += ("worker_deaf",)
+    quiet: tuple[str, ...] = ("rate_limit_violations", "provider_auth", "budget_rejections")
+    quiet += ("no_worker", "worker_deaf")
     assert all(a.firing for r, a in found.items() if r not in quiet)
     assert alerts.any_critical(list(found.values()))
 

@@ -255,7 +255,7 @@ async def test_a_forged_cancel_notification_stops_nothing(db_url: str) -> None:
         await c.execute("select pg_notify('ai_jobs', %s)", [payload])
 
         async def checked() -> bool:
-            return worker.notifications > seen and not worker._cancel_checks
+            return worker.notifications > seen and not worker.leases.cancel_checks
 
         await await_until(checked, what="the forged cancel heard and checked")
         assert jid in worker.running

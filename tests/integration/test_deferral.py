@@ -134,7 +134,7 @@ async def test_the_worker_stops_claiming_that_table_while_providers_are_down(db_
         assert deferred == [first]
         assert statuses == ["pending"] * 3
         assert w.claim_queries - claims <= 2  # the media claims only
-        assert "ai_course_jobs" in w._hold
+        assert "ai_course_jobs" in w.executor.holds
 
 
 async def _async(value: Any) -> Any:

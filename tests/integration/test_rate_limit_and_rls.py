@@ -37,13 +37,13 @@ async def test_twenty_concurrent_inserts_by_one_user_exactly_ten_succeed(db_url:
     for c in conns:
         await c.close()
     assert results.count("ok") == 10 and results.count("limited") == 10
-    with connect(db_url) as c:
-        n = c.execute(
+    with connect(db_url) as sc:
+        n = sc.execute(
             "select count(*) from ai_course_jobs where created_by = %s", [user]
         ).fetchone()
         assert n["count"] == 10
         # every rejection was counted, although each rolled its insert back
-        seq = c.execute("select last_value from ai_job_rate_limit_rejections").fetchone()
+        seq = sc.execute("select last_value from ai_job_rate_limit_rejections").fetchone()
         assert seq["last_value"] == 10
 
 

@@ -74,14 +74,14 @@ def test_dispatch_survives_a_failing_nudge_handler() -> None:
     def boom(nudge: Nudge) -> None:
         raise RuntimeError("handler bug")
 
-    listener = Listener("", boom, lambda: None)
+    listener = Listener("", boom, lambda recovered: None)
     listener._dispatch("")  # the handler raises: logged, not raised
     listener._dispatch("[" * 7000)
 
 
 def test_a_flood_of_sweep_requests_is_one_sweep_a_second() -> None:
     got: list[Nudge] = []
-    listener = Listener("", got.append, lambda: None)
+    listener = Listener("", got.append, lambda recovered: None)
     for _ in range(1000):
         listener._dispatch("")
     assert [n.sweep for n in got].count(True) == 1

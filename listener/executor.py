@@ -1,0 +1,197 @@
+"""Runs one claimed job: its handler, then how it ended, written.
+
+Done: the outcome goes to the completer (batched `done` writes). Raised: the
+failure is written (fail_job: a retry after a backoff, or the dead letter).
+Every provider unavailable: the job goes back to pending until the earliest
+recovery (defer_job, no attempt counted) and its table is held (no claims there
+until then). Cancelled: the task ends and nothing is written (the claim is gone).
+
+`start(job)` is all a caller needs: the claim loop, `run-once`, or any path that
+claimed a row itself (Job.from_claim).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import Callable
+from typing import Any
+
+from loguru import logger
+from psycopg_pool import AsyncConnectionPool
+
+from listener import dal
+from listener.completer import Completer
+from listener.errors import AiJobsError, InvalidJob, ProvidersUnavailable, scrub
+from listener.jobs import HandlerMap, Job, Outcome
+from listener.leases import LeaseKeeper, Retry, Running
+from listener.pacing import Pacing
+from listener.settings import Settings
+
+FailureHook = Callable[[Job, BaseException], None]
+
+
+class Holds:
+    """Tables whose every provider is down: no claims there until then
+    (monotonic), rather than claim jobs only to put them back."""
+
+    def __init__(self) -> None:
+        self._until: dict[str, float] = {}
+
+    def __contains__(self, table: object) -> bool:
+        return table in self._until
+
+    def hold(self, table: str, seconds: float) -> None:
+        self._until[table] = time.monotonic() + seconds
+
+    def held(self, table: str, now: float) -> bool:
+        until = self._until.get(table)
+        if until is None:
+            return False
+        if until > now:
+            return True
+        del self._until[table]
+        logger.bind(action="claims_resumed", table=table).info(f"claiming {table} again")
+        return False
+
+    def waits(self, now: float) -> list[float]:
+        """Seconds until each hold ends."""
+        return [until - now for until in self._until.values() if until > now]
+
+
+class Executor:
+    def __init__(
+        self,
+        settings: Settings,
+        pool: AsyncConnectionPool[Any],
+        handlers: HandlerMap,
+        leases: LeaseKeeper,
+        completer: Completer,
+        pacing: Pacing,
+        *,
+        retry: Retry[Any],
+        on_due: Callable[[float], None],
+        on_free: Callable[[], None],
+        on_failure: FailureHook | None = None,
+    ) -> None:
+        self.settings = settings
+        self.pool = pool
+        self.handlers = handlers
+        self.leases = leases
+        self.completer = completer
+        self.pacing = pacing
+        self.retry = retry  # writes that must land (outage.AwayRetry)
+        self.on_due = on_due  # a job waits: look again in that many seconds
+        self.on_free = on_free  # a slot is free
+        self.on_failure = on_failure  # telemetry of a failed attempt
+        self.holds = Holds()
+
+    def start(self, job: Job) -> asyncio.Task[Outcome | None]:
+        """Run a claimed job in a task of its own, held by the lease keeper."""
+        task = asyncio.create_task(self.execute(job), name=f"job {job.id}")
+        self.leases.running[job.id] = Running(job, task)
+        return task
+
+    async def execute(self, job: Job) -> Outcome | None:
+        """Run the handler and record the end; never raises but on cancellation."""
+        log = logger.bind(job_id=str(job.id), table=job.table, attempt=job.attempt)
+        log.info("job started", action="job_started")
+        t0 = time.perf_counter()
+        try:
+            handler = self.handlers.get(job.table)
+            if handler is None:
+                raise InvalidJob(f"No handler registered for {job.table}")
+            outcome = await handler(job)
+            outcome.metrics["totalDurationMs"] = round((time.perf_counter() - t0) * 1000, 3)
+            self.leases.running.pop(job.id, None)  # handed over: no longer ours to release
+            await self.completer.add(job, outcome)
+            ms = outcome.metrics["totalDurationMs"]
+            log.info("job done in {ms} ms", action="job_done", ms=ms)
+            return outcome
+        except asyncio.CancelledError:
+            raise  # shutdown past the grace period, or the job was taken away
+        except ProvidersUnavailable as exc:
+            await asyncio.shield(self.defer(job, exc, log))
+            return None
+        except Exception as exc:
+            await asyncio.shield(self.fail(job, exc, log))
+            return None
+        finally:
+            self.pacing.job_time.add(time.perf_counter() - t0)
+            self.leases.running.pop(job.id, None)
+            self.on_free()
+
+    async def fail(self, job: Job, exc: BaseException, log: Any = logger) -> None:
+        """Write a failed attempt: a retry after its backoff, or the dead letter."""
+        message = scrub(error_text(exc), self.settings)
+        params = {
+            "table": job.table,
+            "id": job.id,
+            "token": job.claim_token,
+            "error": message,
+            "base": self.settings.retry_base_seconds,
+            "give_up": isinstance(exc, InvalidJob),
+        }
+        if self.on_failure:
+            with contextlib.suppress(Exception):
+                self.on_failure(job, exc)
+        try:
+            row = await self.retry(lambda: dal.FAIL_JOB.first(self.pool, params))
+        except Exception as write_exc:
+            log.bind(action="job_fail_lost").error(f"could not record failure: {write_exc}")
+            return
+        if row is None:
+            log.bind(action="job_lost").warning(f"job failed ({message}) but is no longer held")
+        elif row["status"] == "dead_letter":
+            log.bind(action="job_dead_letter").error(f"job moved to the dead letter: {message}")
+        else:
+            due_in = row["due_in"] or 0.0  # a failed job always has its run_after
+            self.on_due(due_in)
+            log.bind(action="job_failed").warning(
+                f"job failed (attempt {job.attempt}/{job.max_retries}), retry in {due_in:.1f}s: "
+                f"{message}"
+            )
+
+    async def defer(self, job: Job, exc: ProvidersUnavailable, log: Any = logger) -> None:
+        """Every provider is down or rate-limited: back to pending until the earliest
+        recovery, no attempt counted (past PROVIDER_OUTAGE_MAX_WAIT_SECONDS of
+        waiting, defer_job counts one), and no more claims of this table until then."""
+        message = scrub(exc.message, self.settings)
+        params = {
+            "table": job.table,
+            "id": job.id,
+            "token": job.claim_token,
+            "wait": exc.wait_seconds,
+            "reason": message,
+            "max_wait": self.settings.provider_outage_max_wait_seconds,
+        }
+        try:
+            row = await self.retry(lambda: dal.DEFER_JOB.first(self.pool, params))
+        except Exception as write_exc:
+            log.bind(action="job_defer_lost").error(f"could not put the job back: {write_exc}")
+            return
+        if row is None:
+            log.bind(action="job_lost").warning(f"job deferred ({message}) but is no longer held")
+            return
+        due_in = max(0.0, row["due_in"] or 0.0)
+        if job.table not in self.holds:
+            log.bind(action="claims_held", seconds=round(due_in, 1)).warning(
+                f"every provider is unavailable: no {job.job_type} jobs claimed for "
+                f"{due_in:.1f}s ({message})"
+            )
+        self.holds.hold(job.table, due_in)
+        self.on_due(due_in)
+        if row["status"] == "dead_letter":
+            log.bind(action="job_dead_letter").error(f"job moved to the dead letter: {message}")
+        elif row["counted"]:
+            log.bind(action="job_failed").warning(f"waited too long, attempt counted: {message}")
+        else:
+            log.bind(action="job_deferred").debug(f"job waits {due_in:.1f}s for its providers")
+
+
+def error_text(exc: BaseException) -> str:
+    if isinstance(exc, AiJobsError):
+        return exc.message
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
