@@ -1,16 +1,29 @@
 """The course catalog: one database row per finished course (sql/006), rendered to
 courses/catalog.json in batches.
 
-A render happens at most once per CATALOG_BATCH_JOBS courses this process finished,
-or CATALOG_BATCH_SECONDS after the first one not yet rendered (the worker's tick),
-and once more at shutdown (the runbook: "batch catalog updates"). Renders from
-every process take turns on an advisory lock and each writes every row, so no
-entry is ever lost, whichever process renders last.
+Saving: a finished course's row is saved before its job is reported done, so a
+job written `done` has its catalog row in the database, whatever happens to the
+process after. Rows are saved in batches, one statement and one commit per
+batch (group commit): while a save is under way, the rows of the jobs that
+finish meanwhile wait for it and go together in the next one. The cache
+lookups of jobs that start together go in one statement too.
 
-A job does not wait for the database: while it is unreachable, finished courses
-keep their rows in memory and the tick saves them once it is back (the worker,
-too, writes completions when the database returns). Only a process that dies
-during an outage loses such rows; the course files themselves are stored.
+Rendering: at most once per CATALOG_BATCH_JOBS courses this process saved, or
+CATALOG_BATCH_SECONDS after the first one not yet rendered (the worker's tick),
+and once more at shutdown (the runbook: "batch catalog updates"); each render
+writes the rows saved so far, so it goes on under load, never waiting for rows
+still on their way, and it takes at most a fifth of the process's time (a
+render of many rows waits four times its own length after the last one). Renders
+from every process take turns on an advisory lock and each writes every row, so
+no entry is ever lost, whichever process renders last.
+
+A job does not wait for the database: while it is unreachable (or does not
+answer in time), finished courses keep their rows in memory and the tick saves
+them once it is back (the worker, too, writes completions when the database
+returns). Only a process that dies during an outage loses such rows; the course
+files themselves are stored. Every message says which it was: the database
+away, busy (a pool with every connection in use, a statement that did not
+answer in time), or an error.
 """
 
 from __future__ import annotations
@@ -24,11 +37,13 @@ from typing import Any
 from uuid import UUID
 
 from loguru import logger
+from psycopg.types.json import Jsonb
 from psycopg_pool import AsyncConnectionPool
 
 from listener import dal
 from listener.course_schema import Course
-from listener.outage import diagnose
+from listener.errors import DatabaseBusy
+from listener.outage import Diagnosis, Verdict, diagnose
 from listener.rows import CachedCourseRow, CatalogRow
 from listener.storage import Storage
 
@@ -38,6 +53,9 @@ CATALOG_VERSION = 1
 # on (a cache lookup counts as a miss, a row is saved later).
 DB_WAIT_SECONDS = 2.0
 RENDER_TIMEOUT_SECONDS = 30.0  # a render stuck on a half-open connection gives up
+MAX_BATCH = 500  # rows per save statement
+RENDER_SHARE = 4.0  # the pause after a render, in lengths of that render
+_MISS: Any = object()  # a failed lookup, to its waiters
 
 
 class Catalog:
@@ -53,11 +71,20 @@ class Catalog:
         self.batch_jobs = batch_jobs
         self.batch_seconds = batch_seconds
         self.renders = 0
+        self.saves = 0  # save statements that committed (one per batch)
+        self.lookups = 0  # cache lookup statements
         self._unrendered = 0
         self._first_unrendered: float | None = None
         self._lock = asyncio.Lock()
         self._unsaved: list[dict[str, Any]] = []
+        self._queued = 0  # rows ever queued for saving ...
+        self._saved = 0  # ... and saved, in order: the first _saved of them
         self._save_lock = asyncio.Lock()
+        self._trouble: Verdict | None = None  # the last save failed: away, busy, error
+        self._lookups: list[tuple[str, float, asyncio.Future[Any]]] = []
+        self._lookup_lock = asyncio.Lock()
+        self._render_pause = 0.0
+        self._rendered_at = 0.0  # monotonic end of the last render
 
     @property
     def unrendered(self) -> int:
@@ -77,13 +104,14 @@ class Catalog:
         provider: str,
         model: str,
     ) -> None:
-        """Add or replace the course's row; render when the batch is full."""
+        """Add or replace the course's row, saved when this returns (unless the
+        database is away: then the tick saves it); render when the batch is full."""
         if self.pool is None:
             return
         self._unsaved.append(
             {
                 "course_id": course.id,
-                "job_id": job_id,
+                "job_id": str(job_id),
                 "subject": course.subject,
                 "title": course.title,
                 "description": course.description,
@@ -97,10 +125,11 @@ class Catalog:
                 "model": model,
             }
         )
-        await self.save_quietly()
-        self._unrendered += 1
-        if self._first_unrendered is None:
-            self._first_unrendered = time.monotonic()
+        self._queued += 1
+        # While the database is away or refuses the rows, a job does not wait for
+        # it: the tick tries again. Busy is worth a wait (the rows are the next batch).
+        if self._trouble in (None, Verdict.BUSY):
+            await self._save(upto=self._queued)
         # A render under way may hang on a connection gone half-open: a job never
         # waits for it. Its row is counted, and the next tick renders it.
         if self._due() and not self._lock.locked():
@@ -108,25 +137,64 @@ class Catalog:
 
     def _due(self) -> bool:
         since = self._first_unrendered
-        return self._unrendered >= self.batch_jobs or (
-            since is not None and time.monotonic() - since >= self.batch_seconds
-        )
+        if since is None:
+            return False
+        now = time.monotonic()
+        if now - self._rendered_at < self._render_pause:
+            return False  # the last render was long: the process has other work
+        return self._unrendered >= self.batch_jobs or now - since >= self.batch_seconds
 
     async def save_quietly(self) -> None:
-        """Save the rows not yet in the database; on failure keep them for the tick."""
-        if self.pool is None or not self._unsaved or self._save_lock.locked():
-            return  # the running save takes every row, ours included
-        async with self._save_lock:
-            try:
-                async with asyncio.timeout(DB_WAIT_SECONDS * 2):
-                    async with self.pool.connection(timeout=DB_WAIT_SECONDS) as conn:
-                        while self._unsaved:
-                            await dal.CATALOG_UPSERT.run(conn, self._unsaved[0])
-                            self._unsaved.pop(0)
-            except Exception as exc:
-                logger.bind(action="catalog_save_deferred", unsaved=len(self._unsaved)).warning(
-                    "catalog rows saved later ({})", diagnose(exc, self.pool)
-                )
+        """Save every row not yet in the database; on failure keep them for the tick."""
+        if self.pool is not None and self._unsaved:
+            await self._save(upto=self._queued)
+
+    async def _save(self, upto: int) -> None:
+        """Until the first `upto` rows ever queued are saved: wait for the save under
+        way, then save what waits, in batches. Never raises; a failure is logged
+        (once per change of state) and the rows are kept."""
+        assert self.pool is not None
+        try:
+            async with asyncio.timeout(DB_WAIT_SECONDS * 2):
+                async with self._save_lock:
+                    while self._saved < upto and self._unsaved:
+                        await self._save_batch(self._unsaved[:MAX_BATCH])
+        except TimeoutError:
+            waited = DatabaseBusy(f"the save got no answer in {DB_WAIT_SECONDS * 2:g} s")
+            self._failed(diagnose(waited, self.pool))
+        except Exception as exc:
+            self._failed(diagnose(exc, self.pool))
+        else:
+            if self._trouble is not None:
+                self._trouble = None
+                logger.bind(action="catalog_saved").info("catalog: rows saved again")
+
+    async def _save_batch(self, batch: list[dict[str, Any]]) -> None:
+        assert self.pool is not None
+        latest = {r["course_id"]: r for r in batch}  # a course twice: its latest row
+        async with self.pool.connection(timeout=DB_WAIT_SECONDS) as conn:
+            await dal.CATALOG_UPSERT.run(conn, {"rows": Jsonb(list(latest.values()))})
+        del self._unsaved[: len(batch)]  # appends go at the end; only we take
+        self._saved += len(batch)
+        self.saves += 1
+        self._unrendered += len(batch)
+        if self._first_unrendered is None:
+            self._first_unrendered = time.monotonic()
+
+    def _failed(self, d: Diagnosis) -> None:
+        if d.verdict is self._trouble:
+            return  # said once per change
+        self._trouble = d.verdict
+        n = len(self._unsaved)
+        if d.verdict is Verdict.AWAY:
+            text = f"catalog: {d}; {n} row(s) kept here, saved when it is back"
+        elif d.verdict is Verdict.BUSY:
+            text = f"catalog: {d}; {n} row(s) kept here, saved by the next batch"
+        else:
+            text = f"catalog: rows not saved ({d}); {n} row(s) kept here, tried again"
+        logger.bind(action="catalog_save_deferred", unsaved=n, verdict=d.verdict.value).warning(
+            text
+        )
 
     async def tick(self) -> None:
         await self.save_quietly()
@@ -154,6 +222,11 @@ class Catalog:
                 if still_needed is None or still_needed():
                     async with asyncio.timeout(RENDER_TIMEOUT_SECONDS):
                         await self._render()
+        except TimeoutError:
+            logger.bind(action="catalog_render_failed").warning(
+                "catalog render failed (will retry): database busy: no answer in {:g} s",
+                RENDER_TIMEOUT_SECONDS,
+            )
         except Exception as exc:
             logger.bind(action="catalog_render_failed").warning(
                 "catalog render failed (will retry): {}", diagnose(exc, self.pool)
@@ -167,8 +240,7 @@ class Catalog:
     async def _render(self) -> int:
         if self.pool is None:
             return 0
-        if self._unsaved:
-            raise RuntimeError("catalog rows wait for the database")
+        t0 = time.monotonic()
         async with (
             self.pool.connection(timeout=DB_WAIT_SECONDS) as conn,
             conn.transaction(),
@@ -184,26 +256,61 @@ class Catalog:
                 self._first_unrendered = self._first_unrendered or time.monotonic()
                 raise
         self.renders += 1
+        self._rendered_at = time.monotonic()
+        self._render_pause = RENDER_SHARE * (self._rendered_at - t0)
         logger.bind(action="catalog_rendered", courses=len(rows)).debug("catalog rendered")
         return len(rows)
 
     async def cached(self, cache_key: str, ttl_seconds: float) -> CachedCourseRow | None:
         """The newest catalog row made from this request, if recent enough. Best effort:
-        without the database it is a miss, and the job goes on to the providers."""
+        without the database it is a miss, and the job goes on to the providers. The
+        lookups of jobs that start together go in one statement."""
         if self.pool is None or ttl_seconds <= 0:
             return None
+        found: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._lookups.append((cache_key, ttl_seconds, found))
         try:
             async with asyncio.timeout(DB_WAIT_SECONDS * 2):
-                async with self.pool.connection(timeout=DB_WAIT_SECONDS) as conn:
-                    row = await dal.COURSE_CACHE_LOOKUP.first(
-                        conn, {"cache_key": cache_key, "ttl": ttl_seconds}
-                    )
-        except Exception as exc:
+                async with self._lookup_lock:
+                    if not found.done():
+                        await asyncio.sleep(0)  # the jobs started with this one ask too
+                        await self._lookup()
+        except TimeoutError:
             logger.bind(action="course_cache_unavailable").warning(
-                "course cache skipped ({})", diagnose(exc, self.pool)
+                "course cache skipped (database busy: no answer in {:g} s)", DB_WAIT_SECONDS * 2
             )
             return None
-        return row
+        row = found.result() if found.done() else _MISS
+        return None if row is _MISS else row
+
+    async def _lookup(self) -> None:
+        """One statement for every lookup waiting (per TTL: one in practice)."""
+        assert self.pool is not None
+        waiting, self._lookups = self._lookups, []
+        by_ttl: dict[float, list[tuple[str, asyncio.Future[Any]]]] = {}
+        for key, ttl, fut in waiting:
+            by_ttl.setdefault(ttl, []).append((key, fut))
+        try:
+            for ttl, asks in by_ttl.items():
+                try:
+                    async with self.pool.connection(timeout=DB_WAIT_SECONDS) as conn:
+                        rows = await dal.COURSE_CACHE_LOOKUP.all(
+                            conn, {"keys": sorted({k for k, _ in asks}), "ttl": ttl}
+                        )
+                    self.lookups += 1
+                except Exception as exc:
+                    logger.bind(action="course_cache_unavailable").warning(
+                        "course cache skipped ({})", diagnose(exc, self.pool)
+                    )
+                    continue  # misses, below
+                hits = {r["cache_key"]: r for r in rows}
+                for key, fut in asks:
+                    if not fut.done():
+                        fut.set_result(hits.get(key))
+        finally:  # a failed or cancelled lookup is a miss for every job that asked
+            for _, _, fut in waiting:
+                if not fut.done():
+                    fut.set_result(_MISS)
 
 
 def render_catalog(rows: list[CatalogRow]) -> bytes:
