@@ -40,7 +40,7 @@ from bench.systems import ai_jobs_full
 
 SAMPLE_SECONDS = 0.05  # how often catalog.json is looked at (its mtime)
 CATALOG = Path("courses") / "catalog.json"
-KINDS = ("saves", "lookups", "renders")
+KINDS = ("claims", "saves", "lookups", "renders")
 _LEVEL = re.compile(r"^\S+ (WARNING|ERROR|CRITICAL)\s+(.*)$")
 
 
@@ -91,7 +91,7 @@ def log_findings(text: str) -> dict[str, Any]:
     found: dict[str, Any] = {}
     for line in text.splitlines():
         if line.startswith("pipeline-stats "):
-            found = {f"catalog_{k}_per_job": v for k, v in json.loads(line[15:]).items()}
+            found = {f"{k}_per_job": v for k, v in json.loads(line[15:]).items()}
             continue
         m = _LEVEL.match(line)
         if not m:
@@ -241,8 +241,8 @@ def table(p: dict[str, Any]) -> str:
         f"{p['catalog_lag_p99_s']:.2f} / {p['catalog_lag_max_s']:.2f} "
         f"(CATALOG_BATCH_SECONDS {p['catalog_batch_seconds']:g}) |",
         f"| catalog renders seen during a drain | {p['catalog_renders_seen']:.0f} |",
-        "| the worker's catalog statements per job: saves / cache lookups / renders | "
-        + " / ".join(f"{p.get(f'catalog_{k}_per_job', float('nan')):.3f}" for k in KINDS)
+        "| statements per job: claims / catalog saves / cache lookups / catalog renders | "
+        + " / ".join(f"{p.get(f'{k}_per_job', float('nan')):.3f}" for k in KINDS)
         + " |",
         "",
         "| pipeline target | value | wanted | met |",

@@ -1,29 +1,30 @@
 """The course catalog: one database row per finished course (sql/006), rendered to
 courses/catalog.json in batches.
 
-Saving: a finished course's row is saved before its job is reported done, so a
-job written `done` has its catalog row in the database, whatever happens to the
-process after. Rows are saved in batches, one statement and one commit per
-batch (group commit): while a save is under way, the rows of the jobs that
-finish meanwhile wait for it and go together in the next one. The cache
-lookups of jobs that start together go in one statement too.
+Saving: a finished course's row is in the database no later than its job's
+`done`. In a worker, the row rides with the job's completion (listener.completer:
+the same statement, or the same transaction, as complete_jobs), so it costs no
+commit of its own and a process that dies loses neither or both. A handler run
+without a worker (run by hand, in a test) saves its row itself before it
+returns, in batches: while a save is under way, the rows of the jobs that finish
+meanwhile wait for it and go together in the next (one statement, one commit
+per batch). The cache lookups of jobs that start together go in one statement.
 
-Rendering: at most once per CATALOG_BATCH_JOBS courses this process saved, or
-CATALOG_BATCH_SECONDS after the first one not yet rendered (the worker's tick),
-and once more at shutdown (the runbook: "batch catalog updates"); each render
-writes the rows saved so far, so it goes on under load, never waiting for rows
-still on their way, and it takes at most a fifth of the process's time (a
-render of many rows waits four times its own length after the last one). Renders
-from every process take turns on an advisory lock and each writes every row, so
-no entry is ever lost, whichever process renders last.
+Rendering: at most once per CATALOG_BATCH_JOBS courses saved by this process,
+or CATALOG_BATCH_SECONDS after the first one not yet rendered (the worker's
+tick), and once more at shutdown (the runbook: "batch catalog updates"). A render
+writes the rows saved so far, so it goes on under load; it never holds a job up
+in a worker (it runs beside the jobs), and it takes at most a fifth of the
+process's time (a render of many rows waits four times its own length after the
+last one). Renders from every process take turns on an advisory lock and each
+writes every row, so no entry is ever lost, whichever process renders last.
 
 A job does not wait for the database: while it is unreachable (or does not
-answer in time), finished courses keep their rows in memory and the tick saves
-them once it is back (the worker, too, writes completions when the database
-returns). Only a process that dies during an outage loses such rows; the course
-files themselves are stored. Every message says which it was: the database
-away, busy (a pool with every connection in use, a statement that did not
-answer in time), or an error.
+answer in time), rows that did not ride with a completion stay in memory and the
+tick saves them once it is back. Only a process that dies during an outage loses
+such rows; the course files themselves are stored. Every message says which it
+was: the database away, busy (a pool with every connection in use, a statement
+that did not answer in time), or an error.
 """
 
 from __future__ import annotations
@@ -58,6 +59,41 @@ RENDER_SHARE = 4.0  # the pause after a render, in lengths of that render
 _MISS: Any = object()  # a failed lookup, to its waiters
 
 
+QUEUED, SAVING, SAVED = "queued", "saving", "saved"
+RIDE_WAIT_SECONDS = 1.0  # a worker's tick saves a row no completion took in this time
+
+
+class CatalogEntry:
+    """One finished course's row on its way to the database: taken by its job's
+    completion (`take`, then `landed` once committed, or `release` if given up),
+    or saved by the catalog itself. Saved twice by accident is harmless (an
+    upsert), and counted once."""
+
+    __slots__ = ("_catalog", "row", "since", "state")
+
+    def __init__(self, catalog: Catalog, row: dict[str, Any]) -> None:
+        self._catalog = catalog
+        self.row = row
+        self.state = QUEUED
+        self.since = time.monotonic()
+
+    def take(self) -> dict[str, Any] | None:
+        """The row, if it still needs saving; it is on its way from now on."""
+        if self.state == SAVED:
+            return None
+        self.state = SAVING
+        return self.row
+
+    def landed(self) -> None:
+        if self.state != SAVED:
+            self.state = SAVED
+            self._catalog._landed(1)
+
+    def release(self) -> None:
+        if self.state == SAVING:
+            self.state = QUEUED
+
+
 class Catalog:
     def __init__(
         self,
@@ -70,21 +106,22 @@ class Catalog:
         self.storage = storage
         self.batch_jobs = batch_jobs
         self.batch_seconds = batch_seconds
+        # Set by a worker whose completions carry the rows (listener.app).
+        self.rides = False
         self.renders = 0
-        self.saves = 0  # save statements that committed (one per batch)
+        self.saves = 0  # save statements of the catalog's own that committed
         self.lookups = 0  # cache lookup statements
         self._unrendered = 0
         self._first_unrendered: float | None = None
         self._lock = asyncio.Lock()
-        self._unsaved: list[dict[str, Any]] = []
-        self._queued = 0  # rows ever queued for saving ...
-        self._saved = 0  # ... and saved, in order: the first _saved of them
+        self._entries: list[CatalogEntry] = []  # not known to be saved
         self._save_lock = asyncio.Lock()
         self._trouble: Verdict | None = None  # the last save failed: away, busy, error
         self._lookups: list[tuple[str, float, asyncio.Future[Any]]] = []
         self._lookup_lock = asyncio.Lock()
         self._render_pause = 0.0
         self._rendered_at = 0.0  # monotonic end of the last render
+        self._render_task: asyncio.Task[None] | None = None
 
     @property
     def unrendered(self) -> int:
@@ -92,7 +129,12 @@ class Catalog:
 
     @property
     def unsaved(self) -> int:
-        return len(self._unsaved)
+        self._prune()
+        return len(self._entries)
+
+    def _prune(self) -> None:
+        if any(e.state == SAVED for e in self._entries):
+            self._entries = [e for e in self._entries if e.state != SAVED]
 
     async def record(
         self,
@@ -103,12 +145,15 @@ class Catalog:
         cache_key: str | None,
         provider: str,
         model: str,
-    ) -> None:
-        """Add or replace the course's row, saved when this returns (unless the
-        database is away: then the tick saves it); render when the batch is full."""
+    ) -> CatalogEntry | None:
+        """Add or replace the course's row. In a worker, the row is the outcome's,
+        saved with the job's completion; otherwise it is saved when this returns
+        (unless the database is away: then the tick saves it), and a render
+        follows when the batch is full."""
         if self.pool is None:
-            return
-        self._unsaved.append(
+            return None
+        entry = CatalogEntry(
+            self,
             {
                 "course_id": course.id,
                 "job_id": str(job_id),
@@ -123,17 +168,33 @@ class Catalog:
                 "cache_key": cache_key,
                 "provider": provider,
                 "model": model,
-            }
+            },
         )
-        self._queued += 1
+        self._prune()
+        self._entries.append(entry)
+        if self.rides:
+            return entry
         # While the database is away or refuses the rows, a job does not wait for
         # it: the tick tries again. Busy is worth a wait (the rows are the next batch).
         if self._trouble in (None, Verdict.BUSY):
-            await self._save(upto=self._queued)
+            await self._save(entry)
         # A render under way may hang on a connection gone half-open: a job never
         # waits for it. Its row is counted, and the next tick renders it.
         if self._due() and not self._lock.locked():
             await self.render_quietly(self._due)
+        return entry
+
+    def _landed(self, n: int) -> None:
+        """n rows reached the database: count them for the next render, and in a
+        worker start it beside the jobs when it is due."""
+        self._unrendered += n
+        if self._first_unrendered is None:
+            self._first_unrendered = time.monotonic()
+        idle = self._render_task is None or self._render_task.done()
+        if self.rides and idle and self._due() and not self._lock.locked():
+            self._render_task = asyncio.get_running_loop().create_task(
+                self.render_quietly(self._due), name="catalog render"
+            )
 
     def _due(self) -> bool:
         since = self._first_unrendered
@@ -144,21 +205,26 @@ class Catalog:
             return False  # the last render was long: the process has other work
         return self._unrendered >= self.batch_jobs or now - since >= self.batch_seconds
 
-    async def save_quietly(self) -> None:
-        """Save every row not yet in the database; on failure keep them for the tick."""
-        if self.pool is not None and self._unsaved:
-            await self._save(upto=self._queued)
+    async def save_quietly(self, min_age: float = 0.0) -> None:
+        """Save the rows waiting (for at least `min_age` seconds); on failure keep
+        them for the tick."""
+        if self.pool is not None and self._entries:
+            await self._save(None, min_age)
 
-    async def _save(self, upto: int) -> None:
-        """Until the first `upto` rows ever queued are saved: wait for the save under
-        way, then save what waits, in batches. Never raises; a failure is logged
-        (once per change of state) and the rows are kept."""
+    async def _save(self, target: CatalogEntry | None, min_age: float = 0.0) -> None:
+        """Until `target` is saved (None: every row waiting): wait for the save
+        under way, then save what waits, in batches. Never raises; a failure is
+        logged (once per change of state) and the rows are kept."""
         assert self.pool is not None
         try:
             async with asyncio.timeout(DB_WAIT_SECONDS * 2):
                 async with self._save_lock:
-                    while self._saved < upto and self._unsaved:
-                        await self._save_batch(self._unsaved[:MAX_BATCH])
+                    while target is None or target.state != SAVED:
+                        old = time.monotonic() - min_age
+                        batch = [e for e in self._entries if e.state == QUEUED and e.since <= old]
+                        if not batch:
+                            break
+                        await self._save_batch(batch[:MAX_BATCH])
         except TimeoutError:
             waited = DatabaseBusy(f"the save got no answer in {DB_WAIT_SECONDS * 2:g} s")
             self._failed(diagnose(waited, self.pool))
@@ -169,23 +235,25 @@ class Catalog:
                 self._trouble = None
                 logger.bind(action="catalog_saved").info("catalog: rows saved again")
 
-    async def _save_batch(self, batch: list[dict[str, Any]]) -> None:
+    async def _save_batch(self, batch: list[CatalogEntry]) -> None:
         assert self.pool is not None
-        latest = {r["course_id"]: r for r in batch}  # a course twice: its latest row
-        async with self.pool.connection(timeout=DB_WAIT_SECONDS) as conn:
-            await dal.CATALOG_UPSERT.run(conn, {"rows": Jsonb(list(latest.values()))})
-        del self._unsaved[: len(batch)]  # appends go at the end; only we take
-        self._saved += len(batch)
+        rows = [r for r in (e.take() for e in batch) if r is not None]
+        try:
+            async with self.pool.connection(timeout=DB_WAIT_SECONDS) as conn:
+                await dal.CATALOG_UPSERT.run(conn, {"rows": catalog_rows(rows)})
+        except BaseException:
+            for e in batch:
+                e.release()
+            raise
         self.saves += 1
-        self._unrendered += len(batch)
-        if self._first_unrendered is None:
-            self._first_unrendered = time.monotonic()
+        for e in batch:
+            e.landed()
 
     def _failed(self, d: Diagnosis) -> None:
         if d.verdict is self._trouble:
             return  # said once per change
         self._trouble = d.verdict
-        n = len(self._unsaved)
+        n = self.unsaved
         if d.verdict is Verdict.AWAY:
             text = f"catalog: {d}; {n} row(s) kept here, saved when it is back"
         elif d.verdict is Verdict.BUSY:
@@ -197,16 +265,22 @@ class Catalog:
         )
 
     async def tick(self) -> None:
-        await self.save_quietly()
+        # In a worker, rows ride with their completions: the tick saves only those
+        # that none took (a completion given up).
+        await self.save_quietly(RIDE_WAIT_SECONDS if self.rides else 0.0)
         if self._due():
             await self.render_quietly(self._due)
 
     async def flush(self) -> None:
+        if self._render_task is not None:
+            await self._render_task
+        for e in self._entries:
+            e.release()  # at shutdown, a completion still holding a row has given up
         await self.save_quietly()
         if self._unrendered:
             await self.render_quietly(lambda: self._unrendered > 0)
-        if self._unsaved:
-            lost = [r["course_id"] for r in self._unsaved]
+        if self.unsaved:
+            lost = [e.row["course_id"] for e in self._entries]
             logger.bind(action="catalog_rows_lost", courses=lost).error(
                 "catalog rows not saved (database unavailable at shutdown); "
                 "the courses are stored and will be listed when they are regenerated"
@@ -311,6 +385,18 @@ class Catalog:
             for _, _, fut in waiting:
                 if not fut.done():
                     fut.set_result(_MISS)
+
+
+def catalog_rows(rows: list[dict[str, Any]]) -> Jsonb:
+    """Rows for catalog_upsert: one per course (a course finished twice in a batch:
+    its later row), text without NUL characters (PostgreSQL text cannot hold them,
+    and one such row would fail the statement for every row in it)."""
+    latest = {r["course_id"]: r for r in rows}
+    clean = [
+        {k: v.replace("\x00", "") if isinstance(v, str) else v for k, v in r.items()}
+        for r in latest.values()
+    ]
+    return Jsonb(clean)
 
 
 def render_catalog(rows: list[CatalogRow]) -> bytes:

@@ -104,6 +104,7 @@ async def worker(
             catalog = getattr(real, "catalog", None)
             if full and catalog is not None:  # for bench.pipeline: where commits went
                 counts = {k: getattr(catalog, k) for k in ("saves", "lookups", "renders")}
+                counts["claims"] = w.claim_queries
                 print(f"pipeline-stats {json.dumps(counts)}", file=sys.stderr, flush=True)
 
         yield run
