@@ -120,8 +120,11 @@ class Catalog:
         self._lookups: list[tuple[str, float, asyncio.Future[Any]]] = []
         self._lookup_lock = asyncio.Lock()
         self._render_pause = 0.0
+        self._render_took = 0.0  # seconds, the last render
         self._rendered_at = 0.0  # monotonic end of the last render
         self._render_task: asyncio.Task[None] | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        self._closing = False
 
     @property
     def unrendered(self) -> int:
@@ -190,11 +193,39 @@ class Catalog:
         self._unrendered += n
         if self._first_unrendered is None:
             self._first_unrendered = time.monotonic()
-        idle = self._render_task is None or self._render_task.done()
-        if self.rides and idle and self._due() and not self._lock.locked():
+        if self.rides:
+            self._kick()
+
+    def _kick(self) -> None:
+        """A worker's render, beside the jobs: now if it is due, else when it will
+        be (CATALOG_BATCH_SECONDS after the first row not yet rendered)."""
+        since = self._first_unrendered
+        if since is None or self._render_task is not None or self._closing:
+            return  # nothing to render, or a render under way (its end looks again)
+        if self._due():
+            if self._timer is not None:
+                self._timer.cancel()
+                self._timer = None
             self._render_task = asyncio.get_running_loop().create_task(
-                self.render_quietly(self._due), name="catalog render"
+                self._render_then_look(), name="catalog render"
             )
+        elif self._timer is None:
+            due = since + self.batch_seconds - self._render_took
+            wait = max(due, self._rendered_at + self._render_pause)
+            delay = max(0.0, wait - time.monotonic())
+            self._timer = asyncio.get_running_loop().call_later(delay, self._timer_fired)
+
+    def _timer_fired(self) -> None:
+        self._timer = None
+        self._kick()
+
+    async def _render_then_look(self) -> None:
+        try:
+            rendered = await self.render_quietly(self._due)
+        finally:
+            self._render_task = None
+        if rendered:
+            self._kick()  # rows that landed during the render; after a failure, the tick
 
     def _due(self) -> bool:
         since = self._first_unrendered
@@ -203,7 +234,9 @@ class Catalog:
         now = time.monotonic()
         if now - self._rendered_at < self._render_pause:
             return False  # the last render was long: the process has other work
-        return self._unrendered >= self.batch_jobs or now - since >= self.batch_seconds
+        # A render is started its own length early, to be written on time.
+        late = now - since >= self.batch_seconds - self._render_took
+        return self._unrendered >= self.batch_jobs or late
 
     async def save_quietly(self, min_age: float = 0.0) -> None:
         """Save the rows waiting (for at least `min_age` seconds); on failure keep
@@ -272,6 +305,10 @@ class Catalog:
             await self.render_quietly(self._due)
 
     async def flush(self) -> None:
+        self._closing = True  # no more renders beside the jobs: this one is the last
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
         if self._render_task is not None:
             await self._render_task
         for e in self._entries:
@@ -286,9 +323,10 @@ class Catalog:
                 "the courses are stored and will be listed when they are regenerated"
             )
 
-    async def render_quietly(self, still_needed: Callable[[], bool] | None = None) -> None:
-        # The courses are stored and their rows saved; a failed render only delays
-        # the file, and the next tick tries again.
+    async def render_quietly(self, still_needed: Callable[[], bool] | None = None) -> bool:
+        """Render if still needed; False if it failed (logged). The courses are
+        stored and their rows saved: a failed render only delays the file, and the
+        next tick tries again."""
         try:
             async with self._lock:
                 # Jobs that finished together all found the batch full; the first
@@ -301,10 +339,13 @@ class Catalog:
                 "catalog render failed (will retry): database busy: no answer in {:g} s",
                 RENDER_TIMEOUT_SECONDS,
             )
+            return False
         except Exception as exc:
             logger.bind(action="catalog_render_failed").warning(
                 "catalog render failed (will retry): {}", diagnose(exc, self.pool)
             )
+            return False
+        return True
 
     async def render(self) -> int:
         """Write courses/catalog.json from every row; returns the number of courses."""
@@ -331,7 +372,8 @@ class Catalog:
                 raise
         self.renders += 1
         self._rendered_at = time.monotonic()
-        self._render_pause = RENDER_SHARE * (self._rendered_at - t0)
+        self._render_took = self._rendered_at - t0
+        self._render_pause = RENDER_SHARE * self._render_took
         logger.bind(action="catalog_rendered", courses=len(rows)).debug("catalog rendered")
         return len(rows)
 
