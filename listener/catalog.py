@@ -117,6 +117,7 @@ class Catalog:
         self._entries: list[CatalogEntry] = []  # not known to be saved
         self._save_lock = asyncio.Lock()
         self._trouble: Verdict | None = None  # the last save failed: away, busy, error
+        self._trouble_text = ""  # ... and what happened
         self._lookups: list[tuple[str, float, asyncio.Future[Any]]] = []
         self._lookup_lock = asyncio.Lock()
         self._render_pause = 0.0
@@ -286,6 +287,7 @@ class Catalog:
         if d.verdict is self._trouble:
             return  # said once per change
         self._trouble = d.verdict
+        self._trouble_text = str(d)
         n = self.unsaved
         if d.verdict is Verdict.AWAY:
             text = f"catalog: {d}; {n} row(s) kept here, saved when it is back"
@@ -319,8 +321,9 @@ class Catalog:
         if self.unsaved:
             lost = [e.row["course_id"] for e in self._entries]
             logger.bind(action="catalog_rows_lost", courses=lost).error(
-                "catalog rows not saved (database unavailable at shutdown); "
-                "the courses are stored and will be listed when they are regenerated"
+                "catalog rows not saved at shutdown ({}); the courses are stored and will "
+                "be listed when they are regenerated",
+                self._trouble_text or "database unavailable",
             )
 
     async def render_quietly(self, still_needed: Callable[[], bool] | None = None) -> bool:
