@@ -311,8 +311,9 @@ class Catalog:
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
-        if self._render_task is not None:
-            await self._render_task
+        if self._render_task is not None:  # may hang on a half-open connection: the
+            self._render_task.cancel()  # render below, on a fresh one, covers its rows
+            await asyncio.gather(self._render_task, return_exceptions=True)
         for e in self._entries:
             e.release()  # at shutdown, a completion still holding a row has given up
         await self.save_quietly()
