@@ -123,7 +123,7 @@ class Worker:
         self.claim_queries = 0  # claim statements sent (tests check the coalescing)
         self.claim_rounds = 0  # claim statements sent by the claim loop
         self.claims_by_table = dict.fromkeys(TABLES, 0)  # claim statements, by table
-        self.waits = 0  # the claim loop went to wait (tests await a whole turn)
+        self._waiting = False  # the claim loop waits for a reason to look
         self.fast_claims = 0  # notified jobs claimed by their id on the fast path
         self._fast: set[asyncio.Task[None]] = set()  # fast claims under way (a slot each)
         self.notifications = 0  # valid notifications received
@@ -138,6 +138,18 @@ class Worker:
     @handlers.setter
     def handlers(self, handlers: HandlerMap) -> None:
         self.executor.handlers = handlers
+
+    @property
+    def settled(self) -> bool:
+        """Every reason to look so far is dealt with: the claim loop waits, no
+        wake-up is pending, no fast claim or sweep is under way or asked for."""
+        return (
+            self._waiting
+            and not self._wake.is_set()
+            and not self._fast
+            and not self.sweeper.busy
+            and not self._sweep_now.is_set()
+        )
 
     # -- signals from outside -------------------------------------------------
 
@@ -328,10 +340,13 @@ class Worker:
         waits = [t - now for t in self._timers[:1]] + self.executor.holds.waits(now)
         if (held := self.ready.due_in(now)) is not None:
             waits.append(held)
-        self.waits += 1
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(min(waits, default=None)):
-                await self._wake.wait()
+        self._waiting = True
+        try:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(min(waits, default=None)):
+                    await self._wake.wait()
+        finally:
+            self._waiting = False
 
     def _ahead(self, now: float) -> int:
         oldest = min((r.since for r in self.running.values()), default=now)
