@@ -166,14 +166,16 @@ class Worker:
             self._gen[t] += 1
         self._wake.set()
 
-    def _on_nudge(self, nudge: Nudge) -> None:
+    def _on_nudge(self, nudge: Nudge) -> bool:
+        """True when the notified job is being claimed (the fast path): the
+        listener then lets that claim go out before it reads on."""
         self.notifications += 1
         if nudge.cancel is not None:  # cancel_job, or anyone's NOTIFY: checked first
             self.leases.check_cancel(nudge.cancel)
-            return
+            return False
         if nudge.paused:  # pause_jobs: claim_jobs refuses the table; nothing to look at
             logger.bind(action="table_paused", table=nudge.table).info("job type paused")
-            return
+            return False
         if nudge.sweep:
             self.request_sweep()
         elif (
@@ -181,8 +183,9 @@ class Worker:
             and nudge.table is not None
             and self._claim_notified(nudge.table, nudge.job_id)
         ):
-            return
+            return True
         self._look([nudge.table] if nudge.table else TABLES)
+        return False
 
     def _claim_notified(self, table: str, job_id: UUID) -> bool:
         """Claim the notified job now, if that is the whole of the work: no other
