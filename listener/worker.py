@@ -201,7 +201,9 @@ class Worker:
             return False
         self.claim_queries += 1
         self.claims_by_table[table] += 1
-        task = asyncio.get_running_loop().create_task(self._fast_claim(table, job_id))
+        task = asyncio.get_running_loop().create_task(
+            self._fast_claim(table, job_id), name=f"claim {job_id}"
+        )
         self._fast.add(task)
         return True
 
@@ -227,7 +229,7 @@ class Worker:
             self.ready.add([job])  # started by _fill, or released at shutdown
             self._fill()
         else:
-            self.executor.start(job)
+            await self.executor.run(job)  # this task runs it: no hop to another
 
     def _on_listening(self, recovered: bool) -> None:
         """The LISTEN connection is up. After a reconnect the notifications of the
