@@ -470,6 +470,7 @@ class Worker:
 
     async def _shutdown(self, background: list[asyncio.Task[Any]]) -> None:
         grace = self.settings.shutdown_grace_seconds
+        self._stop.set()  # (set already, unless the loop failed): nothing more starts
         if self._fast:  # a claim under way: its job is held, then released below
             await asyncio.wait(set(self._fast), timeout=SHUTDOWN_BACKGROUND_SECONDS)
         if self.ready:  # never started: back to the queue at once, for other workers
