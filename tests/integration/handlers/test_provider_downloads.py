@@ -4,6 +4,10 @@ redirects, and never past a size cap."""
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import Iterator
+
+import httpx
 import pytest
 
 from listener.providers.download import DownloadRefused, check_url, download
@@ -85,3 +89,48 @@ async def test_redirects_are_not_followed(fake: FakeAI) -> None:
         await download(f"{fake.url}/files/moved.png", 5, trusted_base=fake.url)
     with pytest.raises(DownloadRefused, match=r"HTTP 4\d\d"):
         await download(f"{fake.url}/files/missing.png", 5, trusted_base=fake.url)
+
+
+async def test_the_checked_address_is_the_one_connected_to(monkeypatch: pytest.MonkeyPatch) -> None:
+    """DNS rebinding: the name is resolved once; its second answer (a private address)
+    is never asked for, and the request goes to the checked public address, with the
+    name kept for the Host header and the TLS server name."""
+    from listener.providers import download as dl
+
+    answers: Iterator[list[object]] = iter([[(2, 1, 6, "", ("93.184.216.34", 443))]])
+    lookups: list[str] = []
+
+    async def getaddrinfo(host: str, port: object, **kw: object) -> list[object]:
+        lookups.append(host)
+        return next(answers, [(2, 1, 6, "", ("127.0.0.1", 443))])
+
+    seen: list[httpx.Request] = []
+
+    def answer(request: httpx.Request) -> httpx.Response:
+        seen.append(request)
+        return httpx.Response(200, content=FAKE_IMAGE)
+
+    loop = asyncio.get_running_loop()
+    monkeypatch.setattr(loop, "getaddrinfo", getaddrinfo)
+    monkeypatch.setattr(
+        dl,
+        "client",
+        lambda t: httpx.AsyncClient(transport=httpx.MockTransport(answer), trust_env=False),
+    )
+    assert await download("https://Images.Example/cat.png?v=2", 5.0) == FAKE_IMAGE
+    assert lookups == ["images.example"]
+    (request,) = seen
+    assert str(request.url) == "https://93.184.216.34/cat.png?v=2"
+    assert request.headers["host"] == "images.example"
+    assert request.extensions["sni_hostname"] == "images.example"
+
+
+async def test_a_name_with_one_private_address_among_public_ones_is_refused(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    async def getaddrinfo(host: str, port: object, **kw: object) -> list[object]:
+        return [(2, 1, 6, "", ("93.184.216.34", 443)), (2, 1, 6, "", ("10.1.2.3", 443))]
+
+    monkeypatch.setattr(asyncio.get_running_loop(), "getaddrinfo", getaddrinfo)
+    with pytest.raises(DownloadRefused, match="not a public address"):
+        await download("https://images.example/cat.png", 5.0)
