@@ -201,3 +201,38 @@ async def test_a_burst_of_named_notifications_is_claimed_in_batches(db_url: str)
     # One fast claim for the first, the rest in claim rounds of many jobs each.
     assert w.fast_claims - fast <= 3
     assert w.claim_queries - queries <= 25
+
+
+async def test_a_fast_claim_under_way_at_shutdown_gives_its_job_back(db_url: str) -> None:
+    ran = Ran()
+    async with running_worker(settings(db_url), {"ai_course_jobs": ran}) as w:
+        await await_until(lambda: _true(w.settled), what="an idle worker")
+        with connect(db_url) as c:
+            (jid,) = _quiet_insert(c, 1)
+        with connect(db_url) as blocker, blocker.transaction():
+            # Writes to the table wait: the fast claim is sent, and waits.
+            blocker.execute("lock table ai_course_jobs in exclusive mode")
+            with connect(db_url) as c:
+                c.execute(
+                    "select pg_notify('ai_jobs', %s)",
+                    [json.dumps({"table": "ai_course_jobs", "id": jid})],
+                )
+            await await_until(_claim_waits_on_a_lock(db_url), what="the fast claim waiting")
+            w.request_stop()  # while the claim is under way; then the lock goes
+    assert ran.jobs == []  # never started: claimed after the stop, then given back
+    assert w.fast_claims == 1
+    with connect(db_url) as c:
+        row = job(c, jid)
+    assert row["status"] == "pending" and row["worker_id"] is None and row["retry_count"] == 0
+
+
+def _claim_waits_on_a_lock(db_url: str) -> Any:
+    async def check() -> bool:
+        with connect(db_url) as c:
+            row = c.execute(
+                "select count(*) as n from pg_stat_activity where datname = current_database()"
+                " and wait_event_type = 'Lock' and query like '%claim_due_job%'"
+            ).fetchone()
+            return bool(row is not None and row["n"] == 1)
+
+    return check
