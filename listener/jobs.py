@@ -24,7 +24,9 @@ class Job:
     claim_token: UUID
     retry_count: int  # failed attempts before this one
     max_retries: int
-    row: dict[str, Any]  # the whole row as claimed (JSON types: ids and times as text)
+    # The columns a handler reads, as claimed (sql/019: id, course_id, params, and
+    # subject for a course job, prompt and media_type for a media job; JSON types).
+    row: dict[str, Any]
 
     @property
     def attempt(self) -> int:

@@ -17,7 +17,7 @@ from loguru import logger
 from psycopg_pool import AsyncConnectionPool
 
 from listener import dal
-from listener.jobs import JOB_TYPES, Job, Outcome
+from listener.jobs import JOB_TYPES, Job
 from listener.pacing import Held
 
 T = TypeVar("T")
@@ -29,7 +29,7 @@ Report = Callable[[BaseException, str], None]
 @dataclass
 class Running:
     job: Job
-    task: asyncio.Task[Outcome | None] = field(repr=False)
+    task: asyncio.Task[Any] = field(repr=False)  # Executor.start's, or the claim's own
     since: float = field(default_factory=time.monotonic)
 
 

@@ -89,7 +89,7 @@ class ListenService:
         name: str,
         channel: str,
         listen_query: Statement | str,
-        on_payload: Callable[[str], None],
+        on_payload: Callable[[str], bool | None],
         on_connect: Callable[[bool], None],
         notify: Notify | None = None,
         probe_every: float = 30.0,
@@ -102,6 +102,8 @@ class ListenService:
         self.channel = channel
         # LISTEN on the channel: the statement, or its name in listener/queries.
         self.listen = dal.named(listen_query) if isinstance(listen_query, str) else listen_query
+        # A payload's owner; True when it started work that should run before the
+        # service reads on (the worker's fast claim): the service yields once.
         self.on_payload = on_payload
         self.on_connect = on_connect
         self.notify = notify
@@ -277,7 +279,10 @@ class ListenService:
             probing = self._probe_deadline is not None
             timeout = max(0.001, min(wait, PING_INTERVAL))
             async for n in conn.notifies(timeout=timeout, stop_after=1 if probing else None):
-                self._heard(n.payload)
+                if self._heard(n.payload):
+                    # Let it go first: reading on re-arms the wait on the socket
+                    # (tens of microseconds) before the event loop runs anything.
+                    await asyncio.sleep(0)
             quiet = time.monotonic() - max(self._heard_at, self._pinged_at)
             if self._probe_deadline is None and quiet >= PING_INTERVAL:
                 await self._ping(conn)  # a probe under way answers the same question
@@ -302,12 +307,11 @@ class ListenService:
         ping.result()
         self._pinged_at = time.monotonic()
 
-    def _heard(self, payload: str) -> None:
+    def _heard(self, payload: str) -> bool:
         self._heard_at = time.monotonic()
         probe = probe_of(payload)
         if probe is None or probe[0] != self.sender:
-            self.on_payload(payload)
-            return
+            return bool(self.on_payload(payload))
         if probe[1] == self._probe_n and self._probe_sent is not None:
             self.probe_seconds = self._heard_at - self._probe_sent
             self._probe_sent = self._probe_deadline = None
@@ -319,6 +323,7 @@ class ListenService:
                     f"hears the channel again (probe back in {self.probe_seconds * 1000:.0f} ms)"
                 )
                 self._set_state(LISTENING)
+        return False
 
     # -- probes -----------------------------------------------------------------
 

@@ -39,6 +39,7 @@ class Sweeper:
         self.pool = pool
         self.settings = settings
         self._last_retention: float | None = None
+        self.busy = True  # run(): a sweep (and its look) under way, or the first to come
 
     async def mark_stale(self) -> int:
         params = {"seconds": self.settings.stale_after_seconds}
@@ -123,6 +124,7 @@ class Sweeper:
         failing = False
         while True:
             requested.clear()
+            self.busy = True
             try:
                 result = await self.run_once()
                 swept(result)
@@ -136,6 +138,7 @@ class Sweeper:
                 failed(exc, failing)
                 failing = True
             look()
+            self.busy = False
             wait = backoff.next() if failing else self.settings.sweep_interval_seconds
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(wait):

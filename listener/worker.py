@@ -5,6 +5,13 @@ Reasons to look: a notification (listener), a finished job (a free slot), a due
 retry (timer), a sweep, a poll tick (LISTEN_MODE=poll). A burst of any of them is
 one claim round: they only set flags and one event.
 
+The fast path: a notification that names its job (a one-row insert), arriving
+while a slot is free and the last claim round found that table empty, is
+claimed by its id at once, from the listener's callback (claim_due_job, which
+claims only a due, claimable job: a forged id claims nothing), and the job
+starts without waiting for the claim loop. Anything else, and a fast claim that
+finds nothing, is a reason to look: bursts are still claimed in batches.
+
 The collaborators, each with one job: the lease keeper (leases.py: the jobs held
 here, heartbeats, cancel, release), the executor (executor.py: run a job, write
 how it ended), the completer (batched `done` writes), the sweeper, the registry,
@@ -19,6 +26,7 @@ import heapq
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
+from uuid import UUID
 
 from loguru import logger
 from psycopg_pool import AsyncConnectionPool
@@ -113,6 +121,11 @@ class Worker:
         self._timers: list[float] = []  # monotonic times when a waiting job becomes due
         self._turn = 0  # which table a claim round asks first (fairness)
         self.claim_queries = 0  # claim statements sent (tests check the coalescing)
+        self.claim_rounds = 0  # claim statements sent by the claim loop
+        self.claims_by_table = dict.fromkeys(TABLES, 0)  # claim statements, by table
+        self._waiting = False  # the claim loop waits for a reason to look
+        self.fast_claims = 0  # notified jobs claimed by their id on the fast path
+        self._fast: set[asyncio.Task[None]] = set()  # fast claims under way (a slot each)
         self.notifications = 0  # valid notifications received
         self.sweeps = 0  # sweeps that ran to the end
         self.polls = 0  # looks for work by the poll timer (LISTEN_MODE=poll)
@@ -125,6 +138,18 @@ class Worker:
     @handlers.setter
     def handlers(self, handlers: HandlerMap) -> None:
         self.executor.handlers = handlers
+
+    @property
+    def settled(self) -> bool:
+        """Every reason to look so far is dealt with: the claim loop waits, no
+        wake-up is pending, no fast claim or sweep is under way or asked for."""
+        return (
+            self._waiting
+            and not self._wake.is_set()
+            and not self._fast
+            and not self.sweeper.busy
+            and not self._sweep_now.is_set()
+        )
 
     # -- signals from outside -------------------------------------------------
 
@@ -141,17 +166,70 @@ class Worker:
             self._gen[t] += 1
         self._wake.set()
 
-    def _on_nudge(self, nudge: Nudge) -> None:
+    def _on_nudge(self, nudge: Nudge) -> bool:
+        """True when the notified job is being claimed (the fast path): the
+        listener then lets that claim go out before it reads on."""
         self.notifications += 1
         if nudge.cancel is not None:  # cancel_job, or anyone's NOTIFY: checked first
             self.leases.check_cancel(nudge.cancel)
-            return
+            return False
         if nudge.paused:  # pause_jobs: claim_jobs refuses the table; nothing to look at
             logger.bind(action="table_paused", table=nudge.table).info("job type paused")
-            return
+            return False
         if nudge.sweep:
             self.request_sweep()
+        elif (
+            nudge.job_id is not None
+            and nudge.table is not None
+            and self._claim_notified(nudge.table, nudge.job_id)
+        ):
+            return True
         self._look([nudge.table] if nudge.table else TABLES)
+        return False
+
+    def _claim_notified(self, table: str, job_id: UUID) -> bool:
+        """Claim the notified job now, if that is the whole of the work: no other
+        job of its table known to wait (a claim round takes those, in order and
+        in batches), a slot free, no fast claim under way, the table not held."""
+        if (
+            self._fast
+            or self._more[table]
+            or self._stop.is_set()
+            or len(self.running) + len(self.ready) >= self.concurrency
+            or self.executor.holds.held(table, time.monotonic())
+        ):
+            return False
+        self.claim_queries += 1
+        self.claims_by_table[table] += 1
+        task = asyncio.get_running_loop().create_task(
+            self._fast_claim(table, job_id), name=f"claim {job_id}"
+        )
+        self._fast.add(task)
+        return True
+
+    async def _fast_claim(self, table: str, job_id: UUID) -> None:
+        params = {"table": table, "id": job_id, "worker": self.id}
+        try:
+            t0 = time.perf_counter()
+            row = await dal.CLAIM_DUE_JOB.first(self.pool, params)
+            self.pacing.round_trip.add(time.perf_counter() - t0)
+        except Exception as exc:
+            self._report(exc, "claim")
+            row = None
+        else:
+            self.db_health.up()
+        finally:
+            self._fast.difference_update({asyncio.current_task()})
+        if row is None:  # not claimable (claimed elsewhere, not due, forged): look
+            self._look([table])
+            return
+        self.fast_claims += 1
+        job = Job.from_claim(row)
+        if self._stop.is_set() or len(self.running) >= self.concurrency:
+            self.ready.add([job])  # started by _fill, or released at shutdown
+            self._fill()
+        else:
+            await self.executor.run(job)  # this task runs it: no hop to another
 
     def _on_listening(self, recovered: bool) -> None:
         """The LISTEN connection is up. After a reconnect the notifications of the
@@ -250,6 +328,7 @@ class Worker:
                 why = f"held {self.ready.limit:g}s without a free slot"
                 self.ready.add(await self.leases.release(overdue, why, retry=False))
             free = self.concurrency + self._ahead(now) - len(self.running) - len(self.ready)
+            free -= len(self._fast)
             holds = self.executor.holds
             wanted = [t for t in self._tables_in_turn() if not holds.held(t, now) and self._more[t]]
             if free > 0 and wanted:
@@ -266,9 +345,13 @@ class Worker:
         waits = [t - now for t in self._timers[:1]] + self.executor.holds.waits(now)
         if (held := self.ready.due_in(now)) is not None:
             waits.append(held)
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(min(waits, default=None)):
-                await self._wake.wait()
+        self._waiting = True
+        try:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(min(waits, default=None)):
+                    await self._wake.wait()
+        finally:
+            self._waiting = False
 
     def _ahead(self, now: float) -> int:
         oldest = min((r.since for r in self.running.values()), default=now)
@@ -282,6 +365,8 @@ class Worker:
         for table in tables:
             gen = self._gen[table]
             self.claim_queries += 1
+            self.claim_rounds += 1
+            self.claims_by_table[table] += 1
             done = self.completer.take(table)  # finished jobs ride along: one commit
             params = {"table": table, "worker": self.id, "n": free}
             t0 = time.perf_counter()
@@ -385,6 +470,9 @@ class Worker:
 
     async def _shutdown(self, background: list[asyncio.Task[Any]]) -> None:
         grace = self.settings.shutdown_grace_seconds
+        self._stop.set()  # (set already, unless the loop failed): nothing more starts
+        if self._fast:  # a claim under way: its job is held, then released below
+            await asyncio.wait(set(self._fast), timeout=SHUTDOWN_BACKGROUND_SECONDS)
         if self.ready:  # never started: back to the queue at once, for other workers
             self.ready.add(await self.leases.release(self.ready.take_all(), "held", retry=False))
         tasks = [r.task for r in self.running.values()]

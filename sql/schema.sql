@@ -584,6 +584,24 @@ begin
 end
 $function$;
 
+CREATE OR REPLACE FUNCTION public.ai_job_claimed_course(j ai_course_jobs)
+ RETURNS jsonb
+ LANGUAGE sql
+ IMMUTABLE PARALLEL SAFE
+AS $function$
+    select jsonb_build_object('id', j.id, 'subject', j.subject, 'course_id', j.course_id,
+                              'params', j.params)
+$function$;
+
+CREATE OR REPLACE FUNCTION public.ai_job_claimed_media(j ai_media_jobs)
+ RETURNS jsonb
+ LANGUAGE sql
+ IMMUTABLE PARALLEL SAFE
+AS $function$
+    select jsonb_build_object('id', j.id, 'prompt', j.prompt, 'media_type', j.media_type,
+                              'course_id', j.course_id, 'params', j.params)
+$function$;
+
 CREATE OR REPLACE FUNCTION public.ai_job_enforce_budget()
  RETURNS trigger
  LANGUAGE plpgsql
@@ -1072,6 +1090,46 @@ begin
 end
 $function$;
 
+CREATE OR REPLACE FUNCTION public.claim_due_job(table_name text, job_id uuid, worker text)
+ RETURNS TABLE(job_table text, id uuid, claim_token uuid, retry_count integer, max_retries integer, job jsonb)
+ LANGUAGE plpgsql
+AS $function$
+#variable_conflict use_column
+begin
+    if ai_job_table(table_name) = 'ai_course_jobs' then
+        return query
+        update ai_course_jobs j
+        set status = 'processing', started_at = clock_timestamp(),
+            last_heartbeat = clock_timestamp(), claim_token = gen_random_uuid(),
+            worker_id = worker, completed_at = null
+        where j.id = (
+            select id from ai_course_jobs
+            where id = job_id and status in ('pending', 'failed') and run_after <= now()
+              and (status = 'pending' or retry_count < max_retries)
+              and not exists (select from ai_job_queues q
+                              where q.job_table = 'ai_course_jobs' and q.paused)
+            for update of ai_course_jobs skip locked)
+        returning 'ai_course_jobs'::text, j.id, j.claim_token, j.retry_count, j.max_retries,
+                  ai_job_claimed_course(j);
+    else
+        return query
+        update ai_media_jobs j
+        set status = 'processing', started_at = clock_timestamp(),
+            last_heartbeat = clock_timestamp(), claim_token = gen_random_uuid(),
+            worker_id = worker, completed_at = null
+        where j.id = (
+            select id from ai_media_jobs
+            where id = job_id and status in ('pending', 'failed') and run_after <= now()
+              and (status = 'pending' or retry_count < max_retries)
+              and not exists (select from ai_job_queues q
+                              where q.job_table = 'ai_media_jobs' and q.paused)
+            for update of ai_media_jobs skip locked)
+        returning 'ai_media_jobs'::text, j.id, j.claim_token, j.retry_count, j.max_retries,
+                  ai_job_claimed_media(j);
+    end if;
+end
+$function$;
+
 CREATE OR REPLACE FUNCTION public.claim_job(table_name text, job_id uuid, worker text)
  RETURNS TABLE(job_table text, id uuid, claim_token uuid, retry_count integer, max_retries integer, job jsonb)
  LANGUAGE plpgsql
@@ -1088,8 +1146,10 @@ begin
                 and not exists (select from ai_job_queues q where q.job_table = %1$L and q.paused)
               for update of %1$I skip locked) due
         where j.id = due.id
-        returning %1$L::text, j.id, j.claim_token, j.retry_count, j.max_retries, to_jsonb(j)
-    $q$, ai_job_table(table_name)) using worker, job_id;
+        returning %1$L::text, j.id, j.claim_token, j.retry_count, j.max_retries, %2$I(j)
+    $q$, ai_job_table(table_name),
+       case ai_job_table(table_name) when 'ai_course_jobs' then 'ai_job_claimed_course'
+                                     else 'ai_job_claimed_media' end) using worker, job_id;
 end
 $function$;
 
@@ -1120,7 +1180,7 @@ begin
             limit max_jobs
             for update of ai_course_jobs skip locked))
         returning 'ai_course_jobs'::text, j.id, j.claim_token, j.retry_count, j.max_retries,
-                  to_jsonb(j);
+                  ai_job_claimed_course(j);
         get diagnostics got = row_count;
     end if;
     if (table_name is null and got < max_jobs) or table_name = 'ai_media_jobs' then
@@ -1139,7 +1199,7 @@ begin
             limit max_jobs - got
             for update of ai_media_jobs skip locked))
         returning 'ai_media_jobs'::text, j.id, j.claim_token, j.retry_count, j.max_retries,
-                  to_jsonb(j);
+                  ai_job_claimed_media(j);
     end if;
 end
 $function$;

@@ -63,6 +63,10 @@ select * from claim_jobs(%(table)s, %(worker)s, %(n)s)
 -- name: claim_job
 select * from claim_job(%(table)s, %(id)s, %(worker)s)
 
+-- name: claim_due_job
+-- The job a notification names, claimed the moment it arrives (the worker's fast path).
+select * from claim_due_job(%(table)s, %(id)s, %(worker)s)
+
 -- name: heartbeat_jobs
 select heartbeat_jobs as id from heartbeat_jobs(%(table)s, %(ids)b, %(tokens)b)
 

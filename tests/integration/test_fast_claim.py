@@ -1,0 +1,238 @@
+"""The fast path: a notification that names its job, arriving at an idle worker,
+claims that job by its id at once (claim_due_job), without a claim round; a
+forged one claims nothing and still leads to a look; a burst is still claimed in
+batches."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime
+import json
+import uuid
+from typing import Any
+
+import psycopg
+
+from listener.errors import ProvidersUnavailable
+from listener.jobs import Job, Outcome
+from tests.helpers import await_until, connect, insert_course, insert_media, job
+from tests.workers import running_worker, settings
+
+
+class Ran:
+    """What the handlers were given, and whether two ever ran one job at once."""
+
+    def __init__(self) -> None:
+        self.jobs: list[Job] = []
+        self.now: set[uuid.UUID] = set()
+        self.twice = False
+
+    async def __call__(self, j: Job) -> Outcome:
+        self.twice |= j.id in self.now
+        self.now.add(j.id)
+        self.jobs.append(j)
+        await asyncio.sleep(0)  # let anything else run meanwhile
+        self.now.discard(j.id)
+        return Outcome(f"courses/{j.row['course_id']}/course.json", {"provider": "test"})
+
+    def ids(self) -> list[str]:
+        return [str(j.id) for j in self.jobs]
+
+
+async def _true(value: Any) -> bool:
+    return bool(value)
+
+
+def _done(db_url: str, jid: str, table: str = "ai_course_jobs") -> Any:
+    async def check() -> bool:
+        with connect(db_url) as c:
+            return bool(job(c, jid, table)["status"] == "done")
+
+    return check
+
+
+def _quiet_insert(c: psycopg.Connection[Any], n: int) -> list[str]:
+    """Pending course jobs whose inserts notify nobody (triggers off for this
+    transaction): the worker learns of them only from what the test sends."""
+    with c.transaction():
+        c.execute("set local session_replication_role = replica")
+        return [insert_course(c, f"Quiet {i}") for i in range(n)]
+
+
+async def test_a_notified_job_is_claimed_by_its_id_without_a_claim_round(db_url: str) -> None:
+    ran = Ran()
+    handlers = {"ai_course_jobs": ran, "ai_media_jobs": ran}
+    async with running_worker(settings(db_url), handlers) as w:
+        await await_until(lambda: _true(w.settled), what="an idle worker")
+        rounds, fast = w.claim_rounds, w.fast_claims
+        with connect(db_url) as c:
+            course = insert_course(c, "Fast", params={"language": "en"})
+            await await_until(_done(db_url, course), what="the course job done")
+            media = insert_media(c, "a dog")
+            await await_until(_done(db_url, media, "ai_media_jobs"), what="the media job done")
+            course_row = job(c, course)
+        assert w.fast_claims == fast + 2
+        assert w.claim_rounds == rounds  # the claim loop sent nothing
+    assert ran.ids() == [course, media] and not ran.twice
+    # The columns the handlers read, and only those.
+    assert ran.jobs[0].row == {
+        "id": course,
+        "subject": "Fast",
+        "course_id": course_row["course_id"],
+        "params": {"language": "en"},
+    }
+    assert set(ran.jobs[1].row) == {"id", "prompt", "media_type", "course_id", "params"}
+    assert ran.jobs[1].row["prompt"] == "a dog" and ran.jobs[1].row["media_type"] == "image"
+
+
+async def test_a_forged_notification_runs_nothing_and_loses_nothing(db_url: str) -> None:
+    ran = Ran()
+    with connect(db_url) as c:
+        # Made before the worker starts: rows in every state a forged id could name.
+        now = c.execute("select now() as t").fetchone()["t"]
+        done = insert_course(c, "Done", status="done", completed_at=now)
+        cancelled = insert_course(c, "Cancelled", status="cancelled", completed_at=now)
+        later = now + datetime.timedelta(hours=1)
+        backoff = insert_course(c, "Backoff", status="failed", retry_count=1, run_after=later)
+        spent = insert_course(c, "Spent", status="failed", retry_count=3, max_retries=3)
+        token = uuid.uuid4()
+        held = insert_course(
+            c, "Held", status="processing", worker_id="other", claim_token=token,
+            started_at=now, last_heartbeat=now,
+        )  # fmt: skip
+        media = insert_media(c, "a media job named as a course job")
+    forged = [done, cancelled, backoff, spent, held, media, str(uuid.uuid4())]
+    async with running_worker(settings(db_url), {"ai_course_jobs": ran}) as w:
+        # After the start-up sweep (it moves the spent job to the dead letter).
+        await await_until(lambda: _true(w.sweeps >= 1 and w.settled), what="an idle worker")
+        with connect(db_url) as c:
+            before = {jid: job(c, jid) for jid in (done, cancelled, backoff, spent, held)}
+            media_before = job(c, media, "ai_media_jobs")
+        fast = w.fast_claims
+        for jid in forged:  # one at a time, each to an idle worker: each takes the fast path
+            await _notify_and_settle(db_url, w, {"table": "ai_course_jobs", "id": jid})
+        assert ran.jobs == [] and w.fast_claims == fast
+        with connect(db_url) as c:
+            assert {jid: job(c, jid) for jid in before} == before  # not one column changed
+            assert job(c, media, "ai_media_jobs") == media_before
+            # Loses nothing: a forged id is still a reason to look at its table,
+            # and the look finds the job nobody was told about.
+            (quiet,) = _quiet_insert(c, 1)
+            assert job(c, quiet)["status"] == "pending"
+            c.execute(
+                "select pg_notify('ai_jobs', %s)",
+                [json.dumps({"table": "ai_course_jobs", "id": done})],
+            )
+        await await_until(_done(db_url, quiet), what="the unannounced job done by the look")
+    assert ran.ids() == [quiet]
+
+
+async def _notify_and_settle(db_url: str, w: Any, payload: dict[str, Any]) -> None:
+    heard = w.notifications
+    with connect(db_url) as c:
+        c.execute("select pg_notify('ai_jobs', %s)", [json.dumps(payload)])
+    await await_until(lambda: _true(w.notifications > heard), what="heard")
+    await await_until(lambda: _true(w.settled), what="the notification dealt with")
+
+
+async def test_no_fast_claim_in_a_held_or_paused_table(db_url: str) -> None:
+    deferred: list[str] = []
+    ran = Ran()
+
+    async def course(j: Job) -> Outcome:
+        deferred.append(str(j.id))
+        raise ProvidersUnavailable("Providers unavailable: openai: breaker open", 60)
+
+    s = settings(db_url, worker_concurrency=2)
+    async with running_worker(s, {"ai_course_jobs": course, "ai_media_jobs": ran}) as w:
+        await await_until(lambda: _true(w.settled), what="an idle worker")
+        with connect(db_url) as c:
+            first = insert_course(c, "First")
+        await await_until(lambda: _true("ai_course_jobs" in w.executor.holds), what="the hold")
+        await await_until(lambda: _true(w.settled), what="an idle worker")
+        claims, heard = w.claims_by_table["ai_course_jobs"], w.notifications
+        with connect(db_url) as c:
+            later = insert_course(c, "Later")
+        await await_until(lambda: _true(w.settled and w.notifications > heard), what="settled")
+        with connect(db_url) as c:
+            assert job(c, later)["status"] == "pending"
+        assert deferred == [first] and w.claims_by_table["ai_course_jobs"] == claims
+        # Paused: the fast claim finds nothing (claim_due_job refuses the table).
+        heard = w.notifications
+        with connect(db_url) as c:
+            c.execute("select pause_jobs('ai_media_jobs')")
+        await await_until(lambda: _true(w.settled and w.notifications > heard), what="paused")
+        fast, heard = w.fast_claims, w.notifications
+        with connect(db_url) as c:
+            picture = insert_media(c)
+        await await_until(lambda: _true(w.settled and w.notifications > heard), what="settled")
+        assert w.fast_claims == fast
+        with connect(db_url) as c:
+            assert job(c, picture, "ai_media_jobs")["status"] == "pending"
+            c.execute("select resume_jobs('ai_media_jobs')")
+        await await_until(_done(db_url, picture, "ai_media_jobs"), what="done once resumed")
+    assert ran.ids() == [picture]
+
+
+async def test_a_burst_of_named_notifications_is_claimed_in_batches(db_url: str) -> None:
+    ran = Ran()
+    s = settings(db_url, worker_concurrency=10)
+    async with running_worker(s, {"ai_course_jobs": ran}) as w:
+        await await_until(lambda: _true(w.settled), what="an idle worker")
+        queries, fast = w.claim_queries, w.fast_claims
+        with connect(db_url) as c:
+            ids = _quiet_insert(c, 100)
+            with c.transaction():  # 100 notifications at one commit, each naming its job
+                for jid in ids:
+                    c.execute(
+                        "select pg_notify('ai_jobs', %s)",
+                        [json.dumps({"table": "ai_course_jobs", "id": jid})],
+                    )
+
+        async def all_done() -> bool:
+            with connect(db_url) as c:
+                row = c.execute(
+                    "select count(*) as n from ai_course_jobs where status = 'done'"
+                ).fetchone()
+                return bool(row is not None and row["n"] == 100)
+
+        await await_until(all_done, what="all 100 done", timeout=30)
+    assert sorted(ran.ids()) == sorted(ids) and not ran.twice
+    # One fast claim for the first, the rest in claim rounds of many jobs each.
+    assert w.fast_claims - fast <= 3
+    assert w.claim_queries - queries <= 25
+
+
+async def test_a_fast_claim_under_way_at_shutdown_gives_its_job_back(db_url: str) -> None:
+    ran = Ran()
+    async with running_worker(settings(db_url), {"ai_course_jobs": ran}) as w:
+        await await_until(lambda: _true(w.settled), what="an idle worker")
+        with connect(db_url) as c:
+            (jid,) = _quiet_insert(c, 1)
+        with connect(db_url) as blocker, blocker.transaction():
+            # Writes to the table wait: the fast claim is sent, and waits.
+            blocker.execute("lock table ai_course_jobs in exclusive mode")
+            with connect(db_url) as c:
+                c.execute(
+                    "select pg_notify('ai_jobs', %s)",
+                    [json.dumps({"table": "ai_course_jobs", "id": jid})],
+                )
+            await await_until(_claim_waits_on_a_lock(db_url), what="the fast claim waiting")
+            w.request_stop()  # while the claim is under way; then the lock goes
+    assert ran.jobs == []  # never started: claimed after the stop, then given back
+    assert w.fast_claims == 1
+    with connect(db_url) as c:
+        row = job(c, jid)
+    assert row["status"] == "pending" and row["worker_id"] is None and row["retry_count"] == 0
+
+
+def _claim_waits_on_a_lock(db_url: str) -> Any:
+    async def check() -> bool:
+        with connect(db_url) as c:
+            row = c.execute(
+                "select count(*) as n from pg_stat_activity where datname = current_database()"
+                " and wait_event_type = 'Lock' and query like '%claim_due_job%'"
+            ).fetchone()
+            return bool(row is not None and row["n"] == 1)
+
+    return check
