@@ -13,8 +13,8 @@ per batch). The cache lookups of jobs that start together go in one statement.
 Rendering: at most once per CATALOG_BATCH_JOBS courses saved by this process,
 or CATALOG_BATCH_SECONDS after the first one not yet rendered (the worker's
 tick), and once more at shutdown (the runbook: "batch catalog updates"). A render
-writes the rows saved so far, so it goes on under load; it never holds a job up
-in a worker (it runs beside the jobs), and it takes at most a fifth of the
+writes the rows saved so far, so it goes on under load. In a worker it never
+holds a job up (it runs beside the jobs), and it takes at most a fifth of the
 process's time (a render of many rows waits four times its own length after the
 last one). Renders from every process take turns on an advisory lock and each
 writes every row, so no entry is ever lost, whichever process renders last.
@@ -233,8 +233,8 @@ class Catalog:
         if since is None:
             return False
         now = time.monotonic()
-        if now - self._rendered_at < self._render_pause:
-            return False  # the last render was long: the process has other work
+        if self.rides and now - self._rendered_at < self._render_pause:
+            return False  # the last render was long: the worker has other work (a timer waits)
         # A render is started its own length early, to be written on time.
         late = now - since >= self.batch_seconds - self._render_took
         return self._unrendered >= self.batch_jobs or late
