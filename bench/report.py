@@ -50,6 +50,11 @@ def table(res: dict[str, Any]) -> str:
     lines.append("|---|---|---|")
     for n, c in res["claim_cost_by_finished_rows"].items():
         lines.append(f"| {int(n):,} | {_rng(c, 'p50_ms', '.3f')} | {_rng(c, 'p95_ms', '.3f')} |")
+    if "pipeline" in res:
+        from bench.pipeline import table as pipeline_table
+
+        lines.append("")
+        lines.append(pipeline_table(res["pipeline"]))
     if "console_cost_by_finished_rows" in res:
         from bench.console import table as console_table
 

@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
-from bench import console, pgserver, scenarios, stats
+from bench import console, pgserver, pipeline, scenarios, stats
 from bench.systems import LATENCY, MULTI, THROUGHPUT
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -43,7 +43,7 @@ class Config:
     @classmethod
     def of(cls, quick: bool, rounds: int | None) -> Config:
         if quick:
-            return cls(rounds or 3, 80, 20.0, 1_000, 300, 4, 300, True, 20)
+            return cls(rounds or 3, 80, 20.0, 1_000, 1_000, 4, 300, True, 20)
         return cls(rounds or 3, 500, 20.0, 20_000, 5_000, 4, 2_000, True, 100)
 
 
@@ -75,8 +75,10 @@ async def run_all(srv: pgserver.Server, cfg: Config) -> dict[str, Any]:
             )
     for r in range(cfg.rounds):
         for name in rotated(THROUGHPUT, r):
-            n = cfg.full_pipeline_jobs if name == "ai_jobs_full" else cfg.throughput_jobs
-            res = await scenarios.throughput(srv, name, f"thr_{name}_{r}", n)
+            if name == "ai_jobs_full":  # the same figures, and the pipeline's own
+                res = await pipeline.drain(srv, f"thr_{name}_{r}", cfg.full_pipeline_jobs)
+            else:
+                res = await scenarios.throughput(srv, name, f"thr_{name}_{r}", cfg.throughput_jobs)
             thr[name].append(res)
             say(f"round {r + 1} throughput {name:18} {res['jobs_per_s']:.0f} jobs/s")
     for r in range(cfg.rounds):
@@ -200,6 +202,7 @@ def summarize(raw: dict[str, Any], cfg: Config, env: dict[str, Any]) -> dict[str
         "console_cost_by_finished_rows": console.summarize(raw["console_rounds"]),
         "targets": targets,
         "ours_vs_floor": floor_ratios,
+        "pipeline": pipeline.summarize(raw["throughput_rounds"]["ai_jobs_full"], ours_thr),
         "profile": raw["profile"],
     }
 
@@ -251,6 +254,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, default=None, help="rounds per measurement (min 3)")
     p.add_argument("--no-plot", action="store_true")
     p.add_argument(
+        "--pipeline-only",
+        action="store_true",
+        help="only the full pipeline beside the no-op drain (bench/results/pipeline-latest.json)",
+    )
+    p.add_argument(
         "--console-only",
         action="store_true",
         help="only the console cost part (bench/results/console-latest.json)",
@@ -261,6 +269,8 @@ def main(argv: list[str] | None = None) -> int:
     cfg = Config.of(args.quick, args.rounds)
     if args.console_only:
         return console_only(cfg)
+    if args.pipeline_only:
+        return pipeline_only(cfg)
     # SIGTERM unwinds like Ctrl-C: worker processes killed, embedded server removed.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     t0 = time.monotonic()
@@ -305,5 +315,31 @@ def console_only(cfg: Config) -> int:
     out = RESULTS.parent / "console-latest.json"
     out.write_text(json.dumps(result, indent=1) + "\n")
     print(console.table(result["console_cost_by_finished_rows"]))
+    say(f"done in {result['duration_s']} s: {out.relative_to(ROOT)}")
+    return 0
+
+
+def pipeline_only(cfg: Config) -> int:
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    t0 = time.monotonic()
+    with pgserver.server() as srv:
+        env = environment(srv)
+        say(f"PostgreSQL {env['postgres']['version'].split(' on ')[0]} ({srv.kind}); {cfg}")
+        raw = asyncio.run(
+            pipeline.rounds(srv, cfg.full_pipeline_jobs, cfg.throughput_jobs, cfg.rounds, say)
+        )
+    noop = stats.across_rounds(raw["noop_rounds"]) if raw["noop_rounds"] else None
+    result: dict[str, Any] = {
+        "generated_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "mode": "quick" if cfg.latency_jobs < 500 else "full",
+        "config": asdict(cfg),
+        "environment": env | {"load_average_at_end": list(os.getloadavg())},
+        "pipeline": pipeline.summarize(raw["rounds"], noop),
+        "pipeline_rounds": raw["rounds"],
+        "duration_s": round(time.monotonic() - t0, 1),
+    }
+    out = RESULTS.parent / "pipeline-latest.json"
+    out.write_text(json.dumps(result, indent=1) + "\n")
+    print(pipeline.table(result["pipeline"]))
     say(f"done in {result['duration_s']} s: {out.relative_to(ROOT)}")
     return 0

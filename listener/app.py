@@ -41,6 +41,7 @@ async def open_worker(
     listen = settings.listen_mode == "listen"
     pool = db.make_pool(dsn, pool_size(settings), app=app, prepare=listen)  # not open yet
     runtime = await create_runtime(settings, pool, announce=False, start=False)
+    runtime.catalog.rides = True  # the worker's completions carry the catalog rows
     try:
         await pool.open(wait=False)
         periodic: list[Periodic] = [(RUNTIME_TICK_SECONDS, runtime.tick, "handlers tick")]

@@ -1,7 +1,11 @@
 """Batched completion writes (River's batch completer). A finished job frees its
 slot at once; its `done` row is written with the others that finished meanwhile,
 one complete_jobs() call per table, while the next claims already run. Writes
-that fail on a lost connection are retried until the database is back."""
+that fail on a lost connection are retried until the database is back.
+
+A finished course's catalog row rides with its completion (listener.catalog): in
+the same transaction here, in the same statement when a claim carries the
+completion (complete_and_claim). A job is never `done` without its row."""
 
 from __future__ import annotations
 
@@ -17,6 +21,7 @@ from psycopg.types.json import Jsonb
 from psycopg_pool import AsyncConnectionPool
 
 from listener import dal
+from listener.catalog import catalog_rows
 from listener.jobs import Job, Outcome
 
 T = TypeVar("T")
@@ -63,6 +68,7 @@ class Completer:
                 try:
                     await self.retry(lambda b=batch: self._write(b))  # type: ignore[misc]
                 except Exception as exc:
+                    released(batch)  # the catalog saves their rows on its own
                     logger.bind(action="completion_lost", jobs=len(batch)).error(
                         f"could not record {len(batch)} finished job(s) ({exc}); they will be "
                         "marked stale and run again"
@@ -100,6 +106,7 @@ class Completer:
             self._pending[:0] = items
             self._more.set()
         else:
+            landed(items)
             report_lost(items, written)
         async with self._written:
             self._written.notify_all()
@@ -114,18 +121,41 @@ class Completer:
         for item in batch:
             by_table.setdefault(item[0].table, []).append(item)
         for table, items in by_table.items():
-            rows = await dal.COMPLETE_JOBS.all(self.pool, completion_params(table, items))
+            params = completion_params(table, items)
+            if params["catalog"].obj:  # the rows and the completions: one commit
+                async with self.pool.connection() as conn, conn.transaction():
+                    await dal.CATALOG_UPSERT.run(conn, {"rows": params["catalog"]})
+                    rows = await dal.COMPLETE_JOBS.all(conn, params)
+            else:
+                rows = await dal.COMPLETE_JOBS.all(self.pool, params)
+            landed(items)
             report_lost(items, {r["id"] for r in rows})
 
 
 def completion_params(table: str, items: list[tuple[Job, Outcome]]) -> dict[str, Any]:
+    """The arguments of complete_jobs, and the catalog rows that ride along."""
+    riders = (o.catalog.take() for _, o in items if o.catalog is not None)
     return {
         "table": table,
         "ids": [j.id for j, _ in items],
         "tokens": [j.claim_token for j, _ in items],
         "paths": [o.result_path for _, o in items],
         "metrics": [Jsonb(finite(o.metrics)) for _, o in items],
+        "catalog": catalog_rows([r for r in riders if r is not None]),
     }
+
+
+def landed(items: list[tuple[Job, Outcome]]) -> None:
+    """The statement that carried these completions committed their catalog rows."""
+    for _, o in items:
+        if o.catalog is not None:
+            o.catalog.landed()
+
+
+def released(items: list[tuple[Job, Outcome]]) -> None:
+    for _, o in items:
+        if o.catalog is not None:
+            o.catalog.release()
 
 
 METRIC_BOUND = 1e300  # the database refuses larger numbers in metrics (sql/011)

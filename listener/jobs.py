@@ -5,10 +5,13 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from uuid import UUID
 
 from listener.rows import ClaimedRow
+
+if TYPE_CHECKING:
+    from listener.catalog import CatalogEntry
 
 JOB_TYPES = {"ai_course_jobs": "course", "ai_media_jobs": "media"}
 TABLES_BY_TYPE = {v: k for k, v in JOB_TYPES.items()}
@@ -54,10 +57,11 @@ class Job:
 class Outcome:
     """A finished job: where its result is stored (relative to the storage root)
     and its telemetry (at least generationDurationMs and provider; the worker adds
-    totalDurationMs)."""
+    totalDurationMs); a course's catalog row, saved with the job's completion."""
 
     result_path: str | None
     metrics: dict[str, Any] = field(default_factory=dict)
+    catalog: CatalogEntry | None = None
 
 
 HandlerMap = Mapping[str, Callable[[Job], Awaitable[Outcome]]]

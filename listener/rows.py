@@ -258,6 +258,7 @@ class CatalogRow(TypedDict):  # catalog_rows
 
 
 class CachedCourseRow(TypedDict):  # course_cache_lookup
+    cache_key: str
     course_id: str
     job_id: UUID
     result_path: str

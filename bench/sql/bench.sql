@@ -173,3 +173,14 @@ select ai_job_fold_counts()
 -- name: bench_metrics_view
 -- The runbook's view, as an operator reads it in psql.
 select * from ai_job_metrics order by job_type, status
+
+-- name: ours_done_times
+-- When each finished job was written done (the full pipeline's catalog lag).
+select id::text as id, extract(epoch from completed_at)::float8 as done
+from ai_course_jobs where status = 'done'
+
+-- name: ours_done_count
+select count(*) as n from ai_course_jobs where status = 'done'
+
+-- name: ours_catalog_rows
+select count(*) as n from ai_course_catalog

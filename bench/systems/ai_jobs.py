@@ -7,6 +7,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import json
+import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
@@ -99,5 +101,10 @@ async def worker(
             w.request_stop()
             stopper.cancel()
             await task
+            catalog = getattr(real, "catalog", None)
+            if full and catalog is not None:  # for bench.pipeline: where commits went
+                counts = {k: getattr(catalog, k) for k in ("saves", "lookups", "renders")}
+                counts["claims"] = w.claim_queries
+                print(f"pipeline-stats {json.dumps(counts)}", file=sys.stderr, flush=True)
 
         yield run

@@ -94,7 +94,7 @@ class CourseHandler:
         course = course.model_copy(update={"id": course_id, "subject": subject})
         path = course_path(course_id)
         storage_ms = await self._store(path, course)
-        await self.catalog.record(
+        entry = await self.catalog.record(
             course,
             job_id=job.id,
             result_path=path,
@@ -123,6 +123,7 @@ class CourseHandler:
                 "groups": len(course.groups),
                 "items": course.item_count,
             },
+            catalog=entry,
         )
 
     async def _store(self, path: str, course: Course) -> float:
@@ -144,12 +145,12 @@ class CourseHandler:
         except ValidationError:
             return None  # an older or damaged file: generate afresh
         lookup_ms = round((time.perf_counter() - t0) * 1000, 3)
-        path, storage_ms = row["result_path"], 0.0
+        path, storage_ms, entry = row["result_path"], 0.0, None
         if row["course_id"] != course_id:  # same request under another course id
             course = course.model_copy(update={"id": course_id, "subject": subject})
             path = course_path(course_id)
             storage_ms = await self._store(path, course)
-            await self.catalog.record(
+            entry = await self.catalog.record(
                 course,
                 job_id=job.id,
                 result_path=path,
@@ -178,4 +179,5 @@ class CourseHandler:
                 "groups": len(course.groups),
                 "items": course.item_count,
             },
+            catalog=entry,
         )

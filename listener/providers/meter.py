@@ -18,6 +18,7 @@ from loguru import logger
 from psycopg_pool import AsyncConnectionPool
 
 from listener import dal
+from listener.outage import diagnose
 from listener.providers import pricing
 from listener.providers.base import Usage
 from listener.settings import PROVIDERS
@@ -88,5 +89,5 @@ class Meter:
                 for key, s in taken.items():  # keep them for the next tick
                     self.pending.setdefault(key, Sums()).add(s)
                 logger.bind(action="usage_deferred").warning(
-                    "usage totals saved later (database unavailable: {})", exc
+                    "usage totals saved later ({})", diagnose(exc, self.pool)
                 )

@@ -1,13 +1,21 @@
 -- Statements of the generation handlers: the course catalog and the course cache.
 
 -- name: catalog_upsert
--- A regenerated course replaces its entry; created_at keeps the first time.
+-- Many courses in one statement and one commit (the catalog saves in batches):
+-- %(rows)s is a JSON array of rows, one per course_id at most (the caller keeps
+-- a course's latest). Rows go in course_id order, so that two processes saving
+-- overlapping batches take the row locks in one order. A regenerated course
+-- replaces its entry; created_at keeps the first time.
 insert into ai_course_catalog as c
     (course_id, job_id, subject, title, description, level, language, group_count,
      item_count, result_path, cache_key, provider, model)
-values (%(course_id)s, %(job_id)s, %(subject)s, %(title)s, %(description)s, %(level)s,
-        %(language)s, %(group_count)s, %(item_count)s, %(result_path)s, %(cache_key)s,
-        %(provider)s, %(model)s)
+select r.course_id, r.job_id, r.subject, r.title, r.description, r.level, r.language,
+       r.group_count, r.item_count, r.result_path, r.cache_key, r.provider, r.model
+from jsonb_to_recordset(%(rows)s::jsonb) as r(
+    course_id text, job_id uuid, subject text, title text, description text, level text,
+    language text, group_count int, item_count int, result_path text, cache_key text,
+    provider text, model text)
+order by r.course_id
 on conflict (course_id) do update
 set job_id = excluded.job_id, subject = excluded.subject, title = excluded.title,
     description = excluded.description, level = excluded.level,
@@ -28,11 +36,13 @@ from ai_course_catalog
 order by course_id
 
 -- name: course_cache_lookup
--- The newest course made from the same request within the TTL, by a real provider
--- (rows saved before placeholder courses stopped being cached are passed over).
-select course_id, job_id, result_path, provider, model
-from ai_course_catalog
-where cache_key = %(cache_key)s and updated_at > now() - make_interval(secs => %(ttl)s)
-  and provider is distinct from 'placeholder'
-order by updated_at desc
-limit 1
+-- For each request key, the newest course made from it within the TTL, by a real
+-- provider (rows saved before placeholder courses stopped being cached are passed
+-- over). The keys of jobs that start together are looked up in one statement.
+select distinct on (c.cache_key)
+       c.cache_key, c.course_id, c.job_id, c.result_path, c.provider, c.model
+from ai_course_catalog c
+where c.cache_key = any(%(keys)s::text[])
+  and c.updated_at > now() - make_interval(secs => %(ttl)s)
+  and c.provider is distinct from 'placeholder'
+order by c.cache_key, c.updated_at desc
