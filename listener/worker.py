@@ -221,6 +221,9 @@ class Worker:
             t0 = time.perf_counter()
             row = await dal.CLAIM_DUE_JOB.first(self._claim_conn, params)
             self.pacing.round_trip.add(time.perf_counter() - t0)
+        except asyncio.CancelledError:
+            await self._give_back_claim_conn()  # perhaps mid-query: the pool sorts it out
+            raise
         except Exception as exc:
             await self._give_back_claim_conn()  # perhaps broken: the pool replaces it
             self._report(exc, "claim")
