@@ -29,6 +29,7 @@ from typing import Any
 from uuid import UUID
 
 from loguru import logger
+from psycopg import AsyncConnection
 from psycopg_pool import AsyncConnectionPool
 
 from listener import dal, db
@@ -126,6 +127,11 @@ class Worker:
         self._waiting = False  # the claim loop waits for a reason to look
         self.fast_claims = 0  # notified jobs claimed by their id on the fast path
         self._fast: set[asyncio.Task[None]] = set()  # fast claims under way (a slot each)
+        # The fast claims' connection: taken from the pool at the first one and
+        # kept (one fast claim at a time), given back after an error and at
+        # shutdown. Checking a connection out of the pool and back in for every
+        # claim costs more than the claim's own work in the worker.
+        self._claim_conn: AsyncConnection[Any] | None = None
         self.notifications = 0  # valid notifications received
         self.sweeps = 0  # sweeps that ran to the end
         self.polls = 0  # looks for work by the poll timer (LISTEN_MODE=poll)
@@ -210,10 +216,16 @@ class Worker:
     async def _fast_claim(self, table: str, job_id: UUID) -> None:
         params = {"table": table, "id": job_id, "worker": self.id}
         try:
+            if self._claim_conn is None:
+                self._claim_conn = await self.pool.getconn()
             t0 = time.perf_counter()
-            row = await dal.CLAIM_DUE_JOB.first(self.pool, params)
+            row = await dal.CLAIM_DUE_JOB.first(self._claim_conn, params)
             self.pacing.round_trip.add(time.perf_counter() - t0)
+        except asyncio.CancelledError:
+            await self._give_back_claim_conn()  # perhaps mid-query: the pool sorts it out
+            raise
         except Exception as exc:
+            await self._give_back_claim_conn()  # perhaps broken: the pool replaces it
             self._report(exc, "claim")
             row = None
         else:
@@ -231,6 +243,12 @@ class Worker:
         else:
             await self.executor.run(job)  # this task runs it: no hop to another
 
+    async def _give_back_claim_conn(self) -> None:
+        conn, self._claim_conn = self._claim_conn, None
+        if conn is not None:
+            with contextlib.suppress(Exception):  # a closed pool, at shutdown
+                await self.pool.putconn(conn)
+
     def _on_listening(self, recovered: bool) -> None:
         """The LISTEN connection is up. After a reconnect the notifications of the
         gap are lost, and the pool's connections may have died with it."""
@@ -240,6 +258,8 @@ class Worker:
             self.request_sweep()
 
     async def _catch_up(self) -> None:
+        if not self._fast:  # the fast claims' connection may have died with the LISTEN one
+            await self._give_back_claim_conn()
         await self.medic.heal()  # fresh connections first, not one failure per caller
         self._back.set()
         self.request_sweep()
@@ -473,6 +493,8 @@ class Worker:
         self._stop.set()  # (set already, unless the loop failed): nothing more starts
         if self._fast:  # a claim under way: its job is held, then released below
             await asyncio.wait(set(self._fast), timeout=SHUTDOWN_BACKGROUND_SECONDS)
+        if not self._fast:
+            await self._give_back_claim_conn()
         if self.ready:  # never started: back to the queue at once, for other workers
             self.ready.add(await self.leases.release(self.ready.take_all(), "held", retry=False))
         tasks = [r.task for r in self.running.values()]
