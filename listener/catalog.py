@@ -2,8 +2,8 @@
 courses/catalog.json in batches.
 
 Saving: a finished course's row is in the database no later than its job's
-`done`. In a worker, the row rides with the job's completion (listener.completer:
-the same statement, or the same transaction, as complete_jobs), so it costs no
+`done`. In a worker, the row rides with the job's completion (the same
+transaction: listener.completer.with_catalog), so it costs no
 commit of its own and a process that dies loses neither or both. A handler run
 without a worker (run by hand, in a test) saves its row itself before it
 returns, in batches: while a save is under way, the rows of the jobs that finish

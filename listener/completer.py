@@ -3,9 +3,9 @@ slot at once; its `done` row is written with the others that finished meanwhile,
 one complete_jobs() call per table, while the next claims already run. Writes
 that fail on a lost connection are retried until the database is back.
 
-A finished course's catalog row rides with its completion (listener.catalog): in
-the same transaction here, in the same statement when a claim carries the
-completion (complete_and_claim). A job is never `done` without its row."""
+A finished course's catalog row rides with its completion (listener.catalog), in
+the same transaction, whether the completer or a claim (complete_and_claim)
+writes it (with_catalog). A job is never `done` without its row."""
 
 from __future__ import annotations
 
@@ -25,6 +25,7 @@ from listener.catalog import catalog_rows
 from listener.jobs import Job, Outcome
 
 T = TypeVar("T")
+R = TypeVar("R")
 MAX_BATCH = 1000
 # A finished job waits this long for more to share its round trip and commit,
 # or for the worker's next claim to carry it (complete_and_claim): short next
@@ -121,13 +122,7 @@ class Completer:
         for item in batch:
             by_table.setdefault(item[0].table, []).append(item)
         for table, items in by_table.items():
-            params = completion_params(table, items)
-            if params["catalog"].obj:  # the rows and the completions: one commit
-                async with self.pool.connection() as conn, conn.transaction():
-                    await dal.CATALOG_UPSERT.run(conn, {"rows": params["catalog"]})
-                    rows = await dal.COMPLETE_JOBS.all(conn, params)
-            else:
-                rows = await dal.COMPLETE_JOBS.all(self.pool, params)
+            rows = await with_catalog(self.pool, dal.COMPLETE_JOBS, completion_params(table, items))
             landed(items)
             report_lost(items, {r["id"] for r in rows})
 
@@ -143,6 +138,16 @@ def completion_params(table: str, items: list[tuple[Job, Outcome]]) -> dict[str,
         "metrics": [Jsonb(finite(o.metrics)) for _, o in items],
         "catalog": catalog_rows([r for r in riders if r is not None]),
     }
+
+
+async def with_catalog(pool: AsyncConnectionPool[Any], query: dal.Query[R], params: Any) -> list[R]:
+    """`query` (complete_jobs, or complete_and_claim) with the catalog rows that
+    ride along (params["catalog"]) saved in the same transaction: one commit."""
+    if not params["catalog"].obj:
+        return await query.all(pool, params)
+    async with pool.connection() as conn, conn.transaction():
+        await dal.CATALOG_UPSERT.run(conn, {"rows": params["catalog"]})
+        return await query.all(conn, params)
 
 
 def landed(items: list[tuple[Job, Outcome]]) -> None:

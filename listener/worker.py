@@ -33,7 +33,7 @@ from psycopg import AsyncConnection
 from psycopg_pool import AsyncConnectionPool
 
 from listener import dal, db
-from listener.completer import Completer, completion_params
+from listener.completer import Completer, completion_params, with_catalog
 from listener.errors import scrub
 from listener.executor import Executor, FailureHook, error_text
 from listener.jobs import JOB_TYPES, HandlerMap, Job, Outcome
@@ -393,7 +393,7 @@ class Worker:
             try:
                 if done:
                     params |= completion_params(table, done)
-                    both = await dal.COMPLETE_AND_CLAIM.all(self.pool, params)
+                    both = await with_catalog(self.pool, dal.COMPLETE_AND_CLAIM, params)
                 else:
                     rows: Sequence[ClaimedRow] = await dal.CLAIM_JOBS.all(self.pool, params)
             except Exception as exc:

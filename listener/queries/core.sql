@@ -76,28 +76,6 @@ select heartbeat_jobs as id from heartbeat_jobs(%(table)s, %(ids)b, %(tokens)b)
 select complete_jobs as id from complete_jobs(%(table)s, %(ids)b, %(tokens)b, %(paths)b, %(metrics)b)
 
 -- name: complete_and_claim
--- The finished courses' catalog rows (%(catalog)s, a JSON array, maybe empty) are
--- saved in the same statement: a job is never done without its row (as
--- catalog_upsert in handlers.sql; a data-modifying WITH always runs, once).
-with catalog as (
-    insert into ai_course_catalog as c
-        (course_id, job_id, subject, title, description, level, language, group_count,
-         item_count, result_path, cache_key, provider, model)
-    select r.course_id, r.job_id, r.subject, r.title, r.description, r.level, r.language,
-           r.group_count, r.item_count, r.result_path, r.cache_key, r.provider, r.model
-    from jsonb_to_recordset(%(catalog)s::jsonb) as r(
-        course_id text, job_id uuid, subject text, title text, description text, level text,
-        language text, group_count int, item_count int, result_path text, cache_key text,
-        provider text, model text)
-    order by r.course_id
-    on conflict (course_id) do update
-    set job_id = excluded.job_id, subject = excluded.subject, title = excluded.title,
-        description = excluded.description, level = excluded.level,
-        language = excluded.language, group_count = excluded.group_count,
-        item_count = excluded.item_count, result_path = excluded.result_path,
-        cache_key = excluded.cache_key, provider = excluded.provider, model = excluded.model,
-        updated_at = now()
-)
 select * from complete_and_claim(%(table)s, %(worker)s, %(n)s, %(ids)b, %(tokens)b, %(paths)b,
                                  %(metrics)b)
 
