@@ -125,7 +125,7 @@ class Worker:
         self.claims_by_table = dict.fromkeys(TABLES, 0)  # claim statements, by table
         self._waiting = False  # the claim loop waits for a reason to look
         self.fast_claims = 0  # notified jobs claimed by their id on the fast path
-        self._fast: set[asyncio.Task[None]] = set()  # fast claims under way (a slot each)
+        self._fast: asyncio.Task[None] | None = None  # the fast claim under way (a slot)
         # The fast claims' connection: taken from the pool at the first one and
         # kept (one fast claim at a time), given back after an error and at
         # shutdown. Checking a connection out of the pool and back in for every
@@ -151,7 +151,7 @@ class Worker:
         return (
             self._waiting
             and not self._wake.is_set()
-            and not self._fast
+            and self._fast is None
             and not self.sweeper.busy
             and not self._sweep_now.is_set()
         )
@@ -202,7 +202,7 @@ class Worker:
         job of its table known to wait (a claim round takes those, in order and
         in batches), a slot free, no fast claim under way, the table not held."""
         if (
-            self._fast
+            self._fast is not None
             or self._more[table]
             or self._stop.is_set()
             or len(self.running) + len(self.ready) >= self.concurrency
@@ -213,7 +213,7 @@ class Worker:
         task = asyncio.get_running_loop().create_task(
             self._fast_claim(table, job_id), name=f"claim {job_id}"
         )
-        self._fast.add(task)
+        self._fast = task
         return True
 
     async def _fast_claim(self, table: str, job_id: UUID) -> None:
@@ -234,7 +234,7 @@ class Worker:
         else:
             self.db_health.up()
         finally:
-            self._fast.difference_update({asyncio.current_task()})
+            self._fast = None
         if row is None:  # not claimable (claimed elsewhere, not due, forged): look
             self._look([table])
             return
@@ -261,7 +261,7 @@ class Worker:
             self.request_sweep()
 
     async def _catch_up(self) -> None:
-        if not self._fast:  # the fast claims' connection may have died with the LISTEN one
+        if self._fast is None:  # the fast claims' connection may have died with the LISTEN one
             await self._give_back_claim_conn()
         await self.medic.heal()  # fresh connections first, not one failure per caller
         self._back.set()
@@ -351,7 +351,8 @@ class Worker:
                 why = f"held {self.ready.limit:g}s without a free slot"
                 self.ready.add(await self.leases.release(overdue, why, retry=False))
             free = self.concurrency + self._ahead(now) - len(self.running) - len(self.ready)
-            free -= len(self._fast)
+            if self._fast is not None:
+                free -= 1  # its slot
             holds = self.executor.holds
             wanted = [t for t in self._tables_in_turn() if not holds.held(t, now) and self._more[t]]
             if free > 0 and wanted:
@@ -493,9 +494,9 @@ class Worker:
     async def _shutdown(self, background: list[asyncio.Task[Any]]) -> None:
         grace = self.settings.shutdown_grace_seconds
         self._stop.set()  # (set already, unless the loop failed): nothing more starts
-        if self._fast:  # a claim under way: its job is held, then released below
-            await asyncio.wait(set(self._fast), timeout=SHUTDOWN_BACKGROUND_SECONDS)
-        if not self._fast:
+        if self._fast is not None:  # a claim under way: its job is held, then released below
+            await asyncio.wait({self._fast}, timeout=SHUTDOWN_BACKGROUND_SECONDS)
+        if self._fast is None:
             await self._give_back_claim_conn()
         if self.ready:  # never started: back to the queue at once, for other workers
             self.ready.add(await self.leases.release(self.ready.take_all(), "held", retry=False))
