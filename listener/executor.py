@@ -16,7 +16,7 @@ import asyncio
 import contextlib
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, TypeVar
 
 from loguru import logger
 from psycopg_pool import AsyncConnectionPool
@@ -30,6 +30,9 @@ from listener.pacing import Pacing
 from listener.settings import Settings
 
 FailureHook = Callable[[Job, BaseException], None]
+
+
+R = TypeVar("R")
 
 
 class Holds:
@@ -145,14 +148,12 @@ class Executor:
         if self.on_failure:
             with contextlib.suppress(Exception):
                 self.on_failure(job, exc)
-        try:
-            row = await self.retry(lambda: dal.FAIL_JOB.first(self.pool, params))
-        except Exception as write_exc:
-            log.bind(action="job_fail_lost").error(f"could not record failure: {write_exc}")
-            return
+        row = await self._write_end(
+            dal.FAIL_JOB, params, log, ("job_fail_lost", "record failure"), f"failed ({message})"
+        )
         if row is None:
-            log.bind(action="job_lost").warning(f"job failed ({message}) but is no longer held")
-        elif row["status"] == "dead_letter":
+            return
+        if row["status"] == "dead_letter":
             log.bind(action="job_dead_letter").error(f"job moved to the dead letter: {message}")
         else:
             due_in = row["due_in"] or 0.0  # a failed job always has its run_after
@@ -175,13 +176,14 @@ class Executor:
             "reason": message,
             "max_wait": self.settings.provider_outage_max_wait_seconds,
         }
-        try:
-            row = await self.retry(lambda: dal.DEFER_JOB.first(self.pool, params))
-        except Exception as write_exc:
-            log.bind(action="job_defer_lost").error(f"could not put the job back: {write_exc}")
-            return
+        row = await self._write_end(
+            dal.DEFER_JOB,
+            params,
+            log,
+            ("job_defer_lost", "put the job back"),
+            f"deferred ({message})",
+        )
         if row is None:
-            log.bind(action="job_lost").warning(f"job deferred ({message}) but is no longer held")
             return
         due_in = max(0.0, row["due_in"] or 0.0)
         if job.table not in self.holds:
@@ -197,6 +199,28 @@ class Executor:
             log.bind(action="job_failed").warning(f"waited too long, attempt counted: {message}")
         else:
             log.bind(action="job_deferred").debug(f"job waits {due_in:.1f}s for its providers")
+
+    async def _write_end(
+        self,
+        query: dal.Query[R],
+        params: dict[str, Any],
+        log: Any,
+        lost: tuple[str, str],
+        ended: str,
+    ) -> R | None:
+        """Write how a job ended (fail_job, defer_job), retried while the database
+        is away. None, logged, when it could not be written (`lost`: the action and
+        what was not done) or the job is no longer this worker's (`ended`: how it
+        ended, for the log)."""
+        try:
+            row: R | None = await self.retry(lambda: query.first(self.pool, params))
+        except Exception as write_exc:
+            action, what = lost
+            log.bind(action=action).error(f"could not {what}: {write_exc}")
+            return None
+        if row is None:
+            log.bind(action="job_lost").warning(f"job {ended} but is no longer held")
+        return row
 
 
 def error_text(exc: BaseException) -> str:

@@ -24,8 +24,8 @@ from tests.helpers import ROOT, connect
 PACKAGE = ROOT / "listener"
 # Named statements the package does not call yet, and who does.
 NOT_CALLED_BY_THE_PACKAGE = {
-    # Claims one given job: the handler tests claim with it (tests/integration/handlers),
-    # and the LISTEN service's fast path (claim the notified job at once) will.
+    # Claims one given job: the handler tests claim with it (tests/integration/handlers);
+    # the worker's fast path claims with claim_due_job instead.
     "CLAIM_JOB",
 }
 STATEMENTS = {name: obj for name, obj in vars(dal).items() if isinstance(obj, dal.Statement)}
