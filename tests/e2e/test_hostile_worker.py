@@ -126,6 +126,14 @@ def _catalog(url: str, course_id: str) -> dict[str, Any]:
     return dict(row)
 
 
+def _catalog_file(storage: Path) -> dict[str, str] | None:
+    try:
+        catalog = json.loads((storage / "courses/catalog.json").read_bytes())
+    except FileNotFoundError:
+        return None
+    return {c["id"]: c["jobId"] for c in catalog["courses"]}
+
+
 def test_a_course_made_by_another_user_is_never_overwritten(supabase_db_url: str) -> None:
     storage = Path(tempfile.mkdtemp())
     w = WorkerProcess(
@@ -149,11 +157,9 @@ def test_a_course_made_by_another_user_is_never_overwritten(supabase_db_url: str
             _insert(supabase_db_url, BOB, "Anything", course_id=course)
         after = (path.read_bytes(), path.stat().st_mtime_ns, _catalog(supabase_db_url, course))
         assert after == before
-        catalog = json.loads((storage / "courses/catalog.json").read_bytes())
-        assert {c["id"]: c["jobId"] for c in catalog["courses"]} == {
-            course: alices,
-            bobs_course: bobs,
-        }
+        # catalog.json is rendered after the completion that carries its row commits
+        wanted = {course: alices, bobs_course: bobs}
+        wait_until(lambda: _catalog_file(storage) == wanted, what=f"catalog.json lists {wanted}")
 
         # Alice regenerates her own
         again, same = _insert(supabase_db_url, ALICE, "algebra")
