@@ -4,8 +4,13 @@ one-shot connections for the command line, and the named SQL of queries.sql."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import os
 import re
+import select
+import socket
 import time
+import weakref
 from collections.abc import AsyncIterator, Iterable
 from contextlib import asynccontextmanager
 from functools import cache
@@ -15,6 +20,7 @@ from typing import Any
 import psycopg
 from loguru import logger
 from psycopg.conninfo import conninfo_to_dict
+from psycopg.pq import TransactionStatus
 from psycopg.rows import dict_row
 from psycopg_pool import AsyncConnectionPool
 
@@ -116,9 +122,21 @@ async def connection(
 POOL_RECONNECT_SECONDS = 1.0
 
 
+class WorkPool(AsyncConnectionPool[psycopg.AsyncConnection[Any]]):
+    """A pool that knows its connections, the ones lent out too: PoolMedic finds
+    those stuck on a reply that will never come."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self.connections: weakref.WeakSet[psycopg.AsyncConnection[Any]] = weakref.WeakSet()
+        super().__init__(*args, configure=self._track, **kwargs)
+
+    async def _track(self, conn: psycopg.AsyncConnection[Any]) -> None:
+        self.connections.add(conn)
+
+
 def make_pool(
     dsn: str, size: int, app: str = "ai-jobs worker", *, prepare: bool = True
-) -> AsyncConnectionPool:
+) -> WorkPool:
     """The pool for the work: claims, heartbeats, finishes, sweeps. `prepare=False`
     turns off server-side prepared statements, which a transaction-mode pooler
     cannot keep (LISTEN_MODE=poll)."""
@@ -130,7 +148,7 @@ def make_pool(
     }
     if not prepare:
         kwargs["prepare_threshold"] = None
-    return AsyncConnectionPool(
+    return WorkPool(
         dsn,
         min_size=1,
         max_size=max(2, size),
@@ -145,22 +163,36 @@ def make_pool(
 
 
 class PoolMedic:
-    """Replaces a pool's idle connections at once after a connection error.
+    """Replaces a pool's dead connections at once after a connection error.
 
     An outage kills every connection of the pool, but the pool only learns that
     one caller at a time, each eating a failure. `heal()` drains the pool: idle
     connections are closed and replaced now, those in use when they come back.
     Not psycopg_pool's `check()`: that makes a round trip on every idle
     connection, and on a half-open one the round trip never returns. The errors
-    of one outage cost one drain (at most one every MIN_INTERVAL)."""
+    of one outage cost one drain (at most one every MIN_INTERVAL).
+
+    A connection in use that went half-open never comes back: its caller (a
+    sweep, a claim) waits on a reply that will never come, and TCP keepalives
+    cannot tell when something on the way (a proxy, a pooler) still answers for
+    the server. So after the drain the medic looks for them (`unstick`): a
+    connection that waits for a reply, twice STUCK_AFTER seconds apart, while
+    the server says its backend has sent everything and sat idle since before
+    the first look, has lost its reply (or its query) on the way. Its socket is
+    shut down: the caller's query fails now, as on any dropped connection, and
+    is retried on a fresh one. A reply in transit for STUCK_AFTER would be taken
+    for lost; no working network is that slow."""
 
     MIN_INTERVAL = 1.0
+    STUCK_AFTER = 0.5
 
     def __init__(self, pool: AsyncConnectionPool) -> None:
         self.pool = pool
         self.heals = 0
+        self.unstuck = 0  # connections shut down because their reply was lost
         self._last = -self.MIN_INTERVAL
         self._task: asyncio.Task[None] | None = None
+        self._unsticking: asyncio.Task[int] | None = None
 
     def heal_soon(self) -> None:
         """From an error path: drain in the background."""
@@ -190,6 +222,73 @@ class PoolMedic:
             self.heals += 1
         except Exception as exc:  # a closed pool, at shutdown: nothing to heal
             logger.bind(action="pool_heal_failed").debug(f"pool drain failed: {exc!r}")
+        if self._unsticking is None or self._unsticking.done():  # in the background:
+            # it takes STUCK_AFTER, and the drain's fresh connections serve meanwhile
+            self._unsticking = asyncio.get_running_loop().create_task(
+                self.unstick(), name="pool unstick"
+            )
+
+    async def unstick(self) -> int:
+        """Shut down the connections waiting on a reply that was lost; how many."""
+        conns: weakref.WeakSet[Any] | None = getattr(self.pool, "connections", None)
+        if not conns:
+            return 0
+        first = _waiting(conns)
+        if not first:
+            return 0
+        try:
+            since = await self._server_time()
+            await asyncio.sleep(self.STUCK_AFTER)
+            waiting = {pid: c for pid, c in _waiting(conns).items() if first.get(pid) is c}
+            if not waiting:
+                return 0
+            from listener import dal  # built on this module
+
+            async with asyncio.timeout(5.0):
+                idle = await dal.IDLE_BACKENDS.all(
+                    self.pool, {"pids": list(waiting), "since": since, "seconds": self.STUCK_AFTER}
+                )
+        except Exception as exc:  # the database away again: the next heal looks again
+            logger.bind(action="pool_unstick_failed").debug(f"pool unstick failed: {exc!r}")
+            return 0
+        cut = sum(_shut_down(waiting[r["pid"]]) for r in idle if r["pid"] in waiting)
+        if cut:
+            self.unstuck += cut
+            logger.bind(action="pool_unstuck", connections=cut).warning(
+                f"database: {cut} pool connection(s) waited on a reply the server had"
+                " sent or never got (half-open); shut down, their callers retry"
+            )
+        return cut
+
+    async def _server_time(self) -> Any:
+        from listener import dal  # built on this module
+
+        async with asyncio.timeout(5.0):
+            return (await dal.SERVER_TIME.one(self.pool))["now"]
+
+
+def _waiting(conns: weakref.WeakSet[Any]) -> dict[int, Any]:
+    """The open connections waiting for a query's reply, by backend pid."""
+    found: dict[int, Any] = {}
+    for conn in list(conns):
+        with contextlib.suppress(Exception):  # closed meanwhile
+            if not conn.closed and conn.info.transaction_status == TransactionStatus.ACTIVE:
+                found[conn.info.backend_pid] = conn
+    return found
+
+
+def _shut_down(conn: Any) -> int:
+    """Shut the connection's socket down (1), unless a reply came meanwhile (0):
+    the query waiting on it fails at once, as on a dropped connection."""
+    try:
+        fd = conn.pgconn.socket
+        if select.select([fd], [], [], 0)[0]:
+            return 0  # something arrived: not lost
+        with socket.socket(fileno=os.dup(fd)) as sock:
+            sock.shutdown(socket.SHUT_RDWR)
+    except Exception:
+        return 0
+    return 1
 
 
 async def fetch(conn: psycopg.AsyncConnection[Any], name: str, params: Any = None) -> list[Any]:

@@ -397,6 +397,14 @@ class UsageTotalRow(TypedDict):  # usage_totals
 # -- workers.sql
 
 
+class ServerTimeRow(TypedDict):  # server_time
+    now: datetime
+
+
+class PidRow(TypedDict):  # idle_backends
+    pid: int
+
+
 class WorkerIdRow(TypedDict):  # workers_expire
     id: str
 

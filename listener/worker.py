@@ -38,6 +38,7 @@ from listener.errors import scrub
 from listener.executor import Executor, FailureHook, error_text
 from listener.jobs import JOB_TYPES, HandlerMap, Job, Outcome
 from listener.leases import LeaseKeeper
+from listener.listen import DEAF
 from listener.migrate import wait_for_schema
 from listener.notifications import Listener, Nudge
 from listener.outage import AwayRetry, Backoff, Health
@@ -110,7 +111,7 @@ class Worker:
             notify=self._notify,
             probe_every=settings.listen_probe_seconds,
             sender=self.id,
-            on_state=lambda state: self.registry.poke(),
+            on_state=self._listener_state,
         )
         self.registry = Registry(pool, settings, self.id, self._status, self._registry_error)
         self._stop = asyncio.Event()
@@ -251,6 +252,11 @@ class Worker:
         if conn is not None:
             with contextlib.suppress(Exception):  # a closed pool, at shutdown
                 await self.pool.putconn(conn)
+
+    def _listener_state(self, state: str) -> None:
+        if state == DEAF:  # the missed probe went through the pool: suspect it too
+            self.medic.heal_soon()
+        self.registry.poke()
 
     def _on_listening(self, recovered: bool) -> None:
         """The LISTEN connection is up. After a reconnect the notifications of the

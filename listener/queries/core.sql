@@ -112,6 +112,19 @@ select extract(epoch from next_job_due() - now())::float8 as seconds
 -- name: keepalive
 select 1
 
+-- name: server_time
+-- The server's clock (db.PoolMedic: when its first look for stuck connections began).
+select clock_timestamp() as now
+
+-- name: idle_backends
+-- db.PoolMedic: of the backends its pool is waiting on (%(pids)s), those that have
+-- sat idle, their last reply sent, since %(seconds)s before %(since)s: the pool's
+-- connection to each has lost its reply (or its query) on the way.
+select pid from pg_stat_activity
+where pid = any(%(pids)s)
+  and state in ('idle', 'idle in transaction', 'idle in transaction (aborted)')
+  and state_change < %(since)s::timestamptz - make_interval(secs => %(seconds)s)
+
 -- name: listen
 listen ai_jobs
 

@@ -1,0 +1,79 @@
+"""db.PoolMedic through a fault-injecting proxy (tests/faultproxy.py): a heal
+replaces the idle connections, and a connection in use that went half-open (its
+caller waiting on a reply that will never come) is shut down so that the caller
+fails now and retries, while a query the server is still running is left alone."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
+
+import psycopg
+import pytest
+
+from listener import db
+from tests.faultproxy import FaultProxy
+from tests.helpers import aconnect, await_until
+
+pytestmark = pytest.mark.timeout(60)
+
+
+@pytest.fixture
+def proxy(db_url: str) -> Iterator[FaultProxy]:
+    p = FaultProxy(db_url).start()
+    yield p
+    p.stop()
+
+
+@pytest.fixture
+async def pool(proxy: FaultProxy, db_url: str) -> AsyncIterator[db.WorkPool]:
+    p = db.make_pool(proxy.url(db_url), 4)
+    await p.open(wait=True)
+    yield p
+    await p.close(timeout=1)
+
+
+async def _query(pool: db.WorkPool, statement: str) -> Any:
+    async with pool.connection() as conn:
+        return await (await conn.execute(statement)).fetchone()
+
+
+async def test_a_query_stuck_on_a_half_open_connection_fails_and_is_retried(
+    pool: db.WorkPool, proxy: FaultProxy
+) -> None:
+    medic = db.PoolMedic(pool)
+    await _query(pool, "select 1")  # a connection to lose
+    async with pool.connection() as conn:
+        proxy.blackhole()  # this connection: the query goes out, nothing comes back
+        stuck = asyncio.create_task(conn.execute("select 'lost'"))
+        done, _ = await asyncio.wait({stuck}, timeout=1.0)
+        assert not done  # waiting, and it would wait for ever (the proxy acks the bytes)
+        t0 = time.monotonic()
+        await medic.heal()  # idle connections replaced now; the stuck one looked for
+        with pytest.raises(psycopg.OperationalError):
+            await asyncio.wait_for(stuck, 10)
+        assert time.monotonic() - t0 < 3 * medic.STUCK_AFTER + 2
+    assert medic.unstuck == 1
+    assert await _query(pool, "select 'again' as v") == {"v": "again"}  # a fresh connection
+
+
+async def test_a_long_query_on_a_working_connection_is_left_alone(
+    pool: db.WorkPool, db_url: str
+) -> None:
+    medic = db.PoolMedic(pool)
+    long = asyncio.create_task(_query(pool, "select pg_sleep(2) is null as slept"))
+    async with await aconnect(db_url) as c:  # ... waiting for its reply while the server runs it
+
+        async def running() -> bool:
+            cur = await c.execute(
+                "select 1 from pg_stat_activity where state = 'active'"
+                " and query like 'select pg_sleep(2)%'"
+            )
+            return bool(await cur.fetchone())
+
+        await await_until(running, what="the long query running")
+    assert await medic.unstick() == 0
+    assert await asyncio.wait_for(long, 10) == {"slept": False}
+    assert medic.unstuck == 0
