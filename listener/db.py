@@ -229,25 +229,24 @@ class PoolMedic:
             )
 
     async def unstick(self) -> int:
-        """Shut down the connections waiting on a reply that was lost; how many."""
+        """Shut down the connections waiting on a reply that was lost; how many.
+        It asks the server on a connection of its own: the pool may have none
+        left to lend, every one of them stuck."""
+        from listener import dal  # built on this module
+
         conns: weakref.WeakSet[Any] | None = getattr(self.pool, "connections", None)
-        if not conns:
-            return 0
-        first = _waiting(conns)
-        if not first:
+        first = _waiting(conns) if conns else {}
+        dsn = self.pool.conninfo
+        if not first or not isinstance(dsn, str):
             return 0
         try:
-            since = await self._server_time()
-            await asyncio.sleep(self.STUCK_AFTER)
-            waiting = {pid: c for pid, c in _waiting(conns).items() if first.get(pid) is c}
-            if not waiting:
-                return 0
-            from listener import dal  # built on this module
-
-            async with asyncio.timeout(5.0):
-                idle = await dal.IDLE_BACKENDS.all(
-                    self.pool, {"pids": list(waiting), "since": since, "seconds": self.STUCK_AFTER}
-                )
+            async with asyncio.timeout(self.STUCK_AFTER + 10.0):
+                async with connection(dsn, app="ai-jobs pool medic") as conn:
+                    since = (await dal.SERVER_TIME.one(conn))["now"]
+                    await asyncio.sleep(self.STUCK_AFTER)
+                    waiting = {p: c for p, c in _waiting(first.values()).items() if first[p] is c}
+                    params = {"pids": list(waiting), "since": since, "seconds": self.STUCK_AFTER}
+                    idle = await dal.IDLE_BACKENDS.all(conn, params) if waiting else []
         except Exception as exc:  # the database away again: the next heal looks again
             logger.bind(action="pool_unstick_failed").debug(f"pool unstick failed: {exc!r}")
             return 0
@@ -260,14 +259,8 @@ class PoolMedic:
             )
         return cut
 
-    async def _server_time(self) -> Any:
-        from listener import dal  # built on this module
 
-        async with asyncio.timeout(5.0):
-            return (await dal.SERVER_TIME.one(self.pool))["now"]
-
-
-def _waiting(conns: weakref.WeakSet[Any]) -> dict[int, Any]:
+def _waiting(conns: Iterable[Any]) -> dict[int, Any]:
     """The open connections waiting for a query's reply, by backend pid."""
     found: dict[int, Any] = {}
     for conn in list(conns):

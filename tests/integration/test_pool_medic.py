@@ -77,3 +77,27 @@ async def test_a_long_query_on_a_working_connection_is_left_alone(
     assert await medic.unstick() == 0
     assert await asyncio.wait_for(long, 10) == {"slept": False}
     assert medic.unstuck == 0
+
+
+async def test_stuck_connections_are_found_when_none_is_left_to_lend(
+    proxy: FaultProxy, db_url: str
+) -> None:
+    pool = db.make_pool(proxy.url(db_url), 2)  # at most two
+    await pool.open(wait=True)
+    try:
+        medic = db.PoolMedic(pool)
+        a, b = await pool.getconn(), await pool.getconn()
+        proxy.blackhole()
+        stuck = [asyncio.create_task(c.execute("select 'lost'")) for c in (a, b)]
+        done, _ = await asyncio.wait(stuck, timeout=1.0)
+        assert not done
+        await medic.heal()  # the pool has nothing to lend: the medic asks on its own
+        for task in stuck:
+            with pytest.raises(psycopg.OperationalError):
+                await asyncio.wait_for(task, 10)
+        assert medic.unstuck == 2
+        for c in (a, b):
+            await pool.putconn(c)
+        assert await _query(pool, "select 'again' as v") == {"v": "again"}
+    finally:
+        await pool.close(timeout=1)
