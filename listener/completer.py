@@ -135,7 +135,8 @@ def completion_params(table: str, items: list[tuple[Job, Outcome]]) -> dict[str,
         "ids": [j.id for j, _ in items],
         "tokens": [j.claim_token for j, _ in items],
         "paths": [o.result_path for _, o in items],
-        "metrics": [Jsonb(finite(o.metrics)) for _, o in items],
+        # One JSON array, in the order of ids (the query makes it a jsonb[]).
+        "metrics": Jsonb([finite(o.metrics) for _, o in items]),
         "catalog": catalog_rows([r for r in riders if r is not None]),
     }
 

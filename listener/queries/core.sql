@@ -73,11 +73,15 @@ select heartbeat_jobs as id from heartbeat_jobs(%(table)s, %(ids)b, %(tokens)b)
 -- name: complete_jobs
 -- The arrays go in binary format (the b placeholders): psycopg quotes a text
 -- array element by element, a cost per finished job that binary does not have.
-select complete_jobs as id from complete_jobs(%(table)s, %(ids)b, %(tokens)b, %(paths)b, %(metrics)b)
+-- The metrics come as one JSON array (one document to encode, not one per job),
+-- made the jsonb[] of complete_jobs here, in their order.
+select complete_jobs as id from complete_jobs(%(table)s, %(ids)b, %(tokens)b, %(paths)b,
+    array(select m from jsonb_array_elements(%(metrics)b) with ordinality as e(m, i) order by i))
 
 -- name: complete_and_claim
+-- The metrics as in complete_jobs: one JSON array.
 select * from complete_and_claim(%(table)s, %(worker)s, %(n)s, %(ids)b, %(tokens)b, %(paths)b,
-                                 %(metrics)b)
+    array(select m from jsonb_array_elements(%(metrics)b) with ordinality as e(m, i) order by i))
 
 -- name: fail_job
 select status, retry_count, extract(epoch from run_after - clock_timestamp())::float8 as due_in

@@ -231,7 +231,7 @@ async def _finish(conn: Conn, job: Job, path: str | None, metrics: dict[str, Any
             "ids": [job.id],
             "tokens": [job.claim_token],
             "paths": [path],
-            "metrics": [Jsonb(metrics)],
+            "metrics": Jsonb([metrics]),
         },
     )
 
