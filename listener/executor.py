@@ -92,7 +92,7 @@ class Executor:
 
     def start(self, job: Job) -> asyncio.Task[Outcome | None]:
         """Run a claimed job in a task of its own, held by the lease keeper."""
-        task = asyncio.create_task(self.execute(job), name=f"job {job.id}")
+        task = asyncio.create_task(self.execute(job), name=f"job {job.key}")
         self.leases.running[job.id] = Running(job, task)
         return task
 
@@ -107,8 +107,10 @@ class Executor:
 
     async def execute(self, job: Job) -> Outcome | None:
         """Run the handler and record the end; never raises but on cancellation."""
-        log = logger.bind(job_id=str(job.id), table=job.table, attempt=job.attempt)
-        log.info("job started", action="job_started")
+        # The job's fields go with each record as a bound logger would add them,
+        # without binding one per job: most jobs log only these two lines.
+        key, table, attempt = job.key, job.table, job.attempt
+        logger.info("job started", job_id=key, table=table, attempt=attempt, action="job_started")
         t0 = time.perf_counter()
         try:
             handler = self.handlers.get(job.table)
@@ -119,15 +121,22 @@ class Executor:
             self.leases.running.pop(job.id, None)  # handed over: no longer ours to release
             await self.completer.add(job, outcome)
             ms = outcome.metrics["totalDurationMs"]
-            log.info("job done in {ms} ms", action="job_done", ms=ms)
+            logger.info(
+                "job done in {ms} ms",
+                job_id=key,
+                table=table,
+                attempt=attempt,
+                action="job_done",
+                ms=ms,
+            )
             return outcome
         except asyncio.CancelledError:
             raise  # shutdown past the grace period, or the job was taken away
         except ProvidersUnavailable as exc:
-            await asyncio.shield(self.defer(job, exc, log))
+            await asyncio.shield(self.defer(job, exc, job_log(job)))
             return None
         except Exception as exc:
-            await asyncio.shield(self.fail(job, exc, log))
+            await asyncio.shield(self.fail(job, exc, job_log(job)))
             return None
         finally:
             self.pacing.job_time.add(time.perf_counter() - t0)
@@ -221,6 +230,11 @@ class Executor:
         if row is None:
             log.bind(action="job_lost").warning(f"job {ended} but is no longer held")
         return row
+
+
+def job_log(job: Job) -> Any:
+    """A logger bound to the job's fields (its failure's records)."""
+    return logger.bind(job_id=job.key, table=job.table, attempt=job.attempt)
 
 
 def error_text(exc: BaseException) -> str:

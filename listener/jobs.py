@@ -27,6 +27,12 @@ class Job:
     # The columns a handler reads, as claimed (sql/019: id, course_id, params, and
     # subject for a course job, prompt and media_type for a media job; JSON types).
     row: dict[str, Any]
+    # The id as text (log fields, the task's name): formatted once, here.
+    key: str = field(default="", compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        if not self.key:
+            object.__setattr__(self, "key", str(self.id))
 
     @property
     def attempt(self) -> int:
@@ -50,6 +56,7 @@ class Job:
             retry_count=rec["retry_count"],
             max_retries=rec["max_retries"],
             row=rec["job"],
+            key=str(rec["id"]),
         )
 
 

@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import time
 from collections import deque
-from dataclasses import dataclass
 
 from listener.jobs import Job
 
@@ -66,35 +65,30 @@ class Pacing:
         return int(ROUNDS * self.concurrency * r / (d + r))
 
 
-@dataclass
-class _Entry:
-    job: Job
-    since: float
-
-
 class Held:
-    """The jobs a worker claimed ahead of a free slot, oldest first."""
+    """The jobs a worker claimed ahead of a free slot, oldest first, each with
+    the monotonic time it was claimed."""
 
     def __init__(self, limit: float = HOLD_SECONDS) -> None:
         self.limit = limit
-        self._q: deque[_Entry] = deque()
+        self._q: deque[tuple[Job, float]] = deque()
 
     def __len__(self) -> int:
         return len(self._q)
 
     def jobs(self) -> list[Job]:
-        return [e.job for e in self._q]
+        return [j for j, _ in self._q]
 
     def add(self, jobs: list[Job]) -> None:
         now = time.monotonic()
-        self._q.extend(_Entry(j, now) for j in jobs)
+        self._q.extend([(j, now) for j in jobs])
 
     def pop(self) -> Job:
-        return self._q.popleft().job
+        return self._q.popleft()[0]
 
     def remove(self, job: Job) -> bool:
         for e in self._q:
-            if e.job.id == job.id:
+            if e[0].id == job.id:
                 self._q.remove(e)
                 return True
         return False
@@ -107,10 +101,10 @@ class Held:
     def overdue(self, now: float) -> list[Job]:
         """Take the jobs held longer than the limit."""
         out = []
-        while self._q and now - self._q[0].since >= self.limit:
-            out.append(self._q.popleft().job)
+        while self._q and now - self._q[0][1] >= self.limit:
+            out.append(self._q.popleft()[0])
         return out
 
     def due_in(self, now: float) -> float | None:
         """Seconds until the oldest held job is overdue (None: none held)."""
-        return self._q[0].since + self.limit - now if self._q else None
+        return self._q[0][1] + self.limit - now if self._q else None
