@@ -49,7 +49,10 @@ class Job:
 
     @classmethod
     def from_claim(cls, rec: ClaimedRow) -> Job:
-        return cls(
+        # What __init__ sets, without its seven frozen setattr calls (a claim
+        # builds one Job per claimed row; tests/unit/test_jobs.py compares).
+        job = cls.__new__(cls)
+        job.__dict__.update(
             table=rec["job_table"],
             id=rec["id"],
             claim_token=rec["claim_token"],
@@ -58,6 +61,7 @@ class Job:
             row=rec["job"],
             key=str(rec["id"]),
         )
+        return job
 
 
 @dataclass
