@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import math
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Collection
 from typing import Any, TypeVar
 from uuid import UUID
 
@@ -97,9 +97,11 @@ class Completer:
             self._in_flight += len(mine)
         return mine
 
-    async def settle(self, items: list[tuple[Job, Outcome]], written: set[UUID] | None) -> None:
-        """The claim that took `items` ended: written ids, or None if it failed
-        (the items go back to be written again)."""
+    async def settle(
+        self, items: list[tuple[Job, Outcome]], written: Collection[UUID] | None
+    ) -> None:
+        """The claim that took `items` ended: the ids it wrote, or None if it
+        failed (the items go back to be written again)."""
         self._in_flight -= len(items)
         if written is None:
             if not self._pending:
@@ -124,7 +126,7 @@ class Completer:
         for table, items in by_table.items():
             rows = await with_catalog(self.pool, dal.COMPLETE_JOBS, completion_params(table, items))
             landed(items)
-            report_lost(items, {r["id"] for r in rows})
+            report_lost(items, [r["id"] for r in rows])
 
 
 def completion_params(table: str, items: list[tuple[Job, Outcome]]) -> dict[str, Any]:
@@ -184,9 +186,14 @@ def finite(value: Any, depth: int = 0) -> Any:
     return value
 
 
-def report_lost(items: list[tuple[Job, Outcome]], written: set[UUID]) -> None:
+def report_lost(items: list[tuple[Job, Outcome]], written: Collection[UUID]) -> None:
+    """Log the items whose id is not among the ids written (each written once,
+    and only ids of the items: as many as the items means every one)."""
+    if len(written) >= len(items):
+        return
+    ids = set(written)
     for j, _ in items:
-        if j.id not in written:
+        if j.id not in ids:
             logger.bind(
                 action="job_lost", job_id=str(j.id), table=j.table, attempt=j.attempt
             ).warning("job finished but no longer held by this worker; result not recorded")

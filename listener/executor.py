@@ -112,6 +112,7 @@ class Executor:
         key, table, attempt = job.key, job.table, job.attempt
         logger.info("job started", job_id=key, table=table, attempt=attempt, action="job_started")
         t0 = time.perf_counter()
+        held = True  # in leases.running, until handed over to the completer
         try:
             handler = self.handlers.get(job.table)
             if handler is None:
@@ -119,6 +120,7 @@ class Executor:
             outcome = await handler(job)
             outcome.metrics["totalDurationMs"] = round((time.perf_counter() - t0) * 1000, 3)
             self.leases.running.pop(job.id, None)  # handed over: no longer ours to release
+            held = False
             await self.completer.add(job, outcome)
             ms = outcome.metrics["totalDurationMs"]
             logger.info(
@@ -140,7 +142,8 @@ class Executor:
             return None
         finally:
             self.pacing.job_time.add(time.perf_counter() - t0)
-            self.leases.running.pop(job.id, None)
+            if held:
+                self.leases.running.pop(job.id, None)
             self.on_free()
 
     async def fail(self, job: Job, exc: BaseException, log: Any = logger) -> None:

@@ -413,7 +413,7 @@ class Worker:
             self.db_health.up()
             self.pacing.round_trip.add(time.perf_counter() - t0)
             if done:
-                await self.completer.settle(done, {r["id"] for r in both if r["kind"] == "done"})
+                await self.completer.settle(done, [r["id"] for r in both if r["kind"] == "done"])
                 rows = [r for r in both if r["kind"] == "claimed"]
             if len(rows) < free and gen == self._gen[table]:
                 self._more[table] = False  # nothing more until the next reason to look
