@@ -28,11 +28,10 @@ class Job:
     # subject for a course job, prompt and media_type for a media job; JSON types).
     row: dict[str, Any]
     # The id as text (log fields, the task's name): formatted once, here.
-    key: str = field(default="", compare=False, repr=False)
+    key: str = field(init=False, compare=False, repr=False)
 
     def __post_init__(self) -> None:
-        if not self.key:
-            object.__setattr__(self, "key", str(self.id))
+        object.__setattr__(self, "key", str(self.id))
 
     @property
     def attempt(self) -> int:

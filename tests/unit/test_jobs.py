@@ -42,6 +42,13 @@ def test_from_claim_is_the_constructors_job() -> None:
     assert {f.name for f in dataclasses.fields(Job)} == set(vars(job))
 
 
+def test_a_replaced_id_has_its_own_key() -> None:
+    job = Job.from_claim(claimed())
+    other = uuid.uuid4()
+    assert dataclasses.replace(job, id=other).key == str(other)
+    assert dataclasses.replace(job, row={}).key == job.key
+
+
 def test_a_claimed_job_stays_frozen() -> None:
     job = Job.from_claim(claimed())
     with pytest.raises(dataclasses.FrozenInstanceError):
