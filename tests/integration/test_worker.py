@@ -196,10 +196,13 @@ async def test_polling_fallback_with_listen_disabled(db_url: str) -> None:
         with connect(db_url) as c:
             listening = await aconnect(db_url)  # hears what a listening worker would
             await listening.execute("listen ai_jobs")
-            assert c.execute(
-                "select count(*) from pg_stat_activity where datname = current_database()"
-                " and application_name = 'ai-jobs listener'"
-            ).fetchone()["count"] == 0  # the worker holds no LISTEN connection
+            assert (
+                c.execute(
+                    "select count(*) from pg_stat_activity where datname = current_database()"
+                    " and application_name = 'ai-jobs listener'"
+                ).fetchone()["count"]
+                == 0
+            )  # the worker holds no LISTEN connection
             polls = w.polls
             jid = insert_course(c)
         async for _ in listening.notifies(timeout=5, stop_after=1):
