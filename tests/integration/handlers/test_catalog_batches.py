@@ -40,9 +40,11 @@ async def test_rows_of_jobs_finishing_together_are_saved_in_a_few_commits(
 
     # Every row is in the database when its handler returns, written by a few
     # transactions (while one save runs, the rows that come wait for the next).
+    # How few depends on how close together the handlers end: 6 to 9 on an idle
+    # machine, up to 13 seen under CPU load; one per row would be 40.
     rows, commits = await _writers(conn)
     assert rows == 40 and rt.catalog.unsaved == 0
-    assert 1 <= commits <= 10 and commits == rt.catalog.saves
+    assert 1 <= commits <= 20 and commits == rt.catalog.saves
     await rt.aclose()
 
 
