@@ -139,9 +139,10 @@ class WorkPool(AsyncConnectionPool[psycopg.AsyncConnection[Any]]):
     """A pool that knows its connections, the ones lent out too: PoolMedic finds
     those stuck on a reply that will never come."""
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
+    def __init__(self, dsn: str, **kwargs: Any) -> None:
+        self.dsn = dsn
         self.connections: weakref.WeakSet[psycopg.AsyncConnection[Any]] = weakref.WeakSet()
-        super().__init__(*args, configure=self._track, **kwargs)
+        super().__init__(dsn, configure=self._track, **kwargs)
 
     async def _track(self, conn: psycopg.AsyncConnection[Any]) -> None:
         self.connections.add(conn)
@@ -200,7 +201,7 @@ class PoolMedic:
     MIN_INTERVAL = 1.0
     STUCK_AFTER = 0.5
 
-    def __init__(self, pool: AsyncConnectionPool) -> None:
+    def __init__(self, pool: WorkPool) -> None:
         self.pool = pool
         self.heals = 0
         self.unstuck = 0  # connections shut down because their reply was lost
@@ -248,14 +249,12 @@ class PoolMedic:
         left to lend, every one of them stuck."""
         from listener import dal  # built on this module
 
-        conns: weakref.WeakSet[Any] | None = getattr(self.pool, "connections", None)
-        first = _waiting(conns) if conns else {}
-        dsn = self.pool.conninfo
-        if not first or not isinstance(dsn, str):
+        first = _waiting(self.pool.connections)
+        if not first:
             return 0
         try:
             async with asyncio.timeout(self.STUCK_AFTER + 10.0):
-                async with connection(dsn, app="ai-jobs pool medic") as conn:
+                async with connection(self.pool.dsn, app="ai-jobs pool medic") as conn:
                     since = (await dal.SERVER_TIME.one(conn))["now"]
                     await asyncio.sleep(self.STUCK_AFTER)
                     waiting = {p: c for p, c in _waiting(first.values()).items() if first[p] is c}

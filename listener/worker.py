@@ -30,7 +30,6 @@ from uuid import UUID
 
 from loguru import logger
 from psycopg import AsyncConnection
-from psycopg_pool import AsyncConnectionPool
 
 from listener import dal, db
 from listener.completer import Completer, completion_params, with_catalog
@@ -60,7 +59,7 @@ class Worker:
     def __init__(
         self,
         settings: Settings,
-        pool: AsyncConnectionPool,
+        pool: db.WorkPool,
         handlers: HandlerMap,
         *,
         dsn: str | None = None,

@@ -15,6 +15,7 @@ from psycopg.rows import dict_row
 
 from listener.migrate import migrate
 from tests import supabase
+from tests.faultproxy import FaultProxy
 from tests.pgserver import server_url, with_dbname
 
 
@@ -58,6 +59,14 @@ def db_url(pg_server: str, template_db: str) -> Iterator[str]:
     yield with_dbname(pg_server, name)
     with _admin(pg_server) as conn:
         conn.execute(f'drop database if exists "{name}" with (force)')
+
+
+@pytest.fixture
+def proxy(db_url: str) -> Iterator[FaultProxy]:
+    """A fault-injecting proxy in front of this test's database (tests/faultproxy.py)."""
+    p = FaultProxy(db_url).start()
+    yield p
+    p.stop()
 
 
 @pytest.fixture(scope="session")

@@ -29,7 +29,6 @@ from typing import Any
 
 import psycopg
 from loguru import logger
-from psycopg_pool import AsyncConnectionPool
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import (
@@ -99,7 +98,7 @@ class Dashboard:
         self.settings = settings
         self.auth = Auth(admin_token)
         self.throttle = Throttle()  # failed sign-ins per client address
-        self.pool: AsyncConnectionPool[Any] = db.make_pool(
+        self.pool: db.WorkPool = db.make_pool(
             dsn, 4, app="ai-jobs web", prepare=settings.listen_mode == "listen"
         )
         self.medic = db.PoolMedic(self.pool)  # dead connections replaced after an outage

@@ -23,13 +23,6 @@ PROBE = 0.5
 
 
 @pytest.fixture
-def proxy(db_url: str) -> Iterator[FaultProxy]:
-    p = FaultProxy(db_url).start()
-    yield p
-    p.stop()
-
-
-@pytest.fixture
 def records() -> Iterator[list[dict[str, Any]]]:
     found: list[dict[str, Any]] = []
     sink = logger.add(lambda m: found.append(m.record["extra"] | {"msg": m.record["message"]}))

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from typing import Any
 
 import psycopg
@@ -18,13 +18,6 @@ from tests.faultproxy import FaultProxy
 from tests.helpers import aconnect, await_until
 
 pytestmark = pytest.mark.timeout(60)
-
-
-@pytest.fixture
-def proxy(db_url: str) -> Iterator[FaultProxy]:
-    p = FaultProxy(db_url).start()
-    yield p
-    p.stop()
 
 
 @pytest.fixture
