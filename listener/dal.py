@@ -14,6 +14,7 @@ that each row type matches what PostgreSQL says the statement returns.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from typing import Any, Generic, TypeVar, cast
 
@@ -27,6 +28,7 @@ R = TypeVar("R")
 Conn = psycopg.AsyncConnection[Any]
 Target = Conn | AsyncConnectionPool[Any]
 Params = Mapping[str, Any] | None
+_PLACEHOLDER = re.compile(r"%\((\w+)\)[sbt]")
 
 
 class Statement:
@@ -40,6 +42,19 @@ class Statement:
     def sql(self) -> str:
         """The text, for a caller with a connection of its own kind (sync, LISTEN)."""
         return db.sql(self.name)
+
+    def positional(self) -> tuple[bytes, list[str]]:
+        """The text with $1, $2... for its named placeholders, in their order of
+        first appearance, and the names in that order: for libpq's own calls
+        (the worker's fast claim prepares its statement this way)."""
+        order: list[str] = []
+
+        def number(m: re.Match[str]) -> str:
+            if m.group(1) not in order:
+                order.append(m.group(1))
+            return f"${order.index(m.group(1)) + 1}"
+
+        return _PLACEHOLDER.sub(number, self.sql).replace("%%", "%").encode(), order
 
     async def run(self, target: Target, params: Params = None) -> None:
         await self._fetch(target, params)

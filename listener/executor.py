@@ -96,15 +96,6 @@ class Executor:
         self.leases.running[job.id] = Running(job, task)
         return task
 
-    async def run(self, job: Job) -> Outcome | None:
-        """Run a claimed job in the calling task, which becomes the job's task (the
-        worker's fast claim: no hop to a new task before the handler starts);
-        cancelling that task stops the job, as with start()."""
-        task = asyncio.current_task()
-        assert task is not None
-        self.leases.running[job.id] = Running(job, task)
-        return await self.execute(job)
-
     async def execute(self, job: Job) -> Outcome | None:
         """Run the handler and record the end; never raises but on cancellation."""
         # The job's fields go with each record as a bound logger would add them,

@@ -89,7 +89,7 @@ class ListenService:
         name: str,
         channel: str,
         listen_query: Statement | str,
-        on_payload: Callable[[str], bool | None],
+        on_payload: Callable[[str], None],
         on_connect: Callable[[bool], None],
         notify: Notify | None = None,
         probe_every: float = 30.0,
@@ -102,9 +102,7 @@ class ListenService:
         self.channel = channel
         # LISTEN on the channel: the statement, or its name in listener/queries.
         self.listen = dal.named(listen_query) if isinstance(listen_query, str) else listen_query
-        # A payload's owner; True when it started work that should run before the
-        # service reads on (the worker's fast claim): the service yields once.
-        self.on_payload = on_payload
+        self.on_payload = on_payload  # a payload's owner (not a probe of this service)
         self.on_connect = on_connect
         self.notify = notify
         self.probe_every = probe_every
@@ -127,6 +125,7 @@ class ListenService:
         self._pinged_at = 0.0
         self._next_probe = 0.0
         self._sends: set[asyncio.Task[None]] = set()
+        self._answered: asyncio.Future[None] | None = None  # set by a probe's answer
         self._log = logger.bind(listener=name, channel=channel)
         # Transitions logged once: <name>_unhealthy, _busy, _deaf, _healthy.
         self.health = Health(name, log=self._log)
@@ -258,34 +257,71 @@ class ListenService:
             )
 
     async def _listen(self, conn: Conn) -> None:
-        while True:
-            now = time.monotonic()
-            if self._probe_deadline is not None:
-                if now >= self._probe_deadline:
-                    raise Deaf(f"no probe back within {PROBE_TIMEOUT:g}s")
-                wait = self._probe_deadline - now
-            elif self.notify is not None:
-                due = max(self._next_probe, self._heard_at + self.probe_every)
-                if now >= due:
-                    self._send_probe()
-                    continue
-                wait = due - now
-            else:
-                wait = PING_INTERVAL
-            # While a probe is out, one packet at a time (stop_after): its answer
-            # ends the wait (the next probe is due a full interval from then),
-            # and nothing that arrived with it is lost, as a break would lose the
-            # rest of the packet.
-            probing = self._probe_deadline is not None
-            timeout = max(0.001, min(wait, PING_INTERVAL))
-            async for n in conn.notifies(timeout=timeout, stop_after=1 if probing else None):
-                if self._heard(n.payload):
-                    # Let it go first: reading on re-arms the wait on the socket
-                    # (tens of microseconds) before the event loop runs anything.
-                    await asyncio.sleep(0)
-            quiet = time.monotonic() - max(self._heard_at, self._pinged_at)
-            if self._probe_deadline is None and quiet >= PING_INTERVAL:
-                await self._ping(conn)  # a probe under way answers the same question
+        """Notifications are read by the event loop's reader callback: nothing
+        between the socket and the owner's callback (an awaited notifies() costs
+        each one a loop iteration and a future, and the path is idle, cold code).
+        This task keeps the time: probes, pings, the end of the session."""
+        loop = asyncio.get_running_loop()
+        pgconn, fd, enc = conn.pgconn, conn.pgconn.socket, conn.info.encoding
+        ended: asyncio.Future[None] = loop.create_future()  # the connection failed
+
+        def drain() -> None:  # every notification libpq has read, in order
+            while (n := pgconn.notifies()) is not None:
+                self._heard(n.extra.decode(enc, "replace"))
+
+        def readable() -> None:
+            try:
+                pgconn.consume_input()
+                drain()
+            except Exception as exc:  # the connection, or a bug in a callback
+                loop.remove_reader(fd)
+                if not ended.done():
+                    ended.set_exception(exc)
+
+        # Those that arrive while a ping's reply is read come through psycopg.
+        def during_ping(n: psycopg.Notify) -> None:
+            self._heard(n.payload)
+
+        conn.add_notify_handler(during_ping)
+        try:
+            drain()  # any that came with the LISTEN's or the proof's reply
+            loop.add_reader(fd, readable)
+            while True:
+                now = time.monotonic()
+                if self._probe_deadline is not None:
+                    if now >= self._probe_deadline:
+                        raise Deaf(f"no probe back within {PROBE_TIMEOUT:g}s")
+                    wait = self._probe_deadline - now
+                elif self.notify is not None:
+                    due = max(self._next_probe, self._heard_at + self.probe_every)
+                    if now >= due:
+                        self._send_probe()
+                        continue
+                    wait = due - now
+                else:
+                    wait = PING_INTERVAL
+                # A probe's answer ends the wait: the next is due a full interval from then.
+                self._answered = loop.create_future()
+                await asyncio.wait(
+                    {ended, self._answered},
+                    timeout=max(0.001, min(wait, PING_INTERVAL)),
+                    return_when=asyncio.FIRST_COMPLETED,
+                )
+                if ended.done():
+                    ended.result()  # raises what ended the session
+                quiet = time.monotonic() - max(self._heard_at, self._pinged_at)
+                if self._probe_deadline is None and quiet >= PING_INTERVAL:
+                    # A probe under way answers the same question. The ping's
+                    # reply is read by psycopg, not by the reader callback.
+                    loop.remove_reader(fd)
+                    await self._ping(conn)
+                    drain()
+                    loop.add_reader(fd, readable)
+        finally:
+            loop.remove_reader(fd)
+            conn.remove_notify_handler(during_ping)
+            if ended.done():
+                ended.exception()  # retrieved (raised above, or the session ended otherwise)
 
     async def _ping(self, conn: Conn) -> None:
         """Prove that the connection is still there. A half-open TCP connection
@@ -307,14 +343,17 @@ class ListenService:
         ping.result()
         self._pinged_at = time.monotonic()
 
-    def _heard(self, payload: str) -> bool:
+    def _heard(self, payload: str) -> None:
         self._heard_at = time.monotonic()
         probe = probe_of(payload)
         if probe is None or probe[0] != self.sender:
-            return bool(self.on_payload(payload))
+            self.on_payload(payload)
+            return
         if probe[1] == self._probe_n and self._probe_sent is not None:
             self.probe_seconds = self._heard_at - self._probe_sent
             self._probe_sent = self._probe_deadline = None
+            if self._answered is not None and not self._answered.done():
+                self._answered.set_result(None)
             self._log.bind(action=f"{self.name}_probe").debug(
                 f"{self.name}: probe {probe[1]} back in {self.probe_seconds * 1000:.1f} ms"
             )
@@ -323,7 +362,6 @@ class ListenService:
                     f"hears the channel again (probe back in {self.probe_seconds * 1000:.0f} ms)"
                 )
                 self._set_state(LISTENING)
-        return False
 
     # -- probes -----------------------------------------------------------------
 

@@ -93,7 +93,7 @@ class Listener:
     def __init__(
         self,
         dsn: str,
-        on_nudge: Callable[[Nudge], bool | None],
+        on_nudge: Callable[[Nudge], None],
         on_connect: Callable[[bool], None],
         *,
         notify: Notify | None = None,
@@ -125,9 +125,8 @@ class Listener:
     async def run(self) -> None:
         await self.service.run()
 
-    def _dispatch(self, payload: str) -> bool:
-        """The nudge to the worker; True when the worker started a claim that
-        should go out before the LISTEN task reads on (its fast path)."""
+    def _dispatch(self, payload: str) -> None:
+        """The nudge to the worker."""
         # Whatever arrives, the LISTEN task goes on: a payload is a hint from a
         # channel every role may write to.
         try:
@@ -137,9 +136,9 @@ class Listener:
                 f"ignored a notification on ai_jobs with a malformed payload "
                 f"({type(exc).__name__}: {str(exc)[:200]}): {payload[:200]!r}"
             )
-            return False
+            return
         if nudge.probe is not None:
-            return False  # another process proving its own LISTEN connection
+            return  # another process proving its own LISTEN connection
         if nudge.sweep:
             now = time.monotonic()
             if now - self._last_sweep_nudge < SWEEP_NUDGE_SPACING:
@@ -147,7 +146,6 @@ class Listener:
             else:
                 self._last_sweep_nudge = now
         try:
-            return bool(self.on_nudge(nudge))
+            self.on_nudge(nudge)
         except Exception as exc:
             logger.bind(action="nudge_failed").error(f"a notification could not be handled: {exc}")
-            return False

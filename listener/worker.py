@@ -7,10 +7,11 @@ one claim round: they only set flags and one event.
 
 The fast path: a notification that names its job (a one-row insert), arriving
 while a slot is free and the last claim round found that table empty, is
-claimed by its id at once, from the listener's callback (claim_due_job, which
-claims only a due, claimable job: a forged id claims nothing), and the job
-starts without waiting for the claim loop. Anything else, and a fast claim that
-finds nothing, is a reason to look: bursts are still claimed in batches.
+claimed by its id at once: the claim (claim_due_job, which claims only a due,
+claimable job: a forged id claims nothing) is sent from the listener's callback
+on a connection kept for it (fastclaim.py), and the job starts from the reply's
+callback, without waiting for the claim loop. Anything else, and a fast claim
+that finds nothing, is a reason to look: bursts are still claimed in batches.
 
 The collaborators, each with one job: the lease keeper (leases.py: the jobs held
 here, heartbeats, cancel, release), the executor (executor.py: run a job, write
@@ -29,12 +30,12 @@ from typing import Any
 from uuid import UUID
 
 from loguru import logger
-from psycopg import AsyncConnection
 
 from listener import dal, db
 from listener.completer import Completer, completion_params, with_catalog
 from listener.errors import scrub
 from listener.executor import Executor, FailureHook, error_text
+from listener.fastclaim import Abandoned, FastClaimer
 from listener.jobs import JOB_TYPES, HandlerMap, Job, Outcome
 from listener.leases import LeaseKeeper
 from listener.listen import DEAF
@@ -125,12 +126,12 @@ class Worker:
         self.claims_by_table = dict.fromkeys(TABLES, 0)  # claim statements, by table
         self._waiting = False  # the claim loop waits for a reason to look
         self.fast_claims = 0  # notified jobs claimed by their id on the fast path
-        self._fast: asyncio.Task[None] | None = None  # the fast claim under way (a slot)
-        # The fast claims' connection: taken from the pool at the first one and
-        # kept (one fast claim at a time), given back after an error and at
-        # shutdown. Checking a connection out of the pool and back in for every
-        # claim costs more than the claim's own work in the worker.
-        self._claim_conn: AsyncConnection[Any] | None = None
+        self._fast: asyncio.Future[None] | None = None  # the fast claim under way (a slot)
+        # The fast claims' connection, kept out of the pool: opened at start,
+        # given back after an error (opened again at the next notification) and
+        # at shutdown.
+        self.fast = FastClaimer(pool, self.id)
+        self._opening: asyncio.Task[None] | None = None
         self.notifications = 0  # valid notifications received
         self.sweeps = 0  # sweeps that ran to the end
         self.polls = 0  # looks for work by the poll timer (LISTEN_MODE=poll)
@@ -176,26 +177,21 @@ class Worker:
             self._gen[t] += 1
         self._wake.set()
 
-    def _on_nudge(self, nudge: Nudge) -> bool:
-        """True when the notified job is being claimed (the fast path): the
-        listener then lets that claim go out before it reads on."""
+    def _on_nudge(self, nudge: Nudge) -> None:
         self.notifications += 1
         if nudge.cancel is not None:  # cancel_job, or anyone's NOTIFY: checked first
             self.leases.check_cancel(nudge.cancel)
-            return False
-        if nudge.paused:  # pause_jobs: claim_jobs refuses the table; nothing to look at
+        elif nudge.paused:  # pause_jobs: claim_jobs refuses the table; nothing to look at
             logger.bind(action="table_paused", table=nudge.table).info("job type paused")
-            return False
-        if nudge.sweep:
+        elif nudge.sweep:
             self.request_sweep()
+            self._look([nudge.table] if nudge.table else TABLES)
         elif (
-            nudge.job_id is not None
-            and nudge.table is not None
-            and self._claim_notified(nudge.table, nudge.job_id)
+            nudge.job_id is None
+            or nudge.table is None
+            or not self._claim_notified(nudge.table, nudge.job_id)
         ):
-            return True
-        self._look([nudge.table] if nudge.table else TABLES)
-        return False
+            self._look([nudge.table] if nudge.table else TABLES)
 
     def _claim_notified(self, table: str, job_id: UUID) -> bool:
         """Claim the notified job now, if that is the whole of the work: no other
@@ -209,32 +205,33 @@ class Worker:
             or self.executor.holds.held(table, time.monotonic())
         ):
             return False
+        if not self.fast.ready:
+            self._open_fast()  # for the next one: this one is a reason to look
+            return False
+        done = asyncio.get_running_loop().create_future()
+        try:
+            self.fast.claim(table, job_id, lambda row, exc: self._fast_claimed(table, row, exc))
+        except Exception as exc:  # not sent: the connection is broken
+            self._report(exc, "claim")
+            self._spawn(self.fast.close())
+            return False
+        self._fast = done
         self.claims_by_table[table] += 1
-        task = asyncio.get_running_loop().create_task(
-            self._fast_claim(table, job_id), name=f"claim {job_id}"
-        )
-        self._fast = task
         return True
 
-    async def _fast_claim(self, table: str, job_id: UUID) -> None:
-        params = {"table": table, "id": job_id, "worker": self.id}
-        try:
-            if self._claim_conn is None:
-                self._claim_conn = await self.pool.getconn()
-            t0 = time.perf_counter()
-            row = await dal.CLAIM_DUE_JOB.first(self._claim_conn, params)
-            self.pacing.round_trip.add(time.perf_counter() - t0)
-        except asyncio.CancelledError:
-            await self._give_back_claim_conn()  # perhaps mid-query: the pool sorts it out
-            raise
-        except Exception as exc:
-            await self._give_back_claim_conn()  # perhaps broken: the pool replaces it
+    def _fast_claimed(self, table: str, row: ClaimedRow | None, exc: BaseException | None) -> None:
+        """The fast claim's reply (called by the event loop)."""
+        done, self._fast = self._fast, None
+        if done is not None:
+            done.set_result(None)
+        if isinstance(exc, Abandoned):
+            pass  # given back at shutdown: its job, if claimed, goes back with the stale rescue
+        elif exc is not None:
             self._report(exc, "claim")
-            row = None
+            self._spawn(self.fast.close())  # perhaps broken: the pool replaces it
         else:
             self.db_health.up()
-        finally:
-            self._fast = None
+            self.pacing.round_trip.add(self.fast.round_trip)
         if row is None:  # not claimable (claimed elsewhere, not due, forged): look
             self._look([table])
             return
@@ -244,13 +241,19 @@ class Worker:
             self.ready.add([job])  # started by _fill, or released at shutdown
             self._fill()
         else:
-            await self.executor.run(job)  # this task runs it: no hop to another
+            self.executor.start(job)
 
-    async def _give_back_claim_conn(self) -> None:
-        conn, self._claim_conn = self._claim_conn, None
-        if conn is not None:
-            with contextlib.suppress(Exception):  # a closed pool, at shutdown
-                await self.pool.putconn(conn)
+    def _open_fast(self) -> None:
+        if self._opening is None or self._opening.done():
+            self._opening = asyncio.get_running_loop().create_task(
+                self._open_fast_claimer(), name="fast claimer"
+            )
+
+    async def _open_fast_claimer(self) -> None:
+        try:
+            await self.fast.open()
+        except Exception as exc:
+            self._report(exc, "claim")
 
     def _listener_state(self, state: str) -> None:
         if state == DEAF:  # the missed probe went through the pool: suspect it too
@@ -267,7 +270,7 @@ class Worker:
 
     async def _catch_up(self) -> None:
         if self._fast is None:  # the fast claims' connection may have died with the LISTEN one
-            await self._give_back_claim_conn()
+            await self.fast.close()
         await self.medic.heal()  # fresh connections first, not one failure per caller
         self._back.set()
         self.request_sweep()
@@ -315,6 +318,7 @@ class Worker:
         if self.listen and not await self.listener.service.verify(self._stop):
             return
         await self.prepare()
+        self._open_fast()
         background = [
             asyncio.create_task(self._sweeps()),
             asyncio.create_task(self.leases.heartbeats()),
@@ -501,8 +505,10 @@ class Worker:
         self._stop.set()  # (set already, unless the loop failed): nothing more starts
         if self._fast is not None:  # a claim under way: its job is held, then released below
             await asyncio.wait({self._fast}, timeout=SHUTDOWN_BACKGROUND_SECONDS)
-        if self._fast is None:
-            await self._give_back_claim_conn()
+        if self._opening is not None:
+            self._opening.cancel()
+            await asyncio.gather(self._opening, return_exceptions=True)
+        await self.fast.close()  # a claim still under way is abandoned (the pool discards it)
         if self.ready:  # never started: back to the queue at once, for other workers
             self.ready.add(await self.leases.release(self.ready.take_all(), "held", retry=False))
         tasks = [r.task for r in self.running.values()]

@@ -7,7 +7,6 @@ the columns, of the types, that PostgreSQL says its statement returns."""
 from __future__ import annotations
 
 import ast
-import re
 import types
 import typing
 from datetime import datetime, timedelta
@@ -103,20 +102,12 @@ PG_TYPES: dict[str, type] = {
     "jsonb": dict,  # objects here; Any is accepted too
     "text[]": list,
 }
-_PLACEHOLDER = re.compile(r"%\((\w+)\)[sbt]")
 
 
-def described(conn: Any, text: str) -> list[tuple[str, str]]:
+def described(conn: Any, text: bytes) -> list[tuple[str, str]]:
     """(column, type) of a statement, as PostgreSQL describes it (not run)."""
-    order: list[str] = []
-
-    def number(m: re.Match[str]) -> str:
-        if m.group(1) not in order:
-            order.append(m.group(1))
-        return f"${order.index(m.group(1)) + 1}"
-
     pgconn = conn.pgconn
-    result = pgconn.prepare(b"", _PLACEHOLDER.sub(number, text).replace("%%", "%").encode())
+    result = pgconn.prepare(b"", text)
     assert result.error_message == b"", result.error_message.decode()
     desc = pgconn.describe_prepared(b"")
     names = {
@@ -143,7 +134,7 @@ def test_each_row_type_is_what_its_statement_returns(constant: str, db_url: str)
     assert isinstance(query, dal.Query)
     hints = typing.get_type_hints(query.row)
     with connect(db_url) as conn:
-        columns = described(conn, query.sql)
+        columns = described(conn, query.positional()[0])
     returned = [(c, t) for c, t in columns if t != "void"]  # a function called for its effect
     assert [c for c, _ in returned] and sorted(hints) == sorted(c for c, _ in returned)
     for column, pg_type in returned:
@@ -156,5 +147,5 @@ def test_each_row_type_is_what_its_statement_returns(constant: str, db_url: str)
 )
 def test_each_statement_without_rows_returns_none_to_read(constant: str, db_url: str) -> None:
     with connect(db_url) as conn:
-        columns = described(conn, STATEMENTS[constant].sql)
+        columns = described(conn, STATEMENTS[constant].positional()[0])
     assert all(t == "void" or c == "?column?" for c, t in columns), columns

@@ -1,0 +1,141 @@
+"""fastclaim.FastClaimer on its own, against a migrated database: the claim sent
+with libpq's asynchronous calls and read by the event loop's reader callback
+returns the row psycopg's execute would (the handler's columns, decoded), claims
+nothing for a forged id, fails on a dropped connection without losing the job,
+and gives its connection back to the pool."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+import psycopg
+import pytest
+
+from listener import dal, db
+from listener.fastclaim import Abandoned, FastClaimer
+from tests.helpers import await_until, connect, insert_course, job
+
+pytestmark = pytest.mark.timeout(60)
+
+
+@pytest.fixture
+async def pool(db_url: str) -> AsyncIterator[db.WorkPool]:
+    p = db.make_pool(db_url, 2)
+    await p.open(wait=True)
+    yield p
+    await p.close(timeout=1)
+
+
+async def _claim(claimer: FastClaimer, table: str, job_id: Any) -> tuple[Any, Any]:
+    """(row, error) of one claim, as its reply callback was given them."""
+    got: asyncio.Future[tuple[Any, Any]] = asyncio.get_running_loop().create_future()
+    claimer.claim(table, job_id, lambda row, exc: got.set_result((row, exc)))
+    assert not claimer.ready  # one claim at a time
+    return await asyncio.wait_for(got, 10)
+
+
+async def test_a_claim_returns_what_the_named_statement_returns(
+    pool: db.WorkPool, db_url: str
+) -> None:
+    with connect(db_url) as c:
+        fast, slow = insert_course(c, "Fast", params={"n": 1}), insert_course(c, "Slow")
+    claimer = FastClaimer(pool, "w-fast")
+    await claimer.open()
+    try:
+        row, exc = await _claim(claimer, "ai_course_jobs", uuid.UUID(fast))
+        assert exc is None and claimer.ready and claimer.round_trip > 0
+        async with pool.connection() as conn:  # the same claim through psycopg's execute
+            other = await dal.CLAIM_DUE_JOB.first(
+                conn, {"table": "ai_course_jobs", "id": uuid.UUID(slow), "worker": "w-slow"}
+            )
+        assert row is not None and other is not None
+        assert {k: type(v) for k, v in row.items()} == {k: type(v) for k, v in other.items()}
+        assert row["id"] == uuid.UUID(fast) and row["job_table"] == "ai_course_jobs"
+        assert row["job"] == {
+            "id": fast,
+            "subject": "Fast",
+            "course_id": row["job"]["course_id"],
+            "params": {"n": 1},
+        }
+        with connect(db_url) as c:
+            claimed = job(c, fast)
+        assert claimed["status"] == "processing" and claimed["worker_id"] == "w-fast"
+        assert claimed["claim_token"] == row["claim_token"]
+        # Claimed already, of the other table, or no job at all: nothing.
+        for table, jid in (
+            ("ai_course_jobs", fast),
+            ("ai_media_jobs", slow),
+            ("ai_course_jobs", str(uuid.uuid4())),
+        ):
+            assert await _claim(claimer, table, uuid.UUID(jid)) == (None, None)
+    finally:
+        await claimer.close()
+    assert claimer.conn is None and not claimer.ready
+
+
+async def test_reopened_on_a_connection_that_has_the_statement_prepared(
+    pool: db.WorkPool, db_url: str
+) -> None:
+    claimer = FastClaimer(pool, "w")
+    for subject in ("First", "Second"):  # the pool lends the same connection again
+        await claimer.open()
+        with connect(db_url) as c:
+            jid = insert_course(c, subject)
+        row, exc = await _claim(claimer, "ai_course_jobs", uuid.UUID(jid))
+        assert exc is None and row is not None and row["job"]["subject"] == subject
+        await claimer.close()
+
+
+async def test_a_dropped_connection_fails_the_claim_and_loses_nothing(
+    pool: db.WorkPool, db_url: str
+) -> None:
+    claimer = FastClaimer(pool, "w")
+    await claimer.open()
+    assert claimer.conn is not None
+    pid = claimer.conn.info.backend_pid
+    with connect(db_url) as c:
+        jid = insert_course(c, "Kept")
+        c.execute("select pg_terminate_backend(%s)", [pid])
+    row, exc = await _claim(claimer, "ai_course_jobs", uuid.UUID(jid))
+    assert row is None and isinstance(exc, psycopg.OperationalError)
+    await claimer.close()  # the pool replaces the dead connection
+    with connect(db_url) as c:
+        assert job(c, jid)["status"] == "pending"
+    await claimer.open()
+    row, exc = await _claim(claimer, "ai_course_jobs", uuid.UUID(jid))
+    assert exc is None and row is not None
+    await claimer.close()
+
+
+async def test_closed_with_a_claim_under_way_the_claim_ends_abandoned(
+    pool: db.WorkPool, db_url: str
+) -> None:
+    claimer = FastClaimer(pool, "w")
+    await claimer.open()
+    conn = claimer.conn
+    assert conn is not None
+    with connect(db_url) as c:
+        jid = insert_course(c, "Blocked")
+    replies: list[tuple[Any, Any]] = []
+    with connect(db_url) as blocker, blocker.transaction():
+        blocker.execute("lock table ai_course_jobs in exclusive mode")  # the claim waits
+        claimer.claim("ai_course_jobs", uuid.UUID(jid), lambda r, e: replies.append((r, e)))
+        await await_until(_waits_on_a_lock(db_url, conn.info.backend_pid), what="claim waiting")
+        assert replies == []
+        await claimer.close()
+    assert len(replies) == 1 and replies[0][0] is None and isinstance(replies[0][1], Abandoned)
+    assert conn.closed  # given back in the middle of a query: the pool discarded it
+
+
+def _waits_on_a_lock(db_url: str, pid: int) -> Any:
+    async def check() -> bool:
+        with connect(db_url) as c:
+            row = c.execute(
+                "select wait_event_type from pg_stat_activity where pid = %s", [pid]
+            ).fetchone()
+            return bool(row is not None and row["wait_event_type"] == "Lock")
+
+    return check
