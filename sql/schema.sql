@@ -584,24 +584,6 @@ begin
 end
 $function$;
 
-CREATE OR REPLACE FUNCTION public.ai_job_claimed_course(j ai_course_jobs)
- RETURNS jsonb
- LANGUAGE sql
- IMMUTABLE PARALLEL SAFE
-AS $function$
-    select jsonb_build_object('id', j.id, 'subject', j.subject, 'course_id', j.course_id,
-                              'params', j.params)
-$function$;
-
-CREATE OR REPLACE FUNCTION public.ai_job_claimed_media(j ai_media_jobs)
- RETURNS jsonb
- LANGUAGE sql
- IMMUTABLE PARALLEL SAFE
-AS $function$
-    select jsonb_build_object('id', j.id, 'prompt', j.prompt, 'media_type', j.media_type,
-                              'course_id', j.course_id, 'params', j.params)
-$function$;
-
 CREATE OR REPLACE FUNCTION public.ai_job_enforce_budget()
  RETURNS trigger
  LANGUAGE plpgsql
@@ -1110,7 +1092,8 @@ begin
                               where q.job_table = 'ai_course_jobs' and q.paused)
             for update of ai_course_jobs skip locked)
         returning 'ai_course_jobs'::text, j.id, j.claim_token, j.retry_count, j.max_retries,
-                  ai_job_claimed_course(j);
+                  jsonb_build_object('id', j.id, 'subject', j.subject, 'course_id', j.course_id,
+                                     'params', j.params);
     else
         return query
         update ai_media_jobs j
@@ -1125,7 +1108,8 @@ begin
                               where q.job_table = 'ai_media_jobs' and q.paused)
             for update of ai_media_jobs skip locked)
         returning 'ai_media_jobs'::text, j.id, j.claim_token, j.retry_count, j.max_retries,
-                  ai_job_claimed_media(j);
+                  jsonb_build_object('id', j.id, 'prompt', j.prompt, 'media_type', j.media_type,
+                                     'course_id', j.course_id, 'params', j.params);
     end if;
 end
 $function$;
@@ -1146,10 +1130,16 @@ begin
                 and not exists (select from ai_job_queues q where q.job_table = %1$L and q.paused)
               for update of %1$I skip locked) due
         where j.id = due.id
-        returning %1$L::text, j.id, j.claim_token, j.retry_count, j.max_retries, %2$I(j)
+        returning %1$L::text, j.id, j.claim_token, j.retry_count, j.max_retries, %2$s
     $q$, ai_job_table(table_name),
-       case ai_job_table(table_name) when 'ai_course_jobs' then 'ai_job_claimed_course'
-                                     else 'ai_job_claimed_media' end) using worker, job_id;
+       case ai_job_table(table_name)
+           when 'ai_course_jobs' then
+               $e$jsonb_build_object('id', j.id, 'subject', j.subject, 'course_id', j.course_id,
+                                     'params', j.params)$e$
+           else
+               $e$jsonb_build_object('id', j.id, 'prompt', j.prompt, 'media_type', j.media_type,
+                                     'course_id', j.course_id, 'params', j.params)$e$
+       end) using worker, job_id;
 end
 $function$;
 
@@ -1180,7 +1170,8 @@ begin
             limit max_jobs
             for update of ai_course_jobs skip locked))
         returning 'ai_course_jobs'::text, j.id, j.claim_token, j.retry_count, j.max_retries,
-                  ai_job_claimed_course(j);
+                  jsonb_build_object('id', j.id, 'subject', j.subject, 'course_id', j.course_id,
+                                     'params', j.params);
         get diagnostics got = row_count;
     end if;
     if (table_name is null and got < max_jobs) or table_name = 'ai_media_jobs' then
@@ -1199,7 +1190,8 @@ begin
             limit max_jobs - got
             for update of ai_media_jobs skip locked))
         returning 'ai_media_jobs'::text, j.id, j.claim_token, j.retry_count, j.max_retries,
-                  ai_job_claimed_media(j);
+                  jsonb_build_object('id', j.id, 'prompt', j.prompt, 'media_type', j.media_type,
+                                     'course_id', j.course_id, 'params', j.params);
     end if;
 end
 $function$;
