@@ -1200,12 +1200,65 @@ CREATE OR REPLACE FUNCTION public.complete_and_claim(table_name text, worker tex
  RETURNS TABLE(kind text, job_table text, id uuid, claim_token uuid, retry_count integer, max_retries integer, job jsonb)
  LANGUAGE plpgsql
 AS $function$
+#variable_conflict use_column
 begin
-    return query
-    select 'done'::text, table_name, c.id, null::uuid, null::int, null::int, null::jsonb
-    from complete_jobs(table_name, job_ids, tokens, result_paths, job_metrics) as c(id);
-    return query
-    select 'claimed'::text, c.* from claim_jobs(table_name, worker, max_jobs) as c;
+    if ai_job_table(table_name) = 'ai_course_jobs' then
+        return query
+        update ai_course_jobs j
+        set status = 'done', completed_at = clock_timestamp(), result_path = d.result_path,
+            metrics = d.metrics, error = null, claim_token = null
+        from unnest(job_ids, tokens, result_paths, job_metrics) as d(id, token, result_path, metrics)
+        where j.id = any(job_ids) and j.id = d.id and j.claim_token = d.token
+          and j.status in ('processing', 'stale')
+        returning 'done'::text, 'ai_course_jobs'::text, j.id, null::uuid, null::int, null::int,
+                  null::jsonb;
+        return query
+        update ai_course_jobs j
+        set status = 'processing', started_at = clock_timestamp(),
+            last_heartbeat = clock_timestamp(), claim_token = gen_random_uuid(),
+            worker_id = worker, completed_at = null
+        where j.id = any(array(
+            select id from ai_course_jobs
+            where status in ('pending', 'failed') and run_after <= now()
+              and (status = 'pending' or retry_count < max_retries)
+              and not exists (select from ai_job_queues q
+                              where q.job_table = 'ai_course_jobs' and q.paused)
+            order by run_after
+            limit max_jobs
+            for update of ai_course_jobs skip locked))
+        returning 'claimed'::text, 'ai_course_jobs'::text, j.id, j.claim_token, j.retry_count,
+                  j.max_retries,
+                  jsonb_build_object('id', j.id, 'subject', j.subject, 'course_id', j.course_id,
+                                     'params', j.params);
+    else
+        return query
+        update ai_media_jobs j
+        set status = 'done', completed_at = clock_timestamp(), result_path = d.result_path,
+            metrics = d.metrics, error = null, claim_token = null
+        from unnest(job_ids, tokens, result_paths, job_metrics) as d(id, token, result_path, metrics)
+        where j.id = any(job_ids) and j.id = d.id and j.claim_token = d.token
+          and j.status in ('processing', 'stale')
+        returning 'done'::text, 'ai_media_jobs'::text, j.id, null::uuid, null::int, null::int,
+                  null::jsonb;
+        return query
+        update ai_media_jobs j
+        set status = 'processing', started_at = clock_timestamp(),
+            last_heartbeat = clock_timestamp(), claim_token = gen_random_uuid(),
+            worker_id = worker, completed_at = null
+        where j.id = any(array(
+            select id from ai_media_jobs
+            where status in ('pending', 'failed') and run_after <= now()
+              and (status = 'pending' or retry_count < max_retries)
+              and not exists (select from ai_job_queues q
+                              where q.job_table = 'ai_media_jobs' and q.paused)
+            order by run_after
+            limit max_jobs
+            for update of ai_media_jobs skip locked))
+        returning 'claimed'::text, 'ai_media_jobs'::text, j.id, j.claim_token, j.retry_count,
+                  j.max_retries,
+                  jsonb_build_object('id', j.id, 'prompt', j.prompt, 'media_type', j.media_type,
+                                     'course_id', j.course_id, 'params', j.params);
+    end if;
 end
 $function$;
 
