@@ -20,6 +20,14 @@
 --    'done', then the claimed jobs as 'claimed'); an unknown or null table name
 --    raises, as before. About 1 to 2 µs a job in batches of 10 (a cost per call),
 --    within the noise in batches of 40.
+--
+-- 3. The claim statements are planned once per session, not at every call:
+--    plan_cache_mode = force_generic_plan on claim_jobs and complete_and_claim.
+--    With `limit max_jobs` unknown, the planner costs the generic plan as if it
+--    locked a tenth of the due jobs, so the plan cache judged it worse than a
+--    plan made for the given number and planned the claim again at every call
+--    (about 0.14 ms). The generic plan is the same plan. About 3.5 to 4.5 µs a
+--    job in batches of 40.
 
 create or replace function claim_due_job(table_name text, job_id uuid, worker text)
 returns table(job_table text, id uuid, claim_token uuid, retry_count int, max_retries int, job jsonb)
@@ -66,6 +74,7 @@ $$;
 create or replace function claim_jobs(table_name text, worker text, max_jobs int default 1)
 returns table(job_table text, id uuid, claim_token uuid, retry_count int, max_retries int, job jsonb)
 language plpgsql
+set plan_cache_mode = force_generic_plan
 as $$
 #variable_conflict use_column
 declare
@@ -155,6 +164,7 @@ create or replace function complete_and_claim(
 returns table(kind text, job_table text, id uuid, claim_token uuid, retry_count int,
               max_retries int, job jsonb)
 language plpgsql
+set plan_cache_mode = force_generic_plan
 as $$
 #variable_conflict use_column
 begin

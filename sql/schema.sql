@@ -1146,6 +1146,7 @@ $function$;
 CREATE OR REPLACE FUNCTION public.claim_jobs(table_name text, worker text, max_jobs integer DEFAULT 1)
  RETURNS TABLE(job_table text, id uuid, claim_token uuid, retry_count integer, max_retries integer, job jsonb)
  LANGUAGE plpgsql
+ SET plan_cache_mode TO 'force_generic_plan'
 AS $function$
 #variable_conflict use_column
 declare
@@ -1199,6 +1200,7 @@ $function$;
 CREATE OR REPLACE FUNCTION public.complete_and_claim(table_name text, worker text, max_jobs integer, job_ids uuid[], tokens uuid[], result_paths text[], job_metrics jsonb[])
  RETURNS TABLE(kind text, job_table text, id uuid, claim_token uuid, retry_count integer, max_retries integer, job jsonb)
  LANGUAGE plpgsql
+ SET plan_cache_mode TO 'force_generic_plan'
 AS $function$
 #variable_conflict use_column
 begin
