@@ -1207,11 +1207,13 @@ begin
     if ai_job_table(table_name) = 'ai_course_jobs' then
         return query
         update ai_course_jobs j
-        set status = 'done', completed_at = clock_timestamp(), result_path = d.result_path,
-            metrics = d.metrics, error = null, claim_token = null
-        from unnest(job_ids, tokens, result_paths, job_metrics) as d(id, token, result_path, metrics)
-        where j.id = any(job_ids) and j.id = d.id and j.claim_token = d.token
-          and j.status in ('processing', 'stale')
+        set status = 'done', completed_at = clock_timestamp(),
+            result_path = result_paths[array_position(tokens, j.claim_token)],
+            metrics = job_metrics[array_position(tokens, j.claim_token)],
+            error = null, claim_token = null
+        where j.id = any(job_ids) and j.status in ('processing', 'stale')
+          and j.claim_token is not null
+          and job_ids[array_position(tokens, j.claim_token)] = j.id
         returning 'done'::text, 'ai_course_jobs'::text, j.id, null::uuid, null::int, null::int,
                   null::jsonb;
         return query
@@ -1235,11 +1237,13 @@ begin
     else
         return query
         update ai_media_jobs j
-        set status = 'done', completed_at = clock_timestamp(), result_path = d.result_path,
-            metrics = d.metrics, error = null, claim_token = null
-        from unnest(job_ids, tokens, result_paths, job_metrics) as d(id, token, result_path, metrics)
-        where j.id = any(job_ids) and j.id = d.id and j.claim_token = d.token
-          and j.status in ('processing', 'stale')
+        set status = 'done', completed_at = clock_timestamp(),
+            result_path = result_paths[array_position(tokens, j.claim_token)],
+            metrics = job_metrics[array_position(tokens, j.claim_token)],
+            error = null, claim_token = null
+        where j.id = any(job_ids) and j.status in ('processing', 'stale')
+          and j.claim_token is not null
+          and job_ids[array_position(tokens, j.claim_token)] = j.id
         returning 'done'::text, 'ai_media_jobs'::text, j.id, null::uuid, null::int, null::int,
                   null::jsonb;
         return query
@@ -1272,20 +1276,24 @@ begin
     if ai_job_table(table_name) = 'ai_course_jobs' then
         return query
         update ai_course_jobs j
-        set status = 'done', completed_at = clock_timestamp(), result_path = d.result_path,
-            metrics = d.metrics, error = null, claim_token = null
-        from unnest(job_ids, tokens, result_paths, job_metrics) as d(id, token, result_path, metrics)
-        where j.id = any(job_ids) and j.id = d.id and j.claim_token = d.token
-          and j.status in ('processing', 'stale')
+        set status = 'done', completed_at = clock_timestamp(),
+            result_path = result_paths[array_position(tokens, j.claim_token)],
+            metrics = job_metrics[array_position(tokens, j.claim_token)],
+            error = null, claim_token = null
+        where j.id = any(job_ids) and j.status in ('processing', 'stale')
+          and j.claim_token is not null
+          and job_ids[array_position(tokens, j.claim_token)] = j.id
         returning j.id;
     else
         return query
         update ai_media_jobs j
-        set status = 'done', completed_at = clock_timestamp(), result_path = d.result_path,
-            metrics = d.metrics, error = null, claim_token = null
-        from unnest(job_ids, tokens, result_paths, job_metrics) as d(id, token, result_path, metrics)
-        where j.id = any(job_ids) and j.id = d.id and j.claim_token = d.token
-          and j.status in ('processing', 'stale')
+        set status = 'done', completed_at = clock_timestamp(),
+            result_path = result_paths[array_position(tokens, j.claim_token)],
+            metrics = job_metrics[array_position(tokens, j.claim_token)],
+            error = null, claim_token = null
+        where j.id = any(job_ids) and j.status in ('processing', 'stale')
+          and j.claim_token is not null
+          and job_ids[array_position(tokens, j.claim_token)] = j.id
         returning j.id;
     end if;
 end
