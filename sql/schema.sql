@@ -584,24 +584,6 @@ begin
 end
 $function$;
 
-CREATE OR REPLACE FUNCTION public.ai_job_claimed_course(j ai_course_jobs)
- RETURNS jsonb
- LANGUAGE sql
- IMMUTABLE PARALLEL SAFE
-AS $function$
-    select jsonb_build_object('id', j.id, 'subject', j.subject, 'course_id', j.course_id,
-                              'params', j.params)
-$function$;
-
-CREATE OR REPLACE FUNCTION public.ai_job_claimed_media(j ai_media_jobs)
- RETURNS jsonb
- LANGUAGE sql
- IMMUTABLE PARALLEL SAFE
-AS $function$
-    select jsonb_build_object('id', j.id, 'prompt', j.prompt, 'media_type', j.media_type,
-                              'course_id', j.course_id, 'params', j.params)
-$function$;
-
 CREATE OR REPLACE FUNCTION public.ai_job_enforce_budget()
  RETURNS trigger
  LANGUAGE plpgsql
@@ -1110,7 +1092,8 @@ begin
                               where q.job_table = 'ai_course_jobs' and q.paused)
             for update of ai_course_jobs skip locked)
         returning 'ai_course_jobs'::text, j.id, j.claim_token, j.retry_count, j.max_retries,
-                  ai_job_claimed_course(j);
+                  jsonb_build_object('id', j.id, 'subject', j.subject, 'course_id', j.course_id,
+                                     'params', j.params);
     else
         return query
         update ai_media_jobs j
@@ -1125,7 +1108,8 @@ begin
                               where q.job_table = 'ai_media_jobs' and q.paused)
             for update of ai_media_jobs skip locked)
         returning 'ai_media_jobs'::text, j.id, j.claim_token, j.retry_count, j.max_retries,
-                  ai_job_claimed_media(j);
+                  jsonb_build_object('id', j.id, 'prompt', j.prompt, 'media_type', j.media_type,
+                                     'course_id', j.course_id, 'params', j.params);
     end if;
 end
 $function$;
@@ -1146,16 +1130,23 @@ begin
                 and not exists (select from ai_job_queues q where q.job_table = %1$L and q.paused)
               for update of %1$I skip locked) due
         where j.id = due.id
-        returning %1$L::text, j.id, j.claim_token, j.retry_count, j.max_retries, %2$I(j)
+        returning %1$L::text, j.id, j.claim_token, j.retry_count, j.max_retries, %2$s
     $q$, ai_job_table(table_name),
-       case ai_job_table(table_name) when 'ai_course_jobs' then 'ai_job_claimed_course'
-                                     else 'ai_job_claimed_media' end) using worker, job_id;
+       case ai_job_table(table_name)
+           when 'ai_course_jobs' then
+               $e$jsonb_build_object('id', j.id, 'subject', j.subject, 'course_id', j.course_id,
+                                     'params', j.params)$e$
+           else
+               $e$jsonb_build_object('id', j.id, 'prompt', j.prompt, 'media_type', j.media_type,
+                                     'course_id', j.course_id, 'params', j.params)$e$
+       end) using worker, job_id;
 end
 $function$;
 
 CREATE OR REPLACE FUNCTION public.claim_jobs(table_name text, worker text, max_jobs integer DEFAULT 1)
  RETURNS TABLE(job_table text, id uuid, claim_token uuid, retry_count integer, max_retries integer, job jsonb)
  LANGUAGE plpgsql
+ SET plan_cache_mode TO 'force_generic_plan'
 AS $function$
 #variable_conflict use_column
 declare
@@ -1180,7 +1171,8 @@ begin
             limit max_jobs
             for update of ai_course_jobs skip locked))
         returning 'ai_course_jobs'::text, j.id, j.claim_token, j.retry_count, j.max_retries,
-                  ai_job_claimed_course(j);
+                  jsonb_build_object('id', j.id, 'subject', j.subject, 'course_id', j.course_id,
+                                     'params', j.params);
         get diagnostics got = row_count;
     end if;
     if (table_name is null and got < max_jobs) or table_name = 'ai_media_jobs' then
@@ -1199,7 +1191,8 @@ begin
             limit max_jobs - got
             for update of ai_media_jobs skip locked))
         returning 'ai_media_jobs'::text, j.id, j.claim_token, j.retry_count, j.max_retries,
-                  ai_job_claimed_media(j);
+                  jsonb_build_object('id', j.id, 'prompt', j.prompt, 'media_type', j.media_type,
+                                     'course_id', j.course_id, 'params', j.params);
     end if;
 end
 $function$;
@@ -1207,13 +1200,71 @@ $function$;
 CREATE OR REPLACE FUNCTION public.complete_and_claim(table_name text, worker text, max_jobs integer, job_ids uuid[], tokens uuid[], result_paths text[], job_metrics jsonb[])
  RETURNS TABLE(kind text, job_table text, id uuid, claim_token uuid, retry_count integer, max_retries integer, job jsonb)
  LANGUAGE plpgsql
+ SET plan_cache_mode TO 'force_generic_plan'
 AS $function$
+#variable_conflict use_column
 begin
-    return query
-    select 'done'::text, table_name, c.id, null::uuid, null::int, null::int, null::jsonb
-    from complete_jobs(table_name, job_ids, tokens, result_paths, job_metrics) as c(id);
-    return query
-    select 'claimed'::text, c.* from claim_jobs(table_name, worker, max_jobs) as c;
+    if ai_job_table(table_name) = 'ai_course_jobs' then
+        return query
+        update ai_course_jobs j
+        set status = 'done', completed_at = clock_timestamp(),
+            result_path = result_paths[array_position(tokens, j.claim_token)],
+            metrics = job_metrics[array_position(tokens, j.claim_token)],
+            error = null, claim_token = null
+        where j.id = any(job_ids) and j.status in ('processing', 'stale')
+          and j.claim_token is not null
+          and job_ids[array_position(tokens, j.claim_token)] = j.id
+        returning 'done'::text, 'ai_course_jobs'::text, j.id, null::uuid, null::int, null::int,
+                  null::jsonb;
+        return query
+        update ai_course_jobs j
+        set status = 'processing', started_at = clock_timestamp(),
+            last_heartbeat = clock_timestamp(), claim_token = gen_random_uuid(),
+            worker_id = worker, completed_at = null
+        where j.id = any(array(
+            select id from ai_course_jobs
+            where status in ('pending', 'failed') and run_after <= now()
+              and (status = 'pending' or retry_count < max_retries)
+              and not exists (select from ai_job_queues q
+                              where q.job_table = 'ai_course_jobs' and q.paused)
+            order by run_after
+            limit max_jobs
+            for update of ai_course_jobs skip locked))
+        returning 'claimed'::text, 'ai_course_jobs'::text, j.id, j.claim_token, j.retry_count,
+                  j.max_retries,
+                  jsonb_build_object('id', j.id, 'subject', j.subject, 'course_id', j.course_id,
+                                     'params', j.params);
+    else
+        return query
+        update ai_media_jobs j
+        set status = 'done', completed_at = clock_timestamp(),
+            result_path = result_paths[array_position(tokens, j.claim_token)],
+            metrics = job_metrics[array_position(tokens, j.claim_token)],
+            error = null, claim_token = null
+        where j.id = any(job_ids) and j.status in ('processing', 'stale')
+          and j.claim_token is not null
+          and job_ids[array_position(tokens, j.claim_token)] = j.id
+        returning 'done'::text, 'ai_media_jobs'::text, j.id, null::uuid, null::int, null::int,
+                  null::jsonb;
+        return query
+        update ai_media_jobs j
+        set status = 'processing', started_at = clock_timestamp(),
+            last_heartbeat = clock_timestamp(), claim_token = gen_random_uuid(),
+            worker_id = worker, completed_at = null
+        where j.id = any(array(
+            select id from ai_media_jobs
+            where status in ('pending', 'failed') and run_after <= now()
+              and (status = 'pending' or retry_count < max_retries)
+              and not exists (select from ai_job_queues q
+                              where q.job_table = 'ai_media_jobs' and q.paused)
+            order by run_after
+            limit max_jobs
+            for update of ai_media_jobs skip locked))
+        returning 'claimed'::text, 'ai_media_jobs'::text, j.id, j.claim_token, j.retry_count,
+                  j.max_retries,
+                  jsonb_build_object('id', j.id, 'prompt', j.prompt, 'media_type', j.media_type,
+                                     'course_id', j.course_id, 'params', j.params);
+    end if;
 end
 $function$;
 
@@ -1225,20 +1276,24 @@ begin
     if ai_job_table(table_name) = 'ai_course_jobs' then
         return query
         update ai_course_jobs j
-        set status = 'done', completed_at = clock_timestamp(), result_path = d.result_path,
-            metrics = d.metrics, error = null, claim_token = null
-        from unnest(job_ids, tokens, result_paths, job_metrics) as d(id, token, result_path, metrics)
-        where j.id = any(job_ids) and j.id = d.id and j.claim_token = d.token
-          and j.status in ('processing', 'stale')
+        set status = 'done', completed_at = clock_timestamp(),
+            result_path = result_paths[array_position(tokens, j.claim_token)],
+            metrics = job_metrics[array_position(tokens, j.claim_token)],
+            error = null, claim_token = null
+        where j.id = any(job_ids) and j.status in ('processing', 'stale')
+          and j.claim_token is not null
+          and job_ids[array_position(tokens, j.claim_token)] = j.id
         returning j.id;
     else
         return query
         update ai_media_jobs j
-        set status = 'done', completed_at = clock_timestamp(), result_path = d.result_path,
-            metrics = d.metrics, error = null, claim_token = null
-        from unnest(job_ids, tokens, result_paths, job_metrics) as d(id, token, result_path, metrics)
-        where j.id = any(job_ids) and j.id = d.id and j.claim_token = d.token
-          and j.status in ('processing', 'stale')
+        set status = 'done', completed_at = clock_timestamp(),
+            result_path = result_paths[array_position(tokens, j.claim_token)],
+            metrics = job_metrics[array_position(tokens, j.claim_token)],
+            error = null, claim_token = null
+        where j.id = any(job_ids) and j.status in ('processing', 'stale')
+          and j.claim_token is not null
+          and job_ids[array_position(tokens, j.claim_token)] = j.id
         returning j.id;
     end if;
 end

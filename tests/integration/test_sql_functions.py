@@ -292,6 +292,38 @@ def test_claim_stays_an_index_lookup_with_many_finished_rows(c: Any) -> None:
     assert "ai_course_jobs_running_idx" in plan, plan
 
 
+COMPLETE = {
+    "complete_jobs": "select complete_jobs as id from complete_jobs(%s, %s, %s, %s, %s)",
+    "complete_and_claim": "select id from complete_and_claim(%s, 'w', 0, %s, %s, %s, %s)"
+    " where kind = 'done'",
+}
+
+
+@pytest.mark.parametrize("table", ["ai_course_jobs", "ai_media_jobs"])
+@pytest.mark.parametrize("fn", sorted(COMPLETE))
+def test_completion_writes_each_job_what_its_own_token_carries(c: Any, fn: str, table: str) -> None:
+    """Each job gets the path and metrics sent beside its id and token, in whatever
+    order they come; a stranger, a wrong token, and a null token (beside a row
+    whose token is null) write nothing."""
+    for _ in range(4):
+        if table == "ai_course_jobs":
+            insert_course(c)
+        else:
+            insert_media(c)
+    a, b, x, y = (_claim(c, table) for _ in range(4))
+    c.execute(f"update {table} set claim_token = null where id = %s", [y["id"]])
+    ids = [b["id"], uuid.uuid4(), a["id"], x["id"], y["id"]]
+    tokens = [b["claim_token"], uuid.uuid4(), a["claim_token"], uuid.uuid4(), None]
+    metrics = [Jsonb({"n": n}) for n in range(5)]
+    rows = c.execute(COMPLETE[fn], [table, ids, tokens, ["pb", "p?", "pa", "px", "py"], metrics])
+    assert sorted(str(r["id"]) for r in rows) == sorted(str(j["id"]) for j in (a, b))
+    for j, path, n in ((b, "pb", 0), (a, "pa", 2)):
+        row = job(c, str(j["id"]), table)
+        assert (row["status"], row["result_path"], row["metrics"]) == ("done", path, {"n": n})
+    for j in (x, y):
+        assert job(c, str(j["id"]), table)["status"] == "processing"
+
+
 def _ago(c: Any, *, days: float = 0, minutes: float = 0, seconds: float = 0) -> Any:
     row = c.execute(
         "select now() - make_interval(days => %s, mins => %s, secs => %s) as t",
