@@ -179,7 +179,17 @@ def summarize(raw: dict[str, Any], cfg: Config, env: dict[str, Any]) -> dict[str
     targets = {
         "latency_p50_vs_best_peer": _target(float(ours_lat["p50_ms"]) / best_p50, "<=", 0.5),  # type: ignore[arg-type]
         "latency_p99_vs_best_peer": _target(float(ours_lat["p99_ms"]) / best_p99, "<=", 0.5),  # type: ignore[arg-type]
-        "throughput_vs_best_peer": _target(float(ours_thr["jobs_per_s"]) / best_thr, ">=", 1.5),  # type: ignore[arg-type]
+        "throughput_vs_best_peer": _target(float(ours_thr["jobs_per_s"]) / best_thr, ">=", 2.0),  # type: ignore[arg-type]
+        "latency_p50_vs_floor": _target(
+            float(ours_lat["p50_ms"]) / float(latency["floor"]["p50_ms"]),  # type: ignore[arg-type]
+            "<=",
+            1.4,
+        ),
+        "latency_p99_vs_floor": _target(
+            float(ours_lat["p99_ms"]) / float(latency["floor"]["p99_ms"]),  # type: ignore[arg-type]
+            "<=",
+            1.4,
+        ),
         "started_at_p50_ms": _target(float(started.get("p50_ms", float("nan"))), "<=", 1.0),
         "started_at_p99_ms": _target(float(started.get("p99_ms", float("nan"))), "<=", 5.0),
         "throughput_jobs_per_s": _target(float(ours_thr["jobs_per_s"]), ">=", 5000.0),  # type: ignore[arg-type]
