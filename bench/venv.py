@@ -28,7 +28,7 @@ def _inside() -> bool:
     return Path(sys.prefix).resolve() == VENV.resolve()
 
 
-def ensure(argv: list[str]) -> None:
+def ensure(argv: list[str], module: str = "bench") -> None:
     python = VENV / "bin" / "python"
     digest = _digest()
     fresh = STAMP.exists() and STAMP.read_text().strip() == digest
@@ -44,4 +44,4 @@ def ensure(argv: list[str]) -> None:
         subprocess.run([*pip, "-r", str(REQUIREMENTS)], check=True)
         STAMP.write_text(digest + "\n")
     os.chdir(ROOT)
-    os.execv(str(python), [str(python), "-m", "bench", *argv])
+    os.execv(str(python), [str(python), "-m", module, *argv])
