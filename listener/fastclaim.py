@@ -14,9 +14,11 @@ would decode it.
 
 One claim at a time, on a connection no one else uses while it is kept here: it
 is checked out of the pool by `open()` and given back by `close()`, and psycopg
-never sees a query under way on it (the pool's checks still do: a connection
-given back mid-claim is discarded). A connection error fails the claim; the
-owner closes the claimer, and opens it again when it wants the fast path back.
+never sees a query under way on it. `close()` with a claim under way (one
+waiting on a table's lock, at shutdown) cancels it and still reads its reply,
+so that a job claimed meanwhile reaches its owner and is not left `processing`
+for nobody. Any error fails the claim and retires the connection: the owner
+closes the claimer, and opens it again when it wants the fast path back.
 A reply that never comes (a half-open connection) is found by the pool medic
 like any other: the connection waits on a reply (libpq says ACTIVE) while its
 backend sits idle; the medic shuts its socket down and the claim fails here.
@@ -26,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import secrets
 import time
 from collections.abc import Callable, Sequence
 from typing import Any, cast
@@ -40,15 +43,19 @@ from psycopg.adapt import Transformer
 from listener import dal, db
 from listener.rows import ClaimedRow
 
-# The name of the claim prepared on the kept connection (its backend keeps it
-# for the connection's life; psycopg's own prepared statements are named _pg3_*).
-PREPARED = b"ai_jobs_claim_due_job"
+_PROCESS = secrets.token_hex(4)  # the prepared claims' names: this process's...
+_serial = [0]  # ... and a serial number
+
+# How long close() waits for the reply of a claim it cancelled (the cancel is
+# delivered on a connection of its own; the reply follows on the claim's).
+CANCEL_WAIT = 5.0
 
 Reply = Callable[[ClaimedRow | None, BaseException | None], None]
 
 
 class Abandoned(Exception):
-    """The claim under way was given up with its connection (at shutdown)."""
+    """The claim (or the preparation) under way was given up with its
+    connection: the connection is closed, or its reply never came."""
 
 
 class FastClaimer:
@@ -59,43 +66,63 @@ class FastClaimer:
         self.round_trip = 0.0  # seconds, the last claim's send -> reply
         self._pgconn: pq.abc.PGconn | None = None
         self._fd = -1
+        self._watching = False  # our reader (and perhaps writer) is on _fd
+        self._usable = False  # prepared, and no claim on it has failed since
+        self._name = b""  # the prepared claim's name on this connection
         self._reply: Reply | None = None  # the claim under way's callback
         self._results: list[pq.abc.PGresult] = []
         self._sent_at = 0.0
         self._names: list[str] | None = None  # the claim's columns
         self._prepared: asyncio.Future[list[pq.abc.PGresult]] | None = None
+        self._settled: asyncio.Future[None] | None = None  # close() waits on it
         self._sql, self._order = dal.CLAIM_DUE_JOB.positional()
 
     @property
     def ready(self) -> bool:
-        """A connection is at hand and no claim is under way on it."""
-        return self._pgconn is not None and self._reply is None and self._prepared is None
+        """A prepared connection is at hand and no claim is under way on it."""
+        return self._usable and self._reply is None and self._prepared is None
 
     async def open(self) -> None:
         """Take a connection from the pool and prepare the claim on it."""
         if self.conn is not None:
             return
         conn = await self.pool.getconn()
+        self.conn = conn  # from now on close() gives it back
+        self._attach(conn)
+        # A name of its own for every preparation: a connection the pool lends
+        # again, or one a session pooler passes on from another process, may
+        # hold an earlier one, perhaps of other code or of a function since
+        # replaced (its plan would fail, "cached plan must not change result type").
+        _serial[0] += 1
+        self._name = f"ai_jobs_fast_claim_{_PROCESS}_{_serial[0]}".encode()
         try:
-            self._attach(conn)
-            results = await self._exchange(lambda pg: pg.send_prepare(PREPARED, self._sql))
+            results = await self._exchange(lambda pg: pg.send_prepare(self._name, self._sql))
             for res in results:
-                # A connection that was kept here before has it already.
-                if res.status == pq.ExecStatus.FATAL_ERROR and (
-                    res.error_field(pq.DiagnosticField.SQLSTATE) != b"42P05"
-                ):
+                if res.status == pq.ExecStatus.FATAL_ERROR:
                     raise e.error_from_result(res, conn.info.encoding)
         except BaseException:
-            self._detach()
-            with contextlib.suppress(Exception):
-                await self.pool.putconn(conn)
+            if self.conn is conn:
+                await self.close()
             raise
-        self.conn = conn
+        if self.conn is not conn:  # closed meanwhile
+            raise Abandoned("the fast claimer was closed while it prepared its claim")
+        self._usable = True
 
     async def close(self) -> None:
-        """Give the connection back to the pool (a claim under way is abandoned:
-        the pool discards a connection given back in the middle of a query)."""
+        """Give the connection back to the pool. A claim under way (one waiting
+        on a lock, at shutdown) is cancelled first and its reply still read, so
+        that its owner learns what it claimed; only a reply that does not come
+        within CANCEL_WAIT (a dead connection) is abandoned."""
         conn = self.conn
+        if conn is not None and self._reply is not None:
+            settled = self._settled = asyncio.get_running_loop().create_future()
+            with contextlib.suppress(Exception):
+                async with asyncio.timeout(CANCEL_WAIT):
+                    await conn.cancel_safe(timeout=CANCEL_WAIT)
+                    await asyncio.shield(settled)
+            self._settled = None
+        if self.conn is not conn:
+            return  # closed meanwhile, by another caller
         self.conn = None
         self._detach()
         if conn is not None:
@@ -110,7 +137,12 @@ class FastClaimer:
             raise RuntimeError("the fast claimer is not ready")
         values = {"table": table.encode(), "id": str(job_id).encode(), "worker": self.worker}
         params = [values[name] for name in self._order]
-        self._send(lambda pg: pg.send_query_prepared(PREPARED, params), reply)
+        try:
+            self._send(lambda pg: pg.send_query_prepared(self._name, params))
+        except BaseException:
+            self._usable = False
+            raise
+        self._reply = reply
 
     # -- libpq's asynchronous calls, driven by the event loop ---------------------
 
@@ -119,38 +151,46 @@ class FastClaimer:
         self._fd = conn.pgconn.socket
         self._results = []
 
-    def _detach(self) -> None:
-        reply, prepared = self._reply, self._prepared
-        if self._fd >= 0 and (reply is not None or prepared is not None):
+    def _unwatch(self) -> None:
+        # Only while our reader is on: once the connection is closed its fd
+        # number may be another socket's.
+        if self._watching:
+            self._watching = False
             loop = asyncio.get_running_loop()
             loop.remove_reader(self._fd)
             loop.remove_writer(self._fd)
+
+    def _detach(self) -> None:
+        self._unwatch()
+        reply, prepared = self._reply, self._prepared
         self._pgconn, self._fd, self._reply, self._prepared = None, -1, None, None
+        self._usable = False
         self._names = None
         closed = Abandoned("the fast claim's connection was given back")
         if prepared is not None and not prepared.done():
             prepared.set_exception(closed)
         if reply is not None:  # abandoned: its owner learns that it ended
-            reply(None, closed)
+            self._deliver(reply, None, closed)
 
     def _exchange(
         self, send: Callable[[pq.abc.PGconn], None]
     ) -> asyncio.Future[list[pq.abc.PGresult]]:
         """Send a statement; a future of its results (the preparation)."""
         fut: asyncio.Future[list[pq.abc.PGresult]] = asyncio.get_running_loop().create_future()
+        self._send(send)
         self._prepared = fut
-        self._send(send, None)
         return fut
 
-    def _send(self, send: Callable[[pq.abc.PGconn], None], reply: Reply | None) -> None:
+    def _send(self, send: Callable[[pq.abc.PGconn], None]) -> None:
         pg = self._pgconn
         assert pg is not None
         send(pg)  # raises e.OperationalError on a broken connection
         loop = asyncio.get_running_loop()
-        self._reply = reply
         self._results = []
         self._sent_at = time.perf_counter()
-        if pg.flush():  # the rest of the message goes when the socket takes it
+        writing = pg.flush()  # 1: the rest of the message goes when the socket takes it
+        self._watching = True
+        if writing:
             loop.add_writer(self._fd, self._writable)
         loop.add_reader(self._fd, self._readable)
 
@@ -181,9 +221,7 @@ class FastClaimer:
         self._finish(None)
 
     def _finish(self, exc: BaseException | None) -> None:
-        loop = asyncio.get_running_loop()
-        loop.remove_reader(self._fd)
-        loop.remove_writer(self._fd)
+        self._unwatch()
         results, self._results = self._results, []
         self.round_trip = time.perf_counter() - self._sent_at
         if (prepared := self._prepared) is not None:
@@ -202,6 +240,13 @@ class FastClaimer:
                 row = self._row(results)
             except Exception as err:
                 exc = err
+        if exc is not None:
+            self._usable = False  # the owner closes it; nothing more is sent on it
+        self._deliver(reply, row, exc)
+        if self._settled is not None and not self._settled.done():
+            self._settled.set_result(None)
+
+    def _deliver(self, reply: Reply, row: ClaimedRow | None, exc: BaseException | None) -> None:
         try:
             reply(row, exc)
         except Exception as err:  # a bug in the owner's callback: not the event loop's

@@ -126,6 +126,7 @@ class ListenService:
         self._next_probe = 0.0
         self._sends: set[asyncio.Task[None]] = set()
         self._answered: asyncio.Future[None] | None = None  # set by a probe's answer
+        self._early: list[str] = []  # payloads that came with the LISTEN's reply
         self._log = logger.bind(listener=name, channel=channel)
         # Transitions logged once: <name>_unhealthy, _busy, _deaf, _healthy.
         self.health = Health(name, log=self._log)
@@ -205,7 +206,7 @@ class ListenService:
             conn, self._verified = self._verified, None
             try:
                 if conn is None:
-                    conn = await self._open()
+                    conn = await self._open(early=True)
                 self._session_started(conn)
                 await self._listen(conn)
                 raise RuntimeError("the LISTEN loop returned")
@@ -226,8 +227,16 @@ class ListenService:
                 backoff.reset()
             await asyncio.sleep(backoff.next())
 
-    async def _open(self) -> Conn:
+    async def _open(self, early: bool = False) -> Conn:
+        """Connect and LISTEN. `early`: notifications that arrive with the
+        LISTEN's own reply are kept for _listen (psycopg reads them; without a
+        handler it would queue them for a notifies() that this service, reading
+        the socket itself, never calls). Not for verify(), which reads them with
+        notifies() (and psycopg warns against a handler beside it)."""
         conn = await db.connect(self.dsn, app=self.app)
+        if early:
+            self._early = []
+            conn.add_notify_handler(self._keep_early)
         try:
             await conn.execute(self.listen.sql)
         except BaseException:
@@ -256,6 +265,9 @@ class ListenService:
                 f"{self.name}: on_connect failed: {type(exc).__name__}: {exc}"
             )
 
+    def _keep_early(self, n: psycopg.Notify) -> None:
+        self._early.append(n.payload)
+
     async def _listen(self, conn: Conn) -> None:
         """Notifications are read by the event loop's reader callback: nothing
         between the socket and the owner's callback (an awaited notifies() costs
@@ -264,6 +276,15 @@ class ListenService:
         loop = asyncio.get_running_loop()
         pgconn, fd, enc = conn.pgconn, conn.pgconn.socket, conn.info.encoding
         ended: asyncio.Future[None] = loop.create_future()  # the connection failed
+        watching = False  # our reader is on fd (once closed, fd may be another's)
+
+        def watch(on: bool) -> None:
+            nonlocal watching
+            if on and not watching:
+                loop.add_reader(fd, readable)
+            elif watching and not on:
+                loop.remove_reader(fd)
+            watching = on
 
         def drain() -> None:  # every notification libpq has read, in order
             while (n := pgconn.notifies()) is not None:
@@ -272,20 +293,34 @@ class ListenService:
         def readable() -> None:
             try:
                 pgconn.consume_input()
+            except Exception as exc:  # the connection is gone
+                with contextlib.suppress(Exception):
+                    drain()  # what libpq had read before
+                end(exc)
+                return
+            try:
                 drain()
-            except Exception as exc:  # the connection, or a bug in a callback
-                loop.remove_reader(fd)
-                if not ended.done():
-                    ended.set_exception(exc)
+            except Exception as exc:  # a bug in a callback
+                end(exc)
+
+        def end(exc: BaseException) -> None:
+            watch(False)
+            if not ended.done():
+                ended.set_exception(exc)
 
         # Those that arrive while a ping's reply is read come through psycopg.
         def during_ping(n: psycopg.Notify) -> None:
             self._heard(n.payload)
 
+        with contextlib.suppress(ValueError):  # kept by _open(early=True)
+            conn.remove_notify_handler(self._keep_early)
         conn.add_notify_handler(during_ping)
         try:
-            drain()  # any that came with the LISTEN's or the proof's reply
-            loop.add_reader(fd, readable)
+            early, self._early = self._early, []
+            for payload in early:  # those that came with the LISTEN's reply
+                self._heard(payload)
+            drain()  # and those libpq has read since
+            watch(True)
             while True:
                 now = time.monotonic()
                 if self._probe_deadline is not None:
@@ -313,12 +348,12 @@ class ListenService:
                 if self._probe_deadline is None and quiet >= PING_INTERVAL:
                     # A probe under way answers the same question. The ping's
                     # reply is read by psycopg, not by the reader callback.
-                    loop.remove_reader(fd)
+                    watch(False)
                     await self._ping(conn)
                     drain()
-                    loop.add_reader(fd, readable)
+                    watch(True)
         finally:
-            loop.remove_reader(fd)
+            watch(False)
             conn.remove_notify_handler(during_ping)
             if ended.done():
                 ended.exception()  # retrieved (raised above, or the session ended otherwise)

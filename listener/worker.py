@@ -52,6 +52,9 @@ TABLES = tuple(JOB_TYPES)
 Periodic = tuple[float, Callable[[], Awaitable[Any]], str]
 SHUTDOWN_BACKGROUND_SECONDS = 10.0  # a cancelled background task gets this long to end
 POLL_INTERVAL_SECONDS = 1.0  # LISTEN_MODE=poll: how often the worker looks for work
+# At shutdown, a fast claim still under way (behind a table's lock) gets this
+# long to end on its own; then it is cancelled (its reply still read).
+FAST_CLAIM_SHUTDOWN_WAIT = 1.0
 
 __all__ = ["POLL_INTERVAL_SECONDS", "FailureHook", "Periodic", "Worker", "make_worker_id"]
 
@@ -153,6 +156,7 @@ class Worker:
             self._waiting
             and not self._wake.is_set()
             and self._fast is None
+            and (self._opening is None or self._opening.done())
             and not self.sweeper.busy
             and not self._sweep_now.is_set()
         )
@@ -224,10 +228,9 @@ class Worker:
         done, self._fast = self._fast, None
         if done is not None:
             done.set_result(None)
-        if isinstance(exc, Abandoned):
-            pass  # given back at shutdown: its job, if claimed, goes back with the stale rescue
-        elif exc is not None:
-            self._report(exc, "claim")
+        if exc is not None:
+            if not (self._stop.is_set() or isinstance(exc, Abandoned)):  # not the shutdown's cancel
+                self._report(exc, "claim")
             self._spawn(self.fast.close())  # perhaps broken: the pool replaces it
         else:
             self.db_health.up()
@@ -252,6 +255,8 @@ class Worker:
     async def _open_fast_claimer(self) -> None:
         try:
             await self.fast.open()
+        except Abandoned:
+            pass  # closed meanwhile (a LISTEN reconnect, the shutdown)
         except Exception as exc:
             self._report(exc, "claim")
 
@@ -318,7 +323,8 @@ class Worker:
         if self.listen and not await self.listener.service.verify(self._stop):
             return
         await self.prepare()
-        self._open_fast()
+        if self.listen:  # the fast path claims notified jobs: none without LISTEN
+            self._open_fast()
         background = [
             asyncio.create_task(self._sweeps()),
             asyncio.create_task(self.leases.heartbeats()),
@@ -504,11 +510,11 @@ class Worker:
         grace = self.settings.shutdown_grace_seconds
         self._stop.set()  # (set already, unless the loop failed): nothing more starts
         if self._fast is not None:  # a claim under way: its job is held, then released below
-            await asyncio.wait({self._fast}, timeout=SHUTDOWN_BACKGROUND_SECONDS)
+            await asyncio.wait({self._fast}, timeout=FAST_CLAIM_SHUTDOWN_WAIT)
         if self._opening is not None:
             self._opening.cancel()
             await asyncio.gather(self._opening, return_exceptions=True)
-        await self.fast.close()  # a claim still under way is abandoned (the pool discards it)
+        await self.fast.close()  # a claim still under way: cancelled, its reply read
         if self.ready:  # never started: back to the queue at once, for other workers
             self.ready.add(await self.leases.release(self.ready.take_all(), "held", retry=False))
         tasks = [r.task for r in self.running.values()]

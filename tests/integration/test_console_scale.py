@@ -66,6 +66,12 @@ def big_db(pg_server: str, template_db: str) -> Iterator[str]:
 
 def _work(c: psycopg.Connection[Any], query: str, params: Any = None) -> dict[str, int]:
     """Run one read in its own transaction; what it read from ai_course_jobs."""
+    # The "xact" counters read the backend's pending statistics, which keep what
+    # earlier transactions read until they are flushed (at most once a second,
+    # when the backend is idle): flush them first, or an earlier query's rows
+    # (the test's own set-up reads 20,000 of them) count as this read's.
+    c.execute("select pg_stat_force_next_flush()")
+    c.commit()
     with c.transaction():
         rows = c.execute(query, params).fetchall()
         stats = c.execute(

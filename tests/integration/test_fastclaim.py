@@ -15,7 +15,7 @@ import psycopg
 import pytest
 
 from listener import dal, db
-from listener.fastclaim import Abandoned, FastClaimer
+from listener.fastclaim import FastClaimer
 from tests.helpers import await_until, connect, insert_course, job
 
 pytestmark = pytest.mark.timeout(60)
@@ -76,17 +76,22 @@ async def test_a_claim_returns_what_the_named_statement_returns(
     assert claimer.conn is None and not claimer.ready
 
 
-async def test_reopened_on_a_connection_that_has_the_statement_prepared(
-    pool: db.WorkPool, db_url: str
-) -> None:
+async def test_each_opening_prepares_its_own_statement(pool: db.WorkPool, db_url: str) -> None:
+    # The pool lends the same connection again: the earlier preparation is still
+    # there, and a new one (perhaps of other code) must not collide with it.
     claimer = FastClaimer(pool, "w")
-    for subject in ("First", "Second"):  # the pool lends the same connection again
+    backends = []
+    for subject in ("First", "Second"):
         await claimer.open()
+        assert claimer.conn is not None
+        backends.append(claimer.conn.info.backend_pid)
         with connect(db_url) as c:
             jid = insert_course(c, subject)
         row, exc = await _claim(claimer, "ai_course_jobs", uuid.UUID(jid))
         assert exc is None and row is not None and row["job"]["subject"] == subject
         await claimer.close()
+    assert claimer.conn is None and not claimer.ready
+    assert backends[0] == backends[1]  # the same connection: prepared twice, no clash
 
 
 async def test_a_dropped_connection_fails_the_claim_and_loses_nothing(
@@ -101,6 +106,9 @@ async def test_a_dropped_connection_fails_the_claim_and_loses_nothing(
         c.execute("select pg_terminate_backend(%s)", [pid])
     row, exc = await _claim(claimer, "ai_course_jobs", uuid.UUID(jid))
     assert row is None and isinstance(exc, psycopg.OperationalError)
+    assert not claimer.ready  # retired at once: nothing more is sent on it
+    with pytest.raises(RuntimeError):
+        claimer.claim("ai_course_jobs", uuid.UUID(jid), lambda r, e: None)
     await claimer.close()  # the pool replaces the dead connection
     with connect(db_url) as c:
         assert job(c, jid)["status"] == "pending"
@@ -110,9 +118,12 @@ async def test_a_dropped_connection_fails_the_claim_and_loses_nothing(
     await claimer.close()
 
 
-async def test_closed_with_a_claim_under_way_the_claim_ends_abandoned(
+async def test_closed_with_a_claim_waiting_on_a_lock_the_claim_is_cancelled(
     pool: db.WorkPool, db_url: str
 ) -> None:
+    # At shutdown a fast claim may wait behind a table's lock (a migration). Given
+    # back with it unanswered, its backend would claim the job once the lock goes,
+    # for nobody: close() cancels it and reads how it ended.
     claimer = FastClaimer(pool, "w")
     await claimer.open()
     conn = claimer.conn
@@ -120,14 +131,29 @@ async def test_closed_with_a_claim_under_way_the_claim_ends_abandoned(
     with connect(db_url) as c:
         jid = insert_course(c, "Blocked")
     replies: list[tuple[Any, Any]] = []
-    with connect(db_url) as blocker, blocker.transaction():
-        blocker.execute("lock table ai_course_jobs in exclusive mode")  # the claim waits
-        claimer.claim("ai_course_jobs", uuid.UUID(jid), lambda r, e: replies.append((r, e)))
-        await await_until(_waits_on_a_lock(db_url, conn.info.backend_pid), what="claim waiting")
-        assert replies == []
-        await claimer.close()
-    assert len(replies) == 1 and replies[0][0] is None and isinstance(replies[0][1], Abandoned)
-    assert conn.closed  # given back in the middle of a query: the pool discarded it
+    with connect(db_url) as blocker:
+        with blocker.transaction():
+            blocker.execute("lock table ai_course_jobs in exclusive mode")  # the claim waits
+            claimer.claim("ai_course_jobs", uuid.UUID(jid), lambda r, e: replies.append((r, e)))
+            pid = conn.info.backend_pid
+            await await_until(_waits_on_a_lock(db_url, pid), what="claim waiting")
+            assert replies == []
+            await claimer.close()
+        assert len(replies) == 1 and replies[0][0] is None
+        assert isinstance(replies[0][1], psycopg.errors.QueryCanceled)
+    with connect(db_url) as c:  # the lock is gone: nothing claims the job behind our back
+        await await_until(_idle(db_url, pid), what="the claim's backend idle")
+        assert job(c, jid)["status"] == "pending"
+    assert not conn.closed  # answered: back in the pool, usable
+
+
+def _idle(db_url: str, pid: int) -> Any:
+    async def check() -> bool:
+        with connect(db_url) as c:
+            row = c.execute("select state from pg_stat_activity where pid = %s", [pid]).fetchone()
+            return row is None or row["state"] == "idle"
+
+    return check
 
 
 def _waits_on_a_lock(db_url: str, pid: int) -> Any:

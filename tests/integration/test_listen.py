@@ -12,6 +12,9 @@ from typing import Any
 import pytest
 from loguru import logger
 
+from listener import dal
+from listener import listen as listen_module
+from listener.dal import Statement
 from listener.listen import PROBE_TIMEOUT, ListenService, ListenUnavailable, probe_payload
 from listener.notifications import parse_payload
 from listener.settings import Settings
@@ -147,3 +150,54 @@ async def test_the_dashboard_feed_probes_through_its_own_pool(
         await d.feed.stop()
         await d.pool.close()
     assert any(r.get("action") == "live_deaf" for r in records)
+
+
+class _Text(Statement):
+    """A statement given by its text (what the service sends for LISTEN or a ping)."""
+
+    def __init__(self, text: str) -> None:
+        super().__init__("test")
+        self.text = text
+
+    @property
+    def sql(self) -> str:
+        return self.text
+
+
+async def test_notifications_that_come_with_the_listens_reply_are_delivered(db_url: str) -> None:
+    # The LISTEN's own reply carries a notification (sent by the same
+    # statement): psycopg reads it before the service reads the socket itself.
+    listen = _Text(
+        "do $$ begin execute 'listen ai_jobs'; perform pg_notify('ai_jobs', 'early'); end $$"
+    )
+    heard: list[str] = []
+    service = ListenService(
+        db_url, name="test", channel="ai_jobs", listen_query=listen,
+        on_payload=heard.append, on_connect=lambda _: None,
+    )  # fmt: skip
+    async with running(service):
+        async with await aconnect(db_url) as c:
+            await c.execute("notify ai_jobs, 'later'")
+        await await_until(lambda: _true(lambda: len(heard) >= 2), what="both payloads")
+    assert heard == ["early", "later"]
+
+
+async def test_notifications_that_come_with_a_pings_reply_are_delivered(
+    db_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The ping's reply is read by psycopg, not by the service's reader callback:
+    # what arrives with it still reaches the owner, once.
+    monkeypatch.setattr(listen_module, "PING_INTERVAL", 0.2)
+    monkeypatch.setattr(dal, "KEEPALIVE", _Text("select pg_notify('ai_jobs', 'during a ping')"))
+    heard: list[str] = []
+    service = ListenService(
+        db_url, name="test", channel="ai_jobs", listen_query="listen",
+        on_payload=heard.append, on_connect=lambda _: None,
+    )  # fmt: skip
+    async with running(service):
+        await await_until(lambda: _true(lambda: len(heard) >= 2), what="two pings' payloads")
+        async with await aconnect(db_url) as c:
+            await c.execute("notify ai_jobs, 'between pings'")
+        await await_until(lambda: _true(lambda: "between pings" in heard), what="the other")
+    assert set(heard) == {"during a ping", "between pings"}
+    assert heard.count("between pings") == 1
