@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import secrets
 import time
 from collections.abc import Callable, Sequence
@@ -44,7 +45,7 @@ from listener import dal, db
 from listener.rows import ClaimedRow
 
 _PROCESS = secrets.token_hex(4)  # the prepared claims' names: this process's...
-_serial = [0]  # ... and a serial number
+_serial = itertools.count(1)  # ... and a serial number
 
 # How long close() waits for the reply of a claim it cancelled (the cancel is
 # delivered on a connection of its own; the reply follows on the claim's).
@@ -74,8 +75,18 @@ class FastClaimer:
         self._sent_at = 0.0
         self._names: list[str] | None = None  # the claim's columns
         self._prepared: asyncio.Future[list[pq.abc.PGresult]] | None = None
-        self._settled: asyncio.Future[None] | None = None  # close() waits on it
+        self._done: asyncio.Future[None] | None = None  # the claim under way's end
         self._sql, self._order = dal.CLAIM_DUE_JOB.positional()
+
+    @property
+    def busy(self) -> bool:
+        """A claim is under way (its reply not yet handed to its owner)."""
+        return self._reply is not None
+
+    async def settle(self, seconds: float) -> None:
+        """Wait up to `seconds` for the claim under way, if any, to end."""
+        if self._done is not None:
+            await asyncio.wait({self._done}, timeout=seconds)
 
     @property
     def ready(self) -> bool:
@@ -93,8 +104,7 @@ class FastClaimer:
         # again, or one a session pooler passes on from another process, may
         # hold an earlier one, perhaps of other code or of a function since
         # replaced (its plan would fail, "cached plan must not change result type").
-        _serial[0] += 1
-        self._name = f"ai_jobs_fast_claim_{_PROCESS}_{_serial[0]}".encode()
+        self._name = f"ai_jobs_fast_claim_{_PROCESS}_{next(_serial)}".encode()
         try:
             results = await self._exchange(lambda pg: pg.send_prepare(self._name, self._sql))
             for res in results:
@@ -114,13 +124,11 @@ class FastClaimer:
         that its owner learns what it claimed; only a reply that does not come
         within CANCEL_WAIT (a dead connection) is abandoned."""
         conn = self.conn
-        if conn is not None and self._reply is not None:
-            settled = self._settled = asyncio.get_running_loop().create_future()
+        if conn is not None and self.busy:
             with contextlib.suppress(Exception):
                 async with asyncio.timeout(CANCEL_WAIT):
                     await conn.cancel_safe(timeout=CANCEL_WAIT)
-                    await asyncio.shield(settled)
-            self._settled = None
+            await self.settle(CANCEL_WAIT)
         if self.conn is not conn:
             return  # closed meanwhile, by another caller
         self.conn = None
@@ -143,13 +151,13 @@ class FastClaimer:
             self._usable = False
             raise
         self._reply = reply
+        self._done = asyncio.get_running_loop().create_future()
 
     # -- libpq's asynchronous calls, driven by the event loop ---------------------
 
     def _attach(self, conn: psycopg.AsyncConnection[Any]) -> None:
         self._pgconn = conn.pgconn
         self._fd = conn.pgconn.socket
-        self._results = []
 
     def _unwatch(self) -> None:
         # Only while our reader is on: once the connection is closed its fd
@@ -243,16 +251,18 @@ class FastClaimer:
         if exc is not None:
             self._usable = False  # the owner closes it; nothing more is sent on it
         self._deliver(reply, row, exc)
-        if self._settled is not None and not self._settled.done():
-            self._settled.set_result(None)
 
     def _deliver(self, reply: Reply, row: ClaimedRow | None, exc: BaseException | None) -> None:
+        """The claim's end, to its owner; then to whoever waits in settle()."""
         try:
             reply(row, exc)
         except Exception as err:  # a bug in the owner's callback: not the event loop's
             logger.bind(action="fast_claim_failed").opt(exception=err).error(
                 f"the fast claim's reply could not be handled: {type(err).__name__}"
             )
+        done, self._done = self._done, None
+        if done is not None and not done.done():
+            done.set_result(None)
 
     def _row(self, results: list[pq.abc.PGresult]) -> ClaimedRow | None:
         """The claimed row (None: nothing claimed), as psycopg would decode it."""

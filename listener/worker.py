@@ -129,10 +129,9 @@ class Worker:
         self.claims_by_table = dict.fromkeys(TABLES, 0)  # claim statements, by table
         self._waiting = False  # the claim loop waits for a reason to look
         self.fast_claims = 0  # notified jobs claimed by their id on the fast path
-        self._fast: asyncio.Future[None] | None = None  # the fast claim under way (a slot)
-        # The fast claims' connection, kept out of the pool: opened at start,
-        # given back after an error (opened again at the next notification) and
-        # at shutdown.
+        # The fast claims (one under way at a time: a slot) and their connection,
+        # kept out of the pool: opened at start, given back after an error
+        # (opened again at the next notification) and at shutdown.
         self.fast = FastClaimer(pool, self.id)
         self._opening: asyncio.Task[None] | None = None
         self.notifications = 0  # valid notifications received
@@ -155,7 +154,7 @@ class Worker:
         return (
             self._waiting
             and not self._wake.is_set()
-            and self._fast is None
+            and not self.fast.busy
             and (self._opening is None or self._opening.done())
             and not self.sweeper.busy
             and not self._sweep_now.is_set()
@@ -202,7 +201,7 @@ class Worker:
         job of its table known to wait (a claim round takes those, in order and
         in batches), a slot free, no fast claim under way, the table not held."""
         if (
-            self._fast is not None
+            self.fast.busy
             or self._more[table]
             or self._stop.is_set()
             or len(self.running) + len(self.ready) >= self.concurrency
@@ -212,22 +211,17 @@ class Worker:
         if not self.fast.ready:
             self._open_fast()  # for the next one: this one is a reason to look
             return False
-        done = asyncio.get_running_loop().create_future()
         try:
             self.fast.claim(table, job_id, lambda row, exc: self._fast_claimed(table, row, exc))
         except Exception as exc:  # not sent: the connection is broken
             self._report(exc, "claim")
             self._spawn(self.fast.close())
             return False
-        self._fast = done
         self.claims_by_table[table] += 1
         return True
 
     def _fast_claimed(self, table: str, row: ClaimedRow | None, exc: BaseException | None) -> None:
         """The fast claim's reply (called by the event loop)."""
-        done, self._fast = self._fast, None
-        if done is not None:
-            done.set_result(None)
         if exc is not None:
             if not (self._stop.is_set() or isinstance(exc, Abandoned)):  # not the shutdown's cancel
                 self._report(exc, "claim")
@@ -274,7 +268,7 @@ class Worker:
             self.request_sweep()
 
     async def _catch_up(self) -> None:
-        if self._fast is None:  # the fast claims' connection may have died with the LISTEN one
+        if not self.fast.busy:  # the fast claims' connection may have died with the LISTEN one
             await self.fast.close()
         await self.medic.heal()  # fresh connections first, not one failure per caller
         self._back.set()
@@ -366,7 +360,7 @@ class Worker:
                 why = f"held {self.ready.limit:g}s without a free slot"
                 self.ready.add(await self.leases.release(overdue, why, retry=False))
             free = self.concurrency + self._ahead(now) - len(self.running) - len(self.ready)
-            if self._fast is not None:
+            if self.fast.busy:
                 free -= 1  # its slot
             holds = self.executor.holds
             wanted = [t for t in self._tables_in_turn() if not holds.held(t, now) and self._more[t]]
@@ -509,8 +503,8 @@ class Worker:
     async def _shutdown(self, background: list[asyncio.Task[Any]]) -> None:
         grace = self.settings.shutdown_grace_seconds
         self._stop.set()  # (set already, unless the loop failed): nothing more starts
-        if self._fast is not None:  # a claim under way: its job is held, then released below
-            await asyncio.wait({self._fast}, timeout=FAST_CLAIM_SHUTDOWN_WAIT)
+        # A claim under way: its job is held, then released below.
+        await self.fast.settle(FAST_CLAIM_SHUTDOWN_WAIT)
         if self._opening is not None:
             self._opening.cancel()
             await asyncio.gather(self._opening, return_exceptions=True)
