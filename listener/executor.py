@@ -110,6 +110,8 @@ class Executor:
                 raise InvalidJob(f"No handler registered for {job.table}")
             outcome = await handler(job)
             outcome.metrics["totalDurationMs"] = round((time.perf_counter() - t0) * 1000, 3)
+            if not await self.leases.committed(job):
+                return None  # the claim was not committed: nothing of it is ours to write
             self.leases.running.pop(job.id, None)  # handed over: no longer ours to release
             held = False
             await self.completer.add(job, outcome)
@@ -126,10 +128,12 @@ class Executor:
         except asyncio.CancelledError:
             raise  # shutdown past the grace period, or the job was taken away
         except ProvidersUnavailable as exc:
-            await asyncio.shield(self.defer(job, exc, job_log(job)))
+            if await self.leases.committed(job):
+                await asyncio.shield(self.defer(job, exc, job_log(job)))
             return None
         except Exception as exc:
-            await asyncio.shield(self.fail(job, exc, job_log(job)))
+            if await self.leases.committed(job):
+                await asyncio.shield(self.fail(job, exc, job_log(job)))
             return None
         finally:
             self.pacing.job_time.add(time.perf_counter() - t0)

@@ -12,16 +12,31 @@ caller (the listener's callback), `consume_input` / `get_result` from the reader
 callback, and the reply's row decoded by psycopg's `Transformer`, as `execute`
 would decode it.
 
+The job starts on the claim's row, before its commit is durable: the claim
+goes out as one pipeline (the prepared claim, a Flush, a Sync) in one write, so
+the server sends the row as soon as the UPDATE has run, then commits at the
+Sync, flushing the WAL while the handler starts (on a local disk about a tenth
+of a millisecond: most of what a claim's round trip costs, docs/benchmarks.md).
+Until that commit the row stays locked by the claim's transaction: no other
+worker can claim it, and a write with the claim's token (a fast handler's
+completion, a heartbeat) waits for the commit and then finds the token. The
+owner hears of the commit through a second callback; a commit that fails or
+whose answer never comes (the server crashed, the connection dropped) is
+reported there, and the owner stops the job before the handler has written
+anything and releases it (a claim that did commit goes back to pending; one that
+did not commit changed nothing).
+
 One claim at a time, on a connection no one else uses while it is kept here: it
 is checked out of the pool by `open()` and given back by `close()`, and psycopg
-never sees a query under way on it. `close()` with a claim under way (one
-waiting on a table's lock, at shutdown) cancels it and still reads its reply,
-so that a job claimed meanwhile reaches its owner and is not left `processing`
-for nobody. Any error fails the claim and retires the connection: the owner
-closes the claimer, and opens it again when it wants the fast path back.
-A reply that never comes (a half-open connection) is found by the pool medic
-like any other: the connection waits on a reply (libpq says ACTIVE) while its
-backend sits idle; the medic shuts its socket down and the claim fails here.
+never sees a query under way on it (nor the pipeline mode, left after each
+claim). `close()` with a claim under way (one waiting on a table's lock, at
+shutdown) cancels it and still reads its reply, so that a job claimed meanwhile
+reaches its owner and is not left `processing` for nobody. Any error fails the
+claim and retires the connection: the owner closes the claimer, and opens it
+again when it wants the fast path back. A reply that never comes (a half-open
+connection) is found by the pool medic like any other: the connection waits on
+a reply (libpq says ACTIVE) while its backend sits idle; the medic shuts its
+socket down and the claim fails here.
 """
 
 from __future__ import annotations
@@ -52,6 +67,10 @@ _serial = itertools.count(1)  # ... and a serial number
 CANCEL_WAIT = 5.0
 
 Reply = Callable[[ClaimedRow | None, BaseException | None], None]
+Committed = Callable[[BaseException | None], None]
+
+# Where a claim under way is: its row is awaited, or its commit.
+_ROW, _COMMIT = "row", "commit"
 
 
 class Abandoned(Exception):
@@ -70,7 +89,9 @@ class FastClaimer:
         self._watching = False  # our reader (and perhaps writer) is on _fd
         self._usable = False  # prepared, and no claim on it has failed since
         self._name = b""  # the prepared claim's name on this connection
-        self._reply: Reply | None = None  # the claim under way's callback
+        self._phase: str | None = None  # _ROW or _COMMIT: a claim is under way
+        self._reply: Reply | None = None  # the claim under way's callback, until its row
+        self._committed: Committed | None = None  # ... and its commit's, until the commit
         self._results: list[pq.abc.PGresult] = []
         self._sent_at = 0.0
         self._names: list[str] | None = None  # the claim's columns
@@ -80,8 +101,8 @@ class FastClaimer:
 
     @property
     def busy(self) -> bool:
-        """A claim is under way (its reply not yet handed to its owner)."""
-        return self._reply is not None
+        """A claim is under way (its row or its commit not yet told to its owner)."""
+        return self._phase is not None
 
     async def settle(self, seconds: float) -> None:
         """Wait up to `seconds` for the claim under way, if any, to end."""
@@ -91,7 +112,7 @@ class FastClaimer:
     @property
     def ready(self) -> bool:
         """A prepared connection is at hand and no claim is under way on it."""
-        return self._usable and self._reply is None and self._prepared is None
+        return self._usable and self._phase is None and self._prepared is None
 
     async def open(self) -> None:
         """Take a connection from the pool and prepare the claim on it."""
@@ -124,33 +145,50 @@ class FastClaimer:
         that its owner learns what it claimed; only a reply that does not come
         within CANCEL_WAIT (a dead connection) is abandoned."""
         conn = self.conn
-        if conn is not None and self.busy:
+        if conn is not None and self._phase == _ROW:
             with contextlib.suppress(Exception):
                 async with asyncio.timeout(CANCEL_WAIT):
                     await conn.cancel_safe(timeout=CANCEL_WAIT)
+        if conn is not None and self.busy:  # its row, or its commit (a WAL flush) to come
             await self.settle(CANCEL_WAIT)
         if self.conn is not conn:
             return  # closed meanwhile, by another caller
         self.conn = None
         self._detach()
         if conn is not None:
+            if conn.pgconn.pipeline_status != pq.PipelineStatus.OFF:
+                try:  # a claim abandoned half-way: psycopg must not get it so
+                    conn.pgconn.exit_pipeline_mode()
+                except Exception:
+                    await conn.close()  # the pool replaces a closed connection
             with contextlib.suppress(Exception):  # a closed pool, at shutdown
                 await self.pool.putconn(conn)
 
-    def claim(self, table: str, job_id: UUID, reply: Reply) -> None:
+    def claim(
+        self, table: str, job_id: UUID, reply: Reply, committed: Committed | None = None
+    ) -> None:
         """Send the claim of that job; `reply(row or None, error)` is called from
-        the event loop once it is answered. Raises if it could not be sent (the
-        connection is broken: close the claimer)."""
+        the event loop once its row is read, and, when a row was claimed,
+        `committed(error or None)` once its commit has ended (None: durable).
+        Raises if it could not be sent (the connection is broken: close the
+        claimer)."""
         if not self.ready:
             raise RuntimeError("the fast claimer is not ready")
         values = {"table": table.encode(), "id": str(job_id).encode(), "worker": self.worker}
         params = [values[name] for name in self._order]
+
+        def send(pg: pq.abc.PGconn) -> None:
+            pg.enter_pipeline_mode()
+            pg.send_query_prepared(self._name, params)
+            pg.send_flush_request()  # the row, before the commit's WAL flush
+            pg.pipeline_sync()  # the commit
+
         try:
-            self._send(lambda pg: pg.send_query_prepared(self._name, params))
+            self._send(send)
         except BaseException:
             self._usable = False
             raise
-        self._reply = reply
+        self._phase, self._reply, self._committed = _ROW, reply, committed
         self._done = asyncio.get_running_loop().create_future()
 
     # -- libpq's asynchronous calls, driven by the event loop ---------------------
@@ -170,15 +208,15 @@ class FastClaimer:
 
     def _detach(self) -> None:
         self._unwatch()
-        reply, prepared = self._reply, self._prepared
-        self._pgconn, self._fd, self._reply, self._prepared = None, -1, None, None
+        prepared = self._prepared
+        self._pgconn, self._fd, self._prepared = None, -1, None
         self._usable = False
         self._names = None
         closed = Abandoned("the fast claim's connection was given back")
         if prepared is not None and not prepared.done():
             prepared.set_exception(closed)
-        if reply is not None:  # abandoned: its owner learns that it ended
-            self._deliver(reply, None, closed)
+        if self._phase is not None:  # abandoned: its owner learns that it ended
+            self._end(closed)
 
     def _exchange(
         self, send: Callable[[pq.abc.PGconn], None]
@@ -208,7 +246,7 @@ class FastClaimer:
             if self._pgconn.flush():
                 return
         except Exception as exc:
-            self._finish(exc)
+            self._failed(exc)
             return
         asyncio.get_running_loop().remove_writer(self._fd)
 
@@ -218,51 +256,91 @@ class FastClaimer:
         try:
             pg.consume_input()
             while not pg.is_busy():
-                if (res := pg.get_result()) is None:  # the statement's end
-                    break
-                self._results.append(res)
-            else:
-                return  # the rest of the reply is still on its way
+                res = pg.get_result()
+                if self._prepared is not None:  # the preparation: results, then None
+                    if res is None:
+                        self._prepared_end(None)
+                        return
+                    self._results.append(res)
+                elif res is None:  # the end of the claim's results; the Sync's follow
+                    if self._phase == _ROW:
+                        self._answer()
+                elif res.status == pq.ExecStatus.PIPELINE_SYNC:  # committed (or rolled back)
+                    pg.exit_pipeline_mode()
+                    self._end(self._commit_error())
+                    return
+                else:
+                    self._results.append(res)
         except Exception as exc:
-            self._finish(exc)
-            return
-        self._finish(None)
+            self._failed(exc)
 
-    def _finish(self, exc: BaseException | None) -> None:
+    def _failed(self, exc: BaseException) -> None:
+        if self._prepared is not None:
+            self._prepared_end(exc)
+        else:
+            self._end(exc)
+
+    def _prepared_end(self, exc: BaseException | None) -> None:
         self._unwatch()
         results, self._results = self._results, []
+        prepared, self._prepared = self._prepared, None
+        if prepared is not None and not prepared.done():
+            if exc is None:
+                prepared.set_result(results)
+            else:
+                prepared.set_exception(exc)
+
+    def _answer(self) -> None:
+        """The claim's row (or error) is read: to its owner; the commit follows."""
         self.round_trip = time.perf_counter() - self._sent_at
-        if (prepared := self._prepared) is not None:
-            self._prepared = None
-            if not prepared.done():
-                if exc is None:
-                    prepared.set_result(results)
-                else:
-                    prepared.set_exception(exc)
-            return
+        results, self._results = self._results, []
         reply, self._reply = self._reply, None
-        assert reply is not None
+        self._phase = _COMMIT
         row: ClaimedRow | None = None
-        if exc is None:
-            try:
-                row = self._row(results)
-            except Exception as err:
-                exc = err
+        exc: BaseException | None = None
+        try:
+            row = self._row(results)
+        except Exception as err:
+            exc = err
+            self._usable = False  # the owner closes it; nothing more is sent on it
+        if row is None:
+            self._committed = None  # nothing claimed: no commit to tell of
+        if reply is not None:
+            self._call(reply, row, exc)
+
+    def _commit_error(self) -> BaseException | None:
+        """An error the server sent with the Sync (the commit failed), if any."""
+        results, self._results = self._results, []
+        for res in results:
+            if res.status == pq.ExecStatus.FATAL_ERROR:
+                assert self.conn is not None
+                return e.error_from_result(res, self.conn.info.encoding)
+        return None
+
+    def _end(self, exc: BaseException | None) -> None:
+        """The claim under way has ended: its commit, or a failure before it.
+        Its owner hears of the claim's row first if it had not yet."""
+        self._unwatch()
+        reply, committed = self._reply, self._committed
+        self._phase, self._reply, self._committed, self._results = None, None, None, []
         if exc is not None:
             self._usable = False  # the owner closes it; nothing more is sent on it
-        self._deliver(reply, row, exc)
-
-    def _deliver(self, reply: Reply, row: ClaimedRow | None, exc: BaseException | None) -> None:
-        """The claim's end, to its owner; then to whoever waits in settle()."""
-        try:
-            reply(row, exc)
-        except Exception as err:  # a bug in the owner's callback: not the event loop's
-            logger.bind(action="fast_claim_failed").opt(exception=err).error(
-                f"the fast claim's reply could not be handled: {type(err).__name__}"
-            )
+        if reply is not None:  # failed before the row came: nothing to commit
+            self._call(reply, None, exc or e.InterfaceError("the claim ended without a row"))
+        elif committed is not None:
+            self._call(committed, exc)
         done, self._done = self._done, None
         if done is not None and not done.done():
             done.set_result(None)
+
+    def _call(self, fn: Callable[..., None], *args: Any) -> None:
+        """A callback of the owner's, from the event loop: its bug is not the loop's."""
+        try:
+            fn(*args)
+        except Exception as err:
+            logger.bind(action="fast_claim_failed").opt(exception=err).error(
+                f"the fast claim's reply could not be handled: {type(err).__name__}"
+            )
 
     def _row(self, results: list[pq.abc.PGresult]) -> ClaimedRow | None:
         """The claimed row (None: nothing claimed), as psycopg would decode it."""

@@ -49,6 +49,27 @@ class LeaseKeeper:
         self.running: dict[uuid.UUID, Running] = {}
         self.ready = Held()  # claimed ahead of a free slot (see pacing)
         self.cancel_checks: dict[uuid.UUID, asyncio.Task[None]] = {}  # by job id
+        # Jobs started on a fast claim's row whose commit is still to come: a
+        # write with their token before it would not find the row (the UPDATE
+        # reads the version before the claim), so the writes wait for it.
+        self.commits: dict[uuid.UUID, asyncio.Future[bool]] = {}
+
+    # -- claims not yet committed -------------------------------------------------
+
+    def commit_pending(self, job: Job) -> None:
+        """The job starts before its claim's commit has ended."""
+        self.commits[job.id] = asyncio.get_running_loop().create_future()
+
+    def commit_ended(self, job: Job, durable: bool) -> None:
+        fut = self.commits.pop(job.id, None)
+        if fut is not None and not fut.done():
+            fut.set_result(durable)
+
+    async def committed(self, job: Job) -> bool:
+        """Wait until the job's claim is committed (at once for most): False if it
+        was not (the job is not this worker's: write nothing)."""
+        fut = self.commits.get(job.id)
+        return True if fut is None else await asyncio.shield(fut)
 
     def jobs(self) -> list[Job]:
         """Every job held here, running or waiting for a slot."""
@@ -69,7 +90,8 @@ class LeaseKeeper:
 
     async def beat(self) -> None:
         """Refresh every held job's heartbeat; drop those no longer held."""
-        for table, jobs in by_table(self.jobs()):
+        held = [j for j in self.jobs() if j.id not in self.commits]  # those: not yet visible
+        for table, jobs in by_table(held):
             try:
                 rows = await dal.HEARTBEAT_JOBS.all(self.pool, held_params(table, jobs))
             except Exception as exc:
@@ -102,6 +124,8 @@ class LeaseKeeper:
         task.add_done_callback(lambda _: self.cancel_checks.pop(job_id, None))
 
     async def _confirm_cancel(self, job: Job) -> None:
+        if not await self.committed(job):
+            return  # never this worker's: stopped already
         try:
             still = await dal.HEARTBEAT_JOBS.all(self.pool, held_params(job.table, [job]))
         except Exception as exc:

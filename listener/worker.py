@@ -134,6 +134,7 @@ class Worker:
         # (opened again at the next notification) and at shutdown.
         self.fast = FastClaimer(pool, self.id)
         self._opening: asyncio.Task[None] | None = None
+        self._uncommitted: Job | None = None  # started by a fast claim whose commit is to come
         self.notifications = 0  # valid notifications received
         self.sweeps = 0  # sweeps that ran to the end
         self.polls = 0  # looks for work by the poll timer (LISTEN_MODE=poll)
@@ -212,7 +213,12 @@ class Worker:
             self._open_fast()  # for the next one: this one is a reason to look
             return False
         try:
-            self.fast.claim(table, job_id, lambda row, exc: self._fast_claimed(table, row, exc))
+            self.fast.claim(
+                table,
+                job_id,
+                lambda row, exc: self._fast_claimed(table, row, exc),
+                self._fast_committed,
+            )
         except Exception as exc:  # not sent: the connection is broken
             self._report(exc, "claim")
             self._spawn(self.fast.close())
@@ -233,12 +239,39 @@ class Worker:
             self._look([table])
             return
         self.fast_claims += 1
-        job = Job.from_claim(row)
+        job = self._uncommitted = Job.from_claim(row)
+        self.leases.commit_pending(job)  # its writes wait for the claim's commit
         if self._stop.is_set() or len(self.running) >= self.concurrency:
             self.ready.add([job])  # started by _fill, or released at shutdown
             self._fill()
         else:
             self.executor.start(job)
+
+    def _fast_committed(self, exc: BaseException | None) -> None:
+        """The fast claim's commit has ended (called by the event loop). The job
+        started on the claim's row; if its commit failed, or its answer was lost
+        with the connection, the claim may not exist: stop the job before it
+        writes anything, and release it (a claim that did commit goes back to
+        pending with no attempt counted; one that did not changed nothing)."""
+        job, self._uncommitted = self._uncommitted, None
+        if job is not None:
+            self.leases.commit_ended(job, exc is None)
+        if exc is None or job is None:
+            return
+        running = self.leases.running.get(job.id)
+        self.leases.stop_job(
+            job.id,
+            "claim_not_committed",
+            f"the claim of this job was not committed ({scrub(str(exc)) or type(exc).__name__});"
+            " stopping it",
+        )
+        self._spawn(self._release_uncommitted(job, running.task if running else None))
+
+    async def _release_uncommitted(self, job: Job, task: asyncio.Task[Any] | None) -> None:
+        if task is not None:  # stopped first: never in two places at once
+            await asyncio.wait({task})
+        await self.leases.release([job], "uncommitted")
+        self._look([job.table])  # pending again either way: claimed by a claim round
 
     def _open_fast(self) -> None:
         if self._opening is None or self._opening.done():

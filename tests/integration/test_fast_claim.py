@@ -16,6 +16,7 @@ import psycopg
 from listener.errors import ProvidersUnavailable
 from listener.jobs import Job, Outcome
 from tests.helpers import await_until, connect, insert_course, insert_media, job
+from tests.integration.test_fastclaim import hold_commits
 from tests.workers import running_worker, settings
 
 
@@ -236,3 +237,91 @@ def _claim_waits_on_a_lock(db_url: str) -> Any:
             return bool(row is not None and row["n"] == 1)
 
     return check
+
+
+async def test_a_job_whose_fast_claim_is_not_committed_is_stopped_and_runs_again(
+    db_url: str,
+) -> None:
+    # The handler starts on the claim's row, before its commit. The commit is
+    # refused here (a deferred trigger): the job is stopped before it ends,
+    # released, claimed again by a claim round and run once to the end, never
+    # in two places at once and with no attempt counted.
+    hold_commits(db_url, refuse=(1,))
+    events: list[str] = []
+    first = asyncio.Event()
+
+    async def handler(j: Job) -> Outcome:
+        events.append("start")
+        if len(events) == 1:
+            first.set()
+            try:
+                await asyncio.sleep(30)  # stopped long before this ends
+            except asyncio.CancelledError:
+                events.append("stopped")
+                raise
+        events.append("end")
+        return Outcome(f"courses/{j.row['course_id']}/course.json", {"provider": "test"})
+
+    # No heartbeat meanwhile: it would find the claim gone and stop the job too.
+    quiet = settings(db_url, heartbeat_interval_seconds=60)
+    async with running_worker(quiet, {"ai_course_jobs": handler}) as w:
+        await await_until(lambda: _true(w.settled), what="an idle worker")
+        fast = w.fast_claims
+        with connect(db_url) as gate:
+            gate.execute("select pg_advisory_lock(7)")  # every claim's commit waits
+            with connect(db_url) as c:
+                jid = insert_course(c, "Refused once")
+            await asyncio.wait_for(first.wait(), 10)  # started on the row, before the commit
+            assert w.fast_claims == fast + 1
+            with connect(db_url) as c:
+                assert job(c, jid)["status"] == "pending"
+            gate.execute("select pg_advisory_unlock(7)")  # the commit: refused
+        await await_until(_done(db_url, jid), what="the job done by its second claim")
+    assert events == ["start", "stopped", "start", "end"]
+    with connect(db_url) as c:
+        row = job(c, jid)
+    assert row["retry_count"] == 0 and row["error"] is None
+
+
+async def test_a_job_that_ends_before_its_claim_is_committed_is_written_after_it(
+    db_url: str,
+) -> None:
+    # A write with the claim's token sent before the claim's commit would not find
+    # the row (the UPDATE reads the version before the claim): the executor waits
+    # for the commit, then writes the end, whether the handler returned or raised.
+    hold_commits(db_url)
+    ended: list[str] = []
+
+    async def handler(j: Job) -> Outcome:
+        ended.append(j.row["subject"])
+        if j.row["subject"] == "Raises":
+            raise RuntimeError("the handler failed at once")
+        return Outcome(f"courses/{j.row['course_id']}/course.json", {"provider": "test"})
+
+    quiet = settings(db_url, heartbeat_interval_seconds=60)
+    async with running_worker(quiet, {"ai_course_jobs": handler}) as w:
+        for subject in ("Returns", "Raises"):
+            await await_until(lambda: _true(w.settled), what="an idle worker")
+            fast = w.fast_claims
+            with connect(db_url) as gate:
+                gate.execute("select pg_advisory_lock(7)")  # the claim's commit waits
+                with connect(db_url) as c:
+                    jid = insert_course(c, subject)
+                await await_until(lambda s=subject: _true(s in ended), what="the handler's end")
+                assert w.fast_claims == fast + 1
+                with connect(db_url) as c:
+                    assert job(c, jid)["status"] == "pending"  # not yet committed
+                gate.execute("select pg_advisory_unlock(7)")
+            want = "done" if subject == "Returns" else "failed"
+
+            async def written(jid: str = jid, want: str = want) -> bool:
+                with connect(db_url) as c:
+                    return bool(job(c, jid)["status"] == want)
+
+            await await_until(written, what=f"the job {want}")
+            with connect(db_url) as c:
+                row = job(c, jid)
+            if want == "failed":
+                assert row["retry_count"] == 1 and "failed at once" in row["error"]
+            else:
+                assert row["result_path"] and row["error"] is None

@@ -30,11 +30,15 @@ async def pool(db_url: str) -> AsyncIterator[db.WorkPool]:
 
 
 async def _claim(claimer: FastClaimer, table: str, job_id: Any) -> tuple[Any, Any]:
-    """(row, error) of one claim, as its reply callback was given them."""
+    """(row, error) of one claim, as its reply callback was given them, once
+    the claim has ended (its commit too)."""
     got: asyncio.Future[tuple[Any, Any]] = asyncio.get_running_loop().create_future()
     claimer.claim(table, job_id, lambda row, exc: got.set_result((row, exc)))
     assert not claimer.ready  # one claim at a time
-    return await asyncio.wait_for(got, 10)
+    found = await asyncio.wait_for(got, 10)
+    await claimer.settle(10)
+    assert not claimer.busy
+    return found
 
 
 async def test_a_claim_returns_what_the_named_statement_returns(
@@ -165,3 +169,97 @@ def _waits_on_a_lock(db_url: str, pid: int) -> Any:
             return bool(row is not None and row["wait_event_type"] == "Lock")
 
     return check
+
+
+# A deferred trigger that runs in the claim's commit: it waits for the test's
+# advisory lock 7, and refuses the commits the `refusals` table asks it to.
+_HOLD_COMMIT = """
+create table refusals (n int not null);
+create sequence commits_seen;
+create function hold_commit() returns trigger language plpgsql as $$
+begin
+    perform pg_advisory_xact_lock(7);
+    if nextval('commits_seen') in (select n from refusals) then
+        raise exception 'commit refused by the test';
+    end if;
+    return null;
+end
+$$;
+create constraint trigger hold_commit after update on ai_course_jobs
+    deferrable initially deferred for each row execute function hold_commit();
+"""
+
+
+def hold_commits(db_url: str, refuse: tuple[int, ...] = ()) -> None:
+    """Make every commit that updates a course job wait for advisory lock 7 (held
+    by whoever holds it), and refuse the commits numbered in `refuse` (1: the first)."""
+    with connect(db_url) as c:
+        c.execute(_HOLD_COMMIT)
+        for n in refuse:
+            c.execute("insert into refusals values (%s)", [n])
+
+
+async def test_the_row_comes_before_the_commit_and_the_commit_is_told_apart(
+    pool: db.WorkPool, db_url: str
+) -> None:
+    # The job starts on the claim's row; its commit (the WAL flush) follows. Held
+    # here by a deferred trigger, the commit is told to the owner on its own:
+    # durable, refused, or lost with the connection (the claim is then undone).
+    hold_commits(db_url, refuse=(2,))
+    claimer = FastClaimer(pool, "w")
+    await claimer.open()
+    try:
+        with connect(db_url) as c:
+            ids = [insert_course(c, f"Held {i}") for i in range(3)]
+        row, end, after = await _held_claim(claimer, db_url, ids[0])
+        assert end is None and claimer.ready
+        assert after["status"] == "processing" and after["claim_token"] == row["claim_token"]
+
+        row, end, after = await _held_claim(claimer, db_url, ids[1])
+        assert isinstance(end, psycopg.errors.RaiseException)
+        assert "commit refused by the test" in str(end)
+        assert not claimer.ready  # retired: the owner closes it
+        assert after["status"] == "pending" and after["claim_token"] is None
+        await claimer.close()
+
+        await claimer.open()
+        row, end, after = await _held_claim(claimer, db_url, ids[2], lose=True)
+        assert isinstance(end, psycopg.OperationalError) and not claimer.ready
+        assert after["status"] == "pending" and after["claim_token"] is None
+    finally:
+        await claimer.close()
+
+
+async def _held_claim(
+    claimer: FastClaimer, db_url: str, jid: str, lose: bool = False
+) -> tuple[Any, Any, Any]:
+    """Claim `jid` while its commit waits for advisory lock 7, held here; check
+    that the row comes first, then let the commit go (or, with `lose`, end its
+    connection before). The row, how the commit ended, and the job after."""
+    rows: list[tuple[Any, Any]] = []
+    ends: list[Any] = []
+    with connect(db_url) as gate:
+        gate.execute("select pg_advisory_lock(7)")
+        claimer.claim(
+            "ai_course_jobs", uuid.UUID(jid), lambda r, e: rows.append((r, e)), ends.append
+        )
+        await await_until(lambda: _true(rows), what="the claim's row")
+        row, exc = rows[0]
+        assert exc is None and row is not None and row["id"] == uuid.UUID(jid)
+        assert claimer.busy and not claimer.ready and ends == []  # the commit waits
+        with connect(db_url) as c:  # not committed: others still see it pending
+            assert job(c, jid)["status"] == "pending"
+        if lose:
+            assert claimer.conn is not None
+            with connect(db_url) as c:
+                c.execute("select pg_terminate_backend(%s)", [claimer.conn.info.backend_pid])
+            await await_until(lambda: _true(ends), what="the lost commit told")
+        gate.execute("select pg_advisory_unlock(7)")
+    await claimer.settle(10)
+    assert not claimer.busy and len(ends) == 1
+    with connect(db_url) as c:
+        return row, ends[0], job(c, jid)
+
+
+async def _true(value: Any) -> bool:
+    return bool(value)
