@@ -1,7 +1,9 @@
-"""`python -m bench.ab OTHER [--jobs N] [--rounds N]`: enqueue-commit -> handler
-start of this checkout's worker against the worker of another checkout (a git
-worktree of an earlier commit: `git worktree add ../base <commit>`), interleaved
-round by round on one server, with the floor in the same rounds. A change on
+"""`python -m bench.ab OTHER [--jobs N] [--rounds N] [--drain N]`: enqueue-commit
+-> handler start of this checkout's worker against the worker of another
+checkout (a git worktree of an earlier commit: `git worktree add ../base
+<commit>`), interleaved round by round on one server, with the floor in the same
+rounds; with `--drain N`, the jobs/s of one worker process draining N no-op jobs
+instead. A change on
 the latency path is smaller than the difference between two runs of the whole
 bench; measured this way, both workers meet the same machine state.
 
@@ -29,6 +31,22 @@ from bench import pgserver, proc, scenarios, stats
 HERE = proc.ROOT
 
 
+async def drain(other: Path, jobs: int, rounds: int) -> dict[str, list[float]]:
+    systems = [("other", "ai_jobs", other), ("this", "ai_jobs", HERE), ("this", "floor", HERE)]
+    found: dict[str, list[float]] = {f"{w} {s}": [] for w, s, _ in systems}
+    with pgserver.server() as srv:
+        for r in range(rounds):
+            k = r % len(systems)
+            for which, name, root in systems[k:] + systems[:k]:
+                proc.ROOT = root
+                res = await scenarios.throughput(srv, name, f"abd{r}_{which}_{name}", jobs)
+                found[f"{which} {name}"].append(float(res["jobs_per_s"]))
+                rate = res["jobs_per_s"]
+                print(f"round {r + 1} {which:5} {name:8} {rate:.0f} jobs/s", flush=True)
+    proc.ROOT = HERE
+    return found
+
+
 async def run(other: Path, jobs: int, rounds: int) -> dict[str, list[tuple[float, float]]]:
     systems = [("other", "ai_jobs", other), ("this", "ai_jobs", HERE), ("this", "floor", HERE)]
     found: dict[str, list[tuple[float, float]]] = {f"{w} {s}": [] for w, s, _ in systems}
@@ -54,9 +72,17 @@ def main(argv: list[str]) -> int:
     p.add_argument("other", type=Path, help="the other checkout's root (relative to this one's)")
     p.add_argument("--jobs", type=int, default=300, help="paced jobs per round (300)")
     p.add_argument("--rounds", type=int, default=4, help="rounds (4)")
+    p.add_argument("--drain", type=int, metavar="N", help="jobs/s draining N no-op jobs instead")
     opts = p.parse_args(argv)
     if not (opts.other / "listener" / "worker.py").is_file():
         p.error(f"{opts.other} is not a checkout of this project")
+    if opts.drain:
+        rates = asyncio.run(drain(opts.other.resolve(), opts.drain, opts.rounds))
+        print("\n| worker | jobs/s, median of rounds (range) |")
+        print("|---|---|")
+        for name, rate in rates.items():
+            print(f"| {name} | {stats.median(rate):.0f} ({min(rate):.0f} to {max(rate):.0f}) |")
+        return 0
     found = asyncio.run(run(opts.other.resolve(), opts.jobs, opts.rounds))
     print("\n| worker | p50 ms, median of rounds (range) | p99 ms, median of rounds (range) |")
     print("|---|---|---|")

@@ -110,7 +110,7 @@ class Executor:
                 raise InvalidJob(f"No handler registered for {job.table}")
             outcome = await handler(job)
             outcome.metrics["totalDurationMs"] = round((time.perf_counter() - t0) * 1000, 3)
-            if not await self.leases.committed(job):
+            if self.leases.commits and not await self.leases.committed(job):
                 return None  # the claim was not committed: nothing of it is ours to write
             self.leases.running.pop(job.id, None)  # handed over: no longer ours to release
             held = False
