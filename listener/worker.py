@@ -256,6 +256,8 @@ class Worker:
         job, self._uncommitted = self._uncommitted, None
         if job is not None:
             self.leases.commit_ended(job, exc is None)
+        if exc is not None:
+            self._spawn(self.fast.close())  # retired; the next notification opens another
         if exc is None or job is None:
             return
         running = self.leases.running.get(job.id)
@@ -391,7 +393,11 @@ class Worker:
                 self._look()
             if overdue := self.ready.overdue(now):  # for any idle worker; kept if the db is away
                 why = f"held {self.ready.limit:g}s without a free slot"
-                self.ready.add(await self.leases.release(overdue, why, retry=False))
+                # Not one whose claim's commit is still to come: its release would
+                # read the row from before the claim and change nothing.
+                waiting = [j for j in overdue if j.id in self.leases.commits]
+                gone = [j for j in overdue if j.id not in self.leases.commits]
+                self.ready.add(await self.leases.release(gone, why, retry=False) + waiting)
             free = self.concurrency + self._ahead(now) - len(self.running) - len(self.ready)
             if self.fast.busy:
                 free -= 1  # its slot

@@ -277,7 +277,15 @@ async def test_a_job_whose_fast_claim_is_not_committed_is_stopped_and_runs_again
                 assert job(c, jid)["status"] == "pending"
             gate.execute("select pg_advisory_unlock(7)")  # the commit: refused
         await await_until(_done(db_url, jid), what="the job done by its second claim")
-    assert events == ["start", "stopped", "start", "end"]
+        # The connection of the refused commit was given back: the fast path
+        # opens another (on the next notification) and claims with it again.
+        with connect(db_url) as c:
+            for subject in ("Reopens the fast path", "Fast again"):
+                await await_until(lambda: _true(w.settled), what="an idle worker")
+                later = insert_course(c, subject)
+                await await_until(_done(db_url, later), what=f"{subject!r} done")
+        assert w.fast_claims == fast + 2
+    assert events == ["start", "stopped", "start", "end", "start", "end", "start", "end"]
     with connect(db_url) as c:
         row = job(c, jid)
     assert row["retry_count"] == 0 and row["error"] is None
