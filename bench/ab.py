@@ -24,6 +24,7 @@ if __name__ == "__main__":
 # After the switch into the bench's environment:
 import argparse
 import asyncio
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 from bench import pgserver, proc, scenarios, stats
@@ -31,36 +32,42 @@ from bench import pgserver, proc, scenarios, stats
 HERE = proc.ROOT
 
 
-async def drain(other: Path, jobs: int, rounds: int) -> dict[str, list[float]]:
+# One measure of one system in one round: its figures, and a line for the log.
+Measure = Callable[[pgserver.Server, str, str], Awaitable[tuple[list[float], str]]]
+
+
+async def interleave(other: Path, rounds: int, measure: Measure) -> dict[str, list[list[float]]]:
+    """`measure` for the other checkout's worker, this one's and the floor, in a
+    rotating order round by round on one server: their figures, by system."""
     systems = [("other", "ai_jobs", other), ("this", "ai_jobs", HERE), ("this", "floor", HERE)]
-    found: dict[str, list[float]] = {f"{w} {s}": [] for w, s, _ in systems}
+    found: dict[str, list[list[float]]] = {f"{w} {s}": [] for w, s, _ in systems}
     with pgserver.server() as srv:
         for r in range(rounds):
             k = r % len(systems)
             for which, name, root in systems[k:] + systems[:k]:
                 proc.ROOT = root
-                res = await scenarios.throughput(srv, name, f"abd{r}_{which}_{name}", jobs)
-                found[f"{which} {name}"].append(float(res["jobs_per_s"]))
-                rate = res["jobs_per_s"]
-                print(f"round {r + 1} {which:5} {name:8} {rate:.0f} jobs/s", flush=True)
+                figures, line = await measure(srv, name, f"ab{r}_{which}_{name}")
+                found[f"{which} {name}"].append(figures)
+                print(f"round {r + 1} {which:5} {name:8} {line}", flush=True)
     proc.ROOT = HERE
     return found
 
 
-async def run(other: Path, jobs: int, rounds: int) -> dict[str, list[tuple[float, float]]]:
-    systems = [("other", "ai_jobs", other), ("this", "ai_jobs", HERE), ("this", "floor", HERE)]
-    found: dict[str, list[tuple[float, float]]] = {f"{w} {s}": [] for w, s, _ in systems}
-    with pgserver.server() as srv:
-        for r in range(rounds):
-            k = r % len(systems)
-            for which, name, root in systems[k:] + systems[:k]:
-                proc.ROOT = root
-                res = await scenarios.latency(srv, name, f"ab{r}_{which}_{name}", jobs, 0.02)
-                found[f"{which} {name}"].append((res["p50_ms"], res["p99_ms"]))
-                print(f"round {r + 1} {which:5} {name:8} p50 {res['p50_ms']:.3f} ms"
-                      f"  p99 {res['p99_ms']:.3f} ms", flush=True)  # fmt: skip
-    proc.ROOT = HERE
-    return found
+def latency(jobs: int) -> Measure:
+    async def measure(srv: pgserver.Server, name: str, tag: str) -> tuple[list[float], str]:
+        res = await scenarios.latency(srv, name, tag, jobs, 0.02)
+        p50, p99 = res["p50_ms"], res["p99_ms"]
+        return [p50, p99], f"p50 {p50:.3f} ms  p99 {p99:.3f} ms"
+
+    return measure
+
+
+def drain(jobs: int) -> Measure:
+    async def measure(srv: pgserver.Server, name: str, tag: str) -> tuple[list[float], str]:
+        rate = float((await scenarios.throughput(srv, name, f"d{tag}", jobs))["jobs_per_s"])
+        return [rate], f"{rate:.0f} jobs/s"
+
+    return measure
 
 
 def main(argv: list[str]) -> int:
@@ -77,21 +84,20 @@ def main(argv: list[str]) -> int:
     if not (opts.other / "listener" / "worker.py").is_file():
         p.error(f"{opts.other} is not a checkout of this project")
     if opts.drain:
-        rates = asyncio.run(drain(opts.other.resolve(), opts.drain, opts.rounds))
-        print("\n| worker | jobs/s, median of rounds (range) |")
-        print("|---|---|")
-        for name, rate in rates.items():
-            print(f"| {name} | {stats.median(rate):.0f} ({min(rate):.0f} to {max(rate):.0f}) |")
-        return 0
-    found = asyncio.run(run(opts.other.resolve(), opts.jobs, opts.rounds))
-    print("\n| worker | p50 ms, median of rounds (range) | p99 ms, median of rounds (range) |")
-    print("|---|---|---|")
-    for name, rs in found.items():
-        p50, p99 = [a for a, _ in rs], [b for _, b in rs]
-        print(
-            f"| {name} | {stats.median(p50):.2f} ({min(p50):.2f} to {max(p50):.2f}) "
-            f"| {stats.median(p99):.2f} ({min(p99):.2f} to {max(p99):.2f}) |"
-        )
+        found = asyncio.run(interleave(opts.other.resolve(), opts.rounds, drain(opts.drain)))
+        columns = ["jobs/s"]
+    else:
+        found = asyncio.run(interleave(opts.other.resolve(), opts.rounds, latency(opts.jobs)))
+        columns = ["p50 ms", "p99 ms"]
+    print("\n| worker | " + " | ".join(f"{c}, median of rounds (range)" for c in columns) + " |")
+    print("|---" * (len(columns) + 1) + "|")
+    d = 0 if opts.drain else 2  # decimals
+    for name, rounds in found.items():
+        cells = []
+        for i in range(len(columns)):
+            xs = [figures[i] for figures in rounds]
+            cells.append(f"{stats.median(xs):.{d}f} ({min(xs):.{d}f} to {max(xs):.{d}f})")
+        print(f"| {name} | " + " | ".join(cells) + " |")
     return 0
 
 

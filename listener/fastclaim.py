@@ -69,9 +69,6 @@ CANCEL_WAIT = 5.0
 Reply = Callable[[ClaimedRow | None, BaseException | None], None]
 Committed = Callable[[BaseException | None], None]
 
-# Where a claim under way is: its row is awaited, or its commit.
-_ROW, _COMMIT = "row", "commit"
-
 
 class Abandoned(Exception):
     """The claim (or the preparation) under way was given up with its
@@ -89,7 +86,6 @@ class FastClaimer:
         self._watching = False  # our reader (and perhaps writer) is on _fd
         self._usable = False  # prepared, and no claim on it has failed since
         self._name = b""  # the prepared claim's name on this connection
-        self._phase: str | None = None  # _ROW or _COMMIT: a claim is under way
         self._reply: Reply | None = None  # the claim under way's callback, until its row
         self._committed: Committed | None = None  # ... and its commit's, until the commit
         self._results: list[pq.abc.PGresult] = []
@@ -102,7 +98,7 @@ class FastClaimer:
     @property
     def busy(self) -> bool:
         """A claim is under way (its row or its commit not yet told to its owner)."""
-        return self._phase is not None
+        return self._done is not None
 
     async def settle(self, seconds: float) -> None:
         """Wait up to `seconds` for the claim under way, if any, to end."""
@@ -112,7 +108,7 @@ class FastClaimer:
     @property
     def ready(self) -> bool:
         """A prepared connection is at hand and no claim is under way on it."""
-        return self._usable and self._phase is None and self._prepared is None
+        return self._usable and self._done is None and self._prepared is None
 
     async def open(self) -> None:
         """Take a connection from the pool and prepare the claim on it."""
@@ -145,7 +141,7 @@ class FastClaimer:
         that its owner learns what it claimed; only a reply that does not come
         within CANCEL_WAIT (a dead connection) is abandoned."""
         conn = self.conn
-        if conn is not None and self._phase == _ROW:
+        if conn is not None and self._reply is not None:  # its row still to come
             with contextlib.suppress(Exception):
                 async with asyncio.timeout(CANCEL_WAIT):
                     await conn.cancel_safe(timeout=CANCEL_WAIT)
@@ -188,7 +184,7 @@ class FastClaimer:
         except BaseException:
             self._usable = False
             raise
-        self._phase, self._reply, self._committed = _ROW, reply, committed
+        self._reply, self._committed = reply, committed
         self._done = asyncio.get_running_loop().create_future()
 
     # -- libpq's asynchronous calls, driven by the event loop ---------------------
@@ -215,7 +211,7 @@ class FastClaimer:
         closed = Abandoned("the fast claim's connection was given back")
         if prepared is not None and not prepared.done():
             prepared.set_exception(closed)
-        if self._phase is not None:  # abandoned: its owner learns that it ended
+        if self.busy:  # abandoned: its owner learns that it ended
             self._end(closed)
 
     def _exchange(
@@ -263,7 +259,7 @@ class FastClaimer:
                         return
                     self._results.append(res)
                 elif res is None:  # the end of the claim's results; the Sync's follow
-                    if self._phase == _ROW:
+                    if self._reply is not None:
                         self._answer()
                 elif res.status == pq.ExecStatus.PIPELINE_SYNC:  # committed (or rolled back)
                     pg.exit_pipeline_mode()
@@ -295,7 +291,6 @@ class FastClaimer:
         self.round_trip = time.perf_counter() - self._sent_at
         results, self._results = self._results, []
         reply, self._reply = self._reply, None
-        self._phase = _COMMIT
         row: ClaimedRow | None = None
         exc: BaseException | None = None
         try:
@@ -321,15 +316,14 @@ class FastClaimer:
         """The claim under way has ended: its commit, or a failure before it.
         Its owner hears of the claim's row first if it had not yet."""
         self._unwatch()
-        reply, committed = self._reply, self._committed
-        self._phase, self._reply, self._committed, self._results = None, None, None, []
+        reply, committed, done = self._reply, self._committed, self._done
+        self._reply, self._committed, self._done, self._results = None, None, None, []
         if exc is not None:
             self._usable = False  # the owner closes it; nothing more is sent on it
         if reply is not None:  # failed before the row came: nothing to commit
             self._call(reply, None, exc or e.InterfaceError("the claim ended without a row"))
         elif committed is not None:
             self._call(committed, exc)
-        done, self._done = self._done, None
         if done is not None and not done.done():
             done.set_result(None)
 

@@ -161,9 +161,11 @@ class LeaseKeeper:
     async def release(self, jobs: list[Job], what: str, *, retry: bool = True) -> list[Job]:
         """Back to pending without counting an attempt. With `retry`, while the
         database is away (until shutdown's deadline), then left to be rescued when
-        stale; without, one try, and the jobs it could not release are returned."""
-        kept: list[Job] = []
-        for table, mine in by_table(jobs):
+        stale; without, one try, and the jobs it could not release are returned.
+        A job whose claim's commit is still to come is kept, and returned: its
+        release would read the row from before the claim and change nothing."""
+        kept = [j for j in jobs if j.id in self.commits]
+        for table, mine in by_table([j for j in jobs if j.id not in self.commits]):
             params = held_params(table, mine)
             try:
                 if retry:

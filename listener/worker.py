@@ -393,11 +393,7 @@ class Worker:
                 self._look()
             if overdue := self.ready.overdue(now):  # for any idle worker; kept if the db is away
                 why = f"held {self.ready.limit:g}s without a free slot"
-                # Not one whose claim's commit is still to come: its release would
-                # read the row from before the claim and change nothing.
-                waiting = [j for j in overdue if j.id in self.leases.commits]
-                gone = [j for j in overdue if j.id not in self.leases.commits]
-                self.ready.add(await self.leases.release(gone, why, retry=False) + waiting)
+                self.ready.add(await self.leases.release(overdue, why, retry=False))
             free = self.concurrency + self._ahead(now) - len(self.running) - len(self.ready)
             if self.fast.busy:
                 free -= 1  # its slot
