@@ -12,7 +12,7 @@ import select
 import socket
 import time
 import weakref
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable
 from contextlib import asynccontextmanager
 from functools import cache
 from importlib import resources
@@ -133,6 +133,46 @@ def json_loads(data: str | bytes) -> Any:
     if isinstance(data, bytes):
         data = data.decode("utf-8", "surrogatepass")
     return _decode_json(data)
+
+
+class SocketWatch:
+    """The event loop's reader (and writer) callbacks on one connection's socket,
+    for code that drives libpq itself (the LISTEN service, the fast claim).
+    Removed only while on: once the connection is closed, its fd number may be
+    another socket's, whose callbacks are not ours to remove."""
+
+    def __init__(
+        self,
+        fd: int,
+        readable: Callable[[], None],
+        writable: Callable[[], None] | None = None,
+    ) -> None:
+        self.fd = fd
+        self.readable, self.writable = readable, writable
+        self._reading = self._writing = False
+
+    def read(self, on: bool) -> None:
+        if on != self._reading:
+            loop = asyncio.get_running_loop()
+            if on:
+                loop.add_reader(self.fd, self.readable)
+            else:
+                loop.remove_reader(self.fd)
+            self._reading = on
+
+    def write(self, on: bool) -> None:
+        if on != self._writing:
+            assert self.writable is not None
+            loop = asyncio.get_running_loop()
+            if on:
+                loop.add_writer(self.fd, self.writable)
+            else:
+                loop.remove_writer(self.fd)
+            self._writing = on
+
+    def off(self) -> None:
+        self.read(False)
+        self.write(False)
 
 
 class WorkPool(AsyncConnectionPool[psycopg.AsyncConnection[Any]]):

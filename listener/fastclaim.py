@@ -82,8 +82,7 @@ class FastClaimer:
         self.conn: psycopg.AsyncConnection[Any] | None = None
         self.round_trip = 0.0  # seconds, the last claim's send -> reply
         self._pgconn: pq.abc.PGconn | None = None
-        self._fd = -1
-        self._watching = False  # our reader (and perhaps writer) is on _fd
+        self._watch: db.SocketWatch | None = None  # the callbacks on its socket
         self._usable = False  # prepared, and no claim on it has failed since
         self._name = b""  # the prepared claim's name on this connection
         self._reply: Reply | None = None  # the claim under way's callback, until its row
@@ -191,21 +190,16 @@ class FastClaimer:
 
     def _attach(self, conn: psycopg.AsyncConnection[Any]) -> None:
         self._pgconn = conn.pgconn
-        self._fd = conn.pgconn.socket
+        self._watch = db.SocketWatch(conn.pgconn.socket, self._readable, self._writable)
 
     def _unwatch(self) -> None:
-        # Only while our reader is on: once the connection is closed its fd
-        # number may be another socket's.
-        if self._watching:
-            self._watching = False
-            loop = asyncio.get_running_loop()
-            loop.remove_reader(self._fd)
-            loop.remove_writer(self._fd)
+        if self._watch is not None:
+            self._watch.off()
 
     def _detach(self) -> None:
         self._unwatch()
         prepared = self._prepared
-        self._pgconn, self._fd, self._prepared = None, -1, None
+        self._pgconn, self._watch, self._prepared = None, None, None
         self._usable = False
         self._names = None
         closed = Abandoned("the fast claim's connection was given back")
@@ -224,17 +218,13 @@ class FastClaimer:
         return fut
 
     def _send(self, send: Callable[[pq.abc.PGconn], None]) -> None:
-        pg = self._pgconn
-        assert pg is not None
+        pg, watch = self._pgconn, self._watch
+        assert pg is not None and watch is not None
         send(pg)  # raises e.OperationalError on a broken connection
-        loop = asyncio.get_running_loop()
         self._results = []
         self._sent_at = time.perf_counter()
-        writing = pg.flush()  # 1: the rest of the message goes when the socket takes it
-        self._watching = True
-        if writing:
-            loop.add_writer(self._fd, self._writable)
-        loop.add_reader(self._fd, self._readable)
+        watch.write(bool(pg.flush()))  # 1: the rest goes when the socket takes it
+        watch.read(True)
 
     def _writable(self) -> None:
         assert self._pgconn is not None
@@ -244,7 +234,8 @@ class FastClaimer:
         except Exception as exc:
             self._failed(exc)
             return
-        asyncio.get_running_loop().remove_writer(self._fd)
+        if self._watch is not None:
+            self._watch.write(False)
 
     def _readable(self) -> None:
         pg = self._pgconn

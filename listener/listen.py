@@ -276,15 +276,6 @@ class ListenService:
         loop = asyncio.get_running_loop()
         pgconn, fd, enc = conn.pgconn, conn.pgconn.socket, conn.info.encoding
         ended: asyncio.Future[None] = loop.create_future()  # the connection failed
-        watching = False  # our reader is on fd (once closed, fd may be another's)
-
-        def watch(on: bool) -> None:
-            nonlocal watching
-            if on and not watching:
-                loop.add_reader(fd, readable)
-            elif watching and not on:
-                loop.remove_reader(fd)
-            watching = on
 
         def drain() -> None:  # every notification libpq has read, in order
             while (n := pgconn.notifies()) is not None:
@@ -304,7 +295,7 @@ class ListenService:
                 end(exc)
 
         def end(exc: BaseException) -> None:
-            watch(False)
+            sock.off()
             if not ended.done():
                 ended.set_exception(exc)
 
@@ -312,6 +303,7 @@ class ListenService:
         def during_ping(n: psycopg.Notify) -> None:
             self._heard(n.payload)
 
+        sock = db.SocketWatch(fd, readable)
         with contextlib.suppress(ValueError):  # kept by _open(early=True)
             conn.remove_notify_handler(self._keep_early)
         conn.add_notify_handler(during_ping)
@@ -320,7 +312,7 @@ class ListenService:
             for payload in early:  # those that came with the LISTEN's reply
                 self._heard(payload)
             drain()  # and those libpq has read since
-            watch(True)
+            sock.read(True)
             while True:
                 now = time.monotonic()
                 if self._probe_deadline is not None:
@@ -348,12 +340,12 @@ class ListenService:
                 if self._probe_deadline is None and quiet >= PING_INTERVAL:
                     # A probe under way answers the same question. The ping's
                     # reply is read by psycopg, not by the reader callback.
-                    watch(False)
+                    sock.read(False)
                     await self._ping(conn)
                     drain()
-                    watch(True)
+                    sock.read(True)
         finally:
-            watch(False)
+            sock.off()
             conn.remove_notify_handler(during_ping)
             if ended.done():
                 ended.exception()  # retrieved (raised above, or the session ended otherwise)
