@@ -244,6 +244,7 @@ class Worker:
         if self._stop.is_set() or len(self.running) >= self.concurrency:
             self.ready.add([job])  # started by _fill, or released at shutdown
             self._fill()
+            self._wake.set()  # the claim loop's wait takes in the held job's limit
         else:
             self.executor.start(job)
 
