@@ -234,6 +234,53 @@ async def test_worker_stops_a_cancelled_job_and_writes_nothing(db_url: str) -> N
         await await_until(media_done, what="media job done after the cancel")
 
 
+async def test_cancelling_a_stale_job_stops_the_worker_still_running_it(db_url: str) -> None:
+    # Marked stale (its heartbeat late), the job still runs on its worker until
+    # the rescue hands it on: cancel_job tells that worker as for a running one.
+    started, cancelled = asyncio.Event(), asyncio.Event()
+
+    async def forever(job: Job) -> Outcome:
+        started.set()
+        try:
+            await asyncio.sleep(3600)
+        except asyncio.CancelledError:
+            cancelled.set()
+            raise
+        return Outcome("never")
+
+    # No heartbeat meanwhile: it would find the job stale and stop it on its own.
+    s = settings(db_url, heartbeat_interval_seconds=60)
+    async with (
+        running_worker(s, {"ai_course_jobs": forever}) as worker,
+        await aconnect(db_url) as c,
+    ):
+
+        async def swept() -> bool:  # the start-up sweep would rescue the stale job
+            return worker.sweeps >= 1 and worker.settled
+
+        await await_until(swept, what="the start-up sweep")
+        cur = await c.execute("insert into ai_course_jobs (subject) values ('x') returning id")
+        jid = (await cur.fetchone() or {})["id"]
+        await asyncio.wait_for(started.wait(), 10)
+
+        async def claimed() -> bool:  # (a fast claim's job starts before its commit)
+            cur = await c.execute("select status from ai_course_jobs where id = %s", [jid])
+            return (await cur.fetchone() or {}).get("status") == "processing"
+
+        await await_until(claimed, what="the claim committed")
+        cur = await c.execute("select job_id from mark_stale_jobs(interval '0')")
+        assert await cur.fetchall() == [{"job_id": jid}]
+        assert jid in worker.running
+        cur = await c.execute("select cancel_job(%s, 'ai_course_jobs') as was", [jid])
+        assert await cur.fetchone() == {"was": "stale"}
+        await asyncio.wait_for(cancelled.wait(), 5)
+        assert jid not in worker.running
+        cur = await c.execute(
+            "select outcome, worker_id from ai_job_attempts where job_id = %s", [jid]
+        )
+        assert await cur.fetchall() == [{"outcome": "cancelled", "worker_id": worker.id}]
+
+
 async def test_a_forged_cancel_notification_stops_nothing(db_url: str) -> None:
     """Any role may NOTIFY ai_jobs: a cancel payload for a running job that
     cancel_job did not cancel leaves it running to the end."""
