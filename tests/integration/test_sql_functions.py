@@ -324,6 +324,28 @@ def test_completion_writes_each_job_what_its_own_token_carries(c: Any, fn: str, 
         assert job(c, str(j["id"]), table)["status"] == "processing"
 
 
+@pytest.mark.parametrize("table", ["ai_course_jobs", "ai_media_jobs"])
+def test_complete_and_claim_finishes_but_claims_nothing_in_a_paused_table(
+    c: Any, table: str
+) -> None:
+    """The busy loop's completion-and-claim honours pause_jobs like claim_jobs:
+    the jobs that finished are written, nothing new is handed out."""
+    insert = insert_course if table == "ai_course_jobs" else insert_media
+    insert(c)
+    held = _claim(c, table)
+    waiting = [insert(c) for _ in range(2)]
+    c.execute("select pause_jobs(%s)", [table])
+    call = "select * from complete_and_claim(%s, 'w', 5, %s, %s, %s, %s)"
+    done = [[held["id"]], [held["claim_token"]], ["p"], [Jsonb({})]]
+    rows = c.execute(call, [table, *done]).fetchall()
+    assert [(r["kind"], r["id"]) for r in rows] == [("done", held["id"])]
+    assert job(c, str(held["id"]), table)["status"] == "done"
+    assert [job(c, jid, table)["status"] for jid in waiting] == ["pending", "pending"]
+    c.execute("select resume_jobs(%s)", [table])
+    rows = c.execute(call, [table, [], [], [], []]).fetchall()
+    assert sorted(str(r["id"]) for r in rows if r["kind"] == "claimed") == sorted(waiting)
+
+
 def _ago(c: Any, *, days: float = 0, minutes: float = 0, seconds: float = 0) -> Any:
     row = c.execute(
         "select now() - make_interval(days => %s, mins => %s, secs => %s) as t",
