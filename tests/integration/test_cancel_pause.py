@@ -10,6 +10,7 @@ from typing import Any
 
 import psycopg
 import pytest
+from loguru import logger
 
 from listener.jobs import Job, Outcome
 from tests.helpers import aconnect, await_until, connect, insert_course, insert_media, job
@@ -279,6 +280,37 @@ async def test_cancelling_a_stale_job_stops_the_worker_still_running_it(db_url: 
             "select outcome, worker_id from ai_job_attempts where job_id = %s", [jid]
         )
         assert await cur.fetchall() == [{"outcome": "cancelled", "worker_id": worker.id}]
+
+
+async def test_a_cancel_of_a_job_held_elsewhere_is_ignored_here(db_url: str) -> None:
+    # cancel_job notifies every worker; those that do not hold the job let it
+    # pass quietly (no error logged), and go on.
+    async def quick(job: Job) -> Outcome:
+        return Outcome(f"courses/{job.id}/course.json", {"provider": "test"})
+
+    errors: list[str] = []
+    sink = logger.add(lambda m: errors.append(str(m)), level="ERROR")
+    async with running_worker(settings(db_url), {"ai_course_jobs": quick}) as worker:
+
+        async def settled() -> bool:
+            return bool(worker.settled)
+
+        await await_until(settled, what="an idle worker")
+        heard = worker.notifications
+        with connect(db_url) as c:
+            payload = json.dumps({"cancel": str(uuid.uuid4()), "table": "ai_course_jobs"})
+            c.execute("select pg_notify('ai_jobs', %s)", [payload])
+            jid = insert_course(c, "After the cancel")
+
+        async def done() -> bool:
+            with connect(db_url) as c:
+                return worker.notifications >= heard + 2 and job(c, jid)["status"] == "done"
+
+        await await_until(done, what="the next job done")
+        assert worker.listener.service.reconnects == 0
+        assert not worker.leases.cancel_checks
+    logger.remove(sink)
+    assert errors == []
 
 
 async def test_a_forged_cancel_notification_stops_nothing(db_url: str) -> None:
