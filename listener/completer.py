@@ -1,7 +1,9 @@
 """Batched completion writes (River's batch completer). A finished job frees its
 slot at once; its `done` row is written with the others that finished meanwhile,
-one complete_jobs() call per table, while the next claims already run. Writes
-that fail on a lost connection are retried until the database is back.
+one complete_jobs() call per table, while the next claims already run, or by the
+worker's next claim of its table (`claim`: complete_and_claim, one commit for
+both). Writes that fail on a lost connection are retried until the database is
+back.
 
 A finished course's catalog row rides with its completion (listener.catalog), in
 the same transaction, whether the completer or a claim (complete_and_claim)
@@ -23,6 +25,7 @@ from psycopg_pool import AsyncConnectionPool
 from listener import dal
 from listener.catalog import catalog_rows
 from listener.jobs import Job, Outcome
+from listener.rows import ClaimedRow
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -88,16 +91,35 @@ class Completer:
                 return
             await asyncio.sleep(wait)
 
-    def take(self, table: str) -> list[tuple[Job, Outcome]]:
+    async def claim(self, params: dict[str, Any]) -> list[ClaimedRow]:
+        """claim_jobs(`params`), with the table's finished jobs riding along
+        (complete_and_claim): their `done` writes and the claim in one commit.
+        Raises as the claim does; the finished jobs then wait for their write
+        again."""
+        table = params["table"]
+        done = self._take(table)
+        if not done:
+            return await dal.CLAIM_JOBS.all(self.pool, params)
+        try:
+            both = await with_catalog(
+                self.pool, dal.COMPLETE_AND_CLAIM, params | completion_params(table, done)
+            )
+        except Exception:
+            await self._settle(done, None)
+            raise
+        await self._settle(done, [r["id"] for r in both if r["kind"] == "done"])
+        return [r for r in both if r["kind"] == "claimed"]
+
+    def _take(self, table: str) -> list[tuple[Job, Outcome]]:
         """Hand one table's finished jobs to a claim that writes them in its own
-        transaction (complete_and_claim); settle() must follow."""
+        transaction (complete_and_claim); _settle() must follow."""
         mine = [item for item in self._pending if item[0].table == table]
         if mine:
             self._pending = [item for item in self._pending if item[0].table != table]
             self._in_flight += len(mine)
         return mine
 
-    async def settle(
+    async def _settle(
         self, items: list[tuple[Job, Outcome]], written: Collection[UUID] | None
     ) -> None:
         """The claim that took `items` ended: the ids it wrote, or None if it

@@ -66,8 +66,10 @@ _serial = itertools.count(1)  # ... and a serial number
 # delivered on a connection of its own; the reply follows on the claim's).
 CANCEL_WAIT = 5.0
 
-Reply = Callable[[ClaimedRow | None, BaseException | None], None]
 Committed = Callable[[BaseException | None], None]
+# The claim's row (None: nothing claimed) or its error; returns what to call
+# once the claim's commit has ended (None: nothing to tell).
+Reply = Callable[[ClaimedRow | None, BaseException | None], Committed | None]
 
 
 class Abandoned(Exception):
@@ -159,14 +161,12 @@ class FastClaimer:
             with contextlib.suppress(Exception):  # a closed pool, at shutdown
                 await self.pool.putconn(conn)
 
-    def claim(
-        self, table: str, job_id: UUID, reply: Reply, committed: Committed | None = None
-    ) -> None:
+    def claim(self, table: str, job_id: UUID, reply: Reply) -> None:
         """Send the claim of that job; `reply(row or None, error)` is called from
-        the event loop once its row is read, and, when a row was claimed,
-        `committed(error or None)` once its commit has ended (None: durable).
-        Raises if it could not be sent (the connection is broken: close the
-        claimer)."""
+        the event loop once its row is read, and, when a row was claimed, the
+        callback it returns is called with the commit's error (None: durable)
+        once the commit has ended. Raises if it could not be sent (the
+        connection is broken: close the claimer)."""
         if not self.ready:
             raise RuntimeError("the fast claimer is not ready")
         values = {"table": table.encode(), "id": str(job_id).encode(), "worker": self.worker}
@@ -183,7 +183,7 @@ class FastClaimer:
         except BaseException:
             self._usable = False
             raise
-        self._reply, self._committed = reply, committed
+        self._reply, self._committed = reply, None
         self._done = asyncio.get_running_loop().create_future()
 
     # -- libpq's asynchronous calls, driven by the event loop ---------------------
@@ -289,10 +289,10 @@ class FastClaimer:
         except Exception as err:
             exc = err
             self._usable = False  # the owner closes it; nothing more is sent on it
-        if row is None:
-            self._committed = None  # nothing claimed: no commit to tell of
         if reply is not None:
-            self._call(reply, row, exc)
+            committed = self._call(reply, row, exc)
+            if row is not None:  # nothing claimed: no commit to tell of
+                self._committed = committed
 
     def _commit_error(self) -> BaseException | None:
         """An error the server sent with the Sync (the commit failed), if any."""
@@ -318,14 +318,15 @@ class FastClaimer:
         if done is not None and not done.done():
             done.set_result(None)
 
-    def _call(self, fn: Callable[..., None], *args: Any) -> None:
+    def _call(self, fn: Callable[..., Committed | None], *args: Any) -> Committed | None:
         """A callback of the owner's, from the event loop: its bug is not the loop's."""
         try:
-            fn(*args)
+            return fn(*args)
         except Exception as err:
             logger.bind(action="fast_claim_failed").opt(exception=err).error(
                 f"the fast claim's reply could not be handled: {type(err).__name__}"
             )
+            return None
 
     def _row(self, results: list[pq.abc.PGresult]) -> ClaimedRow | None:
         """The claimed row (None: nothing claimed), as psycopg would decode it."""

@@ -9,13 +9,17 @@ import json
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 from uuid import UUID
 
 from loguru import logger
+from psycopg_pool import AsyncConnectionPool
 
 from listener import dal, db
 from listener.jobs import JOB_TYPES
 from listener.listen import ListenService, Notify, probe_of
+
+Report = Callable[[BaseException, str], None]
 
 __all__ = [
     "MAX_PAYLOAD",
@@ -23,6 +27,7 @@ __all__ = [
     "Listener",
     "Nudge",
     "parse_payload",
+    "probe_through",
 ]
 
 
@@ -84,6 +89,20 @@ def parse_payload(payload: str) -> Nudge:
     if raw_id is not None and not isinstance(raw_id, str):
         raise ValueError("id is not a string")
     return Nudge(table=table, job_id=UUID(raw_id) if raw_id else None, paused=paused)
+
+
+def probe_through(pool: AsyncConnectionPool[Any], report: Report) -> Notify:
+    """The LISTEN service's probe, sent through the pool like any job's
+    notification (a failure reported as the `probe` duty's)."""
+
+    async def notify(channel: str, payload: str) -> None:
+        try:
+            await dal.NOTIFY.run(pool, {"channel": channel, "payload": payload})
+        except Exception as exc:
+            report(exc, "probe")
+            raise
+
+    return notify
 
 
 class Listener:

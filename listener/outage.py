@@ -13,8 +13,9 @@ exception means:
   help; show it.
 
 `Health` logs the transitions between those states for one resource, once each
-(graphile-worker #224: transitions, not every retry); `AwayRetry` retries a
-write while the database is away or busy; `Backoff` spaces the attempts.
+(graphile-worker #224: transitions, not every retry); `Reporter` turns a
+failed duty into a transition or an error; `AwayRetry` retries a write while
+the database is away or busy; `Backoff` spaces the attempts.
 """
 
 from __future__ import annotations
@@ -32,7 +33,15 @@ from loguru import logger
 from psycopg import errors as pg_errors
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
-from listener.errors import AiJobsError, DatabaseBusy, DatabaseUnavailable, translate
+from listener.errors import (
+    AiJobsError,
+    DatabaseBusy,
+    DatabaseUnavailable,
+    HasSecrets,
+    error_text,
+    scrub,
+    translate,
+)
 
 T = TypeVar("T")
 
@@ -178,6 +187,35 @@ class Health:
         action = f"{self.what}_{_ACTIONS.get(state, state)}"
         self._log.bind(action=action, **fields).log(level, f"{self.what}: {message}")
         return True
+
+
+class Reporter:
+    """What a failed duty (a claim, a heartbeat, a sweep, a release) means: the
+    database away or busy is a health transition (logged once, and, away, the
+    pool's other connections replaced); anything else is an error to show
+    (unless `quiet`: the same duty failing again)."""
+
+    def __init__(self, health: Health, secrets: HasSecrets) -> None:
+        self.health = health
+        self.secrets = secrets  # hidden in the error's text
+
+    def __call__(self, exc: BaseException, what: str, quiet: bool = False) -> None:
+        if not self.health.down(exc).transient and not quiet:
+            logger.bind(action="duty_failed", duty=what).error(
+                f"{what} failed: {scrub(error_text(exc), self.secrets)}"
+            )
+
+
+async def every(
+    interval: float, fn: Callable[[], Awaitable[Any]], name: str, report: Reporter
+) -> None:
+    """Run a periodic duty for ever, each failure reported."""
+    while True:
+        await asyncio.sleep(interval)
+        try:
+            await fn()
+        except Exception as exc:
+            report(exc, name)
 
 
 class AwayRetry:

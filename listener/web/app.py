@@ -43,6 +43,7 @@ from starlette.routing import Route
 
 from listener import dal, db, ops, registry
 from listener.errors import AiJobsError, InvalidJob, JobBusy, JobNotFound, translate
+from listener.medic import PoolMedic
 from listener.settings import Settings
 from listener.storage import Storage, open_storage
 from listener.web import metrics, views
@@ -101,7 +102,7 @@ class Dashboard:
         self.pool: db.WorkPool = db.make_pool(
             dsn, 4, app="ai-jobs web", prepare=settings.listen_mode == "listen"
         )
-        self.medic = db.PoolMedic(self.pool)  # dead connections replaced after an outage
+        self.medic = PoolMedic(self.pool)  # dead connections replaced after an outage
         self.alert_cache = views.AlertCache(settings)
         self.feed = LiveFeed(
             dsn,

@@ -65,15 +65,15 @@ async def test_a_notified_job_is_claimed_by_its_id_without_a_claim_round(db_url:
     handlers = {"ai_course_jobs": ran, "ai_media_jobs": ran}
     async with running_worker(settings(db_url), handlers) as w:
         await await_until(lambda: _true(w.settled), what="an idle worker")
-        rounds, fast = w.claim_rounds, w.fast_claims
+        rounds, fast = w.producer.claim_rounds, w.fast.started
         with connect(db_url) as c:
             course = insert_course(c, "Fast", params={"language": "en"})
             await await_until(_done(db_url, course), what="the course job done")
             media = insert_media(c, "a dog")
             await await_until(_done(db_url, media, "ai_media_jobs"), what="the media job done")
             course_row = job(c, course)
-        assert w.fast_claims == fast + 2
-        assert w.claim_rounds == rounds  # the claim loop sent nothing
+        assert w.fast.started == fast + 2
+        assert w.producer.claim_rounds == rounds  # the claim loop sent nothing
     assert ran.ids() == [course, media] and not ran.twice
     # The columns the handlers read, and only those.
     assert ran.jobs[0].row == {
@@ -109,10 +109,10 @@ async def test_a_forged_notification_runs_nothing_and_loses_nothing(db_url: str)
         with connect(db_url) as c:
             before = {jid: job(c, jid) for jid in (done, cancelled, backoff, spent, held)}
             media_before = job(c, media, "ai_media_jobs")
-        fast = w.fast_claims
+        fast = w.fast.started
         for jid in forged:  # one at a time, each to an idle worker: each takes the fast path
             await _notify_and_settle(db_url, w, {"table": "ai_course_jobs", "id": jid})
-        assert ran.jobs == [] and w.fast_claims == fast
+        assert ran.jobs == [] and w.fast.started == fast
         with connect(db_url) as c:
             assert {jid: job(c, jid) for jid in before} == before  # not one column changed
             assert job(c, media, "ai_media_jobs") == media_before
@@ -149,25 +149,25 @@ async def test_no_fast_claim_in_a_held_or_paused_table(db_url: str) -> None:
         await await_until(lambda: _true(w.settled), what="an idle worker")
         with connect(db_url) as c:
             first = insert_course(c, "First")
-        await await_until(lambda: _true("ai_course_jobs" in w.executor.holds), what="the hold")
+        await await_until(lambda: _true("ai_course_jobs" in w.executor.cooldowns), what="the hold")
         await await_until(lambda: _true(w.settled), what="an idle worker")
-        claims, heard = w.claims_by_table["ai_course_jobs"], w.notifications
+        claims, heard = w.producer.claims_by_table["ai_course_jobs"], w.notifications
         with connect(db_url) as c:
             later = insert_course(c, "Later")
         await await_until(lambda: _true(w.settled and w.notifications > heard), what="settled")
         with connect(db_url) as c:
             assert job(c, later)["status"] == "pending"
-        assert deferred == [first] and w.claims_by_table["ai_course_jobs"] == claims
+        assert deferred == [first] and w.producer.claims_by_table["ai_course_jobs"] == claims
         # Paused: the fast claim finds nothing (claim_due_job refuses the table).
         heard = w.notifications
         with connect(db_url) as c:
             c.execute("select pause_jobs('ai_media_jobs')")
         await await_until(lambda: _true(w.settled and w.notifications > heard), what="paused")
-        fast, heard = w.fast_claims, w.notifications
+        fast, heard = w.fast.started, w.notifications
         with connect(db_url) as c:
             picture = insert_media(c)
         await await_until(lambda: _true(w.settled and w.notifications > heard), what="settled")
-        assert w.fast_claims == fast
+        assert w.fast.started == fast
         with connect(db_url) as c:
             assert job(c, picture, "ai_media_jobs")["status"] == "pending"
             c.execute("select resume_jobs('ai_media_jobs')")
@@ -180,7 +180,7 @@ async def test_a_burst_of_named_notifications_is_claimed_in_batches(db_url: str)
     s = settings(db_url, worker_concurrency=10)
     async with running_worker(s, {"ai_course_jobs": ran}) as w:
         await await_until(lambda: _true(w.settled), what="an idle worker")
-        queries, fast = w.claim_queries, w.fast_claims
+        queries, fast = w.claim_queries, w.fast.started
         with connect(db_url) as c:
             ids = _quiet_insert(c, 100)
             with c.transaction():  # 100 notifications at one commit, each naming its job
@@ -200,7 +200,7 @@ async def test_a_burst_of_named_notifications_is_claimed_in_batches(db_url: str)
         await await_until(all_done, what="all 100 done", timeout=30)
     assert sorted(ran.ids()) == sorted(ids) and not ran.twice
     # One fast claim for the first, the rest in claim rounds of many jobs each.
-    assert w.fast_claims - fast <= 3
+    assert w.fast.started - fast <= 3
     assert w.claim_queries - queries <= 25
 
 
@@ -221,7 +221,7 @@ async def test_a_fast_claim_under_way_at_shutdown_gives_its_job_back(db_url: str
             await await_until(_claim_waits_on_a_lock(db_url), what="the fast claim waiting")
             w.request_stop()  # while the claim is under way; then the lock goes
     assert ran.jobs == []  # never started: claimed after the stop, then given back
-    assert w.fast_claims == 1
+    assert w.fast.started == 1
     with connect(db_url) as c:
         row = job(c, jid)
     assert row["status"] == "pending" and row["worker_id"] is None and row["retry_count"] == 0
@@ -266,13 +266,13 @@ async def test_a_job_whose_fast_claim_is_not_committed_is_stopped_and_runs_again
     quiet = settings(db_url, heartbeat_interval_seconds=60)
     async with running_worker(quiet, {"ai_course_jobs": handler}) as w:
         await await_until(lambda: _true(w.settled), what="an idle worker")
-        fast = w.fast_claims
+        fast = w.fast.started
         with connect(db_url) as gate:
             gate.execute("select pg_advisory_lock(7)")  # every claim's commit waits
             with connect(db_url) as c:
                 jid = insert_course(c, "Refused once")
             await asyncio.wait_for(first.wait(), 10)  # started on the row, before the commit
-            assert w.fast_claims == fast + 1
+            assert w.fast.started == fast + 1
             with connect(db_url) as c:
                 assert job(c, jid)["status"] == "pending"
             gate.execute("select pg_advisory_unlock(7)")  # the commit: refused
@@ -284,7 +284,7 @@ async def test_a_job_whose_fast_claim_is_not_committed_is_stopped_and_runs_again
                 await await_until(lambda: _true(w.settled), what="an idle worker")
                 later = insert_course(c, subject)
                 await await_until(_done(db_url, later), what=f"{subject!r} done")
-        assert w.fast_claims == fast + 2
+        assert w.fast.started == fast + 2
     assert events == ["start", "stopped", "start", "end", "start", "end", "start", "end"]
     with connect(db_url) as c:
         row = job(c, jid)
@@ -310,13 +310,13 @@ async def test_a_job_that_ends_before_its_claim_is_committed_is_written_after_it
     async with running_worker(quiet, {"ai_course_jobs": handler}) as w:
         for subject in ("Returns", "Raises"):
             await await_until(lambda: _true(w.settled), what="an idle worker")
-            fast = w.fast_claims
+            fast = w.fast.started
             with connect(db_url) as gate:
                 gate.execute("select pg_advisory_lock(7)")  # the claim's commit waits
                 with connect(db_url) as c:
                     jid = insert_course(c, subject)
                 await await_until(_among(subject, ended), what="the handler's end")
-                assert w.fast_claims == fast + 1
+                assert w.fast.started == fast + 1
                 with connect(db_url) as c:
                     assert job(c, jid)["status"] == "pending"  # not yet committed
                 gate.execute("select pg_advisory_unlock(7)")

@@ -240,9 +240,12 @@ async def _held_claim(
     ends: list[Any] = []
     with connect(db_url) as gate:
         gate.execute("select pg_advisory_lock(7)")
-        claimer.claim(
-            "ai_course_jobs", uuid.UUID(jid), lambda r, e: rows.append((r, e)), ends.append
-        )
+
+        def reply(r: Any, e: Any) -> Any:
+            rows.append((r, e))
+            return ends.append
+
+        claimer.claim("ai_course_jobs", uuid.UUID(jid), reply)
         await await_until(lambda: _true(rows), what="the claim's row")
         row, exc = rows[0]
         assert exc is None and row is not None and row["id"] == uuid.UUID(jid)

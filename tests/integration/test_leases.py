@@ -14,7 +14,7 @@ from psycopg_pool import AsyncConnectionPool
 
 from listener import dal, db
 from listener.jobs import Job, Outcome
-from listener.leases import LeaseKeeper, Running
+from listener.leases import LeaseKeeper
 from listener.outage import AwayRetry, Health
 from tests.helpers import connect, insert_course, job
 
@@ -53,7 +53,7 @@ def running(leases: LeaseKeeper, j: Job) -> asyncio.Task[Outcome | None]:
         return None
 
     task = asyncio.create_task(forever())
-    leases.running[j.id] = Running(j, task)
+    leases.track(j, task)
     return task
 
 

@@ -1,4 +1,4 @@
-"""db.PoolMedic through a fault-injecting proxy (tests/faultproxy.py): a heal
+"""PoolMedic through a fault-injecting proxy (tests/faultproxy.py): a heal
 replaces the idle connections, and a connection in use that went half-open (its
 caller waiting on a reply that will never come) is shut down so that the caller
 fails now and retries, while a query the server is still running is left alone."""
@@ -14,6 +14,7 @@ import psycopg
 import pytest
 
 from listener import db
+from listener.medic import PoolMedic
 from tests.faultproxy import FaultProxy
 from tests.helpers import aconnect, await_until
 
@@ -36,7 +37,7 @@ async def _query(pool: db.WorkPool, statement: str) -> Any:
 async def test_a_query_stuck_on_a_half_open_connection_fails_and_is_retried(
     pool: db.WorkPool, proxy: FaultProxy
 ) -> None:
-    medic = db.PoolMedic(pool)
+    medic = PoolMedic(pool)
     await _query(pool, "select 1")  # a connection to lose
     async with pool.connection() as conn:
         proxy.blackhole()  # this connection: the query goes out, nothing comes back
@@ -55,7 +56,7 @@ async def test_a_query_stuck_on_a_half_open_connection_fails_and_is_retried(
 async def test_a_long_query_on_a_working_connection_is_left_alone(
     pool: db.WorkPool, db_url: str
 ) -> None:
-    medic = db.PoolMedic(pool)
+    medic = PoolMedic(pool)
     long = asyncio.create_task(_query(pool, "select pg_sleep(2) is null as slept"))
     async with await aconnect(db_url) as c:  # ... waiting for its reply while the server runs it
 
@@ -78,7 +79,7 @@ async def test_stuck_connections_are_found_when_none_is_left_to_lend(
     pool = db.make_pool(proxy.url(db_url), 2)  # at most two
     await pool.open(wait=True)
     try:
-        medic = db.PoolMedic(pool)
+        medic = PoolMedic(pool)
         a, b = await pool.getconn(), await pool.getconn()
         proxy.blackhole()
         stuck = [asyncio.create_task(c.execute("select 'lost'")) for c in (a, b)]

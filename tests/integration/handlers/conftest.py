@@ -14,7 +14,7 @@ import pytest
 from loguru import logger
 from psycopg_pool import AsyncConnectionPool
 
-from listener import db, ops
+from listener import dal, db, ops
 from listener.jobs import Job
 from listener.settings import Settings
 from tests import fakeai, fakesupabase
@@ -70,7 +70,7 @@ def make_settings(tmp_path: Path, fake: FakeAI) -> MakeSettings:
 
 
 async def claim(conn: Conn, table: str, job_id: UUID) -> Job:
-    rows = await db.fetch(conn, "claim_job", {"table": table, "id": job_id, "worker": "test"})
+    rows = await dal.fetch(conn, "claim_job", {"table": table, "id": job_id, "worker": "test"})
     assert rows, f"job {job_id} could not be claimed"
     return Job.from_claim(rows[0])
 

@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 from psycopg_pool import AsyncConnectionPool
 
-from listener import db
+from listener import dal, db
 from listener.catalog import CATALOG_PATH
 from listener.course_schema import Course
 from listener.handlers import create_runtime
@@ -151,7 +151,7 @@ async def test_a_missing_cached_file_means_a_fresh_generation(
     await rt.aclose()
     assert out.metrics["cacheHit"] is False and fake.count("openai") == 2
     assert (s.storage_root / (out.result_path or "")).exists()
-    rows = await db.fetch(conn, "catalog_rows")
+    rows = await dal.fetch(conn, "catalog_rows")
     assert [(r["course_id"], r["job_id"]) for r in rows] == [("sailing", job.id)]
 
 
