@@ -22,7 +22,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import re
 import secrets
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
@@ -47,51 +46,18 @@ from listener.medic import PoolMedic
 from listener.settings import Settings
 from listener.storage import Storage, open_storage
 from listener.web import metrics, views
+from listener.web.actions import Actions
 from listener.web.auth import Auth, Principal, origin_refusal
 from listener.web.live import LiveFeed
+from listener.web.pages import Pages
+from listener.web.responses import PAGE, harden, safe_next, wants_html, wants_json
 from listener.web.throttle import Throttle
 
 SSE_KEEPALIVE_SECONDS = 15.0
-PAGE = "/admin/jobs"
 _STATUS = {JobNotFound: 404, JobBusy: 409, InvalidJob: 400}
 _CHALLENGE = {"WWW-Authenticate": 'Bearer realm="ai-jobs"'}
-# Where a sign-in or a plain form post may lead: our own pages only.
-_OWN_PAGE = re.compile(
-    r"^/admin/(jobs(/[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12})?|overview)"
-    r"(\?[A-Za-z0-9_=&%.~+:-]*)?$"
-)
 
 Handler = Callable[[Request, Principal], Awaitable[Response]]
-
-
-def harden(response: Response, nonce: str | None = None) -> Response:
-    """Headers for every dashboard response: no caching, no framing, no outside
-    resources; inline style and script only with this response's nonce; images,
-    audio, scripts and styles from this site only."""
-    src = f"'nonce-{nonce}'" if nonce else "'none'"
-    response.headers["Content-Security-Policy"] = (
-        f"default-src 'none'; style-src {src}; script-src {src}; connect-src 'self'; "
-        "img-src 'self' data:; media-src 'self'; form-action 'self'; frame-ancestors 'none'; "
-        "base-uri 'none'"
-    )
-    response.headers["Cache-Control"] = "no-store"
-    response.headers["X-Content-Type-Options"] = "nosniff"
-    response.headers["X-Frame-Options"] = "DENY"
-    response.headers["Referrer-Policy"] = "same-origin"
-    return response
-
-
-def wants_json(request: Request) -> bool:
-    return "application/json" in request.headers.get("accept", "")
-
-
-def wants_html(request: Request) -> bool:
-    return "text/html" in request.headers.get("accept", "")
-
-
-def safe_next(value: Any) -> str:
-    """Only our own pages, never an open redirect."""
-    return value if isinstance(value, str) and _OWN_PAGE.match(value) else PAGE
 
 
 class Dashboard:
@@ -299,9 +265,6 @@ async def _to_page(request: Request) -> Response:
 
 
 def create_app(settings: Settings, dsn: str, admin_token: str) -> Starlette:
-    from listener.web.actions import Actions
-    from listener.web.pages import Pages
-
     d = Dashboard(settings, dsn, admin_token)
     p, a = Pages(d), Actions(d)
     g = d.guarded
@@ -330,10 +293,3 @@ def create_app(settings: Settings, dsn: str, admin_token: str) -> Starlette:
     app = Starlette(routes=routes, lifespan=d.lifespan)
     app.state.dashboard = d
     return app
-
-
-async def serve(settings: Settings, host: str = "0.0.0.0", port: int | None = None) -> None:
-    """`ai-jobs web` (see server.py); here too for callers that embed the dashboard."""
-    from listener.web.server import serve as run
-
-    await run(settings, host=host, port=port)
