@@ -14,7 +14,7 @@ from typing import Any
 from loguru import logger
 from pydantic import ValidationError
 
-from listener.catalog import Catalog
+from listener.catalog import Catalog, CourseCache
 from listener.course_schema import SCHEMA_VERSION, Course, CourseParams
 from listener.errors import InvalidJob
 from listener.jobs import Job, Outcome
@@ -63,12 +63,14 @@ class CourseHandler:
         chain: Chain,
         storage: Storage,
         catalog: Catalog,
+        cache: CourseCache,
     ) -> None:
         self.settings = settings
         self.providers = providers
         self.chain = chain
         self.storage = storage
         self.catalog = catalog
+        self.cache = cache
         self.cache_hits = 0
 
     async def __call__(self, job: Job) -> Outcome:
@@ -134,7 +136,7 @@ class CourseHandler:
 
     async def _from_cache(self, job: Job, subject: str, course_id: str, key: str) -> Outcome | None:
         t0 = time.perf_counter()
-        row = await self.catalog.cached(key, self.settings.cache_ttl_seconds)
+        row = await self.cache.lookup(key, self.settings.cache_ttl_seconds)
         if row is None:
             return None
         data = await self.storage.read(row["result_path"])

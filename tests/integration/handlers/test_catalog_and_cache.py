@@ -50,7 +50,7 @@ async def test_fifty_jobs_finishing_at_once_all_reach_the_catalog(
     outs = await asyncio.gather(
         *(runtimes[n % 3].handlers["ai_course_jobs"](job) for n, job in enumerate(jobs))
     )
-    renders = sum(rt.catalog.renders for rt in runtimes)
+    renders = sum(rt.catalog.renderer.renders for rt in runtimes)
     assert 0 < renders <= 50 // 7 + 3  # batched: about once per 7 courses per process
     for rt in runtimes:
         await rt.aclose()  # the last partial batch of each
