@@ -14,7 +14,7 @@ $(VENV)/.installed: pyproject.toml
 
 .PHONY: help
 help: ## list the targets
-	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-8s %s\n", $$1, $$2}'
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
 
 .PHONY: install
 install: $(VENV)/.installed ## make the virtualenv and install the package with its test tools
@@ -27,10 +27,14 @@ demo: $(VENV)/.installed ## run the demo on embedded PostgreSQL (ARGS=--serve ke
 test: $(VENV)/.installed ## run the whole test suite against a real PostgreSQL
 	$(PY) -m pytest $(ARGS)
 
+.PHONY: test-fast
+test-fast: $(VENV)/.installed ## the suite without the slow end-to-end tests (about 2 minutes)
+	$(PY) -m pytest -m "not slow" $(ARGS)
+
 .PHONY: lint
 lint: $(VENV)/.installed ## ruff check and format check
 	$(VENV)/bin/ruff check listener tests bench
-	$(VENV)/bin/ruff format --check listener
+	$(VENV)/bin/ruff format --check listener tests bench
 
 .PHONY: types
 types: $(VENV)/.installed ## mypy: the package strict, tests and bench with looser settings

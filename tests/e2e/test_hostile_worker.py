@@ -16,7 +16,6 @@ import pytest
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 from listener.notifications import parse_payload
-from tests import fakeai
 from tests.fakeai import FakeAI
 from tests.helpers import AI_JOBS, connect, env, job, wait_until
 from tests.supabase import as_anon, as_user
@@ -170,12 +169,6 @@ def test_a_course_made_by_another_user_is_never_overwritten(supabase_db_url: str
     finally:
         w.signal(signal.SIGTERM)
         assert w.wait() == 0
-
-
-@pytest.fixture
-def fake() -> Any:
-    with fakeai.running() as f:
-        yield f
 
 
 def test_secrets_echoed_by_a_provider_reach_neither_the_job_nor_the_log(

@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 from psycopg_pool import AsyncConnectionPool
 
-from listener import dal, db
+from listener import dal
 from listener.completer import Completer
 from listener.errors import InvalidJob, ProvidersUnavailable
 from listener.executor import Executor
@@ -42,14 +42,6 @@ class Rig:
             pool, {"table": "ai_course_jobs", "worker": "exec-test", "n": 1}
         )
         return Job.from_claim(rows[0])
-
-
-@pytest.fixture
-async def pool(db_url: str) -> AsyncIterator[AsyncConnectionPool[Any]]:
-    p = db.make_pool(db_url, 3)
-    await p.open(wait=True)
-    yield p
-    await p.close()
 
 
 @pytest.fixture

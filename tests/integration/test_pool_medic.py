@@ -22,7 +22,8 @@ pytestmark = pytest.mark.timeout(60)
 
 
 @pytest.fixture
-async def pool(proxy: FaultProxy, db_url: str) -> AsyncIterator[db.WorkPool]:
+async def proxied_pool(proxy: FaultProxy, db_url: str) -> AsyncIterator[db.WorkPool]:
+    """A work pool whose connections go through the fault proxy."""
     p = db.make_pool(proxy.url(db_url), 4)
     await p.open(wait=True)
     yield p
@@ -35,11 +36,11 @@ async def _query(pool: db.WorkPool, statement: str) -> Any:
 
 
 async def test_a_query_stuck_on_a_half_open_connection_fails_and_is_retried(
-    pool: db.WorkPool, proxy: FaultProxy
+    proxied_pool: db.WorkPool, proxy: FaultProxy
 ) -> None:
-    medic = PoolMedic(pool)
-    await _query(pool, "select 1")  # a connection to lose
-    async with pool.connection() as conn:
+    medic = PoolMedic(proxied_pool)
+    await _query(proxied_pool, "select 1")  # a connection to lose
+    async with proxied_pool.connection() as conn:
         proxy.blackhole()  # this connection: the query goes out, nothing comes back
         stuck = asyncio.create_task(conn.execute("select 'lost'"))
         done, _ = await asyncio.wait({stuck}, timeout=1.0)
@@ -50,14 +51,14 @@ async def test_a_query_stuck_on_a_half_open_connection_fails_and_is_retried(
             await asyncio.wait_for(stuck, 10)
         assert time.monotonic() - t0 < 3 * medic.STUCK_AFTER + 2
     assert medic.unstuck == 1
-    assert await _query(pool, "select 'again' as v") == {"v": "again"}  # a fresh connection
+    assert await _query(proxied_pool, "select 'again' as v") == {"v": "again"}  # a fresh connection
 
 
 async def test_a_long_query_on_a_working_connection_is_left_alone(
-    pool: db.WorkPool, db_url: str
+    proxied_pool: db.WorkPool, db_url: str
 ) -> None:
-    medic = PoolMedic(pool)
-    long = asyncio.create_task(_query(pool, "select pg_sleep(2) is null as slept"))
+    medic = PoolMedic(proxied_pool)
+    long = asyncio.create_task(_query(proxied_pool, "select pg_sleep(2) is null as slept"))
     async with await aconnect(db_url) as c:  # ... waiting for its reply while the server runs it
 
         async def running() -> bool:
