@@ -1,43 +1,13 @@
-"""The worker's fast claim on the wire: the claim of a notified job, sent the
-moment its notification is read, and its reply read by the event loop's reader
-callback, on one connection of the pool kept for it.
-
-Through psycopg's awaitable `execute` the same claim costs the path a task to
-run it, a loop iteration before that task runs, the cursor's machinery, and a
-loop iteration between the reply's arrival and the task that reads it: on an
-idle worker, whose code is cold after the quiet between two jobs, about a tenth
-of a millisecond (docs/benchmarks.md). Here the claim is libpq's asynchronous
-calls on the pool connection's own `PGconn`: `send_query_prepared` from the
-caller (the listener's callback), `consume_input` / `get_result` from the reader
-callback, and the reply's row decoded by psycopg's `Transformer`, as `execute`
-would decode it.
-
-The job starts on the claim's row, before its commit is durable: the claim
-goes out as one pipeline (the prepared claim, a Flush, a Sync) in one write, so
-the server sends the row as soon as the UPDATE has run, then commits at the
-Sync, flushing the WAL while the handler starts (on a local disk about a tenth
-of a millisecond: most of what a claim's round trip costs, docs/benchmarks.md).
-Until that commit the row stays locked by the claim's transaction: no other
-worker can claim it, and a write with the claim's token (a fast handler's
-completion, a heartbeat) waits for the commit and then finds the token. The
-owner hears of the commit through a second callback; a commit that fails or
-whose answer never comes (the server crashed, the connection dropped) is
-reported there, and the owner stops the job before the handler has written
-anything and releases it (a claim that did commit goes back to pending; one that
-did not commit changed nothing).
-
-One claim at a time, on a connection no one else uses while it is kept here: it
-is checked out of the pool by `open()` and given back by `close()`, and psycopg
-never sees a query under way on it (nor the pipeline mode, left after each
-claim). `close()` with a claim under way (one waiting on a table's lock, at
-shutdown) cancels it and still reads its reply, so that a job claimed meanwhile
-reaches its owner and is not left `processing` for nobody. Any error fails the
-claim and retires the connection: the owner closes the claimer, and opens it
-again when it wants the fast path back. A reply that never comes (a half-open
-connection) is found by the pool medic like any other: the connection waits on
-a reply (libpq says ACTIVE) while its backend sits idle; the medic shuts its
-socket down and the claim fails here.
-"""
+"""The fast claim on the wire: the claim of a notified job, sent with libpq's
+asynchronous calls on one pool connection kept for it (the statement prepared
+once per opening, under a name of its own), and its reply read by the event
+loop's reader callback and decoded by psycopg's Transformer, with no task or
+cursor in between. The claim goes out as one pipeline (the prepared claim, a
+Flush, a Sync), so its row arrives before its commit, which its owner hears of
+through a second callback. One claim at a time; any error retires the
+connection; close() with a claim under way cancels it and still reads its reply.
+docs/design.md, "The notified job, claimed at once", says why and what each
+case does."""
 
 from __future__ import annotations
 

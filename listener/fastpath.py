@@ -4,8 +4,8 @@ is claimed by its id at once on the fast claimer's kept connection
 (fastclaim.py: the claim on the wire), from the listener's callback; the job
 starts from the reply's callback, on the claim's row, before the claim's commit
 has ended. Anything else (a burst, a busy worker, a claim that finds nothing)
-is the claim loop's. docs/design.md, "The fast path", says why and what it
-costs."""
+is the claim loop's. docs/design.md, "The notified job, claimed at once",
+says why and what it costs."""
 
 from __future__ import annotations
 

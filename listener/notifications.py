@@ -44,7 +44,7 @@ class Nudge:
     probe: str | None = None  # a LISTEN service's probe: its sender, never a reason to look
 
 
-# The largest payload of INTERFACE.md's shapes is about 80 characters; anything
+# The largest payload of the documented shapes is about 80 characters; anything
 # much longer is not ours, and is refused before json.loads sees it (any role can
 # NOTIFY the channel, and a few thousand nested brackets exhaust the parser).
 MAX_PAYLOAD = 512
@@ -55,7 +55,7 @@ SWEEP_NUDGE_SPACING = 1.0
 
 def parse_payload(payload: str) -> Nudge:
     """Raise ValueError with a reason for anything that is not one of the shapes
-    of INTERFACE.md (empty, a job uuid, or {"table": ..., "id"?: ...}) or of the
+    of docs/reference.md (empty, a job uuid, or {"table": ..., "id"?: ...}) or of the
     database's own cancel_job ({"cancel": ..., "table": ...}) and pause_jobs /
     resume_jobs ({"table": ..., "paused": ...}), or a probe ({"probe": "<sender>",
     "n": k}, see listener/listen.py)."""

@@ -1,7 +1,7 @@
 """How far ahead of its free slots a worker claims: in proportion to the share
 of a slot's cycle spent waiting on the claim's round trip, so that jobs shorter
 than a round trip come in batches and a generation is never claimed ahead
-(docs/design.md, "Claiming ahead")."""
+(docs/design.md, "Claiming ahead, for short jobs only")."""
 
 from __future__ import annotations
 

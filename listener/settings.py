@@ -1,4 +1,4 @@
-"""All configuration, read once from the environment (see INTERFACE.md, "Settings")."""
+"""All configuration, read once from the environment (docs/reference.md, "Settings")."""
 
 from __future__ import annotations
 

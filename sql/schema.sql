@@ -6,7 +6,7 @@
 -- DO NOT EDIT: change the schema with a new migration in sql/ or triggers/, then
 -- run `make schema`. The migrations remain the source of truth: `ai-jobs migrate`
 -- applies them, never this file, which is here to be read. A test fails while it
--- is out of date.
+-- is out of date. Each function says which migration last defined it.
 
 -- ============================================================================
 -- Tables
@@ -332,6 +332,7 @@ SELECT job_type,
 -- Functions
 -- ============================================================================
 
+-- last defined by sql/011_client_requests.sql
 CREATE OR REPLACE FUNCTION public.ai_course_jobs_defaults()
  RETURNS trigger
  LANGUAGE plpgsql
@@ -348,6 +349,7 @@ begin
 end
 $function$;
 
+-- last defined by sql/014_provider_breakers.sql
 CREATE OR REPLACE FUNCTION public.ai_job_add_usage(providers text[], models text[], calls bigint[], input_tokens bigint[], cached_input_tokens bigint[], output_tokens bigint[], costs numeric[])
  RETURNS void
  LANGUAGE sql
@@ -365,6 +367,7 @@ AS $function$
         updated_at = now()
 $function$;
 
+-- last defined by sql/011_client_requests.sql
 CREATE OR REPLACE FUNCTION public.ai_job_admit()
  RETURNS trigger
  LANGUAGE plpgsql
@@ -435,6 +438,7 @@ begin
 end
 $function$;
 
+-- last defined by sql/017_console.sql
 CREATE OR REPLACE FUNCTION public.ai_job_bulk(action text, table_name text, status text, provider text, user_id uuid, created_after timestamp with time zone, created_before timestamp with time zone, search text, dry_run boolean)
  RETURNS bigint
  LANGUAGE plpgsql
@@ -499,6 +503,7 @@ begin
 end
 $function$;
 
+-- last defined by sql/016_cancel_pause_attempts.sql
 CREATE OR REPLACE FUNCTION public.ai_job_cancel(job_id uuid, table_name text, only_user uuid)
  RETURNS text
  LANGUAGE plpgsql
@@ -536,6 +541,7 @@ begin
 end
 $function$;
 
+-- last defined by sql/016_cancel_pause_attempts.sql
 CREATE OR REPLACE FUNCTION public.ai_job_cancel_own(job_id uuid, table_name text)
  RETURNS text
  LANGUAGE plpgsql
@@ -553,6 +559,7 @@ begin
 end
 $function$;
 
+-- last defined by sql/011_client_requests.sql
 CREATE OR REPLACE FUNCTION public.ai_job_claim_course_id(wanted text, owner_id uuid, may_rename boolean)
  RETURNS text
  LANGUAGE plpgsql
@@ -584,6 +591,7 @@ begin
 end
 $function$;
 
+-- last defined by sql/015_budgets.sql
 CREATE OR REPLACE FUNCTION public.ai_job_enforce_budget()
  RETURNS trigger
  LANGUAGE plpgsql
@@ -611,6 +619,7 @@ begin
 end
 $function$;
 
+-- last defined by sql/003_functions.sql
 CREATE OR REPLACE FUNCTION public.ai_job_enforce_rate_limit()
  RETURNS trigger
  LANGUAGE plpgsql
@@ -635,6 +644,7 @@ begin
 end
 $function$;
 
+-- last defined by sql/017_console.sql
 CREATE OR REPLACE FUNCTION public.ai_job_filter_sql(t text, status text, provider text, user_id uuid, created_after timestamp with time zone, created_before timestamp with time zone, search text)
  RETURNS text
  LANGUAGE plpgsql
@@ -679,6 +689,7 @@ begin
 end
 $function$;
 
+-- last defined by sql/017_console.sql
 CREATE OR REPLACE FUNCTION public.ai_job_fold_counts()
  RETURNS bigint
  LANGUAGE sql
@@ -696,6 +707,7 @@ AS $function$
     select count(*) from d
 $function$;
 
+-- last defined by sql/014_provider_breakers.sql
 CREATE OR REPLACE FUNCTION public.ai_job_provider_failed(p_provider text, p_kind text, p_reason text, p_threshold integer, p_cooldown_seconds double precision, p_retry_after_seconds double precision DEFAULT NULL::double precision)
  RETURNS TABLE(provider text, consecutive_failures integer, open_until timestamp with time zone, cooldown_kind text, cooldown_reason text, probe_until timestamp with time zone, transition text)
  LANGUAGE plpgsql
@@ -747,6 +759,7 @@ begin
 end
 $function$;
 
+-- last defined by sql/014_provider_breakers.sql
 CREATE OR REPLACE FUNCTION public.ai_job_provider_probe(p_provider text, lease_seconds double precision)
  RETURNS TABLE(provider text, consecutive_failures integer, open_until timestamp with time zone, cooldown_kind text, cooldown_reason text, probe_until timestamp with time zone, probe boolean)
  LANGUAGE plpgsql
@@ -767,6 +780,7 @@ begin
 end
 $function$;
 
+-- last defined by sql/014_provider_breakers.sql
 CREATE OR REPLACE FUNCTION public.ai_job_provider_reset(p_provider text)
  RETURNS void
  LANGUAGE sql
@@ -777,6 +791,7 @@ AS $function$
     where provider = p_provider
 $function$;
 
+-- last defined by sql/014_provider_breakers.sql
 CREATE OR REPLACE FUNCTION public.ai_job_provider_succeeded(p_provider text)
  RETURNS TABLE(provider text, consecutive_failures integer, open_until timestamp with time zone, cooldown_kind text, cooldown_reason text, probe_until timestamp with time zone, transition text)
  LANGUAGE plpgsql
@@ -799,6 +814,7 @@ begin
 end
 $function$;
 
+-- last defined by sql/017_console.sql
 CREATE OR REPLACE FUNCTION public.ai_job_recount()
  RETURNS void
  LANGUAGE plpgsql
@@ -819,6 +835,7 @@ begin
 end
 $function$;
 
+-- last defined by sql/016_cancel_pause_attempts.sql
 CREATE OR REPLACE FUNCTION public.ai_job_set_paused(table_name text, pause boolean)
  RETURNS boolean
  LANGUAGE plpgsql
@@ -837,6 +854,7 @@ begin
 end
 $function$;
 
+-- last defined by sql/003_functions.sql
 CREATE OR REPLACE FUNCTION public.ai_job_slugify(subject text)
  RETURNS text
  LANGUAGE sql
@@ -848,6 +866,7 @@ AS $function$
         '[^a-z0-9]+', '-', 'g'), '-'), 80), ''), 'course')
 $function$;
 
+-- last defined by sql/017_console.sql
 CREATE OR REPLACE FUNCTION public.ai_job_status_counts()
  RETURNS TABLE(job_table text, status text, jobs bigint, avg_duration_seconds double precision)
  LANGUAGE sql
@@ -881,6 +900,7 @@ AS $function$
     select job_table, status, jobs, null::float8 from live where jobs <> 0
 $function$;
 
+-- last defined by sql/003_functions.sql
 CREATE OR REPLACE FUNCTION public.ai_job_table(table_name text)
  RETURNS text
  LANGUAGE plpgsql
@@ -896,12 +916,14 @@ begin
 end
 $function$;
 
+-- last defined by sql/003_functions.sql
 CREATE OR REPLACE FUNCTION public.ai_job_type(table_name text)
  RETURNS text
  LANGUAGE sql
  IMMUTABLE
 AS $function$ select case table_name when 'ai_course_jobs' then 'course' when 'ai_media_jobs' then 'media' end $function$;
 
+-- last defined by sql/003_functions.sql
 CREATE OR REPLACE FUNCTION public.ai_job_user_jobs_last_hour(user_id uuid, table_name text)
  RETURNS bigint
  LANGUAGE plpgsql
@@ -918,6 +940,7 @@ begin
 end
 $function$;
 
+-- last defined by sql/015_budgets.sql
 CREATE OR REPLACE FUNCTION public.ai_job_user_spend(user_id uuid, since timestamp with time zone)
  RETURNS numeric
  LANGUAGE sql
@@ -938,6 +961,7 @@ AS $function$
     ) j, ai_job_settings s
 $function$;
 
+-- last defined by sql/017_console.sql
 CREATE OR REPLACE FUNCTION public.ai_jobs_count_finished()
  RETURNS trigger
  LANGUAGE plpgsql
@@ -978,6 +1002,7 @@ begin
 end
 $function$;
 
+-- last defined by sql/017_console.sql
 CREATE OR REPLACE FUNCTION public.ai_jobs_count_truncated()
  RETURNS trigger
  LANGUAGE plpgsql
@@ -991,6 +1016,7 @@ begin
 end
 $function$;
 
+-- last defined by triggers/007_notify_ai_jobs_events.sql
 CREATE OR REPLACE FUNCTION public.ai_jobs_notify_events()
  RETURNS trigger
  LANGUAGE plpgsql
@@ -1012,6 +1038,7 @@ begin
 end
 $function$;
 
+-- last defined by triggers/005_notify_ai_jobs.sql
 CREATE OR REPLACE FUNCTION public.ai_jobs_notify_insert()
  RETURNS trigger
  LANGUAGE plpgsql
@@ -1030,6 +1057,7 @@ begin
 end
 $function$;
 
+-- last defined by triggers/005_notify_ai_jobs.sql
 CREATE OR REPLACE FUNCTION public.ai_jobs_notify_pending()
  RETURNS trigger
  LANGUAGE plpgsql
@@ -1040,6 +1068,7 @@ begin
 end
 $function$;
 
+-- last defined by sql/016_cancel_pause_attempts.sql
 CREATE OR REPLACE FUNCTION public.cancel_job(job_id uuid, table_name text)
  RETURNS text
  LANGUAGE plpgsql
@@ -1052,12 +1081,14 @@ begin
 end
 $function$;
 
+-- last defined by sql/017_console.sql
 CREATE OR REPLACE FUNCTION public.cancel_jobs(table_name text DEFAULT NULL::text, status text DEFAULT NULL::text, provider text DEFAULT NULL::text, user_id uuid DEFAULT NULL::uuid, created_after timestamp with time zone DEFAULT NULL::timestamp with time zone, created_before timestamp with time zone DEFAULT NULL::timestamp with time zone, search text DEFAULT NULL::text, dry_run boolean DEFAULT false)
  RETURNS bigint
  LANGUAGE sql
 AS $function$ select ai_job_bulk('cancel', table_name, status, provider, user_id, created_after,
                          created_before, search, dry_run) $function$;
 
+-- last defined by sql/003_functions.sql
 CREATE OR REPLACE FUNCTION public.check_ai_job_rate_limit(user_id uuid, table_name text DEFAULT 'ai_course_jobs'::text)
  RETURNS boolean
  LANGUAGE plpgsql
@@ -1072,6 +1103,7 @@ begin
 end
 $function$;
 
+-- last defined by sql/020_lean_drain.sql
 CREATE OR REPLACE FUNCTION public.claim_due_job(table_name text, job_id uuid, worker text)
  RETURNS TABLE(job_table text, id uuid, claim_token uuid, retry_count integer, max_retries integer, job jsonb)
  LANGUAGE plpgsql
@@ -1114,6 +1146,7 @@ begin
 end
 $function$;
 
+-- last defined by sql/020_lean_drain.sql
 CREATE OR REPLACE FUNCTION public.claim_job(table_name text, job_id uuid, worker text)
  RETURNS TABLE(job_table text, id uuid, claim_token uuid, retry_count integer, max_retries integer, job jsonb)
  LANGUAGE plpgsql
@@ -1143,6 +1176,7 @@ begin
 end
 $function$;
 
+-- last defined by sql/020_lean_drain.sql
 CREATE OR REPLACE FUNCTION public.claim_jobs(table_name text, worker text, max_jobs integer DEFAULT 1)
  RETURNS TABLE(job_table text, id uuid, claim_token uuid, retry_count integer, max_retries integer, job jsonb)
  LANGUAGE plpgsql
@@ -1197,6 +1231,7 @@ begin
 end
 $function$;
 
+-- last defined by sql/020_lean_drain.sql
 CREATE OR REPLACE FUNCTION public.complete_and_claim(table_name text, worker text, max_jobs integer, job_ids uuid[], tokens uuid[], result_paths text[], job_metrics jsonb[])
  RETURNS TABLE(kind text, job_table text, id uuid, claim_token uuid, retry_count integer, max_retries integer, job jsonb)
  LANGUAGE plpgsql
@@ -1268,6 +1303,7 @@ begin
 end
 $function$;
 
+-- last defined by sql/020_lean_drain.sql
 CREATE OR REPLACE FUNCTION public.complete_jobs(table_name text, job_ids uuid[], tokens uuid[], result_paths text[], job_metrics jsonb[])
  RETURNS SETOF uuid
  LANGUAGE plpgsql
@@ -1299,6 +1335,7 @@ begin
 end
 $function$;
 
+-- last defined by sql/016_cancel_pause_attempts.sql
 CREATE OR REPLACE FUNCTION public.defer_job(table_name text, job_id uuid, token uuid, wait_seconds double precision, reason text, max_wait_seconds double precision DEFAULT 1800)
  RETURNS TABLE(status text, retry_count integer, run_after timestamp with time zone, counted boolean)
  LANGUAGE plpgsql
@@ -1351,12 +1388,14 @@ begin
 end
 $function$;
 
+-- last defined by sql/017_console.sql
 CREATE OR REPLACE FUNCTION public.delete_jobs(table_name text DEFAULT NULL::text, status text DEFAULT NULL::text, provider text DEFAULT NULL::text, user_id uuid DEFAULT NULL::uuid, created_after timestamp with time zone DEFAULT NULL::timestamp with time zone, created_before timestamp with time zone DEFAULT NULL::timestamp with time zone, search text DEFAULT NULL::text, dry_run boolean DEFAULT false)
  RETURNS bigint
  LANGUAGE sql
 AS $function$ select ai_job_bulk('delete', table_name, status, provider, user_id, created_after,
                          created_before, search, dry_run) $function$;
 
+-- last defined by sql/016_cancel_pause_attempts.sql
 CREATE OR REPLACE FUNCTION public.fail_job(table_name text, job_id uuid, token uuid, error_message text, retry_base_seconds double precision DEFAULT 10, give_up boolean DEFAULT false)
  RETURNS TABLE(status text, retry_count integer, run_after timestamp with time zone)
  LANGUAGE plpgsql
@@ -1410,6 +1449,7 @@ begin
 end
 $function$;
 
+-- last defined by sql/017_console.sql
 CREATE OR REPLACE FUNCTION public.find_jobs(table_name text DEFAULT NULL::text, status text DEFAULT NULL::text, provider text DEFAULT NULL::text, user_id uuid DEFAULT NULL::uuid, created_after timestamp with time zone DEFAULT NULL::timestamp with time zone, created_before timestamp with time zone DEFAULT NULL::timestamp with time zone, search text DEFAULT NULL::text, cursor_created_at timestamp with time zone DEFAULT NULL::timestamp with time zone, cursor_id uuid DEFAULT NULL::uuid, page_size integer DEFAULT 50)
  RETURNS TABLE(job_table text, job_type text, id uuid, label text, job_status text, retry_count integer, max_retries integer, error text, created_by uuid, created_at timestamp with time zone, started_at timestamp with time zone, completed_at timestamp with time zone, duration_seconds double precision, job_provider text)
  LANGUAGE plpgsql
@@ -1450,6 +1490,7 @@ begin
 end
 $function$;
 
+-- last defined by sql/009_primary_key_lookups.sql
 CREATE OR REPLACE FUNCTION public.heartbeat_jobs(table_name text, job_ids uuid[], tokens uuid[])
  RETURNS SETOF uuid
  LANGUAGE plpgsql
@@ -1465,6 +1506,7 @@ begin
 end
 $function$;
 
+-- last defined by sql/003_functions.sql
 CREATE OR REPLACE FUNCTION public.mark_stale_jobs(stale_after interval DEFAULT '00:05:00'::interval)
  RETURNS TABLE(job_id uuid, job_type text, stale_duration interval)
  LANGUAGE plpgsql
@@ -1487,6 +1529,7 @@ begin
 end
 $function$;
 
+-- last defined by sql/003_functions.sql
 CREATE OR REPLACE FUNCTION public.move_to_dead_letter()
  RETURNS TABLE(job_id uuid, job_type text, retry_count integer)
  LANGUAGE plpgsql
@@ -1507,6 +1550,7 @@ begin
 end
 $function$;
 
+-- last defined by sql/016_cancel_pause_attempts.sql
 CREATE OR REPLACE FUNCTION public.next_job_due()
  RETURNS timestamp with time zone
  LANGUAGE sql
@@ -1527,11 +1571,13 @@ AS $function$
     ) due
 $function$;
 
+-- last defined by sql/016_cancel_pause_attempts.sql
 CREATE OR REPLACE FUNCTION public.pause_jobs(table_name text)
  RETURNS boolean
  LANGUAGE sql
 AS $function$ select ai_job_set_paused(table_name, true) $function$;
 
+-- last defined by sql/016_cancel_pause_attempts.sql
 CREATE OR REPLACE FUNCTION public.purge_old_jobs(older_than interval DEFAULT '90 days'::interval)
  RETURNS bigint
  LANGUAGE plpgsql
@@ -1553,6 +1599,7 @@ begin
 end
 $function$;
 
+-- last defined by sql/009_primary_key_lookups.sql
 CREATE OR REPLACE FUNCTION public.release_jobs(table_name text, job_ids uuid[], tokens uuid[])
  RETURNS SETOF uuid
  LANGUAGE plpgsql
@@ -1570,6 +1617,7 @@ begin
 end
 $function$;
 
+-- last defined by sql/003_functions.sql
 CREATE OR REPLACE FUNCTION public.requeue_job(job_id uuid, table_name text)
  RETURNS void
  LANGUAGE plpgsql
@@ -1595,12 +1643,14 @@ begin
 end
 $function$;
 
+-- last defined by sql/017_console.sql
 CREATE OR REPLACE FUNCTION public.requeue_jobs(table_name text DEFAULT NULL::text, status text DEFAULT NULL::text, provider text DEFAULT NULL::text, user_id uuid DEFAULT NULL::uuid, created_after timestamp with time zone DEFAULT NULL::timestamp with time zone, created_before timestamp with time zone DEFAULT NULL::timestamp with time zone, search text DEFAULT NULL::text, dry_run boolean DEFAULT false)
  RETURNS bigint
  LANGUAGE sql
 AS $function$ select ai_job_bulk('requeue', table_name, status, provider, user_id, created_after,
                          created_before, search, dry_run) $function$;
 
+-- last defined by sql/016_cancel_pause_attempts.sql
 CREATE OR REPLACE FUNCTION public.rescue_stale_jobs(max_jobs integer DEFAULT 100)
  RETURNS TABLE(job_id uuid, job_type text, status text)
  LANGUAGE plpgsql
@@ -1637,6 +1687,7 @@ begin
 end
 $function$;
 
+-- last defined by sql/016_cancel_pause_attempts.sql
 CREATE OR REPLACE FUNCTION public.resume_jobs(table_name text)
  RETURNS boolean
  LANGUAGE sql

@@ -2,7 +2,8 @@
 per CATALOG_BATCH_JOBS rows saved by this process, or CATALOG_BATCH_SECONDS
 after the first one not yet rendered, and once more at shutdown. In a worker a
 render runs beside the jobs, never holding one up, and takes at most a fifth of
-the process's time (docs/design.md, "The catalog")."""
+the process's time (docs/design.md, "A course's catalog row rides with its
+completion")."""
 
 from __future__ import annotations
 

@@ -6,7 +6,7 @@ same transaction), so it costs no commit of its own and a process that dies
 loses neither or both. A handler run without a worker saves its row itself
 before it returns, in batches. While the database is away, rows that did not
 ride with a completion stay in memory and the tick saves them once it is back
-(docs/design.md, "The catalog")."""
+(docs/design.md, "A course's catalog row rides with its completion")."""
 
 from __future__ import annotations
 
