@@ -109,7 +109,7 @@ class FastPath:
 
     async def shutdown(self) -> None:
         """A claim under way gets SHUTDOWN_WAIT_SECONDS, then is cancelled (its job,
-        if any, is then held and released with the others); the connection goes back."""
+        if any, is then ready and released with the others); the connection goes back."""
         await self.claimer.settle(SHUTDOWN_WAIT_SECONDS)
         if self._opening is not None:
             self._opening.cancel()

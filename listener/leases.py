@@ -277,7 +277,7 @@ class LeaseKeeper:
         """Give back the ready jobs that waited too long for a slot (for any idle
         worker); those it could not release stay ready."""
         if overdue := self.ready.overdue(now):
-            why = f"held {self.ready.limit:g}s without a free slot"
+            why = f"ready {self.ready.limit:g}s without a free slot"
             self.ready.add(await self.release(overdue, why, retry=False))
 
     async def wind_down(self, grace: float) -> list[Job]:
@@ -285,7 +285,7 @@ class LeaseKeeper:
         given `grace` seconds to end, then cancelled; returns the jobs that did
         not end (to release)."""
         if self.ready:  # never started: back to the queue at once, for other workers
-            self.ready.add(await self.release(self.ready.take_all(), "held", retry=False))
+            self.ready.add(await self.release(self.ready.take_all(), "ready", retry=False))
         tasks = [r.task for r in self._running.values()]
         if tasks:
             logger.bind(action="worker_draining").info(
