@@ -1,4 +1,4 @@
-"""A fake OpenAI + Anthropic API on 127.0.0.1 for the real SDKs to talk to.
+"""A fake OpenAI + Anthropic API for the real SDKs to talk to.
 
 Point OPENAI_BASE_URL at `fake.openai_url` and ANTHROPIC_BASE_URL at
 `fake.anthropic_url`. Each provider answers in the mode set in `fake.modes`:
@@ -19,11 +19,29 @@ Point OPENAI_BASE_URL at `fake.openai_url` and ANTHROPIC_BASE_URL at
   invalid       text that is not JSON, every time
   invalid_once  not JSON, then a valid course on the repair round
   wrong_schema  JSON that is not a course, every time
+  stall         a valid answer that stops after `fake.break_after` tokens and holds
+                the connection open (for idle timeouts); a client that hangs up is
+                recorded in `fake.abandoned`
+  cut           a valid answer whose connection closes after `fake.break_after`
+                tokens (a stream without its end; a body shorter than its length)
 
-Usage reports cached input tokens as the providers do: OpenAI when a request
-repeats a system prompt seen before (`prompt_tokens_details.cached_tokens`),
-Anthropic when its system block carries `cache_control` (written the first time,
-read afterwards).
+Error modes answer before any stream starts. Chat completions and messages stream
+when asked (`stream: true`), in the provider's server-sent events, at `fake.pace`
+(answers.Pace: time to first token, tokens per second, answer size); an answer not
+streamed arrives when its last token would have. Courses are in the requested
+shape: JSON text for OpenAI, the forced tool's input for Anthropic.
+
+Usage: with `fixed_usage` (the default) every answer reports 120 prompt / 800
+completion tokens (OpenAI) and 150 input / 700 output (Anthropic); otherwise usage
+is counted at 4 characters a token. Cached input is reported as the providers do:
+OpenAI when a request repeats a system prompt seen before
+(`prompt_tokens_details.cached_tokens`), Anthropic when its system block carries
+`cache_control` (written the first time, read afterwards).
+
+Quotas (quota.py): every provider answer carries the provider's rate-limit headers,
+and a request past `fake.limits` gets the provider's 429 with `retry-after`; each is
+recorded in `fake.limited`. GET /_fake/stats answers the counters as JSON, POST
+/_fake/reset zeroes them and refills the quotas.
 
 Routes: chat completions, messages, models list, image generation, speech. Every
 request is recorded (`fake.requests`, `fake.count(...)`). The same server records
@@ -41,18 +59,32 @@ import select
 import socket
 import threading
 import time
+from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from typing import Any
 
 from listener.providers.placeholder import placeholder_png, placeholder_wav
+from tests.fakeai.answers import (
+    CHARS_PER_TOKEN,
+    AnthropicStream,
+    OpenAIStream,
+    Pace,
+    course_from_prompt,
+    sized,
+    tokens,
+)
+from tests.fakeai.http import HTTPFake
+from tests.fakeai.quota import Limited, Limits, Quotas, limited_body, retry_headers
 
 FAKE_OPENAI_KEY = "sk-test-OPENAISECRET-0123456789abcdef"
 FAKE_ANTHROPIC_KEY = "sk-ant-test-ANTHROPICSECRET-0123456789"
 FAKE_IMAGE = placeholder_png("fake image")
 FAKE_MP3 = b"ID3\x04\x00\x00\x00\x00\x00\x00" + b"\xff\xfb\x90\x00" * 64
+DEFAULT_MODEL = {"openai": "gpt-4.1-mini", "anthropic": "claude-haiku-4-5"}
+GENERATE = ("/v1/chat/completions", "/v1/messages")
 
 
 @dataclass
@@ -65,77 +97,28 @@ class Recorded:
     mode: str = "valid"
 
 
-class QuietServer(ThreadingHTTPServer):
-    daemon_threads = True
-    block_on_close = False
+@dataclass
+class Reply:
+    """What the model produces: `text` (the content, the refusal or the tool's input
+    JSON) and how it ends."""
 
-    def handle_error(self, request: Any, client_address: Any) -> None:
-        pass  # a client that gave up (timeout test) is expected, not noise
-
-
-class HTTPFake:
-    """A threaded HTTP server on a free loopback port; subclasses answer requests."""
-
-    def __init__(self) -> None:
-        fake = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, format: str, *args: Any) -> None:
-                pass
-
-            def do_GET(self) -> None:
-                fake.handle(self)
-
-            def do_POST(self) -> None:
-                fake.handle(self)
-
-            def do_PUT(self) -> None:
-                fake.handle(self)
-
-        self.server = QuietServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-        self.lock = threading.Lock()
-
-    def start(self) -> None:
-        self.thread.start()
-
-    def stop(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
-
-    def handle(self, h: BaseHTTPRequestHandler) -> None:
-        raise NotImplementedError
-
-    @staticmethod
-    def body(h: BaseHTTPRequestHandler) -> bytes:
-        n = int(h.headers.get("content-length") or 0)
-        return h.rfile.read(n) if n else b""
-
-    @staticmethod
-    def send(
-        h: BaseHTTPRequestHandler,
-        status: int,
-        data: Any,
-        content_type: str = "application/json",
-        headers: dict[str, str] | None = None,
-    ) -> None:
-        raw = data if isinstance(data, bytes) else json.dumps(data).encode()
-        try:
-            h.send_response(status)
-            h.send_header("content-type", content_type)
-            h.send_header("content-length", str(len(raw)))
-            for k, v in (headers or {}).items():
-                h.send_header(k, v)
-            h.end_headers()
-            h.wfile.write(raw)
-        except OSError:
-            pass  # the client went away (it timed out)
+    text: str
+    end: str
+    refusal: bool = False  # OpenAI: the text is a refusal
+    tool: str | None = None  # Anthropic: the text is this tool's input
+    blocked: bool = False  # OpenAI: no content (content filter)
 
 
 class FakeAI(HTTPFake):
-    def __init__(self) -> None:
-        super().__init__()
+    def __init__(
+        self,
+        pace: Pace | None = None,
+        limits: Limits | None = None,
+        fixed_usage: bool = True,
+        port: int = 0,
+        host: str = "127.0.0.1",
+    ) -> None:
+        super().__init__(port, host)
         self.openai_url = f"{self.url}/v1"
         self.anthropic_url = self.url
         self.modes: dict[str, str] = {"openai": "valid", "anthropic": "valid"}
@@ -154,6 +137,22 @@ class FakeAI(HTTPFake):
         self.image_url: str | None = None
         self.files: dict[str, bytes] = {}
         self.redirects: dict[str, str] = {}  # GET /files/<name> answers 302 to the value
+        self.pace = pace or Pace()
+        self.quotas = Quotas(limits or Limits())
+        self.fixed_usage = fixed_usage
+        self.break_after = 100  # tokens a "stall" or "cut" answer sends first
+        self.limited: list[Limited] = []  # every request refused for its quota
+        self.counts: Counter[tuple[str, str]] = Counter()
+        self.in_flight = self.max_in_flight = 0
+        self._asked: Counter[str] = Counter()  # answers per message list (the size draw)
+
+    @property
+    def limits(self) -> Limits:
+        return self.quotas.limits
+
+    @limits.setter
+    def limits(self, value: Limits) -> None:
+        self.quotas = Quotas(value)  # full buckets
 
     def stop(self) -> None:
         self._unhang.set()
@@ -172,11 +171,36 @@ class FakeAI(HTTPFake):
                 if r.provider == provider and (path is None or r.path.endswith(path))
             )
 
+    def stats(self) -> dict[str, Any]:
+        """The counters: {counter: {provider or kind: n}}, and the calls in flight."""
+        with self.lock:
+            out: dict[str, Any] = {"in_flight": self.in_flight, "max_in_flight": self.max_in_flight}
+            for (group, key), n in sorted(self.counts.items()):
+                out.setdefault(group, {})[key] = n
+            return out
+
+    def reset(self) -> None:
+        with self.lock:
+            self.counts.clear()
+            self.max_in_flight = self.in_flight
+            self.limited.clear()
+        self.limits = self.limits
+
+    def _count(self, group: str, key: str, n: int = 1) -> None:
+        with self.lock:
+            self.counts[(group, key)] += n
+
     # -- dispatch --------------------------------------------------------------
 
     def handle(self, h: BaseHTTPRequestHandler) -> None:
+        start = time.monotonic()
         raw = self.body(h)
         path = h.path.split("?")[0]
+        if path == "/_fake/stats":
+            return self.send(h, 200, self.stats())
+        if path == "/_fake/reset" and h.command == "POST":
+            self.reset()
+            return self.send(h, 200, {"ok": True})
         if re.fullmatch(r"/api/\d+/envelope/", path):
             if h.headers.get("content-encoding") == "gzip":
                 raw = gzip.decompress(raw)
@@ -200,6 +224,7 @@ class FakeAI(HTTPFake):
         mode = self.modes.get(provider, "valid")
         with self.lock:
             self.requests.append(Recorded(provider, h.command, path, dict(h.headers), body, mode))
+            self.counts[("requests", provider)] += 1
         # Anthropic's SDK sends x-api-key, or a bearer token in newer versions.
         bearer = (h.headers.get("authorization") or "").removeprefix("Bearer ")
         key = h.headers.get("x-api-key") or bearer
@@ -210,29 +235,31 @@ class FakeAI(HTTPFake):
         if mode == "hang":
             self.hang(h, path)
             return None
+        model = body.get("model") if isinstance(body, dict) else None
+        rate = self.quotas.headers(provider, str(model or DEFAULT_MODEL[provider]))
         if path == "/v1/models":
-            return self.models(h, provider)
-        if self.failure(h, provider, path, mode, body):
+            return self.models(h, provider, rate)
+        if path in GENERATE and isinstance(body, dict):
+            return self.generate(h, provider, path, body, mode, start)
+        if self.failure(h, provider, path, mode, body, rate):
             return None
-        if path == "/v1/chat/completions":
-            return self.chat(h, body, mode)
-        if path == "/v1/messages":
-            return self.messages(h, body, mode)
         if path == "/v1/images/generations":
             if mode == "refusal":
                 return self.error(
-                    h, provider, 400, "Your request was rejected by the content policy"
+                    h, provider, 400, "Your request was rejected by the content policy", rate
                 )
             if self.image_url:
                 answer = {"created": int(time.time()), "data": [{"url": self.image_url}]}
-                return self.send(h, 200, answer)
+                return self.send(h, 200, answer, headers=rate)
             b64 = base64.b64encode(FAKE_IMAGE).decode()
-            return self.send(h, 200, {"created": int(time.time()), "data": [{"b64_json": b64}]})
+            data = {"created": int(time.time()), "data": [{"b64_json": b64}]}
+            return self.send(h, 200, data, headers=rate)
         if path == "/v1/audio/speech":
             fmt = body.get("response_format", "mp3")
-            data = placeholder_wav("fake") if fmt == "wav" else FAKE_MP3
-            return self.send(h, 200, data, "audio/mpeg" if fmt == "mp3" else f"audio/{fmt}")
-        return self.error(h, provider, 404, f"no route {path}")
+            audio = placeholder_wav("fake") if fmt == "wav" else FAKE_MP3
+            ctype = "audio/mpeg" if fmt == "mp3" else f"audio/{fmt}"
+            return self.send(h, 200, audio, ctype, headers=rate)
+        return self.error(h, provider, 404, f"no route {path}", rate)
 
     def hang(self, h: BaseHTTPRequestHandler, path: str) -> None:
         """Never answer: hold the request until the fake stops (or 120 s), or until
@@ -247,37 +274,47 @@ class FakeAI(HTTPFake):
                 except OSError:
                     gone = True
                 if gone:
-                    with self.lock:
-                        self.abandoned.append((path, time.time()))
+                    self._abandoned(path)
                     return
 
+    def _abandoned(self, path: str) -> None:
+        with self.lock:
+            self.abandoned.append((path, time.time()))
+            self.counts[("streams", "abandoned")] += 1
+
     def failure(
-        self, h: BaseHTTPRequestHandler, provider: str, path: str, mode: str, body: Any
+        self,
+        h: BaseHTTPRequestHandler,
+        provider: str,
+        path: str,
+        mode: str,
+        body: Any,
+        rate: dict[str, str],
     ) -> bool:
         """Answer with the mode's error, if it has one; True when it did."""
         model = body.get("model", "?") if isinstance(body, dict) else "?"
-        errors: dict[str, tuple[int, str, dict[str, str] | None]] = {
+        errors: dict[str, tuple[int, str, dict[str, str]]] = {
             "429": (429, "Rate limit reached", self.retry_headers),
             "529": (529, "Overloaded", self.retry_headers),
-            "500": (500, "The server had an error", None),
-            "403": (403, "You do not have access to this resource", None),
-            "404": (404, f"The model `{model}` does not exist or you do not have access", None),
+            "500": (500, "The server had an error", {}),
+            "403": (403, "You do not have access to this resource", {}),
+            "404": (404, f"The model `{model}` does not exist or you do not have access", {}),
             "context": (
                 400,
                 "This model's maximum context length is 128000 tokens. "
                 "However, your messages resulted in 200000 tokens.",
-                None,
+                {},
             ),
         }
         images = path == "/v1/images/generations"
         if (mode == "blocked" and provider == "anthropic") or (
             mode in ("blocked", "refusal") and images
         ):
-            errors[mode] = (400, "Your request was rejected by the content policy", None)
+            errors[mode] = (400, "Your request was rejected by the content policy", {})
         if mode not in errors:
             return False
         status, message, headers = errors[mode]
-        self.error(h, provider, status, message, headers)
+        self.error(h, provider, status, message, {**rate, **headers})
         return True
 
     def error(
@@ -321,7 +358,7 @@ class FakeAI(HTTPFake):
         except OSError:
             pass  # the client stopped reading
 
-    def models(self, h: BaseHTTPRequestHandler, provider: str) -> None:
+    def models(self, h: BaseHTTPRequestHandler, provider: str, rate: dict[str, str]) -> None:
         if provider == "anthropic":
             data = [
                 {
@@ -332,135 +369,298 @@ class FakeAI(HTTPFake):
                 }
             ]
             page = {"data": data, "has_more": False, "first_id": "a", "last_id": "a"}
-            return self.send(h, 200, page)
+            return self.send(h, 200, page, headers=rate)
         models: list[dict[str, Any]] = [
             {"id": "gpt-4.1-mini", "object": "model", "created": 0, "owned_by": "openai"}
         ]
-        return self.send(h, 200, {"object": "list", "data": models})
+        return self.send(h, 200, {"object": "list", "data": models}, headers=rate)
 
     # -- answers ---------------------------------------------------------------
 
-    def answer(self, messages: list[dict[str, Any]], mode: str) -> str | dict[str, Any]:
+    def answer(
+        self, messages: list[dict[str, Any]], mode: str, size: int | None = None
+    ) -> str | dict[str, Any]:
         user = next(str(m["content"]) for m in messages if m["role"] == "user")
         repair = sum(1 for m in messages if m["role"] == "user") > 1
         if mode == "invalid" or (mode == "invalid_once" and not repair):
             return "Sure! Here is your course: {not json"
         if mode == "wrong_schema":
             return {"title": "A course without groups"}
-        return course_from_prompt(user)
+        course = course_from_prompt(user)
+        return sized(course, size) if size else course
 
-    def seen(self, system: str) -> bool:
+    def seen(self, system: str, mark: bool = True) -> bool:
         """Whether this system prompt was sent before (and remember it)."""
         with self.lock:
             hit = system in self.prefixes
-            self.prefixes.add(system)
+            if mark:
+                self.prefixes.add(system)
         return hit
 
-    def chat(self, h: BaseHTTPRequestHandler, body: dict[str, Any], mode: str) -> None:
-        answer = self.answer(body["messages"], mode)
-        content: str | None = answer if isinstance(answer, str) else json.dumps(answer)
-        refusal, finish = None, "stop"
+    def reply(self, provider: str, body: dict[str, Any], mode: str, size: int | None) -> Reply:
+        answer = self.answer(body["messages"], mode, size)
+        text = answer if isinstance(answer, str) else json.dumps(answer)
+        if provider == "openai":
+            if mode == "refusal":
+                return Reply("I'm sorry, I can't help with that request.", "stop", refusal=True)
+            if mode == "blocked":
+                return Reply("", "content_filter", blocked=True)
+            return Reply(text, "stop")
         if mode == "refusal":
-            content, refusal = None, "I'm sorry, I can't help with that request."
-        elif mode == "blocked":
-            content, finish = None, "content_filter"
-        system = str(body["messages"][0]["content"])
-        cached = 100 if self.seen(system) else 0
-        self.send(
-            h,
-            200,
-            {
-                "id": "chatcmpl-fake",
-                "object": "chat.completion",
-                "created": int(time.time()),
-                "model": body["model"],
-                "choices": [
-                    {
-                        "index": 0,
-                        "finish_reason": finish,
-                        "message": {"role": "assistant", "content": content, "refusal": refusal},
-                    }
-                ],
-                "usage": {
-                    "prompt_tokens": 120,
-                    "completion_tokens": 800,
-                    "total_tokens": 920,
-                    "prompt_tokens_details": {"cached_tokens": cached},
-                },
-            },
-        )
+            return Reply("I can't help with that.", "refusal")
+        tools = body.get("tools") or []
+        if isinstance(answer, str) or not tools:
+            return Reply(text, "tool_use" if tools else "end_turn")
+        return Reply(text, "tool_use", tool=str(tools[0]["name"]))
 
-    def messages(self, h: BaseHTTPRequestHandler, body: dict[str, Any], mode: str) -> None:
-        answer = self.answer(body["messages"], mode)
-        stop = "tool_use"
-        if isinstance(answer, str):
-            block: dict[str, Any] = {"type": "text", "text": answer}
-        else:
-            tool = body["tools"][0]["name"]
-            block = {"type": "tool_use", "id": "toolu_fake", "name": tool, "input": answer}
-        if mode == "refusal":
-            block, stop = {"type": "text", "text": "I can't help with that."}, "refusal"
-        usage = {"input_tokens": 150, "output_tokens": 700}
+    def input_usage(self, provider: str, body: dict[str, Any]) -> dict[str, Any]:
+        """The prompt's side of the usage: OpenAI's prompt_tokens (with details),
+        Anthropic's input_tokens and cache fields. Reads the prompt caches only."""
+        if provider == "openai":
+            system = str(body["messages"][0]["content"])
+            prompt = 120
+            cached = 100 if self.seen(system, mark=False) else 0
+            if not self.fixed_usage:
+                prompt = tokens(json.dumps([body["messages"], body.get("response_format")]))
+                cached = min(prompt, tokens(system)) if cached else 0
+            return {"prompt_tokens": prompt, "prompt_tokens_details": {"cached_tokens": cached}}
+        usage: dict[str, int] = {"input_tokens": 150}
         system = body.get("system")
+        total = tokens(json.dumps([system, body["messages"], body.get("tools")]))
+        if not self.fixed_usage:
+            usage["input_tokens"] = total
         if isinstance(system, list) and system and system[-1].get("cache_control"):
-            read = self.seen(json.dumps(system))  # the cache breakpoint covers it
-            usage["input_tokens"] = 50  # Anthropic counts the cached part apart
-            usage["cache_read_input_tokens" if read else "cache_creation_input_tokens"] = 100
-        self.send(
-            h,
-            200,
-            {
-                "id": "msg_fake",
-                "type": "message",
-                "role": "assistant",
-                "model": body["model"],
-                "content": [block],
-                "stop_reason": stop,
-                "stop_sequence": None,
-                "usage": usage,
-            },
-        )
+            # The cache breakpoint covers the tools and the system block; Anthropic
+            # counts the cached part apart.
+            cached = (
+                100
+                if self.fixed_usage
+                else min(total, tokens(json.dumps([body.get("tools"), system])))
+            )
+            usage["input_tokens"] = 50 if self.fixed_usage else total - cached
+            read = self.seen(json.dumps(system), mark=False)
+            usage["cache_read_input_tokens" if read else "cache_creation_input_tokens"] = cached
+        return usage
 
+    def generate(
+        self,
+        h: BaseHTTPRequestHandler,
+        provider: str,
+        path: str,
+        body: dict[str, Any],
+        mode: str,
+        start: float,
+    ) -> None:
+        """A chat completion or a message: charged to the quotas, then the mode's
+        error or the answer, streamed or not."""
+        model = str(body.get("model") or DEFAULT_MODEL[provider])
+        key = json.dumps(body.get("messages"), sort_keys=True)
+        with self.lock:
+            nth = self._asked[key]
+        size = self.pace.draw(key, nth)
+        max_out = body.get("max_completion_tokens") or body.get("max_tokens")
+        if size is not None and max_out:
+            size = min(size, int(max_out))
+        reply = self.reply(provider, body, mode, size)
+        out = tokens(reply.text)
+        inp = self.input_usage(provider, body)
+        costs = {"requests": 1}
+        if provider == "openai":
+            costs["tokens"] = inp["prompt_tokens"] + int(max_out or out)
+        else:
+            costs["input_tokens"] = inp["input_tokens"] + inp.get("cache_creation_input_tokens", 0)
+            costs["output_tokens"] = int(max_out or out)
+        refused = self.quotas.admit(provider, model, costs)
+        if refused:
+            with self.lock:
+                self.limited.append(refused)
+                self.counts[("rate_limited", provider)] += 1
+            headers = {**self.quotas.headers(provider, model), **retry_headers(refused.retry_after)}
+            return self.send(h, 429, limited_body(provider, refused), headers=headers)
+        rate = self.quotas.headers(provider, model)
+        with self.lock:
+            self.in_flight += 1
+            self.max_in_flight = max(self.max_in_flight, self.in_flight)
+        produced = 0
+        try:
+            if self.failure(h, provider, path, mode, body, rate):
+                return None
+            with self.lock:
+                self._asked[key] += 1
+            self.seen(
+                json.dumps(body.get("system"))
+                if provider == "anthropic"
+                else str(body["messages"][0]["content"])
+            )
+            produced = self.deliver(h, provider, path, body, mode, reply, inp, rate, start)
+            in_total = inp.get("prompt_tokens", 0) + sum(
+                v for k, v in inp.items() if k != "prompt_tokens" and isinstance(v, int)
+            )
+            self._count("input_tokens", provider, in_total)
+            self._count("output_tokens", provider, produced)
+        finally:
+            with self.lock:
+                self.in_flight -= 1
+            if provider == "anthropic":
+                self.quotas.give_back(
+                    provider, model, "output_tokens", costs["output_tokens"] - produced
+                )
+        return None
 
-def course_from_prompt(prompt: str) -> dict[str, Any]:
-    def field_(name: str, default: str) -> str:
-        m = re.search(rf"^{name}: (.+)$", prompt, re.MULTILINE)
-        return m.group(1).strip() if m else default
-
-    subject = field_("Write a course on", "Something")
-    groups = int(field_("Groups", "3"))
-    per_group = int(field_("Items per group", "12"))
-    return {
-        "id": field_("Course id", "something"),
-        "title": f"Learning {subject}",
-        "subject": subject,
-        "description": f"A fake course on {subject}.",
-        "level": field_("Level", "beginner"),
-        "language": field_("Language", "English").split(" (")[0],
-        "groups": [
-            {
-                "id": f"g{g}",
-                "title": f"Part {g}",
-                "summary": f"Part {g} of {subject}.",
-                "items": [
-                    {
-                        "id": f"g{g}-i{i}",
-                        "prompt": f"Question {i}?",
-                        "answer": f"Answer {i}",
-                        "explanation": "Because.",
-                        "options": [],
-                    }
-                    for i in range(1, per_group + 1)
-                ],
+    def deliver(
+        self,
+        h: BaseHTTPRequestHandler,
+        provider: str,
+        path: str,
+        body: dict[str, Any],
+        mode: str,
+        reply: Reply,
+        inp: dict[str, Any],
+        rate: dict[str, str],
+        start: float,
+    ) -> int:
+        """Answer `reply`, streamed or whole; the output tokens it produced."""
+        model = str(body.get("model") or DEFAULT_MODEL[provider])
+        n = tokens(reply.text)
+        if provider == "openai":
+            done = 800 if self.fixed_usage else n
+            prompt = inp["prompt_tokens"]
+            usage: dict[str, Any] = {
+                "prompt_tokens": prompt,
+                "completion_tokens": done,
+                "total_tokens": prompt + done,
+                "prompt_tokens_details": inp["prompt_tokens_details"],
             }
-            for g in range(1, groups + 1)
-        ],
-    }
+        else:
+            done = 700 if self.fixed_usage else n
+            usage = {**inp, "output_tokens": done}
+        if body.get("stream"):
+            s: OpenAIStream | AnthropicStream
+            if provider == "openai":
+                include = bool((body.get("stream_options") or {}).get("include_usage"))
+                s = OpenAIStream(model, include, reply.refusal)
+                closing = s.closing(reply.end, usage)
+            else:
+                s = AnthropicStream(model, reply.tool, inp)
+                closing = s.closing(reply.end, done)
+            sent = self.stream(h, path, s, reply.text, closing, rate, mode, start)
+            return done if sent is None else min(done, sent)
+        # Not streamed: the whole answer once its last token is ready.
+        if self._unhang.wait(max(0.0, self.pace.due(start, max(n, 1)) - time.monotonic())):
+            return 0
+        if provider == "openai":
+            data = self.openai_body(model, reply, usage)
+        else:
+            data = self.anthropic_body(model, reply, usage)
+        if mode not in ("stall", "cut"):
+            self.send(h, 200, data, headers=rate)
+            return done
+        raw = json.dumps(data).encode()
+        self.send(h, 200, raw, headers=rate, upto=min(len(raw) - 1, self.break_after * 4))
+        if mode == "stall":
+            self.hang(h, path)
+        return min(done, self.break_after)
+
+    def stream(
+        self,
+        h: BaseHTTPRequestHandler,
+        path: str,
+        s: OpenAIStream | AnthropicStream,
+        text: str,
+        closing: bytes,
+        rate: dict[str, str],
+        mode: str,
+        start: float,
+    ) -> int | None:
+        """Send `text` as the stream's events, each when its last token is due (what
+        fell behind goes out together); None when the stream ended, else the tokens
+        sent before it broke off (stall, cut, the client left, the fake stopped)."""
+        broken = mode in ("stall", "cut")
+        limit = min(len(text), self.break_after * CHARS_PER_TOKEN) if broken else len(text)
+        step = self.pace.chunk_tokens() * CHARS_PER_TOKEN
+
+        def events() -> Iterator[tuple[int, bytes]]:  # (tokens sent through it, bytes)
+            if not limit and not broken:
+                yield 0, s.first()
+            for i in range(0, limit, step):
+                end = min(i + step, limit)
+                yield -(-end // CHARS_PER_TOKEN), (b"" if i else s.first()) + s.delta(text[i:end])
+
+        self._count("streams", "started")
+        sent = queued = 0
+        batch: list[bytes] = []
+        try:
+            self.open_stream(h, rate)
+            if opening := s.opening():
+                self.write_chunk(h, opening)
+            for through, data in events():
+                wait = self.pace.due(start, max(through, 1)) - time.monotonic()
+                if wait > 0:
+                    if batch:
+                        self.write_chunk(h, b"".join(batch))
+                        batch, sent = [], queued
+                    if self._unhang.wait(wait):
+                        return sent
+                batch.append(data)
+                queued = through
+            if batch:
+                self.write_chunk(h, b"".join(batch))
+                sent = queued
+            if broken:
+                self._count("streams", "stalled" if mode == "stall" else "cut")
+                if mode == "stall":
+                    self.hang(h, path)
+                return sent
+            self.write_chunk(h, closing)
+            self.write_chunk(h, b"")
+        except OSError:
+            self._abandoned(path)
+            return sent
+        self._count("streams", "completed")
+        return None
+
+    @staticmethod
+    def openai_body(model: str, reply: Reply, usage: dict[str, Any]) -> dict[str, Any]:
+        message = {
+            "role": "assistant",
+            "content": None if reply.blocked or reply.refusal else reply.text,
+            "refusal": reply.text if reply.refusal else None,
+        }
+        return {
+            "id": "chatcmpl-fake",
+            "object": "chat.completion",
+            "created": int(time.time()),
+            "model": model,
+            "choices": [{"index": 0, "finish_reason": reply.end, "message": message}],
+            "usage": usage,
+        }
+
+    @staticmethod
+    def anthropic_body(model: str, reply: Reply, usage: dict[str, Any]) -> dict[str, Any]:
+        block: dict[str, Any] = {"type": "text", "text": reply.text}
+        if reply.tool:
+            block = {
+                "type": "tool_use",
+                "id": "toolu_fake",
+                "name": reply.tool,
+                "input": json.loads(reply.text),
+            }
+        return {
+            "id": "msg_fake",
+            "type": "message",
+            "role": "assistant",
+            "model": model,
+            "content": [block],
+            "stop_reason": reply.end,
+            "stop_sequence": None,
+            "usage": usage,
+        }
 
 
 @contextmanager
-def running() -> Iterator[FakeAI]:
-    fake = FakeAI()
+def running(**kw: Any) -> Iterator[FakeAI]:
+    """A started fake (keyword arguments as FakeAI's), stopped on the way out."""
+    fake = FakeAI(**kw)
     fake.start()
     try:
         yield fake
