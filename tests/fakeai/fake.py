@@ -98,6 +98,21 @@ class Recorded:
 
 
 @dataclass
+class Held:
+    """The output tokens a request holds against its quota (Anthropic's OTPM
+    estimate, max_tokens) until it is settled to what it produced, once."""
+
+    quotas: Quotas
+    provider: str
+    model: str
+    tokens: int
+
+    def settle(self, produced: int) -> None:
+        self.quotas.give_back(self.provider, self.model, "output_tokens", self.tokens - produced)
+        self.tokens = 0
+
+
+@dataclass
 class Reply:
     """What the model produces: `text` (the content, the refusal or the tool's input
     JSON) and how it ends."""
@@ -478,33 +493,28 @@ class FakeAI(HTTPFake):
             headers = {**self.quotas.headers(provider, model), **retry_headers(refused.retry_after)}
             return self.send(h, 429, limited_body(provider, refused), headers=headers)
         rate = self.quotas.headers(provider, model)
+        held = Held(self.quotas, provider, model, costs.get("output_tokens", 0))
         with self.lock:
             self.in_flight += 1
             self.max_in_flight = max(self.max_in_flight, self.in_flight)
-        produced = 0
         try:
             if self.failure(h, provider, path, mode, body, rate):
                 return None
             with self.lock:
                 self._asked[key] += 1
+            anthropic = provider == "anthropic"
             self.seen(
-                json.dumps(body.get("system"))
-                if provider == "anthropic"
-                else str(body["messages"][0]["content"])
+                json.dumps(body.get("system")) if anthropic else str(body["messages"][0]["content"])
             )
-            produced = self.deliver(h, provider, path, body, mode, reply, inp, rate, start)
-            in_total = inp.get("prompt_tokens", 0) + sum(
-                v for k, v in inp.items() if k != "prompt_tokens" and isinstance(v, int)
+            produced = self.deliver(h, provider, path, body, mode, reply, inp, rate, start, held)
+            self._count(
+                "input_tokens", provider, sum(inp.values()) if anthropic else inp["prompt_tokens"]
             )
-            self._count("input_tokens", provider, in_total)
             self._count("output_tokens", provider, produced)
         finally:
             with self.lock:
                 self.in_flight -= 1
-            if provider == "anthropic":
-                self.quotas.give_back(
-                    provider, model, "output_tokens", costs["output_tokens"] - produced
-                )
+            held.settle(0)  # an error, or the client left
         return None
 
     def deliver(
@@ -518,8 +528,10 @@ class FakeAI(HTTPFake):
         inp: dict[str, Any],
         rate: dict[str, str],
         start: float,
+        held: Held,
     ) -> int:
-        """Answer `reply`, streamed or whole; the output tokens it produced."""
+        """Answer `reply`, streamed or whole; the output tokens it produced. The
+        quota is settled before the answer's last bytes go out."""
         model = str(body.get("model") or DEFAULT_MODEL[provider])
         n = tokens(reply.text)
         if provider == "openai":
@@ -543,8 +555,18 @@ class FakeAI(HTTPFake):
             else:
                 s = AnthropicStream(model, reply.tool, inp)
                 closing = s.closing(reply.end, done)
-            sent = self.stream(h, path, s, reply.text, closing, rate, mode, start)
-            return done if sent is None else min(done, sent)
+            sent = self.stream(h, path, s, reply.text, rate, mode, start)
+            if sent is not None:
+                held.settle(min(done, sent))
+                return min(done, sent)
+            held.settle(done)
+            try:
+                self.write_chunk(h, closing)
+                self.write_chunk(h, b"")
+            except OSError:
+                self._abandoned(path)
+            self._count("streams", "completed")
+            return done
         # Not streamed: the whole answer once its last token is ready.
         if self._unhang.wait(max(0.0, self.pace.due(start, max(n, 1)) - time.monotonic())):
             return 0
@@ -553,8 +575,10 @@ class FakeAI(HTTPFake):
         else:
             data = self.anthropic_body(model, reply, usage)
         if mode not in ("stall", "cut"):
+            held.settle(done)
             self.send(h, 200, data, headers=rate)
             return done
+        held.settle(min(done, self.break_after))
         raw = json.dumps(data).encode()
         self.send(h, 200, raw, headers=rate, upto=min(len(raw) - 1, self.break_after * 4))
         if mode == "stall":
@@ -567,14 +591,14 @@ class FakeAI(HTTPFake):
         path: str,
         s: OpenAIStream | AnthropicStream,
         text: str,
-        closing: bytes,
         rate: dict[str, str],
         mode: str,
         start: float,
     ) -> int | None:
-        """Send `text` as the stream's events, each when its last token is due (what
-        fell behind goes out together); None when the stream ended, else the tokens
-        sent before it broke off (stall, cut, the client left, the fake stopped)."""
+        """Open the stream and send `text` as its events, each when its last token is
+        due (what fell behind goes out together); None when all went out (the
+        closing events are the caller's), else the tokens sent before it broke off
+        (stall, cut, the client left, the fake stopped)."""
         broken = mode in ("stall", "cut")
         limit = min(len(text), self.break_after * CHARS_PER_TOKEN) if broken else len(text)
         step = self.pace.chunk_tokens() * CHARS_PER_TOKEN
@@ -611,12 +635,9 @@ class FakeAI(HTTPFake):
                 if mode == "stall":
                     self.hang(h, path)
                 return sent
-            self.write_chunk(h, closing)
-            self.write_chunk(h, b"")
         except OSError:
             self._abandoned(path)
             return sent
-        self._count("streams", "completed")
         return None
 
     @staticmethod
