@@ -39,9 +39,10 @@ OpenAI when a request repeats a system prompt seen before
 `cache_control` (written the first time, read afterwards).
 
 Quotas (quota.py): every provider answer carries the provider's rate-limit headers,
-and a request past `fake.limits` gets the provider's 429 with `retry-after`; each is
-recorded in `fake.limited`. GET /_fake/stats answers the counters as JSON, POST
-/_fake/reset zeroes them and refills the quotas.
+and a chat completion or message past `fake.limits` gets the provider's 429 with
+`retry-after` (whatever the mode); each refusal is kept in `fake.limited` and its
+request recorded in mode "limited". GET /_fake/stats answers the counters as JSON,
+POST /_fake/reset zeroes them and refills the quotas.
 
 Routes: chat completions, messages, models list, image generation, speech. Every
 request is recorded (`fake.requests`, `fake.count(...)`). The same server records
@@ -238,7 +239,8 @@ class FakeAI(HTTPFake):
             body = raw
         mode = self.modes.get(provider, "valid")
         with self.lock:
-            self.requests.append(Recorded(provider, h.command, path, dict(h.headers), body, mode))
+            rec = Recorded(provider, h.command, path, dict(h.headers), body, mode)
+            self.requests.append(rec)
             self.counts[("requests", provider)] += 1
         # Anthropic's SDK sends x-api-key, or a bearer token in newer versions.
         bearer = (h.headers.get("authorization") or "").removeprefix("Bearer ")
@@ -255,7 +257,7 @@ class FakeAI(HTTPFake):
         if path == "/v1/models":
             return self.models(h, provider, rate)
         if path in GENERATE and isinstance(body, dict):
-            return self.generate(h, provider, path, body, mode, start)
+            return self.generate(h, rec, start)
         if self.failure(h, provider, path, mode, body, rate):
             return None
         if path == "/v1/images/generations":
@@ -405,7 +407,7 @@ class FakeAI(HTTPFake):
         return sized(course, size) if size else course
 
     def seen(self, system: str, mark: bool = True) -> bool:
-        """Whether this system prompt was sent before (and remember it)."""
+        """Whether this system prompt was sent before (and, with `mark`, remember it)."""
         with self.lock:
             hit = system in self.prefixes
             if mark:
@@ -457,17 +459,10 @@ class FakeAI(HTTPFake):
             usage["cache_read_input_tokens" if read else "cache_creation_input_tokens"] = cached
         return usage
 
-    def generate(
-        self,
-        h: BaseHTTPRequestHandler,
-        provider: str,
-        path: str,
-        body: dict[str, Any],
-        mode: str,
-        start: float,
-    ) -> None:
-        """A chat completion or a message: charged to the quotas, then the mode's
-        error or the answer, streamed or not."""
+    def generate(self, h: BaseHTTPRequestHandler, rec: Recorded, start: float) -> None:
+        """A chat completion or a message: charged to the quotas (refused: recorded in
+        mode "limited"), then the mode's error or the answer, streamed or not."""
+        provider, path, body, mode = rec.provider, rec.path, rec.body, rec.mode
         model = str(body.get("model") or DEFAULT_MODEL[provider])
         key = json.dumps(body.get("messages"), sort_keys=True)
         with self.lock:
@@ -488,6 +483,7 @@ class FakeAI(HTTPFake):
         refused = self.quotas.admit(provider, model, costs)
         if refused:
             with self.lock:
+                rec.mode = "limited"
                 self.limited.append(refused)
                 self.counts[("rate_limited", provider)] += 1
             headers = {**self.quotas.headers(provider, model), **retry_headers(refused.retry_after)}
@@ -563,9 +559,9 @@ class FakeAI(HTTPFake):
             try:
                 self.write_chunk(h, closing)
                 self.write_chunk(h, b"")
+                self._count("streams", "completed")
             except OSError:
                 self._abandoned(path)
-            self._count("streams", "completed")
             return done
         # Not streamed: the whole answer once its last token is ready.
         if self._unhang.wait(max(0.0, self.pace.due(start, max(n, 1)) - time.monotonic())):
@@ -580,7 +576,9 @@ class FakeAI(HTTPFake):
             return done
         held.settle(min(done, self.break_after))
         raw = json.dumps(data).encode()
-        self.send(h, 200, raw, headers=rate, upto=min(len(raw) - 1, self.break_after * 4))
+        self.send(
+            h, 200, raw, headers=rate, upto=min(len(raw) - 1, self.break_after * CHARS_PER_TOKEN)
+        )
         if mode == "stall":
             self.hang(h, path)
         return min(done, self.break_after)

@@ -247,6 +247,7 @@ def test_requests_past_rpm_get_429_with_retry_after_and_the_bucket_refills(
         body = refused_too.value.body
         assert isinstance(body, dict) and body["error"]["type"] == "rate_limit_error"
         assert int(refused_too.value.response.headers["retry-after"]) >= 1
+        assert fake.answered("openai", "limited") == fake.answered("anthropic", "limited") == 1
         assert [(r.provider, r.kind) for r in fake.limited] == [
             ("openai", "requests"),
             ("anthropic", "requests"),
@@ -440,10 +441,14 @@ def test_the_fake_as_its_own_process() -> None:
         with httpx.Client(base_url=url, headers=headers) as http:
             codes = [http.post("/v1/chat/completions", json=body).status_code for _ in range(3)]
             stats = http.get("/_fake/stats").json()
+            http.post("/_fake/reset")  # counters zeroed, quotas full again
+            again = http.post("/v1/chat/completions", json=body).status_code
+            last = http.get("/_fake/stats").json()
     finally:
         p.send_signal(signal.SIGTERM)
         out, _ = p.communicate(timeout=10)
     assert codes == [200, 200, 429]
     assert stats["requests"] == {"openai": 3} and stats["rate_limited"] == {"openai": 1}
     assert stats["output_tokens"]["openai"] > 0 and stats["in_flight"] == 0
-    assert p.returncode == 0 and json.loads(out.strip().splitlines()[-1]) == stats
+    assert again == 200 and last["requests"] == {"openai": 1} and "rate_limited" not in last
+    assert p.returncode == 0 and json.loads(out.strip().splitlines()[-1]) == last
