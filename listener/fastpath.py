@@ -40,6 +40,7 @@ class FastPath:
         *,
         report: Report,
         look: Look,
+        wake: Callable[[], None],
         stopping: Callable[[], bool],
     ) -> None:
         self.claimer = claimer
@@ -49,6 +50,7 @@ class FastPath:
         self.health = health
         self.report = report  # a failed claim, to the worker's health policy
         self.look = look  # tables for the claim loop to look at
+        self.wake = wake  # the claim loop: a ready job's limit to wait for
         self.stopping = stopping  # the worker claims nothing more
         self.claims = dict.fromkeys(JOB_TYPES, 0)  # claim statements sent, by table
         self.started = 0  # jobs claimed (and started or made ready) here
@@ -138,6 +140,7 @@ class FastPath:
         self.leases.commit_pending(job)  # its writes wait for the claim's commit
         if self.stopping() or not self.leases.can_start():
             self.leases.ready.add([job])  # started by the claim loop, or released at shutdown
+            self.wake()  # the claim loop's wait takes in the ready job's limit
         else:
             self.executor.start(job)
         return lambda err: self._committed(job, err)

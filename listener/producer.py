@@ -53,6 +53,7 @@ class Producer:
             health,
             report=report,
             look=self.look_at,
+            wake=self.wake,
             stopping=stop.is_set,
         )
         self.db_back = asyncio.Event()  # the database answers again: end a claim backoff
