@@ -382,3 +382,26 @@ def test_a_course_from_the_cache_names_no_other_users_job(
     assert alices not in json.dumps(row, default=str)
     assert fake.count("openai", "/chat/completions") == 1
 
+
+def test_a_forged_pause_notification_is_not_believed(supabase_db_url: str) -> None:
+    """Anyone may NOTIFY the channel: a pause payload nobody sent through
+    pause_jobs must not make the worker log that a job type was paused."""
+    w = WorkerProcess(supabase_db_url).started()
+    try:
+
+        def heard() -> bool:
+            notify(supabase_db_url, [KNOCK])
+            return bool(w.actions("bad_payload"))
+
+        wait_until(heard, interval=0.2, what="the worker listening")
+        notify(supabase_db_url, [json.dumps({"table": "ai_course_jobs", "paused": True})])
+        w.wait_for("pause_unconfirmed", timeout=10)
+        assert not w.actions("table_paused")
+        # a real pause is logged as before
+        with connect(supabase_db_url) as c:
+            c.execute("select pause_jobs('ai_course_jobs')")
+        event = w.wait_for("table_paused", timeout=10)
+        assert event["table"] == "ai_course_jobs"
+    finally:
+        w.signal(signal.SIGTERM)
+        assert w.wait() == 0
