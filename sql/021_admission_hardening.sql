@@ -418,6 +418,70 @@ begin
 end
 $$;
 
+-- A requeued course job's course id, claimed again for its owner: a cancel may
+-- have given it back, and another user taken it since. The job then moves to an
+-- id of its owner's, derived from its subject (as 011 moved queued jobs), rather
+-- than write into another user's course. Returns how many jobs moved. SECURITY
+-- DEFINER, as the insert trigger: the claim is not service_role's to call.
+create or replace function ai_job_reclaim_course_ids(job_ids uuid[])
+returns bigint
+language plpgsql security definer
+set search_path = pg_catalog, public, pg_temp
+as $$
+declare
+    r record;
+    kept text;
+    n bigint := 0;
+begin
+    for r in
+        select j.id, j.created_by, j.course_id, j.subject from ai_course_jobs j
+        where j.id = any(job_ids) and j.course_id is not null
+        order by j.id
+    loop
+        begin
+            kept := ai_job_claim_course_id(r.course_id, r.created_by, false);
+        exception when insufficient_privilege then
+            kept := ai_job_claim_course_id(ai_job_slugify(r.subject), r.created_by, true);
+        end;
+        if kept is distinct from r.course_id then
+            update ai_course_jobs set course_id = kept where id = r.id;
+            n := n + 1;
+        end if;
+    end loop;
+    return n;
+end
+$$;
+
+-- As in 003, and a course job's id claimed again (above).
+create or replace function requeue_job(job_id uuid, table_name text)
+returns void
+language plpgsql
+set search_path = pg_catalog, public, pg_temp
+as $$
+declare
+    t text := ai_job_table(table_name);
+    st text;
+begin
+    execute format('select status from %I where id = $1 for update', t) into st using job_id;
+    if st is null then
+        raise exception 'Job % not found in %', job_id, t using errcode = 'no_data_found';
+    end if;
+    if st = 'processing' then
+        raise exception 'Job % is processing; mark it stale first (select * from mark_stale_jobs())', job_id
+            using errcode = 'object_not_in_prerequisite_state';
+    end if;
+    execute format($q$
+        update %I set status = 'pending', retry_count = 0, error = null, run_after = now(),
+               started_at = null, last_heartbeat = null, completed_at = null,
+               claim_token = null, worker_id = null
+        where id = $1
+    $q$, t) using job_id;
+    if t = 'ai_course_jobs' then
+        perform ai_job_reclaim_course_ids(array[job_id]);
+    end if;
+end
+$$;
+
 -- As in 016, and the job's course id released when nothing else holds it.
 create or replace function ai_job_cancel(job_id uuid, table_name text, only_user uuid)
 returns text
@@ -459,7 +523,8 @@ begin
 end
 $$;
 
--- As in 017, and the course ids of the jobs cancelled or deleted released.
+-- As in 017, the course ids of the jobs cancelled or deleted released, those of
+-- course jobs requeued claimed again.
 create or replace function ai_job_bulk(
     action text, table_name text, status text, provider text, user_id uuid,
     created_after timestamptz, created_before timestamptz, search text, dry_run boolean)
@@ -474,6 +539,7 @@ declare
     n bigint;
     owners uuid[];
     ids text[];
+    requeued uuid[];
     total bigint := 0;
 begin
     allowed := case action
@@ -498,13 +564,19 @@ begin
             execute format('select count(*) from %I where %s', t, cond) into n;
         elsif action = 'requeue' then
             execute format($q$
-                update %1$I j
-                set status = 'pending', retry_count = 0, error = null, run_after = now(),
-                    started_at = null, last_heartbeat = null, completed_at = null,
-                    claim_token = null, worker_id = null
-                where j.id = any(array(select id from %1$I where %2$s for update skip locked))
-            $q$, t, cond);
-            get diagnostics n = row_count;
+                with requeued as (
+                    update %1$I j
+                    set status = 'pending', retry_count = 0, error = null, run_after = now(),
+                        started_at = null, last_heartbeat = null, completed_at = null,
+                        claim_token = null, worker_id = null
+                    where j.id = any(array(select id from %1$I where %2$s for update skip locked))
+                    returning j.id
+                )
+                select count(*), array_agg(id) from requeued
+            $q$, t, cond) into n, requeued;
+            if t = 'ai_course_jobs' and requeued is not null then
+                perform ai_job_reclaim_course_ids(requeued);
+            end if;
         elsif action = 'cancel' then
             execute format($q$
                 with cancelled as (
@@ -586,7 +658,7 @@ begin
         'ai_job_table(text)', 'ai_job_type(text)', 'ai_job_slugify(text)',
         'ai_course_jobs_defaults()', 'ai_job_user_jobs_last_hour(uuid, text)',
         'check_ai_job_rate_limit(uuid, text)', 'mark_stale_jobs(interval)',
-        'move_to_dead_letter()', 'requeue_job(uuid, text)',
+        'move_to_dead_letter()',
         'claim_jobs(text, text, integer)', 'claim_job(text, uuid, text)',
         'claim_due_job(text, uuid, text)', 'heartbeat_jobs(text, uuid[], uuid[])',
         'complete_jobs(text, uuid[], uuid[], text[], jsonb[])',
@@ -632,9 +704,9 @@ revoke all on sequence ai_job_charges_id_seq from public, anon, authenticated, s
 revoke all on function
     ai_job_add_charges(text[], uuid[], text[], text[], bigint[], bigint[], bigint[], numeric[]),
     ai_job_enforce_limits(), ai_media_jobs_defaults(),
-    ai_job_release_course_ids(uuid[], text[])
+    ai_job_release_course_ids(uuid[], text[]), ai_job_reclaim_course_ids(uuid[])
 from public, anon, authenticated, service_role;
 grant execute on function
     ai_job_add_charges(text[], uuid[], text[], text[], bigint[], bigint[], bigint[], numeric[]),
-    ai_job_release_course_ids(uuid[], text[])
+    ai_job_release_course_ids(uuid[], text[]), ai_job_reclaim_course_ids(uuid[])
 to service_role;

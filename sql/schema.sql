@@ -519,6 +519,7 @@ declare
     n bigint;
     owners uuid[];
     ids text[];
+    requeued uuid[];
     total bigint := 0;
 begin
     allowed := case action
@@ -543,13 +544,19 @@ begin
             execute format('select count(*) from %I where %s', t, cond) into n;
         elsif action = 'requeue' then
             execute format($q$
-                update %1$I j
-                set status = 'pending', retry_count = 0, error = null, run_after = now(),
-                    started_at = null, last_heartbeat = null, completed_at = null,
-                    claim_token = null, worker_id = null
-                where j.id = any(array(select id from %1$I where %2$s for update skip locked))
-            $q$, t, cond);
-            get diagnostics n = row_count;
+                with requeued as (
+                    update %1$I j
+                    set status = 'pending', retry_count = 0, error = null, run_after = now(),
+                        started_at = null, last_heartbeat = null, completed_at = null,
+                        claim_token = null, worker_id = null
+                    where j.id = any(array(select id from %1$I where %2$s for update skip locked))
+                    returning j.id
+                )
+                select count(*), array_agg(id) from requeued
+            $q$, t, cond) into n, requeued;
+            if t = 'ai_course_jobs' and requeued is not null then
+                perform ai_job_reclaim_course_ids(requeued);
+            end if;
         elsif action = 'cancel' then
             execute format($q$
                 with cancelled as (
@@ -904,6 +911,36 @@ begin
     select t.provider, t.consecutive_failures, t.open_until, t.cooldown_kind, t.cooldown_reason,
            t.probe_until, case when was_open then 'closed' end
     from ai_job_provider_state t where t.provider = p_provider;
+end
+$function$;
+
+CREATE OR REPLACE FUNCTION public.ai_job_reclaim_course_ids(job_ids uuid[])
+ RETURNS bigint
+ LANGUAGE plpgsql
+ SECURITY DEFINER
+ SET search_path TO 'pg_catalog', 'public', 'pg_temp'
+AS $function$
+declare
+    r record;
+    kept text;
+    n bigint := 0;
+begin
+    for r in
+        select j.id, j.created_by, j.course_id, j.subject from ai_course_jobs j
+        where j.id = any(job_ids) and j.course_id is not null
+        order by j.id
+    loop
+        begin
+            kept := ai_job_claim_course_id(r.course_id, r.created_by, false);
+        exception when insufficient_privilege then
+            kept := ai_job_claim_course_id(ai_job_slugify(r.subject), r.created_by, true);
+        end;
+        if kept is distinct from r.course_id then
+            update ai_course_jobs set course_id = kept where id = r.id;
+            n := n + 1;
+        end if;
+    end loop;
+    return n;
 end
 $function$;
 
@@ -1811,6 +1848,9 @@ begin
                claim_token = null, worker_id = null
         where id = $1
     $q$, t) using job_id;
+    if t = 'ai_course_jobs' then
+        perform ai_job_reclaim_course_ids(array[job_id]);
+    end if;
 end
 $function$;
 

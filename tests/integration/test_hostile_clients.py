@@ -781,3 +781,35 @@ def test_an_insert_for_another_user_reveals_nothing_and_counts_nothing(
     assert refused.value.diag.message_detail is None and refused.value.diag.message_hint is None
     with connect(supabase_db_url) as c:
         assert _counters(c) == before
+
+
+@pytest.mark.parametrize("requeue", ["requeue_job", "requeue_jobs"])
+def test_a_requeued_job_never_writes_into_a_course_taken_since(
+    supabase_db_url: str, requeue: str
+) -> None:
+    """Bob's cancel gave "physics" back and Alice took it; an operator then
+    requeues Bob's job: it runs under an id of Bob's own, not in Alice's course."""
+    with connect(supabase_db_url) as alice, connect(supabase_db_url) as bob:
+        as_user(alice, ALICE)
+        as_user(bob, BOB)
+        bobs, course = _insert_returning(bob, "Physics")
+        _cancel(bob, bobs)
+        assert _course_id(alice, "Physics") == course == "physics"
+        kept, given = _insert_returning(bob, "Sailing")
+        _cancel(bob, kept)  # given back, and still free: his again when requeued
+    with connect(supabase_db_url) as c:
+        as_service(c)
+        if requeue == "requeue_job":
+            c.execute("select requeue_job(%s, 'ai_course_jobs')", [bobs])
+            c.execute("select requeue_job(%s, 'ai_course_jobs')", [kept])
+        else:
+            n = c.execute("select requeue_jobs(status => 'cancelled') as n").fetchone()["n"]
+            assert n == 2
+    with connect(supabase_db_url) as c:
+        moved = job(c, bobs)
+        assert moved["status"] == "pending"
+        assert re.fullmatch(r"physics-[0-9a-f]{10}", moved["course_id"]), moved["course_id"]
+        assert job(c, kept)["course_id"] == given == "sailing"
+        owners = c.execute("select course_id, owner from ai_course_owners").fetchall()
+        mine = {r["course_id"]: r["owner"] for r in owners}
+        assert (mine["physics"], mine[moved["course_id"]], mine["sailing"]) == (ALICE, BOB, BOB)

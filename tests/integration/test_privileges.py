@@ -178,6 +178,7 @@ ALLOWED: dict[str, dict[str, set[str]]] = {
     "function ai_job_enforce_limits()": {},
     "function ai_media_jobs_defaults()": {},
     "function ai_job_release_course_ids(uuid[],text[])": {"service_role": EXECUTE},
+    "function ai_job_reclaim_course_ids(uuid[])": {"service_role": EXECUTE},
 }
 
 
