@@ -246,3 +246,22 @@ async def test_the_sign_in_throttle_is_not_keyed_on_what_a_client_says(served: s
             headers={"Origin": served, "X-Forwarded-For": "10.9.0.1, 203.0.113.9"},
         )
         assert r.status_code == 303
+
+
+def test_the_throttle_key_trusts_only_what_a_trusted_forwarder_appended() -> None:
+    from uvicorn.middleware.proxy_headers import ProxyHeadersMiddleware
+
+    from listener.web.peer import key_of
+
+    trusted = ProxyHeadersMiddleware(None, "127.0.0.1").trusted_hosts  # type: ignore[arg-type]
+
+    def key(peer: str, *forwarded: str) -> str:
+        headers = [(b"x-forwarded-for", f.encode()) for f in forwarded]
+        return key_of({"type": "http", "client": (peer, 1234), "headers": headers}, trusted)
+
+    assert key("203.0.113.5", "10.0.0.1") == "203.0.113.5"  # not a forwarder: its own address
+    assert key("127.0.0.1", "10.0.0.1, 198.51.100.7") == "198.51.100.7"
+    assert key("127.0.0.1", "10.0.0.1", "198.51.100.7") == "198.51.100.7"  # two headers
+    assert key("127.0.0.1", "127.0.0.1") == "127.0.0.1"  # nothing to skip to: what it appended
+    assert key("127.0.0.1") == "127.0.0.1"
+    assert len(key("127.0.0.1", "x" * 5000)) == 100
