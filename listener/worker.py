@@ -139,6 +139,7 @@ class Worker:
         self.sweeps = 0  # sweeps that ran to the end
         self.polls = 0  # looks for work by the poll timer (LISTEN_MODE=poll)
         self._side: set[asyncio.Task[Any]] = set()
+        self._pause_checks: set[str] = set()  # tables whose pause notification is being checked
 
     @property
     def handlers(self) -> HandlerMap:
@@ -186,7 +187,9 @@ class Worker:
         if nudge.cancel is not None:  # cancel_job, or anyone's NOTIFY: checked first
             self.leases.check_cancel(nudge.cancel)
         elif nudge.paused:  # pause_jobs: claim_jobs refuses the table; nothing to look at
-            logger.bind(action="table_paused", table=nudge.table).info("job type paused")
+            if nudge.table is not None and nudge.table not in self._pause_checks:
+                self._pause_checks.add(nudge.table)
+                self._spawn(self._confirm_pause(nudge.table))
         elif nudge.sweep:
             self.request_sweep()
             self._look([nudge.table] if nudge.table else TABLES)
@@ -196,6 +199,23 @@ class Worker:
             or not self._claim_notified(nudge.table, nudge.job_id)
         ):
             self._look([nudge.table] if nudge.table else TABLES)
+
+    async def _confirm_pause(self, table: str) -> None:
+        """Any role may NOTIFY a pause's payload: the log says a job type was paused
+        only when ai_job_queues says so (the claims never read the payload)."""
+        try:
+            rows = await dal.QUEUE_PAUSES.all(self.pool)
+        except Exception as exc:
+            self._report(exc, "pause check")
+            return
+        finally:
+            self._pause_checks.discard(table)
+        if any(r["job_table"] == table and r["paused"] for r in rows):
+            logger.bind(action="table_paused", table=table).info("job type paused")
+        else:
+            logger.bind(action="pause_unconfirmed", table=table).warning(
+                "ignored a pause notification for a job type that is not paused"
+            )
 
     def _claim_notified(self, table: str, job_id: UUID) -> bool:
         """Claim the notified job now, if that is the whole of the work: no other

@@ -48,6 +48,7 @@ from listener.storage import Storage, open_storage
 from listener.web import metrics, views
 from listener.web.auth import Auth, Principal, origin_refusal
 from listener.web.live import LiveFeed
+from listener.web.peer import throttle_key
 from listener.web.throttle import Throttle
 
 SSE_KEEPALIVE_SECONDS = 15.0
@@ -267,7 +268,7 @@ class Dashboard:
     async def login(self, request: Request) -> Response:
         form = await request.form()
         token, nxt = form.get("token"), safe_next(form.get("next"))
-        client = request.client.host if request.client else "unknown"
+        client = throttle_key(request)
         if wait := self.throttle.retry_after(client):
             self.log.bind(action="web_login_throttled").warning("sign-in throttled")
             seconds = max(1, round(wait))
