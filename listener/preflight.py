@@ -7,8 +7,11 @@ restarts the process, and its log says why).
 - DATABASE_URL: one connection, now. A database that cannot be reached at all
   at start (a closed port, an unknown role, a missing database) is a
   configuration error, not an outage to wait out: the pool would retry it
-  forever and say only that it could not get a connection. Once the worker has
-  run, a lost database is an outage: the worker waits for it (outage.py).
+  forever and say only that it could not get a connection. libpq gives no
+  SQLSTATE for a failed connection, so every failure counts alike, a server
+  still starting or at its connection limit too: the platform's restart is the
+  retry. Once the worker has run, a lost database is an outage: the worker waits
+  for it (outage.py).
 - STORAGE_URL: a write, as a job's result would be written (a local folder:
   a probe file written and removed; Supabase Storage: the bucket exists and the
   key may write). Otherwise every job would pay for its generation, fail to
