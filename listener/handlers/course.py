@@ -14,6 +14,7 @@ from typing import Any
 from loguru import logger
 from pydantic import ValidationError
 
+from listener import params
 from listener.catalog import Catalog
 from listener.course_schema import SCHEMA_VERSION, Course, CourseParams
 from listener.errors import InvalidJob
@@ -32,12 +33,7 @@ _COURSE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,127}")
 
 
 def parse_params(raw: dict[str, Any]) -> CourseParams:
-    try:
-        return CourseParams.model_validate(raw)
-    except ValidationError as exc:
-        err = exc.errors(include_url=False, include_input=False)[0]
-        where = ".".join(str(p) for p in err["loc"]) or "params"
-        raise InvalidJob(f"Invalid job params: {where}: {err['msg']}") from None
+    return params.parse(CourseParams, raw)
 
 
 def normalize_subject(subject: str) -> str:
