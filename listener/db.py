@@ -57,6 +57,34 @@ def host_port(dsn: str) -> str:
     return f"{params.get('host') or 'local socket'}:{params.get('port') or 5432}"
 
 
+# Connection parameters that are secrets, never shown by describe().
+_SECRET_PARAMS = frozenset({"password", "sslpassword"})
+
+
+def describe(dsn: str) -> str:
+    """Where a connection string points, for logs and errors: every host and
+    port, the database, the user and the options, the password (and nothing
+    else) masked. Never the connection string itself, which the log scrubber
+    hides whole as the secret it is."""
+    try:
+        params = conninfo_to_dict(dsn)
+    except psycopg.ProgrammingError:
+        return "?"
+    user, password = params.pop("user", None), params.pop("password", None)
+    dbname = params.pop("dbname", None)
+    hosts = str(params.pop("host", None) or "").split(",")
+    ports = str(params.pop("port", None) or "").split(",")
+    if len(ports) < len(hosts):  # one port for every host
+        ports *= len(hosts)
+    where = ",".join(
+        f"{h}:{p or 5432}" if h and not h.startswith("/") else f"[socket {h or 'default'}]"
+        for h, p in zip(hosts, ports, strict=False)
+    )
+    who = [f"user {user or 'default'}"] + (["password ***"] if password else [])
+    who += [f"{k}={v}" for k, v in params.items() if k not in _SECRET_PARAMS]
+    return f"{where}/{dbname or ''} ({', '.join(who)})"
+
+
 async def connect(
     dsn: str, *, autocommit: bool = True, app: str = "ai-jobs"
 ) -> psycopg.AsyncConnection[dict[str, Any]]:
@@ -146,7 +174,25 @@ class WorkPool(AsyncConnectionPool[psycopg.AsyncConnection[Any]]):
     def __init__(self, dsn: str, **kwargs: Any) -> None:
         self.dsn = dsn
         self.connections: weakref.WeakSet[psycopg.AsyncConnection[Any]] = weakref.WeakSet()
+        # Why the pool's last attempt to open a connection failed (None once one
+        # opens): a caller that timed out waiting learns the cause (outage.py),
+        # which psycopg_pool logs only at each of its silent retries.
+        self.last_connect_error: BaseException | None = None
         super().__init__(dsn, configure=self._track, **kwargs)
+
+    async def _connect(
+        self,
+        timeout: float | None = None,  # noqa: ASYNC109 - psycopg_pool's signature
+    ) -> psycopg.AsyncConnection[Any]:
+        # psycopg_pool's own connect (every connection the pool opens comes from
+        # it), wrapped to keep its failure.
+        try:
+            conn = await super()._connect(timeout)
+        except Exception as exc:
+            self.last_connect_error = exc
+            raise
+        self.last_connect_error = None
+        return conn
 
     async def _track(self, conn: psycopg.AsyncConnection[Any]) -> None:
         self.connections.add(conn)

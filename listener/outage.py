@@ -13,9 +13,10 @@ exception means:
   help; show it.
 
 `Health` logs the transitions between those states for one resource, once each
-(graphile-worker #224: transitions, not every retry); `Reporter` turns a
-failed duty into a transition or an error; `AwayRetry` retries a write while
-the database is away or busy; `Backoff` spaces the attempts.
+(graphile-worker #224: transitions, not every retry), and while away, each new
+cause once; `Reporter` turns a failed duty into a transition or an error;
+`AwayRetry` retries a write while the database is away or busy; `Backoff`
+spaces the attempts.
 """
 
 from __future__ import annotations
@@ -112,6 +113,9 @@ def _pool_timeout(exc: PoolTimeout, pool: AsyncConnectionPool[Any] | None) -> Di
     if size >= pool.max_size and free == 0:
         return Diagnosis(Verdict.BUSY, f"{waited}: all {size} pool connections in use")
     # The pool is below its size: it could not open the connections it needed.
+    cause = getattr(pool, "last_connect_error", None)  # db.WorkPool keeps it
+    if cause is not None:  # the reason itself, as a direct connection would say it
+        return Diagnosis(Verdict.AWAY, _message(cause))
     return Diagnosis(Verdict.AWAY, f"{waited}: the pool could not open a connection")
 
 
@@ -132,6 +136,7 @@ class Backoff:
 
 UP, AWAY, BUSY = "up", "away", "busy"
 _ACTIONS = {AWAY: "unhealthy", BUSY: "busy"}
+MAX_CAUSES = 20  # causes of one outage logged at most (each once)
 
 
 class Health:
@@ -139,6 +144,10 @@ class Health:
     transitions are logged once each: `<what>_unhealthy` (away), `<what>_busy`,
     `<what>_healthy` (back), and any other state its owner enters (the LISTEN
     service's `deaf`). Away outranks busy: a timeout while away changes nothing.
+    While away, a cause not seen yet in this outage is logged once
+    (`<what>_still_unhealthy`: the server went from refusing connections to
+    refusing the role, say); a cause seen before is not logged again, as the
+    duties that share one Health may meet two causes in turn at every retry.
     With a pool medic, the pool's other connections are replaced when the
     database is found away (they died with it)."""
 
@@ -155,6 +164,7 @@ class Health:
         self.heal = heal
         self.state: str | None = None  # None until the first verdict
         self._log = log if log is not None else logger
+        self._causes: set[str] = set()  # those of the current outage, logged
 
     @property
     def healthy(self) -> bool | None:
@@ -172,7 +182,18 @@ class Health:
         if d.verdict is Verdict.AWAY:
             if self.heal is not None:
                 self.heal()
-            self.enter(AWAY, f"connection lost ({d.reason}); {then or 'reconnecting'}")
+            then = then or "reconnecting"
+            if self.enter(AWAY, f"connection lost ({d.reason}); {then}"):
+                self._causes = {d.reason}
+            elif (
+                self.state == AWAY
+                and d.reason not in self._causes
+                and len(self._causes) < MAX_CAUSES
+            ):
+                self._causes.add(d.reason)
+                self._log.bind(action=f"{self.what}_still_unhealthy").warning(
+                    f"{self.what}: still unavailable, now: {d.reason}; {then}"
+                )
         elif d.verdict is Verdict.BUSY:
             self.enter(BUSY, f"no answer in time ({d.reason}); {then or 'retrying'}")
         return d

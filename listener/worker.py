@@ -13,7 +13,7 @@ from typing import Any
 
 from loguru import logger
 
-from listener import db
+from listener import dal, db
 from listener.completer import Completer
 from listener.executor import Executor, FailureHook
 from listener.jobs import HandlerMap
@@ -107,6 +107,7 @@ class Worker:
         self.sweeps = 0  # sweeps that ran to the end
         self.polls = 0  # looks for work by the poll timer (LISTEN_MODE=poll)
         self._side: set[asyncio.Task[Any]] = set()
+        self._pause_checks: set[str] = set()  # tables whose pause notification is checked
 
     @property
     def handlers(self) -> HandlerMap:
@@ -142,12 +143,31 @@ class Worker:
         if nudge.cancel is not None:  # cancel_job, or anyone's NOTIFY: checked first
             self.leases.check_cancel(nudge.cancel)
         elif nudge.paused:  # pause_jobs: claim_jobs refuses the table; nothing to look at
-            logger.bind(action="table_paused", table=table).info("job type paused")
+            if table is not None and table not in self._pause_checks:
+                self._pause_checks.add(table)
+                self._spawn(self._confirm_pause(table))
         elif nudge.sweep:
             self.request_sweep()
             self.producer.look_at([table] if table else TABLES)
         else:
             self.producer.notified(table, nudge.job_id)
+
+    async def _confirm_pause(self, table: str) -> None:
+        """Any role may NOTIFY a pause's payload: the log says a job type was paused
+        only when ai_job_queues says so (the claims never read the payload)."""
+        try:
+            rows = await dal.QUEUE_PAUSES.all(self.pool)
+        except Exception as exc:
+            self.report(exc, "pause check")
+            return
+        finally:
+            self._pause_checks.discard(table)
+        if any(r["job_table"] == table and r["paused"] for r in rows):
+            logger.bind(action="table_paused", table=table).info("job type paused")
+        else:
+            logger.bind(action="pause_unconfirmed", table=table).warning(
+                "ignored a pause notification for a job type that is not paused"
+            )
 
     def _listener_state(self, state: str) -> None:
         if state == DEAF:  # the missed probe went through the pool: suspect it too

@@ -50,6 +50,7 @@ from listener.web.actions import Actions
 from listener.web.auth import Auth, Principal, origin_refusal
 from listener.web.live import LiveFeed
 from listener.web.pages import Pages
+from listener.web.peer import throttle_key
 from listener.web.responses import PAGE, harden, safe_next, wants_html, wants_json
 from listener.web.throttle import Throttle
 
@@ -234,7 +235,7 @@ class Dashboard:
     async def login(self, request: Request) -> Response:
         form = await request.form()
         token, nxt = form.get("token"), safe_next(form.get("next"))
-        client = request.client.host if request.client else "unknown"
+        client = throttle_key(request)
         if wait := self.throttle.retry_after(client):
             self.log.bind(action="web_login_throttled").warning("sign-in throttled")
             seconds = max(1, round(wait))

@@ -103,7 +103,8 @@ async def test_same_request_within_the_ttl_reuses_the_course(
     )
     assert fake.count("openai") == 1
     assert again.metrics["cacheHit"] is True and again.metrics["provider"] == "cache"
-    assert again.metrics["cachedFromJobId"] and again.result_path == first.result_path
+    assert again.result_path == first.result_path
+    assert "cachedFromJobId" not in again.metrics  # the requester reads it: no other job's id
 
     # The same request under another course id: a copy under that id, also listed.
     copy = await course(await course_job(conn, "Music theory", params=params, course_id="theory-2"))
