@@ -37,8 +37,8 @@ test: $(VENV)/.installed ## run the whole test suite against a real PostgreSQL
 	$(PY) -m pytest $(ARGS)
 
 .PHONY: test-fast
-test-fast: $(VENV)/.installed ## the suite without the slow end-to-end tests (about 2 minutes)
-	$(PY) -m pytest -m "not slow" $(ARGS)
+test-fast: $(VENV)/.installed ## the suite without the slow end-to-end tests, 4 at a time
+	$(PY) -m pytest -m "not slow" -n 4 $(ARGS)
 
 .PHONY: lint
 lint: $(VENV)/.installed ## ruff check and format check
