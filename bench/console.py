@@ -36,7 +36,7 @@ Read = Callable[[Conn], Awaitable[Any]]
 def reads() -> dict[str, Read]:
     """The reads measured, by name. Imported late: the bench's own venv has the
     project installed, the peers do not need it."""
-    from listener import alerts, console, db, ops
+    from listener import alerts, console, dal, ops
     from listener.settings import Settings
     from listener.web import metrics, views
 
@@ -50,7 +50,7 @@ def reads() -> dict[str, Read]:
         return await ops.queue_depth(conn), await ops.paused(conn)
 
     async def rows(name: str, conn: Conn, params: Any = None) -> Any:
-        return await db.fetch(conn, name, params)
+        return await dal.fetch(conn, name, params)
 
     async def view(conn: Conn) -> Any:
         return await (await conn.execute(sql("bench_metrics_view"))).fetchall()

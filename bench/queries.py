@@ -5,7 +5,7 @@ from __future__ import annotations
 from functools import cache
 from pathlib import Path
 
-from listener.db import named_statements
+from listener.dal import named_statements
 
 SQL_DIR = Path(__file__).resolve().parent / "sql"
 

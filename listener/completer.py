@@ -1,11 +1,13 @@
 """Batched completion writes (River's batch completer). A finished job frees its
 slot at once; its `done` row is written with the others that finished meanwhile,
-one complete_jobs() call per table, while the next claims already run. Writes
-that fail on a lost connection are retried until the database is back.
+one complete_jobs() call per table, while the next claims already run, or by the
+worker's next claim of its table (`claim`: complete_and_claim, one commit for
+both). Writes that fail on a lost connection are retried until the database is
+back.
 
-A finished course's catalog row rides with its completion (listener.catalog), in
-the same transaction, whether the completer or a claim (complete_and_claim)
-writes it (with_catalog). A job is never `done` without its row."""
+A finished course's catalog row rides with its completion, in the same
+transaction, whether the completer or a claim (complete_and_claim) writes it
+(catalog.complete_with_rows). A job is never `done` without its row."""
 
 from __future__ import annotations
 
@@ -21,8 +23,9 @@ from psycopg.types.json import Jsonb
 from psycopg_pool import AsyncConnectionPool
 
 from listener import dal
-from listener.catalog import catalog_rows
+from listener.catalog import CatalogEntry, complete_with_rows
 from listener.jobs import Job, Outcome
+from listener.rows import ClaimedRow
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -69,7 +72,6 @@ class Completer:
                 try:
                     await self.retry(lambda b=batch: self._write(b))  # type: ignore[misc]
                 except Exception as exc:
-                    released(batch)  # the catalog saves their rows on its own
                     logger.bind(action="completion_lost", jobs=len(batch)).error(
                         f"could not record {len(batch)} finished job(s) ({exc}); they will be "
                         "marked stale and run again"
@@ -88,16 +90,38 @@ class Completer:
                 return
             await asyncio.sleep(wait)
 
-    def take(self, table: str) -> list[tuple[Job, Outcome]]:
+    async def claim(self, params: dict[str, Any]) -> list[ClaimedRow]:
+        """claim_jobs(`params`), with the table's finished jobs riding along
+        (complete_and_claim): their `done` writes and the claim in one commit.
+        Raises as the claim does; the finished jobs then wait for their write
+        again."""
+        table = params["table"]
+        done = self._take(table)
+        if not done:
+            return await dal.CLAIM_JOBS.all(self.pool, params)
+        try:
+            both = await complete_with_rows(
+                self.pool,
+                dal.COMPLETE_AND_CLAIM,
+                params | completion_params(table, done),
+                riders(done),
+            )
+        except Exception:
+            await self._settle(done, None)
+            raise
+        await self._settle(done, [r["id"] for r in both if r["kind"] == "done"])
+        return [r for r in both if r["kind"] == "claimed"]
+
+    def _take(self, table: str) -> list[tuple[Job, Outcome]]:
         """Hand one table's finished jobs to a claim that writes them in its own
-        transaction (complete_and_claim); settle() must follow."""
+        transaction (complete_and_claim); _settle() must follow."""
         mine = [item for item in self._pending if item[0].table == table]
         if mine:
             self._pending = [item for item in self._pending if item[0].table != table]
             self._in_flight += len(mine)
         return mine
 
-    async def settle(
+    async def _settle(
         self, items: list[tuple[Job, Outcome]], written: Collection[UUID] | None
     ) -> None:
         """The claim that took `items` ended: the ids it wrote, or None if it
@@ -109,7 +133,6 @@ class Completer:
             self._pending[:0] = items
             self._more.set()
         else:
-            landed(items)
             report_lost(items, written)
         async with self._written:
             self._written.notify_all()
@@ -124,14 +147,14 @@ class Completer:
         for item in batch:
             by_table.setdefault(item[0].table, []).append(item)
         for table, items in by_table.items():
-            rows = await with_catalog(self.pool, dal.COMPLETE_JOBS, completion_params(table, items))
-            landed(items)
+            rows = await complete_with_rows(
+                self.pool, dal.COMPLETE_JOBS, completion_params(table, items), riders(items)
+            )
             report_lost(items, [r["id"] for r in rows])
 
 
 def completion_params(table: str, items: list[tuple[Job, Outcome]]) -> dict[str, Any]:
-    """The arguments of complete_jobs, and the catalog rows that ride along."""
-    riders = (o.catalog.take() for _, o in items if o.catalog is not None)
+    """The arguments of complete_jobs."""
     return {
         "table": table,
         "ids": [j.id for j, _ in items],
@@ -139,31 +162,12 @@ def completion_params(table: str, items: list[tuple[Job, Outcome]]) -> dict[str,
         "paths": [o.result_path for _, o in items],
         # One JSON array, in the order of ids (the query makes it a jsonb[]).
         "metrics": Jsonb([finite(o.metrics) for _, o in items]),
-        "catalog": catalog_rows([r for r in riders if r is not None]),
     }
 
 
-async def with_catalog(pool: AsyncConnectionPool[Any], query: dal.Query[R], params: Any) -> list[R]:
-    """`query` (complete_jobs, or complete_and_claim) with the catalog rows that
-    ride along (params["catalog"]) saved in the same transaction: one commit."""
-    if not params["catalog"].obj:
-        return await query.all(pool, params)
-    async with pool.connection() as conn, conn.transaction():
-        await dal.CATALOG_UPSERT.run(conn, {"rows": params["catalog"]})
-        return await query.all(conn, params)
-
-
-def landed(items: list[tuple[Job, Outcome]]) -> None:
-    """The statement that carried these completions committed their catalog rows."""
-    for _, o in items:
-        if o.catalog is not None:
-            o.catalog.landed()
-
-
-def released(items: list[tuple[Job, Outcome]]) -> None:
-    for _, o in items:
-        if o.catalog is not None:
-            o.catalog.release()
+def riders(items: list[tuple[Job, Outcome]]) -> list[CatalogEntry]:
+    """The catalog rows that ride with these completions."""
+    return [o.catalog for _, o in items if o.catalog is not None]
 
 
 METRIC_BOUND = 1e300  # the database refuses larger numbers in metrics (sql/011)

@@ -222,7 +222,9 @@ async def charts(conn: Conn, window: str) -> dict[str, Any]:
         series["processing"].append(dep.get("processing"))
         for k in ("p50", "p95", "wait_p50", "wait_p95"):
             series[k].append(fin.get(k))
-    return {"window": window, "bucket_seconds": step, "t": times, **series}
+    # The window asked for, for the x-axis: the charts span it whatever the data.
+    span = {"from": now - length.total_seconds(), "to": now}
+    return {"window": window, "bucket_seconds": step, "t": times, **span, **series}
 
 
 async def cost(conn: Conn, hours: int = 24, top: int = 10) -> dict[str, Any]:
@@ -240,8 +242,11 @@ async def cost(conn: Conn, hours: int = 24, top: int = 10) -> dict[str, Any]:
         )  # fmt: skip
         for k in ("jobs", "input_tokens", "output_tokens", "cached_input_tokens", "cost_usd"):
             p[k] += r[k]
+    now = datetime.now(UTC).timestamp()
     return {
         "hours": hours,
+        "from": now - hours * 3600,  # the window, for the chart's x-axis
+        "to": now,
         "by_hour": by_hour,
         "by_provider": sorted(providers.values(), key=lambda p: -p["cost_usd"]),
         "top_users": await dal.COST_TOP_USERS.all(conn, params),

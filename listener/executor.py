@@ -3,8 +3,8 @@
 Done: the outcome goes to the completer (batched `done` writes). Raised: the
 failure is written (fail_job: a retry after a backoff, or the dead letter).
 Every provider unavailable: the job goes back to pending until the earliest
-recovery (defer_job, no attempt counted) and its table is held (no claims there
-until then). Cancelled: the task ends and nothing is written (the claim is gone).
+recovery (defer_job, no attempt counted) and its table cools down (no claims
+there until then). Cancelled: the task ends and nothing is written (the claim is gone).
 
 `start(job)` is all a caller needs: the claim loop, `run-once`, or any path that
 claimed a row itself (Job.from_claim).
@@ -23,9 +23,9 @@ from psycopg_pool import AsyncConnectionPool
 
 from listener import dal
 from listener.completer import Completer
-from listener.errors import AiJobsError, InvalidJob, ProvidersUnavailable, scrub
+from listener.errors import InvalidJob, ProvidersUnavailable, error_text, scrub
 from listener.jobs import HandlerMap, Job, Outcome
-from listener.leases import LeaseKeeper, Retry, Running
+from listener.leases import LeaseKeeper, Retry
 from listener.pacing import Pacing
 from listener.settings import Settings
 
@@ -35,9 +35,9 @@ FailureHook = Callable[[Job, BaseException], None]
 R = TypeVar("R")
 
 
-class Holds:
-    """Tables whose every provider is down: no claims there until then
-    (monotonic), rather than claim jobs only to put them back."""
+class Cooldowns:
+    """Tables whose every provider is unavailable: no claims there until their
+    cooldown ends (monotonic), rather than claim jobs only to put them back."""
 
     def __init__(self) -> None:
         self._until: dict[str, float] = {}
@@ -45,10 +45,10 @@ class Holds:
     def __contains__(self, table: object) -> bool:
         return table in self._until
 
-    def hold(self, table: str, seconds: float) -> None:
+    def start(self, table: str, seconds: float) -> None:
         self._until[table] = time.monotonic() + seconds
 
-    def held(self, table: str, now: float) -> bool:
+    def cooling(self, table: str, now: float) -> bool:
         until = self._until.get(table)
         if until is None:
             return False
@@ -59,7 +59,7 @@ class Holds:
         return False
 
     def waits(self, now: float) -> list[float]:
-        """Seconds until each hold ends."""
+        """Seconds until each cooldown ends."""
         return [until - now for until in self._until.values() if until > now]
 
 
@@ -88,12 +88,12 @@ class Executor:
         self.on_due = on_due  # a job waits: look again in that many seconds
         self.on_free = on_free  # a slot is free
         self.on_failure = on_failure  # telemetry of a failed attempt
-        self.holds = Holds()
+        self.cooldowns = Cooldowns()
 
     def start(self, job: Job) -> asyncio.Task[Outcome | None]:
         """Run a claimed job in a task of its own, held by the lease keeper."""
         task = asyncio.create_task(self.execute(job), name=f"job {job.key}")
-        self.leases.running[job.id] = Running(job, task)
+        self.leases.track(job, task)
         return task
 
     async def execute(self, job: Job) -> Outcome | None:
@@ -103,17 +103,15 @@ class Executor:
         key, table, attempt = job.key, job.table, job.attempt
         logger.info("job started", job_id=key, table=table, attempt=attempt, action="job_started")
         t0 = time.perf_counter()
-        held = True  # in leases.running, until handed over to the completer
         try:
             handler = self.handlers.get(job.table)
             if handler is None:
                 raise InvalidJob(f"No handler registered for {job.table}")
             outcome = await handler(job)
             outcome.metrics["totalDurationMs"] = round((time.perf_counter() - t0) * 1000, 3)
-            if self.leases.commits and not await self.leases.committed(job):
+            if self.leases.any_uncommitted and not await self.leases.committed(job):
                 return None  # the claim was not committed: nothing of it is ours to write
-            self.leases.running.pop(job.id, None)  # handed over: no longer ours to release
-            held = False
+            self.leases.untrack(job)  # handed over: no longer ours to release
             await self.completer.add(job, outcome)
             ms = outcome.metrics["totalDurationMs"]
             logger.info(
@@ -137,8 +135,7 @@ class Executor:
             return None
         finally:
             self.pacing.job_time.add(time.perf_counter() - t0)
-            if held:
-                self.leases.running.pop(job.id, None)
+            self.leases.untrack(job)
             self.on_free()
 
     async def fail(self, job: Job, exc: BaseException, log: Any = logger) -> None:
@@ -193,12 +190,12 @@ class Executor:
         if row is None:
             return
         due_in = max(0.0, row["due_in"] or 0.0)
-        if job.table not in self.holds:
+        if job.table not in self.cooldowns:
             log.bind(action="claims_held", seconds=round(due_in, 1)).warning(
                 f"every provider is unavailable: no {job.job_type} jobs claimed for "
                 f"{due_in:.1f}s ({message})"
             )
-        self.holds.hold(job.table, due_in)
+        self.cooldowns.start(job.table, due_in)
         self.on_due(due_in)
         if row["status"] == "dead_letter":
             log.bind(action="job_dead_letter").error(f"job moved to the dead letter: {message}")
@@ -233,10 +230,3 @@ class Executor:
 def job_log(job: Job) -> Any:
     """A logger bound to the job's fields (its failure's records)."""
     return logger.bind(job_id=job.key, table=job.table, attempt=job.attempt)
-
-
-def error_text(exc: BaseException) -> str:
-    if isinstance(exc, AiJobsError):
-        return exc.message
-    text = str(exc).strip()
-    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__

@@ -1,43 +1,13 @@
-"""The worker's fast claim on the wire: the claim of a notified job, sent the
-moment its notification is read, and its reply read by the event loop's reader
-callback, on one connection of the pool kept for it.
-
-Through psycopg's awaitable `execute` the same claim costs the path a task to
-run it, a loop iteration before that task runs, the cursor's machinery, and a
-loop iteration between the reply's arrival and the task that reads it: on an
-idle worker, whose code is cold after the quiet between two jobs, about a tenth
-of a millisecond (docs/benchmarks.md). Here the claim is libpq's asynchronous
-calls on the pool connection's own `PGconn`: `send_query_prepared` from the
-caller (the listener's callback), `consume_input` / `get_result` from the reader
-callback, and the reply's row decoded by psycopg's `Transformer`, as `execute`
-would decode it.
-
-The job starts on the claim's row, before its commit is durable: the claim
-goes out as one pipeline (the prepared claim, a Flush, a Sync) in one write, so
-the server sends the row as soon as the UPDATE has run, then commits at the
-Sync, flushing the WAL while the handler starts (on a local disk about a tenth
-of a millisecond: most of what a claim's round trip costs, docs/benchmarks.md).
-Until that commit the row stays locked by the claim's transaction: no other
-worker can claim it, and a write with the claim's token (a fast handler's
-completion, a heartbeat) waits for the commit and then finds the token. The
-owner hears of the commit through a second callback; a commit that fails or
-whose answer never comes (the server crashed, the connection dropped) is
-reported there, and the owner stops the job before the handler has written
-anything and releases it (a claim that did commit goes back to pending; one that
-did not commit changed nothing).
-
-One claim at a time, on a connection no one else uses while it is kept here: it
-is checked out of the pool by `open()` and given back by `close()`, and psycopg
-never sees a query under way on it (nor the pipeline mode, left after each
-claim). `close()` with a claim under way (one waiting on a table's lock, at
-shutdown) cancels it and still reads its reply, so that a job claimed meanwhile
-reaches its owner and is not left `processing` for nobody. Any error fails the
-claim and retires the connection: the owner closes the claimer, and opens it
-again when it wants the fast path back. A reply that never comes (a half-open
-connection) is found by the pool medic like any other: the connection waits on
-a reply (libpq says ACTIVE) while its backend sits idle; the medic shuts its
-socket down and the claim fails here.
-"""
+"""The fast claim on the wire: the claim of a notified job, sent with libpq's
+asynchronous calls on one pool connection kept for it (the statement prepared
+once per opening, under a name of its own), and its reply read by the event
+loop's reader callback and decoded by psycopg's Transformer, with no task or
+cursor in between. The claim goes out as one pipeline (the prepared claim, a
+Flush, a Sync), so its row arrives before its commit, which its owner hears of
+through a second callback. One claim at a time; any error retires the
+connection; close() with a claim under way cancels it and still reads its reply.
+docs/design.md, "The notified job, claimed at once", says why and what each
+case does."""
 
 from __future__ import annotations
 
@@ -66,8 +36,10 @@ _serial = itertools.count(1)  # ... and a serial number
 # delivered on a connection of its own; the reply follows on the claim's).
 CANCEL_WAIT = 5.0
 
-Reply = Callable[[ClaimedRow | None, BaseException | None], None]
 Committed = Callable[[BaseException | None], None]
+# The claim's row (None: nothing claimed) or its error; returns what to call
+# once the claim's commit has ended (None: nothing to tell).
+Reply = Callable[[ClaimedRow | None, BaseException | None], Committed | None]
 
 
 class Abandoned(Exception):
@@ -159,14 +131,12 @@ class FastClaimer:
             with contextlib.suppress(Exception):  # a closed pool, at shutdown
                 await self.pool.putconn(conn)
 
-    def claim(
-        self, table: str, job_id: UUID, reply: Reply, committed: Committed | None = None
-    ) -> None:
+    def claim(self, table: str, job_id: UUID, reply: Reply) -> None:
         """Send the claim of that job; `reply(row or None, error)` is called from
-        the event loop once its row is read, and, when a row was claimed,
-        `committed(error or None)` once its commit has ended (None: durable).
-        Raises if it could not be sent (the connection is broken: close the
-        claimer)."""
+        the event loop once its row is read, and, when a row was claimed, the
+        callback it returns is called with the commit's error (None: durable)
+        once the commit has ended. Raises if it could not be sent (the
+        connection is broken: close the claimer)."""
         if not self.ready:
             raise RuntimeError("the fast claimer is not ready")
         values = {"table": table.encode(), "id": str(job_id).encode(), "worker": self.worker}
@@ -183,7 +153,7 @@ class FastClaimer:
         except BaseException:
             self._usable = False
             raise
-        self._reply, self._committed = reply, committed
+        self._reply, self._committed = reply, None
         self._done = asyncio.get_running_loop().create_future()
 
     # -- libpq's asynchronous calls, driven by the event loop ---------------------
@@ -289,10 +259,10 @@ class FastClaimer:
         except Exception as err:
             exc = err
             self._usable = False  # the owner closes it; nothing more is sent on it
-        if row is None:
-            self._committed = None  # nothing claimed: no commit to tell of
         if reply is not None:
-            self._call(reply, row, exc)
+            committed = self._call(reply, row, exc)
+            if row is not None:  # nothing claimed: no commit to tell of
+                self._committed = committed
 
     def _commit_error(self) -> BaseException | None:
         """An error the server sent with the Sync (the commit failed), if any."""
@@ -318,14 +288,15 @@ class FastClaimer:
         if done is not None and not done.done():
             done.set_result(None)
 
-    def _call(self, fn: Callable[..., None], *args: Any) -> None:
+    def _call(self, fn: Callable[..., Committed | None], *args: Any) -> Committed | None:
         """A callback of the owner's, from the event loop: its bug is not the loop's."""
         try:
-            fn(*args)
+            return fn(*args)
         except Exception as err:
             logger.bind(action="fast_claim_failed").opt(exception=err).error(
                 f"the fast claim's reply could not be handled: {type(err).__name__}"
             )
+            return None
 
     def _row(self, results: list[pq.abc.PGresult]) -> ClaimedRow | None:
         """The claimed row (None: nothing claimed), as psycopg would decode it."""

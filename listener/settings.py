@@ -1,12 +1,12 @@
-"""All configuration, read once from the environment (see INTERFACE.md, "Settings")."""
+"""All configuration, read once from the environment (docs/reference.md, "Settings")."""
 
 from __future__ import annotations
 
 from functools import cached_property
 from pathlib import Path
-from typing import get_args
+from typing import Any, get_args
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field, SecretStr, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 # Defaults mirror the runbook.
@@ -55,10 +55,20 @@ ALERT_INTERVAL_SECONDS = 60.0  # how often the worker evaluates the alert rules
 
 LISTEN_MODES = ("listen", "poll")
 LISTEN_PROBE_SECONDS = 30.0  # an idle worker proves its LISTEN connection this often
+LOG_LEVELS = ("TRACE", "DEBUG", "INFO", "SUCCESS", "WARNING", "ERROR", "CRITICAL")  # loguru's
+# No duration setting may exceed ten years: beyond that a value is a typo, and far
+# beyond it PostgreSQL's intervals and the event loop's timers overflow (a sweep
+# with STALE_AFTER_SECONDS=1e300 fails with "interval out of range").
+MAX_SECONDS = 10 * 365 * 86400.0
+MAX_RETENTION_DAYS = 36500.0  # a century
 
 
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="", case_sensitive=False, extra="ignore")
+    # allow_inf_nan=False: inf and nan are refused in every float setting (a sweep
+    # with STALE_AFTER_SECONDS=inf would fail at every run, nan compares false to all).
+    model_config = SettingsConfigDict(
+        env_prefix="", case_sensitive=False, extra="ignore", allow_inf_nan=False
+    )
 
     database_url: SecretStr | None = None
     worker_concurrency: int = Field(WORKER_CONCURRENCY, ge=1, le=1000)
@@ -119,6 +129,36 @@ class Settings(BaseSettings):
     alert_rate_limit_violations_per_hour: int = Field(ALERT_RATE_LIMIT_VIOLATIONS_PER_HOUR, ge=0)
     alert_budget_rejections_per_hour: int = Field(ALERT_BUDGET_REJECTIONS_PER_HOUR, ge=0)
     log_level: str = "INFO"
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _blank_secret_is_unset(cls, v: Any, info: ValidationInfo) -> Any:
+        """A secret of only spaces counts as unset, like an empty one, and any
+        secret loses the spaces around it. A platform's form or an .env template
+        leaves `OPENAI_API_KEY= ` as easily as `OPENAI_API_KEY=`: both say "no
+        key", and a worker left with no provider refuses to start anyway. Taken
+        as set, the key would be sent and every call fail with a 401."""
+        if info.field_name in _SECRET_FIELDS and isinstance(v, str):
+            return v.strip() or None
+        return v
+
+    @field_validator("*")
+    @classmethod
+    def _duration(cls, v: Any, info: ValidationInfo) -> Any:
+        name = info.field_name or ""
+        if isinstance(v, float) and name.endswith("_seconds") and v > MAX_SECONDS:
+            raise ValueError(f"must be at most {MAX_SECONDS:.0f} (ten years)")
+        if name == "retention_days" and isinstance(v, float) and v > MAX_RETENTION_DAYS:
+            raise ValueError(f"must be at most {MAX_RETENTION_DAYS:.0f} (a century)")
+        return v
+
+    @field_validator("log_level")
+    @classmethod
+    def _log_level(cls, v: str) -> str:
+        level = v.strip().upper()
+        if level not in LOG_LEVELS:
+            raise ValueError(f"must be one of {', '.join(LOG_LEVELS)}, got {v!r}")
+        return level
 
     @field_validator("log_format")
     @classmethod
@@ -188,6 +228,9 @@ class Settings(BaseSettings):
         return Path(url.removeprefix("file://")).expanduser()
 
 
+_SECRET_FIELDS = frozenset(Settings.secret_fields())
+
+
 def load() -> Settings:
     """Read the settings; a bad value raises ConfigError with one line naming it."""
     from pydantic import ValidationError
@@ -197,6 +240,7 @@ def load() -> Settings:
     try:
         return Settings()
     except ValidationError as exc:
-        first = exc.errors()[0]
+        first = exc.errors(include_url=False)[0]
         name = str(first["loc"][0]).upper() if first["loc"] else "settings"
-        raise ConfigError(f"Invalid setting {name}: {first['msg']}") from None
+        why = first["msg"].removeprefix("Value error, ")
+        raise ConfigError(f"Invalid setting {name}: {why}") from None

@@ -21,6 +21,7 @@ Layout: courses/<courseId>/course.json, courses/catalog.json, media/<jobId>.<ext
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import uuid
 from pathlib import Path
@@ -33,6 +34,7 @@ from listener.errors import AiJobsError, ConfigError
 from listener.settings import Settings
 
 DEFAULT_BUCKET = "courses"
+PROBE = ".ai-jobs-write-check"  # the start-up check's file, removed at once
 
 
 class StorageError(AiJobsError):
@@ -45,6 +47,10 @@ class Storage(Protocol):
     async def write(self, path: str, data: bytes, content_type: str) -> None: ...
 
     async def read(self, path: str) -> bytes | None: ...
+
+    async def check(self) -> None:
+        """Raise ConfigError unless a result could be written now (at start)."""
+        ...
 
     async def aclose(self) -> None: ...
 
@@ -110,6 +116,20 @@ class LocalStorage:
         except FileNotFoundError:
             return None
 
+    async def check(self) -> None:
+        """Write a probe file as a result is written (the folder made if need
+        be), then remove it."""
+        probe = self.root / f"{PROBE}-{uuid.uuid4().hex}"
+        try:
+            await asyncio.to_thread(self._write, probe, b"ok")
+            await asyncio.to_thread(probe.unlink)
+        except OSError as exc:
+            where = self.root.absolute()
+            raise ConfigError(
+                f"STORAGE_URL: cannot write to {where}: {exc.strerror or exc}"
+                " (each job's result is written there)"
+            ) from None
+
     async def aclose(self) -> None:
         return None
 
@@ -119,6 +139,7 @@ class SupabaseStorage:
 
     def __init__(self, base_url: str, bucket: str, key: str, timeout: float = 30.0) -> None:
         self.bucket = bucket
+        self.base_url = base_url
         self.location = f"{base_url}/storage/v1/object/{bucket}"
         self.client = httpx.AsyncClient(
             base_url=f"{base_url}/storage/v1",
@@ -155,6 +176,38 @@ class SupabaseStorage:
         if resp.status_code >= 300:
             raise StorageError(f"Storage read failed: {path}: HTTP {resp.status_code}")
         return resp.content
+
+    async def check(self) -> None:
+        """The bucket exists (GET /bucket/<id>) and the key may write in it (a
+        probe object uploaded, then deleted)."""
+        where = f"bucket {self.bucket!r} of {self.base_url}"
+        try:
+            resp = await self.client.get(f"/bucket/{quote(self.bucket)}")
+        except httpx.HTTPError as exc:
+            raise ConfigError(
+                f"STORAGE_URL: cannot reach Supabase Storage at {self.base_url}: "
+                f"{type(exc).__name__}"
+            ) from None
+        status = _message(resp, "statusCode") or str(resp.status_code)
+        if resp.status_code >= 300 and status == "404":
+            raise ConfigError(
+                f"STORAGE_URL: {where} does not exist (create it in Supabase Storage,"
+                " or name an existing one: supabase://<project host>/<bucket>)"
+            )
+        if resp.status_code >= 300:
+            raise ConfigError(
+                f"STORAGE_URL: Supabase Storage refused SUPABASE_SERVICE_ROLE_KEY for {where}:"
+                f" HTTP {resp.status_code} {_message(resp)}".rstrip()
+            )
+        probe = f"{PROBE}-{uuid.uuid4().hex}"
+        try:
+            await self.write(probe, b"ok", "text/plain")
+        except StorageError as exc:
+            raise ConfigError(
+                f"STORAGE_URL: SUPABASE_SERVICE_ROLE_KEY may not write to {where}: {exc.message}"
+            ) from None
+        with contextlib.suppress(httpx.HTTPError):  # a probe left behind harms nothing
+            await self.client.delete(self._url(probe))
 
     async def aclose(self) -> None:
         await self.client.aclose()

@@ -6,7 +6,7 @@
 -- DO NOT EDIT: change the schema with a new migration in sql/ or triggers/, then
 -- run `make schema`. The migrations remain the source of truth: `ai-jobs migrate`
 -- applies them, never this file, which is here to be read. A test fails while it
--- is out of date.
+-- is out of date. Each function says which migration last defined it.
 
 -- ============================================================================
 -- Tables
@@ -69,10 +69,19 @@ create table ai_course_owners (
     course_id text not null,
     owner uuid,
     claimed_at timestamp with time zone default now() not null,
+    slug text,
     constraint ai_course_owners_pkey PRIMARY KEY (course_id)
 );
 
 alter table ai_course_owners enable row level security;
+
+create table ai_job_admissions (
+    created_by uuid not null,
+    admitted_at timestamp with time zone default clock_timestamp() not null,
+    constraint ai_job_admissions_pkey PRIMARY KEY (created_by)
+);
+
+alter table ai_job_admissions enable row level security;
 
 create table ai_job_alert_state (
     rule text not null,
@@ -101,6 +110,28 @@ create table ai_job_attempts (
 );
 
 alter table ai_job_attempts enable row level security;
+
+create table ai_job_charges (
+    id bigint generated always as identity,
+    job_table text not null,
+    job_id uuid not null,
+    created_by uuid,
+    provider text not null,
+    model text not null,
+    input_tokens bigint default 0 not null,
+    cached_input_tokens bigint default 0 not null,
+    output_tokens bigint default 0 not null,
+    cost_usd numeric,
+    charged_at timestamp with time zone default now() not null,
+    constraint ai_job_charges_pkey PRIMARY KEY (id),
+    constraint ai_job_charges_cached_input_tokens_check CHECK (cached_input_tokens >= 0),
+    constraint ai_job_charges_cost_usd_check CHECK (cost_usd >= 0::numeric AND cost_usd < '1000000000'::numeric),
+    constraint ai_job_charges_input_tokens_check CHECK (input_tokens >= 0),
+    constraint ai_job_charges_job_table_check CHECK (job_table = ANY (ARRAY['ai_course_jobs'::text, 'ai_media_jobs'::text])),
+    constraint ai_job_charges_output_tokens_check CHECK (output_tokens >= 0)
+);
+
+alter table ai_job_charges enable row level security;
 
 create table ai_job_counter_samples (
     counter text not null,
@@ -258,6 +289,8 @@ alter table ai_media_jobs enable row level security;
 
 CREATE INDEX ai_course_catalog_cache_idx ON public.ai_course_catalog USING btree (cache_key, updated_at DESC) WHERE (cache_key IS NOT NULL);
 
+CREATE INDEX ai_course_catalog_lower_idx ON public.ai_course_catalog USING btree (lower(course_id));
+
 CREATE INDEX ai_course_jobs_cancelled_idx ON public.ai_course_jobs USING btree (created_at, id) WHERE (status = 'cancelled'::text);
 
 CREATE INDEX ai_course_jobs_claim_idx ON public.ai_course_jobs USING btree (run_after) WHERE (status = ANY (ARRAY['pending'::text, 'failed'::text]));
@@ -276,9 +309,15 @@ CREATE INDEX ai_course_jobs_stale_idx ON public.ai_course_jobs USING btree (last
 
 CREATE INDEX ai_course_jobs_user_idx ON public.ai_course_jobs USING btree (created_by, created_at) WHERE (created_by IS NOT NULL);
 
+CREATE INDEX ai_course_owners_slug_idx ON public.ai_course_owners USING btree (slug);
+
 CREATE INDEX ai_job_attempts_ended_idx ON public.ai_job_attempts USING btree (ended_at);
 
 CREATE INDEX ai_job_attempts_job_idx ON public.ai_job_attempts USING btree (job_id);
+
+CREATE INDEX ai_job_charges_job_idx ON public.ai_job_charges USING btree (job_id);
+
+CREATE INDEX ai_job_charges_user_idx ON public.ai_job_charges USING btree (created_by, charged_at) WHERE (created_by IS NOT NULL);
 
 CREATE INDEX ai_media_jobs_cancelled_idx ON public.ai_media_jobs USING btree (created_at, id) WHERE (status = 'cancelled'::text);
 
@@ -332,11 +371,12 @@ SELECT job_type,
 -- Functions
 -- ============================================================================
 
+-- last defined by sql/011_client_requests.sql
 CREATE OR REPLACE FUNCTION public.ai_course_jobs_defaults()
  RETURNS trigger
  LANGUAGE plpgsql
  SECURITY DEFINER
- SET search_path TO 'public', 'pg_temp'
+ SET search_path TO 'pg_catalog', 'public', 'pg_temp'
 AS $function$
 begin
     if new.course_id is null or btrim(new.course_id) = '' then
@@ -348,9 +388,33 @@ begin
 end
 $function$;
 
+-- last defined by sql/021_admission_hardening.sql
+CREATE OR REPLACE FUNCTION public.ai_job_add_charges(job_tables text[], job_ids uuid[], providers text[], models text[], input_tokens bigint[], cached_input_tokens bigint[], output_tokens bigint[], costs numeric[])
+ RETURNS void
+ LANGUAGE sql
+ SET search_path TO 'pg_catalog', 'public', 'pg_temp'
+AS $function$
+    insert into ai_job_charges (job_table, job_id, created_by, provider, model, input_tokens,
+                                cached_input_tokens, output_tokens, cost_usd)
+    select c.job_table, c.job_id,
+           case c.job_table
+               when 'ai_course_jobs' then (select j.created_by from ai_course_jobs j
+                                           where j.id = c.job_id)
+               else (select m.created_by from ai_media_jobs m where m.id = c.job_id)
+           end,
+           left(c.provider, 40), left(c.model, 200), greatest(c.input, 0),
+           greatest(c.cached, 0), greatest(c.output, 0),
+           case when c.cost < 0 then 0 else c.cost end  -- null (no price) stays null
+    from unnest(job_tables, job_ids, providers, models, input_tokens, cached_input_tokens,
+                output_tokens, costs) as c(job_table, job_id, provider, model, input, cached,
+                                           output, cost)
+$function$;
+
+-- last defined by sql/014_provider_breakers.sql
 CREATE OR REPLACE FUNCTION public.ai_job_add_usage(providers text[], models text[], calls bigint[], input_tokens bigint[], cached_input_tokens bigint[], output_tokens bigint[], costs numeric[])
  RETURNS void
  LANGUAGE sql
+ SET search_path TO 'pg_catalog', 'public', 'pg_temp'
 AS $function$
     insert into ai_job_usage_totals as t
         (provider, model, calls, input_tokens, cached_input_tokens, output_tokens, cost_usd)
@@ -365,19 +429,34 @@ AS $function$
         updated_at = now()
 $function$;
 
+-- last defined by sql/021_admission_hardening.sql
 CREATE OR REPLACE FUNCTION public.ai_job_admit()
  RETURNS trigger
  LANGUAGE plpgsql
+ SET search_path TO 'pg_catalog', 'public', 'pg_temp'
 AS $function$
 declare
     lim record;
     trusted boolean;
 begin
+    -- This function runs as the inserting role (SECURITY INVOKER), so current_user
+    -- is the client's role. The owner (and superusers) and service_role keep full
+    -- control over what they insert; anyone else inserts for themselves only, and
+    -- is told so as row-level security would tell them, before the triggers that
+    -- look at that user's counts, spend and courses (they come after this one).
+    trusted := pg_has_role(current_user, (select c.relowner from pg_class c where c.oid = tg_relid),
+                           'USAGE')
+               or pg_has_role(current_user, 'service_role', 'USAGE');
+    if not trusted and (new.created_by is null or new.created_by is distinct from auth.uid()) then
+        raise exception 'new row violates row-level security policy for table "%"', tg_table_name
+            using errcode = 'insufficient_privilege';
+    end if;
+
     -- The defaults stand in should the settings row be missing: never no limit.
-    select coalesce(max(max_subject_length), 500) as max_subject_length,
-           coalesce(max(max_prompt_length), 4000) as max_prompt_length,
-           coalesce(max(max_params_bytes), 8192) as max_params_bytes
-    into lim from ai_job_settings;
+    select coalesce(max(s.max_subject_length), 500) as max_subject_length,
+           coalesce(max(s.max_prompt_length), 4000) as max_prompt_length,
+           coalesce(max(s.max_params_bytes), 8192) as max_params_bytes
+    into lim from ai_job_settings s;
     if tg_table_name = 'ai_course_jobs' then
         if length(new.subject) > lim.max_subject_length then
             raise exception 'subject is % characters long, over the limit of %',
@@ -410,19 +489,16 @@ begin
             using errcode = 'check_violation';
     end if;
 
-    -- This function runs as the inserting role (SECURITY INVOKER), so current_user
-    -- is the client's role. The owner (and superusers) and service_role keep full
-    -- control over what they insert.
-    trusted := pg_has_role(current_user, (select relowner from pg_class where oid = tg_relid), 'USAGE')
-               or pg_has_role(current_user, 'service_role', 'USAGE');
     if not trusted then
         new.id := gen_random_uuid();
         new.status := 'pending';
         new.retry_count := 0;
         new.max_retries := least(new.max_retries, 10);
         new.error := null;
-        new.created_at := now();
-        new.run_after := now();
+        -- The statement's time: now() is the transaction's, which a client could
+        -- hold open for an hour to insert rows already out of the rate limit's hour.
+        new.created_at := statement_timestamp();
+        new.run_after := new.created_at;
         new.started_at := null;
         new.last_heartbeat := null;
         new.completed_at := null;
@@ -435,15 +511,20 @@ begin
 end
 $function$;
 
+-- last defined by sql/021_admission_hardening.sql
 CREATE OR REPLACE FUNCTION public.ai_job_bulk(action text, table_name text, status text, provider text, user_id uuid, created_after timestamp with time zone, created_before timestamp with time zone, search text, dry_run boolean)
  RETURNS bigint
  LANGUAGE plpgsql
+ SET search_path TO 'pg_catalog', 'public', 'pg_temp'
 AS $function$
 declare
     t text;
     allowed text[];
     cond text;
     n bigint;
+    owners uuid[];
+    ids text[];
+    requeued uuid[];
     total bigint := 0;
 begin
     allowed := case action
@@ -462,36 +543,50 @@ begin
         cond := ai_job_filter_sql(t, status, provider, user_id, created_after, created_before,
                                   search)
                 || format(' and status = any(%L::text[])', allowed);
+        owners := null;
+        ids := null;
         if dry_run then
             execute format('select count(*) from %I where %s', t, cond) into n;
         elsif action = 'requeue' then
             execute format($q$
-                update %1$I j
-                set status = 'pending', retry_count = 0, error = null, run_after = now(),
-                    started_at = null, last_heartbeat = null, completed_at = null,
-                    claim_token = null, worker_id = null
-                where j.id = any(array(select id from %1$I where %2$s for update skip locked))
-            $q$, t, cond);
-            get diagnostics n = row_count;
+                with requeued as (
+                    update %1$I j
+                    set status = 'pending', retry_count = 0, error = null, run_after = now(),
+                        started_at = null, last_heartbeat = null, completed_at = null,
+                        claim_token = null, worker_id = null
+                    where j.id = any(array(select id from %1$I where %2$s for update skip locked))
+                    returning j.id
+                )
+                select count(*), array_agg(id) from requeued
+            $q$, t, cond) into n, requeued;
+            if t = 'ai_course_jobs' and requeued is not null then
+                perform ai_job_reclaim_course_ids(requeued);
+            end if;
         elsif action = 'cancel' then
             execute format($q$
-                update %1$I j
-                set status = 'cancelled', completed_at = clock_timestamp(), claim_token = null
-                where j.id = any(array(select id from %1$I where %2$s for update skip locked))
-            $q$, t, cond);
-            get diagnostics n = row_count;
+                with cancelled as (
+                    update %1$I j
+                    set status = 'cancelled', completed_at = clock_timestamp(), claim_token = null
+                    where j.id = any(array(select id from %1$I where %2$s for update skip locked))
+                    returning j.created_by, j.course_id
+                )
+                select count(*), array_agg(created_by), array_agg(course_id) from cancelled
+            $q$, t, cond) into n, owners, ids;
         else
             execute format($q$
                 with gone as (
                     delete from %1$I j
                     where j.id = any(array(select id from %1$I where %2$s for update skip locked))
-                    returning j.id
+                    returning j.id, j.created_by, j.course_id
                 ), history as (
                     delete from ai_job_attempts a using gone
                     where a.job_table = %1$L and a.job_id = gone.id
                 )
-                select count(*) from gone
-            $q$, t, cond) into n;
+                select count(*), array_agg(created_by), array_agg(course_id) from gone
+            $q$, t, cond) into n, owners, ids;
+        end if;
+        if owners is not null then
+            perform ai_job_release_course_ids(owners, ids);
         end if;
         total := total + coalesce(n, 0);
     end loop;
@@ -499,17 +594,20 @@ begin
 end
 $function$;
 
+-- last defined by sql/021_admission_hardening.sql
 CREATE OR REPLACE FUNCTION public.ai_job_cancel(job_id uuid, table_name text, only_user uuid)
  RETURNS text
  LANGUAGE plpgsql
+ SET search_path TO 'pg_catalog', 'public', 'pg_temp'
 AS $function$
 declare
     t text := ai_job_table(table_name);
     st text;
     owner uuid;
+    course text;
 begin
-    execute format('select status, created_by from %I where id = $1 for update', t)
-        into st, owner using job_id;
+    execute format('select status, created_by, course_id from %I where id = $1 for update', t)
+        into st, owner, course using job_id;
     if st is null or (only_user is not null and owner is distinct from only_user) then
         raise exception 'Job % not found in %', job_id, t using errcode = 'no_data_found';
     end if;
@@ -532,15 +630,17 @@ begin
         update %I set status = 'cancelled', completed_at = clock_timestamp(), claim_token = null
         where id = $1
     $q$, t) using job_id;
+    perform ai_job_release_course_ids(array[owner], array[course]);
     return st;
 end
 $function$;
 
+-- last defined by sql/016_cancel_pause_attempts.sql
 CREATE OR REPLACE FUNCTION public.ai_job_cancel_own(job_id uuid, table_name text)
  RETURNS text
  LANGUAGE plpgsql
  SECURITY DEFINER
- SET search_path TO 'public', 'pg_temp'
+ SET search_path TO 'pg_catalog', 'public', 'pg_temp'
 AS $function$
 declare
     me uuid := auth.uid();
@@ -553,81 +653,99 @@ begin
 end
 $function$;
 
+-- last defined by sql/021_admission_hardening.sql
 CREATE OR REPLACE FUNCTION public.ai_job_claim_course_id(wanted text, owner_id uuid, may_rename boolean)
  RETURNS text
  LANGUAGE plpgsql
+ SET search_path TO 'pg_catalog', 'public', 'pg_temp'
 AS $function$
 declare
-    candidate text := wanted;
+    id text := lower(wanted);
     holder uuid;
+    held boolean := false;
+    mine text;
+    candidate text;
 begin
-    for attempt in 1..8 loop
-        insert into ai_course_owners as o (course_id, owner) values (lower(candidate), owner_id)
+    for attempt in 1..10 loop
+        insert into ai_course_owners as o (course_id, owner, slug) values (id, owner_id, id)
+        on conflict (course_id) do nothing;
+        if found then
+            return wanted;
+        end if;
+        -- Taken. Held (for share) until this insert commits, so that a release of
+        -- the id (a cancel, a purge) waits for it and then sees its job.
+        select o.owner into holder from ai_course_owners o where o.course_id = id for share;
+        held := found;
+        exit when held;  -- else released meanwhile: claim it afresh
+    end loop;
+    if held and holder is not distinct from owner_id then
+        return wanted;
+    end if;
+    if not may_rename then
+        raise exception 'course_id % belongs to a course made by another user', quote_literal(wanted)
+            using errcode = 'insufficient_privilege',
+                  hint = 'Leave course_id empty to derive one from the subject.';
+    end if;
+    -- The owner's own id for this slug, from an earlier request: the same subject
+    -- asked again lands on the same course.
+    select o.course_id into mine from ai_course_owners o
+    where o.slug = id and o.owner is not distinct from owner_id
+    order by o.claimed_at, o.course_id
+    limit 1
+    for share;
+    if found then
+        return mine;
+    end if;
+    -- A new one, with a random suffix: nobody can tell it in advance, so nobody
+    -- can take it first.
+    for attempt in 1..10 loop
+        candidate := left(id, 116) || '-' || left(replace(gen_random_uuid()::text, '-', ''), 10);
+        insert into ai_course_owners (course_id, owner, slug) values (candidate, owner_id, id)
         on conflict (course_id) do nothing;
         if found then
             return candidate;
         end if;
-        select o.owner into holder from ai_course_owners o where o.course_id = lower(candidate);
-        if holder is not distinct from owner_id then
-            return candidate;
-        end if;
-        if not may_rename then
-            raise exception 'course_id % belongs to a course made by another user', quote_literal(wanted)
-                using errcode = 'insufficient_privilege',
-                      hint = 'Leave course_id empty to derive one from the subject.';
-        end if;
-        candidate := left(wanted, 120) || '-' || left(md5(
-            coalesce(owner_id::text, 'system') || '/' || wanted || '/' || attempt), 6);
     end loop;
-    raise exception 'no free course id for % after 8 tries', quote_literal(wanted)
+    raise exception 'no free course id for % after 10 random tries', quote_literal(wanted)
         using errcode = 'unique_violation';
 end
 $function$;
 
-CREATE OR REPLACE FUNCTION public.ai_job_enforce_budget()
+-- last defined by sql/021_admission_hardening.sql
+CREATE OR REPLACE FUNCTION public.ai_job_enforce_limits()
  RETURNS trigger
  LANGUAGE plpgsql
  SECURITY DEFINER
- SET search_path TO 'public', 'pg_temp'
+ SET search_path TO 'pg_catalog', 'public', 'pg_temp'
 AS $function$
 declare
-    cap numeric;
+    s record;
+    n bigint;
     spent numeric;
 begin
-    select daily_budget_usd_per_user into cap from ai_job_settings;
-    if cap is null then
-        return new;
+    -- The user's row: its lock queues their concurrent inserts (into either table);
+    -- under REPEATABLE READ or SERIALIZABLE, an insert of theirs committed since
+    -- this transaction's snapshot makes this update fail with 40001.
+    insert into ai_job_admissions as a (created_by) values (new.created_by)
+    on conflict (created_by) do update set admitted_at = excluded.admitted_at;
+    select coalesce(max(rate_limit_per_hour), 10) as rate_limit,
+           max(daily_budget_usd_per_user) as cap
+    into s from ai_job_settings;
+    if s.cap is not null then
+        spent := ai_job_user_spend(new.created_by, now() - interval '24 hours');
+        if spent >= s.cap then
+            perform nextval('ai_job_budget_rejections');
+            raise exception 'Budget exceeded: $% spent or reserved in the last 24 hours (cap $% per user)',
+                round(spent, 4), round(s.cap, 2)
+                using errcode = 'AJ402',
+                      hint = 'Wait, or change ai_job_settings.daily_budget_usd_per_user.';
+        end if;
     end if;
-    perform pg_advisory_xact_lock(hashtext('ai_job_budget'), hashtext(new.created_by::text));
-    spent := ai_job_user_spend(new.created_by, now() - interval '24 hours');
-    if spent >= cap then
-        perform nextval('ai_job_budget_rejections');
-        raise exception 'Budget exceeded: $% spent or reserved in the last 24 hours (cap $% per user)',
-            round(spent, 4), round(cap, 2)
-            using errcode = 'AJ402',
-                  hint = 'Wait, or change ai_job_settings.daily_budget_usd_per_user.';
-    end if;
-    return new;
-end
-$function$;
-
-CREATE OR REPLACE FUNCTION public.ai_job_enforce_rate_limit()
- RETURNS trigger
- LANGUAGE plpgsql
- SECURITY DEFINER
- SET search_path TO 'public', 'pg_temp'
-AS $function$
-declare
-    lim int;
-    n bigint;
-begin
-    select rate_limit_per_hour into lim from ai_job_settings;
-    perform pg_advisory_xact_lock(hashtext(tg_table_name), hashtext(new.created_by::text));
     n := ai_job_user_jobs_last_hour(new.created_by, tg_table_name);
-    if n >= lim then
+    if n >= s.rate_limit then
         perform nextval('ai_job_rate_limit_rejections');
         raise exception 'Rate limit exceeded: % jobs in the last hour (limit %) in %',
-            n, lim, tg_table_name
+            n, s.rate_limit, tg_table_name
             using errcode = 'AJ429',
                   hint = 'Wait, or change ai_job_settings.rate_limit_per_hour.';
     end if;
@@ -635,10 +753,12 @@ begin
 end
 $function$;
 
+-- last defined by sql/017_console.sql
 CREATE OR REPLACE FUNCTION public.ai_job_filter_sql(t text, status text, provider text, user_id uuid, created_after timestamp with time zone, created_before timestamp with time zone, search text)
  RETURNS text
  LANGUAGE plpgsql
  IMMUTABLE
+ SET search_path TO 'pg_catalog', 'public', 'pg_temp'
 AS $function$
 declare
     label text := case t when 'ai_course_jobs' then 'subject' else 'prompt' end;
@@ -679,9 +799,11 @@ begin
 end
 $function$;
 
+-- last defined by sql/017_console.sql
 CREATE OR REPLACE FUNCTION public.ai_job_fold_counts()
  RETURNS bigint
  LANGUAGE sql
+ SET search_path TO 'pg_catalog', 'public', 'pg_temp'
 AS $function$
     with d as (delete from ai_job_status_deltas returning *),
     folded as (
@@ -696,9 +818,11 @@ AS $function$
     select count(*) from d
 $function$;
 
+-- last defined by sql/014_provider_breakers.sql
 CREATE OR REPLACE FUNCTION public.ai_job_provider_failed(p_provider text, p_kind text, p_reason text, p_threshold integer, p_cooldown_seconds double precision, p_retry_after_seconds double precision DEFAULT NULL::double precision)
  RETURNS TABLE(provider text, consecutive_failures integer, open_until timestamp with time zone, cooldown_kind text, cooldown_reason text, probe_until timestamp with time zone, transition text)
  LANGUAGE plpgsql
+ SET search_path TO 'pg_catalog', 'public', 'pg_temp'
 AS $function$
 #variable_conflict use_column
 declare
@@ -747,9 +871,11 @@ begin
 end
 $function$;
 
+-- last defined by sql/014_provider_breakers.sql
 CREATE OR REPLACE FUNCTION public.ai_job_provider_probe(p_provider text, lease_seconds double precision)
  RETURNS TABLE(provider text, consecutive_failures integer, open_until timestamp with time zone, cooldown_kind text, cooldown_reason text, probe_until timestamp with time zone, probe boolean)
  LANGUAGE plpgsql
+ SET search_path TO 'pg_catalog', 'public', 'pg_temp'
 AS $function$
 #variable_conflict use_column
 declare
@@ -767,9 +893,11 @@ begin
 end
 $function$;
 
+-- last defined by sql/014_provider_breakers.sql
 CREATE OR REPLACE FUNCTION public.ai_job_provider_reset(p_provider text)
  RETURNS void
  LANGUAGE sql
+ SET search_path TO 'pg_catalog', 'public', 'pg_temp'
 AS $function$
     update ai_job_provider_state
     set consecutive_failures = 0, open_until = null, cooldown_kind = null,
@@ -777,9 +905,11 @@ AS $function$
     where provider = p_provider
 $function$;
 
+-- last defined by sql/014_provider_breakers.sql
 CREATE OR REPLACE FUNCTION public.ai_job_provider_succeeded(p_provider text)
  RETURNS TABLE(provider text, consecutive_failures integer, open_until timestamp with time zone, cooldown_kind text, cooldown_reason text, probe_until timestamp with time zone, transition text)
  LANGUAGE plpgsql
+ SET search_path TO 'pg_catalog', 'public', 'pg_temp'
 AS $function$
 #variable_conflict use_column
 declare
@@ -799,9 +929,42 @@ begin
 end
 $function$;
 
+-- last defined by sql/021_admission_hardening.sql
+CREATE OR REPLACE FUNCTION public.ai_job_reclaim_course_ids(job_ids uuid[])
+ RETURNS bigint
+ LANGUAGE plpgsql
+ SECURITY DEFINER
+ SET search_path TO 'pg_catalog', 'public', 'pg_temp'
+AS $function$
+declare
+    r record;
+    kept text;
+    n bigint := 0;
+begin
+    for r in
+        select j.id, j.created_by, j.course_id, j.subject from ai_course_jobs j
+        where j.id = any(job_ids) and j.course_id is not null
+        order by j.id
+    loop
+        begin
+            kept := ai_job_claim_course_id(r.course_id, r.created_by, false);
+        exception when insufficient_privilege then
+            kept := ai_job_claim_course_id(ai_job_slugify(r.subject), r.created_by, true);
+        end;
+        if kept is distinct from r.course_id then
+            update ai_course_jobs set course_id = kept where id = r.id;
+            n := n + 1;
+        end if;
+    end loop;
+    return n;
+end
+$function$;
+
+-- last defined by sql/017_console.sql
 CREATE OR REPLACE FUNCTION public.ai_job_recount()
  RETURNS void
  LANGUAGE plpgsql
+ SET search_path TO 'pg_catalog', 'public', 'pg_temp'
 AS $function$
 begin
     lock table ai_course_jobs, ai_media_jobs in share mode;
@@ -819,9 +982,46 @@ begin
 end
 $function$;
 
+-- last defined by sql/021_admission_hardening.sql
+CREATE OR REPLACE FUNCTION public.ai_job_release_course_ids(owners uuid[], course_ids text[])
+ RETURNS bigint
+ LANGUAGE plpgsql
+ SET search_path TO 'pg_catalog', 'public', 'pg_temp'
+AS $function$
+declare
+    r record;
+    n bigint := 0;
+begin
+    for r in
+        select distinct u.owner, lower(u.course_id) as id
+        from unnest(owners, course_ids) as u(owner, course_id)
+        where u.owner is not null and u.course_id is not null
+        order by 2, 1  -- one order for every release: none waits on another in a circle
+    loop
+        -- Locked first, looked at after (each statement sees what committed before
+        -- it): an insert that claimed or reused the id holds it until it commits.
+        perform from ai_course_owners o where o.course_id = r.id and o.owner = r.owner
+        for update;
+        continue when not found;
+        continue when exists (select from ai_course_jobs j
+                              where j.created_by = r.owner and lower(j.course_id) = r.id
+                                and j.status <> 'cancelled')
+                   or exists (select from ai_media_jobs m
+                              where m.created_by = r.owner and lower(m.course_id) = r.id
+                                and m.status <> 'cancelled')
+                   or exists (select from ai_course_catalog c where lower(c.course_id) = r.id);
+        delete from ai_course_owners o where o.course_id = r.id;
+        n := n + 1;
+    end loop;
+    return n;
+end
+$function$;
+
+-- last defined by sql/016_cancel_pause_attempts.sql
 CREATE OR REPLACE FUNCTION public.ai_job_set_paused(table_name text, pause boolean)
  RETURNS boolean
  LANGUAGE plpgsql
+ SET search_path TO 'pg_catalog', 'public', 'pg_temp'
 AS $function$
 declare
     t text := ai_job_table(table_name);
@@ -837,10 +1037,12 @@ begin
 end
 $function$;
 
+-- last defined by sql/003_functions.sql
 CREATE OR REPLACE FUNCTION public.ai_job_slugify(subject text)
  RETURNS text
  LANGUAGE sql
  IMMUTABLE
+ SET search_path TO 'pg_catalog', 'public', 'pg_temp'
 AS $function$
     select coalesce(nullif(left(btrim(regexp_replace(lower(translate(subject,
         'ÀÁÂÃÄÅàáâãäåÈÉÊËèéêëÌÍÎÏìíîïÒÓÔÕÖØòóôõöøÙÚÛÜùúûüÇçÑñÝýÿ',
@@ -848,10 +1050,12 @@ AS $function$
         '[^a-z0-9]+', '-', 'g'), '-'), 80), ''), 'course')
 $function$;
 
+-- last defined by sql/017_console.sql
 CREATE OR REPLACE FUNCTION public.ai_job_status_counts()
  RETURNS TABLE(job_table text, status text, jobs bigint, avg_duration_seconds double precision)
  LANGUAGE sql
  STABLE
+ SET search_path TO 'pg_catalog', 'public', 'pg_temp'
 AS $function$
     with finished as (
         select job_table, status, sum(jobs) as jobs, sum(timed) as timed, sum(seconds) as seconds
@@ -881,10 +1085,12 @@ AS $function$
     select job_table, status, jobs, null::float8 from live where jobs <> 0
 $function$;
 
+-- last defined by sql/003_functions.sql
 CREATE OR REPLACE FUNCTION public.ai_job_table(table_name text)
  RETURNS text
  LANGUAGE plpgsql
  IMMUTABLE
+ SET search_path TO 'pg_catalog', 'public', 'pg_temp'
 AS $function$
 begin
     if table_name in ('ai_course_jobs', 'ai_media_jobs') then
@@ -896,16 +1102,20 @@ begin
 end
 $function$;
 
+-- last defined by sql/003_functions.sql
 CREATE OR REPLACE FUNCTION public.ai_job_type(table_name text)
  RETURNS text
  LANGUAGE sql
  IMMUTABLE
+ SET search_path TO 'pg_catalog', 'public', 'pg_temp'
 AS $function$ select case table_name when 'ai_course_jobs' then 'course' when 'ai_media_jobs' then 'media' end $function$;
 
+-- last defined by sql/003_functions.sql
 CREATE OR REPLACE FUNCTION public.ai_job_user_jobs_last_hour(user_id uuid, table_name text)
  RETURNS bigint
  LANGUAGE plpgsql
  STABLE
+ SET search_path TO 'pg_catalog', 'public', 'pg_temp'
 AS $function$
 declare
     n bigint;
@@ -918,31 +1128,43 @@ begin
 end
 $function$;
 
+-- last defined by sql/021_admission_hardening.sql
 CREATE OR REPLACE FUNCTION public.ai_job_user_spend(user_id uuid, since timestamp with time zone)
  RETURNS numeric
  LANGUAGE sql
  STABLE
+ SET search_path TO 'pg_catalog', 'public', 'pg_temp'
 AS $function$
-    select coalesce(sum(case
-        when j.status = 'done' then
-            case when jsonb_typeof(j.metrics -> 'estimatedCostUsd') = 'number'
-                 then (j.metrics ->> 'estimatedCostUsd')::numeric
-                 else s.budget_estimate_usd_per_job end
-        when j.status in ('pending', 'processing', 'failed', 'stale')
-            then s.budget_estimate_usd_per_job
-        else 0 end), 0)
-    from (
-        select status, metrics from ai_course_jobs where created_by = user_id and created_at > since
+    with s as (
+        select coalesce(max(budget_estimate_usd_per_job), 0.05) as estimate from ai_job_settings
+    ), jobs as (
+        select 'ai_course_jobs'::text as job_table, id, status from ai_course_jobs
+        where created_by = user_id and created_at > since
         union all
-        select status, metrics from ai_media_jobs where created_by = user_id and created_at > since
-    ) j, ai_job_settings s
+        select 'ai_media_jobs', id, status from ai_media_jobs
+        where created_by = user_id and created_at > since
+    ), held as (
+        select j.job_table, j.id from jobs j
+        where j.status in ('pending', 'processing', 'failed', 'stale')
+           or exists (select from ai_job_attempts a
+                      where a.job_id = j.id and a.job_table = j.job_table
+                        and a.outcome in ('cancelled', 'lost'))
+    )
+    select coalesce((select sum(coalesce(c.cost_usd, s.estimate)) from ai_job_charges c
+                     where c.created_by = user_id and c.charged_at > since), 0)
+         + coalesce((select sum(greatest(s.estimate - coalesce(
+                         (select sum(coalesce(c.cost_usd, s.estimate)) from ai_job_charges c
+                          where c.job_id = h.id and c.job_table = h.job_table), 0), 0))
+                     from held h), 0)
+    from s
 $function$;
 
+-- last defined by sql/017_console.sql
 CREATE OR REPLACE FUNCTION public.ai_jobs_count_finished()
  RETURNS trigger
  LANGUAGE plpgsql
  SECURITY DEFINER
- SET search_path TO 'public', 'pg_temp'
+ SET search_path TO 'pg_catalog', 'public', 'pg_temp'
 AS $function$
 begin
     if tg_op = 'INSERT' then
@@ -978,11 +1200,12 @@ begin
 end
 $function$;
 
+-- last defined by sql/017_console.sql
 CREATE OR REPLACE FUNCTION public.ai_jobs_count_truncated()
  RETURNS trigger
  LANGUAGE plpgsql
  SECURITY DEFINER
- SET search_path TO 'public', 'pg_temp'
+ SET search_path TO 'pg_catalog', 'public', 'pg_temp'
 AS $function$
 begin
     delete from ai_job_status_deltas where job_table = tg_table_name;
@@ -991,9 +1214,11 @@ begin
 end
 $function$;
 
+-- last defined by triggers/007_notify_ai_jobs_events.sql
 CREATE OR REPLACE FUNCTION public.ai_jobs_notify_events()
  RETURNS trigger
  LANGUAGE plpgsql
+ SET search_path TO 'pg_catalog', 'public', 'pg_temp'
 AS $function$
 begin
     if tg_op = 'INSERT' then
@@ -1012,9 +1237,11 @@ begin
 end
 $function$;
 
+-- last defined by triggers/005_notify_ai_jobs.sql
 CREATE OR REPLACE FUNCTION public.ai_jobs_notify_insert()
  RETURNS trigger
  LANGUAGE plpgsql
+ SET search_path TO 'pg_catalog', 'public', 'pg_temp'
 AS $function$
 declare
     n bigint;
@@ -1030,9 +1257,11 @@ begin
 end
 $function$;
 
+-- last defined by triggers/005_notify_ai_jobs.sql
 CREATE OR REPLACE FUNCTION public.ai_jobs_notify_pending()
  RETURNS trigger
  LANGUAGE plpgsql
+ SET search_path TO 'pg_catalog', 'public', 'pg_temp'
 AS $function$
 begin
     perform pg_notify('ai_jobs', json_build_object('table', tg_table_name)::text);
@@ -1040,9 +1269,37 @@ begin
 end
 $function$;
 
+-- last defined by sql/021_admission_hardening.sql
+CREATE OR REPLACE FUNCTION public.ai_media_jobs_defaults()
+ RETURNS trigger
+ LANGUAGE plpgsql
+ SECURITY DEFINER
+ SET search_path TO 'pg_catalog', 'public', 'pg_temp'
+AS $function$
+begin
+    if new.course_id is null or btrim(new.course_id) = '' then
+        new.course_id := null;
+        return new;
+    end if;
+    -- Held (for share) until the insert commits: a release of the id waits and
+    -- then sees this job.
+    perform from ai_course_owners o
+    where o.course_id = lower(new.course_id) and o.owner is not distinct from new.created_by
+    for share;
+    if not found then
+        raise exception 'course_id % is not a course of yours', quote_literal(left(new.course_id, 140))
+            using errcode = 'insufficient_privilege',
+                  hint = 'Name a course made by a job of the same user, or leave course_id empty.';
+    end if;
+    return new;
+end
+$function$;
+
+-- last defined by sql/016_cancel_pause_attempts.sql
 CREATE OR REPLACE FUNCTION public.cancel_job(job_id uuid, table_name text)
  RETURNS text
  LANGUAGE plpgsql
+ SET search_path TO 'pg_catalog', 'public', 'pg_temp'
 AS $function$
 begin
     if has_table_privilege(ai_job_table(table_name), 'UPDATE') then
@@ -1052,16 +1309,20 @@ begin
 end
 $function$;
 
+-- last defined by sql/017_console.sql
 CREATE OR REPLACE FUNCTION public.cancel_jobs(table_name text DEFAULT NULL::text, status text DEFAULT NULL::text, provider text DEFAULT NULL::text, user_id uuid DEFAULT NULL::uuid, created_after timestamp with time zone DEFAULT NULL::timestamp with time zone, created_before timestamp with time zone DEFAULT NULL::timestamp with time zone, search text DEFAULT NULL::text, dry_run boolean DEFAULT false)
  RETURNS bigint
  LANGUAGE sql
+ SET search_path TO 'pg_catalog', 'public', 'pg_temp'
 AS $function$ select ai_job_bulk('cancel', table_name, status, provider, user_id, created_after,
                          created_before, search, dry_run) $function$;
 
+-- last defined by sql/003_functions.sql
 CREATE OR REPLACE FUNCTION public.check_ai_job_rate_limit(user_id uuid, table_name text DEFAULT 'ai_course_jobs'::text)
  RETURNS boolean
  LANGUAGE plpgsql
  STABLE
+ SET search_path TO 'pg_catalog', 'public', 'pg_temp'
 AS $function$
 begin
     if user_id is null then
@@ -1072,9 +1333,11 @@ begin
 end
 $function$;
 
+-- last defined by sql/020_lean_drain.sql
 CREATE OR REPLACE FUNCTION public.claim_due_job(table_name text, job_id uuid, worker text)
  RETURNS TABLE(job_table text, id uuid, claim_token uuid, retry_count integer, max_retries integer, job jsonb)
  LANGUAGE plpgsql
+ SET search_path TO 'pg_catalog', 'public', 'pg_temp'
 AS $function$
 #variable_conflict use_column
 begin
@@ -1114,9 +1377,11 @@ begin
 end
 $function$;
 
+-- last defined by sql/020_lean_drain.sql
 CREATE OR REPLACE FUNCTION public.claim_job(table_name text, job_id uuid, worker text)
  RETURNS TABLE(job_table text, id uuid, claim_token uuid, retry_count integer, max_retries integer, job jsonb)
  LANGUAGE plpgsql
+ SET search_path TO 'pg_catalog', 'public', 'pg_temp'
 AS $function$
 begin
     return query execute format($q$
@@ -1143,10 +1408,12 @@ begin
 end
 $function$;
 
+-- last defined by sql/020_lean_drain.sql
 CREATE OR REPLACE FUNCTION public.claim_jobs(table_name text, worker text, max_jobs integer DEFAULT 1)
  RETURNS TABLE(job_table text, id uuid, claim_token uuid, retry_count integer, max_retries integer, job jsonb)
  LANGUAGE plpgsql
  SET plan_cache_mode TO 'force_generic_plan'
+ SET search_path TO 'pg_catalog', 'public', 'pg_temp'
 AS $function$
 #variable_conflict use_column
 declare
@@ -1197,10 +1464,12 @@ begin
 end
 $function$;
 
+-- last defined by sql/020_lean_drain.sql
 CREATE OR REPLACE FUNCTION public.complete_and_claim(table_name text, worker text, max_jobs integer, job_ids uuid[], tokens uuid[], result_paths text[], job_metrics jsonb[])
  RETURNS TABLE(kind text, job_table text, id uuid, claim_token uuid, retry_count integer, max_retries integer, job jsonb)
  LANGUAGE plpgsql
  SET plan_cache_mode TO 'force_generic_plan'
+ SET search_path TO 'pg_catalog', 'public', 'pg_temp'
 AS $function$
 #variable_conflict use_column
 begin
@@ -1268,9 +1537,11 @@ begin
 end
 $function$;
 
+-- last defined by sql/020_lean_drain.sql
 CREATE OR REPLACE FUNCTION public.complete_jobs(table_name text, job_ids uuid[], tokens uuid[], result_paths text[], job_metrics jsonb[])
  RETURNS SETOF uuid
  LANGUAGE plpgsql
+ SET search_path TO 'pg_catalog', 'public', 'pg_temp'
 AS $function$
 begin
     if ai_job_table(table_name) = 'ai_course_jobs' then
@@ -1299,9 +1570,11 @@ begin
 end
 $function$;
 
+-- last defined by sql/016_cancel_pause_attempts.sql
 CREATE OR REPLACE FUNCTION public.defer_job(table_name text, job_id uuid, token uuid, wait_seconds double precision, reason text, max_wait_seconds double precision DEFAULT 1800)
  RETURNS TABLE(status text, retry_count integer, run_after timestamp with time zone, counted boolean)
  LANGUAGE plpgsql
+ SET search_path TO 'pg_catalog', 'public', 'pg_temp'
 AS $function$
 begin
     return query execute format($q$
@@ -1351,15 +1624,19 @@ begin
 end
 $function$;
 
+-- last defined by sql/017_console.sql
 CREATE OR REPLACE FUNCTION public.delete_jobs(table_name text DEFAULT NULL::text, status text DEFAULT NULL::text, provider text DEFAULT NULL::text, user_id uuid DEFAULT NULL::uuid, created_after timestamp with time zone DEFAULT NULL::timestamp with time zone, created_before timestamp with time zone DEFAULT NULL::timestamp with time zone, search text DEFAULT NULL::text, dry_run boolean DEFAULT false)
  RETURNS bigint
  LANGUAGE sql
+ SET search_path TO 'pg_catalog', 'public', 'pg_temp'
 AS $function$ select ai_job_bulk('delete', table_name, status, provider, user_id, created_after,
                          created_before, search, dry_run) $function$;
 
+-- last defined by sql/016_cancel_pause_attempts.sql
 CREATE OR REPLACE FUNCTION public.fail_job(table_name text, job_id uuid, token uuid, error_message text, retry_base_seconds double precision DEFAULT 10, give_up boolean DEFAULT false)
  RETURNS TABLE(status text, retry_count integer, run_after timestamp with time zone)
  LANGUAGE plpgsql
+ SET search_path TO 'pg_catalog', 'public', 'pg_temp'
 AS $function$
 declare
     t text := ai_job_table(table_name);
@@ -1410,10 +1687,12 @@ begin
 end
 $function$;
 
+-- last defined by sql/017_console.sql
 CREATE OR REPLACE FUNCTION public.find_jobs(table_name text DEFAULT NULL::text, status text DEFAULT NULL::text, provider text DEFAULT NULL::text, user_id uuid DEFAULT NULL::uuid, created_after timestamp with time zone DEFAULT NULL::timestamp with time zone, created_before timestamp with time zone DEFAULT NULL::timestamp with time zone, search text DEFAULT NULL::text, cursor_created_at timestamp with time zone DEFAULT NULL::timestamp with time zone, cursor_id uuid DEFAULT NULL::uuid, page_size integer DEFAULT 50)
  RETURNS TABLE(job_table text, job_type text, id uuid, label text, job_status text, retry_count integer, max_retries integer, error text, created_by uuid, created_at timestamp with time zone, started_at timestamp with time zone, completed_at timestamp with time zone, duration_seconds double precision, job_provider text)
  LANGUAGE plpgsql
  STABLE
+ SET search_path TO 'pg_catalog', 'public', 'pg_temp'
 AS $function$
 declare
     t text;
@@ -1450,9 +1729,11 @@ begin
 end
 $function$;
 
+-- last defined by sql/009_primary_key_lookups.sql
 CREATE OR REPLACE FUNCTION public.heartbeat_jobs(table_name text, job_ids uuid[], tokens uuid[])
  RETURNS SETOF uuid
  LANGUAGE plpgsql
+ SET search_path TO 'pg_catalog', 'public', 'pg_temp'
 AS $function$
 begin
     return query execute format($q$
@@ -1465,9 +1746,11 @@ begin
 end
 $function$;
 
+-- last defined by sql/003_functions.sql
 CREATE OR REPLACE FUNCTION public.mark_stale_jobs(stale_after interval DEFAULT '00:05:00'::interval)
  RETURNS TABLE(job_id uuid, job_type text, stale_duration interval)
  LANGUAGE plpgsql
+ SET search_path TO 'pg_catalog', 'public', 'pg_temp'
 AS $function$
 declare
     t text;
@@ -1487,9 +1770,11 @@ begin
 end
 $function$;
 
+-- last defined by sql/003_functions.sql
 CREATE OR REPLACE FUNCTION public.move_to_dead_letter()
  RETURNS TABLE(job_id uuid, job_type text, retry_count integer)
  LANGUAGE plpgsql
+ SET search_path TO 'pg_catalog', 'public', 'pg_temp'
 AS $function$
 declare
     t text;
@@ -1507,10 +1792,12 @@ begin
 end
 $function$;
 
+-- last defined by sql/016_cancel_pause_attempts.sql
 CREATE OR REPLACE FUNCTION public.next_job_due()
  RETURNS timestamp with time zone
  LANGUAGE sql
  STABLE
+ SET search_path TO 'pg_catalog', 'public', 'pg_temp'
 AS $function$
     select min(run_after) from (
         (select run_after from ai_course_jobs
@@ -1527,35 +1814,53 @@ AS $function$
     ) due
 $function$;
 
+-- last defined by sql/016_cancel_pause_attempts.sql
 CREATE OR REPLACE FUNCTION public.pause_jobs(table_name text)
  RETURNS boolean
  LANGUAGE sql
+ SET search_path TO 'pg_catalog', 'public', 'pg_temp'
 AS $function$ select ai_job_set_paused(table_name, true) $function$;
 
+-- last defined by sql/021_admission_hardening.sql
 CREATE OR REPLACE FUNCTION public.purge_old_jobs(older_than interval DEFAULT '90 days'::interval)
  RETURNS bigint
  LANGUAGE plpgsql
+ SET search_path TO 'pg_catalog', 'public', 'pg_temp'
 AS $function$
 declare
     n bigint;
+    owners uuid[];
+    ids text[];
     total bigint := 0;
 begin
-    delete from ai_course_jobs
-    where status in ('done', 'dead_letter', 'cancelled') and completed_at < now() - older_than;
-    get diagnostics n = row_count;
+    with gone as (
+        delete from ai_course_jobs
+        where status in ('done', 'dead_letter', 'cancelled') and completed_at < now() - older_than
+        returning created_by, course_id
+    )
+    select count(*), array_agg(created_by), array_agg(course_id) into n, owners, ids from gone;
     total := total + n;
-    delete from ai_media_jobs
-    where status in ('done', 'dead_letter', 'cancelled') and completed_at < now() - older_than;
-    get diagnostics n = row_count;
+    perform ai_job_release_course_ids(owners, ids);
+    with gone as (
+        delete from ai_media_jobs
+        where status in ('done', 'dead_letter', 'cancelled') and completed_at < now() - older_than
+        returning created_by, course_id
+    )
+    select count(*), array_agg(created_by), array_agg(course_id) into n, owners, ids from gone;
     total := total + n;
+    perform ai_job_release_course_ids(owners, ids);
     delete from ai_job_attempts where ended_at < now() - older_than;
+    delete from ai_job_charges where charged_at < now() - older_than;
+    delete from ai_job_admissions where admitted_at < now() - interval '1 day';
     return total;
 end
 $function$;
 
+-- last defined by sql/009_primary_key_lookups.sql
 CREATE OR REPLACE FUNCTION public.release_jobs(table_name text, job_ids uuid[], tokens uuid[])
  RETURNS SETOF uuid
  LANGUAGE plpgsql
+ SET search_path TO 'pg_catalog', 'public', 'pg_temp'
 AS $function$
 begin
     return query execute format($q$
@@ -1570,9 +1875,11 @@ begin
 end
 $function$;
 
+-- last defined by sql/021_admission_hardening.sql
 CREATE OR REPLACE FUNCTION public.requeue_job(job_id uuid, table_name text)
  RETURNS void
  LANGUAGE plpgsql
+ SET search_path TO 'pg_catalog', 'public', 'pg_temp'
 AS $function$
 declare
     t text := ai_job_table(table_name);
@@ -1592,18 +1899,25 @@ begin
                claim_token = null, worker_id = null
         where id = $1
     $q$, t) using job_id;
+    if t = 'ai_course_jobs' then
+        perform ai_job_reclaim_course_ids(array[job_id]);
+    end if;
 end
 $function$;
 
+-- last defined by sql/017_console.sql
 CREATE OR REPLACE FUNCTION public.requeue_jobs(table_name text DEFAULT NULL::text, status text DEFAULT NULL::text, provider text DEFAULT NULL::text, user_id uuid DEFAULT NULL::uuid, created_after timestamp with time zone DEFAULT NULL::timestamp with time zone, created_before timestamp with time zone DEFAULT NULL::timestamp with time zone, search text DEFAULT NULL::text, dry_run boolean DEFAULT false)
  RETURNS bigint
  LANGUAGE sql
+ SET search_path TO 'pg_catalog', 'public', 'pg_temp'
 AS $function$ select ai_job_bulk('requeue', table_name, status, provider, user_id, created_after,
                          created_before, search, dry_run) $function$;
 
+-- last defined by sql/016_cancel_pause_attempts.sql
 CREATE OR REPLACE FUNCTION public.rescue_stale_jobs(max_jobs integer DEFAULT 100)
  RETURNS TABLE(job_id uuid, job_type text, status text)
  LANGUAGE plpgsql
+ SET search_path TO 'pg_catalog', 'public', 'pg_temp'
 AS $function$
 declare
     t text;
@@ -1637,9 +1951,11 @@ begin
 end
 $function$;
 
+-- last defined by sql/016_cancel_pause_attempts.sql
 CREATE OR REPLACE FUNCTION public.resume_jobs(table_name text)
  RETURNS boolean
  LANGUAGE sql
+ SET search_path TO 'pg_catalog', 'public', 'pg_temp'
 AS $function$ select ai_job_set_paused(table_name, false) $function$;
 
 -- ============================================================================
@@ -1647,8 +1963,6 @@ AS $function$ select ai_job_set_paused(table_name, false) $function$;
 -- ============================================================================
 
 CREATE TRIGGER ai_course_jobs_admit BEFORE INSERT ON ai_course_jobs FOR EACH ROW EXECUTE FUNCTION ai_job_admit();
-
-CREATE TRIGGER ai_course_jobs_budget BEFORE INSERT ON ai_course_jobs FOR EACH ROW WHEN (new.created_by IS NOT NULL) EXECUTE FUNCTION ai_job_enforce_budget();
 
 CREATE TRIGGER ai_course_jobs_count_delete AFTER DELETE ON ai_course_jobs REFERENCING OLD TABLE AS old_rows FOR EACH STATEMENT EXECUTE FUNCTION ai_jobs_count_finished();
 
@@ -1664,17 +1978,15 @@ CREATE TRIGGER ai_course_jobs_events_insert AFTER INSERT ON ai_course_jobs REFER
 
 CREATE TRIGGER ai_course_jobs_events_update AFTER UPDATE ON ai_course_jobs REFERENCING OLD TABLE AS old_rows NEW TABLE AS new_rows FOR EACH STATEMENT EXECUTE FUNCTION ai_jobs_notify_events();
 
+CREATE TRIGGER ai_course_jobs_limits BEFORE INSERT ON ai_course_jobs FOR EACH ROW WHEN (new.created_by IS NOT NULL) EXECUTE FUNCTION ai_job_enforce_limits();
+
 CREATE TRIGGER ai_course_jobs_notify_insert AFTER INSERT ON ai_course_jobs REFERENCING NEW TABLE AS new_jobs FOR EACH STATEMENT EXECUTE FUNCTION ai_jobs_notify_insert();
 
 CREATE TRIGGER ai_course_jobs_notify_pending AFTER UPDATE OF status ON ai_course_jobs FOR EACH ROW WHEN (new.status = 'pending'::text AND old.status IS DISTINCT FROM 'pending'::text) EXECUTE FUNCTION ai_jobs_notify_pending();
 
-CREATE TRIGGER ai_course_jobs_rate_limit BEFORE INSERT ON ai_course_jobs FOR EACH ROW WHEN (new.created_by IS NOT NULL) EXECUTE FUNCTION ai_job_enforce_rate_limit();
-
 CREATE TRIGGER ai_course_jobs_set_course_id BEFORE INSERT ON ai_course_jobs FOR EACH ROW EXECUTE FUNCTION ai_course_jobs_defaults();
 
 CREATE TRIGGER ai_media_jobs_admit BEFORE INSERT ON ai_media_jobs FOR EACH ROW EXECUTE FUNCTION ai_job_admit();
-
-CREATE TRIGGER ai_media_jobs_budget BEFORE INSERT ON ai_media_jobs FOR EACH ROW WHEN (new.created_by IS NOT NULL) EXECUTE FUNCTION ai_job_enforce_budget();
 
 CREATE TRIGGER ai_media_jobs_count_delete AFTER DELETE ON ai_media_jobs REFERENCING OLD TABLE AS old_rows FOR EACH STATEMENT EXECUTE FUNCTION ai_jobs_count_finished();
 
@@ -1690,11 +2002,13 @@ CREATE TRIGGER ai_media_jobs_events_insert AFTER INSERT ON ai_media_jobs REFEREN
 
 CREATE TRIGGER ai_media_jobs_events_update AFTER UPDATE ON ai_media_jobs REFERENCING OLD TABLE AS old_rows NEW TABLE AS new_rows FOR EACH STATEMENT EXECUTE FUNCTION ai_jobs_notify_events();
 
+CREATE TRIGGER ai_media_jobs_limits BEFORE INSERT ON ai_media_jobs FOR EACH ROW WHEN (new.created_by IS NOT NULL) EXECUTE FUNCTION ai_job_enforce_limits();
+
 CREATE TRIGGER ai_media_jobs_notify_insert AFTER INSERT ON ai_media_jobs REFERENCING NEW TABLE AS new_jobs FOR EACH STATEMENT EXECUTE FUNCTION ai_jobs_notify_insert();
 
 CREATE TRIGGER ai_media_jobs_notify_pending AFTER UPDATE OF status ON ai_media_jobs FOR EACH ROW WHEN (new.status = 'pending'::text AND old.status IS DISTINCT FROM 'pending'::text) EXECUTE FUNCTION ai_jobs_notify_pending();
 
-CREATE TRIGGER ai_media_jobs_rate_limit BEFORE INSERT ON ai_media_jobs FOR EACH ROW WHEN (new.created_by IS NOT NULL) EXECUTE FUNCTION ai_job_enforce_rate_limit();
+CREATE TRIGGER ai_media_jobs_set_course_id BEFORE INSERT ON ai_media_jobs FOR EACH ROW EXECUTE FUNCTION ai_media_jobs_defaults();
 
 -- ============================================================================
 -- Row-level security policies

@@ -13,10 +13,20 @@ import psycopg
 import pytest
 from psycopg.rows import dict_row
 
+from listener import db
 from listener.migrate import migrate
-from tests import supabase
+from tests import fakeai, supabase
+from tests.fakeai import FakeAI
 from tests.faultproxy import FaultProxy
 from tests.pgserver import server_url, with_dbname
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Every end-to-end test (tests/e2e: real processes) is slow: `make test-fast`
+    leaves them out."""
+    for item in items:
+        if "e2e" in item.path.parts:
+            item.add_marker(pytest.mark.slow)
 
 
 @pytest.fixture(scope="session")
@@ -108,3 +118,19 @@ async def conn(db_url: str) -> AsyncIterator[psycopg.AsyncConnection[dict[str, A
     c = await psycopg.AsyncConnection.connect(db_url, autocommit=True, row_factory=dict_row)
     yield c
     await c.close()
+
+
+@pytest.fixture
+async def pool(db_url: str) -> AsyncIterator[db.WorkPool]:
+    """A work pool on this test's database, open."""
+    p = db.make_pool(db_url, 8, app="ai-jobs test")
+    await p.open(wait=True)
+    yield p
+    await p.close(timeout=1)
+
+
+@pytest.fixture
+def fake() -> Iterator[FakeAI]:
+    """The fake OpenAI and Anthropic APIs (tests/fakeai.py), on 127.0.0.1."""
+    with fakeai.running() as f:
+        yield f

@@ -1,6 +1,9 @@
-"""A fake Supabase Storage on 127.0.0.1 speaking the object API the storage module
-uses: POST/PUT /storage/v1/object/<bucket>/<path> (x-upsert), GET the same path.
-Missing objects answer 400 {"statusCode": "404"}, as Supabase does."""
+"""A fake Supabase Storage on 127.0.0.1 speaking the API the storage module uses:
+POST/PUT /storage/v1/object/<bucket>/<path> (x-upsert), GET and DELETE the same
+path, GET /storage/v1/bucket/<bucket>. Missing objects and buckets answer 400
+{"statusCode": "404"}, as Supabase does. Every bucket exists but those named in
+`missing_buckets`; with `read_only`, the key may read but not write (as a key
+that row-level security refuses)."""
 
 from __future__ import annotations
 
@@ -13,6 +16,8 @@ from tests.fakeai import HTTPFake
 
 FAKE_SERVICE_KEY = "eyJhbGciOiJIUzI1NiJ9.FAKE-SERVICE-ROLE-SECRET.c2lnbmF0dXJl"
 PREFIX = "/storage/v1/object/"
+BUCKETS = "/storage/v1/bucket/"
+NO_BUCKET = {"statusCode": "404", "error": "Bucket not found", "message": "Bucket not found"}
 
 
 class FakeSupabase(HTTPFake):
@@ -22,6 +27,10 @@ class FakeSupabase(HTTPFake):
         self.objects: dict[tuple[str, str], tuple[bytes, str]] = {}  # (bucket, path)
         self.uploads = 0
         self.fail_uploads = False
+        self.missing_buckets: set[str] = set()
+        self.read_only = False
+        # HTTPFake answers GET, POST and PUT; Supabase deletes objects with DELETE.
+        self.server.RequestHandlerClass.do_DELETE = lambda h: self.handle(h)  # type: ignore[attr-defined]
 
     @property
     def storage_url(self) -> str:
@@ -38,9 +47,22 @@ class FakeSupabase(HTTPFake):
                 400,
                 {"statusCode": "403", "error": "Unauthorized", "message": "invalid signature"},
             )
+        if h.path.startswith(BUCKETS) and h.command == "GET":
+            name = unquote(h.path[len(BUCKETS) :])
+            if name in self.missing_buckets:
+                return self.send(h, 400, NO_BUCKET)
+            return self.send(h, 200, {"id": name, "name": name, "public": False})
         if not h.path.startswith(PREFIX):
             return self.send(h, 404, {"statusCode": "404", "message": "no route"})
         bucket, _, path = unquote(h.path[len(PREFIX) :]).partition("/")
+        if bucket in self.missing_buckets:
+            return self.send(h, 400, NO_BUCKET)
+        if h.command == "DELETE":
+            with self.lock:
+                found = self.objects.pop((bucket, path), None)
+            if found is None:
+                return self.send(h, 400, {"statusCode": "404", "message": "Object not found"})
+            return self.send(h, 200, {"message": "Successfully deleted"})
         if h.command == "GET":
             if (bucket, path) not in self.objects:
                 return self.send(
@@ -52,6 +74,16 @@ class FakeSupabase(HTTPFake):
             return self.send(h, 200, content, ctype)
         if self.fail_uploads:
             return self.send(h, 500, {"statusCode": "500", "message": "internal error"})
+        if self.read_only:
+            return self.send(
+                h,
+                400,
+                {
+                    "statusCode": "403",
+                    "error": "Unauthorized",
+                    "message": "new row violates row-level security policy",
+                },
+            )
         exists = (bucket, path) in self.objects
         if h.command == "POST" and exists and h.headers.get("x-upsert") != "true":
             return self.send(

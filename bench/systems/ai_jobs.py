@@ -101,10 +101,14 @@ async def worker(
             w.request_stop()
             stopper.cancel()
             await task
-            catalog = getattr(real, "catalog", None)
-            if full and catalog is not None:  # for bench.pipeline: where commits went
-                counts = {k: getattr(catalog, k) for k in ("saves", "lookups", "renders")}
-                counts["claims"] = w.claim_queries
+            catalog, cache = getattr(real, "catalog", None), getattr(real, "cache", None)
+            if full and catalog is not None and cache is not None:  # where commits went
+                counts = {
+                    "saves": catalog.saves,
+                    "lookups": cache.lookups,
+                    "renders": catalog.renderer.renders,
+                    "claims": w.claim_queries,
+                }
                 print(f"pipeline-stats {json.dumps(counts)}", file=sys.stderr, flush=True)
 
         yield run

@@ -15,7 +15,7 @@ from typing import Any
 from loguru import logger
 from psycopg_pool import AsyncConnectionPool
 
-from listener.catalog import Catalog
+from listener.catalog import Catalog, CourseCache
 from listener.handlers.course import CourseHandler
 from listener.handlers.media import MediaHandler
 from listener.jobs import HandlerMap
@@ -35,6 +35,7 @@ class Runtime:
     providers: Providers
     storage: Storage
     catalog: Catalog
+    cache: CourseCache
     chain: Chain
     handlers: HandlerMap = field(default_factory=dict)
 
@@ -86,9 +87,10 @@ async def create_runtime(
     known = {settings.openai_model, settings.anthropic_model}
     known |= {settings.openai_image_model, settings.openai_tts_model}
     chain = Chain(settings, Breakers(pool, settings), Meter(pool, known))
-    rt = Runtime(settings, pool, providers, storage, catalog, chain)
+    cache = CourseCache(pool)
+    rt = Runtime(settings, pool, providers, storage, catalog, cache, chain)
     rt.handlers = {
-        "ai_course_jobs": CourseHandler(settings, providers, chain, storage, catalog),
+        "ai_course_jobs": CourseHandler(settings, providers, chain, storage, catalog, cache),
         "ai_media_jobs": MediaHandler(settings, providers, chain, storage),
     }
     if start:

@@ -14,7 +14,8 @@ from typing import Any
 from loguru import logger
 from pydantic import ValidationError
 
-from listener.catalog import Catalog
+from listener import params
+from listener.catalog import Catalog, CourseCache
 from listener.course_schema import SCHEMA_VERSION, Course, CourseParams
 from listener.errors import InvalidJob
 from listener.jobs import Job, Outcome
@@ -32,12 +33,7 @@ _COURSE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,127}")
 
 
 def parse_params(raw: dict[str, Any]) -> CourseParams:
-    try:
-        return CourseParams.model_validate(raw)
-    except ValidationError as exc:
-        err = exc.errors(include_url=False, include_input=False)[0]
-        where = ".".join(str(p) for p in err["loc"]) or "params"
-        raise InvalidJob(f"Invalid job params: {where}: {err['msg']}") from None
+    return params.parse(CourseParams, raw)
 
 
 def normalize_subject(subject: str) -> str:
@@ -63,12 +59,14 @@ class CourseHandler:
         chain: Chain,
         storage: Storage,
         catalog: Catalog,
+        cache: CourseCache,
     ) -> None:
         self.settings = settings
         self.providers = providers
         self.chain = chain
         self.storage = storage
         self.catalog = catalog
+        self.cache = cache
         self.cache_hits = 0
 
     async def __call__(self, job: Job) -> Outcome:
@@ -85,11 +83,15 @@ class CourseHandler:
         if self.settings.cache_ttl_seconds > 0:
             hit = await self._from_cache(job, subject, course_id, key)
             if hit is not None:
-                log.bind(action="course_cache_hit").info("course reused from the cache")
-                return hit
+                # The job that made it, for operators: not in the metrics, which the
+                # requester reads (it may be another user's job).
+                log.bind(action="course_cache_hit", source_job_id=hit[1]).info(
+                    "course reused from the cache"
+                )
+                return hit[0]
 
         prompt = course_prompt(subject, course_id, params)
-        course, gen = await self.chain.course(self.providers.course_chain(), prompt)
+        course, gen = await self.chain.course(self.providers.course_chain(), prompt, job)
         # The job decides these, whatever the model wrote.
         course = course.model_copy(update={"id": course_id, "subject": subject})
         path = course_path(course_id)
@@ -132,9 +134,13 @@ class CourseHandler:
         await self.storage.write(path, data, "application/json")
         return round((time.perf_counter() - t0) * 1000, 3)
 
-    async def _from_cache(self, job: Job, subject: str, course_id: str, key: str) -> Outcome | None:
+    async def _from_cache(
+        self, job: Job, subject: str, course_id: str, key: str
+    ) -> tuple[Outcome, str] | None:
+        """The outcome of a course served from the cache, and the id of the job
+        that made it."""
         t0 = time.perf_counter()
-        row = await self.catalog.cached(key, self.settings.cache_ttl_seconds)
+        row = await self.cache.lookup(key, self.settings.cache_ttl_seconds)
         if row is None:
             return None
         data = await self.storage.read(row["result_path"])
@@ -159,7 +165,7 @@ class CourseHandler:
                 model=row["model"] or "",
             )
         self.cache_hits += 1
-        return Outcome(
+        outcome = Outcome(
             path,
             {
                 "generationDurationMs": lookup_ms,
@@ -172,7 +178,6 @@ class CourseHandler:
                 "totalTokens": 0,
                 "estimatedCostUsd": 0.0,
                 "cacheHit": True,
-                "cachedFromJobId": str(row["job_id"]),
                 # who made the course: the cache never holds a placeholder's
                 "cachedProvider": row["provider"],
                 "cachedModel": row["model"],
@@ -181,3 +186,4 @@ class CourseHandler:
             },
             catalog=entry,
         )
+        return outcome, str(row["job_id"])

@@ -4,14 +4,12 @@ for the job's prompt, stored as media/<jobId>.<ext>."""
 from __future__ import annotations
 
 import time
-from typing import Literal
 
 from loguru import logger
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
-from pydantic.alias_generators import to_camel
 
 from listener.errors import InvalidJob
 from listener.jobs import Job, Outcome
+from listener.params import MediaParams, parse
 from listener.providers import Providers
 from listener.providers.base import Media, MediaProvider
 from listener.providers.chain import Chain
@@ -19,16 +17,6 @@ from listener.settings import Settings
 from listener.storage import Storage
 
 MEDIA_TYPES = ("image", "audio")
-
-
-class MediaParams(BaseModel):
-    """The options of a media job (`ai_media_jobs.params`)."""
-
-    model_config = ConfigDict(extra="forbid", alias_generator=to_camel, populate_by_name=True)
-
-    size: str = Field("1024x1024", pattern=r"^(auto|\d{2,4}x\d{2,4})$")
-    voice: str | None = Field(None, min_length=1, max_length=40)
-    format: Literal["mp3", "wav", "opus", "aac", "flac"] = "mp3"
 
 
 class MediaHandler:
@@ -47,12 +35,7 @@ class MediaHandler:
             raise InvalidJob("Invalid job: prompt is empty")
         if media_type not in MEDIA_TYPES:
             raise InvalidJob(f"Invalid job: unknown media_type {media_type!r} (image or audio)")
-        try:
-            params = MediaParams.model_validate(job.params)
-        except ValidationError as exc:
-            err = exc.errors(include_url=False, include_input=False)[0]
-            where = ".".join(str(p) for p in err["loc"]) or "params"
-            raise InvalidJob(f"Invalid job params: {where}: {err['msg']}") from None
+        params = parse(MediaParams, job.params)
         voice = params.voice or self.settings.openai_tts_voice
 
         async def make(provider: MediaProvider) -> Media:
@@ -60,7 +43,7 @@ class MediaHandler:
                 return await provider.image(prompt, params.size)
             return await provider.speech(prompt, voice, params.format)
 
-        media, gen = await self.chain.media(self.providers.media_chain(), make)
+        media, gen = await self.chain.media(self.providers.media_chain(), make, job)
         path = f"media/{job.id}.{media.ext}"
         t0 = time.perf_counter()
         await self.storage.write(path, media.data, media.content_type)

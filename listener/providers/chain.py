@@ -40,7 +40,7 @@ from listener.providers.base import (
 )
 from listener.providers.base import describe as describe_error
 from listener.providers.breaker import CALL, Breakers
-from listener.providers.meter import Meter
+from listener.providers.meter import Meter, Payer
 from listener.settings import Settings
 
 T = TypeVar("T")
@@ -77,11 +77,13 @@ class Chain:
         self.meter = meter
 
     async def course(
-        self, providers: Sequence[CourseProvider], prompt: CoursePrompt
+        self, providers: Sequence[CourseProvider], prompt: CoursePrompt, job: Payer | None = None
     ) -> tuple[Course, Generated]:
+        """`job`: whom each call is charged to (the budget's spend)."""
+
         async def ask(p: CourseProvider) -> _Made[Course]:
             usage = Usage()
-            answer = await self._answer(p.name, p.model, p.course(prompt), usage)
+            answer = await self._answer(p.name, p.model, p.course(prompt), usage, job)
             try:
                 return _Made(parse_course(answer.text, prompt.params), answer.model, usage)
             except SchemaValidationError as exc:
@@ -90,32 +92,37 @@ class Chain:
                 "invalid course answer, asking once more: {}", problem
             )
             fixed = dataclasses.replace(prompt, repair=(answer.text, problem))
-            answer = await self._answer(p.name, p.model, p.course(fixed), usage)
+            answer = await self._answer(p.name, p.model, p.course(fixed), usage, job)
             return _Made(parse_course(answer.text, prompt.params), answer.model, usage, 1)
 
         # A probe's lease covers the answer and its repair round.
         return await self._run(providers, ask, "Course", lease=2 * self.per_call + 5)
 
     async def media(
-        self, providers: Sequence[MediaProvider], make: Callable[[MediaProvider], Awaitable[Media]]
+        self,
+        providers: Sequence[MediaProvider],
+        make: Callable[[MediaProvider], Awaitable[Media]],
+        job: Payer | None = None,
     ) -> tuple[Media, Generated]:
         async def ask(p: MediaProvider) -> _Made[Media]:
             async with asyncio.timeout(self.per_call):
                 media = await make(p)
-            self.meter.add(p.name, media.model, media.usage)
+            await self.meter.charge(job, p.name, media.model, media.usage)
             return _Made(media, media.model, media.usage)
 
         return await self._run(providers, ask, "Media", lease=self.per_call + 5)
 
-    async def _answer(self, name: str, model: str, call: Awaitable[Answer], usage: Usage) -> Answer:
+    async def _answer(
+        self, name: str, model: str, call: Awaitable[Answer], usage: Usage, job: Payer | None
+    ) -> Answer:
         try:
             # The SDK timeout bounds each network wait; this bounds the whole call.
             async with asyncio.timeout(self.per_call):
                 answer = await call
         except Refused as exc:
-            self.meter.add(name, model, exc.usage)
+            await self.meter.charge(job, name, model, exc.usage)
             raise
-        self.meter.add(name, answer.model, answer.usage)
+        await self.meter.charge(job, name, answer.model, answer.usage)
         usage.add(answer.usage)
         return answer
 

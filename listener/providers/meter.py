@@ -1,18 +1,22 @@
-"""What every provider call spent, added up per provider and model, for /metrics
-(ai_jobs_tokens_total, ai_jobs_cost_usd_total).
+"""What every provider call spent: per job, for the budget (ai_job_charges), and
+added up per provider and model, for /metrics (ai_jobs_tokens_total,
+ai_jobs_cost_usd_total).
 
 Every call that got an answer counts, those of failed attempts and repair rounds
-too: the provider bills them all. A job's own metrics keep its share. The sums
-go to ai_job_usage_totals every few seconds (the handlers' tick) and at shutdown;
-while the database is away they wait here. Labels come from bounded sets: the
-known providers, and the configured or priced models, others folded into "other".
+too: the provider bills them all. A job's call is written as it returns, before
+the job's end is (a user's spend must never read less than was paid: see
+sql/021); while the database is away it waits here and goes with the next tick.
+The sums go to ai_job_usage_totals every few seconds (the handlers' tick) and at
+shutdown. Labels come from bounded sets: the known providers, and the configured
+or priced models, others folded into "other". A job's own metrics keep its share.
 """
 
 from __future__ import annotations
 
 import asyncio
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
+from uuid import UUID
 
 from loguru import logger
 from psycopg_pool import AsyncConnectionPool
@@ -42,16 +46,82 @@ class Sums:
         self.cost_usd += other.cost_usd
 
 
+class Payer(Protocol):
+    """The job a call is made for (listener.jobs.Job)."""
+
+    @property
+    def table(self) -> str: ...
+
+    @property
+    def id(self) -> UUID: ...
+
+
+@dataclass(frozen=True)
+class Charge:
+    table: str
+    job_id: UUID
+    provider: str
+    model: str
+    usage: Usage
+
+
+def spent(usage: Usage) -> bool:
+    """Whether a call may have cost something: False for the placeholder; True for
+    a call without a price (the budget counts it at its estimate)."""
+    return bool(usage.input_tokens or usage.output_tokens or usage.cost_usd != 0)
+
+
+def _cost(usage: Usage) -> float | None:
+    return None if usage.cost_usd is None else round(usage.cost_usd, 9)
+
+
 class Meter:
     def __init__(self, pool: AsyncConnectionPool[Any] | None, known_models: set[str]) -> None:
         self.pool = pool
         self.known_models = known_models
         self.pending: dict[tuple[str, str], Sums] = {}
+        self.unsaved: list[Charge] = []  # calls of jobs not written yet (the database was away)
         self._lock = asyncio.Lock()
+
+    async def charge(
+        self, job: Payer | None, provider: str, model: str | None, usage: Usage
+    ) -> None:
+        """One call made for a job: in the totals, and written at once as the job's
+        (shielded: a job cancelled meanwhile still has its call recorded)."""
+        self.add(provider, model, usage)
+        if job is None or self.pool is None or not spent(usage):
+            return
+        await asyncio.shield(self._save([Charge(job.table, job.id, provider, model or "?", usage)]))
+
+    async def _save(self, charges: list[Charge]) -> None:
+        assert self.pool is not None
+        params = {
+            "tables": [c.table for c in charges],
+            "ids": [c.job_id for c in charges],
+            "providers": [c.provider for c in charges],
+            "models": [c.model for c in charges],
+            "input": [c.usage.input_tokens for c in charges],
+            "cached": [c.usage.cached_input_tokens for c in charges],
+            "output": [c.usage.output_tokens for c in charges],
+            "costs": [
+                None if c.usage.cost_usd is None else round(c.usage.cost_usd, 9) for c in charges
+            ],
+        }
+        try:
+            async with asyncio.timeout(DB_WAIT_SECONDS * 2):
+                async with self.pool.connection(timeout=DB_WAIT_SECONDS) as conn:
+                    await dal.ADD_CHARGES.run(conn, params)
+        except Exception as exc:
+            self.unsaved.extend(charges)  # for the next tick
+            logger.bind(action="charges_deferred").warning(
+                "{} provider call(s) of jobs saved later ({})",
+                len(charges),
+                diagnose(exc, self.pool),
+            )
 
     def add(self, provider: str, model: str | None, usage: Usage) -> None:
         if not (usage.input_tokens or usage.output_tokens or usage.cost_usd):
-            return  # the placeholder, or a call that spent nothing
+            return  # the placeholder, or a call that spent nothing we know of
         key = (
             provider if provider in PROVIDERS else "other",
             pricing.model_label(model, self.known_models),
@@ -67,6 +137,9 @@ class Meter:
         )
 
     async def flush(self) -> None:
+        if self.pool is not None and self.unsaved:
+            calls, self.unsaved = self.unsaved, []
+            await self._save(calls)
         if self.pool is None or not self.pending or self._lock.locked():
             return
         async with self._lock:

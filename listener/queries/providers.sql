@@ -33,6 +33,12 @@ select ai_job_add_usage(%(providers)s::text[], %(models)s::text[], %(calls)s::bi
                         %(input)s::bigint[], %(cached)s::bigint[], %(output)s::bigint[],
                         %(costs)s::numeric[])
 
+-- name: add_charges
+-- Each provider call made for a job, as it returns (sql/021: the budget's spend).
+select ai_job_add_charges(%(tables)s::text[], %(ids)s::uuid[], %(providers)s::text[],
+                          %(models)s::text[], %(input)s::bigint[], %(cached)s::bigint[],
+                          %(output)s::bigint[], %(costs)s::numeric[])
+
 -- name: providers_refusing_auth
 -- The provider_auth alert: breakers opened by a 401/403/404 and not closed since
 -- by an answer (a probe, or ai_job_provider_reset).

@@ -13,8 +13,8 @@ from starlette.responses import Response
 
 from listener import console, ops
 from listener.errors import InvalidJob
-from listener.web.app import PAGE, harden
 from listener.web.auth import Principal
+from listener.web.responses import PAGE, harden
 
 if TYPE_CHECKING:
     from listener.web.app import Dashboard

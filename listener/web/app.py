@@ -22,7 +22,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import re
 import secrets
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
@@ -43,54 +42,23 @@ from starlette.routing import Route
 
 from listener import dal, db, ops, registry
 from listener.errors import AiJobsError, InvalidJob, JobBusy, JobNotFound, translate
+from listener.medic import PoolMedic
 from listener.settings import Settings
 from listener.storage import Storage, open_storage
 from listener.web import metrics, views
+from listener.web.actions import Actions
 from listener.web.auth import Auth, Principal, origin_refusal
 from listener.web.live import LiveFeed
+from listener.web.pages import Pages
+from listener.web.peer import throttle_key
+from listener.web.responses import PAGE, harden, safe_next, wants_html, wants_json
 from listener.web.throttle import Throttle
 
 SSE_KEEPALIVE_SECONDS = 15.0
-PAGE = "/admin/jobs"
 _STATUS = {JobNotFound: 404, JobBusy: 409, InvalidJob: 400}
 _CHALLENGE = {"WWW-Authenticate": 'Bearer realm="ai-jobs"'}
-# Where a sign-in or a plain form post may lead: our own pages only.
-_OWN_PAGE = re.compile(
-    r"^/admin/(jobs(/[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12})?|overview)"
-    r"(\?[A-Za-z0-9_=&%.~+:-]*)?$"
-)
 
 Handler = Callable[[Request, Principal], Awaitable[Response]]
-
-
-def harden(response: Response, nonce: str | None = None) -> Response:
-    """Headers for every dashboard response: no caching, no framing, no outside
-    resources; inline style and script only with this response's nonce; images,
-    audio, scripts and styles from this site only."""
-    src = f"'nonce-{nonce}'" if nonce else "'none'"
-    response.headers["Content-Security-Policy"] = (
-        f"default-src 'none'; style-src {src}; script-src {src}; connect-src 'self'; "
-        "img-src 'self' data:; media-src 'self'; form-action 'self'; frame-ancestors 'none'; "
-        "base-uri 'none'"
-    )
-    response.headers["Cache-Control"] = "no-store"
-    response.headers["X-Content-Type-Options"] = "nosniff"
-    response.headers["X-Frame-Options"] = "DENY"
-    response.headers["Referrer-Policy"] = "same-origin"
-    return response
-
-
-def wants_json(request: Request) -> bool:
-    return "application/json" in request.headers.get("accept", "")
-
-
-def wants_html(request: Request) -> bool:
-    return "text/html" in request.headers.get("accept", "")
-
-
-def safe_next(value: Any) -> str:
-    """Only our own pages, never an open redirect."""
-    return value if isinstance(value, str) and _OWN_PAGE.match(value) else PAGE
 
 
 class Dashboard:
@@ -101,7 +69,7 @@ class Dashboard:
         self.pool: db.WorkPool = db.make_pool(
             dsn, 4, app="ai-jobs web", prepare=settings.listen_mode == "listen"
         )
-        self.medic = db.PoolMedic(self.pool)  # dead connections replaced after an outage
+        self.medic = PoolMedic(self.pool)  # dead connections replaced after an outage
         self.alert_cache = views.AlertCache(settings)
         self.feed = LiveFeed(
             dsn,
@@ -267,7 +235,7 @@ class Dashboard:
     async def login(self, request: Request) -> Response:
         form = await request.form()
         token, nxt = form.get("token"), safe_next(form.get("next"))
-        client = request.client.host if request.client else "unknown"
+        client = throttle_key(request)
         if wait := self.throttle.retry_after(client):
             self.log.bind(action="web_login_throttled").warning("sign-in throttled")
             seconds = max(1, round(wait))
@@ -298,9 +266,6 @@ async def _to_page(request: Request) -> Response:
 
 
 def create_app(settings: Settings, dsn: str, admin_token: str) -> Starlette:
-    from listener.web.actions import Actions
-    from listener.web.pages import Pages
-
     d = Dashboard(settings, dsn, admin_token)
     p, a = Pages(d), Actions(d)
     g = d.guarded
@@ -329,10 +294,3 @@ def create_app(settings: Settings, dsn: str, admin_token: str) -> Starlette:
     app = Starlette(routes=routes, lifespan=d.lifespan)
     app.state.dashboard = d
     return app
-
-
-async def serve(settings: Settings, host: str = "0.0.0.0", port: int | None = None) -> None:
-    """`ai-jobs web` (see server.py); here too for callers that embed the dashboard."""
-    from listener.web.server import serve as run
-
-    await run(settings, host=host, port=port)

@@ -70,7 +70,8 @@ class Auth:
         header = request.headers.get("authorization", "")
         scheme, _, credentials = header.partition(" ")
         if scheme.lower() == "bearer" and credentials:
-            return Principal("bearer", "") if self.token_matches(credentials.strip()) else None
+            # `Bearer <token>`, one space: blanks around the token make another value.
+            return Principal("bearer", "") if self.token_matches(credentials) else None
         cookie = request.cookies.get(COOKIE)
         if not cookie:
             return None

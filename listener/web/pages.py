@@ -21,8 +21,8 @@ from listener.registry import live_seconds
 from listener.rows import WorkerRow
 from listener.settings import Settings
 from listener.web import views
-from listener.web.app import PAGE, harden
 from listener.web.auth import Principal
+from listener.web.responses import PAGE, harden
 
 if TYPE_CHECKING:
     from listener.web.app import Dashboard

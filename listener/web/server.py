@@ -15,6 +15,7 @@ from listener.errors import AiJobsError, ConfigError
 from listener.settings import Settings
 from listener.web.app import create_app
 from listener.web.auth import token_problem
+from listener.web.peer import ClientKey
 
 GRACEFUL_SECONDS = 3  # open event streams never end by themselves
 
@@ -43,16 +44,20 @@ async def serve(settings: Settings, host: str = "0.0.0.0", port: int | None = No
     async with db.connection(dsn, app="ai-jobs web") as conn:
         await ops.queue_depth(conn)  # reachable, and migrated (else: run `ai-jobs migrate`)
     port = port or settings.port
+    app = create_app(settings, dsn, token)
     config = uvicorn.Config(
-        create_app(settings, dsn, token),
+        app,
         host=host,
         port=port,
-        proxy_headers=True,  # https behind the PaaS router: Secure cookies, right origin
+        proxy_headers=False,  # ClientKey applies them, after noting the connection's address
         log_config=None,
         access_log=False,
         lifespan="on",
         timeout_graceful_shutdown=GRACEFUL_SECONDS,
     )
+    # uvicorn's proxy headers (https behind the PaaS router: Secure cookies, the
+    # right origin), from FORWARDED_ALLOW_IPS as uvicorn reads it.
+    config.app = ClientKey(app, config.forwarded_allow_ips)
     server = _Server(config)
     log = logger.bind(action="web", port=port)
     log.bind(action="web_started").info("dashboard on http://{}:{}/admin/jobs", host, port)

@@ -6,11 +6,9 @@ from __future__ import annotations
 import subprocess
 import tempfile
 from pathlib import Path
-from typing import Any
 
 import pytest
 
-from tests import fakeai
 from tests.fakeai import FAKE_OPENAI_KEY, FakeAI
 from tests.helpers import AI_JOBS, connect, env, insert_course, insert_media, job, wait_until
 from tests.workers import WorkerProcess
@@ -22,12 +20,6 @@ def ai_jobs(db_url: str, *args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [*AI_JOBS, *args], env=env(db_url), capture_output=True, text=True, timeout=60
     )
-
-
-@pytest.fixture
-def fake() -> Any:
-    with fakeai.running() as f:
-        yield f
 
 
 def test_cancel_interrupts_the_running_provider_call(db_url: str, fake: FakeAI) -> None:

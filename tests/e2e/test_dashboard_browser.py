@@ -8,6 +8,8 @@ Screenshots of the list, a job and the charts go to the test's temp folder."""
 
 from __future__ import annotations
 
+import json
+import re
 import socket
 import subprocess
 from collections.abc import Iterator
@@ -268,3 +270,97 @@ def test_console_in_the_browser(
             browser.close()
             if worker is not None:
                 worker.stop()
+
+
+# The series' colours as overview.html draws them (RGB).
+P50, P95, PENDING, WAIT_P50, WAIT_P95 = (
+    (0x3B, 0x5B, 0xDB),
+    (0xC9, 0x2A, 0x2A),
+    (0x3B, 0x5B, 0xDB),
+    (0x0C, 0x85, 0x99),
+    (0xE6, 0x77, 0x00),
+)
+COUNT_PIXELS = """([id, colours]) => {
+  const canvas = document.querySelector(`#${id} canvas`);
+  const data = canvas.getContext("2d").getImageData(0, 0, canvas.width, canvas.height).data;
+  let n = 0;
+  for (let i = 0; i < data.length; i += 4) {
+    if (data[i + 3] < 200) continue;
+    const near = ([r, g, b]) => Math.abs(data[i] - r) < 24
+      && Math.abs(data[i + 1] - g) < 24 && Math.abs(data[i + 2] - b) < 24;
+    if (colours.some(near)) n++;
+  }
+  return n;
+}"""
+
+
+def _drawn(page: Any, chart: str) -> dict[str, float]:
+    """The scales a chart was drawn with (overview.html records them)."""
+    data = page.locator(f"#{chart}").evaluate("el => ({...el.dataset})")
+    return {k: float(data[k]) for k in ("xMin", "xMax", "yMin", "yMax")} | {
+        "ticks": data.get("xTicks", "[]")
+    }
+
+
+def test_overview_charts_span_the_window_and_draw_a_lone_point(
+    chromium: str, web: str, db_url: str
+) -> None:
+    """A new deployment's first minutes: one job done, one queue sample, $0 spent.
+    Each chart spans the window asked for (x from now - window to now, y from 0
+    to a little above the data: one cent for $0, not 0-100), the lone values are
+    drawn, and the time axis reads on a 24-hour clock."""
+    from playwright.sync_api import expect, sync_playwright
+
+    with connect(db_url) as c:
+        c.execute(
+            "insert into ai_course_jobs (subject, status, created_at, started_at, completed_at,"
+            " metrics) values ('Tides', 'done', now() - interval '50 s', now() - interval '40 s',"
+            ' now() - interval \'10 s\', \'{"provider": "placeholder", "estimatedCostUsd": 0}\')'
+        )
+        c.execute(
+            "insert into ai_job_counter_samples (counter, value, sampled_at) values"
+            " ('queue_pending', 3, now() - interval '20 s'),"
+            " ('queue_processing', 1, now() - interval '20 s')"
+        )
+        now = float(c.execute("select extract(epoch from now()) as t").fetchone()["t"])
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=chromium, args=CHROMIUM_ARGS)
+        page = browser.new_page(viewport={"width": 1400, "height": 900}, locale="en-US")
+        page.set_default_timeout(TIMEOUT_MS)
+        expect.set_options(timeout=TIMEOUT_MS)
+        try:
+            _sign_in(page, web, "/admin/overview")
+            for window, seconds in (("hour", 3600), ("day", 86400)):
+                if window == "day":
+                    page.click('#windows button[data-window="day"]')
+                expect(page.locator("#charts")).to_have_attribute("data-loaded", window)
+                for chart, value in (
+                    ("chart-duration", 30),
+                    ("chart-wait", 10),
+                    ("chart-depth", 3),
+                    ("chart-throughput", None),
+                ):
+                    d = _drawn(page, chart)
+                    assert abs(d["xMax"] - now) < 60, (window, chart, d)  # to now ...
+                    assert abs(d["xMax"] - d["xMin"] - seconds) < 1, (
+                        window,
+                        chart,
+                        d,
+                    )  # ... from now - window
+                    assert d["yMin"] == 0, (window, chart, d)
+                    if value is not None:
+                        assert value <= d["yMax"] <= value * 1.5, (window, chart, d)
+                    ticks = json.loads(str(d["ticks"]))
+                    assert ticks and all(re.match(r"^\d\d:\d\d(\n|$)", t) for t in ticks), ticks
+                # Each value alone in its bucket, with no neighbour to draw a line to: drawn.
+                for chart, colours in (
+                    ("chart-duration", [P50, P95]),
+                    ("chart-wait", [WAIT_P50, WAIT_P95]),
+                    ("chart-depth", [PENDING]),
+                ):
+                    assert page.evaluate(COUNT_PIXELS, [chart, colours]) > 10, (window, chart)
+            cost = _drawn(page, "chart-cost")
+            assert abs(cost["xMax"] - now) < 60 and abs(cost["xMax"] - cost["xMin"] - 86400) < 1
+            assert (cost["yMin"], cost["yMax"]) == (0, 0.01), cost  # $0: up to one cent
+        finally:
+            browser.close()

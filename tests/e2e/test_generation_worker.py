@@ -20,12 +20,6 @@ from tests.workers import WorkerProcess
 pytestmark = pytest.mark.timeout(90)
 
 
-@pytest.fixture
-def fake() -> Any:
-    with fakeai.running() as f:
-        yield f
-
-
 def providers_env(fake: FakeAI, **extra: Any) -> dict[str, Any]:
     return {
         "OPENAI_API_KEY": FAKE_OPENAI_KEY,

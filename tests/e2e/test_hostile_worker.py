@@ -172,12 +172,6 @@ def test_a_course_made_by_another_user_is_never_overwritten(supabase_db_url: str
         assert w.wait() == 0
 
 
-@pytest.fixture
-def fake() -> Any:
-    with fakeai.running() as f:
-        yield f
-
-
 def test_secrets_echoed_by_a_provider_reach_neither_the_job_nor_the_log(
     db_url: str, fake: FakeAI
 ) -> None:
@@ -276,3 +270,132 @@ def test_the_worker_and_the_reports_run_as_service_role(supabase_db_url: str) ->
         assert w.wait() == 0
     failed = [e for e in w.events() if e["level"] in ("ERROR", "CRITICAL", "WARNING")]
     assert failed == [], failed
+
+
+# -- round two ---------------------------------------------------------------------
+
+
+def _provider_worker(url: str, fake: FakeAI, **extra: Any) -> WorkerProcess:
+    return WorkerProcess(
+        url,
+        OPENAI_API_KEY=fakeai.FAKE_OPENAI_KEY,
+        OPENAI_BASE_URL=fake.openai_url,
+        AI_PROVIDER_PRIORITY="openai",
+        ALLOW_PLACEHOLDER="0",
+        RETRY_BASE_SECONDS="0.1",
+        **extra,
+    ).started()
+
+
+def _budget(url: str, cap: float, estimate: float) -> None:
+    with connect(url) as c:
+        c.execute(
+            "update ai_job_settings set daily_budget_usd_per_user = %s,"
+            " budget_estimate_usd_per_job = %s",
+            [cap, estimate],
+        )
+
+
+def test_cancelling_a_running_job_does_not_dodge_the_budget(
+    supabase_db_url: str, fake: FakeAI
+) -> None:
+    """The issue's dodge, against the real worker: with a cap of one job, insert,
+    wait for the provider call, cancel_job, insert again."""
+    _budget(supabase_db_url, 0.05, 0.05)
+    fake.modes["openai"] = "hang"
+    w = _provider_worker(supabase_db_url, fake, AI_TIMEOUT_SECONDS="60", CACHE_TTL_SECONDS="0")
+    try:
+        first, _ = _insert(supabase_db_url, ALICE, "Dodge")
+        wait_until(lambda: fake.count("openai", "/chat/completions") == 1, what="provider call")
+        with connect(supabase_db_url) as c:
+            as_user(c, ALICE)
+            c.execute("select cancel_job(%s, 'ai_course_jobs')", [first])
+        wait_until(lambda: fake.abandoned, what="the provider call abandoned")
+        with pytest.raises(psycopg.Error) as refused:
+            _insert(supabase_db_url, ALICE, "Dodge again")
+        assert refused.value.sqlstate == "AJ402"
+    finally:
+        w.signal(signal.SIGTERM)
+        assert w.wait() == 0
+
+
+def test_every_call_the_providers_billed_counts_toward_the_budget(
+    supabase_db_url: str, fake: FakeAI
+) -> None:
+    """A job whose every answer is invalid: three attempts of an answer and its
+    repair round, six billed calls, then the dead letter. Its spend is those six
+    calls (none of it was counted before: a dead-letter job cost nothing)."""
+    _budget(supabase_db_url, 0.0001, 0)  # nothing reserved: the spend is what was paid
+    fake.modes["openai"] = "invalid"
+    w = _provider_worker(supabase_db_url, fake, CACHE_TTL_SECONDS="0")
+    try:
+        jid, _ = _insert(supabase_db_url, ALICE, "Never valid")
+        with connect(supabase_db_url) as c:
+            wait_until(lambda: job(c, jid)["status"] == "dead_letter", what="the dead letter")
+            calls = fake.count("openai", "/chat/completions")
+            assert calls == 6
+            spend = c.execute(
+                "select ai_job_user_spend(%s, now() - interval '1 day')::float8 as usd", [ALICE]
+            ).fetchone()["usd"]
+            assert spend > 0.0001
+            with pytest.raises(psycopg.Error) as refused:
+                _insert(supabase_db_url, ALICE, "More")
+            assert refused.value.sqlstate == "AJ402"
+            charges = c.execute(
+                "select count(*) as n, sum(cost_usd)::float8 as usd from ai_job_charges"
+                " where job_id = %s and created_by = %s",
+                [jid, ALICE],
+            ).fetchone()
+        assert charges["n"] == calls and spend == pytest.approx(charges["usd"])
+    finally:
+        w.signal(signal.SIGTERM)
+        assert w.wait() == 0
+
+
+def test_a_course_from_the_cache_names_no_other_users_job(
+    supabase_db_url: str, fake: FakeAI
+) -> None:
+    """Bob's request is served with the course Alice's job made: his readable
+    metrics must not carry her job's id."""
+    w = _provider_worker(supabase_db_url, fake)
+    try:
+        alices, _ = _insert(supabase_db_url, ALICE, "Astronomy")
+        _done(supabase_db_url, alices)
+        bobs, _ = _insert(supabase_db_url, BOB, "Astronomy")
+        _done(supabase_db_url, bobs)
+    finally:
+        w.signal(signal.SIGTERM)
+        assert w.wait() == 0
+    with connect(supabase_db_url) as c:
+        as_user(c, BOB)
+        row = c.execute(
+            "select id, status, metrics, result_path, error from ai_course_jobs where id = %s",
+            [bobs],
+        ).fetchone()
+    assert row["metrics"]["provider"] == "cache" and row["metrics"]["cacheHit"] is True
+    assert alices not in json.dumps(row, default=str)
+    assert fake.count("openai", "/chat/completions") == 1
+
+
+def test_a_forged_pause_notification_is_not_believed(supabase_db_url: str) -> None:
+    """Anyone may NOTIFY the channel: a pause payload nobody sent through
+    pause_jobs must not make the worker log that a job type was paused."""
+    w = WorkerProcess(supabase_db_url).started()
+    try:
+
+        def heard() -> bool:
+            notify(supabase_db_url, [KNOCK])
+            return bool(w.actions("bad_payload"))
+
+        wait_until(heard, interval=0.2, what="the worker listening")
+        notify(supabase_db_url, [json.dumps({"table": "ai_course_jobs", "paused": True})])
+        w.wait_for("pause_unconfirmed", timeout=10)
+        assert not w.actions("table_paused")
+        # a real pause is logged as before
+        with connect(supabase_db_url) as c:
+            c.execute("select pause_jobs('ai_course_jobs')")
+        event = w.wait_for("table_paused", timeout=10)
+        assert event["table"] == "ai_course_jobs"
+    finally:
+        w.signal(signal.SIGTERM)
+        assert w.wait() == 0

@@ -15,11 +15,12 @@ from functools import partial
 from typing import Any
 
 import pytest
+from psycopg.conninfo import conninfo_to_dict
 
 from listener.migrate import migrate
 from tests.faultproxy import FaultProxy
 from tests.helpers import connect, insert_course, job, wait_until
-from tests.pgserver import Cluster
+from tests.pgserver import Cluster, with_dbname
 from tests.workers import WorkerProcess
 
 
@@ -78,19 +79,68 @@ def test_completion_written_when_the_database_is_back(cluster: Cluster) -> None:
         assert w.wait() == 0
 
 
-def test_worker_started_while_the_database_is_down_waits_for_it(cluster: Cluster) -> None:
+def test_worker_started_while_the_database_is_down_exits_and_says_why(cluster: Cluster) -> None:
+    """At start, a database that cannot be reached is a configuration error: exit
+    1 with the cause (a platform restarts the process, and its log says why),
+    not a wait without a word. Started again once the database is up, it works."""
     cluster.stop("fast")
     w = WorkerProcess(cluster.url)
+    assert w.wait(timeout=20) == 1
+    (line,) = [x for x in w.log().splitlines() if x.startswith("ai-jobs: error: ")]
+    assert f"cannot connect to 127.0.0.1:{cluster.port}/postgres" in line, line
+    assert "Connection refused" in line, line
+    cluster.start()
+    w = WorkerProcess(cluster.url).started()  # as the platform restarts it
     try:
-        w.wait_for("database_unhealthy", timeout=20)
-        cluster.start()
-        w.wait_for("worker_started", timeout=30)
         with connect(cluster.url) as c:
             jid = insert_course(c, "after the database came up")
         wait_until(lambda: _status(cluster.url, jid) == "done", timeout=20, what="done")
     finally:
         w.signal(signal.SIGTERM)
         assert w.wait() == 0
+
+
+def _allow_connections(db_url: str, allow: bool) -> None:
+    """Let this test's database accept connections, or refuse them (as a
+    database being renamed or restored does), from the server's own database."""
+    name = conninfo_to_dict(db_url)["dbname"]
+    with connect(with_dbname(db_url, "postgres")) as c:
+        c.execute(f'alter database "{name}" with allow_connections {str(allow).lower()}')
+
+
+def test_a_running_worker_logs_each_new_cause_of_an_outage(db_url: str, proxy: FaultProxy) -> None:
+    """Once the worker has run, an outage is waited out, with its cause told at
+    every change: first the connections dropped and refused (the proxy), then
+    the database refusing them (another cause, one more line), never a line per
+    retry, and never the pool's "could not open a connection" without a cause."""
+    w = WorkerProcess(proxy.url(db_url), SWEEP_INTERVAL_SECONDS=3600).started()
+    refusing = "is not currently accepting connections"
+    try:
+        proxy.refusing = True
+        proxy.drop()
+        w.wait_for("listener_unhealthy")
+        w.wait_for("database_unhealthy")
+        _allow_connections(db_url, False)
+        proxy.refusing = False  # the connections reach the database, which refuses them
+        for what in ("listener", "database"):
+            w.wait_for(f"{what}_still_unhealthy", lambda e: refusing in e["message"], timeout=30)
+        tried = proxy.accepted
+        wait_until(lambda: proxy.accepted >= tried + 5, what="five more connection attempts")
+        _allow_connections(db_url, True)
+        w.wait_for("listener_healthy", timeout=20)
+        with connect(db_url) as c:
+            jid = insert_course(c, "after the outage")
+        wait_until(lambda: _status(db_url, jid) == "done", timeout=20, what="done")
+    finally:
+        _allow_connections(db_url, True)
+        w.signal(signal.SIGTERM)
+        assert w.wait() == 0
+    for what in ("listener", "database"):
+        told = [e["message"] for e in w.actions(f"{what}_still_unhealthy")]
+        assert sum(refusing in m for m in told) == 1, told  # the new cause once, not per retry
+        assert len(w.actions(f"{what}_unhealthy")) == 1
+    messages = [e["message"] for e in w.events() if e.get("action", "").endswith("unhealthy")]
+    assert not [m for m in messages if "could not open a connection" in m], messages
 
 
 TARGET = timedelta(seconds=2)

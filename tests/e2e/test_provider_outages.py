@@ -7,23 +7,15 @@ from __future__ import annotations
 import signal
 import statistics
 import subprocess
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
 
-from tests import fakeai
 from tests.fakeai import FAKE_ANTHROPIC_KEY, FAKE_OPENAI_KEY, FakeAI
 from tests.helpers import AI_JOBS, connect, env, insert_course, job, wait_until
 from tests.workers import WorkerProcess
 
 pytestmark = pytest.mark.timeout(120)
-
-
-@pytest.fixture
-def fake() -> Iterator[FakeAI]:
-    with fakeai.running() as f:
-        yield f
 
 
 def providers_env(fake: FakeAI, **extra: Any) -> dict[str, Any]:

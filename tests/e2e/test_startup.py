@@ -1,15 +1,22 @@
 """Start-up fails fast and says why: every configuration mistake ends
 `ai-jobs worker` and `ai-jobs run-once` within seconds, exit status 1, with one
-line on stderr that names the setting, and no connection left open."""
+line on stderr that names the setting, and no connection left open: a database
+that cannot be reached at all, storage that cannot be written, settings that
+contradict each other, as well as a value that is invalid alone."""
 
 from __future__ import annotations
 
+import signal
 import subprocess
 import time
 
 import pytest
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
+from tests import fakesupabase
 from tests.helpers import AI_JOBS, env
+from tests.pgserver import free_port
+from tests.workers import WorkerProcess
 
 WITHIN_SECONDS = 10.0  # a Python start-up on a loaded machine, not a database timeout
 
@@ -33,6 +40,31 @@ MISTAKES = {
         "Invalid setting AI_PROVIDER_PRIORITY",
     ),
     "bad Sentry DSN": ({"SENTRY_DSN": "not-a-dsn"}, "SENTRY_DSN is not a valid Sentry DSN"),
+    "storage that does not exist": (
+        {"STORAGE_URL": "/proc/nope"},
+        "STORAGE_URL: cannot write to /proc/nope: No such file or directory",
+    ),
+    "storage under a file": (
+        {"STORAGE_URL": "/dev/null/results"},
+        "STORAGE_URL: cannot write to /dev/null/results: Not a directory",
+    ),
+    "stale rescue quicker than the heartbeat": (
+        {"HEARTBEAT_INTERVAL_SECONDS": "30", "STALE_AFTER_SECONDS": "12"},
+        "STALE_AFTER_SECONDS (12) must be at least 3 x HEARTBEAT_INTERVAL_SECONDS (30)",
+    ),
+    "stale rescue just under the margin": (
+        {"HEARTBEAT_INTERVAL_SECONDS": "10", "STALE_AFTER_SECONDS": "29.9"},
+        "STALE_AFTER_SECONDS (29.9) must be at least 3 x HEARTBEAT_INTERVAL_SECONDS (10)",
+    ),
+    "infinite duration": (
+        {"STALE_AFTER_SECONDS": "inf"},
+        "Invalid setting STALE_AFTER_SECONDS: Input should be a finite number",
+    ),
+    "not a number": (
+        {"SWEEP_INTERVAL_SECONDS": "nan"},
+        "Invalid setting SWEEP_INTERVAL_SECONDS: Input should be a finite number",
+    ),
+    "unknown log level": ({"LOG_LEVEL": "verbose"}, "Invalid setting LOG_LEVEL: must be one of"),
 }
 
 
@@ -60,6 +92,14 @@ def test_a_configuration_mistake_ends_the_process_with_one_line(
         assert settings["SENTRY_DSN"] not in stderr[0]
 
 
+def test_an_api_key_of_spaces_counts_as_unset(db_url: str) -> None:
+    """As an empty one: with no other provider, the worker does not start."""
+    code, stderr, took = _run("worker", db_url, OPENAI_API_KEY="   ", ALLOW_PLACEHOLDER="0")
+    assert code == 1 and len(stderr) == 1, stderr
+    assert stderr[0].startswith("ai-jobs: error: No AI provider configured: set OPENAI_API_KEY")
+    assert took < WITHIN_SECONDS
+
+
 @pytest.mark.parametrize("command", ["worker", "run-once"])
 def test_no_database_url(command: str) -> None:
     code, stderr, took = _run(command, None)
@@ -73,3 +113,74 @@ def test_an_unmigrated_database(command: str, empty_db_url: str) -> None:
     assert code == 1
     assert len(stderr) == 1 and "run `ai-jobs migrate`" in stderr[0], stderr
     assert took < WITHIN_SECONDS
+
+
+def _server_url(db_url: str, **change: str) -> str:
+    """db_url with other connection parameters (the password is never checked
+    by the test server: trust authentication)."""
+    params = conninfo_to_dict(db_url) | {"password": PASSWORD, **change}
+    return make_conninfo("", **params)
+
+
+PASSWORD = "pw-never-shown-8d2f"
+UNREACHABLE = {
+    "closed port": ({"port": "CLOSED"}, "failed: Connection refused"),
+    "unknown role": ({"user": "no_such_role_28"}, 'role "no_such_role_28" does not exist'),
+    "missing database": ({"dbname": "no_such_db_28"}, 'database "no_such_db_28" does not exist'),
+    # A Supabase-style pooler URL (user postgres.<project>) on a port nothing serves.
+    "closed pooler port": (
+        {"user": "postgres.abcdefghijklmnopqrst", "port": "CLOSED", "sslmode": "disable"},
+        "failed: Connection refused",
+    ),
+}
+
+
+@pytest.mark.parametrize("command", ["worker", "run-once"])
+@pytest.mark.parametrize("case", list(UNREACHABLE))
+def test_a_database_that_cannot_be_reached_at_start_is_a_configuration_error(
+    command: str, case: str, db_url: str
+) -> None:
+    """Not the pool's silent retries: exit 1 at once, with the cause."""
+    change, cause = UNREACHABLE[case]
+    change = {k: str(free_port()) if v == "CLOSED" else v for k, v in change.items()}
+    url = _server_url(db_url, **change)
+    code, stderr, took = _run(command, url)
+    assert code == 1
+    assert len(stderr) == 1, stderr
+    line = stderr[0]
+    assert line.startswith("ai-jobs: error: DATABASE_URL: cannot connect to "), line
+    assert cause in line, line
+    where = f"{change.get('port') or conninfo_to_dict(db_url)['port']}/"
+    assert where in line and "password ***" in line, line  # where it went; never the password
+    assert PASSWORD not in line
+    assert took < WITHIN_SECONDS
+
+
+def test_supabase_bucket_that_does_not_exist(db_url: str) -> None:
+    with fakesupabase.running() as fake:
+        fake.missing_buckets = {"results"}
+        code, stderr, took = _run(
+            "worker",
+            db_url,
+            STORAGE_URL=f"{fake.storage_url}/results",
+            SUPABASE_SERVICE_ROLE_KEY=fake.key,
+        )
+    assert code == 1 and len(stderr) == 1, stderr
+    assert "STORAGE_URL: bucket 'results' of http://127.0.0.1:" in stderr[0]
+    assert "does not exist" in stderr[0] and fake.key not in stderr[0]
+    assert fake.uploads == 0
+    assert took < WITHIN_SECONDS
+
+
+def test_the_start_line_shows_where_the_database_is_but_not_the_password(db_url: str) -> None:
+    url = _server_url(db_url)
+    params = conninfo_to_dict(db_url)
+    w = WorkerProcess(url).started()
+    try:
+        line = w.wait_for("worker_config")["message"]
+    finally:
+        w.signal(signal.SIGTERM)
+        assert w.wait() == 0
+    where = f"{params['host']}:{params['port']}/{params['dbname']}"
+    assert f"database {where} (user {params['user']}, password ***)" in line, line
+    assert PASSWORD not in w.log()

@@ -7,7 +7,6 @@ import asyncio
 import json
 import subprocess
 import uuid
-from collections.abc import AsyncIterator
 from typing import Any
 
 import httpx
@@ -16,7 +15,7 @@ import pytest
 from loguru import logger
 from psycopg_pool import AsyncConnectionPool
 
-from listener import alerts, db
+from listener import alerts
 from listener.settings import Settings
 from tests.helpers import AI_JOBS, connect, env
 
@@ -134,14 +133,6 @@ async def test_rate_limit_rejections_survive_the_rollback(conn: Conn, db_url: st
         "select count(*) as n from ai_job_counter_samples where sampled_at < now() - interval '2h'"
     )
     assert (await cur.fetchone() or {})["n"] == 0
-
-
-@pytest.fixture
-async def pool(db_url: str) -> AsyncIterator[AsyncConnectionPool[Any]]:
-    p: AsyncConnectionPool[Any] = db.make_pool(db_url, 2, app="test alerts")
-    await p.open(wait=True)
-    yield p
-    await p.close()
 
 
 async def test_monitor_reports_transitions_once(pool: AsyncConnectionPool[Any], conn: Conn) -> None:

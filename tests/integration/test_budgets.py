@@ -29,21 +29,34 @@ async def as_user(db_url: str, user: uuid.UUID) -> psycopg.AsyncConnection[Any]:
     return c
 
 
+async def charge(conn: Conn, table: str, job_id: Any, cost: float | None) -> None:
+    """A provider call made for the job, and what it cost (None: no price known),
+    recorded as the worker records each call (listener/providers/meter.py)."""
+    await conn.execute(
+        "select ai_job_add_charges(array[%s], array[%s::uuid], '{openai}', '{gpt-4.1-mini}',"
+        " '{100}', '{0}', '{100}', array[%s::numeric])",
+        [table, job_id, cost],
+    )
+
+
 async def spent(conn: Conn, user: uuid.UUID, cost: float, table: str = "ai_course_jobs") -> None:
-    """A done job of the user's that cost this much."""
+    """A done job of the user's whose provider calls cost this much."""
     metrics = json.dumps({"estimatedCostUsd": cost, "provider": "openai"})
     if table == "ai_course_jobs":
-        await conn.execute(
+        cur = await conn.execute(
             "insert into ai_course_jobs (subject, created_by, status, metrics, completed_at)"
-            " values ('paid', %s, 'done', %s, now())",
+            " values ('paid', %s, 'done', %s, now()) returning id",
             [user, metrics],
         )
     else:
-        await conn.execute(
+        cur = await conn.execute(
             "insert into ai_media_jobs (prompt, media_type, created_by, status, metrics)"
-            " values ('paid', 'image', %s, 'done', %s)",
+            " values ('paid', 'image', %s, 'done', %s) returning id",
             [user, metrics],
         )
+    row = await cur.fetchone()
+    assert row is not None
+    await charge(conn, table, row["id"], cost)
 
 
 async def rejections(conn: Conn) -> int:
@@ -208,3 +221,182 @@ async def test_costs_command(conn: Conn, db_url: str) -> None:
     lines = p.stdout.splitlines()
     assert lines[0].split() == ["day", "jobs", "input", "cached", "output", "cost_usd", "unpriced"]
     assert len(lines) == 3  # today and three days ago
+
+
+# -- spend is what was paid ------------------------------------------------------
+
+
+async def spend(conn: Conn, user: uuid.UUID) -> float:
+    cur = await conn.execute(
+        "select ai_job_user_spend(%s, now() - interval '24 hours')::float8 as usd", [user]
+    )
+    return float((await cur.fetchone() or {})["usd"])
+
+
+async def insert_as(c: psycopg.AsyncConnection[Any], table: str = "ai_course_jobs") -> str:
+    """An insert by the signed-in user of `c`; its id."""
+    if table == "ai_course_jobs":
+        sql = (
+            "insert into ai_course_jobs (subject, created_by) values ('s', auth.uid()) returning id"
+        )
+    else:
+        sql = (
+            "insert into ai_media_jobs (prompt, media_type, created_by)"
+            " values ('p', 'image', auth.uid()) returning id"
+        )
+    row = await (await c.execute(sql)).fetchone()
+    assert row is not None
+    return str(row[0])
+
+
+async def claimed(conn: Conn, table: str, job_id: str) -> Any:
+    cur = await conn.execute("select * from claim_job(%s, %s, 'w')", [table, job_id])
+    row = await cur.fetchone()
+    assert row is not None, "not claimable"
+    return row["claim_token"]
+
+
+async def test_cancelling_a_running_job_does_not_give_its_cost_back(supabase_db_url: str) -> None:
+    """The issue's dodge: insert, wait for processing, cancel_job, insert again. A
+    job cancelled while it runs may have a provider call in flight that will be
+    paid: it keeps the estimate (or what it paid, if more)."""
+    async with await psycopg.AsyncConnection.connect(
+        supabase_db_url, autocommit=True, row_factory=dict_row
+    ) as owner:
+        await owner.execute(
+            "update ai_job_settings set daily_budget_usd_per_user = 0.05,"
+            " budget_estimate_usd_per_job = 0.05"
+        )
+        user = uuid.uuid4()
+        alice = await as_user(supabase_db_url, user)
+        try:
+            first = await insert_as(alice)
+            await claimed(owner, "ai_course_jobs", first)
+            await alice.execute("select cancel_job(%s, 'ai_course_jobs')", [first])
+            with pytest.raises(psycopg.Error) as err:
+                await insert_as(alice)
+            assert err.value.sqlstate == "AJ402"
+            # the call in flight returns, dearer than the estimate: that counts
+            await charge(owner, "ai_course_jobs", first, 0.07)
+            assert await spend(owner, user) == pytest.approx(0.07)
+            # a job cancelled before it ran paid nothing and keeps nothing
+            await owner.execute("update ai_job_settings set daily_budget_usd_per_user = 1")
+            second = await insert_as(alice, "ai_media_jobs")
+            assert await spend(owner, user) == pytest.approx(0.12)
+            await alice.execute("select cancel_job(%s, 'ai_media_jobs')", [second])
+            assert await spend(owner, user) == pytest.approx(0.07)
+        finally:
+            await alice.close()
+
+
+async def test_every_provider_call_counts_whatever_became_of_the_job(conn: Conn) -> None:
+    """Failed attempts each count, and so do jobs in the dead letter; a call with no
+    known price counts at the estimate; a job not finished is reserved at the
+    estimate, less what it paid already."""
+    await conn.execute(
+        "update ai_job_settings set daily_budget_usd_per_user = 10,"
+        " budget_estimate_usd_per_job = 0.05"
+    )
+    user = uuid.uuid4()
+    cur = await conn.execute(
+        "insert into ai_course_jobs (subject, created_by, max_retries) values ('s', %s, 3)"
+        " returning id",
+        [user],
+    )
+    jid = str((await cur.fetchone() or {})["id"])
+    assert await spend(conn, user) == pytest.approx(0.05)  # reserved
+    for attempt in range(3):
+        token = await claimed(conn, "ai_course_jobs", jid)
+        await charge(conn, "ai_course_jobs", jid, 0.01)  # the answer
+        await charge(conn, "ai_course_jobs", jid, 0.02)  # its repair round
+        await conn.execute(
+            "select * from fail_job('ai_course_jobs', %s, %s, 'invalid', 0)", [jid, token]
+        )
+        paid = 0.03 * (attempt + 1)
+        if attempt < 2:  # failed, retries left: at least the estimate
+            assert await spend(conn, user) == pytest.approx(max(paid, 0.05))
+    row = await (
+        await conn.execute("select status from ai_course_jobs where id = %s", [jid])
+    ).fetchone()
+    assert row == {"status": "dead_letter"}
+    assert await spend(conn, user) == pytest.approx(0.09)
+    cur = await conn.execute(
+        "insert into ai_media_jobs (prompt, media_type, created_by, status)"
+        " values ('p', 'image', %s, 'done') returning id",
+        [user],
+    )
+    await charge(conn, "ai_media_jobs", (await cur.fetchone() or {})["id"], None)
+    assert await spend(conn, user) == pytest.approx(0.14)
+
+
+async def test_spend_exactly_at_the_cap_refuses_the_next_insert(conn: Conn) -> None:
+    await conn.execute(
+        "update ai_job_settings set daily_budget_usd_per_user = 0.05,"
+        " budget_estimate_usd_per_job = 0.01"
+    )
+    user = uuid.uuid4()
+    await spent(conn, user, 0.0499)
+    await conn.execute("insert into ai_course_jobs (subject, created_by) values ('a', %s)", [user])
+    # 0.0499 + 0.01 reserved: over; a user exactly at the cap is refused too
+    other = uuid.uuid4()
+    await spent(conn, other, 0.05)
+    with pytest.raises(psycopg.Error) as err:
+        await conn.execute(
+            "insert into ai_course_jobs (subject, created_by) values ('b', %s)", [other]
+        )
+    assert err.value.sqlstate == "AJ402"
+    assert str(err.value.diag.message_primary).startswith("Budget exceeded: $0.0500 spent")
+
+
+async def test_a_users_spend_counts_only_their_own_jobs(conn: Conn) -> None:
+    """Bob's calls, paid or reserved, in either table, are not Alice's."""
+    await conn.execute(
+        "update ai_job_settings set daily_budget_usd_per_user = null,"
+        " budget_estimate_usd_per_job = 0.02, rate_limit_per_hour = 100"
+    )
+    alice, bob = uuid.uuid4(), uuid.uuid4()
+    await spent(conn, bob, 1.0, "ai_media_jobs")
+    await spent(conn, bob, 1.0, "ai_course_jobs")
+    await conn.execute(
+        "insert into ai_media_jobs (prompt, media_type, created_by, status)"
+        " select 'p', 'image', %s, 'pending' from generate_series(1, 5)",
+        [bob],
+    )
+    await conn.execute("update ai_job_settings set daily_budget_usd_per_user = 0.05")
+    assert await spend(conn, alice) == 0
+    await spent(conn, alice, 0.01, "ai_media_jobs")
+    assert await spend(conn, alice) == pytest.approx(0.01)
+    for table in ("ai_media_jobs", "ai_course_jobs"):
+        if table == "ai_media_jobs":
+            await conn.execute(
+                "insert into ai_media_jobs (prompt, media_type, created_by)"
+                " values ('mine', 'image', %s)",
+                [alice],
+            )
+        else:
+            await conn.execute(
+                "insert into ai_course_jobs (subject, created_by) values ('mine', %s)", [alice]
+            )
+    assert await spend(conn, alice) == pytest.approx(0.05)
+
+
+async def test_the_budget_holds_under_repeatable_read(supabase_db_url: str) -> None:
+    """Each insert summed the spend from its own snapshot, taken before the others
+    committed: under REPEATABLE READ all of them passed."""
+    from tests.integration.test_rate_limit_and_rls import _racing_inserts
+
+    async with await psycopg.AsyncConnection.connect(supabase_db_url, autocommit=True) as owner:
+        await owner.execute(
+            "update ai_job_settings set rate_limit_per_hour = 100,"
+            " daily_budget_usd_per_user = 0.10, budget_estimate_usd_per_job = 0.02"
+        )
+    user = uuid.uuid4()
+    results = await _racing_inserts(
+        supabase_db_url,
+        user,
+        "repeatable read",
+        20,
+        "insert into ai_media_jobs (prompt, media_type, created_by)"
+        " values ('race', 'image', auth.uid())",
+    )
+    assert sorted(results) == ["AJ402"] * 15 + ["ok"] * 5

@@ -219,7 +219,7 @@ async def test_worker_stops_a_cancelled_job_and_writes_nothing(db_url: str) -> N
         await asyncio.wait_for(started.wait(), 10)
         await c.execute("select cancel_job(%s, 'ai_course_jobs')", [jid])
         await asyncio.wait_for(cancelled.wait(), 1.0)  # the "within a second"
-        assert jid not in worker.running
+        assert jid not in worker.leases.running
         cur = await c.execute("select status, result_path from ai_course_jobs")
         assert await cur.fetchall() == [{"status": "cancelled", "result_path": None}]
         # The worker goes on with other work.
@@ -271,11 +271,11 @@ async def test_cancelling_a_stale_job_stops_the_worker_still_running_it(db_url: 
         await await_until(claimed, what="the claim committed")
         cur = await c.execute("select job_id from mark_stale_jobs(interval '0')")
         assert await cur.fetchall() == [{"job_id": jid}]
-        assert jid in worker.running
+        assert jid in worker.leases.running
         cur = await c.execute("select cancel_job(%s, 'ai_course_jobs') as was", [jid])
         assert await cur.fetchone() == {"was": "stale"}
         await asyncio.wait_for(cancelled.wait(), 5)
-        assert jid not in worker.running
+        assert jid not in worker.leases.running
         cur = await c.execute(
             "select outcome, worker_id from ai_job_attempts where job_id = %s", [jid]
         )
@@ -337,7 +337,7 @@ async def test_a_forged_cancel_notification_stops_nothing(db_url: str) -> None:
             return worker.notifications > seen and not worker.leases.cancel_checks
 
         await await_until(checked, what="the forged cancel heard and checked")
-        assert jid in worker.running
+        assert jid in worker.leases.running
         release.set()
 
         async def done() -> bool:

@@ -5,8 +5,11 @@ from __future__ import annotations
 import json
 import subprocess
 import uuid
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
+
+import pytest
 
 from tests.helpers import AI_JOBS, connect, env, insert_course, job
 
@@ -95,6 +98,62 @@ def test_bad_usage_exits_2(db_url: str) -> None:
     assert p.returncode == 1 and "WORKER_CONCURRENCY" in p.stderr
 
 
+COURSE = ("enqueue", "course", "--subject", "Algebra")
+MEDIA = ("enqueue", "media", "--prompt", "a lighthouse", "--media-type", "image")
+USAGE = {
+    "a param without =": ([*COURSE, "--param", "foo"], "--param expects KEY=VALUE, got 'foo'"),
+    # What the course handler would refuse: checked by the same model, before the insert.
+    "a param of the wrong type": (
+        [*COURSE, "--param", "itemsPerGroup=many"],
+        "Invalid job params: itemsPerGroup: Input should be a valid integer",
+    ),
+    "a param out of range": (
+        [*COURSE, "--param", "itemsPerGroup=500"],
+        "Invalid job params: itemsPerGroup: Input should be less than or equal to 50",
+    ),
+    "an unknown param": (
+        [*COURSE, "--param", "itemsPerGrop=6"],
+        "Invalid job params: itemsPerGrop: Extra inputs are not permitted",
+    ),
+    "a media param": (
+        [*MEDIA, "--param", "format=gif"],
+        "Invalid job params: format: Input should be 'mp3', 'wav', 'opus', 'aac' or 'flac'",
+    ),
+    "a negative limit": (["jobs", "--limit", "-5"], "argument --limit: must be from 1 to"),
+    "a limit of zero": (["jobs", "--limit", "0"], "argument --limit: must be from 1 to"),
+    "negative days to purge": (["purge", "--days", "-1"], "argument --days: must be >= 0"),
+    "infinite days of costs": (["costs", "--days", "inf"], "not a finite number: 'inf'"),
+    "a port out of range": (["web", "--port", "70000"], "argument --port: must be from 1 to 65535"),
+}
+
+
+@pytest.mark.parametrize("case", list(USAGE))
+def test_usage_errors_exit_2_and_change_nothing(db_url: str, case: str) -> None:
+    args, says = USAGE[case]
+    with connect(db_url) as c:
+        old = insert_course(
+            c, "finished long ago", status="done", completed_at=datetime.now(UTC) - timedelta(9)
+        )
+    p = run(db_url, *args)
+    assert p.returncode == 2, (p.returncode, p.stderr)
+    assert says in p.stderr.splitlines()[-1], p.stderr
+    assert p.stderr.startswith("usage: ai-jobs ") and "Traceback" not in p.stderr
+    with connect(db_url) as c:  # no job enqueued, none purged
+        count = c.execute("select count(*) as n from ai_course_jobs").fetchone()["n"]
+        count += c.execute("select count(*) as n from ai_media_jobs").fetchone()["n"]
+        assert count == 1 and job(c, old)["status"] == "done"
+
+
+def test_enqueue_accepts_what_the_worker_accepts(db_url: str) -> None:
+    p = run(db_url, *COURSE, "--param", "itemsPerGroup=6", "--param", 'level="advanced"')
+    assert p.returncode == 0, p.stderr
+    p = run(db_url, *MEDIA, "--param", "size=512x512")
+    assert p.returncode == 0, p.stderr
+    with connect(db_url) as c:
+        media = c.execute("select params from ai_media_jobs").fetchone()
+    assert media["params"] == {"size": "512x512"}
+
+
 def test_purge_mark_stale_dead_letter(db_url: str) -> None:
     with connect(db_url) as c:
         insert_course(
@@ -129,4 +188,7 @@ def test_demo_without_its_extra_says_what_to_install(tmp_path: Path) -> None:
     )
     assert p.returncode == 1
     assert p.stderr.count("\n") == 1 and "Traceback" not in p.stderr
-    assert "pip install 'ai-jobs[demo]'" in p.stderr
+    assert "pip install 'ai-jobs[demo]'" in p.stderr  # from PyPI
+    assert "from a checkout: pip install '.[demo]'" in p.stderr  # from this repository
+    help_text = run(None, "demo", "--help").stdout
+    assert "pip install 'ai-jobs[demo]'" in help_text and "'.[demo]'" in help_text

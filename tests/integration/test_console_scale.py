@@ -13,7 +13,7 @@ from typing import Any
 import psycopg
 import pytest
 
-from listener import db
+from listener import dal
 from tests.helpers import connect
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
@@ -157,7 +157,7 @@ def test_console_reads_stay_off_the_history(big_db: str) -> None:
             "stuck_jobs",
             "live_depth",
         ):
-            work = _work(c, db.sql(name), params)
+            work = _work(c, dal.sql(name), params)
             assert work["seq_rows"] == 0, (name, work)
             assert work["fetched"] <= 200, (name, work)
         counts = {

@@ -8,6 +8,7 @@ import asyncio
 import json
 import re
 import tempfile
+import time
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -340,8 +341,10 @@ async def test_overview_charts_and_static_library(client: httpx.AsyncClient, db_
     d = (await client.get("/admin/overview/charts?window=hour", headers=BEARER)).json()
     assert len(d["t"]) == 60 and sum(d["done"]) == 1 and max(x or 0 for x in d["p50"]) == 30
     assert max(x or 0 for x in d["wait_p50"]) == 10
+    assert d["to"] - d["from"] == 3600 and abs(d["to"] - time.time()) < 60  # the window asked for
     d = (await client.get("/admin/overview/charts?window=day", headers=BEARER)).json()
     assert len(d["t"]) == 96
+    assert d["to"] - d["from"] == 86400
     js = await client.get("/admin/static/uPlot.iife.min.js", headers=BEARER)
     assert js.status_code == 200 and js.headers["content-type"].startswith("text/javascript")
     assert "uPlot" in js.text
@@ -448,6 +451,27 @@ async def test_each_refusal_says_why(client: httpx.AsyncClient, monkeypatch: Any
     )
     assert r.status_code == 401 and "no longer valid" in r.text
     assert JSON  # (imported for symmetry with test_web)
+
+
+async def test_overview_workers_table_is_for_humans(client: httpx.AsyncClient, db_url: str) -> None:
+    """Numbers and times formatted as on the job list, not a row's raw values."""
+    await sql(
+        db_url,
+        "insert into ai_job_workers (id, host, pid, started_at, last_seen, listener_state,"
+        " jobs_running, version, probe_seconds, reconnects) values ('host-a:4242:abc123',"
+        " 'host-a', 4242, '2026-12-01 08:05:09.123456+00', now() - interval '1.234 s',"
+        " 'listening', 2, '0.1.0', 0.0008886680000159686, 3)",
+    )
+    r = await client.get("/admin/overview", headers=BEARER | HTML)
+    assert r.status_code == 200
+    table = r.text[r.text.index('id="workers"') :]
+    assert "0.000888" not in table and "08:05:09.123456" not in table  # no raw values
+    start = table.index('data-worker="host-a:4242:abc123"')
+    row = table[start : table.index("</tr>", start)]
+    assert "0.9 ms" in row and "0.000888" not in row  # the probe's round trip
+    assert ">08:05:09<" in row and "2026-12-01 08:05:09.123456" not in row  # started, UTC
+    assert re.search(r">1\.\d s ago<", row), row  # last seen
+    assert "listening" in row and ">2<" in row and ">3<" in row
 
 
 # -- keyset pages over equal created_at ------------------------------------------

@@ -17,7 +17,7 @@ from uuid import UUID
 
 import pytest
 
-from listener import dal, db
+from listener import dal
 from tests.helpers import ROOT, connect
 
 PACKAGE = ROOT / "listener"
@@ -56,7 +56,7 @@ def used_names() -> dict[str, list[str]]:
 
 
 def test_every_named_statement_has_its_object_and_no_object_lacks_one() -> None:
-    assert set(db.queries()) == {s.name for s in STATEMENTS.values()}
+    assert set(dal.queries()) == {s.name for s in STATEMENTS.values()}
     for constant, s in STATEMENTS.items():
         assert constant == s.name.upper(), s
 

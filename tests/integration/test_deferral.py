@@ -9,7 +9,7 @@ from typing import Any
 import psycopg
 import pytest
 
-from listener import db
+from listener import dal
 from listener.errors import ProvidersUnavailable
 from listener.jobs import Job, Outcome
 from tests.helpers import aconnect, await_until, connect, insert_course, insert_media
@@ -20,7 +20,7 @@ pytestmark = pytest.mark.timeout(60)
 
 
 async def claim(conn: Conn, table: str = "ai_course_jobs") -> Job:
-    rows = await db.fetch(conn, "claim_jobs", {"table": table, "worker": "test", "n": 1})
+    rows = await dal.fetch(conn, "claim_jobs", {"table": table, "worker": "test", "n": 1})
     return Job.from_claim(rows[0])
 
 
@@ -33,7 +33,7 @@ async def defer(conn: Conn, job: Job, wait: float, max_wait: float = 1800) -> li
         "reason": "Providers unavailable: openai: rate limited",
         "max_wait": max_wait,
     }
-    return await db.fetch(conn, "defer_job", params)
+    return await dal.fetch(conn, "defer_job", params)
 
 
 async def row(conn: Conn, jid: Any) -> dict[str, Any]:
@@ -76,7 +76,7 @@ async def test_defer_counts_no_attempt_until_the_outage_lasts_too_long(conn: Con
     assert d["status"] == "dead_letter" and d["retry_count"] == 2
 
     # A requeued job starts a fresh wait.
-    await db.fetch(conn, "requeue_job", {"id": job.id, "table": "ai_course_jobs"})
+    await dal.fetch(conn, "requeue_job", {"id": job.id, "table": "ai_course_jobs"})
     job = await claim(conn)
     [d] = await defer(conn, job, 5)
     assert not d["counted"] and d["status"] == "pending"
@@ -121,8 +121,8 @@ async def test_the_worker_stops_claiming_that_table_while_providers_are_down(db_
         with connect(db_url) as c:
             first = insert_course(c, "First")
         # Held once defer_job has answered (the handler raising is not enough).
-        await await_until(lambda: _async("ai_course_jobs" in w.executor.holds), what="the hold")
-        notified, course_claims = w.notifications, w.claims_by_table["ai_course_jobs"]
+        await await_until(lambda: _async("ai_course_jobs" in w.executor.cooldowns), what="the hold")
+        notified, course_claims = w.notifications, w.producer.claims_by_table["ai_course_jobs"]
         with connect(db_url) as c:
             later = [insert_course(c, f"Later {n}") for n in range(3)]
             picture = insert_media(c)
@@ -136,8 +136,8 @@ async def test_the_worker_stops_claiming_that_table_while_providers_are_down(db_
             statuses = [(await _row(conn, jid))["status"] for jid in later]
         assert deferred == [first]
         assert statuses == ["pending"] * 3
-        assert w.claims_by_table["ai_course_jobs"] == course_claims  # not one while held
-        assert "ai_course_jobs" in w.executor.holds
+        assert w.producer.claims_by_table["ai_course_jobs"] == course_claims  # not one while held
+        assert "ai_course_jobs" in w.executor.cooldowns
 
 
 async def _async(value: Any) -> Any:
@@ -182,7 +182,7 @@ async def test_the_worker_counts_an_attempt_past_its_outage_max_wait(
     s = settings(db_url, provider_outage_max_wait_seconds=max_wait)
     async with running_worker(s, {"ai_course_jobs": course}) as w:
         await asyncio.wait_for(deferred.wait(), 10)
-        await await_until(lambda: _async("ai_course_jobs" in w.executor.holds), what="deferred")
+        await await_until(lambda: _async("ai_course_jobs" in w.executor.cooldowns), what="deferred")
     async with await aconnect(db_url) as conn:
         row = await _row(conn, jid)
     if counted:

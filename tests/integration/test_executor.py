@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 from psycopg_pool import AsyncConnectionPool
 
-from listener import dal, db
+from listener import dal
 from listener.completer import Completer
 from listener.errors import InvalidJob, ProvidersUnavailable
 from listener.executor import Executor
@@ -42,14 +42,6 @@ class Rig:
             pool, {"table": "ai_course_jobs", "worker": "exec-test", "n": 1}
         )
         return Job.from_claim(rows[0])
-
-
-@pytest.fixture
-async def pool(db_url: str) -> AsyncIterator[AsyncConnectionPool[Any]]:
-    p = db.make_pool(db_url, 3)
-    await p.open(wait=True)
-    yield p
-    await p.close()
 
 
 @pytest.fixture
@@ -148,11 +140,11 @@ async def test_providers_down_put_the_job_back_and_hold_the_table(
     with connect(db_url) as c:
         row = job(c, jid)
     assert row["status"] == "pending" and row["retry_count"] == 0  # no attempt counted
-    holds = rig.executor.holds
-    assert "ai_course_jobs" in holds and "ai_media_jobs" not in holds
+    cooldowns = rig.executor.cooldowns
+    assert "ai_course_jobs" in cooldowns and "ai_media_jobs" not in cooldowns
     loop_now = time.monotonic()
-    assert holds.held("ai_course_jobs", loop_now)
-    assert 25 < holds.waits(loop_now)[0] <= 30
+    assert cooldowns.cooling("ai_course_jobs", loop_now)
+    assert 25 < cooldowns.waits(loop_now)[0] <= 30
     assert 25 < rig.due[0] <= 30
 
 

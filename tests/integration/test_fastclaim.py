@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import AsyncIterator
 from typing import Any
 
 import psycopg
@@ -19,14 +18,6 @@ from listener.fastclaim import FastClaimer
 from tests.helpers import await_until, connect, insert_course, job
 
 pytestmark = pytest.mark.timeout(60)
-
-
-@pytest.fixture
-async def pool(db_url: str) -> AsyncIterator[db.WorkPool]:
-    p = db.make_pool(db_url, 2)
-    await p.open(wait=True)
-    yield p
-    await p.close(timeout=1)
 
 
 async def _claim(claimer: FastClaimer, table: str, job_id: Any) -> tuple[Any, Any]:
@@ -240,9 +231,12 @@ async def _held_claim(
     ends: list[Any] = []
     with connect(db_url) as gate:
         gate.execute("select pg_advisory_lock(7)")
-        claimer.claim(
-            "ai_course_jobs", uuid.UUID(jid), lambda r, e: rows.append((r, e)), ends.append
-        )
+
+        def reply(r: Any, e: Any) -> Any:
+            rows.append((r, e))
+            return ends.append
+
+        claimer.claim("ai_course_jobs", uuid.UUID(jid), reply)
         await await_until(lambda: _true(rows), what="the claim's row")
         row, exc = rows[0]
         assert exc is None and row is not None and row["id"] == uuid.UUID(jid)

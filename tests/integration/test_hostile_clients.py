@@ -8,6 +8,7 @@ what each role may do."""
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import re
 import subprocess
@@ -62,6 +63,8 @@ def snapshot(url: str) -> dict[str, Any]:
                 "ai_course_owners",
                 "ai_job_provider_state",
                 "ai_job_usage_totals",
+                "ai_job_charges",
+                "ai_job_admissions",
             )
         } | {
             "rejections": c.execute(
@@ -85,6 +88,8 @@ ATTACKS = [
             "ai_course_owners",
             "ai_job_provider_state",
             "ai_job_usage_totals",
+            "ai_job_charges",
+            "ai_job_admissions",
         )
     ),
     "update ai_job_settings set rate_limit_per_hour = 100000",
@@ -132,6 +137,18 @@ ATTACKS = [
     "select ai_job_add_usage('{openai}', '{m}', '{1}', '{1}', '{0}', '{1}', '{1000}')",
     "select nextval('ai_job_budget_rejections')",
     "select ai_job_user_spend(auth.uid(), now())",
+    # sql/021: charges, admissions, course id releases
+    "select * from ai_job_charges",
+    "delete from ai_job_charges",
+    "insert into ai_job_charges (job_table, job_id, provider, model)"
+    " values ('ai_course_jobs', gen_random_uuid(), 'openai', 'm')",
+    "select ai_job_add_charges('{ai_course_jobs}', array[gen_random_uuid()], '{openai}', '{m}',"
+    " '{1}', '{0}', '{1}', '{-5}')",
+    "select * from ai_job_admissions",
+    "delete from ai_job_admissions",
+    "insert into ai_job_admissions (created_by) values (auth.uid())",
+    "select ai_job_release_course_ids(array['00000000-0000-4000-8000-00000000a11c'::uuid],"
+    " '{algebra}')",
 ]
 
 
@@ -419,7 +436,7 @@ def test_nobody_takes_over_a_course_another_user_made(supabase_db_url: str) -> N
         assert _course_id(alice, "Algebra") == "algebra"
         # the same subject: Bob's own course, under a suffix that stays his
         bobs = _course_id(bob, "Algebra")
-        assert bobs.startswith("algebra-") and len(bobs) == len("algebra-") + 6
+        assert re.fullmatch(r"algebra-[0-9a-f]{10}", bobs), bobs
         assert _course_id(bob, "  ALGEBRA! ") == bobs
         # naming Alice's course outright is refused, whatever the spelling tricks
         for given in (
@@ -563,3 +580,236 @@ def test_the_first_migrate_writes_the_request_limits(empty_db_url: str) -> None:
             "select max_subject_length, max_prompt_length, max_params_bytes from ai_job_settings"
         ).fetchone()
     assert row == {"max_subject_length": 42, "max_prompt_length": 4000, "max_params_bytes": 1000}
+
+
+# -- round two: course ids anyone can ask for, temp tables, who is asking ----------
+
+
+def _cancel(c: psycopg.Connection[Any], job_id: str, table: str = "ai_course_jobs") -> None:
+    c.execute("select cancel_job(%s, %s)", [job_id, table])
+
+
+def _insert_returning(c: psycopg.Connection[Any], subject: str) -> tuple[str, str]:
+    row = c.execute(
+        "insert into ai_course_jobs (subject, created_by) values (%s, auth.uid())"
+        " returning id, course_id",
+        [subject],
+    ).fetchone()
+    return str(row["id"]), str(row["course_id"])
+
+
+def test_a_user_can_always_ask_for_any_subject(supabase_db_url: str) -> None:
+    """Knowing Alice's uuid, Bob takes the subject's slug and every fallback id the
+    old scheme (slug + 6 hex of md5(owner/slug/attempt), 7 tries) would give her,
+    within the rate limit. Her request must still get an id of her own, and the
+    same one when she asks again."""
+    with connect(supabase_db_url) as alice, connect(supabase_db_url) as bob:
+        as_user(alice, ALICE)
+        as_user(bob, BOB)
+        assert _course_id(bob, "Chemistry") == "chemistry"
+        for attempt in range(1, 8):
+            digest = hashlib.md5(f"{ALICE}/chemistry/{attempt}".encode()).hexdigest()
+            _course_id(bob, "Squatted", course_id=f"chemistry-{digest[:6]}")
+        hers = _course_id(alice, "Chemistry")
+        assert re.fullmatch(r"chemistry-[0-9a-f]{10}", hers), hers
+        assert _course_id(alice, "chemistry!") == hers  # regenerating her own course works
+        # the fallback is not a function of (owner, slug): Carol's is another one
+        with connect(supabase_db_url) as carol:
+            as_user(carol, uuid.UUID("00000000-0000-4000-8000-0000000ca201"))
+            assert _course_id(carol, "Chemistry") not in (hers, "chemistry")
+
+
+def test_a_cancelled_job_gives_its_course_id_back(supabase_db_url: str) -> None:
+    """A job inserted and cancelled at once used to hold a popular slug for good."""
+    with connect(supabase_db_url) as alice, connect(supabase_db_url) as bob:
+        as_user(alice, ALICE)
+        as_user(bob, BOB)
+        first, slug = _insert_returning(bob, "Physics")
+        second, again = _insert_returning(bob, "Physics")
+        assert slug == again == "physics"
+        _cancel(bob, first)
+        # Bob's other job still names it: still his
+        assert _course_id(alice, "Physics") != "physics"
+        _cancel(bob, second)
+        assert _course_id(alice, "Physics") == "physics"  # free again, and now hers
+        # a course of Alice's that was made (in the catalog) stays hers after a cancel
+        made, course = _insert_returning(alice, "Botany")
+    with connect(supabase_db_url) as c:
+        c.execute(
+            "insert into ai_course_catalog (course_id, job_id, subject, title, result_path)"
+            " values (%s, %s, 'Botany', 'Botany', 'courses/botany/course.json')",
+            [course, made],
+        )
+    with connect(supabase_db_url) as alice, connect(supabase_db_url) as bob:
+        as_user(alice, ALICE)
+        as_user(bob, BOB)
+        _cancel(alice, made)
+        assert _course_id(bob, "Botany") != "botany"
+
+
+def test_purged_jobs_give_their_course_ids_back(supabase_db_url: str) -> None:
+    with connect(supabase_db_url) as c:
+        as_user(c, BOB)
+        failed, _ = _insert_returning(c, "Geology")
+        done, kept = _insert_returning(c, "Zoology")
+    with connect(supabase_db_url) as c:
+        c.execute(
+            "update ai_course_jobs set status = 'dead_letter', completed_at = now() - interval"
+            " '100 days' where id = %s",
+            [failed],
+        )
+        c.execute(
+            "update ai_course_jobs set status = 'done', completed_at = now() - interval"
+            " '100 days' where id = %s",
+            [done],
+        )
+        c.execute(
+            "insert into ai_course_catalog (course_id, job_id, subject, title, result_path)"
+            " values (%s, %s, 'Zoology', 'Zoology', 'courses/zoology/course.json')",
+            [kept, done],
+        )
+        assert c.execute("select purge_old_jobs('90 days') as n").fetchone() == {"n": 2}
+    with connect(supabase_db_url) as c:
+        as_user(c, ALICE)
+        assert _course_id(c, "Geology") == "geology"  # no course was made: free again
+        assert _course_id(c, "Zoology") != "zoology"  # Bob's course is still his
+
+
+def test_a_media_job_names_only_a_course_of_its_owner(supabase_db_url: str) -> None:
+    with connect(supabase_db_url) as alice, connect(supabase_db_url) as bob:
+        as_user(alice, ALICE)
+        as_user(bob, BOB)
+        assert _course_id(alice, "Algebra") == "algebra"
+        assert _course_id(bob, "Sailing") == "sailing"
+        media = (
+            "insert into ai_media_jobs (prompt, media_type, created_by, course_id)"
+            " values ('a picture', 'image', auth.uid(), %s) returning course_id"
+        )
+        for given in ("algebra", "ALGEBRA", "nobodys-course"):
+            with pytest.raises(errors.InsufficientPrivilege, match="not a course of yours"):
+                bob.execute(media, [given])
+        assert bob.execute(media, ["sailing"]).fetchone() == {"course_id": "sailing"}
+        assert alice.execute(media, ["Algebra"]).fetchone() == {"course_id": "Algebra"}
+
+
+SETTINGS_COLUMNS = (
+    "singleton boolean, rate_limit_per_hour int, max_subject_length int,"
+    " max_prompt_length int, max_params_bytes int, daily_budget_usd_per_user numeric,"
+    " budget_estimate_usd_per_job numeric"
+)
+
+
+@pytest.mark.parametrize("search_path", [None, "pg_temp, public", "public, pg_temp"])
+def test_a_temp_table_cannot_stand_in_for_the_settings(
+    supabase_db_url: str, search_path: str | None
+) -> None:
+    """A direct SQL session of `authenticated` makes its own ai_job_settings with
+    huge limits: the admission trigger must read ours."""
+    with connect(supabase_db_url) as c:
+        as_user(c, ALICE)
+        c.execute(f"create temp table ai_job_settings ({SETTINGS_COLUMNS})")
+        c.execute("insert into ai_job_settings values (true, 1000000, 1000000, 1000000, 10000000)")
+        if search_path:
+            c.execute(f"set search_path = {search_path}")
+        with pytest.raises(errors.CheckViolation, match="over the limit of 500"):
+            c.execute(
+                "insert into public.ai_course_jobs (subject, created_by) values (%s, auth.uid())",
+                ["x" * 200_000],
+            )
+
+
+def test_a_temp_pg_class_does_not_make_a_user_trusted(supabase_db_url: str) -> None:
+    """Should a deployment grant a client every column, the admission trigger still
+    resets the bookkeeping: its "is this the owner?" must read the real pg_class."""
+    with connect(supabase_db_url) as c:
+        c.execute("grant insert on ai_course_jobs to authenticated")
+    with connect(supabase_db_url) as c:
+        as_user(c, ALICE)
+        c.execute("create temp table pg_class (oid oid, relowner oid)")
+        c.execute(
+            "insert into pg_temp.pg_class select 'public.ai_course_jobs'::regclass, r.oid"
+            " from pg_catalog.pg_roles r where r.rolname = 'authenticated'"
+        )
+        c.execute("create temp table pg_auth_members (roleid oid, member oid)")
+        row = c.execute(
+            "insert into ai_course_jobs (subject, created_by, status, result_path, error)"
+            " values ('Trusted?', auth.uid(), 'done', 'courses/evil/course.json', 'x')"
+            " returning id"
+        ).fetchone()
+    with connect(supabase_db_url) as c:
+        fresh = job(c, str(row["id"]))
+        assert (fresh["status"], fresh["result_path"], fresh["error"]) == ("pending", None, None)
+
+
+def _counters(c: psycopg.Connection[Any]) -> tuple[Any, ...]:
+    return tuple(
+        c.execute(f"select last_value, is_called from {s}").fetchone()
+        for s in ("ai_job_rate_limit_rejections", "ai_job_budget_rejections")
+    )
+
+
+@pytest.mark.parametrize("table", ["ai_course_jobs", "ai_media_jobs"])
+def test_an_insert_for_another_user_reveals_nothing_and_counts_nothing(
+    supabase_db_url: str, table: str
+) -> None:
+    """Alice is over her rate limit and her budget and owns "algebra". Bob's insert
+    in her name must fail as row-level security fails, before any of her counts,
+    her spend or her courses are looked at, and page nobody."""
+    with connect(supabase_db_url) as c:
+        insert_course(c, "Algebra", created_by=ALICE)
+        insert_course(c, "Biology", created_by=ALICE)
+        insert_media(c, "a cat", created_by=ALICE)
+        insert_media(c, "a dog", created_by=ALICE)
+        c.execute(
+            "update ai_job_settings set daily_budget_usd_per_user = 0.05,"
+            " budget_estimate_usd_per_job = 0.04, rate_limit_per_hour = 2"
+        )
+        before = _counters(c)
+    statement = (
+        "insert into ai_course_jobs (subject, created_by) values ('Algebra', %s)"
+        if table == "ai_course_jobs"
+        else "insert into ai_media_jobs (prompt, media_type, created_by, course_id)"
+        " values ('x', 'image', %s, 'algebra')"
+    )
+    with connect(supabase_db_url) as c:
+        as_user(c, BOB)
+        with pytest.raises(errors.InsufficientPrivilege) as refused:
+            c.execute(statement, [ALICE])
+    assert str(refused.value.diag.message_primary) == (
+        f'new row violates row-level security policy for table "{table}"'
+    )
+    assert refused.value.diag.message_detail is None and refused.value.diag.message_hint is None
+    with connect(supabase_db_url) as c:
+        assert _counters(c) == before
+
+
+@pytest.mark.parametrize("requeue", ["requeue_job", "requeue_jobs"])
+def test_a_requeued_job_never_writes_into_a_course_taken_since(
+    supabase_db_url: str, requeue: str
+) -> None:
+    """Bob's cancel gave "physics" back and Alice took it; an operator then
+    requeues Bob's job: it runs under an id of Bob's own, not in Alice's course."""
+    with connect(supabase_db_url) as alice, connect(supabase_db_url) as bob:
+        as_user(alice, ALICE)
+        as_user(bob, BOB)
+        bobs, course = _insert_returning(bob, "Physics")
+        _cancel(bob, bobs)
+        assert _course_id(alice, "Physics") == course == "physics"
+        kept, given = _insert_returning(bob, "Sailing")
+        _cancel(bob, kept)  # given back, and still free: his again when requeued
+    with connect(supabase_db_url) as c:
+        as_service(c)
+        if requeue == "requeue_job":
+            c.execute("select requeue_job(%s, 'ai_course_jobs')", [bobs])
+            c.execute("select requeue_job(%s, 'ai_course_jobs')", [kept])
+        else:
+            n = c.execute("select requeue_jobs(status => 'cancelled') as n").fetchone()["n"]
+            assert n == 2
+    with connect(supabase_db_url) as c:
+        moved = job(c, bobs)
+        assert moved["status"] == "pending"
+        assert re.fullmatch(r"physics-[0-9a-f]{10}", moved["course_id"]), moved["course_id"]
+        assert job(c, kept)["course_id"] == given == "sailing"
+        owners = c.execute("select course_id, owner from ai_course_owners").fetchall()
+        mine = {r["course_id"]: r["owner"] for r in owners}
+        assert (mine["physics"], mine[moved["course_id"]], mine["sailing"]) == (ALICE, BOB, BOB)

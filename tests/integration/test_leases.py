@@ -6,25 +6,15 @@ pending without counting an attempt."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
 from typing import Any
 
-import pytest
 from psycopg_pool import AsyncConnectionPool
 
 from listener import dal, db
 from listener.jobs import Job, Outcome
-from listener.leases import LeaseKeeper, Running
+from listener.leases import LeaseKeeper
 from listener.outage import AwayRetry, Health
 from tests.helpers import await_until, connect, insert_course, insert_media, job
-
-
-@pytest.fixture
-async def pool(db_url: str) -> AsyncIterator[AsyncConnectionPool[Any]]:
-    p = db.make_pool(db_url, 3)
-    await p.open(wait=True)
-    yield p
-    await p.close()
 
 
 class Reports:
@@ -51,7 +41,7 @@ def running(leases: LeaseKeeper, j: Job) -> asyncio.Task[Outcome | None]:
         return None
 
     task = asyncio.create_task(forever())
-    leases.running[j.id] = Running(j, task)
+    leases.track(j, task)
     return task
 
 

@@ -45,6 +45,9 @@ async def test_a_pool_that_cannot_connect_is_away() -> None:
         await pool.close()
     assert d.verdict is Verdict.AWAY
     assert str(d).startswith("database unavailable: ")
+    # The cause, as a direct connection would say it; not the pool's "could not open".
+    assert f"port {port} failed: Connection refused" in str(d), str(d)
+    assert "the pool could not open a connection" not in str(d)
 
 
 async def test_a_statement_timeout_is_busy_not_away(db_url: str) -> None:

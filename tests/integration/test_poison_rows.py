@@ -18,7 +18,7 @@ import psycopg
 import pytest
 from psycopg import errors
 
-from listener import db
+from listener import dal, db
 from listener.migrate import migrate, migrations
 from listener.ops import OTHER, STATUSES
 from listener.sweeper import Sweeper
@@ -33,11 +33,11 @@ ALICE, BOB = uuid.uuid4(), uuid.uuid4()
 def migrate_up_to(url: str, last: int) -> None:
     """The schema as it was when `last` was the newest migration."""
     with connect(url) as c:
-        c.execute(db.sql("create_migrations_table"))
+        c.execute(dal.sql("create_migrations_table"))
         for m in migrations():
             if m.version <= last:
                 c.execute(m.text.encode())
-                c.execute(db.sql("record_migration"), {"version": m.version, "name": m.name})
+                c.execute(dal.sql("record_migration"), {"version": m.version, "name": m.name})
 
 
 def test_migration_011_repairs_the_rows_that_broke_the_worker(empty_db_url: str) -> None:
@@ -154,7 +154,7 @@ def test_the_sweep_and_the_claim_go_on_around_the_worst_rows(db_url: str) -> Non
             result = await Sweeper(pool, worker_settings(db_url)).run_once()
             assert result.stale >= 1 and result.rescued >= 1
             async with pool.connection() as conn:
-                rows = await db.fetch(conn, "claim_jobs", {"table": None, "worker": "w", "n": 100})
+                rows = await dal.fetch(conn, "claim_jobs", {"table": None, "worker": "w", "n": 100})
             assert good in {str(r["id"]) for r in rows}
         finally:
             await pool.close()

@@ -1,4 +1,4 @@
-"""db.PoolMedic through a fault-injecting proxy (tests/faultproxy.py): a heal
+"""PoolMedic through a fault-injecting proxy (tests/faultproxy.py): a heal
 replaces the idle connections, and a connection in use that went half-open (its
 caller waiting on a reply that will never come) is shut down so that the caller
 fails now and retries, while a query the server is still running is left alone."""
@@ -14,6 +14,7 @@ import psycopg
 import pytest
 
 from listener import db
+from listener.medic import PoolMedic
 from tests.faultproxy import FaultProxy
 from tests.helpers import aconnect, await_until
 
@@ -21,7 +22,8 @@ pytestmark = pytest.mark.timeout(60)
 
 
 @pytest.fixture
-async def pool(proxy: FaultProxy, db_url: str) -> AsyncIterator[db.WorkPool]:
+async def proxied_pool(proxy: FaultProxy, db_url: str) -> AsyncIterator[db.WorkPool]:
+    """A work pool whose connections go through the fault proxy."""
     p = db.make_pool(proxy.url(db_url), 4)
     await p.open(wait=True)
     yield p
@@ -34,11 +36,11 @@ async def _query(pool: db.WorkPool, statement: str) -> Any:
 
 
 async def test_a_query_stuck_on_a_half_open_connection_fails_and_is_retried(
-    pool: db.WorkPool, proxy: FaultProxy
+    proxied_pool: db.WorkPool, proxy: FaultProxy
 ) -> None:
-    medic = db.PoolMedic(pool)
-    await _query(pool, "select 1")  # a connection to lose
-    async with pool.connection() as conn:
+    medic = PoolMedic(proxied_pool)
+    await _query(proxied_pool, "select 1")  # a connection to lose
+    async with proxied_pool.connection() as conn:
         proxy.blackhole()  # this connection: the query goes out, nothing comes back
         stuck = asyncio.create_task(conn.execute("select 'lost'"))
         done, _ = await asyncio.wait({stuck}, timeout=1.0)
@@ -49,14 +51,14 @@ async def test_a_query_stuck_on_a_half_open_connection_fails_and_is_retried(
             await asyncio.wait_for(stuck, 10)
         assert time.monotonic() - t0 < 3 * medic.STUCK_AFTER + 2
     assert medic.unstuck == 1
-    assert await _query(pool, "select 'again' as v") == {"v": "again"}  # a fresh connection
+    assert await _query(proxied_pool, "select 'again' as v") == {"v": "again"}  # a fresh connection
 
 
 async def test_a_long_query_on_a_working_connection_is_left_alone(
-    pool: db.WorkPool, db_url: str
+    proxied_pool: db.WorkPool, db_url: str
 ) -> None:
-    medic = db.PoolMedic(pool)
-    long = asyncio.create_task(_query(pool, "select pg_sleep(2) is null as slept"))
+    medic = PoolMedic(proxied_pool)
+    long = asyncio.create_task(_query(proxied_pool, "select pg_sleep(2) is null as slept"))
     async with await aconnect(db_url) as c:  # ... waiting for its reply while the server runs it
 
         async def running() -> bool:
@@ -73,14 +75,14 @@ async def test_a_long_query_on_a_working_connection_is_left_alone(
 
 
 async def test_a_query_running_longer_than_the_medics_wait_is_left_alone(
-    pool: db.WorkPool, db_url: str
+    proxied_pool: db.WorkPool, db_url: str
 ) -> None:
     # Its backend is busy, not idle: a caller waiting that long on a working
     # connection is waiting on the server, and its connection is not shut down.
     # (Looked at after the query has run for more than STUCK_AFTER: before that,
     # the backend's last state change alone would tell it apart.)
-    medic = db.PoolMedic(pool)
-    long = asyncio.create_task(_query(pool, "select pg_sleep(3) is null as slept"))
+    medic = PoolMedic(proxied_pool)
+    long = asyncio.create_task(_query(proxied_pool, "select pg_sleep(3) is null as slept"))
     async with await aconnect(db_url) as c:
 
         async def running_for_a_while() -> bool:
@@ -104,7 +106,7 @@ async def test_stuck_connections_are_found_when_none_is_left_to_lend(
     pool = db.make_pool(proxy.url(db_url), 2)  # at most two
     await pool.open(wait=True)
     try:
-        medic = db.PoolMedic(pool)
+        medic = PoolMedic(pool)
         a, b = await pool.getconn(), await pool.getconn()
         proxy.blackhole()
         stuck = [asyncio.create_task(c.execute("select 'lost'")) for c in (a, b)]

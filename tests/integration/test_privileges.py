@@ -97,7 +97,6 @@ ALLOWED: dict[str, dict[str, set[str]]] = {
         "service_role": EXECUTE,
         "authenticated": EXECUTE,
     },
-    "function ai_job_enforce_rate_limit()": {},
     "function mark_stale_jobs(interval)": {"service_role": EXECUTE},
     "function move_to_dead_letter()": {"service_role": EXECUTE},
     "function requeue_job(uuid,text)": {"service_role": EXECUTE},
@@ -139,7 +138,6 @@ ALLOWED: dict[str, dict[str, set[str]]] = {
     # sql/015
     "sequence ai_job_budget_rejections": {"service_role": {"USAGE", "SELECT"}},
     "function ai_job_user_spend(uuid,timestamp with time zone)": {"service_role": EXECUTE},
-    "function ai_job_enforce_budget()": {},
     # sql/016
     "table ai_job_attempts": {"service_role": WRITE},
     "sequence ai_job_attempts_id_seq": {},
@@ -171,6 +169,16 @@ ALLOWED: dict[str, dict[str, set[str]]] = {
     "timestamp with time zone,text,boolean)": {"service_role": EXECUTE},
     "function delete_jobs(text,text,text,uuid,timestamp with time zone,"
     "timestamp with time zone,text,boolean)": {"service_role": EXECUTE},
+    # sql/021
+    "table ai_job_charges": {"service_role": {"SELECT", "INSERT", "DELETE"}},
+    "sequence ai_job_charges_id_seq": {},
+    "table ai_job_admissions": {"service_role": {"SELECT", "DELETE"}},
+    "function ai_job_add_charges(text[],uuid[],text[],text[],bigint[],bigint[],bigint[],"
+    "numeric[])": {"service_role": EXECUTE},
+    "function ai_job_enforce_limits()": {},
+    "function ai_media_jobs_defaults()": {},
+    "function ai_job_release_course_ids(uuid[],text[])": {"service_role": EXECUTE},
+    "function ai_job_reclaim_course_ids(uuid[])": {"service_role": EXECUTE},
 }
 
 
@@ -291,3 +299,49 @@ def test_the_check_reports_a_forgotten_grant_by_object_role_and_privilege(
         "function claim_jobs(text,text,integer): service_role lacks EXECUTE, which it needs"
         in problems
     )
+
+
+# -- search_path -------------------------------------------------------------------
+
+UNPINNED = """
+select p.oid::regprocedure::text as function,
+       (select c from unnest(p.proconfig) c where c like 'search_path=%') as setting
+from pg_proc p
+where p.pronamespace = 'public'::regnamespace
+order by 1
+"""
+
+
+def unpinned(url: str) -> list[str]:
+    """Our functions whose search_path is not pinned to pg_catalog first and pg_temp
+    last: whoever calls them could make a temp table, or a search_path of their own,
+    stand in for a name they use."""
+    with connect(url) as c:
+        rows = c.execute(UNPINNED).fetchall()
+    problems = []
+    for r in rows:
+        schemas = [s.strip() for s in (r["setting"] or "").removeprefix("search_path=").split(",")]
+        if not r["setting"] or schemas[0] != "pg_catalog" or schemas[-1] != "pg_temp":
+            problems.append(f"{r['function']}: {r['setting'] or 'no search_path'}")
+    return problems
+
+
+def test_every_function_pins_its_search_path(supabase_db_url: str) -> None:
+    problems = unpinned(supabase_db_url)
+    assert not problems, (
+        "functions without `set search_path = pg_catalog, public, pg_temp`:\n  "
+        + "\n  ".join(problems)
+    )
+
+
+def test_the_search_path_check_finds_a_function_that_forgot(supabase_db_url: str) -> None:
+    with connect(supabase_db_url) as c:
+        c.execute("create function ai_job_forgot() returns int language sql as 'select 1'")
+        c.execute(
+            "create function ai_job_half() returns int language sql"
+            " set search_path = public, pg_temp as 'select 1'"
+        )
+    assert unpinned(supabase_db_url) == [
+        "ai_job_forgot(): no search_path",
+        "ai_job_half(): search_path=public, pg_temp",
+    ]

@@ -11,6 +11,7 @@ import pytest
 from psycopg import errors
 
 from tests.helpers import aconnect, connect, insert_course, insert_media
+from tests.supabase import aas_user
 
 
 async def test_twenty_concurrent_inserts_by_one_user_exactly_ten_succeed(db_url: str) -> None:
@@ -136,3 +137,65 @@ def test_rls_rate_limit_applies_to_authenticated_users(db_url: str) -> None:
         insert_course(c, created_by=alice)
         with pytest.raises(psycopg.Error, match=r"^Rate limit exceeded"):
             insert_course(c, created_by=alice)
+
+
+async def _racing_inserts(
+    url: str, user: uuid.UUID, isolation: str, n: int, statement: str
+) -> list[str]:
+    """`n` direct SQL sessions of `authenticated` acting as `user`, each in a
+    transaction of that isolation level whose snapshot is taken before any of them
+    inserts; then all insert at once, each retrying a serialization failure as a
+    client should. Each ends "ok" or with the SQLSTATE that refused it for good."""
+    conns = [await aconnect(url) for _ in range(n)]
+    for c in conns:
+        await aas_user(c, user)
+    failures: list[str] = []
+
+    async def one(c: psycopg.AsyncConnection[Any], start: asyncio.Event) -> str:
+        first = True
+        while True:
+            await c.execute(f"begin isolation level {isolation}")
+            await c.execute("select count(*) from ai_course_jobs")  # the snapshot
+            if first:
+                first = False
+                await start.wait()
+            try:
+                await c.execute(statement)
+                await c.execute("commit")
+                return "ok"
+            except psycopg.Error as exc:
+                await c.execute("rollback")
+                if exc.sqlstate != "40001":
+                    return str(exc.sqlstate)
+                failures.append("40001")
+
+    start = asyncio.Event()
+    tasks = [asyncio.create_task(one(c, start)) for c in conns]
+    await asyncio.sleep(0.2)  # every session holds its snapshot
+    start.set()
+    try:
+        return await asyncio.gather(*tasks)
+    finally:
+        for c in conns:
+            await c.close()
+
+
+@pytest.mark.parametrize("isolation", ["read committed", "repeatable read", "serializable"])
+async def test_the_rate_limit_holds_under_every_isolation_level(
+    supabase_db_url: str, isolation: str
+) -> None:
+    """Under REPEATABLE READ each insert counted from its own snapshot, taken before
+    the others committed, even after waiting for them: 30 of 30 passed a limit of
+    10. A serialization failure (retried) or a refusal is fine; a pass is not."""
+    user = uuid.uuid4()
+    results = await _racing_inserts(
+        supabase_db_url,
+        user,
+        isolation,
+        30,
+        "insert into ai_course_jobs (subject, created_by) values ('race', auth.uid())",
+    )
+    assert sorted(results) == ["AJ429"] * 20 + ["ok"] * 10
+    with connect(supabase_db_url) as c:
+        n = c.execute("select count(*) from ai_course_jobs where created_by = %s", [user])
+        assert n.fetchone()["count"] == 10

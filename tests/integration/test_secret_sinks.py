@@ -148,12 +148,6 @@ async def sentry_sink(s: Settings, leak: str, fake: fakeai.FakeAI) -> str:
 
 
 @pytest.fixture
-def fake() -> Iterator[fakeai.FakeAI]:
-    with fakeai.running() as f:
-        yield f
-
-
-@pytest.fixture
 def no_sentry() -> Iterator[None]:
     yield
     sentry_sdk.get_client().close()

@@ -6,13 +6,19 @@ and the token's minimum length."""
 from __future__ import annotations
 
 import re
+import socket
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
+from starlette.requests import Request
 
 from listener.web.auth import MIN_TOKEN_LENGTH, Auth
 from listener.web.throttle import Throttle
+from tests.helpers import AI_JOBS, env, wait_until
 from tests.integration.test_web import (  # noqa: F401 - fixtures
     HTML,
     JSON,
@@ -154,3 +160,108 @@ def test_the_throttle_forgets_after_its_window_and_bounds_its_memory() -> None:
 def test_a_short_token_is_refused(token: str) -> None:
     with pytest.raises(ValueError, match="ADMIN_TOKEN"):
         Auth(token)
+
+
+PADDED = [
+    f"Bearer  {TOKEN}",  # two spaces
+    f"Bearer \t{TOKEN}",
+    f"bearer   {TOKEN}",
+    f"Bearer {TOKEN} ",  # (HTTP drops a header's own trailing blanks: checked below)
+    f"Bearer {TOKEN}\t",
+    f"Bearer {TOKEN} x",
+]
+
+
+async def test_a_bearer_value_is_the_token_exactly(
+    client: httpx.AsyncClient,  # noqa: F811
+) -> None:
+    """`Bearer <token>` with one space: a value padded with spaces or tabs is
+    another value, refused like any near miss."""
+    for header in PADDED[:3]:
+        r = await client.get("/metrics", headers={"Authorization": header})
+        assert r.status_code == 401, repr(header)
+    auth = Auth(TOKEN)
+    for header in PADDED:
+        scope = {"type": "http", "headers": [(b"authorization", header.encode())]}
+        assert auth.principal(Request(scope)) is None, repr(header)
+    ok = Request({"type": "http", "headers": [(b"authorization", f"Bearer {TOKEN}".encode())]})
+    assert auth.principal(ok) is not None
+
+
+@pytest.fixture
+def served(db_url: str, tmp_path: Path) -> Iterator[str]:
+    """`ai-jobs web` as deployed behind a PaaS router (README): FORWARDED_ALLOW_IPS=*,
+    since only the router reaches it."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    log = (tmp_path / "web.log").open("w")
+    proc = subprocess.Popen(
+        [*AI_JOBS, "web", "--host", "127.0.0.1"],
+        env=env(db_url, ADMIN_TOKEN=TOKEN, PORT=port, FORWARDED_ALLOW_IPS="*"),
+        stdout=log,
+        stderr=log,
+    )
+    base = f"http://127.0.0.1:{port}"
+
+    def healthy() -> bool:
+        assert proc.poll() is None, (tmp_path / "web.log").read_text()
+        try:
+            return httpx.get(f"{base}/healthz", timeout=1).status_code == 200
+        except httpx.TransportError:
+            return False
+
+    try:
+        wait_until(healthy, timeout=20, interval=0.1, what="ai-jobs web")
+        yield base
+    finally:
+        proc.terminate()
+        proc.wait(timeout=15)
+        log.close()
+
+
+async def test_the_sign_in_throttle_is_not_keyed_on_what_a_client_says(served: str) -> None:
+    """Behind the router every request comes from a trusted address with
+    X-Forwarded-For. A guesser writes a new address of their own in front of what
+    the router appends at each try: the throttle must count them as one client
+    (what the router saw), not as ten."""
+    async with httpx.AsyncClient(base_url=served, timeout=10) as c:
+        for i in range(10):
+            r = await c.post(
+                "/admin/login",
+                data={"token": f"guess {i}"},
+                headers={"Origin": served, "X-Forwarded-For": f"10.9.{i}.1, 198.51.100.7"},
+            )
+            assert r.status_code == 401
+        r = await c.post(
+            "/admin/login",
+            data={"token": TOKEN},
+            headers={"Origin": served, "X-Forwarded-For": "10.9.99.1, 198.51.100.7"},
+        )
+        assert r.status_code == 429
+        # another client behind the same router is not held back
+        r = await c.post(
+            "/admin/login",
+            data={"token": TOKEN},
+            headers={"Origin": served, "X-Forwarded-For": "10.9.0.1, 203.0.113.9"},
+        )
+        assert r.status_code == 303
+
+
+def test_the_throttle_key_trusts_only_what_a_trusted_forwarder_appended() -> None:
+    from uvicorn.middleware.proxy_headers import ProxyHeadersMiddleware
+
+    from listener.web.peer import key_of
+
+    trusted = ProxyHeadersMiddleware(None, "127.0.0.1").trusted_hosts  # type: ignore[arg-type]
+
+    def key(peer: str, *forwarded: str) -> str:
+        headers = [(b"x-forwarded-for", f.encode()) for f in forwarded]
+        return key_of({"type": "http", "client": (peer, 1234), "headers": headers}, trusted)
+
+    assert key("203.0.113.5", "10.0.0.1") == "203.0.113.5"  # not a forwarder: its own address
+    assert key("127.0.0.1", "10.0.0.1, 198.51.100.7") == "198.51.100.7"
+    assert key("127.0.0.1", "10.0.0.1", "198.51.100.7") == "198.51.100.7"  # two headers
+    assert key("127.0.0.1", "127.0.0.1") == "127.0.0.1"  # nothing to skip to: what it appended
+    assert key("127.0.0.1") == "127.0.0.1"
+    assert len(key("127.0.0.1", "x" * 5000)) == 100

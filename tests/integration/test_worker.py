@@ -175,7 +175,7 @@ async def _beat_after(db_url: str, jid: str, t: Any) -> Any:
 
 
 async def _not_running(w: Any, jid: str) -> bool:
-    return uuid.UUID(jid) not in w.running
+    return uuid.UUID(jid) not in w.leases.running
 
 
 async def test_polling_fallback_with_listen_disabled(db_url: str) -> None:
@@ -351,7 +351,7 @@ async def _holding_ahead(
         # Jobs (ROUNDS / 4 - 1) round trips long: 4 jobs ahead of the one slot.
         w.pacing.round_trip.value, w.pacing.job_time.value = 1.0, ROUNDS / 4 - 1
         assert w.pacing.ahead() == 4
-        w.ready.limit = 3600  # held for as long as the test needs
+        w.leases.ready.limit = 3600  # held for as long as the test needs
         with connect(db_url) as c:
             c.execute(
                 "insert into ai_course_jobs (subject) select 's' || g from generate_series(1, 5) g"
@@ -366,7 +366,7 @@ async def _started(started: list[str], n: int) -> bool:
 
 
 async def _ready(w: Any, n: int) -> bool:
-    return len(w.ready) == n
+    return len(w.leases.ready) == n
 
 
 async def test_jobs_claimed_ahead_wait_for_a_slot_and_go_back_at_shutdown(db_url: str) -> None:
@@ -378,7 +378,7 @@ async def test_jobs_claimed_ahead_wait_for_a_slot_and_go_back_at_shutdown(db_url
         w.request_stop()
         # Given back at once, while the running job still has its grace period.
         await await_until(lambda: _statuses_are(db_url, {"processing": 1, "pending": 5}))
-        assert len(started) == 1 and not w.ready
+        assert len(started) == 1 and not w.leases.ready
         gate.set()  # the running job ends within its grace period
     assert await _statuses(db_url) == {"done": 1, "pending": 5}
     assert len(started) == 1  # no held job ever ran
@@ -420,10 +420,10 @@ async def test_jobs_held_too_long_go_back_for_an_idle_worker(db_url: str) -> Non
         # Round trips of a millisecond: with its slot busy for seconds the worker
         # claims nothing more ahead, and what it holds goes back after the limit.
         w.pacing.round_trip.value = 0.001
-        w.ready.limit = 0.2
+        w.leases.ready.limit = 0.2
         w.request_sweep()  # any reason to look makes the loop read the new limit
         await await_until(lambda: _statuses_are(db_url, {"processing": 1, "pending": 5}))
-        assert len(w.ready) == 0 and len(started) == 1
+        assert len(w.leases.ready) == 0 and len(started) == 1
         async with running_worker(settings(db_url), {"ai_course_jobs": done_handler}) as idle:
             await await_until(lambda: _statuses_are(db_url, {"processing": 1, "done": 5}))
         gate.set()

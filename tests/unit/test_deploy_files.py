@@ -4,6 +4,7 @@ commands, and the docs' references to files of the repository."""
 
 from __future__ import annotations
 
+import posixpath
 import re
 import shlex
 import tomllib
@@ -58,14 +59,17 @@ def test_render_blueprint() -> None:
     services = {s["type"]: s for s in spec["services"]}
     worker, web = services["worker"], services["web"]
     assert worker["startCommand"] == "ai-jobs worker"
-    assert worker["preDeployCommand"] == "ai-jobs migrate"
     assert web["startCommand"] == "ai-jobs web"
     assert web["healthCheckPath"] == "/healthz"
     for s in (worker, web):
         assert s["runtime"] == "python"
         assert "requirements.txt" in s["buildCommand"]
         _command(s["startCommand"])
-    _command(worker["preDeployCommand"])
+        # Each service migrates before it goes live: they deploy independently,
+        # and the web service's first deploy may come first (the dashboard
+        # refuses an unmigrated database). Two migrates at once are safe.
+        assert s.get("preDeployCommand") == "ai-jobs migrate", s["name"]
+        _command(s["preDeployCommand"])
     env = {v["key"]: v for g in spec["envVarGroups"] for v in g["envVars"]}
     for s in (worker, web):
         env |= {v["key"]: v for v in s["envVars"] if "key" in v}
@@ -110,6 +114,61 @@ def test_dockerfile_ships_what_migrate_needs() -> None:
     assert "pip install -r requirements.txt" in text
     python = (ROOT / ".python-version").read_text().strip()
     assert f"FROM python:{python}-" in text
+
+
+def _instructions(text: str) -> list[tuple[str, str]]:
+    """The Dockerfile's instructions (continuation lines joined), in order."""
+    joined = re.sub(r"\\\n", " ", text)
+    found = []
+    for line in joined.splitlines():
+        line = line.strip()
+        if line and not line.startswith("#"):
+            word, _, rest = line.partition(" ")
+            found.append((word.upper(), rest.strip()))
+    return found
+
+
+def _makes_owned_folder(command: str, user: str, folder: str) -> bool:
+    """Does this RUN command leave `folder` a directory owned by `user`?"""
+    made = owned = False
+    for part in re.split(r"&&|;", command):
+        words = shlex.split(part)
+        if not words:
+            continue
+        if words[0] == "install" and "-d" in words and folder in words:
+            made = True
+            owned |= "-o" in words and words[words.index("-o") + 1] == user
+        elif words[0] == "mkdir" and folder in words:
+            made = True
+        elif words[0] == "chown" and folder in words:
+            owner = next(w for w in words[1:] if not w.startswith("-"))
+            owned |= owner.split(":")[0] == user
+    return made and owned
+
+
+def test_dockerfile_image_can_write_its_default_storage() -> None:
+    """As the image runs: its user, its working directory and its STORAGE_URL
+    (the image's ENV, else the setting's default) name a folder that a RUN
+    before the USER line (as root) made and gave to that user. Without it, the
+    worker of the image refuses to start (it checks that it can write)."""
+    steps = _instructions((ROOT / "Dockerfile").read_text())
+    users = [i for i, (word, _) in enumerate(steps) if word == "USER"]
+    assert users, "the image runs as root"
+    user_at = users[-1]
+    user = steps[user_at][1]
+    assert user not in ("root", "0")
+    workdir = [rest for word, rest in steps[:user_at] if word == "WORKDIR"][-1]
+    storage = str(Settings.model_fields["storage_url"].default)
+    for word, rest in steps:
+        if word == "ENV":
+            found = re.search(r"(?:^|\s)STORAGE_URL[= ]\s*(\S+)", rest)
+            storage = found.group(1).strip("'\"") if found else storage
+    storage = storage.removeprefix("file://")
+    folder = posixpath.normpath(posixpath.join(workdir, storage))
+    runs = [rest for word, rest in steps[:user_at] if word == "RUN"]
+    assert any(_makes_owned_folder(cmd, user, folder) for cmd in runs), (
+        f"no RUN before USER makes {folder} (STORAGE_URL {storage!r}) writable by {user}"
+    )
 
 
 def test_requirements_pin_every_dependency() -> None:

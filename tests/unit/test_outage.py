@@ -110,6 +110,33 @@ def test_health_logs_each_transition_once(actions: list[tuple[str, str, str]]) -
     assert len(healed) == 4  # the pool's connections replaced on every "away", never on busy
 
 
+def test_health_logs_each_new_cause_of_an_outage_once(
+    actions: list[tuple[str, str, str]],
+) -> None:
+    h = Health("database")
+    h.up()
+    refused = psycopg.OperationalError('connection to server at "db", port 5432 failed: refused')
+    no_role = psycopg.OperationalError('FATAL:  role "worker" does not exist')
+    for _ in range(3):
+        h.down(refused)  # every retry of the same cause: one line
+    for _ in range(3):
+        h.down(no_role)  # a new cause: one more line
+    h.down(refused)  # a cause already told in this outage (duties that share a
+    h.down(no_role)  # Health meet both in turn): nothing more
+    h.up()
+    h.down(no_role)  # a new outage: its cause told again
+    assert [a for a, _, _ in actions] == [
+        "database_unhealthy",
+        "database_still_unhealthy",
+        "database_healthy",
+        "database_unhealthy",
+    ]
+    assert "failed: refused" in actions[0][2]
+    assert actions[1][2].startswith("database: still unavailable, now: ")
+    assert 'role "worker" does not exist' in actions[1][2]
+    assert 'role "worker" does not exist' in actions[3][2]
+
+
 def test_health_stays_deaf_until_up(actions: list[tuple[str, str, str]]) -> None:
     h = Health("listener")
     h.up()

@@ -8,7 +8,8 @@ import uuid
 import pytest
 
 from listener.jobs import Job
-from listener.pacing import ROUNDS, SMOOTHING, Average, Held, Pacing
+from listener.leases import ReadyQueue
+from listener.pacing import ROUNDS, SMOOTHING, Average, Pacing
 
 
 def paced(round_trip: float | None, job_time: float | None, concurrency: int = 10) -> int:
@@ -73,8 +74,8 @@ def _job(n: int) -> Job:
     return Job("ai_course_jobs", uuid.UUID(int=n), uuid.uuid4(), 0, 3, {})
 
 
-def test_held_jobs_come_out_oldest_first_and_overdue_after_the_limit() -> None:
-    held = Held(limit=1.0)
+def test_ready_jobs_come_out_oldest_first_and_overdue_after_the_limit() -> None:
+    held = ReadyQueue(limit=1.0)
     assert held.due_in(time.monotonic()) is None
     held.add([_job(1), _job(2)])
     now = time.monotonic()
@@ -84,8 +85,8 @@ def test_held_jobs_come_out_oldest_first_and_overdue_after_the_limit() -> None:
     assert len(held) == 0
 
 
-def test_held_jobs_can_be_dropped_one_by_one_or_all_at_once() -> None:
-    held = Held()
+def test_ready_jobs_can_be_dropped_one_by_one_or_all_at_once() -> None:
+    held = ReadyQueue()
     held.add([_job(1), _job(2), _job(3)])
     assert held.remove(_job(2)) and not held.remove(_job(2))
     assert held.pop().id.int == 1
@@ -94,7 +95,7 @@ def test_held_jobs_can_be_dropped_one_by_one_or_all_at_once() -> None:
 
 
 def test_a_job_held_exactly_its_limit_is_overdue() -> None:
-    held = Held(limit=0.0)
+    held = ReadyQueue(limit=0.0)
     held.add([_job(1)])
     added = held.due_in(0.0)  # its time of arrival, with a limit of 0
     assert added is not None

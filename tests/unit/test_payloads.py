@@ -1,4 +1,4 @@
-"""parse_payload against anything the channel can carry: one of INTERFACE.md's
+"""parse_payload against anything the channel can carry: one of docs/reference.md's
 shapes, or a ValueError with a reason; the listener's dispatch never raises."""
 
 from __future__ import annotations

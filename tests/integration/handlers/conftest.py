@@ -4,7 +4,7 @@ database, settings pointing at both, jobs claimed for real, captured logs."""
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 from uuid import UUID
@@ -12,12 +12,11 @@ from uuid import UUID
 import psycopg
 import pytest
 from loguru import logger
-from psycopg_pool import AsyncConnectionPool
 
-from listener import db, ops
+from listener import dal, ops
 from listener.jobs import Job
 from listener.settings import Settings
-from tests import fakeai, fakesupabase
+from tests import fakesupabase
 from tests.fakeai import FAKE_ANTHROPIC_KEY, FAKE_OPENAI_KEY, FakeAI
 from tests.fakesupabase import FakeSupabase
 
@@ -26,23 +25,9 @@ MakeSettings = Callable[..., Settings]
 
 
 @pytest.fixture
-def fake() -> Iterator[FakeAI]:
-    with fakeai.running() as f:
-        yield f
-
-
-@pytest.fixture
 def supabase() -> Iterator[FakeSupabase]:
     with fakesupabase.running() as f:
         yield f
-
-
-@pytest.fixture
-async def pool(db_url: str) -> AsyncIterator[AsyncConnectionPool[Any]]:
-    p = db.make_pool(db_url, 8, app="handlers test")
-    await p.open(wait=True)
-    yield p
-    await p.close()
 
 
 @pytest.fixture
@@ -70,7 +55,7 @@ def make_settings(tmp_path: Path, fake: FakeAI) -> MakeSettings:
 
 
 async def claim(conn: Conn, table: str, job_id: UUID) -> Job:
-    rows = await db.fetch(conn, "claim_job", {"table": table, "id": job_id, "worker": "test"})
+    rows = await dal.fetch(conn, "claim_job", {"table": table, "id": job_id, "worker": "test"})
     assert rows, f"job {job_id} could not be claimed"
     return Job.from_claim(rows[0])
 

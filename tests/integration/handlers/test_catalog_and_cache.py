@@ -15,7 +15,7 @@ import pytest
 from psycopg.rows import dict_row
 from psycopg_pool import AsyncConnectionPool
 
-from listener import db
+from listener import dal, db
 from listener.catalog import CATALOG_PATH, Catalog
 from listener.course_schema import Course
 from listener.handlers import create_runtime
@@ -55,7 +55,7 @@ async def test_fifty_jobs_finishing_at_once_all_reach_the_catalog(
     outs = await asyncio.gather(
         *(runtimes[n % 3].handlers["ai_course_jobs"](job) for n, job in enumerate(jobs))
     )
-    renders = sum(rt.catalog.renders for rt in runtimes)
+    renders = sum(rt.catalog.renderer.renders for rt in runtimes)
     assert 0 < renders <= 50 // 7 + 3  # batched: about once per 7 courses per process
     for rt in runtimes:
         await rt.aclose()  # the last partial batch of each
@@ -108,7 +108,8 @@ async def test_same_request_within_the_ttl_reuses_the_course(
     )
     assert fake.count("openai") == 1
     assert again.metrics["cacheHit"] is True and again.metrics["provider"] == "cache"
-    assert again.metrics["cachedFromJobId"] and again.result_path == first.result_path
+    assert again.result_path == first.result_path
+    assert "cachedFromJobId" not in again.metrics  # the requester reads it: no other job's id
 
     # The same request under another course id: a copy under that id, also listed.
     copy = await course(await course_job(conn, "Music theory", params=params, course_id="theory-2"))
@@ -156,7 +157,7 @@ async def test_a_missing_cached_file_means_a_fresh_generation(
     await rt.aclose()
     assert out.metrics["cacheHit"] is False and fake.count("openai") == 2
     assert (s.storage_root / (out.result_path or "")).exists()
-    rows = await db.fetch(conn, "catalog_rows")
+    rows = await dal.fetch(conn, "catalog_rows")
     assert [(r["course_id"], r["job_id"]) for r in rows] == [("sailing", job.id)]
 
 
@@ -225,7 +226,7 @@ async def _record(catalog: Catalog, slug: str) -> Any:
 def _after_read(hook: Callable[[], Awaitable[None]]) -> type[psycopg.AsyncCursor[Any]]:
     """A cursor that runs `hook` once, right after the catalog's rows are read
     (the render's snapshot taken, its rows not yet handed back)."""
-    rows_sql = db.sql("catalog_rows")
+    rows_sql = dal.CATALOG_ROWS.sql
 
     class AfterRead(psycopg.AsyncCursor[Any]):
         ran = False
@@ -267,9 +268,9 @@ async def test_a_row_saved_while_a_render_reads_is_rendered_by_the_next(
     try:
         catalog = Catalog(pool, LocalStorage(tmp_path), batch_jobs=1, batch_seconds=3600)
         await _record(catalog, "first")  # saved, then rendered: the second saved meanwhile
-        assert catalog.renders == 1
+        assert catalog.renderer.renders == 1
         assert catalog_ids(tmp_path) == ["first"]  # read before the second row was saved
-        assert catalog.unrendered == 1  # ... which the next render still owes
+        assert catalog.renderer.unrendered == 1  # ... which the next render still owes
         await catalog.tick()
         assert catalog_ids(tmp_path) == ["first", "second"]
     finally:

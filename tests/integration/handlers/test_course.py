@@ -11,7 +11,7 @@ import pytest
 from psycopg.types.json import Jsonb
 from psycopg_pool import AsyncConnectionPool
 
-from listener import db
+from listener import dal
 from listener.course_schema import Course
 from listener.errors import GenerationError, InvalidJob
 from listener.handlers import create_runtime
@@ -223,7 +223,7 @@ async def test_placeholder_comes_last(
 
 
 async def _finish(conn: Conn, job: Job, path: str | None, metrics: dict[str, Any]) -> None:
-    await db.fetch(
+    await dal.fetch(
         conn,
         "complete_jobs",
         {
@@ -249,7 +249,7 @@ async def test_keys_never_reach_rows_or_logs(
     failing = await course_job(conn, "Secrets")
     with pytest.raises(GenerationError) as err:
         await rt.handlers["ai_course_jobs"](failing)
-    await db.fetch(
+    await dal.fetch(
         conn,
         "fail_job",
         {

@@ -197,3 +197,56 @@ async def test_course_and_catalog_to_supabase(
     catalog = json.loads(supabase.objects[("course-bucket", CATALOG_PATH)][0])
     assert [c["id"] for c in catalog["courses"]] == ["geo", "geology"]
     assert out.metrics["storageMs"] > 0
+
+
+async def test_local_storage_is_checked_by_a_write_at_start(tmp_path: Path) -> None:
+    fresh = tmp_path / "not" / "yet"
+    await LocalStorage(fresh).check()  # made, written, and left empty
+    assert fresh.is_dir() and list(fresh.iterdir()) == []
+    (tmp_path / "a-file").write_text("x")
+    for root, why in (
+        (Path("/proc/nope"), "No such file or directory"),
+        (tmp_path / "a-file" / "results", "Not a directory"),
+    ):
+        with pytest.raises(ConfigError) as err:
+            await LocalStorage(root).check()
+        assert err.value.message.startswith(f"STORAGE_URL: cannot write to {root}: {why}")
+
+
+def _supabase(url: str, key: str = FAKE_SERVICE_KEY) -> Settings:
+    return Settings(_env_file=None, storage_url=url, supabase_service_role_key=key)  # type: ignore[call-arg]
+
+
+async def test_supabase_storage_is_checked_at_start(supabase: FakeSupabase) -> None:
+    """The bucket exists and the key may write: a probe object, then deleted."""
+    store = open_storage(_supabase(supabase.storage_url + "/results"))
+    await store.check()
+    assert supabase.uploads == 1 and supabase.objects == {}  # written, then removed
+
+    supabase.missing_buckets = {"results"}
+    missing = r"bucket 'results' of http://127\.0\.0\.1:\d+ does not exist"
+    with pytest.raises(ConfigError, match=missing):
+        await store.check()
+    supabase.missing_buckets = set()
+
+    supabase.read_only = True
+    with pytest.raises(ConfigError) as err:
+        await store.check()
+    assert "SUPABASE_SERVICE_ROLE_KEY may not write to bucket 'results'" in err.value.message
+    assert "row-level security" in err.value.message
+    supabase.read_only = False
+    await store.aclose()
+
+    wrong = open_storage(_supabase(supabase.storage_url, key="not-the-key"))
+    with pytest.raises(ConfigError) as err:
+        await wrong.check()
+    await wrong.aclose()
+    assert "Supabase Storage refused SUPABASE_SERVICE_ROLE_KEY" in err.value.message
+    assert "not-the-key" not in err.value.message
+
+    away = open_storage(_supabase("supabase+http://127.0.0.1:9/results"))  # discard: closed
+    with pytest.raises(
+        ConfigError, match=r"cannot reach Supabase Storage at http://127\.0\.0\.1:9:"
+    ):
+        await away.check()
+    await away.aclose()

@@ -68,15 +68,15 @@ async def test_a_notified_job_is_claimed_by_its_id_without_a_claim_round(db_url:
     handlers = {"ai_course_jobs": ran, "ai_media_jobs": ran}
     async with running_worker(settings(db_url), handlers) as w:
         await await_until(lambda: _true(w.settled), what="an idle worker")
-        rounds, fast = w.claim_rounds, w.fast_claims
+        rounds, fast = w.producer.claim_rounds, w.fast.started
         with connect(db_url) as c:
             course = insert_course(c, "Fast", params={"language": "en"})
             await await_until(_done(db_url, course), what="the course job done")
             media = insert_media(c, "a dog")
             await await_until(_done(db_url, media, "ai_media_jobs"), what="the media job done")
             course_row = job(c, course)
-        assert w.fast_claims == fast + 2
-        assert w.claim_rounds == rounds  # the claim loop sent nothing
+        assert w.fast.started == fast + 2
+        assert w.producer.claim_rounds == rounds  # the claim loop sent nothing
     assert ran.ids() == [course, media] and not ran.twice
     # The columns the handlers read, and only those.
     assert ran.jobs[0].row == {
@@ -112,10 +112,10 @@ async def test_a_forged_notification_runs_nothing_and_loses_nothing(db_url: str)
         with connect(db_url) as c:
             before = {jid: job(c, jid) for jid in (done, cancelled, backoff, spent, held)}
             media_before = job(c, media, "ai_media_jobs")
-        fast = w.fast_claims
+        fast = w.fast.started
         for jid in forged:  # one at a time, each to an idle worker: each takes the fast path
             await _notify_and_settle(db_url, w, {"table": "ai_course_jobs", "id": jid})
-        assert ran.jobs == [] and w.fast_claims == fast
+        assert ran.jobs == [] and w.fast.started == fast
         with connect(db_url) as c:
             assert {jid: job(c, jid) for jid in before} == before  # not one column changed
             assert job(c, media, "ai_media_jobs") == media_before
@@ -152,25 +152,25 @@ async def test_no_fast_claim_in_a_held_or_paused_table(db_url: str) -> None:
         await await_until(lambda: _true(w.settled), what="an idle worker")
         with connect(db_url) as c:
             first = insert_course(c, "First")
-        await await_until(lambda: _true("ai_course_jobs" in w.executor.holds), what="the hold")
+        await await_until(lambda: _true("ai_course_jobs" in w.executor.cooldowns), what="the hold")
         await await_until(lambda: _true(w.settled), what="an idle worker")
-        claims, heard = w.claims_by_table["ai_course_jobs"], w.notifications
+        claims, heard = w.producer.claims_by_table["ai_course_jobs"], w.notifications
         with connect(db_url) as c:
             later = insert_course(c, "Later")
         await await_until(lambda: _true(w.settled and w.notifications > heard), what="settled")
         with connect(db_url) as c:
             assert job(c, later)["status"] == "pending"
-        assert deferred == [first] and w.claims_by_table["ai_course_jobs"] == claims
+        assert deferred == [first] and w.producer.claims_by_table["ai_course_jobs"] == claims
         # Paused: the fast claim finds nothing (claim_due_job refuses the table).
         heard = w.notifications
         with connect(db_url) as c:
             c.execute("select pause_jobs('ai_media_jobs')")
         await await_until(lambda: _true(w.settled and w.notifications > heard), what="paused")
-        fast, heard = w.fast_claims, w.notifications
+        fast, heard = w.fast.started, w.notifications
         with connect(db_url) as c:
             picture = insert_media(c)
         await await_until(lambda: _true(w.settled and w.notifications > heard), what="settled")
-        assert w.fast_claims == fast
+        assert w.fast.started == fast
         with connect(db_url) as c:
             assert job(c, picture, "ai_media_jobs")["status"] == "pending"
             c.execute("select resume_jobs('ai_media_jobs')")
@@ -183,7 +183,7 @@ async def test_a_burst_of_named_notifications_is_claimed_in_batches(db_url: str)
     s = settings(db_url, worker_concurrency=10)
     async with running_worker(s, {"ai_course_jobs": ran}) as w:
         await await_until(lambda: _true(w.settled), what="an idle worker")
-        queries, fast = w.claim_queries, w.fast_claims
+        queries, fast = w.claim_queries, w.fast.started
         with connect(db_url) as c:
             ids = _quiet_insert(c, 100)
             with c.transaction():  # 100 notifications at one commit, each naming its job
@@ -203,7 +203,7 @@ async def test_a_burst_of_named_notifications_is_claimed_in_batches(db_url: str)
         await await_until(all_done, what="all 100 done", timeout=30)
     assert sorted(ran.ids()) == sorted(ids) and not ran.twice
     # One fast claim for the first, the rest in claim rounds of many jobs each.
-    assert w.fast_claims - fast <= 3
+    assert w.fast.started - fast <= 3
     assert w.claim_queries - queries <= 25
 
 
@@ -224,7 +224,7 @@ async def test_a_fast_claim_under_way_at_shutdown_gives_its_job_back(db_url: str
             await await_until(_claim_waits_on_a_lock(db_url), what="the fast claim waiting")
             w.request_stop()  # while the claim is under way; then the lock goes
     assert ran.jobs == []  # never started: claimed after the stop, then given back
-    assert w.fast_claims == 1
+    assert w.fast.started == 1
     with connect(db_url) as c:
         row = job(c, jid)
     assert row["status"] == "pending" and row["worker_id"] is None and row["retry_count"] == 0
@@ -269,13 +269,13 @@ async def test_a_job_whose_fast_claim_is_not_committed_is_stopped_and_runs_again
     quiet = settings(db_url, heartbeat_interval_seconds=60)
     async with running_worker(quiet, {"ai_course_jobs": handler}) as w:
         await await_until(lambda: _true(w.settled), what="an idle worker")
-        fast = w.fast_claims
+        fast = w.fast.started
         with connect(db_url) as gate:
             gate.execute("select pg_advisory_lock(7)")  # every claim's commit waits
             with connect(db_url) as c:
                 jid = insert_course(c, "Refused once")
             await asyncio.wait_for(first.wait(), 10)  # started on the row, before the commit
-            assert w.fast_claims == fast + 1
+            assert w.fast.started == fast + 1
             with connect(db_url) as c:
                 assert job(c, jid)["status"] == "pending"
             gate.execute("select pg_advisory_unlock(7)")  # the commit: refused
@@ -287,7 +287,7 @@ async def test_a_job_whose_fast_claim_is_not_committed_is_stopped_and_runs_again
                 await await_until(lambda: _true(w.settled), what="an idle worker")
                 later = insert_course(c, subject)
                 await await_until(_done(db_url, later), what=f"{subject!r} done")
-        assert w.fast_claims == fast + 2
+        assert w.fast.started == fast + 2
     assert events == ["start", "stopped", "start", "end", "start", "end", "start", "end"]
     with connect(db_url) as c:
         row = job(c, jid)
@@ -313,13 +313,13 @@ async def test_a_job_that_ends_before_its_claim_is_committed_is_written_after_it
     async with running_worker(quiet, {"ai_course_jobs": handler}) as w:
         for subject in ("Returns", "Raises"):
             await await_until(lambda: _true(w.settled), what="an idle worker")
-            fast = w.fast_claims
+            fast = w.fast.started
             with connect(db_url) as gate:
                 gate.execute("select pg_advisory_lock(7)")  # the claim's commit waits
                 with connect(db_url) as c:
                     jid = insert_course(c, subject)
                 await await_until(_among(subject, ended), what="the handler's end")
-                assert w.fast_claims == fast + 1
+                assert w.fast.started == fast + 1
                 with connect(db_url) as c:
                     assert job(c, jid)["status"] == "pending"  # not yet committed
                 gate.execute("select pg_advisory_unlock(7)")
@@ -362,17 +362,17 @@ async def test_a_notified_job_is_not_claimed_while_every_slot_is_busy(db_url: st
     one = settings(db_url, worker_concurrency=1)
     async with running_worker(one, {"ai_course_jobs": handler}) as w:
         await await_until(lambda: _true(w.settled), what="an idle worker")
-        fast = w.fast_claims
+        fast = w.fast.started
         with connect(db_url) as c:
             long = insert_course(c, "Long")
         await asyncio.wait_for(started.wait(), 10)
-        assert w.fast_claims == fast + 1  # the claim loop still takes the table for empty
+        assert w.fast.started == fast + 1  # the claim loop still takes the table for empty
         await await_until(lambda: _true(w.settled), what="the worker settled")
         heard = w.notifications
         with connect(db_url) as c:
             later = insert_course(c, "Later")
         await await_until(lambda: _true(w.settled and w.notifications > heard), what="settled")
-        assert w.fast_claims == fast + 1  # not claimed past WORKER_CONCURRENCY
+        assert w.fast.started == fast + 1  # not claimed past WORKER_CONCURRENCY
         assert [j.id for j in w.leases.jobs()] == [uuid.UUID(long)]
         with connect(db_url) as c:
             assert job(c, later)["status"] == "pending"
@@ -416,9 +416,9 @@ async def test_a_claim_committed_but_its_answer_lost_goes_back_to_pending(
 
     quiet = settings(proxy.url(db_url), heartbeat_interval_seconds=60)
     async with running_worker(quiet, {"ai_course_jobs": handler}) as w:
-        await await_until(lambda: _true(w.settled and w.fast.ready), what="an idle worker")
-        assert w.fast.conn is not None
-        claim_link = _link_of(proxy, w.fast.conn)
+        await await_until(lambda: _true(w.settled and w.fast.claimer.ready), what="an idle worker")
+        assert w.fast.claimer.conn is not None
+        claim_link = _link_of(proxy, w.fast.claimer.conn)
         with connect(db_url) as gate:
             gate.execute("select pg_advisory_lock(7)")  # the claim's commit waits
             with connect(db_url) as c:
@@ -444,7 +444,7 @@ async def test_a_held_job_whose_claim_is_not_yet_committed_is_not_given_back(
     db_url: str,
 ) -> None:
     # A fast-claimed job whose slot was taken meanwhile waits in `ready`; held
-    # past HOLD_SECONDS it goes back to the queue. Not while its claim's commit
+    # past READY_LIMIT_SECONDS it goes back to the queue. Not while its claim's commit
     # is still to come: the release would read the row from before the claim
     # and change nothing, and the claim, committed later, would leave the job
     # `processing` for nobody. Set up in order: the fast claim waits on a lock
@@ -466,7 +466,7 @@ async def test_a_held_job_whose_claim_is_not_yet_committed_is_not_given_back(
 
     s = settings(db_url, worker_concurrency=1, heartbeat_interval_seconds=60)
     async with running_worker(s, {"ai_course_jobs": course, "ai_media_jobs": media}) as w:
-        await await_until(lambda: _true(w.settled and w.fast.ready), what="an idle worker")
+        await await_until(lambda: _true(w.settled and w.fast.claimer.ready), what="an idle worker")
         # As after a run of short jobs: the claim loop claims ahead of its slots.
         w.pacing.round_trip.value, w.pacing.job_time.value = 1.0, 0.001
         releases: list[tuple[list[uuid.UUID], list[uuid.UUID]]] = []
@@ -495,10 +495,12 @@ async def test_a_held_job_whose_claim_is_not_yet_committed_is_not_given_back(
                 await asyncio.wait_for(media_started.wait(), 10)
             # The lock is gone: the row comes, to a worker with no free slot.
             held = uuid.UUID(jid)
-            await await_until(lambda: _true(held in [j.id for j in w.ready.jobs()]), what="held")
+            await await_until(
+                lambda: _true(held in [j.id for j in w.leases.ready.jobs()]), what="held"
+            )
             await await_until(
                 lambda: _true(any(held in given for given, _ in releases)),
-                what="the held job's release, past HOLD_SECONDS",
+                what="the held job's release, past READY_LIMIT_SECONDS",
             )
             assert releases[0] == ([held], [held])  # kept: its commit is still to come
             assert w.leases.find(held) is not None

@@ -1,0 +1,190 @@
+"""The producer (River's name): claims jobs when there is a reason to look, as many
+as the free slots allow (and, for short jobs, some ahead: pacing.py), and
+starts them in the executor. Reasons to look: a notification, a freed slot, a
+due retry, a sweep, a poll tick; a burst of them is one claim round, since they
+only set flags and one event. A notification that names its job alone takes
+the fast path (fastpath.py) when the producer knows of no other job of its
+table; the finished jobs of a table ride on its next claim (Completer.claim)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import heapq
+import time
+from collections.abc import Sequence
+from uuid import UUID
+
+from listener import db
+from listener.completer import Completer
+from listener.executor import Executor
+from listener.fastclaim import FastClaimer
+from listener.fastpath import FastPath
+from listener.jobs import JOB_TYPES, Job
+from listener.leases import LeaseKeeper
+from listener.outage import Backoff, Health, Reporter
+from listener.pacing import Pacing
+
+TABLES = tuple(JOB_TYPES)
+
+
+class Producer:
+    def __init__(
+        self,
+        pool: db.WorkPool,
+        worker_id: str,
+        executor: Executor,
+        completer: Completer,
+        health: Health,
+        report: Reporter,
+        stop: asyncio.Event,
+    ) -> None:
+        self.worker_id = worker_id
+        self.executor = executor
+        self.leases: LeaseKeeper = executor.leases
+        self.pacing: Pacing = executor.pacing
+        self.completer = completer
+        self.health = health
+        self.report = report
+        self.stop = stop  # the worker's: nothing more is claimed or started
+        self.fast = FastPath(
+            FastClaimer(pool, worker_id),
+            executor,
+            health,
+            report=report,
+            look=self.look_at,
+            wake=self.wake,
+            stopping=stop.is_set,
+        )
+        self.db_back = asyncio.Event()  # the database answers again: end a claim backoff
+        self.claim_rounds = 0  # claim statements of the claim loop, all tables
+        self._round_claims = dict.fromkeys(TABLES, 0)  # ... by table
+        self._wake = asyncio.Event()
+        self._may_find = dict.fromkeys(TABLES, True)  # may a claim in this table find a job?
+        self._looks = dict.fromkeys(TABLES, 0)  # reasons to look so far, by table
+        self._timers: list[float] = []  # monotonic times when a waiting job becomes due
+        self._turn = 0  # which table a claim round asks first (fairness)
+        self._waiting = False  # the loop waits for a reason to look
+
+    @property
+    def settled(self) -> bool:
+        """The loop waits, no wake-up pending, no fast claim under way."""
+        return self._waiting and not self._wake.is_set() and self.fast.settled
+
+    @property
+    def claims_by_table(self) -> dict[str, int]:
+        """Claim statements sent, fast path and claim rounds, by table."""
+        return {t: self._round_claims[t] + self.fast.claims[t] for t in TABLES}
+
+    # -- reasons to look ----------------------------------------------------------
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    def look_at(self, tables: Sequence[str] = TABLES) -> None:
+        for t in tables:
+            self._may_find[t] = True
+            self._looks[t] += 1
+        self._wake.set()
+
+    def notified(self, table: str | None, job_id: UUID | None) -> None:
+        """A notification of a job (or of a table): the fast path takes the job
+        alone if the claim loop knows of no other of its table; else, a look."""
+        if (
+            job_id is None
+            or table is None
+            or self._may_find[table]
+            or not self.fast.offer(table, job_id)
+        ):
+            self.look_at([table] if table else TABLES)
+
+    def due_in(self, seconds: float | None) -> None:
+        """A job waits: look again in that many seconds."""
+        if seconds is not None:
+            heapq.heappush(self._timers, time.monotonic() + max(0.0, seconds))
+            self._wake.set()
+
+    def slot_freed(self) -> None:
+        self._fill()
+        self._wake.set()
+
+    # -- the loop ---------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Claim and start jobs until the stop event is set."""
+        backoff = Backoff(base=0.2, cap=5.0)
+        while not self.stop.is_set():
+            self._wake.clear()
+            now = time.monotonic()
+            if self._timers and self._timers[0] <= now:
+                while self._timers and self._timers[0] <= now:
+                    heapq.heappop(self._timers)
+                self.look_at()
+            await self.leases.release_overdue(now)
+            ahead = self.pacing.ahead(running_for=now - self.leases.oldest_start(now))
+            free = self.leases.free_slots(ahead) - (1 if self.fast.busy else 0)  # its slot
+            cool = self.executor.cooldowns.cooling
+            wanted = [t for t in self._tables_in_turn() if not cool(t, now) and self._may_find[t]]
+            if free > 0 and wanted:
+                self.db_back.clear()
+                if await self._claim_round(wanted, free):
+                    backoff.reset()
+                else:  # until the backoff ends, or the listener finds the database back
+                    await self._sleep(backoff.next())
+                continue
+            await self._wait(now)
+
+    async def _wait(self, now: float) -> None:
+        """Until a reason to look, the next retry timer, a cooldown's end or a
+        ready job's limit."""
+        waits = [t - now for t in self._timers[:1]] + self.executor.cooldowns.waits(now)
+        if (ready := self.leases.ready.due_in(now)) is not None:
+            waits.append(ready)
+        self._waiting = True
+        try:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(min(waits, default=None)):
+                    await self._wake.wait()
+        finally:
+            self._waiting = False
+
+    def _tables_in_turn(self) -> list[str]:
+        self._turn = (self._turn + 1) % len(TABLES)
+        return [*TABLES[self._turn :], *TABLES[: self._turn]]
+
+    async def _claim_round(self, tables: list[str], free: int) -> bool:
+        for table in tables:
+            looks = self._looks[table]
+            self.claim_rounds += 1
+            self._round_claims[table] += 1
+            params = {"table": table, "worker": self.worker_id, "n": free}
+            t0 = time.perf_counter()
+            try:
+                rows = await self.completer.claim(params)  # finished jobs ride along
+            except Exception as exc:
+                self.report(exc, "claim")
+                return False
+            self.health.up()
+            self.pacing.round_trip.add(time.perf_counter() - t0)
+            if len(rows) < free and looks == self._looks[table]:
+                self._may_find[table] = False  # nothing more until the next reason to look
+            self.leases.ready.add([Job.from_claim(rec) for rec in rows])
+            self._fill()
+            free -= len(rows)
+            if free <= 0:
+                break
+        return True
+
+    def _fill(self) -> None:
+        """Start ready jobs in the free slots."""
+        while self.leases.ready and self.leases.can_start() and not self.stop.is_set():
+            self.executor.start(self.leases.ready.pop())
+
+    async def _sleep(self, seconds: float) -> None:
+        """For `seconds`, or until stopped or the database is back."""
+        waits = [asyncio.ensure_future(e.wait()) for e in (self.stop, self.db_back)]
+        try:
+            await asyncio.wait(waits, timeout=seconds, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for w in waits:
+                w.cancel()
