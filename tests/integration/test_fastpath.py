@@ -17,6 +17,7 @@ import psycopg
 
 from listener.errors import ProvidersUnavailable
 from listener.jobs import Job, Outcome
+from listener.pacing import ROUNDS
 from tests.faultproxy import FaultProxy, Link
 from tests.helpers import await_until, connect, insert_course, insert_media, job
 from tests.integration.test_fastclaim import hold_commits
@@ -513,3 +514,43 @@ async def test_a_held_job_whose_claim_is_not_yet_committed_is_not_given_back(
     with connect(db_url) as c:
         row = job(c, jid)
     assert row["retry_count"] == 0 and row["worker_id"] == w.id
+
+
+async def test_a_notified_job_is_not_claimed_while_the_slot_and_its_ready_job_are_taken(
+    db_url: str,
+) -> None:
+    # Jobs claimed ahead of a slot (ready) take slots too: with the one slot
+    # running a job and one more ready, a notified job is the claim loop's,
+    # which has no room either, and stays pending.
+    go = asyncio.Event()
+    ran: list[str] = []
+
+    async def handler(j: Job) -> Outcome:
+        ran.append(j.row["subject"])
+        await go.wait()
+        return Outcome(f"courses/{j.row['course_id']}/course.json", {"provider": "test"})
+
+    one = settings(db_url, worker_concurrency=1)
+    async with running_worker(one, {"ai_course_jobs": handler}) as w:
+        await await_until(lambda: _true(w.settled), what="an idle worker")
+        fast = w.fast.started
+        with connect(db_url) as c:
+            insert_course(c, "Running")
+        await await_until(lambda: _true(ran == ["Running"]), what="the first job running")
+        # Jobs ROUNDS - 1 round trips long: one held ready beside the running one.
+        w.pacing.round_trip.value, w.pacing.job_time.value = 1.0, ROUNDS - 1
+        w.leases.ready.limit = 3600  # ready for as long as the test needs
+        with connect(db_url) as c:
+            insert_course(c, "Ready")
+        await await_until(lambda: _true(len(w.leases.ready) == 1 and w.settled), what="ready")
+        heard = w.notifications
+        with connect(db_url) as c:
+            third = insert_course(c, "Third")
+        await await_until(lambda: _true(w.settled and w.notifications > heard), what="settled")
+        assert w.fast.started == fast + 1  # only the first: no slot for the third
+        assert len(w.leases.jobs()) == 2
+        with connect(db_url) as c:
+            assert job(c, third)["status"] == "pending"
+        go.set()
+        await await_until(_done(db_url, third), what="the third job done in its turn")
+    assert ran == ["Running", "Ready", "Third"]
