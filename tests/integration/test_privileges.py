@@ -43,7 +43,15 @@ LIFECYCLE = [
 COURSE_PUBLIC = [*LIFECYCLE, "subject", "course_id", "progress", "partial_result", "batch"]
 MEDIA_PUBLIC = [*LIFECYCLE, "prompt", "media_type", "course_id", "progress", "batch"]
 COURSE_REQUEST = ["subject", "params", "created_by", "course_id", "batch", "trace_parent"]
-MEDIA_REQUEST = ["prompt", "media_type", "params", "created_by", "course_id", "batch", "trace_parent"]
+MEDIA_REQUEST = [
+    "prompt",
+    "media_type",
+    "params",
+    "created_by",
+    "course_id",
+    "batch",
+    "trace_parent",
+]
 SETTINGS_PUBLIC = [
     "singleton",
     "rate_limit_per_hour",
