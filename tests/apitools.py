@@ -10,7 +10,7 @@ import socket
 import time
 import uuid
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -135,7 +135,5 @@ async def open_sse(
             yield sse
         finally:
             reader.cancel()
-            try:
+            with suppress(asyncio.CancelledError, httpx.HTTPError):
                 await reader
-            except (asyncio.CancelledError, httpx.HTTPError):
-                pass
