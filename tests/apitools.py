@@ -22,7 +22,7 @@ from listener.settings import Settings
 from listener.web.app import create_app
 from tests.helpers import await_until
 
-SECRET = "test-jwt-secret-0123456789-abcdefghijklmnop"
+SECRET = "test-jwt-secret-0123456789-abcdefghijklmnop-0123456789-abcdefghij"
 ADMIN = "test-admin-token-ABC-0123456789-xyz"
 ALICE = uuid.UUID("00000000-0000-4000-8000-00000000a11c")
 BOB = uuid.UUID("00000000-0000-4000-8000-000000000b0b")

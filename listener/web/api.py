@@ -75,6 +75,16 @@ _STATUS: list[tuple[type[AiJobsError], int]] = [
 Handler = Callable[[Request, User], Awaitable[Response]]
 
 
+async def preflight(conn: psycopg.AsyncConnection[Any]) -> None:
+    """At start (`ai-jobs web`): the API's connections may act as authenticated."""
+    if not (await dal.API_CHECK_ROLE.one(conn))["ok"]:
+        raise ConfigError(
+            "The end-user API runs its SQL as role authenticated: grant it to the"
+            " DATABASE_URL role (grant authenticated to <role>), or unset JWT_SECRET"
+            " and JWT_JWKS_URL"
+        )
+
+
 class BodyTooLarge(InvalidJob):
     """The request body is over MAX_BODY bytes."""
 
@@ -124,13 +134,6 @@ class Api:
 
     async def start(self) -> None:
         await self.pool.open(wait=True, timeout=15)
-        async with self.pool.connection() as conn:
-            if not (await dal.API_CHECK_ROLE.one(conn))["ok"]:
-                raise ConfigError(
-                    "The end-user API runs its SQL as role authenticated: grant it to the"
-                    " DATABASE_URL role (grant authenticated to <role>), or unset JWT_SECRET"
-                    " and JWT_JWKS_URL"
-                )
         await self.hub.start()
 
     async def stop(self) -> None:
@@ -258,9 +261,16 @@ async def _json(request: Request) -> Any:
         if len(body) > MAX_BODY:
             raise BodyTooLarge(f"The request body is over {MAX_BODY} bytes")
     try:
-        return json.loads(body, parse_constant=_no_constant)
-    except (ValueError, RecursionError) as exc:
+        data = json.loads(body.decode("utf-8"), parse_constant=_no_constant)
+        # Valid JSON, yet text PostgreSQL cannot hold: a lone surrogate (\udcff)
+        # cannot be encoded, a NUL (\u0000) is refused by text and jsonb alike.
+        text = json.dumps(data, ensure_ascii=False)
+        text.encode("utf-8")
+    except (UnicodeError, ValueError, RecursionError) as exc:
         raise InvalidJob(f"Invalid request: the body is not JSON ({str(exc)[:100]})") from None
+    if "\x00" in text or "\\u0000" in text:
+        raise InvalidJob("Invalid request: the body is not JSON PostgreSQL can store (NUL)")
+    return data
 
 
 def _no_constant(name: str) -> Any:

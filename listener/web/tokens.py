@@ -132,6 +132,9 @@ class JwksKeys:
                 continue
             if k.algorithm_name in ASYMMETRIC:
                 parsed[raw.get("kid") if isinstance(raw.get("kid"), str) else None] = k
+        if not parsed:  # a broken publication, not a revocation of every key
+            self._log.warning("the JWKS URL lists no usable signing key: keeping the last ones")
+            return
         self._set.keys = parsed
         self._log.info("{} signing key(s) from the JWKS URL", len(parsed))
 
