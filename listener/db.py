@@ -240,7 +240,7 @@ async def as_user(
     security, the column grants, the rate limit and the budget apply as they do
     to a Supabase client. Everything is undone at the transaction's end (SET
     LOCAL), so the connection goes back to the pool as it came."""
+    params = {"claims": claims, "statement_timeout": str(USER_STATEMENT_TIMEOUT_MS)}
     async with pool.connection(timeout=wait) as conn, conn.transaction():
-        params = {"claims": claims, "statement_timeout": str(USER_STATEMENT_TIMEOUT_MS)}
         await dal.API_AS_USER.run(conn, params)
         yield conn

@@ -56,7 +56,7 @@ from listener.web.tokens import TokenRefused, User, Verifier
 PREFIX = "/v1/jobs"
 MAX_BODY = 64 * 1024  # bytes: a request is a few KB (params at most 8 KB by default)
 KEEPALIVE_SECONDS = 15.0  # a comment on an idle stream, so proxies keep it open
-POOL_SIZE = 5
+POOL_SIZE = 6
 RETRY_STREAM_SECONDS = 5
 _CHALLENGE = 'Bearer realm="ai-jobs", error="invalid_token"'
 # The refusals, most specific first: the database's (errors.translate) and ours.

@@ -30,7 +30,7 @@ from listener.outage import diagnose
 from listener.web.tokens import User
 
 MIN_INTERVAL = 0.05  # seconds between two rounds of reads, whatever the change rate
-READERS = 3  # users' reads under way at once (the API's pool keeps one connection spare)
+READERS = 4  # users' reads under way at once (the API's pool keeps two connections spare)
 TERMINAL = frozenset({"done", "dead_letter", "cancelled"})
 MAX_PAYLOAD = 8000  # PostgreSQL's limit on a notification's payload
 
