@@ -17,7 +17,6 @@ from psycopg.rows import dict_row
 from psycopg.types.json import set_json_loads
 from psycopg_pool import AsyncConnectionPool
 
-from listener import dal
 from listener.errors import ConfigError, redact, translate
 
 CHANNEL = "ai_jobs"
@@ -226,21 +225,3 @@ def make_pool(
         timeout=5,
         reconnect_timeout=POOL_RECONNECT_SECONDS,
     )
-
-
-USER_STATEMENT_TIMEOUT_MS = 5000  # an end user's statement: never longer than this
-
-
-@asynccontextmanager
-async def as_user(
-    pool: AsyncConnectionPool[Any], claims: str, *, wait: float = 5.0
-) -> AsyncIterator[psycopg.AsyncConnection[Any]]:
-    """A transaction on a pool connection, run as role `authenticated` with a
-    JWT's claims in `request.jwt.claims`, as PostgREST runs a request: row-level
-    security, the column grants, the rate limit and the budget apply as they do
-    to a Supabase client. Everything is undone at the transaction's end (SET
-    LOCAL), so the connection goes back to the pool as it came."""
-    params = {"claims": claims, "statement_timeout": str(USER_STATEMENT_TIMEOUT_MS)}
-    async with pool.connection(timeout=wait) as conn, conn.transaction():
-        await dal.API_AS_USER.run(conn, params)
-        yield conn

@@ -1,4 +1,4 @@
--- The end-user API (listener/web/api.py). Each statement runs inside db.as_user:
+-- The end-user API (listener/web/api.py). Each statement runs inside userjobs.as_user:
 -- a transaction of role authenticated with the token's claims, as PostgREST runs
 -- a request, so row-level security, the column grants, the rate limit and the
 -- budget decide what happens. Each under a `-- name:` header.

@@ -9,7 +9,7 @@ JWT_SECRET or JWT_JWKS_URL is set (else every /v1/ path is a 404):
     POST /v1/jobs/{id}/cancel       cancel_job
 
 Every request carries `Authorization: Bearer <JWT>` (tokens.py) and runs its SQL as
-role authenticated with the token's claims (db.as_user, userjobs.py): what a user
+role authenticated with the token's claims (userjobs.as_user): what a user
 may do is the database's to decide, as for a Supabase client. Errors answer
 {"error": "<message>"} with the status of userjobs' and the database's refusal.
 """

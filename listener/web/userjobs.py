@@ -1,17 +1,20 @@
-"""What the end-user API does in the database, as the user (db.as_user): the
+"""What the end-user API does in the database, as the user (as_user): the
 request bodies, read with the models the worker and `ai-jobs enqueue` use, and
 the calls of listener/queries/api.sql, with rows turned into the API's JSON."""
 
 from __future__ import annotations
 
 import re
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from typing import Any, Literal
 
+import psycopg
 from psycopg.types.json import Jsonb
 from psycopg_pool import AsyncConnectionPool
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from listener import dal, db, params
+from listener import dal, params
 from listener.errors import InvalidJob, JobNotFound
 from listener.rows import ApiJobRow
 from listener.web.tokens import User
@@ -80,6 +83,22 @@ def view(row: ApiJobRow) -> dict[str, Any]:
 
 
 Pool = AsyncConnectionPool[Any]
+USER_STATEMENT_TIMEOUT_MS = 5000  # an end user's statement: never longer than this
+
+
+@asynccontextmanager
+async def as_user(
+    pool: Pool, claims: str, *, wait: float = 5.0
+) -> AsyncIterator[psycopg.AsyncConnection[Any]]:
+    """A transaction on a pool connection, run as role `authenticated` with a
+    JWT's claims in `request.jwt.claims`, as PostgREST runs a request: row-level
+    security, the column grants, the rate limit and the budget apply as they do
+    to a Supabase client. Everything is undone at the transaction's end (local
+    settings), so the connection goes back to the pool as it came."""
+    params = {"claims": claims, "statement_timeout": str(USER_STATEMENT_TIMEOUT_MS)}
+    async with pool.connection(timeout=wait) as conn, conn.transaction():
+        await dal.API_AS_USER.run(conn, params)
+        yield conn
 
 
 async def create(pool: Pool, user: User, request: _Request) -> dict[str, Any]:
@@ -89,7 +108,7 @@ async def create(pool: Pool, user: User, request: _Request) -> dict[str, Any]:
         "batch": request.batch,
         "trace_parent": request.trace_parent,
     }
-    async with db.as_user(pool, user.claims) as conn:
+    async with as_user(pool, user.claims) as conn:
         if isinstance(request, CourseRequest):
             row = await dal.API_CREATE_COURSE.one(conn, {**common, "subject": request.subject})
         else:
@@ -101,7 +120,7 @@ async def create(pool: Pool, user: User, request: _Request) -> dict[str, Any]:
 
 
 async def rows(pool: Pool, user: User, job_ids: list[str]) -> list[ApiJobRow]:
-    async with db.as_user(pool, user.claims) as conn:
+    async with as_user(pool, user.claims) as conn:
         return await dal.API_JOBS.all(conn, {"ids": job_ids})
 
 
@@ -120,7 +139,7 @@ async def one(pool: Pool, user: User, job_id: str) -> ApiJobRow:
 
 async def cancel(pool: Pool, user: User, job_id: str) -> dict[str, Any]:
     """cancel_job as the user: the database decides whose job it is."""
-    async with db.as_user(pool, user.claims) as conn:
+    async with as_user(pool, user.claims) as conn:
         found = await dal.API_JOBS.all(conn, {"ids": [job_id]})
         if not found:
             raise JobNotFound(f"Job {job_id} not found")
