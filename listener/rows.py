@@ -39,6 +39,10 @@ class ApiJobRow(TypedDict):  # api_jobs
     completed_at: datetime | None
 
 
+class ApiReaderJobRow(ApiJobRow):  # api_read_as_users
+    reader: int
+
+
 class OkRow(TypedDict):  # api_check_role
     ok: bool
 

@@ -1002,6 +1002,32 @@ begin
 end
 $function$;
 
+-- last defined by sql/024_client_columns.sql
+CREATE OR REPLACE FUNCTION public.ai_job_read_as_users(claims text[], job_ids uuid[], readers integer[])
+ RETURNS TABLE(reader integer, id uuid, job_table text, status text, progress jsonb, partial_result jsonb, result_path text, error text, created_at timestamp with time zone, completed_at timestamp with time zone)
+ LANGUAGE plpgsql
+ SET search_path TO 'pg_catalog', 'public', 'pg_temp'
+AS $function$
+declare
+    i int;
+    mine uuid[];
+begin
+    perform set_config('role', 'authenticated', true);
+    for i in 1 .. coalesce(array_length(claims, 1), 0) loop
+        perform set_config('request.jwt.claims', claims[i], true);
+        mine := array(select u.j from unnest(job_ids, readers) as u(j, r) where u.r = i);
+        return query
+        select i, c.id, 'ai_course_jobs'::text, c.status, c.progress, c.partial_result,
+               c.result_path, c.error, c.created_at, c.completed_at
+        from ai_course_jobs c where c.id = any(mine)
+        union all
+        select i, m.id, 'ai_media_jobs'::text, m.status, m.progress, null::jsonb,
+               m.result_path, m.error, m.created_at, m.completed_at
+        from ai_media_jobs m where m.id = any(mine);
+    end loop;
+end
+$function$;
+
 -- last defined by sql/021_admission_hardening.sql
 CREATE OR REPLACE FUNCTION public.ai_job_reclaim_course_ids(job_ids uuid[])
  RETURNS bigint

@@ -33,6 +33,13 @@ select id, 'ai_media_jobs', status, progress, null::jsonb, result_path, error, c
        completed_at
 from ai_media_jobs where id = any(%(ids)s::uuid[])
 
+-- name: api_read_as_users
+-- The event streams' read (streams.py): many users' jobs in one statement, each
+-- user's read as role authenticated with their claims (sql/024).
+select reader, id, job_table, status, progress, partial_result, result_path, error,
+       created_at, completed_at
+from ai_job_read_as_users(%(claims)s::text[], %(ids)s::uuid[], %(readers)s::int[])
+
 -- name: api_check_role
 -- At start: the API's connections may act as authenticated (a member of it).
 select pg_has_role(current_user, 'authenticated', 'MEMBER') as ok

@@ -246,8 +246,8 @@ class Api:
             if event.terminal:
                 return
 
-    async def _read(self, user: User, job_ids: list[str]) -> list[dict[str, Any]]:
-        return await userjobs.jobs(self.pool, user, job_ids)
+    async def _read(self, wanted: list[tuple[User, list[str]]]) -> list[list[dict[str, Any]]]:
+        return await userjobs.jobs_of(self.pool, wanted)
 
 
 async def _json(request: Request) -> Any:

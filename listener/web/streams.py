@@ -3,8 +3,9 @@ feed's LISTEN connection (no polling per client).
 
 ai_jobs_events names the jobs whose status or progress changed (sql/024). The
 hub marks the open streams on those jobs dirty; a single loop reads the dirty
-jobs, as their users (one transaction per token, every dirty job of that token
-at once), at most every MIN_INTERVAL, and offers each stream the job's state
+jobs, each as its stream's user (ai_job_read_as_users: role authenticated and
+the user's claims, for up to CHUNK users in one statement), at most every
+MIN_INTERVAL, and offers each stream the job's state
 when it differs from the last one the stream sent. A stream holds only the
 newest state (a queue of one): a slow reader skips to the latest, never
 buffers. The notification carries ids only; what a stream sends is always read
@@ -30,11 +31,13 @@ from listener.outage import diagnose
 from listener.web.tokens import User
 
 MIN_INTERVAL = 0.05  # seconds between two rounds of reads, whatever the change rate
-READERS = 4  # users' reads under way at once (the API's pool keeps two connections spare)
+CHUNK = 200  # users read in one statement
+READERS = 2  # statements under way at once (the API's pool keeps the rest for requests)
 TERMINAL = frozenset({"done", "dead_letter", "cancelled"})
 MAX_PAYLOAD = 8000  # PostgreSQL's limit on a notification's payload
 
-Read = Callable[[User, list[str]], Awaitable[list[dict[str, Any]]]]
+# [(user, job ids)] -> for each, the jobs of those ids that user may see
+Read = Callable[[list[tuple[User, list[str]]]], Awaitable[list[list[dict[str, Any]]]]]
 
 
 class StreamLimit(Exception):
@@ -170,15 +173,21 @@ class StreamHub:
                 for stream in self._by_job.get(job_id, ()):
                     by_user.setdefault(stream.user.key, (stream.user, set()))[1].add(job_id)
             self.rounds += 1
+            wanted = [(user, sorted(ids)) for user, ids in by_user.values()]
             await asyncio.gather(
-                *(self._refresh(user, ids, readers) for user, ids in by_user.values())
+                *(
+                    self._refresh(wanted[i : i + CHUNK], readers)
+                    for i in range(0, len(wanted), CHUNK)
+                )
             )
             await asyncio.sleep(self._min_interval)
 
-    async def _refresh(self, user: User, job_ids: set[str], readers: asyncio.Semaphore) -> None:
+    async def _refresh(
+        self, wanted: list[tuple[User, list[str]]], readers: asyncio.Semaphore
+    ) -> None:
         try:
             async with readers:
-                rows = await self._read(user, sorted(job_ids))
+                found = await self._read(wanted)
         except Exception as exc:  # the database may be away: read again shortly
             if not self._failing:
                 self._log.bind(action="api_streams_failed").warning(
@@ -186,10 +195,13 @@ class StreamHub:
                 )
                 self._failing = True
             await asyncio.sleep(1.0)
-            self._mark(job_ids)
+            self._mark(j for _, ids in wanted for j in ids)
             return
         self._failing = False
-        found = {str(r["id"]): r for r in rows}
+        for (user, job_ids), rows in zip(wanted, found, strict=True):
+            self._offer(user, job_ids, {str(r["id"]): r for r in rows})
+
+    def _offer(self, user: User, job_ids: list[str], found: dict[str, dict[str, Any]]) -> None:
         for job_id in job_ids:
             row = found.get(job_id)
             event = Event.of(row) if row is not None else None

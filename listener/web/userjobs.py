@@ -124,9 +124,20 @@ async def rows(pool: Pool, user: User, job_ids: list[str]) -> list[ApiJobRow]:
         return await dal.API_JOBS.all(conn, {"ids": job_ids})
 
 
-async def jobs(pool: Pool, user: User, job_ids: list[str]) -> list[dict[str, Any]]:
-    """The jobs of these ids the user may see (the event streams' read)."""
-    return [view(r) for r in await rows(pool, user, job_ids)]
+async def jobs_of(pool: Pool, wanted: list[tuple[User, list[str]]]) -> list[list[dict[str, Any]]]:
+    """For each (user, job ids): the jobs of those ids that user may see, each
+    user's read as role authenticated with their claims, all in one statement
+    (ai_job_read_as_users; the event streams' read)."""
+    claims, ids, readers = [], [], []
+    for i, (user, job_ids) in enumerate(wanted, start=1):
+        claims.append(user.claims)
+        ids += job_ids
+        readers += [i] * len(job_ids)
+    found: list[list[dict[str, Any]]] = [[] for _ in wanted]
+    params = {"claims": claims, "ids": ids, "readers": readers}
+    for row in await dal.API_READ_AS_USERS.all(pool, params):
+        found[row["reader"] - 1].append(view(row))
+    return found
 
 
 async def one(pool: Pool, user: User, job_id: str) -> ApiJobRow:

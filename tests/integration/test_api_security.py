@@ -495,7 +495,7 @@ async def _flood(
             reader, writer = await asyncio.open_connection(host, port)
             try:
                 writer.write(request)
-                line = await asyncio.wait_for(reader.readline(), 10)
+                line = await asyncio.wait_for(reader.readline(), 30)
                 status = line.split(b" ")[1].decode() if line else "closed"
                 counts[status] = counts.get(status, 0) + 1
             finally:
@@ -516,16 +516,16 @@ async def test_ten_thousand_streams_from_one_client(web_process: str, db_url: st
             auth = f"Authorization: Bearer {token(ALICE)}\r\n"
             t0 = time.monotonic()
             counts = await _flood(
-                "127.0.0.1", int(web_process.rsplit(":", 1)[1]), path, auth, 10_000, 200
+                "127.0.0.1", int(web_process.rsplit(":", 1)[1]), path, auth, 10_000, 100
             )
             spent = time.monotonic() - t0
             # 4 more streams fit the user's cap of 5 while they last; the rest: 429
-            assert counts.get("429", 0) >= 10_000 - 4 * 200, counts
+            assert counts.get("429", 0) >= 10_000 - 4 * 100, counts
             assert set(counts) <= {"200", "429"}, counts
             print(f"\n10,000 stream requests from one client in {spent:.1f} s: {counts}")
             # the held stream still hears its job at once
             await sql(db_url, "select cancel_job(%s, 'ai_course_jobs')", jid)
-            assert (await held.next(timeout=2))["job"]["status"] == "cancelled"
+            assert (await held.next(timeout=5))["job"]["status"] == "cancelled"
 
 
 def test_the_api_refuses_to_start_on_a_short_secret(db_url: str) -> None:

@@ -179,3 +179,30 @@ def test_progress_jobs_on_media_jobs_and_bad_input(db_url: str) -> None:
             ).fetchall()
             == []
         )
+
+
+def test_many_users_read_in_one_statement_each_as_themselves(db_url: str) -> None:
+    """ai_job_read_as_users (the event streams' read): each reader sees what row-level
+    security shows that user, whichever ids are asked for; role and claims are
+    undone when it returns."""
+    alice, bob = "00000000-0000-4000-8000-00000000a11c", "00000000-0000-4000-8000-000000000b0b"
+    with connect(db_url) as c:
+        a = insert_course(c, "A", created_by=alice)
+        b = insert_media(c, "B", created_by=bob)
+        both = [a, b]
+        rows = c.execute(
+            "select reader, id::text, job_table from ai_job_read_as_users(%s, %s::uuid[], %s)",
+            [
+                [json.dumps({"sub": alice}), json.dumps({"sub": bob}), json.dumps({})],
+                both * 3,
+                [1, 1, 2, 2, 3, 3],
+            ],
+        ).fetchall()
+        assert sorted((r["reader"], r["id"], r["job_table"]) for r in rows) == [
+            (1, a, "ai_course_jobs"),
+            (2, b, "ai_media_jobs"),
+        ]
+        after = c.execute(
+            "select current_user as who, current_setting('request.jwt.claims', true) as claims"
+        ).fetchone()
+        assert after["who"] != "authenticated" and not after["claims"]

@@ -157,6 +157,7 @@ ATTACKS = [
     "select * from progress_jobs('ai_course_jobs', array[gen_random_uuid()],"
     """ array[gen_random_uuid()], array['{"percent": 1}'::jsonb])""",
     "select trace_parent from ai_course_jobs",
+    "select * from ai_job_read_as_users(array['{}'], array[gen_random_uuid()], array[1])",
 ]
 
 

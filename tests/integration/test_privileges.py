@@ -191,6 +191,7 @@ ALLOWED: dict[str, dict[str, set[str]]] = {
     "function ai_job_reclaim_course_ids(uuid[])": {"service_role": EXECUTE},
     # sql/024
     "function ai_job_progress_guard()": {},
+    "function ai_job_read_as_users(text[],uuid[],integer[])": {"service_role": EXECUTE},
     "function progress_jobs(text,uuid[],uuid[],jsonb[],jsonb[])": {"service_role": EXECUTE},
 }
 
