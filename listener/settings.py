@@ -126,6 +126,9 @@ class Settings(BaseSettings):
     jwt_audience: str = JWT_AUDIENCE
     api_streams_per_user: int = Field(API_STREAMS_PER_USER, ge=1, le=100_000)
     api_streams_per_process: int = Field(API_STREAMS_PER_PROCESS, ge=1, le=1_000_000)
+    # Origins whose pages may call the API from a browser (CORS), comma-separated;
+    # `*` for any (safe with bearer tokens: no cookie rides along).
+    api_cors_origins: str = ""
     port: int = Field(8000, ge=1, le=65535)
     sentry_dsn: SecretStr | None = None
     alert_webhook_url: SecretStr | None = None
@@ -184,6 +187,12 @@ class Settings(BaseSettings):
         if v is not None and len(v.get_secret_value()) < MIN_JWT_SECRET:
             raise ValueError(f"must be at least {MIN_JWT_SECRET} characters (HS256)")
         return v
+
+    @cached_property
+    def cors_origins(self) -> frozenset[str]:
+        return frozenset(
+            o.strip().rstrip("/") for o in self.api_cors_origins.split(",") if o.strip()
+        )
 
     @property
     def api_enabled(self) -> bool:

@@ -72,6 +72,12 @@ _STATUS: list[tuple[type[AiJobsError], int]] = [
     (SchemaOutdated, 503),
 ]
 
+_PREFLIGHT = {
+    "Access-Control-Allow-Methods": "GET, POST",
+    "Access-Control-Allow-Headers": "Authorization, Content-Type, Last-Event-ID",
+    "Access-Control-Max-Age": "600",
+}
+
 Handler = Callable[[Request, User], Awaitable[Response]]
 
 
@@ -129,6 +135,7 @@ class Api:
         )
         feed.watch(self.hub.changed)
         self._storage = storage
+        self._origins = settings.cors_origins
         self.keepalive = keepalive
         self.log = logger.bind(action="api")
 
@@ -143,17 +150,29 @@ class Api:
 
     def routes(self) -> list[Route]:
         g = self.guarded
+        get, post = ["GET", "OPTIONS"], ["POST", "OPTIONS"]  # OPTIONS: CORS preflights
         return [
-            Route(f"{PREFIX}/course", g(self.create_course), methods=["POST"]),
-            Route(f"{PREFIX}/media", g(self.create_media), methods=["POST"]),
-            Route(PREFIX + "/{id:uuid}", g(self.job)),
-            Route(PREFIX + "/{id:uuid}/events", g(self.events)),
-            Route(PREFIX + "/{id:uuid}/result", g(self.result)),
-            Route(PREFIX + "/{id:uuid}/cancel", g(self.cancel), methods=["POST"]),
+            Route(f"{PREFIX}/course", g(self.create_course), methods=post),
+            Route(f"{PREFIX}/media", g(self.create_media), methods=post),
+            Route(PREFIX + "/{id:uuid}", g(self.job), methods=get),
+            Route(PREFIX + "/{id:uuid}/events", g(self.events), methods=get),
+            Route(PREFIX + "/{id:uuid}/result", g(self.result), methods=get),
+            Route(PREFIX + "/{id:uuid}/cancel", g(self.cancel), methods=post),
         ]
 
     def guarded(self, handler: Handler) -> Callable[[Request], Awaitable[Response]]:
         async def endpoint(request: Request) -> Response:
+            response = await answer(request)
+            origin = request.headers.get("origin", "").rstrip("/")
+            if origin and ("*" in self._origins or origin in self._origins):
+                response.headers["Access-Control-Allow-Origin"] = origin
+                response.headers["Access-Control-Expose-Headers"] = "Retry-After"
+            response.headers["Vary"] = "Origin"
+            return response
+
+        async def answer(request: Request) -> Response:
+            if request.method == "OPTIONS":  # a browser's preflight: no token in it
+                return Response(status_code=204, headers=_PREFLIGHT)
             try:
                 user = await self.verifier.user(request.headers.get("authorization"))
             except TokenRefused as exc:

@@ -292,3 +292,42 @@ async def asyncio_until(predicate: Callable[[], bool], timeout: float = 5.0) -> 
         return predicate()
 
     await await_until(check, timeout=timeout)
+
+
+async def test_cors_for_the_origins_named(db_url: str) -> None:
+    app_origin = "http://app.example:8080"
+    async with (
+        serve(db_url, api_cors_origins=f"{app_origin}/, http://other.example") as served,
+        httpx.AsyncClient(base_url=served.url, timeout=10) as client,
+    ):
+        pre = await client.options(
+            "/v1/jobs/course",
+            headers={
+                "Origin": app_origin,
+                "Access-Control-Request-Method": "POST",
+                "Access-Control-Request-Headers": "authorization, content-type",
+            },
+        )
+        assert pre.status_code == 204
+        assert pre.headers["access-control-allow-origin"] == app_origin
+        assert "Authorization" in pre.headers["access-control-allow-headers"]
+        r = await client.post(
+            "/v1/jobs/course",
+            headers={**bearer(ALICE), "Origin": app_origin},
+            json={"subject": "Algebra"},
+        )
+        assert r.status_code == 201 and r.headers["access-control-allow-origin"] == app_origin
+        # a refusal carries it too (the page must read the reason)
+        r = await client.get(f"/v1/jobs/{uuid_zero()}", headers={"Origin": app_origin})
+        assert r.status_code == 401 and r.headers["access-control-allow-origin"] == app_origin
+        r = await client.post(
+            "/v1/jobs/course",
+            headers={**bearer(ALICE), "Origin": "http://evil.example"},
+            json={"subject": "Algebra"},
+        )
+        assert "access-control-allow-origin" not in r.headers
+        assert r.headers["vary"] == "Origin"
+
+
+def uuid_zero() -> str:
+    return "00000000-0000-4000-8000-000000000000"
