@@ -117,7 +117,7 @@ def test_the_example_app_watches_a_course_being_written(
                 (held,) = c.execute("select * from claim_jobs('ai_course_jobs', 'w', 1)").fetchall()
                 assert str(held["id"]) == job_id
                 expect(page.locator("#status")).to_have_text("processing")
-                course = {
+                course: dict[str, Any] = {
                     "id": "photosynthesis",
                     "title": "Photosynthesis",
                     "subject": "Photosynthesis",
