@@ -5,6 +5,7 @@ from __future__ import annotations
 from functools import cached_property
 from pathlib import Path
 from typing import Any, get_args
+from urllib.parse import urlsplit
 
 from pydantic import Field, SecretStr, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -52,6 +53,12 @@ ALERT_FAILURE_RATE_PERCENT = 10.0
 ALERT_RATE_LIMIT_VIOLATIONS_PER_HOUR = 5
 ALERT_BUDGET_REJECTIONS_PER_HOUR = 5
 ALERT_INTERVAL_SECONDS = 60.0  # how often the worker evaluates the alert rules
+
+# The end-user API (listener/web/api.py): open event streams at once.
+API_STREAMS_PER_USER = 10
+API_STREAMS_PER_PROCESS = 2000
+JWT_AUDIENCE = "authenticated"  # what Supabase puts in its users' tokens
+MIN_JWT_SECRET = 32  # characters; an HS256 secret shorter than that can be guessed
 
 LISTEN_MODES = ("listen", "poll")
 LISTEN_PROBE_SECONDS = 30.0  # an idle worker proves its LISTEN connection this often
@@ -113,6 +120,15 @@ class Settings(BaseSettings):
 
     storage_url: str = DEFAULT_STORAGE
     admin_token: SecretStr | None = None
+    # The end-user API under /v1/: on when either is set (docs/api.md).
+    jwt_secret: SecretStr | None = None
+    jwt_jwks_url: str | None = None
+    jwt_audience: str = JWT_AUDIENCE
+    api_streams_per_user: int = Field(API_STREAMS_PER_USER, ge=1, le=100_000)
+    api_streams_per_process: int = Field(API_STREAMS_PER_PROCESS, ge=1, le=1_000_000)
+    # Origins whose pages may call the API from a browser (CORS), comma-separated;
+    # `*` for any (safe with bearer tokens: no cookie rides along).
+    api_cors_origins: str = ""
     port: int = Field(8000, ge=1, le=65535)
     sentry_dsn: SecretStr | None = None
     alert_webhook_url: SecretStr | None = None
@@ -151,6 +167,37 @@ class Settings(BaseSettings):
         if name == "retention_days" and isinstance(v, float) and v > MAX_RETENTION_DAYS:
             raise ValueError(f"must be at most {MAX_RETENTION_DAYS:.0f} (a century)")
         return v
+
+    @field_validator("jwt_jwks_url")
+    @classmethod
+    def _jwks_url(cls, v: str | None) -> str | None:
+        v = (v or "").strip()
+        if not v:
+            return None
+        url = urlsplit(v)
+        local = url.hostname in ("localhost", "127.0.0.1", "::1")
+        if not (url.scheme == "https" or (url.scheme == "http" and local)) or not url.hostname:
+            # Keys fetched over plain http could be anyone's on the way.
+            raise ValueError("must be an https:// URL (http:// only on this machine)")
+        return v
+
+    @field_validator("jwt_secret")
+    @classmethod
+    def _jwt_secret(cls, v: SecretStr | None) -> SecretStr | None:
+        if v is not None and len(v.get_secret_value()) < MIN_JWT_SECRET:
+            raise ValueError(f"must be at least {MIN_JWT_SECRET} characters (HS256)")
+        return v
+
+    @cached_property
+    def cors_origins(self) -> frozenset[str]:
+        return frozenset(
+            o.strip().rstrip("/") for o in self.api_cors_origins.split(",") if o.strip()
+        )
+
+    @property
+    def api_enabled(self) -> bool:
+        """The end-user API answers under /v1/ (else every /v1/ path is a 404)."""
+        return self.jwt_secret is not None or self.jwt_jwks_url is not None
 
     @field_validator("log_level")
     @classmethod
