@@ -179,6 +179,16 @@ ALLOWED: dict[str, dict[str, set[str]]] = {
     "function ai_media_jobs_defaults()": {},
     "function ai_job_release_course_ids(uuid[],text[])": {"service_role": EXECUTE},
     "function ai_job_reclaim_course_ids(uuid[])": {"service_role": EXECUTE},
+    # sql/023
+    "table ai_job_provider_quotas": {"service_role": WRITE},
+    "function ai_job_quota_limits(ai_job_provider_quotas,bigint[])": {"service_role": EXECUTE},
+    "function ai_job_quota_levels(ai_job_provider_quotas,double precision[],"
+    "timestamp with time zone)": {"service_role": EXECUTE},
+    "function ai_job_quota_reserve(text,text,integer,double precision[],bigint[],"
+    "double precision)": {"service_role": EXECUTE},
+    "function ai_job_quota_settle(text,text,double precision[],bigint[],bigint[],bigint[],"
+    "double precision,double precision,boolean,boolean,boolean)": {"service_role": EXECUTE},
+    "function ai_job_quota_reset(text,text)": {"service_role": EXECUTE},
 }
 
 
