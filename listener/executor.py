@@ -59,9 +59,9 @@ class Cooldowns:
         return table in self._until
 
     def start(self, table: str, seconds: float, reason: str, *, quiet: bool = False) -> None:
-        now = time.monotonic()
-        new = not self.cooling(table, now)
-        self._until[table] = now + seconds
+        """Hold `table` for `seconds`; a hold that is not over (resumed) yet goes on."""
+        new = table not in self._until
+        self._until[table] = time.monotonic() + seconds
         if not new:
             return
         what = f"no {JOB_TYPES.get(table, table)} jobs claimed for {seconds:.1f}s ({reason})"

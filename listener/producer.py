@@ -132,8 +132,7 @@ class Producer:
             await self.leases.release_overdue(now)
             ahead = self.pacing.ahead(running_for=now - self.leases.oldest_start(now))
             free = self.leases.free_slots(ahead) - (1 if self.fast.busy else 0)  # its slot
-            cool = self.executor.cooldowns.cooling
-            wanted = [t for t in self._tables_in_turn() if not cool(t, now) and self._may_find[t]]
+            wanted = self._wanted(now)
             if free > 0 and wanted:
                 self.db_back.clear()
                 if await self._claim_round(wanted, free):
@@ -156,6 +155,20 @@ class Producer:
                     await self._wake.wait()
         finally:
             self._waiting = False
+
+    def _wanted(self, now: float) -> list[str]:
+        """The tables to claim from: a reason to look, and no hold. A hold whose
+        time is over ends at the table's next claim round, or here when there is
+        nothing to look for."""
+        cooldowns, wanted = self.executor.cooldowns, []
+        for t in self._tables_in_turn():
+            if cooldowns.cooling(t, now):
+                continue
+            if self._may_find[t]:
+                wanted.append(t)
+            else:
+                cooldowns.resume(t)
+        return wanted
 
     def _tables_in_turn(self) -> list[str]:
         self._turn = (self._turn + 1) % len(TABLES)

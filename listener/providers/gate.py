@@ -9,7 +9,8 @@ quota, or a breaker not closed) the claim loop asks `admit`:
 
 - the first provider of the lane that may be called decides: a breaker open or
   probing sends the question on to the next provider; a half-open breaker whose
-  probe is free admits one job (it takes the probe); a metered quota admits as
+  probe is free admits one job (it takes the probe; no other is admitted for it
+  meanwhile); a metered quota admits as
   many jobs as it has room for, and reserves their calls (Quotas.take), so that
   two workers never claim for the same room;
 - when none may be called: claim nothing, and ask again after the shortest
@@ -22,11 +23,12 @@ held: its jobs always have somewhere to go.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from listener.jobs import FREE, Admitted
-from listener.providers.breaker import Breakers
+from listener.providers.breaker import PROBE_RECHECK_SECONDS, Admission, Breakers
 from listener.providers.quota import Cost, Key, Quotas
 
 
@@ -51,6 +53,9 @@ class ClaimGate:
         self.lanes: dict[str, tuple[Stop, ...]] = {}
         self.on_change: Callable[[], None] | None = None  # a held table may be claimed again
         self._taken: dict[str, tuple[Key, int]] = {}  # a table's permits of its last admit
+        # A job admitted to take a half-open breaker's probe, until when: the
+        # probe is its own until it had the time to take it.
+        self._probers: dict[str, float] = {}
         breakers.on_change = self._changed
         quotas.on_change = self._changed
 
@@ -74,12 +79,18 @@ class ClaimGate:
         quota = True
         for stop in lane:
             seen = await self.breakers.peek(stop.provider)
+            now = time.monotonic()
+            prober = self._probers.get(stop.provider, 0.0)
+            if seen.probe and prober > now:
+                seen = Admission(False, wait=prober - now, reason="breaker half-open, probe due")
             if not seen.call:
                 waits.append(seen.wait)
                 reasons.append(f"{stop.provider}: {seen.reason}")
                 quota = False
                 continue
             n = 1 if seen.probe else wanted
+            if seen.probe:
+                self._probers[stop.provider] = now + PROBE_RECHECK_SECONDS
             if not self.quotas.is_metered(stop.key):
                 return Admitted(n)
             taken = await self.quotas.take(stop.key, stop.cost, n)
