@@ -51,6 +51,8 @@ from listener.settings import Settings
 
 R = TypeVar("R")
 T = TypeVar("T")
+# An answer's rate limits, what the provider counted, what it gave back since.
+Counted = tuple[RateLimits, quota.Cost, list[float] | None]
 V = TypeVar("V")
 P = TypeVar("P", CourseProvider, MediaProvider)
 UNGUARDED = frozenset({"placeholder"})  # local, never unwell: no breaker
@@ -144,8 +146,10 @@ class Chain:
         usage: Usage,
         job: Payer | None,
     ) -> Answer:
-        def counted(answer: Answer) -> tuple[RateLimits, quota.Cost]:
-            return answer.limits, quota.charged(p.name, answer.usage, self.max_tokens)
+        def counted(answer: Answer) -> Counted:
+            used = answer.usage
+            cost = quota.charged(p.name, used, self.max_tokens)
+            return answer.limits, cost, quota.returned(p.name, used, self.max_tokens)
 
         try:
             answer = await self._call(stop, grant, call, counted)
@@ -161,7 +165,7 @@ class Chain:
         stop: Stop,
         grant: Grant | None,
         call: Callable[[], Awaitable[R]],
-        counted: Callable[[R], tuple[RateLimits, quota.Cost]],
+        counted: Callable[[R], Counted],
     ) -> R:
         """One provider call under its quota: reserved (unless `grant` is the
         reservation made for it already), bounded by AI_TIMEOUT_SECONDS as a whole,
@@ -179,8 +183,10 @@ class Chain:
                 await asyncio.shield(self._settle_failed(grant, exc, sent))
             raise
         if grant is not None:
-            limits, cost = counted(result)
-            await self.quotas.settle(grant, counted=cost, limits=limits, sent_at=sent, heard=True)
+            limits, cost, back = counted(result)
+            await self.quotas.settle(
+                grant, counted=cost, limits=limits, sent_at=sent, heard=True, returned=back
+            )
         return result
 
     async def _settle_failed(self, grant: Grant, exc: BaseException, sent: float) -> None:
@@ -240,7 +246,7 @@ class Chain:
                         outcomes.append(Failure.REFUSED)
                     else:
                         outcomes.append(LATER)
-                        waits.append(got.wait)
+                        waits.append(min(got.wait, quota.QUOTA_DUE_SECONDS))
                     continue
                 grant = got
                 admit = await self.breakers.admit(p.name, lease) if seen.call else seen
@@ -257,7 +263,7 @@ class Chain:
             except _QuotaRefused as exc:  # the repair round's quota: later, as for the first
                 causes.append(f"{p.name}: {exc.refusal.reason}")
                 outcomes.append(Failure.REFUSED if exc.refusal.too_big else LATER)
-                waits.append(exc.refusal.wait)
+                waits.append(min(exc.refusal.wait, quota.QUOTA_DUE_SECONDS))
                 continue
             except Exception as exc:
                 c = classify(exc, self.retry_after_cap)
@@ -297,8 +303,8 @@ def _prompt_chars(prompt: CoursePrompt) -> int:
     return size
 
 
-def _media_counted(media: Media) -> tuple[RateLimits, quota.Cost]:
-    return media.limits, quota.MEDIA
+def _media_counted(media: Media) -> Counted:
+    return media.limits, quota.MEDIA, None
 
 
 def verdict(

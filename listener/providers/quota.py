@@ -44,6 +44,10 @@ from listener.settings import Settings
 CHARS_PER_TOKEN = 3  # English runs near 4 characters a token, JSON nearer 3: the high side
 PERMIT_SECONDS = 2.0  # a reservation taken for a claimed job and not used by then goes back
 LEARNING_RECHECK_SECONDS = 1.0  # while a first call learns the limits, look again after
+# A job put back for its quota is due again within this; the claim gate then holds
+# its table's claims for as long as the quota needs (it knows better by then: the
+# window learned, reservations given back).
+QUOTA_DUE_SECONDS = 1.0
 DB_WAIT_SECONDS = 2.0  # a quota statement never holds a call longer than this
 
 Key = tuple[str, str]  # (provider, model)
@@ -59,7 +63,10 @@ class Cost:
     output_tokens: float = 0.0
 
     def vector(self) -> list[float]:
-        return [self.requests, self.tokens, self.input_tokens, self.output_tokens]
+        # floats all: psycopg dumps a list of one type only
+        return [
+            float(x) for x in (self.requests, self.tokens, self.input_tokens, self.output_tokens)
+        ]
 
     def minus(self, other: Cost) -> list[float]:
         return [a - b for a, b in zip(self.vector(), other.vector(), strict=True)]
@@ -85,6 +92,16 @@ def charged(provider: str, usage: Usage, max_tokens: int) -> Cost:
         return Cost(1, prompt + max_tokens, prompt, usage.output_tokens)
     counted = max(0, usage.input_tokens - usage.cached_input_tokens)
     return Cost(1, counted + usage.output_tokens, counted, usage.output_tokens)
+
+
+def returned(provider: str, usage: Usage, max_tokens: int) -> list[float]:
+    """What the provider gave back of its own hold after its headers were written
+    (they describe the quota as the call was admitted): Anthropic's output
+    estimate, max_tokens less the output produced, at the answer's end."""
+    if provider != "anthropic":
+        return [0.0] * 4
+    back = float(max(0, max_tokens - usage.output_tokens))
+    return [0.0, back, 0.0, back]
 
 
 @dataclass
@@ -170,10 +187,12 @@ class Quotas:
         sent_at: float,
         heard: bool,
         limited: bool = False,
+        returned: list[float] | None = None,
     ) -> None:
         """After the call. `counted`: what the provider counted (None: unknown, the
         reservation stands); `heard`: an answer came, an error's included;
-        `limited`: it was a 429 (the provider counted nothing)."""
+        `limited`: it was a 429 (the provider counted nothing); `returned`: what
+        the provider gave back after writing its headers (see returned())."""
         if limited and not grant.local:
             self.limited += 1
             logger.bind(action="quota_exceeded", provider=grant.key[0], model=grant.key[1]).warning(
@@ -196,7 +215,10 @@ class Quotas:
             "back": back,
             "caps": self.caps(grant.key),
             "limits": limits.limits(),
-            "remaining": limits.remaining(),
+            "remaining": [
+                None if r is None else r + (returned[i] if returned else 0.0)
+                for i, r in enumerate(limits.remaining())
+            ],
             "age": max(0.0, time.time() - sent_at),
             "window": limits.window(),
             "heard": heard,
