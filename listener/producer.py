@@ -20,7 +20,7 @@ from listener.completer import Completer
 from listener.executor import Executor
 from listener.fastclaim import FastClaimer
 from listener.fastpath import FastPath
-from listener.jobs import JOB_TYPES, Job
+from listener.jobs import FREE, JOB_TYPES, Job
 from listener.leases import LeaseKeeper
 from listener.outage import Backoff, Health, Reporter
 from listener.pacing import Pacing
@@ -208,7 +208,11 @@ class Producer:
         gate, cooldowns = self.executor.gate, self.executor.cooldowns
         n = free
         if gate is not None and gate.gates(table):
-            admitted = await gate.admit(table, free)
+            try:
+                admitted = await gate.admit(table, free)
+            except Exception as exc:  # never the claim loop's end: claim as without it
+                self.report(exc, "claim gate")
+                admitted = FREE
             if admitted.n == 0:
                 cooldowns.start(table, admitted.wait, admitted.reason, quiet=admitted.quota)
                 return 0
