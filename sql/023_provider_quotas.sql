@@ -19,10 +19,11 @@
 -- One statement each. A worker that dies between the two loses nothing: the
 -- buckets refill by themselves.
 --
--- Before any answer has stated a model's limits (and without caps), one call
--- at a time is let through to learn them (learning_until, a lease like the
--- breakers' probe); after an answer without rate-limit headers the model is
--- not metered.
+-- Before any answer has stated a model's limits (and without caps), a few calls
+-- at a time are let through to learn them (p_learners: the workers pass the
+-- breaker's threshold, so that a provider that hangs is found as fast as
+-- without quotas; learning_until is their lease, like the breakers' probe);
+-- after an answer without rate-limit headers the model is not metered.
 --
 -- A reservation never passes a call that does not fit, and never charges one
 -- that was refused: the wait it returns is the time until one more call of
@@ -48,7 +49,8 @@ create table if not exists ai_job_provider_quotas (
                    check (window_seconds >= 1 and window_seconds <= 60),
     refilled_at    timestamptz not null default clock_timestamp(),
     learned_at     timestamptz,  -- the last answer read; null: none yet
-    learning_until timestamptz,  -- the call that learns the limits is in flight until then
+    learning_until timestamptz,  -- calls that learn the limits are in flight until then
+    learning_calls int not null default 0,  -- how many
     limited_at     timestamptz,  -- the last 429 despite a reservation
     primary key (provider, model)
 );
@@ -89,11 +91,12 @@ $$;
 -- jobs it is about to claim, one for a call of its own). Returns how many were
 -- granted; when fewer than asked, wait_seconds until one more fits; metered
 -- false when no limit applies (every call granted, nothing written); learning
--- while the first call learns the limits (the grant is that call; wait_seconds
--- its lease); too_big when one call needs more than a limit (it never fits).
+-- while the first calls learn the limits (up to p_learners at once; a grant is
+-- one of them; wait_seconds the lease); too_big when one call needs more than a
+-- limit (it never fits).
 create or replace function ai_job_quota_reserve(
     p_provider text, p_model text, p_calls int, p_cost double precision[], p_caps bigint[],
-    p_lease_seconds double precision)
+    p_lease_seconds double precision, p_learners int default 1)
 returns table(granted int, wait_seconds double precision, metered boolean, learning boolean,
               too_big boolean)
 language plpgsql
@@ -123,15 +126,21 @@ begin
     if lim[1] is null and lim[2] is null and lim[3] is null and lim[4] is null then
         if q.learned_at is not null then
             return query select p_calls, null::float8, false, false, false;
-        elsif q.learning_until is null or q.learning_until <= now_ then
-            update ai_job_provider_quotas t
-            set learning_until = now_ + make_interval(secs => p_lease_seconds)
-            where t.provider = p_provider and t.model = p_model;
-            return query select least(p_calls, 1), p_lease_seconds, true, true, false;
-        else
+        end if;
+        if q.learning_until is null or q.learning_until <= now_ then
+            q.learning_calls := 0;  -- the lease ran out: its callers are gone
+        end if;
+        n := least(p_calls, greatest(0, coalesce(p_learners, 1) - q.learning_calls));
+        if n = 0 then
             return query select 0, extract(epoch from q.learning_until - now_)::float8,
                                 true, true, false;
+            return;
         end if;
+        update ai_job_provider_quotas t
+        set learning_until = now_ + make_interval(secs => p_lease_seconds),
+            learning_calls = q.learning_calls + n
+        where t.provider = p_provider and t.model = p_model;
+        return query select n, p_lease_seconds, true, true, false;
         return;
     end if;
 
@@ -165,14 +174,14 @@ $$;
 -- (they replace the learned limits), p_remaining (a level is lowered to the
 -- provider's remaining, refilled over the p_age_seconds since the call was
 -- sent), p_window_seconds. p_heard: an answer came (without rate-limit headers,
--- the model is then not metered unless capped); p_learning: this call was the
--- one learning the limits; p_limited: the provider answered 429 despite the
+-- the model is then not metered unless capped); p_learning: how many of the
+-- calls settled were learning the limits; p_limited: the provider answered 429 despite the
 -- reservation (each level it does not state is emptied). Returns whether the
 -- model is metered now.
 create or replace function ai_job_quota_settle(
     p_provider text, p_model text, p_back double precision[], p_caps bigint[],
     p_limits bigint[], p_remaining bigint[], p_age_seconds double precision,
-    p_window_seconds double precision, p_heard boolean, p_learning boolean, p_limited boolean)
+    p_window_seconds double precision, p_heard boolean, p_learning int, p_limited boolean)
 returns table(metered boolean)
 language plpgsql
 set search_path = pg_catalog, public, pg_temp
@@ -224,7 +233,9 @@ begin
         window_seconds = q.window_seconds,
         refilled_at = now_,
         learned_at = case when p_heard then now_ else t.learned_at end,
-        learning_until = case when p_learning then null else t.learning_until end,
+        learning_calls = greatest(0, t.learning_calls - coalesce(p_learning, 0)),
+        learning_until = case when t.learning_calls - coalesce(p_learning, 0) <= 0 then null
+                              else t.learning_until end,
         limited_at = case when p_limited then now_ else t.limited_at end
     where t.provider = p_provider and t.model = p_model;
     return query select lim[1] is not null or lim[2] is not null or lim[3] is not null
@@ -256,16 +267,16 @@ grant select, insert, update, delete on ai_job_provider_quotas to service_role;
 revoke execute on function
     ai_job_quota_limits(ai_job_provider_quotas, bigint[]),
     ai_job_quota_levels(ai_job_provider_quotas, double precision[], timestamptz),
-    ai_job_quota_reserve(text, text, int, double precision[], bigint[], double precision),
+    ai_job_quota_reserve(text, text, int, double precision[], bigint[], double precision, int),
     ai_job_quota_settle(text, text, double precision[], bigint[], bigint[], bigint[],
-                        double precision, double precision, boolean, boolean, boolean),
+                        double precision, double precision, boolean, int, boolean),
     ai_job_quota_reset(text, text)
     from public, anon, authenticated, service_role;
 grant execute on function
     ai_job_quota_limits(ai_job_provider_quotas, bigint[]),
     ai_job_quota_levels(ai_job_provider_quotas, double precision[], timestamptz),
-    ai_job_quota_reserve(text, text, int, double precision[], bigint[], double precision),
+    ai_job_quota_reserve(text, text, int, double precision[], bigint[], double precision, int),
     ai_job_quota_settle(text, text, double precision[], bigint[], bigint[], bigint[],
-                        double precision, double precision, boolean, boolean, boolean),
+                        double precision, double precision, boolean, int, boolean),
     ai_job_quota_reset(text, text)
     to service_role;

@@ -157,6 +157,7 @@ create table ai_job_provider_quotas (
     refilled_at timestamp with time zone default clock_timestamp() not null,
     learned_at timestamp with time zone,
     learning_until timestamp with time zone,
+    learning_calls integer default 0 not null,
     limited_at timestamp with time zone,
     constraint ai_job_provider_quotas_pkey PRIMARY KEY (provider, model),
     constraint ai_job_provider_quotas_itpm_check CHECK (itpm > 0),
@@ -984,7 +985,7 @@ AS $function$
 $function$;
 
 -- last defined by sql/023_provider_quotas.sql
-CREATE OR REPLACE FUNCTION public.ai_job_quota_reserve(p_provider text, p_model text, p_calls integer, p_cost double precision[], p_caps bigint[], p_lease_seconds double precision)
+CREATE OR REPLACE FUNCTION public.ai_job_quota_reserve(p_provider text, p_model text, p_calls integer, p_cost double precision[], p_caps bigint[], p_lease_seconds double precision, p_learners integer DEFAULT 1)
  RETURNS TABLE(granted integer, wait_seconds double precision, metered boolean, learning boolean, too_big boolean)
  LANGUAGE plpgsql
  SET search_path TO 'pg_catalog', 'public', 'pg_temp'
@@ -1013,15 +1014,21 @@ begin
     if lim[1] is null and lim[2] is null and lim[3] is null and lim[4] is null then
         if q.learned_at is not null then
             return query select p_calls, null::float8, false, false, false;
-        elsif q.learning_until is null or q.learning_until <= now_ then
-            update ai_job_provider_quotas t
-            set learning_until = now_ + make_interval(secs => p_lease_seconds)
-            where t.provider = p_provider and t.model = p_model;
-            return query select least(p_calls, 1), p_lease_seconds, true, true, false;
-        else
+        end if;
+        if q.learning_until is null or q.learning_until <= now_ then
+            q.learning_calls := 0;  -- the lease ran out: its callers are gone
+        end if;
+        n := least(p_calls, greatest(0, coalesce(p_learners, 1) - q.learning_calls));
+        if n = 0 then
             return query select 0, extract(epoch from q.learning_until - now_)::float8,
                                 true, true, false;
+            return;
         end if;
+        update ai_job_provider_quotas t
+        set learning_until = now_ + make_interval(secs => p_lease_seconds),
+            learning_calls = q.learning_calls + n
+        where t.provider = p_provider and t.model = p_model;
+        return query select n, p_lease_seconds, true, true, false;
         return;
     end if;
 
@@ -1064,7 +1071,7 @@ AS $function$
 $function$;
 
 -- last defined by sql/023_provider_quotas.sql
-CREATE OR REPLACE FUNCTION public.ai_job_quota_settle(p_provider text, p_model text, p_back double precision[], p_caps bigint[], p_limits bigint[], p_remaining bigint[], p_age_seconds double precision, p_window_seconds double precision, p_heard boolean, p_learning boolean, p_limited boolean)
+CREATE OR REPLACE FUNCTION public.ai_job_quota_settle(p_provider text, p_model text, p_back double precision[], p_caps bigint[], p_limits bigint[], p_remaining bigint[], p_age_seconds double precision, p_window_seconds double precision, p_heard boolean, p_learning integer, p_limited boolean)
  RETURNS TABLE(metered boolean)
  LANGUAGE plpgsql
  SET search_path TO 'pg_catalog', 'public', 'pg_temp'
@@ -1116,7 +1123,9 @@ begin
         window_seconds = q.window_seconds,
         refilled_at = now_,
         learned_at = case when p_heard then now_ else t.learned_at end,
-        learning_until = case when p_learning then null else t.learning_until end,
+        learning_calls = greatest(0, t.learning_calls - coalesce(p_learning, 0)),
+        learning_until = case when t.learning_calls - coalesce(p_learning, 0) <= 0 then null
+                              else t.learning_until end,
         limited_at = case when p_limited then now_ else t.limited_at end
     where t.provider = p_provider and t.model = p_model;
     return query select lim[1] is not null or lim[2] is not null or lim[3] is not null

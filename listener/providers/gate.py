@@ -14,8 +14,8 @@ quota, or a breaker not closed) the claim loop asks `admit`:
   many jobs as it has room for, and reserves their calls (Quotas.take), so that
   two workers never claim for the same room;
 - when none may be called: claim nothing, and ask again after the shortest
-  wait (an open breaker's cooldown, a second while a probe is in flight or a
-  first call learns the limits, or the time until one more call fits).
+  wait (an open breaker's cooldown, a second while a probe is in flight or the
+  first calls learn the limits, or the time until one more call fits).
 
 A table whose lane ends in an unguarded provider (the placeholder) is never
 held: its jobs always have somewhere to go.

@@ -144,6 +144,9 @@ class Quotas:
         self.pool = pool
         self.settings = settings
         self.lease = settings.ai_timeout_seconds + 5  # a learning call's, like a probe's
+        # Calls at once while a model's limits are learned: as many as open a breaker,
+        # so that a provider that hangs is found as fast as without quotas.
+        self.learners = settings.provider_breaker_threshold
         self.metered: dict[Key, bool] = {}  # what the database last said of each model
         self.permits: dict[Key, deque[_Permit]] = {}
         self.limited = 0  # 429s met despite a reservation (tests, logs)
@@ -222,7 +225,7 @@ class Quotas:
             "age": max(0.0, time.time() - sent_at),
             "window": limits.window(),
             "heard": heard,
-            "learning": grant.learning,
+            "learning": int(grant.learning),
             "limited": limited,
         }
         row = await self._query(dal.QUOTA_SETTLE, params)
@@ -252,7 +255,7 @@ class Quotas:
         granted = row["granted"]
         if granted:
             held = self.permits.setdefault(key, deque())
-            held.extend(_Permit(cost, row["learning"] and i == 0) for i in range(granted))
+            held.extend(_Permit(cost, row["learning"]) for _ in range(granted))
         refusal = self._refusal(key, cost, row)
         return Taken(granted, refusal.wait, refusal.too_big)
 
@@ -286,7 +289,7 @@ class Quotas:
             "age": 0.0,
             "window": None,
             "heard": False,
-            "learning": any(p.learning for p in permits),
+            "learning": sum(p.learning for p in permits),
             "limited": False,
         }
         await self._query(dal.QUOTA_SETTLE, params)
@@ -301,6 +304,7 @@ class Quotas:
             "cost": cost.vector(),
             "caps": self.caps(key),
             "lease": self.lease,
+            "learners": self.learners,
         }
 
     def _refusal(self, key: Key, cost: Cost, row: Any) -> Refusal:

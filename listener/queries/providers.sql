@@ -58,7 +58,7 @@ order by provider, model
 -- sql/023: up to n calls of a model, each of the cost {requests, tokens, input, output}.
 select granted, wait_seconds, metered, learning, too_big
 from ai_job_quota_reserve(%(provider)s, %(model)s, %(n)s, %(cost)s::float8[], %(caps)s::bigint[],
-                          %(lease)s)
+                          %(lease)s, %(learners)s)
 
 -- name: quota_settle
 -- sql/023: a call settled from its answer, or reservations given back unused.

@@ -185,9 +185,9 @@ ALLOWED: dict[str, dict[str, set[str]]] = {
     "function ai_job_quota_levels(ai_job_provider_quotas,double precision[],"
     "timestamp with time zone)": {"service_role": EXECUTE},
     "function ai_job_quota_reserve(text,text,integer,double precision[],bigint[],"
-    "double precision)": {"service_role": EXECUTE},
+    "double precision,integer)": {"service_role": EXECUTE},
     "function ai_job_quota_settle(text,text,double precision[],bigint[],bigint[],bigint[],"
-    "double precision,double precision,boolean,boolean,boolean)": {"service_role": EXECUTE},
+    "double precision,double precision,boolean,integer,boolean)": {"service_role": EXECUTE},
     "function ai_job_quota_reset(text,text)": {"service_role": EXECUTE},
 }
 

@@ -26,6 +26,7 @@ async def reserve(
     cost: tuple[float, ...] = (1, 100, 50, 50),
     caps: list[int | None] | None = None,
     model: str = "m",
+    learners: int = 1,
 ) -> dict[str, Any]:
     params = {
         "provider": "openai",
@@ -34,6 +35,7 @@ async def reserve(
         "cost": list(cost),
         "caps": caps or NONE,
         "lease": 30,
+        "learners": learners,
     }
     row = await dal.QUOTA_RESERVE.first(conn, params)
     assert row is not None
@@ -51,7 +53,7 @@ async def settle(conn: Conn, model: str = "m", **kw: Any) -> bool:
         "age": 0.0,
         "window": None,
         "heard": True,
-        "learning": False,
+        "learning": 0,
         "limited": False,
         **kw,
     }
@@ -82,7 +84,7 @@ async def learned(conn: Conn, rpm: int = 10, tpm: int = 1000, window: float = 10
     """The first call, learning the limits, answered with full buckets."""
     first = await reserve(conn)
     assert first["granted"] == 1 and first["learning"]
-    await settle(conn, limits=[rpm, tpm, None, None], window=window, learning=True)
+    await settle(conn, limits=[rpm, tpm, None, None], window=window, learning=1)
 
 
 async def test_one_call_learns_the_limits_then_the_buckets_meter(conn: Conn) -> None:
@@ -97,7 +99,7 @@ async def test_one_call_learns_the_limits_then_the_buckets_meter(conn: Conn) -> 
         limits=[10, 1000, None, None],
         remaining=[9, 900, None, None],
         window=10,
-        learning=True,
+        learning=1,
     )
     assert metered
     q = await state(conn)
@@ -110,15 +112,32 @@ async def test_one_call_learns_the_limits_then_the_buckets_meter(conn: Conn) -> 
     assert got["wait_seconds"] == pytest.approx(1.0, abs=0.05)  # a request per second
 
 
+async def test_a_few_calls_learn_at_once_under_a_lease(conn: Conn) -> None:
+    # As many as the breaker's threshold: a provider that hangs is found as fast.
+    assert (await reserve(conn, n=5, learners=3))["granted"] == 3
+    assert (await reserve(conn, learners=3))["granted"] == 0
+    await settle(conn, heard=False, learning=1)  # one timed out: its place is free
+    assert (await reserve(conn, n=5, learners=3))["granted"] == 1
+    assert (await state(conn))["learning_calls"] == 3
+    # Callers that died: the lease runs out and the count with it.
+    await conn.execute(
+        "update ai_job_provider_quotas set learning_until = clock_timestamp() - interval '1 s'"
+    )
+    assert (await reserve(conn, n=5, learners=3))["granted"] == 3
+    await settle(conn, heard=False, learning=3)
+    q = await state(conn)
+    assert q["learning_calls"] == 0 and q["learning_until"] is None
+
+
 async def test_answers_without_headers_leave_the_model_unmetered(conn: Conn) -> None:
     assert (await reserve(conn))["learning"]
-    assert not await settle(conn, learning=True)  # an answer, no rate-limit headers
+    assert not await settle(conn, learning=1)  # an answer, no rate-limit headers
     for _ in range(3):
         got = await reserve(conn, n=50)
         assert (got["granted"], got["metered"]) == (50, False)
     # A call that got no answer (a timeout) does not end the learning that way.
     assert (await reserve(conn, model="other"))["learning"]
-    assert await settle(conn, model="other", heard=False, learning=True) is False
+    assert await settle(conn, model="other", heard=False, learning=1) is False
     assert (await reserve(conn, model="other"))["learning"]  # a new learning call
 
 
@@ -161,7 +180,7 @@ async def test_each_model_has_its_own_buckets(conn: Conn) -> None:
     await learned(conn, rpm=2)
     assert (await reserve(conn, n=5))["granted"] == 2
     assert (await reserve(conn, model="nano"))["learning"]  # another model: learned apart
-    await settle(conn, model="nano", limits=[5, None, None, None], learning=True)
+    await settle(conn, model="nano", limits=[5, None, None, None], learning=1)
     assert (await reserve(conn, n=9, model="nano"))["granted"] == 5
     assert (await reserve(conn))["granted"] == 0
 
