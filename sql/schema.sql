@@ -1032,6 +1032,14 @@ begin
         return;
     end if;
 
+    -- Learning calls still in flight took nothing from the buckets: until they are
+    -- back, the levels do not count them, so no other call goes.
+    if q.learning_calls > 0 and q.learning_until > now_ then
+        return query select 0, least(p_lease_seconds,
+                                     extract(epoch from q.learning_until - now_))::float8,
+                            true, true, false;
+        return;
+    end if;
     if exists (select from generate_series(1, 4) k where p_cost[k] > lim[k]) then
         return query select 0, null::float8, true, false, true;
         return;
@@ -1109,9 +1117,14 @@ begin
         end if;
         lvl[k] := least(lim[k], coalesce(lvl[k], lim[k]));
         if p_remaining[k] >= 0 then
+            -- Refilled since the call was sent: the provider wrote the headers as it
+            -- admitted the call, a little later (a learning call's, not refilled: its
+            -- fellow learners may have been admitted since).
             stated := coalesce(p_limits[k], lim[k]);
             lvl[k] := least(lvl[k], p_remaining[k]
-                            + greatest(0, coalesce(p_age_seconds, 0)) * stated / q.window_seconds);
+                            + case when coalesce(p_learning, 0) > 0 then 0
+                                   else greatest(0, coalesce(p_age_seconds, 0)) end
+                              * stated / q.window_seconds);
         elsif p_limited then
             lvl[k] := least(lvl[k], 0);
         end if;

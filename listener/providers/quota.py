@@ -207,7 +207,9 @@ class Quotas:
         if grant.local and not limits:
             return  # nothing reserved, nothing learned
         back = [0.0] * 4
-        if not grant.local:
+        # A learning call took nothing from the buckets (no limit was known): the
+        # levels it meets come from its headers alone.
+        if not grant.local and not grant.learning:
             if limited:
                 back = grant.cost.vector()
             elif counted is not None:
@@ -278,7 +280,7 @@ class Quotas:
     async def _give_back(self, key: Key, permits: list[_Permit]) -> None:
         if not permits:
             return
-        back = [sum(p.cost.vector()[i] for p in permits) for i in range(4)]
+        back = [sum(p.cost.vector()[i] for p in permits if not p.learning) for i in range(4)]
         params = {
             "provider": key[0],
             "model": key[1],

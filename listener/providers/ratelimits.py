@@ -84,13 +84,6 @@ def parse(headers: Mapping[str, str] | None, sent_at: float) -> RateLimits:
     Never raises: what cannot be read is left out."""
     if headers is None:
         return RateLimits()
-    try:
-        return _parse(headers, sent_at)
-    except Exception:
-        return RateLimits()
-
-
-def _parse(headers: Mapping[str, str], sent_at: float) -> RateLimits:
     kinds: dict[str, Limit] = {}
     for kind in ("requests", "input_tokens", "output_tokens", "tokens"):
         suffix = kind.replace("_", "-")

@@ -129,6 +129,20 @@ async def test_a_few_calls_learn_at_once_under_a_lease(conn: Conn) -> None:
     assert q["learning_calls"] == 0 and q["learning_until"] is None
 
 
+async def test_nothing_goes_until_every_learning_call_is_back(conn: Conn) -> None:
+    assert (await reserve(conn, n=2, learners=2))["granted"] == 2
+    # The first answer states the limits; the second call, admitted after it, took
+    # from the provider's buckets what ours do not know yet.
+    await settle(conn, limits=[10, 1000, None, None], remaining=[9, 900, None, None], learning=1)
+    held = await reserve(conn, learners=2)
+    assert held["granted"] == 0 and held["learning"] and held["metered"]
+    # Its headers, not refilled since the call was sent (its fellows' may be later).
+    await settle(conn, remaining=[8, 800, None, None], age=5.0, learning=1)
+    q = await state(conn)
+    assert q["requests"] == pytest.approx(8, abs=0.01) and q["tokens"] == pytest.approx(800, abs=1)
+    assert (await reserve(conn, n=20, learners=2))["granted"] == 8
+
+
 async def test_answers_without_headers_leave_the_model_unmetered(conn: Conn) -> None:
     assert (await reserve(conn))["learning"]
     assert not await settle(conn, learning=1)  # an answer, no rate-limit headers
