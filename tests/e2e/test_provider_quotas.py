@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 
 from tests.fakeai import FakeAI, Limits
-from tests.helpers import connect, wait_until
+from tests.helpers import connect, moves, record_moves, wait_until
 from tests.workers import WorkerProcess
 
 from .test_provider_outages import insert_many, providers_env, rows
@@ -27,23 +27,6 @@ MODEL = "gpt-4.1-mini"
 # usage) and its max_tokens: about 1,100 tokens a call.
 MAX_TOKENS = "1000"
 
-# Claims and releases of course jobs, with their times: a job claimed
-# (pending -> processing) and put back (processing -> pending).
-MOVES = """
-create table test_moves (at timestamptz not null default clock_timestamp(), kind text not null);
-create function test_record_move() returns trigger language plpgsql as $$
-begin
-    if old.status = 'pending' and new.status = 'processing' then
-        insert into test_moves (kind) values ('claim');
-    elsif old.status = 'processing' and new.status = 'pending' then
-        insert into test_moves (kind) values ('release');
-    end if;
-    return null;
-end $$;
-create trigger test_moves after update of status on ai_course_jobs
-    for each row execute function test_record_move();
-"""
-
 
 def env(fake: FakeAI, **extra: Any) -> dict[str, Any]:
     return providers_env(
@@ -53,22 +36,6 @@ def env(fake: FakeAI, **extra: Any) -> dict[str, Any]:
         AI_MAX_OUTPUT_TOKENS=MAX_TOKENS,
         **extra,
     )
-
-
-def record_moves(db_url: str) -> None:
-    with connect(db_url) as c:
-        c.execute(MOVES)
-
-
-def moves(db_url: str, kind: str, since: float = 0.0, until: float = 1e12) -> int:
-    with connect(db_url) as c:
-        row = c.execute(
-            "select count(*) as n from test_moves where kind = %s"
-            " and at >= to_timestamp(%s) and at <= to_timestamp(%s)",
-            [kind, since, until],
-        ).fetchone()
-    assert row is not None
-    return int(row["n"])
 
 
 def all_done(db_url: str, n: int) -> bool:
