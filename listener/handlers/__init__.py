@@ -64,6 +64,7 @@ class Runtime:
         """Flush and release what the handlers hold (called once at shutdown)."""
         try:
             await self.chain.meter.flush()
+            await self.chain.quotas.expire(after=0)  # reservations no job will use
             await self.catalog.flush()
         finally:
             await self.providers.aclose()

@@ -267,13 +267,14 @@ class Quotas:
         taken = [held.pop() for _ in range(min(n, len(held)))] if held else []
         await self._give_back(key, taken)
 
-    async def expire(self) -> None:
-        """Give back the permits no job used in PERMIT_SECONDS (a cache hit, a job
-        that went to another provider): every worker may use them again."""
+    async def expire(self, after: float = PERMIT_SECONDS) -> None:
+        """Give back the permits no job used in `after` seconds (a cache hit, a job
+        that went to another provider; all of them at shutdown): every worker may
+        use them again."""
         now = time.monotonic()
         for key, held in list(self.permits.items()):
             old = []
-            while held and now - held[0].at >= PERMIT_SECONDS:
+            while held and now - held[0].at >= after:
                 old.append(held.popleft())
             await self._give_back(key, old)
 
