@@ -1,5 +1,7 @@
 """One attempt: ask each provider of the chain once, in order, past those whose
-breaker is open, and decide what the failures mean (docs/generation.md):
+breaker is open or whose quota has no room for the call (each call is reserved
+before it goes and settled after it: quota.py), and decide what the failures
+mean (docs/generation.md):
 
 - unwell (5xx, 429/529, a timeout, a connection error): the breaker counts it;
   the next provider;
@@ -9,9 +11,10 @@ breaker is open, and decide what the failures mean (docs/generation.md):
   (not a course after the one repair round): the next provider.
 
 When none answered: every one refused -> RequestRefused (the dead letter at once,
-retrying cannot help); every one refused or is now open -> ProvidersUnavailable
-(the job waits, no attempt counted); otherwise GenerationError (a failed attempt)
-naming every cause.
+retrying cannot help); every one refused, is now open or out of quota ->
+ProvidersUnavailable (the job waits, no attempt counted); otherwise
+GenerationError (a failed attempt) naming every cause. Each job's chain is noted
+for the claim gate (gate.py), which then claims no more jobs than can go.
 """
 
 from __future__ import annotations
@@ -261,6 +264,8 @@ class Chain:
             try:
                 made = await ask(p, grant)
             except _QuotaRefused as exc:  # the repair round's quota: later, as for the first
+                if stop.guarded:
+                    await self.breakers.succeeded(p.name)  # its first call was answered
                 causes.append(f"{p.name}: {exc.refusal.reason}")
                 outcomes.append(Failure.REFUSED if exc.refusal.too_big else LATER)
                 waits.append(min(exc.refusal.wait, quota.QUOTA_DUE_SECONDS))

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 
 from listener.jobs import FREE, Admitted
 from listener.providers.breaker import PROBE_RECHECK_SECONDS, Admission, Breakers
-from listener.providers.quota import Cost, Key, Quotas
+from listener.providers.quota import Cost, Key, Quotas, Taken
 
 
 @dataclass(frozen=True)
@@ -89,13 +89,14 @@ class ClaimGate:
                 quota = False
                 continue
             n = 1 if seen.probe else wanted
-            if seen.probe:
-                self._probers[stop.provider] = now + PROBE_RECHECK_SECONDS
-            if not self.quotas.is_metered(stop.key):
-                return Admitted(n)
-            taken = await self.quotas.take(stop.key, stop.cost, n)
+            taken = Taken(n)  # not metered: no reservation to make
+            if self.quotas.is_metered(stop.key):
+                taken = await self.quotas.take(stop.key, stop.cost, n)
+                if taken.granted:
+                    self._taken[table] = (stop.key, taken.granted)
             if taken.granted:
-                self._taken[table] = (stop.key, taken.granted)
+                if seen.probe:
+                    self._probers[stop.provider] = now + PROBE_RECHECK_SECONDS
                 return Admitted(taken.granted)
             if taken.too_big:
                 continue  # its jobs go on to the next provider, or are refused
