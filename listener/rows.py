@@ -410,6 +410,18 @@ class DeferredJobRow(TypedDict):  # defer_job
     due_in: float | None
 
 
+class QuotaReserveRow(TypedDict):  # quota_reserve
+    granted: int
+    wait_seconds: float | None
+    metered: bool
+    learning: bool
+    too_big: bool
+
+
+class QuotaSettleRow(TypedDict):  # quota_settle
+    metered: bool
+
+
 class CountRow(TypedDict):  # providers_refusing_auth
     count: int
 

@@ -43,6 +43,8 @@ PROVIDER_BREAKER_COOLDOWN_SECONDS = 30.0  # open this long, then one probe call 
 PROVIDER_AUTH_COOLDOWN_SECONDS = 3600.0  # after a 401/403/404: every call would fail alike
 PROVIDER_RETRY_AFTER_MAX_SECONDS = 600.0  # a provider's retry-after is obeyed up to this
 PROVIDER_OUTAGE_MAX_WAIT_SECONDS = 1800.0  # jobs wait this long without counting attempts
+# PROVIDER_LIMITS keys, and the quota kind each caps (docs/generation.md, "Provider quotas").
+LIMIT_KEYS = {"rpm": "requests", "tpm": "tokens", "itpm": "input_tokens", "otpm": "output_tokens"}
 
 # Alert thresholds: the runbook's "Recommended Alerts".
 ALERT_DEAD_LETTER_PER_HOUR = 5
@@ -115,6 +117,8 @@ class Settings(BaseSettings):
     provider_retry_after_max_seconds: float = Field(PROVIDER_RETRY_AFTER_MAX_SECONDS, ge=0)
     provider_outage_max_wait_seconds: float = Field(PROVIDER_OUTAGE_MAX_WAIT_SECONDS, ge=0)
     pricing_overrides: str | None = None  # JSON, or the path of a JSON file (pricing.py)
+    # Caps per provider (each of its models) or per provider/model: parse_provider_limits.
+    provider_limits: str | None = None
     # Written to ai_job_settings when migration 015 adds it, or by `migrate --write-settings`.
     daily_budget_usd_per_user: float | None = Field(None, ge=0)
 
@@ -231,6 +235,24 @@ class Settings(BaseSettings):
             raise ValueError(f"unknown provider(s) {unknown}; known: {', '.join(PROVIDERS)}")
         return ",".join(names)
 
+    @field_validator("provider_limits")
+    @classmethod
+    def _provider_limits(cls, v: str | None) -> str | None:
+        if v is not None and not v.strip():
+            return None
+        parse_provider_limits(v)  # ValueError naming the problem
+        return v
+
+    @cached_property
+    def provider_caps(self) -> dict[str, dict[str, int]]:
+        """PROVIDER_LIMITS by "provider" or "provider/model": {quota kind: cap}."""
+        return parse_provider_limits(self.provider_limits)
+
+    def caps_for(self, provider: str, model: str) -> dict[str, int]:
+        """The caps of one model: its provider's, with its own entry's on top."""
+        caps = self.provider_caps
+        return {**caps.get(provider, {}), **caps.get(f"{provider}/{model}", {})}
+
     @cached_property
     def provider_order(self) -> list[str]:
         return [p for p in self.ai_provider_priority.split(",") if p]
@@ -276,6 +298,40 @@ class Settings(BaseSettings):
 
 
 _SECRET_FIELDS = frozenset(Settings.secret_fields())
+
+
+def parse_provider_limits(text: str | None) -> dict[str, dict[str, int]]:
+    """`openai=rpm:500,tpm:200000;anthropic/claude-haiku-4-5=rpm:50,otpm:8000` as
+    {"openai": {"requests": 500, "tokens": 200000}, "anthropic/claude-haiku-4-5":
+    {...}}; ValueError naming the first thing wrong."""
+    found: dict[str, dict[str, int]] = {}
+    for entry in (text or "").split(";"):
+        if not entry.strip():
+            continue
+        target, sep, body = entry.partition("=")
+        provider, slash, model = target.strip().partition("/")
+        provider, model = provider.strip().lower(), model.strip()
+        if not sep or provider not in PROVIDERS or (slash and not model):
+            raise ValueError(
+                f"{entry.strip()[:60]!r}: expected provider=key:value,... or "
+                f"provider/model=key:value,... with a provider of {', '.join(PROVIDERS)}"
+            )
+        target = f"{provider}/{model}" if model else provider
+        if target in found:
+            raise ValueError(f"{target} is given twice")
+        caps: dict[str, int] = {}
+        for pair in body.split(","):
+            key, colon, value = pair.partition(":")
+            key = key.strip().lower()
+            if key not in LIMIT_KEYS or not colon:
+                keys = ", ".join(LIMIT_KEYS)
+                raise ValueError(f"{target}: {pair.strip()[:40]!r} is not one of {keys}:<number>")
+            number = value.strip().replace("_", "")
+            if not number.isascii() or not number.isdigit() or not 0 < int(number) <= 10**12:
+                raise ValueError(f"{target}: {key} must be a whole number above 0, got {value!r}")
+            caps[LIMIT_KEYS[key]] = int(number)
+        found[target] = caps
+    return found
 
 
 def load() -> Settings:

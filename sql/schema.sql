@@ -157,6 +157,33 @@ create table ai_job_counter_samples (
 
 alter table ai_job_counter_samples enable row level security;
 
+create table ai_job_provider_quotas (
+    provider text not null,
+    model text not null,
+    rpm bigint,
+    tpm bigint,
+    itpm bigint,
+    otpm bigint,
+    requests double precision,
+    tokens double precision,
+    input_tokens double precision,
+    output_tokens double precision,
+    window_seconds double precision default 60 not null,
+    refilled_at timestamp with time zone default clock_timestamp() not null,
+    learned_at timestamp with time zone,
+    learning_until timestamp with time zone,
+    learning_calls integer default 0 not null,
+    limited_at timestamp with time zone,
+    constraint ai_job_provider_quotas_pkey PRIMARY KEY (provider, model),
+    constraint ai_job_provider_quotas_itpm_check CHECK (itpm > 0),
+    constraint ai_job_provider_quotas_otpm_check CHECK (otpm > 0),
+    constraint ai_job_provider_quotas_rpm_check CHECK (rpm > 0),
+    constraint ai_job_provider_quotas_tpm_check CHECK (tpm > 0),
+    constraint ai_job_provider_quotas_window_seconds_check CHECK (window_seconds >= 1::double precision AND window_seconds <= 60::double precision)
+);
+
+alter table ai_job_provider_quotas enable row level security;
+
 create table ai_job_provider_state (
     provider text not null,
     consecutive_failures integer default 0 not null,
@@ -999,6 +1026,196 @@ begin
     select t.provider, t.consecutive_failures, t.open_until, t.cooldown_kind, t.cooldown_reason,
            t.probe_until, case when was_open then 'closed' end
     from ai_job_provider_state t where t.provider = p_provider;
+end
+$function$;
+
+-- last defined by sql/023_provider_quotas.sql
+CREATE OR REPLACE FUNCTION public.ai_job_quota_levels(q ai_job_provider_quotas, lim double precision[], at timestamp with time zone)
+ RETURNS double precision[]
+ LANGUAGE sql
+ IMMUTABLE
+ SET search_path TO 'pg_catalog', 'public', 'pg_temp'
+AS $function$
+    select array_agg(
+               case when lim[k] is null then null
+                    else least(lim[k], coalesce(lvl[k], lim[k])
+                               + greatest(0, extract(epoch from at - q.refilled_at))
+                                 * lim[k] / q.window_seconds) end
+               order by k)
+    from (select array[q.requests, q.tokens, q.input_tokens, q.output_tokens]) l(lvl),
+         generate_series(1, 4) k
+$function$;
+
+-- last defined by sql/023_provider_quotas.sql
+CREATE OR REPLACE FUNCTION public.ai_job_quota_limits(q ai_job_provider_quotas, caps bigint[])
+ RETURNS double precision[]
+ LANGUAGE sql
+ IMMUTABLE
+ SET search_path TO 'pg_catalog', 'public', 'pg_temp'
+AS $function$
+    select array[least(q.rpm, caps[1]), least(q.tpm, caps[2]),
+                 least(q.itpm, caps[3]), least(q.otpm, caps[4])]::double precision[]
+$function$;
+
+-- last defined by sql/023_provider_quotas.sql
+CREATE OR REPLACE FUNCTION public.ai_job_quota_reserve(p_provider text, p_model text, p_calls integer, p_cost double precision[], p_caps bigint[], p_lease_seconds double precision, p_learners integer DEFAULT 1)
+ RETURNS TABLE(granted integer, wait_seconds double precision, metered boolean, learning boolean, too_big boolean)
+ LANGUAGE plpgsql
+ SET search_path TO 'pg_catalog', 'public', 'pg_temp'
+AS $function$
+#variable_conflict use_column
+declare
+    q ai_job_provider_quotas;
+    now_ timestamptz := clock_timestamp();
+    lim double precision[];
+    lvl double precision[];
+    fit double precision;
+    wait_ double precision := 0;
+    n int;
+begin
+    if p_calls is null or p_calls < 1 or cardinality(p_cost) <> 4
+       or exists (select from unnest(p_cost) c where c is null or c < 0 or c = 'NaN') then
+        raise exception 'A quota reservation needs calls >= 1 and four costs >= 0, got % and %',
+            p_calls, p_cost using errcode = 'invalid_parameter_value';
+    end if;
+    insert into ai_job_provider_quotas as t (provider, model) values (p_provider, p_model)
+    on conflict do nothing;
+    select * into q from ai_job_provider_quotas t
+    where t.provider = p_provider and t.model = p_model for update;
+    lim := ai_job_quota_limits(q, p_caps);
+
+    if lim[1] is null and lim[2] is null and lim[3] is null and lim[4] is null then
+        if q.learned_at is not null then
+            return query select p_calls, null::float8, false, false, false;
+        end if;
+        if q.learning_until is null or q.learning_until <= now_ then
+            q.learning_calls := 0;  -- the lease ran out: its callers are gone
+        end if;
+        n := least(p_calls, greatest(0, coalesce(p_learners, 1) - q.learning_calls));
+        if n = 0 then
+            return query select 0, extract(epoch from q.learning_until - now_)::float8,
+                                true, true, false;
+            return;
+        end if;
+        update ai_job_provider_quotas t
+        set learning_until = now_ + make_interval(secs => p_lease_seconds),
+            learning_calls = q.learning_calls + n
+        where t.provider = p_provider and t.model = p_model;
+        return query select n, p_lease_seconds, true, true, false;
+        return;
+    end if;
+
+    -- Learning calls still in flight took nothing from the buckets: until they are
+    -- back, the levels do not count them, so no other call goes.
+    if q.learning_calls > 0 and q.learning_until > now_ then
+        return query select 0, least(p_lease_seconds,
+                                     extract(epoch from q.learning_until - now_))::float8,
+                            true, true, false;
+        return;
+    end if;
+    if exists (select from generate_series(1, 4) k where p_cost[k] > lim[k]) then
+        return query select 0, null::float8, true, false, true;
+        return;
+    end if;
+    lvl := ai_job_quota_levels(q, lim, now_);
+    select least(p_calls, coalesce(min(floor(lvl[k] / p_cost[k])), p_calls)) into fit
+    from generate_series(1, 4) k where lim[k] is not null and p_cost[k] > 0;
+    n := greatest(0, fit)::int;
+    for k in 1..4 loop
+        if lim[k] is not null then
+            lvl[k] := lvl[k] - n * p_cost[k];
+            if n < p_calls and p_cost[k] > 0 and p_cost[k] > lvl[k] then
+                wait_ := greatest(wait_, (p_cost[k] - lvl[k]) * q.window_seconds / lim[k]);
+            end if;
+        end if;
+    end loop;
+    update ai_job_provider_quotas t
+    set requests = lvl[1], tokens = lvl[2], input_tokens = lvl[3], output_tokens = lvl[4],
+        refilled_at = now_
+    where t.provider = p_provider and t.model = p_model;
+    return query select n, case when n < p_calls then wait_ end, true, false, false;
+end
+$function$;
+
+-- last defined by sql/023_provider_quotas.sql
+CREATE OR REPLACE FUNCTION public.ai_job_quota_reset(p_provider text DEFAULT NULL::text, p_model text DEFAULT NULL::text)
+ RETURNS integer
+ LANGUAGE sql
+ SET search_path TO 'pg_catalog', 'public', 'pg_temp'
+AS $function$
+    with gone as (
+        delete from ai_job_provider_quotas
+        where (p_provider is null or provider = p_provider) and (p_model is null or model = p_model)
+        returning 1
+    )
+    select count(*)::int from gone
+$function$;
+
+-- last defined by sql/023_provider_quotas.sql
+CREATE OR REPLACE FUNCTION public.ai_job_quota_settle(p_provider text, p_model text, p_back double precision[], p_caps bigint[], p_limits bigint[], p_remaining bigint[], p_age_seconds double precision, p_window_seconds double precision, p_heard boolean, p_learning integer, p_limited boolean)
+ RETURNS TABLE(metered boolean)
+ LANGUAGE plpgsql
+ SET search_path TO 'pg_catalog', 'public', 'pg_temp'
+AS $function$
+#variable_conflict use_column
+declare
+    q ai_job_provider_quotas;
+    now_ timestamptz := clock_timestamp();
+    lvl double precision[];
+    lim double precision[];
+    stated double precision;
+begin
+    insert into ai_job_provider_quotas as t (provider, model) values (p_provider, p_model)
+    on conflict do nothing;
+    select * into q from ai_job_provider_quotas t
+    where t.provider = p_provider and t.model = p_model for update;
+    -- Brought to now under the limits that applied until now, then given back.
+    lvl := ai_job_quota_levels(q, ai_job_quota_limits(q, p_caps), now_);
+    for k in 1..4 loop
+        lvl[k] := lvl[k] + coalesce(p_back[k], 0);
+    end loop;
+
+    if p_limits[1] > 0 then q.rpm := p_limits[1]; end if;
+    if p_limits[2] > 0 then q.tpm := p_limits[2]; end if;
+    if p_limits[3] > 0 then q.itpm := p_limits[3]; end if;
+    if p_limits[4] > 0 then q.otpm := p_limits[4]; end if;
+    if p_window_seconds > 0 and p_window_seconds <> 'Infinity' then
+        q.window_seconds := least(60, greatest(1, p_window_seconds));
+    end if;
+    lim := ai_job_quota_limits(q, p_caps);
+    for k in 1..4 loop
+        if lim[k] is null then
+            lvl[k] := null;
+            continue;
+        end if;
+        lvl[k] := least(lim[k], coalesce(lvl[k], lim[k]));
+        if p_remaining[k] >= 0 then
+            -- Refilled since the call was sent: the provider wrote the headers as it
+            -- admitted the call, a little later (a learning call's, not refilled: its
+            -- fellow learners may have been admitted since).
+            stated := coalesce(p_limits[k], lim[k]);
+            lvl[k] := least(lvl[k], p_remaining[k]
+                            + case when coalesce(p_learning, 0) > 0 then 0
+                                   else greatest(0, coalesce(p_age_seconds, 0)) end
+                              * stated / q.window_seconds);
+        elsif p_limited then
+            lvl[k] := least(lvl[k], 0);
+        end if;
+    end loop;
+
+    update ai_job_provider_quotas t
+    set rpm = q.rpm, tpm = q.tpm, itpm = q.itpm, otpm = q.otpm,
+        requests = lvl[1], tokens = lvl[2], input_tokens = lvl[3], output_tokens = lvl[4],
+        window_seconds = q.window_seconds,
+        refilled_at = now_,
+        learned_at = case when p_heard then now_ else t.learned_at end,
+        learning_calls = greatest(0, t.learning_calls - coalesce(p_learning, 0)),
+        learning_until = case when t.learning_calls - coalesce(p_learning, 0) <= 0 then null
+                              else t.learning_until end,
+        limited_at = case when p_limited then now_ else t.limited_at end
+    where t.provider = p_provider and t.model = p_model;
+    return query select lim[1] is not null or lim[2] is not null or lim[3] is not null
+                        or lim[4] is not null;
 end
 $function$;
 

@@ -193,6 +193,16 @@ ALLOWED: dict[str, dict[str, set[str]]] = {
     "function ai_job_progress_guard()": {},
     "function ai_job_read_as_users(text[],uuid[],integer[])": {"service_role": EXECUTE},
     "function progress_jobs(text,uuid[],uuid[],jsonb[],jsonb[])": {"service_role": EXECUTE},
+    # sql/023
+    "table ai_job_provider_quotas": {"service_role": WRITE},
+    "function ai_job_quota_limits(ai_job_provider_quotas,bigint[])": {"service_role": EXECUTE},
+    "function ai_job_quota_levels(ai_job_provider_quotas,double precision[],"
+    "timestamp with time zone)": {"service_role": EXECUTE},
+    "function ai_job_quota_reserve(text,text,integer,double precision[],bigint[],"
+    "double precision,integer)": {"service_role": EXECUTE},
+    "function ai_job_quota_settle(text,text,double precision[],bigint[],bigint[],bigint[],"
+    "double precision,double precision,boolean,integer,boolean)": {"service_role": EXECUTE},
+    "function ai_job_quota_reset(text,text)": {"service_role": EXECUTE},
 }
 
 
