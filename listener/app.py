@@ -72,6 +72,7 @@ async def open_worker(settings: Settings, *, app: str = "ai-jobs worker") -> Asy
             periodic=periodic,
             on_failure=telemetry.capture_job_failure,
             on_ready=lambda: _ready(settings, runtime, dsn, long_running=True),
+            gate=runtime.chain.gate,
         )
 
 

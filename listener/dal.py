@@ -133,6 +133,13 @@ class Query(Statement, Generic[R]):
         return cast(R, found[0])
 
 
+# -- api.sql
+API_AS_USER = Query("api_as_user", rows.AsUserRow)
+API_CREATE_COURSE = Query("api_create_course", rows.CreatedJobRow)
+API_CREATE_MEDIA = Query("api_create_media", rows.CreatedJobRow)
+API_JOBS = Query("api_jobs", rows.ApiJobRow)
+API_READ_AS_USERS = Query("api_read_as_users", rows.ApiReaderJobRow)
+API_CHECK_ROLE = Query("api_check_role", rows.OkRow)
 # -- budgets.sql
 BUDGET_REJECTIONS = Query("budget_rejections", rows.CounterRow)
 SET_DAILY_BUDGET = Statement("set_daily_budget")
@@ -216,6 +223,8 @@ PROVIDER_SUCCEEDED = Query("provider_succeeded", rows.BreakerChangeRow)
 PROVIDER_PROBE = Query("provider_probe", rows.BreakerProbeRow)
 PROVIDER_FORGET_AUTH = Query("provider_forget_auth", rows.ProviderRow)
 DEFER_JOB = Query("defer_job", rows.DeferredJobRow)
+QUOTA_RESERVE = Query("quota_reserve", rows.QuotaReserveRow)
+QUOTA_SETTLE = Query("quota_settle", rows.QuotaSettleRow)
 ADD_USAGE = Statement("add_usage")
 ADD_CHARGES = Statement("add_charges")
 PROVIDERS_REFUSING_AUTH = Query("providers_refusing_auth", rows.CountRow)

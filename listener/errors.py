@@ -94,9 +94,10 @@ class ProvidersUnavailable(GenerationError):
     """Every provider of the chain is down or rate-limited. The worker puts the job
     back to pending, due in `wait_seconds`, without counting an attempt."""
 
-    def __init__(self, message: str, wait_seconds: float) -> None:
+    def __init__(self, message: str, wait_seconds: float, quota: bool = False) -> None:
         super().__init__(message)
         self.wait_seconds = wait_seconds
+        self.quota = quota  # for quotas alone (no breaker open): routine under load
 
 
 # A reachable server that would not serve the request in time: a statement or

@@ -24,7 +24,15 @@ from psycopg_pool import AsyncConnectionPool
 from listener import dal
 from listener.completer import Completer
 from listener.errors import InvalidJob, ProvidersUnavailable, error_text, scrub
-from listener.jobs import HandlerMap, Job, Outcome
+from listener.jobs import (
+    JOB_TYPES,
+    Gate,
+    HandlerMap,
+    Job,
+    Outcome,
+    on_work_begins,
+    reset_work_begins,
+)
 from listener.leases import LeaseKeeper, Retry
 from listener.pacing import Pacing
 from listener.settings import Settings
@@ -36,27 +44,49 @@ R = TypeVar("R")
 
 
 class Cooldowns:
-    """Tables whose every provider is unavailable: no claims there until their
-    cooldown ends (monotonic), rather than claim jobs only to put them back."""
+    """Tables whose claims are held: every provider of a job was unavailable (the
+    job went back to pending), or the claim gate said not now. Held until a
+    moment (monotonic); the claim loop then looks again, asking the gate first
+    where there is one, so that one wait ends in one look, not in claims made
+    only to put the jobs back. A hold is logged when it starts and when claims
+    resume, once; a quota's holds, routine under load, at debug level."""
 
     def __init__(self) -> None:
         self._until: dict[str, float] = {}
+        self._loud: set[str] = set()  # holds logged as warnings: their end is logged too
 
     def __contains__(self, table: object) -> bool:
         return table in self._until
 
-    def start(self, table: str, seconds: float) -> None:
+    def start(self, table: str, seconds: float, reason: str, *, quiet: bool = False) -> None:
+        """Hold `table` for `seconds`; a hold that is not over (resumed) yet goes on."""
+        new = table not in self._until
         self._until[table] = time.monotonic() + seconds
+        if not new:
+            return
+        what = f"no {JOB_TYPES.get(table, table)} jobs claimed for {seconds:.1f}s ({reason})"
+        log = logger.bind(action="claims_held", table=table, seconds=round(seconds, 1))
+        if quiet:
+            log.debug(what)
+        else:
+            self._loud.add(table)
+            log.warning(f"every provider is unavailable: {what}")
 
     def cooling(self, table: str, now: float) -> bool:
         until = self._until.get(table)
-        if until is None:
-            return False
-        if until > now:
-            return True
-        del self._until[table]
-        logger.bind(action="claims_resumed", table=table).info(f"claiming {table} again")
-        return False
+        return until is not None and until > now
+
+    def resume(self, table: str) -> None:
+        """Claims of `table` go on (its hold, if any, is over)."""
+        if self._until.pop(table, None) is not None and table in self._loud:
+            self._loud.discard(table)
+            logger.bind(action="claims_resumed", table=table).info(f"claiming {table} again")
+
+    def end(self, tables: list[str]) -> None:
+        """End these holds now: the claim loop looks (and asks the gate) again."""
+        for table in tables:
+            if table in self._until:
+                self._until[table] = 0.0
 
     def waits(self, now: float) -> list[float]:
         """Seconds until each cooldown ends."""
@@ -77,6 +107,7 @@ class Executor:
         on_due: Callable[[float], None],
         on_free: Callable[[], None],
         on_failure: FailureHook | None = None,
+        gate: Gate | None = None,
     ) -> None:
         self.settings = settings
         self.pool = pool
@@ -88,6 +119,7 @@ class Executor:
         self.on_due = on_due  # a job waits: look again in that many seconds
         self.on_free = on_free  # a slot is free
         self.on_failure = on_failure  # telemetry of a failed attempt
+        self.gate = gate  # how many jobs of a table may be claimed now (providers' state)
         self.cooldowns = Cooldowns()
 
     def start(self, job: Job) -> asyncio.Task[Outcome | None]:
@@ -99,15 +131,28 @@ class Executor:
     async def execute(self, job: Job) -> Outcome | None:
         """Run the handler and record the end; never raises but on cancellation."""
         # The job's fields go with each record as a bound logger would add them,
-        # without binding one per job: most jobs log only these two lines.
+        # without binding one per job: most jobs log only two lines. "job started"
+        # waits for the job's real work (its first provider call, else the
+        # handler's end): a job put back before it asked any provider never started.
         key, table, attempt = job.key, job.table, job.attempt
-        logger.info("job started", job_id=key, table=table, attempt=attempt, action="job_started")
+        begun = False
+
+        def begin() -> None:
+            nonlocal begun
+            if not begun:
+                begun = True
+                logger.info(
+                    "job started", job_id=key, table=table, attempt=attempt, action="job_started"
+                )
+
+        hook = on_work_begins(begin)
         t0 = time.perf_counter()
         try:
             handler = self.handlers.get(job.table)
             if handler is None:
                 raise InvalidJob(f"No handler registered for {job.table}")
             outcome = await handler(job)
+            begin()
             outcome.metrics["totalDurationMs"] = round((time.perf_counter() - t0) * 1000, 3)
             if self.leases.any_uncommitted and not await self.leases.committed(job):
                 return None  # the claim was not committed: nothing of it is ours to write
@@ -130,10 +175,12 @@ class Executor:
                 await asyncio.shield(self.defer(job, exc, job_log(job)))
             return None
         except Exception as exc:
+            begin()
             if await self.leases.committed(job):
                 await asyncio.shield(self.fail(job, exc, job_log(job)))
             return None
         finally:
+            reset_work_begins(hook)
             self.pacing.job_time.add(time.perf_counter() - t0)
             self.leases.untrack(job)
             self.on_free()
@@ -190,12 +237,7 @@ class Executor:
         if row is None:
             return
         due_in = max(0.0, row["due_in"] or 0.0)
-        if job.table not in self.cooldowns:
-            log.bind(action="claims_held", seconds=round(due_in, 1)).warning(
-                f"every provider is unavailable: no {job.job_type} jobs claimed for "
-                f"{due_in:.1f}s ({message})"
-            )
-        self.cooldowns.start(job.table, due_in)
+        self.cooldowns.start(job.table, due_in, message, quiet=exc.quota)
         self.on_due(due_in)
         if row["status"] == "dead_letter":
             log.bind(action="job_dead_letter").error(f"job moved to the dead letter: {message}")

@@ -69,12 +69,14 @@ class FastPath:
 
     def offer(self, table: str, job_id: UUID) -> bool:
         """Claim the notified job now if a slot is free, no fast claim is under
-        way and the table is not cooling down; False: the claim loop's to take."""
+        way, the table is not cooling down and the claim gate does not count its
+        claims (breakers, quotas); False: the claim loop's to take."""
         if (
             self.claimer.busy
             or self.stopping()
             or self.leases.free_slots() <= 0
             or self.executor.cooldowns.cooling(table, time.monotonic())
+            or (self.executor.gate is not None and self.executor.gate.gates(table))
         ):
             return False
         if not self.claimer.ready:

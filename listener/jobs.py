@@ -4,8 +4,9 @@ only turns one claimed job into a stored result, or raises."""
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Mapping
+from contextvars import ContextVar
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 from uuid import UUID
 
 from listener.rows import ClaimedRow
@@ -75,3 +76,51 @@ class Outcome:
 
 
 HandlerMap = Mapping[str, Callable[[Job], Awaitable[Outcome]]]
+
+
+# The executor's "job started" line, written when the job's real work begins (a
+# provider call, or the handler's end), not at the claim: a job that goes back to
+# pending before it asked any provider has not started (listener/executor.py).
+_BEGINS: ContextVar[Callable[[], None] | None] = ContextVar("ai_jobs_begins", default=None)
+
+
+def work_begins() -> None:
+    """Say that the running job's real work begins (its first provider call)."""
+    hook = _BEGINS.get()
+    if hook is not None:
+        hook()
+
+
+def on_work_begins(hook: Callable[[], None] | None) -> Any:
+    """Set the hook of the job running in this task (a token for reset_work_begins)."""
+    return _BEGINS.set(hook)
+
+
+def reset_work_begins(token: Any) -> None:
+    _BEGINS.reset(token)
+
+
+@dataclass(frozen=True)
+class Admitted:
+    """What the claim gate allows a table's claim round: `n` jobs (None: as many
+    as there are free slots), or none and for how long to hold its claims."""
+
+    n: int | None
+    wait: float = 0.0
+    reason: str = ""
+    quota: bool = False  # held for quotas alone (routine under load: logged quietly)
+
+
+FREE = Admitted(None)
+
+
+class Gate(Protocol):
+    """The claim gate (listener/providers/gate.py), as the claim loop uses it."""
+
+    on_change: Callable[[], None] | None
+
+    def gates(self, table: str) -> bool: ...
+
+    async def admit(self, table: str, wanted: int) -> Admitted: ...
+
+    async def claimed(self, table: str, got: int) -> None: ...

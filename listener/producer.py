@@ -20,7 +20,7 @@ from listener.completer import Completer
 from listener.executor import Executor
 from listener.fastclaim import FastClaimer
 from listener.fastpath import FastPath
-from listener.jobs import JOB_TYPES, Job
+from listener.jobs import FREE, JOB_TYPES, Job
 from listener.leases import LeaseKeeper
 from listener.outage import Backoff, Health, Reporter
 from listener.pacing import Pacing
@@ -108,6 +108,15 @@ class Producer:
         self._fill()
         self._wake.set()
 
+    def recheck(self) -> None:
+        """The providers' state changed here (a breaker closed, a model's limits
+        learned): the tables the gate holds are looked at again at once."""
+        gate, cooldowns = self.executor.gate, self.executor.cooldowns
+        held = [t for t in TABLES if t in cooldowns and gate is not None and gate.gates(t)]
+        if held:
+            cooldowns.end(held)
+            self.look_at(held)
+
     # -- the loop ---------------------------------------------------------------
 
     async def run(self) -> None:
@@ -123,8 +132,7 @@ class Producer:
             await self.leases.release_overdue(now)
             ahead = self.pacing.ahead(running_for=now - self.leases.oldest_start(now))
             free = self.leases.free_slots(ahead) - (1 if self.fast.busy else 0)  # its slot
-            cool = self.executor.cooldowns.cooling
-            wanted = [t for t in self._tables_in_turn() if not cool(t, now) and self._may_find[t]]
+            wanted = self._wanted(now)
             if free > 0 and wanted:
                 self.db_back.clear()
                 if await self._claim_round(wanted, free):
@@ -148,25 +156,44 @@ class Producer:
         finally:
             self._waiting = False
 
+    def _wanted(self, now: float) -> list[str]:
+        """The tables to claim from: a reason to look, and no hold. A hold whose
+        time is over ends at the table's next claim round, or here when there is
+        nothing to look for."""
+        cooldowns, wanted = self.executor.cooldowns, []
+        for t in self._tables_in_turn():
+            if cooldowns.cooling(t, now):
+                continue
+            if self._may_find[t]:
+                wanted.append(t)
+            else:
+                cooldowns.resume(t)
+        return wanted
+
     def _tables_in_turn(self) -> list[str]:
         self._turn = (self._turn + 1) % len(TABLES)
         return [*TABLES[self._turn :], *TABLES[: self._turn]]
 
     async def _claim_round(self, tables: list[str], free: int) -> bool:
         for table in tables:
+            n = await self._admitted(table, free)
+            if n == 0:
+                continue  # held: the gate said when to look again
             looks = self._looks[table]
             self.claim_rounds += 1
             self._round_claims[table] += 1
-            params = {"table": table, "worker": self.worker_id, "n": free}
+            params = {"table": table, "worker": self.worker_id, "n": n}
             t0 = time.perf_counter()
             try:
                 rows = await self.completer.claim(params)  # finished jobs ride along
             except Exception as exc:
+                await self._claimed(table, 0)
                 self.report(exc, "claim")
                 return False
+            await self._claimed(table, len(rows))
             self.health.up()
             self.pacing.round_trip.add(time.perf_counter() - t0)
-            if len(rows) < free and looks == self._looks[table]:
+            if len(rows) < n and looks == self._looks[table]:
                 self._may_find[table] = False  # nothing more until the next reason to look
             self.leases.ready.add([Job.from_claim(rec) for rec in rows])
             self._fill()
@@ -174,6 +201,29 @@ class Producer:
             if free <= 0:
                 break
         return True
+
+    async def _admitted(self, table: str, free: int) -> int:
+        """How many jobs of `table` to claim: the free slots, or what the claim
+        gate admits (the providers' breakers and quotas); 0 holds the table."""
+        gate, cooldowns = self.executor.gate, self.executor.cooldowns
+        n = free
+        if gate is not None and gate.gates(table):
+            try:
+                admitted = await gate.admit(table, free)
+            except Exception as exc:  # never the claim loop's end: claim as without it
+                self.report(exc, "claim gate")
+                admitted = FREE
+            if admitted.n == 0:
+                cooldowns.start(table, admitted.wait, admitted.reason, quiet=admitted.quota)
+                return 0
+            if admitted.n is not None:
+                n = min(free, admitted.n)
+        cooldowns.resume(table)
+        return n
+
+    async def _claimed(self, table: str, got: int) -> None:
+        if self.executor.gate is not None:
+            await self.executor.gate.claimed(table, got)
 
     def _fill(self) -> None:
         """Start ready jobs in the free slots."""

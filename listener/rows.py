@@ -13,6 +13,40 @@ from decimal import Decimal
 from typing import Any, TypedDict
 from uuid import UUID
 
+# -- api.sql
+
+
+class AsUserRow(TypedDict):  # api_as_user
+    role: str
+    claims: str
+    statement_timeout: str
+
+
+class CreatedJobRow(TypedDict):  # api_create_course, api_create_media
+    id: UUID
+    status: str
+
+
+class ApiJobRow(TypedDict):  # api_jobs
+    id: UUID
+    job_table: str
+    status: str
+    progress: dict[str, Any] | None
+    partial_result: dict[str, Any] | None
+    result_path: str | None
+    error: str | None
+    created_at: datetime
+    completed_at: datetime | None
+
+
+class ApiReaderJobRow(ApiJobRow):  # api_read_as_users
+    reader: int
+
+
+class OkRow(TypedDict):  # api_check_role
+    ok: bool
+
+
 # -- budgets.sql
 
 
@@ -374,6 +408,18 @@ class DeferredJobRow(TypedDict):  # defer_job
     retry_count: int
     counted: bool
     due_in: float | None
+
+
+class QuotaReserveRow(TypedDict):  # quota_reserve
+    granted: int
+    wait_seconds: float | None
+    metered: bool
+    learning: bool
+    too_big: bool
+
+
+class QuotaSettleRow(TypedDict):  # quota_settle
+    metered: bool
 
 
 class CountRow(TypedDict):  # providers_refusing_auth

@@ -5,6 +5,7 @@ from __future__ import annotations
 from functools import cached_property
 from pathlib import Path
 from typing import Any, get_args
+from urllib.parse import urlsplit
 
 from pydantic import Field, SecretStr, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -42,6 +43,8 @@ PROVIDER_BREAKER_COOLDOWN_SECONDS = 30.0  # open this long, then one probe call 
 PROVIDER_AUTH_COOLDOWN_SECONDS = 3600.0  # after a 401/403/404: every call would fail alike
 PROVIDER_RETRY_AFTER_MAX_SECONDS = 600.0  # a provider's retry-after is obeyed up to this
 PROVIDER_OUTAGE_MAX_WAIT_SECONDS = 1800.0  # jobs wait this long without counting attempts
+# PROVIDER_LIMITS keys, and the quota kind each caps (docs/generation.md, "Provider quotas").
+LIMIT_KEYS = {"rpm": "requests", "tpm": "tokens", "itpm": "input_tokens", "otpm": "output_tokens"}
 
 # Alert thresholds: the runbook's "Recommended Alerts".
 ALERT_DEAD_LETTER_PER_HOUR = 5
@@ -52,6 +55,12 @@ ALERT_FAILURE_RATE_PERCENT = 10.0
 ALERT_RATE_LIMIT_VIOLATIONS_PER_HOUR = 5
 ALERT_BUDGET_REJECTIONS_PER_HOUR = 5
 ALERT_INTERVAL_SECONDS = 60.0  # how often the worker evaluates the alert rules
+
+# The end-user API (listener/web/api.py): open event streams at once.
+API_STREAMS_PER_USER = 10
+API_STREAMS_PER_PROCESS = 2000
+JWT_AUDIENCE = "authenticated"  # what Supabase puts in its users' tokens
+MIN_JWT_SECRET = 32  # characters; an HS256 secret shorter than that can be guessed
 
 LISTEN_MODES = ("listen", "poll")
 LISTEN_PROBE_SECONDS = 30.0  # an idle worker proves its LISTEN connection this often
@@ -108,11 +117,22 @@ class Settings(BaseSettings):
     provider_retry_after_max_seconds: float = Field(PROVIDER_RETRY_AFTER_MAX_SECONDS, ge=0)
     provider_outage_max_wait_seconds: float = Field(PROVIDER_OUTAGE_MAX_WAIT_SECONDS, ge=0)
     pricing_overrides: str | None = None  # JSON, or the path of a JSON file (pricing.py)
+    # Caps per provider (each of its models) or per provider/model: parse_provider_limits.
+    provider_limits: str | None = None
     # Written to ai_job_settings when migration 015 adds it, or by `migrate --write-settings`.
     daily_budget_usd_per_user: float | None = Field(None, ge=0)
 
     storage_url: str = DEFAULT_STORAGE
     admin_token: SecretStr | None = None
+    # The end-user API under /v1/: on when either is set (docs/api.md).
+    jwt_secret: SecretStr | None = None
+    jwt_jwks_url: str | None = None
+    jwt_audience: str = JWT_AUDIENCE
+    api_streams_per_user: int = Field(API_STREAMS_PER_USER, ge=1, le=100_000)
+    api_streams_per_process: int = Field(API_STREAMS_PER_PROCESS, ge=1, le=1_000_000)
+    # Origins whose pages may call the API from a browser (CORS), comma-separated;
+    # `*` for any (safe with bearer tokens: no cookie rides along).
+    api_cors_origins: str = ""
     port: int = Field(8000, ge=1, le=65535)
     sentry_dsn: SecretStr | None = None
     alert_webhook_url: SecretStr | None = None
@@ -152,6 +172,37 @@ class Settings(BaseSettings):
             raise ValueError(f"must be at most {MAX_RETENTION_DAYS:.0f} (a century)")
         return v
 
+    @field_validator("jwt_jwks_url")
+    @classmethod
+    def _jwks_url(cls, v: str | None) -> str | None:
+        v = (v or "").strip()
+        if not v:
+            return None
+        url = urlsplit(v)
+        local = url.hostname in ("localhost", "127.0.0.1", "::1")
+        if not (url.scheme == "https" or (url.scheme == "http" and local)) or not url.hostname:
+            # Keys fetched over plain http could be anyone's on the way.
+            raise ValueError("must be an https:// URL (http:// only on this machine)")
+        return v
+
+    @field_validator("jwt_secret")
+    @classmethod
+    def _jwt_secret(cls, v: SecretStr | None) -> SecretStr | None:
+        if v is not None and len(v.get_secret_value()) < MIN_JWT_SECRET:
+            raise ValueError(f"must be at least {MIN_JWT_SECRET} characters (HS256)")
+        return v
+
+    @cached_property
+    def cors_origins(self) -> frozenset[str]:
+        return frozenset(
+            o.strip().rstrip("/") for o in self.api_cors_origins.split(",") if o.strip()
+        )
+
+    @property
+    def api_enabled(self) -> bool:
+        """The end-user API answers under /v1/ (else every /v1/ path is a 404)."""
+        return self.jwt_secret is not None or self.jwt_jwks_url is not None
+
     @field_validator("log_level")
     @classmethod
     def _log_level(cls, v: str) -> str:
@@ -183,6 +234,24 @@ class Settings(BaseSettings):
         if unknown:
             raise ValueError(f"unknown provider(s) {unknown}; known: {', '.join(PROVIDERS)}")
         return ",".join(names)
+
+    @field_validator("provider_limits")
+    @classmethod
+    def _provider_limits(cls, v: str | None) -> str | None:
+        if v is not None and not v.strip():
+            return None
+        parse_provider_limits(v)  # ValueError naming the problem
+        return v
+
+    @cached_property
+    def provider_caps(self) -> dict[str, dict[str, int]]:
+        """PROVIDER_LIMITS by "provider" or "provider/model": {quota kind: cap}."""
+        return parse_provider_limits(self.provider_limits)
+
+    def caps_for(self, provider: str, model: str) -> dict[str, int]:
+        """The caps of one model: its provider's, with its own entry's on top."""
+        caps = self.provider_caps
+        return {**caps.get(provider, {}), **caps.get(f"{provider}/{model}", {})}
 
     @cached_property
     def provider_order(self) -> list[str]:
@@ -229,6 +298,40 @@ class Settings(BaseSettings):
 
 
 _SECRET_FIELDS = frozenset(Settings.secret_fields())
+
+
+def parse_provider_limits(text: str | None) -> dict[str, dict[str, int]]:
+    """`openai=rpm:500,tpm:200000;anthropic/claude-haiku-4-5=rpm:50,otpm:8000` as
+    {"openai": {"requests": 500, "tokens": 200000}, "anthropic/claude-haiku-4-5":
+    {...}}; ValueError naming the first thing wrong."""
+    found: dict[str, dict[str, int]] = {}
+    for entry in (text or "").split(";"):
+        if not entry.strip():
+            continue
+        target, sep, body = entry.partition("=")
+        provider, slash, model = target.strip().partition("/")
+        provider, model = provider.strip().lower(), model.strip()
+        if not sep or provider not in PROVIDERS or (slash and not model):
+            raise ValueError(
+                f"{entry.strip()[:60]!r}: expected provider=key:value,... or "
+                f"provider/model=key:value,... with a provider of {', '.join(PROVIDERS)}"
+            )
+        target = f"{provider}/{model}" if model else provider
+        if target in found:
+            raise ValueError(f"{target} is given twice")
+        caps: dict[str, int] = {}
+        for pair in body.split(","):
+            key, colon, value = pair.partition(":")
+            key = key.strip().lower()
+            if key not in LIMIT_KEYS or not colon:
+                keys = ", ".join(LIMIT_KEYS)
+                raise ValueError(f"{target}: {pair.strip()[:40]!r} is not one of {keys}:<number>")
+            number = value.strip().replace("_", "")
+            if not number.isascii() or not number.isdigit() or not 0 < int(number) <= 10**12:
+                raise ValueError(f"{target}: {key} must be a whole number above 0, got {value!r}")
+            caps[LIMIT_KEYS[key]] = int(number)
+        found[target] = caps
+    return found
 
 
 def load() -> Settings:

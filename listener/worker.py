@@ -16,7 +16,7 @@ from loguru import logger
 from listener import dal, db
 from listener.completer import Completer
 from listener.executor import Executor, FailureHook
-from listener.jobs import HandlerMap
+from listener.jobs import Gate, HandlerMap
 from listener.leases import LeaseKeeper
 from listener.listen import DEAF
 from listener.medic import PoolMedic
@@ -49,6 +49,7 @@ class Worker:
         periodic: Sequence[Periodic] = (),
         on_failure: FailureHook | None = None,
         on_ready: Callable[[], Awaitable[None]] | None = None,
+        gate: Gate | None = None,
     ) -> None:
         self.settings = settings
         self.pool = pool
@@ -86,10 +87,13 @@ class Worker:
             on_due=lambda seconds: self.producer.due_in(seconds),
             on_free=lambda: self.producer.slot_freed(),
             on_failure=on_failure,
+            gate=gate,
         )
         self.producer = Producer(
             pool, self.id, self.executor, self.completer, self.db_health, self.report, self._stop
         )
+        if gate is not None:  # a breaker closed, a quota learned: held tables looked at again
+            gate.on_change = self.producer.recheck
         self.fast = self.producer.fast
         self.listener = Listener(
             self.dsn,

@@ -53,14 +53,29 @@ create table ai_course_jobs (
     subject text not null,
     course_id text,
     provider_wait_since timestamp with time zone,
+    progress jsonb,
+    partial_result jsonb,
+    batch boolean default false not null,
+    trace_parent text,
     constraint ai_course_jobs_pkey PRIMARY KEY (id),
     constraint ai_course_jobs_bounds_check CHECK (retry_count <= 1000 AND max_retries <= 100),
     constraint ai_course_jobs_metrics_check CHECK (metrics IS NULL OR jsonb_typeof(metrics) = 'object'::text AND NOT jsonb_path_exists(metrics, 'strict $.**?(@.type() == "number" && (@ > 1000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000 || @ < -1000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000))'::jsonpath)),
     constraint ai_course_jobs_params_check CHECK (jsonb_typeof(params) = 'object'::text),
+    constraint ai_course_jobs_partial_result_object CHECK (partial_result IS NULL OR jsonb_typeof(partial_result) = 'object'::text),
+    constraint ai_course_jobs_progress_shape CHECK (
+CASE
+    WHEN progress IS NULL THEN true
+    WHEN jsonb_typeof(progress) <> 'object'::text THEN false
+    WHEN progress ? 'phase'::text AND ((progress -> 'phase'::text) <> ALL (ARRAY['"generating"'::jsonb, '"storing"'::jsonb, '"batched"'::jsonb])) THEN false
+    WHEN NOT progress ? 'percent'::text THEN true
+    WHEN jsonb_typeof(progress -> 'percent'::text) <> 'number'::text THEN false
+    ELSE ((progress ->> 'percent'::text)::numeric) >= 0::numeric AND ((progress ->> 'percent'::text)::numeric) <= 100::numeric AND ((progress ->> 'percent'::text)::numeric) = trunc((progress ->> 'percent'::text)::numeric)
+END),
     constraint ai_course_jobs_retry_check CHECK (retry_count >= 0 AND max_retries >= 0),
     constraint ai_course_jobs_status_check CHECK (status = ANY (ARRAY['pending'::text, 'processing'::text, 'done'::text, 'failed'::text, 'dead_letter'::text, 'stale'::text, 'cancelled'::text])),
     constraint ai_course_jobs_subject_check CHECK (length(btrim(subject)) > 0),
-    constraint ai_course_jobs_times_check CHECK (created_at >= '1970-01-01 00:00:00+00'::timestamp with time zone AND created_at <= '9999-12-31 00:00:00+00'::timestamp with time zone AND run_after >= '1970-01-01 00:00:00+00'::timestamp with time zone AND run_after <= '9999-12-31 00:00:00+00'::timestamp with time zone AND (started_at IS NULL OR started_at >= '1970-01-01 00:00:00+00'::timestamp with time zone AND started_at <= '9999-12-31 00:00:00+00'::timestamp with time zone) AND (last_heartbeat IS NULL OR last_heartbeat >= '1970-01-01 00:00:00+00'::timestamp with time zone AND last_heartbeat <= '9999-12-31 00:00:00+00'::timestamp with time zone) AND (completed_at IS NULL OR completed_at >= '1970-01-01 00:00:00+00'::timestamp with time zone AND completed_at <= '9999-12-31 00:00:00+00'::timestamp with time zone))
+    constraint ai_course_jobs_times_check CHECK (created_at >= '1970-01-01 00:00:00+00'::timestamp with time zone AND created_at <= '9999-12-31 00:00:00+00'::timestamp with time zone AND run_after >= '1970-01-01 00:00:00+00'::timestamp with time zone AND run_after <= '9999-12-31 00:00:00+00'::timestamp with time zone AND (started_at IS NULL OR started_at >= '1970-01-01 00:00:00+00'::timestamp with time zone AND started_at <= '9999-12-31 00:00:00+00'::timestamp with time zone) AND (last_heartbeat IS NULL OR last_heartbeat >= '1970-01-01 00:00:00+00'::timestamp with time zone AND last_heartbeat <= '9999-12-31 00:00:00+00'::timestamp with time zone) AND (completed_at IS NULL OR completed_at >= '1970-01-01 00:00:00+00'::timestamp with time zone AND completed_at <= '9999-12-31 00:00:00+00'::timestamp with time zone)),
+    constraint ai_course_jobs_trace_parent_w3c CHECK (trace_parent IS NULL OR trace_parent ~ '^00-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}$'::text AND substr(trace_parent, 4, 32) <> repeat('0'::text, 32) AND substr(trace_parent, 37, 16) <> repeat('0'::text, 16))
 );
 
 alter table ai_course_jobs enable row level security;
@@ -141,6 +156,33 @@ create table ai_job_counter_samples (
 );
 
 alter table ai_job_counter_samples enable row level security;
+
+create table ai_job_provider_quotas (
+    provider text not null,
+    model text not null,
+    rpm bigint,
+    tpm bigint,
+    itpm bigint,
+    otpm bigint,
+    requests double precision,
+    tokens double precision,
+    input_tokens double precision,
+    output_tokens double precision,
+    window_seconds double precision default 60 not null,
+    refilled_at timestamp with time zone default clock_timestamp() not null,
+    learned_at timestamp with time zone,
+    learning_until timestamp with time zone,
+    learning_calls integer default 0 not null,
+    limited_at timestamp with time zone,
+    constraint ai_job_provider_quotas_pkey PRIMARY KEY (provider, model),
+    constraint ai_job_provider_quotas_itpm_check CHECK (itpm > 0),
+    constraint ai_job_provider_quotas_otpm_check CHECK (otpm > 0),
+    constraint ai_job_provider_quotas_rpm_check CHECK (rpm > 0),
+    constraint ai_job_provider_quotas_tpm_check CHECK (tpm > 0),
+    constraint ai_job_provider_quotas_window_seconds_check CHECK (window_seconds >= 1::double precision AND window_seconds <= 60::double precision)
+);
+
+alter table ai_job_provider_quotas enable row level security;
 
 create table ai_job_provider_state (
     provider text not null,
@@ -270,15 +312,28 @@ create table ai_media_jobs (
     media_type text,
     course_id text,
     provider_wait_since timestamp with time zone,
+    progress jsonb,
+    batch boolean default false not null,
+    trace_parent text,
     constraint ai_media_jobs_pkey PRIMARY KEY (id),
     constraint ai_media_jobs_bounds_check CHECK (retry_count <= 1000 AND max_retries <= 100),
     constraint ai_media_jobs_media_type_check CHECK (media_type = ANY (ARRAY['image'::text, 'audio'::text])),
     constraint ai_media_jobs_metrics_check CHECK (metrics IS NULL OR jsonb_typeof(metrics) = 'object'::text AND NOT jsonb_path_exists(metrics, 'strict $.**?(@.type() == "number" && (@ > 1000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000 || @ < -1000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000))'::jsonpath)),
     constraint ai_media_jobs_params_check CHECK (jsonb_typeof(params) = 'object'::text),
+    constraint ai_media_jobs_progress_shape CHECK (
+CASE
+    WHEN progress IS NULL THEN true
+    WHEN jsonb_typeof(progress) <> 'object'::text THEN false
+    WHEN progress ? 'phase'::text AND ((progress -> 'phase'::text) <> ALL (ARRAY['"generating"'::jsonb, '"storing"'::jsonb, '"batched"'::jsonb])) THEN false
+    WHEN NOT progress ? 'percent'::text THEN true
+    WHEN jsonb_typeof(progress -> 'percent'::text) <> 'number'::text THEN false
+    ELSE ((progress ->> 'percent'::text)::numeric) >= 0::numeric AND ((progress ->> 'percent'::text)::numeric) <= 100::numeric AND ((progress ->> 'percent'::text)::numeric) = trunc((progress ->> 'percent'::text)::numeric)
+END),
     constraint ai_media_jobs_prompt_check CHECK (length(btrim(prompt)) > 0),
     constraint ai_media_jobs_retry_check CHECK (retry_count >= 0 AND max_retries >= 0),
     constraint ai_media_jobs_status_check CHECK (status = ANY (ARRAY['pending'::text, 'processing'::text, 'done'::text, 'failed'::text, 'dead_letter'::text, 'stale'::text, 'cancelled'::text])),
-    constraint ai_media_jobs_times_check CHECK (created_at >= '1970-01-01 00:00:00+00'::timestamp with time zone AND created_at <= '9999-12-31 00:00:00+00'::timestamp with time zone AND run_after >= '1970-01-01 00:00:00+00'::timestamp with time zone AND run_after <= '9999-12-31 00:00:00+00'::timestamp with time zone AND (started_at IS NULL OR started_at >= '1970-01-01 00:00:00+00'::timestamp with time zone AND started_at <= '9999-12-31 00:00:00+00'::timestamp with time zone) AND (last_heartbeat IS NULL OR last_heartbeat >= '1970-01-01 00:00:00+00'::timestamp with time zone AND last_heartbeat <= '9999-12-31 00:00:00+00'::timestamp with time zone) AND (completed_at IS NULL OR completed_at >= '1970-01-01 00:00:00+00'::timestamp with time zone AND completed_at <= '9999-12-31 00:00:00+00'::timestamp with time zone))
+    constraint ai_media_jobs_times_check CHECK (created_at >= '1970-01-01 00:00:00+00'::timestamp with time zone AND created_at <= '9999-12-31 00:00:00+00'::timestamp with time zone AND run_after >= '1970-01-01 00:00:00+00'::timestamp with time zone AND run_after <= '9999-12-31 00:00:00+00'::timestamp with time zone AND (started_at IS NULL OR started_at >= '1970-01-01 00:00:00+00'::timestamp with time zone AND started_at <= '9999-12-31 00:00:00+00'::timestamp with time zone) AND (last_heartbeat IS NULL OR last_heartbeat >= '1970-01-01 00:00:00+00'::timestamp with time zone AND last_heartbeat <= '9999-12-31 00:00:00+00'::timestamp with time zone) AND (completed_at IS NULL OR completed_at >= '1970-01-01 00:00:00+00'::timestamp with time zone AND completed_at <= '9999-12-31 00:00:00+00'::timestamp with time zone)),
+    constraint ai_media_jobs_trace_parent_w3c CHECK (trace_parent IS NULL OR trace_parent ~ '^00-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}$'::text AND substr(trace_parent, 4, 32) <> repeat('0'::text, 32) AND substr(trace_parent, 37, 16) <> repeat('0'::text, 16))
 );
 
 alter table ai_media_jobs enable row level security;
@@ -818,6 +873,51 @@ AS $function$
     select count(*) from d
 $function$;
 
+-- last defined by sql/024_client_columns.sql
+CREATE OR REPLACE FUNCTION public.ai_job_progress_guard()
+ RETURNS trigger
+ LANGUAGE plpgsql
+ SET search_path TO 'pg_catalog', 'public', 'pg_temp'
+AS $function$
+declare
+    course boolean := tg_table_name = 'ai_course_jobs';
+    pct numeric;
+    was numeric;
+begin
+    if tg_op = 'INSERT' then
+        new.progress := null;
+        if course then
+            new.partial_result := null;
+        end if;
+    elsif new.status = 'processing' and new.claim_token is distinct from old.claim_token
+          and new.progress is not distinct from old.progress then
+        new.progress := null;
+        if course then
+            new.partial_result := null;
+        end if;
+    elsif new.progress is not null and jsonb_typeof(new.progress) = 'object' then
+        if jsonb_typeof(new.progress -> 'percent') = 'number' then
+            pct := least(100, greatest(0, round((new.progress ->> 'percent')::numeric)));
+        end if;
+        if old.progress is not null and jsonb_typeof(old.progress -> 'percent') = 'number'
+           and new.claim_token is not distinct from old.claim_token then
+            was := (old.progress ->> 'percent')::numeric;
+            pct := greatest(pct, was);
+        end if;
+        if pct is not null then
+            new.progress := jsonb_set(new.progress, '{percent}', to_jsonb(pct::int));
+        end if;
+    end if;
+    if new.status = 'done' then
+        new.progress := coalesce(new.progress, '{}'::jsonb) || '{"percent": 100}'::jsonb;
+        if course then
+            new.partial_result := null;
+        end if;
+    end if;
+    return new;
+end
+$function$;
+
 -- last defined by sql/014_provider_breakers.sql
 CREATE OR REPLACE FUNCTION public.ai_job_provider_failed(p_provider text, p_kind text, p_reason text, p_threshold integer, p_cooldown_seconds double precision, p_retry_after_seconds double precision DEFAULT NULL::double precision)
  RETURNS TABLE(provider text, consecutive_failures integer, open_until timestamp with time zone, cooldown_kind text, cooldown_reason text, probe_until timestamp with time zone, transition text)
@@ -926,6 +1026,222 @@ begin
     select t.provider, t.consecutive_failures, t.open_until, t.cooldown_kind, t.cooldown_reason,
            t.probe_until, case when was_open then 'closed' end
     from ai_job_provider_state t where t.provider = p_provider;
+end
+$function$;
+
+-- last defined by sql/023_provider_quotas.sql
+CREATE OR REPLACE FUNCTION public.ai_job_quota_levels(q ai_job_provider_quotas, lim double precision[], at timestamp with time zone)
+ RETURNS double precision[]
+ LANGUAGE sql
+ IMMUTABLE
+ SET search_path TO 'pg_catalog', 'public', 'pg_temp'
+AS $function$
+    select array_agg(
+               case when lim[k] is null then null
+                    else least(lim[k], coalesce(lvl[k], lim[k])
+                               + greatest(0, extract(epoch from at - q.refilled_at))
+                                 * lim[k] / q.window_seconds) end
+               order by k)
+    from (select array[q.requests, q.tokens, q.input_tokens, q.output_tokens]) l(lvl),
+         generate_series(1, 4) k
+$function$;
+
+-- last defined by sql/023_provider_quotas.sql
+CREATE OR REPLACE FUNCTION public.ai_job_quota_limits(q ai_job_provider_quotas, caps bigint[])
+ RETURNS double precision[]
+ LANGUAGE sql
+ IMMUTABLE
+ SET search_path TO 'pg_catalog', 'public', 'pg_temp'
+AS $function$
+    select array[least(q.rpm, caps[1]), least(q.tpm, caps[2]),
+                 least(q.itpm, caps[3]), least(q.otpm, caps[4])]::double precision[]
+$function$;
+
+-- last defined by sql/023_provider_quotas.sql
+CREATE OR REPLACE FUNCTION public.ai_job_quota_reserve(p_provider text, p_model text, p_calls integer, p_cost double precision[], p_caps bigint[], p_lease_seconds double precision, p_learners integer DEFAULT 1)
+ RETURNS TABLE(granted integer, wait_seconds double precision, metered boolean, learning boolean, too_big boolean)
+ LANGUAGE plpgsql
+ SET search_path TO 'pg_catalog', 'public', 'pg_temp'
+AS $function$
+#variable_conflict use_column
+declare
+    q ai_job_provider_quotas;
+    now_ timestamptz := clock_timestamp();
+    lim double precision[];
+    lvl double precision[];
+    fit double precision;
+    wait_ double precision := 0;
+    n int;
+begin
+    if p_calls is null or p_calls < 1 or cardinality(p_cost) <> 4
+       or exists (select from unnest(p_cost) c where c is null or c < 0 or c = 'NaN') then
+        raise exception 'A quota reservation needs calls >= 1 and four costs >= 0, got % and %',
+            p_calls, p_cost using errcode = 'invalid_parameter_value';
+    end if;
+    insert into ai_job_provider_quotas as t (provider, model) values (p_provider, p_model)
+    on conflict do nothing;
+    select * into q from ai_job_provider_quotas t
+    where t.provider = p_provider and t.model = p_model for update;
+    lim := ai_job_quota_limits(q, p_caps);
+
+    if lim[1] is null and lim[2] is null and lim[3] is null and lim[4] is null then
+        if q.learned_at is not null then
+            return query select p_calls, null::float8, false, false, false;
+        end if;
+        if q.learning_until is null or q.learning_until <= now_ then
+            q.learning_calls := 0;  -- the lease ran out: its callers are gone
+        end if;
+        n := least(p_calls, greatest(0, coalesce(p_learners, 1) - q.learning_calls));
+        if n = 0 then
+            return query select 0, extract(epoch from q.learning_until - now_)::float8,
+                                true, true, false;
+            return;
+        end if;
+        update ai_job_provider_quotas t
+        set learning_until = now_ + make_interval(secs => p_lease_seconds),
+            learning_calls = q.learning_calls + n
+        where t.provider = p_provider and t.model = p_model;
+        return query select n, p_lease_seconds, true, true, false;
+        return;
+    end if;
+
+    -- Learning calls still in flight took nothing from the buckets: until they are
+    -- back, the levels do not count them, so no other call goes.
+    if q.learning_calls > 0 and q.learning_until > now_ then
+        return query select 0, least(p_lease_seconds,
+                                     extract(epoch from q.learning_until - now_))::float8,
+                            true, true, false;
+        return;
+    end if;
+    if exists (select from generate_series(1, 4) k where p_cost[k] > lim[k]) then
+        return query select 0, null::float8, true, false, true;
+        return;
+    end if;
+    lvl := ai_job_quota_levels(q, lim, now_);
+    select least(p_calls, coalesce(min(floor(lvl[k] / p_cost[k])), p_calls)) into fit
+    from generate_series(1, 4) k where lim[k] is not null and p_cost[k] > 0;
+    n := greatest(0, fit)::int;
+    for k in 1..4 loop
+        if lim[k] is not null then
+            lvl[k] := lvl[k] - n * p_cost[k];
+            if n < p_calls and p_cost[k] > 0 and p_cost[k] > lvl[k] then
+                wait_ := greatest(wait_, (p_cost[k] - lvl[k]) * q.window_seconds / lim[k]);
+            end if;
+        end if;
+    end loop;
+    update ai_job_provider_quotas t
+    set requests = lvl[1], tokens = lvl[2], input_tokens = lvl[3], output_tokens = lvl[4],
+        refilled_at = now_
+    where t.provider = p_provider and t.model = p_model;
+    return query select n, case when n < p_calls then wait_ end, true, false, false;
+end
+$function$;
+
+-- last defined by sql/023_provider_quotas.sql
+CREATE OR REPLACE FUNCTION public.ai_job_quota_reset(p_provider text DEFAULT NULL::text, p_model text DEFAULT NULL::text)
+ RETURNS integer
+ LANGUAGE sql
+ SET search_path TO 'pg_catalog', 'public', 'pg_temp'
+AS $function$
+    with gone as (
+        delete from ai_job_provider_quotas
+        where (p_provider is null or provider = p_provider) and (p_model is null or model = p_model)
+        returning 1
+    )
+    select count(*)::int from gone
+$function$;
+
+-- last defined by sql/023_provider_quotas.sql
+CREATE OR REPLACE FUNCTION public.ai_job_quota_settle(p_provider text, p_model text, p_back double precision[], p_caps bigint[], p_limits bigint[], p_remaining bigint[], p_age_seconds double precision, p_window_seconds double precision, p_heard boolean, p_learning integer, p_limited boolean)
+ RETURNS TABLE(metered boolean)
+ LANGUAGE plpgsql
+ SET search_path TO 'pg_catalog', 'public', 'pg_temp'
+AS $function$
+#variable_conflict use_column
+declare
+    q ai_job_provider_quotas;
+    now_ timestamptz := clock_timestamp();
+    lvl double precision[];
+    lim double precision[];
+    stated double precision;
+begin
+    insert into ai_job_provider_quotas as t (provider, model) values (p_provider, p_model)
+    on conflict do nothing;
+    select * into q from ai_job_provider_quotas t
+    where t.provider = p_provider and t.model = p_model for update;
+    -- Brought to now under the limits that applied until now, then given back.
+    lvl := ai_job_quota_levels(q, ai_job_quota_limits(q, p_caps), now_);
+    for k in 1..4 loop
+        lvl[k] := lvl[k] + coalesce(p_back[k], 0);
+    end loop;
+
+    if p_limits[1] > 0 then q.rpm := p_limits[1]; end if;
+    if p_limits[2] > 0 then q.tpm := p_limits[2]; end if;
+    if p_limits[3] > 0 then q.itpm := p_limits[3]; end if;
+    if p_limits[4] > 0 then q.otpm := p_limits[4]; end if;
+    if p_window_seconds > 0 and p_window_seconds <> 'Infinity' then
+        q.window_seconds := least(60, greatest(1, p_window_seconds));
+    end if;
+    lim := ai_job_quota_limits(q, p_caps);
+    for k in 1..4 loop
+        if lim[k] is null then
+            lvl[k] := null;
+            continue;
+        end if;
+        lvl[k] := least(lim[k], coalesce(lvl[k], lim[k]));
+        if p_remaining[k] >= 0 then
+            -- Refilled since the call was sent: the provider wrote the headers as it
+            -- admitted the call, a little later (a learning call's, not refilled: its
+            -- fellow learners may have been admitted since).
+            stated := coalesce(p_limits[k], lim[k]);
+            lvl[k] := least(lvl[k], p_remaining[k]
+                            + case when coalesce(p_learning, 0) > 0 then 0
+                                   else greatest(0, coalesce(p_age_seconds, 0)) end
+                              * stated / q.window_seconds);
+        elsif p_limited then
+            lvl[k] := least(lvl[k], 0);
+        end if;
+    end loop;
+
+    update ai_job_provider_quotas t
+    set rpm = q.rpm, tpm = q.tpm, itpm = q.itpm, otpm = q.otpm,
+        requests = lvl[1], tokens = lvl[2], input_tokens = lvl[3], output_tokens = lvl[4],
+        window_seconds = q.window_seconds,
+        refilled_at = now_,
+        learned_at = case when p_heard then now_ else t.learned_at end,
+        learning_calls = greatest(0, t.learning_calls - coalesce(p_learning, 0)),
+        learning_until = case when t.learning_calls - coalesce(p_learning, 0) <= 0 then null
+                              else t.learning_until end,
+        limited_at = case when p_limited then now_ else t.limited_at end
+    where t.provider = p_provider and t.model = p_model;
+    return query select lim[1] is not null or lim[2] is not null or lim[3] is not null
+                        or lim[4] is not null;
+end
+$function$;
+
+-- last defined by sql/024_client_columns.sql
+CREATE OR REPLACE FUNCTION public.ai_job_read_as_users(claims text[], job_ids uuid[], readers integer[])
+ RETURNS TABLE(reader integer, id uuid, job_table text, status text, progress jsonb, partial_result jsonb, result_path text, error text, created_at timestamp with time zone, completed_at timestamp with time zone)
+ LANGUAGE plpgsql
+ SET search_path TO 'pg_catalog', 'public', 'pg_temp'
+AS $function$
+declare
+    i int;
+    mine uuid[];
+begin
+    perform set_config('role', 'authenticated', true);
+    for i in 1 .. coalesce(array_length(claims, 1), 0) loop
+        perform set_config('request.jwt.claims', claims[i], true);
+        mine := array(select u.j from unnest(job_ids, readers) as u(j, r) where u.r = i);
+        return query
+        select i, c.id, 'ai_course_jobs'::text, c.status, c.progress, c.partial_result,
+               c.result_path, c.error, c.created_at, c.completed_at
+        from ai_course_jobs c where c.id = any(mine)
+        union all
+        select i, m.id, 'ai_media_jobs'::text, m.status, m.progress, null::jsonb,
+               m.result_path, m.error, m.created_at, m.completed_at
+        from ai_media_jobs m where m.id = any(mine);
+    end loop;
 end
 $function$;
 
@@ -1214,12 +1530,14 @@ begin
 end
 $function$;
 
--- last defined by triggers/007_notify_ai_jobs_events.sql
+-- last defined by sql/024_client_columns.sql
 CREATE OR REPLACE FUNCTION public.ai_jobs_notify_events()
  RETURNS trigger
  LANGUAGE plpgsql
  SET search_path TO 'pg_catalog', 'public', 'pg_temp'
 AS $function$
+declare
+    ids text;
 begin
     if tg_op = 'INSERT' then
         if exists (select 1 from new_rows) then
@@ -1229,9 +1547,17 @@ begin
         if exists (select 1 from old_rows) then
             perform pg_notify('ai_jobs_events', tg_table_name);
         end if;
-    elsif exists (select 1 from new_rows n join old_rows o on o.id = n.id
-                  where n.status is distinct from o.status) then
-        perform pg_notify('ai_jobs_events', tg_table_name);
+    else
+        for ids in
+            select string_agg(c.id::text, ' ')
+            from (select n.id, (row_number() over () - 1) / 200 as chunk
+                  from new_rows n join old_rows o on o.id = n.id
+                  where n.status is distinct from o.status
+                     or n.progress is distinct from o.progress) c
+            group by c.chunk
+        loop
+            perform pg_notify('ai_jobs_events', tg_table_name || ' ' || ids);
+        end loop;
     end if;
     return null;
 end
@@ -1821,6 +2147,41 @@ CREATE OR REPLACE FUNCTION public.pause_jobs(table_name text)
  SET search_path TO 'pg_catalog', 'public', 'pg_temp'
 AS $function$ select ai_job_set_paused(table_name, true) $function$;
 
+-- last defined by sql/024_client_columns.sql
+CREATE OR REPLACE FUNCTION public.progress_jobs(table_name text, job_ids uuid[], tokens uuid[], job_progress jsonb[], job_partial jsonb[] DEFAULT NULL::jsonb[])
+ RETURNS SETOF uuid
+ LANGUAGE plpgsql
+ SET search_path TO 'pg_catalog', 'public', 'pg_temp'
+AS $function$
+begin
+    if ai_job_table(table_name) = 'ai_course_jobs' then
+        return query
+        update ai_course_jobs j
+        set last_heartbeat = clock_timestamp(),
+            progress = case when p.progress is null then j.progress
+                            else p.progress || jsonb_build_object('updatedAt', clock_timestamp())
+                       end,
+            partial_result = coalesce(p.partial, j.partial_result)
+        from unnest(job_ids, tokens, job_progress, coalesce(job_partial, '{}'::jsonb[]))
+             as p(id, token, progress, partial)
+        where j.id = any(job_ids) and j.id = p.id and j.claim_token = p.token
+          and j.status = 'processing'
+        returning j.id;
+    else
+        return query
+        update ai_media_jobs j
+        set last_heartbeat = clock_timestamp(),
+            progress = case when p.progress is null then j.progress
+                            else p.progress || jsonb_build_object('updatedAt', clock_timestamp())
+                       end
+        from unnest(job_ids, tokens, job_progress) as p(id, token, progress)
+        where j.id = any(job_ids) and j.id = p.id and j.claim_token = p.token
+          and j.status = 'processing'
+        returning j.id;
+    end if;
+end
+$function$;
+
 -- last defined by sql/021_admission_hardening.sql
 CREATE OR REPLACE FUNCTION public.purge_old_jobs(older_than interval DEFAULT '90 days'::interval)
  RETURNS bigint
@@ -1984,6 +2345,10 @@ CREATE TRIGGER ai_course_jobs_notify_insert AFTER INSERT ON ai_course_jobs REFER
 
 CREATE TRIGGER ai_course_jobs_notify_pending AFTER UPDATE OF status ON ai_course_jobs FOR EACH ROW WHEN (new.status = 'pending'::text AND old.status IS DISTINCT FROM 'pending'::text) EXECUTE FUNCTION ai_jobs_notify_pending();
 
+CREATE TRIGGER ai_course_jobs_progress_insert BEFORE INSERT ON ai_course_jobs FOR EACH ROW WHEN (new.progress IS NOT NULL OR new.partial_result IS NOT NULL OR new.status = 'done'::text) EXECUTE FUNCTION ai_job_progress_guard();
+
+CREATE TRIGGER ai_course_jobs_progress_update BEFORE UPDATE ON ai_course_jobs FOR EACH ROW WHEN (new.status = 'done'::text AND (new.partial_result IS NOT NULL OR new.progress IS NULL OR (new.progress -> 'percent'::text) IS DISTINCT FROM '100'::jsonb) OR new.progress IS DISTINCT FROM old.progress AND new.progress IS NOT NULL OR new.status = 'processing'::text AND new.claim_token IS DISTINCT FROM old.claim_token AND (old.progress IS NOT NULL OR old.partial_result IS NOT NULL)) EXECUTE FUNCTION ai_job_progress_guard();
+
 CREATE TRIGGER ai_course_jobs_set_course_id BEFORE INSERT ON ai_course_jobs FOR EACH ROW EXECUTE FUNCTION ai_course_jobs_defaults();
 
 CREATE TRIGGER ai_media_jobs_admit BEFORE INSERT ON ai_media_jobs FOR EACH ROW EXECUTE FUNCTION ai_job_admit();
@@ -2007,6 +2372,10 @@ CREATE TRIGGER ai_media_jobs_limits BEFORE INSERT ON ai_media_jobs FOR EACH ROW 
 CREATE TRIGGER ai_media_jobs_notify_insert AFTER INSERT ON ai_media_jobs REFERENCING NEW TABLE AS new_jobs FOR EACH STATEMENT EXECUTE FUNCTION ai_jobs_notify_insert();
 
 CREATE TRIGGER ai_media_jobs_notify_pending AFTER UPDATE OF status ON ai_media_jobs FOR EACH ROW WHEN (new.status = 'pending'::text AND old.status IS DISTINCT FROM 'pending'::text) EXECUTE FUNCTION ai_jobs_notify_pending();
+
+CREATE TRIGGER ai_media_jobs_progress_insert BEFORE INSERT ON ai_media_jobs FOR EACH ROW WHEN (new.progress IS NOT NULL OR new.status = 'done'::text) EXECUTE FUNCTION ai_job_progress_guard();
+
+CREATE TRIGGER ai_media_jobs_progress_update BEFORE UPDATE ON ai_media_jobs FOR EACH ROW WHEN (new.status = 'done'::text AND (new.progress IS NULL OR (new.progress -> 'percent'::text) IS DISTINCT FROM '100'::jsonb) OR new.progress IS DISTINCT FROM old.progress AND new.progress IS NOT NULL OR new.status = 'processing'::text AND new.claim_token IS DISTINCT FROM old.claim_token AND old.progress IS NOT NULL) EXECUTE FUNCTION ai_job_progress_guard();
 
 CREATE TRIGGER ai_media_jobs_set_course_id BEFORE INSERT ON ai_media_jobs FOR EACH ROW EXECUTE FUNCTION ai_media_jobs_defaults();
 

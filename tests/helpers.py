@@ -100,3 +100,41 @@ async def await_until(
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout}s waiting for {what or predicate}")
         await asyncio.sleep(interval)
+
+
+# Claims and releases of course jobs, with their times (a trigger of the test's
+# database): a job claimed (pending -> processing) and put back (processing ->
+# pending), whatever path did it.
+_MOVES = """
+create table test_moves (at timestamptz not null default clock_timestamp(), kind text not null);
+create function test_record_move() returns trigger language plpgsql as $$
+begin
+    if old.status = 'pending' and new.status = 'processing' then
+        insert into test_moves (kind) values ('claim');
+    elsif old.status = 'processing' and new.status = 'pending' then
+        insert into test_moves (kind) values ('release');
+    end if;
+    return null;
+end $$;
+create trigger test_moves after update of status on ai_course_jobs
+    for each row execute function test_record_move();
+"""
+
+
+def record_moves(url: str) -> None:
+    """Count from now on the claims and releases of course jobs (moves())."""
+    with connect(url) as c:
+        c.execute(_MOVES)
+
+
+def moves(url: str, kind: str, since: float = 0.0, until: float = 1e12) -> int:
+    """Course jobs claimed (`claim`) or put back (`release`) between two
+    time.time() moments."""
+    with connect(url) as c:
+        row = c.execute(
+            "select count(*) as n from test_moves where kind = %s"
+            " and at >= to_timestamp(%s) and at <= to_timestamp(%s)",
+            [kind, since, until],
+        ).fetchone()
+    assert row is not None
+    return int(row["n"])

@@ -23,6 +23,7 @@ from listener.providers import Providers, pricing
 from listener.providers.breaker import Breakers
 from listener.providers.chain import Chain
 from listener.providers.meter import Meter
+from listener.providers.quota import Quotas
 from listener.settings import Settings
 from listener.storage import Storage, open_storage
 from listener.telemetry import init_sentry
@@ -42,6 +43,7 @@ class Runtime:
     async def tick(self) -> None:
         """Periodic housekeeping (called by the worker's timer)."""
         await self.chain.meter.flush()
+        await self.chain.quotas.expire()
         await self.catalog.tick()
 
     async def start(self) -> None:
@@ -62,6 +64,7 @@ class Runtime:
         """Flush and release what the handlers hold (called once at shutdown)."""
         try:
             await self.chain.meter.flush()
+            await self.chain.quotas.expire(after=0)  # reservations no job will use
             await self.catalog.flush()
         finally:
             await self.providers.aclose()
@@ -86,7 +89,7 @@ async def create_runtime(
     catalog = Catalog(pool, storage, settings.catalog_batch_jobs, settings.catalog_batch_seconds)
     known = {settings.openai_model, settings.anthropic_model}
     known |= {settings.openai_image_model, settings.openai_tts_model}
-    chain = Chain(settings, Breakers(pool, settings), Meter(pool, known))
+    chain = Chain(settings, Breakers(pool, settings), Meter(pool, known), Quotas(pool, settings))
     cache = CourseCache(pool)
     rt = Runtime(settings, pool, providers, storage, catalog, cache, chain)
     rt.handlers = {

@@ -43,7 +43,9 @@ class MediaHandler:
                 return await provider.image(prompt, params.size)
             return await provider.speech(prompt, voice, params.format)
 
-        media, gen = await self.chain.media(self.providers.media_chain(), make, job)
+        media, gen = await self.chain.media(
+            self.providers.media_chain(), make, job, lambda p: p.media_model(media_type)
+        )
         path = f"media/{job.id}.{media.ext}"
         t0 = time.perf_counter()
         await self.storage.write(path, media.data, media.content_type)

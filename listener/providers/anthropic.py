@@ -4,11 +4,12 @@ input schema of one forced tool, so the answer arrives as structured tool input.
 from __future__ import annotations
 
 import json
+import time
 from typing import Any
 
 import anthropic
 
-from listener.providers import pricing
+from listener.providers import pricing, ratelimits
 from listener.providers.base import Answer, CoursePrompt, Refused, Usage, repair_request
 from listener.settings import Settings
 
@@ -35,7 +36,9 @@ class AnthropicProvider:
             previous, problem = prompt.repair
             messages.append({"role": "assistant", "content": previous or "(no answer)"})
             messages.append({"role": "user", "content": repair_request(problem)})
-        resp = await self.client.messages.create(
+        # The raw response: its rate-limit headers too (the quotas learn from them).
+        sent = time.time()
+        raw = await self.client.messages.with_raw_response.create(
             model=self.model,
             max_tokens=self.max_tokens,
             # The prompt cache covers the tools (the schema) and the system block up to
@@ -53,6 +56,8 @@ class AnthropicProvider:
             ],
             tool_choice={"type": "tool", "name": TOOL},
         )
+        resp = await raw.parse()
+        limits = ratelimits.parse(raw.headers, sent)
         model = resp.model or self.model
         u = resp.usage
         cached, written = u.cache_read_input_tokens or 0, u.cache_creation_input_tokens or 0
@@ -63,9 +68,9 @@ class AnthropicProvider:
             model, usage.input_tokens, usage.output_tokens, cached, written
         )
         if resp.stop_reason == "refusal":
-            raise Refused("the model declined (stop_reason refusal)", usage)
+            raise Refused("the model declined (stop_reason refusal)", usage, limits)
         if resp.stop_reason == "model_context_window_exceeded":
-            raise Refused("context window exceeded", usage)
+            raise Refused("context window exceeded", usage, limits)
         text = ""
         for block in resp.content:
             if block.type == "tool_use" and block.name == TOOL:
@@ -73,7 +78,7 @@ class AnthropicProvider:
                 break
             if block.type == "text" and not text:
                 text = block.text  # no tool call: let validation say what is wrong
-        return Answer(text, model, usage)
+        return Answer(text, model, usage, limits)
 
     async def check(self) -> str:
         page = await self.client.models.list()

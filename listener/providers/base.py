@@ -18,6 +18,7 @@ from typing import Any, Protocol
 from listener import errors
 from listener.course_schema import CourseParams, SchemaValidationError
 from listener.errors import scrub as scrub  # the providers scrub with the one scrubber
+from listener.providers.ratelimits import RateLimits
 
 
 @dataclass
@@ -59,6 +60,7 @@ class Answer:
     text: str
     model: str
     usage: Usage = field(default_factory=Usage)
+    limits: RateLimits = field(default_factory=RateLimits)  # the answer's rate-limit headers
 
 
 @dataclass
@@ -68,6 +70,7 @@ class Media:
     content_type: str
     model: str
     usage: Usage = field(default_factory=Usage)
+    limits: RateLimits = field(default_factory=RateLimits)
 
 
 class CourseProvider(Protocol):
@@ -84,6 +87,10 @@ class CourseProvider(Protocol):
 class MediaProvider(Protocol):
     name: str
 
+    def media_model(self, media_type: str) -> str:
+        """The model that makes `media_type` (image, audio): its quota's."""
+        ...
+
     async def image(self, prompt: str, size: str) -> Media: ...
 
     async def speech(self, text: str, voice: str, fmt: str) -> Media: ...
@@ -92,9 +99,12 @@ class MediaProvider(Protocol):
 class Refused(Exception):
     """The provider answered, but with a refusal or a content-policy block."""
 
-    def __init__(self, message: str, usage: Usage | None = None) -> None:
+    def __init__(
+        self, message: str, usage: Usage | None = None, limits: RateLimits | None = None
+    ) -> None:
         super().__init__(message)
         self.usage = usage or Usage()  # what the refusal cost
+        self.limits = limits or RateLimits()  # its answer's rate-limit headers
 
 
 class Failure(enum.StrEnum):

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, TypeVar
@@ -74,24 +75,18 @@ class Breakers:
         self._fetched: float | None = None
         self._lock = asyncio.Lock()
         self._db_ok = True
+        self.on_change: Callable[[], None] | None = None  # a breaker closed here
 
     # -- reading ------------------------------------------------------------
 
     async def admit(self, name: str, lease: float) -> Admission:
         """May this call go to `name`? Skipped while open; once the cooldown is over,
         one caller (of all workers) takes the probe and the others wait for it."""
-        await self._refresh()
+        seen = await self.peek(name)
+        if not seen.probe:
+            return seen
         st = self.states.get(name)
-        now = time.monotonic()
-        if st is None or st.open_until is None:
-            return CALL
-        reason = st.reason or "unavailable"
-        if st.open_until > now:
-            return Admission(False, wait=st.open_until - now, reason=_open_text(st, now))
-        if st.probe_until is not None and st.probe_until > now:
-            wait = min(PROBE_RECHECK_SECONDS, st.probe_until - now)
-            why = f"breaker half-open, probe in flight ({reason})"
-            return Admission(False, wait=wait, reason=why)
+        reason = (st.reason if st else None) or "unavailable"
         got = await self._probe(name, lease)
         st = self.states.get(name)
         now = time.monotonic()
@@ -105,6 +100,26 @@ class Breakers:
         if st.open_until > now:  # another worker's probe failed: open again
             return Admission(False, wait=st.open_until - now, reason=_open_text(st, now))
         return Admission(False, wait=PROBE_RECHECK_SECONDS, reason=f"breaker half-open ({reason})")
+
+    async def peek(self, name: str) -> Admission:
+        """What admit() would say, without taking the probe: CALL (closed),
+        Admission(True, probe=True) (half-open, the probe is free), or not now and
+        for how long. While another caller's probe is in flight the answer is "not
+        now, look again in a second": whoever holds claims for it asks again
+        then, without claiming a job to find out."""
+        await self._refresh()
+        st = self.states.get(name)
+        now = time.monotonic()
+        if st is None or st.open_until is None:
+            return CALL
+        reason = st.reason or "unavailable"
+        if st.open_until > now:
+            return Admission(False, wait=st.open_until - now, reason=_open_text(st, now))
+        if st.probe_until is not None and st.probe_until > now:
+            wait = min(PROBE_RECHECK_SECONDS, st.probe_until - now)
+            why = f"breaker half-open, probe in flight ({reason})"
+            return Admission(False, wait=wait, reason=why)
+        return Admission(True, probe=True)
 
     async def forget_auth(self, names: list[str]) -> None:
         """At start-up: close the breakers a credentials error opened for the
@@ -274,6 +289,8 @@ class Breakers:
             logger.bind(action="provider_breaker_closed", provider=name).info(
                 "{} answers again: breaker closed", name
             )
+            if self.on_change:
+                self.on_change()
 
     def _log_open(self, name: str, st: State, moved: str, now: float) -> None:
         seconds = round((st.open_until or now) - now, 1)

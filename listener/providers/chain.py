@@ -1,5 +1,7 @@
 """One attempt: ask each provider of the chain once, in order, past those whose
-breaker is open, and decide what the failures mean (docs/generation.md):
+breaker is open or whose quota has no room for the call (each call is reserved
+before it goes and settled after it: quota.py), and decide what the failures
+mean (docs/generation.md):
 
 - unwell (5xx, 429/529, a timeout, a connection error): the breaker counts it;
   the next provider;
@@ -9,15 +11,17 @@ breaker is open, and decide what the failures mean (docs/generation.md):
   (not a course after the one repair round): the next provider.
 
 When none answered: every one refused -> RequestRefused (the dead letter at once,
-retrying cannot help); every one refused or is now open -> ProvidersUnavailable
-(the job waits, no attempt counted); otherwise GenerationError (a failed attempt)
-naming every cause.
+retrying cannot help); every one refused, is now open or out of quota ->
+ProvidersUnavailable (the job waits, no attempt counted); otherwise
+GenerationError (a failed attempt) naming every cause. Each job's chain is noted
+for the claim gate (gate.py), which then claims no more jobs than can go.
 """
 
 from __future__ import annotations
 
 import asyncio
 import dataclasses
+import json
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
@@ -27,6 +31,8 @@ from loguru import logger
 
 from listener.course_schema import Course, SchemaValidationError, parse_course
 from listener.errors import GenerationError, ProvidersUnavailable, RequestRefused
+from listener.jobs import work_begins
+from listener.providers import quota, ratelimits
 from listener.providers.base import (
     Answer,
     CoursePrompt,
@@ -39,11 +45,17 @@ from listener.providers.base import (
     classify,
 )
 from listener.providers.base import describe as describe_error
-from listener.providers.breaker import CALL, Breakers
+from listener.providers.breaker import Breakers
+from listener.providers.gate import ClaimGate, Stop
 from listener.providers.meter import Meter, Payer
+from listener.providers.quota import Grant, Quotas, Refusal
+from listener.providers.ratelimits import RateLimits
 from listener.settings import Settings
 
+R = TypeVar("R")
 T = TypeVar("T")
+# An answer's rate limits, what the provider counted, what it gave back since.
+Counted = tuple[RateLimits, quota.Cost, list[float] | None]
 V = TypeVar("V")
 P = TypeVar("P", CourseProvider, MediaProvider)
 UNGUARDED = frozenset({"placeholder"})  # local, never unwell: no breaker
@@ -69,21 +81,30 @@ class _Made(Generic[V]):
 
 
 class Chain:
-    def __init__(self, settings: Settings, breakers: Breakers, meter: Meter) -> None:
+    def __init__(
+        self, settings: Settings, breakers: Breakers, meter: Meter, quotas: Quotas | None = None
+    ) -> None:
         self.per_call = settings.ai_timeout_seconds
         self.retry_after_cap = settings.provider_retry_after_max_seconds
+        self.max_tokens = settings.ai_max_output_tokens
         self.secrets = settings.secrets()
         self.breakers = breakers
         self.meter = meter
+        self.quotas = quotas or Quotas(None, settings)
+        self.gate = ClaimGate(breakers, self.quotas)  # the claim loop's view of the lanes
 
     async def course(
         self, providers: Sequence[CourseProvider], prompt: CoursePrompt, job: Payer | None = None
     ) -> tuple[Course, Generated]:
         """`job`: whom each call is charged to (the budget's spend)."""
 
-        async def ask(p: CourseProvider) -> _Made[Course]:
+        def plan(p: CourseProvider, ask: CoursePrompt = prompt) -> Stop:
+            cost = quota.estimate(_prompt_chars(ask), self.max_tokens)
+            return Stop(p.name, p.model, cost, p.name not in UNGUARDED)
+
+        async def ask(p: CourseProvider, grant: Grant | None) -> _Made[Course]:
             usage = Usage()
-            answer = await self._answer(p.name, p.model, p.course(prompt), usage, job)
+            answer = await self._answer(p, plan(p), grant, lambda: p.course(prompt), usage, job)
             try:
                 return _Made(parse_course(answer.text, prompt.params), answer.model, usage)
             except SchemaValidationError as exc:
@@ -92,61 +113,163 @@ class Chain:
                 "invalid course answer, asking once more: {}", problem
             )
             fixed = dataclasses.replace(prompt, repair=(answer.text, problem))
-            answer = await self._answer(p.name, p.model, p.course(fixed), usage, job)
+            again = plan(p, fixed)
+            answer = await self._answer(p, again, None, lambda: p.course(fixed), usage, job)
             return _Made(parse_course(answer.text, prompt.params), answer.model, usage, 1)
 
         # A probe's lease covers the answer and its repair round.
-        return await self._run(providers, ask, "Course", lease=2 * self.per_call + 5)
+        return await self._run(providers, plan, ask, "Course", 2 * self.per_call + 5, job)
 
     async def media(
         self,
         providers: Sequence[MediaProvider],
         make: Callable[[MediaProvider], Awaitable[Media]],
         job: Payer | None = None,
+        model_of: Callable[[MediaProvider], str] | None = None,
     ) -> tuple[Media, Generated]:
-        async def ask(p: MediaProvider) -> _Made[Media]:
-            async with asyncio.timeout(self.per_call):
-                media = await make(p)
+        """`model_of`: the model a provider makes this media with (its quota's)."""
+
+        def plan(p: MediaProvider) -> Stop:
+            model = model_of(p) if model_of else p.name
+            return Stop(p.name, model, quota.MEDIA, p.name not in UNGUARDED)
+
+        async def ask(p: MediaProvider, grant: Grant | None) -> _Made[Media]:
+            media = await self._call(plan(p), grant, lambda: make(p), _media_counted)
             await self.meter.charge(job, p.name, media.model, media.usage)
             return _Made(media, media.model, media.usage)
 
-        return await self._run(providers, ask, "Media", lease=self.per_call + 5)
+        return await self._run(providers, plan, ask, "Media", self.per_call + 5, job)
 
     async def _answer(
-        self, name: str, model: str, call: Awaitable[Answer], usage: Usage, job: Payer | None
+        self,
+        p: CourseProvider,
+        stop: Stop,
+        grant: Grant | None,
+        call: Callable[[], Awaitable[Answer]],
+        usage: Usage,
+        job: Payer | None,
     ) -> Answer:
+        def counted(answer: Answer) -> Counted:
+            used = answer.usage
+            cost = quota.charged(p.name, used, self.max_tokens)
+            return answer.limits, cost, quota.returned(p.name, used, self.max_tokens)
+
+        try:
+            answer = await self._call(stop, grant, call, counted)
+        except Refused as exc:
+            await self.meter.charge(job, p.name, p.model, exc.usage)
+            raise
+        await self.meter.charge(job, p.name, answer.model, answer.usage)
+        usage.add(answer.usage)
+        return answer
+
+    async def _call(
+        self,
+        stop: Stop,
+        grant: Grant | None,
+        call: Callable[[], Awaitable[R]],
+        counted: Callable[[R], Counted],
+    ) -> R:
+        """One provider call under its quota: reserved (unless `grant` is the
+        reservation made for it already), bounded by AI_TIMEOUT_SECONDS as a whole,
+        settled from its answer or its error."""
+        if grant is None and stop.guarded:
+            grant = await self._reserve_waiting(stop)
+        work_begins()
+        sent = time.time()
         try:
             # The SDK timeout bounds each network wait; this bounds the whole call.
             async with asyncio.timeout(self.per_call):
-                answer = await call
-        except Refused as exc:
-            await self.meter.charge(job, name, model, exc.usage)
+                result = await call()
+        except BaseException as exc:
+            if grant is not None:
+                await asyncio.shield(self._settle_failed(grant, exc, sent))
             raise
-        await self.meter.charge(job, name, answer.model, answer.usage)
-        usage.add(answer.usage)
-        return answer
+        if grant is not None:
+            limits, cost, back = counted(result)
+            await self.quotas.settle(
+                grant, counted=cost, limits=limits, sent_at=sent, heard=True, returned=back
+            )
+        return result
+
+    async def _settle_failed(self, grant: Grant, exc: BaseException, sent: float) -> None:
+        if isinstance(exc, Refused):  # an answer: the provider counted its input at least
+            limits = exc.limits
+            await self.quotas.settle(grant, counted=None, limits=limits, sent_at=sent, heard=True)
+            return
+        response = getattr(exc, "response", None)
+        status = getattr(exc, "status_code", None)
+        limits = ratelimits.parse(getattr(response, "headers", None), sent)
+        await self.quotas.settle(
+            grant,
+            counted=None,
+            limits=limits,
+            sent_at=sent,
+            heard=response is not None,
+            limited=status == 429,
+        )
+
+    async def _reserve_waiting(self, stop: Stop) -> Grant:
+        """A call in the middle of an attempt (the repair round): it waits here for
+        its quota, for at most AI_TIMEOUT_SECONDS, rather than lose the first."""
+        deadline = time.monotonic() + self.per_call
+        while True:
+            got = await self.quotas.reserve(stop.key, stop.cost)
+            if isinstance(got, Grant):
+                return got
+            if got.too_big or time.monotonic() + got.wait > deadline:
+                raise _QuotaRefused(got)
+            await asyncio.sleep(got.wait)
 
     async def _run(
         self,
         providers: Sequence[P],
-        ask: Callable[[P], Awaitable[_Made[T]]],
+        plan: Callable[[P], Stop],
+        ask: Callable[[P, Grant | None], Awaitable[_Made[T]]],
         what: str,
         lease: float,
+        job: Payer | None,
     ) -> tuple[T, Generated]:
         causes: list[str] = []
         outcomes: list[str] = []  # a Failure, or LATER
         waits: list[float] = []
+        quota_only = True  # every LATER is a quota's
         t0 = time.perf_counter()
-        for p in providers:
-            guarded = p.name not in UNGUARDED
-            admit = await self.breakers.admit(p.name, lease) if guarded else CALL
-            if not admit.call:
-                causes.append(f"{p.name}: {admit.reason}")
-                outcomes.append(LATER)
-                waits.append(admit.wait)
-                continue
+        lane = [plan(p) for p in providers]
+        if job is not None:
+            self.gate.note(job.table, lane)
+        for p, stop in zip(providers, lane, strict=True):
+            grant: Grant | None = None
+            if stop.guarded:
+                seen = await self.breakers.peek(p.name)
+                got = await self.quotas.reserve(stop.key, stop.cost) if seen.call else None
+                if isinstance(got, Refusal):
+                    causes.append(f"{p.name}: {got.reason}")
+                    if got.too_big:
+                        outcomes.append(Failure.REFUSED)
+                    else:
+                        outcomes.append(LATER)
+                        waits.append(min(got.wait, quota.QUOTA_DUE_SECONDS))
+                    continue
+                grant = got
+                admit = await self.breakers.admit(p.name, lease) if seen.call else seen
+                if not admit.call:
+                    if grant is not None:
+                        await self.quotas.release(grant)
+                    causes.append(f"{p.name}: {admit.reason}")
+                    outcomes.append(LATER)
+                    waits.append(admit.wait)
+                    quota_only = False
+                    continue
             try:
-                made = await ask(p)
+                made = await ask(p, grant)
+            except _QuotaRefused as exc:  # the repair round's quota: later, as for the first
+                if stop.guarded:
+                    await self.breakers.succeeded(p.name)  # its first call was answered
+                causes.append(f"{p.name}: {exc.refusal.reason}")
+                outcomes.append(Failure.REFUSED if exc.refusal.too_big else LATER)
+                waits.append(min(exc.refusal.wait, quota.QUOTA_DUE_SECONDS))
+                continue
             except Exception as exc:
                 c = classify(exc, self.retry_after_cap)
                 cause = describe_error(exc, self.per_call, self.secrets)
@@ -154,23 +277,43 @@ class Chain:
                 logger.bind(action="provider_failed", provider=p.name, failure=c.failure).warning(
                     "{} provider failed: {}", what.lower(), cause
                 )
-                wait = await self.breakers.record(p.name, c, cause) if guarded else None
+                wait = await self.breakers.record(p.name, c, cause) if stop.guarded else None
                 if wait is not None:
                     outcomes.append(LATER)
                     waits.append(wait)
+                    quota_only = False
                 else:
                     outcomes.append(c.failure)
                 continue
-            if guarded:
+            if stop.guarded:
                 await self.breakers.succeeded(p.name)
             ms = round((time.perf_counter() - t0) * 1000, 3)
             gen = Generated(p.name, made.model, ms, made.usage, causes, made.repairs)
             return made.value, gen
-        raise verdict(what, causes, outcomes, waits)
+        raise verdict(what, causes, outcomes, waits, quota_only)
+
+
+class _QuotaRefused(Exception):
+    def __init__(self, refusal: Refusal) -> None:
+        super().__init__(refusal.reason)
+        self.refusal = refusal
+
+
+def _prompt_chars(prompt: CoursePrompt) -> int:
+    """The size of what a course request sends: the instructions, the request, the
+    schema, and the repair round's previous answer and problem."""
+    size = len(prompt.system) + len(prompt.user) + len(json.dumps(prompt.schema))
+    if prompt.repair:
+        size += sum(len(part) for part in prompt.repair) + 200  # and the follow-up's text
+    return size
+
+
+def _media_counted(media: Media) -> Counted:
+    return media.limits, quota.MEDIA, None
 
 
 def verdict(
-    what: str, causes: list[str], outcomes: list[str], waits: list[float]
+    what: str, causes: list[str], outcomes: list[str], waits: list[float], quota_only: bool = False
 ) -> GenerationError | RequestRefused:
     """The error that ends an attempt where no provider made the result."""
     detail = "; ".join(causes)
@@ -179,7 +322,7 @@ def verdict(
     if outcomes and refused == len(outcomes):
         return RequestRefused(f"Request refused by every provider: {detail}")
     if later and later + refused == len(outcomes):
-        return ProvidersUnavailable(f"Providers unavailable: {detail}", min(waits))
+        return ProvidersUnavailable(f"Providers unavailable: {detail}", min(waits), quota_only)
     if outcomes and outcomes.count(Failure.INVALID) == len(outcomes):
         # the runbook's "Schema validation failed", said once
         return GenerationError(

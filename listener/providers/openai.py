@@ -4,12 +4,13 @@ format, images through the Images API, audio through the Speech API."""
 from __future__ import annotations
 
 import base64
+import time
 from typing import Any
 
 import openai
 from openai.types.chat import ChatCompletionMessageParam
 
-from listener.providers import pricing
+from listener.providers import pricing, ratelimits
 from listener.providers.base import Answer, CoursePrompt, Media, Refused, Usage, repair_request
 from listener.providers.download import download
 from listener.settings import Settings
@@ -51,7 +52,9 @@ class OpenAIProvider:
             previous, problem = prompt.repair
             messages.append({"role": "assistant", "content": previous})
             messages.append({"role": "user", "content": repair_request(problem)})
-        resp = await self.client.chat.completions.create(
+        # The raw response: its rate-limit headers too (the quotas learn from them).
+        sent = time.time()
+        raw = await self.client.chat.completions.with_raw_response.create(
             model=self.model,
             messages=messages,
             max_completion_tokens=self.max_tokens,
@@ -61,6 +64,8 @@ class OpenAIProvider:
             },
             prompt_cache_key=PROMPT_CACHE_KEY,
         )
+        resp = raw.parse()
+        limits = ratelimits.parse(raw.headers, sent)
         model = resp.model or self.model
         usage = Usage()
         if resp.usage:
@@ -73,19 +78,24 @@ class OpenAIProvider:
         )
         choice = resp.choices[0] if resp.choices else None
         if choice is not None and choice.message.refusal:
-            raise Refused(choice.message.refusal, usage)
+            raise Refused(choice.message.refusal, usage, limits)
         if choice is not None and choice.finish_reason == "content_filter":
-            raise Refused("blocked by the content filter", usage)
+            raise Refused("blocked by the content filter", usage, limits)
         text = (choice.message.content or "") if choice else ""
-        return Answer(text, model, usage)
+        return Answer(text, model, usage, limits)
+
+    def media_model(self, media_type: str) -> str:
+        return self.image_model if media_type == "image" else self.tts_model
 
     async def image(self, prompt: str, size: str) -> Media:
         extra: dict[str, Any] = {}
         if self.image_model.startswith("dall-e"):
             extra["response_format"] = "b64_json"  # gpt-image models always answer base64
-        resp = await self.client.images.generate(
+        sent = time.time()
+        raw = await self.client.images.with_raw_response.generate(
             model=self.image_model, prompt=prompt, size=size, n=1, **extra
         )
+        resp = raw.parse()
         if not resp.data:
             raise ValueError("the images API returned no image")
         first = resp.data[0]
@@ -96,17 +106,22 @@ class OpenAIProvider:
         else:
             raise ValueError("the images API returned neither data nor a URL")
         usage = Usage(cost_usd=pricing.image_cost(self.image_model))
-        return Media(data, "png", "image/png", self.image_model, usage)
+        limits = ratelimits.parse(raw.headers, sent)
+        return Media(data, "png", "image/png", self.image_model, usage, limits)
 
     async def speech(self, text: str, voice: str, fmt: str) -> Media:
-        resp = await self.client.audio.speech.create(
+        sent = time.time()
+        raw = await self.client.audio.speech.with_raw_response.create(
             model=self.tts_model,
             voice=voice,
             input=text,
             response_format=fmt,  # type: ignore[arg-type]  # checked by MediaParams
         )
+        audio = raw.parse().content
         usage = Usage(cost_usd=pricing.speech_cost(self.tts_model, len(text)))
-        return Media(resp.content, fmt, _AUDIO_TYPES.get(fmt, "audio/mpeg"), self.tts_model, usage)
+        limits = ratelimits.parse(raw.headers, sent)
+        ctype = _AUDIO_TYPES.get(fmt, "audio/mpeg")
+        return Media(audio, fmt, ctype, self.tts_model, usage, limits)
 
     async def check(self) -> str:
         page = await self.client.models.list()

@@ -32,6 +32,9 @@ class PlaceholderProvider:
             raise GenerationError(prompt.params.simulate_failure)
         return Answer(placeholder_course(prompt).model_dump_json(), MODEL, Usage())
 
+    def media_model(self, media_type: str) -> str:
+        return MODEL
+
     async def image(self, prompt: str, size: str) -> Media:
         await asyncio.sleep(self.delay)
         return Media(placeholder_png(prompt), "png", "image/png", MODEL, Usage())

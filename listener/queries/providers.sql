@@ -53,3 +53,16 @@ select provider, (open_until is not null)::int as open from ai_job_provider_stat
 select provider, model, input_tokens, cached_input_tokens, output_tokens, cost_usd::float8 as cost_usd
 from ai_job_usage_totals
 order by provider, model
+
+-- name: quota_reserve
+-- sql/023: up to n calls of a model, each of the cost {requests, tokens, input, output}.
+select granted, wait_seconds, metered, learning, too_big
+from ai_job_quota_reserve(%(provider)s, %(model)s, %(n)s, %(cost)s::float8[], %(caps)s::bigint[],
+                          %(lease)s, %(learners)s)
+
+-- name: quota_settle
+-- sql/023: a call settled from its answer, or reservations given back unused.
+select metered
+from ai_job_quota_settle(%(provider)s, %(model)s, %(back)s::float8[], %(caps)s::bigint[],
+                         %(limits)s::bigint[], %(remaining)s::bigint[], %(age)s, %(window)s,
+                         %(heard)s, %(learning)s, %(limited)s)

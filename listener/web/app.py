@@ -11,6 +11,7 @@
     GET  /admin/static/{file}          the charting library (vendored, served here)
     POST /admin/jobs/mark-stale | dead-letter | requeue | cancel | pause | bulk
     POST /admin/login | logout         browser session
+    /v1/jobs/...                       the end-user API (api.py), with a JWT setting only
 
 Everything but /healthz needs the admin token (auth.py); without it a page answers
 401 with the sign-in form (saying why: a wrong token, another site, an expired
@@ -47,6 +48,7 @@ from listener.settings import Settings
 from listener.storage import Storage, open_storage
 from listener.web import metrics, views
 from listener.web.actions import Actions
+from listener.web.api import Api
 from listener.web.auth import Auth, Principal, origin_refusal
 from listener.web.live import LiveFeed
 from listener.web.pages import Pages
@@ -268,6 +270,8 @@ async def _to_page(request: Request) -> Response:
 def create_app(settings: Settings, dsn: str, admin_token: str) -> Starlette:
     d = Dashboard(settings, dsn, admin_token)
     p, a = Pages(d), Actions(d)
+    # The end-user API (api.py), on the same LISTEN connection as the dashboard.
+    api = Api(settings, dsn, d.feed, lambda: d.storage) if settings.api_enabled else None
     g = d.guarded
     routes = [
         Route("/healthz", d.healthz),
@@ -290,7 +294,22 @@ def create_app(settings: Settings, dsn: str, admin_token: str) -> Starlette:
         Route("/admin/static/{name}", g(p.static)),
         Route("/admin/login", d.login, methods=["POST"]),
         Route("/admin/logout", g(d.logout), methods=["POST"]),
+        *(api.routes() if api else []),
     ]
-    app = Starlette(routes=routes, lifespan=d.lifespan)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        async with d.lifespan(app):
+            if api is None:
+                yield
+                return
+            await api.start()
+            try:
+                yield
+            finally:
+                await api.stop()
+
+    app = Starlette(routes=routes, lifespan=lifespan)
     app.state.dashboard = d
+    app.state.api = api
     return app

@@ -2,10 +2,12 @@
 server-sent-events stream (with LISTEN_MODE=poll: a re-read every second instead).
 
 PostgreSQL notifies `ai_jobs_events` once per statement that changed jobs
-(triggers/007). Notifications only mark the view dirty; a refresher re-reads and
-re-renders at most every MIN_INTERVAL seconds and hands the same rendering to every
-subscriber. A burst of thousands of status changes therefore costs a few queries,
-and a slow browser only ever gets the latest snapshot (queues of one).
+(triggers/007; an update names the jobs, sql/024). Notifications only mark the
+view dirty, and go on to the watchers (the end-user API's streams, streams.py);
+a refresher re-reads and re-renders at most every MIN_INTERVAL seconds and hands
+the same rendering to every subscriber. A burst of thousands of status changes
+therefore costs a few queries, and a slow browser only ever gets the latest
+snapshot (queues of one).
 """
 
 from __future__ import annotations
@@ -52,6 +54,7 @@ class LiveFeed:
         self._listen = listen
         self._min_interval = min_interval
         self._subscribers: set[Subscriber] = set()
+        self._watchers: list[Callable[[str | None], None]] = []
         self._dirty = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         # The worker's LISTEN service, on the events channel: the same ping,
@@ -95,6 +98,16 @@ class LiveFeed:
         self._dirty.set()  # a fresh snapshot first: nothing is missed since the page loaded
         return queue
 
+    def watch(self, watcher: Callable[[str | None], None]) -> None:
+        """Every payload of the channel (probes aside) to `watcher`, as it comes;
+        None when anything may have changed unheard (a reconnect, a poll tick).
+        The end-user API's event streams hang on this, beside the dashboard."""
+        self._watchers.append(watcher)
+
+    def _tell(self, payload: str | None) -> None:
+        for watcher in self._watchers:
+            watcher(payload)
+
     def unsubscribe(self, queue: Subscriber) -> None:
         self._subscribers.discard(queue)
 
@@ -111,10 +124,12 @@ class LiveFeed:
     def _changed(self, payload: str) -> None:
         if probe_of(payload) is None:  # another web process's probe changes nothing
             self._dirty.set()
+            self._tell(payload)
 
     async def _poll(self) -> None:
         while True:
             self._dirty.set()
+            self._tell(None)
             await asyncio.sleep(POLL_SECONDS)
 
     def _connected(self, recovered: bool) -> None:
@@ -123,6 +138,7 @@ class LiveFeed:
         if recovered and self._on_recovered is not None:
             self._on_recovered()
         self._dirty.set()
+        self._tell(None)
 
     async def _refresh(self) -> None:
         failing = False

@@ -13,6 +13,7 @@ from loguru import logger
 from listener import db, ops
 from listener.errors import AiJobsError, ConfigError
 from listener.settings import Settings
+from listener.web import api
 from listener.web.app import create_app
 from listener.web.auth import token_problem
 from listener.web.peer import ClientKey
@@ -43,6 +44,8 @@ async def serve(settings: Settings, host: str = "0.0.0.0", port: int | None = No
     dsn = db.require_dsn(settings.dsn)
     async with db.connection(dsn, app="ai-jobs web") as conn:
         await ops.queue_depth(conn)  # reachable, and migrated (else: run `ai-jobs migrate`)
+        if settings.api_enabled:
+            await api.preflight(conn)
     port = port or settings.port
     app = create_app(settings, dsn, token)
     config = uvicorn.Config(

@@ -149,6 +149,15 @@ ATTACKS = [
     "insert into ai_job_admissions (created_by) values (auth.uid())",
     "select ai_job_release_course_ids(array['00000000-0000-4000-8000-00000000a11c'::uuid],"
     " '{algebra}')",
+    # sql/024: progress is the worker's to write
+    """update ai_course_jobs set progress = '{"percent": 100}'""",
+    """update ai_course_jobs set partial_result = '{"title": "pwned"}'""",
+    """update ai_media_jobs set progress = '{"percent": 100}'""",
+    "update ai_course_jobs set batch = true, trace_parent = null",
+    "select * from progress_jobs('ai_course_jobs', array[gen_random_uuid()],"
+    """ array[gen_random_uuid()], array['{"percent": 1}'::jsonb])""",
+    "select trace_parent from ai_course_jobs",
+    "select * from ai_job_read_as_users(array['{}'], array[gen_random_uuid()], array[1])",
 ]
 
 
@@ -333,6 +342,13 @@ POISON = [
     ("metrics", """'{"generationDurationMs": 1e400, "provider": "openai"}'"""),
     ("metrics", """'{"nested": {"deep": [-1e301]}}'"""),
     ("metrics", "'[1, 2]'"),
+    # sql/024: a trace_parent that is not W3C's (upper case, a newline, zero ids, v ff)
+    ("trace_parent", "'00-0AF7651916CD43DD8448EB211C80319C-b7ad6b7169203331-01'"),
+    ("trace_parent", "E'00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01\\n'"),
+    ("trace_parent", "'00-00000000000000000000000000000000-b7ad6b7169203331-01'"),
+    ("trace_parent", "'00-0af7651916cd43dd8448eb211c80319c-0000000000000000-01'"),
+    ("trace_parent", "'ff-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01'"),
+    ("trace_parent", "'00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01-extra'"),
 ]
 
 
@@ -813,3 +829,140 @@ def test_a_requeued_job_never_writes_into_a_course_taken_since(
         owners = c.execute("select course_id, owner from ai_course_owners").fetchall()
         mine = {r["course_id"]: r["owner"] for r in owners}
         assert (mine["physics"], mine[moved["course_id"]], mine["sailing"]) == (ALICE, BOB, BOB)
+
+
+# -- sql/024: progress, partial results, batch, trace_parent ---------------------
+
+TRACE = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+
+
+@pytest.mark.parametrize(
+    ("table", "column"),
+    [
+        ("ai_course_jobs", "progress"),
+        ("ai_course_jobs", "partial_result"),
+        ("ai_media_jobs", "progress"),
+    ],
+)
+def test_a_user_cannot_write_progress(supabase_db_url: str, table: str, column: str) -> None:
+    request = (
+        "subject, created_by" if table == "ai_course_jobs" else "prompt, media_type, created_by"
+    )
+    values = "'x', auth.uid()" if table == "ai_course_jobs" else "'x', 'image', auth.uid()"
+    with connect(supabase_db_url) as c:
+        as_user(c, ALICE)
+        with pytest.raises(errors.InsufficientPrivilege):
+            c.execute(
+                f"insert into {table} ({request}, {column})"
+                f""" values ({values}, '{{"percent": 100}}')"""
+            )
+        row = c.execute(
+            f"insert into {table} ({request}) values ({values}) returning id"
+        ).fetchone()
+        with pytest.raises(errors.InsufficientPrivilege):
+            c.execute(
+                f"""update {table} set {column} = '{{"percent": 100}}' where id = %s""",
+                [row["id"]],
+            )
+    with connect(supabase_db_url) as c:
+        assert job(c, str(row["id"]), table)[column] is None
+
+
+def test_a_user_asks_for_batch_and_a_trace_and_watches_their_job(seeded: str) -> None:
+    with connect(seeded) as c:
+        as_user(c, ALICE)
+        course = c.execute(
+            "insert into ai_course_jobs (subject, created_by, batch, trace_parent)"
+            " values ('Geometry', auth.uid(), true, %s) returning id, batch, progress,"
+            " partial_result",
+            [TRACE],
+        ).fetchone()
+        assert course["batch"] is True
+        assert course["progress"] is None and course["partial_result"] is None
+        media = c.execute(
+            "insert into ai_media_jobs (prompt, media_type, created_by, trace_parent)"
+            " values ('a cat', 'image', auth.uid(), %s) returning id, batch, progress",
+            [TRACE],
+        ).fetchone()
+        assert media["batch"] is False and media["progress"] is None
+        # the trace is handed over, not read back
+        with pytest.raises(errors.InsufficientPrivilege):
+            c.execute("select trace_parent from ai_media_jobs")
+        with pytest.raises(psycopg.errors.CheckViolation):
+            c.execute(
+                "insert into ai_course_jobs (subject, created_by, trace_parent)"
+                " values ('x', auth.uid(), 'not a traceparent')"
+            )
+    with connect(seeded) as c:  # the worker writes progress
+        c.execute(
+            "update ai_course_jobs set status = 'processing', claim_token = %s where id = %s",
+            [TOKEN, course["id"]],
+        )
+        written = c.execute(
+            "select * from progress_jobs('ai_course_jobs', %s, %s, %s::jsonb[], %s::jsonb[])",
+            [
+                [course["id"]],
+                [TOKEN],
+                ['{"percent": 40, "phase": "generating", "groupsDone": 2, "groupsTotal": 5}'],
+                ['{"title": "Geometry", "groups": []}'],
+            ],
+        ).fetchall()
+        assert len(written) == 1
+        assert job(c, str(course["id"]))["trace_parent"] == TRACE
+    with connect(seeded) as c:  # Alice sees it; Bob sees nothing of it
+        as_user(c, ALICE)
+        row = c.execute(
+            "select progress, partial_result, batch from ai_course_jobs where id = %s",
+            [course["id"]],
+        ).fetchone()
+        assert row["progress"]["percent"] == 40 and row["progress"]["groupsDone"] == 2
+        assert row["partial_result"] == {"title": "Geometry", "groups": []}
+        as_user(c, BOB)
+        assert c.execute("select progress from ai_course_jobs").fetchall() == []
+
+
+def test_a_client_granted_every_column_still_writes_no_progress(supabase_db_url: str) -> None:
+    """A deployment that grants more (a dashboard's "grant all"): progress and the
+    partial result still start null, whatever the insert says."""
+    with connect(supabase_db_url) as c:
+        c.execute("grant insert on ai_course_jobs, ai_media_jobs to authenticated")
+    with connect(supabase_db_url) as c:
+        as_user(c, ALICE)
+        row = c.execute(
+            "insert into ai_course_jobs (subject, created_by, status, progress, partial_result)"
+            """ values ('x', auth.uid(), 'done', '{"percent": 100}', '{"title": "x"}')"""
+            " returning id"
+        ).fetchone()
+        media = c.execute(
+            "insert into ai_media_jobs (prompt, media_type, created_by, progress)"
+            """ values ('x', 'image', auth.uid(), '{"percent": 100}') returning id"""
+        ).fetchone()
+    with connect(supabase_db_url) as c:
+        fresh = job(c, str(row["id"]))
+        assert fresh["status"] == "pending"
+        assert fresh["progress"] is None and fresh["partial_result"] is None
+        assert job(c, str(media["id"]), "ai_media_jobs")["progress"] is None
+
+
+PROGRESS_POISON = [
+    "'[1, 2]'",
+    """'{"percent": "50"}'""",
+    """'{"percent": null}'""",
+    """'{"phase": "pwned"}'""",
+    """'{"phase": 1}'""",
+]
+
+
+@pytest.mark.parametrize("value", PROGRESS_POISON)
+@pytest.mark.parametrize("who", ["owner", "service_role"])
+def test_no_role_can_write_a_progress_a_client_cannot_read(
+    supabase_db_url: str, who: str, value: str
+) -> None:
+    with connect(supabase_db_url) as c:
+        if who == "service_role":
+            as_service(c)
+        jid = _processing(c)
+        with pytest.raises(errors.CheckViolation):
+            c.execute(f"update ai_course_jobs set progress = {value} where id = %s", [jid])
+        with pytest.raises(errors.CheckViolation):
+            c.execute("update ai_course_jobs set partial_result = '[1]' where id = %s", [jid])

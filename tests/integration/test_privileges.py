@@ -38,10 +38,20 @@ LIFECYCLE = [
     "result_path",
     "metrics",
 ]
-COURSE_PUBLIC = [*LIFECYCLE, "subject", "course_id"]
-MEDIA_PUBLIC = [*LIFECYCLE, "prompt", "media_type", "course_id"]
-COURSE_REQUEST = ["subject", "params", "created_by", "course_id"]
-MEDIA_REQUEST = ["prompt", "media_type", "params", "created_by", "course_id"]
+# sql/024: a user watches their job (progress, the course as it grows, batch) and
+# asks for the batch price and a trace; trace_parent is written, not read back.
+COURSE_PUBLIC = [*LIFECYCLE, "subject", "course_id", "progress", "partial_result", "batch"]
+MEDIA_PUBLIC = [*LIFECYCLE, "prompt", "media_type", "course_id", "progress", "batch"]
+COURSE_REQUEST = ["subject", "params", "created_by", "course_id", "batch", "trace_parent"]
+MEDIA_REQUEST = [
+    "prompt",
+    "media_type",
+    "params",
+    "created_by",
+    "course_id",
+    "batch",
+    "trace_parent",
+]
 SETTINGS_PUBLIC = [
     "singleton",
     "rate_limit_per_hour",
@@ -179,6 +189,20 @@ ALLOWED: dict[str, dict[str, set[str]]] = {
     "function ai_media_jobs_defaults()": {},
     "function ai_job_release_course_ids(uuid[],text[])": {"service_role": EXECUTE},
     "function ai_job_reclaim_course_ids(uuid[])": {"service_role": EXECUTE},
+    # sql/024
+    "function ai_job_progress_guard()": {},
+    "function ai_job_read_as_users(text[],uuid[],integer[])": {"service_role": EXECUTE},
+    "function progress_jobs(text,uuid[],uuid[],jsonb[],jsonb[])": {"service_role": EXECUTE},
+    # sql/023
+    "table ai_job_provider_quotas": {"service_role": WRITE},
+    "function ai_job_quota_limits(ai_job_provider_quotas,bigint[])": {"service_role": EXECUTE},
+    "function ai_job_quota_levels(ai_job_provider_quotas,double precision[],"
+    "timestamp with time zone)": {"service_role": EXECUTE},
+    "function ai_job_quota_reserve(text,text,integer,double precision[],bigint[],"
+    "double precision,integer)": {"service_role": EXECUTE},
+    "function ai_job_quota_settle(text,text,double precision[],bigint[],bigint[],bigint[],"
+    "double precision,double precision,boolean,integer,boolean)": {"service_role": EXECUTE},
+    "function ai_job_quota_reset(text,text)": {"service_role": EXECUTE},
 }
 
 

@@ -47,10 +47,11 @@ def test_every_function_in_the_reference_is_in_the_schema() -> None:
 
 
 def test_every_dashboard_route_is_in_the_reference() -> None:
-    app = create_app(Settings(admin_token="x" * 32), "postgresql://localhost/none", "x" * 32)
+    settings = Settings(admin_token="x" * 32, jwt_secret="y" * 32)  # the /v1/ routes too
+    app = create_app(settings, "postgresql://localhost/none", "x" * 32)
     text = _section("HTTP routes")
     paths = [re.sub(r"\{(\w+):\w+\}", r"{\1}", getattr(r, "path", "")) for r in app.routes]
-    assert "/admin/jobs/{id}" in paths
+    assert "/admin/jobs/{id}" in paths and "/v1/jobs/{id}/events" in paths
     # A route is named whole, or (an action) by its last part after a named page.
     named = set(re.findall(r"`(?:GET |POST )?(/[^`\s,]*)", text))
     missing = [p for p in paths if p not in named and "/" + p.rsplit("/", 1)[-1] not in named]

@@ -1,0 +1,163 @@
+"""Provider quotas through real `ai-jobs worker` processes and the real SDKs,
+against the fake provider with a small quota in a short window (tests/fakeai):
+two workers share one quota and meet no 429; PROVIDER_LIMITS below the
+provider's own holds the pace; a 429 despite the reservation backs everyone off
+once; a half-open breaker whose probe is in flight holds the claims (no churn)."""
+
+from __future__ import annotations
+
+import itertools
+import signal
+import time
+from collections import Counter
+from typing import Any
+
+import pytest
+
+from tests.fakeai import FakeAI, Limits
+from tests.helpers import connect, moves, record_moves, wait_until
+from tests.workers import WorkerProcess
+
+from .test_provider_outages import insert_many, providers_env, rows
+
+pytestmark = pytest.mark.timeout(120)
+
+MODEL = "gpt-4.1-mini"
+# Every course call is charged by the fake as its prompt (120 tokens with fixed
+# usage) and its max_tokens: about 1,100 tokens a call.
+MAX_TOKENS = "1000"
+
+
+def env(fake: FakeAI, **extra: Any) -> dict[str, Any]:
+    return providers_env(
+        fake,
+        AI_PROVIDER_PRIORITY="openai",
+        ALLOW_PLACEHOLDER="0",
+        AI_MAX_OUTPUT_TOKENS=MAX_TOKENS,
+        **extra,
+    )
+
+
+def all_done(db_url: str, n: int) -> bool:
+    found = rows(db_url)
+    return len(found) == n and all(r["status"] == "done" for r in found)
+
+
+def stop(*workers: WorkerProcess) -> None:
+    for w in workers:
+        if w.proc.poll() is None:
+            w.signal(signal.SIGTERM)
+    for w in workers:
+        assert w.wait() == 0
+
+
+def chat_calls(fake: FakeAI) -> int:
+    return fake.count("openai", "/chat/completions")
+
+
+def test_two_workers_share_the_quota_and_meet_no_429(db_url: str, fake: FakeAI) -> None:
+    # 4 requests and 4,000 tokens (3 calls) per 2 s: well below what two workers
+    # at concurrency 6 would send.
+    fake.limits = Limits(rpm=4, tpm=4000, window=2)
+    settings = env(fake, WORKER_CONCURRENCY="6")
+    workers = [WorkerProcess(db_url, **settings) for _ in range(2)]
+    try:
+        for w in workers:
+            w.started()
+        t0 = time.monotonic()
+        insert_many(db_url, 16)
+        wait_until(lambda: all_done(db_url, 16), timeout=60, what="16 jobs done")
+        took = time.monotonic() - t0
+    finally:
+        stop(*workers)
+    assert fake.limited == []  # not one 429
+    assert chat_calls(fake) == 16  # one call a job: none refused, none repeated
+    done = rows(db_url)
+    assert all(r["retry_count"] == 0 for r in done)  # waiting for quota counts no attempt
+    starts = Counter(e["job_id"] for w in workers for e in w.actions("job_started"))
+    assert len(starts) == 16 and set(starts.values()) == {1}, starts.most_common(3)
+    # The quota's pace: 3 calls at once, then 1.5 a second (tokens bind).
+    assert took > (16 - 3) / 1.5 * 0.8
+    with connect(db_url) as c:
+        q = c.execute("select * from ai_job_provider_quotas where model = %s", [MODEL]).fetchone()
+    assert q is not None and (q["rpm"], q["tpm"]) == (4, 4000)
+    assert 1.9 <= q["window_seconds"] <= 3.0  # learned from the resets
+
+
+def test_provider_limits_below_the_providers_hold_the_pace(db_url: str, fake: FakeAI) -> None:
+    # The provider allows 12 requests per 2 s; PROVIDER_LIMITS leaves 3 of them to us.
+    fake.limits = Limits(rpm=12, window=2)
+    settings = env(fake, WORKER_CONCURRENCY="8", PROVIDER_LIMITS="openai=rpm:3")
+    w = WorkerProcess(db_url, **settings).started()
+    try:
+        insert_many(db_url, 12)
+        wait_until(lambda: all_done(db_url, 12), timeout=60, what="12 jobs done")
+    finally:
+        stop(w)
+    assert fake.limited == []
+    starts = sorted(e["ts"] for e in w.actions("job_started"))
+    assert len(starts) == 12
+    # A bucket of 3 refilled at 3 per 2 s: in any stretch of L seconds, at most
+    # 3 + 1.5 L calls (plus one for the clocks). The provider's own quota would
+    # have let all 12 go at once.
+    for i, j in itertools.combinations(range(len(starts)), 2):
+        assert j - i + 1 <= 3 + 1.5 * (starts[j] - starts[i]) + 1, (i, j, starts)
+
+
+def test_a_429_despite_the_reservation_backs_everyone_off_once(db_url: str, fake: FakeAI) -> None:
+    fake.limits = Limits(rpm=4, window=2)
+    fake.pace = type(fake.pace)(ttft=0.2)
+    settings = env(fake, WORKER_CONCURRENCY="4")
+    workers = [WorkerProcess(db_url, **settings) for _ in range(2)]
+    try:
+        for w in workers:
+            w.started()
+        insert_many(db_url, 4)
+        wait_until(lambda: all_done(db_url, 4), timeout=30, what="the first 4 jobs done")
+        # Another user of the key spends the quota the workers counted on.
+        while fake.quotas.admit("openai", MODEL, {"requests": 1}) is None:
+            pass
+        stolen = time.time()
+        insert_many(db_url, 8)
+        wait_until(lambda: all_done(db_url, 12), timeout=60, what="12 jobs done")
+    finally:
+        stop(*workers)
+    assert fake.limited, "the theft caused no 429: the test proves nothing"
+    assert all(r.at - stolen < 1.5 for r in fake.limited)  # none after the back-off
+    opened = [e for w in workers for e in w.actions("provider_breaker_open")]
+    assert len(opened) == 1 and opened[0]["kind"] == "rate_limited"
+    exceeded = [e for w in workers for e in w.actions("quota_exceeded")]
+    assert len(exceeded) == len(fake.limited)
+    done = rows(db_url)
+    assert all(r["retry_count"] == 0 for r in done)
+    with connect(db_url) as c:
+        q = c.execute("select * from ai_job_provider_quotas where model = %s", [MODEL]).fetchone()
+    assert q is not None and q["limited_at"] is not None
+
+
+def test_a_probe_in_flight_holds_the_claims(db_url: str, fake: FakeAI) -> None:
+    record_moves(db_url)
+    fake.modes["openai"] = "slow"
+    fake.slow_seconds = 4.0  # the probe's call: the others wait that long for it
+    settings = env(fake, WORKER_CONCURRENCY="10")
+    w = WorkerProcess(db_url, **settings).started()
+    try:
+        with connect(db_url) as c:  # rate limited elsewhere: open for 1 s, then a probe
+            c.execute("select ai_job_provider_failed('openai', 'rate_limited', 'test', 3, 30, 1)")
+        insert_many(db_url, 10)
+        probe = w.wait_for("provider_probe", timeout=20)
+        closed = w.wait_for("provider_breaker_closed", timeout=20)
+        wait_until(lambda: all_done(db_url, 10), timeout=30, what="10 jobs done")
+    finally:
+        stop(w)
+    # While the probe was in flight, not one job was claimed or put back.
+    during = (probe["ts"] + 0.2, closed["ts"] - 0.2)
+    assert closed["ts"] - probe["ts"] > 3.5
+    assert moves(db_url, "claim", *during) == 0
+    assert moves(db_url, "release", *during) == 0
+    # Each job: claimed while the breaker was open and put back (once), then
+    # claimed to run (once); "job started" once, when its call began.
+    assert moves(db_url, "claim") <= 2 * 10
+    starts = Counter(e["job_id"] for e in w.actions("job_started"))
+    assert len(starts) == 10 and set(starts.values()) == {1}
+    assert chat_calls(fake) == 10

@@ -1,0 +1,204 @@
+"""Provider quotas through the handlers, the real SDKs and the fake's quotas:
+both providers' headers read from the raw responses and learned per model, a
+call that does not fit waits (no call, no attempt), one that never fits is
+refused, a 429 despite the reservation corrects the quota and opens the shared
+breaker, the repair round waits for its own quota, and a worker holds the
+claims of jobs whose quota is spent."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import pytest
+from psycopg_pool import AsyncConnectionPool
+
+from listener.errors import ProvidersUnavailable, RequestRefused
+from listener.handlers import create_runtime
+from tests.fakeai import FakeAI, Limits
+from tests.helpers import await_until, connect, insert_course, moves, record_moves
+from tests.integration.handlers.conftest import Conn, MakeSettings, course_job, media_job
+from tests.workers import FAST, running_worker
+
+pytestmark = pytest.mark.timeout(60)
+
+OPENAI, ANTHROPIC = "gpt-4.1-mini", "claude-haiku-4-5"
+
+
+async def quota_row(conn: Conn, provider: str, model: str) -> dict[str, Any]:
+    cur = await conn.execute(
+        "select * from ai_job_provider_quotas where provider = %s and model = %s",
+        [provider, model],
+    )
+    row = await cur.fetchone()
+    assert row is not None, (provider, model)
+    return row
+
+
+async def test_both_providers_headers_teach_each_models_limits(
+    conn: Conn, pool: AsyncConnectionPool[Any], fake: FakeAI, make_settings: MakeSettings
+) -> None:
+    fake.limits = Limits(rpm=50, tpm=60_000, itpm=30_000, otpm=20_000, window=60)
+    openai = await create_runtime(make_settings(ai_max_output_tokens=2000), pool)
+    anthropic = await create_runtime(
+        make_settings(ai_provider_priority="anthropic", ai_max_output_tokens=2000), pool
+    )
+    try:
+        await openai.handlers["ai_course_jobs"](await course_job(conn, "Tides"))
+        await openai.handlers["ai_media_jobs"](await media_job(conn, "a cat", "image"))
+        await anthropic.handlers["ai_course_jobs"](await course_job(conn, "Volcanoes"))
+    finally:
+        await openai.aclose()
+        await anthropic.aclose()
+    o = await quota_row(conn, "openai", OPENAI)
+    assert (o["rpm"], o["tpm"], o["itpm"], o["otpm"]) == (50, 60_000, None, None)
+    assert o["window_seconds"] == pytest.approx(60, abs=0.1)  # OpenAI's resets: durations
+    # One call: the fake counted 120 prompt tokens and the 2,000 of max_tokens (and
+    # the bucket refills at 1,000 a second since).
+    assert 60_000 - 2120 - 10 <= o["tokens"] <= 60_000 - 2120 + 1500
+    assert o["requests"] == pytest.approx(49, abs=0.5)
+    a = await quota_row(conn, "anthropic", ANTHROPIC)
+    assert (a["rpm"], a["tpm"], a["itpm"], a["otpm"]) == (50, None, 30_000, 20_000)
+    # RFC 3339 resets, to the second: a window on the long side, never shorter.
+    assert a["window_seconds"] == pytest.approx(60, abs=0.1)
+    # Its output held max_tokens until the answer said 700 were produced.
+    assert 20_000 - 700 - 10 <= a["output_tokens"] <= 20_000 - 700 + 500
+    image = await quota_row(conn, "openai", "gpt-image-1")  # a model of its own
+    assert image["rpm"] == 50 and image["learned_at"] is not None
+
+
+async def test_a_call_that_does_not_fit_waits_without_being_made(
+    conn: Conn, pool: AsyncConnectionPool[Any], fake: FakeAI, make_settings: MakeSettings
+) -> None:
+    fake.limits = Limits(rpm=100, window=4)
+    s = make_settings(ai_provider_priority="openai", provider_limits="openai=rpm:1")
+    rt = await create_runtime(s, pool)
+    try:
+        await rt.handlers["ai_course_jobs"](await course_job(conn, "Tides"))
+        with pytest.raises(ProvidersUnavailable) as err:
+            await rt.handlers["ai_course_jobs"](await course_job(conn, "Volcanoes"))
+    finally:
+        await rt.aclose()
+    assert fake.count("openai", "/chat/completions") == 1
+    assert err.value.quota  # for quotas alone: held quietly
+    # One request per window (4 s, learned from the first answer's resets).
+    fits = float(err.value.message.split("a call fits in ")[1].split("s")[0])
+    assert err.value.message.startswith("Providers unavailable: openai: quota spent, a call fits")
+    assert 3.0 < fits <= 4.1
+    # The job is due again within a second: the claim gate holds its table's claims
+    # for as long as the quota needs, knowing better by then.
+    assert err.value.wait_seconds <= 1.0
+
+
+async def test_a_call_bigger_than_the_quota_is_refused(
+    conn: Conn, pool: AsyncConnectionPool[Any], fake: FakeAI, make_settings: MakeSettings
+) -> None:
+    s = make_settings(ai_provider_priority="openai", provider_limits="openai=tpm:1000")
+    rt = await create_runtime(s, pool)  # max_tokens alone (16,000) is over the cap
+    try:
+        with pytest.raises(RequestRefused) as err:
+            await rt.handlers["ai_course_jobs"](await course_job(conn, "Tides"))
+    finally:
+        await rt.aclose()
+    assert fake.count("openai") == 0
+    assert "a call needs more than openai gpt-4.1-mini allows per minute" in err.value.message
+
+
+async def test_a_429_despite_the_reservation_corrects_the_quota(
+    conn: Conn, pool: AsyncConnectionPool[Any], fake: FakeAI, make_settings: MakeSettings
+) -> None:
+    fake.limits = Limits(rpm=5, window=60)
+    s = make_settings(ai_provider_priority="openai")
+    rt = await create_runtime(s, pool)
+    try:
+        await rt.handlers["ai_course_jobs"](await course_job(conn, "Tides"))  # learns: 4 left
+        # Another user of the key spends the rest.
+        while fake.quotas.admit("openai", OPENAI, {"requests": 1}) is None:
+            pass
+        with pytest.raises(ProvidersUnavailable) as err:
+            await rt.handlers["ai_course_jobs"](await course_job(conn, "Volcanoes"))
+        assert len(fake.limited) == 1
+        assert rt.chain.quotas.limited == 1
+        # Every worker backs off: the shared breaker, rate limited for retry-after.
+        cur = await conn.execute("select * from ai_job_provider_state where provider = 'openai'")
+        breaker = await cur.fetchone()
+        assert breaker is not None and breaker["cooldown_kind"] == "rate_limited"
+        assert not err.value.quota and 10 < err.value.wait_seconds <= 13  # 60 s / 5, rounded up
+        # And the quota is corrected: nothing left, so no call goes after the back-off
+        # before the bucket has refilled.
+        q = await quota_row(conn, "openai", OPENAI)
+        assert q["limited_at"] is not None and q["requests"] < 0.2
+        await conn.execute("select ai_job_provider_reset('openai')")
+        rt.chain.breakers._fetched = None  # the copy read again at once
+        with pytest.raises(ProvidersUnavailable) as again:
+            await rt.handlers["ai_course_jobs"](await course_job(conn, "Comets"))
+    finally:
+        await rt.aclose()
+    assert again.value.quota and len(fake.limited) == 1  # no second 429
+
+
+async def test_the_repair_round_waits_for_its_own_quota(
+    conn: Conn, pool: AsyncConnectionPool[Any], fake: FakeAI, make_settings: MakeSettings
+) -> None:
+    fake.limits = Limits(rpm=100, window=2)
+    fake.modes["openai"] = "invalid_once"
+    s = make_settings(ai_provider_priority="openai", provider_limits="openai=rpm:1")
+    rt = await create_runtime(s, pool)
+    try:
+        t0 = time.monotonic()
+        out = await rt.handlers["ai_course_jobs"](await course_job(conn, "Tides"))
+    finally:
+        await rt.aclose()
+    # The first call took the request of this window; the repair waited for the next.
+    assert out.metrics["repairRounds"] == 1
+    assert time.monotonic() - t0 > 1.5
+    assert not fake.limited
+
+
+async def test_a_job_waiting_for_quota_counts_no_attempt(
+    db_url: str, pool: AsyncConnectionPool[Any], fake: FakeAI, make_settings: MakeSettings
+) -> None:
+    fake.limits = Limits(rpm=100, window=2)
+    s = make_settings(
+        database_url=db_url,
+        ai_provider_priority="openai",
+        provider_limits="openai=rpm:1",
+        worker_concurrency=3,
+        **FAST,
+    )
+    record_moves(db_url)
+    rt = await create_runtime(s, pool)
+    try:
+        async with running_worker(s, rt.handlers, gate=rt.chain.gate):
+            with connect(db_url) as c:
+                ids = [insert_course(c, f"Subject {n}") for n in range(3)]
+
+            async def waiting() -> list[dict[str, Any]]:
+                with connect(db_url) as c:
+                    return list(
+                        c.execute(
+                            "select * from ai_course_jobs where status = 'pending'"
+                            " and error like 'Providers unavailable: openai: quota spent%%'"
+                        ).fetchall()
+                    )
+
+            early = await await_until(waiting, timeout=20, what="a job waiting for its quota")
+
+            async def done() -> bool:
+                with connect(db_url) as c:
+                    rows = c.execute("select status from ai_course_jobs").fetchall()
+                return all(r["status"] == "done" for r in rows)
+
+            await await_until(done, timeout=30, what="3 jobs done")
+    finally:
+        await rt.aclose()
+    assert all(r["retry_count"] == 0 and r["provider_wait_since"] for r in early)
+    with connect(db_url) as c:
+        rows = c.execute("select * from ai_course_jobs").fetchall()
+    assert {str(r["id"]) for r in rows} == set(ids)
+    assert all(r["retry_count"] == 0 and r["status"] == "done" for r in rows)
+    assert not fake.limited and fake.count("openai", "/chat/completions") == 3
+    # The quota let one call through every 2 s: the three claimed at the start (the
+    # quota's state not known yet), the two put back claimed again once each, as
+    # their calls fitted; not a claim a second for each job waiting.
+    assert moves(db_url, "claim") <= 3 + 2 and moves(db_url, "release") <= 2
