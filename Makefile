@@ -63,6 +63,15 @@ lock: $(VENV)/.installed ## pin the runtime dependencies in requirements.txt (wh
 		--custom-compile-command "make lock" -o requirements.txt
 	printf '%s\n' '# the project itself, built from this checkout (its dependencies are pinned above)' . >> requirements.txt
 
+.PHONY: mutants
+mutants: $(VENV)/.installed ## mutation testing (about 15 min): mutmut, then planted SQL edits; prints survivors
+	$(PY) -m pip install -q --disable-pip-version-check 'mutmut==3.8.1'
+	rm -rf mutants
+	$(VENV)/bin/mutmut run > mutants.log 2>&1 || (tail -c 3000 mutants.log; exit 1)
+	@echo "Python mutants that survived (the diff: $(VENV)/bin/mutmut show NAME):"
+	@$(VENV)/bin/mutmut results
+	$(PY) -m tests.mutants.planted $(ARGS)
+
 .PHONY: bench
 bench: $(VENV)/.installed ## benchmarks against the peers (ARGS=--quick for a short run)
 	$(PY) -m bench $(ARGS)

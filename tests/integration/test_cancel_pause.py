@@ -10,6 +10,7 @@ from typing import Any
 
 import psycopg
 import pytest
+from loguru import logger
 
 from listener.jobs import Job, Outcome
 from tests.helpers import aconnect, await_until, connect, insert_course, insert_media, job
@@ -232,6 +233,84 @@ async def test_worker_stops_a_cancelled_job_and_writes_nothing(db_url: str) -> N
             return (await cur.fetchone() or {}).get("status") == "done"
 
         await await_until(media_done, what="media job done after the cancel")
+
+
+async def test_cancelling_a_stale_job_stops_the_worker_still_running_it(db_url: str) -> None:
+    # Marked stale (its heartbeat late), the job still runs on its worker until
+    # the rescue hands it on: cancel_job tells that worker as for a running one.
+    started, cancelled = asyncio.Event(), asyncio.Event()
+
+    async def forever(job: Job) -> Outcome:
+        started.set()
+        try:
+            await asyncio.sleep(3600)
+        except asyncio.CancelledError:
+            cancelled.set()
+            raise
+        return Outcome("never")
+
+    # No heartbeat meanwhile: it would find the job stale and stop it on its own.
+    s = settings(db_url, heartbeat_interval_seconds=60)
+    async with (
+        running_worker(s, {"ai_course_jobs": forever}) as worker,
+        await aconnect(db_url) as c,
+    ):
+
+        async def swept() -> bool:  # the start-up sweep would rescue the stale job
+            return worker.sweeps >= 1 and worker.settled
+
+        await await_until(swept, what="the start-up sweep")
+        cur = await c.execute("insert into ai_course_jobs (subject) values ('x') returning id")
+        jid = (await cur.fetchone() or {})["id"]
+        await asyncio.wait_for(started.wait(), 10)
+
+        async def claimed() -> bool:  # (a fast claim's job starts before its commit)
+            cur = await c.execute("select status from ai_course_jobs where id = %s", [jid])
+            return (await cur.fetchone() or {}).get("status") == "processing"
+
+        await await_until(claimed, what="the claim committed")
+        cur = await c.execute("select job_id from mark_stale_jobs(interval '0')")
+        assert await cur.fetchall() == [{"job_id": jid}]
+        assert jid in worker.leases.running
+        cur = await c.execute("select cancel_job(%s, 'ai_course_jobs') as was", [jid])
+        assert await cur.fetchone() == {"was": "stale"}
+        await asyncio.wait_for(cancelled.wait(), 5)
+        assert jid not in worker.leases.running
+        cur = await c.execute(
+            "select outcome, worker_id from ai_job_attempts where job_id = %s", [jid]
+        )
+        assert await cur.fetchall() == [{"outcome": "cancelled", "worker_id": worker.id}]
+
+
+async def test_a_cancel_of_a_job_held_elsewhere_is_ignored_here(db_url: str) -> None:
+    # cancel_job notifies every worker; those that do not hold the job let it
+    # pass quietly (no error logged), and go on.
+    async def quick(job: Job) -> Outcome:
+        return Outcome(f"courses/{job.id}/course.json", {"provider": "test"})
+
+    errors: list[str] = []
+    sink = logger.add(lambda m: errors.append(str(m)), level="ERROR")
+    async with running_worker(settings(db_url), {"ai_course_jobs": quick}) as worker:
+
+        async def settled() -> bool:
+            return bool(worker.settled)
+
+        await await_until(settled, what="an idle worker")
+        heard = worker.notifications
+        with connect(db_url) as c:
+            payload = json.dumps({"cancel": str(uuid.uuid4()), "table": "ai_course_jobs"})
+            c.execute("select pg_notify('ai_jobs', %s)", [payload])
+            jid = insert_course(c, "After the cancel")
+
+        async def done() -> bool:
+            with connect(db_url) as c:
+                return worker.notifications >= heard + 2 and job(c, jid)["status"] == "done"
+
+        await await_until(done, what="the next job done")
+        assert worker.listener.service.reconnects == 0
+        assert not worker.leases.cancel_checks
+    logger.remove(sink)
+    assert errors == []
 
 
 async def test_a_forged_cancel_notification_stops_nothing(db_url: str) -> None:

@@ -15,9 +15,15 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import psycopg
 import pytest
 import uvicorn
+from hypothesis import HealthCheck, example, given
+from hypothesis import settings as hsettings
+from hypothesis import strategies as st
+from psycopg.rows import dict_row
 
+from listener.console import Cursor, JobFilter, find
 from listener.settings import Settings
 from listener.web.app import create_app
 from tests.helpers import aconnect, await_until
@@ -466,3 +472,68 @@ async def test_overview_workers_table_is_for_humans(client: httpx.AsyncClient, d
     assert ">08:05:09<" in row and "2026-12-01 08:05:09.123456" not in row  # started, UTC
     assert re.search(r">1\.\d s ago<", row), row  # last seen
     assert "listening" in row and ">2<" in row and ">3<" in row
+
+
+# -- keyset pages over equal created_at ------------------------------------------
+
+TABLES = ("ai_course_jobs", "ai_media_jobs")
+# Each row: its table and which of four instants it was created at (many share one).
+ROWS = st.lists(st.tuples(st.sampled_from(TABLES), st.integers(0, 3)), max_size=40)
+
+
+async def _pages(conn: Any, f: JobFilter, page_size: int) -> list[tuple[Any, Any]]:
+    """(created_at, id) of every row shown, page by page, each page's cursor
+    going through its token as the page's link carries it."""
+    shown: list[tuple[Any, Any]] = []
+    after: Cursor | None = None
+    for _ in range(100):
+        rows, nxt = await find(conn, f, after, page_size)
+        assert len(rows) <= page_size
+        shown += [(r["created_at"], r["id"]) for r in rows]
+        if nxt is None:
+            return shown
+        after = Cursor.parse(nxt.token())
+    raise AssertionError("the pages never ended")
+
+
+async def _check_pages(db_url: str, rows: list[tuple[str, int]], page_size: int) -> None:
+    async with await psycopg.AsyncConnection.connect(db_url, row_factory=dict_row) as conn:
+        try:  # one transaction per example, rolled back: the next starts empty
+            base = (await (await conn.execute("select now() as t")).fetchone())["t"]
+            for table in TABLES:
+                offsets = [n for t, n in rows if t == table]
+                label = "subject" if table == "ai_course_jobs" else "prompt"
+                extra = ", media_type" if table == "ai_media_jobs" else ""
+                value = ", 'image'" if table == "ai_media_jobs" else ""
+                await conn.execute(
+                    f"insert into {table} ({label}, created_at{extra})"
+                    f" select 'row ' || n, %s - n * interval '1 second'{value}"
+                    " from unnest(%s::int[]) n",
+                    [base, offsets],
+                )
+            want = await (
+                await conn.execute(
+                    "select created_at, id from ai_course_jobs union all"
+                    " select created_at, id from ai_media_jobs order by created_at desc, id desc"
+                )
+            ).fetchall()
+            shown = await _pages(conn, JobFilter(range="24h"), page_size)
+            assert shown == [(r["created_at"], r["id"]) for r in want]  # each once, in order
+        finally:
+            await conn.rollback()
+
+
+@hsettings(
+    max_examples=75,
+    deadline=None,
+    database=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture],
+)
+@example(rows=[("ai_course_jobs", 0)] * 5 + [("ai_media_jobs", 0)] * 4, page_size=3)
+@given(rows=ROWS, page_size=st.integers(1, 12))
+def test_keyset_pages_show_every_row_once_in_order(
+    db_url: str, rows: list[tuple[str, int]], page_size: int
+) -> None:
+    # One database for the test function (the fixture); each example builds its
+    # rows in a transaction and rolls it back.
+    asyncio.run(_check_pages(db_url, rows, page_size))

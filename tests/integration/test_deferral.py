@@ -3,6 +3,7 @@ outage has lasted too long) and the worker's hold on claiming that table."""
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import psycopg
@@ -153,3 +154,40 @@ async def _row(conn: Conn, jid: str) -> dict[str, Any]:
 async def _status(conn: Conn, jid: str, status: str) -> dict[str, Any] | None:
     r = await _row(conn, jid)
     return r if r["status"] == status else None
+
+
+@pytest.mark.parametrize(
+    ("max_wait", "waited", "counted"),
+    [(60, 120, True), (7200, 3600, False)],  # each on the other side of the default 1800
+)
+async def test_the_worker_counts_an_attempt_past_its_outage_max_wait(
+    db_url: str, max_wait: int, waited: int, counted: bool
+) -> None:
+    # The job has waited for its providers `waited` seconds already: the
+    # worker's PROVIDER_OUTAGE_MAX_WAIT_SECONDS decides whether this deferral
+    # counts an attempt.
+    deferred = asyncio.Event()
+
+    async def course(job: Job) -> Outcome:
+        deferred.set()
+        raise ProvidersUnavailable("Providers unavailable: openai: breaker open", 60)
+
+    with connect(db_url) as c:
+        jid = insert_course(c, "Waiting", error="Providers unavailable: openai: breaker open")
+        c.execute(
+            "update ai_course_jobs set provider_wait_since = now() - make_interval(secs => %s)"
+            " where id = %s",
+            [waited, jid],
+        )
+    s = settings(db_url, provider_outage_max_wait_seconds=max_wait)
+    async with running_worker(s, {"ai_course_jobs": course}) as w:
+        await asyncio.wait_for(deferred.wait(), 10)
+        await await_until(lambda: _async("ai_course_jobs" in w.executor.cooldowns), what="deferred")
+    async with await aconnect(db_url) as conn:
+        row = await _row(conn, jid)
+    if counted:
+        assert (row["status"], row["retry_count"]) == ("failed", 1)
+        assert f"past the {max_wait}s limit" in row["error"]
+    else:
+        assert (row["status"], row["retry_count"]) == ("pending", 0)
+        assert "limit" not in row["error"]

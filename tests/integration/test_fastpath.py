@@ -8,6 +8,8 @@ from __future__ import annotations
 import asyncio
 import datetime
 import json
+import os
+import socket
 import uuid
 from typing import Any
 
@@ -15,6 +17,8 @@ import psycopg
 
 from listener.errors import ProvidersUnavailable
 from listener.jobs import Job, Outcome
+from listener.pacing import ROUNDS
+from tests.faultproxy import FaultProxy, Link
 from tests.helpers import await_until, connect, insert_course, insert_media, job
 from tests.integration.test_fastclaim import hold_commits
 from tests.workers import running_worker, settings
@@ -340,3 +344,213 @@ def _among(item: str, items: list[str]) -> Any:
         return item in items
 
     return check
+
+
+async def test_a_notified_job_is_not_claimed_while_every_slot_is_busy(db_url: str) -> None:
+    # The fast path claims only into a free slot: with the one slot busy, a
+    # notified job is a reason to look (the claim loop, with no slot, claims
+    # nothing) and stays pending until the slot is free.
+    started, go = asyncio.Event(), asyncio.Event()
+    ran: list[str] = []
+
+    async def handler(j: Job) -> Outcome:
+        ran.append(j.row["subject"])
+        if j.row["subject"] == "Long":
+            started.set()
+            await go.wait()
+        return Outcome(f"courses/{j.row['course_id']}/course.json", {"provider": "test"})
+
+    one = settings(db_url, worker_concurrency=1)
+    async with running_worker(one, {"ai_course_jobs": handler}) as w:
+        await await_until(lambda: _true(w.settled), what="an idle worker")
+        fast = w.fast.started
+        with connect(db_url) as c:
+            long = insert_course(c, "Long")
+        await asyncio.wait_for(started.wait(), 10)
+        assert w.fast.started == fast + 1  # the claim loop still takes the table for empty
+        await await_until(lambda: _true(w.settled), what="the worker settled")
+        heard = w.notifications
+        with connect(db_url) as c:
+            later = insert_course(c, "Later")
+        await await_until(lambda: _true(w.settled and w.notifications > heard), what="settled")
+        assert w.fast.started == fast + 1  # not claimed past WORKER_CONCURRENCY
+        assert [j.id for j in w.leases.jobs()] == [uuid.UUID(long)]
+        with connect(db_url) as c:
+            assert job(c, later)["status"] == "pending"
+        go.set()
+        await await_until(_done(db_url, later), what="the later job done once the slot is free")
+    assert ran == ["Long", "Later"]
+
+
+def _link_of(proxy: FaultProxy, conn: Any) -> Link:
+    """The proxy's link that carries this client connection."""
+    with socket.socket(fileno=os.dup(conn.pgconn.socket)) as sock:
+        port = sock.getsockname()[1]
+    (link,) = [k for k in proxy.links if k.client.get_extra_info("peername")[1] == port]
+    return link
+
+
+async def test_a_claim_committed_but_its_answer_lost_goes_back_to_pending(
+    db_url: str, proxy: FaultProxy
+) -> None:
+    # The server commits the fast claim, and its answer is lost with the
+    # connection: the worker cannot tell that from a commit that failed. It stops
+    # the job and releases it with the claim's token: the claim did commit, so
+    # the release puts the job back to pending (no attempt counted) and a claim
+    # round runs it again. Without the release it would stay `processing` for
+    # nobody until the stale rescue.
+    hold_commits(db_url)
+    events: list[str] = []
+    first = asyncio.Event()
+
+    async def handler(j: Job) -> Outcome:
+        events.append("start")
+        if len(events) == 1:
+            first.set()
+            try:
+                await asyncio.sleep(30)  # stopped long before this ends
+            except asyncio.CancelledError:
+                events.append("stopped")
+                raise
+        events.append("end")
+        return Outcome(f"courses/{j.row['course_id']}/course.json", {"provider": "test"})
+
+    quiet = settings(proxy.url(db_url), heartbeat_interval_seconds=60)
+    async with running_worker(quiet, {"ai_course_jobs": handler}) as w:
+        await await_until(lambda: _true(w.settled and w.fast.claimer.ready), what="an idle worker")
+        assert w.fast.claimer.conn is not None
+        claim_link = _link_of(proxy, w.fast.claimer.conn)
+        with connect(db_url) as gate:
+            gate.execute("select pg_advisory_lock(7)")  # the claim's commit waits
+            with connect(db_url) as c:
+                jid = insert_course(c, "Answer lost")
+            await asyncio.wait_for(first.wait(), 10)  # started on the row, before the commit
+            claim_link.blackholed = True  # from here on nothing reaches the worker on it
+            gate.execute("select pg_advisory_unlock(7)")  # the server commits
+
+            async def committed() -> bool:
+                with connect(db_url) as c:
+                    return bool(job(c, jid)["status"] == "processing")
+
+            await await_until(committed, what="the claim committed")
+        proxy._loop.call_soon_threadsafe(claim_link.abort)  # and the answer is lost
+        await await_until(_done(db_url, jid), what="the job done by its second claim")
+    assert events == ["start", "stopped", "start", "end"]
+    with connect(db_url) as c:
+        row = job(c, jid)
+    assert row["retry_count"] == 0 and row["error"] is None
+
+
+async def test_a_held_job_whose_claim_is_not_yet_committed_is_not_given_back(
+    db_url: str,
+) -> None:
+    # A fast-claimed job whose slot was taken meanwhile waits in `ready`; held
+    # past READY_LIMIT_SECONDS it goes back to the queue. Not while its claim's commit
+    # is still to come: the release would read the row from before the claim
+    # and change nothing, and the claim, committed later, would leave the job
+    # `processing` for nobody. Set up in order: the fast claim waits on a lock
+    # of its table; meanwhile a claim round takes a media job into the only
+    # slot; the lock goes, the row comes to a full worker, and its commit waits
+    # (advisory lock 7).
+    hold_commits(db_url)
+    media_started, media_go = asyncio.Event(), asyncio.Event()
+    ran: list[str] = []
+
+    async def course(j: Job) -> Outcome:
+        ran.append(str(j.id))
+        return Outcome(f"courses/{j.row['course_id']}/course.json", {"provider": "test"})
+
+    async def media(j: Job) -> Outcome:
+        media_started.set()
+        await media_go.wait()
+        return Outcome(f"media/{j.id}.png", {"provider": "test"})
+
+    s = settings(db_url, worker_concurrency=1, heartbeat_interval_seconds=60)
+    async with running_worker(s, {"ai_course_jobs": course, "ai_media_jobs": media}) as w:
+        await await_until(lambda: _true(w.settled and w.fast.claimer.ready), what="an idle worker")
+        # As after a run of short jobs: the claim loop claims ahead of its slots.
+        w.pacing.round_trip.value, w.pacing.job_time.value = 1.0, 0.001
+        releases: list[tuple[list[uuid.UUID], list[uuid.UUID]]] = []
+        release = w.leases.release
+
+        async def watched_release(jobs: list[Job], what: str, **kw: Any) -> list[Job]:
+            kept = await release(jobs, what, **kw)
+            releases.append(([j.id for j in jobs], [j.id for j in kept]))
+            return kept
+
+        w.leases.release = watched_release  # type: ignore[method-assign]
+        with connect(db_url) as c:
+            (jid,) = _quiet_insert(c, 1)
+        with connect(db_url) as gate:
+            gate.execute("select pg_advisory_lock(7)")  # the claim's commit will wait
+            with connect(db_url) as blocker, blocker.transaction():
+                blocker.execute("lock table ai_course_jobs in exclusive mode")
+                with connect(db_url) as c:
+                    c.execute(
+                        "select pg_notify('ai_jobs', %s)",
+                        [json.dumps({"table": "ai_course_jobs", "id": jid})],
+                    )
+                await await_until(_claim_waits_on_a_lock(db_url), what="the fast claim waiting")
+                with connect(db_url) as c:
+                    insert_media(c, "takes the slot")
+                await asyncio.wait_for(media_started.wait(), 10)
+            # The lock is gone: the row comes, to a worker with no free slot.
+            held = uuid.UUID(jid)
+            await await_until(
+                lambda: _true(held in [j.id for j in w.leases.ready.jobs()]), what="held"
+            )
+            await await_until(
+                lambda: _true(any(held in given for given, _ in releases)),
+                what="the held job's release, past READY_LIMIT_SECONDS",
+            )
+            assert releases[0] == ([held], [held])  # kept: its commit is still to come
+            assert w.leases.find(held) is not None
+            with connect(db_url) as c:
+                assert job(c, jid)["status"] == "pending"  # (not yet committed)
+            gate.execute("select pg_advisory_unlock(7)")
+        media_go.set()
+        await await_until(_done(db_url, jid), what="the held job done")
+    assert ran == [jid]
+    with connect(db_url) as c:
+        row = job(c, jid)
+    assert row["retry_count"] == 0 and row["worker_id"] == w.id
+
+
+async def test_a_notified_job_is_not_claimed_while_the_slot_and_its_ready_job_are_taken(
+    db_url: str,
+) -> None:
+    # Jobs claimed ahead of a slot (ready) take slots too: with the one slot
+    # running a job and one more ready, a notified job is the claim loop's,
+    # which has no room either, and stays pending.
+    go = asyncio.Event()
+    ran: list[str] = []
+
+    async def handler(j: Job) -> Outcome:
+        ran.append(j.row["subject"])
+        await go.wait()
+        return Outcome(f"courses/{j.row['course_id']}/course.json", {"provider": "test"})
+
+    one = settings(db_url, worker_concurrency=1)
+    async with running_worker(one, {"ai_course_jobs": handler}) as w:
+        await await_until(lambda: _true(w.settled), what="an idle worker")
+        fast = w.fast.started
+        with connect(db_url) as c:
+            insert_course(c, "Running")
+        await await_until(lambda: _true(ran == ["Running"]), what="the first job running")
+        # Jobs ROUNDS - 1 round trips long: one held ready beside the running one.
+        w.pacing.round_trip.value, w.pacing.job_time.value = 1.0, ROUNDS - 1
+        w.leases.ready.limit = 3600  # ready for as long as the test needs
+        with connect(db_url) as c:
+            insert_course(c, "Ready")
+        await await_until(lambda: _true(len(w.leases.ready) == 1 and w.settled), what="ready")
+        heard = w.notifications
+        with connect(db_url) as c:
+            third = insert_course(c, "Third")
+        await await_until(lambda: _true(w.settled and w.notifications > heard), what="settled")
+        assert w.fast.started == fast + 1  # only the first: no slot for the third
+        assert len(w.leases.jobs()) == 2
+        with connect(db_url) as c:
+            assert job(c, third)["status"] == "pending"
+        go.set()
+        await await_until(_done(db_url, third), what="the third job done in its turn")
+    assert ran == ["Running", "Ready", "Third"]

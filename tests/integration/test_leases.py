@@ -10,11 +10,11 @@ from typing import Any
 
 from psycopg_pool import AsyncConnectionPool
 
-from listener import dal
+from listener import dal, db
 from listener.jobs import Job, Outcome
 from listener.leases import LeaseKeeper
 from listener.outage import AwayRetry, Health
-from tests.helpers import connect, insert_course, job
+from tests.helpers import await_until, connect, insert_course, insert_media, job
 
 
 class Reports:
@@ -30,10 +30,8 @@ def keeper(pool: AsyncConnectionPool[Any], reports: Reports | None = None) -> Le
     return LeaseKeeper(pool, 3600, retry=retry, report=reports or Reports())
 
 
-async def claim(pool: AsyncConnectionPool[Any], n: int) -> list[Job]:
-    rows = await dal.CLAIM_JOBS.all(
-        pool, {"table": "ai_course_jobs", "worker": "lease-test", "n": n}
-    )
+async def claim(pool: AsyncConnectionPool[Any], n: int, table: str = "ai_course_jobs") -> list[Job]:
+    rows = await dal.CLAIM_JOBS.all(pool, {"table": table, "worker": "lease-test", "n": n})
     return [Job.from_claim(r) for r in rows]
 
 
@@ -95,12 +93,68 @@ async def test_release_without_retry_keeps_what_it_could_not_write(
 ) -> None:
     with connect(db_url) as c:
         insert_course(c, "kept")
-    jobs = await claim(pool, 1)
+        insert_media(c, "kept too")
+    jobs = await claim(pool, 1) + await claim(pool, 1, "ai_media_jobs")
     reports = Reports()
     leases = keeper(pool, reports)
     await pool.close()  # the database is out of reach
-    assert await leases.release(jobs, "held", retry=False) == jobs
-    assert [what for what, _ in reports.seen] == ["release"]
+    assert await leases.release(jobs, "held", retry=False) == jobs  # each table's
+    assert [what for what, _ in reports.seen] == ["release", "release"]
+    assert all(isinstance(exc, Exception) for _, exc in reports.seen)
+
+
+async def test_release_retries_by_default_while_the_database_is_busy(db_url: str) -> None:
+    # The shutdown's release of unfinished jobs (and the release of a claim
+    # whose commit was lost) must land: it retries while the database is busy
+    # (here: the table locked, each try giving up after lock_timeout).
+    pool = db.make_pool(f"{db_url} options='-c lock_timeout=100'", 2)
+    await pool.open(wait=True)
+    try:
+        with connect(db_url) as c:
+            jid = insert_course(c, "released once the lock goes")
+        jobs = await claim(pool, 1)
+        leases = keeper(pool)
+        with connect(db_url) as blocker:
+            with blocker.transaction():
+                blocker.execute("lock table ai_course_jobs in exclusive mode")
+                release = asyncio.create_task(leases.release(jobs, "unfinished"))
+
+                async def tried() -> bool:
+                    return release.done() or leases.retry.health.state is not None  # type: ignore[attr-defined]
+
+                await await_until(tried, what="a try refused by the lock")
+                assert not release.done()  # retrying, not given up
+            assert await asyncio.wait_for(release, 10) == []
+        with connect(db_url) as c:
+            assert job(c, jid)["status"] == "pending"
+    finally:
+        await pool.close()
+
+
+async def test_a_beat_that_fails_for_one_table_still_beats_the_other(
+    db_url: str, pool: AsyncConnectionPool[Any]
+) -> None:
+    with connect(db_url) as c:
+        insert_course(c, "course")
+        media = insert_media(c, "media")
+        c.execute("update ai_media_jobs set last_heartbeat = now() - interval '1 hour'")
+    held = await claim(pool, 1) + await claim(pool, 1, "ai_media_jobs")
+    with connect(db_url) as c:
+        c.execute("update ai_media_jobs set last_heartbeat = now() - interval '1 hour'")
+        before = job(c, media, "ai_media_jobs")["last_heartbeat"]
+    reports = Reports()
+    leases = keeper(pool, reports)
+    leases.ready.add(held)
+    with connect(db_url) as c:  # the course table's heartbeat fails (the table is gone)
+        c.execute("alter table ai_course_jobs rename to ai_course_jobs_away")
+        try:
+            await leases.beat()
+        finally:
+            c.execute("alter table ai_course_jobs_away rename to ai_course_jobs")
+        assert job(c, media, "ai_media_jobs")["last_heartbeat"] > before
+    assert [what for what, _ in reports.seen] == ["heartbeat"]
+    assert isinstance(reports.seen[0][1], Exception)
+    assert len(leases.ready) == 2  # a failed beat drops nothing
 
 
 async def test_a_cancel_stops_a_job_only_once_the_database_confirms_it(

@@ -201,3 +201,37 @@ async def test_notifications_that_come_with_a_pings_reply_are_delivered(
         await await_until(lambda: _true(lambda: "between pings" in heard), what="the other")
     assert set(heard) == {"during a ping", "between pings"}
     assert heard.count("between pings") == 1
+
+
+async def test_a_forged_echo_of_the_probe_does_not_hide_a_deaf_connection(
+    db_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The probes never come back (sent elsewhere, as to a connection gone deaf),
+    # while anyone may NOTIFY the channel: each probe is followed there by a
+    # forged echo, the service's own sender with another nonce. Only the real
+    # echo proves the connection hears; the forgery must not.
+    monkeypatch.setattr(listen_module, "PROBE_TIMEOUT", 1.0)
+    forged: list[int] = []
+
+    async def notify(channel: str, payload: str) -> None:
+        probe = listen_module.probe_of(payload)
+        assert probe is not None
+        sender, n = probe
+        async with await aconnect(db_url) as c:
+            await c.execute("select pg_notify('elsewhere', %s)", [payload])
+            await c.execute(
+                "select pg_notify(%s, %s), pg_notify(%s, %s)",
+                [channel, probe_payload(sender, n ^ 1), channel, f"after forgery {n}"],
+            )
+        forged.append(n)
+
+    service, heard, _ = _service(db_url, notify)
+    async with running(service):
+        # The forgery of the first probe has reached the service (the marker sent
+        # after it has), while that probe was still waited for.
+        await await_until(lambda: _true(lambda: forged and heard), what="a forged echo heard")
+        assert heard[0] == f"after forgery {forged[0]}"
+        await await_until(
+            lambda: _true(lambda: service.deaf_count >= 1), timeout=10, what="found deaf"
+        )
+    assert service.probe_seconds is None  # no probe ever counted as back

@@ -74,6 +74,32 @@ async def test_a_long_query_on_a_working_connection_is_left_alone(
     assert medic.unstuck == 0
 
 
+async def test_a_query_running_longer_than_the_medics_wait_is_left_alone(
+    proxied_pool: db.WorkPool, db_url: str
+) -> None:
+    # Its backend is busy, not idle: a caller waiting that long on a working
+    # connection is waiting on the server, and its connection is not shut down.
+    # (Looked at after the query has run for more than STUCK_AFTER: before that,
+    # the backend's last state change alone would tell it apart.)
+    medic = PoolMedic(proxied_pool)
+    long = asyncio.create_task(_query(proxied_pool, "select pg_sleep(3) is null as slept"))
+    async with await aconnect(db_url) as c:
+
+        async def running_for_a_while() -> bool:
+            cur = await c.execute(
+                "select 1 from pg_stat_activity where state = 'active'"
+                " and query like 'select pg_sleep(3)%%'"
+                " and state_change < clock_timestamp() - make_interval(secs => %s)",
+                [2 * medic.STUCK_AFTER],
+            )
+            return bool(await cur.fetchone())
+
+        await await_until(running_for_a_while, what="the long query running for a while")
+    assert await medic.unstick() == 0
+    assert await asyncio.wait_for(long, 10) == {"slept": False}
+    assert medic.unstuck == 0
+
+
 async def test_stuck_connections_are_found_when_none_is_left_to_lend(
     proxy: FaultProxy, db_url: str
 ) -> None:

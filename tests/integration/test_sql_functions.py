@@ -258,6 +258,50 @@ def test_release_and_rescue(c: Any) -> None:
     assert job(c, z)["completed_at"] is not None
 
 
+def test_a_release_with_another_claims_token_changes_nothing(c: Any) -> None:
+    """A worker that lost its job (rescued, claimed again elsewhere) releases it
+    late: only the claim whose token it holds may be given back."""
+    jid = insert_course(c, "claimed again")
+    first = _claim_now(c, jid)
+    c.execute("update ai_course_jobs set status = 'pending', claim_token = null")
+    second = _claim_now(c, jid)
+    rows = c.execute(
+        "select * from release_jobs('ai_course_jobs', %s, %s)", [[jid], [first["claim_token"]]]
+    ).fetchall()
+    assert rows == []
+    row = job(c, jid)
+    assert (row["status"], row["claim_token"]) == ("processing", second["claim_token"])
+
+
+@pytest.mark.parametrize("table", ["ai_course_jobs", "ai_media_jobs"])
+def test_no_claim_takes_a_failed_job_with_no_attempt_left(c: Any, table: str) -> None:
+    """A failed job whose attempts are spent (max_retries lowered, or before the
+    sweep moves it to the dead letter) is claimed by no claim function."""
+    insert = insert_course if table == "ai_course_jobs" else insert_media
+    spent = insert(c, status="failed", retry_count=2, max_retries=2)
+    due = insert(c, status="failed", retry_count=1, max_retries=2)
+    claimed = c.execute("select id from claim_jobs(%s, 'w', 10)", [table]).fetchall()
+    assert [str(r["id"]) for r in claimed] == [due]
+    assert c.execute("select * from claim_due_job(%s, %s, 'w')", [table, spent]).fetchall() == []
+    both = c.execute(
+        "select id from complete_and_claim(%s, 'w', 10, '{}', '{}', '{}', '{}')", [table]
+    ).fetchall()
+    assert both == []
+    assert job(c, spent, table)["status"] == "failed"
+
+
+@pytest.mark.parametrize("table", ["ai_course_jobs", "ai_media_jobs"])
+def test_the_fast_claim_takes_nothing_from_a_paused_table(c: Any, table: str) -> None:
+    insert = insert_course if table == "ai_course_jobs" else insert_media
+    jid = insert(c)
+    c.execute("select pause_jobs(%s)", [table])
+    assert c.execute("select * from claim_due_job(%s, %s, 'w')", [table, jid]).fetchall() == []
+    assert job(c, jid, table)["status"] == "pending"
+    c.execute("select resume_jobs(%s)", [table])
+    rows = c.execute("select id from claim_due_job(%s, %s, 'w')", [table, jid]).fetchall()
+    assert [str(r["id"]) for r in rows] == [jid]
+
+
 def test_next_job_due(c: Any) -> None:
     assert c.execute("select next_job_due()").fetchone()["next_job_due"] is None
     insert_media(c, status="failed", retry_count=1, run_after=_ago(c, seconds=-30))
@@ -322,6 +366,28 @@ def test_completion_writes_each_job_what_its_own_token_carries(c: Any, fn: str, 
         assert (row["status"], row["result_path"], row["metrics"]) == ("done", path, {"n": n})
     for j in (x, y):
         assert job(c, str(j["id"]), table)["status"] == "processing"
+
+
+@pytest.mark.parametrize("table", ["ai_course_jobs", "ai_media_jobs"])
+def test_complete_and_claim_finishes_but_claims_nothing_in_a_paused_table(
+    c: Any, table: str
+) -> None:
+    """The busy loop's completion-and-claim honours pause_jobs like claim_jobs:
+    the jobs that finished are written, nothing new is handed out."""
+    insert = insert_course if table == "ai_course_jobs" else insert_media
+    insert(c)
+    held = _claim(c, table)
+    waiting = [insert(c) for _ in range(2)]
+    c.execute("select pause_jobs(%s)", [table])
+    call = "select * from complete_and_claim(%s, 'w', 5, %s, %s, %s, %s)"
+    done = [[held["id"]], [held["claim_token"]], ["p"], [Jsonb({})]]
+    rows = c.execute(call, [table, *done]).fetchall()
+    assert [(r["kind"], r["id"]) for r in rows] == [("done", held["id"])]
+    assert job(c, str(held["id"]), table)["status"] == "done"
+    assert [job(c, jid, table)["status"] for jid in waiting] == ["pending", "pending"]
+    c.execute("select resume_jobs(%s)", [table])
+    rows = c.execute(call, [table, [], [], [], []]).fetchall()
+    assert sorted(str(r["id"]) for r in rows if r["kind"] == "claimed") == sorted(waiting)
 
 
 def _ago(c: Any, *, days: float = 0, minutes: float = 0, seconds: float = 0) -> Any:

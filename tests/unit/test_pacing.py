@@ -5,9 +5,11 @@ from __future__ import annotations
 import time
 import uuid
 
+import pytest
+
 from listener.jobs import Job
 from listener.leases import ReadyQueue
-from listener.pacing import ROUNDS, Average, Pacing
+from listener.pacing import ROUNDS, SMOOTHING, Average, Pacing
 
 
 def paced(round_trip: float | None, job_time: float | None, concurrency: int = 10) -> int:
@@ -39,6 +41,20 @@ def test_moving_average_follows_the_newest_samples() -> None:
     for _ in range(50):
         a.add(0.0)
     assert a.value is not None and a.value < 0.001
+
+
+def test_the_averages_move_a_fifth_of_the_way_to_each_sample() -> None:
+    a = Average()
+    a.add(1.0)
+    a.add(0.0)
+    assert a.value == pytest.approx(1.0 - SMOOTHING)
+    a.add(0.0)
+    assert a.value == pytest.approx((1.0 - SMOOTHING) ** 2)
+
+
+def test_a_round_trip_of_zero_holds_nothing_back() -> None:
+    assert paced(0.0, 0.0) == 0
+    assert paced(0.0, 0.001) == 0
 
 
 def test_a_held_job_waits_less_than_rounds_round_trips_for_its_slot() -> None:
@@ -76,3 +92,11 @@ def test_ready_jobs_can_be_dropped_one_by_one_or_all_at_once() -> None:
     assert held.pop().id.int == 1
     assert [j.id.int for j in held.take_all()] == [3]
     assert len(held) == 0
+
+
+def test_a_job_held_exactly_its_limit_is_overdue() -> None:
+    held = ReadyQueue(limit=0.0)
+    held.add([_job(1)])
+    added = held.due_in(0.0)  # its time of arrival, with a limit of 0
+    assert added is not None
+    assert [j.id.int for j in held.overdue(added)] == [1]

@@ -5,16 +5,21 @@ from __future__ import annotations
 
 import asyncio
 import json
+import uuid
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
+import psycopg
 import pytest
+from psycopg.rows import dict_row
 from psycopg_pool import AsyncConnectionPool
 
 from listener import dal, db
-from listener.catalog import CATALOG_PATH
+from listener.catalog import CATALOG_PATH, Catalog
 from listener.course_schema import Course
 from listener.handlers import create_runtime
+from listener.storage import LocalStorage
 from tests.fakeai import FakeAI
 from tests.helpers import await_until
 from tests.integration.handlers.conftest import Conn, MakeSettings, course_job
@@ -190,3 +195,83 @@ async def test_a_job_does_not_wait_for_an_unreachable_database(
     assert rt.catalog.unsaved == 1
     await rt.aclose()
     await dead.close()
+
+
+def _course(slug: str) -> Course:
+    item = {"id": "i1", "prompt": "Why?", "answer": "Yes", "explanation": "So.", "options": []}
+    return Course.model_validate(
+        {
+            "id": slug,
+            "title": slug.title(),
+            "subject": slug.title(),
+            "description": "A course.",
+            "level": "beginner",
+            "language": "English",
+            "groups": [{"id": "g1", "title": "One", "summary": "The one.", "items": [item]}],
+        }
+    )
+
+
+async def _record(catalog: Catalog, slug: str) -> Any:
+    return await catalog.record(
+        _course(slug),
+        job_id=uuid.uuid4(),
+        result_path=f"courses/{slug}/course.json",
+        cache_key=None,
+        provider="test",
+        model="test",
+    )
+
+
+def _after_read(hook: Callable[[], Awaitable[None]]) -> type[psycopg.AsyncCursor[Any]]:
+    """A cursor that runs `hook` once, right after the catalog's rows are read
+    (the render's snapshot taken, its rows not yet handed back)."""
+    rows_sql = dal.CATALOG_ROWS.sql
+
+    class AfterRead(psycopg.AsyncCursor[Any]):
+        ran = False
+
+        async def execute(self, query: Any, params: Any = None, **kw: Any) -> Any:
+            await super().execute(query, params, **kw)
+            if query == rows_sql and not AfterRead.ran:
+                AfterRead.ran = True
+                await hook()
+            return self
+
+    return AfterRead
+
+
+async def test_a_row_saved_while_a_render_reads_is_rendered_by_the_next(
+    db_url: str, tmp_path: Path
+) -> None:
+    # A job finishes while a render is under way: its row is saved after the
+    # render read the rows, so the file written lacks it. It must still count
+    # as unrendered afterwards, so that the next render (a tick, or the one at
+    # shutdown) lists it.
+    catalog: Catalog | None = None
+
+    async def finish_second() -> None:
+        assert catalog is not None
+        await _record(catalog, "second")
+
+    async def configure(conn: psycopg.AsyncConnection[Any]) -> None:
+        conn.cursor_factory = _after_read(finish_second)
+
+    pool = AsyncConnectionPool(
+        db_url,
+        min_size=2,
+        open=False,
+        kwargs={"autocommit": True, "row_factory": dict_row},
+        configure=configure,
+    )
+    await pool.open(wait=True)
+    try:
+        catalog = Catalog(pool, LocalStorage(tmp_path), batch_jobs=1, batch_seconds=3600)
+        await _record(catalog, "first")  # saved, then rendered: the second saved meanwhile
+        assert catalog.renderer.renders == 1
+        assert catalog_ids(tmp_path) == ["first"]  # read before the second row was saved
+        assert catalog.renderer.unrendered == 1  # ... which the next render still owes
+        await catalog.tick()
+        assert catalog_ids(tmp_path) == ["first", "second"]
+    finally:
+        await pool.close()
