@@ -33,8 +33,9 @@ demo: $(VENV)/.demo-installed ## run the demo on embedded PostgreSQL (ARGS=--ser
 	$(VENV)/bin/ai-jobs demo $(ARGS)
 
 .PHONY: test
-test: $(VENV)/.installed ## run the whole test suite against a real PostgreSQL
-	$(PY) -m pytest $(ARGS)
+test: $(VENV)/.installed ## the whole suite on a real PostgreSQL: 4 at a time, then the slow ones 2 at a time
+	$(PY) -m pytest -m "not slow" -n 4 $(ARGS) || [ $$? -eq 5 ]
+	$(PY) -m pytest -m slow -n 2 $(ARGS) || [ $$? -eq 5 ]
 
 .PHONY: test-fast
 test-fast: $(VENV)/.installed ## the suite without the slow end-to-end tests, 4 at a time
