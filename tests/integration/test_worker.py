@@ -371,9 +371,11 @@ async def _ready(w: Any, n: int) -> bool:
 
 async def test_jobs_claimed_ahead_wait_for_a_slot_and_go_back_at_shutdown(db_url: str) -> None:
     async with _holding_ahead(db_url, shutdown_grace_seconds=30) as (w, started, gate):
-        # Held jobs are heartbeated like the running one.
+        # Held jobs are heartbeated like the running one. Older than the check's
+        # minute, younger than STALE_AFTER: the start's sweep, which a loaded
+        # machine may run only now, must not take them for stale.
         with connect(db_url) as c:
-            c.execute("update ai_course_jobs set last_heartbeat = now() - interval '1 hour'")
+            c.execute("update ai_course_jobs set last_heartbeat = now() - interval '2 minutes'")
         await await_until(lambda: _fresh_heartbeats(db_url, 5), what="5 fresh heartbeats")
         w.request_stop()
         # Given back at once, while the running job still has its grace period.
