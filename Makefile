@@ -63,6 +63,10 @@ lock: $(VENV)/.installed ## pin the runtime dependencies in requirements.txt (wh
 		--custom-compile-command "make lock" -o requirements.txt
 	printf '%s\n' '# the project itself, built from this checkout (its dependencies are pinned above)' . >> requirements.txt
 
+.PHONY: soak
+soak: $(VENV)/.installed ## chaos soak on simulated hosts, then the checker (root; ARGS="--minutes 5")
+	$(PY) -m bench.soak $(ARGS)
+
 .PHONY: bench
 bench: $(VENV)/.installed ## benchmarks against the peers (ARGS=--quick for a short run)
 	$(PY) -m bench $(ARGS)

@@ -24,7 +24,10 @@ class Node(Cluster):
     """A cluster that may listen on another address than 127.0.0.1 (the soak's
     bridge) and stream its WAL to a standby."""
 
-    def __init__(self, host: str = "127.0.0.1", port: int | None = None) -> None:
+    def __init__(
+        self, host: str = "127.0.0.1", port: int | None = None, netns: str | None = None
+    ) -> None:
+        self.wrap = ("ip", "netns", "exec", netns) if netns else ()
         super().__init__()
         self.host = host
         if port is not None:
@@ -46,9 +49,13 @@ class Node(Cluster):
         with open(self.data / "postgresql.conf", "a") as conf:
             conf.write(text)
 
-    def standby(self, host: str | None = None, port: int | None = None) -> Node:
-        """A new streaming standby of this (running) node, not started."""
+    def standby(
+        self, host: str | None = None, port: int | None = None, netns: str | None = None
+    ) -> Node:
+        """A new streaming standby of this (running) node, not started (in the
+        network namespace `netns`, if given)."""
         node = Node.__new__(Node)
+        node.wrap = ("ip", "netns", "exec", netns) if netns else ()
         node.dir = Path(tempfile.mkdtemp(prefix="ai-jobs-standby-"))
         node.data = node.dir / "data"
         node.user = self.user
