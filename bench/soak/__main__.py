@@ -140,11 +140,10 @@ def run(a: argparse.Namespace, folder: Path) -> int:
         inserter.start()
         if not a.calm:
             chaos.start()
-        with psycopg.connect(db.url, autocommit=True, row_factory=dict_row) as c:
-            deadline = started + a.minutes * 60
-            while time.time() < deadline:
-                time.sleep(min(60.0, max(0.0, deadline - time.time())))
-                progress(c, started, inserter, chaos)
+        deadline = started + a.minutes * 60
+        while time.time() < deadline:
+            time.sleep(min(60.0, max(0.0, deadline - time.time())))
+            progress(db.url, started, inserter, chaos)
         chaos.stop.set()
         if chaos.is_alive():
             chaos.join(300)
@@ -208,12 +207,18 @@ def wait_started(fleet: Any, timeout: float = 120) -> None:
             time.sleep(0.2)
 
 
-def progress(c: Any, started: float, inserter: Any, chaos: Any) -> None:
-    rows = c.execute(
-        "select status, count(*) as n from (select status from ai_course_jobs"
-        " union all select status from ai_media_jobs) j group by status order by status"
-    ).fetchall()
-    counts = ", ".join(f"{r['status']} {r['n']}" for r in rows)
+def progress(url: str, started: float, inserter: Any, chaos: Any) -> None:
+    import psycopg
+
+    try:
+        with psycopg.connect(url, autocommit=True, connect_timeout=3) as c:
+            rows = c.execute(
+                "select status, count(*) from (select status from ai_course_jobs"
+                " union all select status from ai_media_jobs) j group by status order by status"
+            ).fetchall()
+        counts = ", ".join(f"{status} {n}" for status, n in rows)
+    except psycopg.Error as exc:
+        counts = f"(database: {type(exc).__name__})"
     minute = (time.time() - started) / 60
     print(
         f"soak: {minute:5.1f} min: inserted {inserter.acked}, {counts}; "

@@ -8,7 +8,8 @@ Kinds: kill_worker (SIGKILL, started again 1-3 s later), pause_worker (SIGSTOP
 past STALE_AFTER, then SIGCONT), restart_db (the primary restarted), failover
 (the primary stopped at once, the standby promoted, a new standby built),
 cut_link (a worker host's link down 3-8 s), netem (delay and loss on a worker
-host's link), pause_provider (the fake stopped 3-8 s), provider_429 and
+host's link with tc netem; where the kernel has no netem, a slow link shaped
+with tbf), pause_provider (the fake stopped 3-8 s), provider_429 and
 provider_500 (both providers answering that), disk_full (the storage's file
 system filled 3-6 s)."""
 
@@ -120,7 +121,13 @@ class Chaos(threading.Thread):
                     self.fleet.kill(p)
                     time.sleep(wait)
                     new = self.fleet.start(p.host, p.slot)
-                    return {"target": p.log.name, "new": new.log.name, "healed": new.started}
+                    ready = self.fleet.ready(new)  # its platform's restart is not ours to time
+                    return {
+                        "target": p.log.name,
+                        "new": new.log.name,
+                        "restarted": new.started,
+                        "healed": ready,
+                    }
 
                 return p.log.name, kill
             wait = STALE_AFTER + rng.uniform(2, 6)
@@ -165,10 +172,10 @@ class Chaos(threading.Thread):
             spec = f"delay {rng.choice([50, 100, 200])}ms 20ms loss {rng.choice([1, 5, 10])}%"
 
             def shape() -> dict[str, Any]:
-                net.netem(h, spec)
+                applied = net.netem(h, spec)
                 time.sleep(wait)
                 net.netem(h, None)
-                return {"target": h.name, "spec": spec, "healed": time.time()}
+                return {"target": h.name, "spec": applied, "healed": time.time()}
 
             return h.name, shape
         if kind in ("pause_provider", "provider_429", "provider_500"):

@@ -221,6 +221,17 @@ class Fleet:
             )
         return p
 
+    def ready(self, p: Proc, timeout: float = 120) -> float:
+        """When the process logged `worker_started` (its start-up done)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and p.popen.poll() is None:
+            with open(p.log, "rb") as f:
+                for line in f:
+                    if b'"worker_started"' in line:
+                        return float(json.loads(line)["record"]["time"]["timestamp"])
+            time.sleep(0.2)
+        return time.time()
+
     def live(self) -> list[Proc]:
         with self.lock:
             return [p for p in self.procs if p.ended is None]
@@ -282,6 +293,8 @@ def worker_env(db_url: str, fake: Fake, storage: Path) -> dict[str, str]:
         "LISTEN_PROBE_SECONDS": "10",
         "CATALOG_BATCH_SECONDS": "5",
         "PROVIDER_OUTAGE_MAX_WAIT_SECONDS": "900",
+        # On the soak's short time scale, like STALE_AFTER (30 s by default).
+        "PROVIDER_BREAKER_COOLDOWN_SECONDS": "5",
     }
 
 

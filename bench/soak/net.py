@@ -77,11 +77,20 @@ def link(host: Host, up: bool) -> None:
     ip("link", "set", host.veth, "up" if up else "down")
 
 
-def netem(host: Host, spec: str | None) -> None:
-    """Delay and loss on the host's link (tc netem), or none."""
+# When the kernel has no netem (sch_netem), the link is shaped with tbf instead:
+# a slow link whose queue delays what waits in it; no random loss.
+FALLBACK = "tbf rate 256kbit burst 16kbit latency 400ms"
+
+
+def netem(host: Host, spec: str | None) -> str:
+    """Delay and loss on the host's link (tc netem `spec`), or none; what was
+    applied."""
     tc = [*host.exec(), "tc", "qdisc"]
     if spec is None:
         subprocess.run([*tc, "del", "dev", "eth0", "root"], capture_output=True, check=False)
-    else:
-        cmd = [*tc, "replace", "dev", "eth0", "root", "netem", *spec.split()]
-        subprocess.run(cmd, capture_output=True, check=True)
+        return ""
+    cmd = [*tc, "replace", "dev", "eth0", "root"]
+    if subprocess.run([*cmd, "netem", *spec.split()], capture_output=True).returncode == 0:
+        return f"netem {spec}"
+    subprocess.run([*cmd, *FALLBACK.split()], capture_output=True, check=True)
+    return FALLBACK

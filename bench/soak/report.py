@@ -14,7 +14,7 @@ from typing import Any
 
 from bench.soak.check import Job, Verdict, attempts_from_log
 
-BUCKET = 10.0  # seconds per throughput point
+BUCKET = 5.0  # seconds per throughput point
 WARMUP = 60.0  # seconds at the start left out of the throughput comparison
 HOST_FAULTS = {"cut_link", "netem"}
 PROCESS_FAULTS = {"kill_worker", "pause_worker"}
@@ -66,6 +66,11 @@ def summarize(
     inserts_stopped: float,
 ) -> Summary:
     ids, procs = workers_by_log(folder)
+    # Work resumes: a job claimed after the heal that went on to complete (its
+    # started_at is the winning claim's).
+    claimed = sorted(
+        (j.started_at, j.worker_id) for j in jobs.values() if j.status == "done" and j.started_at
+    )
     done = sorted(
         (j.completed_at, j.worker_id)
         for j in jobs.values()
@@ -90,7 +95,7 @@ def summarize(
         else:
             affected = None  # every worker
         first = next(
-            (t for t, w in done if t >= heal and (affected is None or w in affected)), None
+            (t for t, w in claimed if t >= heal and (affected is None or w in affected)), None
         )
         took = None if first is None or first - heal > NO_RECOVERY_AFTER else first - heal
         recovery[kind].append(took)
@@ -161,9 +166,10 @@ def write(summary: Summary, folder: Path, baseline: float | None) -> Path:
         "",
         "## Faults and recovery",
         "",
-        "Recovery: from the moment a fault is healed (the process started again or",
-        "resumed, the link restored, the database accepting writes, the provider",
-        "answering) to the first job completed after it by a worker it affected.",
+        "Recovery: from the moment a fault is healed (the process started again and",
+        "ready, or resumed; the link restored; the database accepting writes; the",
+        "provider answering) to the first job claimed after it, by a worker it",
+        "affected, that went on to complete (its `started_at`).",
         "",
         "| fault | injected | failed to inject | recovered | p50 s | p95 s | max s |",
         "|---|---|---|---|---|---|---|",
