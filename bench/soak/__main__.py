@@ -43,6 +43,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--calm", action="store_true", help="no faults (a baseline run)")
     p.add_argument("--baseline", type=Path, help="a calm run's summary.json")
     p.add_argument("--drain", type=float, default=300.0, help="seconds to wait for the queue")
+    p.add_argument("--storage-size", default="256m", help="the storage's tmpfs (a day: about 2g)")
     p.add_argument("--out", type=Path, help=f"the run's folder (default: under {STATE})")
     a = p.parse_args(argv)
     lo, _, hi = a.every.partition("-")
@@ -119,7 +120,8 @@ def run(a: argparse.Namespace, folder: Path) -> int:
     net.setup([*workers, *pg])
     storage = folder / "storage"
     storage.mkdir(exist_ok=True)
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256m", "soak", str(storage)], check=True)
+    size = f"size={a.storage_size}"
+    subprocess.run(["mount", "-t", "tmpfs", "-o", size, "soak", str(storage)], check=True)
     remember(mounts=str(storage))
     db = Database(pg, folder)
     for d in db.dirs:
