@@ -44,7 +44,13 @@ def main(src: str, out: str) -> None:
             lw=0,
             label=label,
         )
-    ax.plot(xs, ys, color="tab:green", lw=1.2, label="jobs done / min")
+    ax.plot(xs, ys, color="tab:green", lw=0.6, alpha=0.35)
+    k = 6  # a rolling mean over 30 s of 5-s points
+    smooth = [
+        sum(ys[max(0, i - k + 1) : i + 1]) / len(ys[max(0, i - k + 1) : i + 1])
+        for i in range(len(ys))
+    ]
+    ax.plot(xs, smooth, color="tab:green", lw=1.4, label="jobs done / min (30 s mean)")
     ax.set_xlabel("minutes")
     ax.set_ylabel("jobs completed per minute")
     ax.set_title(d["title"])
