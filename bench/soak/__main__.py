@@ -161,6 +161,9 @@ def run(a: argparse.Namespace, folder: Path) -> int:
         (folder / "fake-stats.json").write_text(json.dumps(fake.stats(), indent=1))
         with psycopg.connect(db.url, row_factory=dict_row) as c:
             jobs = check.jobs_from(c.execute(check.JOBS_SQL).fetchall())
+        (folder / "jobs.json").write_text(
+            json.dumps([vars(j) for j in jobs.values()], indent=0)
+        )  # for another look at the run later
         run_ = check.load(folder, jobs, storage, drained_at)
         verdict = check.check(run_)
         summary = report.summarize(

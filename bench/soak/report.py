@@ -25,7 +25,8 @@ NO_RECOVERY_AFTER = 300.0
 class Summary:
     jobs: dict[str, Counter[str]]
     faults: list[dict[str, Any]]
-    recovery: dict[str, list[float | None]]
+    recovery: dict[str, list[float | None]]  # the workers the fault affected
+    fleet: dict[str, list[float | None]]  # any worker
     buckets: list[tuple[float, int]]
     outside_per_min: float
     all_per_min: float
@@ -77,6 +78,7 @@ def summarize(
         if j.status == "done" and j.completed_at
     )
     recovery: dict[str, list[float | None]] = defaultdict(list)
+    fleet: dict[str, list[float | None]] = defaultdict(list)
     for f in faults:
         if f.get("error") or "healed" not in f:
             continue
@@ -97,8 +99,8 @@ def summarize(
         first = next(
             (t for t, w in claimed if t >= heal and (affected is None or w in affected)), None
         )
-        took = None if first is None or first - heal > NO_RECOVERY_AFTER else first - heal
-        recovery[kind].append(took)
+        recovery[kind].append(_took(first, heal))
+        fleet[kind].append(_took(next((t for t, _ in claimed if t >= heal), None), heal))
     end = max([started, *(t for t, _ in done)])
     n = int((end - started) // BUCKET) + 1
     counts = [0] * n
@@ -124,11 +126,16 @@ def summarize(
         jobs=dict(table),
         faults=faults,
         recovery=dict(recovery),
+        fleet=dict(fleet),
         buckets=buckets,
         outside_per_min=(sum(outside) / len(outside) * per_min) if outside else math.nan,
         all_per_min=(sum(steady) / len(steady) * per_min) if steady else math.nan,
         verdict=verdict,
     )
+
+
+def _took(first: float | None, heal: float) -> float | None:
+    return None if first is None or first - heal > NO_RECOVERY_AFTER else first - heal
 
 
 def _fmt(x: float | None) -> str:
@@ -168,29 +175,32 @@ def write(summary: Summary, folder: Path, baseline: float | None) -> Path:
         "",
         "Recovery: from the moment a fault is healed (the process started again and",
         "ready, or resumed; the link restored; the database accepting writes; the",
-        "provider answering) to the first job claimed after it, by a worker it",
-        "affected, that went on to complete (its `started_at`).",
+        "provider answering) to the first job claimed after it that went on to",
+        "complete (its `started_at`): by a worker the fault affected (the process",
+        "killed or paused, the host's workers), and by any worker.",
         "",
-        "| fault | injected | failed to inject | recovered | p50 s | p95 s | max s |",
-        "|---|---|---|---|---|---|---|",
+        "| fault | injected | failed to inject | recovered | p50 s | p95 s | max s "
+        "| any worker: p50 s | p95 s | max s |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     kinds = Counter(f["kind"] for f in s.faults)
     errors = Counter(f["kind"] for f in s.faults if f.get("error"))
     every: list[float] = []
+    anyw: list[float] = []
     for kind in sorted(kinds):
         rec = s.recovery.get(kind, [])
         ok = [x for x in rec if x is not None]
+        fl = [x for x in s.fleet.get(kind, []) if x is not None]
         if kind != "failover":
             every += ok
+            anyw += fl
         lines.append(
             f"| {kind} | {kinds[kind]} | {errors[kind]} | {len(ok)}/{len(rec)} | "
-            f"{_fmt(quantile(ok, 0.5))} | {_fmt(quantile(ok, 0.95))} | "
-            f"{_fmt(max(ok) if ok else None)} |"
+            f"{_q(ok)} | {_q(fl)} |"
         )
     lines += [
         f"| **all but failover** | {sum(kinds.values()) - kinds['failover']} | | {len(every)} | "
-        f"{_fmt(quantile(every, 0.5))} | {_fmt(quantile(every, 0.95))} | "
-        f"{_fmt(max(every) if every else None)} |",
+        f"{_q(every)} | {_q(anyw)} |",
         "",
         "## Throughput",
         "",
@@ -211,7 +221,7 @@ def write(summary: Summary, folder: Path, baseline: float | None) -> Path:
     ]
     lines += [f"- {v}" for v in s.verdict.violations[:20]]
     failover = [x for x in s.recovery.get("failover", []) if x is not None]
-    p95 = quantile(every, 0.95)
+    p95, p95_any = quantile(every, 0.95), quantile(anyw, 0.95)
     f95 = quantile(failover, 0.95)
     ratio = s.outside_per_min / baseline if baseline else math.nan
     lines += [
@@ -221,12 +231,18 @@ def write(summary: Summary, folder: Path, baseline: float | None) -> Path:
         "| target | result | met |",
         "|---|---|---|",
         f"| 0 violations | {len(s.verdict.violations)} | {_yes(not s.verdict.violations)} |",
-        f"| recovery p95 within 5 s (all but failover) | {_fmt(p95)} s | {_yes(p95 <= 5)} |",
+        f"| recovery p95 within 5 s (all but failover), affected workers | {_fmt(p95)} s | "
+        f"{_yes(p95 <= 5)} |",
+        f"| recovery p95 within 5 s (all but failover), any worker | {_fmt(p95_any)} s | "
+        f"{_yes(p95_any <= 5)} |",
         f"| failover recovery p95 within 15 s | {_fmt(f95)} s | "
         f"{_yes(f95 <= 15) if failover else 'no failover'} |",
         f"| throughput outside faults within 10% of fault-free | "
         f"{_fmt(ratio * 100) if baseline else '-'}% | "
         f"{_yes(abs(ratio - 1) <= 0.1) if baseline else 'no baseline'} |",
+        f"| throughput over the whole run within 10% of fault-free | "
+        f"{_fmt(s.all_per_min / baseline * 100) if baseline else '-'}% | "
+        f"{_yes(abs(s.all_per_min / baseline - 1) <= 0.1) if baseline else 'no baseline'} |",
         "",
     ]
     report = folder / "report.md"
@@ -238,6 +254,7 @@ def write(summary: Summary, folder: Path, baseline: float | None) -> Path:
                 "outside_per_min": s.outside_per_min,
                 "violations": [str(v) for v in s.verdict.violations],
                 "recovery": s.recovery,
+                "recovery_any_worker": s.fleet,
                 "info": info,
             },
             indent=1,
@@ -245,6 +262,12 @@ def write(summary: Summary, folder: Path, baseline: float | None) -> Path:
     )
     plot(s, folder)
     return report
+
+
+def _q(xs: list[float]) -> str:
+    """p50 | p95 | max"""
+    top = max(xs) if xs else None
+    return f"{_fmt(quantile(xs, 0.5))} | {_fmt(quantile(xs, 0.95))} | {_fmt(top)}"
 
 
 def _yes(ok: bool) -> str:
