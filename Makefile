@@ -73,6 +73,10 @@ mutants: $(VENV)/.installed ## mutation testing (about 15 min): mutmut, then pla
 	@$(VENV)/bin/mutmut results
 	$(PY) -m tests.mutants.planted $(ARGS)
 
+.PHONY: soak
+soak: $(VENV)/.installed ## chaos soak on simulated hosts, then the checker (root; ARGS="--minutes 5")
+	$(PY) -m bench.soak $(ARGS)
+
 .PHONY: bench
 bench: $(VENV)/.installed ## benchmarks against the peers (ARGS=--quick for a short run)
 	$(PY) -m bench $(ARGS)

@@ -28,13 +28,11 @@ def _inside() -> bool:
     return Path(sys.prefix).resolve() == VENV.resolve()
 
 
-def ensure(argv: list[str], module: str = "bench") -> None:
+def prepare() -> Path:
+    """Make or refresh bench/.venv if need be; its python."""
     python = VENV / "bin" / "python"
     digest = _digest()
-    fresh = STAMP.exists() and STAMP.read_text().strip() == digest
-    if _inside() and fresh:
-        return
-    if not fresh:
+    if not (STAMP.exists() and STAMP.read_text().strip() == digest):
         print("bench: preparing bench/.venv (first run or changed requirements)", flush=True)
         if not python.exists():
             base = getattr(sys, "_base_executable", sys.executable)
@@ -43,5 +41,13 @@ def ensure(argv: list[str], module: str = "bench") -> None:
         subprocess.run([*pip, "-e", str(ROOT)], check=True)
         subprocess.run([*pip, "-r", str(REQUIREMENTS)], check=True)
         STAMP.write_text(digest + "\n")
+    return python
+
+
+def ensure(argv: list[str], module: str = "bench") -> None:
+    fresh = STAMP.exists() and STAMP.read_text().strip() == _digest()
+    if _inside() and fresh:
+        return
+    python = prepare()
     os.chdir(ROOT)
     os.execv(str(python), [str(python), "-m", module, *argv])

@@ -7,7 +7,11 @@ back.
 
 A finished course's catalog row rides with its completion, in the same
 transaction, whether the completer or a claim (complete_and_claim) writes it
-(catalog.complete_with_rows). A job is never `done` without its row."""
+(catalog.complete_with_rows). A job is never `done` without its row.
+
+A result staged because its public path was taken (listener/results.py) is
+published once its completion has committed, and discarded if the completion
+was refused (the claim was no longer this attempt's)."""
 
 from __future__ import annotations
 
@@ -25,6 +29,7 @@ from psycopg_pool import AsyncConnectionPool
 from listener import dal
 from listener.catalog import CatalogEntry, complete_with_rows
 from listener.jobs import Job, Outcome
+from listener.results import settle
 from listener.rows import ClaimedRow
 
 T = TypeVar("T")
@@ -47,6 +52,7 @@ class Completer:
         self._more = asyncio.Event()
         self._written = asyncio.Condition()
         self._in_flight = 0
+        self._settling: set[asyncio.Task[None]] = set()  # staged results on their way
 
     @property
     def waiting(self) -> int:
@@ -133,14 +139,28 @@ class Completer:
             self._pending[:0] = items
             self._more.set()
         else:
-            report_lost(items, written)
+            self._ended(items, written)
         async with self._written:
             self._written.notify_all()
 
+    def _ended(self, items: list[tuple[Job, Outcome]], written: Collection[UUID]) -> None:
+        """The completion of `items` committed, with the ids in `written`: their
+        staged results published, those of the refused ones discarded."""
+        report_lost(items, written)
+        won = set(written)
+        for job, outcome in items:
+            if outcome.staged is not None:
+                task = asyncio.create_task(settle(outcome.staged, job.id in won))
+                self._settling.add(task)
+                task.add_done_callback(self._settling.discard)
+
     async def drain(self) -> None:
-        """Wait until every finished job handed over so far is written."""
+        """Wait until every finished job handed over so far is written (and its
+        staged result published)."""
         async with self._written:
             await self._written.wait_for(lambda: self.waiting == 0)
+        if self._settling:
+            await asyncio.gather(*self._settling)
 
     async def _write(self, batch: list[tuple[Job, Outcome]]) -> None:
         by_table: dict[str, list[tuple[Job, Outcome]]] = {}
@@ -150,7 +170,7 @@ class Completer:
             rows = await complete_with_rows(
                 self.pool, dal.COMPLETE_JOBS, completion_params(table, items), riders(items)
             )
-            report_lost(items, [r["id"] for r in rows])
+            self._ended(items, [r["id"] for r in rows])
 
 
 def completion_params(table: str, items: list[tuple[Job, Outcome]]) -> dict[str, Any]:

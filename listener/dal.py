@@ -199,6 +199,7 @@ CATALOG_UPSERT = Statement("catalog_upsert")
 CATALOG_RENDER_LOCK = Statement("catalog_render_lock")
 CATALOG_ROWS = Query("catalog_rows", rows.CatalogRow)
 COURSE_CACHE_LOOKUP = Query("course_cache_lookup", rows.CachedCourseRow)
+STAGED_RESULTS = Query("staged_results", rows.StagedResultRow)
 # -- ops.sql
 STUCK_JOBS = Query("stuck_jobs", rows.StuckJobRow)
 ALERT_VALUES = Query("alert_values", rows.AlertValuesRow)

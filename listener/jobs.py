@@ -13,6 +13,7 @@ from listener.rows import ClaimedRow
 
 if TYPE_CHECKING:
     from listener.catalog import CatalogEntry
+    from listener.results import Staged
 
 JOB_TYPES = {"ai_course_jobs": "course", "ai_media_jobs": "media"}
 TABLES_BY_TYPE = {v: k for k, v in JOB_TYPES.items()}
@@ -68,11 +69,14 @@ class Job:
 class Outcome:
     """A finished job: where its result is stored (relative to the storage root)
     and its telemetry (at least generationDurationMs and provider; the worker adds
-    totalDurationMs); a course's catalog row, saved with the job's completion."""
+    totalDurationMs); a course's catalog row, saved with the job's completion; a
+    result staged because its path was taken, published once the completion
+    commits (listener/results.py)."""
 
     result_path: str | None
     metrics: dict[str, Any] = field(default_factory=dict)
     catalog: CatalogEntry | None = None
+    staged: Staged | None = None
 
 
 HandlerMap = Mapping[str, Callable[[Job], Awaitable[Outcome]]]

@@ -300,6 +300,16 @@ class CachedCourseRow(TypedDict):  # course_cache_lookup
     model: str
 
 
+class StagedResultRow(TypedDict):  # staged_results
+    id: UUID
+    token: UUID
+    status: str | None
+    running: bool
+    result_path: str | None
+    sha256: str | None
+    superseded: bool
+
+
 # -- ops.sql
 
 

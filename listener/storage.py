@@ -13,7 +13,9 @@ backend, fsspec's local writes are not atomic, and the whole need is three verbs
 
 Every write is atomic: a reader sees the old file or the new one, never half of one
 (locally: a temporary file in the same folder, then rename; Supabase replaces an
-object only once its upload is complete).
+object only once its upload is complete). `create` writes only where nothing is yet
+(locally a hard link, which fails on an existing name; Supabase an upload without
+`x-upsert`): the fence of a job's result (listener/results.py).
 
 Layout: courses/<courseId>/course.json, courses/catalog.json, media/<jobId>.<ext>.
 """
@@ -46,7 +48,19 @@ class Storage(Protocol):
 
     async def write(self, path: str, data: bytes, content_type: str) -> None: ...
 
+    async def create(self, path: str, data: bytes, content_type: str) -> bool:
+        """Write `data` at `path` only if nothing is there yet: False if something is."""
+        ...
+
     async def read(self, path: str) -> bytes | None: ...
+
+    async def delete(self, path: str) -> None:
+        """Remove `path`; nothing there is no error."""
+        ...
+
+    async def list(self, folder: str) -> list[str]:
+        """The paths of the files directly in `folder` (none if it does not exist)."""
+        ...
 
     async def check(self) -> None:
         """Raise ConfigError unless a result could be written now (at start)."""
@@ -94,8 +108,14 @@ class LocalStorage:
         except OSError as exc:
             raise StorageError(f"Storage upload failed: {path}: {exc.strerror or exc}") from exc
 
+    async def create(self, path: str, data: bytes, content_type: str) -> bool:
+        try:
+            return await asyncio.to_thread(self._write, self.root / _check(path), data, False)
+        except OSError as exc:
+            raise StorageError(f"Storage upload failed: {path}: {exc.strerror or exc}") from exc
+
     @staticmethod
-    def _write(target: Path, data: bytes) -> None:
+    def _write(target: Path, data: bytes, replace: bool = True) -> bool:
         target.parent.mkdir(parents=True, exist_ok=True)
         # A name of its own per writer, in the same folder (same file system), so the
         # rename is atomic and two writers of one file never share a temporary file.
@@ -105,7 +125,14 @@ class LocalStorage:
                 f.write(data)
                 f.flush()
                 os.fsync(f.fileno())
-            os.replace(tmp, target)
+            if replace:
+                os.replace(tmp, target)
+                return True
+            try:
+                os.link(tmp, target)  # atomic, and refused if the name exists
+            except FileExistsError:
+                return False
+            return True
         finally:
             tmp.unlink(missing_ok=True)
 
@@ -115,6 +142,25 @@ class LocalStorage:
             return await asyncio.to_thread(target.read_bytes)
         except FileNotFoundError:
             return None
+
+    async def delete(self, path: str) -> None:
+        try:
+            await asyncio.to_thread((self.root / _check(path)).unlink, missing_ok=True)
+        except OSError as exc:
+            raise StorageError(f"Storage delete failed: {path}: {exc.strerror or exc}") from exc
+
+    async def list(self, folder: str) -> list[str]:
+        def names() -> list[str]:
+            try:
+                # a writer's temporary files start with a dot
+                return sorted(n for n in os.listdir(self.root / _check(folder)) if n[0] != ".")
+            except FileNotFoundError:
+                return []
+
+        try:
+            return [f"{folder}/{n}" for n in await asyncio.to_thread(names)]
+        except OSError as exc:
+            raise StorageError(f"Storage list failed: {folder}: {exc.strerror or exc}") from exc
 
     async def check(self) -> None:
         """Write a probe file as a result is written (the folder made if need
@@ -151,18 +197,55 @@ class SupabaseStorage:
         return f"/object/{quote(self.bucket)}/{quote(_check(path))}"
 
     async def write(self, path: str, data: bytes, content_type: str) -> None:
+        await self._upload(path, data, content_type, upsert=True)
+
+    async def create(self, path: str, data: bytes, content_type: str) -> bool:
+        return await self._upload(path, data, content_type, upsert=False)
+
+    async def _upload(self, path: str, data: bytes, content_type: str, upsert: bool) -> bool:
+        headers = {"content-type": content_type}
+        if upsert:
+            headers["x-upsert"] = "true"
         try:
-            resp = await self.client.post(
-                self._url(path),
-                content=data,
-                headers={"content-type": content_type, "x-upsert": "true"},
-            )
+            resp = await self.client.post(self._url(path), content=data, headers=headers)
         except httpx.HTTPError as exc:
             raise StorageError(f"Storage upload failed: {path}: {type(exc).__name__}") from None
+        if not upsert and (
+            resp.status_code == 409
+            or (resp.status_code == 400 and _message(resp, "statusCode") == "409")
+        ):
+            return False  # Supabase answers an existing object with 400 {"statusCode": "409"}
         if resp.status_code >= 300:
             raise StorageError(
                 f"Storage upload failed: {path}: HTTP {resp.status_code} {_message(resp)}"
             )
+        return True
+
+    async def delete(self, path: str) -> None:
+        try:
+            resp = await self.client.delete(self._url(path))
+        except httpx.HTTPError as exc:
+            raise StorageError(f"Storage delete failed: {path}: {type(exc).__name__}") from None
+        missing = resp.status_code == 404 or _message(resp, "statusCode") == "404"
+        if resp.status_code >= 300 and not missing:
+            raise StorageError(f"Storage delete failed: {path}: HTTP {resp.status_code}")
+
+    async def list(self, folder: str) -> list[str]:
+        """POST /object/list/<bucket>: one page of 1,000 names is plenty for the
+        folders listed (results staged by attempts that lost their path)."""
+        body = {"prefix": _check(folder), "limit": 1000, "offset": 0}
+        try:
+            resp = await self.client.post(f"/object/list/{quote(self.bucket)}", json=body)
+        except httpx.HTTPError as exc:
+            raise StorageError(f"Storage list failed: {folder}: {type(exc).__name__}") from None
+        if resp.status_code >= 300:
+            raise StorageError(f"Storage list failed: {folder}: HTTP {resp.status_code}")
+        entries = resp.json()
+        return [
+            f"{folder}/{e['name']}"
+            for e in entries
+            if isinstance(e, dict) and e.get("id") is not None  # null id: a folder
+        ]
 
     async def read(self, path: str) -> bytes | None:
         try:

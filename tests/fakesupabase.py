@@ -1,21 +1,25 @@
 """A fake Supabase Storage on 127.0.0.1 speaking the API the storage module uses:
 POST/PUT /storage/v1/object/<bucket>/<path> (x-upsert), GET and DELETE the same
-path, GET /storage/v1/bucket/<bucket>. Missing objects and buckets answer 400
+path, POST /storage/v1/object/list/<bucket> (one folder's files), GET
+/storage/v1/bucket/<bucket>. Missing objects and buckets answer 400
 {"statusCode": "404"}, as Supabase does. Every bucket exists but those named in
 `missing_buckets`; with `read_only`, the key may read but not write (as a key
 that row-level security refuses)."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from contextlib import contextmanager
 from http.server import BaseHTTPRequestHandler
+from typing import Any
 from urllib.parse import unquote
 
 from tests.fakeai import HTTPFake
 
 FAKE_SERVICE_KEY = "eyJhbGciOiJIUzI1NiJ9.FAKE-SERVICE-ROLE-SECRET.c2lnbmF0dXJl"
 PREFIX = "/storage/v1/object/"
+LIST = "/storage/v1/object/list/"
 BUCKETS = "/storage/v1/bucket/"
 NO_BUCKET = {"statusCode": "404", "error": "Bucket not found", "message": "Bucket not found"}
 
@@ -52,6 +56,8 @@ class FakeSupabase(HTTPFake):
             if name in self.missing_buckets:
                 return self.send(h, 400, NO_BUCKET)
             return self.send(h, 200, {"id": name, "name": name, "public": False})
+        if h.path.startswith(LIST) and h.command == "POST":
+            return self.list(h, unquote(h.path[len(LIST) :]), json.loads(data))
         if not h.path.startswith(PREFIX):
             return self.send(h, 404, {"statusCode": "404", "message": "no route"})
         bucket, _, path = unquote(h.path[len(PREFIX) :]).partition("/")
@@ -84,8 +90,13 @@ class FakeSupabase(HTTPFake):
                     "message": "new row violates row-level security policy",
                 },
             )
-        exists = (bucket, path) in self.objects
-        if h.command == "POST" and exists and h.headers.get("x-upsert") != "true":
+        with self.lock:  # checked and written at once: two creates, one wins
+            exists = (bucket, path) in self.objects
+            duplicate = h.command == "POST" and exists and h.headers.get("x-upsert") != "true"
+            if not duplicate:
+                self.objects[(bucket, path)] = (data, h.headers.get("content-type", ""))
+                self.uploads += 1
+        if duplicate:
             return self.send(
                 h,
                 400,
@@ -95,10 +106,25 @@ class FakeSupabase(HTTPFake):
                     "message": "The resource already exists",
                 },
             )
-        with self.lock:
-            self.objects[(bucket, path)] = (data, h.headers.get("content-type", ""))
-            self.uploads += 1
         return self.send(h, 200, {"Key": f"{bucket}/{path}"})
+
+    def list(self, h: BaseHTTPRequestHandler, bucket: str, body: dict[str, Any]) -> None:
+        """The files directly in the folder `prefix` (Supabase also lists its
+        subfolders, with a null id)."""
+        folder = str(body.get("prefix", "")).strip("/")
+        with self.lock:
+            paths = [p for b, p in self.objects if b == bucket]
+        names, folders = [], set()
+        for p in paths:
+            head, _, name = p.rpartition("/")
+            if head == folder:
+                names.append({"name": name, "id": p})
+            elif head.startswith(f"{folder}/" if folder else ""):
+                folders.add(head[len(folder) :].strip("/").split("/")[0])
+        entries = [{"name": f, "id": None} for f in sorted(folders)] + sorted(
+            names, key=lambda e: e["name"]
+        )
+        return self.send(h, 200, entries[: int(body.get("limit", 100))])
 
 
 @contextmanager

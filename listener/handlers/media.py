@@ -13,6 +13,7 @@ from listener.params import MediaParams, parse
 from listener.providers import Providers
 from listener.providers.base import Media, MediaProvider
 from listener.providers.chain import Chain
+from listener.results import store
 from listener.settings import Settings
 from listener.storage import Storage
 
@@ -48,7 +49,7 @@ class MediaHandler:
         )
         path = f"media/{job.id}.{media.ext}"
         t0 = time.perf_counter()
-        await self.storage.write(path, media.data, media.content_type)
+        stored = await store(self.storage, job, path, media.data, media.content_type)
         storage_ms = round((time.perf_counter() - t0) * 1000, 3)
         logger.bind(
             action="media_stored", job_id=str(job.id), provider=gen.provider, model=gen.model
@@ -64,5 +65,7 @@ class MediaHandler:
                 "bytes": len(media.data),
                 "estimatedCostUsd": gen.usage.cost_usd,
                 "fallbacks": gen.fallbacks,
+                "resultSha256": stored.sha256,
             },
+            staged=stored.staged,
         )

@@ -46,3 +46,24 @@ where c.cache_key = any(%(keys)s::text[])
   and c.updated_at > now() - make_interval(secs => %(ttl)s)
   and c.provider is distinct from 'placeholder'
 order by c.cache_key, c.updated_at desc
+
+-- name: staged_results
+-- The jobs of results staged under their attempt's own key (listener/results.py),
+-- each found by primary key: whether that attempt still holds the claim, what the
+-- job's completion stored (its digest), and whether another job's course now owns
+-- the path (the catalog row of a course names the job whose result it lists).
+-- A staged key whose job is gone comes back with a null status.
+select s.id, s.token, j.status, coalesce(j.claim_token = s.token, false) as running,
+       j.result_path, j.metrics ->> 'resultSha256' as sha256,
+       coalesce(j.job_table = 'ai_course_jobs' and exists (
+           select 1 from ai_course_catalog c
+           where c.course_id = split_part(j.result_path, '/', 2) and c.job_id <> s.id
+       ), false) as superseded
+from unnest(%(ids)s::uuid[], %(tokens)s::uuid[]) as s(id, token)
+left join lateral (
+    select 'ai_course_jobs' as job_table, status, claim_token, result_path, metrics
+    from ai_course_jobs where id = s.id
+    union all
+    select 'ai_media_jobs', status, claim_token, result_path, metrics
+    from ai_media_jobs where id = s.id
+) j on true

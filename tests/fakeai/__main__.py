@@ -45,6 +45,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--mode", action="append", default=[], metavar="PROVIDER=MODE", help="e.g. openai=500"
     )
+    p.add_argument("--log", default=None, help="a file: one JSON line per provider request")
     return p.parse_args(argv)
 
 
@@ -57,6 +58,8 @@ def main(argv: list[str] | None = None) -> int:
         port=a.port,
         host=a.host,
     )
+    if a.log:
+        fake.request_log = open(a.log, "a")  # noqa: SIM115 - open while the fake serves
     for item in a.mode:
         provider, _, mode = item.partition("=")
         fake.modes[provider] = mode

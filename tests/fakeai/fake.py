@@ -42,7 +42,10 @@ Quotas (quota.py): every provider answer carries the provider's rate-limit heade
 and a chat completion or message past `fake.limits` gets the provider's 429 with
 `retry-after` (whatever the mode); each refusal is kept in `fake.limited` and its
 request recorded in mode "limited". GET /_fake/stats answers the counters as JSON,
-POST /_fake/reset zeroes them and refills the quotas.
+POST /_fake/reset zeroes them and refills the quotas, POST /_fake/mode sets the
+modes ({"openai": "500"}: the soak's faults). With `request_log` (a file), each
+request to a provider is also written there as a JSON line (time, provider, path,
+mode, and the start of its prompt).
 
 Routes: chat completions, messages, models list, image generation, speech. Every
 request is recorded (`fake.requests`, `fake.count(...)`). The same server records
@@ -65,7 +68,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler
-from typing import Any
+from typing import IO, Any
 
 from listener.providers.placeholder import placeholder_png, placeholder_wav
 from tests.fakeai.answers import (
@@ -161,6 +164,7 @@ class FakeAI(HTTPFake):
         self.counts: Counter[tuple[str, str]] = Counter()
         self.in_flight = self.max_in_flight = 0
         self._asked: Counter[str] = Counter()  # answers per message list (the size draw)
+        self.request_log: IO[str] | None = None
 
     @property
     def limits(self) -> Limits:
@@ -217,6 +221,10 @@ class FakeAI(HTTPFake):
         if path == "/_fake/reset" and h.command == "POST":
             self.reset()
             return self.send(h, 200, {"ok": True})
+        if path == "/_fake/mode" and h.command == "POST":
+            with self.lock:
+                self.modes.update({str(k): str(v) for k, v in json.loads(raw).items()})
+                return self.send(h, 200, dict(self.modes))
         if re.fullmatch(r"/api/\d+/envelope/", path):
             if h.headers.get("content-encoding") == "gzip":
                 raw = gzip.decompress(raw)
@@ -242,6 +250,9 @@ class FakeAI(HTTPFake):
             rec = Recorded(provider, h.command, path, dict(h.headers), body, mode)
             self.requests.append(rec)
             self.counts[("requests", provider)] += 1
+            if self.request_log is not None:
+                self.request_log.write(json.dumps(logged(rec)) + "\n")
+                self.request_log.flush()
         # Anthropic's SDK sends x-api-key, or a bearer token in newer versions.
         bearer = (h.headers.get("authorization") or "").removeprefix("Bearer ")
         key = h.headers.get("x-api-key") or bearer
@@ -674,6 +685,22 @@ class FakeAI(HTTPFake):
             "stop_sequence": None,
             "usage": usage,
         }
+
+
+def logged(rec: Recorded) -> dict[str, Any]:
+    """A request's line in the request log: what, when, and the start of its
+    prompt (the first user message, or an image's prompt, or a speech's input)."""
+    body = rec.body if isinstance(rec.body, dict) else {}
+    users = [m for m in body.get("messages") or [] if m.get("role") == "user"]
+    text = users[0]["content"] if users else body.get("prompt") or body.get("input") or ""
+    return {
+        "t": time.time(),
+        "provider": rec.provider,
+        "path": rec.path,
+        "mode": rec.mode,
+        "repair": len(users) > 1,
+        "text": str(text)[:300],
+    }
 
 
 @contextmanager

@@ -452,3 +452,40 @@ def test_the_fake_as_its_own_process() -> None:
     assert stats["output_tokens"]["openai"] > 0 and stats["in_flight"] == 0
     assert again == 200 and last["requests"] == {"openai": 1} and "rate_limited" not in last
     assert p.returncode == 0 and json.loads(out.strip().splitlines()[-1]) == last
+
+
+def test_modes_switched_at_run_time_and_the_request_log(tmp_path: Any) -> None:
+    """The soak's controls: POST /_fake/mode changes the answers of a running
+    fake process, and --log writes one line per provider request."""
+    log = tmp_path / "requests.jsonl"
+    p = subprocess.Popen(
+        [sys.executable, "-m", "tests.fakeai", "--log", str(log)],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert p.stdout is not None
+        url = p.stdout.readline().strip()
+        headers = {"authorization": f"Bearer {FAKE_OPENAI_KEY}"}
+        body = {"model": "gpt-4.1-mini", "messages": MESSAGES}
+        with httpx.Client(base_url=url, headers=headers) as http:
+            before = http.post("/v1/chat/completions", json=body).status_code
+            modes = http.post("/_fake/mode", json={"openai": "500"}).json()
+            during = http.post("/v1/chat/completions", json=body).status_code
+            http.post("/_fake/mode", json={"openai": "valid"})
+            image = {"model": "gpt-image-1", "prompt": "[soak-7] a lighthouse"}
+            after = http.post("/v1/images/generations", json=image).status_code
+    finally:
+        p.send_signal(signal.SIGTERM)
+        p.communicate(timeout=10)
+    assert (before, during, after) == (200, 500, 200)
+    assert modes == {"openai": "500", "anthropic": "valid"}
+    lines = [json.loads(line) for line in log.read_text().splitlines()]
+    assert [(r["path"], r["mode"]) for r in lines] == [
+        ("/v1/chat/completions", "valid"),
+        ("/v1/chat/completions", "500"),
+        ("/v1/images/generations", "valid"),
+    ]
+    assert lines[0]["text"] == MESSAGES[-1]["content"][:300]
+    assert lines[2]["text"] == "[soak-7] a lighthouse" and lines[0]["t"] <= lines[2]["t"]
