@@ -34,7 +34,7 @@ def check(fake: FakeAI, **extra: Any) -> subprocess.CompletedProcess[str]:
     for k in [k for k, v in values.items() if v is None]:
         e.pop(k)
     return subprocess.run(
-        [*AI_JOBS, "check-providers"], env=e, capture_output=True, text=True, timeout=30
+        [*AI_JOBS, "check-providers"], env=e, capture_output=True, text=True, timeout=90
     )
 
 
