@@ -80,3 +80,7 @@ soak: $(VENV)/.installed ## chaos soak on simulated hosts, then the checker (roo
 .PHONY: bench
 bench: $(VENV)/.installed ## benchmarks against the peers (ARGS=--quick for a short run)
 	$(PY) -m bench $(ARGS)
+
+.PHONY: bench-ai
+bench-ai: $(VENV)/.installed ## quota-bound LLM jobs: ai-jobs, before issue 22, pgqueuer (ARGS=--quick)
+	$(PY) -m bench.ai $(ARGS)
