@@ -39,22 +39,24 @@ RESULTS = ROOT / "bench" / "results" / "ai-latest.json"
 PLOT = ROOT / "docs" / "bench-ai.png"
 
 
-def configs(workers: list[int], only: set[str] | None) -> list[Config]:
+def configs(workers: list[int], only: set[str] | None, rev: str | None) -> list[Config]:
     out = []
+    this = f"ai-jobs {rev}" if rev else "ai-jobs"
     for n in workers:
         out += [
-            Config(f"ai-jobs, {n} worker{'s' * (n > 1)}", "ai-jobs", n, fair=True),
+            Config(f"{this}, {n} worker{'s' * (n > 1)}", "ai-jobs", n, fair=True, rev=rev),
             Config(f"ai-jobs before issue 22, {n} worker{'s' * (n > 1)}", "base", n),
             Config(f"pgqueuer, {n} worker{'s' * (n > 1)}", "pgqueuer", n),
         ]
     n = max(workers)
     out.append(
         Config(
-            f"ai-jobs, PROVIDER_LIMITS at 90%, {n} worker{'s' * (n > 1)}",
+            f"{this}, PROVIDER_LIMITS at 90%, {n} worker{'s' * (n > 1)}",
             "ai-jobs",
             n,
             limits=0.9,
             fair=True,
+            rev=rev,
         )
     )
     if only:
@@ -178,6 +180,7 @@ def parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--scale", type=float, default=4.0, help="time runs this many times faster (4)")
     p.add_argument("--workers", default="1,4", help="worker processes to run with (1,4)")
     p.add_argument("--only", default="", help="systems to run: ai-jobs,base,pgqueuer (all)")
+    p.add_argument("--rev", default=None, help="measure ai-jobs at this commit (this checkout)")
     p.add_argument("--hold", type=float, default=60.0, help="seconds at each in-flight level (60)")
     p.add_argument("--no-inflight", action="store_true", help="skip the 500-in-flight part")
     p.add_argument("--inflight-only", action="store_true", help="only the 500-in-flight part")
@@ -209,7 +212,7 @@ async def main(opts: argparse.Namespace) -> int:
     started = time.time()
     with pgserver.server() as srv:
         if not opts.inflight_only:
-            for c in configs(workers, only):
+            for c in configs(workers, only, opts.rev):
                 print(f"- {c.name} ...", flush=True)
                 outcome = await run(c, load, crowd, srv)
                 row = figures.compute(outcome, load, crowd.heavy)
@@ -271,7 +274,7 @@ async def main(opts: argparse.Namespace) -> int:
     print()
     for v in said:
         print("- " + v)
-    if opts.only or opts.inflight_only or opts.no_inflight:
+    if opts.only or opts.inflight_only or opts.no_inflight or opts.rev:
         out = opts.out.with_name(opts.out.stem + "-partial.json")
     else:
         out = opts.out

@@ -58,7 +58,11 @@ def compute(o: Outcome, load: L.Load, heavy: str) -> dict[str, Any]:
     steady_min = (t_end - t_s) / window
     whole_min = (t_end - o.t0) / window
     limits = o.config.limits or 1.0
-    optimum = load.optimum_per_min(tpm=load.tpm * limits, rpm=load.rpm * limits)
+    # The prompt as the provider counted it (each checkout's own prompt): with
+    # max_tokens, what one call draws from TPM.
+    prompts = [j.in_tokens for j in done if j.in_tokens]
+    prompt = sum(prompts) / len(prompts) if prompts else float(L.PROMPT_TOKENS)
+    optimum = load.optimum_per_min(tpm=load.tpm * limits, rpm=load.rpm * limits, prompt=prompt)
     jobs_min = len(steady) / steady_min
     tokens_min = sum(j.out_tokens for j in steady) / steady_min
 
@@ -107,6 +111,7 @@ def compute(o: Outcome, load: L.Load, heavy: str) -> dict[str, Any]:
         "workers": o.config.workers,
         "provider_limits": o.config.limits or None,
         "max_running_per_user": o.user_cap,
+        "prompt_tokens": r(prompt),
         "optimum_jobs_per_min": r(optimum),
         "jobs_per_min": r(jobs_min),
         "tokens_per_min": round(tokens_min),

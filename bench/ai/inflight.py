@@ -58,6 +58,10 @@ async def measure(srv: pgserver.Server, levels: tuple[int, ...], hold: float) ->
                 "HEARTBEAT_INTERVAL_SECONDS": f"{HEARTBEAT:g}",
                 "SHUTDOWN_GRACE_SECONDS": "1",
                 "STORAGE_URL": str(scratch / "storage"),
+                # Capped: metered from the first call. Without a cap, a model's limits
+                # are learned from its first answer, 3 calls at a time until then:
+                # minutes, with these answers.
+                "PROVIDER_LIMITS": "openai=rpm:1000000,tpm:10000000000",
             },
         )
         workers = procs.start_ai_jobs(procs.ROOT, 1, env, scratch)

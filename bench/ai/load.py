@@ -61,14 +61,12 @@ class Load:
 
     # -- the optimum ------------------------------------------------------------
 
-    @property
-    def call_cost(self) -> int:
-        """Tokens one call draws from OpenAI's TPM: its prompt and its max_tokens."""
-        return PROMPT_TOKENS + MAX_OUTPUT
-
-    def optimum_per_min(self, tpm: float | None = None, rpm: float | None = None) -> float:
-        """Calls (jobs) per quota minute the quota allows in steady state."""
-        return min(rpm or self.rpm, (tpm or self.tpm) / self.call_cost)
+    def optimum_per_min(
+        self, tpm: float | None = None, rpm: float | None = None, prompt: float = PROMPT_TOKENS
+    ) -> float:
+        """Calls (jobs) per quota minute the quota allows in steady state: OpenAI
+        draws a call's prompt and its max_tokens from TPM."""
+        return min(rpm or self.rpm, (tpm or self.tpm) / (prompt + MAX_OUTPUT))
 
     @property
     def mean_answer(self) -> float:

@@ -78,7 +78,9 @@ async def serve(opts: argparse.Namespace) -> None:
     records = opts.records.open("a", buffering=1)
     opts.storage.mkdir(parents=True, exist_ok=True)
 
-    def record(job: Job, data: dict[str, Any], started: float, outcome: str, out: int) -> None:
+    def record(
+        job: Job, data: dict[str, Any], started: float, outcome: str, out: int = 0, inp: int = 0
+    ) -> None:
         line = {
             "n": data["n"],
             "user": data["user"],
@@ -88,6 +90,7 @@ async def serve(opts: argparse.Namespace) -> None:
             "attempt": job.attempts,
             "outcome": outcome,
             "out_tokens": out,
+            "in_tokens": inp,
         }
         records.write(json.dumps(line) + "\n")
 
@@ -105,17 +108,18 @@ async def serve(opts: argparse.Namespace) -> None:
             path = opts.storage / f"{data['course_id']}.json"
             await asyncio.to_thread(path.write_text, course.model_dump_json(indent=1))
         except openai.RateLimitError as exc:
-            record(job, data, started, "429", 0)
+            record(job, data, started, "429")
             wait = retry_after(exc)
             raise RetryRequested(delay=timedelta(seconds=1.0 if wait is None else wait)) from exc
         except Exception as exc:
             if job.attempts + 1 >= MAX_ATTEMPTS:
-                record(job, data, started, "dead", 0)
+                record(job, data, started, "dead")
                 return
-            record(job, data, started, "error", 0)
+            record(job, data, started, "error")
             delay = opts.retry_base * 2**job.attempts
             raise RetryRequested(delay=timedelta(seconds=delay)) from exc
-        record(job, data, started, "done", answer.usage.output_tokens)
+        usage = answer.usage
+        record(job, data, started, "done", usage.output_tokens, usage.input_tokens)
 
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()

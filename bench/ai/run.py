@@ -29,10 +29,11 @@ BASE_REV = "e0b6878"
 @dataclass(frozen=True)
 class Config:
     name: str
-    system: str  # "ai-jobs" (this checkout), "base" (BASE_REV's ai-jobs), "pgqueuer"
+    system: str  # "ai-jobs" (this checkout, or `rev`), "base" (BASE_REV's ai-jobs), "pgqueuer"
     workers: int
     limits: float = 0.0  # PROVIDER_LIMITS at this share of the provider's quota (0: unset)
     fair: bool = False  # max_running_per_user set, where the schema has it
+    rev: str | None = None  # "ai-jobs" at this commit instead of this checkout
 
     @property
     def tag(self) -> str:
@@ -48,6 +49,7 @@ class JobRec:
     completed: float | None
     status: str  # done, dead_letter, or anything else (not finished)
     out_tokens: int = 0
+    in_tokens: int = 0
     failed_attempts: int = 0
 
 
@@ -99,7 +101,10 @@ def user_cap(load: L.Load) -> int:
 async def _start_ai_jobs(
     config: Config, load: L.Load, url: str, fake: str, scratch: Path
 ) -> tuple[procs.Workers, int | None]:
-    checkout = procs.ROOT if config.system == "ai-jobs" else procs.base_checkout(BASE_REV)
+    if config.system == "base":
+        checkout = procs.base_checkout(BASE_REV)
+    else:
+        checkout = procs.base_checkout(config.rev) if config.rev else procs.ROOT
     await asyncio.to_thread(procs.migrate, checkout, url)
     cap = None
     async with await psycopg.AsyncConnection.connect(
@@ -292,6 +297,7 @@ async def _jobs(config: Config, url: str, ins: _Inserter, scratch: Path) -> list
                 completed=r["completed"],
                 status=r["status"],
                 out_tokens=r["out_tokens"],
+                in_tokens=r["in_tokens"],
                 failed_attempts=r["retry_count"],
             )
             for r in rows
@@ -316,6 +322,7 @@ async def _jobs(config: Config, url: str, ins: _Inserter, scratch: Path) -> list
                 completed=r["ended"] if r and status in ("done", "dead_letter") else None,
                 status=status or "pending",
                 out_tokens=int(r["out_tokens"]) if r else 0,
+                in_tokens=int(r.get("in_tokens", 0)) if r else 0,
                 failed_attempts=failed.get(n, 0),
             )
         )
