@@ -141,6 +141,7 @@ COLUMNS = [
     ("in_flight_mean", "in flight"),
     ("worker_rss_mb_max", "RSS MB (max of workers)"),
     ("cpu_ms_per_s_per_in_flight_call", "CPU ms/s per call in flight"),
+    ("cpu_ms_per_job", "CPU ms/job"),
     ("transactions_per_job", "transactions/job"),
 ]
 

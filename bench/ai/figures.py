@@ -6,6 +6,7 @@ from __future__ import annotations
 from collections import defaultdict
 from typing import Any
 
+from bench import stats
 from bench.ai import load as L
 from bench.ai.run import Outcome
 
@@ -13,13 +14,8 @@ STEADY_AFTER_WINDOWS = 2.0  # the first full bucket and the first calls are behi
 
 
 def percentile(xs: list[float], q: float) -> float | None:
-    if not xs:
-        return None
-    s = sorted(xs)
-    k = (len(s) - 1) * q
-    lo = int(k)
-    hi = min(lo + 1, len(s) - 1)
-    return s[lo] + (s[hi] - s[lo]) * (k - lo)
+    """bench.stats' percentile (q in 0..1), None for no values."""
+    return stats.percentile(xs, 100 * q) if xs else None
 
 
 def jain(xs: list[float]) -> float | None:
@@ -132,6 +128,7 @@ def compute(o: Outcome, load: L.Load, heavy: str) -> dict[str, Any]:
         "worker_rss_mb_max": r(o.rss_mb),
         "worker_cpu_cores": r(cores, 3),
         "cpu_ms_per_s_per_in_flight_call": r(1000 * cores / mean_flight if mean_flight else None),
+        "cpu_ms_per_job": r(1000 * o.cpu_s / finished if finished else None),
         "transactions_per_job": r(txns / finished if finished else None, 1),
         "steady_minutes": r(steady_min, 2),
         "done_times": [round((j.completed - o.t0) / window, 3) for j in done if j.completed],
