@@ -186,6 +186,7 @@ def parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--no-inflight", action="store_true", help="skip the 500-in-flight part")
     p.add_argument("--inflight-only", action="store_true", help="only the 500-in-flight part")
     p.add_argument("--quick", action="store_true", help="3 quota minutes each, holds of 30 s")
+    p.add_argument("--keep", action="store_true", help="keep each run's logs (printed)")
     p.add_argument("--out", type=Path, default=RESULTS)
     p.add_argument("--plot", type=Path, default=PLOT)
     opts = p.parse_args(argv)
@@ -215,7 +216,7 @@ async def main(opts: argparse.Namespace) -> int:
         if not opts.inflight_only:
             for c in configs(workers, only, opts.rev):
                 print(f"- {c.name} ...", flush=True)
-                outcome = await run(c, load, crowd, srv)
+                outcome = await run(c, load, crowd, srv, keep=opts.keep)
                 row = figures.compute(outcome, load, crowd.heavy)
                 rows.append(row)
                 print(

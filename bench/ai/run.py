@@ -70,7 +70,10 @@ class Outcome:
     notes: list[str] = field(default_factory=list)
 
 
-async def run(config: Config, load: L.Load, crowd: L.Crowd, srv: pgserver.Server) -> Outcome:
+async def run(
+    config: Config, load: L.Load, crowd: L.Crowd, srv: pgserver.Server, keep: bool = False
+) -> Outcome:
+    """`keep`: leave the scratch folder (the workers' and the fake's logs)."""
     scratch = Path(tempfile.mkdtemp(prefix=f"ai-jobs-bench-ai-{config.tag}-"))
     dbname = f"benchai_{config.tag}"
     url = srv.create_database(dbname)
@@ -88,7 +91,10 @@ async def run(config: Config, load: L.Load, crowd: L.Crowd, srv: pgserver.Server
         if fake.proc.poll() is None:
             fake.stop()
         srv.drop_database(dbname)
-        shutil.rmtree(scratch, ignore_errors=True)
+        if keep:
+            print(f"  kept {scratch}", flush=True)
+        else:
+            shutil.rmtree(scratch, ignore_errors=True)
 
 
 def user_cap(load: L.Load) -> int:
