@@ -1,9 +1,12 @@
 """docs/bench-ai.png: jobs done per quota minute over the run for each
-configuration against the quota's optimum (left), and the light users' p95 wait
-(right). Drawn with matplotlib in bench/.venv."""
+configuration against the quota's optimum (left), 429s per 1,000 calls and the
+light users' p95 wait (right). Drawn with matplotlib in bench/.venv; again from
+a run's JSON with `python -m bench.ai.plot bench/results/ai-latest.json out.png`."""
 
 from __future__ import annotations
 
+import json
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -32,8 +35,8 @@ def draw(result: dict[str, Any], out: Path) -> None:
     rows = result["configs"]
     load = result["load"]
     end = load["quota_minutes"]
-    fig, (ax, bx) = plt.subplots(
-        1, 2, figsize=(12, 4.2), dpi=110, gridspec_kw={"width_ratios": [2.2, 1]}
+    fig, (ax, cx, bx) = plt.subplots(
+        1, 3, figsize=(13, 4.4), dpi=110, gridspec_kw={"width_ratios": [2.2, 1, 1]}
     )
     for r in rows:
         xs, ys = _rate(r["done_times"], end)
@@ -58,14 +61,26 @@ def draw(result: dict[str, Any], out: Path) -> None:
     ax.set_ylim(bottom=0)
     ax.legend(fontsize=6.5, loc="lower right", ncol=2, framealpha=0.8)
     names = [r["config"].replace(", ", "\n", 1) for r in rows]
+    colors = [STYLE.get(r["system"], "black") for r in rows]
+    per = [r["http_429_per_1000_calls"] for r in rows]
+    cx.barh(names, per, color=colors)
+    for y, v in enumerate(per):
+        cx.text(v, y, f" {v:g}", va="center", fontsize=6.5)
+    cx.set_xlabel("429s per 1,000 calls")
+    cx.set_xlim(0, 1100)
+    cx.tick_params(axis="y", labelsize=6.5)
+    cx.invert_yaxis()
     p95 = [r["wait_p95_s"].get("light") or 0.0 for r in rows]
-    bx.barh(names, p95, color=[STYLE.get(r["system"], "black") for r in rows])
+    bx.barh(names, p95, color=colors)
     bx.axvline(load["mean_call_s"], color="tab:red", lw=0.8, ls=":", label="one slot's time")
-    bx.set_xscale("log")
-    bx.set_xlabel("light users' p95 wait, s (log)")
-    bx.tick_params(axis="y", labelsize=6.5)
+    bx.set_xlabel("light users' p95 wait, s")
+    bx.set_yticks([])
     bx.invert_yaxis()
-    bx.legend(fontsize=7)
+    bx.legend(fontsize=7, loc="lower right")
     fig.tight_layout()
     fig.savefig(out)
     plt.close(fig)
+
+
+if __name__ == "__main__":
+    draw(json.loads(Path(sys.argv[1]).read_text()), Path(sys.argv[2]))

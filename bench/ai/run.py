@@ -77,14 +77,15 @@ async def run(
     scratch = Path(tempfile.mkdtemp(prefix=f"ai-jobs-bench-ai-{config.tag}-"))
     dbname = f"benchai_{config.tag}"
     url = srv.create_database(dbname)
-    fake = procs.Fake(load.fake_args(), scratch / "fake.log")
+    trace = ["--log", str(scratch / "requests.jsonl")] if keep else []
+    fake = procs.Fake(load.fake_args() + trace, scratch / "fake.log")
     workers: procs.Workers | None = None
     try:
         if config.system == "pgqueuer":
             workers, user_cap = await _start_pgqueuer(config, load, url, fake.url, scratch)
         else:
             workers, user_cap = await _start_ai_jobs(config, load, url, fake.url, scratch)
-        return await _drive(config, load, crowd, url, fake, workers, scratch, user_cap)
+        return await _drive(config, load, crowd, url, fake, workers, scratch, user_cap, keep)
     finally:
         if workers is not None:
             workers.stop()
@@ -243,8 +244,10 @@ async def _drive(
     workers: procs.Workers,
     scratch: Path,
     cap: int | None,
+    keep: bool = False,
 ) -> Outcome:
     ins = _Inserter(config, url)
+    quotas = (scratch / "quotas.jsonl").open("w") if keep and config.system == "ai-jobs" else None
     await ins.open()
     c0 = await _counters(url)
     workers.start_cpu()
@@ -264,9 +267,14 @@ async def _drive(
             workers.check_alive()
             in_flight.append((now, int(fake.stats().get("in_flight", 0))))
             rss = max(rss, workers.sample()[1])
+        if quotas is not None:
+            rows = await (await ins.conn.execute(sql("ai_quota_rows"))).fetchall()
+            quotas.write(json.dumps({"t": time.time(), "rows": rows}) + "\n")
         nxt = min([t0 + pending[0][0]] if pending else [], default=next_sample)
-        await asyncio.sleep(max(0.0, min(nxt, next_sample) - time.time()))
+        await asyncio.sleep(max(0.0, min(nxt, next_sample, time.time() + 0.25) - time.time()))
     t_end = time.time()
+    if quotas is not None:
+        quotas.close()
     cpu, last_rss = workers.sample()
     rss = max(rss, last_rss)
     stats = fake.stats()

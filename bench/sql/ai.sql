@@ -50,3 +50,10 @@ where relname = 'ai_course_jobs'
 
 -- name: ai_running
 select count(*)::int as n from ai_course_jobs where status = 'processing'
+
+-- name: ai_quota_rows
+-- The shared buckets as they were last written (--keep: a trace of them).
+select provider, model, tpm, tokens, requests, window_seconds, learning_calls,
+       extract(epoch from refilled_at)::float8 as refilled_at,
+       extract(epoch from limited_at)::float8 as limited_at
+from ai_job_provider_quotas
