@@ -111,7 +111,7 @@ def verdicts(rows: list[dict[str, Any]], load: L.Load, held: dict[str, Any] | No
         a, b = r["http_429_per_1000_calls"], p["http_429_per_1000_calls"]
         out.append(
             f"{n} worker(s): 429s per 1,000 calls {a} against pgqueuer's {b}: "
-            + (_met(a <= 0.9 * b) if b else "NOT met (pgqueuer had none either)")
+            + (_met(a <= 0.9 * b) if b else "NOT met (pgqueuer had none)")
         )
     if held:
         top = max(held["plateaus"], key=lambda p: p["in_flight"])
