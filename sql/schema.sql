@@ -1057,7 +1057,7 @@ AS $function$
                  least(q.itpm, caps[3]), least(q.otpm, caps[4])]::double precision[]
 $function$;
 
--- last defined by sql/023_provider_quotas.sql
+-- last defined by sql/029_quota_clock.sql
 CREATE OR REPLACE FUNCTION public.ai_job_quota_reserve(p_provider text, p_model text, p_calls integer, p_cost double precision[], p_caps bigint[], p_lease_seconds double precision, p_learners integer DEFAULT 1)
  RETURNS TABLE(granted integer, wait_seconds double precision, metered boolean, learning boolean, too_big boolean)
  LANGUAGE plpgsql
@@ -1082,6 +1082,9 @@ begin
     on conflict do nothing;
     select * into q from ai_job_provider_quotas t
     where t.provider = p_provider and t.model = p_model for update;
+    -- The time is read once the row is ours: never before the time the last
+    -- writer refilled to (it may have read the clock later and locked first).
+    now_ := greatest(clock_timestamp(), q.refilled_at);
     lim := ai_job_quota_limits(q, p_caps);
 
     if lim[1] is null and lim[2] is null and lim[3] is null and lim[4] is null then
@@ -1151,7 +1154,7 @@ AS $function$
     select count(*)::int from gone
 $function$;
 
--- last defined by sql/023_provider_quotas.sql
+-- last defined by sql/029_quota_clock.sql
 CREATE OR REPLACE FUNCTION public.ai_job_quota_settle(p_provider text, p_model text, p_back double precision[], p_caps bigint[], p_limits bigint[], p_remaining bigint[], p_age_seconds double precision, p_window_seconds double precision, p_heard boolean, p_learning integer, p_limited boolean)
  RETURNS TABLE(metered boolean)
  LANGUAGE plpgsql
@@ -1169,6 +1172,9 @@ begin
     on conflict do nothing;
     select * into q from ai_job_provider_quotas t
     where t.provider = p_provider and t.model = p_model for update;
+    -- The time is read once the row is ours: never before the time the last
+    -- writer refilled to (it may have read the clock later and locked first).
+    now_ := greatest(clock_timestamp(), q.refilled_at);
     -- Brought to now under the limits that applied until now, then given back.
     lvl := ai_job_quota_levels(q, ai_job_quota_limits(q, p_caps), now_);
     for k in 1..4 loop

@@ -289,3 +289,39 @@ async def test_many_workers_reserving_at_once_never_pass_more_than_the_bucket(
             await c.close()
     # 240 asked for, 25 in the bucket (and a few hundredths of a request refilled).
     assert sum(granted) == 25
+
+
+async def test_a_call_that_waited_for_the_row_never_turns_its_clock_back(
+    db_url: str, conn: Conn
+) -> None:
+    """A reservation reads the time once the bucket's row is its own: one that
+    waited for the row behind a settlement that read the clock later must not
+    write an earlier refilled_at, or the next call refills that interval a second
+    time (with several worker processes the buckets drifted ahead of the
+    provider's: make bench-ai)."""
+    await learned(conn, rpm=100, tpm=10**6, window=60)
+    holder, waiter = await aconnect(db_url), await aconnect(db_url)
+    try:
+        pid = (await (await waiter.execute("select pg_backend_pid() as pid")).fetchone())["pid"]
+        async with holder.transaction():
+            await holder.execute(
+                "select 1 from ai_job_provider_quotas where model = 'm' for update"
+            )
+            waiting = asyncio.create_task(reserve(waiter))
+            for _ in range(500):  # until the reservation waits for the row
+                cur = await conn.execute(
+                    "select wait_event_type from pg_stat_activity where pid = %s", [pid]
+                )
+                if ((await cur.fetchone()) or {}).get("wait_event_type") == "Lock":
+                    break
+                await asyncio.sleep(0.01)
+            else:
+                raise AssertionError("the reservation never waited for the row")
+            # The holder settles a call meanwhile: it reads the clock after the waiter did.
+            await settle(holder, back=[0, 0, 0, 0])
+            settled = (await state(holder))["refilled_at"]
+        assert (await waiting)["granted"] == 1
+    finally:
+        await holder.close()
+        await waiter.close()
+    assert (await state(conn))["refilled_at"] >= settled
