@@ -190,6 +190,7 @@ IDLE_BACKENDS = Query("idle_backends", rows.PidRow)
 LISTEN = Statement("listen")
 NOTIFY = Statement("notify")
 JOB_STATE = Query("job_state", rows.JobStateRow)
+JOB_TRACE = Query("job_trace", rows.JobTraceRow)
 # -- demo.sql
 DEMO_JOBS = Query("demo_jobs", rows.DemoJobRow)
 DEMO_DROP_DATABASE = Statement("demo_drop_database")

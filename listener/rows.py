@@ -255,6 +255,12 @@ class JobStateRow(TypedDict):  # job_state
     retry_count: int
 
 
+class JobTraceRow(TypedDict):  # job_trace
+    trace_parent: str | None
+    batch: bool
+    queue_wait_ms: float | None
+
+
 # -- demo.sql
 
 

@@ -141,3 +141,15 @@ select pg_notify(%(channel)s, %(payload)s)
 select status, error, retry_count from ai_course_jobs where id = %(id)s
 union all
 select status, error, retry_count from ai_media_jobs where id = %(id)s
+
+-- name: job_trace
+-- listener/tracing.py, only while tracing is on, as an attempt starts: the job's
+-- trace context, its batch flag, and its wait in the queue until now (created_at
+-- to this attempt's start).
+select trace_parent, batch,
+       (extract(epoch from clock_timestamp() - created_at) * 1000)::float8 as queue_wait_ms
+from ai_course_jobs where id = %(id)s and %(table)s = 'ai_course_jobs'
+union all
+select trace_parent, batch,
+       (extract(epoch from clock_timestamp() - created_at) * 1000)::float8
+from ai_media_jobs where id = %(id)s and %(table)s = 'ai_media_jobs'
