@@ -30,6 +30,7 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import threading
 import time
 from collections.abc import Awaitable, Callable, Iterator, Mapping
 from contextlib import contextmanager
@@ -99,7 +100,9 @@ def setup(app: str, *, exporter: Any = None) -> bool:
 
     attributes = {"service.name": os.environ.get("OTEL_SERVICE_NAME", "").strip() or SERVICE_NAME}
     resource = Resource.create({"process.command": app}).merge(Resource.create(attributes))
-    provider = TracerProvider(resource=resource)
+    # shutdown() stops it, bounded; the SDK's own exit hook would wait for a
+    # collector that is away as long as its retries last.
+    provider = TracerProvider(resource=resource, shutdown_on_exit=False)
     if exporter is not None:
         provider.add_span_processor(SimpleSpanProcessor(exporter))
     else:
@@ -129,8 +132,10 @@ class _ToLoguru(logging.Handler):
     """The SDK's complaints (a collector away: one per failed export) as our logs."""
 
     def emit(self, record: logging.LogRecord) -> None:
-        level = "WARNING" if record.levelno >= logging.WARNING else "DEBUG"
-        logger.bind(action="tracing_export", logger=record.name).log(level, record.getMessage())
+        message = record.getMessage()
+        transient = message.startswith("Transient error")  # one per retry: the end is logged
+        level = "WARNING" if record.levelno >= logging.WARNING and not transient else "DEBUG"
+        logger.bind(action="tracing_export", logger=record.name).log(level, message)
 
 
 def _route_sdk_logs() -> None:
@@ -141,17 +146,29 @@ def _route_sdk_logs() -> None:
 
 
 def shutdown(timeout: float = 2.0) -> None:
-    """Export what is left, for at most `timeout` seconds; tracing is off after."""
+    """Export what is left, for at most `timeout` seconds; tracing is off after.
+    The SDK's exporter retries a collector that is away for longer than its own
+    timeout says: it gets its own thread, and is left behind past `timeout`."""
     global on, _provider, _tracer
     provider, on, _provider, _tracer = _provider, False, None, None
     _stopped.clear()
     if provider is None:
         return
-    try:
-        provider.force_flush(int(timeout * 1000))
-        provider.shutdown()
-    except Exception as exc:  # never in the way of a process's exit
-        logger.bind(action="tracing_export").warning("traces not all exported: {}", exc)
+
+    def stop() -> None:
+        try:
+            provider.force_flush(int(timeout * 1000))
+            provider.shutdown()
+        except Exception as exc:  # never in the way of a process's exit
+            logger.bind(action="tracing_export").warning("traces not all exported: {}", exc)
+
+    thread = threading.Thread(target=stop, name="tracing shutdown", daemon=True)
+    thread.start()
+    thread.join(timeout)
+    if thread.is_alive():
+        logger.bind(action="tracing_export").warning(
+            "traces not all exported within {:g}s: the collector is away or slow", timeout
+        )
 
 
 # -- context ------------------------------------------------------------------------
