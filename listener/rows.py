@@ -456,6 +456,17 @@ class UsageTotalRow(TypedDict):  # usage_totals
     cost_usd: float
 
 
+class CallHistogramRow(TypedDict):  # call_histograms
+    metric: str
+    operation: str
+    provider: str
+    model: str
+    token_type: str
+    counts: list[int]
+    sum: float
+    count: int
+
+
 # -- workers.sql
 
 

@@ -192,9 +192,14 @@ class Chain:
             else:
                 result = await bounded()
         except BaseException as exc:
+            used = getattr(exc, "usage", None)  # a refusal's: billed
+            self.meter.observe(operation, stop.provider, stop.model, time.time() - sent, used)
             if grant is not None:
                 await asyncio.shield(self._settle_failed(grant, exc, sent))
             raise
+        self.meter.observe(
+            operation, stop.provider, stop.model, time.time() - sent, getattr(result, "usage", None)
+        )
         if grant is not None:
             limits, cost, back = counted(result)
             await self.quotas.settle(
