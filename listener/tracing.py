@@ -54,6 +54,7 @@ SERVICE_NAME = "ai-jobs"
 PROTOCOLS = ("http/protobuf", "grpc")
 SYSTEM = "ai_jobs"  # messaging.system
 OUTCOMES = ("done", "failed", "dead_letter", "deferred", "cancelled", "released")
+MAX_HEADER = 512  # a traceparent is 55 characters (version 00)
 TRACE_QUERY_SECONDS = 1.0  # the job's trace_parent read: never holds a job longer
 
 _provider: Any = None  # the SDK's TracerProvider
@@ -282,7 +283,9 @@ def server(
     from opentelemetry import trace
     from opentelemetry.trace import SpanKind, StatusCode
 
-    parent = _parent(given or (header or "").strip()[:55] or None)
+    if header is not None and len(header) > MAX_HEADER:
+        header = None  # not a traceparent: never parsed
+    parent = _parent(given or header)
     attributes = {"http.request.method": method, "http.route": route}
     with _tracer.start_as_current_span(
         f"{method} {route}",

@@ -257,10 +257,11 @@ async def test_the_api_request_is_the_jobs_parent(
         )
         assert r.status_code == 201
         second = r.json()["id"]
-        # A header that is not W3C: ignored (a new trace), never refused.
-        headers = {**bearer(ALICE), "traceparent": "00-zz-bad"}
-        r = await client.post("/v1/jobs/course", headers=headers, json={"subject": "Moss"})
-        assert r.status_code == 201
+        # Headers that are not W3C: ignored (a new trace), never refused.
+        for bad in ("00-zz-bad", TRACE_PARENT + "-" + "0" * 5000, "ff-" + TRACE_PARENT[3:]):
+            headers = {**bearer(ALICE), "traceparent": bad}
+            r = await client.post("/v1/jobs/course", headers=headers, json={"subject": "Moss"})
+            assert r.status_code == 201
         # The body's trace_parent wins over the header.
         other = "00-11111111111111111111111111111111-2222222222222222-01"
         body = {"subject": "Ferns", "trace_parent": other}
@@ -269,11 +270,10 @@ async def test_the_api_request_is_the_jobs_parent(
         fourth = r.json()["id"]
 
     servers = [s for s in spans.get_finished_spans() if s.kind == SpanKind.SERVER]
-    assert [s.name for s in servers][:4] == [
+    assert [s.name for s in servers] == [
         "POST /v1/jobs/course",
         "POST /v1/jobs/media",
-        "POST /v1/jobs/course",
-        "POST /v1/jobs/course",
+        *["POST /v1/jobs/course"] * 4,
     ]
     async with await aconnect(db_url) as c:
         cur = await c.execute(
@@ -289,10 +289,10 @@ async def test_the_api_request_is_the_jobs_parent(
     assert f"{servers[1].context.trace_id:032x}" == CLIENT_TRACE
     assert servers[1].parent is not None and f"{servers[1].parent.span_id:016x}" == CLIENT_SPAN
     assert stored[second][:-3] == own(servers[1])
-    assert servers[2].parent is None
-    assert f"{servers[3].context.trace_id:032x}" == "1" * 32 and stored[fourth][:-3] == own(
-        servers[3]
-    )
+    assert all(s.parent is None for s in servers[2:5])
+    assert all(f"{s.context.trace_id:032x}" != CLIENT_TRACE for s in servers[2:5])
+    assert f"{servers[5].context.trace_id:032x}" == "1" * 32
+    assert stored[fourth][:-3] == own(servers[5])
     assert dict(servers[0].attributes or {})["http.response.status_code"] == 201
 
 
@@ -347,3 +347,42 @@ async def test_spans_are_asyncio_safe(spans: InMemorySpanExporter) -> None:
     for i in range(5):
         inner, outer = done[f"inner {i}"], done[f"outer {i}"]
         assert inner.parent is not None and inner.parent.span_id == outer.context.span_id
+
+
+async def test_sentry_events_carry_the_trace_id(
+    db_url: str, fake: FakeAI, tmp_path: Path, spans: InMemorySpanExporter
+) -> None:
+    import json
+    import uuid
+
+    import sentry_sdk
+
+    from listener import telemetry
+    from listener.jobs import Job
+
+    dsn = f"http://publickey@{fake.url.removeprefix('http://')}/42"
+    s = worker_settings(db_url, fake, tmp_path, sentry_dsn=dsn)
+    assert telemetry.init_sentry(s)
+    try:
+        job = Job("ai_course_jobs", uuid.uuid4(), uuid.uuid4(), 0, 3, {"course_id": "c"})
+        with tracing.span("process ai_course_jobs") as current:
+            telemetry.capture_job_failure(job, RuntimeError("boom"))
+        telemetry.flush()
+    finally:
+        sentry_sdk.get_client().close()
+        sentry_sdk.get_global_scope().set_client(None)
+
+    async def event() -> dict[str, Any] | None:
+        for envelope in fake.envelopes:
+            for line in envelope.splitlines():
+                if line.startswith(b"{") and b'"exception"' in line:
+                    return json.loads(line)  # type: ignore[no-any-return]
+        return None
+
+    ev = await await_until(event, timeout=5, what="the Sentry event")
+    ctx = current.get_span_context()
+    assert ev["tags"]["trace_id"] == f"{ctx.trace_id:032x}"
+    assert ev["contexts"]["otel"] == {
+        "trace_id": f"{ctx.trace_id:032x}",
+        "span_id": f"{ctx.span_id:016x}",
+    }
