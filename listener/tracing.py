@@ -62,6 +62,7 @@ _tracer: Any = None
 _stopped: dict[Any, str] = {}  # job id -> outcome, for a task cancelled on purpose
 # The running provider call: when it was sent (monotonic), whether its first token came.
 _CALL: ContextVar[list[Any] | None] = ContextVar("ai_jobs_call", default=None)
+_ATTEMPT: ContextVar[Any] = ContextVar("ai_jobs_attempt", default=None)  # its process span
 
 
 def configured(env: Mapping[str, str] = os.environ) -> bool:
@@ -335,6 +336,7 @@ async def process(
         f"process {job.table}", context=parent, kind=SpanKind.CONSUMER, attributes=attributes
     )
     token = context.attach(trace.set_span_in_context(current))
+    attempt = _ATTEMPT.set(current)
     outcome: str | None = None
     try:
         result = await run
@@ -352,6 +354,7 @@ async def process(
         if "ai_jobs.outcome" not in (current.attributes or {}):
             current.set_attribute("ai_jobs.outcome", outcome or "released")
         current.end()
+        _ATTEMPT.reset(attempt)
         context.detach(token)
 
 
@@ -395,8 +398,8 @@ def stopped(job_id: Any, action: str) -> None:
 
 
 def link_batch(batch_traceparent: str, batch_id: str | None = None) -> None:
-    """Link the running attempt's span to its batch's span (the W3C traceparent
-    the batch's submission recorded). For the code that submits a provider's
+    """Link the running attempt's span (else the current one) to its batch's span
+    (the W3C traceparent the batch's submission recorded). For the code that submits a provider's
     Batch API: call it inside the attempt, once the job's batch is known."""
     if not on:
         return
@@ -406,7 +409,7 @@ def link_batch(batch_traceparent: str, batch_id: str | None = None) -> None:
     ctx = trace.get_current_span(parent).get_span_context()
     if ctx.is_valid:
         attributes = {"ai_jobs.batch.id": batch_id} if batch_id else None
-        trace.get_current_span().add_link(ctx, attributes)
+        (_ATTEMPT.get() or trace.get_current_span()).add_link(ctx, attributes)
 
 
 # -- provider calls ----------------------------------------------------------------

@@ -386,3 +386,54 @@ async def test_sentry_events_carry_the_trace_id(
         "trace_id": f"{ctx.trace_id:032x}",
         "span_id": f"{ctx.span_id:016x}",
     }
+
+
+async def test_the_hooks_first_token_and_link_batch(spans: InMemorySpanExporter) -> None:
+    from listener.providers.base import Answer, Usage
+
+    batch = "00-22222222222222222222222222222222-3333333333333333-01"
+
+    async def streamed() -> Answer:
+        await asyncio.sleep(0.01)
+        tracing.first_token()
+        tracing.first_token()  # once per call
+        tracing.link_batch(batch, "batch_1")
+        return Answer("{}", "gpt-4.1-mini-2025", Usage(10, 20, 0.0, 5))
+
+    with tracing.span("process ai_course_jobs"):
+        await tracing.provider_call("openai", "gpt-4.1-mini", "chat", streamed)
+    tracing.first_token()  # outside a call: nothing
+    (chat,) = by_name(spans, "chat ")
+    assert [e.name for e in chat.events] == ["first_token"]
+    ttft = dict(chat.events[0].attributes or {})["gen_ai.response.time_to_first_chunk"]
+    assert isinstance(ttft, float) and ttft >= 0.005
+    a: dict[str, Any] = dict(chat.attributes or {})
+    assert a["gen_ai.response.model"] == "gpt-4.1-mini-2025"
+    assert a["gen_ai.usage.cache_read.input_tokens"] == 5
+    # outside an attempt, link_batch links the current span (here, the call's)
+    (link,) = chat.links
+    assert f"{link.context.trace_id:032x}" == "2" * 32
+    assert dict(link.attributes or {}) == {"ai_jobs.batch.id": "batch_1"}
+
+
+async def test_link_batch_in_an_attempt_links_the_attempt(spans: InMemorySpanExporter) -> None:
+    import uuid
+
+    from listener.jobs import Job
+
+    job = Job("ai_media_jobs", uuid.uuid4(), uuid.uuid4(), 1, 3, {})
+    batch = "00-22222222222222222222222222222222-3333333333333333-01"
+
+    async def attempt() -> None:
+        with tracing.span("inner"):
+            tracing.link_batch(batch)
+
+    # No database to read the job's trace_parent from: a root, never a failure.
+    await tracing.process(None, job, attempt())  # type: ignore[arg-type]
+    (process,) = by_name(spans, "process ")
+    assert process.parent is None and [f"{x.context.span_id:016x}" for x in process.links] == [
+        "3" * 16
+    ]
+    a = dict(process.attributes or {})
+    assert a["ai_jobs.attempt"] == 2 and a["ai_jobs.outcome"] == "released"  # returned None
+    assert not by_name(spans, "inner")[0].links
