@@ -437,3 +437,32 @@ async def test_link_batch_in_an_attempt_links_the_attempt(spans: InMemorySpanExp
     a = dict(process.attributes or {})
     assert a["ai_jobs.attempt"] == 2 and a["ai_jobs.outcome"] == "released"  # returned None
     assert not by_name(spans, "inner")[0].links
+
+
+async def test_a_deferred_job_says_so(
+    db_url: str, fake: FakeAI, tmp_path: Path, spans: InMemorySpanExporter
+) -> None:
+    fake.modes.update(openai="401", anthropic="401")  # both breakers open: the job waits
+    with connect(db_url) as c:
+        jid = insert_course(c, "Tides")
+    s = worker_settings(db_url, fake, tmp_path)
+    from listener import db
+
+    pool = db.make_pool(s.dsn or "", 4)
+    await pool.open()
+    rt = await create_runtime(s, pool)
+    try:
+        async with running_worker(s, rt.handlers):
+            await await_until(
+                lambda: _true(bool(by_name(spans, "process"))), what="the attempt's end"
+            )
+    finally:
+        await rt.aclose()
+        await pool.close()
+    (process,) = by_name(spans, "process ")
+    assert dict(process.attributes or {})["ai_jobs.outcome"] == "deferred"
+    assert dict(process.attributes or {})["messaging.message.id"] == jid
+    assert process.status.status_code == StatusCode.UNSET
+    calls = by_name(spans, "chat ")
+    assert len(calls) == 2 and all(c.status.status_code == StatusCode.ERROR for c in calls)
+    assert {dict(c.attributes or {})["error.type"] for c in calls} == {"401"}
