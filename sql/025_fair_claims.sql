@@ -30,9 +30,9 @@
 -- processing (the running index: as many rows as jobs running).
 --
 -- A capped user's job waits pending; a worker that knows a cap is set (it reads
--- the setting at each sweep) looks at both tables again whenever one of its jobs
--- ends, and the completion's own claim round (complete_and_claim) sees the slot
--- that just freed.
+-- the setting at each sweep, and a change of the setting notifies every worker to
+-- sweep) looks at both tables again whenever one of its jobs ends, and the
+-- completion's own claim round (complete_and_claim) sees the slot that just freed.
 
 alter table ai_job_settings
     add column if not exists max_running_per_user int
@@ -607,6 +607,26 @@ begin
 end
 $$;
 
+-- A change of the cap is told to the workers as an empty notification ("sweep
+-- now"): each sweep reads the setting, so a worker learns at once whether a job's
+-- end is a reason to look.
+create or replace function ai_job_settings_changed() returns trigger
+language plpgsql
+set search_path = pg_catalog, public, pg_temp
+as $$
+begin
+    if new.max_running_per_user is distinct from old.max_running_per_user then
+        perform pg_notify('ai_jobs', '');
+    end if;
+    return null;
+end
+$$;
+
+drop trigger if exists ai_job_settings_changed on ai_job_settings;
+create trigger ai_job_settings_changed
+    after update on ai_job_settings
+    for each row execute function ai_job_settings_changed();
+
 ------------------------------------------------------------------------------
 -- Privileges: the worker and operators (service_role) only. The settings row's
 -- new column is covered by 010's grants (service_role: select, update).
@@ -615,7 +635,7 @@ $$;
 revoke all on function
     ai_job_user_key(uuid), ai_job_lock_users(uuid[]), ai_job_running_by_user(),
     ai_job_one_user_due(text), ai_job_due_users(text), ai_job_fair_pick(text, uuid[], int, int),
-    ai_job_fair_ids(text, int, uuid[]), ai_job_under_cap(uuid)
+    ai_job_fair_ids(text, int, uuid[]), ai_job_under_cap(uuid), ai_job_settings_changed()
 from public, anon, authenticated, service_role;
 grant execute on function
     ai_job_user_key(uuid), ai_job_lock_users(uuid[]), ai_job_running_by_user(),

@@ -1552,6 +1552,20 @@ begin
 end
 $function$;
 
+-- last defined by sql/025_fair_claims.sql
+CREATE OR REPLACE FUNCTION public.ai_job_settings_changed()
+ RETURNS trigger
+ LANGUAGE plpgsql
+ SET search_path TO 'pg_catalog', 'public', 'pg_temp'
+AS $function$
+begin
+    if new.max_running_per_user is distinct from old.max_running_per_user then
+        perform pg_notify('ai_jobs', '');
+    end if;
+    return null;
+end
+$function$;
+
 -- last defined by sql/003_functions.sql
 CREATE OR REPLACE FUNCTION public.ai_job_slugify(subject text)
  RETURNS text
@@ -2692,6 +2706,8 @@ CREATE TRIGGER ai_course_jobs_progress_insert BEFORE INSERT ON ai_course_jobs FO
 CREATE TRIGGER ai_course_jobs_progress_update BEFORE UPDATE ON ai_course_jobs FOR EACH ROW WHEN (new.status = 'done'::text AND (new.partial_result IS NOT NULL OR new.progress IS NULL OR (new.progress -> 'percent'::text) IS DISTINCT FROM '100'::jsonb) OR new.progress IS DISTINCT FROM old.progress AND new.progress IS NOT NULL OR new.status = 'processing'::text AND new.claim_token IS DISTINCT FROM old.claim_token AND (old.progress IS NOT NULL OR old.partial_result IS NOT NULL)) EXECUTE FUNCTION ai_job_progress_guard();
 
 CREATE TRIGGER ai_course_jobs_set_course_id BEFORE INSERT ON ai_course_jobs FOR EACH ROW EXECUTE FUNCTION ai_course_jobs_defaults();
+
+CREATE TRIGGER ai_job_settings_changed AFTER UPDATE ON ai_job_settings FOR EACH ROW EXECUTE FUNCTION ai_job_settings_changed();
 
 CREATE TRIGGER ai_media_jobs_admit BEFORE INSERT ON ai_media_jobs FOR EACH ROW EXECUTE FUNCTION ai_job_admit();
 

@@ -212,6 +212,7 @@ ALLOWED: dict[str, dict[str, set[str]]] = {
     "function ai_job_fair_pick(text,uuid[],integer,integer)": {"service_role": EXECUTE},
     "function ai_job_fair_ids(text,integer,uuid[])": {"service_role": EXECUTE},
     "function ai_job_under_cap(uuid)": {"service_role": EXECUTE},
+    "function ai_job_settings_changed()": {},
 }
 
 
