@@ -52,14 +52,9 @@ create index if not exists ai_media_jobs_due_user_idx
 -- Helpers
 ------------------------------------------------------------------------------
 
--- The key of a user in the fair pick and their lock: a null created_by is the
--- nil uuid (one user).
-create or replace function ai_job_user_key(u uuid) returns uuid
-language sql immutable parallel safe
-set search_path = pg_catalog, public, pg_temp
-as $$
-    select coalesce(u, '00000000-0000-0000-0000-000000000000'::uuid)
-$$;
+-- A user's key in the fair pick and in their lock: created_by, the nil uuid for a
+-- null created_by (one user), written out where used (a function per row, with
+-- its pinned search_path, cost a few microseconds a call).
 
 -- Lock these users (keys) for this transaction, in the order of their lock keys.
 create or replace function ai_job_lock_users(users uuid[]) returns void
@@ -75,17 +70,21 @@ begin
 end
 $$;
 
--- Processing jobs per user key, both tables (the running indexes).
+-- Processing jobs per user key, both tables (the running indexes). PL/pgSQL, not
+-- SQL: a SQL function that cannot be inlined is planned again at every call.
 create or replace function ai_job_running_by_user()
 returns table(user_key uuid, running int)
-language sql stable
+language plpgsql stable
 set search_path = pg_catalog, public, pg_temp
 as $$
-    select ai_job_user_key(r.created_by), count(*)::int
+begin
+    return query
+    select coalesce(r.created_by, '00000000-0000-0000-0000-000000000000'::uuid), count(*)::int
     from (select created_by from ai_course_jobs where status = 'processing'
           union all
           select created_by from ai_media_jobs where status = 'processing') r
-    group by 1
+    group by 1;
+end
 $$;
 
 -- Are the claimable rows of a table one user's (or none)? Probes of the due-user
@@ -100,21 +99,25 @@ begin
     if table_name = 'ai_course_jobs' then
         select created_by into u from ai_course_jobs
         where status in ('pending', 'failed') and created_by is not null
-        order by created_by limit 1;
+        order by created_by, run_after desc limit 1;
         return u is null
-            or (not exists (select from ai_course_jobs
-                            where status in ('pending', 'failed') and created_by > u)
-                and not exists (select from ai_course_jobs
-                                where status in ('pending', 'failed') and created_by is null));
+            or ((select created_by from ai_course_jobs
+                 where status in ('pending', 'failed') and created_by > u
+                 order by created_by, run_after desc limit 1) is null
+                and (select 1 from ai_course_jobs
+                     where status in ('pending', 'failed') and created_by is null
+                     order by created_by, run_after desc limit 1) is null);
     else
         select created_by into u from ai_media_jobs
         where status in ('pending', 'failed') and created_by is not null
-        order by created_by limit 1;
+        order by created_by, run_after desc limit 1;
         return u is null
-            or (not exists (select from ai_media_jobs
-                            where status in ('pending', 'failed') and created_by > u)
-                and not exists (select from ai_media_jobs
-                                where status in ('pending', 'failed') and created_by is null));
+            or ((select created_by from ai_media_jobs
+                 where status in ('pending', 'failed') and created_by > u
+                 order by created_by, run_after desc limit 1) is null
+                and (select 1 from ai_media_jobs
+                     where status in ('pending', 'failed') and created_by is null
+                     order by created_by, run_after desc limit 1) is null);
     end if;
 end
 $$;
@@ -131,40 +134,46 @@ begin
             with recursive u(k) as (
                 (select created_by from ai_course_jobs
                  where status in ('pending', 'failed') and created_by is not null
-                 order by created_by limit 1)
+                 order by created_by, run_after desc limit 1)
                 union all
                 select (select created_by from ai_course_jobs
                         where status in ('pending', 'failed') and created_by > u.k
-                        order by created_by limit 1)
+                        order by created_by, run_after desc limit 1)
                 from u where u.k is not null)
             select k from u where k is not null
             union all
-            select ai_job_user_key(null)
-            where exists (select from ai_course_jobs
-                          where status in ('pending', 'failed') and created_by is null));
+            select '00000000-0000-0000-0000-000000000000'::uuid
+            where (select 1 from ai_course_jobs
+                   where status in ('pending', 'failed') and created_by is null
+                   order by created_by, run_after desc limit 1) is not null);
     else
         return array(
             with recursive u(k) as (
                 (select created_by from ai_media_jobs
                  where status in ('pending', 'failed') and created_by is not null
-                 order by created_by limit 1)
+                 order by created_by, run_after desc limit 1)
                 union all
                 select (select created_by from ai_media_jobs
                         where status in ('pending', 'failed') and created_by > u.k
-                        order by created_by limit 1)
+                        order by created_by, run_after desc limit 1)
                 from u where u.k is not null)
             select k from u where k is not null
             union all
-            select ai_job_user_key(null)
-            where exists (select from ai_media_jobs
-                          where status in ('pending', 'failed') and created_by is null));
+            select '00000000-0000-0000-0000-000000000000'::uuid
+            where (select 1 from ai_media_jobs
+                   where status in ('pending', 'failed') and created_by is null
+                   order by created_by, run_after desc limit 1) is not null);
     end if;
 end
 $$;
 
 -- The fair order of a table's claimable jobs of these users, up to `wanted`: a
 -- user's k-th job (oldest first) stands at level running + k - 1; the jobs go by
--- level, then age; with a cap, no job at a level of cap or more.
+-- level, then age; with a cap, no job at a level of cap or more. (A user's jobs
+-- are read `order by created_by desc, run_after`, the user given as a range of
+-- one: the due-user index read backwards, an order the claim index cannot give.
+-- With `created_by = u.k` the planner drops created_by from the order, since it
+-- is fixed, and took the claim index, filtering every due job by user.)
 create or replace function ai_job_fair_pick(table_name text, users uuid[], wanted int, cap int)
 returns uuid[]
 language plpgsql stable
@@ -182,16 +191,18 @@ begin
                 select c.id, c.run_after,
                        u.running + row_number() over (order by c.run_after, c.id) - 1 as level
                 from ((select id, run_after from ai_course_jobs
-                       where created_by = u.k and status in ('pending', 'failed')
+                       where created_by >= u.k and created_by <= u.k
+                         and status in ('pending', 'failed')
                          and run_after <= now() and (status = 'pending' or retry_count < max_retries)
-                       order by run_after
+                       order by created_by desc, run_after
                        limit greatest(0, least(wanted, coalesce(cap - u.running, wanted))))
                       union all
                       (select id, run_after from ai_course_jobs
-                       where u.k = ai_job_user_key(null) and created_by is null
+                       where u.k = '00000000-0000-0000-0000-000000000000'::uuid
+                         and created_by is null
                          and status in ('pending', 'failed')
                          and run_after <= now() and (status = 'pending' or retry_count < max_retries)
-                       order by run_after
+                       order by created_by desc, run_after
                        limit greatest(0, least(wanted, coalesce(cap - u.running, wanted))))) c
             ) d
             order by d.level, d.run_after, d.id
@@ -206,16 +217,18 @@ begin
                 select c.id, c.run_after,
                        u.running + row_number() over (order by c.run_after, c.id) - 1 as level
                 from ((select id, run_after from ai_media_jobs
-                       where created_by = u.k and status in ('pending', 'failed')
+                       where created_by >= u.k and created_by <= u.k
+                         and status in ('pending', 'failed')
                          and run_after <= now() and (status = 'pending' or retry_count < max_retries)
-                       order by run_after
+                       order by created_by desc, run_after
                        limit greatest(0, least(wanted, coalesce(cap - u.running, wanted))))
                       union all
                       (select id, run_after from ai_media_jobs
-                       where u.k = ai_job_user_key(null) and created_by is null
+                       where u.k = '00000000-0000-0000-0000-000000000000'::uuid
+                         and created_by is null
                          and status in ('pending', 'failed')
                          and run_after <= now() and (status = 'pending' or retry_count < max_retries)
-                       order by run_after
+                       order by created_by desc, run_after
                        limit greatest(0, least(wanted, coalesce(cap - u.running, wanted))))) c
             ) d
             order by d.level, d.run_after, d.id
@@ -265,14 +278,16 @@ set search_path = pg_catalog, public, pg_temp
 as $$
 declare
     cap int;
+    k uuid := coalesce(created_by, '00000000-0000-0000-0000-000000000000'::uuid);
 begin
     select max_running_per_user into cap from ai_job_settings;
     if cap is null then
         return true;
     end if;
-    perform ai_job_lock_users(array[ai_job_user_key(created_by)]);
-    return coalesce((select r.running from ai_job_running_by_user() r
-                     where r.user_key = ai_job_user_key(created_by)), 0) < cap;
+    perform ai_job_lock_users(array[k]);
+    -- A new statement, a new snapshot: what the lock's last holder claimed is seen.
+    return coalesce((select r.running from ai_job_running_by_user() r where r.user_key = k), 0)
+           < cap;
 end
 $$;
 
@@ -362,7 +377,13 @@ begin
         perform ai_job_lock_users(held);
     end if;
     if table_name is null or table_name = 'ai_course_jobs' then
-        ids := ai_job_fair_ids('ai_course_jobs', max_jobs, held);
+        ids := null;
+        if held is not null or exists (select from ai_job_settings where max_running_per_user is not null)
+           or (select created_by from ai_course_jobs
+               where status in ('pending', 'failed') and created_by is not null
+               order by created_by, run_after desc limit 1) is not null then
+            ids := ai_job_fair_ids('ai_course_jobs', max_jobs, held);
+        end if;
         if ids is null then
             return query
             update ai_course_jobs j
@@ -403,7 +424,13 @@ begin
         get diagnostics got = row_count;
     end if;
     if (table_name is null and got < max_jobs) or table_name = 'ai_media_jobs' then
-        ids := ai_job_fair_ids('ai_media_jobs', max_jobs - got, held);
+        ids := null;
+        if held is not null or exists (select from ai_job_settings where max_running_per_user is not null)
+           or (select created_by from ai_media_jobs
+               where status in ('pending', 'failed') and created_by is not null
+               order by created_by, run_after desc limit 1) is not null then
+            ids := ai_job_fair_ids('ai_media_jobs', max_jobs - got, held);
+        end if;
         if ids is null then
             return query
             update ai_media_jobs j
@@ -473,7 +500,13 @@ begin
           and job_ids[array_position(tokens, j.claim_token)] = j.id
         returning 'done'::text, 'ai_course_jobs'::text, j.id, null::uuid, null::int, null::int,
                   null::jsonb;
-        ids := ai_job_fair_ids('ai_course_jobs', max_jobs);
+        ids := null;
+        if exists (select from ai_job_settings where max_running_per_user is not null)
+           or (select created_by from ai_course_jobs
+               where status in ('pending', 'failed') and created_by is not null
+               order by created_by, run_after desc limit 1) is not null then
+            ids := ai_job_fair_ids('ai_course_jobs', max_jobs);
+        end if;
         if ids is null then
             return query
             update ai_course_jobs j
@@ -525,7 +558,13 @@ begin
           and job_ids[array_position(tokens, j.claim_token)] = j.id
         returning 'done'::text, 'ai_media_jobs'::text, j.id, null::uuid, null::int, null::int,
                   null::jsonb;
-        ids := ai_job_fair_ids('ai_media_jobs', max_jobs);
+        ids := null;
+        if exists (select from ai_job_settings where max_running_per_user is not null)
+           or (select created_by from ai_media_jobs
+               where status in ('pending', 'failed') and created_by is not null
+               order by created_by, run_after desc limit 1) is not null then
+            ids := ai_job_fair_ids('ai_media_jobs', max_jobs);
+        end if;
         if ids is null then
             return query
             update ai_media_jobs j
@@ -633,12 +672,12 @@ create trigger ai_job_settings_changed
 ------------------------------------------------------------------------------
 
 revoke all on function
-    ai_job_user_key(uuid), ai_job_lock_users(uuid[]), ai_job_running_by_user(),
+    ai_job_lock_users(uuid[]), ai_job_running_by_user(),
     ai_job_one_user_due(text), ai_job_due_users(text), ai_job_fair_pick(text, uuid[], int, int),
     ai_job_fair_ids(text, int, uuid[]), ai_job_under_cap(uuid), ai_job_settings_changed()
 from public, anon, authenticated, service_role;
 grant execute on function
-    ai_job_user_key(uuid), ai_job_lock_users(uuid[]), ai_job_running_by_user(),
+    ai_job_lock_users(uuid[]), ai_job_running_by_user(),
     ai_job_one_user_due(text), ai_job_due_users(text), ai_job_fair_pick(text, uuid[], int, int),
     ai_job_fair_ids(text, int, uuid[]), ai_job_under_cap(uuid)
 to service_role;

@@ -785,33 +785,35 @@ begin
             with recursive u(k) as (
                 (select created_by from ai_course_jobs
                  where status in ('pending', 'failed') and created_by is not null
-                 order by created_by limit 1)
+                 order by created_by, run_after desc limit 1)
                 union all
                 select (select created_by from ai_course_jobs
                         where status in ('pending', 'failed') and created_by > u.k
-                        order by created_by limit 1)
+                        order by created_by, run_after desc limit 1)
                 from u where u.k is not null)
             select k from u where k is not null
             union all
-            select ai_job_user_key(null)
-            where exists (select from ai_course_jobs
-                          where status in ('pending', 'failed') and created_by is null));
+            select '00000000-0000-0000-0000-000000000000'::uuid
+            where (select 1 from ai_course_jobs
+                   where status in ('pending', 'failed') and created_by is null
+                   order by created_by, run_after desc limit 1) is not null);
     else
         return array(
             with recursive u(k) as (
                 (select created_by from ai_media_jobs
                  where status in ('pending', 'failed') and created_by is not null
-                 order by created_by limit 1)
+                 order by created_by, run_after desc limit 1)
                 union all
                 select (select created_by from ai_media_jobs
                         where status in ('pending', 'failed') and created_by > u.k
-                        order by created_by limit 1)
+                        order by created_by, run_after desc limit 1)
                 from u where u.k is not null)
             select k from u where k is not null
             union all
-            select ai_job_user_key(null)
-            where exists (select from ai_media_jobs
-                          where status in ('pending', 'failed') and created_by is null));
+            select '00000000-0000-0000-0000-000000000000'::uuid
+            where (select 1 from ai_media_jobs
+                   where status in ('pending', 'failed') and created_by is null
+                   order by created_by, run_after desc limit 1) is not null);
     end if;
 end
 $function$;
@@ -904,16 +906,18 @@ begin
                 select c.id, c.run_after,
                        u.running + row_number() over (order by c.run_after, c.id) - 1 as level
                 from ((select id, run_after from ai_course_jobs
-                       where created_by = u.k and status in ('pending', 'failed')
+                       where created_by >= u.k and created_by <= u.k
+                         and status in ('pending', 'failed')
                          and run_after <= now() and (status = 'pending' or retry_count < max_retries)
-                       order by run_after
+                       order by created_by desc, run_after
                        limit greatest(0, least(wanted, coalesce(cap - u.running, wanted))))
                       union all
                       (select id, run_after from ai_course_jobs
-                       where u.k = ai_job_user_key(null) and created_by is null
+                       where u.k = '00000000-0000-0000-0000-000000000000'::uuid
+                         and created_by is null
                          and status in ('pending', 'failed')
                          and run_after <= now() and (status = 'pending' or retry_count < max_retries)
-                       order by run_after
+                       order by created_by desc, run_after
                        limit greatest(0, least(wanted, coalesce(cap - u.running, wanted))))) c
             ) d
             order by d.level, d.run_after, d.id
@@ -928,16 +932,18 @@ begin
                 select c.id, c.run_after,
                        u.running + row_number() over (order by c.run_after, c.id) - 1 as level
                 from ((select id, run_after from ai_media_jobs
-                       where created_by = u.k and status in ('pending', 'failed')
+                       where created_by >= u.k and created_by <= u.k
+                         and status in ('pending', 'failed')
                          and run_after <= now() and (status = 'pending' or retry_count < max_retries)
-                       order by run_after
+                       order by created_by desc, run_after
                        limit greatest(0, least(wanted, coalesce(cap - u.running, wanted))))
                       union all
                       (select id, run_after from ai_media_jobs
-                       where u.k = ai_job_user_key(null) and created_by is null
+                       where u.k = '00000000-0000-0000-0000-000000000000'::uuid
+                         and created_by is null
                          and status in ('pending', 'failed')
                          and run_after <= now() and (status = 'pending' or retry_count < max_retries)
-                       order by run_after
+                       order by created_by desc, run_after
                        limit greatest(0, least(wanted, coalesce(cap - u.running, wanted))))) c
             ) d
             order by d.level, d.run_after, d.id
@@ -1039,21 +1045,25 @@ begin
     if table_name = 'ai_course_jobs' then
         select created_by into u from ai_course_jobs
         where status in ('pending', 'failed') and created_by is not null
-        order by created_by limit 1;
+        order by created_by, run_after desc limit 1;
         return u is null
-            or (not exists (select from ai_course_jobs
-                            where status in ('pending', 'failed') and created_by > u)
-                and not exists (select from ai_course_jobs
-                                where status in ('pending', 'failed') and created_by is null));
+            or ((select created_by from ai_course_jobs
+                 where status in ('pending', 'failed') and created_by > u
+                 order by created_by, run_after desc limit 1) is null
+                and (select 1 from ai_course_jobs
+                     where status in ('pending', 'failed') and created_by is null
+                     order by created_by, run_after desc limit 1) is null);
     else
         select created_by into u from ai_media_jobs
         where status in ('pending', 'failed') and created_by is not null
-        order by created_by limit 1;
+        order by created_by, run_after desc limit 1;
         return u is null
-            or (not exists (select from ai_media_jobs
-                            where status in ('pending', 'failed') and created_by > u)
-                and not exists (select from ai_media_jobs
-                                where status in ('pending', 'failed') and created_by is null));
+            or ((select created_by from ai_media_jobs
+                 where status in ('pending', 'failed') and created_by > u
+                 order by created_by, run_after desc limit 1) is null
+                and (select 1 from ai_media_jobs
+                     where status in ('pending', 'failed') and created_by is null
+                     order by created_by, run_after desc limit 1) is null);
     end if;
 end
 $function$;
@@ -1521,15 +1531,18 @@ $function$;
 -- last defined by sql/025_fair_claims.sql
 CREATE OR REPLACE FUNCTION public.ai_job_running_by_user()
  RETURNS TABLE(user_key uuid, running integer)
- LANGUAGE sql
+ LANGUAGE plpgsql
  STABLE
  SET search_path TO 'pg_catalog', 'public', 'pg_temp'
 AS $function$
-    select ai_job_user_key(r.created_by), count(*)::int
+begin
+    return query
+    select coalesce(r.created_by, '00000000-0000-0000-0000-000000000000'::uuid), count(*)::int
     from (select created_by from ai_course_jobs where status = 'processing'
           union all
           select created_by from ai_media_jobs where status = 'processing') r
-    group by 1
+    group by 1;
+end
 $function$;
 
 -- last defined by sql/016_cancel_pause_attempts.sql
@@ -1647,14 +1660,16 @@ CREATE OR REPLACE FUNCTION public.ai_job_under_cap(created_by uuid)
 AS $function$
 declare
     cap int;
+    k uuid := coalesce(created_by, '00000000-0000-0000-0000-000000000000'::uuid);
 begin
     select max_running_per_user into cap from ai_job_settings;
     if cap is null then
         return true;
     end if;
-    perform ai_job_lock_users(array[ai_job_user_key(created_by)]);
-    return coalesce((select r.running from ai_job_running_by_user() r
-                     where r.user_key = ai_job_user_key(created_by)), 0) < cap;
+    perform ai_job_lock_users(array[k]);
+    -- A new statement, a new snapshot: what the lock's last holder claimed is seen.
+    return coalesce((select r.running from ai_job_running_by_user() r where r.user_key = k), 0)
+           < cap;
 end
 $function$;
 
@@ -1674,16 +1689,6 @@ begin
     into n using user_id;
     return n;
 end
-$function$;
-
--- last defined by sql/025_fair_claims.sql
-CREATE OR REPLACE FUNCTION public.ai_job_user_key(u uuid)
- RETURNS uuid
- LANGUAGE sql
- IMMUTABLE PARALLEL SAFE
- SET search_path TO 'pg_catalog', 'public', 'pg_temp'
-AS $function$
-    select coalesce(u, '00000000-0000-0000-0000-000000000000'::uuid)
 $function$;
 
 -- last defined by sql/021_admission_hardening.sql
@@ -2017,7 +2022,13 @@ begin
         perform ai_job_lock_users(held);
     end if;
     if table_name is null or table_name = 'ai_course_jobs' then
-        ids := ai_job_fair_ids('ai_course_jobs', max_jobs, held);
+        ids := null;
+        if held is not null or exists (select from ai_job_settings where max_running_per_user is not null)
+           or (select created_by from ai_course_jobs
+               where status in ('pending', 'failed') and created_by is not null
+               order by created_by, run_after desc limit 1) is not null then
+            ids := ai_job_fair_ids('ai_course_jobs', max_jobs, held);
+        end if;
         if ids is null then
             return query
             update ai_course_jobs j
@@ -2058,7 +2069,13 @@ begin
         get diagnostics got = row_count;
     end if;
     if (table_name is null and got < max_jobs) or table_name = 'ai_media_jobs' then
-        ids := ai_job_fair_ids('ai_media_jobs', max_jobs - got, held);
+        ids := null;
+        if held is not null or exists (select from ai_job_settings where max_running_per_user is not null)
+           or (select created_by from ai_media_jobs
+               where status in ('pending', 'failed') and created_by is not null
+               order by created_by, run_after desc limit 1) is not null then
+            ids := ai_job_fair_ids('ai_media_jobs', max_jobs - got, held);
+        end if;
         if ids is null then
             return query
             update ai_media_jobs j
@@ -2123,7 +2140,13 @@ begin
           and job_ids[array_position(tokens, j.claim_token)] = j.id
         returning 'done'::text, 'ai_course_jobs'::text, j.id, null::uuid, null::int, null::int,
                   null::jsonb;
-        ids := ai_job_fair_ids('ai_course_jobs', max_jobs);
+        ids := null;
+        if exists (select from ai_job_settings where max_running_per_user is not null)
+           or (select created_by from ai_course_jobs
+               where status in ('pending', 'failed') and created_by is not null
+               order by created_by, run_after desc limit 1) is not null then
+            ids := ai_job_fair_ids('ai_course_jobs', max_jobs);
+        end if;
         if ids is null then
             return query
             update ai_course_jobs j
@@ -2175,7 +2198,13 @@ begin
           and job_ids[array_position(tokens, j.claim_token)] = j.id
         returning 'done'::text, 'ai_media_jobs'::text, j.id, null::uuid, null::int, null::int,
                   null::jsonb;
-        ids := ai_job_fair_ids('ai_media_jobs', max_jobs);
+        ids := null;
+        if exists (select from ai_job_settings where max_running_per_user is not null)
+           or (select created_by from ai_media_jobs
+               where status in ('pending', 'failed') and created_by is not null
+               order by created_by, run_after desc limit 1) is not null then
+            ids := ai_job_fair_ids('ai_media_jobs', max_jobs);
+        end if;
         if ids is null then
             return query
             update ai_media_jobs j

@@ -21,7 +21,7 @@ B = "bbbbbbbb-0000-4000-8000-000000000002"
 C = "cccccccc-0000-4000-8000-000000000003"
 
 RUNNING = """
-select ai_job_user_key(created_by)::text as who, count(*)::int as n
+select coalesce(created_by, '00000000-0000-0000-0000-000000000000')::text as who, count(*)::int as n
 from (select created_by from ai_course_jobs where status = 'processing'
       union all
       select created_by from ai_media_jobs where status = 'processing') r

@@ -204,7 +204,6 @@ ALLOWED: dict[str, dict[str, set[str]]] = {
     "double precision,double precision,boolean,integer,boolean)": {"service_role": EXECUTE},
     "function ai_job_quota_reset(text,text)": {"service_role": EXECUTE},
     # sql/025
-    "function ai_job_user_key(uuid)": {"service_role": EXECUTE},
     "function ai_job_lock_users(uuid[])": {"service_role": EXECUTE},
     "function ai_job_running_by_user()": {"service_role": EXECUTE},
     "function ai_job_one_user_due(text)": {"service_role": EXECUTE},
