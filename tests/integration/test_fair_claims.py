@@ -5,6 +5,7 @@ bad values of the setting."""
 
 from __future__ import annotations
 
+import asyncio
 import random
 import threading
 import time
@@ -14,7 +15,9 @@ from typing import Any
 import pytest
 from psycopg import errors
 
-from tests.helpers import connect, insert_course, insert_media, job
+from listener.jobs import Job, Outcome
+from tests.helpers import await_until, connect, insert_course, insert_media, job
+from tests.workers import running_worker, settings
 
 A = "aaaaaaaa-0000-4000-8000-000000000001"
 B = "bbbbbbbb-0000-4000-8000-000000000002"
@@ -332,3 +335,57 @@ def test_the_cap_holds_under_eight_concurrent_claimers(db_url: str, c: Any) -> N
         " select status from ai_media_jobs) s where status = 'processing'"
     ).fetchone()["n"]
     assert left == 0
+
+
+# -- the worker ---------------------------------------------------------------------
+
+
+async def test_a_capped_job_of_the_other_table_starts_when_the_users_job_ends(
+    db_url: str,
+) -> None:
+    """A's course job runs; A's media job, capped, waits; when the course job
+    ends, the worker looks at both tables and starts the media job (no sweep)."""
+    release = asyncio.Event()
+    media_started = asyncio.Event()
+
+    async def course(j: Job) -> Outcome:
+        await release.wait()
+        return Outcome(f"courses/{j.row['course_id']}/course.json", {"provider": "test"})
+
+    async def media(j: Job) -> Outcome:
+        media_started.set()
+        return Outcome(f"media/{j.id}.png", {"provider": "test"})
+
+    with connect(db_url) as c:
+        c.execute("update ai_job_settings set max_running_per_user = 1")
+    s = settings(db_url, sweep_interval_seconds=3600)
+    async with running_worker(s, {"ai_course_jobs": course, "ai_media_jobs": media}) as w:
+        await await_until(lambda: _true(w.sweeps >= 1), what="the start-up sweep")
+        assert w.producer.capped
+        with connect(db_url) as c:
+            first = insert_course(c, "First", created_by=A)
+        await await_until(
+            lambda: _true(_status(db_url, first) == "processing"), what="the course job runs"
+        )
+        with connect(db_url) as c:
+            waiting = insert_media(c, "a cat", created_by=A)
+        await await_until(lambda: _true(w.settled), what="the worker settled")
+        assert _status(db_url, waiting, "ai_media_jobs") == "pending"
+        assert not media_started.is_set()
+        release.set()
+        await asyncio.wait_for(media_started.wait(), 5)
+        await await_until(
+            lambda: _true(_status(db_url, waiting, "ai_media_jobs") == "done"), what="done"
+        )
+        with connect(db_url) as c:
+            f, m = job(c, first), job(c, waiting, "ai_media_jobs")
+        assert m["started_at"] >= f["completed_at"]
+
+
+async def _true(value: bool) -> bool | None:
+    return True if value else None
+
+
+def _status(db_url: str, job_id: str, table: str = "ai_course_jobs") -> str:
+    with connect(db_url) as c:
+        return str(job(c, job_id, table)["status"])
