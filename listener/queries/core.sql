@@ -113,6 +113,11 @@ select 'ai_media_jobs' from ai_media_jobs where id = %(id)s
 -- name: next_job_due
 select extract(epoch from next_job_due() - now())::float8 as seconds
 
+-- name: max_running_per_user
+-- The per-user cap (sql/025), read at each sweep: with a cap set, the end of a
+-- job is a reason to look (a capped user's job may wait for it).
+select max_running_per_user as cap from ai_job_settings
+
 -- name: keepalive
 select 1
 
