@@ -12,13 +12,62 @@ import email.utils
 import enum
 import sys
 import time
+from collections.abc import AsyncGenerator, AsyncIterable, Callable
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 from listener import errors
 from listener.course_schema import CourseParams, SchemaValidationError
 from listener.errors import scrub as scrub  # the providers scrub with the one scrubber
 from listener.providers.ratelimits import RateLimits
+
+E = TypeVar("E")
+# Where a streamed course answer's text goes as it arrives (the progress reader,
+# listener/course_stream.py): called with each piece, in order.
+TextSink = Callable[[str], None]
+
+# The stream's own clocks, within AI_TIMEOUT_SECONDS (the whole call's cap): the
+# first token must come within FIRST_TOKEN_TIMEOUT_SECONDS of the request, and
+# each next one within IDLE_TIMEOUT_SECONDS of the one before. A stream that
+# stalls fails as a timeout does (unwell: the next provider), long before the
+# whole call's cap. Internal knobs (a provider's `first_token_timeout` and
+# `idle_timeout`), not settings.
+FIRST_TOKEN_TIMEOUT_SECONDS = 30.0
+IDLE_TIMEOUT_SECONDS = 15.0
+
+
+class StreamStalled(TimeoutError):
+    """A stream sent no token in time: a timeout, said precisely."""
+
+
+async def watched(
+    events: AsyncIterable[E],
+    first: float,
+    idle: float,
+    is_token: Callable[[E], bool],
+) -> AsyncGenerator[E, None]:
+    """The stream's events, failing with StreamStalled when the first token takes
+    longer than `first` seconds or a next one longer than `idle`. Only the wait for
+    the next event is timed (never the caller's work between events)."""
+    loop = asyncio.get_running_loop()
+    it = aiter(events)
+    deadline, waited, what = loop.time() + first, first, "first token"
+    while True:
+        try:
+            async with asyncio.timeout_at(deadline):
+                event = await anext(it)
+        except StopAsyncIteration:
+            return
+        except TimeoutError:
+            raise StreamStalled(f"stream stalled: no {what} within {waited:g}s") from None
+        if is_token(event):
+            deadline, waited, what = loop.time() + idle, idle, "token"
+        yield event
+
+
+def first_deadline(first: float) -> float:
+    """The loop time by which a stream's first token is due."""
+    return asyncio.get_running_loop().time() + first
 
 
 @dataclass
@@ -77,7 +126,9 @@ class CourseProvider(Protocol):
     name: str
     model: str
 
-    async def course(self, prompt: CoursePrompt) -> Answer: ...
+    async def course(self, prompt: CoursePrompt, sink: TextSink | None = None) -> Answer:
+        """The answer, its text also fed to `sink` piece by piece as it streams."""
+        ...
 
     async def check(self) -> str: ...
 
@@ -140,7 +191,7 @@ def classify(exc: BaseException, retry_after_cap: float) -> Classified:
             wait = retry_after(exc)
             return Classified(Failure.UNWELL, None if wait is None else min(wait, retry_after_cap))
         return Classified(Failure.OTHER)
-    if isinstance(exc, (OSError, *_sdk_errors("APIConnectionError"))):
+    if isinstance(exc, (OSError, *_sdk_errors("APIConnectionError"), *_transport_errors())):
         return Classified(Failure.UNWELL)
     return Classified(Failure.OTHER)
 
@@ -183,6 +234,13 @@ def _sdk_errors(kind: str) -> tuple[type[BaseException], ...]:
 _SDKS = ("openai", "anthropic")
 
 
+def _transport_errors() -> tuple[type[BaseException], ...]:
+    # A stream broken off mid-answer raises httpx's own error (the SDKs wrap only
+    # the errors of the request, not those of reading a streamed body).
+    httpx = sys.modules.get("httpx")
+    return (httpx.TransportError,) if httpx is not None else ()
+
+
 def describe(exc: BaseException, timeout: float, secrets: list[str]) -> str:
     """One short cause for the error message: never a key, never a traceback."""
     if isinstance(exc, SchemaValidationError):
@@ -191,6 +249,8 @@ def describe(exc: BaseException, timeout: float, secrets: list[str]) -> str:
         return scrub(exc.message, secrets)[:300]
     if isinstance(exc, Refused):
         return f"refused: {scrub(str(exc), secrets)}"[:300]
+    if isinstance(exc, StreamStalled):
+        return str(exc)
     if isinstance(exc, (TimeoutError, *_sdk_errors("APITimeoutError"))):
         return f"timeout after {timeout:g}s"
     if isinstance(exc, _sdk_errors("APIStatusError")):
@@ -202,7 +262,7 @@ def describe(exc: BaseException, timeout: float, secrets: list[str]) -> str:
         if code >= 500:
             return f"HTTP {code} server error"
         return f"HTTP {code} {scrub(_status_message(exc), secrets)}"[:200]
-    if isinstance(exc, (OSError, *_sdk_errors("APIConnectionError"))):
+    if isinstance(exc, (OSError, *_sdk_errors("APIConnectionError"), *_transport_errors())):
         return "connection error"
     if isinstance(exc, asyncio.CancelledError):
         return "cancelled"

@@ -1,9 +1,13 @@
 """OpenAI: courses through Chat Completions with a strict JSON-schema response
-format, images through the Images API, audio through the Speech API."""
+format, streamed (the text fed to the progress reader as it arrives, the usage
+from the stream's last chunk), images through the Images API, audio through the
+Speech API."""
 
 from __future__ import annotations
 
+import asyncio
 import base64
+import contextlib
 import time
 from typing import Any
 
@@ -11,7 +15,19 @@ import openai
 from openai.types.chat import ChatCompletionMessageParam
 
 from listener.providers import pricing, ratelimits
-from listener.providers.base import Answer, CoursePrompt, Media, Refused, Usage, repair_request
+from listener.providers.base import (
+    FIRST_TOKEN_TIMEOUT_SECONDS,
+    IDLE_TIMEOUT_SECONDS,
+    Answer,
+    CoursePrompt,
+    Media,
+    Refused,
+    StreamStalled,
+    TextSink,
+    Usage,
+    repair_request,
+    watched,
+)
 from listener.providers.download import download
 from listener.settings import Settings
 
@@ -31,6 +47,8 @@ class OpenAIProvider:
         self.tts_model = settings.openai_tts_model
         self.max_tokens = settings.ai_max_output_tokens
         self.timeout = settings.ai_timeout_seconds
+        self.first_token_timeout = min(FIRST_TOKEN_TIMEOUT_SECONDS, self.timeout)
+        self.idle_timeout = min(IDLE_TIMEOUT_SECONDS, self.timeout)
         self.base_url = settings.openai_base_url
         # One shared client: it pools connections. Retries are ours (next provider,
         # then the job's own retry), so the SDK's are off.
@@ -41,7 +59,7 @@ class OpenAIProvider:
             max_retries=0,
         )
 
-    async def course(self, prompt: CoursePrompt) -> Answer:
+    async def course(self, prompt: CoursePrompt, sink: TextSink | None = None) -> Answer:
         # The constant part first (instructions; the schema travels in response_format,
         # ahead of the messages), the request after it: OpenAI caches prompt prefixes.
         messages: list[ChatCompletionMessageParam] = [
@@ -54,35 +72,61 @@ class OpenAIProvider:
             messages.append({"role": "user", "content": repair_request(problem)})
         # The raw response: its rate-limit headers too (the quotas learn from them).
         sent = time.time()
-        raw = await self.client.chat.completions.with_raw_response.create(
-            model=self.model,
-            messages=messages,
-            max_completion_tokens=self.max_tokens,
-            response_format={
-                "type": "json_schema",
-                "json_schema": {"name": "course", "schema": prompt.schema, "strict": True},
-            },
-            prompt_cache_key=PROMPT_CACHE_KEY,
-        )
-        resp = raw.parse()
+        try:
+            async with asyncio.timeout(self.first_token_timeout):
+                raw = await self.client.chat.completions.with_raw_response.create(
+                    model=self.model,
+                    messages=messages,
+                    max_completion_tokens=self.max_tokens,
+                    response_format={
+                        "type": "json_schema",
+                        "json_schema": {"name": "course", "schema": prompt.schema, "strict": True},
+                    },
+                    prompt_cache_key=PROMPT_CACHE_KEY,
+                    stream=True,
+                    stream_options={"include_usage": True},
+                )
+        except TimeoutError:
+            raise StreamStalled(
+                f"stream stalled: no answer within {self.first_token_timeout:g}s"
+            ) from None
         limits = ratelimits.parse(raw.headers, sent)
-        model = resp.model or self.model
+        stream = raw.parse()
+        text: list[str] = []
+        refusal: list[str] = []
+        model, finish, counted = self.model, None, None
+        try:
+            events = watched(stream, self.first_token_timeout, self.idle_timeout, _has_text)
+            async with contextlib.aclosing(events):
+                async for chunk in events:
+                    model = chunk.model or model
+                    if chunk.usage is not None:
+                        counted = chunk.usage
+                    for choice in chunk.choices:
+                        delta = choice.delta
+                        if delta.content:
+                            text.append(delta.content)
+                            if sink is not None:
+                                sink(delta.content)
+                        if delta.refusal:
+                            refusal.append(delta.refusal)
+                        finish = choice.finish_reason or finish
+        finally:
+            await stream.close()
         usage = Usage()
-        if resp.usage:
-            details = resp.usage.prompt_tokens_details
+        if counted is not None:
+            details = counted.prompt_tokens_details
             cached = (details.cached_tokens or 0) if details else 0
-            usage = Usage(resp.usage.prompt_tokens, resp.usage.completion_tokens)
+            usage = Usage(counted.prompt_tokens, counted.completion_tokens)
             usage.cached_input_tokens = cached
         usage.cost_usd = pricing.token_cost(
             model, usage.input_tokens, usage.output_tokens, usage.cached_input_tokens
         )
-        choice = resp.choices[0] if resp.choices else None
-        if choice is not None and choice.message.refusal:
-            raise Refused(choice.message.refusal, usage, limits)
-        if choice is not None and choice.finish_reason == "content_filter":
+        if refusal:
+            raise Refused("".join(refusal), usage, limits)
+        if finish == "content_filter":
             raise Refused("blocked by the content filter", usage, limits)
-        text = (choice.message.content or "") if choice else ""
-        return Answer(text, model, usage, limits)
+        return Answer("".join(text), model, usage, limits)
 
     def media_model(self, media_type: str) -> str:
         return self.image_model if media_type == "image" else self.tts_model
@@ -138,3 +182,7 @@ _AUDIO_TYPES = {
     "aac": "audio/aac",
     "flac": "audio/flac",
 }
+
+
+def _has_text(chunk: Any) -> bool:
+    return any(c.delta.content or c.delta.refusal for c in chunk.choices)
