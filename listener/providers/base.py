@@ -40,6 +40,11 @@ class StreamStalled(TimeoutError):
     """A stream sent no token in time: a timeout, said precisely."""
 
 
+class MalformedStream(Exception):
+    """A stream event that could not be read (its data not UTF-8, not JSON): the
+    provider is misbehaving, as with a 5xx (unwell)."""
+
+
 async def watched(
     events: AsyncIterable[E],
     first: float,
@@ -60,6 +65,8 @@ async def watched(
             return
         except TimeoutError:
             raise StreamStalled(f"stream stalled: no {what} within {waited:g}s") from None
+        except ValueError as exc:  # the SDK could not decode an event
+            raise MalformedStream(f"malformed stream event ({type(exc).__name__})") from None
         if is_token(event):
             deadline, waited, what = loop.time() + idle, idle, "token"
         yield event
@@ -179,7 +186,7 @@ def classify(exc: BaseException, retry_after_cap: float) -> Classified:
         return Classified(Failure.INVALID)
     if isinstance(exc, Refused):
         return Classified(Failure.REFUSED)
-    if isinstance(exc, (TimeoutError, *_sdk_errors("APITimeoutError"))):
+    if isinstance(exc, (TimeoutError, MalformedStream, *_sdk_errors("APITimeoutError"))):
         return Classified(Failure.UNWELL)
     if isinstance(exc, _sdk_errors("APIStatusError")):
         code: int = getattr(exc, "status_code", 0)
@@ -249,7 +256,7 @@ def describe(exc: BaseException, timeout: float, secrets: list[str]) -> str:
         return scrub(exc.message, secrets)[:300]
     if isinstance(exc, Refused):
         return f"refused: {scrub(str(exc), secrets)}"[:300]
-    if isinstance(exc, StreamStalled):
+    if isinstance(exc, (StreamStalled, MalformedStream)):
         return str(exc)
     if isinstance(exc, (TimeoutError, *_sdk_errors("APITimeoutError"))):
         return f"timeout after {timeout:g}s"

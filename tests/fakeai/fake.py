@@ -27,6 +27,8 @@ Point OPENAI_BASE_URL at `fake.openai_url` and ANTHROPIC_BASE_URL at
   garbage       a course with `GARBAGE` (not JSON) in its middle, every time: a
                 stream that goes bad after its first groups (Anthropic: inside
                 the tool's input)
+  bad_event     a valid course whose stream carries, halfway, a server-sent event
+                whose data is not JSON (`BAD_EVENT`): the framing goes bad
 
 Error modes answer before any stream starts. Chat completions and messages stream
 when asked (`stream: true`), in the provider's server-sent events, at `fake.pace`
@@ -90,6 +92,7 @@ FAKE_OPENAI_KEY = "sk-test-OPENAISECRET-0123456789abcdef"
 FAKE_ANTHROPIC_KEY = "sk-ant-test-ANTHROPICSECRET-0123456789"
 FAKE_IMAGE = placeholder_png("fake image")
 FAKE_MP3 = b"ID3\x04\x00\x00\x00\x00\x00\x00" + b"\xff\xfb\x90\x00" * 64
+BAD_EVENT = b"event: content_block_delta\ndata: {not json, \xff\n\n"
 GARBAGE = '}]}, ]]}{"oops": \\ not json ,,'
 DEFAULT_MODEL = {"openai": "gpt-4.1-mini", "anthropic": "claude-haiku-4-5"}
 GENERATE = ("/v1/chat/completions", "/v1/messages")
@@ -626,9 +629,13 @@ class FakeAI(HTTPFake):
         def events() -> Iterator[tuple[int, bytes]]:  # (tokens sent through it, bytes)
             if not limit and not broken:
                 yield 0, s.first()
+            half = limit // 2
             for i in range(0, limit, step):
                 end = min(i + step, limit)
-                yield -(-end // CHARS_PER_TOKEN), (b"" if i else s.first()) + s.delta(text[i:end])
+                data = (b"" if i else s.first()) + s.delta(text[i:end])
+                if mode == "bad_event" and i <= half < i + step:
+                    data += BAD_EVENT  # the stream's own framing goes bad
+                yield -(-end // CHARS_PER_TOKEN), data
 
         self._count("streams", "started")
         sent = queued = 0

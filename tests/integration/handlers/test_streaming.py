@@ -155,3 +155,17 @@ async def test_garbage_from_every_provider_fails_the_attempt(
     # the first group of each stream was valid, and shown; the garbage never
     assert jp.groups_done == 1 and jp.partial is not None
     assert [g["id"] for g in jp.partial["groups"]] == ["g1"]
+
+
+@pytest.mark.parametrize("name", ["openai", "anthropic"])
+async def test_an_event_that_is_not_json_moves_on(
+    name: str, conn: Conn, pool: AsyncConnectionPool[Any], fake: FakeAI, make_settings: MakeSettings
+) -> None:
+    fake.modes[name] = "bad_event"  # an event whose data is neither UTF-8 nor JSON
+    other = "anthropic" if name == "openai" else "openai"
+    rt = await create_runtime(make_settings(ai_provider_priority=f"{name},{other}"), pool)
+    out = await rt.handlers["ai_course_jobs"](await course_job(conn, f"Bad Event {name}"))
+    await rt.aclose()
+    assert out.metrics["provider"] == other
+    assert out.metrics["fallbacks"] == [f"{name}: malformed stream event (UnicodeDecodeError)"]
+    assert fake.answered(name, "bad_event") == 1
