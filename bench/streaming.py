@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib
 import json
 import os
 import signal
@@ -112,6 +113,98 @@ def _uuid() -> Any:
     return uuid.uuid4()
 
 
+# -- sdk --------------------------------------------------------------------------
+
+
+def sdk_bench(tokens_per_event: int) -> dict[str, Any]:
+    """The worker's whole cost of a streamed answer but the network's: the real SDK
+    (its HTTP client on an in-memory transport that hands over one event per
+    read), the provider's loop with its stall clocks, and the job's progress
+    sink, for a 4,000-token answer at `tokens_per_event` tokens an event. CPU per
+    event and per token, and what 500 streams at 75 tokens/s would need."""
+    import anthropic
+    import openai
+
+    try:  # the HTTP client the SDKs use (newer versions: httpx2)
+        httpx: Any = importlib.import_module("httpx2")
+    except ImportError:
+        httpx = importlib.import_module("httpx")
+
+    from listener.course_schema import CourseParams
+    from listener.jobs import Job
+    from listener.progress import JobProgress
+    from listener.prompts import course_prompt
+    from listener.providers.anthropic import AnthropicProvider
+    from listener.providers.openai import OpenAIProvider
+    from listener.settings import Settings
+    from tests.fakeai import FAKE_ANTHROPIC_KEY, FAKE_OPENAI_KEY
+    from tests.fakeai.answers import AnthropicStream, OpenAIStream
+
+    text = answer(4000)
+    step = 4 * tokens_per_event
+    out: dict[str, Any] = {"tokens_per_event": tokens_per_event, "answer_chars": len(text)}
+
+    def events(name: str) -> list[bytes]:
+        s: Any
+        if name == "openai":
+            s = OpenAIStream("gpt-4.1-mini", True, False)
+        else:
+            s = AnthropicStream("claude-haiku-4-5", "save_course", {"input_tokens": 150})
+        evs = [s.opening()] if s.opening() else []
+        for i in range(0, len(text), step):
+            evs.append((b"" if i else s.first()) + s.delta(text[i : i + step]))
+        usage = {"prompt_tokens": 120, "completion_tokens": 4000, "total_tokens": 4120}
+        evs.append(s.closing("stop", usage) if name == "openai" else s.closing("tool_use", 4000))
+        return evs
+
+    async def one(name: str) -> tuple[float, int]:
+        evs = events(name)
+
+        class Body(httpx.AsyncByteStream):  # type: ignore[misc]
+            async def __aiter__(self):  # type: ignore[no-untyped-def]
+                for e in evs:
+                    yield e
+
+        def handler(request: httpx.Request) -> httpx.Response:
+            return httpx.Response(200, headers={"content-type": "text/event-stream"}, stream=Body())
+
+        settings = Settings(  # type: ignore[call-arg]
+            _env_file=None, openai_api_key=FAKE_OPENAI_KEY, anthropic_api_key=FAKE_ANTHROPIC_KEY
+        )
+        http = httpx.AsyncClient(transport=httpx.MockTransport(handler))
+        p: Any
+        if name == "openai":
+            p = OpenAIProvider(settings)
+            p.client = openai.AsyncOpenAI(api_key="x", http_client=http, max_retries=0)
+        else:
+            p = AnthropicProvider(settings)
+            p.client = anthropic.AsyncAnthropic(api_key="x", http_client=http, max_retries=0)
+        params = CourseParams()
+        prompt = course_prompt("Parsing", "parsing", params)
+        job = Job("ai_course_jobs", _uuid(), _uuid(), 0, 3, {})
+        sink = JobProgress(job).course_reader(params, "parsing", "Parsing")()
+        t0 = time.process_time()
+        got = await p.course(prompt, sink)
+        spent = time.process_time() - t0
+        await http.aclose()
+        assert got.text == text, "the answer came back whole"
+        return spent, len(evs)
+
+    for name in ("openai", "anthropic"):
+        runs = [asyncio.run(one(name)) for _ in range(5)]
+        spent, n = min(runs)
+        per_event = spent / n
+        per_token = spent / 4000
+        out[name] = {
+            "events": n,
+            "cpu_ms_per_answer": round(spent * 1000, 1),
+            "cpu_us_per_event": round(per_event * 1e6, 1),
+            "cpu_us_per_token": round(per_token * 1e6, 2),
+            "cores_for_500_streams_at_75_tps": round(500 * 75 * per_token, 2),
+        }
+    return out
+
+
 # -- run --------------------------------------------------------------------------
 
 
@@ -132,7 +225,11 @@ def run_bench(jobs: int, rounds: int, progress: bool) -> dict[str, Any]:
     fake = worker = None
     try:
         with open(cluster.data / "postgresql.conf", "a") as conf:
-            conf.write("track_functions = 'pl'\nmax_connections = 300\n")
+            conf.write(
+                "track_functions = 'pl'\nmax_connections = 300\n"
+                # every statement logged with its client's name: counted below
+                "log_statement = 'all'\nlog_line_prefix = '@%a@ '\n"
+            )
         cluster.start()
         cluster.wait_ready()
         asyncio.run(migrate(cluster.url))
@@ -167,7 +264,9 @@ def run_bench(jobs: int, rounds: int, progress: bool) -> dict[str, Any]:
         if not progress:
             cmd.append("--no-progress")
         worker = subprocess.Popen(cmd, env=env, cwd=ROOT, stderr=subprocess.DEVNULL)
-        conn = psycopg.connect(cluster.url, autocommit=True, row_factory=dict_row)
+        conn = psycopg.connect(
+            cluster.url, autocommit=True, row_factory=dict_row, application_name="bench"
+        )
         polls = 0
 
         def q(sql: str, *args: Any) -> list[dict[str, Any]]:
@@ -184,6 +283,8 @@ def run_bench(jobs: int, rounds: int, progress: bool) -> dict[str, Any]:
         conn.execute("checkpoint")
         time.sleep(1)
         polls = 0
+        log = cluster.dir / "log"
+        log_from = log.stat().st_size
         before = q(
             "select pg_current_wal_lsn() as lsn, xact_commit + xact_rollback as xacts"
             " from pg_stat_database where datname = current_database()"
@@ -238,6 +339,17 @@ def run_bench(jobs: int, rounds: int, progress: bool) -> dict[str, Any]:
             " where funcname = 'progress_jobs'"
         ).fetchone()
         conn.close()
+        statements = progress_lines = 0
+        with open(log, "rb") as f:
+            f.seek(log_from)
+            for raw in f:
+                line = raw.decode(errors="replace")
+                if line.startswith("@bench@") or not (
+                    "LOG:  statement: " in line or "LOG:  execute " in line
+                ):
+                    continue
+                statements += 1
+                progress_lines += "progress_jobs(" in line
         n = jobs * rounds
         missing = [i for i in done if i not in first]
         lead = [done[i] - first[i] for i in first]
@@ -251,6 +363,8 @@ def run_bench(jobs: int, rounds: int, progress: bool) -> dict[str, Any]:
             "first_group_before_done_s": _dist(lead),
             "jobs_without_a_group_seen": len(missing),
             "commits_per_job": round((after["xacts"] - before["xacts"] - polls_total) / n, 1),
+            "worker_statements_per_job": round(statements / n, 1),
+            "progress_statements_logged": progress_lines,
             "wal_bytes_per_job": round(after["wal"] / n),
             "progress_statements": int(calls["n"] if calls else 0) // 2,
             "worker_cpu_s": round(cpu1 - cpu0, 2),
@@ -305,6 +419,8 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.streaming", description=__doc__)
     sub = p.add_subparsers(dest="what", required=True)
     sub.add_parser("parse")
+    k = sub.add_parser("sdk")
+    k.add_argument("--tokens-per-event", type=int, default=1)
     r = sub.add_parser("run")
     r.add_argument("--jobs", type=int, default=1, help="jobs in flight (WORKER_CONCURRENCY)")
     r.add_argument("--rounds", type=int, default=1, help="batches of --jobs, one after another")
@@ -317,6 +433,9 @@ def main(argv: list[str] | None = None) -> int:
     if a.what == "parse":
         result = parse_bench()
         name = "streaming-parse.json"
+    elif a.what == "sdk":
+        result = sdk_bench(a.tokens_per_event)
+        name = f"streaming-sdk-{a.tokens_per_event}.json"
     else:
         result = run_bench(a.jobs, a.rounds, not a.no_progress)
         name = f"streaming-run-{a.jobs}-{'off' if a.no_progress else 'on'}.json"

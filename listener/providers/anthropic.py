@@ -1,15 +1,15 @@
 """Anthropic: courses through the Messages API, with the course schema as the
 input schema of one forced tool, so the answer arrives as structured tool input,
-streamed: the raw events are read here (the SDK's stream helper re-parses the
-whole tool input at every delta), the tool input's JSON fed to the progress
-reader as it arrives, the usage from message_start and message_delta."""
+streamed: the events are read here from the response (the SDK's stream helper re-parses
+the whole tool input at every delta, and its typed events cost more CPU than
+all the rest), the tool input's JSON fed to the progress reader as it arrives,
+the usage from message_start and message_delta."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncGenerator
 from typing import Any
 
 import anthropic
@@ -20,11 +20,14 @@ from listener.providers.base import (
     IDLE_TIMEOUT_SECONDS,
     Answer,
     CoursePrompt,
+    MalformedStream,
     Refused,
     StreamStalled,
     TextSink,
     Usage,
+    number,
     repair_request,
+    stream_events,
     watched,
 )
 from listener.settings import Settings
@@ -81,52 +84,58 @@ class AnthropicProvider:
                     tool_choice={"type": "tool", "name": TOOL},
                     stream=True,
                 )
-                stream = await raw.parse()
         except TimeoutError:
             raise StreamStalled(
                 f"stream stalled: no answer within {self.first_token_timeout:g}s"
             ) from None
         limits = ratelimits.parse(raw.headers, sent)
+        response = raw.http_response  # the body not read yet: read here, event by event
         model, stop = self.model, None
         inp = cached = written = out = 0
         tool: list[str] = []  # the forced tool's input, as JSON text
         prose: list[str] = []  # text blocks: no tool call, validation says what is wrong
-        blocks: dict[int, str] = {}  # index -> "tool" | "text" | other
+        blocks: dict[Any, str] = {}  # index -> "tool" | "text" | other
         try:
-            # Any: the event union does not narrow on a saved `type`
-            events: AsyncGenerator[Any, None] = watched(
-                stream, self.first_token_timeout, self.idle_timeout, _has_text
+            events = watched(
+                stream_events(response), self.first_token_timeout, self.idle_timeout, _has_text
             )
             async with contextlib.aclosing(events):
-                async for event in events:
-                    kind = event.type
+                async for _, event in events:
+                    kind = event.get("type")
                     if kind == "content_block_delta":
-                        d = event.delta
-                        where = blocks.get(event.index)
-                        if d.type == "input_json_delta" and where == "tool":
-                            tool.append(d.partial_json)
-                            if sink is not None:
-                                sink(d.partial_json)
-                        elif d.type == "text_delta" and where == "text":
-                            prose.append(d.text)
+                        d = event["delta"]
+                        where = blocks.get(event.get("index"))
+                        if d.get("type") == "input_json_delta" and where == "tool":
+                            piece = d.get("partial_json")
+                            if isinstance(piece, str) and piece:
+                                tool.append(piece)
+                                if sink is not None:
+                                    sink(piece)
+                        elif d.get("type") == "text_delta" and where == "text":
+                            prose.append(str(d.get("text") or ""))
                     elif kind == "content_block_start":
-                        b = event.content_block
-                        is_tool = b.type == "tool_use" and b.name == TOOL
-                        blocks[event.index] = "tool" if is_tool else b.type
+                        b = event["content_block"]
+                        is_tool = b.get("type") == "tool_use" and b.get("name") == TOOL
+                        blocks[event.get("index")] = "tool" if is_tool else str(b.get("type"))
                     elif kind == "message_start":
-                        m = event.message
-                        model = m.model or model
-                        u = m.usage
-                        inp, out = u.input_tokens, u.output_tokens
-                        cached = u.cache_read_input_tokens or 0
-                        written = u.cache_creation_input_tokens or 0
+                        m = event["message"]
+                        if isinstance(m.get("model"), str):
+                            model = m["model"] or model
+                        u = m.get("usage") or {}
+                        inp, out = number(u.get("input_tokens")), number(u.get("output_tokens"))
+                        cached = number(u.get("cache_read_input_tokens"))
+                        written = number(u.get("cache_creation_input_tokens"))
                     elif kind == "message_delta":
-                        stop = event.delta.stop_reason or stop
-                        out = event.usage.output_tokens  # cumulative
-                        # newer APIs may report the input here too
-                        inp = getattr(event.usage, "input_tokens", None) or inp
+                        stop = (event.get("delta") or {}).get("stop_reason") or stop
+                        u = event.get("usage") or {}
+                        out = number(u.get("output_tokens")) or out  # cumulative
+                        inp = number(u.get("input_tokens")) or inp  # newer APIs say it here too
+                    elif kind == "error":  # overloaded, or any error mid-stream
+                        raise MalformedStream(f"stream error: {_error_kind(event.get('error'))}")
+        except (AttributeError, TypeError, KeyError) as exc:  # not the documented shape
+            raise MalformedStream(f"malformed stream event ({type(exc).__name__})") from None
         finally:
-            await stream.close()
+            await response.aclose()
         # Anthropic's input_tokens leaves out the cached and cache-written ones.
         usage = Usage(inp + cached + written, out)
         usage.cached_input_tokens, usage.cache_write_tokens = cached, written
@@ -149,5 +158,11 @@ class AnthropicProvider:
         await self.client.close()
 
 
-def _has_text(event: Any) -> bool:
-    return bool(event.type == "content_block_delta")
+def _has_text(event: tuple[str, dict[str, Any]]) -> bool:
+    return event[1].get("type") == "content_block_delta"
+
+
+def _error_kind(error: Any) -> str:
+    if isinstance(error, dict) and isinstance(error.get("type"), str):
+        return str(error["type"])[:60]
+    return "unknown"

@@ -20,12 +20,15 @@ from listener.providers.base import (
     IDLE_TIMEOUT_SECONDS,
     Answer,
     CoursePrompt,
+    MalformedStream,
     Media,
     Refused,
     StreamStalled,
     TextSink,
     Usage,
+    number,
     repair_request,
+    stream_events,
     watched,
 )
 from listener.providers.download import download
@@ -91,33 +94,43 @@ class OpenAIProvider:
                 f"stream stalled: no answer within {self.first_token_timeout:g}s"
             ) from None
         limits = ratelimits.parse(raw.headers, sent)
-        stream = raw.parse()
+        response = raw.http_response  # the body not read yet: read here, event by event
         text: list[str] = []
         refusal: list[str] = []
         model, finish, counted = self.model, None, None
         try:
-            events = watched(stream, self.first_token_timeout, self.idle_timeout, _has_text)
+            events = watched(
+                stream_events(response), self.first_token_timeout, self.idle_timeout, _has_text
+            )
             async with contextlib.aclosing(events):
-                async for chunk in events:
-                    model = chunk.model or model
-                    if chunk.usage is not None:
-                        counted = chunk.usage
-                    for choice in chunk.choices:
-                        delta = choice.delta
-                        if delta.content:
-                            text.append(delta.content)
+                async for _, chunk in events:
+                    if "error" in chunk:  # an error in the middle of the stream
+                        raise MalformedStream(f"stream error: {_error_kind(chunk['error'])}")
+                    if isinstance(chunk.get("model"), str):
+                        model = chunk["model"] or model
+                    if isinstance(chunk.get("usage"), dict):
+                        counted = chunk["usage"]
+                    for choice in chunk.get("choices") or ():
+                        delta = choice.get("delta") or {}
+                        content = delta.get("content")
+                        if content and isinstance(content, str):
+                            text.append(content)
                             if sink is not None:
-                                sink(delta.content)
-                        if delta.refusal:
-                            refusal.append(delta.refusal)
-                        finish = choice.finish_reason or finish
+                                sink(content)
+                        if delta.get("refusal") and isinstance(delta["refusal"], str):
+                            refusal.append(delta["refusal"])
+                        finish = choice.get("finish_reason") or finish
+        except (AttributeError, TypeError) as exc:  # not the shape OpenAI documents
+            raise MalformedStream(f"malformed stream event ({type(exc).__name__})") from None
         finally:
-            await stream.close()
+            await response.aclose()
         usage = Usage()
         if counted is not None:
-            details = counted.prompt_tokens_details
-            cached = (details.cached_tokens or 0) if details else 0
-            usage = Usage(counted.prompt_tokens, counted.completion_tokens)
+            details = counted.get("prompt_tokens_details")
+            cached = number(details.get("cached_tokens")) if isinstance(details, dict) else 0
+            usage = Usage(
+                number(counted.get("prompt_tokens")), number(counted.get("completion_tokens"))
+            )
             usage.cached_input_tokens = cached
         usage.cost_usd = pricing.token_cost(
             model, usage.input_tokens, usage.output_tokens, usage.cached_input_tokens
@@ -184,5 +197,17 @@ _AUDIO_TYPES = {
 }
 
 
-def _has_text(chunk: Any) -> bool:
-    return any(c.delta.content or c.delta.refusal for c in chunk.choices)
+def _has_text(event: tuple[str, dict[str, Any]]) -> bool:
+    for choice in event[1].get("choices") or ():
+        delta = choice.get("delta") if isinstance(choice, dict) else None
+        if isinstance(delta, dict) and (delta.get("content") or delta.get("refusal")):
+            return True
+    return False
+
+
+def _error_kind(error: Any) -> str:
+    if isinstance(error, dict):
+        kind = error.get("type") or error.get("code")
+        if isinstance(kind, str):
+            return kind[:60]
+    return "unknown"

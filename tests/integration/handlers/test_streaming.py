@@ -167,5 +167,19 @@ async def test_an_event_that_is_not_json_moves_on(
     out = await rt.handlers["ai_course_jobs"](await course_job(conn, f"Bad Event {name}"))
     await rt.aclose()
     assert out.metrics["provider"] == other
-    assert out.metrics["fallbacks"] == [f"{name}: malformed stream event (UnicodeDecodeError)"]
+    assert out.metrics["fallbacks"] == [f"{name}: malformed stream event (JSONDecodeError)"]
     assert fake.answered(name, "bad_event") == 1
+
+
+@pytest.mark.parametrize("name", ["openai", "anthropic"])
+async def test_a_stream_cut_off_is_a_connection_error(
+    name: str, conn: Conn, pool: AsyncConnectionPool[Any], fake: FakeAI, make_settings: MakeSettings
+) -> None:
+    fake.modes[name] = "cut"
+    fake.break_after = 60
+    other = "anthropic" if name == "openai" else "openai"
+    rt = await create_runtime(make_settings(ai_provider_priority=f"{name},{other}"), pool)
+    out = await rt.handlers["ai_course_jobs"](await course_job(conn, f"Cut Off {name}"))
+    await rt.aclose()
+    assert out.metrics["provider"] == other
+    assert out.metrics["fallbacks"] == [f"{name}: connection error"]
