@@ -342,14 +342,15 @@ def run_bench(jobs: int, rounds: int, progress: bool) -> dict[str, Any]:
         statements = progress_lines = 0
         with open(log, "rb") as f:
             f.seek(log_from)
+            mine = False  # the lines of a statement of the worker's (it spans lines)
             for raw in f:
                 line = raw.decode(errors="replace")
-                if line.startswith("@bench@") or not (
-                    "LOG:  statement: " in line or "LOG:  execute " in line
-                ):
-                    continue
-                statements += 1
-                progress_lines += "progress_jobs(" in line
+                if line.startswith("@"):  # a new log entry
+                    mine = not line.startswith("@bench@") and (
+                        "LOG:  statement: " in line or "LOG:  execute " in line
+                    )
+                    statements += mine
+                progress_lines += mine and "progress_jobs('ai_course_jobs'" in line
         n = jobs * rounds
         missing = [i for i in done if i not in first]
         lead = [done[i] - first[i] for i in first]
