@@ -74,7 +74,12 @@ class Worker:
         self.completer = Completer(pool, self.retry, backlog=backlog)
         interval = settings.heartbeat_interval_seconds
         self.leases = LeaseKeeper(
-            pool, interval, retry=self.retry, report=self.report, concurrency=self.concurrency
+            pool,
+            interval,
+            retry=self.retry,
+            report=self.report,
+            concurrency=self.concurrency,
+            progress_interval=settings.progress_interval_seconds,
         )
         self.executor = Executor(
             settings,
@@ -224,6 +229,7 @@ class Worker:
         background = [
             asyncio.create_task(self._sweeps()),
             asyncio.create_task(self.leases.heartbeats()),
+            asyncio.create_task(self.leases.progress_writes(), name="progress"),
             asyncio.create_task(self.completer.run()),
             asyncio.create_task(self.registry.run(), name="registry"),
             *(asyncio.create_task(every(i, fn, name, self.report)) for i, fn, name in duties),

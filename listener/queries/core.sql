@@ -146,3 +146,13 @@ select pg_notify(%(channel)s, %(payload)s)
 select status, error, retry_count from ai_course_jobs where id = %(id)s
 union all
 select status, error, retry_count from ai_media_jobs where id = %(id)s
+
+-- name: progress_jobs
+-- The progress of a worker's running jobs, both tables in one statement (one
+-- round trip an interval, listener/progress.py); a table with no job here is an
+-- empty update.
+select p as id from progress_jobs('ai_course_jobs', %(course_ids)s::uuid[],
+    %(course_tokens)s::uuid[], %(course_progress)s::jsonb[], %(course_partial)s::jsonb[]) p
+union all
+select p from progress_jobs('ai_media_jobs', %(media_ids)s::uuid[], %(media_tokens)s::uuid[],
+    %(media_progress)s::jsonb[]) p
