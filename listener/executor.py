@@ -21,7 +21,7 @@ from typing import Any, TypeVar
 from loguru import logger
 from psycopg_pool import AsyncConnectionPool
 
-from listener import dal
+from listener import dal, tracing
 from listener.completer import Completer
 from listener.errors import InvalidJob, ProvidersUnavailable, error_text, scrub
 from listener.jobs import (
@@ -124,7 +124,10 @@ class Executor:
 
     def start(self, job: Job) -> asyncio.Task[Outcome | None]:
         """Run a claimed job in a task of its own, held by the lease keeper."""
-        task = asyncio.create_task(self.execute(job), name=f"job {job.key}")
+        run = self.execute(job)
+        if tracing.on:  # its attempt's span, and the job's trace continued
+            run = tracing.process(self.pool, job, run)
+        task = asyncio.create_task(run, name=f"job {job.key}")
         self.leases.track(job, task)
         return task
 
@@ -209,6 +212,7 @@ class Executor:
         )
         if row is None:
             return
+        tracing.outcome(row["status"], message)
         if row["status"] == "dead_letter":
             log.bind(action="job_dead_letter").error(f"job moved to the dead letter: {message}")
         else:
@@ -241,6 +245,8 @@ class Executor:
         )
         if row is None:
             return
+        deferred = row["status"] == "pending" and not row["counted"]
+        tracing.outcome("deferred" if deferred else row["status"], message)
         due_in = max(0.0, row["due_in"] or 0.0)
         self.cooldowns.start(job.table, due_in, message, quiet=exc.quota)
         self.on_due(due_in)

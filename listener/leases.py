@@ -20,7 +20,7 @@ from typing import Any, TypeVar
 from loguru import logger
 from psycopg_pool import AsyncConnectionPool
 
-from listener import dal
+from listener import dal, tracing
 from listener.jobs import JOB_TYPES, Job
 from listener.progress import ProgressBoard
 
@@ -255,6 +255,7 @@ class LeaseKeeper:
             level, message
         )
         if running is not None:
+            tracing.stopped(job_id, action)  # the attempt's span says why it ended
             running.task.cancel()
 
     # -- release --------------------------------------------------------------------

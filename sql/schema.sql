@@ -126,6 +126,22 @@ create table ai_job_attempts (
 
 alter table ai_job_attempts enable row level security;
 
+create table ai_job_call_histograms (
+    metric text not null,
+    operation text not null,
+    provider text not null,
+    model text not null,
+    token_type text not null,
+    counts bigint[] not null,
+    sum double precision default 0 not null,
+    count bigint default 0 not null,
+    updated_at timestamp with time zone default now() not null,
+    constraint ai_job_call_histograms_pkey PRIMARY KEY (metric, operation, provider, model, token_type),
+    constraint ai_job_call_histograms_metric_check CHECK (metric = ANY (ARRAY['token_usage'::text, 'operation_duration'::text]))
+);
+
+alter table ai_job_call_histograms enable row level security;
+
 create table ai_job_charges (
     id bigint generated always as identity,
     job_table text not null,
@@ -447,6 +463,28 @@ begin
     end if;
     return new;
 end
+$function$;
+
+-- last defined by sql/028_genai_histograms.sql
+CREATE OR REPLACE FUNCTION public.ai_job_add_call_histograms(metrics text[], operations text[], providers text[], models text[], token_types text[], counts text[], sums double precision[], totals bigint[])
+ RETURNS void
+ LANGUAGE sql
+ SET search_path TO 'pg_catalog', 'public', 'pg_temp'
+AS $function$
+    insert into ai_job_call_histograms as h
+        (metric, operation, provider, model, token_type, counts, sum, count)
+    select m, o, p, mo, tt, c::bigint[], s, n
+    from unnest(metrics, operations, providers, models, token_types, counts, sums, totals)
+        as u(m, o, p, mo, tt, c, s, n)
+    on conflict (metric, operation, provider, model, token_type) do update
+    set counts = (
+            select array_agg(coalesce(a, 0) + coalesce(b, 0) order by i)
+            from unnest(h.counts, excluded.counts) with ordinality as x(a, b, i)
+        ),
+        sum = h.sum + excluded.sum,
+        count = h.count + excluded.count,
+        updated_at = now()
+    where cardinality(h.counts) = cardinality(excluded.counts)
 $function$;
 
 -- last defined by sql/021_admission_hardening.sql

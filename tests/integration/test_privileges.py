@@ -145,6 +145,10 @@ ALLOWED: dict[str, dict[str, set[str]]] = {
     "function ai_job_add_usage(text[],text[],bigint[],bigint[],bigint[],bigint[],numeric[])": {
         "service_role": EXECUTE
     },
+    # sql/028
+    "table ai_job_call_histograms": {"service_role": WRITE},
+    "function ai_job_add_call_histograms(text[],text[],text[],text[],text[],text[],"
+    "double precision[],bigint[])": {"service_role": EXECUTE},
     # sql/015
     "sequence ai_job_budget_rejections": {"service_role": {"USAGE", "SELECT"}},
     "function ai_job_user_spend(uuid,timestamp with time zone)": {"service_role": EXECUTE},
