@@ -149,6 +149,7 @@ class Executor:
                 )
 
         hook = on_work_begins(begin)
+        shown = self.leases.progress.open(job)  # what the handler reports: progress.current
         t0 = time.perf_counter()
         try:
             handler = self.handlers.get(job.table)
@@ -156,6 +157,8 @@ class Executor:
                 raise InvalidJob(f"No handler registered for {job.table}")
             outcome = await handler(job)
             begin()
+            self.leases.progress.close(job, shown)  # no progress after the end
+            shown = None
             outcome.metrics["totalDurationMs"] = round((time.perf_counter() - t0) * 1000, 3)
             if self.leases.any_uncommitted and not await self.leases.committed(job):
                 return None  # the claim was not committed: nothing of it is ours to write
@@ -183,6 +186,8 @@ class Executor:
                 await asyncio.shield(self.fail(job, exc, job_log(job)))
             return None
         finally:
+            if shown is not None:
+                self.leases.progress.close(job, shown)
             reset_work_begins(hook)
             self.pacing.job_time.add(time.perf_counter() - t0)
             self.leases.untrack(job)

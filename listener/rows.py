@@ -249,6 +249,10 @@ class NextDueRow(TypedDict):  # next_job_due
     seconds: float | None
 
 
+class CapRow(TypedDict):  # max_running_per_user
+    cap: int | None
+
+
 class JobStateRow(TypedDict):  # job_state
     status: str
     error: str | None

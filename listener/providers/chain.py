@@ -42,6 +42,7 @@ from listener.providers.base import (
     Media,
     MediaProvider,
     Refused,
+    TextSink,
     Usage,
     classify,
 )
@@ -96,9 +97,17 @@ class Chain:
         self.gate = ClaimGate(breakers, self.quotas)  # the claim loop's view of the lanes
 
     async def course(
-        self, providers: Sequence[CourseProvider], prompt: CoursePrompt, job: Payer | None = None
+        self,
+        providers: Sequence[CourseProvider],
+        prompt: CoursePrompt,
+        job: Payer | None = None,
+        reader: Callable[[], TextSink | None] | None = None,
     ) -> tuple[Course, Generated]:
-        """`job`: whom each call is charged to (the budget's spend)."""
+        """`job`: whom each call is charged to (the budget's spend); `reader`: a
+        fresh sink for each call's streamed text (the job's progress)."""
+
+        def sink() -> TextSink | None:
+            return reader() if reader is not None else None
 
         def plan(p: CourseProvider, ask: CoursePrompt = prompt) -> Stop:
             cost = quota.estimate(_prompt_chars(ask), self.max_tokens)
@@ -106,7 +115,9 @@ class Chain:
 
         async def ask(p: CourseProvider, grant: Grant | None) -> _Made[Course]:
             usage = Usage()
-            answer = await self._answer(p, plan(p), grant, lambda: p.course(prompt), usage, job)
+            answer = await self._answer(
+                p, plan(p), grant, lambda: p.course(prompt, sink()), usage, job
+            )
             try:
                 return _Made(parse_course(answer.text, prompt.params), answer.model, usage)
             except SchemaValidationError as exc:
@@ -116,7 +127,7 @@ class Chain:
             )
             fixed = dataclasses.replace(prompt, repair=(answer.text, problem))
             again = plan(p, fixed)
-            answer = await self._answer(p, again, None, lambda: p.course(fixed), usage, job)
+            answer = await self._answer(p, again, None, lambda: p.course(fixed, sink()), usage, job)
             return _Made(parse_course(answer.text, prompt.params), answer.model, usage, 1)
 
         # A probe's lease covers the answer and its repair round.

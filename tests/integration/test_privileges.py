@@ -207,6 +207,15 @@ ALLOWED: dict[str, dict[str, set[str]]] = {
     "function ai_job_quota_settle(text,text,double precision[],bigint[],bigint[],bigint[],"
     "double precision,double precision,boolean,integer,boolean)": {"service_role": EXECUTE},
     "function ai_job_quota_reset(text,text)": {"service_role": EXECUTE},
+    # sql/025
+    "function ai_job_lock_users(uuid[])": {"service_role": EXECUTE},
+    "function ai_job_running_by_user()": {"service_role": EXECUTE},
+    "function ai_job_one_user_due(text)": {"service_role": EXECUTE},
+    "function ai_job_due_users(text)": {"service_role": EXECUTE},
+    "function ai_job_fair_pick(text,uuid[],integer,integer)": {"service_role": EXECUTE},
+    "function ai_job_fair_ids(text,integer,uuid[])": {"service_role": EXECUTE},
+    "function ai_job_under_cap(uuid)": {"service_role": EXECUTE},
+    "function ai_job_settings_changed()": {},
 }
 
 
