@@ -148,7 +148,7 @@ class AnthropicProvider:
             raise Refused("context window exceeded", usage, limits)
         called = "tool" in blocks.values()
         text = ("".join(tool) or "{}") if called else "".join(prose)
-        return Answer(text, model, usage, limits)
+        return Answer(text, model, usage, limits, stop if isinstance(stop, str) else None)
 
     async def check(self) -> str:
         page = await self.client.models.list()

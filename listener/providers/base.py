@@ -17,7 +17,7 @@ from collections.abc import AsyncGenerator, AsyncIterable, Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar
 
-from listener import errors
+from listener import errors, tracing
 from listener.course_schema import CourseParams, SchemaValidationError
 from listener.errors import scrub as scrub  # the providers scrub with the one scrubber
 from listener.providers.ratelimits import RateLimits
@@ -106,6 +106,8 @@ async def watched(
         except ValueError as exc:  # an event that could not be decoded
             raise MalformedStream(f"malformed stream event ({type(exc).__name__})") from None
         if is_token(event):
+            if tracing.on and what == "first token":
+                tracing.first_token()  # an event on the call's span (listener/tracing.py)
             deadline, waited, what = loop.time() + idle, idle, "token"
         yield event
 
@@ -155,6 +157,7 @@ class Answer:
     model: str
     usage: Usage = field(default_factory=Usage)
     limits: RateLimits = field(default_factory=RateLimits)  # the answer's rate-limit headers
+    finish_reason: str | None = None  # as the provider said it (stop, length, end_turn, ...)
 
 
 @dataclass

@@ -139,7 +139,9 @@ class OpenAIProvider:
             raise Refused("".join(refusal), usage, limits)
         if finish == "content_filter":
             raise Refused("blocked by the content filter", usage, limits)
-        return Answer("".join(text), model, usage, limits)
+        return Answer(
+            "".join(text), model, usage, limits, finish if isinstance(finish, str) else None
+        )
 
     def media_model(self, media_type: str) -> str:
         return self.image_model if media_type == "image" else self.tts_model

@@ -112,6 +112,8 @@ def test_one_trace_from_the_request_to_the_stored_course(
     assert chat.attributes["gen_ai.request.model"] == "gpt-4.1-mini"
     assert chat.attributes["gen_ai.usage.input_tokens"] > 0
     assert chat.attributes["gen_ai.usage.output_tokens"] > 0
+    assert chat.attributes["gen_ai.response.finish_reasons"] == ["stop"]
+    assert chat.events == ["first_token"]
     assert {s.name for s in receiver.spans if s.parent_span_id == process.span_id} >= {
         "chat gpt-4.1-mini",
         "storage write",

@@ -133,7 +133,10 @@ async def test_a_course_job_continues_its_trace_parent(
     assert g["gen_ai.request.model"] == "gpt-4.1-mini"
     assert g["gen_ai.response.model"]
     assert g["gen_ai.usage.input_tokens"] > 0 and g["gen_ai.usage.output_tokens"] > 0
+    assert list(g["gen_ai.response.finish_reasons"]) == ["stop"]
     assert chat.status.status_code == StatusCode.UNSET
+    # the answer streams: its first token is an event, once
+    assert [e.name for e in chat.events] == ["first_token"]
     assert "storage write" in under and "catalog record" in under
 
 
@@ -157,6 +160,7 @@ async def test_a_failed_call_has_an_error_status_and_the_next_provider_its_span(
     assert failed.status.status_code == StatusCode.ERROR
     assert dict(failed.attributes or {})["error.type"] == "500"
     assert answered.status.status_code == StatusCode.UNSET
+    assert dict(answered.attributes or {})["gen_ai.response.finish_reasons"]  # Anthropic's
     assert dict(process.attributes or {})["ai_jobs.outcome"] == "done"
 
 
