@@ -66,7 +66,9 @@ _ATTEMPT: ContextVar[Any] = ContextVar("ai_jobs_attempt", default=None)  # its p
 
 
 def configured(env: Mapping[str, str] = os.environ) -> bool:
-    """Whether the environment asks for traces."""
+    """Whether the environment asks for traces (OTEL_SDK_DISABLED=true: never)."""
+    if env.get("OTEL_SDK_DISABLED", "").strip().lower() == "true":
+        return False
     return any(
         env.get(name, "").strip()
         for name in ("OTEL_EXPORTER_OTLP_ENDPOINT", "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")

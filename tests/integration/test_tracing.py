@@ -332,6 +332,8 @@ def test_the_endpoint_variables() -> None:
     assert not tracing.configured({"OTEL_EXPORTER_OTLP_ENDPOINT": "  "})
     assert tracing.configured({"OTEL_EXPORTER_OTLP_ENDPOINT": "http://collector:4318"})
     assert tracing.configured({"OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": "http://c:4318/v1/traces"})
+    off = {"OTEL_EXPORTER_OTLP_ENDPOINT": "http://c:4318", "OTEL_SDK_DISABLED": "TRUE"}
+    assert not tracing.configured(off)
     assert tracing.protocol({}) == "http/protobuf"
     assert tracing.protocol({"OTEL_EXPORTER_OTLP_PROTOCOL": "grpc"}) == "grpc"
     assert tracing.protocol({"OTEL_EXPORTER_OTLP_TRACES_PROTOCOL": "grpc"}) == "grpc"
