@@ -102,8 +102,10 @@ def setup(app: str, *, exporter: Any = None) -> bool:
     from opentelemetry.sdk.trace import TracerProvider
     from opentelemetry.sdk.trace.export import BatchSpanProcessor, SimpleSpanProcessor
 
-    attributes = {"service.name": os.environ.get("OTEL_SERVICE_NAME", "").strip() or SERVICE_NAME}
-    resource = Resource.create({"process.command": app}).merge(Resource.create(attributes))
+    # The SDK reads OTEL_SERVICE_NAME and OTEL_RESOURCE_ATTRIBUTES; without a name, ours.
+    resource = Resource.create({"process.command": app})
+    if str(resource.attributes.get("service.name", "")).startswith("unknown_service"):
+        resource = resource.merge(Resource({"service.name": SERVICE_NAME}))
     # shutdown() stops it, bounded; the SDK's own exit hook would wait for a
     # collector that is away as long as its retries last.
     provider = TracerProvider(resource=resource, shutdown_on_exit=False)

@@ -472,3 +472,28 @@ async def test_a_deferred_job_says_so(
     calls = by_name(spans, "chat ")
     assert len(calls) == 2 and all(c.status.status_code == StatusCode.ERROR for c in calls)
     assert {dict(c.attributes or {})["error.type"] for c in calls} == {"401"}
+
+
+@pytest.mark.parametrize(
+    ("env", "name"),
+    [
+        ({}, "ai-jobs"),
+        ({"OTEL_SERVICE_NAME": "courses"}, "courses"),
+        ({"OTEL_RESOURCE_ATTRIBUTES": "service.name=from-attrs,deployment.env=prod"}, "from-attrs"),
+    ],
+)
+def test_the_service_name(monkeypatch: pytest.MonkeyPatch, env: dict[str, str], name: str) -> None:
+    for key in ("OTEL_SERVICE_NAME", "OTEL_RESOURCE_ATTRIBUTES"):
+        monkeypatch.delenv(key, raising=False)
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    exporter = InMemorySpanExporter()
+    tracing.setup("ai-jobs worker", exporter=exporter)
+    try:
+        with tracing.span("x"):
+            pass
+    finally:
+        tracing.shutdown()
+    (span,) = exporter.get_finished_spans()
+    assert span.resource.attributes["service.name"] == name
+    assert span.resource.attributes["process.command"] == "ai-jobs worker"
