@@ -8,17 +8,13 @@ import time
 from typing import Any
 
 import openai
-from openai.types.chat import ChatCompletionMessageParam
 
-from listener.providers import pricing, ratelimits
-from listener.providers.base import Answer, CoursePrompt, Media, Refused, Usage, repair_request
+from listener.providers import pricing, ratelimits, requests
+from listener.providers.base import Answer, CoursePrompt, Media, Usage
 from listener.providers.download import download
 from listener.settings import Settings
 
-# Requests that share this key and their first 1,024+ tokens are routed to the same
-# prompt cache: the system message (instructions) and the schema are the same for
-# every course, and they come first.
-PROMPT_CACHE_KEY = "ai-jobs-course-v1"
+PROMPT_CACHE_KEY = requests.PROMPT_CACHE_KEY
 
 
 class OpenAIProvider:
@@ -42,47 +38,13 @@ class OpenAIProvider:
         )
 
     async def course(self, prompt: CoursePrompt) -> Answer:
-        # The constant part first (instructions; the schema travels in response_format,
-        # ahead of the messages), the request after it: OpenAI caches prompt prefixes.
-        messages: list[ChatCompletionMessageParam] = [
-            {"role": "system", "content": prompt.system},
-            {"role": "user", "content": prompt.user},
-        ]
-        if prompt.repair:
-            previous, problem = prompt.repair
-            messages.append({"role": "assistant", "content": previous})
-            messages.append({"role": "user", "content": repair_request(problem)})
         # The raw response: its rate-limit headers too (the quotas learn from them).
         sent = time.time()
         raw = await self.client.chat.completions.with_raw_response.create(
-            model=self.model,
-            messages=messages,
-            max_completion_tokens=self.max_tokens,
-            response_format={
-                "type": "json_schema",
-                "json_schema": {"name": "course", "schema": prompt.schema, "strict": True},
-            },
-            prompt_cache_key=PROMPT_CACHE_KEY,
+            **requests.openai_course(self.model, self.max_tokens, prompt)
         )
-        resp = raw.parse()
         limits = ratelimits.parse(raw.headers, sent)
-        model = resp.model or self.model
-        usage = Usage()
-        if resp.usage:
-            details = resp.usage.prompt_tokens_details
-            cached = (details.cached_tokens or 0) if details else 0
-            usage = Usage(resp.usage.prompt_tokens, resp.usage.completion_tokens)
-            usage.cached_input_tokens = cached
-        usage.cost_usd = pricing.token_cost(
-            model, usage.input_tokens, usage.output_tokens, usage.cached_input_tokens
-        )
-        choice = resp.choices[0] if resp.choices else None
-        if choice is not None and choice.message.refusal:
-            raise Refused(choice.message.refusal, usage, limits)
-        if choice is not None and choice.finish_reason == "content_filter":
-            raise Refused("blocked by the content filter", usage, limits)
-        text = (choice.message.content or "") if choice else ""
-        return Answer(text, model, usage, limits)
+        return requests.openai_answer(raw.parse(), self.model, limits)
 
     def media_model(self, media_type: str) -> str:
         return self.image_model if media_type == "image" else self.tts_model
