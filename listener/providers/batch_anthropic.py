@@ -15,7 +15,6 @@ from datetime import datetime
 from typing import Any
 from uuid import UUID
 
-import httpx
 from anthropic.types import Message
 
 from listener.providers import requests
@@ -83,13 +82,10 @@ class AnthropicBatches:
         if not b.results_url:
             return out
         # The raw file, not the SDK's decoder: one bad line must not hide the others.
-        raw = await self.client.get(
-            b.results_url,
-            cast_to=httpx.Response,
-            options={"headers": {"Accept": "application/binary"}},
-        )
+        raw = await self.client.messages.batches.with_raw_response.results(batch_id)
+        data = await raw.http_response.aread()
         seen: set[UUID] = set()
-        for doc in lines(raw.content):
+        for doc in lines(data):
             job = job_of(doc, jobs, seen)
             if job is None:
                 out.skipped += 1
