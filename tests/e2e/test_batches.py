@@ -6,7 +6,9 @@ only), a cancel while batched, and a hostile results file."""
 
 from __future__ import annotations
 
+import json
 import signal
+import uuid
 from collections import Counter
 from typing import Any
 
@@ -39,9 +41,10 @@ def batch_env(fake: FakeAI, **extra: Any) -> dict[str, Any]:
     }
 
 
-def insert_batch(c: psycopg.Connection[Any], n: int, prefix: str = "Tides") -> list[str]:
+def insert_batch(c: psycopg.Connection[Any], n: int, **cols: Any) -> list[str]:
     return [
-        insert_course(c, f"{prefix} {i}", params={"itemsPerGroup": 3}, batch=True) for i in range(n)
+        insert_course(c, f"Tides {i}", params={"itemsPerGroup": 3}, batch=True, **cols)
+        for i in range(n)
     ]
 
 
@@ -126,3 +129,115 @@ def test_a_worker_killed_at_any_moment_loses_nothing_and_sends_nothing_twice(
         assert r["retry_count"] == 0 and r["metrics"]["batch"] is True
     if moment == "after_create":
         assert second.actions("batch_submit"), "the intent was found, not sent again"
+
+
+@pytest.mark.parametrize(
+    ("outcome", "provider"),
+    [("expired", "openai"), ("failed", "openai"), ("expired", "anthropic")],
+)
+def test_an_expired_or_failed_batch_sends_its_jobs_the_direct_way_without_an_attempt(
+    db_url: str, fake: FakeAI, outcome: str, provider: str
+) -> None:
+    fake.batches.outcome = outcome
+    order = "openai,anthropic" if provider == "openai" else "anthropic,openai"
+    w = WorkerProcess(db_url, **batch_env(fake, AI_PROVIDER_PRIORITY=order)).started()
+    try:
+        with connect(db_url) as c:
+            ids = insert_batch(c, 3)
+            wait_until(lambda: all_done(c, ids), timeout=30, what="done the direct way")
+            rows = [job(c, i) for i in ids]
+            ended = w.wait_for("batch_ended")
+    finally:
+        w.signal(signal.SIGTERM)
+        assert w.wait() == 0
+    assert ended["outcome"] == outcome and ended["returned"] == 3
+    assert fake.batches.created[provider] == 1 and direct_calls(fake) == 3
+    for r in rows:
+        assert r["retry_count"] == 0 and r["batch"] is False and "batch" not in r["metrics"]
+
+
+def test_a_request_error_fails_that_job_only(db_url: str, fake: FakeAI) -> None:
+    fake.batches.delay = 3  # the jobs are in before the batch ends
+    w = WorkerProcess(db_url, **batch_env(fake)).started()
+    try:
+        with connect(db_url) as c:
+            ids = insert_batch(c, 3, max_retries=1)
+            fake.batches.errors = {ids[1]}
+            wait_until(
+                lambda: statuses(c, ids) == Counter({"done": 2, "dead_letter": 1}),
+                timeout=30,
+                what="two done, one failed",
+            )
+            bad = job(c, ids[1])
+    finally:
+        w.signal(signal.SIGTERM)
+        assert w.wait() == 0
+    assert bad["retry_count"] == 1 and "batch request failed" in bad["error"]
+    assert "invalid request" in bad["error"]
+    assert fake.batches.created["openai"] == 1 and direct_calls(fake) == 0
+
+
+def test_cancel_of_a_batched_job_is_at_once_and_its_result_ignored(
+    db_url: str, fake: FakeAI
+) -> None:
+    fake.batches.delay = 3600
+    w = WorkerProcess(db_url, **batch_env(fake)).started()
+    try:
+        with connect(db_url) as c:
+            ids = insert_batch(c, 2)
+            wait_until(lambda: fake.batches.created["openai"] == 1, what="batch sent")
+            c.execute("select cancel_job(%s, 'ai_course_jobs')", [ids[0]])
+            assert job(c, ids[0])["status"] == "cancelled"  # not waiting for the batch
+            fake.batches.delay = 0
+            wait_until(lambda: job(c, ids[1])["status"] == "done", timeout=30, what="done")
+            w.wait_for("batch_ended")
+            cancelled = job(c, ids[0])
+    finally:
+        w.signal(signal.SIGTERM)
+        assert w.wait() == 0
+    assert cancelled["status"] == "cancelled" and cancelled["result_path"] is None
+    assert direct_calls(fake) == 0
+
+
+def test_an_invalid_answer_is_repaired_the_direct_way(db_url: str, fake: FakeAI) -> None:
+    fake.batches.delay = 3
+    w = WorkerProcess(db_url, **batch_env(fake)).started()
+    try:
+        with connect(db_url) as c:
+            ids = insert_batch(c, 2)
+            fake.batches.invalid = {ids[0]}
+            wait_until(lambda: all_done(c, ids), timeout=30, what="done")
+            repaired = job(c, ids[0])
+    finally:
+        w.signal(signal.SIGTERM)
+        assert w.wait() == 0
+    assert repaired["metrics"]["repairRounds"] == 1 and repaired["metrics"]["batch"] is True
+    assert direct_calls(fake) == 1  # the repair round only
+    repair = next(r for r in fake.requests if r.path.endswith("/chat/completions"))
+    assert len(repair.body["messages"]) == 4  # the batch's answer and the problem
+
+
+def test_a_hostile_results_file_costs_no_job(db_url: str, fake: FakeAI) -> None:
+    fake.batches.delay = 3
+    w = WorkerProcess(db_url, **batch_env(fake)).started()
+    try:
+        with connect(db_url) as c:
+            ids = insert_batch(c, 3)
+            error = {"status_code": 400, "body": {"error": {"message": "second answer"}}}
+            fake.batches.garbage = [
+                "this is not JSON {",
+                "[1, 2, 3]",
+                json.dumps({"custom_id": "not-a-uuid", "response": None}),
+                json.dumps({"custom_id": str(uuid.uuid4()), "response": None}),
+                json.dumps({"custom_id": ids[0], "response": error}),  # a duplicate
+                json.dumps({"custom_id": ids[1], "response": {"status_code": 200, "body": 7}}),
+                "\x00\xff garbage",
+            ]
+            wait_until(lambda: all_done(c, ids), timeout=30, what="done")
+            ended = w.wait_for("batch_ended")
+            skipped = w.wait_for("batch_results")
+    finally:
+        w.signal(signal.SIGTERM)
+        assert w.wait() == 0
+    assert ended["returned"] == 0 and "7 line(s)" in skipped["message"]
+    assert direct_calls(fake) == 0
