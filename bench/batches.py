@@ -107,16 +107,22 @@ def counters(dsn: str) -> dict[str, int]:
     return {"xacts": int(row["xacts"]), "rows_written": int(row["rows_written"])}
 
 
+def polls_of(fake: FakeAI) -> int:
+    """The fake's batch retrievals (GET /v1/batches/{id}) so far."""
+    with fake.lock:
+        return sum(1 for r in fake.requests if r.method == "GET" and "/v1/batches/" in r.path)
+
+
 def load(dsn: str, fake: FakeAI, seconds: float) -> dict[str, float]:
     """A worker's transactions and rows written per minute, after its start."""
     w = worker(dsn, fake)
     try:
         time.sleep(30)  # started, its open batches taken over (20 a tick)
-        polls0 = fake.count("openai", "/batches")
+        polls0 = polls_of(fake)
         a = counters(dsn)
         time.sleep(seconds)
         b = counters(dsn)
-        polls = fake.count("openai", "/batches") - polls0
+        polls = polls_of(fake) - polls0
     finally:
         stop(w)
     per_min = 60 / seconds

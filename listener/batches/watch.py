@@ -32,6 +32,7 @@ from listener.settings import Settings
 ADOPT = 20  # batches one tick takes over at most
 SUBMIT_TRIES = 5  # failed sends of one batch before its jobs go the direct way
 DRAIN_SECONDS = 30.0
+RESULTS_AT_ONCE = 50  # answered jobs stored at once (no provider call but a repair)
 
 
 class BatchService:
@@ -186,7 +187,9 @@ class BatchService:
         assert self.executor is not None and self.completer is not None
         if not jobs:
             return
-        await asyncio.gather(*(self.executor.start(j) for j in jobs), return_exceptions=True)
+        for i in range(0, len(jobs), RESULTS_AT_ONCE):
+            part = jobs[i : i + RESULTS_AT_ONCE]
+            await asyncio.gather(*(self.executor.start(j) for j in part), return_exceptions=True)
         try:
             async with asyncio.timeout(DRAIN_SECONDS):
                 await self.completer.drain()
