@@ -771,7 +771,8 @@ begin
         select x.id into b from ai_job_batches x
         where x.worker_id = worker and x.job_table = t and x.state = 'collecting'
           and (select count(*) from ai_job_batch_items i where i.batch_id = x.id) < max_jobs
-        order by x.created_at desc limit 1;
+        order by x.created_at desc limit 1
+        for update;  -- against ai_job_batch_submitting: the job is in what is sent, or not
         if b is null then
             insert into ai_job_batches (job_table, worker_id, lease_until)
             values (t, worker, clock_timestamp() + make_interval(secs => lease_seconds))
