@@ -814,8 +814,11 @@ begin
         order by z.lease_until
         limit adopt
         for update skip locked);
+    -- A lease is renewed once half of it is gone (not at every tick: fewer writes).
     update ai_job_batches x set worker_id = worker, lease_until = lease
-    where x.id = any(held);
+    where x.id = any(held)
+      and (x.worker_id is distinct from worker
+           or x.lease_until < clock_timestamp() + make_interval(secs => lease_seconds / 2));
     update ai_course_jobs j set last_heartbeat = clock_timestamp()
     from ai_job_batch_items i
     where i.batch_id = any(held) and i.job_table = 'ai_course_jobs'
