@@ -241,3 +241,16 @@ def test_a_hostile_results_file_costs_no_job(db_url: str, fake: FakeAI) -> None:
         assert w.wait() == 0
     assert ended["returned"] == 0 and "7 line(s)" in skipped["message"]
     assert direct_calls(fake) == 0
+
+
+def test_batch_answers_are_not_per_minute_calls(db_url: str, fake: FakeAI) -> None:
+    """A provider cap of one call a minute holds the direct jobs, not a batch's."""
+    w = WorkerProcess(db_url, **batch_env(fake, PROVIDER_LIMITS="openai=rpm:1")).started()
+    try:
+        with connect(db_url) as c:
+            ids = insert_batch(c, 5)
+            wait_until(lambda: all_done(c, ids), timeout=30, what="all done within the minute")
+    finally:
+        w.signal(signal.SIGTERM)
+        assert w.wait() == 0
+    assert fake.batches.created["openai"] == 1 and direct_calls(fake) == 0
