@@ -239,6 +239,7 @@ BATCH_WATCH = Query("batch_watch", rows.BatchWatchRow)
 BATCH_JOBS = Query("batch_jobs", rows.ClaimedRow)
 BATCH_END = Query("batch_end", rows.BatchEndRow)
 BATCHES_OPEN = Query("batches_open", rows.BatchOpenRow)
+BATCH_KNOWN = Query("batch_known", rows.BatchKnownRow)
 # -- workers.sql
 WORKER_BEAT = Statement("worker_beat")
 WORKER_REMOVE = Statement("worker_remove")

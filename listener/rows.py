@@ -597,3 +597,7 @@ class BatchOpenRow(TypedDict):  # batches_open
     created_at: datetime
     submitted_at: datetime | None
     jobs: int
+
+
+class BatchKnownRow(TypedDict):  # batch_known
+    provider_batch_id: str | None

@@ -47,7 +47,9 @@ class Submitter:
         log = logger.bind(action="batch_submit", batch=str(intent), provider=api.name)
         if recover:
             since = time.time() - row["age_seconds"] - 60
-            found = await api.find(intent, since, len(jobs), set())
+            rows = await dal.BATCH_KNOWN.all(self.pool, {"provider": api.name, "since": since})
+            known = {r["provider_batch_id"] for r in rows if r["provider_batch_id"]}
+            found = await api.find(intent, since, len(jobs), known)
             if found is not None:
                 await self._record(intent, found.batch_id, found.file_id)
                 self.recovered += 1

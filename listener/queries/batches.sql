@@ -37,3 +37,9 @@ from ai_job_batches b
 where b.state <> 'ended'
 order by b.created_at
 limit %(limit)s
+
+-- name: batch_known
+-- The provider batch ids recorded since then (an intent is not one of those).
+select provider_batch_id from ai_job_batches
+where provider = %(provider)s and provider_batch_id is not null
+  and submitted_at >= to_timestamp(%(since)s)
