@@ -17,6 +17,7 @@ from loguru import logger
 
 from listener import dal, db, preflight, telemetry, tracing
 from listener.alerts import AlertMonitor
+from listener.batches import setup as setup_batches
 from listener.errors import ConfigError
 from listener.handlers import Runtime, create_runtime
 from listener.jobs import TABLES_BY_TYPE
@@ -61,11 +62,13 @@ async def open_worker(settings: Settings, *, app: str = "ai-jobs worker") -> Asy
     """A worker with its pool, its handlers and its periodic duties: it listens
     (LISTEN_MODE=listen) or polls, and watches the alert rules."""
     async with open_runtime(settings, app=app) as (dsn, pool, runtime):
+        batches = setup_batches(settings, pool, runtime)  # batch jobs (listener/batches/)
         periodic: list[Periodic] = [
             (RUNTIME_TICK_SECONDS, runtime.tick, "handlers tick"),
             (settings.alert_interval_seconds, AlertMonitor(settings, pool).tick, "alerts"),
+            (batches.tick_seconds, batches.tick, "batches"),
         ]
-        yield Worker(
+        worker = Worker(
             settings,
             pool,
             runtime.handlers,
@@ -76,6 +79,11 @@ async def open_worker(settings: Settings, *, app: str = "ai-jobs worker") -> Asy
             on_ready=lambda: _ready(settings, runtime, dsn, long_running=True),
             gate=runtime.chain.gate,
         )
+        batches.attach(worker.id, worker.executor, worker.completer)
+        try:
+            yield worker
+        finally:
+            await batches.aclose()
 
 
 async def _ready(settings: Settings, runtime: Runtime, dsn: str, long_running: bool) -> None:

@@ -2,7 +2,8 @@
 
 Done: the outcome goes to the completer (batched `done` writes). Raised: the
 failure is written (fail_job: a retry after a backoff, or the dead letter).
-Every provider unavailable: the job goes back to pending until the earliest
+Handed to a provider's batch (HandedOff): nothing is written. Every provider
+unavailable: the job goes back to pending until the earliest
 recovery (defer_job, no attempt counted) and its table cools down (no claims
 there until then). Cancelled: the task ends and nothing is written (the claim is gone).
 
@@ -23,7 +24,7 @@ from psycopg_pool import AsyncConnectionPool
 
 from listener import dal, tracing
 from listener.completer import Completer
-from listener.errors import InvalidJob, ProvidersUnavailable, error_text, scrub
+from listener.errors import HandedOff, InvalidJob, ProvidersUnavailable, error_text, scrub
 from listener.jobs import (
     JOB_TYPES,
     Gate,
@@ -176,6 +177,8 @@ class Executor:
             return outcome
         except asyncio.CancelledError:
             raise  # shutdown past the grace period, or the job was taken away
+        except HandedOff:
+            return None  # in a batch now (listener/batches/): nothing of it is ours
         except ProvidersUnavailable as exc:
             if await self.leases.committed(job):
                 await asyncio.shield(self.defer(job, exc, job_log(job)))

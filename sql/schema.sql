@@ -126,6 +126,43 @@ create table ai_job_attempts (
 
 alter table ai_job_attempts enable row level security;
 
+create table ai_job_batch_items (
+    batch_id uuid not null,
+    job_table text not null,
+    job_id uuid not null,
+    claim_token uuid not null,
+    constraint ai_job_batch_items_pkey PRIMARY KEY (batch_id, job_id),
+    constraint ai_job_batch_items_batch_id_fkey FOREIGN KEY (batch_id) REFERENCES ai_job_batches(id) ON DELETE CASCADE,
+    constraint ai_job_batch_items_job_table_check CHECK (job_table = ANY (ARRAY['ai_course_jobs'::text, 'ai_media_jobs'::text]))
+);
+
+alter table ai_job_batch_items enable row level security;
+
+create table ai_job_batches (
+    id uuid default gen_random_uuid() not null,
+    job_table text not null,
+    state text default 'collecting'::text not null,
+    provider text,
+    model text,
+    provider_batch_id text,
+    input_file_id text,
+    worker_id text,
+    lease_until timestamp with time zone default clock_timestamp() not null,
+    created_at timestamp with time zone default clock_timestamp() not null,
+    submitting_at timestamp with time zone,
+    submitted_at timestamp with time zone,
+    ended_at timestamp with time zone,
+    outcome text,
+    error text,
+    constraint ai_job_batches_pkey PRIMARY KEY (id),
+    constraint ai_job_batches_provider_batch_id_key UNIQUE (provider_batch_id),
+    constraint ai_job_batches_job_table_check CHECK (job_table = ANY (ARRAY['ai_course_jobs'::text, 'ai_media_jobs'::text])),
+    constraint ai_job_batches_outcome_check CHECK (outcome = ANY (ARRAY['completed'::text, 'expired'::text, 'failed'::text, 'cancelled'::text, 'empty'::text])),
+    constraint ai_job_batches_state_check CHECK (state = ANY (ARRAY['collecting'::text, 'submitting'::text, 'submitted'::text, 'ended'::text]))
+);
+
+alter table ai_job_batches enable row level security;
+
 create table ai_job_call_histograms (
     metric text not null,
     operation text not null,
@@ -390,6 +427,12 @@ CREATE INDEX ai_job_attempts_ended_idx ON public.ai_job_attempts USING btree (en
 
 CREATE INDEX ai_job_attempts_job_idx ON public.ai_job_attempts USING btree (job_id);
 
+CREATE INDEX ai_job_batch_items_job_idx ON public.ai_job_batch_items USING btree (job_id);
+
+CREATE INDEX ai_job_batches_open_idx ON public.ai_job_batches USING btree (lease_until) WHERE (state <> 'ended'::text);
+
+CREATE INDEX ai_job_batches_worker_idx ON public.ai_job_batches USING btree (worker_id) WHERE (state <> 'ended'::text);
+
 CREATE INDEX ai_job_charges_job_idx ON public.ai_job_charges USING btree (job_id);
 
 CREATE INDEX ai_job_charges_user_idx ON public.ai_job_charges USING btree (created_by, charged_at) WHERE (created_by IS NOT NULL);
@@ -607,6 +650,235 @@ begin
         new.worker_id := null;
     end if;
     return new;
+end
+$function$;
+
+-- last defined by sql/027_batches.sql
+CREATE OR REPLACE FUNCTION public.ai_job_batch_end(p_batch uuid, worker text, p_outcome text, p_error text)
+ RETURNS integer
+ LANGUAGE plpgsql
+ SET search_path TO 'pg_catalog', 'public', 'pg_temp'
+AS $function$
+declare
+    n int := 0;
+    m int := 0;
+begin
+    update ai_job_batches
+    set state = 'ended', outcome = p_outcome, error = left(p_error, 500),
+        ended_at = clock_timestamp()
+    where id = p_batch and worker_id = worker and state <> 'ended';
+    if not found then
+        return 0;
+    end if;
+    update ai_course_jobs j
+    set status = 'pending', started_at = null, last_heartbeat = null, claim_token = null,
+        worker_id = null, run_after = now(), progress = null, batch = false
+    from ai_job_batch_items i
+    where i.batch_id = p_batch and i.job_table = 'ai_course_jobs'
+      and j.id = i.job_id and j.claim_token = i.claim_token and j.status = 'processing';
+    get diagnostics n = row_count;
+    update ai_media_jobs j
+    set status = 'pending', started_at = null, last_heartbeat = null, claim_token = null,
+        worker_id = null, run_after = now(), progress = null, batch = false
+    from ai_job_batch_items i
+    where i.batch_id = p_batch and i.job_table = 'ai_media_jobs'
+      and j.id = i.job_id and j.claim_token = i.claim_token and j.status = 'processing';
+    get diagnostics m = row_count;
+    return n + m;
+end
+$function$;
+
+-- last defined by sql/027_batches.sql
+CREATE OR REPLACE FUNCTION public.ai_job_batch_jobs(p_batch uuid, worker text)
+ RETURNS TABLE(job_table text, id uuid, claim_token uuid, retry_count integer, max_retries integer, job jsonb)
+ LANGUAGE sql
+ SET search_path TO 'pg_catalog', 'public', 'pg_temp'
+AS $function$
+    select 'ai_course_jobs'::text, j.id, j.claim_token, j.retry_count, j.max_retries,
+           jsonb_build_object('id', j.id, 'subject', j.subject, 'course_id', j.course_id,
+                              'params', j.params)
+    from ai_job_batches x
+    join ai_job_batch_items i on i.batch_id = x.id
+    join ai_course_jobs j on j.id = i.job_id and j.claim_token = i.claim_token
+    where x.id = p_batch and x.worker_id = worker and i.job_table = 'ai_course_jobs'
+      and j.status = 'processing'
+    union all
+    select 'ai_media_jobs'::text, j.id, j.claim_token, j.retry_count, j.max_retries,
+           jsonb_build_object('id', j.id, 'prompt', j.prompt, 'media_type', j.media_type,
+                              'course_id', j.course_id, 'params', j.params)
+    from ai_job_batches x
+    join ai_job_batch_items i on i.batch_id = x.id
+    join ai_media_jobs j on j.id = i.job_id and j.claim_token = i.claim_token
+    where x.id = p_batch and x.worker_id = worker and i.job_table = 'ai_media_jobs'
+      and j.status = 'processing'
+$function$;
+
+-- last defined by sql/027_batches.sql
+CREATE OR REPLACE FUNCTION public.ai_job_batch_submitted(p_batch uuid, worker text, p_batch_id text, p_file_id text)
+ RETURNS boolean
+ LANGUAGE sql
+ SET search_path TO 'pg_catalog', 'public', 'pg_temp'
+AS $function$
+    with done as (
+        update ai_job_batches
+        set state = 'submitted', provider_batch_id = p_batch_id, input_file_id = p_file_id,
+            submitted_at = clock_timestamp()
+        where id = p_batch and worker_id = worker and state = 'submitting'
+        returning 1
+    )
+    select exists (select from done)
+$function$;
+
+-- last defined by sql/027_batches.sql
+CREATE OR REPLACE FUNCTION public.ai_job_batch_submitting(p_batch uuid, worker text, p_provider text, p_model text)
+ RETURNS TABLE(id uuid, claim_token uuid, retry_count integer, max_retries integer, job jsonb)
+ LANGUAGE plpgsql
+ SET search_path TO 'pg_catalog', 'public', 'pg_temp'
+AS $function$
+#variable_conflict use_column
+declare
+    t text;
+begin
+    update ai_job_batches x
+    set state = 'submitting', provider = p_provider, model = p_model,
+        submitting_at = coalesce(x.submitting_at, clock_timestamp())
+    where x.id = p_batch and x.worker_id = worker and x.state in ('collecting', 'submitting')
+    returning x.job_table into t;
+    if t is null then
+        return;
+    end if;
+    if t = 'ai_course_jobs' then
+        delete from ai_job_batch_items i
+        where i.batch_id = p_batch and not exists (
+            select from ai_course_jobs j
+            where j.id = i.job_id and j.claim_token = i.claim_token and j.status = 'processing');
+        return query
+        select j.id, j.claim_token, j.retry_count, j.max_retries,
+               jsonb_build_object('id', j.id, 'subject', j.subject, 'course_id', j.course_id,
+                                  'params', j.params)
+        from ai_job_batch_items i join ai_course_jobs j
+             on j.id = i.job_id and j.claim_token = i.claim_token
+        where i.batch_id = p_batch and j.status = 'processing'
+        order by j.id;
+    else
+        delete from ai_job_batch_items i
+        where i.batch_id = p_batch and not exists (
+            select from ai_media_jobs j
+            where j.id = i.job_id and j.claim_token = i.claim_token and j.status = 'processing');
+        return query
+        select j.id, j.claim_token, j.retry_count, j.max_retries,
+               jsonb_build_object('id', j.id, 'prompt', j.prompt, 'media_type', j.media_type,
+                                  'course_id', j.course_id, 'params', j.params)
+        from ai_job_batch_items i join ai_media_jobs j
+             on j.id = i.job_id and j.claim_token = i.claim_token
+        where i.batch_id = p_batch and j.status = 'processing'
+        order by j.id;
+    end if;
+    if not found then
+        update ai_job_batches x
+        set state = 'ended', outcome = 'empty', ended_at = clock_timestamp()
+        where x.id = p_batch;
+    end if;
+end
+$function$;
+
+-- last defined by sql/027_batches.sql
+CREATE OR REPLACE FUNCTION public.ai_job_batch_take(table_name text, job_id uuid, token uuid, worker text, lease_seconds double precision, max_jobs integer)
+ RETURNS uuid
+ LANGUAGE plpgsql
+ SET search_path TO 'pg_catalog', 'public', 'pg_temp'
+AS $function$
+declare
+    t text := ai_job_table(table_name);
+    is_batch boolean;
+    st text;
+    held uuid;
+    b uuid;
+    item uuid;
+begin
+    -- No lock for the usual job: `batch` is the client's, the claim does not change it.
+    execute format('select batch from %I where id = $1', t) into is_batch using job_id;
+    if not coalesce(is_batch, false) then
+        return null;
+    end if;
+    execute format('select status, claim_token from %I where id = $1 for update', t)
+        into st, held using job_id;
+    if st is distinct from 'processing' or held is distinct from token then
+        return null;
+    end if;
+    select i.batch_id, i.claim_token into b, item
+    from ai_job_batch_items i join ai_job_batches x on x.id = i.batch_id
+    where i.job_id = ai_job_batch_take.job_id and x.state <> 'ended'
+    order by x.created_at desc limit 1;
+    if b is null then
+        perform pg_advisory_xact_lock(hashtext('ai_job_batch_take'), hashtext(worker || t));
+        select x.id into b from ai_job_batches x
+        where x.worker_id = worker and x.job_table = t and x.state = 'collecting'
+          and (select count(*) from ai_job_batch_items i where i.batch_id = x.id) < max_jobs
+        order by x.created_at desc limit 1
+        for update;  -- against ai_job_batch_submitting: the job is in what is sent, or not
+        if b is null then
+            insert into ai_job_batches (job_table, worker_id, lease_until)
+            values (t, worker, clock_timestamp() + make_interval(secs => lease_seconds))
+            returning id into b;
+        end if;
+        item := gen_random_uuid();
+        insert into ai_job_batch_items (batch_id, job_table, job_id, claim_token)
+        values (b, t, job_id, item);
+    end if;
+    execute format($q$
+        update %I set claim_token = $2, last_heartbeat = clock_timestamp(),
+               progress = jsonb_build_object('phase', 'batched', 'percent', 0)
+        where id = $1
+    $q$, t) using job_id, item;
+    return b;
+end
+$function$;
+
+-- last defined by sql/027_batches.sql
+CREATE OR REPLACE FUNCTION public.ai_job_batch_watch(worker text, lease_seconds double precision, adopt integer, beat_after double precision)
+ RETURNS TABLE(id uuid, job_table text, state text, provider text, model text, provider_batch_id text, age_seconds double precision, jobs integer)
+ LANGUAGE plpgsql
+ SET search_path TO 'pg_catalog', 'public', 'pg_temp'
+AS $function$
+#variable_conflict use_column
+declare
+    held uuid[];
+    lease timestamptz := clock_timestamp() + make_interval(secs => lease_seconds);
+    stale timestamptz := clock_timestamp() - make_interval(secs => beat_after);
+begin
+    held := array(
+        select y.id from ai_job_batches y
+        where y.worker_id = worker and y.state <> 'ended'
+        for update skip locked)
+        || array(
+        select z.id from ai_job_batches z
+        where z.state <> 'ended' and z.lease_until < clock_timestamp()
+          and z.worker_id is distinct from worker
+        order by z.lease_until
+        limit adopt
+        for update skip locked);
+    -- A lease is renewed once half of it is gone (not at every tick: fewer writes).
+    update ai_job_batches x set worker_id = worker, lease_until = lease
+    where x.id = any(held)
+      and (x.worker_id is distinct from worker
+           or x.lease_until < clock_timestamp() + make_interval(secs => lease_seconds / 2));
+    update ai_course_jobs j set last_heartbeat = clock_timestamp()
+    from ai_job_batch_items i
+    where i.batch_id = any(held) and i.job_table = 'ai_course_jobs'
+      and j.id = i.job_id and j.claim_token = i.claim_token and j.status = 'processing'
+      and j.last_heartbeat < stale;
+    update ai_media_jobs j set last_heartbeat = clock_timestamp()
+    from ai_job_batch_items i
+    where i.batch_id = any(held) and i.job_table = 'ai_media_jobs'
+      and j.id = i.job_id and j.claim_token = i.claim_token and j.status = 'processing'
+      and j.last_heartbeat < stale;
+    return query
+    select x.id, x.job_table, x.state, x.provider, x.model, x.provider_batch_id,
+           extract(epoch from clock_timestamp() - x.created_at)::float8,
+           (select count(*)::int from ai_job_batch_items i where i.batch_id = x.id)
+    from ai_job_batches x where x.id = any(held)
+    order by x.created_at;
 end
 $function$;
 

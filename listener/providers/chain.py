@@ -111,7 +111,9 @@ class Chain:
 
         def plan(p: CourseProvider, ask: CoursePrompt = prompt) -> Stop:
             cost = quota.estimate(_prompt_chars(ask), self.max_tokens)
-            return Stop(p.name, p.model, cost, p.name not in UNGUARDED)
+            # A batch's answer (listener/batches/) was paid for in the batch: no call.
+            guarded = p.name not in UNGUARDED and not getattr(p, "answered", False)
+            return Stop(p.name, p.model, cost, guarded)
 
         async def ask(p: CourseProvider, grant: Grant | None) -> _Made[Course]:
             usage = Usage()

@@ -216,6 +216,19 @@ ALLOWED: dict[str, dict[str, set[str]]] = {
     "function ai_job_fair_ids(text,integer,uuid[])": {"service_role": EXECUTE},
     "function ai_job_under_cap(uuid)": {"service_role": EXECUTE},
     "function ai_job_settings_changed()": {},
+    # sql/027
+    "table ai_job_batches": {"service_role": WRITE},
+    "table ai_job_batch_items": {"service_role": WRITE},
+    "function ai_job_batch_take(text,uuid,uuid,text,double precision,integer)": {
+        "service_role": EXECUTE
+    },
+    "function ai_job_batch_submitting(uuid,text,text,text)": {"service_role": EXECUTE},
+    "function ai_job_batch_submitted(uuid,text,text,text)": {"service_role": EXECUTE},
+    "function ai_job_batch_watch(text,double precision,integer,double precision)": {
+        "service_role": EXECUTE
+    },
+    "function ai_job_batch_jobs(uuid,text)": {"service_role": EXECUTE},
+    "function ai_job_batch_end(uuid,text,text,text)": {"service_role": EXECUTE},
 }
 
 
