@@ -18,7 +18,9 @@ What is traced (docs/observability.md):
 - the result's storage write and the catalog record;
 - `POST /v1/jobs/...` of the end-user API (server), whose context becomes the
   job's trace_parent, so that one trace runs from the request to the result;
-- a batch job's link to its batch's span (`link_batch()`).
+- a batch job's link to its batch's span: the attempt that reads a batch's
+  answer is started under the batch's `batch results <provider>` span and links
+  to it (`link_batch()` links any other span the submitting code records).
 
 Export runs in the SDK's own thread, batched: a collector that is down or slow
 loses spans (logged by the SDK), never a job's time. Span texts never carry an
@@ -330,14 +332,24 @@ async def process(
         "ai_jobs.job_type": job.job_type,
         "ai_jobs.attempt": job.attempt,
     }
-    parent = None
+    # Started under another span (a batch's results, listener/batches/watch.py): a
+    # link to it, not its child; the job's own trace_parent, if any, is the parent.
+    links = []
+    around = trace.get_current_span().get_span_context()
+    if around.is_valid:
+        links.append(trace.Link(around, {"ai_jobs.link": "batch"}))
+    parent = context.Context()  # a root, unless the job continues a trace
     if found is not None:
-        parent = _parent(found["trace_parent"])
+        parent = _parent(found["trace_parent"]) or parent
         if found["queue_wait_ms"] is not None:
             attributes["ai_jobs.queue_wait_ms"] = round(found["queue_wait_ms"], 3)
         attributes["ai_jobs.batch"] = found["batch"]
     current = _tracer.start_span(
-        f"process {job.table}", context=parent, kind=SpanKind.CONSUMER, attributes=attributes
+        f"process {job.table}",
+        context=parent,
+        kind=SpanKind.CONSUMER,
+        attributes=attributes,
+        links=links,
     )
     token = context.attach(trace.set_span_in_context(current))
     attempt = _ATTEMPT.set(current)

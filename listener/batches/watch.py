@@ -18,7 +18,7 @@ from uuid import UUID
 from loguru import logger
 from psycopg_pool import AsyncConnectionPool
 
-from listener import dal
+from listener import dal, tracing
 from listener.batches.collect import MAX_JOBS, BatchRouter
 from listener.batches.crash import crash_point
 from listener.batches.submit import Submitter
@@ -165,6 +165,21 @@ class BatchService:
             r["id"]: r
             for r in await dal.BATCH_JOBS.all(self.pool, {"batch": bid, "worker": self.worker_id})
         }
+        if tracing.on:  # the batch's span: each answered job's attempt links to it
+            name, attributes = f"batch results {api.name}", {"ai_jobs.batch.id": str(bid)}
+            with tracing.span(name, attributes | {"ai_jobs.provider_batch_id": pbid}):
+                return await self._read(row, api, outcome, error, held)
+        await self._read(row, api, outcome, error, held)
+
+    async def _read(
+        self,
+        row: BatchWatchRow,
+        api: BatchAPI,
+        outcome: str,
+        error: str | None,
+        held: dict[UUID, Any],
+    ) -> None:
+        bid, pbid = row["id"], str(row["provider_batch_id"])
         log = logger.bind(action="batch_results", batch=str(bid), provider_batch=pbid)
         results = await api.results(pbid, set(held)) if held and outcome != "failed" else None
         if results is not None:

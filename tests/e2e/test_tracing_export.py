@@ -185,3 +185,53 @@ def test_a_collector_away_costs_the_jobs_nothing(db_url: str, endpoint: str) -> 
     # placeholder answers in milliseconds; an export that waited would take seconds.)
     assert max(durations) < 2000, durations
     assert stopped < 15, f"the worker took {stopped:.1f}s to stop"
+
+
+def test_batch_jobs_link_to_their_batchs_span(db_url: str, fake: FakeAI) -> None:
+    from tests.e2e.test_batches import all_done, batch_env
+
+    with http_receiver() as receiver:
+        otel = {"OTEL_EXPORTER_OTLP_ENDPOINT": receiver.endpoint, **FAST_EXPORT}
+        w = WorkerProcess(db_url, **batch_env(fake, **otel)).started()
+        try:
+            with connect(db_url) as c:
+                ids = [
+                    insert_course(c, "Tides 0", params={"itemsPerGroup": 3}, batch=True),
+                    insert_course(
+                        c,
+                        "Tides 1",
+                        params={"itemsPerGroup": 3},
+                        batch=True,
+                        trace_parent=TRACE_PARENT,
+                    ),
+                ]
+                try:
+                    wait_until(lambda: all_done(c, ids), timeout=60, what="all done")
+                except AssertionError:
+                    raise AssertionError(w.log()[-6000:]) from None
+            wait_until(lambda: receiver.named("batch results "), what="the batch's span")
+            wait_until(
+                lambda: (
+                    sum(
+                        s.attributes.get("ai_jobs.outcome") == "done"
+                        for s in receiver.named("process ")
+                    )
+                    == 2
+                ),
+                what="both answered attempts' spans",
+            )
+        finally:
+            w.signal(signal.SIGTERM)
+            assert w.wait() == 0
+    batch = one(receiver.named("batch results "))
+    assert batch.name == "batch results openai"
+    done = {
+        s.attributes["messaging.message.id"]: s
+        for s in receiver.named("process ")
+        if s.attributes["ai_jobs.outcome"] == "done"
+    }
+    assert set(done) == set(ids)
+    assert all(s.links == [batch.span_id] for s in done.values())
+    continued = done[ids[1]]
+    assert continued.trace_id == CLIENT_TRACE and continued.parent_span_id == CLIENT_SPAN
+    assert done[ids[0]].parent_span_id == "" and done[ids[0]].trace_id != batch.trace_id

@@ -497,3 +497,26 @@ def test_the_service_name(monkeypatch: pytest.MonkeyPatch, env: dict[str, str], 
     (span,) = exporter.get_finished_spans()
     assert span.resource.attributes["service.name"] == name
     assert span.resource.attributes["process.command"] == "ai-jobs worker"
+
+
+async def test_an_attempt_started_under_a_batchs_span_links_to_it(
+    spans: InMemorySpanExporter,
+) -> None:
+    """listener/batches/watch.py starts the answered jobs under `batch results
+    <provider>`: each attempt is a root of its own (or its trace_parent's child)
+    with a link to the batch's span."""
+    import uuid
+
+    from listener.jobs import Job
+
+    async def attempt() -> None:
+        return None
+
+    job = Job("ai_course_jobs", uuid.uuid4(), uuid.uuid4(), 0, 3, {})
+    with tracing.span("batch results openai") as batch:
+        await asyncio.create_task(tracing.process(None, job, attempt()))  # type: ignore[arg-type]
+    (process,) = by_name(spans, "process ")
+    assert process.parent is None
+    assert process.context.trace_id != batch.get_span_context().trace_id
+    (link,) = process.links
+    assert link.context.span_id == batch.get_span_context().span_id
