@@ -298,23 +298,18 @@ $$;
 -- The notified job (the fast path): as in 020, and not when its user is at the
 -- cap (it stays pending). Without a cap, no fairness work: the worker sends it
 -- only when its last claim round found the table empty, so no other user's job is
--- known to wait.
+-- known to wait. The cap's test is a filter of the one statement (without a cap,
+-- a one-time filter: ai_job_under_cap is not called), not a statement of its own.
+-- ai_job_under_cap takes the user's lock and counts in statements of its own,
+-- each with a new snapshot, as the fair pick does.
 create or replace function claim_due_job(table_name text, job_id uuid, worker text)
 returns table(job_table text, id uuid, claim_token uuid, retry_count int, max_retries int, job jsonb)
 language plpgsql
 set search_path = pg_catalog, public, pg_temp
 as $$
 #variable_conflict use_column
-declare
-    capped boolean;
 begin
     if ai_job_table(table_name) = 'ai_course_jobs' then
-        select exists (select from ai_job_settings where max_running_per_user is not null)
-        into capped;
-        if capped and not ai_job_under_cap((select created_by from ai_course_jobs
-                                            where id = job_id)) then
-            return;
-        end if;
         return query
         update ai_course_jobs j
         set status = 'processing', started_at = clock_timestamp(),
@@ -326,17 +321,14 @@ begin
               and (status = 'pending' or retry_count < max_retries)
               and not exists (select from ai_job_queues q
                               where q.job_table = 'ai_course_jobs' and q.paused)
+              and (not exists (select from ai_job_settings
+                               where max_running_per_user is not null)
+                   or ai_job_under_cap(created_by))
             for update of ai_course_jobs skip locked)
         returning 'ai_course_jobs'::text, j.id, j.claim_token, j.retry_count, j.max_retries,
                   jsonb_build_object('id', j.id, 'subject', j.subject, 'course_id', j.course_id,
                                      'params', j.params);
     else
-        select exists (select from ai_job_settings where max_running_per_user is not null)
-        into capped;
-        if capped and not ai_job_under_cap((select created_by from ai_media_jobs
-                                            where id = job_id)) then
-            return;
-        end if;
         return query
         update ai_media_jobs j
         set status = 'processing', started_at = clock_timestamp(),
@@ -348,6 +340,9 @@ begin
               and (status = 'pending' or retry_count < max_retries)
               and not exists (select from ai_job_queues q
                               where q.job_table = 'ai_media_jobs' and q.paused)
+              and (not exists (select from ai_job_settings
+                               where max_running_per_user is not null)
+                   or ai_job_under_cap(created_by))
             for update of ai_media_jobs skip locked)
         returning 'ai_media_jobs'::text, j.id, j.claim_token, j.retry_count, j.max_retries,
                   jsonb_build_object('id', j.id, 'prompt', j.prompt, 'media_type', j.media_type,

@@ -1913,16 +1913,8 @@ CREATE OR REPLACE FUNCTION public.claim_due_job(table_name text, job_id uuid, wo
  SET search_path TO 'pg_catalog', 'public', 'pg_temp'
 AS $function$
 #variable_conflict use_column
-declare
-    capped boolean;
 begin
     if ai_job_table(table_name) = 'ai_course_jobs' then
-        select exists (select from ai_job_settings where max_running_per_user is not null)
-        into capped;
-        if capped and not ai_job_under_cap((select created_by from ai_course_jobs
-                                            where id = job_id)) then
-            return;
-        end if;
         return query
         update ai_course_jobs j
         set status = 'processing', started_at = clock_timestamp(),
@@ -1934,17 +1926,14 @@ begin
               and (status = 'pending' or retry_count < max_retries)
               and not exists (select from ai_job_queues q
                               where q.job_table = 'ai_course_jobs' and q.paused)
+              and (not exists (select from ai_job_settings
+                               where max_running_per_user is not null)
+                   or ai_job_under_cap(created_by))
             for update of ai_course_jobs skip locked)
         returning 'ai_course_jobs'::text, j.id, j.claim_token, j.retry_count, j.max_retries,
                   jsonb_build_object('id', j.id, 'subject', j.subject, 'course_id', j.course_id,
                                      'params', j.params);
     else
-        select exists (select from ai_job_settings where max_running_per_user is not null)
-        into capped;
-        if capped and not ai_job_under_cap((select created_by from ai_media_jobs
-                                            where id = job_id)) then
-            return;
-        end if;
         return query
         update ai_media_jobs j
         set status = 'processing', started_at = clock_timestamp(),
@@ -1956,6 +1945,9 @@ begin
               and (status = 'pending' or retry_count < max_retries)
               and not exists (select from ai_job_queues q
                               where q.job_table = 'ai_media_jobs' and q.paused)
+              and (not exists (select from ai_job_settings
+                               where max_running_per_user is not null)
+                   or ai_job_under_cap(created_by))
             for update of ai_media_jobs skip locked)
         returning 'ai_media_jobs'::text, j.id, j.claim_token, j.retry_count, j.max_retries,
                   jsonb_build_object('id', j.id, 'prompt', j.prompt, 'media_type', j.media_type,
