@@ -167,9 +167,11 @@ begin
 end
 $$;
 
--- The fair order of a table's claimable jobs of these users, up to `wanted`: a
--- user's k-th job (oldest first) stands at level running + k - 1; the jobs go by
--- level, then age; with a cap, no job at a level of cap or more. (A user's jobs
+-- The fair order of a table's claimable jobs of these users, for a claim of
+-- `wanted` jobs: a user's k-th job (oldest first) stands at level running + k - 1;
+-- the jobs go by level, then age; with a cap, no job at a level of cap or more.
+-- Up to `wanted` jobs of a user (no claim takes more), twice `wanted` in all (a
+-- claim takes the first ones it can lock). (A user's jobs
 -- are read `order by created_by desc, run_after`, the user given as a range of
 -- one: the due-user index read backwards, an order the claim index cannot give.
 -- With `created_by = u.k` the planner drops created_by from the order, since it
@@ -206,7 +208,7 @@ begin
                        limit greatest(0, least(wanted, coalesce(cap - u.running, wanted))))) c
             ) d
             order by d.level, d.run_after, d.id
-            limit wanted);
+            limit 2 * wanted);
     else
         return array(
             select d.id
@@ -232,15 +234,15 @@ begin
                        limit greatest(0, least(wanted, coalesce(cap - u.running, wanted))))) c
             ) d
             order by d.level, d.run_after, d.id
-            limit wanted);
+            limit 2 * wanted);
     end if;
 end
 $$;
 
 -- What a claim of up to max_jobs jobs of a table takes: null when the plain
 -- order of 020 is fair (no cap, at most one user's jobs claimable); else the
--- candidates in the fair order (twice as many as wanted: a claim takes the first
--- ones it can lock, so that one locked by a concurrent claim is not a slot
+-- candidates in the fair order (up to twice as many as wanted: a claim takes the
+-- first ones it can lock, so that one locked by a concurrent claim is not a slot
 -- lost), within the cap, the users' locks taken when capped. `held`: the users
 -- the caller locked already (claim_jobs over both tables); only their jobs are
 -- picked.
@@ -266,7 +268,7 @@ begin
         end if;
     end if;
     -- A new statement, a new snapshot: what the locks' holders claimed is seen.
-    return ai_job_fair_pick(table_name, users, 2 * greatest(max_jobs, 0), cap);
+    return ai_job_fair_pick(table_name, users, greatest(max_jobs, 0), cap);
 end
 $$;
 

@@ -883,7 +883,7 @@ begin
         end if;
     end if;
     -- A new statement, a new snapshot: what the locks' holders claimed is seen.
-    return ai_job_fair_pick(table_name, users, 2 * greatest(max_jobs, 0), cap);
+    return ai_job_fair_pick(table_name, users, greatest(max_jobs, 0), cap);
 end
 $function$;
 
@@ -921,7 +921,7 @@ begin
                        limit greatest(0, least(wanted, coalesce(cap - u.running, wanted))))) c
             ) d
             order by d.level, d.run_after, d.id
-            limit wanted);
+            limit 2 * wanted);
     else
         return array(
             select d.id
@@ -947,7 +947,7 @@ begin
                        limit greatest(0, least(wanted, coalesce(cap - u.running, wanted))))) c
             ) d
             order by d.level, d.run_after, d.id
-            limit wanted);
+            limit 2 * wanted);
     end if;
 end
 $function$;
