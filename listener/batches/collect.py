@@ -17,10 +17,11 @@ from psycopg_pool import AsyncConnectionPool
 from listener import dal
 from listener.errors import HandedOff
 from listener.jobs import Job, Outcome
-from listener.providers.base import Answer, CoursePrompt, CourseProvider
+from listener.providers.base import Answer, CoursePrompt, CourseProvider, Usage
 
 MAX_JOBS = 1000  # requests per batch (the providers take far more); a new batch past it
 Handler = Callable[[Job], Awaitable[Outcome]]
+Charge = Callable[[Job, str, str, Usage], Awaitable[None]]
 _ANSWER: contextvars.ContextVar[Answer | None] = contextvars.ContextVar(
     "ai_jobs_batch_answer", default=None
 )
@@ -84,6 +85,7 @@ class BatchRouter:
         # job id -> (provider name, its answer or the error that ends its attempt)
         self.results: dict[UUID, tuple[str, Answer | BaseException]] = {}
         self.handed = 0
+        self.charge: Charge | None = None  # the meter's: a call made for a job
 
     async def __call__(self, job: Job) -> Outcome:
         result = self.results.pop(job.id, None)
@@ -115,6 +117,9 @@ class BatchRouter:
         token = _ANSWER.set(result)
         try:
             outcome = await handler(job)
+            if _ANSWER.get() is not None and self.charge is not None:
+                # Served without it (the course cache): the batch's request was paid.
+                await self.charge(job, provider, result.model, result.usage)
         finally:
             _ANSWER.reset(token)
         outcome.metrics["batch"] = True

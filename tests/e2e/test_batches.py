@@ -254,3 +254,30 @@ def test_batch_answers_are_not_per_minute_calls(db_url: str, fake: FakeAI) -> No
         w.signal(signal.SIGTERM)
         assert w.wait() == 0
     assert fake.batches.created["openai"] == 1 and direct_calls(fake) == 0
+
+
+def test_every_batch_answer_is_charged_even_when_the_cache_serves_the_job(
+    db_url: str, fake: FakeAI
+) -> None:
+    """Two same requests in one batch: the second is served from the course cache,
+    and its request, paid in the batch, is charged to it all the same."""
+    fake.batches.delay = 3
+    w = WorkerProcess(db_url, **batch_env(fake, CACHE_TTL_SECONDS="3600")).started()
+    try:
+        with connect(db_url) as c:
+            ids = [
+                insert_course(c, "Tides", params={"itemsPerGroup": 3}, batch=True) for _ in range(2)
+            ]
+            wait_until(lambda: all_done(c, ids), timeout=30, what="done")
+            rows = [job(c, i) for i in ids]
+            charged = c.execute(
+                "select job_id, cost_usd from ai_job_charges where job_id = any(%s::uuid[])",
+                [ids],
+            ).fetchall()
+    finally:
+        w.signal(signal.SIGTERM)
+        assert w.wait() == 0
+    providers = sorted(r["metrics"]["provider"] for r in rows)
+    assert providers == ["cache", "openai"] and all(r["metrics"]["batch"] for r in rows)
+    assert sorted(str(r["job_id"]) for r in charged) == sorted(ids)
+    assert all(r["cost_usd"] > 0 for r in charged)
