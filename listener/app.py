@@ -15,7 +15,7 @@ from typing import Any
 
 from loguru import logger
 
-from listener import dal, db, preflight, telemetry
+from listener import dal, db, preflight, telemetry, tracing
 from listener.alerts import AlertMonitor
 from listener.batches import setup as setup_batches
 from listener.errors import ConfigError
@@ -39,6 +39,7 @@ async def open_runtime(
 ) -> AsyncIterator[tuple[str, db.WorkPool, Runtime]]:
     """The DSN, the work pool and the handlers' runtime; closed in order."""
     dsn = db.require_dsn(settings.dsn)
+    tracing.setup(app)  # only when OTEL_EXPORTER_OTLP_ENDPOINT is set
     listen = settings.listen_mode == "listen"
     pool = db.make_pool(dsn, pool_size(settings), app=app, prepare=listen)  # not open yet
     runtime = await create_runtime(settings, pool, announce=False, start=False)
@@ -53,6 +54,7 @@ async def open_runtime(
         finally:
             await pool.close()
             telemetry.flush()
+            tracing.shutdown()
 
 
 @asynccontextmanager

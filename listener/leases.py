@@ -20,8 +20,9 @@ from typing import Any, TypeVar
 from loguru import logger
 from psycopg_pool import AsyncConnectionPool
 
-from listener import dal
+from listener import dal, tracing
 from listener.jobs import JOB_TYPES, Job
+from listener.progress import ProgressBoard
 
 T = TypeVar("T")
 TABLES = tuple(JOB_TYPES)
@@ -92,6 +93,7 @@ class LeaseKeeper:
         retry: Retry[Any],
         report: Report,
         concurrency: int = 1,
+        progress_interval: float = 1.0,
     ) -> None:
         self.pool = pool
         self.interval = interval  # HEARTBEAT_INTERVAL_SECONDS
@@ -105,6 +107,14 @@ class LeaseKeeper:
         # write with their token before it would not find the row (the UPDATE
         # reads the version before the claim), so the writes wait for it.
         self._commits: dict[uuid.UUID, asyncio.Future[bool]] = {}
+        # The running jobs' progress, written for all of them in one statement an
+        # interval (PROGRESS_INTERVAL_SECONDS); a write is a heartbeat too.
+        self.progress = ProgressBoard(
+            lambda params: dal.PROGRESS_JOBS.all(self.pool, params),
+            progress_interval,
+            report,
+            held=lambda job_id: job_id not in self._commits,
+        )
 
     # -- the jobs held, and the slots -----------------------------------------------
 
@@ -169,6 +179,10 @@ class LeaseKeeper:
         return True if fut is None else await asyncio.shield(fut)
 
     # -- heartbeats -------------------------------------------------------------
+
+    async def progress_writes(self) -> None:
+        """Write the running jobs' progress as it changes (listener/progress.py)."""
+        await self.progress.run()
 
     async def heartbeats(self) -> None:
         while True:
@@ -241,6 +255,7 @@ class LeaseKeeper:
             level, message
         )
         if running is not None:
+            tracing.stopped(job_id, action)  # the attempt's span says why it ended
             running.task.cancel()
 
     # -- release --------------------------------------------------------------------

@@ -249,10 +249,20 @@ class NextDueRow(TypedDict):  # next_job_due
     seconds: float | None
 
 
+class CapRow(TypedDict):  # max_running_per_user
+    cap: int | None
+
+
 class JobStateRow(TypedDict):  # job_state
     status: str
     error: str | None
     retry_count: int
+
+
+class JobTraceRow(TypedDict):  # job_trace
+    trace_parent: str | None
+    batch: bool
+    queue_wait_ms: float | None
 
 
 # -- demo.sql
@@ -448,6 +458,17 @@ class UsageTotalRow(TypedDict):  # usage_totals
     cached_input_tokens: int
     output_tokens: int
     cost_usd: float
+
+
+class CallHistogramRow(TypedDict):  # call_histograms
+    metric: str
+    operation: str
+    provider: str
+    model: str
+    token_type: str
+    counts: list[int]
+    sum: float
+    count: int
 
 
 # -- workers.sql

@@ -14,6 +14,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 WORKER_CONCURRENCY = 3
 SWEEP_INTERVAL_SECONDS = 60.0
 HEARTBEAT_INTERVAL_SECONDS = 30.0
+PROGRESS_INTERVAL_SECONDS = 1.0  # a running job's progress is written at most this often
 STALE_AFTER_SECONDS = 300.0
 SHUTDOWN_GRACE_SECONDS = 25.0
 RETRY_BASE_SECONDS = 10.0
@@ -85,6 +86,7 @@ class Settings(BaseSettings):
     worker_concurrency: int = Field(WORKER_CONCURRENCY, ge=1, le=1000)
     sweep_interval_seconds: float = Field(SWEEP_INTERVAL_SECONDS, gt=0)
     heartbeat_interval_seconds: float = Field(HEARTBEAT_INTERVAL_SECONDS, gt=0)
+    progress_interval_seconds: float = Field(PROGRESS_INTERVAL_SECONDS, gt=0, le=3600)
     stale_after_seconds: float = Field(STALE_AFTER_SECONDS, gt=0)
     shutdown_grace_seconds: float = Field(SHUTDOWN_GRACE_SECONDS, ge=0)
     retry_base_seconds: float = Field(RETRY_BASE_SECONDS, ge=0)

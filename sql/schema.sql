@@ -163,6 +163,22 @@ create table ai_job_batches (
 
 alter table ai_job_batches enable row level security;
 
+create table ai_job_call_histograms (
+    metric text not null,
+    operation text not null,
+    provider text not null,
+    model text not null,
+    token_type text not null,
+    counts bigint[] not null,
+    sum double precision default 0 not null,
+    count bigint default 0 not null,
+    updated_at timestamp with time zone default now() not null,
+    constraint ai_job_call_histograms_pkey PRIMARY KEY (metric, operation, provider, model, token_type),
+    constraint ai_job_call_histograms_metric_check CHECK (metric = ANY (ARRAY['token_usage'::text, 'operation_duration'::text]))
+);
+
+alter table ai_job_call_histograms enable row level security;
+
 create table ai_job_charges (
     id bigint generated always as identity,
     job_table text not null,
@@ -254,11 +270,13 @@ create table ai_job_settings (
     max_params_bytes integer default 8192 not null,
     daily_budget_usd_per_user numeric(12,4),
     budget_estimate_usd_per_job numeric(12,4) default 0.05 not null,
+    max_running_per_user integer,
     constraint ai_job_settings_pkey PRIMARY KEY (singleton),
     constraint ai_job_settings_budget_estimate_usd_per_job_check CHECK (budget_estimate_usd_per_job >= 0::numeric),
     constraint ai_job_settings_daily_budget_usd_per_user_check CHECK (daily_budget_usd_per_user >= 0::numeric),
     constraint ai_job_settings_max_params_bytes_check CHECK (max_params_bytes >= 2 AND max_params_bytes <= 10000000),
     constraint ai_job_settings_max_prompt_length_check CHECK (max_prompt_length >= 1 AND max_prompt_length <= 1000000),
+    constraint ai_job_settings_max_running_per_user_check CHECK (max_running_per_user >= 1),
     constraint ai_job_settings_max_subject_length_check CHECK (max_subject_length >= 1 AND max_subject_length <= 1000000),
     constraint ai_job_settings_rate_limit_per_hour_check CHECK (rate_limit_per_hour >= 0),
     constraint ai_job_settings_singleton_check CHECK (singleton)
@@ -391,6 +409,8 @@ CREATE INDEX ai_course_jobs_created_id_idx ON public.ai_course_jobs USING btree 
 
 CREATE INDEX ai_course_jobs_dead_idx ON public.ai_course_jobs USING btree (created_at, id) WHERE (status = 'dead_letter'::text);
 
+CREATE INDEX ai_course_jobs_due_user_idx ON public.ai_course_jobs USING btree (created_by, run_after DESC) WHERE (status = ANY (ARRAY['pending'::text, 'failed'::text]));
+
 CREATE INDEX ai_course_jobs_ended_idx ON public.ai_course_jobs USING btree (completed_at) WHERE (status = ANY (ARRAY['done'::text, 'dead_letter'::text, 'cancelled'::text]));
 
 CREATE INDEX ai_course_jobs_provider_idx ON public.ai_course_jobs USING btree (((metrics ->> 'provider'::text)), created_at, id) WHERE (metrics ? 'provider'::text);
@@ -424,6 +444,8 @@ CREATE INDEX ai_media_jobs_claim_idx ON public.ai_media_jobs USING btree (run_af
 CREATE INDEX ai_media_jobs_created_id_idx ON public.ai_media_jobs USING btree (created_at, id);
 
 CREATE INDEX ai_media_jobs_dead_idx ON public.ai_media_jobs USING btree (created_at, id) WHERE (status = 'dead_letter'::text);
+
+CREATE INDEX ai_media_jobs_due_user_idx ON public.ai_media_jobs USING btree (created_by, run_after DESC) WHERE (status = ANY (ARRAY['pending'::text, 'failed'::text]));
 
 CREATE INDEX ai_media_jobs_ended_idx ON public.ai_media_jobs USING btree (completed_at) WHERE (status = ANY (ARRAY['done'::text, 'dead_letter'::text, 'cancelled'::text]));
 
@@ -484,6 +506,28 @@ begin
     end if;
     return new;
 end
+$function$;
+
+-- last defined by sql/028_genai_histograms.sql
+CREATE OR REPLACE FUNCTION public.ai_job_add_call_histograms(metrics text[], operations text[], providers text[], models text[], token_types text[], counts text[], sums double precision[], totals bigint[])
+ RETURNS void
+ LANGUAGE sql
+ SET search_path TO 'pg_catalog', 'public', 'pg_temp'
+AS $function$
+    insert into ai_job_call_histograms as h
+        (metric, operation, provider, model, token_type, counts, sum, count)
+    select m, o, p, mo, tt, c::bigint[], s, n
+    from unnest(metrics, operations, providers, models, token_types, counts, sums, totals)
+        as u(m, o, p, mo, tt, c, s, n)
+    on conflict (metric, operation, provider, model, token_type) do update
+    set counts = (
+            select array_agg(coalesce(a, 0) + coalesce(b, 0) order by i)
+            from unnest(h.counts, excluded.counts) with ordinality as x(a, b, i)
+        ),
+        sum = h.sum + excluded.sum,
+        count = h.count + excluded.count,
+        updated_at = now()
+    where cardinality(h.counts) = cardinality(excluded.counts)
 $function$;
 
 -- last defined by sql/021_admission_hardening.sql
@@ -1038,6 +1082,52 @@ begin
 end
 $function$;
 
+-- last defined by sql/025_fair_claims.sql
+CREATE OR REPLACE FUNCTION public.ai_job_due_users(table_name text)
+ RETURNS uuid[]
+ LANGUAGE plpgsql
+ STABLE
+ SET search_path TO 'pg_catalog', 'public', 'pg_temp'
+AS $function$
+begin
+    if table_name = 'ai_course_jobs' then
+        return array(
+            with recursive u(k) as (
+                (select created_by from ai_course_jobs
+                 where status in ('pending', 'failed') and created_by is not null
+                 order by created_by, run_after desc limit 1)
+                union all
+                select (select created_by from ai_course_jobs
+                        where status in ('pending', 'failed') and created_by > u.k
+                        order by created_by, run_after desc limit 1)
+                from u where u.k is not null)
+            select k from u where k is not null
+            union all
+            select '00000000-0000-0000-0000-000000000000'::uuid
+            where (select 1 from ai_course_jobs
+                   where status in ('pending', 'failed') and created_by is null
+                   order by created_by, run_after desc limit 1) is not null);
+    else
+        return array(
+            with recursive u(k) as (
+                (select created_by from ai_media_jobs
+                 where status in ('pending', 'failed') and created_by is not null
+                 order by created_by, run_after desc limit 1)
+                union all
+                select (select created_by from ai_media_jobs
+                        where status in ('pending', 'failed') and created_by > u.k
+                        order by created_by, run_after desc limit 1)
+                from u where u.k is not null)
+            select k from u where k is not null
+            union all
+            select '00000000-0000-0000-0000-000000000000'::uuid
+            where (select 1 from ai_media_jobs
+                   where status in ('pending', 'failed') and created_by is null
+                   order by created_by, run_after desc limit 1) is not null);
+    end if;
+end
+$function$;
+
 -- last defined by sql/021_admission_hardening.sql
 CREATE OR REPLACE FUNCTION public.ai_job_enforce_limits()
  RETURNS trigger
@@ -1077,6 +1167,98 @@ begin
                   hint = 'Wait, or change ai_job_settings.rate_limit_per_hour.';
     end if;
     return new;
+end
+$function$;
+
+-- last defined by sql/025_fair_claims.sql
+CREATE OR REPLACE FUNCTION public.ai_job_fair_ids(table_name text, max_jobs integer, held uuid[] DEFAULT NULL::uuid[])
+ RETURNS uuid[]
+ LANGUAGE plpgsql
+ SET search_path TO 'pg_catalog', 'public', 'pg_temp'
+AS $function$
+declare
+    cap int;
+    users uuid[];
+begin
+    select max_running_per_user into cap from ai_job_settings;
+    if cap is null and ai_job_one_user_due(table_name) then
+        return null;
+    end if;
+    users := ai_job_due_users(table_name);
+    if cap is not null then
+        if held is null then
+            perform ai_job_lock_users(users);
+        else
+            users := array(select unnest(users) intersect select unnest(held));
+        end if;
+    end if;
+    -- A new statement, a new snapshot: what the locks' holders claimed is seen.
+    return ai_job_fair_pick(table_name, users, 2 * greatest(max_jobs, 0), cap);
+end
+$function$;
+
+-- last defined by sql/025_fair_claims.sql
+CREATE OR REPLACE FUNCTION public.ai_job_fair_pick(table_name text, users uuid[], wanted integer, cap integer)
+ RETURNS uuid[]
+ LANGUAGE plpgsql
+ STABLE
+ SET search_path TO 'pg_catalog', 'public', 'pg_temp'
+ SET plan_cache_mode TO 'force_generic_plan'
+AS $function$
+begin
+    if table_name = 'ai_course_jobs' then
+        return array(
+            select d.id
+            from (select u.k, coalesce(r.running, 0) as running
+                  from unnest(users) u(k)
+                  left join ai_job_running_by_user() r on r.user_key = u.k) u
+            cross join lateral (
+                select c.id, c.run_after,
+                       u.running + row_number() over (order by c.run_after, c.id) - 1 as level
+                from ((select id, run_after from ai_course_jobs
+                       where created_by >= u.k and created_by <= u.k
+                         and status in ('pending', 'failed')
+                         and run_after <= now() and (status = 'pending' or retry_count < max_retries)
+                       order by created_by desc, run_after
+                       limit greatest(0, least(wanted, coalesce(cap - u.running, wanted))))
+                      union all
+                      (select id, run_after from ai_course_jobs
+                       where u.k = '00000000-0000-0000-0000-000000000000'::uuid
+                         and created_by is null
+                         and status in ('pending', 'failed')
+                         and run_after <= now() and (status = 'pending' or retry_count < max_retries)
+                       order by created_by desc, run_after
+                       limit greatest(0, least(wanted, coalesce(cap - u.running, wanted))))) c
+            ) d
+            order by d.level, d.run_after, d.id
+            limit wanted);
+    else
+        return array(
+            select d.id
+            from (select u.k, coalesce(r.running, 0) as running
+                  from unnest(users) u(k)
+                  left join ai_job_running_by_user() r on r.user_key = u.k) u
+            cross join lateral (
+                select c.id, c.run_after,
+                       u.running + row_number() over (order by c.run_after, c.id) - 1 as level
+                from ((select id, run_after from ai_media_jobs
+                       where created_by >= u.k and created_by <= u.k
+                         and status in ('pending', 'failed')
+                         and run_after <= now() and (status = 'pending' or retry_count < max_retries)
+                       order by created_by desc, run_after
+                       limit greatest(0, least(wanted, coalesce(cap - u.running, wanted))))
+                      union all
+                      (select id, run_after from ai_media_jobs
+                       where u.k = '00000000-0000-0000-0000-000000000000'::uuid
+                         and created_by is null
+                         and status in ('pending', 'failed')
+                         and run_after <= now() and (status = 'pending' or retry_count < max_retries)
+                       order by created_by desc, run_after
+                       limit greatest(0, least(wanted, coalesce(cap - u.running, wanted))))) c
+            ) d
+            order by d.level, d.run_after, d.id
+            limit wanted);
+    end if;
 end
 $function$;
 
@@ -1143,6 +1325,57 @@ AS $function$
         returning 1
     )
     select count(*) from d
+$function$;
+
+-- last defined by sql/025_fair_claims.sql
+CREATE OR REPLACE FUNCTION public.ai_job_lock_users(users uuid[])
+ RETURNS void
+ LANGUAGE plpgsql
+ SET search_path TO 'pg_catalog', 'public', 'pg_temp'
+AS $function$
+declare
+    k int;
+begin
+    for k in select distinct hashtext(u::text) from unnest(users) u order by 1 loop
+        perform pg_advisory_xact_lock(hashtext('ai-jobs user'), k);
+    end loop;
+end
+$function$;
+
+-- last defined by sql/025_fair_claims.sql
+CREATE OR REPLACE FUNCTION public.ai_job_one_user_due(table_name text)
+ RETURNS boolean
+ LANGUAGE plpgsql
+ STABLE
+ SET search_path TO 'pg_catalog', 'public', 'pg_temp'
+AS $function$
+declare
+    u uuid;
+begin
+    if table_name = 'ai_course_jobs' then
+        select created_by into u from ai_course_jobs
+        where status in ('pending', 'failed') and created_by is not null
+        order by created_by, run_after desc limit 1;
+        return u is null
+            or ((select created_by from ai_course_jobs
+                 where status in ('pending', 'failed') and created_by > u
+                 order by created_by, run_after desc limit 1) is null
+                and (select 1 from ai_course_jobs
+                     where status in ('pending', 'failed') and created_by is null
+                     order by created_by, run_after desc limit 1) is null);
+    else
+        select created_by into u from ai_media_jobs
+        where status in ('pending', 'failed') and created_by is not null
+        order by created_by, run_after desc limit 1;
+        return u is null
+            or ((select created_by from ai_media_jobs
+                 where status in ('pending', 'failed') and created_by > u
+                 order by created_by, run_after desc limit 1) is null
+                and (select 1 from ai_media_jobs
+                     where status in ('pending', 'failed') and created_by is null
+                     order by created_by, run_after desc limit 1) is null);
+    end if;
+end
 $function$;
 
 -- last defined by sql/024_client_columns.sql
@@ -1605,6 +1838,23 @@ begin
 end
 $function$;
 
+-- last defined by sql/025_fair_claims.sql
+CREATE OR REPLACE FUNCTION public.ai_job_running_by_user()
+ RETURNS TABLE(user_key uuid, running integer)
+ LANGUAGE plpgsql
+ STABLE
+ SET search_path TO 'pg_catalog', 'public', 'pg_temp'
+AS $function$
+begin
+    return query
+    select coalesce(r.created_by, '00000000-0000-0000-0000-000000000000'::uuid), count(*)::int
+    from (select created_by from ai_course_jobs where status = 'processing'
+          union all
+          select created_by from ai_media_jobs where status = 'processing') r
+    group by 1;
+end
+$function$;
+
 -- last defined by sql/016_cancel_pause_attempts.sql
 CREATE OR REPLACE FUNCTION public.ai_job_set_paused(table_name text, pause boolean)
  RETURNS boolean
@@ -1622,6 +1872,20 @@ begin
     perform pg_notify('ai_jobs', json_build_object('table', t, 'paused', pause)::text);
     perform pg_notify('ai_jobs_events', 'ai_job_queues');  -- dashboards
     return changed;
+end
+$function$;
+
+-- last defined by sql/025_fair_claims.sql
+CREATE OR REPLACE FUNCTION public.ai_job_settings_changed()
+ RETURNS trigger
+ LANGUAGE plpgsql
+ SET search_path TO 'pg_catalog', 'public', 'pg_temp'
+AS $function$
+begin
+    if new.max_running_per_user is distinct from old.max_running_per_user then
+        perform pg_notify('ai_jobs', '');
+    end if;
+    return null;
 end
 $function$;
 
@@ -1697,6 +1961,27 @@ CREATE OR REPLACE FUNCTION public.ai_job_type(table_name text)
  IMMUTABLE
  SET search_path TO 'pg_catalog', 'public', 'pg_temp'
 AS $function$ select case table_name when 'ai_course_jobs' then 'course' when 'ai_media_jobs' then 'media' end $function$;
+
+-- last defined by sql/025_fair_claims.sql
+CREATE OR REPLACE FUNCTION public.ai_job_under_cap(created_by uuid)
+ RETURNS boolean
+ LANGUAGE plpgsql
+ SET search_path TO 'pg_catalog', 'public', 'pg_temp'
+AS $function$
+declare
+    cap int;
+    k uuid := coalesce(created_by, '00000000-0000-0000-0000-000000000000'::uuid);
+begin
+    select max_running_per_user into cap from ai_job_settings;
+    if cap is null then
+        return true;
+    end if;
+    perform ai_job_lock_users(array[k]);
+    -- A new statement, a new snapshot: what the lock's last holder claimed is seen.
+    return coalesce((select r.running from ai_job_running_by_user() r where r.user_key = k), 0)
+           < cap;
+end
+$function$;
 
 -- last defined by sql/003_functions.sql
 CREATE OR REPLACE FUNCTION public.ai_job_user_jobs_last_hour(user_id uuid, table_name text)
@@ -1931,15 +2216,23 @@ begin
 end
 $function$;
 
--- last defined by sql/020_lean_drain.sql
+-- last defined by sql/025_fair_claims.sql
 CREATE OR REPLACE FUNCTION public.claim_due_job(table_name text, job_id uuid, worker text)
  RETURNS TABLE(job_table text, id uuid, claim_token uuid, retry_count integer, max_retries integer, job jsonb)
  LANGUAGE plpgsql
  SET search_path TO 'pg_catalog', 'public', 'pg_temp'
 AS $function$
 #variable_conflict use_column
+declare
+    capped boolean;
 begin
     if ai_job_table(table_name) = 'ai_course_jobs' then
+        select exists (select from ai_job_settings where max_running_per_user is not null)
+        into capped;
+        if capped and not ai_job_under_cap((select created_by from ai_course_jobs
+                                            where id = job_id)) then
+            return;
+        end if;
         return query
         update ai_course_jobs j
         set status = 'processing', started_at = clock_timestamp(),
@@ -1956,6 +2249,12 @@ begin
                   jsonb_build_object('id', j.id, 'subject', j.subject, 'course_id', j.course_id,
                                      'params', j.params);
     else
+        select exists (select from ai_job_settings where max_running_per_user is not null)
+        into capped;
+        if capped and not ai_job_under_cap((select created_by from ai_media_jobs
+                                            where id = job_id)) then
+            return;
+        end if;
         return query
         update ai_media_jobs j
         set status = 'processing', started_at = clock_timestamp(),
@@ -1975,13 +2274,20 @@ begin
 end
 $function$;
 
--- last defined by sql/020_lean_drain.sql
+-- last defined by sql/025_fair_claims.sql
 CREATE OR REPLACE FUNCTION public.claim_job(table_name text, job_id uuid, worker text)
  RETURNS TABLE(job_table text, id uuid, claim_token uuid, retry_count integer, max_retries integer, job jsonb)
  LANGUAGE plpgsql
  SET search_path TO 'pg_catalog', 'public', 'pg_temp'
 AS $function$
+declare
+    owner uuid;
 begin
+    execute format('select created_by from %I where id = $1', ai_job_table(table_name))
+    into owner using job_id;
+    if not ai_job_under_cap(owner) then
+        return;
+    end if;
     return query execute format($q$
         update %1$I j
         set status = 'processing', started_at = clock_timestamp(),
@@ -2006,70 +2312,131 @@ begin
 end
 $function$;
 
--- last defined by sql/020_lean_drain.sql
+-- last defined by sql/025_fair_claims.sql
 CREATE OR REPLACE FUNCTION public.claim_jobs(table_name text, worker text, max_jobs integer DEFAULT 1)
  RETURNS TABLE(job_table text, id uuid, claim_token uuid, retry_count integer, max_retries integer, job jsonb)
  LANGUAGE plpgsql
- SET plan_cache_mode TO 'force_generic_plan'
  SET search_path TO 'pg_catalog', 'public', 'pg_temp'
+ SET plan_cache_mode TO 'force_generic_plan'
 AS $function$
 #variable_conflict use_column
 declare
     got int := 0;
+    ids uuid[];
+    held uuid[];
 begin
     if table_name is not null then
         perform ai_job_table(table_name);
+    elsif exists (select from ai_job_settings where max_running_per_user is not null) then
+        held := ai_job_due_users('ai_course_jobs') || ai_job_due_users('ai_media_jobs');
+        perform ai_job_lock_users(held);
     end if;
     if table_name is null or table_name = 'ai_course_jobs' then
-        return query
-        update ai_course_jobs j
-        set status = 'processing', started_at = clock_timestamp(),
-            last_heartbeat = clock_timestamp(), claim_token = gen_random_uuid(),
-            worker_id = worker, completed_at = null
-        where j.id = any(array(
-            select id from ai_course_jobs
-            where status in ('pending', 'failed') and run_after <= now()
-              and (status = 'pending' or retry_count < max_retries)
-              and not exists (select from ai_job_queues q
-                              where q.job_table = 'ai_course_jobs' and q.paused)
-            order by run_after
-            limit max_jobs
-            for update of ai_course_jobs skip locked))
-        returning 'ai_course_jobs'::text, j.id, j.claim_token, j.retry_count, j.max_retries,
-                  jsonb_build_object('id', j.id, 'subject', j.subject, 'course_id', j.course_id,
-                                     'params', j.params);
+        ids := null;
+        if held is not null or exists (select from ai_job_settings where max_running_per_user is not null)
+           or (select created_by from ai_course_jobs
+               where status in ('pending', 'failed') and created_by is not null
+               order by created_by, run_after desc limit 1) is not null then
+            ids := ai_job_fair_ids('ai_course_jobs', max_jobs, held);
+        end if;
+        if ids is null then
+            return query
+            update ai_course_jobs j
+            set status = 'processing', started_at = clock_timestamp(),
+                last_heartbeat = clock_timestamp(), claim_token = gen_random_uuid(),
+                worker_id = worker, completed_at = null
+            where j.id = any(array(
+                select id from ai_course_jobs
+                where status in ('pending', 'failed') and run_after <= now()
+                  and (status = 'pending' or retry_count < max_retries)
+                  and not exists (select from ai_job_queues q
+                                  where q.job_table = 'ai_course_jobs' and q.paused)
+                order by run_after
+                limit max_jobs
+                for update of ai_course_jobs skip locked))
+            returning 'ai_course_jobs'::text, j.id, j.claim_token, j.retry_count, j.max_retries,
+                      jsonb_build_object('id', j.id, 'subject', j.subject, 'course_id', j.course_id,
+                                         'params', j.params);
+        else
+            return query
+            update ai_course_jobs j
+            set status = 'processing', started_at = clock_timestamp(),
+                last_heartbeat = clock_timestamp(), claim_token = gen_random_uuid(),
+                worker_id = worker, completed_at = null
+            where j.id = any(array(
+                select id from ai_course_jobs
+                where id = any(ids) and status in ('pending', 'failed') and run_after <= now()
+                  and (status = 'pending' or retry_count < max_retries)
+                  and not exists (select from ai_job_queues q
+                                  where q.job_table = 'ai_course_jobs' and q.paused)
+                order by array_position(ids, id)
+                limit max_jobs
+                for update of ai_course_jobs skip locked))
+            returning 'ai_course_jobs'::text, j.id, j.claim_token, j.retry_count, j.max_retries,
+                      jsonb_build_object('id', j.id, 'subject', j.subject, 'course_id', j.course_id,
+                                         'params', j.params);
+        end if;
         get diagnostics got = row_count;
     end if;
     if (table_name is null and got < max_jobs) or table_name = 'ai_media_jobs' then
-        return query
-        update ai_media_jobs j
-        set status = 'processing', started_at = clock_timestamp(),
-            last_heartbeat = clock_timestamp(), claim_token = gen_random_uuid(),
-            worker_id = worker, completed_at = null
-        where j.id = any(array(
-            select id from ai_media_jobs
-            where status in ('pending', 'failed') and run_after <= now()
-              and (status = 'pending' or retry_count < max_retries)
-              and not exists (select from ai_job_queues q
-                              where q.job_table = 'ai_media_jobs' and q.paused)
-            order by run_after
-            limit max_jobs - got
-            for update of ai_media_jobs skip locked))
-        returning 'ai_media_jobs'::text, j.id, j.claim_token, j.retry_count, j.max_retries,
-                  jsonb_build_object('id', j.id, 'prompt', j.prompt, 'media_type', j.media_type,
-                                     'course_id', j.course_id, 'params', j.params);
+        ids := null;
+        if held is not null or exists (select from ai_job_settings where max_running_per_user is not null)
+           or (select created_by from ai_media_jobs
+               where status in ('pending', 'failed') and created_by is not null
+               order by created_by, run_after desc limit 1) is not null then
+            ids := ai_job_fair_ids('ai_media_jobs', max_jobs - got, held);
+        end if;
+        if ids is null then
+            return query
+            update ai_media_jobs j
+            set status = 'processing', started_at = clock_timestamp(),
+                last_heartbeat = clock_timestamp(), claim_token = gen_random_uuid(),
+                worker_id = worker, completed_at = null
+            where j.id = any(array(
+                select id from ai_media_jobs
+                where status in ('pending', 'failed') and run_after <= now()
+                  and (status = 'pending' or retry_count < max_retries)
+                  and not exists (select from ai_job_queues q
+                                  where q.job_table = 'ai_media_jobs' and q.paused)
+                order by run_after
+                limit max_jobs - got
+                for update of ai_media_jobs skip locked))
+            returning 'ai_media_jobs'::text, j.id, j.claim_token, j.retry_count, j.max_retries,
+                      jsonb_build_object('id', j.id, 'prompt', j.prompt, 'media_type', j.media_type,
+                                         'course_id', j.course_id, 'params', j.params);
+        else
+            return query
+            update ai_media_jobs j
+            set status = 'processing', started_at = clock_timestamp(),
+                last_heartbeat = clock_timestamp(), claim_token = gen_random_uuid(),
+                worker_id = worker, completed_at = null
+            where j.id = any(array(
+                select id from ai_media_jobs
+                where id = any(ids) and status in ('pending', 'failed') and run_after <= now()
+                  and (status = 'pending' or retry_count < max_retries)
+                  and not exists (select from ai_job_queues q
+                                  where q.job_table = 'ai_media_jobs' and q.paused)
+                order by array_position(ids, id)
+                limit max_jobs - got
+                for update of ai_media_jobs skip locked))
+            returning 'ai_media_jobs'::text, j.id, j.claim_token, j.retry_count, j.max_retries,
+                      jsonb_build_object('id', j.id, 'prompt', j.prompt, 'media_type', j.media_type,
+                                         'course_id', j.course_id, 'params', j.params);
+        end if;
     end if;
 end
 $function$;
 
--- last defined by sql/020_lean_drain.sql
+-- last defined by sql/025_fair_claims.sql
 CREATE OR REPLACE FUNCTION public.complete_and_claim(table_name text, worker text, max_jobs integer, job_ids uuid[], tokens uuid[], result_paths text[], job_metrics jsonb[])
  RETURNS TABLE(kind text, job_table text, id uuid, claim_token uuid, retry_count integer, max_retries integer, job jsonb)
  LANGUAGE plpgsql
- SET plan_cache_mode TO 'force_generic_plan'
  SET search_path TO 'pg_catalog', 'public', 'pg_temp'
+ SET plan_cache_mode TO 'force_generic_plan'
 AS $function$
 #variable_conflict use_column
+declare
+    ids uuid[];
 begin
     if ai_job_table(table_name) = 'ai_course_jobs' then
         return query
@@ -2083,24 +2450,52 @@ begin
           and job_ids[array_position(tokens, j.claim_token)] = j.id
         returning 'done'::text, 'ai_course_jobs'::text, j.id, null::uuid, null::int, null::int,
                   null::jsonb;
-        return query
-        update ai_course_jobs j
-        set status = 'processing', started_at = clock_timestamp(),
-            last_heartbeat = clock_timestamp(), claim_token = gen_random_uuid(),
-            worker_id = worker, completed_at = null
-        where j.id = any(array(
-            select id from ai_course_jobs
-            where status in ('pending', 'failed') and run_after <= now()
-              and (status = 'pending' or retry_count < max_retries)
-              and not exists (select from ai_job_queues q
-                              where q.job_table = 'ai_course_jobs' and q.paused)
-            order by run_after
-            limit max_jobs
-            for update of ai_course_jobs skip locked))
-        returning 'claimed'::text, 'ai_course_jobs'::text, j.id, j.claim_token, j.retry_count,
-                  j.max_retries,
-                  jsonb_build_object('id', j.id, 'subject', j.subject, 'course_id', j.course_id,
-                                     'params', j.params);
+        ids := null;
+        if exists (select from ai_job_settings where max_running_per_user is not null)
+           or (select created_by from ai_course_jobs
+               where status in ('pending', 'failed') and created_by is not null
+               order by created_by, run_after desc limit 1) is not null then
+            ids := ai_job_fair_ids('ai_course_jobs', max_jobs);
+        end if;
+        if ids is null then
+            return query
+            update ai_course_jobs j
+            set status = 'processing', started_at = clock_timestamp(),
+                last_heartbeat = clock_timestamp(), claim_token = gen_random_uuid(),
+                worker_id = worker, completed_at = null
+            where j.id = any(array(
+                select id from ai_course_jobs
+                where status in ('pending', 'failed') and run_after <= now()
+                  and (status = 'pending' or retry_count < max_retries)
+                  and not exists (select from ai_job_queues q
+                                  where q.job_table = 'ai_course_jobs' and q.paused)
+                order by run_after
+                limit max_jobs
+                for update of ai_course_jobs skip locked))
+            returning 'claimed'::text, 'ai_course_jobs'::text, j.id, j.claim_token, j.retry_count,
+                      j.max_retries,
+                      jsonb_build_object('id', j.id, 'subject', j.subject, 'course_id', j.course_id,
+                                         'params', j.params);
+        else
+            return query
+            update ai_course_jobs j
+            set status = 'processing', started_at = clock_timestamp(),
+                last_heartbeat = clock_timestamp(), claim_token = gen_random_uuid(),
+                worker_id = worker, completed_at = null
+            where j.id = any(array(
+                select id from ai_course_jobs
+                where id = any(ids) and status in ('pending', 'failed') and run_after <= now()
+                  and (status = 'pending' or retry_count < max_retries)
+                  and not exists (select from ai_job_queues q
+                                  where q.job_table = 'ai_course_jobs' and q.paused)
+                order by array_position(ids, id)
+                limit max_jobs
+                for update of ai_course_jobs skip locked))
+            returning 'claimed'::text, 'ai_course_jobs'::text, j.id, j.claim_token, j.retry_count,
+                      j.max_retries,
+                      jsonb_build_object('id', j.id, 'subject', j.subject, 'course_id', j.course_id,
+                                         'params', j.params);
+        end if;
     else
         return query
         update ai_media_jobs j
@@ -2113,24 +2508,52 @@ begin
           and job_ids[array_position(tokens, j.claim_token)] = j.id
         returning 'done'::text, 'ai_media_jobs'::text, j.id, null::uuid, null::int, null::int,
                   null::jsonb;
-        return query
-        update ai_media_jobs j
-        set status = 'processing', started_at = clock_timestamp(),
-            last_heartbeat = clock_timestamp(), claim_token = gen_random_uuid(),
-            worker_id = worker, completed_at = null
-        where j.id = any(array(
-            select id from ai_media_jobs
-            where status in ('pending', 'failed') and run_after <= now()
-              and (status = 'pending' or retry_count < max_retries)
-              and not exists (select from ai_job_queues q
-                              where q.job_table = 'ai_media_jobs' and q.paused)
-            order by run_after
-            limit max_jobs
-            for update of ai_media_jobs skip locked))
-        returning 'claimed'::text, 'ai_media_jobs'::text, j.id, j.claim_token, j.retry_count,
-                  j.max_retries,
-                  jsonb_build_object('id', j.id, 'prompt', j.prompt, 'media_type', j.media_type,
-                                     'course_id', j.course_id, 'params', j.params);
+        ids := null;
+        if exists (select from ai_job_settings where max_running_per_user is not null)
+           or (select created_by from ai_media_jobs
+               where status in ('pending', 'failed') and created_by is not null
+               order by created_by, run_after desc limit 1) is not null then
+            ids := ai_job_fair_ids('ai_media_jobs', max_jobs);
+        end if;
+        if ids is null then
+            return query
+            update ai_media_jobs j
+            set status = 'processing', started_at = clock_timestamp(),
+                last_heartbeat = clock_timestamp(), claim_token = gen_random_uuid(),
+                worker_id = worker, completed_at = null
+            where j.id = any(array(
+                select id from ai_media_jobs
+                where status in ('pending', 'failed') and run_after <= now()
+                  and (status = 'pending' or retry_count < max_retries)
+                  and not exists (select from ai_job_queues q
+                                  where q.job_table = 'ai_media_jobs' and q.paused)
+                order by run_after
+                limit max_jobs
+                for update of ai_media_jobs skip locked))
+            returning 'claimed'::text, 'ai_media_jobs'::text, j.id, j.claim_token, j.retry_count,
+                      j.max_retries,
+                      jsonb_build_object('id', j.id, 'prompt', j.prompt, 'media_type', j.media_type,
+                                         'course_id', j.course_id, 'params', j.params);
+        else
+            return query
+            update ai_media_jobs j
+            set status = 'processing', started_at = clock_timestamp(),
+                last_heartbeat = clock_timestamp(), claim_token = gen_random_uuid(),
+                worker_id = worker, completed_at = null
+            where j.id = any(array(
+                select id from ai_media_jobs
+                where id = any(ids) and status in ('pending', 'failed') and run_after <= now()
+                  and (status = 'pending' or retry_count < max_retries)
+                  and not exists (select from ai_job_queues q
+                                  where q.job_table = 'ai_media_jobs' and q.paused)
+                order by array_position(ids, id)
+                limit max_jobs
+                for update of ai_media_jobs skip locked))
+            returning 'claimed'::text, 'ai_media_jobs'::text, j.id, j.claim_token, j.retry_count,
+                      j.max_retries,
+                      jsonb_build_object('id', j.id, 'prompt', j.prompt, 'media_type', j.media_type,
+                                         'course_id', j.course_id, 'params', j.params);
+        end if;
     end if;
 end
 $function$;
@@ -2622,6 +3045,8 @@ CREATE TRIGGER ai_course_jobs_progress_insert BEFORE INSERT ON ai_course_jobs FO
 CREATE TRIGGER ai_course_jobs_progress_update BEFORE UPDATE ON ai_course_jobs FOR EACH ROW WHEN (new.status = 'done'::text AND (new.partial_result IS NOT NULL OR new.progress IS NULL OR (new.progress -> 'percent'::text) IS DISTINCT FROM '100'::jsonb) OR new.progress IS DISTINCT FROM old.progress AND new.progress IS NOT NULL OR new.status = 'processing'::text AND new.claim_token IS DISTINCT FROM old.claim_token AND (old.progress IS NOT NULL OR old.partial_result IS NOT NULL)) EXECUTE FUNCTION ai_job_progress_guard();
 
 CREATE TRIGGER ai_course_jobs_set_course_id BEFORE INSERT ON ai_course_jobs FOR EACH ROW EXECUTE FUNCTION ai_course_jobs_defaults();
+
+CREATE TRIGGER ai_job_settings_changed AFTER UPDATE ON ai_job_settings FOR EACH ROW EXECUTE FUNCTION ai_job_settings_changed();
 
 CREATE TRIGGER ai_media_jobs_admit BEFORE INSERT ON ai_media_jobs FOR EACH ROW EXECUTE FUNCTION ai_job_admit();
 

@@ -24,6 +24,11 @@ Point OPENAI_BASE_URL at `fake.openai_url` and ANTHROPIC_BASE_URL at
                 recorded in `fake.abandoned`
   cut           a valid answer whose connection closes after `fake.break_after`
                 tokens (a stream without its end; a body shorter than its length)
+  garbage       a course with `GARBAGE` (not JSON) in its middle, every time: a
+                stream that goes bad after its first groups (Anthropic: inside
+                the tool's input)
+  bad_event     a valid course whose stream carries, halfway, a server-sent event
+                whose data is not JSON (`BAD_EVENT`): the framing goes bad
 
 Error modes answer before any stream starts. Chat completions and messages stream
 when asked (`stream: true`), in the provider's server-sent events, at `fake.pace`
@@ -89,6 +94,8 @@ FAKE_OPENAI_KEY = "sk-test-OPENAISECRET-0123456789abcdef"
 FAKE_ANTHROPIC_KEY = "sk-ant-test-ANTHROPICSECRET-0123456789"
 FAKE_IMAGE = placeholder_png("fake image")
 FAKE_MP3 = b"ID3\x04\x00\x00\x00\x00\x00\x00" + b"\xff\xfb\x90\x00" * 64
+BAD_EVENT = b"event: content_block_delta\ndata: {not json, \xff\n\n"
+GARBAGE = '}]}, ]]}{"oops": \\ not json ,,'
 DEFAULT_MODEL = {"openai": "gpt-4.1-mini", "anthropic": "claude-haiku-4-5"}
 GENERATE = ("/v1/chat/completions", "/v1/messages")
 
@@ -420,7 +427,12 @@ class FakeAI(HTTPFake):
         if mode == "wrong_schema":
             return {"title": "A course without groups"}
         course = course_from_prompt(user)
-        return sized(course, size) if size else course
+        course = sized(course, size) if size else course
+        if mode == "garbage":
+            text = json.dumps(course)
+            mid = text.index('"id": "g2"')  # after the first group
+            return text[:mid] + GARBAGE + text[mid:]
+        return course
 
     def seen(self, system: str, mark: bool = True) -> bool:
         """Whether this system prompt was sent before (and, with `mark`, remember it)."""
@@ -442,6 +454,8 @@ class FakeAI(HTTPFake):
         if mode == "refusal":
             return Reply("I can't help with that.", "refusal")
         tools = body.get("tools") or []
+        if mode == "garbage" and tools:
+            return Reply(text, "tool_use", tool=str(tools[0]["name"]))
         if isinstance(answer, str) or not tools:
             return Reply(text, "tool_use" if tools else "end_turn")
         return Reply(text, "tool_use", tool=str(tools[0]["name"]))
@@ -644,9 +658,13 @@ class FakeAI(HTTPFake):
         def events() -> Iterator[tuple[int, bytes]]:  # (tokens sent through it, bytes)
             if not limit and not broken:
                 yield 0, s.first()
+            half = limit // 2
             for i in range(0, limit, step):
                 end = min(i + step, limit)
-                yield -(-end // CHARS_PER_TOKEN), (b"" if i else s.first()) + s.delta(text[i:end])
+                data = (b"" if i else s.first()) + s.delta(text[i:end])
+                if mode == "bad_event" and i <= half < i + step:
+                    data += BAD_EVENT  # the stream's own framing goes bad
+                yield -(-end // CHARS_PER_TOKEN), data
 
         self._count("streams", "started")
         sent = queued = 0
@@ -698,11 +716,15 @@ class FakeAI(HTTPFake):
     def anthropic_body(model: str, reply: Reply, usage: dict[str, Any]) -> dict[str, Any]:
         block: dict[str, Any] = {"type": "text", "text": reply.text}
         if reply.tool:
+            try:
+                tool_input = json.loads(reply.text)
+            except ValueError:  # garbage: a whole answer can only be JSON, say it in text
+                return FakeAI.anthropic_body(model, Reply(reply.text, reply.end), usage)
             block = {
                 "type": "tool_use",
                 "id": "toolu_fake",
                 "name": reply.tool,
-                "input": json.loads(reply.text),
+                "input": tool_input,
             }
         return {
             "id": "msg_fake",
