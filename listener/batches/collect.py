@@ -17,7 +17,7 @@ from psycopg_pool import AsyncConnectionPool
 from listener import dal
 from listener.errors import HandedOff
 from listener.jobs import Job, Outcome
-from listener.providers.base import Answer, CoursePrompt, CourseProvider, Usage
+from listener.providers.base import Answer, CoursePrompt, CourseProvider, TextSink, Usage
 
 MAX_JOBS = 1000  # requests per batch (the providers take far more); a new batch past it
 Handler = Callable[[Job], Awaitable[Outcome]]
@@ -42,12 +42,14 @@ class Answered:
         """True while the batch's answer is still to be read (chain.py's plan)."""
         return _ANSWER.get() is not None
 
-    async def course(self, prompt: CoursePrompt) -> Answer:
+    async def course(self, prompt: CoursePrompt, sink: TextSink | None = None) -> Answer:
         answer = _ANSWER.get()
         if answer is not None and prompt.repair is None:
             _ANSWER.set(None)
+            if sink is not None:
+                sink(answer.text)  # the whole answer at once: the progress reader's one piece
             return answer
-        return await self.real.course(prompt)
+        return await self.real.course(prompt, sink)
 
     async def check(self) -> str:
         return await self.real.check()
@@ -60,10 +62,10 @@ class AnsweredProviders:
     """`Providers` as the course handler reads them, for a batch's answer."""
 
     def __init__(self, real: CourseProvider) -> None:
-        self.course = [Answered(real)]
+        self.course: list[Answered] = [Answered(real)]
 
-    def course_chain(self) -> list[Any]:
-        return self.course
+    def course_chain(self) -> list[CourseProvider]:
+        return list(self.course)
 
 
 class BatchRouter:
