@@ -156,9 +156,11 @@ def test_an_expired_or_failed_batch_sends_its_jobs_the_direct_way_without_an_att
         assert r["retry_count"] == 0 and r["batch"] is False and "batch" not in r["metrics"]
 
 
-def test_a_request_error_fails_that_job_only(db_url: str, fake: FakeAI) -> None:
+@pytest.mark.parametrize("provider", ["openai", "anthropic"])
+def test_a_request_error_fails_that_job_only(db_url: str, fake: FakeAI, provider: str) -> None:
     fake.batches.delay = 3  # the jobs are in before the batch ends
-    w = WorkerProcess(db_url, **batch_env(fake)).started()
+    order = "openai,anthropic" if provider == "openai" else "anthropic,openai"
+    w = WorkerProcess(db_url, **batch_env(fake, AI_PROVIDER_PRIORITY=order)).started()
     try:
         with connect(db_url) as c:
             ids = insert_batch(c, 3, max_retries=1)
@@ -174,7 +176,7 @@ def test_a_request_error_fails_that_job_only(db_url: str, fake: FakeAI) -> None:
         assert w.wait() == 0
     assert bad["retry_count"] == 1 and "batch request failed" in bad["error"]
     assert "invalid request" in bad["error"]
-    assert fake.batches.created["openai"] == 1 and direct_calls(fake) == 0
+    assert fake.batches.created[provider] == 1 and direct_calls(fake) == 0
 
 
 def test_cancel_of_a_batched_job_is_at_once_and_its_result_ignored(
