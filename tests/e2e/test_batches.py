@@ -283,3 +283,23 @@ def test_every_batch_answer_is_charged_even_when_the_cache_serves_the_job(
     assert providers == ["cache", "openai"] and all(r["metrics"]["batch"] for r in rows)
     assert sorted(str(r["job_id"]) for r in charged) == sorted(ids)
     assert all(r["cost_usd"] > 0 for r in charged)
+
+
+@pytest.mark.parametrize("provider", ["openai", "anthropic"])
+def test_results_that_cannot_be_downloaded_are_read_at_the_next_poll(
+    db_url: str, fake: FakeAI, provider: str
+) -> None:
+    fake.batches.fail_downloads = 2
+    order = "openai,anthropic" if provider == "openai" else "anthropic,openai"
+    w = WorkerProcess(db_url, **batch_env(fake, AI_PROVIDER_PRIORITY=order)).started()
+    try:
+        with connect(db_url) as c:
+            ids = insert_batch(c, 3)
+            wait_until(lambda: all_done(c, ids), timeout=30, what="done")
+            failed = w.wait_for("batch_watch")
+    finally:
+        w.signal(signal.SIGTERM)
+        assert w.wait() == 0
+    assert "could not read the batch's results" in failed["message"]
+    assert fake.batches.fail_downloads == 0 and fake.batches.created[provider] == 1
+    assert direct_calls(fake) == 0
