@@ -167,9 +167,11 @@ begin
 end
 $$;
 
--- The fair order of a table's claimable jobs of these users, up to `wanted`: a
--- user's k-th job (oldest first) stands at level running + k - 1; the jobs go by
--- level, then age; with a cap, no job at a level of cap or more. (A user's jobs
+-- The fair order of a table's claimable jobs of these users, for a claim of
+-- `wanted` jobs: a user's k-th job (oldest first) stands at level running + k - 1;
+-- the jobs go by level, then age; with a cap, no job at a level of cap or more.
+-- Up to `wanted` jobs of a user (no claim takes more), twice `wanted` in all (a
+-- claim takes the first ones it can lock). (A user's jobs
 -- are read `order by created_by desc, run_after`, the user given as a range of
 -- one: the due-user index read backwards, an order the claim index cannot give.
 -- With `created_by = u.k` the planner drops created_by from the order, since it
@@ -206,7 +208,7 @@ begin
                        limit greatest(0, least(wanted, coalesce(cap - u.running, wanted))))) c
             ) d
             order by d.level, d.run_after, d.id
-            limit wanted);
+            limit 2 * wanted);
     else
         return array(
             select d.id
@@ -232,15 +234,15 @@ begin
                        limit greatest(0, least(wanted, coalesce(cap - u.running, wanted))))) c
             ) d
             order by d.level, d.run_after, d.id
-            limit wanted);
+            limit 2 * wanted);
     end if;
 end
 $$;
 
 -- What a claim of up to max_jobs jobs of a table takes: null when the plain
 -- order of 020 is fair (no cap, at most one user's jobs claimable); else the
--- candidates in the fair order (twice as many as wanted: a claim takes the first
--- ones it can lock, so that one locked by a concurrent claim is not a slot
+-- candidates in the fair order (up to twice as many as wanted: a claim takes the
+-- first ones it can lock, so that one locked by a concurrent claim is not a slot
 -- lost), within the cap, the users' locks taken when capped. `held`: the users
 -- the caller locked already (claim_jobs over both tables); only their jobs are
 -- picked.
@@ -266,7 +268,7 @@ begin
         end if;
     end if;
     -- A new statement, a new snapshot: what the locks' holders claimed is seen.
-    return ai_job_fair_pick(table_name, users, 2 * greatest(max_jobs, 0), cap);
+    return ai_job_fair_pick(table_name, users, greatest(max_jobs, 0), cap);
 end
 $$;
 
@@ -298,23 +300,18 @@ $$;
 -- The notified job (the fast path): as in 020, and not when its user is at the
 -- cap (it stays pending). Without a cap, no fairness work: the worker sends it
 -- only when its last claim round found the table empty, so no other user's job is
--- known to wait.
+-- known to wait. The cap's test is a filter of the one statement (without a cap,
+-- a one-time filter: ai_job_under_cap is not called), not a statement of its own.
+-- ai_job_under_cap takes the user's lock and counts in statements of its own,
+-- each with a new snapshot, as the fair pick does.
 create or replace function claim_due_job(table_name text, job_id uuid, worker text)
 returns table(job_table text, id uuid, claim_token uuid, retry_count int, max_retries int, job jsonb)
 language plpgsql
 set search_path = pg_catalog, public, pg_temp
 as $$
 #variable_conflict use_column
-declare
-    capped boolean;
 begin
     if ai_job_table(table_name) = 'ai_course_jobs' then
-        select exists (select from ai_job_settings where max_running_per_user is not null)
-        into capped;
-        if capped and not ai_job_under_cap((select created_by from ai_course_jobs
-                                            where id = job_id)) then
-            return;
-        end if;
         return query
         update ai_course_jobs j
         set status = 'processing', started_at = clock_timestamp(),
@@ -326,17 +323,14 @@ begin
               and (status = 'pending' or retry_count < max_retries)
               and not exists (select from ai_job_queues q
                               where q.job_table = 'ai_course_jobs' and q.paused)
+              and (not exists (select from ai_job_settings
+                               where max_running_per_user is not null)
+                   or ai_job_under_cap(created_by))
             for update of ai_course_jobs skip locked)
         returning 'ai_course_jobs'::text, j.id, j.claim_token, j.retry_count, j.max_retries,
                   jsonb_build_object('id', j.id, 'subject', j.subject, 'course_id', j.course_id,
                                      'params', j.params);
     else
-        select exists (select from ai_job_settings where max_running_per_user is not null)
-        into capped;
-        if capped and not ai_job_under_cap((select created_by from ai_media_jobs
-                                            where id = job_id)) then
-            return;
-        end if;
         return query
         update ai_media_jobs j
         set status = 'processing', started_at = clock_timestamp(),
@@ -348,6 +342,9 @@ begin
               and (status = 'pending' or retry_count < max_retries)
               and not exists (select from ai_job_queues q
                               where q.job_table = 'ai_media_jobs' and q.paused)
+              and (not exists (select from ai_job_settings
+                               where max_running_per_user is not null)
+                   or ai_job_under_cap(created_by))
             for update of ai_media_jobs skip locked)
         returning 'ai_media_jobs'::text, j.id, j.claim_token, j.retry_count, j.max_retries,
                   jsonb_build_object('id', j.id, 'prompt', j.prompt, 'media_type', j.media_type,

@@ -1193,7 +1193,7 @@ begin
         end if;
     end if;
     -- A new statement, a new snapshot: what the locks' holders claimed is seen.
-    return ai_job_fair_pick(table_name, users, 2 * greatest(max_jobs, 0), cap);
+    return ai_job_fair_pick(table_name, users, greatest(max_jobs, 0), cap);
 end
 $function$;
 
@@ -1231,7 +1231,7 @@ begin
                        limit greatest(0, least(wanted, coalesce(cap - u.running, wanted))))) c
             ) d
             order by d.level, d.run_after, d.id
-            limit wanted);
+            limit 2 * wanted);
     else
         return array(
             select d.id
@@ -1257,7 +1257,7 @@ begin
                        limit greatest(0, least(wanted, coalesce(cap - u.running, wanted))))) c
             ) d
             order by d.level, d.run_after, d.id
-            limit wanted);
+            limit 2 * wanted);
     end if;
 end
 $function$;
@@ -2223,16 +2223,8 @@ CREATE OR REPLACE FUNCTION public.claim_due_job(table_name text, job_id uuid, wo
  SET search_path TO 'pg_catalog', 'public', 'pg_temp'
 AS $function$
 #variable_conflict use_column
-declare
-    capped boolean;
 begin
     if ai_job_table(table_name) = 'ai_course_jobs' then
-        select exists (select from ai_job_settings where max_running_per_user is not null)
-        into capped;
-        if capped and not ai_job_under_cap((select created_by from ai_course_jobs
-                                            where id = job_id)) then
-            return;
-        end if;
         return query
         update ai_course_jobs j
         set status = 'processing', started_at = clock_timestamp(),
@@ -2244,17 +2236,14 @@ begin
               and (status = 'pending' or retry_count < max_retries)
               and not exists (select from ai_job_queues q
                               where q.job_table = 'ai_course_jobs' and q.paused)
+              and (not exists (select from ai_job_settings
+                               where max_running_per_user is not null)
+                   or ai_job_under_cap(created_by))
             for update of ai_course_jobs skip locked)
         returning 'ai_course_jobs'::text, j.id, j.claim_token, j.retry_count, j.max_retries,
                   jsonb_build_object('id', j.id, 'subject', j.subject, 'course_id', j.course_id,
                                      'params', j.params);
     else
-        select exists (select from ai_job_settings where max_running_per_user is not null)
-        into capped;
-        if capped and not ai_job_under_cap((select created_by from ai_media_jobs
-                                            where id = job_id)) then
-            return;
-        end if;
         return query
         update ai_media_jobs j
         set status = 'processing', started_at = clock_timestamp(),
@@ -2266,6 +2255,9 @@ begin
               and (status = 'pending' or retry_count < max_retries)
               and not exists (select from ai_job_queues q
                               where q.job_table = 'ai_media_jobs' and q.paused)
+              and (not exists (select from ai_job_settings
+                               where max_running_per_user is not null)
+                   or ai_job_under_cap(created_by))
             for update of ai_media_jobs skip locked)
         returning 'ai_media_jobs'::text, j.id, j.claim_token, j.retry_count, j.max_retries,
                   jsonb_build_object('id', j.id, 'prompt', j.prompt, 'media_type', j.media_type,

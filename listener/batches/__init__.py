@@ -67,5 +67,6 @@ def setup(settings: Settings, pool: AsyncConnectionPool[Any], runtime: Runtime) 
         return await direct(job)
 
     router = BatchRouter(pool, course, reader, settings.stale_after_seconds / 3)
+    router.charge = runtime.chain.meter.charge
     runtime.handlers = {**runtime.handlers, COURSES: router}
     return BatchService(settings, pool, router, apis)

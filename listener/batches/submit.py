@@ -84,7 +84,7 @@ class Submitter:
         return True
 
     async def _record(self, intent: UUID, batch_id: str, file_id: str | None) -> None:
-        await dal.BATCH_SUBMITTED.first(
+        row = await dal.BATCH_SUBMITTED.first(
             self.pool,
             {
                 "batch": intent,
@@ -93,6 +93,12 @@ class Submitter:
                 "file": file_id,
             },
         )
+        if row is None or not row["recorded"]:
+            # The lease went to another worker meanwhile (this one was paused past
+            # it): the batch may have been sent twice; this one's answers go unread.
+            logger.bind(
+                action="batch_lease_lost", batch=str(intent), provider_batch=batch_id
+            ).error("batch sent after its lease was lost: not recorded")
 
 
 def _prompt(job: Job) -> CoursePrompt:

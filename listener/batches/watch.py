@@ -153,7 +153,10 @@ class BatchService:
             return
         if state.outcome is None:
             return
-        await self._results(row, api, state.outcome, state.error)
+        try:
+            await self._results(row, api, state.outcome, state.error)
+        except Exception as exc:  # read again at the next poll (or by whoever takes it over)
+            log.warning(f"could not read the batch's results: {type(exc).__name__}")
 
     async def _results(
         self, row: BatchWatchRow, api: BatchAPI, outcome: str, error: str | None

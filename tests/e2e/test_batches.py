@@ -156,9 +156,11 @@ def test_an_expired_or_failed_batch_sends_its_jobs_the_direct_way_without_an_att
         assert r["retry_count"] == 0 and r["batch"] is False and "batch" not in r["metrics"]
 
 
-def test_a_request_error_fails_that_job_only(db_url: str, fake: FakeAI) -> None:
+@pytest.mark.parametrize("provider", ["openai", "anthropic"])
+def test_a_request_error_fails_that_job_only(db_url: str, fake: FakeAI, provider: str) -> None:
     fake.batches.delay = 3  # the jobs are in before the batch ends
-    w = WorkerProcess(db_url, **batch_env(fake)).started()
+    order = "openai,anthropic" if provider == "openai" else "anthropic,openai"
+    w = WorkerProcess(db_url, **batch_env(fake, AI_PROVIDER_PRIORITY=order)).started()
     try:
         with connect(db_url) as c:
             ids = insert_batch(c, 3, max_retries=1)
@@ -174,7 +176,7 @@ def test_a_request_error_fails_that_job_only(db_url: str, fake: FakeAI) -> None:
         assert w.wait() == 0
     assert bad["retry_count"] == 1 and "batch request failed" in bad["error"]
     assert "invalid request" in bad["error"]
-    assert fake.batches.created["openai"] == 1 and direct_calls(fake) == 0
+    assert fake.batches.created[provider] == 1 and direct_calls(fake) == 0
 
 
 def test_cancel_of_a_batched_job_is_at_once_and_its_result_ignored(
@@ -254,3 +256,50 @@ def test_batch_answers_are_not_per_minute_calls(db_url: str, fake: FakeAI) -> No
         w.signal(signal.SIGTERM)
         assert w.wait() == 0
     assert fake.batches.created["openai"] == 1 and direct_calls(fake) == 0
+
+
+def test_every_batch_answer_is_charged_even_when_the_cache_serves_the_job(
+    db_url: str, fake: FakeAI
+) -> None:
+    """Two same requests in one batch: the second is served from the course cache,
+    and its request, paid in the batch, is charged to it all the same."""
+    fake.batches.delay = 3
+    w = WorkerProcess(db_url, **batch_env(fake, CACHE_TTL_SECONDS="3600")).started()
+    try:
+        with connect(db_url) as c:
+            ids = [
+                insert_course(c, "Tides", params={"itemsPerGroup": 3}, batch=True) for _ in range(2)
+            ]
+            wait_until(lambda: all_done(c, ids), timeout=30, what="done")
+            rows = [job(c, i) for i in ids]
+            charged = c.execute(
+                "select job_id, cost_usd from ai_job_charges where job_id = any(%s::uuid[])",
+                [ids],
+            ).fetchall()
+    finally:
+        w.signal(signal.SIGTERM)
+        assert w.wait() == 0
+    providers = sorted(r["metrics"]["provider"] for r in rows)
+    assert providers == ["cache", "openai"] and all(r["metrics"]["batch"] for r in rows)
+    assert sorted(str(r["job_id"]) for r in charged) == sorted(ids)
+    assert all(r["cost_usd"] > 0 for r in charged)
+
+
+@pytest.mark.parametrize("provider", ["openai", "anthropic"])
+def test_results_that_cannot_be_downloaded_are_read_at_the_next_poll(
+    db_url: str, fake: FakeAI, provider: str
+) -> None:
+    fake.batches.fail_downloads = 2
+    order = "openai,anthropic" if provider == "openai" else "anthropic,openai"
+    w = WorkerProcess(db_url, **batch_env(fake, AI_PROVIDER_PRIORITY=order)).started()
+    try:
+        with connect(db_url) as c:
+            ids = insert_batch(c, 3)
+            wait_until(lambda: all_done(c, ids), timeout=30, what="done")
+            failed = w.wait_for("batch_watch")
+    finally:
+        w.signal(signal.SIGTERM)
+        assert w.wait() == 0
+    assert "could not read the batch's results" in failed["message"]
+    assert fake.batches.fail_downloads == 0 and fake.batches.created[provider] == 1
+    assert direct_calls(fake) == 0

@@ -20,6 +20,7 @@ in mode "valid" (a course from its prompt), when the batch ends. How batches end
   invalid    custom ids answered with text that is not a course
   garbage    extra lines appended to every results file as they are (hostile
              results: not JSON, unknown or duplicate custom ids)
+  fail_downloads  that many downloads of a results file answer 500 first
 
 `created` counts batch creations by provider; `requests_in` the requests each
 creation carried (a request submitted twice shows twice).
@@ -70,6 +71,7 @@ class Batches:
         self.errors: set[str] = set()
         self.invalid: set[str] = set()
         self.garbage: list[str] = []
+        self.fail_downloads = 0
         self.files: dict[str, tuple[str, str, bytes]] = {}  # id -> (purpose, filename, data)
         self.batches: dict[str, FakeBatch] = {}
         self.created: dict[str, int] = {"openai": 0, "anthropic": 0}
@@ -96,6 +98,9 @@ class Batches:
                 if post and len(parts) == 2:
                     return self.upload(h, raw, send)
                 if len(parts) == 4 and parts[3] == "content":
+                    if self.fail_downloads > 0:
+                        self.fail_downloads -= 1
+                        return send(h, 500, _oa_error("The server had an error"))
                     got = self.files.get(parts[2])
                     if got is None:
                         return send(h, 404, _oa_error("No such File object"))
@@ -267,6 +272,9 @@ class Batches:
                 b.cancelled = True
             return send(h, 200, self.anthropic_object(b, h))
         if rest[1:] == ["results"]:
+            if self.fail_downloads > 0:
+                self.fail_downloads -= 1
+                return send(h, 500, _an_error("Internal server error"))
             self.advance(b)
             if b.ended is None:
                 return send(h, 400, _an_error("the batch has not ended"))
