@@ -260,6 +260,8 @@ def run_bench(jobs: int, rounds: int, progress: bool) -> dict[str, Any]:
         }
         for key in ("ANTHROPIC_API_KEY", "SENTRY_DSN"):
             env.pop(key, None)
+        flush_log = Path(tempfile.mkdtemp(prefix="ai-jobs-bench-")) / "flushes.json"
+        env["BENCH_FLUSH_LOG"] = str(flush_log)
         cmd = [sys.executable, "-m", "bench.streaming", "_worker"]
         if not progress:
             cmd.append("--no-progress")
@@ -352,6 +354,7 @@ def run_bench(jobs: int, rounds: int, progress: bool) -> dict[str, Any]:
                     statements += mine
                 progress_lines += mine and "progress_jobs('ai_course_jobs'" in line
         n = jobs * rounds
+        flushes = json.loads(flush_log.read_text()) if flush_log.exists() else []
         missing = [i for i in done if i not in first]
         lead = [done[i] - first[i] for i in first]
         return {
@@ -368,6 +371,8 @@ def run_bench(jobs: int, rounds: int, progress: bool) -> dict[str, Any]:
             "progress_statements_logged": progress_lines,
             "wal_bytes_per_job": round(after["wal"] / n),
             "progress_statements": int(calls["n"] if calls else 0) // 2,
+            "progress_write_s": _dist([f[0] for f in flushes]),
+            "progress_jobs_per_write": _dist([f[1] for f in flushes]),
             "worker_cpu_s": round(cpu1 - cpu0, 2),
             "wall_s": round(wall1 - wall0, 1),
             "worker_cores": round((cpu1 - cpu0) / (wall1 - wall0), 3),
@@ -405,6 +410,21 @@ def _dist(values: list[float]) -> dict[str, float] | None:
 def worker_main(no_progress: bool) -> int:
     from listener import cli, progress
 
+    flushes: list[tuple[float, int]] = []  # (seconds, jobs written) of each write
+    if out := os.environ.get("BENCH_FLUSH_LOG"):
+        import atexit
+
+        timed = progress.ProgressBoard.flush
+
+        async def flush_timed(self: progress.ProgressBoard) -> int:
+            t0 = time.perf_counter()
+            n = await timed(self)
+            if n:
+                flushes.append((time.perf_counter() - t0, n))
+            return n
+
+        progress.ProgressBoard.flush = flush_timed  # type: ignore[method-assign]
+        atexit.register(lambda: Path(out).write_text(json.dumps(flushes)))
     if no_progress:
 
         async def flush(self: progress.ProgressBoard) -> int:
