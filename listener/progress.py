@@ -164,13 +164,16 @@ class ProgressBoard:
         _CURRENT.reset(token)
 
     async def run(self) -> None:
-        """Write what changed: at once after a quiet spell, then at most once an
-        interval while it keeps changing."""
+        """Write what changed: at once after a quiet spell, then once an interval
+        while it keeps changing (a write starts at most once an interval, and the
+        time a write takes is part of it)."""
+        loop = asyncio.get_running_loop()
         while True:
             await self._wake.wait()
             self._wake.clear()
+            started = loop.time()
             await self.flush()
-            await asyncio.sleep(self.interval)
+            await asyncio.sleep(max(0.0, self.interval - (loop.time() - started)))
 
     async def flush(self) -> int:
         """One statement for every job whose progress changed; how many it named."""
