@@ -191,7 +191,7 @@ class ProgressBoard:
                 jp.dirty = True
                 self._wake.set()
         self.statements += 1
-        self.last_write = time.monotonic()
+        self.last_write = t0 = time.monotonic()
         try:
             await self.write(params)
         except Exception as exc:
@@ -201,8 +201,9 @@ class ProgressBoard:
                 jp.partial_dirty = True
             self.report(exc, "progress")
             return 0
-        logger.bind(action="progress_written", jobs=len(due)).debug(
-            "progress of {} job(s) written", len(due)
+        ms = round((time.monotonic() - t0) * 1000, 1)
+        logger.bind(action="progress_written", jobs=len(due), ms=ms).debug(
+            "progress of {} job(s) written in {} ms", len(due), ms
         )
         return len(due)
 
