@@ -22,7 +22,7 @@ import psycopg
 from loguru import logger
 from psycopg_pool import AsyncConnectionPool
 
-from listener import dal
+from listener import dal, tracing
 from listener.jobs import JOB_TYPES, Job
 from listener.progress import ProgressBoard
 
@@ -258,6 +258,7 @@ class LeaseKeeper:
             level, message
         )
         if running is not None:
+            tracing.stopped(job_id, action)  # the attempt's span says why it ended
             running.task.cancel()
 
     # -- release --------------------------------------------------------------------

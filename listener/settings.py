@@ -37,6 +37,8 @@ OPENAI_TTS_VOICE = "alloy"
 AI_MAX_OUTPUT_TOKENS = 16000
 CACHE_TTL_SECONDS = 86400.0  # a day; 0 turns the course cache off
 CATALOG_BATCH_JOBS = 10  # render courses/catalog.json at most once per N finished courses
+BATCH_COLLECT_SECONDS = 60.0  # batch jobs gather this long before their batch is sent
+BATCH_POLL_SECONDS = 30.0  # how often an open batch's watcher asks its provider
 CATALOG_BATCH_SECONDS = 5.0  # ... or once T seconds after the first unrendered one
 # Providers' breakers and waits (docs/generation.md, "Breakers").
 PROVIDER_BREAKER_THRESHOLD = 3  # consecutive unwell calls that open a provider's breaker
@@ -112,6 +114,8 @@ class Settings(BaseSettings):
     cache_ttl_seconds: float = Field(CACHE_TTL_SECONDS, ge=0)
     catalog_batch_jobs: int = Field(CATALOG_BATCH_JOBS, ge=1)
     catalog_batch_seconds: float = Field(CATALOG_BATCH_SECONDS, ge=0)
+    batch_collect_seconds: float = Field(BATCH_COLLECT_SECONDS, ge=0)
+    batch_poll_seconds: float = Field(BATCH_POLL_SECONDS, gt=0)
     supabase_service_role_key: SecretStr | None = None
     provider_breaker_threshold: int = Field(PROVIDER_BREAKER_THRESHOLD, ge=1)
     provider_breaker_cooldown_seconds: float = Field(PROVIDER_BREAKER_COOLDOWN_SECONDS, gt=0)

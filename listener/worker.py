@@ -99,6 +99,7 @@ class Worker:
         )
         if gate is not None:  # a breaker closed, a quota learned: held tables looked at again
             gate.on_change = self.producer.recheck
+        self.completer.on_written = self.producer.ended
         self.fast = self.producer.fast
         self.listener = Listener(
             self.dsn,
@@ -262,6 +263,7 @@ class Worker:
     def _swept(self, result: SweepResult) -> None:
         self.db_health.up()
         self.producer.due_in(result.due_in)
+        self.producer.capped = result.capped
         if result.error is None:
             self.sweeps += 1
 

@@ -14,7 +14,7 @@ from typing import Any
 
 import anthropic
 
-from listener.providers import pricing, ratelimits
+from listener.providers import pricing, ratelimits, requests
 from listener.providers.base import (
     FIRST_TOKEN_TIMEOUT_SECONDS,
     IDLE_TIMEOUT_SECONDS,
@@ -26,13 +26,12 @@ from listener.providers.base import (
     TextSink,
     Usage,
     number,
-    repair_request,
     stream_events,
     watched,
 )
 from listener.settings import Settings
 
-TOOL = "save_course"
+TOOL = requests.TOOL
 
 
 class AnthropicProvider:
@@ -52,36 +51,12 @@ class AnthropicProvider:
         )
 
     async def course(self, prompt: CoursePrompt, sink: TextSink | None = None) -> Answer:
-        messages: list[Any] = [{"role": "user", "content": prompt.user}]
-        if prompt.repair:
-            previous, problem = prompt.repair
-            messages.append({"role": "assistant", "content": previous or "(no answer)"})
-            messages.append({"role": "user", "content": repair_request(problem)})
         # The raw response: its rate-limit headers too (the quotas learn from them).
         sent = time.time()
         try:
             async with asyncio.timeout(self.first_token_timeout):
                 raw = await self.client.messages.with_raw_response.create(
-                    model=self.model,
-                    max_tokens=self.max_tokens,
-                    # The prompt cache covers the tools (the schema) and the system
-                    # block up to this breakpoint: the constant part of every request.
-                    system=[
-                        {
-                            "type": "text",
-                            "text": prompt.system,
-                            "cache_control": {"type": "ephemeral"},
-                        }
-                    ],
-                    messages=messages,
-                    tools=[
-                        {
-                            "name": TOOL,
-                            "description": "Save the generated course.",
-                            "input_schema": prompt.schema,
-                        }
-                    ],
-                    tool_choice={"type": "tool", "name": TOOL},
+                    **requests.anthropic_course(self.model, self.max_tokens, prompt),
                     stream=True,
                 )
         except TimeoutError:

@@ -29,6 +29,7 @@ from typing import Generic, TypeVar
 
 from loguru import logger
 
+from listener import tracing
 from listener.course_schema import Course, SchemaValidationError, parse_course
 from listener.errors import GenerationError, ProvidersUnavailable, RequestRefused
 from listener.jobs import work_begins
@@ -60,6 +61,7 @@ Counted = tuple[RateLimits, quota.Cost, list[float] | None]
 V = TypeVar("V")
 P = TypeVar("P", CourseProvider, MediaProvider)
 UNGUARDED = frozenset({"placeholder"})  # local, never unwell: no breaker
+MEDIA_OP = "generate_content"  # a media call's GenAI operation (a course's: chat)
 LATER = "later"  # the outcome of a provider skipped or left open: it may work later
 
 
@@ -109,7 +111,9 @@ class Chain:
 
         def plan(p: CourseProvider, ask: CoursePrompt = prompt) -> Stop:
             cost = quota.estimate(_prompt_chars(ask), self.max_tokens)
-            return Stop(p.name, p.model, cost, p.name not in UNGUARDED)
+            # A batch's answer (listener/batches/) was paid for in the batch: no call.
+            guarded = p.name not in UNGUARDED and not getattr(p, "answered", False)
+            return Stop(p.name, p.model, cost, guarded)
 
         async def ask(p: CourseProvider, grant: Grant | None) -> _Made[Course]:
             usage = Usage()
@@ -145,7 +149,7 @@ class Chain:
             return Stop(p.name, model, quota.MEDIA, p.name not in UNGUARDED)
 
         async def ask(p: MediaProvider, grant: Grant | None) -> _Made[Media]:
-            media = await self._call(plan(p), grant, lambda: make(p), _media_counted)
+            media = await self._call(plan(p), grant, lambda: make(p), _media_counted, MEDIA_OP)
             await self.meter.charge(job, p.name, media.model, media.usage)
             return _Made(media, media.model, media.usage)
 
@@ -180,22 +184,35 @@ class Chain:
         grant: Grant | None,
         call: Callable[[], Awaitable[R]],
         counted: Callable[[R], Counted],
+        operation: str = "chat",
     ) -> R:
         """One provider call under its quota: reserved (unless `grant` is the
         reservation made for it already), bounded by AI_TIMEOUT_SECONDS as a whole,
-        settled from its answer or its error."""
+        settled from its answer or its error; in its span while tracing is on."""
         if grant is None and stop.guarded:
             grant = await self._reserve_waiting(stop)
         work_begins()
         sent = time.time()
-        try:
+
+        async def bounded() -> R:
             # The SDK timeout bounds each network wait; this bounds the whole call.
             async with asyncio.timeout(self.per_call):
-                result = await call()
+                return await call()
+
+        try:
+            if tracing.on:
+                result = await tracing.provider_call(stop.provider, stop.model, operation, bounded)
+            else:
+                result = await bounded()
         except BaseException as exc:
+            used = getattr(exc, "usage", None)  # a refusal's: billed
+            self.meter.observe(operation, stop.provider, stop.model, time.time() - sent, used)
             if grant is not None:
                 await asyncio.shield(self._settle_failed(grant, exc, sent))
             raise
+        self.meter.observe(
+            operation, stop.provider, stop.model, time.time() - sent, getattr(result, "usage", None)
+        )
         if grant is not None:
             limits, cost, back = counted(result)
             await self.quotas.settle(

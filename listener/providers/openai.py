@@ -12,9 +12,8 @@ import time
 from typing import Any
 
 import openai
-from openai.types.chat import ChatCompletionMessageParam
 
-from listener.providers import pricing, ratelimits
+from listener.providers import pricing, ratelimits, requests
 from listener.providers.base import (
     FIRST_TOKEN_TIMEOUT_SECONDS,
     IDLE_TIMEOUT_SECONDS,
@@ -27,17 +26,13 @@ from listener.providers.base import (
     TextSink,
     Usage,
     number,
-    repair_request,
     stream_events,
     watched,
 )
 from listener.providers.download import download
 from listener.settings import Settings
 
-# Requests that share this key and their first 1,024+ tokens are routed to the same
-# prompt cache: the system message (instructions) and the schema are the same for
-# every course, and they come first.
-PROMPT_CACHE_KEY = "ai-jobs-course-v1"
+PROMPT_CACHE_KEY = requests.PROMPT_CACHE_KEY
 
 
 class OpenAIProvider:
@@ -63,29 +58,12 @@ class OpenAIProvider:
         )
 
     async def course(self, prompt: CoursePrompt, sink: TextSink | None = None) -> Answer:
-        # The constant part first (instructions; the schema travels in response_format,
-        # ahead of the messages), the request after it: OpenAI caches prompt prefixes.
-        messages: list[ChatCompletionMessageParam] = [
-            {"role": "system", "content": prompt.system},
-            {"role": "user", "content": prompt.user},
-        ]
-        if prompt.repair:
-            previous, problem = prompt.repair
-            messages.append({"role": "assistant", "content": previous})
-            messages.append({"role": "user", "content": repair_request(problem)})
         # The raw response: its rate-limit headers too (the quotas learn from them).
         sent = time.time()
         try:
             async with asyncio.timeout(self.first_token_timeout):
                 raw = await self.client.chat.completions.with_raw_response.create(
-                    model=self.model,
-                    messages=messages,
-                    max_completion_tokens=self.max_tokens,
-                    response_format={
-                        "type": "json_schema",
-                        "json_schema": {"name": "course", "schema": prompt.schema, "strict": True},
-                    },
-                    prompt_cache_key=PROMPT_CACHE_KEY,
+                    **requests.openai_course(self.model, self.max_tokens, prompt),
                     stream=True,
                     stream_options={"include_usage": True},
                 )

@@ -52,7 +52,8 @@ modes ({"openai": "500"}: the soak's faults). With `request_log` (a file), each
 request to a provider is also written there as a JSON line (time, provider, path,
 mode, and the start of its prompt).
 
-Routes: chat completions, messages, models list, image generation, speech. Every
+Routes: chat completions, messages, models list, image generation, speech, and the
+Batch APIs (batches.py: `fake.batches`). Every
 request is recorded (`fake.requests`, `fake.count(...)`). The same server records
 Sentry envelopes (POST /api/<project>/envelope/) in `fake.envelopes` and alert
 webhooks (POST /hook/...) in `fake.hooks`.
@@ -85,6 +86,7 @@ from tests.fakeai.answers import (
     sized,
     tokens,
 )
+from tests.fakeai.batches import Batches
 from tests.fakeai.http import HTTPFake
 from tests.fakeai.quota import Limited, Limits, Quotas, limited_body, retry_headers
 
@@ -172,6 +174,7 @@ class FakeAI(HTTPFake):
         self.in_flight = self.max_in_flight = 0
         self._asked: Counter[str] = Counter()  # answers per message list (the size draw)
         self.request_log: IO[str] | None = None
+        self.batches = Batches(self.batch_answer)  # the Batch APIs (batches.py)
 
     @property
     def limits(self) -> Limits:
@@ -265,6 +268,8 @@ class FakeAI(HTTPFake):
         key = h.headers.get("x-api-key") or bearer
         if key != self.keys[provider] or mode == "401":
             return self.error(h, provider, 401, f"Incorrect API key provided: {key}")
+        if self.batches.routes(path):
+            return self.batches.handle(h, provider, path, raw, self.send)
         if mode == "slow":
             time.sleep(self.slow_seconds)
         if mode == "hang":
@@ -537,6 +542,30 @@ class FakeAI(HTTPFake):
                 self.in_flight -= 1
             held.settle(0)  # an error, or the client left
         return None
+
+    def batch_answer(self, provider: str, body: dict[str, Any]) -> dict[str, Any]:
+        """A batch's request answered as its route answers it in mode "valid" (or
+        "invalid" when the batch marked it so), not streamed, quotas untouched."""
+        mode = "invalid" if body.pop("_fake_invalid", False) else "valid"
+        model = str(body.get("model") or DEFAULT_MODEL[provider])
+        reply = self.reply(provider, body, mode, None)
+        inp = self.input_usage(provider, body)
+        anthropic = provider == "anthropic"
+        self.seen(
+            json.dumps(body.get("system")) if anthropic else str(body["messages"][0]["content"])
+        )
+        n = tokens(reply.text)
+        if anthropic:
+            done = 700 if self.fixed_usage else n
+            return self.anthropic_body(model, reply, {**inp, "output_tokens": done})
+        done = 800 if self.fixed_usage else n
+        usage = {
+            "prompt_tokens": inp["prompt_tokens"],
+            "completion_tokens": done,
+            "total_tokens": inp["prompt_tokens"] + done,
+            "prompt_tokens_details": inp["prompt_tokens_details"],
+        }
+        return self.openai_body(model, reply, usage)
 
     def deliver(
         self,
