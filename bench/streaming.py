@@ -205,6 +205,86 @@ def sdk_bench(tokens_per_event: int) -> dict[str, Any]:
     return out
 
 
+# -- flush ------------------------------------------------------------------------
+
+
+def flush_bench(url: str, jobs: int, budget: int | None) -> dict[str, Any]:
+    """One progress write for `jobs` running courses (a database of its own on the
+    server at `url`): with only their progress changed, then with a group finished
+    in each of them at once (jobs that started together), three times; with
+    `budget`, PARTIAL_BYTES_PER_WRITE set to it (0: no limit)."""
+    import contextvars
+    import uuid
+
+    import psycopg
+
+    from listener import dal, db, progress
+    from listener.course_schema import CourseParams
+    from listener.jobs import Job
+    from listener.migrate import migrate
+    from tests.pgserver import with_dbname
+
+    if budget is not None:
+        progress.PARTIAL_BYTES_PER_WRITE = budget or 1 << 62
+    name = f"bench_flush_{uuid.uuid4().hex[:8]}"
+    with psycopg.connect(url, autocommit=True) as admin:
+        admin.execute(f'create database "{name}"')
+    dsn = with_dbname(url, name)
+    try:
+        asyncio.run(migrate(dsn))
+
+        async def go() -> dict[str, Any]:
+            pool = db.make_pool(dsn, 5)
+            await pool.open()
+            try:
+                async with pool.connection() as c:
+                    await c.execute(
+                        "insert into ai_course_jobs (subject) select 'flush ' || g"
+                        " from generate_series(1, %s) g",
+                        [jobs],
+                    )
+                params = {"table": "ai_course_jobs", "worker": "bench", "n": jobs}
+                claimed = [Job.from_claim(r) for r in await dal.CLAIM_JOBS.all(pool, params)]
+                board = progress.ProgressBoard(
+                    lambda p: dal.PROGRESS_JOBS.all(pool, p), 1.0, lambda e, w: None
+                )
+                sinks = []
+                for j in claimed:
+                    contextvars.copy_context().run(board.open, j)
+                    reader = board.jobs[j.id].course_reader(CourseParams(), "flush", "Flush")
+                    sinks.append(reader())
+                text = answer(2750)
+                ends = [text.index('"id": "g2"'), text.index('"id": "g3"'), len(text)]
+                out: dict[str, Any] = {"jobs": jobs, "tokens_only_ms": [], "a_group_each": []}
+                pos = 0
+                for end in ends:
+                    for s in sinks:
+                        s(text[pos : pos + 40])
+                    pos += 40
+                    t0 = time.perf_counter()
+                    await board.flush()
+                    out["tokens_only_ms"].append(round((time.perf_counter() - t0) * 1000, 1))
+                    for s in sinks:
+                        s(text[pos:end])
+                    pos = end
+                    writes = []
+                    while any(jp.partial_dirty for jp in board.jobs.values()):
+                        t0 = time.perf_counter()
+                        await board.flush()
+                        writes.append(round((time.perf_counter() - t0) * 1000, 1))
+                    out["a_group_each"].append(writes)
+                return out
+            finally:
+                await pool.close()
+
+        result = asyncio.run(go())
+        result["budget_bytes"] = progress.PARTIAL_BYTES_PER_WRITE
+        return result
+    finally:
+        with psycopg.connect(url, autocommit=True) as admin:
+            admin.execute(f'drop database if exists "{name}" with (force)')
+
+
 # -- run --------------------------------------------------------------------------
 
 
@@ -260,6 +340,8 @@ def run_bench(jobs: int, rounds: int, progress: bool) -> dict[str, Any]:
         }
         for key in ("ANTHROPIC_API_KEY", "SENTRY_DSN"):
             env.pop(key, None)
+        flush_log = Path(tempfile.mkdtemp(prefix="ai-jobs-bench-")) / "flushes.json"
+        env["BENCH_FLUSH_LOG"] = str(flush_log)
         cmd = [sys.executable, "-m", "bench.streaming", "_worker"]
         if not progress:
             cmd.append("--no-progress")
@@ -352,6 +434,7 @@ def run_bench(jobs: int, rounds: int, progress: bool) -> dict[str, Any]:
                     statements += mine
                 progress_lines += mine and "progress_jobs('ai_course_jobs'" in line
         n = jobs * rounds
+        flushes = json.loads(flush_log.read_text()) if flush_log.exists() else []
         missing = [i for i in done if i not in first]
         lead = [done[i] - first[i] for i in first]
         return {
@@ -368,6 +451,8 @@ def run_bench(jobs: int, rounds: int, progress: bool) -> dict[str, Any]:
             "progress_statements_logged": progress_lines,
             "wal_bytes_per_job": round(after["wal"] / n),
             "progress_statements": int(calls["n"] if calls else 0) // 2,
+            "progress_write_s": _dist([f[0] for f in flushes]),
+            "progress_jobs_per_write": _dist([f[1] for f in flushes]),
             "worker_cpu_s": round(cpu1 - cpu0, 2),
             "wall_s": round(wall1 - wall0, 1),
             "worker_cores": round((cpu1 - cpu0) / (wall1 - wall0), 3),
@@ -405,6 +490,21 @@ def _dist(values: list[float]) -> dict[str, float] | None:
 def worker_main(no_progress: bool) -> int:
     from listener import cli, progress
 
+    flushes: list[tuple[float, int]] = []  # (seconds, jobs written) of each write
+    if out := os.environ.get("BENCH_FLUSH_LOG"):
+        import atexit
+
+        timed = progress.ProgressBoard.flush
+
+        async def flush_timed(self: progress.ProgressBoard) -> int:
+            t0 = time.perf_counter()
+            n = await timed(self)
+            if n:
+                flushes.append((time.perf_counter() - t0, n))
+            return n
+
+        progress.ProgressBoard.flush = flush_timed  # type: ignore[method-assign]
+        atexit.register(lambda: Path(out).write_text(json.dumps(flushes)))
     if no_progress:
 
         async def flush(self: progress.ProgressBoard) -> int:
@@ -420,6 +520,10 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.streaming", description=__doc__)
     sub = p.add_subparsers(dest="what", required=True)
     sub.add_parser("parse")
+    f = sub.add_parser("flush")
+    f.add_argument("--url", default=os.environ.get("TEST_DATABASE_URL"), help="a server")
+    f.add_argument("--jobs", type=int, default=500)
+    f.add_argument("--budget", type=int, default=None, help="bytes (0: no limit)")
     k = sub.add_parser("sdk")
     k.add_argument("--tokens-per-event", type=int, default=1)
     r = sub.add_parser("run")
@@ -434,6 +538,9 @@ def main(argv: list[str] | None = None) -> int:
     if a.what == "parse":
         result = parse_bench()
         name = "streaming-parse.json"
+    elif a.what == "flush":
+        result = flush_bench(a.url, a.jobs, a.budget)
+        name = f"streaming-flush-{a.jobs}-{'default' if a.budget is None else a.budget}.json"
     elif a.what == "sdk":
         result = sdk_bench(a.tokens_per_event)
         name = f"streaming-sdk-{a.tokens_per_event}.json"

@@ -14,6 +14,7 @@ database: sql/024's guard); a finished group is written at the next interval.
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 import uuid
 from collections.abc import Callable
@@ -32,6 +33,12 @@ GENERATING, STORING = "generating", "storing"
 # STORED; the database writes 100 at done.
 GENERATED, STORED = 90, 95
 CHARS_PER_TOKEN = 4  # tokensOut while streaming: an estimate until the usage comes
+# The partial results one write carries, at most (the JSON's size; at least one):
+# the rest wait for the next write, oldest first. Every job's progress goes in
+# every write; a partial result is the whole course so far (kilobytes), and 500
+# of them at once (jobs that started together) took a second to write where
+# the progress alone took 90 ms (bench/streaming.py).
+PARTIAL_BYTES_PER_WRITE = 512 * 1024
 
 
 class JobProgress:
@@ -46,6 +53,8 @@ class JobProgress:
         self.groups_done: int | None = None
         self.groups_total: int | None = None
         self.partial: dict[str, Any] | None = None
+        self.partial_text: str | None = None  # as JSON, made once per finished group
+        self.partial_since = 0.0  # monotonic: when the partial result to write changed
         self.dirty = False  # progress to write
         self.partial_dirty = False  # partial_result to write
         self._base_tokens = 0  # output of the calls before the one streaming
@@ -53,7 +62,8 @@ class JobProgress:
 
     def _changed(self, partial: bool = False) -> None:
         self.dirty = True
-        self.partial_dirty = self.partial_dirty or partial
+        if partial and not self.partial_dirty:
+            self.partial_dirty, self.partial_since = True, time.monotonic()
         if self._wake is not None:
             self._wake()
 
@@ -90,6 +100,7 @@ class JobProgress:
                 if finished and len(reader.groups) > (self.groups_done or 0):
                     self.groups_done = len(reader.groups)
                     self.partial = reader.partial(course_id, subject)
+                    self.partial_text = json.dumps(self.partial, separators=(",", ":"))
                     grown = True
                 self._changed(grown)
 
@@ -153,43 +164,72 @@ class ProgressBoard:
         _CURRENT.reset(token)
 
     async def run(self) -> None:
-        """Write what changed: at once after a quiet spell, then at most once an
-        interval while it keeps changing."""
+        """Write what changed: at once after a quiet spell, then once an interval
+        while it keeps changing (a write starts at most once an interval, and the
+        time a write takes is part of it)."""
+        loop = asyncio.get_running_loop()
         while True:
             await self._wake.wait()
             self._wake.clear()
+            started = loop.time()
             await self.flush()
-            await asyncio.sleep(self.interval)
+            await asyncio.sleep(max(0.0, self.interval - (loop.time() - started)))
 
     async def flush(self) -> int:
         """One statement for every job whose progress changed; how many it named."""
         due = [jp for jp in self.jobs.values() if jp.dirty and self.held(jp.job.id)]
         if not due:
             return 0
-        params = statement_params(due)
+        partials = carried(due)
+        params = statement_params(due, partials)
         for jp in due:
             jp.dirty = False
-        sent = [(jp, jp.partial_dirty) for jp in due]
-        for jp in due:
+        for jp in partials:
             jp.partial_dirty = False
+        for jp in due:
+            if jp.partial_dirty:  # its partial result waits for the next write
+                jp.dirty = True
+                self._wake.set()
         self.statements += 1
-        self.last_write = time.monotonic()
+        self.last_write = t0 = time.monotonic()
         try:
             await self.write(params)
         except Exception as exc:
-            for jp, partial in sent:  # written next time
+            for jp in due:  # written next time
                 jp.dirty = True
-                jp.partial_dirty = jp.partial_dirty or partial
+            for jp in partials:
+                jp.partial_dirty = True
             self.report(exc, "progress")
             return 0
-        logger.bind(action="progress_written", jobs=len(due)).debug(
-            "progress of {} job(s) written", len(due)
+        ms = round((time.monotonic() - t0) * 1000, 1)
+        logger.bind(action="progress_written", jobs=len(due), ms=ms).debug(
+            "progress of {} job(s) written in {} ms", len(due), ms
         )
         return len(due)
 
 
-def statement_params(due: list[JobProgress]) -> dict[str, Any]:
-    """progress_jobs' parameters for both tables (the statement calls it twice)."""
+def carried(due: list[JobProgress]) -> set[JobProgress]:
+    """The partial results this write carries: oldest first, up to
+    PARTIAL_BYTES_PER_WRITE (at least one)."""
+    waiting = sorted(
+        (jp for jp in due if jp.partial_dirty and jp.partial_text is not None),
+        key=lambda jp: jp.partial_since,
+    )
+    out: set[JobProgress] = set()
+    size = 0
+    for jp in waiting:
+        size += len(jp.partial_text or "")
+        if out and size > PARTIAL_BYTES_PER_WRITE:
+            break
+        out.add(jp)
+    return out
+
+
+def statement_params(
+    due: list[JobProgress], partials: set[JobProgress] | None = None
+) -> dict[str, Any]:
+    """progress_jobs' parameters for both tables (the statement calls it twice),
+    with the partial results of `partials` (JSON text, cast in the statement)."""
     out: dict[str, Any] = {}
     for prefix, table in (("course", "ai_course_jobs"), ("media", "ai_media_jobs")):
         mine = [jp for jp in due if jp.job.table == table]
@@ -198,7 +238,6 @@ def statement_params(due: list[JobProgress]) -> dict[str, Any]:
         out[f"{prefix}_progress"] = [Jsonb(jp.row()) for jp in mine]
         if prefix == "course":
             out["course_partial"] = [
-                Jsonb(jp.partial) if jp.partial_dirty and jp.partial is not None else None
-                for jp in mine
+                jp.partial_text if partials is not None and jp in partials else None for jp in mine
             ]
     return out

@@ -68,4 +68,5 @@ async def run_one(
         for t in side:
             t.cancel()
         await asyncio.gather(*side, return_exceptions=True)
+        await leases.progress_connection.aclose()
     return job, outcome

@@ -286,6 +286,7 @@ class Worker:
         for t in background:
             t.cancel()
         _, stuck = await asyncio.wait(background, timeout=SHUTDOWN_BACKGROUND_SECONDS)
+        await self.leases.progress_connection.aclose()
         if stuck:
             logger.bind(action="shutdown_stuck").warning(
                 f"{len(stuck)} background task(s) did not stop in time: "

@@ -8,11 +8,13 @@ from __future__ import annotations
 import contextvars
 from typing import Any
 
+import pytest
 from psycopg_pool import AsyncConnectionPool
 
-from listener import dal
+from listener import dal, progress
 from listener.course_schema import CourseParams
 from listener.jobs import Job
+from listener.leases import OwnConnection
 from listener.progress import ProgressBoard, current
 from tests.fakeai.answers import course_from_prompt
 from tests.integration.handlers.conftest import Conn, course_job, media_job
@@ -120,3 +122,44 @@ def json_course() -> str:
 
     c = course_from_prompt("Write a course on Board\nGroups: 2\nItems per group: 2\n")
     return json.dumps(c)
+
+
+async def test_partial_results_past_the_budget_wait_for_the_next_write(
+    conn: Conn, pool: AsyncConnectionPool[Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(progress, "PARTIAL_BYTES_PER_WRITE", 1)  # one a write
+    calls: list[Any] = []
+    board = board_for(pool, calls)
+    jobs = [await course_job(conn, f"Budget {i}") for i in range(3)]
+    text = json_course()
+    for j in jobs:
+        contextvars.copy_context().run(board.open, j)
+        board.jobs[j.id].course_reader(PARAMS, "budget", "Budget")()(text)
+    shown = []
+    for waiting in (3, 2, 1):  # the jobs with something to write
+        assert await board.flush() == waiting
+        rows = [await row(conn, j) for j in jobs]
+        shown.append(sum(r["partial_result"] is not None for r in rows))
+        assert all(r["progress"]["groupsDone"] == 2 for r in rows)
+    assert shown == [1, 2, 3]  # the oldest first, one a write
+    assert await board.flush() == 0  # all written: nothing due
+
+
+async def test_the_writes_own_connection_comes_back(
+    conn: Conn, pool: AsyncConnectionPool[Any]
+) -> None:
+    own = OwnConnection(pool)
+    board = ProgressBoard(own.progress_jobs, 1.0, lambda e, w: None)
+    j = await course_job(conn, "Own Connection")
+    contextvars.copy_context().run(board.open, j)
+    board.jobs[j.id].set_phase("generating", 10)
+    assert await board.flush() == 1
+    pid = own.conn.info.backend_pid
+    await conn.execute("select pg_terminate_backend(%s)", [pid])  # the server drops it
+    board.jobs[j.id].set_phase("generating", 20)
+    assert await board.flush() == 0  # failed, kept
+    assert own.conn is None
+    assert await board.flush() == 1  # a new connection
+    assert own.conn is not None and own.conn.info.backend_pid != pid
+    assert (await row(conn, j))["progress"]["percent"] == 20
+    await own.aclose()
