@@ -364,10 +364,6 @@ async def _holding_ahead(
         yield w, started, gate
 
 
-async def _swept(w: Any) -> bool:
-    return not w.sweeper.busy
-
-
 async def _started(started: list[str], n: int) -> bool:
     return len(started) == n
 
