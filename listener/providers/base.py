@@ -27,11 +27,12 @@ E = TypeVar("E")
 # listener/course_stream.py): called with each piece, in order.
 TextSink = Callable[[str], None]
 
-# The stream's own clocks, within AI_TIMEOUT_SECONDS (the whole call's cap): the
-# first token must come within FIRST_TOKEN_TIMEOUT_SECONDS of the request, and
-# each next one within IDLE_TIMEOUT_SECONDS of the one before. A stream that
-# stalls fails as a timeout does (unwell: the next provider), long before the
-# whole call's cap. Internal knobs (a provider's `first_token_timeout` and
+# The stream's own clocks, each at most AI_TIMEOUT_SECONDS: the first token must
+# come within FIRST_TOKEN_TIMEOUT_SECONDS of the request, and each next one within
+# IDLE_TIMEOUT_SECONDS of the one before. A stream that stalls fails as a timeout
+# does (unwell: the next provider); one that keeps streaming may run longer than
+# AI_TIMEOUT_SECONDS, up to its output at 20 tokens a second (chain.py's
+# stream_cap). Internal knobs (a provider's `first_token_timeout` and
 # `idle_timeout`), not settings.
 FIRST_TOKEN_TIMEOUT_SECONDS = 30.0
 IDLE_TIMEOUT_SECONDS = 15.0

@@ -60,6 +60,7 @@ T = TypeVar("T")
 Counted = tuple[RateLimits, quota.Cost, list[float] | None]
 V = TypeVar("V")
 P = TypeVar("P", CourseProvider, MediaProvider)
+MIN_STREAM_RATE = 20.0  # tokens a second: slower than any live model streams
 UNGUARDED = frozenset({"placeholder"})  # local, never unwell: no breaker
 MEDIA_OP = "generate_content"  # a media call's GenAI operation (a course's: chat)
 LATER = "later"  # the outcome of a provider skipped or left open: it may work later
@@ -88,6 +89,10 @@ class Chain:
         self, settings: Settings, breakers: Breakers, meter: Meter, quotas: Quotas | None = None
     ) -> None:
         self.per_call = settings.ai_timeout_seconds
+        # A streamed answer is cut when it stalls (its first-token and idle clocks,
+        # each within AI_TIMEOUT_SECONDS), not for being long: as a whole it may run
+        # as long as its output at the slowest rate a live model streams.
+        self.stream_cap = max(self.per_call, settings.ai_max_output_tokens / MIN_STREAM_RATE)
         self.retry_after_cap = settings.provider_retry_after_max_seconds
         self.max_tokens = settings.ai_max_output_tokens
         self.secrets = settings.secrets()
@@ -170,7 +175,7 @@ class Chain:
             return answer.limits, cost, quota.returned(p.name, used, self.max_tokens)
 
         try:
-            answer = await self._call(stop, grant, call, counted)
+            answer = await self._call(stop, grant, call, counted, cap=self.stream_cap)
         except Refused as exc:
             await self.meter.charge(job, p.name, p.model, exc.usage)
             raise
@@ -185,10 +190,12 @@ class Chain:
         call: Callable[[], Awaitable[R]],
         counted: Callable[[R], Counted],
         operation: str = "chat",
+        cap: float | None = None,
     ) -> R:
         """One provider call under its quota: reserved (unless `grant` is the
-        reservation made for it already), bounded by AI_TIMEOUT_SECONDS as a whole,
-        settled from its answer or its error; in its span while tracing is on."""
+        reservation made for it already), bounded as a whole by `cap` (a streamed
+        answer's) or AI_TIMEOUT_SECONDS, settled from its answer or its error; in its
+        span while tracing is on."""
         if grant is None and stop.guarded:
             grant = await self._reserve_waiting(stop)
         work_begins()
@@ -196,7 +203,7 @@ class Chain:
 
         async def bounded() -> R:
             # The SDK timeout bounds each network wait; this bounds the whole call.
-            async with asyncio.timeout(self.per_call):
+            async with asyncio.timeout(cap or self.per_call):
                 return await call()
 
         try:

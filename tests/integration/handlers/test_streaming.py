@@ -183,3 +183,19 @@ async def test_a_stream_cut_off_is_a_connection_error(
     await rt.aclose()
     assert out.metrics["provider"] == other
     assert out.metrics["fallbacks"] == [f"{name}: connection error"]
+
+
+async def test_a_live_stream_may_run_longer_than_the_call_timeout(
+    conn: Conn, pool: AsyncConnectionPool[Any], fake: FakeAI, make_settings: MakeSettings
+) -> None:
+    """AI_TIMEOUT_SECONDS bounds a stream's silences, not its length: an answer that
+    streams for three times the setting is read to its end from the first provider."""
+    fake.pace = Pace(ttft=0.1, tps=200, size=(600, 600))
+    rt = await create_runtime(make_settings(ai_timeout_seconds=1), pool)
+    t0 = time.monotonic()
+    out = await rt.handlers["ai_course_jobs"](await course_job(conn, "Long Stream"))
+    took = time.monotonic() - t0
+    await rt.aclose()
+    assert took > 2  # it did stream for longer than the setting
+    assert out.metrics["provider"] == "openai"
+    assert "fallbacks" not in out.metrics or out.metrics["fallbacks"] == []
