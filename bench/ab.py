@@ -63,9 +63,16 @@ def latency(jobs: int) -> Measure:
 
 
 def drain(jobs: int) -> Measure:
+    """jobs/s, and the CPU seconds per 1,000 jobs of the server and of the worker
+    (steadier than jobs/s on a machine shared with other work)."""
+
     async def measure(srv: pgserver.Server, name: str, tag: str) -> tuple[list[float], str]:
-        rate = float((await scenarios.throughput(srv, name, f"d{tag}", jobs))["jobs_per_s"])
-        return [rate], f"{rate:.0f} jobs/s"
+        res = await scenarios.throughput(srv, name, f"d{tag}", jobs)
+        rate = float(res["jobs_per_s"])
+        server, worker = float(res["server_cpu_s_per_1k"]), float(res["worker_cpu_s_per_1k"])
+        return [rate, server, worker], (
+            f"{rate:.0f} jobs/s  server {server:.3f} s  worker {worker:.3f} s per 1k jobs"
+        )
 
     return measure
 
@@ -85,16 +92,16 @@ def main(argv: list[str]) -> int:
         p.error(f"{opts.other} is not a checkout of this project")
     if opts.drain:
         found = asyncio.run(interleave(opts.other.resolve(), opts.rounds, drain(opts.drain)))
-        columns = ["jobs/s"]
+        columns = ["jobs/s", "server CPU s/1k jobs", "worker CPU s/1k jobs"]
     else:
         found = asyncio.run(interleave(opts.other.resolve(), opts.rounds, latency(opts.jobs)))
         columns = ["p50 ms", "p99 ms"]
     print("\n| worker | " + " | ".join(f"{c}, median of rounds (range)" for c in columns) + " |")
     print("|---" * (len(columns) + 1) + "|")
-    d = 0 if opts.drain else 2  # decimals
     for name, rounds in found.items():
         cells = []
         for i in range(len(columns)):
+            d = (0 if i == 0 else 3) if opts.drain else 2  # decimals
             xs = [figures[i] for figures in rounds]
             cells.append(f"{stats.median(xs):.{d}f} ({min(xs):.{d}f} to {max(xs):.{d}f})")
         print(f"| {name} | " + " | ".join(cells) + " |")

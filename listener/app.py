@@ -15,8 +15,9 @@ from typing import Any
 
 from loguru import logger
 
-from listener import dal, db, preflight, telemetry
+from listener import dal, db, preflight, telemetry, tracing
 from listener.alerts import AlertMonitor
+from listener.batches import setup as setup_batches
 from listener.errors import ConfigError
 from listener.handlers import Runtime, create_runtime
 from listener.jobs import TABLES_BY_TYPE
@@ -38,6 +39,7 @@ async def open_runtime(
 ) -> AsyncIterator[tuple[str, db.WorkPool, Runtime]]:
     """The DSN, the work pool and the handlers' runtime; closed in order."""
     dsn = db.require_dsn(settings.dsn)
+    tracing.setup(app)  # only when OTEL_EXPORTER_OTLP_ENDPOINT is set
     listen = settings.listen_mode == "listen"
     pool = db.make_pool(dsn, pool_size(settings), app=app, prepare=listen)  # not open yet
     runtime = await create_runtime(settings, pool, announce=False, start=False)
@@ -52,6 +54,7 @@ async def open_runtime(
         finally:
             await pool.close()
             telemetry.flush()
+            tracing.shutdown()
 
 
 @asynccontextmanager
@@ -59,11 +62,13 @@ async def open_worker(settings: Settings, *, app: str = "ai-jobs worker") -> Asy
     """A worker with its pool, its handlers and its periodic duties: it listens
     (LISTEN_MODE=listen) or polls, and watches the alert rules."""
     async with open_runtime(settings, app=app) as (dsn, pool, runtime):
+        batches = setup_batches(settings, pool, runtime)  # batch jobs (listener/batches/)
         periodic: list[Periodic] = [
             (RUNTIME_TICK_SECONDS, runtime.tick, "handlers tick"),
             (settings.alert_interval_seconds, AlertMonitor(settings, pool).tick, "alerts"),
+            (batches.tick_seconds, batches.tick, "batches"),
         ]
-        yield Worker(
+        worker = Worker(
             settings,
             pool,
             runtime.handlers,
@@ -74,6 +79,11 @@ async def open_worker(settings: Settings, *, app: str = "ai-jobs worker") -> Asy
             on_ready=lambda: _ready(settings, runtime, dsn, long_running=True),
             gate=runtime.chain.gate,
         )
+        batches.attach(worker.id, worker.executor, worker.completer)
+        try:
+            yield worker
+        finally:
+            await batches.aclose()
 
 
 async def _ready(settings: Settings, runtime: Runtime, dsn: str, long_running: bool) -> None:

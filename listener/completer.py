@@ -53,6 +53,7 @@ class Completer:
         self._written = asyncio.Condition()
         self._in_flight = 0
         self._settling: set[asyncio.Task[None]] = set()  # staged results on their way
+        self.on_written: Callable[[], None] | None = None  # ends written (the producer)
 
     @property
     def waiting(self) -> int:
@@ -116,7 +117,12 @@ class Completer:
             await self._settle(done, None)
             raise
         await self._settle(done, [r["id"] for r in both if r["kind"] == "done"])
+        self._told()
         return [r for r in both if r["kind"] == "claimed"]
+
+    def _told(self) -> None:
+        if self.on_written is not None:
+            self.on_written()
 
     def _take(self, table: str) -> list[tuple[Job, Outcome]]:
         """Hand one table's finished jobs to a claim that writes them in its own
@@ -171,6 +177,7 @@ class Completer:
                 self.pool, dal.COMPLETE_JOBS, completion_params(table, items), riders(items)
             )
             self._ended(items, [r["id"] for r in rows])
+        self._told()
 
 
 def completion_params(table: str, items: list[tuple[Job, Outcome]]) -> dict[str, Any]:

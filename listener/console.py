@@ -252,3 +252,8 @@ async def cost(conn: Conn, hours: int = 24, top: int = 10) -> dict[str, Any]:
         "top_users": await dal.COST_TOP_USERS.all(conn, params),
         "total_usd": sum(p["cost_usd"] for p in providers.values()),
     }
+
+
+async def open_batches(conn: Conn, limit: int = 20) -> list[dict[str, Any]]:
+    """The provider batches not yet ended (batch jobs: listener/batches/), oldest first."""
+    return [dict(r) for r in await dal.BATCHES_OPEN.all(conn, {"limit": limit})]

@@ -14,8 +14,9 @@ AiJobsError
 ├── InvalidJob              a job row or its params cannot be processed, or a request
 │   │                       breaks a limit the database enforces
 │   └── RequestRefused      every provider refused the request (retrying cannot help)
-└── GenerationError         every provider failed for one attempt
-    └── ProvidersUnavailable  every provider is down or rate-limited: wait, count nothing
+├── GenerationError         every provider failed for one attempt
+│   └── ProvidersUnavailable  every provider is down or rate-limited: wait, count nothing
+└── HandedOff               the job went to a provider's batch (listener/batches/)
 """
 
 from __future__ import annotations
@@ -98,6 +99,11 @@ class ProvidersUnavailable(GenerationError):
         super().__init__(message)
         self.wait_seconds = wait_seconds
         self.quota = quota  # for quotas alone (no breaker open): routine under load
+
+
+class HandedOff(AiJobsError):
+    """The job went to a provider's batch (listener/batches/): it holds the batch's
+    token now, and its worker writes nothing more about it."""
 
 
 # A reachable server that would not serve the request in time: a statement or

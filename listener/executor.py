@@ -2,7 +2,8 @@
 
 Done: the outcome goes to the completer (batched `done` writes). Raised: the
 failure is written (fail_job: a retry after a backoff, or the dead letter).
-Every provider unavailable: the job goes back to pending until the earliest
+Handed to a provider's batch (HandedOff): nothing is written. Every provider
+unavailable: the job goes back to pending until the earliest
 recovery (defer_job, no attempt counted) and its table cools down (no claims
 there until then). Cancelled: the task ends and nothing is written (the claim is gone).
 
@@ -21,9 +22,9 @@ from typing import Any, TypeVar
 from loguru import logger
 from psycopg_pool import AsyncConnectionPool
 
-from listener import dal
+from listener import dal, tracing
 from listener.completer import Completer
-from listener.errors import InvalidJob, ProvidersUnavailable, error_text, scrub
+from listener.errors import HandedOff, InvalidJob, ProvidersUnavailable, error_text, scrub
 from listener.jobs import (
     JOB_TYPES,
     Gate,
@@ -124,7 +125,10 @@ class Executor:
 
     def start(self, job: Job) -> asyncio.Task[Outcome | None]:
         """Run a claimed job in a task of its own, held by the lease keeper."""
-        task = asyncio.create_task(self.execute(job), name=f"job {job.key}")
+        run = self.execute(job)
+        if tracing.on:  # its attempt's span, and the job's trace continued
+            run = tracing.process(self.pool, job, run)
+        task = asyncio.create_task(run, name=f"job {job.key}")
         self.leases.track(job, task)
         return task
 
@@ -146,6 +150,7 @@ class Executor:
                 )
 
         hook = on_work_begins(begin)
+        shown = self.leases.progress.open(job)  # what the handler reports: progress.current
         t0 = time.perf_counter()
         try:
             handler = self.handlers.get(job.table)
@@ -153,6 +158,8 @@ class Executor:
                 raise InvalidJob(f"No handler registered for {job.table}")
             outcome = await handler(job)
             begin()
+            self.leases.progress.close(job, shown)  # no progress after the end
+            shown = None
             outcome.metrics["totalDurationMs"] = round((time.perf_counter() - t0) * 1000, 3)
             if self.leases.any_uncommitted and not await self.leases.committed(job):
                 return None  # the claim was not committed: nothing of it is ours to write
@@ -170,6 +177,8 @@ class Executor:
             return outcome
         except asyncio.CancelledError:
             raise  # shutdown past the grace period, or the job was taken away
+        except HandedOff:
+            return None  # in a batch now (listener/batches/): nothing of it is ours
         except ProvidersUnavailable as exc:
             if await self.leases.committed(job):
                 await asyncio.shield(self.defer(job, exc, job_log(job)))
@@ -180,6 +189,8 @@ class Executor:
                 await asyncio.shield(self.fail(job, exc, job_log(job)))
             return None
         finally:
+            if shown is not None:
+                self.leases.progress.close(job, shown)
             reset_work_begins(hook)
             self.pacing.job_time.add(time.perf_counter() - t0)
             self.leases.untrack(job)
@@ -204,6 +215,7 @@ class Executor:
         )
         if row is None:
             return
+        tracing.outcome(row["status"], message)
         if row["status"] == "dead_letter":
             log.bind(action="job_dead_letter").error(f"job moved to the dead letter: {message}")
         else:
@@ -236,6 +248,8 @@ class Executor:
         )
         if row is None:
             return
+        deferred = row["status"] == "pending" and not row["counted"]
+        tracing.outcome("deferred" if deferred else row["status"], message)
         due_in = max(0.0, row["due_in"] or 0.0)
         self.cooldowns.start(job.table, due_in, message, quiet=exc.quota)
         self.on_due(due_in)

@@ -9,6 +9,7 @@ to pending without counting an attempt (release_jobs)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 import uuid
 from collections import deque
@@ -17,11 +18,13 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any, TypeVar
 
+import psycopg
 from loguru import logger
 from psycopg_pool import AsyncConnectionPool
 
-from listener import dal
+from listener import dal, tracing
 from listener.jobs import JOB_TYPES, Job
+from listener.progress import ProgressBoard
 
 T = TypeVar("T")
 TABLES = tuple(JOB_TYPES)
@@ -92,6 +95,7 @@ class LeaseKeeper:
         retry: Retry[Any],
         report: Report,
         concurrency: int = 1,
+        progress_interval: float = 1.0,
     ) -> None:
         self.pool = pool
         self.interval = interval  # HEARTBEAT_INTERVAL_SECONDS
@@ -105,6 +109,15 @@ class LeaseKeeper:
         # write with their token before it would not find the row (the UPDATE
         # reads the version before the claim), so the writes wait for it.
         self._commits: dict[uuid.UUID, asyncio.Future[bool]] = {}
+        # The running jobs' progress, written for all of them in one statement an
+        # interval (PROGRESS_INTERVAL_SECONDS); a write is a heartbeat too.
+        self.progress_connection = OwnConnection(pool)
+        self.progress = ProgressBoard(
+            self.progress_connection.progress_jobs,
+            progress_interval,
+            report,
+            held=lambda job_id: job_id not in self._commits,
+        )
 
     # -- the jobs held, and the slots -----------------------------------------------
 
@@ -169,6 +182,10 @@ class LeaseKeeper:
         return True if fut is None else await asyncio.shield(fut)
 
     # -- heartbeats -------------------------------------------------------------
+
+    async def progress_writes(self) -> None:
+        """Write the running jobs' progress as it changes (listener/progress.py)."""
+        await self.progress.run()
 
     async def heartbeats(self) -> None:
         while True:
@@ -241,6 +258,7 @@ class LeaseKeeper:
             level, message
         )
         if running is not None:
+            tracing.stopped(job_id, action)  # the attempt's span says why it ended
             running.task.cancel()
 
     # -- release --------------------------------------------------------------------
@@ -298,6 +316,35 @@ class LeaseKeeper:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         return unfinished
+
+
+class OwnConnection:
+    """The progress writes' connection of their own, opened when first needed and
+    again after a failure. Not the work pool's: with hundreds of jobs starting
+    and ending together, a write waited there behind their statements for
+    seconds (docs/benchmarks.md), and progress is promised every interval."""
+
+    def __init__(self, pool: AsyncConnectionPool[Any]) -> None:
+        self.pool = pool  # its connection settings
+        self.conn: Any = None
+
+    async def progress_jobs(self, params: dict[str, Any]) -> list[Any]:
+        if self.conn is None or self.conn.closed:
+            # the pool's settings (a DSN and keyword arguments, as db.make_pool gives)
+            conninfo, kwargs = self.pool.conninfo, self.pool.kwargs
+            assert isinstance(conninfo, str) and isinstance(kwargs, dict)
+            self.conn = await psycopg.AsyncConnection.connect(conninfo, **kwargs)
+        try:
+            return await dal.PROGRESS_JOBS.all(self.conn, params)
+        except Exception:
+            await self.aclose()  # a new connection for the next write
+            raise
+
+    async def aclose(self) -> None:
+        conn, self.conn = self.conn, None
+        if conn is not None:
+            with contextlib.suppress(Exception):
+                await conn.close()
 
 
 def by_table(jobs: list[Job]) -> Iterator[tuple[str, list[Job]]]:

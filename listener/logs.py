@@ -15,6 +15,7 @@ from typing import Any
 
 from loguru import logger
 
+from listener import tracing
 from listener.errors import Scrubber
 
 
@@ -28,7 +29,8 @@ class _ToLoguru(logging.Handler):
 
 
 def scrubbing(secrets: Iterable[str] = ()) -> Any:
-    """A loguru patcher that scrubs the message and every text extra field."""
+    """A loguru patcher that scrubs the message and every text extra field, and,
+    while tracing is on, adds the current trace_id and span_id (listener/tracing.py)."""
     scrub = Scrubber(secrets)
 
     def patch(record: Any) -> None:
@@ -37,6 +39,8 @@ def scrubbing(secrets: Iterable[str] = ()) -> Any:
         for key, value in extra.items():
             if isinstance(value, str):
                 extra[key] = scrub(value)
+        if tracing.on:
+            tracing.add_ids(extra)
 
     return patch
 

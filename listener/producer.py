@@ -65,6 +65,10 @@ class Producer:
         self._timers: list[float] = []  # monotonic times when a waiting job becomes due
         self._turn = 0  # which table a claim round asks first (fairness)
         self._waiting = False  # the loop waits for a reason to look
+        # A per-user cap is set (read at each sweep): a capped user's job waits
+        # pending for one of theirs to end, so the end of a job is a reason to look
+        # at every table (docs/design.md, "Fair claims").
+        self.capped = False
 
     @property
     def settled(self) -> bool:
@@ -106,7 +110,15 @@ class Producer:
 
     def slot_freed(self) -> None:
         self._fill()
+        if self.capped:
+            self.look_at()
         self._wake.set()
+
+    def ended(self) -> None:
+        """Jobs' ends were written (the completer's batch, or a claim's): with a
+        cap set, a slot of their users is free for a job the cap held back."""
+        if self.capped:
+            self.look_at()
 
     def recheck(self) -> None:
         """The providers' state changed here (a breaker closed, a model's limits

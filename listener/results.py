@@ -37,7 +37,7 @@ from uuid import UUID
 from loguru import logger
 from psycopg_pool import AsyncConnectionPool
 
-from listener import dal
+from listener import dal, tracing
 from listener.jobs import Job
 from listener.storage import Storage
 
@@ -89,6 +89,7 @@ class Stored:
     staged: Staged | None  # None: written at its public path at once
 
 
+@tracing.traced("storage write")
 async def store(storage: Storage, job: Job, path: str, data: bytes, content_type: str) -> Stored:
     """Write `data` as `job`'s result at `path`, fenced (see the module's docstring)."""
     if await storage.create(path, data, content_type):

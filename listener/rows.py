@@ -249,10 +249,20 @@ class NextDueRow(TypedDict):  # next_job_due
     seconds: float | None
 
 
+class CapRow(TypedDict):  # max_running_per_user
+    cap: int | None
+
+
 class JobStateRow(TypedDict):  # job_state
     status: str
     error: str | None
     retry_count: int
+
+
+class JobTraceRow(TypedDict):  # job_trace
+    trace_parent: str | None
+    batch: bool
+    queue_wait_ms: float | None
 
 
 # -- demo.sql
@@ -450,6 +460,17 @@ class UsageTotalRow(TypedDict):  # usage_totals
     cost_usd: float
 
 
+class CallHistogramRow(TypedDict):  # call_histograms
+    metric: str
+    operation: str
+    provider: str
+    model: str
+    token_type: str
+    counts: list[int]
+    sum: float
+    count: int
+
+
 # -- workers.sql
 
 
@@ -553,3 +574,51 @@ class SchemaPolicyRow(TypedDict):  # schema_policies
     roles: list[str]
     using_expr: str | None
     check_expr: str | None
+
+
+class BatchTakeRow(TypedDict):  # batch_take
+    batch_id: UUID | None
+
+
+class BatchJobRow(TypedDict):  # batch_submitting
+    id: UUID
+    claim_token: UUID
+    retry_count: int
+    max_retries: int
+    job: dict[str, Any]
+
+
+class BatchSubmittedRow(TypedDict):  # batch_submitted
+    recorded: bool
+
+
+class BatchWatchRow(TypedDict):  # batch_watch
+    id: UUID
+    job_table: str
+    state: str
+    provider: str | None
+    model: str | None
+    provider_batch_id: str | None
+    age_seconds: float
+    jobs: int
+
+
+class BatchEndRow(TypedDict):  # batch_end
+    returned: int
+
+
+class BatchOpenRow(TypedDict):  # batches_open
+    id: UUID
+    job_table: str
+    state: str
+    provider: str | None
+    model: str | None
+    provider_batch_id: str | None
+    worker_id: str | None
+    created_at: datetime
+    submitted_at: datetime | None
+    jobs: int
+
+
+class BatchKnownRow(TypedDict):  # batch_known
+    provider_batch_id: str | None

@@ -32,7 +32,11 @@ async def run_one(
     health = Health("database", pool=pool)
     retry = AwayRetry(health)
     leases = LeaseKeeper(
-        pool, settings.heartbeat_interval_seconds, retry=retry, report=Reporter(health, settings)
+        pool,
+        settings.heartbeat_interval_seconds,
+        retry=retry,
+        report=Reporter(health, settings),
+        progress_interval=settings.progress_interval_seconds,
     )
     completer = Completer(pool, retry, backlog=1)
     executor = Executor(
@@ -52,7 +56,11 @@ async def run_one(
     if row is None:
         return None
     job = Job.from_claim(row)
-    side = [asyncio.create_task(completer.run()), asyncio.create_task(leases.heartbeats())]
+    side = [
+        asyncio.create_task(completer.run()),
+        asyncio.create_task(leases.heartbeats()),
+        asyncio.create_task(leases.progress_writes()),
+    ]
     try:
         outcome = await executor.start(job)
         await completer.drain()
@@ -60,4 +68,5 @@ async def run_one(
         for t in side:
             t.cancel()
         await asyncio.gather(*side, return_exceptions=True)
+        await leases.progress_connection.aclose()
     return job, outcome

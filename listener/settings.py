@@ -14,6 +14,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 WORKER_CONCURRENCY = 3
 SWEEP_INTERVAL_SECONDS = 60.0
 HEARTBEAT_INTERVAL_SECONDS = 30.0
+PROGRESS_INTERVAL_SECONDS = 1.0  # a running job's progress is written at most this often
 STALE_AFTER_SECONDS = 300.0
 SHUTDOWN_GRACE_SECONDS = 25.0
 RETRY_BASE_SECONDS = 10.0
@@ -36,6 +37,8 @@ OPENAI_TTS_VOICE = "alloy"
 AI_MAX_OUTPUT_TOKENS = 16000
 CACHE_TTL_SECONDS = 86400.0  # a day; 0 turns the course cache off
 CATALOG_BATCH_JOBS = 10  # render courses/catalog.json at most once per N finished courses
+BATCH_COLLECT_SECONDS = 60.0  # batch jobs gather this long before their batch is sent
+BATCH_POLL_SECONDS = 30.0  # how often an open batch's watcher asks its provider
 CATALOG_BATCH_SECONDS = 5.0  # ... or once T seconds after the first unrendered one
 # Providers' breakers and waits (docs/generation.md, "Breakers").
 PROVIDER_BREAKER_THRESHOLD = 3  # consecutive unwell calls that open a provider's breaker
@@ -83,6 +86,7 @@ class Settings(BaseSettings):
     worker_concurrency: int = Field(WORKER_CONCURRENCY, ge=1, le=1000)
     sweep_interval_seconds: float = Field(SWEEP_INTERVAL_SECONDS, gt=0)
     heartbeat_interval_seconds: float = Field(HEARTBEAT_INTERVAL_SECONDS, gt=0)
+    progress_interval_seconds: float = Field(PROGRESS_INTERVAL_SECONDS, gt=0, le=3600)
     stale_after_seconds: float = Field(STALE_AFTER_SECONDS, gt=0)
     shutdown_grace_seconds: float = Field(SHUTDOWN_GRACE_SECONDS, ge=0)
     retry_base_seconds: float = Field(RETRY_BASE_SECONDS, ge=0)
@@ -110,6 +114,8 @@ class Settings(BaseSettings):
     cache_ttl_seconds: float = Field(CACHE_TTL_SECONDS, ge=0)
     catalog_batch_jobs: int = Field(CATALOG_BATCH_JOBS, ge=1)
     catalog_batch_seconds: float = Field(CATALOG_BATCH_SECONDS, ge=0)
+    batch_collect_seconds: float = Field(BATCH_COLLECT_SECONDS, ge=0)
+    batch_poll_seconds: float = Field(BATCH_POLL_SECONDS, gt=0)
     supabase_service_role_key: SecretStr | None = None
     provider_breaker_threshold: int = Field(PROVIDER_BREAKER_THRESHOLD, ge=1)
     provider_breaker_cooldown_seconds: float = Field(PROVIDER_BREAKER_COOLDOWN_SECONDS, gt=0)

@@ -31,6 +31,7 @@ class SweepResult:
     purged: int = 0  # finished jobs deleted by retention
     expired: int = 0  # rows of worker processes that stopped beating, deleted
     due_in: float | None = None  # seconds until the next waiting job is due
+    capped: bool = False  # ai_job_settings.max_running_per_user is set (sql/025)
     error: Exception | None = field(default=None, repr=False)  # the first duty that failed
 
 
@@ -77,6 +78,11 @@ class Sweeper:
     async def next_due(self) -> float | None:
         return (await dal.NEXT_JOB_DUE.one(self.pool))["seconds"]
 
+    async def capped(self) -> bool:
+        """Is a per-user cap set? (The settings row missing: no cap.)"""
+        row = await dal.MAX_RUNNING_PER_USER.first(self.pool)
+        return row is not None and row["cap"] is not None
+
     async def run_once(self) -> SweepResult:
         """Every duty, each on its own: one that fails does not stop the others
         (its error is in the result). A lost database stops the sweep at once:
@@ -101,6 +107,7 @@ class Sweeper:
             if name is not None:
                 setattr(r, name, n)
         r.due_in = await self.next_due()
+        r.capped = await self.capped()
         counts = {name: getattr(r, name) for name, _ in duties if name and getattr(r, name)}
         if counts:
             logger.bind(action="sweep", **counts).info(

@@ -1,7 +1,8 @@
 """Errors to Sentry when SENTRY_DSN is set (nothing is sent, or even set up, when it
 is not). The worker calls capture_job_failure() for every failed attempt, tagged
 as the runbook says: `function: ai-job-runner`, `request_id`, and the extras
-jobId, courseId, retryCount and the error."""
+jobId, courseId, retryCount and the error; while tracing is on, the attempt's
+`trace_id` too (a tag, and the `otel` context with its span_id)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from typing import Any
 import sentry_sdk
 from loguru import logger
 
+from listener import tracing
 from listener.errors import ConfigError, Scrubber
 from listener.jobs import Job
 from listener.settings import Settings
@@ -56,6 +58,9 @@ def capture_job_failure(job: Job, exc: BaseException) -> None:
         scope.set_extra("maxRetries", job.max_retries)
         scope.set_extra("table", job.table)
         scope.set_extra("error", str(exc))
+        if (found := tracing.ids()) is not None:  # the attempt's trace, while tracing is on
+            scope.set_tag("trace_id", found[0])
+            scope.set_context("otel", {"trace_id": found[0], "span_id": found[1]})
         scope.capture_exception(exc)
 
 

@@ -74,7 +74,12 @@ class Worker:
         self.completer = Completer(pool, self.retry, backlog=backlog)
         interval = settings.heartbeat_interval_seconds
         self.leases = LeaseKeeper(
-            pool, interval, retry=self.retry, report=self.report, concurrency=self.concurrency
+            pool,
+            interval,
+            retry=self.retry,
+            report=self.report,
+            concurrency=self.concurrency,
+            progress_interval=settings.progress_interval_seconds,
         )
         self.executor = Executor(
             settings,
@@ -94,6 +99,7 @@ class Worker:
         )
         if gate is not None:  # a breaker closed, a quota learned: held tables looked at again
             gate.on_change = self.producer.recheck
+        self.completer.on_written = self.producer.ended
         self.fast = self.producer.fast
         self.listener = Listener(
             self.dsn,
@@ -223,6 +229,7 @@ class Worker:
         background = [
             asyncio.create_task(self._sweeps()),
             asyncio.create_task(self.leases.heartbeats()),
+            asyncio.create_task(self.leases.progress_writes(), name="progress"),
             asyncio.create_task(self.completer.run()),
             asyncio.create_task(self.registry.run(), name="registry"),
             *(asyncio.create_task(every(i, fn, name, self.report)) for i, fn, name in duties),
@@ -256,6 +263,7 @@ class Worker:
     def _swept(self, result: SweepResult) -> None:
         self.db_health.up()
         self.producer.due_in(result.due_in)
+        self.producer.capped = result.capped
         if result.error is None:
             self.sweeps += 1
 
@@ -278,6 +286,7 @@ class Worker:
         for t in background:
             t.cancel()
         _, stuck = await asyncio.wait(background, timeout=SHUTDOWN_BACKGROUND_SECONDS)
+        await self.leases.progress_connection.aclose()
         if stuck:
             logger.bind(action="shutdown_stuck").warning(
                 f"{len(stuck)} background task(s) did not stop in time: "

@@ -126,6 +126,59 @@ create table ai_job_attempts (
 
 alter table ai_job_attempts enable row level security;
 
+create table ai_job_batch_items (
+    batch_id uuid not null,
+    job_table text not null,
+    job_id uuid not null,
+    claim_token uuid not null,
+    constraint ai_job_batch_items_pkey PRIMARY KEY (batch_id, job_id),
+    constraint ai_job_batch_items_batch_id_fkey FOREIGN KEY (batch_id) REFERENCES ai_job_batches(id) ON DELETE CASCADE,
+    constraint ai_job_batch_items_job_table_check CHECK (job_table = ANY (ARRAY['ai_course_jobs'::text, 'ai_media_jobs'::text]))
+);
+
+alter table ai_job_batch_items enable row level security;
+
+create table ai_job_batches (
+    id uuid default gen_random_uuid() not null,
+    job_table text not null,
+    state text default 'collecting'::text not null,
+    provider text,
+    model text,
+    provider_batch_id text,
+    input_file_id text,
+    worker_id text,
+    lease_until timestamp with time zone default clock_timestamp() not null,
+    created_at timestamp with time zone default clock_timestamp() not null,
+    submitting_at timestamp with time zone,
+    submitted_at timestamp with time zone,
+    ended_at timestamp with time zone,
+    outcome text,
+    error text,
+    constraint ai_job_batches_pkey PRIMARY KEY (id),
+    constraint ai_job_batches_provider_batch_id_key UNIQUE (provider_batch_id),
+    constraint ai_job_batches_job_table_check CHECK (job_table = ANY (ARRAY['ai_course_jobs'::text, 'ai_media_jobs'::text])),
+    constraint ai_job_batches_outcome_check CHECK (outcome = ANY (ARRAY['completed'::text, 'expired'::text, 'failed'::text, 'cancelled'::text, 'empty'::text])),
+    constraint ai_job_batches_state_check CHECK (state = ANY (ARRAY['collecting'::text, 'submitting'::text, 'submitted'::text, 'ended'::text]))
+);
+
+alter table ai_job_batches enable row level security;
+
+create table ai_job_call_histograms (
+    metric text not null,
+    operation text not null,
+    provider text not null,
+    model text not null,
+    token_type text not null,
+    counts bigint[] not null,
+    sum double precision default 0 not null,
+    count bigint default 0 not null,
+    updated_at timestamp with time zone default now() not null,
+    constraint ai_job_call_histograms_pkey PRIMARY KEY (metric, operation, provider, model, token_type),
+    constraint ai_job_call_histograms_metric_check CHECK (metric = ANY (ARRAY['token_usage'::text, 'operation_duration'::text]))
+);
+
+alter table ai_job_call_histograms enable row level security;
+
 create table ai_job_charges (
     id bigint generated always as identity,
     job_table text not null,
@@ -217,11 +270,13 @@ create table ai_job_settings (
     max_params_bytes integer default 8192 not null,
     daily_budget_usd_per_user numeric(12,4),
     budget_estimate_usd_per_job numeric(12,4) default 0.05 not null,
+    max_running_per_user integer,
     constraint ai_job_settings_pkey PRIMARY KEY (singleton),
     constraint ai_job_settings_budget_estimate_usd_per_job_check CHECK (budget_estimate_usd_per_job >= 0::numeric),
     constraint ai_job_settings_daily_budget_usd_per_user_check CHECK (daily_budget_usd_per_user >= 0::numeric),
     constraint ai_job_settings_max_params_bytes_check CHECK (max_params_bytes >= 2 AND max_params_bytes <= 10000000),
     constraint ai_job_settings_max_prompt_length_check CHECK (max_prompt_length >= 1 AND max_prompt_length <= 1000000),
+    constraint ai_job_settings_max_running_per_user_check CHECK (max_running_per_user >= 1),
     constraint ai_job_settings_max_subject_length_check CHECK (max_subject_length >= 1 AND max_subject_length <= 1000000),
     constraint ai_job_settings_rate_limit_per_hour_check CHECK (rate_limit_per_hour >= 0),
     constraint ai_job_settings_singleton_check CHECK (singleton)
@@ -354,6 +409,8 @@ CREATE INDEX ai_course_jobs_created_id_idx ON public.ai_course_jobs USING btree 
 
 CREATE INDEX ai_course_jobs_dead_idx ON public.ai_course_jobs USING btree (created_at, id) WHERE (status = 'dead_letter'::text);
 
+CREATE INDEX ai_course_jobs_due_user_idx ON public.ai_course_jobs USING btree (created_by, run_after DESC) WHERE (status = ANY (ARRAY['pending'::text, 'failed'::text]));
+
 CREATE INDEX ai_course_jobs_ended_idx ON public.ai_course_jobs USING btree (completed_at) WHERE (status = ANY (ARRAY['done'::text, 'dead_letter'::text, 'cancelled'::text]));
 
 CREATE INDEX ai_course_jobs_provider_idx ON public.ai_course_jobs USING btree (((metrics ->> 'provider'::text)), created_at, id) WHERE (metrics ? 'provider'::text);
@@ -370,6 +427,12 @@ CREATE INDEX ai_job_attempts_ended_idx ON public.ai_job_attempts USING btree (en
 
 CREATE INDEX ai_job_attempts_job_idx ON public.ai_job_attempts USING btree (job_id);
 
+CREATE INDEX ai_job_batch_items_job_idx ON public.ai_job_batch_items USING btree (job_id);
+
+CREATE INDEX ai_job_batches_open_idx ON public.ai_job_batches USING btree (lease_until) WHERE (state <> 'ended'::text);
+
+CREATE INDEX ai_job_batches_worker_idx ON public.ai_job_batches USING btree (worker_id) WHERE (state <> 'ended'::text);
+
 CREATE INDEX ai_job_charges_job_idx ON public.ai_job_charges USING btree (job_id);
 
 CREATE INDEX ai_job_charges_user_idx ON public.ai_job_charges USING btree (created_by, charged_at) WHERE (created_by IS NOT NULL);
@@ -381,6 +444,8 @@ CREATE INDEX ai_media_jobs_claim_idx ON public.ai_media_jobs USING btree (run_af
 CREATE INDEX ai_media_jobs_created_id_idx ON public.ai_media_jobs USING btree (created_at, id);
 
 CREATE INDEX ai_media_jobs_dead_idx ON public.ai_media_jobs USING btree (created_at, id) WHERE (status = 'dead_letter'::text);
+
+CREATE INDEX ai_media_jobs_due_user_idx ON public.ai_media_jobs USING btree (created_by, run_after DESC) WHERE (status = ANY (ARRAY['pending'::text, 'failed'::text]));
 
 CREATE INDEX ai_media_jobs_ended_idx ON public.ai_media_jobs USING btree (completed_at) WHERE (status = ANY (ARRAY['done'::text, 'dead_letter'::text, 'cancelled'::text]));
 
@@ -441,6 +506,28 @@ begin
     end if;
     return new;
 end
+$function$;
+
+-- last defined by sql/028_genai_histograms.sql
+CREATE OR REPLACE FUNCTION public.ai_job_add_call_histograms(metrics text[], operations text[], providers text[], models text[], token_types text[], counts text[], sums double precision[], totals bigint[])
+ RETURNS void
+ LANGUAGE sql
+ SET search_path TO 'pg_catalog', 'public', 'pg_temp'
+AS $function$
+    insert into ai_job_call_histograms as h
+        (metric, operation, provider, model, token_type, counts, sum, count)
+    select m, o, p, mo, tt, c::bigint[], s, n
+    from unnest(metrics, operations, providers, models, token_types, counts, sums, totals)
+        as u(m, o, p, mo, tt, c, s, n)
+    on conflict (metric, operation, provider, model, token_type) do update
+    set counts = (
+            select array_agg(coalesce(a, 0) + coalesce(b, 0) order by i)
+            from unnest(h.counts, excluded.counts) with ordinality as x(a, b, i)
+        ),
+        sum = h.sum + excluded.sum,
+        count = h.count + excluded.count,
+        updated_at = now()
+    where cardinality(h.counts) = cardinality(excluded.counts)
 $function$;
 
 -- last defined by sql/021_admission_hardening.sql
@@ -563,6 +650,235 @@ begin
         new.worker_id := null;
     end if;
     return new;
+end
+$function$;
+
+-- last defined by sql/027_batches.sql
+CREATE OR REPLACE FUNCTION public.ai_job_batch_end(p_batch uuid, worker text, p_outcome text, p_error text)
+ RETURNS integer
+ LANGUAGE plpgsql
+ SET search_path TO 'pg_catalog', 'public', 'pg_temp'
+AS $function$
+declare
+    n int := 0;
+    m int := 0;
+begin
+    update ai_job_batches
+    set state = 'ended', outcome = p_outcome, error = left(p_error, 500),
+        ended_at = clock_timestamp()
+    where id = p_batch and worker_id = worker and state <> 'ended';
+    if not found then
+        return 0;
+    end if;
+    update ai_course_jobs j
+    set status = 'pending', started_at = null, last_heartbeat = null, claim_token = null,
+        worker_id = null, run_after = now(), progress = null, batch = false
+    from ai_job_batch_items i
+    where i.batch_id = p_batch and i.job_table = 'ai_course_jobs'
+      and j.id = i.job_id and j.claim_token = i.claim_token and j.status = 'processing';
+    get diagnostics n = row_count;
+    update ai_media_jobs j
+    set status = 'pending', started_at = null, last_heartbeat = null, claim_token = null,
+        worker_id = null, run_after = now(), progress = null, batch = false
+    from ai_job_batch_items i
+    where i.batch_id = p_batch and i.job_table = 'ai_media_jobs'
+      and j.id = i.job_id and j.claim_token = i.claim_token and j.status = 'processing';
+    get diagnostics m = row_count;
+    return n + m;
+end
+$function$;
+
+-- last defined by sql/027_batches.sql
+CREATE OR REPLACE FUNCTION public.ai_job_batch_jobs(p_batch uuid, worker text)
+ RETURNS TABLE(job_table text, id uuid, claim_token uuid, retry_count integer, max_retries integer, job jsonb)
+ LANGUAGE sql
+ SET search_path TO 'pg_catalog', 'public', 'pg_temp'
+AS $function$
+    select 'ai_course_jobs'::text, j.id, j.claim_token, j.retry_count, j.max_retries,
+           jsonb_build_object('id', j.id, 'subject', j.subject, 'course_id', j.course_id,
+                              'params', j.params)
+    from ai_job_batches x
+    join ai_job_batch_items i on i.batch_id = x.id
+    join ai_course_jobs j on j.id = i.job_id and j.claim_token = i.claim_token
+    where x.id = p_batch and x.worker_id = worker and i.job_table = 'ai_course_jobs'
+      and j.status = 'processing'
+    union all
+    select 'ai_media_jobs'::text, j.id, j.claim_token, j.retry_count, j.max_retries,
+           jsonb_build_object('id', j.id, 'prompt', j.prompt, 'media_type', j.media_type,
+                              'course_id', j.course_id, 'params', j.params)
+    from ai_job_batches x
+    join ai_job_batch_items i on i.batch_id = x.id
+    join ai_media_jobs j on j.id = i.job_id and j.claim_token = i.claim_token
+    where x.id = p_batch and x.worker_id = worker and i.job_table = 'ai_media_jobs'
+      and j.status = 'processing'
+$function$;
+
+-- last defined by sql/027_batches.sql
+CREATE OR REPLACE FUNCTION public.ai_job_batch_submitted(p_batch uuid, worker text, p_batch_id text, p_file_id text)
+ RETURNS boolean
+ LANGUAGE sql
+ SET search_path TO 'pg_catalog', 'public', 'pg_temp'
+AS $function$
+    with done as (
+        update ai_job_batches
+        set state = 'submitted', provider_batch_id = p_batch_id, input_file_id = p_file_id,
+            submitted_at = clock_timestamp()
+        where id = p_batch and worker_id = worker and state = 'submitting'
+        returning 1
+    )
+    select exists (select from done)
+$function$;
+
+-- last defined by sql/027_batches.sql
+CREATE OR REPLACE FUNCTION public.ai_job_batch_submitting(p_batch uuid, worker text, p_provider text, p_model text)
+ RETURNS TABLE(id uuid, claim_token uuid, retry_count integer, max_retries integer, job jsonb)
+ LANGUAGE plpgsql
+ SET search_path TO 'pg_catalog', 'public', 'pg_temp'
+AS $function$
+#variable_conflict use_column
+declare
+    t text;
+begin
+    update ai_job_batches x
+    set state = 'submitting', provider = p_provider, model = p_model,
+        submitting_at = coalesce(x.submitting_at, clock_timestamp())
+    where x.id = p_batch and x.worker_id = worker and x.state in ('collecting', 'submitting')
+    returning x.job_table into t;
+    if t is null then
+        return;
+    end if;
+    if t = 'ai_course_jobs' then
+        delete from ai_job_batch_items i
+        where i.batch_id = p_batch and not exists (
+            select from ai_course_jobs j
+            where j.id = i.job_id and j.claim_token = i.claim_token and j.status = 'processing');
+        return query
+        select j.id, j.claim_token, j.retry_count, j.max_retries,
+               jsonb_build_object('id', j.id, 'subject', j.subject, 'course_id', j.course_id,
+                                  'params', j.params)
+        from ai_job_batch_items i join ai_course_jobs j
+             on j.id = i.job_id and j.claim_token = i.claim_token
+        where i.batch_id = p_batch and j.status = 'processing'
+        order by j.id;
+    else
+        delete from ai_job_batch_items i
+        where i.batch_id = p_batch and not exists (
+            select from ai_media_jobs j
+            where j.id = i.job_id and j.claim_token = i.claim_token and j.status = 'processing');
+        return query
+        select j.id, j.claim_token, j.retry_count, j.max_retries,
+               jsonb_build_object('id', j.id, 'prompt', j.prompt, 'media_type', j.media_type,
+                                  'course_id', j.course_id, 'params', j.params)
+        from ai_job_batch_items i join ai_media_jobs j
+             on j.id = i.job_id and j.claim_token = i.claim_token
+        where i.batch_id = p_batch and j.status = 'processing'
+        order by j.id;
+    end if;
+    if not found then
+        update ai_job_batches x
+        set state = 'ended', outcome = 'empty', ended_at = clock_timestamp()
+        where x.id = p_batch;
+    end if;
+end
+$function$;
+
+-- last defined by sql/027_batches.sql
+CREATE OR REPLACE FUNCTION public.ai_job_batch_take(table_name text, job_id uuid, token uuid, worker text, lease_seconds double precision, max_jobs integer)
+ RETURNS uuid
+ LANGUAGE plpgsql
+ SET search_path TO 'pg_catalog', 'public', 'pg_temp'
+AS $function$
+declare
+    t text := ai_job_table(table_name);
+    is_batch boolean;
+    st text;
+    held uuid;
+    b uuid;
+    item uuid;
+begin
+    -- No lock for the usual job: `batch` is the client's, the claim does not change it.
+    execute format('select batch from %I where id = $1', t) into is_batch using job_id;
+    if not coalesce(is_batch, false) then
+        return null;
+    end if;
+    execute format('select status, claim_token from %I where id = $1 for update', t)
+        into st, held using job_id;
+    if st is distinct from 'processing' or held is distinct from token then
+        return null;
+    end if;
+    select i.batch_id, i.claim_token into b, item
+    from ai_job_batch_items i join ai_job_batches x on x.id = i.batch_id
+    where i.job_id = ai_job_batch_take.job_id and x.state <> 'ended'
+    order by x.created_at desc limit 1;
+    if b is null then
+        perform pg_advisory_xact_lock(hashtext('ai_job_batch_take'), hashtext(worker || t));
+        select x.id into b from ai_job_batches x
+        where x.worker_id = worker and x.job_table = t and x.state = 'collecting'
+          and (select count(*) from ai_job_batch_items i where i.batch_id = x.id) < max_jobs
+        order by x.created_at desc limit 1
+        for update;  -- against ai_job_batch_submitting: the job is in what is sent, or not
+        if b is null then
+            insert into ai_job_batches (job_table, worker_id, lease_until)
+            values (t, worker, clock_timestamp() + make_interval(secs => lease_seconds))
+            returning id into b;
+        end if;
+        item := gen_random_uuid();
+        insert into ai_job_batch_items (batch_id, job_table, job_id, claim_token)
+        values (b, t, job_id, item);
+    end if;
+    execute format($q$
+        update %I set claim_token = $2, last_heartbeat = clock_timestamp(),
+               progress = jsonb_build_object('phase', 'batched', 'percent', 0)
+        where id = $1
+    $q$, t) using job_id, item;
+    return b;
+end
+$function$;
+
+-- last defined by sql/027_batches.sql
+CREATE OR REPLACE FUNCTION public.ai_job_batch_watch(worker text, lease_seconds double precision, adopt integer, beat_after double precision)
+ RETURNS TABLE(id uuid, job_table text, state text, provider text, model text, provider_batch_id text, age_seconds double precision, jobs integer)
+ LANGUAGE plpgsql
+ SET search_path TO 'pg_catalog', 'public', 'pg_temp'
+AS $function$
+#variable_conflict use_column
+declare
+    held uuid[];
+    lease timestamptz := clock_timestamp() + make_interval(secs => lease_seconds);
+    stale timestamptz := clock_timestamp() - make_interval(secs => beat_after);
+begin
+    held := array(
+        select y.id from ai_job_batches y
+        where y.worker_id = worker and y.state <> 'ended'
+        for update skip locked)
+        || array(
+        select z.id from ai_job_batches z
+        where z.state <> 'ended' and z.lease_until < clock_timestamp()
+          and z.worker_id is distinct from worker
+        order by z.lease_until
+        limit adopt
+        for update skip locked);
+    -- A lease is renewed once half of it is gone (not at every tick: fewer writes).
+    update ai_job_batches x set worker_id = worker, lease_until = lease
+    where x.id = any(held)
+      and (x.worker_id is distinct from worker
+           or x.lease_until < clock_timestamp() + make_interval(secs => lease_seconds / 2));
+    update ai_course_jobs j set last_heartbeat = clock_timestamp()
+    from ai_job_batch_items i
+    where i.batch_id = any(held) and i.job_table = 'ai_course_jobs'
+      and j.id = i.job_id and j.claim_token = i.claim_token and j.status = 'processing'
+      and j.last_heartbeat < stale;
+    update ai_media_jobs j set last_heartbeat = clock_timestamp()
+    from ai_job_batch_items i
+    where i.batch_id = any(held) and i.job_table = 'ai_media_jobs'
+      and j.id = i.job_id and j.claim_token = i.claim_token and j.status = 'processing'
+      and j.last_heartbeat < stale;
+    return query
+    select x.id, x.job_table, x.state, x.provider, x.model, x.provider_batch_id,
+           extract(epoch from clock_timestamp() - x.created_at)::float8,
+           (select count(*)::int from ai_job_batch_items i where i.batch_id = x.id)
+    from ai_job_batches x where x.id = any(held)
+    order by x.created_at;
 end
 $function$;
 
@@ -766,6 +1082,52 @@ begin
 end
 $function$;
 
+-- last defined by sql/025_fair_claims.sql
+CREATE OR REPLACE FUNCTION public.ai_job_due_users(table_name text)
+ RETURNS uuid[]
+ LANGUAGE plpgsql
+ STABLE
+ SET search_path TO 'pg_catalog', 'public', 'pg_temp'
+AS $function$
+begin
+    if table_name = 'ai_course_jobs' then
+        return array(
+            with recursive u(k) as (
+                (select created_by from ai_course_jobs
+                 where status in ('pending', 'failed') and created_by is not null
+                 order by created_by, run_after desc limit 1)
+                union all
+                select (select created_by from ai_course_jobs
+                        where status in ('pending', 'failed') and created_by > u.k
+                        order by created_by, run_after desc limit 1)
+                from u where u.k is not null)
+            select k from u where k is not null
+            union all
+            select '00000000-0000-0000-0000-000000000000'::uuid
+            where (select 1 from ai_course_jobs
+                   where status in ('pending', 'failed') and created_by is null
+                   order by created_by, run_after desc limit 1) is not null);
+    else
+        return array(
+            with recursive u(k) as (
+                (select created_by from ai_media_jobs
+                 where status in ('pending', 'failed') and created_by is not null
+                 order by created_by, run_after desc limit 1)
+                union all
+                select (select created_by from ai_media_jobs
+                        where status in ('pending', 'failed') and created_by > u.k
+                        order by created_by, run_after desc limit 1)
+                from u where u.k is not null)
+            select k from u where k is not null
+            union all
+            select '00000000-0000-0000-0000-000000000000'::uuid
+            where (select 1 from ai_media_jobs
+                   where status in ('pending', 'failed') and created_by is null
+                   order by created_by, run_after desc limit 1) is not null);
+    end if;
+end
+$function$;
+
 -- last defined by sql/021_admission_hardening.sql
 CREATE OR REPLACE FUNCTION public.ai_job_enforce_limits()
  RETURNS trigger
@@ -805,6 +1167,98 @@ begin
                   hint = 'Wait, or change ai_job_settings.rate_limit_per_hour.';
     end if;
     return new;
+end
+$function$;
+
+-- last defined by sql/025_fair_claims.sql
+CREATE OR REPLACE FUNCTION public.ai_job_fair_ids(table_name text, max_jobs integer, held uuid[] DEFAULT NULL::uuid[])
+ RETURNS uuid[]
+ LANGUAGE plpgsql
+ SET search_path TO 'pg_catalog', 'public', 'pg_temp'
+AS $function$
+declare
+    cap int;
+    users uuid[];
+begin
+    select max_running_per_user into cap from ai_job_settings;
+    if cap is null and ai_job_one_user_due(table_name) then
+        return null;
+    end if;
+    users := ai_job_due_users(table_name);
+    if cap is not null then
+        if held is null then
+            perform ai_job_lock_users(users);
+        else
+            users := array(select unnest(users) intersect select unnest(held));
+        end if;
+    end if;
+    -- A new statement, a new snapshot: what the locks' holders claimed is seen.
+    return ai_job_fair_pick(table_name, users, greatest(max_jobs, 0), cap);
+end
+$function$;
+
+-- last defined by sql/025_fair_claims.sql
+CREATE OR REPLACE FUNCTION public.ai_job_fair_pick(table_name text, users uuid[], wanted integer, cap integer)
+ RETURNS uuid[]
+ LANGUAGE plpgsql
+ STABLE
+ SET search_path TO 'pg_catalog', 'public', 'pg_temp'
+ SET plan_cache_mode TO 'force_generic_plan'
+AS $function$
+begin
+    if table_name = 'ai_course_jobs' then
+        return array(
+            select d.id
+            from (select u.k, coalesce(r.running, 0) as running
+                  from unnest(users) u(k)
+                  left join ai_job_running_by_user() r on r.user_key = u.k) u
+            cross join lateral (
+                select c.id, c.run_after,
+                       u.running + row_number() over (order by c.run_after, c.id) - 1 as level
+                from ((select id, run_after from ai_course_jobs
+                       where created_by >= u.k and created_by <= u.k
+                         and status in ('pending', 'failed')
+                         and run_after <= now() and (status = 'pending' or retry_count < max_retries)
+                       order by created_by desc, run_after
+                       limit greatest(0, least(wanted, coalesce(cap - u.running, wanted))))
+                      union all
+                      (select id, run_after from ai_course_jobs
+                       where u.k = '00000000-0000-0000-0000-000000000000'::uuid
+                         and created_by is null
+                         and status in ('pending', 'failed')
+                         and run_after <= now() and (status = 'pending' or retry_count < max_retries)
+                       order by created_by desc, run_after
+                       limit greatest(0, least(wanted, coalesce(cap - u.running, wanted))))) c
+            ) d
+            order by d.level, d.run_after, d.id
+            limit 2 * wanted);
+    else
+        return array(
+            select d.id
+            from (select u.k, coalesce(r.running, 0) as running
+                  from unnest(users) u(k)
+                  left join ai_job_running_by_user() r on r.user_key = u.k) u
+            cross join lateral (
+                select c.id, c.run_after,
+                       u.running + row_number() over (order by c.run_after, c.id) - 1 as level
+                from ((select id, run_after from ai_media_jobs
+                       where created_by >= u.k and created_by <= u.k
+                         and status in ('pending', 'failed')
+                         and run_after <= now() and (status = 'pending' or retry_count < max_retries)
+                       order by created_by desc, run_after
+                       limit greatest(0, least(wanted, coalesce(cap - u.running, wanted))))
+                      union all
+                      (select id, run_after from ai_media_jobs
+                       where u.k = '00000000-0000-0000-0000-000000000000'::uuid
+                         and created_by is null
+                         and status in ('pending', 'failed')
+                         and run_after <= now() and (status = 'pending' or retry_count < max_retries)
+                       order by created_by desc, run_after
+                       limit greatest(0, least(wanted, coalesce(cap - u.running, wanted))))) c
+            ) d
+            order by d.level, d.run_after, d.id
+            limit 2 * wanted);
+    end if;
 end
 $function$;
 
@@ -871,6 +1325,57 @@ AS $function$
         returning 1
     )
     select count(*) from d
+$function$;
+
+-- last defined by sql/025_fair_claims.sql
+CREATE OR REPLACE FUNCTION public.ai_job_lock_users(users uuid[])
+ RETURNS void
+ LANGUAGE plpgsql
+ SET search_path TO 'pg_catalog', 'public', 'pg_temp'
+AS $function$
+declare
+    k int;
+begin
+    for k in select distinct hashtext(u::text) from unnest(users) u order by 1 loop
+        perform pg_advisory_xact_lock(hashtext('ai-jobs user'), k);
+    end loop;
+end
+$function$;
+
+-- last defined by sql/025_fair_claims.sql
+CREATE OR REPLACE FUNCTION public.ai_job_one_user_due(table_name text)
+ RETURNS boolean
+ LANGUAGE plpgsql
+ STABLE
+ SET search_path TO 'pg_catalog', 'public', 'pg_temp'
+AS $function$
+declare
+    u uuid;
+begin
+    if table_name = 'ai_course_jobs' then
+        select created_by into u from ai_course_jobs
+        where status in ('pending', 'failed') and created_by is not null
+        order by created_by, run_after desc limit 1;
+        return u is null
+            or ((select created_by from ai_course_jobs
+                 where status in ('pending', 'failed') and created_by > u
+                 order by created_by, run_after desc limit 1) is null
+                and (select 1 from ai_course_jobs
+                     where status in ('pending', 'failed') and created_by is null
+                     order by created_by, run_after desc limit 1) is null);
+    else
+        select created_by into u from ai_media_jobs
+        where status in ('pending', 'failed') and created_by is not null
+        order by created_by, run_after desc limit 1;
+        return u is null
+            or ((select created_by from ai_media_jobs
+                 where status in ('pending', 'failed') and created_by > u
+                 order by created_by, run_after desc limit 1) is null
+                and (select 1 from ai_media_jobs
+                     where status in ('pending', 'failed') and created_by is null
+                     order by created_by, run_after desc limit 1) is null);
+    end if;
+end
 $function$;
 
 -- last defined by sql/024_client_columns.sql
@@ -1339,6 +1844,23 @@ begin
 end
 $function$;
 
+-- last defined by sql/025_fair_claims.sql
+CREATE OR REPLACE FUNCTION public.ai_job_running_by_user()
+ RETURNS TABLE(user_key uuid, running integer)
+ LANGUAGE plpgsql
+ STABLE
+ SET search_path TO 'pg_catalog', 'public', 'pg_temp'
+AS $function$
+begin
+    return query
+    select coalesce(r.created_by, '00000000-0000-0000-0000-000000000000'::uuid), count(*)::int
+    from (select created_by from ai_course_jobs where status = 'processing'
+          union all
+          select created_by from ai_media_jobs where status = 'processing') r
+    group by 1;
+end
+$function$;
+
 -- last defined by sql/016_cancel_pause_attempts.sql
 CREATE OR REPLACE FUNCTION public.ai_job_set_paused(table_name text, pause boolean)
  RETURNS boolean
@@ -1356,6 +1878,20 @@ begin
     perform pg_notify('ai_jobs', json_build_object('table', t, 'paused', pause)::text);
     perform pg_notify('ai_jobs_events', 'ai_job_queues');  -- dashboards
     return changed;
+end
+$function$;
+
+-- last defined by sql/025_fair_claims.sql
+CREATE OR REPLACE FUNCTION public.ai_job_settings_changed()
+ RETURNS trigger
+ LANGUAGE plpgsql
+ SET search_path TO 'pg_catalog', 'public', 'pg_temp'
+AS $function$
+begin
+    if new.max_running_per_user is distinct from old.max_running_per_user then
+        perform pg_notify('ai_jobs', '');
+    end if;
+    return null;
 end
 $function$;
 
@@ -1431,6 +1967,27 @@ CREATE OR REPLACE FUNCTION public.ai_job_type(table_name text)
  IMMUTABLE
  SET search_path TO 'pg_catalog', 'public', 'pg_temp'
 AS $function$ select case table_name when 'ai_course_jobs' then 'course' when 'ai_media_jobs' then 'media' end $function$;
+
+-- last defined by sql/025_fair_claims.sql
+CREATE OR REPLACE FUNCTION public.ai_job_under_cap(created_by uuid)
+ RETURNS boolean
+ LANGUAGE plpgsql
+ SET search_path TO 'pg_catalog', 'public', 'pg_temp'
+AS $function$
+declare
+    cap int;
+    k uuid := coalesce(created_by, '00000000-0000-0000-0000-000000000000'::uuid);
+begin
+    select max_running_per_user into cap from ai_job_settings;
+    if cap is null then
+        return true;
+    end if;
+    perform ai_job_lock_users(array[k]);
+    -- A new statement, a new snapshot: what the lock's last holder claimed is seen.
+    return coalesce((select r.running from ai_job_running_by_user() r where r.user_key = k), 0)
+           < cap;
+end
+$function$;
 
 -- last defined by sql/003_functions.sql
 CREATE OR REPLACE FUNCTION public.ai_job_user_jobs_last_hour(user_id uuid, table_name text)
@@ -1665,7 +2222,7 @@ begin
 end
 $function$;
 
--- last defined by sql/020_lean_drain.sql
+-- last defined by sql/025_fair_claims.sql
 CREATE OR REPLACE FUNCTION public.claim_due_job(table_name text, job_id uuid, worker text)
  RETURNS TABLE(job_table text, id uuid, claim_token uuid, retry_count integer, max_retries integer, job jsonb)
  LANGUAGE plpgsql
@@ -1685,6 +2242,9 @@ begin
               and (status = 'pending' or retry_count < max_retries)
               and not exists (select from ai_job_queues q
                               where q.job_table = 'ai_course_jobs' and q.paused)
+              and (not exists (select from ai_job_settings
+                               where max_running_per_user is not null)
+                   or ai_job_under_cap(created_by))
             for update of ai_course_jobs skip locked)
         returning 'ai_course_jobs'::text, j.id, j.claim_token, j.retry_count, j.max_retries,
                   jsonb_build_object('id', j.id, 'subject', j.subject, 'course_id', j.course_id,
@@ -1701,6 +2261,9 @@ begin
               and (status = 'pending' or retry_count < max_retries)
               and not exists (select from ai_job_queues q
                               where q.job_table = 'ai_media_jobs' and q.paused)
+              and (not exists (select from ai_job_settings
+                               where max_running_per_user is not null)
+                   or ai_job_under_cap(created_by))
             for update of ai_media_jobs skip locked)
         returning 'ai_media_jobs'::text, j.id, j.claim_token, j.retry_count, j.max_retries,
                   jsonb_build_object('id', j.id, 'prompt', j.prompt, 'media_type', j.media_type,
@@ -1709,13 +2272,20 @@ begin
 end
 $function$;
 
--- last defined by sql/020_lean_drain.sql
+-- last defined by sql/025_fair_claims.sql
 CREATE OR REPLACE FUNCTION public.claim_job(table_name text, job_id uuid, worker text)
  RETURNS TABLE(job_table text, id uuid, claim_token uuid, retry_count integer, max_retries integer, job jsonb)
  LANGUAGE plpgsql
  SET search_path TO 'pg_catalog', 'public', 'pg_temp'
 AS $function$
+declare
+    owner uuid;
 begin
+    execute format('select created_by from %I where id = $1', ai_job_table(table_name))
+    into owner using job_id;
+    if not ai_job_under_cap(owner) then
+        return;
+    end if;
     return query execute format($q$
         update %1$I j
         set status = 'processing', started_at = clock_timestamp(),
@@ -1740,70 +2310,131 @@ begin
 end
 $function$;
 
--- last defined by sql/020_lean_drain.sql
+-- last defined by sql/025_fair_claims.sql
 CREATE OR REPLACE FUNCTION public.claim_jobs(table_name text, worker text, max_jobs integer DEFAULT 1)
  RETURNS TABLE(job_table text, id uuid, claim_token uuid, retry_count integer, max_retries integer, job jsonb)
  LANGUAGE plpgsql
- SET plan_cache_mode TO 'force_generic_plan'
  SET search_path TO 'pg_catalog', 'public', 'pg_temp'
+ SET plan_cache_mode TO 'force_generic_plan'
 AS $function$
 #variable_conflict use_column
 declare
     got int := 0;
+    ids uuid[];
+    held uuid[];
 begin
     if table_name is not null then
         perform ai_job_table(table_name);
+    elsif exists (select from ai_job_settings where max_running_per_user is not null) then
+        held := ai_job_due_users('ai_course_jobs') || ai_job_due_users('ai_media_jobs');
+        perform ai_job_lock_users(held);
     end if;
     if table_name is null or table_name = 'ai_course_jobs' then
-        return query
-        update ai_course_jobs j
-        set status = 'processing', started_at = clock_timestamp(),
-            last_heartbeat = clock_timestamp(), claim_token = gen_random_uuid(),
-            worker_id = worker, completed_at = null
-        where j.id = any(array(
-            select id from ai_course_jobs
-            where status in ('pending', 'failed') and run_after <= now()
-              and (status = 'pending' or retry_count < max_retries)
-              and not exists (select from ai_job_queues q
-                              where q.job_table = 'ai_course_jobs' and q.paused)
-            order by run_after
-            limit max_jobs
-            for update of ai_course_jobs skip locked))
-        returning 'ai_course_jobs'::text, j.id, j.claim_token, j.retry_count, j.max_retries,
-                  jsonb_build_object('id', j.id, 'subject', j.subject, 'course_id', j.course_id,
-                                     'params', j.params);
+        ids := null;
+        if held is not null or exists (select from ai_job_settings where max_running_per_user is not null)
+           or (select created_by from ai_course_jobs
+               where status in ('pending', 'failed') and created_by is not null
+               order by created_by, run_after desc limit 1) is not null then
+            ids := ai_job_fair_ids('ai_course_jobs', max_jobs, held);
+        end if;
+        if ids is null then
+            return query
+            update ai_course_jobs j
+            set status = 'processing', started_at = clock_timestamp(),
+                last_heartbeat = clock_timestamp(), claim_token = gen_random_uuid(),
+                worker_id = worker, completed_at = null
+            where j.id = any(array(
+                select id from ai_course_jobs
+                where status in ('pending', 'failed') and run_after <= now()
+                  and (status = 'pending' or retry_count < max_retries)
+                  and not exists (select from ai_job_queues q
+                                  where q.job_table = 'ai_course_jobs' and q.paused)
+                order by run_after
+                limit max_jobs
+                for update of ai_course_jobs skip locked))
+            returning 'ai_course_jobs'::text, j.id, j.claim_token, j.retry_count, j.max_retries,
+                      jsonb_build_object('id', j.id, 'subject', j.subject, 'course_id', j.course_id,
+                                         'params', j.params);
+        else
+            return query
+            update ai_course_jobs j
+            set status = 'processing', started_at = clock_timestamp(),
+                last_heartbeat = clock_timestamp(), claim_token = gen_random_uuid(),
+                worker_id = worker, completed_at = null
+            where j.id = any(array(
+                select id from ai_course_jobs
+                where id = any(ids) and status in ('pending', 'failed') and run_after <= now()
+                  and (status = 'pending' or retry_count < max_retries)
+                  and not exists (select from ai_job_queues q
+                                  where q.job_table = 'ai_course_jobs' and q.paused)
+                order by array_position(ids, id)
+                limit max_jobs
+                for update of ai_course_jobs skip locked))
+            returning 'ai_course_jobs'::text, j.id, j.claim_token, j.retry_count, j.max_retries,
+                      jsonb_build_object('id', j.id, 'subject', j.subject, 'course_id', j.course_id,
+                                         'params', j.params);
+        end if;
         get diagnostics got = row_count;
     end if;
     if (table_name is null and got < max_jobs) or table_name = 'ai_media_jobs' then
-        return query
-        update ai_media_jobs j
-        set status = 'processing', started_at = clock_timestamp(),
-            last_heartbeat = clock_timestamp(), claim_token = gen_random_uuid(),
-            worker_id = worker, completed_at = null
-        where j.id = any(array(
-            select id from ai_media_jobs
-            where status in ('pending', 'failed') and run_after <= now()
-              and (status = 'pending' or retry_count < max_retries)
-              and not exists (select from ai_job_queues q
-                              where q.job_table = 'ai_media_jobs' and q.paused)
-            order by run_after
-            limit max_jobs - got
-            for update of ai_media_jobs skip locked))
-        returning 'ai_media_jobs'::text, j.id, j.claim_token, j.retry_count, j.max_retries,
-                  jsonb_build_object('id', j.id, 'prompt', j.prompt, 'media_type', j.media_type,
-                                     'course_id', j.course_id, 'params', j.params);
+        ids := null;
+        if held is not null or exists (select from ai_job_settings where max_running_per_user is not null)
+           or (select created_by from ai_media_jobs
+               where status in ('pending', 'failed') and created_by is not null
+               order by created_by, run_after desc limit 1) is not null then
+            ids := ai_job_fair_ids('ai_media_jobs', max_jobs - got, held);
+        end if;
+        if ids is null then
+            return query
+            update ai_media_jobs j
+            set status = 'processing', started_at = clock_timestamp(),
+                last_heartbeat = clock_timestamp(), claim_token = gen_random_uuid(),
+                worker_id = worker, completed_at = null
+            where j.id = any(array(
+                select id from ai_media_jobs
+                where status in ('pending', 'failed') and run_after <= now()
+                  and (status = 'pending' or retry_count < max_retries)
+                  and not exists (select from ai_job_queues q
+                                  where q.job_table = 'ai_media_jobs' and q.paused)
+                order by run_after
+                limit max_jobs - got
+                for update of ai_media_jobs skip locked))
+            returning 'ai_media_jobs'::text, j.id, j.claim_token, j.retry_count, j.max_retries,
+                      jsonb_build_object('id', j.id, 'prompt', j.prompt, 'media_type', j.media_type,
+                                         'course_id', j.course_id, 'params', j.params);
+        else
+            return query
+            update ai_media_jobs j
+            set status = 'processing', started_at = clock_timestamp(),
+                last_heartbeat = clock_timestamp(), claim_token = gen_random_uuid(),
+                worker_id = worker, completed_at = null
+            where j.id = any(array(
+                select id from ai_media_jobs
+                where id = any(ids) and status in ('pending', 'failed') and run_after <= now()
+                  and (status = 'pending' or retry_count < max_retries)
+                  and not exists (select from ai_job_queues q
+                                  where q.job_table = 'ai_media_jobs' and q.paused)
+                order by array_position(ids, id)
+                limit max_jobs - got
+                for update of ai_media_jobs skip locked))
+            returning 'ai_media_jobs'::text, j.id, j.claim_token, j.retry_count, j.max_retries,
+                      jsonb_build_object('id', j.id, 'prompt', j.prompt, 'media_type', j.media_type,
+                                         'course_id', j.course_id, 'params', j.params);
+        end if;
     end if;
 end
 $function$;
 
--- last defined by sql/020_lean_drain.sql
+-- last defined by sql/025_fair_claims.sql
 CREATE OR REPLACE FUNCTION public.complete_and_claim(table_name text, worker text, max_jobs integer, job_ids uuid[], tokens uuid[], result_paths text[], job_metrics jsonb[])
  RETURNS TABLE(kind text, job_table text, id uuid, claim_token uuid, retry_count integer, max_retries integer, job jsonb)
  LANGUAGE plpgsql
- SET plan_cache_mode TO 'force_generic_plan'
  SET search_path TO 'pg_catalog', 'public', 'pg_temp'
+ SET plan_cache_mode TO 'force_generic_plan'
 AS $function$
 #variable_conflict use_column
+declare
+    ids uuid[];
 begin
     if ai_job_table(table_name) = 'ai_course_jobs' then
         return query
@@ -1817,24 +2448,52 @@ begin
           and job_ids[array_position(tokens, j.claim_token)] = j.id
         returning 'done'::text, 'ai_course_jobs'::text, j.id, null::uuid, null::int, null::int,
                   null::jsonb;
-        return query
-        update ai_course_jobs j
-        set status = 'processing', started_at = clock_timestamp(),
-            last_heartbeat = clock_timestamp(), claim_token = gen_random_uuid(),
-            worker_id = worker, completed_at = null
-        where j.id = any(array(
-            select id from ai_course_jobs
-            where status in ('pending', 'failed') and run_after <= now()
-              and (status = 'pending' or retry_count < max_retries)
-              and not exists (select from ai_job_queues q
-                              where q.job_table = 'ai_course_jobs' and q.paused)
-            order by run_after
-            limit max_jobs
-            for update of ai_course_jobs skip locked))
-        returning 'claimed'::text, 'ai_course_jobs'::text, j.id, j.claim_token, j.retry_count,
-                  j.max_retries,
-                  jsonb_build_object('id', j.id, 'subject', j.subject, 'course_id', j.course_id,
-                                     'params', j.params);
+        ids := null;
+        if exists (select from ai_job_settings where max_running_per_user is not null)
+           or (select created_by from ai_course_jobs
+               where status in ('pending', 'failed') and created_by is not null
+               order by created_by, run_after desc limit 1) is not null then
+            ids := ai_job_fair_ids('ai_course_jobs', max_jobs);
+        end if;
+        if ids is null then
+            return query
+            update ai_course_jobs j
+            set status = 'processing', started_at = clock_timestamp(),
+                last_heartbeat = clock_timestamp(), claim_token = gen_random_uuid(),
+                worker_id = worker, completed_at = null
+            where j.id = any(array(
+                select id from ai_course_jobs
+                where status in ('pending', 'failed') and run_after <= now()
+                  and (status = 'pending' or retry_count < max_retries)
+                  and not exists (select from ai_job_queues q
+                                  where q.job_table = 'ai_course_jobs' and q.paused)
+                order by run_after
+                limit max_jobs
+                for update of ai_course_jobs skip locked))
+            returning 'claimed'::text, 'ai_course_jobs'::text, j.id, j.claim_token, j.retry_count,
+                      j.max_retries,
+                      jsonb_build_object('id', j.id, 'subject', j.subject, 'course_id', j.course_id,
+                                         'params', j.params);
+        else
+            return query
+            update ai_course_jobs j
+            set status = 'processing', started_at = clock_timestamp(),
+                last_heartbeat = clock_timestamp(), claim_token = gen_random_uuid(),
+                worker_id = worker, completed_at = null
+            where j.id = any(array(
+                select id from ai_course_jobs
+                where id = any(ids) and status in ('pending', 'failed') and run_after <= now()
+                  and (status = 'pending' or retry_count < max_retries)
+                  and not exists (select from ai_job_queues q
+                                  where q.job_table = 'ai_course_jobs' and q.paused)
+                order by array_position(ids, id)
+                limit max_jobs
+                for update of ai_course_jobs skip locked))
+            returning 'claimed'::text, 'ai_course_jobs'::text, j.id, j.claim_token, j.retry_count,
+                      j.max_retries,
+                      jsonb_build_object('id', j.id, 'subject', j.subject, 'course_id', j.course_id,
+                                         'params', j.params);
+        end if;
     else
         return query
         update ai_media_jobs j
@@ -1847,24 +2506,52 @@ begin
           and job_ids[array_position(tokens, j.claim_token)] = j.id
         returning 'done'::text, 'ai_media_jobs'::text, j.id, null::uuid, null::int, null::int,
                   null::jsonb;
-        return query
-        update ai_media_jobs j
-        set status = 'processing', started_at = clock_timestamp(),
-            last_heartbeat = clock_timestamp(), claim_token = gen_random_uuid(),
-            worker_id = worker, completed_at = null
-        where j.id = any(array(
-            select id from ai_media_jobs
-            where status in ('pending', 'failed') and run_after <= now()
-              and (status = 'pending' or retry_count < max_retries)
-              and not exists (select from ai_job_queues q
-                              where q.job_table = 'ai_media_jobs' and q.paused)
-            order by run_after
-            limit max_jobs
-            for update of ai_media_jobs skip locked))
-        returning 'claimed'::text, 'ai_media_jobs'::text, j.id, j.claim_token, j.retry_count,
-                  j.max_retries,
-                  jsonb_build_object('id', j.id, 'prompt', j.prompt, 'media_type', j.media_type,
-                                     'course_id', j.course_id, 'params', j.params);
+        ids := null;
+        if exists (select from ai_job_settings where max_running_per_user is not null)
+           or (select created_by from ai_media_jobs
+               where status in ('pending', 'failed') and created_by is not null
+               order by created_by, run_after desc limit 1) is not null then
+            ids := ai_job_fair_ids('ai_media_jobs', max_jobs);
+        end if;
+        if ids is null then
+            return query
+            update ai_media_jobs j
+            set status = 'processing', started_at = clock_timestamp(),
+                last_heartbeat = clock_timestamp(), claim_token = gen_random_uuid(),
+                worker_id = worker, completed_at = null
+            where j.id = any(array(
+                select id from ai_media_jobs
+                where status in ('pending', 'failed') and run_after <= now()
+                  and (status = 'pending' or retry_count < max_retries)
+                  and not exists (select from ai_job_queues q
+                                  where q.job_table = 'ai_media_jobs' and q.paused)
+                order by run_after
+                limit max_jobs
+                for update of ai_media_jobs skip locked))
+            returning 'claimed'::text, 'ai_media_jobs'::text, j.id, j.claim_token, j.retry_count,
+                      j.max_retries,
+                      jsonb_build_object('id', j.id, 'prompt', j.prompt, 'media_type', j.media_type,
+                                         'course_id', j.course_id, 'params', j.params);
+        else
+            return query
+            update ai_media_jobs j
+            set status = 'processing', started_at = clock_timestamp(),
+                last_heartbeat = clock_timestamp(), claim_token = gen_random_uuid(),
+                worker_id = worker, completed_at = null
+            where j.id = any(array(
+                select id from ai_media_jobs
+                where id = any(ids) and status in ('pending', 'failed') and run_after <= now()
+                  and (status = 'pending' or retry_count < max_retries)
+                  and not exists (select from ai_job_queues q
+                                  where q.job_table = 'ai_media_jobs' and q.paused)
+                order by array_position(ids, id)
+                limit max_jobs
+                for update of ai_media_jobs skip locked))
+            returning 'claimed'::text, 'ai_media_jobs'::text, j.id, j.claim_token, j.retry_count,
+                      j.max_retries,
+                      jsonb_build_object('id', j.id, 'prompt', j.prompt, 'media_type', j.media_type,
+                                         'course_id', j.course_id, 'params', j.params);
+        end if;
     end if;
 end
 $function$;
@@ -2356,6 +3043,8 @@ CREATE TRIGGER ai_course_jobs_progress_insert BEFORE INSERT ON ai_course_jobs FO
 CREATE TRIGGER ai_course_jobs_progress_update BEFORE UPDATE ON ai_course_jobs FOR EACH ROW WHEN (new.status = 'done'::text AND (new.partial_result IS NOT NULL OR new.progress IS NULL OR (new.progress -> 'percent'::text) IS DISTINCT FROM '100'::jsonb) OR new.progress IS DISTINCT FROM old.progress AND new.progress IS NOT NULL OR new.status = 'processing'::text AND new.claim_token IS DISTINCT FROM old.claim_token AND (old.progress IS NOT NULL OR old.partial_result IS NOT NULL)) EXECUTE FUNCTION ai_job_progress_guard();
 
 CREATE TRIGGER ai_course_jobs_set_course_id BEFORE INSERT ON ai_course_jobs FOR EACH ROW EXECUTE FUNCTION ai_course_jobs_defaults();
+
+CREATE TRIGGER ai_job_settings_changed AFTER UPDATE ON ai_job_settings FOR EACH ROW EXECUTE FUNCTION ai_job_settings_changed();
 
 CREATE TRIGGER ai_media_jobs_admit BEFORE INSERT ON ai_media_jobs FOR EACH ROW EXECUTE FUNCTION ai_job_admit();
 

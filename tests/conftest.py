@@ -29,6 +29,21 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
             item.add_marker(pytest.mark.slow)
 
 
+def pytest_sessionstart(session: pytest.Session) -> None:
+    """Install the Debian packages the end-to-end tests need (Chromium, PgBouncer)
+    before any test runs, once, in the main process: an install takes minutes on a
+    new machine, longer than a test's timeout. A run that leaves out the slow tests
+    installs nothing; where apt cannot install, the tests skip with the reason."""
+    config = session.config
+    if hasattr(config, "workerinput") or "not slow" in (config.option.markexpr or ""):
+        return
+    from tests.browser import ensure_chromium
+    from tests.pgbouncer import ensure_pgbouncer
+
+    for ensure in (ensure_chromium, ensure_pgbouncer):
+        ensure()  # the reason, if any, is the fixture's to report
+
+
 @pytest.fixture(scope="session")
 def pg_server() -> Iterator[str]:
     with server_url() as url:

@@ -184,3 +184,24 @@ select count(*) as n from ai_course_jobs where status = 'done'
 
 -- name: ours_catalog_rows
 select count(*) as n from ai_course_catalog
+
+-- name: fair_settings
+-- bench/fair.py: no rate limit for the queued jobs; the per-user cap of the case.
+update ai_job_settings set rate_limit_per_hour = 1000000000, max_running_per_user = %(cap)s
+
+-- name: fair_enqueue
+-- n course jobs, dealt to the users in turn (a null user: no created_by).
+insert into ai_course_jobs (subject, created_by)
+select 'bench ' || g, (%(users)s::uuid[])[1 + g %% cardinality(%(users)s::uuid[])]
+from generate_series(1, %(n)s) g
+
+-- name: fair_vacuum
+vacuum analyze ai_course_jobs
+
+-- name: fair_backend
+select pg_backend_pid()
+
+-- name: fair_complete_and_claim
+select kind, id, claim_token
+from complete_and_claim('ai_course_jobs', 'bench', %(n)s, %(ids)s, %(tokens)s, %(paths)s,
+                        %(metrics)s::jsonb[])

@@ -20,7 +20,7 @@ from loguru import logger
 from psycopg.types.json import Jsonb
 from psycopg_pool import AsyncConnectionPool
 
-from listener import dal
+from listener import dal, tracing
 from listener.catalog.render import Renderer
 from listener.course_schema import Course
 from listener.errors import DatabaseBusy
@@ -129,6 +129,7 @@ class Catalog:
         if any(e.state == SAVED for e in self._entries):
             self._entries = [e for e in self._entries if e.state != SAVED]
 
+    @tracing.traced("catalog record")
     async def record(
         self,
         course: Course,

@@ -14,7 +14,7 @@ from typing import Any
 from loguru import logger
 from pydantic import ValidationError
 
-from listener import params
+from listener import params, progress
 from listener.catalog import Catalog, CourseCache
 from listener.course_schema import SCHEMA_VERSION, Course, CourseParams
 from listener.errors import InvalidJob
@@ -92,9 +92,18 @@ class CourseHandler:
                 return hit[0]
 
         prompt = course_prompt(subject, course_id, params)
-        course, gen = await self.chain.course(self.providers.course_chain(), prompt, job)
+        # The requester watches the course being written (progress, partial_result).
+        shown = progress.current(job)
+        reader = shown.course_reader(params, course_id, subject)
+        shown.set_phase(progress.GENERATING)
+        course, gen = await self.chain.course(
+            self.providers.course_chain(), prompt, job, reader=reader
+        )
         # The job decides these, whatever the model wrote.
         course = course.model_copy(update={"id": course_id, "subject": subject})
+        shown.set_tokens(gen.usage.output_tokens)
+        shown.groups_done = len(course.groups)
+        shown.set_phase(progress.STORING, progress.STORED)
         path = course_path(course_id)
         stored, storage_ms = await self._store(job, path, course)
         entry = await self.catalog.record(

@@ -7,6 +7,7 @@ import time
 
 from loguru import logger
 
+from listener import progress
 from listener.errors import InvalidJob
 from listener.jobs import Job, Outcome
 from listener.params import MediaParams, parse
@@ -44,9 +45,12 @@ class MediaHandler:
                 return await provider.image(prompt, params.size)
             return await provider.speech(prompt, voice, params.format)
 
+        shown = progress.current(job)
+        shown.set_phase(progress.GENERATING)
         media, gen = await self.chain.media(
             self.providers.media_chain(), make, job, lambda p: p.media_model(media_type)
         )
+        shown.set_phase(progress.STORING, progress.GENERATED)
         path = f"media/{job.id}.{media.ext}"
         t0 = time.perf_counter()
         stored = await store(self.storage, job, path, media.data, media.content_type)

@@ -1,19 +1,37 @@
 """Anthropic: courses through the Messages API, with the course schema as the
-input schema of one forced tool, so the answer arrives as structured tool input."""
+input schema of one forced tool, so the answer arrives as structured tool input,
+streamed: the events are read here from the response (the SDK's stream helper re-parses
+the whole tool input at every delta, and its typed events cost more CPU than
+all the rest), the tool input's JSON fed to the progress reader as it arrives,
+the usage from message_start and message_delta."""
 
 from __future__ import annotations
 
-import json
+import asyncio
+import contextlib
 import time
 from typing import Any
 
 import anthropic
 
-from listener.providers import pricing, ratelimits
-from listener.providers.base import Answer, CoursePrompt, Refused, Usage, repair_request
+from listener.providers import pricing, ratelimits, requests
+from listener.providers.base import (
+    FIRST_TOKEN_TIMEOUT_SECONDS,
+    IDLE_TIMEOUT_SECONDS,
+    Answer,
+    CoursePrompt,
+    MalformedStream,
+    Refused,
+    StreamStalled,
+    TextSink,
+    Usage,
+    number,
+    stream_events,
+    watched,
+)
 from listener.settings import Settings
 
-TOOL = "save_course"
+TOOL = requests.TOOL
 
 
 class AnthropicProvider:
@@ -23,6 +41,8 @@ class AnthropicProvider:
         assert settings.anthropic_api_key is not None
         self.model = settings.anthropic_model
         self.max_tokens = settings.ai_max_output_tokens
+        self.first_token_timeout = min(FIRST_TOKEN_TIMEOUT_SECONDS, settings.ai_timeout_seconds)
+        self.idle_timeout = min(IDLE_TIMEOUT_SECONDS, settings.ai_timeout_seconds)
         self.client = anthropic.AsyncAnthropic(
             api_key=settings.anthropic_api_key.get_secret_value(),
             base_url=settings.anthropic_base_url or None,
@@ -30,55 +50,80 @@ class AnthropicProvider:
             max_retries=0,
         )
 
-    async def course(self, prompt: CoursePrompt) -> Answer:
-        messages: list[Any] = [{"role": "user", "content": prompt.user}]
-        if prompt.repair:
-            previous, problem = prompt.repair
-            messages.append({"role": "assistant", "content": previous or "(no answer)"})
-            messages.append({"role": "user", "content": repair_request(problem)})
+    async def course(self, prompt: CoursePrompt, sink: TextSink | None = None) -> Answer:
         # The raw response: its rate-limit headers too (the quotas learn from them).
         sent = time.time()
-        raw = await self.client.messages.with_raw_response.create(
-            model=self.model,
-            max_tokens=self.max_tokens,
-            # The prompt cache covers the tools (the schema) and the system block up to
-            # this breakpoint: the constant part of every course request.
-            system=[
-                {"type": "text", "text": prompt.system, "cache_control": {"type": "ephemeral"}}
-            ],
-            messages=messages,
-            tools=[
-                {
-                    "name": TOOL,
-                    "description": "Save the generated course.",
-                    "input_schema": prompt.schema,
-                }
-            ],
-            tool_choice={"type": "tool", "name": TOOL},
-        )
-        resp = await raw.parse()
+        try:
+            async with asyncio.timeout(self.first_token_timeout):
+                raw = await self.client.messages.with_raw_response.create(
+                    **requests.anthropic_course(self.model, self.max_tokens, prompt),
+                    stream=True,
+                )
+        except TimeoutError:
+            raise StreamStalled(
+                f"stream stalled: no answer within {self.first_token_timeout:g}s"
+            ) from None
         limits = ratelimits.parse(raw.headers, sent)
-        model = resp.model or self.model
-        u = resp.usage
-        cached, written = u.cache_read_input_tokens or 0, u.cache_creation_input_tokens or 0
+        response = raw.http_response  # the body not read yet: read here, event by event
+        model, stop = self.model, None
+        inp = cached = written = out = 0
+        tool: list[str] = []  # the forced tool's input, as JSON text
+        prose: list[str] = []  # text blocks: no tool call, validation says what is wrong
+        blocks: dict[Any, str] = {}  # index -> "tool" | "text" | other
+        try:
+            events = watched(
+                stream_events(response), self.first_token_timeout, self.idle_timeout, _has_text
+            )
+            async with contextlib.aclosing(events):
+                async for _, event in events:
+                    kind = event.get("type")
+                    if kind == "content_block_delta":
+                        d = event["delta"]
+                        where = blocks.get(event.get("index"))
+                        if d.get("type") == "input_json_delta" and where == "tool":
+                            piece = d.get("partial_json")
+                            if isinstance(piece, str) and piece:
+                                tool.append(piece)
+                                if sink is not None:
+                                    sink(piece)
+                        elif d.get("type") == "text_delta" and where == "text":
+                            prose.append(str(d.get("text") or ""))
+                    elif kind == "content_block_start":
+                        b = event["content_block"]
+                        is_tool = b.get("type") == "tool_use" and b.get("name") == TOOL
+                        blocks[event.get("index")] = "tool" if is_tool else str(b.get("type"))
+                    elif kind == "message_start":
+                        m = event["message"]
+                        if isinstance(m.get("model"), str):
+                            model = m["model"] or model
+                        u = m.get("usage") or {}
+                        inp, out = number(u.get("input_tokens")), number(u.get("output_tokens"))
+                        cached = number(u.get("cache_read_input_tokens"))
+                        written = number(u.get("cache_creation_input_tokens"))
+                    elif kind == "message_delta":
+                        stop = (event.get("delta") or {}).get("stop_reason") or stop
+                        u = event.get("usage") or {}
+                        out = number(u.get("output_tokens")) or out  # cumulative
+                        inp = number(u.get("input_tokens")) or inp  # newer APIs say it here too
+                    elif kind == "error":  # overloaded, or any error mid-stream
+                        raise MalformedStream(f"stream error: {_error_kind(event.get('error'))}")
+        except (AttributeError, TypeError, KeyError) as exc:  # not the documented shape
+            raise MalformedStream(f"malformed stream event ({type(exc).__name__})") from None
+        finally:
+            await response.aclose()
         # Anthropic's input_tokens leaves out the cached and cache-written ones.
-        usage = Usage(u.input_tokens + cached + written, u.output_tokens)
+        usage = Usage(inp + cached + written, out)
         usage.cached_input_tokens, usage.cache_write_tokens = cached, written
         usage.cost_usd = pricing.token_cost(
             model, usage.input_tokens, usage.output_tokens, cached, written
         )
-        if resp.stop_reason == "refusal":
+        if stop == "refusal":
             raise Refused("the model declined (stop_reason refusal)", usage, limits)
-        if resp.stop_reason == "model_context_window_exceeded":
+        if stop == "model_context_window_exceeded":
             raise Refused("context window exceeded", usage, limits)
-        text = ""
-        for block in resp.content:
-            if block.type == "tool_use" and block.name == TOOL:
-                text = json.dumps(block.input)
-                break
-            if block.type == "text" and not text:
-                text = block.text  # no tool call: let validation say what is wrong
-        return Answer(text, model, usage, limits)
+        called = "tool" in blocks.values()
+        text = ("".join(tool) or "{}") if called else "".join(prose)
+        return Answer(text, model, usage, limits, stop if isinstance(stop, str) else None)
 
     async def check(self) -> str:
         page = await self.client.models.list()
@@ -86,3 +131,13 @@ class AnthropicProvider:
 
     async def aclose(self) -> None:
         await self.client.close()
+
+
+def _has_text(event: tuple[str, dict[str, Any]]) -> bool:
+    return event[1].get("type") == "content_block_delta"
+
+
+def _error_kind(error: Any) -> str:
+    if isinstance(error, dict) and isinstance(error.get("type"), str):
+        return str(error["type"])[:60]
+    return "unknown"

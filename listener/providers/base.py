@@ -10,15 +10,112 @@ from __future__ import annotations
 import asyncio
 import email.utils
 import enum
+import json
 import sys
 import time
+from collections.abc import AsyncGenerator, AsyncIterable, Callable
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
-from listener import errors
+from listener import errors, tracing
 from listener.course_schema import CourseParams, SchemaValidationError
 from listener.errors import scrub as scrub  # the providers scrub with the one scrubber
 from listener.providers.ratelimits import RateLimits
+
+E = TypeVar("E")
+# Where a streamed course answer's text goes as it arrives (the progress reader,
+# listener/course_stream.py): called with each piece, in order.
+TextSink = Callable[[str], None]
+
+# The stream's own clocks, each at most AI_TIMEOUT_SECONDS: the first token must
+# come within FIRST_TOKEN_TIMEOUT_SECONDS of the request, and each next one within
+# IDLE_TIMEOUT_SECONDS of the one before. A stream that stalls fails as a timeout
+# does (unwell: the next provider); one that keeps streaming may run longer than
+# AI_TIMEOUT_SECONDS, up to its output at 20 tokens a second (chain.py's
+# stream_cap). Internal knobs (a provider's `first_token_timeout` and
+# `idle_timeout`), not settings.
+FIRST_TOKEN_TIMEOUT_SECONDS = 30.0
+IDLE_TIMEOUT_SECONDS = 15.0
+
+
+class StreamStalled(TimeoutError):
+    """A stream sent no token in time: a timeout, said precisely."""
+
+
+class MalformedStream(Exception):
+    """A stream event that could not be read (its data not JSON, not the shape the
+    provider documents), or an error event in the middle of the stream: the
+    provider is misbehaving, as with a 5xx (unwell)."""
+
+
+async def stream_events(response: Any) -> AsyncGenerator[tuple[str, dict[str, Any]], None]:
+    """A streamed response's server-sent events as (event name, JSON object),
+    read straight from the HTTP response (the SDKs' own stream classes build a
+    typed model of every event: 4 times the CPU of the whole rest, measured in
+    bench/streaming.py). Ends at the body's end or OpenAI's `[DONE]`. Raises
+    ValueError on data that is not a JSON object (`watched` makes it a
+    MalformedStream)."""
+    event, data = "", []
+    async for line in response.aiter_lines():
+        if line:
+            if line[0] == ":":
+                continue  # a comment (keep-alive)
+            name, _, value = line.partition(":")
+            if value[:1] == " ":
+                value = value[1:]
+            if name == "data":
+                data.append(value)
+            elif name == "event":
+                event = value
+            continue
+        if data:
+            text = "\n".join(data)
+            if text == "[DONE]":
+                return
+            doc = json.loads(text)
+            if not isinstance(doc, dict):
+                raise ValueError("an event's data is not a JSON object")
+            yield event, doc
+        event, data = "", []
+
+
+def number(value: Any) -> int:
+    """A token count from an event (0 when absent or not a count)."""
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else 0
+
+
+async def watched(
+    events: AsyncIterable[E],
+    first: float,
+    idle: float,
+    is_token: Callable[[E], bool],
+) -> AsyncGenerator[E, None]:
+    """The stream's events, failing with StreamStalled when the first token takes
+    longer than `first` seconds or a next one longer than `idle`. Only the wait for
+    the next event is timed (never the caller's work between events)."""
+    loop = asyncio.get_running_loop()
+    it = aiter(events)
+    deadline, waited, what = loop.time() + first, first, "first token"
+    while True:
+        try:
+            async with asyncio.timeout_at(deadline):
+                event = await anext(it)
+        except StopAsyncIteration:
+            return
+        except TimeoutError:
+            raise StreamStalled(f"stream stalled: no {what} within {waited:g}s") from None
+        except ValueError as exc:  # an event that could not be decoded
+            raise MalformedStream(f"malformed stream event ({type(exc).__name__})") from None
+        if is_token(event):
+            if tracing.on and what == "first token":
+                tracing.first_token()  # an event on the call's span (listener/tracing.py)
+            deadline, waited, what = loop.time() + idle, idle, "token"
+        yield event
+
+
+def first_deadline(first: float) -> float:
+    """The loop time by which a stream's first token is due."""
+    return asyncio.get_running_loop().time() + first
 
 
 @dataclass
@@ -61,6 +158,7 @@ class Answer:
     model: str
     usage: Usage = field(default_factory=Usage)
     limits: RateLimits = field(default_factory=RateLimits)  # the answer's rate-limit headers
+    finish_reason: str | None = None  # as the provider said it (stop, length, end_turn, ...)
 
 
 @dataclass
@@ -77,7 +175,9 @@ class CourseProvider(Protocol):
     name: str
     model: str
 
-    async def course(self, prompt: CoursePrompt) -> Answer: ...
+    async def course(self, prompt: CoursePrompt, sink: TextSink | None = None) -> Answer:
+        """The answer, its text also fed to `sink` piece by piece as it streams."""
+        ...
 
     async def check(self) -> str: ...
 
@@ -128,7 +228,7 @@ def classify(exc: BaseException, retry_after_cap: float) -> Classified:
         return Classified(Failure.INVALID)
     if isinstance(exc, Refused):
         return Classified(Failure.REFUSED)
-    if isinstance(exc, (TimeoutError, *_sdk_errors("APITimeoutError"))):
+    if isinstance(exc, (TimeoutError, MalformedStream, *_sdk_errors("APITimeoutError"))):
         return Classified(Failure.UNWELL)
     if isinstance(exc, _sdk_errors("APIStatusError")):
         code: int = getattr(exc, "status_code", 0)
@@ -140,7 +240,7 @@ def classify(exc: BaseException, retry_after_cap: float) -> Classified:
             wait = retry_after(exc)
             return Classified(Failure.UNWELL, None if wait is None else min(wait, retry_after_cap))
         return Classified(Failure.OTHER)
-    if isinstance(exc, (OSError, *_sdk_errors("APIConnectionError"))):
+    if isinstance(exc, (OSError, *_sdk_errors("APIConnectionError"), *_transport_errors())):
         return Classified(Failure.UNWELL)
     return Classified(Failure.OTHER)
 
@@ -183,6 +283,14 @@ def _sdk_errors(kind: str) -> tuple[type[BaseException], ...]:
 _SDKS = ("openai", "anthropic")
 
 
+def _transport_errors() -> tuple[type[BaseException], ...]:
+    # A stream broken off mid-answer raises the HTTP client's own error (the SDKs
+    # wrap only the errors of the request, not those of reading a streamed body);
+    # the SDKs use httpx or, in their newer versions, httpx2.
+    found = (sys.modules.get(name) for name in ("httpx", "httpx2"))
+    return tuple(m.TransportError for m in found if m is not None)
+
+
 def describe(exc: BaseException, timeout: float, secrets: list[str]) -> str:
     """One short cause for the error message: never a key, never a traceback."""
     if isinstance(exc, SchemaValidationError):
@@ -191,6 +299,8 @@ def describe(exc: BaseException, timeout: float, secrets: list[str]) -> str:
         return scrub(exc.message, secrets)[:300]
     if isinstance(exc, Refused):
         return f"refused: {scrub(str(exc), secrets)}"[:300]
+    if isinstance(exc, (StreamStalled, MalformedStream)):
+        return str(exc)
     if isinstance(exc, (TimeoutError, *_sdk_errors("APITimeoutError"))):
         return f"timeout after {timeout:g}s"
     if isinstance(exc, _sdk_errors("APIStatusError")):
@@ -202,7 +312,7 @@ def describe(exc: BaseException, timeout: float, secrets: list[str]) -> str:
         if code >= 500:
             return f"HTTP {code} server error"
         return f"HTTP {code} {scrub(_status_message(exc), secrets)}"[:200]
-    if isinstance(exc, (OSError, *_sdk_errors("APIConnectionError"))):
+    if isinstance(exc, (OSError, *_sdk_errors("APIConnectionError"), *_transport_errors())):
         return "connection error"
     if isinstance(exc, asyncio.CancelledError):
         return "cancelled"

@@ -29,6 +29,7 @@ from typing import Generic, TypeVar
 
 from loguru import logger
 
+from listener import tracing
 from listener.course_schema import Course, SchemaValidationError, parse_course
 from listener.errors import GenerationError, ProvidersUnavailable, RequestRefused
 from listener.jobs import work_begins
@@ -41,6 +42,7 @@ from listener.providers.base import (
     Media,
     MediaProvider,
     Refused,
+    TextSink,
     Usage,
     classify,
 )
@@ -58,7 +60,9 @@ T = TypeVar("T")
 Counted = tuple[RateLimits, quota.Cost, list[float] | None]
 V = TypeVar("V")
 P = TypeVar("P", CourseProvider, MediaProvider)
+MIN_STREAM_RATE = 20.0  # tokens a second: slower than any live model streams
 UNGUARDED = frozenset({"placeholder"})  # local, never unwell: no breaker
+MEDIA_OP = "generate_content"  # a media call's GenAI operation (a course's: chat)
 LATER = "later"  # the outcome of a provider skipped or left open: it may work later
 
 
@@ -85,6 +89,10 @@ class Chain:
         self, settings: Settings, breakers: Breakers, meter: Meter, quotas: Quotas | None = None
     ) -> None:
         self.per_call = settings.ai_timeout_seconds
+        # A streamed answer is cut when it stalls (its first-token and idle clocks,
+        # each within AI_TIMEOUT_SECONDS), not for being long: as a whole it may run
+        # as long as its output at the slowest rate a live model streams.
+        self.stream_cap = max(self.per_call, settings.ai_max_output_tokens / MIN_STREAM_RATE)
         self.retry_after_cap = settings.provider_retry_after_max_seconds
         self.max_tokens = settings.ai_max_output_tokens
         self.secrets = settings.secrets()
@@ -94,17 +102,29 @@ class Chain:
         self.gate = ClaimGate(breakers, self.quotas)  # the claim loop's view of the lanes
 
     async def course(
-        self, providers: Sequence[CourseProvider], prompt: CoursePrompt, job: Payer | None = None
+        self,
+        providers: Sequence[CourseProvider],
+        prompt: CoursePrompt,
+        job: Payer | None = None,
+        reader: Callable[[], TextSink | None] | None = None,
     ) -> tuple[Course, Generated]:
-        """`job`: whom each call is charged to (the budget's spend)."""
+        """`job`: whom each call is charged to (the budget's spend); `reader`: a
+        fresh sink for each call's streamed text (the job's progress)."""
+
+        def sink() -> TextSink | None:
+            return reader() if reader is not None else None
 
         def plan(p: CourseProvider, ask: CoursePrompt = prompt) -> Stop:
             cost = quota.estimate(_prompt_chars(ask), self.max_tokens)
-            return Stop(p.name, p.model, cost, p.name not in UNGUARDED)
+            # A batch's answer (listener/batches/) was paid for in the batch: no call.
+            guarded = p.name not in UNGUARDED and not getattr(p, "answered", False)
+            return Stop(p.name, p.model, cost, guarded)
 
         async def ask(p: CourseProvider, grant: Grant | None) -> _Made[Course]:
             usage = Usage()
-            answer = await self._answer(p, plan(p), grant, lambda: p.course(prompt), usage, job)
+            answer = await self._answer(
+                p, plan(p), grant, lambda: p.course(prompt, sink()), usage, job
+            )
             try:
                 return _Made(parse_course(answer.text, prompt.params), answer.model, usage)
             except SchemaValidationError as exc:
@@ -114,7 +134,7 @@ class Chain:
             )
             fixed = dataclasses.replace(prompt, repair=(answer.text, problem))
             again = plan(p, fixed)
-            answer = await self._answer(p, again, None, lambda: p.course(fixed), usage, job)
+            answer = await self._answer(p, again, None, lambda: p.course(fixed, sink()), usage, job)
             return _Made(parse_course(answer.text, prompt.params), answer.model, usage, 1)
 
         # A probe's lease covers the answer and its repair round.
@@ -134,7 +154,7 @@ class Chain:
             return Stop(p.name, model, quota.MEDIA, p.name not in UNGUARDED)
 
         async def ask(p: MediaProvider, grant: Grant | None) -> _Made[Media]:
-            media = await self._call(plan(p), grant, lambda: make(p), _media_counted)
+            media = await self._call(plan(p), grant, lambda: make(p), _media_counted, MEDIA_OP)
             await self.meter.charge(job, p.name, media.model, media.usage)
             return _Made(media, media.model, media.usage)
 
@@ -155,7 +175,7 @@ class Chain:
             return answer.limits, cost, quota.returned(p.name, used, self.max_tokens)
 
         try:
-            answer = await self._call(stop, grant, call, counted)
+            answer = await self._call(stop, grant, call, counted, cap=self.stream_cap)
         except Refused as exc:
             await self.meter.charge(job, p.name, p.model, exc.usage)
             raise
@@ -169,22 +189,37 @@ class Chain:
         grant: Grant | None,
         call: Callable[[], Awaitable[R]],
         counted: Callable[[R], Counted],
+        operation: str = "chat",
+        cap: float | None = None,
     ) -> R:
         """One provider call under its quota: reserved (unless `grant` is the
-        reservation made for it already), bounded by AI_TIMEOUT_SECONDS as a whole,
-        settled from its answer or its error."""
+        reservation made for it already), bounded as a whole by `cap` (a streamed
+        answer's) or AI_TIMEOUT_SECONDS, settled from its answer or its error; in its
+        span while tracing is on."""
         if grant is None and stop.guarded:
             grant = await self._reserve_waiting(stop)
         work_begins()
         sent = time.time()
-        try:
+
+        async def bounded() -> R:
             # The SDK timeout bounds each network wait; this bounds the whole call.
-            async with asyncio.timeout(self.per_call):
-                result = await call()
+            async with asyncio.timeout(cap or self.per_call):
+                return await call()
+
+        try:
+            if tracing.on:
+                result = await tracing.provider_call(stop.provider, stop.model, operation, bounded)
+            else:
+                result = await bounded()
         except BaseException as exc:
+            used = getattr(exc, "usage", None)  # a refusal's: billed
+            self.meter.observe(operation, stop.provider, stop.model, time.time() - sent, used)
             if grant is not None:
                 await asyncio.shield(self._settle_failed(grant, exc, sent))
             raise
+        self.meter.observe(
+            operation, stop.provider, stop.model, time.time() - sent, getattr(result, "usage", None)
+        )
         if grant is not None:
             limits, cost, back = counted(result)
             await self.quotas.settle(

@@ -14,6 +14,7 @@ or priced models, others folded into "other". A job's own metrics keep its share
 from __future__ import annotations
 
 import asyncio
+import bisect
 from dataclasses import dataclass
 from typing import Any, Protocol
 from uuid import UUID
@@ -28,6 +29,30 @@ from listener.providers.base import Usage
 from listener.settings import PROVIDERS
 
 DB_WAIT_SECONDS = 2.0
+# The GenAI conventions' advisory bucket bounds (gen_ai.client.token.usage and
+# gen_ai.client.operation.duration); sql/028 keeps one count per bound, and +Inf.
+TOKEN_BOUNDS = tuple(4.0**k for k in range(14))  # 1, 4, 16, ... 67,108,864
+DURATION_BOUNDS = tuple(0.01 * 2**k for k in range(14))  # 0.01 s ... 81.92 s
+TOKEN_USAGE, OPERATION_DURATION = "token_usage", "operation_duration"
+# (metric, operation, provider, model, token type)
+HistKey = tuple[str, str, str, str, str]
+
+
+@dataclass
+class Histogram:
+    counts: list[int]
+    sum: float = 0.0
+    count: int = 0
+
+    def observe(self, value: float, bounds: tuple[float, ...]) -> None:
+        self.counts[bisect.bisect_left(bounds, value)] += 1
+        self.sum += value
+        self.count += 1
+
+    def add(self, other: Histogram) -> None:
+        self.counts = [a + b for a, b in zip(self.counts, other.counts, strict=True)]
+        self.sum += other.sum
+        self.count += other.count
 
 
 @dataclass
@@ -81,6 +106,7 @@ class Meter:
         self.known_models = known_models
         self.pending: dict[tuple[str, str], Sums] = {}
         self.unsaved: list[Charge] = []  # calls of jobs not written yet (the database was away)
+        self.histograms: dict[HistKey, Histogram] = {}  # observed since the last flush
         self._lock = asyncio.Lock()
 
     async def charge(
@@ -136,7 +162,58 @@ class Meter:
             )
         )
 
+    def observe(
+        self, operation: str, provider: str, model: str, seconds: float, usage: Usage | None
+    ) -> None:
+        """One provider call's duration (answered or failed) and, when it was
+        answered, its tokens: the GenAI histograms of /metrics (sql/028)."""
+        if provider not in PROVIDERS:
+            return  # the placeholder: no provider call
+        label = pricing.model_label(model, self.known_models)
+        self._hist((OPERATION_DURATION, operation, provider, label, ""), seconds, DURATION_BOUNDS)
+        if usage is not None and (usage.input_tokens or usage.output_tokens):
+            for kind, n in (("input", usage.input_tokens), ("output", usage.output_tokens)):
+                self._hist((TOKEN_USAGE, operation, provider, label, kind), n, TOKEN_BOUNDS)
+
+    def _hist(self, key: HistKey, value: float, bounds: tuple[float, ...]) -> None:
+        h = self.histograms.get(key)
+        if h is None:
+            h = self.histograms[key] = Histogram([0] * (len(bounds) + 1))
+        h.observe(value, bounds)
+
+    async def _flush_histograms(self) -> None:
+        assert self.pool is not None
+        taken, self.histograms = self.histograms, {}
+        keys, hs = list(taken), list(taken.values())
+        params = {
+            "metrics": [k[0] for k in keys],
+            "operations": [k[1] for k in keys],
+            "providers": [k[2] for k in keys],
+            "models": [k[3] for k in keys],
+            "token_types": [k[4] for k in keys],
+            "counts": ["{" + ",".join(map(str, h.counts)) + "}" for h in hs],
+            "sums": [h.sum for h in hs],
+            "totals": [h.count for h in hs],
+        }
+        try:
+            async with asyncio.timeout(DB_WAIT_SECONDS * 2):
+                async with self.pool.connection(timeout=DB_WAIT_SECONDS) as conn:
+                    await dal.ADD_CALL_HISTOGRAMS.run(conn, params)
+        except Exception as exc:
+            for key, h in taken.items():  # kept for the next tick
+                mine = self.histograms.get(key)
+                if mine is None:
+                    self.histograms[key] = h
+                else:
+                    mine.add(h)
+            logger.bind(action="usage_deferred").warning(
+                "call histograms saved later ({})", diagnose(exc, self.pool)
+            )
+
     async def flush(self) -> None:
+        if self.pool is not None and self.histograms and not self._lock.locked():
+            async with self._lock:
+                await self._flush_histograms()
         if self.pool is not None and self.unsaved:
             calls, self.unsaved = self.unsaved, []
             await self._save(calls)

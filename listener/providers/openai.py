@@ -1,24 +1,38 @@
 """OpenAI: courses through Chat Completions with a strict JSON-schema response
-format, images through the Images API, audio through the Speech API."""
+format, streamed (the text fed to the progress reader as it arrives, the usage
+from the stream's last chunk), images through the Images API, audio through the
+Speech API."""
 
 from __future__ import annotations
 
+import asyncio
 import base64
+import contextlib
 import time
 from typing import Any
 
 import openai
-from openai.types.chat import ChatCompletionMessageParam
 
-from listener.providers import pricing, ratelimits
-from listener.providers.base import Answer, CoursePrompt, Media, Refused, Usage, repair_request
+from listener.providers import pricing, ratelimits, requests
+from listener.providers.base import (
+    FIRST_TOKEN_TIMEOUT_SECONDS,
+    IDLE_TIMEOUT_SECONDS,
+    Answer,
+    CoursePrompt,
+    MalformedStream,
+    Media,
+    Refused,
+    StreamStalled,
+    TextSink,
+    Usage,
+    number,
+    stream_events,
+    watched,
+)
 from listener.providers.download import download
 from listener.settings import Settings
 
-# Requests that share this key and their first 1,024+ tokens are routed to the same
-# prompt cache: the system message (instructions) and the schema are the same for
-# every course, and they come first.
-PROMPT_CACHE_KEY = "ai-jobs-course-v1"
+PROMPT_CACHE_KEY = requests.PROMPT_CACHE_KEY
 
 
 class OpenAIProvider:
@@ -31,6 +45,8 @@ class OpenAIProvider:
         self.tts_model = settings.openai_tts_model
         self.max_tokens = settings.ai_max_output_tokens
         self.timeout = settings.ai_timeout_seconds
+        self.first_token_timeout = min(FIRST_TOKEN_TIMEOUT_SECONDS, self.timeout)
+        self.idle_timeout = min(IDLE_TIMEOUT_SECONDS, self.timeout)
         self.base_url = settings.openai_base_url
         # One shared client: it pools connections. Retries are ours (next provider,
         # then the job's own retry), so the SDK's are off.
@@ -41,48 +57,69 @@ class OpenAIProvider:
             max_retries=0,
         )
 
-    async def course(self, prompt: CoursePrompt) -> Answer:
-        # The constant part first (instructions; the schema travels in response_format,
-        # ahead of the messages), the request after it: OpenAI caches prompt prefixes.
-        messages: list[ChatCompletionMessageParam] = [
-            {"role": "system", "content": prompt.system},
-            {"role": "user", "content": prompt.user},
-        ]
-        if prompt.repair:
-            previous, problem = prompt.repair
-            messages.append({"role": "assistant", "content": previous})
-            messages.append({"role": "user", "content": repair_request(problem)})
+    async def course(self, prompt: CoursePrompt, sink: TextSink | None = None) -> Answer:
         # The raw response: its rate-limit headers too (the quotas learn from them).
         sent = time.time()
-        raw = await self.client.chat.completions.with_raw_response.create(
-            model=self.model,
-            messages=messages,
-            max_completion_tokens=self.max_tokens,
-            response_format={
-                "type": "json_schema",
-                "json_schema": {"name": "course", "schema": prompt.schema, "strict": True},
-            },
-            prompt_cache_key=PROMPT_CACHE_KEY,
-        )
-        resp = raw.parse()
+        try:
+            async with asyncio.timeout(self.first_token_timeout):
+                raw = await self.client.chat.completions.with_raw_response.create(
+                    **requests.openai_course(self.model, self.max_tokens, prompt),
+                    stream=True,
+                    stream_options={"include_usage": True},
+                )
+        except TimeoutError:
+            raise StreamStalled(
+                f"stream stalled: no answer within {self.first_token_timeout:g}s"
+            ) from None
         limits = ratelimits.parse(raw.headers, sent)
-        model = resp.model or self.model
+        response = raw.http_response  # the body not read yet: read here, event by event
+        text: list[str] = []
+        refusal: list[str] = []
+        model, finish, counted = self.model, None, None
+        try:
+            events = watched(
+                stream_events(response), self.first_token_timeout, self.idle_timeout, _has_text
+            )
+            async with contextlib.aclosing(events):
+                async for _, chunk in events:
+                    if "error" in chunk:  # an error in the middle of the stream
+                        raise MalformedStream(f"stream error: {_error_kind(chunk['error'])}")
+                    if isinstance(chunk.get("model"), str):
+                        model = chunk["model"] or model
+                    if isinstance(chunk.get("usage"), dict):
+                        counted = chunk["usage"]
+                    for choice in chunk.get("choices") or ():
+                        delta = choice.get("delta") or {}
+                        content = delta.get("content")
+                        if content and isinstance(content, str):
+                            text.append(content)
+                            if sink is not None:
+                                sink(content)
+                        if delta.get("refusal") and isinstance(delta["refusal"], str):
+                            refusal.append(delta["refusal"])
+                        finish = choice.get("finish_reason") or finish
+        except (AttributeError, TypeError) as exc:  # not the shape OpenAI documents
+            raise MalformedStream(f"malformed stream event ({type(exc).__name__})") from None
+        finally:
+            await response.aclose()
         usage = Usage()
-        if resp.usage:
-            details = resp.usage.prompt_tokens_details
-            cached = (details.cached_tokens or 0) if details else 0
-            usage = Usage(resp.usage.prompt_tokens, resp.usage.completion_tokens)
+        if counted is not None:
+            details = counted.get("prompt_tokens_details")
+            cached = number(details.get("cached_tokens")) if isinstance(details, dict) else 0
+            usage = Usage(
+                number(counted.get("prompt_tokens")), number(counted.get("completion_tokens"))
+            )
             usage.cached_input_tokens = cached
         usage.cost_usd = pricing.token_cost(
             model, usage.input_tokens, usage.output_tokens, usage.cached_input_tokens
         )
-        choice = resp.choices[0] if resp.choices else None
-        if choice is not None and choice.message.refusal:
-            raise Refused(choice.message.refusal, usage, limits)
-        if choice is not None and choice.finish_reason == "content_filter":
+        if refusal:
+            raise Refused("".join(refusal), usage, limits)
+        if finish == "content_filter":
             raise Refused("blocked by the content filter", usage, limits)
-        text = (choice.message.content or "") if choice else ""
-        return Answer(text, model, usage, limits)
+        return Answer(
+            "".join(text), model, usage, limits, finish if isinstance(finish, str) else None
+        )
 
     def media_model(self, media_type: str) -> str:
         return self.image_model if media_type == "image" else self.tts_model
@@ -138,3 +175,19 @@ _AUDIO_TYPES = {
     "aac": "audio/aac",
     "flac": "audio/flac",
 }
+
+
+def _has_text(event: tuple[str, dict[str, Any]]) -> bool:
+    for choice in event[1].get("choices") or ():
+        delta = choice.get("delta") if isinstance(choice, dict) else None
+        if isinstance(delta, dict) and (delta.get("content") or delta.get("refusal")):
+            return True
+    return False
+
+
+def _error_kind(error: Any) -> str:
+    if isinstance(error, dict):
+        kind = error.get("type") or error.get("code")
+        if isinstance(kind, str):
+            return kind[:60]
+    return "unknown"

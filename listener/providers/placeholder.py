@@ -14,7 +14,7 @@ import zlib
 
 from listener.course_schema import Course, Group, Item
 from listener.errors import GenerationError
-from listener.providers.base import Answer, CoursePrompt, Media, Usage
+from listener.providers.base import Answer, CoursePrompt, Media, TextSink, Usage
 
 MODEL = "placeholder"
 
@@ -26,11 +26,14 @@ class PlaceholderProvider:
     def __init__(self, delay_ms: int = 0) -> None:
         self.delay = delay_ms / 1000
 
-    async def course(self, prompt: CoursePrompt) -> Answer:
+    async def course(self, prompt: CoursePrompt, sink: TextSink | None = None) -> Answer:
         await asyncio.sleep(self.delay)
         if prompt.params.simulate_failure:
             raise GenerationError(prompt.params.simulate_failure)
-        return Answer(placeholder_course(prompt).model_dump_json(), MODEL, Usage())
+        text = placeholder_course(prompt).model_dump_json()
+        if sink is not None:
+            sink(text)  # all at once: made locally, nothing streams
+        return Answer(text, MODEL, Usage())
 
     def media_model(self, media_type: str) -> str:
         return MODEL

@@ -97,6 +97,14 @@ def token_cost(
     return price.cost(input_tokens, cached, cache_write, output_tokens)
 
 
+BATCH_DISCOUNT = 0.5  # the Batch APIs (OpenAI Batch, Anthropic Message Batches): half price
+
+
+def batch_price(cost: float | None) -> float | None:
+    """A call's cost when it went through a provider's Batch API."""
+    return None if cost is None else round(cost * BATCH_DISCOUNT, 6)
+
+
 def image_cost(model: str) -> float | None:
     return _lookup(IMAGE_PRICES, model)
 

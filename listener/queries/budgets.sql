@@ -23,6 +23,8 @@ with j as (
                when 'user' then coalesce(created_by::text, 'system')
                when 'day' then to_char(created_at at time zone 'UTC', 'YYYY-MM-DD')
                else coalesce(metrics ->> 'provider', '?') || ' ' || coalesce(metrics ->> 'model', '?')
+                    -- generated through a provider's Batch API: priced apart (half)
+                    || case when metrics -> 'batch' = 'true'::jsonb then ' (batch)' else '' end
            end as key,
            case when jsonb_typeof(metrics -> 'inputTokens') = 'number'
                 then (metrics ->> 'inputTokens')::numeric end as input_tokens,

@@ -113,6 +113,11 @@ select 'ai_media_jobs' from ai_media_jobs where id = %(id)s
 -- name: next_job_due
 select extract(epoch from next_job_due() - now())::float8 as seconds
 
+-- name: max_running_per_user
+-- The per-user cap (sql/025), read at each sweep: with a cap set, the end of a
+-- job is a reason to look (a capped user's job may wait for it).
+select max_running_per_user as cap from ai_job_settings
+
 -- name: keepalive
 select 1
 
@@ -141,3 +146,25 @@ select pg_notify(%(channel)s, %(payload)s)
 select status, error, retry_count from ai_course_jobs where id = %(id)s
 union all
 select status, error, retry_count from ai_media_jobs where id = %(id)s
+
+-- name: progress_jobs
+-- The progress of a worker's running jobs, both tables in one statement (one
+-- round trip an interval, listener/progress.py); a table with no job here is an
+-- empty update.
+select p as id from progress_jobs('ai_course_jobs', %(course_ids)s::uuid[],
+    %(course_tokens)s::uuid[], %(course_progress)s::jsonb[], %(course_partial)s::jsonb[]) p
+union all
+select p from progress_jobs('ai_media_jobs', %(media_ids)s::uuid[], %(media_tokens)s::uuid[],
+    %(media_progress)s::jsonb[]) p
+
+-- name: job_trace
+-- listener/tracing.py, only while tracing is on, as an attempt starts: the job's
+-- trace context, its batch flag, and its wait in the queue until now (created_at
+-- to this attempt's start).
+select trace_parent, batch,
+       (extract(epoch from clock_timestamp() - created_at) * 1000)::float8 as queue_wait_ms
+from ai_course_jobs where id = %(id)s and %(table)s = 'ai_course_jobs'
+union all
+select trace_parent, batch,
+       (extract(epoch from clock_timestamp() - created_at) * 1000)::float8
+from ai_media_jobs where id = %(id)s and %(table)s = 'ai_media_jobs'

@@ -33,6 +33,19 @@ select ai_job_add_usage(%(providers)s::text[], %(models)s::text[], %(calls)s::bi
                         %(input)s::bigint[], %(cached)s::bigint[], %(output)s::bigint[],
                         %(costs)s::numeric[])
 
+-- name: add_call_histograms
+-- sql/028: the calls' token and duration histograms observed since the last tick.
+select ai_job_add_call_histograms(%(metrics)s::text[], %(operations)s::text[],
+                                  %(providers)s::text[], %(models)s::text[],
+                                  %(token_types)s::text[], %(counts)s::text[],
+                                  %(sums)s::float8[], %(totals)s::bigint[])
+
+-- name: call_histograms
+-- /metrics: the GenAI histograms (sql/028).
+select metric, operation, provider, model, token_type, counts, sum, count
+from ai_job_call_histograms
+order by metric, operation, provider, model, token_type
+
 -- name: add_charges
 -- Each provider call made for a job, as it returns (sql/021: the budget's spend).
 select ai_job_add_charges(%(tables)s::text[], %(ids)s::uuid[], %(providers)s::text[],

@@ -29,7 +29,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
-from listener import dal, db
+from listener import dal, db, tracing
 from listener.errors import (
     AiJobsError,
     BudgetExceeded,
@@ -71,6 +71,8 @@ _STATUS: list[tuple[type[AiJobsError], int]] = [
     (DatabaseUnavailable, 503),
     (SchemaOutdated, 503),
 ]
+
+_CLIENT_ERRORS = tuple(kind for kind, status in _STATUS if status < 500)
 
 _PREFLIGHT = {
     "Access-Control-Allow-Methods": "GET, POST",
@@ -201,11 +203,24 @@ class Api:
 
     async def create_course(self, request: Request, user: User) -> Response:
         body = userjobs.parse(userjobs.CourseRequest, await _json(request), "course")
-        return harden(JSONResponse(await userjobs.create(self.pool, user, body), 201))
+        return await self._create(request, user, body)
 
     async def create_media(self, request: Request, user: User) -> Response:
         body = userjobs.parse(userjobs.MediaRequest, await _json(request), "media")
-        return harden(JSONResponse(await userjobs.create(self.pool, user, body), 201))
+        return await self._create(request, user, body)
+
+    async def _create(self, request: Request, user: User, body: userjobs.JobRequest) -> Response:
+        if not tracing.on:
+            return harden(JSONResponse(await userjobs.create(self.pool, user, body), 201))
+        # The request's server span; the job continues its trace (listener/tracing.py).
+        header = request.headers.get("traceparent")
+        route = request.url.path
+        with tracing.server("POST", route, header, body.trace_parent, _CLIENT_ERRORS) as span:
+            body = body.model_copy(update={"trace_parent": tracing.traceparent()})
+            created = await userjobs.create(self.pool, user, body)
+            span.set_attribute("http.response.status_code", 201)
+            span.set_attribute("messaging.message.id", created["id"])
+        return harden(JSONResponse(created, 201))
 
     async def job(self, request: Request, user: User) -> Response:
         row = await userjobs.one(self.pool, user, str(request.path_params["id"]))

@@ -13,11 +13,22 @@ from typing import Any
 
 import psycopg
 from prometheus_client import CollectorRegistry, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
 from prometheus_client.registry import Collector
 
 from listener import alerts, dal, ops
 from listener.listen import LISTENING
+from listener.providers.meter import (
+    DURATION_BOUNDS,
+    OPERATION_DURATION,
+    TOKEN_BOUNDS,
+    TOKEN_USAGE,
+)
 from listener.registry import LISTENER_STATES, live_seconds
 from listener.settings import PROVIDERS, Settings
 
@@ -83,7 +94,8 @@ async def collect(conn: Conn, settings: Settings) -> list[Metric]:
 
     latency = GaugeMetricFamily(
         "ai_jobs_provider_latency_seconds",
-        "Generation time quantiles per provider over the last hour (metrics.generationDurationMs)",
+        "Generation time quantiles per provider over the last hour (metrics.generationDurationMs). "
+        "Deprecated: gen_ai_client_operation_duration_seconds; removed in the release after next",
         labels=["provider", "quantile"],
     )
     provider_jobs = GaugeMetricFamily(
@@ -135,7 +147,8 @@ async def _providers(conn: Conn) -> list[Metric]:
     the models the workers folded (configured or priced, else "other")."""
     tokens = CounterMetricFamily(
         "ai_jobs_tokens",
-        "Tokens of every provider call (input includes cached_input)",
+        "Tokens of every provider call (input includes cached_input). Deprecated: "
+        "gen_ai_client_token_usage; removed in the release after next",
         labels=["provider", "model", "kind"],
     )
     cost = CounterMetricFamily(
@@ -157,7 +170,49 @@ async def _providers(conn: Conn) -> list[Metric]:
     found = {r["provider"]: r["open"] for r in await dal.PROVIDER_BREAKERS.all(conn)}
     for provider in PROVIDERS:
         breakers.add_metric([provider], found.get(provider, 0))
-    return [tokens, cost, breakers]
+    return [tokens, cost, breakers, *await _genai(conn)]
+
+
+GENAI_LABELS = ["gen_ai_operation_name", "gen_ai_provider_name", "gen_ai_request_model"]
+
+
+async def _genai(conn: Conn) -> list[Metric]:
+    """OpenTelemetry's GenAI client histograms (sql/028), under the names its
+    conventions give them in Prometheus. Labels: bounded sets (providers, the
+    folded models, two operations, two token types)."""
+    usage = HistogramMetricFamily(
+        "gen_ai_client_token_usage",
+        "Tokens per provider call (gen_ai.client.token.usage)",
+        labels=[*GENAI_LABELS, "gen_ai_token_type"],
+    )
+    duration = HistogramMetricFamily(
+        "gen_ai_client_operation_duration_seconds",
+        "Duration of each provider call, failed ones included (gen_ai.client.operation.duration)",
+        labels=GENAI_LABELS,
+    )
+    for row in await dal.CALL_HISTOGRAMS.all(conn):
+        if row["provider"] not in PROVIDERS:
+            continue
+        labels = [row["operation"], row["provider"], row["model"]]
+        if row["metric"] == TOKEN_USAGE:
+            family, bounds = usage, TOKEN_BOUNDS
+            labels.append(row["token_type"])
+        elif row["metric"] == OPERATION_DURATION:
+            family, bounds = duration, DURATION_BOUNDS
+        else:
+            continue
+        if len(row["counts"]) != len(bounds) + 1:
+            continue  # written with other bounds
+        buckets, total = [], 0
+        for bound, n in zip([*map(_le, bounds), "+Inf"], row["counts"], strict=True):
+            total += n
+            buckets.append((bound, float(total)))
+        family.add_metric(labels, buckets, row["sum"])
+    return [usage, duration]
+
+
+def _le(bound: float) -> str:
+    return f"{bound:g}" if bound < 1e6 else str(int(bound))
 
 
 async def _workers(conn: Conn, settings: Settings) -> list[Metric]:

@@ -152,10 +152,12 @@ class Pages:
             spend = await console.cost(conn)
             paused = await ops.paused(conn)
             workers = await _workers(conn, self.d.settings)
+            batches = await console.open_batches(conn)
         return self.d.html(
             "overview.html",
             who,
             cost=spend,
+            batches=batches,
             paused=paused,
             workers=workers,
             windows=list(console.CHART_WINDOWS),

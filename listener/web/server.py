@@ -10,7 +10,7 @@ from collections.abc import Iterator
 import uvicorn
 from loguru import logger
 
-from listener import db, ops
+from listener import db, ops, tracing
 from listener.errors import AiJobsError, ConfigError
 from listener.settings import Settings
 from listener.web import api
@@ -47,6 +47,7 @@ async def serve(settings: Settings, host: str = "0.0.0.0", port: int | None = No
         if settings.api_enabled:
             await api.preflight(conn)
     port = port or settings.port
+    tracing.setup("ai-jobs web")  # only when OTEL_EXPORTER_OTLP_ENDPOINT is set
     app = create_app(settings, dsn, token)
     config = uvicorn.Config(
         app,
@@ -64,7 +65,10 @@ async def serve(settings: Settings, host: str = "0.0.0.0", port: int | None = No
     server = _Server(config)
     log = logger.bind(action="web", port=port)
     log.bind(action="web_started").info("dashboard on http://{}:{}/admin/jobs", host, port)
-    await server.serve()
+    try:
+        await server.serve()
+    finally:
+        tracing.shutdown()
     if not server.started:
         raise AiJobsError(f"The dashboard could not start on {host}:{port}")
     log.bind(action="web_stopped").info("dashboard stopped")

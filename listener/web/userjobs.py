@@ -43,6 +43,9 @@ class _Request(BaseModel):
         return v
 
 
+JobRequest = _Request  # either body, as the API passes it on
+
+
 class CourseRequest(_Request):
     subject: str
 

@@ -24,6 +24,11 @@ Point OPENAI_BASE_URL at `fake.openai_url` and ANTHROPIC_BASE_URL at
                 recorded in `fake.abandoned`
   cut           a valid answer whose connection closes after `fake.break_after`
                 tokens (a stream without its end; a body shorter than its length)
+  garbage       a course with `GARBAGE` (not JSON) in its middle, every time: a
+                stream that goes bad after its first groups (Anthropic: inside
+                the tool's input)
+  bad_event     a valid course whose stream carries, halfway, a server-sent event
+                whose data is not JSON (`BAD_EVENT`): the framing goes bad
 
 Error modes answer before any stream starts. Chat completions and messages stream
 when asked (`stream: true`), in the provider's server-sent events, at `fake.pace`
@@ -47,7 +52,8 @@ modes ({"openai": "500"}: the soak's faults). With `request_log` (a file), each
 request to a provider is also written there as a JSON line (time, provider, path,
 mode, and the start of its prompt).
 
-Routes: chat completions, messages, models list, image generation, speech. Every
+Routes: chat completions, messages, models list, image generation, speech, and the
+Batch APIs (batches.py: `fake.batches`). Every
 request is recorded (`fake.requests`, `fake.count(...)`). The same server records
 Sentry envelopes (POST /api/<project>/envelope/) in `fake.envelopes` and alert
 webhooks (POST /hook/...) in `fake.hooks`.
@@ -80,6 +86,7 @@ from tests.fakeai.answers import (
     sized,
     tokens,
 )
+from tests.fakeai.batches import Batches
 from tests.fakeai.http import HTTPFake
 from tests.fakeai.quota import Limited, Limits, Quotas, limited_body, retry_headers
 
@@ -87,6 +94,8 @@ FAKE_OPENAI_KEY = "sk-test-OPENAISECRET-0123456789abcdef"
 FAKE_ANTHROPIC_KEY = "sk-ant-test-ANTHROPICSECRET-0123456789"
 FAKE_IMAGE = placeholder_png("fake image")
 FAKE_MP3 = b"ID3\x04\x00\x00\x00\x00\x00\x00" + b"\xff\xfb\x90\x00" * 64
+BAD_EVENT = b"event: content_block_delta\ndata: {not json, \xff\n\n"
+GARBAGE = '}]}, ]]}{"oops": \\ not json ,,'
 DEFAULT_MODEL = {"openai": "gpt-4.1-mini", "anthropic": "claude-haiku-4-5"}
 GENERATE = ("/v1/chat/completions", "/v1/messages")
 
@@ -165,6 +174,7 @@ class FakeAI(HTTPFake):
         self.in_flight = self.max_in_flight = 0
         self._asked: Counter[str] = Counter()  # answers per message list (the size draw)
         self.request_log: IO[str] | None = None
+        self.batches = Batches(self.batch_answer)  # the Batch APIs (batches.py)
 
     @property
     def limits(self) -> Limits:
@@ -258,6 +268,8 @@ class FakeAI(HTTPFake):
         key = h.headers.get("x-api-key") or bearer
         if key != self.keys[provider] or mode == "401":
             return self.error(h, provider, 401, f"Incorrect API key provided: {key}")
+        if self.batches.routes(path):
+            return self.batches.handle(h, provider, path, raw, self.send)
         if mode == "slow":
             time.sleep(self.slow_seconds)
         if mode == "hang":
@@ -415,7 +427,12 @@ class FakeAI(HTTPFake):
         if mode == "wrong_schema":
             return {"title": "A course without groups"}
         course = course_from_prompt(user)
-        return sized(course, size) if size else course
+        course = sized(course, size) if size else course
+        if mode == "garbage":
+            text = json.dumps(course)
+            mid = text.index('"id": "g2"')  # after the first group
+            return text[:mid] + GARBAGE + text[mid:]
+        return course
 
     def seen(self, system: str, mark: bool = True) -> bool:
         """Whether this system prompt was sent before (and, with `mark`, remember it)."""
@@ -437,6 +454,8 @@ class FakeAI(HTTPFake):
         if mode == "refusal":
             return Reply("I can't help with that.", "refusal")
         tools = body.get("tools") or []
+        if mode == "garbage" and tools:
+            return Reply(text, "tool_use", tool=str(tools[0]["name"]))
         if isinstance(answer, str) or not tools:
             return Reply(text, "tool_use" if tools else "end_turn")
         return Reply(text, "tool_use", tool=str(tools[0]["name"]))
@@ -523,6 +542,30 @@ class FakeAI(HTTPFake):
                 self.in_flight -= 1
             held.settle(0)  # an error, or the client left
         return None
+
+    def batch_answer(self, provider: str, body: dict[str, Any]) -> dict[str, Any]:
+        """A batch's request answered as its route answers it in mode "valid" (or
+        "invalid" when the batch marked it so), not streamed, quotas untouched."""
+        mode = "invalid" if body.pop("_fake_invalid", False) else "valid"
+        model = str(body.get("model") or DEFAULT_MODEL[provider])
+        reply = self.reply(provider, body, mode, None)
+        inp = self.input_usage(provider, body)
+        anthropic = provider == "anthropic"
+        self.seen(
+            json.dumps(body.get("system")) if anthropic else str(body["messages"][0]["content"])
+        )
+        n = tokens(reply.text)
+        if anthropic:
+            done = 700 if self.fixed_usage else n
+            return self.anthropic_body(model, reply, {**inp, "output_tokens": done})
+        done = 800 if self.fixed_usage else n
+        usage = {
+            "prompt_tokens": inp["prompt_tokens"],
+            "completion_tokens": done,
+            "total_tokens": inp["prompt_tokens"] + done,
+            "prompt_tokens_details": inp["prompt_tokens_details"],
+        }
+        return self.openai_body(model, reply, usage)
 
     def deliver(
         self,
@@ -615,9 +658,13 @@ class FakeAI(HTTPFake):
         def events() -> Iterator[tuple[int, bytes]]:  # (tokens sent through it, bytes)
             if not limit and not broken:
                 yield 0, s.first()
+            half = limit // 2
             for i in range(0, limit, step):
                 end = min(i + step, limit)
-                yield -(-end // CHARS_PER_TOKEN), (b"" if i else s.first()) + s.delta(text[i:end])
+                data = (b"" if i else s.first()) + s.delta(text[i:end])
+                if mode == "bad_event" and i <= half < i + step:
+                    data += BAD_EVENT  # the stream's own framing goes bad
+                yield -(-end // CHARS_PER_TOKEN), data
 
         self._count("streams", "started")
         sent = queued = 0
@@ -669,11 +716,15 @@ class FakeAI(HTTPFake):
     def anthropic_body(model: str, reply: Reply, usage: dict[str, Any]) -> dict[str, Any]:
         block: dict[str, Any] = {"type": "text", "text": reply.text}
         if reply.tool:
+            try:
+                tool_input = json.loads(reply.text)
+            except ValueError:  # garbage: a whole answer can only be JSON, say it in text
+                return FakeAI.anthropic_body(model, Reply(reply.text, reply.end), usage)
             block = {
                 "type": "tool_use",
                 "id": "toolu_fake",
                 "name": reply.tool,
-                "input": json.loads(reply.text),
+                "input": tool_input,
             }
         return {
             "id": "msg_fake",

@@ -507,6 +507,7 @@ async def _flood(
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(150)
 async def test_ten_thousand_streams_from_one_client(web_process: str, db_url: str) -> None:
     async with httpx.AsyncClient(base_url=web_process, timeout=10) as client:
         r = await client.post(COURSE, headers=bearer(ALICE), json={"subject": "Algebra"})
@@ -525,9 +526,9 @@ async def test_ten_thousand_streams_from_one_client(web_process: str, db_url: st
             assert set(counts) <= {"200", "429"}, counts
             print(f"\n10,000 stream requests from one client in {spent:.1f} s: {counts}")
             # the held stream still hears its job (the process may still be closing
-            # the flood's sockets: allow for a loaded machine)
+            # the flood's sockets: on a loaded machine the flood alone took 30 s)
             await sql(db_url, "select cancel_job(%s, 'ai_course_jobs')", jid)
-            assert (await held.next(timeout=20))["job"]["status"] == "cancelled"
+            assert (await held.next(timeout=60))["job"]["status"] == "cancelled"
 
 
 def test_the_api_refuses_to_start_on_a_short_secret(db_url: str) -> None:

@@ -474,6 +474,25 @@ async def test_overview_workers_table_is_for_humans(client: httpx.AsyncClient, d
     assert "listening" in row and ">2<" in row and ">3<" in row
 
 
+async def test_overview_lists_the_open_batches(client: httpx.AsyncClient, db_url: str) -> None:
+    """Batch jobs (sql/027): the batches not yet ended, the provider's id escaped."""
+    await sql(
+        db_url,
+        "insert into ai_job_batches (job_table, state, provider, provider_batch_id, worker_id)"
+        " values ('ai_course_jobs', 'submitted', 'openai', '<b>batch_1</b>', 'host-a:1:x'),"
+        " ('ai_course_jobs', 'ended', 'openai', 'batch_old', null)",
+    )
+    r = await client.get("/admin/overview", headers=BEARER | HTML)
+    assert r.status_code == 200
+    table = r.text[
+        r.text.index('id="open-batches"') : r.text.index(
+            "</table>", r.text.index('id="open-batches"')
+        )
+    ]
+    assert "&lt;b&gt;batch_1&lt;/b&gt;" in table and "<b>batch_1" not in table
+    assert "submitted" in table and "host-a:1:x" in table and "batch_old" not in table
+
+
 # -- keyset pages over equal created_at ------------------------------------------
 
 TABLES = ("ai_course_jobs", "ai_media_jobs")

@@ -101,6 +101,7 @@ PG_TYPES: dict[str, type] = {
     "boolean": bool,
     "jsonb": dict,  # objects here; Any is accepted too
     "text[]": list,
+    "bigint[]": list,
 }
 
 

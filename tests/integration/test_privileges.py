@@ -145,6 +145,10 @@ ALLOWED: dict[str, dict[str, set[str]]] = {
     "function ai_job_add_usage(text[],text[],bigint[],bigint[],bigint[],bigint[],numeric[])": {
         "service_role": EXECUTE
     },
+    # sql/028
+    "table ai_job_call_histograms": {"service_role": WRITE},
+    "function ai_job_add_call_histograms(text[],text[],text[],text[],text[],text[],"
+    "double precision[],bigint[])": {"service_role": EXECUTE},
     # sql/015
     "sequence ai_job_budget_rejections": {"service_role": {"USAGE", "SELECT"}},
     "function ai_job_user_spend(uuid,timestamp with time zone)": {"service_role": EXECUTE},
@@ -203,6 +207,28 @@ ALLOWED: dict[str, dict[str, set[str]]] = {
     "function ai_job_quota_settle(text,text,double precision[],bigint[],bigint[],bigint[],"
     "double precision,double precision,boolean,integer,boolean)": {"service_role": EXECUTE},
     "function ai_job_quota_reset(text,text)": {"service_role": EXECUTE},
+    # sql/025
+    "function ai_job_lock_users(uuid[])": {"service_role": EXECUTE},
+    "function ai_job_running_by_user()": {"service_role": EXECUTE},
+    "function ai_job_one_user_due(text)": {"service_role": EXECUTE},
+    "function ai_job_due_users(text)": {"service_role": EXECUTE},
+    "function ai_job_fair_pick(text,uuid[],integer,integer)": {"service_role": EXECUTE},
+    "function ai_job_fair_ids(text,integer,uuid[])": {"service_role": EXECUTE},
+    "function ai_job_under_cap(uuid)": {"service_role": EXECUTE},
+    "function ai_job_settings_changed()": {},
+    # sql/027
+    "table ai_job_batches": {"service_role": WRITE},
+    "table ai_job_batch_items": {"service_role": WRITE},
+    "function ai_job_batch_take(text,uuid,uuid,text,double precision,integer)": {
+        "service_role": EXECUTE
+    },
+    "function ai_job_batch_submitting(uuid,text,text,text)": {"service_role": EXECUTE},
+    "function ai_job_batch_submitted(uuid,text,text,text)": {"service_role": EXECUTE},
+    "function ai_job_batch_watch(text,double precision,integer,double precision)": {
+        "service_role": EXECUTE
+    },
+    "function ai_job_batch_jobs(uuid,text)": {"service_role": EXECUTE},
+    "function ai_job_batch_end(uuid,text,text,text)": {"service_role": EXECUTE},
 }
 
 

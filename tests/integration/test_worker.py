@@ -358,6 +358,9 @@ async def _holding_ahead(
             )
         await await_until(lambda: _ready(w, 4), what="4 jobs claimed ahead")
         assert await _statuses(db_url) == {"processing": 5, "pending": 1}
+        # The start's sweep over (on a loaded machine it can come this late): one
+        # now would rescue the jobs a test marks stale.
+        await await_until(lambda: _swept(w), what="the first sweep")
         yield w, started, gate
 
 

@@ -91,7 +91,7 @@ async def test_falls_through_to_the_next_provider(
     cause = {
         "429": "HTTP 429 rate limited",
         "500": "HTTP 500 server error",
-        "slow": "timeout after 1s",
+        "slow": "stream stalled: no answer within 1s",
         "invalid": "Schema validation failed: ",
         "401": "HTTP 401 Incorrect API key provided: ***",
     }[mode]
@@ -113,7 +113,8 @@ async def test_every_cause_is_named_when_all_fail(
         await rt.handlers["ai_course_jobs"](job)
     await rt.aclose()
     assert err.value.message == (
-        "Course generation failed: openai: HTTP 429 rate limited; anthropic: timeout after 1s"
+        "Course generation failed: openai: HTTP 429 rate limited; "
+        "anthropic: stream stalled: no answer within 1s"
     )
     assert fake.count("openai") == 1 and fake.count("anthropic") == 1
 

@@ -186,6 +186,8 @@ async def test_a_timeout_counts_toward_the_breaker_and_fails_the_attempt(
         await rt.handlers["ai_course_jobs"](await course_job(conn))
     await rt.aclose()
     assert not isinstance(err.value, ProvidersUnavailable)  # one timeout: not yet down
-    assert err.value.message == "Course generation failed: openai: timeout after 1s"
+    assert (
+        err.value.message == "Course generation failed: openai: stream stalled: no answer within 1s"
+    )
     state = await breaker(conn, "openai")
     assert state is not None and state["consecutive_failures"] == 1 and state["open_until"] is None

@@ -1,0 +1,128 @@
+"""The course handler's door to the batches: a claimed job that asks for the
+batch price (`batch = true`) joins this worker's collecting batch instead of
+calling a provider (ai_job_batch_take), and its task ends without writing
+anything (HandedOff); a job whose batch answered comes back through the same
+door, and runs the course handler with that answer in place of the provider's
+first call (the repair round, if any, goes the direct way)."""
+
+from __future__ import annotations
+
+import contextvars
+from collections.abc import Awaitable, Callable
+from typing import Any
+from uuid import UUID
+
+from psycopg_pool import AsyncConnectionPool
+
+from listener import dal
+from listener.errors import HandedOff
+from listener.jobs import Job, Outcome
+from listener.providers.base import Answer, CoursePrompt, CourseProvider, TextSink, Usage
+
+MAX_JOBS = 1000  # requests per batch (the providers take far more); a new batch past it
+Handler = Callable[[Job], Awaitable[Outcome]]
+Charge = Callable[[Job, str, str, Usage], Awaitable[None]]
+_ANSWER: contextvars.ContextVar[Answer | None] = contextvars.ContextVar(
+    "ai_jobs_batch_answer", default=None
+)
+
+
+class Answered:
+    """A course provider whose first answer is the batch's (paid for there: the
+    chain neither reserves a quota nor asks the breaker for it); the repair
+    round's call goes to the provider itself."""
+
+    def __init__(self, real: CourseProvider) -> None:
+        self.real = real
+        self.name = real.name
+        self.model = real.model
+
+    @property
+    def answered(self) -> bool:
+        """True while the batch's answer is still to be read (chain.py's plan)."""
+        return _ANSWER.get() is not None
+
+    async def course(self, prompt: CoursePrompt, sink: TextSink | None = None) -> Answer:
+        answer = _ANSWER.get()
+        if answer is not None and prompt.repair is None:
+            _ANSWER.set(None)
+            if sink is not None:
+                sink(answer.text)  # the whole answer at once: the progress reader's one piece
+            return answer
+        return await self.real.course(prompt, sink)
+
+    async def check(self) -> str:
+        return await self.real.check()
+
+    async def aclose(self) -> None:
+        pass  # the real provider's client is closed with the runtime
+
+
+class AnsweredProviders:
+    """`Providers` as the course handler reads them, for a batch's answer."""
+
+    def __init__(self, real: CourseProvider) -> None:
+        self.course: list[Answered] = [Answered(real)]
+
+    def course_chain(self) -> list[CourseProvider]:
+        return list(self.course)
+
+
+class BatchRouter:
+    """The course table's handler in a worker that runs batches."""
+
+    def __init__(
+        self,
+        pool: AsyncConnectionPool[Any],
+        direct: Handler,
+        answered: Callable[[str], Handler | None],
+        lease_seconds: float,
+    ) -> None:
+        self.pool = pool
+        self.direct = direct  # the course handler
+        self.answered = answered  # provider name -> the handler that reads a batch's answer
+        self.lease_seconds = lease_seconds
+        self.worker_id: str | None = None  # set once the worker exists; None: all direct
+        self.enabled = False  # a provider of the chain has a Batch API
+        # job id -> (provider name, its answer or the error that ends its attempt)
+        self.results: dict[UUID, tuple[str, Answer | BaseException]] = {}
+        self.handed = 0
+        self.charge: Charge | None = None  # the meter's: a call made for a job
+
+    async def __call__(self, job: Job) -> Outcome:
+        result = self.results.pop(job.id, None)
+        if result is not None:
+            return await self._from_batch(job, *result)
+        if self.enabled and self.worker_id is not None:
+            row = await dal.BATCH_TAKE.first(
+                self.pool,
+                {
+                    "table": job.table,
+                    "id": job.id,
+                    "token": job.claim_token,
+                    "worker": self.worker_id,
+                    "lease": self.lease_seconds,
+                    "max_jobs": MAX_JOBS,
+                },
+            )
+            if row is not None and row["batch_id"] is not None:
+                self.handed += 1
+                raise HandedOff(f"in batch {row['batch_id']}")
+        return await self.direct(job)
+
+    async def _from_batch(self, job: Job, provider: str, result: Answer | BaseException) -> Outcome:
+        if isinstance(result, BaseException):
+            raise result  # this request's error: this job's failed attempt, as a direct one's
+        handler = self.answered(provider)
+        if handler is None:
+            raise HandedOff("no provider to read the batch's answer")  # left to the batch's end
+        token = _ANSWER.set(result)
+        try:
+            outcome = await handler(job)
+            if _ANSWER.get() is not None and self.charge is not None:
+                # Served without it (the course cache): the batch's request was paid.
+                await self.charge(job, provider, result.model, result.usage)
+        finally:
+            _ANSWER.reset(token)
+        outcome.metrics["batch"] = True
+        return outcome

@@ -1,0 +1,227 @@
+"""The batches' watch, a duty of every worker: at each tick, one statement
+(ai_job_batch_watch) renews the leases of the batches this worker holds, takes
+over those whose holder stopped renewing, and keeps their jobs' heartbeats;
+then each batch is moved on: a collecting one sent when it is
+BATCH_COLLECT_SECONDS old (or full), an intent without its provider batch id
+found or sent, a sent one asked about every BATCH_POLL_SECONDS and, once
+ended, its results read back into its jobs (each through the executor, as a
+claimed job: validated, repaired, stored and completed by the course handler),
+and the rest of its jobs sent back to pending (ai_job_batch_end)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+from uuid import UUID
+
+from loguru import logger
+from psycopg_pool import AsyncConnectionPool
+
+from listener import dal, tracing
+from listener.batches.collect import MAX_JOBS, BatchRouter
+from listener.batches.crash import crash_point
+from listener.batches.submit import Submitter
+from listener.completer import Completer
+from listener.executor import Executor
+from listener.jobs import Job
+from listener.providers.batchapi import BatchAPI
+from listener.rows import BatchWatchRow
+from listener.settings import Settings
+
+ADOPT = 20  # batches one tick takes over at most
+SUBMIT_TRIES = 5  # failed sends of one batch before its jobs go the direct way
+DRAIN_SECONDS = 30.0
+RESULTS_AT_ONCE = 50  # answered jobs stored at once (no provider call but a repair)
+
+
+class BatchService:
+    def __init__(
+        self,
+        settings: Settings,
+        pool: AsyncConnectionPool[Any],
+        router: BatchRouter,
+        apis: list[BatchAPI],
+    ) -> None:
+        self.settings = settings
+        self.pool = pool
+        self.router = router
+        self.apis = {a.name: a for a in apis}
+        self.first = apis[0] if apis else None  # the chain's first provider with a Batch API
+        stale = settings.stale_after_seconds
+        # A lease outlives a few ticks; a job's heartbeat is written when a quarter of
+        # STALE_AFTER_SECONDS old, so that a batch taken over after its lease ran out
+        # has its jobs' heartbeats kept before the stale rescue could see them.
+        self.tick_seconds = min(
+            settings.heartbeat_interval_seconds, stale / 6, settings.batch_poll_seconds, 10.0
+        )
+        self.lease_seconds = stale / 3
+        self.beat_after = stale / 4
+        self.collect_seconds = settings.batch_collect_seconds
+        self.poll_seconds = settings.batch_poll_seconds
+        router.lease_seconds = self.lease_seconds
+        router.enabled = self.first is not None
+        self.worker_id: str | None = None
+        self.executor: Executor | None = None
+        self.completer: Completer | None = None
+        self.submitter: Submitter | None = None
+        self._busy: dict[UUID, asyncio.Task[None]] = {}
+        self._polled: dict[UUID, float] = {}
+        self._tries: dict[UUID, int] = {}
+        self.held = 0  # open batches held at the last tick
+        self.ended = 0
+
+    def attach(self, worker_id: str, executor: Executor, completer: Completer) -> None:
+        """The worker that runs the batches (its id holds their leases)."""
+        self.worker_id = worker_id
+        self.executor = executor
+        self.completer = completer
+        self.router.worker_id = worker_id
+        self.submitter = Submitter(self.pool, worker_id, executor.fail)
+
+    async def tick(self) -> None:
+        if self.worker_id is None:
+            return
+        rows = await dal.BATCH_WATCH.all(
+            self.pool,
+            {
+                "worker": self.worker_id,
+                "lease": self.lease_seconds,
+                "adopt": ADOPT,
+                "beat_after": self.beat_after,
+            },
+        )
+        self.held = len(rows)
+        now = time.monotonic()
+        for row in rows:
+            bid = row["id"]
+            if bid in self._busy:
+                continue
+            state = row["state"]
+            if state == "collecting":
+                if row["age_seconds"] >= self.collect_seconds or row["jobs"] >= MAX_JOBS:
+                    self._spawn(bid, self._submit(row))
+            elif state == "submitting":
+                self._spawn(bid, self._submit(row))
+            elif state == "submitted" and now - self._polled.get(bid, 0.0) >= self.poll_seconds:
+                self._polled[bid] = now
+                self._spawn(bid, self._watch(row))
+
+    def _spawn(self, bid: UUID, coro: Any) -> None:
+        task = asyncio.ensure_future(coro)
+        self._busy[bid] = task
+        task.add_done_callback(lambda _t: self._busy.pop(bid, None))
+
+    async def aclose(self) -> None:
+        """Stop the batches' work under way; their leases run out and any worker
+        takes them over (an intent half sent is found at the provider)."""
+        for task in list(self._busy.values()):
+            task.cancel()
+        await asyncio.gather(*self._busy.values(), return_exceptions=True)
+
+    async def _submit(self, row: BatchWatchRow) -> None:
+        assert self.submitter is not None
+        bid = row["id"]
+        api = self.apis.get(row["provider"] or "") if row["provider"] else self.first
+        log = logger.bind(action="batch_submit", batch=str(bid))
+        if api is None:
+            await self._end(bid, "failed", "no provider of the chain has a Batch API")
+            return
+        try:
+            await self.submitter.submit(row, api)
+            self._tries.pop(bid, None)
+        except Exception as exc:
+            tries = self._tries[bid] = self._tries.get(bid, 0) + 1
+            log.bind(provider=api.name).warning(
+                f"could not send the batch (try {tries}/{SUBMIT_TRIES}): {type(exc).__name__}"
+            )
+            if tries >= SUBMIT_TRIES:
+                self._tries.pop(bid, None)
+                await self._end(bid, "failed", f"the batch could not be sent: {type(exc).__name__}")
+
+    async def _watch(self, row: BatchWatchRow) -> None:
+        bid, pbid = row["id"], row["provider_batch_id"]
+        api = self.apis.get(row["provider"] or "")
+        log = logger.bind(action="batch_watch", batch=str(bid), provider_batch=pbid)
+        if api is None or pbid is None:
+            await self._end(bid, "failed", f"no Batch API for provider {row['provider']}")
+            return
+        try:
+            state = await api.state(pbid)
+        except Exception as exc:
+            log.warning(f"could not ask about the batch: {type(exc).__name__}")
+            return
+        if state.outcome is None:
+            return
+        try:
+            await self._results(row, api, state.outcome, state.error)
+        except Exception as exc:  # read again at the next poll (or by whoever takes it over)
+            log.warning(f"could not read the batch's results: {type(exc).__name__}")
+
+    async def _results(
+        self, row: BatchWatchRow, api: BatchAPI, outcome: str, error: str | None
+    ) -> None:
+        """Read the ended batch's results into its jobs, then end it."""
+        assert self.executor is not None and self.completer is not None
+        bid, pbid = row["id"], str(row["provider_batch_id"])
+        held = {
+            r["id"]: r
+            for r in await dal.BATCH_JOBS.all(self.pool, {"batch": bid, "worker": self.worker_id})
+        }
+        if tracing.on:  # the batch's span: each answered job's attempt links to it
+            name, attributes = f"batch results {api.name}", {"ai_jobs.batch.id": str(bid)}
+            with tracing.span(name, attributes | {"ai_jobs.provider_batch_id": pbid}):
+                return await self._read(row, api, outcome, error, held)
+        await self._read(row, api, outcome, error, held)
+
+    async def _read(
+        self,
+        row: BatchWatchRow,
+        api: BatchAPI,
+        outcome: str,
+        error: str | None,
+        held: dict[UUID, Any],
+    ) -> None:
+        bid, pbid = row["id"], str(row["provider_batch_id"])
+        log = logger.bind(action="batch_results", batch=str(bid), provider_batch=pbid)
+        results = await api.results(pbid, set(held)) if held and outcome != "failed" else None
+        if results is not None:
+            if results.skipped:
+                log.warning(f"{results.skipped} line(s) of the batch's results skipped")
+            jobs = [Job.from_claim(held[j]) for j in results.answers]
+            for job in jobs:
+                self.router.results[job.id] = (api.name, results.answers[job.id])
+            # The first job on its own, written, before the others: a worker that
+            # dies reading the results leaves the written ones done and the rest to
+            # whoever takes the batch over (the crash test's moment).
+            await self._run(jobs[:1])
+            if jobs:
+                crash_point("reading_results")
+            await self._run(jobs[1:])
+        await self._end(bid, outcome, error)
+
+    async def _run(self, jobs: list[Job]) -> None:
+        """Run the answered jobs as claimed ones, and wait for their ends' writes."""
+        assert self.executor is not None and self.completer is not None
+        if not jobs:
+            return
+        for i in range(0, len(jobs), RESULTS_AT_ONCE):
+            part = jobs[i : i + RESULTS_AT_ONCE]
+            await asyncio.gather(*(self.executor.start(j) for j in part), return_exceptions=True)
+        try:
+            async with asyncio.timeout(DRAIN_SECONDS):
+                await self.completer.drain()
+        except TimeoutError:
+            logger.bind(action="batch_results").warning("completions still unwritten")
+
+    async def _end(self, bid: UUID, outcome: str, error: str | None) -> None:
+        row = await dal.BATCH_END.first(
+            self.pool,
+            {"batch": bid, "worker": self.worker_id, "outcome": outcome, "error": error},
+        )
+        returned = row["returned"] if row else 0
+        self.ended += 1
+        self._polled.pop(bid, None)
+        logger.bind(action="batch_ended", batch=str(bid), outcome=outcome, returned=returned).info(
+            f"batch ended ({outcome}); {returned} job(s) back to pending"
+        )

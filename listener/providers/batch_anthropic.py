@@ -1,0 +1,119 @@
+"""Anthropic's Message Batches: the requests in one POST /v1/messages/batches,
+watched (GET /v1/messages/batches/{id}), the results read at its results_url.
+
+Message batches carry no metadata: an intent whose batch id was not recorded
+(its worker died between the creation and the record) is found among the
+batches created since the intent was recorded, with as many requests, and not
+recorded by another intent. Two intents of the same size that both lost their
+record within the same seconds cannot be told apart: then neither is taken
+and the intent is sent again (docs/generation.md says so)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from datetime import datetime
+from typing import Any
+from uuid import UUID
+
+from anthropic.types import Message
+
+from listener.providers import requests
+from listener.providers.anthropic import AnthropicProvider
+from listener.providers.base import Answer, CoursePrompt, Refused
+from listener.providers.batchapi import RequestFailed, Results, Sent, State, job_of, lines
+from listener.providers.ratelimits import RateLimits
+
+LIST_MAX = 1000
+
+
+class AnthropicBatches:
+    name = "anthropic"
+
+    def __init__(self, provider: AnthropicProvider) -> None:
+        self.client = provider.client
+        self.model = provider.model
+        self.max_tokens = provider.max_tokens
+
+    async def submit(
+        self, intent: UUID, reqs: list[tuple[UUID, CoursePrompt]], hook: Callable[[str], None]
+    ) -> Sent:
+        hook("after_upload")  # nothing to upload: the requests travel in the creation
+        b = await self.client.messages.batches.create(
+            requests=[
+                {
+                    "custom_id": str(job),
+                    "params": requests.anthropic_course(  # type: ignore[typeddict-item]
+                        self.model, self.max_tokens, prompt
+                    ),
+                }
+                for job, prompt in reqs
+            ]
+        )
+        return Sent(b.id)
+
+    async def find(self, intent: UUID, since: float, count: int, known: set[str]) -> Sent | None:
+        found: list[str] = []
+        seen = 0
+        async for b in self.client.messages.batches.list(limit=100):
+            seen += 1
+            created = _epoch(b.created_at)
+            if created < since - 5 or seen >= LIST_MAX:
+                break
+            c = b.request_counts
+            total = c.processing + c.succeeded + c.errored + c.canceled + c.expired
+            if b.id not in known and total == count:
+                found.append(b.id)
+        return Sent(found[0]) if len(found) == 1 else None
+
+    async def state(self, batch_id: str) -> State:
+        b = await self.client.messages.batches.retrieve(batch_id)
+        if b.processing_status != "ended":
+            return State(None)
+        c = b.request_counts
+        if b.cancel_initiated_at is not None:
+            return State("cancelled", "cancelled")
+        if c.expired and not (c.succeeded or c.errored):
+            return State("expired", "expired")
+        return State("completed")
+
+    async def results(self, batch_id: str, jobs: set[UUID]) -> Results:
+        b = await self.client.messages.batches.retrieve(batch_id)
+        out = Results()
+        if not b.results_url:
+            return out
+        # The raw file, not the SDK's decoder: one bad line must not hide the others.
+        raw = await self.client.messages.batches.with_raw_response.results(batch_id)
+        data = await raw.http_response.aread()
+        seen: set[UUID] = set()
+        for doc in lines(data):
+            job = job_of(doc, jobs, seen)
+            if job is None:
+                out.skipped += 1
+                continue
+            result = doc.get("result")
+            kind = result.get("type") if isinstance(result, dict) else None
+            if kind in ("canceled", "expired"):
+                continue
+            try:
+                out.answers[job] = self._answer(result, kind)
+            except (Refused, RequestFailed) as exc:
+                out.answers[job] = exc
+            except Exception:
+                out.answers[job] = RequestFailed("the batch's answer is not a message")
+        return out
+
+    def _answer(self, result: Any, kind: Any) -> Answer:
+        if kind != "succeeded":
+            err = result.get("error") if isinstance(result, dict) else None
+            inner = err.get("error") if isinstance(err, dict) else None
+            message = inner.get("message") if isinstance(inner, dict) else None
+            raise RequestFailed(f"batch request failed: {message or kind}")
+        message = Message.model_validate(result.get("message"))
+        return requests.anthropic_answer(message, self.model, RateLimits(), batch=True)
+
+    async def cancel(self, batch_id: str) -> None:
+        await self.client.messages.batches.cancel(batch_id)
+
+
+def _epoch(when: datetime) -> float:
+    return when.timestamp()

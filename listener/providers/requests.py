@@ -1,0 +1,121 @@
+"""A course request as each provider's API takes it, and its answer read back:
+shared by the direct calls (openai.py, anthropic.py) and the Batch APIs
+(batch_openai.py, batch_anthropic.py), so that a batched job is asked exactly
+what a direct one is (the prompts, the structured output, the prompt caching)."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from listener.providers import pricing
+from listener.providers.base import Answer, CoursePrompt, Refused, Usage, repair_request
+from listener.providers.ratelimits import RateLimits
+
+# Requests that share this key and their first 1,024+ tokens are routed to the same
+# prompt cache: the system message (instructions) and the schema are the same for
+# every course, and they come first.
+PROMPT_CACHE_KEY = "ai-jobs-course-v1"
+TOOL = "save_course"
+
+
+def openai_course(model: str, max_tokens: int, prompt: CoursePrompt) -> dict[str, Any]:
+    """The Chat Completions request (the keyword arguments of
+    `chat.completions.create`, and a batch line's body)."""
+    # The constant part first (instructions; the schema travels in response_format,
+    # ahead of the messages), the request after it: OpenAI caches prompt prefixes.
+    messages: list[dict[str, Any]] = [
+        {"role": "system", "content": prompt.system},
+        {"role": "user", "content": prompt.user},
+    ]
+    if prompt.repair:
+        previous, problem = prompt.repair
+        messages.append({"role": "assistant", "content": previous})
+        messages.append({"role": "user", "content": repair_request(problem)})
+    return {
+        "model": model,
+        "messages": messages,
+        "max_completion_tokens": max_tokens,
+        "response_format": {
+            "type": "json_schema",
+            "json_schema": {"name": "course", "schema": prompt.schema, "strict": True},
+        },
+        "prompt_cache_key": PROMPT_CACHE_KEY,
+    }
+
+
+def openai_answer(resp: Any, model: str, limits: RateLimits, *, batch: bool = False) -> Answer:
+    """A ChatCompletion read as an Answer (Refused for a refusal or a filtered
+    answer); `batch`: priced at the Batch API's price."""
+    model = resp.model or model
+    usage = Usage()
+    if resp.usage:
+        details = resp.usage.prompt_tokens_details
+        cached = (details.cached_tokens or 0) if details else 0
+        usage = Usage(resp.usage.prompt_tokens, resp.usage.completion_tokens)
+        usage.cached_input_tokens = cached
+    usage.cost_usd = pricing.token_cost(
+        model, usage.input_tokens, usage.output_tokens, usage.cached_input_tokens
+    )
+    if batch:
+        usage.cost_usd = pricing.batch_price(usage.cost_usd)
+    choice = resp.choices[0] if resp.choices else None
+    if choice is not None and choice.message.refusal:
+        raise Refused(choice.message.refusal, usage, limits)
+    if choice is not None and choice.finish_reason == "content_filter":
+        raise Refused("blocked by the content filter", usage, limits)
+    text = (choice.message.content or "") if choice else ""
+    return Answer(text, model, usage, limits)
+
+
+def anthropic_course(model: str, max_tokens: int, prompt: CoursePrompt) -> dict[str, Any]:
+    """The Messages request (the keyword arguments of `messages.create`, and a
+    batch request's params)."""
+    messages: list[Any] = [{"role": "user", "content": prompt.user}]
+    if prompt.repair:
+        previous, problem = prompt.repair
+        messages.append({"role": "assistant", "content": previous or "(no answer)"})
+        messages.append({"role": "user", "content": repair_request(problem)})
+    return {
+        "model": model,
+        "max_tokens": max_tokens,
+        # The prompt cache covers the tools (the schema) and the system block up to
+        # this breakpoint: the constant part of every course request.
+        "system": [{"type": "text", "text": prompt.system, "cache_control": {"type": "ephemeral"}}],
+        "messages": messages,
+        "tools": [
+            {
+                "name": TOOL,
+                "description": "Save the generated course.",
+                "input_schema": prompt.schema,
+            }
+        ],
+        "tool_choice": {"type": "tool", "name": TOOL},
+    }
+
+
+def anthropic_answer(resp: Any, model: str, limits: RateLimits, *, batch: bool = False) -> Answer:
+    """A Message read as an Answer (Refused for a refusal or an overflow)."""
+    model = resp.model or model
+    u = resp.usage
+    cached, written = u.cache_read_input_tokens or 0, u.cache_creation_input_tokens or 0
+    # Anthropic's input_tokens leaves out the cached and cache-written ones.
+    usage = Usage(u.input_tokens + cached + written, u.output_tokens)
+    usage.cached_input_tokens, usage.cache_write_tokens = cached, written
+    usage.cost_usd = pricing.token_cost(
+        model, usage.input_tokens, usage.output_tokens, cached, written
+    )
+    if batch:
+        usage.cost_usd = pricing.batch_price(usage.cost_usd)
+    if resp.stop_reason == "refusal":
+        raise Refused("the model declined (stop_reason refusal)", usage, limits)
+    if resp.stop_reason == "model_context_window_exceeded":
+        raise Refused("context window exceeded", usage, limits)
+    text = ""
+    for block in resp.content:
+        if block.type == "tool_use" and block.name == TOOL:
+            text = json.dumps(block.input)
+            break
+        if block.type == "text" and not text:
+            text = block.text  # no tool call: let validation say what is wrong
+    return Answer(text, model, usage, limits)

@@ -1,0 +1,305 @@
+"""Batch jobs through the real `ai-jobs worker` and the real SDKs against the
+fake's Batch APIs: a batch end to end at the batch price, a worker killed at
+each moment of a batch's life (no job lost, no request sent twice), expiry and
+failure (back to pending, no attempt counted), a request's error (that job
+only), a cancel while batched, and a hostile results file."""
+
+from __future__ import annotations
+
+import json
+import signal
+import uuid
+from collections import Counter
+from typing import Any
+
+import psycopg
+import pytest
+
+from listener.batches.crash import ENV, EXIT_CODE, MOMENTS
+from tests.fakeai import FAKE_ANTHROPIC_KEY, FAKE_OPENAI_KEY, FakeAI
+from tests.helpers import connect, insert_course, job, wait_until
+from tests.workers import WorkerProcess
+
+pytestmark = pytest.mark.timeout(120)
+
+
+def batch_env(fake: FakeAI, **extra: Any) -> dict[str, Any]:
+    return {
+        "OPENAI_API_KEY": FAKE_OPENAI_KEY,
+        "OPENAI_BASE_URL": fake.openai_url,
+        "ANTHROPIC_API_KEY": FAKE_ANTHROPIC_KEY,
+        "ANTHROPIC_BASE_URL": fake.anthropic_url,
+        "ALLOW_PLACEHOLDER": "0",
+        "CACHE_TTL_SECONDS": "0",
+        "HEARTBEAT_INTERVAL_SECONDS": "0.5",
+        "STALE_AFTER_SECONDS": "6",
+        "SWEEP_INTERVAL_SECONDS": "1",
+        "BATCH_COLLECT_SECONDS": "1",
+        "BATCH_POLL_SECONDS": "0.3",
+        "RETRY_BASE_SECONDS": "0.2",
+        **extra,
+    }
+
+
+def insert_batch(c: psycopg.Connection[Any], n: int, **cols: Any) -> list[str]:
+    return [
+        insert_course(c, f"Tides {i}", params={"itemsPerGroup": 3}, batch=True, **cols)
+        for i in range(n)
+    ]
+
+
+def statuses(c: psycopg.Connection[Any], ids: list[str]) -> Counter[str]:
+    return Counter(job(c, i)["status"] for i in ids)
+
+
+def all_done(c: psycopg.Connection[Any], ids: list[str]) -> bool:
+    return statuses(c, ids) == Counter({"done": len(ids)})
+
+
+def open_batches(c: psycopg.Connection[Any]) -> int:
+    row = c.execute("select count(*) as n from ai_job_batches where state <> 'ended'").fetchone()
+    assert row is not None
+    return int(row["n"] if isinstance(row, dict) else row[0])
+
+
+def direct_calls(fake: FakeAI) -> int:
+    return fake.count("openai", "/chat/completions") + fake.count("anthropic", "/v1/messages")
+
+
+def test_a_batch_end_to_end_at_the_batch_price(db_url: str, fake: FakeAI) -> None:
+    w = WorkerProcess(db_url, **batch_env(fake)).started()
+    try:
+        with connect(db_url) as c:
+            ids = insert_batch(c, 5)
+            wait_until(
+                lambda: all(job(c, i)["progress"] == {"phase": "batched", "percent": 0}
+                            or job(c, i)["status"] == "done" for i in ids),
+                what="batched",
+            )  # fmt: skip
+            wait_until(lambda: all_done(c, ids), timeout=30, what="all done")
+            direct = insert_course(c, "Tides direct", params={"itemsPerGroup": 3})
+            wait_until(lambda: job(c, direct)["status"] == "done", what="direct done")
+            rows = [job(c, i) for i in ids]
+            direct_row = job(c, direct)
+            assert open_batches(c) == 0
+    finally:
+        w.signal(signal.SIGTERM)
+        assert w.wait() == 0
+    assert fake.batches.created == {"openai": 1, "anthropic": 0}
+    assert sorted(fake.batches.requests_in) == sorted(ids)
+    assert direct_calls(fake) == 1  # the direct job's only
+    for r in rows:
+        m = r["metrics"]
+        assert m["batch"] is True and m["provider"] == "openai" and r["retry_count"] == 0
+        assert r["result_path"] == f"courses/{r['course_id']}/course.json"
+        assert m["estimatedCostUsd"] == pytest.approx(
+            direct_row["metrics"]["estimatedCostUsd"] / 2, rel=0.2
+        )
+    assert "batch" not in direct_row["metrics"]
+
+
+@pytest.mark.parametrize(
+    ("moment", "provider"),
+    [(m, "openai") for m in MOMENTS] + [("after_create", "anthropic")],
+)
+def test_a_worker_killed_at_any_moment_loses_nothing_and_sends_nothing_twice(
+    db_url: str, fake: FakeAI, moment: str, provider: str
+) -> None:
+    order = "openai,anthropic" if provider == "openai" else "anthropic,openai"
+    # A lease (a third of STALE_AFTER_SECONDS) that outlives the second worker's
+    # start on a loaded machine: the batch is taken over, its jobs never rescued.
+    env = batch_env(fake, AI_PROVIDER_PRIORITY=order, STALE_AFTER_SECONDS="20")
+    first = WorkerProcess(db_url, **env, **{ENV: moment}).started()
+    with connect(db_url) as c:
+        ids = insert_batch(c, 4)
+        code = first.wait(timeout=30)  # it ends itself at that moment, as a kill would
+        assert code == EXIT_CODE, first.log()[-3000:]
+        sent_before = list(fake.batches.requests_in)
+        second = WorkerProcess(db_url, **env).started()
+        try:
+            wait_until(lambda: all_done(c, ids), timeout=40, what=f"done: {second.log_path}")
+            rows = [job(c, i) for i in ids]
+        finally:
+            second.signal(signal.SIGTERM)
+            assert second.wait() == 0
+    assert Counter(fake.batches.requests_in) == Counter(ids), (moment, sent_before)
+    assert fake.batches.created[provider] == 1
+    assert direct_calls(fake) == 0
+    for r in rows:
+        assert r["retry_count"] == 0 and r["metrics"]["batch"] is True
+    if moment == "after_create":
+        assert second.actions("batch_submit"), "the intent was found, not sent again"
+
+
+@pytest.mark.parametrize(
+    ("outcome", "provider"),
+    [("expired", "openai"), ("failed", "openai"), ("expired", "anthropic")],
+)
+def test_an_expired_or_failed_batch_sends_its_jobs_the_direct_way_without_an_attempt(
+    db_url: str, fake: FakeAI, outcome: str, provider: str
+) -> None:
+    fake.batches.outcome = outcome
+    order = "openai,anthropic" if provider == "openai" else "anthropic,openai"
+    w = WorkerProcess(db_url, **batch_env(fake, AI_PROVIDER_PRIORITY=order)).started()
+    try:
+        with connect(db_url) as c:
+            ids = insert_batch(c, 3)
+            wait_until(lambda: all_done(c, ids), timeout=30, what="done the direct way")
+            rows = [job(c, i) for i in ids]
+            ended = w.wait_for("batch_ended")
+    finally:
+        w.signal(signal.SIGTERM)
+        assert w.wait() == 0
+    assert ended["outcome"] == outcome and ended["returned"] == 3
+    assert fake.batches.created[provider] == 1 and direct_calls(fake) == 3
+    for r in rows:
+        assert r["retry_count"] == 0 and r["batch"] is False and "batch" not in r["metrics"]
+
+
+@pytest.mark.parametrize("provider", ["openai", "anthropic"])
+def test_a_request_error_fails_that_job_only(db_url: str, fake: FakeAI, provider: str) -> None:
+    fake.batches.delay = 3  # the jobs are in before the batch ends
+    order = "openai,anthropic" if provider == "openai" else "anthropic,openai"
+    w = WorkerProcess(db_url, **batch_env(fake, AI_PROVIDER_PRIORITY=order)).started()
+    try:
+        with connect(db_url) as c:
+            ids = insert_batch(c, 3, max_retries=1)
+            fake.batches.errors = {ids[1]}
+            wait_until(
+                lambda: statuses(c, ids) == Counter({"done": 2, "dead_letter": 1}),
+                timeout=30,
+                what="two done, one failed",
+            )
+            bad = job(c, ids[1])
+    finally:
+        w.signal(signal.SIGTERM)
+        assert w.wait() == 0
+    assert bad["retry_count"] == 1 and "batch request failed" in bad["error"]
+    assert "invalid request" in bad["error"]
+    assert fake.batches.created[provider] == 1 and direct_calls(fake) == 0
+
+
+def test_cancel_of_a_batched_job_is_at_once_and_its_result_ignored(
+    db_url: str, fake: FakeAI
+) -> None:
+    fake.batches.delay = 3600
+    w = WorkerProcess(db_url, **batch_env(fake)).started()
+    try:
+        with connect(db_url) as c:
+            ids = insert_batch(c, 2)
+            wait_until(lambda: fake.batches.created["openai"] == 1, what="batch sent")
+            c.execute("select cancel_job(%s, 'ai_course_jobs')", [ids[0]])
+            assert job(c, ids[0])["status"] == "cancelled"  # not waiting for the batch
+            fake.batches.delay = 0
+            wait_until(lambda: job(c, ids[1])["status"] == "done", timeout=30, what="done")
+            w.wait_for("batch_ended")
+            cancelled = job(c, ids[0])
+    finally:
+        w.signal(signal.SIGTERM)
+        assert w.wait() == 0
+    assert cancelled["status"] == "cancelled" and cancelled["result_path"] is None
+    assert direct_calls(fake) == 0
+
+
+def test_an_invalid_answer_is_repaired_the_direct_way(db_url: str, fake: FakeAI) -> None:
+    fake.batches.delay = 3
+    w = WorkerProcess(db_url, **batch_env(fake)).started()
+    try:
+        with connect(db_url) as c:
+            ids = insert_batch(c, 2)
+            fake.batches.invalid = {ids[0]}
+            wait_until(lambda: all_done(c, ids), timeout=30, what="done")
+            repaired = job(c, ids[0])
+    finally:
+        w.signal(signal.SIGTERM)
+        assert w.wait() == 0
+    assert repaired["metrics"]["repairRounds"] == 1 and repaired["metrics"]["batch"] is True
+    assert direct_calls(fake) == 1  # the repair round only
+    repair = next(r for r in fake.requests if r.path.endswith("/chat/completions"))
+    assert len(repair.body["messages"]) == 4  # the batch's answer and the problem
+
+
+def test_a_hostile_results_file_costs_no_job(db_url: str, fake: FakeAI) -> None:
+    fake.batches.delay = 3
+    w = WorkerProcess(db_url, **batch_env(fake)).started()
+    try:
+        with connect(db_url) as c:
+            ids = insert_batch(c, 3)
+            error = {"status_code": 400, "body": {"error": {"message": "second answer"}}}
+            fake.batches.garbage = [
+                "this is not JSON {",
+                "[1, 2, 3]",
+                json.dumps({"custom_id": "not-a-uuid", "response": None}),
+                json.dumps({"custom_id": str(uuid.uuid4()), "response": None}),
+                json.dumps({"custom_id": ids[0], "response": error}),  # a duplicate
+                json.dumps({"custom_id": ids[1], "response": {"status_code": 200, "body": 7}}),
+                "\x00\xff garbage",
+            ]
+            wait_until(lambda: all_done(c, ids), timeout=30, what="done")
+            ended = w.wait_for("batch_ended")
+            skipped = w.wait_for("batch_results")
+    finally:
+        w.signal(signal.SIGTERM)
+        assert w.wait() == 0
+    assert ended["returned"] == 0 and "7 line(s)" in skipped["message"]
+    assert direct_calls(fake) == 0
+
+
+def test_batch_answers_are_not_per_minute_calls(db_url: str, fake: FakeAI) -> None:
+    """A provider cap of one call a minute holds the direct jobs, not a batch's."""
+    w = WorkerProcess(db_url, **batch_env(fake, PROVIDER_LIMITS="openai=rpm:1")).started()
+    try:
+        with connect(db_url) as c:
+            ids = insert_batch(c, 5)
+            wait_until(lambda: all_done(c, ids), timeout=30, what="all done within the minute")
+    finally:
+        w.signal(signal.SIGTERM)
+        assert w.wait() == 0
+    assert fake.batches.created["openai"] == 1 and direct_calls(fake) == 0
+
+
+def test_every_batch_answer_is_charged_even_when_the_cache_serves_the_job(
+    db_url: str, fake: FakeAI
+) -> None:
+    """Two same requests in one batch: the second is served from the course cache,
+    and its request, paid in the batch, is charged to it all the same."""
+    fake.batches.delay = 3
+    w = WorkerProcess(db_url, **batch_env(fake, CACHE_TTL_SECONDS="3600")).started()
+    try:
+        with connect(db_url) as c:
+            ids = [
+                insert_course(c, "Tides", params={"itemsPerGroup": 3}, batch=True) for _ in range(2)
+            ]
+            wait_until(lambda: all_done(c, ids), timeout=30, what="done")
+            rows = [job(c, i) for i in ids]
+            charged = c.execute(
+                "select job_id, cost_usd from ai_job_charges where job_id = any(%s::uuid[])",
+                [ids],
+            ).fetchall()
+    finally:
+        w.signal(signal.SIGTERM)
+        assert w.wait() == 0
+    providers = sorted(r["metrics"]["provider"] for r in rows)
+    assert providers == ["cache", "openai"] and all(r["metrics"]["batch"] for r in rows)
+    assert sorted(str(r["job_id"]) for r in charged) == sorted(ids)
+    assert all(r["cost_usd"] > 0 for r in charged)
+
+
+@pytest.mark.parametrize("provider", ["openai", "anthropic"])
+def test_results_that_cannot_be_downloaded_are_read_at_the_next_poll(
+    db_url: str, fake: FakeAI, provider: str
+) -> None:
+    fake.batches.fail_downloads = 2
+    order = "openai,anthropic" if provider == "openai" else "anthropic,openai"
+    w = WorkerProcess(db_url, **batch_env(fake, AI_PROVIDER_PRIORITY=order)).started()
+    try:
+        with connect(db_url) as c:
+            ids = insert_batch(c, 3)
+            wait_until(lambda: all_done(c, ids), timeout=30, what="done")
+            failed = w.wait_for("batch_watch")
+    finally:
+        w.signal(signal.SIGTERM)
+        assert w.wait() == 0
+    assert "could not read the batch's results" in failed["message"]
+    assert fake.batches.fail_downloads == 0 and fake.batches.created[provider] == 1
+    assert direct_calls(fake) == 0

@@ -1,0 +1,157 @@
+"""The fake's Batch APIs as the real SDKs see them: OpenAI's files and batches,
+Anthropic's message batches; their ends (completed, expired, failed,
+cancelled), per-request errors, and listing for recovery. No database."""
+
+from __future__ import annotations
+
+import io
+import json
+from collections.abc import Iterator
+from typing import Any
+
+import anthropic
+import openai
+import pytest
+
+from listener.course_schema import CourseParams, parse_course
+from tests import fakeai
+from tests.fakeai import FAKE_ANTHROPIC_KEY, FAKE_OPENAI_KEY, FakeAI
+
+pytestmark = pytest.mark.timeout(60)
+
+PROMPT = "Write a course on: Tides\nGroups: 2\nItems per group: 3"
+PARAMS = CourseParams(group_count=2, items_per_group=3)
+MESSAGES: Any = [
+    {"role": "system", "content": "You write courses."},
+    {"role": "user", "content": PROMPT},
+]
+TOOL: Any = {"name": "save_course", "description": "Save it.", "input_schema": {"type": "object"}}
+
+
+@pytest.fixture
+def fake() -> Iterator[FakeAI]:
+    with fakeai.running() as f:
+        yield f
+
+
+def oai(fake: FakeAI) -> openai.OpenAI:
+    return openai.OpenAI(api_key=FAKE_OPENAI_KEY, base_url=fake.openai_url, max_retries=0)
+
+
+def ant(fake: FakeAI) -> anthropic.Anthropic:
+    return anthropic.Anthropic(
+        api_key=FAKE_ANTHROPIC_KEY, base_url=fake.anthropic_url, max_retries=0
+    )
+
+
+def openai_lines(ids: list[str]) -> bytes:
+    body = {"model": "gpt-4.1-mini", "messages": MESSAGES}
+    lines = [
+        {"custom_id": i, "method": "POST", "url": "/v1/chat/completions", "body": body} for i in ids
+    ]
+    return "\n".join(json.dumps(x) for x in lines).encode()
+
+
+def openai_batch(fake: FakeAI, ids: list[str], tag: str = "b1") -> Any:
+    c = oai(fake)
+    f = c.files.create(file=("in.jsonl", io.BytesIO(openai_lines(ids))), purpose="batch")
+    assert f.purpose == "batch" and f.bytes > 0
+    return c.batches.create(
+        input_file_id=f.id,
+        endpoint="/v1/chat/completions",
+        completion_window="24h",
+        metadata={"ai_jobs_batch": tag},
+    )
+
+
+def test_openai_batch_completes_with_courses(fake: FakeAI) -> None:
+    c = oai(fake)
+    b = openai_batch(fake, ["a", "b"])
+    assert b.status in ("validating", "in_progress", "completed")
+    got = c.batches.retrieve(b.id)
+    assert got.status == "completed" and got.output_file_id
+    assert got.request_counts is not None and got.request_counts.completed == 2
+    lines = [json.loads(x) for x in c.files.content(got.output_file_id).text.splitlines()]
+    assert sorted(x["custom_id"] for x in lines) == ["a", "b"]
+    completion = lines[0]["response"]["body"]
+    course = parse_course(completion["choices"][0]["message"]["content"], PARAMS)
+    assert len(course.groups) == 2
+    assert fake.batches.created["openai"] == 1
+
+
+def test_openai_batch_listed_with_its_metadata(fake: FakeAI) -> None:
+    for tag in ("x1", "x2", "x3"):
+        openai_batch(fake, [tag], tag)
+    page = oai(fake).batches.list(limit=2)
+    tags = [b.metadata["ai_jobs_batch"] for b in page if b.metadata]
+    assert sorted(tags) == ["x1", "x2", "x3"]
+
+
+def test_openai_batch_delay_errors_expiry_failure_cancel(fake: FakeAI) -> None:
+    c = oai(fake)
+    fake.batches.delay = 60
+    b = openai_batch(fake, ["a"])
+    assert c.batches.retrieve(b.id).status == "in_progress"
+    cancelled = c.batches.cancel(b.id)
+    assert cancelled.status == "cancelled"
+    fake.batches.delay = 0
+    fake.batches.errors = {"bad"}
+    b = c.batches.retrieve(openai_batch(fake, ["ok", "bad"]).id)
+    assert b.status == "completed" and b.error_file_id and b.output_file_id
+    errs = [json.loads(x) for x in c.files.content(b.error_file_id).text.splitlines()]
+    assert [e["custom_id"] for e in errs] == ["bad"]
+    assert errs[0]["response"]["status_code"] == 400
+    fake.batches.outcome = "expired"
+    b = c.batches.retrieve(openai_batch(fake, ["late"]).id)
+    assert b.status == "expired" and b.output_file_id is None and b.error_file_id
+    fake.batches.outcome = "failed"
+    assert c.batches.retrieve(openai_batch(fake, ["x"]).id).status == "failed"
+
+
+def test_openai_upload_needs_purpose_batch(fake: FakeAI) -> None:
+    with pytest.raises(openai.BadRequestError):
+        oai(fake).files.create(file=("x.jsonl", io.BytesIO(b"{}")), purpose="assistants")
+
+
+def anthropic_requests(ids: list[str]) -> Any:
+    params = {
+        "model": "claude-haiku-4-5",
+        "max_tokens": 1000,
+        "system": [{"type": "text", "text": "You write courses."}],
+        "messages": [{"role": "user", "content": PROMPT}],
+        "tools": [TOOL],
+        "tool_choice": {"type": "tool", "name": "save_course"},
+    }
+    return [{"custom_id": i, "params": params} for i in ids]
+
+
+def test_anthropic_batch_completes_with_courses(fake: FakeAI) -> None:
+    c = ant(fake)
+    fake.batches.errors = {"bad"}
+    b = c.messages.batches.create(requests=anthropic_requests(["a", "bad"]))
+    got = c.messages.batches.retrieve(b.id)
+    assert got.processing_status == "ended" and got.results_url
+    assert got.request_counts.succeeded == 1 and got.request_counts.errored == 1
+    results = {r.custom_id: r.result for r in c.messages.batches.results(b.id)}
+    ok = results["a"]
+    assert ok.type == "succeeded"
+    block = ok.message.content[0]
+    assert block.type == "tool_use"
+    assert len(parse_course(json.dumps(block.input), PARAMS).groups) == 2
+    assert results["bad"].type == "errored"
+    listed = [x.id for x in c.messages.batches.list(limit=10)]
+    assert listed == [b.id]
+    assert fake.batches.created["anthropic"] == 1
+
+
+def test_anthropic_batch_expiry_and_cancel(fake: FakeAI) -> None:
+    c = ant(fake)
+    fake.batches.delay = 60
+    b = c.messages.batches.create(requests=anthropic_requests(["a"]))
+    assert c.messages.batches.retrieve(b.id).processing_status == "in_progress"
+    c.messages.batches.cancel(b.id)
+    assert [r.result.type for r in c.messages.batches.results(b.id)] == ["canceled"]
+    fake.batches.delay = 0
+    fake.batches.outcome = "expired"
+    b = c.messages.batches.create(requests=anthropic_requests(["late"]))
+    assert [r.result.type for r in c.messages.batches.results(b.id)] == ["expired"]
