@@ -9,6 +9,7 @@ from __future__ import annotations
 import signal
 import subprocess
 import time
+from typing import Any
 
 import pytest
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
@@ -122,14 +123,29 @@ def _server_url(db_url: str, **change: str) -> str:
     return make_conninfo("", **params)
 
 
+def _where(params: dict[str, Any]) -> str:
+    """Where the start's messages say the database is: host:port, or the socket's
+    folder (the embedded server of a run without TEST_DATABASE_URL)."""
+    host = str(params.get("host") or "")
+    if host.startswith("/"):
+        return f"[socket {host}]"
+    return f"{host}:{params.get('port') or 5432}"
+
+
 PASSWORD = "pw-never-shown-8d2f"
 UNREACHABLE = {
-    "closed port": ({"port": "CLOSED"}, "failed: Connection refused"),
+    # Over TCP whatever the test server listens on: nothing answers on that port.
+    "closed port": ({"host": "127.0.0.1", "port": "CLOSED"}, "failed: Connection refused"),
     "unknown role": ({"user": "no_such_role_28"}, 'role "no_such_role_28" does not exist'),
     "missing database": ({"dbname": "no_such_db_28"}, 'database "no_such_db_28" does not exist'),
     # A Supabase-style pooler URL (user postgres.<project>) on a port nothing serves.
     "closed pooler port": (
-        {"user": "postgres.abcdefghijklmnopqrst", "port": "CLOSED", "sslmode": "disable"},
+        {
+            "user": "postgres.abcdefghijklmnopqrst",
+            "host": "127.0.0.1",
+            "port": "CLOSED",
+            "sslmode": "disable",
+        },
         "failed: Connection refused",
     ),
 }
@@ -150,7 +166,7 @@ def test_a_database_that_cannot_be_reached_at_start_is_a_configuration_error(
     line = stderr[0]
     assert line.startswith("ai-jobs: error: DATABASE_URL: cannot connect to "), line
     assert cause in line, line
-    where = f"{change.get('port') or conninfo_to_dict(db_url)['port']}/"
+    where = f"{_where(conninfo_to_dict(url))}/"
     assert where in line and "password ***" in line, line  # where it went; never the password
     assert PASSWORD not in line
     assert took < WITHIN_SECONDS
@@ -181,6 +197,6 @@ def test_the_start_line_shows_where_the_database_is_but_not_the_password(db_url:
     finally:
         w.signal(signal.SIGTERM)
         assert w.wait() == 0
-    where = f"{params['host']}:{params['port']}/{params['dbname']}"
+    where = f"{_where(params)}/{params['dbname']}"
     assert f"database {where} (user {params['user']}, password ***)" in line, line
     assert PASSWORD not in w.log()
