@@ -35,6 +35,9 @@ TextSink = Callable[[str], None]
 # stream_cap). Internal knobs (a provider's `first_token_timeout` and
 # `idle_timeout`), not settings.
 FIRST_TOKEN_TIMEOUT_SECONDS = 30.0
+# A 429 that names no wait, or none (retry-after: 0), still cools the provider
+# down this long for every worker: the call goes later, without an attempt.
+RATE_LIMITED_MIN_WAIT = 1.0
 IDLE_TIMEOUT_SECONDS = 15.0
 
 
@@ -236,7 +239,10 @@ def classify(exc: BaseException, retry_after_cap: float) -> Classified:
             return Classified(Failure.AUTH)
         if code in (400, 413, 422):
             return Classified(Failure.REFUSED)
-        if code in (408, 409, 429) or code >= 500:
+        if code == 429:  # the quota's answer: later, never an attempt's failure
+            later = max(retry_after(exc) or 0.0, RATE_LIMITED_MIN_WAIT)
+            return Classified(Failure.UNWELL, min(later, retry_after_cap))
+        if code in (408, 409) or code >= 500:
             wait = retry_after(exc)
             return Classified(Failure.UNWELL, None if wait is None else min(wait, retry_after_cap))
         return Classified(Failure.OTHER)

@@ -68,7 +68,9 @@ def test_course_and_media_through_the_worker(db_url: str, fake: FakeAI) -> None:
 
 
 def test_all_providers_failing_retries_to_the_dead_letter(db_url: str, fake: FakeAI) -> None:
-    fake.modes.update(openai="429", anthropic="500")
+    # Server errors: a 429 is no failure of the attempt (the job waits for the
+    # quota instead, tests/integration/handlers/test_failure_classes.py).
+    fake.modes.update(openai="500", anthropic="500")
     dsn = f"http://publickey@{fake.url.removeprefix('http://')}/7"
     # Breakers that never open: this is about the retries (an open breaker makes the
     # job wait instead, tests/e2e/test_provider_outages.py).
@@ -89,7 +91,7 @@ def test_all_providers_failing_retries_to_the_dead_letter(db_url: str, fake: Fak
         assert w.wait() == 0
     assert row["retry_count"] == 3 and row["completed_at"] is not None
     assert row["error"] == (
-        "Course generation failed: openai: HTTP 429 rate limited; anthropic: HTTP 500 server error"
+        "Course generation failed: openai: HTTP 500 server error; anthropic: HTTP 500 server error"
     )
     # One call per provider per attempt: the SDKs retried nothing.
     assert fake.count("openai") == 3 and fake.count("anthropic") == 3

@@ -136,6 +136,23 @@ async def test_rate_limits_make_the_job_wait_without_calls(
         assert state is not None and state["cooldown_kind"] == "rate_limited"
 
 
+async def test_a_429_that_names_no_wait_is_still_later_not_a_failure(
+    conn: Conn, pool: AsyncConnectionPool[Any], fake: FakeAI, make_settings: MakeSettings
+) -> None:
+    """retry-after: 0, or none at all: the job waits (no attempt counted), and every
+    worker leaves the provider alone for a moment, rather than fail the attempt."""
+    fake.modes["openai"] = "429"
+    fake.retry_headers = {"retry-after": "0"}
+    rt = await create_runtime(make_settings(ai_provider_priority="openai"), pool)
+    with pytest.raises(ProvidersUnavailable) as err:
+        await rt.handlers["ai_course_jobs"](await course_job(conn, "Quota Spent"))
+    await rt.aclose()
+    assert err.value.wait_seconds >= 0.5
+    assert err.value.message.startswith("Providers unavailable: openai: HTTP 429")
+    state = await breaker(conn, "openai")
+    assert state is not None and state["cooldown_kind"] == "rate_limited"
+
+
 async def test_unwell_calls_open_the_breaker_at_the_threshold_then_one_probe_decides(
     conn: Conn, pool: AsyncConnectionPool[Any], fake: FakeAI, make_settings: MakeSettings
 ) -> None:

@@ -16,7 +16,7 @@ import pytest
 from psycopg_pool import AsyncConnectionPool
 
 from listener.catalog import CATALOG_PATH
-from listener.errors import ConfigError, GenerationError, InvalidJob
+from listener.errors import ConfigError, GenerationError, InvalidJob, ProvidersUnavailable
 from listener.handlers import create_runtime
 from listener.settings import Settings
 from listener.storage import LocalStorage, StorageError, open_storage
@@ -98,8 +98,8 @@ async def test_media_errors(
         await media(odd)
     with pytest.raises(InvalidJob, match="Invalid job params: format: "):
         await media(await media_job(conn, "hum", "audio", params={"format": "midi"}))
-    fake.modes["openai"] = "429"
-    with pytest.raises(GenerationError, match=r"^Media generation failed: openai: HTTP 429"):
+    fake.modes["openai"] = "429"  # its only provider rate limited: later, no attempt
+    with pytest.raises(ProvidersUnavailable, match=r"^Providers unavailable: openai: HTTP 429"):
         await media(job)
     await rt.aclose()
 
