@@ -32,8 +32,6 @@ from listener.providers.base import (
 from listener.providers.download import download
 from listener.settings import Settings
 
-PROMPT_CACHE_KEY = requests.PROMPT_CACHE_KEY
-
 
 class OpenAIProvider:
     name = "openai"
