@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import importlib
+import itertools
 import json
 import os
 import signal
@@ -293,12 +294,45 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def start_worker(
+    url: str, base: str, jobs: int, progress: bool, flush_log: Path, **extra: str
+) -> Any:
+    """The real `ai-jobs worker` (through `_worker`: its progress writes timed into
+    `flush_log`, or cut out) on OpenAI at `base`, WORKER_CONCURRENCY = jobs."""
+    from tests.fakeai import FAKE_OPENAI_KEY
+
+    env = {
+        **os.environ,
+        "DATABASE_URL": url,
+        "OPENAI_API_KEY": FAKE_OPENAI_KEY,
+        "OPENAI_BASE_URL": f"{base}/v1",
+        "AI_PROVIDER_PRIORITY": "openai",
+        "ALLOW_PLACEHOLDER": "0",
+        "WORKER_CONCURRENCY": str(jobs),
+        "AI_TIMEOUT_SECONDS": "300",
+        "AI_MAX_OUTPUT_TOKENS": "4500",
+        "PROVIDER_LIMITS": "openai=rpm:10000,tpm:10000000",
+        "CACHE_TTL_SECONDS": "0",
+        "PROGRESS_INTERVAL_SECONDS": "1",
+        "SWEEP_INTERVAL_SECONDS": "3600",
+        "STORAGE_URL": tempfile.mkdtemp(prefix="ai-jobs-bench-storage-"),
+        "LOG_LEVEL": "WARNING",
+        "BENCH_FLUSH_LOG": str(flush_log),
+        **extra,
+    }
+    for key in ("ANTHROPIC_API_KEY", "SENTRY_DSN"):
+        env.pop(key, None)
+    cmd = [sys.executable, "-m", "bench.streaming", "_worker"]
+    if not progress:
+        cmd.append("--no-progress")
+    return subprocess.Popen(cmd, env=env, cwd=ROOT, stderr=subprocess.DEVNULL)
+
+
 def run_bench(jobs: int, rounds: int, progress: bool) -> dict[str, Any]:
     import psycopg
     from psycopg.rows import dict_row
 
     from listener.migrate import migrate
-    from tests.fakeai import FAKE_OPENAI_KEY
     from tests.pgserver import Cluster
 
     cluster = Cluster()
@@ -321,31 +355,8 @@ def run_bench(jobs: int, rounds: int, progress: bool) -> dict[str, Any]:
         )
         assert fake.stdout is not None
         base = fake.stdout.readline().strip()
-        env = {
-            **os.environ,
-            "DATABASE_URL": cluster.url,
-            "OPENAI_API_KEY": FAKE_OPENAI_KEY,
-            "OPENAI_BASE_URL": f"{base}/v1",
-            "AI_PROVIDER_PRIORITY": "openai",
-            "ALLOW_PLACEHOLDER": "0",
-            "WORKER_CONCURRENCY": str(jobs),
-            "AI_TIMEOUT_SECONDS": "300",
-            "AI_MAX_OUTPUT_TOKENS": "4500",
-            "PROVIDER_LIMITS": "openai=rpm:10000,tpm:10000000",
-            "CACHE_TTL_SECONDS": "0",
-            "PROGRESS_INTERVAL_SECONDS": "1",
-            "SWEEP_INTERVAL_SECONDS": "3600",
-            "STORAGE_URL": tempfile.mkdtemp(prefix="ai-jobs-bench-storage-"),
-            "LOG_LEVEL": "WARNING",
-        }
-        for key in ("ANTHROPIC_API_KEY", "SENTRY_DSN"):
-            env.pop(key, None)
         flush_log = Path(tempfile.mkdtemp(prefix="ai-jobs-bench-")) / "flushes.json"
-        env["BENCH_FLUSH_LOG"] = str(flush_log)
-        cmd = [sys.executable, "-m", "bench.streaming", "_worker"]
-        if not progress:
-            cmd.append("--no-progress")
-        worker = subprocess.Popen(cmd, env=env, cwd=ROOT, stderr=subprocess.DEVNULL)
+        worker = start_worker(cluster.url, base, jobs, progress, flush_log)
         conn = psycopg.connect(
             cluster.url, autocommit=True, row_factory=dict_row, application_name="bench"
         )
@@ -474,6 +485,132 @@ def run_bench(jobs: int, rounds: int, progress: bool) -> dict[str, Any]:
         cluster.destroy()
 
 
+# -- steady -----------------------------------------------------------------------
+
+
+def steady_bench(jobs: int, seconds: float, chunk: int, progress: bool) -> dict[str, Any]:
+    """`jobs` streams at once, all the time: the real worker at WORKER_CONCURRENCY =
+    jobs with a backlog that keeps every slot busy, against bench/pacedai.py (0.5 s
+    to the first token, 75 tokens/s, `chunk` tokens an event, answers of
+    1,500-4,000 tokens). Once the streams are all open, for `seconds`: the
+    worker's CPU, the tokens the fake sent, the streams open (sampled each
+    second), the progress writes (their cadence), the worker's RSS."""
+    import urllib.request
+
+    import psycopg
+
+    from listener.migrate import migrate
+    from tests.pgserver import Cluster
+
+    cluster = Cluster()
+    fake = worker = None
+
+    def stats() -> dict[str, Any]:
+        with urllib.request.urlopen(f"{base}/_stats", timeout=10) as r:
+            out: dict[str, Any] = json.loads(r.read())
+            return out
+
+    try:
+        with open(cluster.data / "postgresql.conf", "a") as conf:
+            conf.write("track_functions = 'pl'\nmax_connections = 300\n")
+        cluster.start()
+        cluster.wait_ready()
+        asyncio.run(migrate(cluster.url))
+        fake = subprocess.Popen(
+            [sys.executable, "-m", "bench.pacedai", *PACE, "--chunk", str(chunk)],
+            stdout=subprocess.PIPE,
+            text=True,
+            cwd=ROOT,
+        )
+        assert fake.stdout is not None
+        base = fake.stdout.readline().strip()
+        flush_log = Path(tempfile.mkdtemp(prefix="ai-jobs-bench-")) / "flushes.json"
+        worker = start_worker(
+            cluster.url, base, jobs, progress, flush_log, SHUTDOWN_GRACE_SECONDS="1"
+        )
+        conn = psycopg.connect(cluster.url, autocommit=True, application_name="bench")
+        # enough work for every slot past the window: a course takes 38 s on average
+        backlog = jobs * (2 + int((seconds + 60) / 30))
+        conn.execute(
+            "insert into ai_course_jobs (subject) select 'Steady streams ' || g"
+            " from generate_series(1, %s) g",
+            [backlog],
+        )
+        deadline = time.monotonic() + 180
+        while stats()["open"] < jobs * 0.98:
+            if time.monotonic() > deadline or worker.poll() is not None:
+                raise RuntimeError("the streams did not all open")
+            time.sleep(0.5)
+        time.sleep(5)
+        s0, cpu0, t0 = stats(), cpu_seconds(worker.pid), time.monotonic()
+        fcpu0 = cpu_seconds(fake.pid)
+        w0 = time.time()
+        open_samples = []
+        while time.monotonic() - t0 < seconds:
+            time.sleep(1)
+            open_samples.append(stats()["open"])
+        s1, cpu1, t1 = stats(), cpu_seconds(worker.pid), time.monotonic()
+        fcpu1 = cpu_seconds(fake.pid)
+        w1 = time.time()
+        rss_kb = int(
+            next(
+                line.split()[1]
+                for line in Path(f"/proc/{worker.pid}/status").read_text().splitlines()
+                if line.startswith("VmRSS:")
+            )
+        )
+        done = conn.execute("select count(*) from ai_course_jobs where status = 'done'").fetchone()
+        bad = conn.execute(
+            "select count(*), array_agg(distinct error) from ai_course_jobs"
+            " where status in ('failed', 'dead_letter') or retry_count > 0"
+        ).fetchone()
+        conn.close()
+        worker.send_signal(signal.SIGTERM)
+        worker.wait(120)
+        flushes = json.loads(flush_log.read_text()) if flush_log.exists() else []
+        ends = sorted(f[2] for f in flushes if w0 <= f[2] <= w1)
+        gaps = [b - a for a, b in itertools.pairwise(ends)]
+        wall = t1 - t0
+        tokens = s1["tokens"] - s0["tokens"]
+        return {
+            "streams": jobs,
+            "chunk_tokens": chunk,
+            "progress": progress,
+            "pace": " ".join(PACE),
+            "window_s": round(wall, 1),
+            "streams_open": _dist([float(x) for x in open_samples]),
+            "tokens_per_s_sent": round(tokens / wall),
+            "tokens_per_s_asked": round(statistics.median(open_samples) * 75),
+            "events_per_s": round(tokens / chunk / wall),
+            "worker_cpu_s": round(cpu1 - cpu0, 2),
+            "worker_cores": round((cpu1 - cpu0) / wall, 3),
+            "worker_cpu_us_per_token": round((cpu1 - cpu0) / max(tokens, 1) * 1e6, 2),
+            "fake_cores": round((fcpu1 - fcpu0) / wall, 3),
+            "worker_rss_mb": round(rss_kb / 1024, 1),
+            "streams_completed_in_window": s1["completed"] - s0["completed"],
+            "jobs_done_by_end": int(done[0]) if done else 0,
+            "jobs_failed_or_retried": int(bad[0]) if bad else 0,
+            "errors": bad[1] if bad else None,
+            "progress_writes_in_window": len(ends),
+            "progress_write_gap_s": _dist(gaps),
+            "progress_write_s": _dist([f[0] for f in flushes if w0 <= f[2] <= w1]),
+            "progress_jobs_per_write": _dist([f[1] for f in flushes if w0 <= f[2] <= w1]),
+            "loadavg_at_end": os.getloadavg(),
+        }
+    finally:
+        for p in (worker, fake):
+            if p is not None and p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+                try:
+                    p.wait(30)
+                except subprocess.TimeoutExpired:
+                    p.kill()
+                    p.wait()
+        if fake is not None and fake.stdout is not None:
+            fake.stdout.close()
+        cluster.destroy()
+
+
 def _dist(values: list[float]) -> dict[str, float] | None:
     if not values:
         return None
@@ -490,7 +627,7 @@ def _dist(values: list[float]) -> dict[str, float] | None:
 def worker_main(no_progress: bool) -> int:
     from listener import cli, progress
 
-    flushes: list[tuple[float, int]] = []  # (seconds, jobs written) of each write
+    flushes: list[tuple[float, int, float]] = []  # (seconds, jobs written, end) of each write
     if out := os.environ.get("BENCH_FLUSH_LOG"):
         import atexit
 
@@ -500,7 +637,7 @@ def worker_main(no_progress: bool) -> int:
             t0 = time.perf_counter()
             n = await timed(self)
             if n:
-                flushes.append((time.perf_counter() - t0, n))
+                flushes.append((time.perf_counter() - t0, n, time.time()))
             return n
 
         progress.ProgressBoard.flush = flush_timed  # type: ignore[method-assign]
@@ -530,6 +667,11 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--jobs", type=int, default=1, help="jobs in flight (WORKER_CONCURRENCY)")
     r.add_argument("--rounds", type=int, default=1, help="batches of --jobs, one after another")
     r.add_argument("--no-progress", action="store_true", help="the worker writes no progress")
+    d = sub.add_parser("steady")
+    d.add_argument("--jobs", type=int, default=500, help="streams at once (WORKER_CONCURRENCY)")
+    d.add_argument("--seconds", type=float, default=60, help="the measured window")
+    d.add_argument("--chunk", type=int, default=1, help="tokens per streamed event")
+    d.add_argument("--no-progress", action="store_true", help="the worker writes no progress")
     w = sub.add_parser("_worker")
     w.add_argument("--no-progress", action="store_true")
     a = p.parse_args(argv)
@@ -544,6 +686,9 @@ def main(argv: list[str] | None = None) -> int:
     elif a.what == "sdk":
         result = sdk_bench(a.tokens_per_event)
         name = f"streaming-sdk-{a.tokens_per_event}.json"
+    elif a.what == "steady":
+        result = steady_bench(a.jobs, a.seconds, a.chunk, not a.no_progress)
+        name = f"streaming-steady-{a.jobs}-{a.chunk}-{'off' if a.no_progress else 'on'}.json"
     else:
         result = run_bench(a.jobs, a.rounds, not a.no_progress)
         name = f"streaming-run-{a.jobs}-{'off' if a.no_progress else 'on'}.json"

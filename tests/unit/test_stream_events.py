@@ -76,3 +76,35 @@ async def test_the_stall_clocks() -> None:
         await run(0.1, 5, {0: 0.3})
     with pytest.raises(StreamStalled, match=r"no token within 0\.1s"):
         await run(5, 0.1, {2: 0.3})
+
+
+async def test_tokens_move_the_stall_clock_without_a_timer_each() -> None:
+    """A thousand tokens in a row set the stall timer a handful of times, not once
+    each (a timer per token cost a tenth of a worker's CPU at 500 streams)."""
+    lines = [line for n in range(1000) for line in (f'data: {{"n": {n}}}', "")]
+    loop = asyncio.get_running_loop()
+    timers = 0
+    call_at = loop.call_at
+
+    def counted(when: float, callback: Any, *args: Any, **kw: Any) -> asyncio.TimerHandle:
+        nonlocal timers
+        timers += 1
+        return call_at(when, callback, *args, **kw)
+
+    loop.call_at = counted  # type: ignore[method-assign,assignment]
+    try:
+        events = watched(stream_events(Response(lines)), 30.0, 15.0, lambda e: True)
+        assert len([e async for e in events]) == 1000
+    finally:
+        loop.call_at = call_at  # type: ignore[method-assign]
+    assert timers <= 3
+
+
+async def test_a_stall_after_many_tokens_is_still_seen() -> None:
+    lines = [line for n in range(200) for line in (f'data: {{"n": {n}}}', "")]
+    events = watched(stream_events(Response(lines, {300: 0.5})), 5.0, 0.1, lambda e: True)
+    seen = 0
+    with pytest.raises(StreamStalled, match=r"no token within 0\.1s"):
+        async for _ in events:
+            seen += 1
+    assert seen == 150
