@@ -7,12 +7,14 @@ first call (the repair round, if any, goes the direct way)."""
 
 from __future__ import annotations
 
+import asyncio
 import contextvars
+import random
 from collections.abc import Awaitable, Callable
 from typing import Any
 from uuid import UUID
 
-from psycopg_pool import AsyncConnectionPool
+from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
 from listener import dal
 from listener.errors import HandedOff
@@ -20,6 +22,7 @@ from listener.jobs import Job, Outcome
 from listener.providers.base import Answer, CoursePrompt, CourseProvider, TextSink, Usage
 
 MAX_JOBS = 1000  # requests per batch (the providers take far more); a new batch past it
+TAKE_TRIES = 20  # waits of about a second each for a pool connection (each try 5 s at most)
 Handler = Callable[[Job], Awaitable[Outcome]]
 Charge = Callable[[Job, str, str, Usage], Awaitable[None]]
 _ANSWER: contextvars.ContextVar[Answer | None] = contextvars.ContextVar(
@@ -94,21 +97,33 @@ class BatchRouter:
         if result is not None:
             return await self._from_batch(job, *result)
         if self.enabled and self.worker_id is not None:
-            row = await dal.BATCH_TAKE.first(
-                self.pool,
-                {
-                    "table": job.table,
-                    "id": job.id,
-                    "token": job.claim_token,
-                    "worker": self.worker_id,
-                    "lease": self.lease_seconds,
-                    "max_jobs": MAX_JOBS,
-                },
-            )
+            row = await self._take(job)
             if row is not None and row["batch_id"] is not None:
                 self.handed += 1
                 raise HandedOff(f"in batch {row['batch_id']}")
         return await self.direct(job)
+
+    async def _take(self, job: Job) -> Any:
+        """ai_job_batch_take for a job starting. A pool that has no connection free
+        in time (hundreds of jobs starting at once) is waited out, never the job's
+        failed attempt: PoolTimeout comes before any statement, so trying again
+        cannot take the job twice."""
+        params = {
+            "table": job.table,
+            "id": job.id,
+            "token": job.claim_token,
+            "worker": self.worker_id,
+            "lease": self.lease_seconds,
+            "max_jobs": MAX_JOBS,
+        }
+        for n in range(TAKE_TRIES):
+            try:
+                return await dal.BATCH_TAKE.first(self.pool, params)
+            except PoolTimeout:
+                if n == TAKE_TRIES - 1:
+                    raise
+                await asyncio.sleep(random.uniform(0.5, 1.5))
+        return None
 
     async def _from_batch(self, job: Job, provider: str, result: Answer | BaseException) -> Outcome:
         if isinstance(result, BaseException):
