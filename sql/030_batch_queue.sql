@@ -56,11 +56,11 @@ $$;
 -- The jobs a batch still holds that are not in `p_keep`: those waiting longer
 -- than `p_wait_bound` seconds since they were inserted go back to pending the
 -- direct way (no attempt counted, `batch` false, as an expired batch's); the
--- others move to a new collecting batch of `worker` (their items, tokens and
--- all). Returns (moved, direct).
+-- others, with `p_move`, move to a new collecting batch of `worker` (their
+-- items, tokens and all). Returns (moved, direct).
 create or replace function ai_job_batch_leave(
     p_batch uuid, worker text, p_keep uuid[], p_wait_bound double precision,
-    lease_seconds double precision, out moved int, out direct int)
+    lease_seconds double precision, p_move boolean, out moved int, out direct int)
 language plpgsql
 set search_path = pg_catalog, public, pg_temp
 as $$
@@ -89,6 +89,9 @@ begin
         from old where j.id = old.job_id and j.claim_token = old.claim_token
     $q$, t) using p_batch, p_keep, p_wait_bound;
     get diagnostics direct = row_count;
+    if not p_move then
+        return;
+    end if;
     execute format($q$
         select count(*)::int from ai_job_batch_items i join %I j
             on j.id = i.job_id and j.claim_token = i.claim_token and j.status = 'processing'
@@ -135,6 +138,7 @@ declare
     enq bigint;
     room bigint;  -- null: no limit known
     paced boolean := false;
+    no_room boolean := false;
     keep uuid[] := '{}';
     used bigint := 0;
     r record;
@@ -176,15 +180,16 @@ begin
             gone := gone || r.id;  -- never fits a batch: the direct way
             continue;
         end if;
+        if no_room then
+            continue;  -- oldest first: a later job does not pass an earlier one
+        end if;
         if room is null or used + r.units <= room
            or (cardinality(keep) = 0 and enq = 0 and not paced) then
             keep := keep || r.id;
             used := used + r.units;
-            if room is not null and used > room then
-                exit;  -- the one job of an empty queue
-            end if;
+            no_room := room is not null and used > room;  -- the one job of an empty queue
         else
-            exit;  -- oldest first: a later job does not pass an earlier one
+            no_room := true;
         end if;
     end loop;
     if cardinality(gone) > 0 then
@@ -208,11 +213,15 @@ begin
     queue_limit := q.limit_units;
     moved := 0;
     direct := cardinality(gone);
-    if kept = 0 then
+    if kept = 0 then  -- the batch waits as it is; its jobs past the bound go direct
+        select * into left_
+        from ai_job_batch_leave(p_batch, worker, keep, p_wait_bound, lease_seconds, false);
+        direct := direct + left_.direct;
         return next;
         return;
     end if;
-    select * into left_ from ai_job_batch_leave(p_batch, worker, keep, p_wait_bound, lease_seconds);
+    select * into left_
+    from ai_job_batch_leave(p_batch, worker, keep, p_wait_bound, lease_seconds, true);
     moved := left_.moved;
     direct := direct + left_.direct;
     update ai_job_batches x
@@ -273,7 +282,8 @@ begin
     set limit_units = excluded.limit_units, stated = excluded.stated,
         learned_at = excluded.learned_at, refused_at = excluded.refused_at,
         retry_at = excluded.retry_at, refusals = q.refusals + 1, error = excluded.error;
-    select * into left_ from ai_job_batch_leave(p_batch, worker, '{}', p_wait_bound, lease_seconds);
+    select * into left_
+    from ai_job_batch_leave(p_batch, worker, '{}', p_wait_bound, lease_seconds, true);
     queue_limit := learned;
     moved := left_.moved;
     direct := left_.direct;
@@ -287,7 +297,7 @@ revoke all on ai_job_batch_queues from public, anon, authenticated, service_role
 grant select, insert, update, delete on ai_job_batch_queues to service_role;
 revoke all on function
     ai_job_batch_enqueued(text, text, uuid),
-    ai_job_batch_leave(uuid, text, uuid[], double precision, double precision),
+    ai_job_batch_leave(uuid, text, uuid[], double precision, double precision, boolean),
     ai_job_batch_fit(uuid, text, text, text, text, uuid[], bigint[], double precision,
                      double precision, double precision),
     ai_job_batch_refused(uuid, text, text, text, bigint, text, double precision,
@@ -295,7 +305,7 @@ revoke all on function
     from public, anon, authenticated, service_role;
 grant execute on function
     ai_job_batch_enqueued(text, text, uuid),
-    ai_job_batch_leave(uuid, text, uuid[], double precision, double precision),
+    ai_job_batch_leave(uuid, text, uuid[], double precision, double precision, boolean),
     ai_job_batch_fit(uuid, text, text, text, text, uuid[], bigint[], double precision,
                      double precision, double precision),
     ai_job_batch_refused(uuid, text, text, text, bigint, text, double precision,

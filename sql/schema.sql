@@ -731,6 +731,7 @@ declare
     enq bigint;
     room bigint;  -- null: no limit known
     paced boolean := false;
+    no_room boolean := false;
     keep uuid[] := '{}';
     used bigint := 0;
     r record;
@@ -772,15 +773,16 @@ begin
             gone := gone || r.id;  -- never fits a batch: the direct way
             continue;
         end if;
+        if no_room then
+            continue;  -- oldest first: a later job does not pass an earlier one
+        end if;
         if room is null or used + r.units <= room
            or (cardinality(keep) = 0 and enq = 0 and not paced) then
             keep := keep || r.id;
             used := used + r.units;
-            if room is not null and used > room then
-                exit;  -- the one job of an empty queue
-            end if;
+            no_room := room is not null and used > room;  -- the one job of an empty queue
         else
-            exit;  -- oldest first: a later job does not pass an earlier one
+            no_room := true;
         end if;
     end loop;
     if cardinality(gone) > 0 then
@@ -804,11 +806,15 @@ begin
     queue_limit := q.limit_units;
     moved := 0;
     direct := cardinality(gone);
-    if kept = 0 then
+    if kept = 0 then  -- the batch waits as it is; its jobs past the bound go direct
+        select * into left_
+        from ai_job_batch_leave(p_batch, worker, keep, p_wait_bound, lease_seconds, false);
+        direct := direct + left_.direct;
         return next;
         return;
     end if;
-    select * into left_ from ai_job_batch_leave(p_batch, worker, keep, p_wait_bound, lease_seconds);
+    select * into left_
+    from ai_job_batch_leave(p_batch, worker, keep, p_wait_bound, lease_seconds, true);
     moved := left_.moved;
     direct := direct + left_.direct;
     update ai_job_batches x
@@ -845,7 +851,7 @@ AS $function$
 $function$;
 
 -- last defined by sql/030_batch_queue.sql
-CREATE OR REPLACE FUNCTION public.ai_job_batch_leave(p_batch uuid, worker text, p_keep uuid[], p_wait_bound double precision, lease_seconds double precision, OUT moved integer, OUT direct integer)
+CREATE OR REPLACE FUNCTION public.ai_job_batch_leave(p_batch uuid, worker text, p_keep uuid[], p_wait_bound double precision, lease_seconds double precision, p_move boolean, OUT moved integer, OUT direct integer)
  RETURNS record
  LANGUAGE plpgsql
  SET search_path TO 'pg_catalog', 'public', 'pg_temp'
@@ -875,6 +881,9 @@ begin
         from old where j.id = old.job_id and j.claim_token = old.claim_token
     $q$, t) using p_batch, p_keep, p_wait_bound;
     get diagnostics direct = row_count;
+    if not p_move then
+        return;
+    end if;
     execute format($q$
         select count(*)::int from ai_job_batch_items i join %I j
             on j.id = i.job_id and j.claim_token = i.claim_token and j.status = 'processing'
@@ -934,7 +943,8 @@ begin
     set limit_units = excluded.limit_units, stated = excluded.stated,
         learned_at = excluded.learned_at, refused_at = excluded.refused_at,
         retry_at = excluded.retry_at, refusals = q.refusals + 1, error = excluded.error;
-    select * into left_ from ai_job_batch_leave(p_batch, worker, '{}', p_wait_bound, lease_seconds);
+    select * into left_
+    from ai_job_batch_leave(p_batch, worker, '{}', p_wait_bound, lease_seconds, true);
     queue_limit := learned;
     moved := left_.moved;
     direct := left_.direct;

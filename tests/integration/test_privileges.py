@@ -232,7 +232,7 @@ ALLOWED: dict[str, dict[str, set[str]]] = {
     # sql/030
     "table ai_job_batch_queues": {"service_role": WRITE},
     "function ai_job_batch_enqueued(text,text,uuid)": {"service_role": EXECUTE},
-    "function ai_job_batch_leave(uuid,text,uuid[],double precision,double precision)": {
+    "function ai_job_batch_leave(uuid,text,uuid[],double precision,double precision,boolean)": {
         "service_role": EXECUTE
     },
     "function ai_job_batch_fit(uuid,text,text,text,text,uuid[],bigint[],double precision,"
