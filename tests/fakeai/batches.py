@@ -26,7 +26,7 @@ Batch queue limits, as the providers count them (not per-minute calls):
 
   queue_limits   OpenAI: model -> enqueued tokens (the input tokens of that
                  model's batches not ended, counted at 4 characters a token of
-                 their messages). A batch past it is created, then `failed` at
+                 their messages and response format). A batch past it is created, then `failed` at
                  once with errors.data[0].code "token_limit_exceeded" and OpenAI's
                  message ("... Limit: 2,000,000 enqueued tokens. ...")
   queue_message  that message instead (hostile refusals: no number, a huge one)
@@ -85,9 +85,10 @@ class FakeBatch:
     @property
     def queued_tokens(self) -> int:
         """What OpenAI counts of it in the model's queue: its input tokens."""
-        chars = sum(
-            len(json.dumps((r.get("body") or {}).get("messages", ""))) for r in self.requests
-        )
+        chars = 0
+        for r in self.requests:
+            body = r.get("body") or {}
+            chars += len(json.dumps([body.get("messages"), body.get("response_format")]))
         return -(-chars // 4)
 
 

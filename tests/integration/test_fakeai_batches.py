@@ -160,7 +160,7 @@ def test_anthropic_batch_expiry_and_cancel(fake: FakeAI) -> None:
 def test_openai_enqueued_token_limit_fails_the_batch_past_it(fake: FakeAI) -> None:
     c = oai(fake)
     fake.batches.delay = 60
-    chars = len(json.dumps(MESSAGES))  # a request's, as the fake counts them (4 a token)
+    chars = len(json.dumps([MESSAGES, None]))  # a request's, as the fake counts (4 a token)
     fake.batches.queue_limits = {"gpt-4.1-mini": 3 * chars // 4}
     first = c.batches.retrieve(openai_batch(fake, ["a", "b"], "q1").id)
     assert first.status == "in_progress" and first.errors is None
