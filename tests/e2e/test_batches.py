@@ -202,19 +202,27 @@ def test_cancel_of_a_batched_job_is_at_once_and_its_result_ignored(
 
 
 def test_an_invalid_answer_is_repaired_the_direct_way(db_url: str, fake: FakeAI) -> None:
+    """The repair round is a direct call: it takes the one reservation of the
+    per-minute quota; the batch's answers take none."""
     fake.batches.delay = 3
-    w = WorkerProcess(db_url, **batch_env(fake)).started()
+    w = WorkerProcess(db_url, **batch_env(fake, PROVIDER_LIMITS="openai=rpm:3")).started()
     try:
         with connect(db_url) as c:
-            ids = insert_batch(c, 2)
+            ids = insert_batch(c, 3)
             fake.batches.invalid = {ids[0]}
             wait_until(lambda: all_done(c, ids), timeout=30, what="done")
             repaired = job(c, ids[0])
+            quotas = c.execute(
+                "select provider, requests, learned_at, learning_calls from ai_job_provider_quotas"
+            ).fetchall()
     finally:
         w.signal(signal.SIGTERM)
         assert w.wait() == 0
     assert repaired["metrics"]["repairRounds"] == 1 and repaired["metrics"]["batch"] is True
     assert direct_calls(fake) == 1  # the repair round only
+    (q,) = quotas  # one call reserved and settled, the repair's: 3 - 1 left
+    assert q["provider"] == "openai" and q["learned_at"] is not None
+    assert 1.9 <= q["requests"] < 2.5, q
     repair = next(r for r in fake.requests if r.path.endswith("/chat/completions"))
     assert len(repair.body["messages"]) == 4  # the batch's answer and the problem
 
