@@ -433,4 +433,7 @@ def test_batches_larger_than_the_room_are_split_and_workers_share_the_count(
     assert fake.batches.created["anthropic"] >= 4 and direct_calls(fake) == 0
     assert each_answered_once(fake, ids)
     assert all(r["retry_count"] == 0 and r["metrics"]["batch"] is True for r in rows)
-    assert senders is not None and senders["n"] == workers  # each sent some
+    # Which worker claims which job is the race of the claims: both usually send
+    # (the count shared across workers is held deterministically by
+    # test_batches_sql.py's test_every_workers_open_batches_count...).
+    assert senders is not None and 1 <= senders["n"] <= workers
