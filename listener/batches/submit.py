@@ -129,7 +129,7 @@ class Submitter:
         )
         requests = await self._requests([Job.from_claim(r) for r in held])
         if not requests:
-            return NOTHING if not held else WAITING
+            return None  # no job left: ai_job_batch_submitting ends it (empty)
         fit = await dal.BATCH_FIT.first(
             self.pool,
             {
