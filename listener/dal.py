@@ -245,6 +245,8 @@ BATCH_JOBS = Query("batch_jobs", rows.ClaimedRow)
 BATCH_END = Query("batch_end", rows.BatchEndRow)
 BATCHES_OPEN = Query("batches_open", rows.BatchOpenRow)
 BATCH_KNOWN = Query("batch_known", rows.BatchKnownRow)
+BATCH_FIT = Query("batch_fit", rows.BatchFitRow)
+BATCH_REFUSED = Query("batch_refused", rows.BatchRefusedRow)
 # -- workers.sql
 WORKER_BEAT = Statement("worker_beat")
 WORKER_REMOVE = Statement("worker_remove")

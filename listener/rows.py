@@ -622,3 +622,19 @@ class BatchOpenRow(TypedDict):  # batches_open
 
 class BatchKnownRow(TypedDict):  # batch_known
     provider_batch_id: str | None
+
+
+class BatchFitRow(TypedDict):  # batch_fit
+    kept: int
+    units: int
+    enqueued: int
+    queue_limit: int | None
+    moved: int
+    direct: int
+
+
+class BatchRefusedRow(TypedDict):  # batch_refused
+    queue_limit: int | None
+    paced: bool
+    moved: int
+    direct: int

@@ -138,6 +138,21 @@ create table ai_job_batch_items (
 
 alter table ai_job_batch_items enable row level security;
 
+create table ai_job_batch_queues (
+    provider text not null,
+    scope text not null,
+    limit_units bigint,
+    stated boolean default false not null,
+    learned_at timestamp with time zone default clock_timestamp() not null,
+    refused_at timestamp with time zone,
+    retry_at timestamp with time zone,
+    refusals integer default 0 not null,
+    error text,
+    constraint ai_job_batch_queues_pkey PRIMARY KEY (provider, scope)
+);
+
+alter table ai_job_batch_queues enable row level security;
+
 create table ai_job_batches (
     id uuid default gen_random_uuid() not null,
     job_table text not null,
@@ -154,6 +169,7 @@ create table ai_job_batches (
     ended_at timestamp with time zone,
     outcome text,
     error text,
+    queue_units bigint,
     constraint ai_job_batches_pkey PRIMARY KEY (id),
     constraint ai_job_batches_provider_batch_id_key UNIQUE (provider_batch_id),
     constraint ai_job_batches_job_table_check CHECK (job_table = ANY (ARRAY['ai_course_jobs'::text, 'ai_media_jobs'::text])),
@@ -431,6 +447,8 @@ CREATE INDEX ai_job_batch_items_job_idx ON public.ai_job_batch_items USING btree
 
 CREATE INDEX ai_job_batches_open_idx ON public.ai_job_batches USING btree (lease_until) WHERE (state <> 'ended'::text);
 
+CREATE INDEX ai_job_batches_queue_idx ON public.ai_job_batches USING btree (provider, model) WHERE (state = ANY (ARRAY['submitting'::text, 'submitted'::text]));
+
 CREATE INDEX ai_job_batches_worker_idx ON public.ai_job_batches USING btree (worker_id) WHERE (state <> 'ended'::text);
 
 CREATE INDEX ai_job_charges_job_idx ON public.ai_job_charges USING btree (job_id);
@@ -688,6 +706,125 @@ begin
 end
 $function$;
 
+-- last defined by sql/030_batch_queue.sql
+CREATE OR REPLACE FUNCTION public.ai_job_batch_enqueued(p_provider text, p_scope text, p_except uuid)
+ RETURNS bigint
+ LANGUAGE sql
+ STABLE
+ SET search_path TO 'pg_catalog', 'public', 'pg_temp'
+AS $function$
+    select coalesce(sum(greatest(x.queue_units, 0)), 0)::bigint
+    from ai_job_batches x
+    where x.provider = p_provider and (p_scope = '*' or x.model = p_scope)
+      and x.state in ('submitting', 'submitted') and x.id is distinct from p_except
+$function$;
+
+-- last defined by sql/030_batch_queue.sql
+CREATE OR REPLACE FUNCTION public.ai_job_batch_fit(p_batch uuid, worker text, p_provider text, p_model text, p_scope text, p_jobs uuid[], p_units bigint[], p_wait_bound double precision, lease_seconds double precision, p_limit_ttl double precision)
+ RETURNS TABLE(kept integer, units bigint, enqueued bigint, queue_limit bigint, moved integer, direct integer)
+ LANGUAGE plpgsql
+ SET search_path TO 'pg_catalog', 'public', 'pg_temp'
+AS $function$
+declare
+    t text;
+    q ai_job_batch_queues;
+    enq bigint;
+    room bigint;  -- null: no limit known
+    paced boolean := false;
+    no_room boolean := false;
+    keep uuid[] := '{}';
+    used bigint := 0;
+    r record;
+    left_ record;
+    gone uuid[] := '{}';
+begin
+    select x.job_table into t from ai_job_batches x
+    where x.id = p_batch and x.worker_id = worker and x.state = 'collecting'
+    for update;
+    if t is null then
+        return;
+    end if;
+    perform pg_advisory_xact_lock(hashtext('ai_job_batch_queue'),
+                                  hashtext(p_provider || '/' || p_scope));
+    select * into q from ai_job_batch_queues b
+    where b.provider = p_provider and b.scope = p_scope
+      and b.learned_at > clock_timestamp() - make_interval(secs => p_limit_ttl);
+    enq := ai_job_batch_enqueued(p_provider, p_scope, p_batch);
+    if q.retry_at is not null and q.retry_at > clock_timestamp() then
+        paced := not exists (
+            select from ai_job_batches x
+            where x.provider = p_provider and (p_scope = '*' or x.model = p_scope)
+              and x.state = 'ended' and x.ended_at > q.refused_at);
+    end if;
+    if paced then
+        room := 0;
+    elsif q.limit_units is not null then
+        room := greatest(q.limit_units - enq, 0);
+    end if;
+    for r in execute format($q$
+        select u.id, greatest(u.units, 0) as units
+        from unnest($1::uuid[], $2::bigint[]) as u(id, units)
+        join ai_job_batch_items i on i.batch_id = $3 and i.job_id = u.id
+        join %I j on j.id = i.job_id and j.claim_token = i.claim_token and j.status = 'processing'
+        order by j.created_at, j.id
+    $q$, t) using p_jobs, p_units, p_batch
+    loop
+        if q.stated and q.limit_units is not null and r.units > q.limit_units then
+            gone := gone || r.id;  -- never fits a batch: the direct way
+            continue;
+        end if;
+        if no_room then
+            continue;  -- oldest first: a later job does not pass an earlier one
+        end if;
+        if room is null or used + r.units <= room
+           or (cardinality(keep) = 0 and enq = 0 and not paced) then
+            keep := keep || r.id;
+            used := used + r.units;
+            no_room := room is not null and used > room;  -- the one job of an empty queue
+        else
+            no_room := true;
+        end if;
+    end loop;
+    if cardinality(gone) > 0 then
+        execute format($q$
+            with old as (
+                delete from ai_job_batch_items i
+                where i.batch_id = $1 and i.job_id = any($2)
+                returning i.job_id, i.claim_token
+            )
+            update %I j
+            set status = 'pending', started_at = null, last_heartbeat = null,
+                claim_token = null, worker_id = null, run_after = now(), progress = null,
+                batch = false
+            from old where j.id = old.job_id and j.claim_token = old.claim_token
+              and j.status = 'processing'
+        $q$, t) using p_batch, gone;
+    end if;
+    kept := cardinality(keep);
+    units := used;
+    enqueued := enq;
+    queue_limit := q.limit_units;
+    moved := 0;
+    direct := cardinality(gone);
+    if kept = 0 then  -- the batch waits as it is; its jobs past the bound go direct
+        select * into left_
+        from ai_job_batch_leave(p_batch, worker, keep, p_wait_bound, lease_seconds, false);
+        direct := direct + left_.direct;
+        return next;
+        return;
+    end if;
+    select * into left_
+    from ai_job_batch_leave(p_batch, worker, keep, p_wait_bound, lease_seconds, true);
+    moved := left_.moved;
+    direct := direct + left_.direct;
+    update ai_job_batches x
+    set state = 'submitting', provider = p_provider, model = p_model, queue_units = used,
+        submitting_at = coalesce(x.submitting_at, clock_timestamp())
+    where x.id = p_batch;
+    return next;
+end
+$function$;
+
 -- last defined by sql/027_batches.sql
 CREATE OR REPLACE FUNCTION public.ai_job_batch_jobs(p_batch uuid, worker text)
  RETURNS TABLE(job_table text, id uuid, claim_token uuid, retry_count integer, max_retries integer, job jsonb)
@@ -711,6 +848,108 @@ AS $function$
     join ai_media_jobs j on j.id = i.job_id and j.claim_token = i.claim_token
     where x.id = p_batch and x.worker_id = worker and i.job_table = 'ai_media_jobs'
       and j.status = 'processing'
+$function$;
+
+-- last defined by sql/030_batch_queue.sql
+CREATE OR REPLACE FUNCTION public.ai_job_batch_leave(p_batch uuid, worker text, p_keep uuid[], p_wait_bound double precision, lease_seconds double precision, p_move boolean, OUT moved integer, OUT direct integer)
+ RETURNS record
+ LANGUAGE plpgsql
+ SET search_path TO 'pg_catalog', 'public', 'pg_temp'
+AS $function$
+declare
+    t text;
+    nb uuid;
+begin
+    moved := 0;
+    direct := 0;
+    select x.job_table into t from ai_job_batches x where x.id = p_batch;
+    if t is null then
+        return;
+    end if;
+    execute format($q$
+        with old as (
+            delete from ai_job_batch_items i
+            using %1$I j
+            where i.batch_id = $1 and i.job_id <> all($2)
+              and j.id = i.job_id and j.claim_token = i.claim_token and j.status = 'processing'
+              and j.created_at < clock_timestamp() - make_interval(secs => $3)
+            returning i.job_id, i.claim_token
+        )
+        update %1$I j
+        set status = 'pending', started_at = null, last_heartbeat = null, claim_token = null,
+            worker_id = null, run_after = now(), progress = null, batch = false
+        from old where j.id = old.job_id and j.claim_token = old.claim_token
+    $q$, t) using p_batch, p_keep, p_wait_bound;
+    get diagnostics direct = row_count;
+    if not p_move then
+        return;
+    end if;
+    execute format($q$
+        select count(*)::int from ai_job_batch_items i join %I j
+            on j.id = i.job_id and j.claim_token = i.claim_token and j.status = 'processing'
+        where i.batch_id = $1 and i.job_id <> all($2)
+    $q$, t) into moved using p_batch, p_keep;
+    if moved = 0 then
+        return;
+    end if;
+    insert into ai_job_batches (job_table, worker_id, lease_until)
+    values (t, worker, clock_timestamp() + make_interval(secs => lease_seconds))
+    returning id into nb;
+    execute format($q$
+        update ai_job_batch_items i set batch_id = $3
+        from %I j
+        where i.batch_id = $1 and i.job_id <> all($2)
+          and j.id = i.job_id and j.claim_token = i.claim_token and j.status = 'processing'
+    $q$, t) using p_batch, p_keep, nb;
+end
+$function$;
+
+-- last defined by sql/030_batch_queue.sql
+CREATE OR REPLACE FUNCTION public.ai_job_batch_refused(p_batch uuid, worker text, p_provider text, p_scope text, p_limit bigint, p_error text, p_retry double precision, p_wait_bound double precision, lease_seconds double precision)
+ RETURNS TABLE(queue_limit bigint, paced boolean, moved integer, direct integer)
+ LANGUAGE plpgsql
+ SET search_path TO 'pg_catalog', 'public', 'pg_temp'
+AS $function$
+declare
+    b ai_job_batches;
+    enq bigint;
+    learned bigint;
+    is_stated boolean;
+    now_ timestamptz;
+    left_ record;
+begin
+    select * into b from ai_job_batches x
+    where x.id = p_batch and x.worker_id = worker and x.state in ('submitting', 'submitted')
+    for update;
+    if b.id is null then
+        return;
+    end if;
+    perform pg_advisory_xact_lock(hashtext('ai_job_batch_queue'),
+                                  hashtext(p_provider || '/' || p_scope));
+    enq := ai_job_batch_enqueued(p_provider, p_scope, p_batch);
+    is_stated := p_limit is not null and p_limit between 1 and 1000000000000;
+    learned := case when is_stated then p_limit when enq > 0 then enq end;
+    paced := learned is null or enq + greatest(coalesce(b.queue_units, 0), 1) <= learned;
+    now_ := clock_timestamp();
+    update ai_job_batches x
+    set state = 'ended', outcome = 'failed', error = left(p_error, 500), ended_at = now_
+    where x.id = p_batch;
+    insert into ai_job_batch_queues as q
+        (provider, scope, limit_units, stated, learned_at, refused_at, retry_at, refusals, error)
+    values (p_provider, p_scope, learned, coalesce(is_stated, false), now_, now_,
+            case when paced then now_ + make_interval(secs => p_retry) end, 1,
+            left(p_error, 500))
+    on conflict (provider, scope) do update
+    set limit_units = excluded.limit_units, stated = excluded.stated,
+        learned_at = excluded.learned_at, refused_at = excluded.refused_at,
+        retry_at = excluded.retry_at, refusals = q.refusals + 1, error = excluded.error;
+    select * into left_
+    from ai_job_batch_leave(p_batch, worker, '{}', p_wait_bound, lease_seconds, true);
+    queue_limit := learned;
+    moved := left_.moved;
+    direct := left_.direct;
+    return next;
+end
 $function$;
 
 -- last defined by sql/027_batches.sql

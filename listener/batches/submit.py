@@ -2,7 +2,15 @@
 batch's id, its provider and model, before any byte goes out), then the upload
 and the creation, then the provider's batch id recorded. A batch found in the
 middle of that (its worker died: state `submitting`) is first looked for at the
-provider, by the intent's id, and sent only if the provider never created it."""
+provider, by the intent's id, and sent only if the provider never created it.
+
+Before that, the provider's batch queue (sql/030): a collecting batch sends only
+the jobs that fit the room its queue has (ai_job_batch_fit: the limit learned
+from the provider's last refusal, less what every worker's open batches hold
+there); the others wait in a new collecting batch, no attempt counted. A batch
+the provider refuses for its queue (here: Anthropic's 429 at the creation; in
+watch.py: OpenAI's batch failed with token_limit_exceeded) teaches the limit
+(ai_job_batch_refused) and its jobs wait likewise."""
 
 from __future__ import annotations
 
@@ -15,35 +23,57 @@ from psycopg_pool import AsyncConnectionPool
 
 from listener import dal
 from listener.batches.crash import crash_point
-from listener.errors import InvalidJob
+from listener.errors import InvalidJob, scrub
 from listener.handlers.course import parse_params
 from listener.jobs import Job
 from listener.prompts import course_prompt
 from listener.providers.base import CoursePrompt
-from listener.providers.batchapi import BatchAPI
-from listener.rows import BatchWatchRow
+from listener.providers.batchapi import BatchAPI, QueueFull
+from listener.rows import BatchWatchRow, ClaimedRow
 
 FailJob = Any  # Executor.fail(job, exc)
+# A job waits for room in its provider's batch queue at most this long after it
+# was inserted (the provider's own completion window): then it goes the direct
+# way, no attempt counted, as the jobs of an expired batch do.
+QUEUE_WAIT_SECONDS = 24 * 3600.0
+QUEUE_LIMIT_SECONDS = 3600.0  # a learned queue limit is forgotten after an hour
+SENT, WAITING, NOTHING = "sent", "waiting", "nothing"
 
 
 class Submitter:
-    def __init__(self, pool: AsyncConnectionPool[Any], worker_id: str, fail: FailJob) -> None:
+    def __init__(
+        self,
+        pool: AsyncConnectionPool[Any],
+        worker_id: str,
+        fail: FailJob,
+        lease_seconds: float = 60.0,
+        retry_seconds: float = 600.0,
+    ) -> None:
         self.pool = pool
         self.worker_id = worker_id
         self.fail = fail  # a job whose request cannot be made (bad params): its attempt fails
+        self.lease_seconds = lease_seconds  # a new collecting batch's, for the jobs left
+        self.retry_seconds = retry_seconds  # a refusal the limit does not explain: the pace
         self.created = 0  # batches this process created at a provider
         self.recovered = 0  # intents found at the provider instead of sent again
+        self.refused = 0  # batches the providers refused for their queue
 
-    async def submit(self, row: BatchWatchRow, api: BatchAPI) -> bool:
-        """Send (or find) the batch; True once its provider batch id is recorded."""
+    async def submit(self, row: BatchWatchRow, api: BatchAPI) -> str:
+        """Send (or find) the batch: SENT once its provider batch id is recorded,
+        WAITING when none of its jobs fits its provider's queue now (or the queue
+        refused it), NOTHING when it is not ours or holds no job any more."""
         intent: UUID = row["id"]
         recover = row["state"] == "submitting"
+        if not recover:
+            kept = await self._fit(row, api)
+            if kept is not None:
+                return kept
         jobs = await dal.BATCH_SUBMITTING.all(
             self.pool,
             {"batch": intent, "worker": self.worker_id, "provider": api.name, "model": api.model},
         )
         if not jobs:
-            return False  # not ours any more, or nothing left in it (ended: empty)
+            return NOTHING  # not ours any more, or nothing left in it (ended: empty)
         log = logger.bind(action="batch_submit", batch=str(intent), provider=api.name)
         if recover:
             since = time.time() - row["age_seconds"] - 60
@@ -56,32 +86,114 @@ class Submitter:
                 log.bind(provider_batch=found.batch_id).info(
                     "batch found at the provider: not sent again"
                 )
-                return True
-        requests: list[tuple[UUID, CoursePrompt]] = []
-        for r in jobs:
-            job = Job(
-                "ai_course_jobs",
-                r["id"],
-                r["claim_token"],
-                r["retry_count"],
-                r["max_retries"],
-                r["job"],
-            )
-            try:
-                requests.append((job.id, _prompt(job)))
-            except InvalidJob as exc:
-                await self.fail(job, exc)
+                return SENT
+        requests = await self._requests(
+            [
+                Job("ai_course_jobs", r["id"], r["claim_token"], r["retry_count"],
+                    r["max_retries"], r["job"])
+                for r in jobs
+            ]
+        )  # fmt: skip
         if not requests:
-            return False
+            return NOTHING
         crash_point("before_upload")
-        sent = await api.submit(intent, requests, crash_point)
+        try:
+            sent = await api.submit(intent, requests, crash_point)
+        except QueueFull as exc:
+            await self.refuse(intent, api, exc.limit, str(exc))
+            return WAITING
         self.created += 1
         crash_point("after_create")
         await self._record(intent, sent.batch_id, sent.file_id)
         log.bind(provider_batch=sent.batch_id, jobs=len(requests)).info(
             f"batch of {len(requests)} job(s) sent"
         )
-        return True
+        return SENT
+
+    async def _requests(self, jobs: list[Job]) -> list[tuple[UUID, CoursePrompt]]:
+        """The jobs' requests; a job whose request cannot be made fails its attempt."""
+        out: list[tuple[UUID, CoursePrompt]] = []
+        for job in jobs:
+            try:
+                out.append((job.id, _prompt(job)))
+            except InvalidJob as exc:
+                await self.fail(job, exc)
+        return out
+
+    async def _fit(self, row: BatchWatchRow, api: BatchAPI) -> str | None:
+        """A collecting batch: keep the jobs that fit its provider's queue (the batch
+        becomes the intent), leave the others for the next batch. None: go on and
+        send it; else what submit() answers."""
+        held: list[ClaimedRow] = await dal.BATCH_JOBS.all(
+            self.pool, {"batch": row["id"], "worker": self.worker_id}
+        )
+        requests = await self._requests([Job.from_claim(r) for r in held])
+        if not requests:
+            return None  # no job left: ai_job_batch_submitting ends it (empty)
+        fit = await dal.BATCH_FIT.first(
+            self.pool,
+            {
+                "batch": row["id"],
+                "worker": self.worker_id,
+                "provider": api.name,
+                "model": api.model,
+                "scope": api.scope,
+                "jobs": [job for job, _ in requests],
+                "units": [api.units(prompt) for _, prompt in requests],
+                "wait_bound": QUEUE_WAIT_SECONDS,
+                "lease": self.lease_seconds,
+                "limit_ttl": QUEUE_LIMIT_SECONDS,
+            },
+        )
+        if fit is None:
+            return NOTHING  # not ours any more, or no longer collecting
+        log = logger.bind(
+            action="batch_queue",
+            batch=str(row["id"]),
+            provider=api.name,
+            kept=fit["kept"],
+            moved=fit["moved"],
+            direct=fit["direct"],
+            enqueued=fit["enqueued"],
+            queue_limit=fit["queue_limit"],
+        )
+        if fit["kept"] == 0:
+            log.debug("no room in the provider's batch queue: the batch waits")
+            return WAITING
+        if fit["moved"] or fit["direct"]:
+            log.info(
+                f"{fit['kept']} job(s) fit the provider's batch queue; "
+                f"{fit['moved']} wait for the next batch, {fit['direct']} go the direct way"
+            )
+        return None
+
+    async def refuse(self, intent: UUID, api: BatchAPI, limit: int | None, error: str) -> None:
+        """The provider refused the batch for its queue: the limit learned, the
+        batch ended, its jobs moved to a new collecting batch (no attempt)."""
+        self.refused += 1
+        row = await dal.BATCH_REFUSED.first(
+            self.pool,
+            {
+                "batch": intent,
+                "worker": self.worker_id,
+                "provider": api.name,
+                "scope": api.scope,
+                "limit": limit,
+                "error": scrub(error),
+                "retry": self.retry_seconds,
+                "wait_bound": QUEUE_WAIT_SECONDS,
+                "lease": self.lease_seconds,
+            },
+        )
+        logger.bind(
+            action="batch_queue_full",
+            batch=str(intent),
+            provider=api.name,
+            queue_limit=row["queue_limit"] if row else None,
+            paced=row["paced"] if row else None,
+            moved=row["moved"] if row else 0,
+            direct=row["direct"] if row else 0,
+        ).warning(f"{api.name} refused the batch for its batch queue limit; its jobs wait for room")
 
     async def _record(self, intent: UUID, batch_id: str, file_id: str | None) -> None:
         row = await dal.BATCH_SUBMITTED.first(

@@ -6,7 +6,13 @@ BATCH_COLLECT_SECONDS old (or full), an intent without its provider batch id
 found or sent, a sent one asked about every BATCH_POLL_SECONDS and, once
 ended, its results read back into its jobs (each through the executor, as a
 claimed job: validated, repaired, stored and completed by the course handler),
-and the rest of its jobs sent back to pending (ai_job_batch_end)."""
+and the rest of its jobs sent back to pending (ai_job_batch_end).
+
+The providers' batch queues (submit.py, sql/030): a collecting batch that finds
+no room waits, and is looked at again after BATCH_POLL_SECONDS, or at the next
+tick once one of this worker's batches ended (room freed); a batch that OpenAI
+failed for its enqueued-token limit teaches the limit and its jobs wait in a new
+collecting batch, without an attempt and without going the direct way."""
 
 from __future__ import annotations
 
@@ -21,7 +27,7 @@ from psycopg_pool import AsyncConnectionPool
 from listener import dal, tracing
 from listener.batches.collect import MAX_JOBS, BatchRouter
 from listener.batches.crash import crash_point
-from listener.batches.submit import Submitter
+from listener.batches.submit import WAITING, Submitter
 from listener.completer import Completer
 from listener.executor import Executor
 from listener.jobs import Job
@@ -32,6 +38,10 @@ from listener.settings import Settings
 ADOPT = 20  # batches one tick takes over at most
 SUBMIT_TRIES = 5  # failed sends of one batch before its jobs go the direct way
 DRAIN_SECONDS = 30.0
+# A queue refusal that its limit does not explain: the next try of that queue
+# waits this many BATCH_COLLECT_SECONDS / BATCH_POLL_SECONDS (10 minutes by
+# default), unless a batch of it ends first.
+REFUSED_PACE = 10
 RESULTS_AT_ONCE = 50  # answered jobs stored at once (no provider call but a repair)
 
 
@@ -68,6 +78,7 @@ class BatchService:
         self._busy: dict[UUID, asyncio.Task[None]] = {}
         self._polled: dict[UUID, float] = {}
         self._tries: dict[UUID, int] = {}
+        self._wait: dict[UUID, float] = {}  # a batch that found no room: not before then
         self.held = 0  # open batches held at the last tick
         self.ended = 0
 
@@ -77,7 +88,13 @@ class BatchService:
         self.executor = executor
         self.completer = completer
         self.router.worker_id = worker_id
-        self.submitter = Submitter(self.pool, worker_id, executor.fail)
+        self.submitter = Submitter(
+            self.pool,
+            worker_id,
+            executor.fail,
+            self.lease_seconds,
+            REFUSED_PACE * max(self.collect_seconds, self.poll_seconds),
+        )
 
     async def tick(self) -> None:
         if self.worker_id is None:
@@ -99,7 +116,8 @@ class BatchService:
                 continue
             state = row["state"]
             if state == "collecting":
-                if row["age_seconds"] >= self.collect_seconds or row["jobs"] >= MAX_JOBS:
+                due = row["age_seconds"] >= self.collect_seconds or row["jobs"] >= MAX_JOBS
+                if due and now >= self._wait.get(bid, 0.0):
                     self._spawn(bid, self._submit(row))
             elif state == "submitting":
                 self._spawn(bid, self._submit(row))
@@ -128,8 +146,12 @@ class BatchService:
             await self._end(bid, "failed", "no provider of the chain has a Batch API")
             return
         try:
-            await self.submitter.submit(row, api)
+            done = await self.submitter.submit(row, api)
             self._tries.pop(bid, None)
+            if done == WAITING:  # no room in the provider's queue: not at every tick
+                self._wait[bid] = time.monotonic() + self.poll_seconds
+            else:
+                self._wait.pop(bid, None)
         except Exception as exc:
             tries = self._tries[bid] = self._tries.get(bid, 0) + 1
             log.bind(provider=api.name).warning(
@@ -152,6 +174,12 @@ class BatchService:
             log.warning(f"could not ask about the batch: {type(exc).__name__}")
             return
         if state.outcome is None:
+            return
+        if state.queue_full:
+            assert self.submitter is not None
+            error = state.error or "token_limit_exceeded"
+            await self.submitter.refuse(bid, api, state.queue_limit, error)
+            self._polled.pop(bid, None)
             return
         try:
             await self._results(row, api, state.outcome, state.error)
@@ -222,6 +250,7 @@ class BatchService:
         returned = row["returned"] if row else 0
         self.ended += 1
         self._polled.pop(bid, None)
+        self._wait.clear()  # room freed in a queue: the waiting batches look again
         logger.bind(action="batch_ended", batch=str(bid), outcome=outcome, returned=returned).info(
             f"batch ended ({outcome}); {returned} job(s) back to pending"
         )

@@ -15,12 +15,21 @@ from datetime import datetime
 from typing import Any
 from uuid import UUID
 
+import anthropic
 from anthropic.types import Message
 
 from listener.providers import requests
 from listener.providers.anthropic import AnthropicProvider
 from listener.providers.base import Answer, CoursePrompt, Refused
-from listener.providers.batchapi import RequestFailed, Results, Sent, State, job_of, lines
+from listener.providers.batchapi import (
+    QueueFull,
+    RequestFailed,
+    Results,
+    Sent,
+    State,
+    job_of,
+    lines,
+)
 from listener.providers.ratelimits import RateLimits
 
 LIST_MAX = 1000
@@ -34,21 +43,33 @@ class AnthropicBatches:
         self.model = provider.model
         self.max_tokens = provider.max_tokens
 
+    @property
+    def scope(self) -> str:
+        return "*"  # one queue of requests for every model
+
+    def units(self, prompt: CoursePrompt) -> int:
+        return 1
+
     async def submit(
         self, intent: UUID, reqs: list[tuple[UUID, CoursePrompt]], hook: Callable[[str], None]
     ) -> Sent:
         hook("after_upload")  # nothing to upload: the requests travel in the creation
-        b = await self.client.messages.batches.create(
-            requests=[
-                {
-                    "custom_id": str(job),
-                    "params": requests.anthropic_course(  # type: ignore[typeddict-item]
-                        self.model, self.max_tokens, prompt
-                    ),
-                }
-                for job, prompt in reqs
-            ]
-        )
+        try:
+            b = await self.client.messages.batches.create(
+                requests=[
+                    {
+                        "custom_id": str(job),
+                        "params": requests.anthropic_course(  # type: ignore[typeddict-item]
+                            self.model, self.max_tokens, prompt
+                        ),
+                    }
+                    for job, prompt in reqs
+                ]
+            )
+        except anthropic.RateLimitError as exc:
+            # The processing queue's limit (the creation counts no per-minute call
+            # of the Messages API): the batch was not created.
+            raise QueueFull(f"batch refused (429): {_message(exc)}") from exc
         return Sent(b.id)
 
     async def find(self, intent: UUID, since: float, count: int, known: set[str]) -> Sent | None:
@@ -117,3 +138,10 @@ class AnthropicBatches:
 
 def _epoch(when: datetime) -> float:
     return when.timestamp()
+
+
+def _message(exc: anthropic.APIStatusError) -> str:
+    body = exc.body
+    err = body.get("error") if isinstance(body, dict) else None
+    message = err.get("message") if isinstance(err, dict) else None
+    return str(message or "rate_limit_error")[:300]

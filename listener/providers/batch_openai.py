@@ -14,11 +14,22 @@ from openai.types.chat import ChatCompletion
 
 from listener.providers import requests
 from listener.providers.base import Answer, CoursePrompt, Refused
-from listener.providers.batchapi import META_KEY, RequestFailed, Results, Sent, State, job_of, lines
+from listener.providers.batchapi import (
+    META_KEY,
+    RequestFailed,
+    Results,
+    Sent,
+    State,
+    input_tokens,
+    job_of,
+    lines,
+    stated_limit,
+)
 from listener.providers.openai import OpenAIProvider
 from listener.providers.ratelimits import RateLimits
 
 ENDPOINT: Final = "/v1/chat/completions"
+QUEUE_FULL: Final = "token_limit_exceeded"  # a failed batch's code: the enqueued tokens
 LIST_PAGE = 100
 LIST_MAX = 1000  # batches looked at when one is looked for by its intent
 
@@ -30,6 +41,13 @@ class OpenAIBatches:
         self.client = provider.client
         self.model = provider.model
         self.max_tokens = provider.max_tokens
+
+    @property
+    def scope(self) -> str:
+        return self.model  # each model has its own enqueued-token limit
+
+    def units(self, prompt: CoursePrompt) -> int:
+        return input_tokens(prompt)
 
     async def submit(
         self, intent: UUID, reqs: list[tuple[UUID, CoursePrompt]], hook: Callable[[str], None]
@@ -71,9 +89,18 @@ class OpenAIBatches:
         b = await self.client.batches.retrieve(batch_id)
         if b.status in ("completed", "expired", "failed", "cancelled"):
             error = None
+            full = False
+            limit = None
             if b.errors and b.errors.data:
                 error = "; ".join(str(e.message) for e in b.errors.data if e.message)[:300]
-            return State(b.status, error or (None if b.status == "completed" else b.status))
+                for e in b.errors.data:
+                    if e.code == QUEUE_FULL:
+                        full = True
+                        limit = limit or stated_limit(e.message)
+            error = error or (None if b.status == "completed" else b.status)
+            if full and b.status == "failed":
+                return State("failed", error, queue_full=True, queue_limit=limit)
+            return State(b.status, error)
         return State(None)
 
     async def results(self, batch_id: str, jobs: set[UUID]) -> Results:

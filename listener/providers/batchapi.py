@@ -15,12 +15,15 @@ crash, never a second result for a job."""
 from __future__ import annotations
 
 import json
+import math
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 from uuid import UUID
 
 from listener.providers.base import Answer, CoursePrompt
+from listener.providers.quota import CHARS_PER_TOKEN
 
 META_KEY = "ai_jobs_batch"  # the batch's own id, in the provider's batch metadata
 ENDED = ("completed", "expired", "failed", "cancelled")
@@ -36,6 +39,17 @@ class Sent:
 class State:
     outcome: str | None  # None while it runs; else one of ENDED
     error: str | None = None
+    queue_full: bool = False  # failed for the provider's batch queue limit (OpenAI)
+    queue_limit: int | None = None  # the limit the provider stated, if it did
+
+
+class QueueFull(Exception):
+    """The provider refused the batch for its batch queue limit (Anthropic: 429 at
+    the creation): its jobs wait for room, no attempt counted (sql/030)."""
+
+    def __init__(self, message: str, limit: int | None = None) -> None:
+        super().__init__(message)
+        self.limit = limit
 
 
 class RequestFailed(Exception):
@@ -55,6 +69,17 @@ class Results:
 class BatchAPI(Protocol):
     name: str
     model: str
+
+    @property
+    def scope(self) -> str:
+        """The batch queue the provider counts this model's batches in: the model
+        (OpenAI), or '*' (Anthropic: every model)."""
+        ...
+
+    def units(self, prompt: CoursePrompt) -> int:
+        """What one request holds in that queue: its estimated input tokens
+        (OpenAI), or 1 (Anthropic: requests)."""
+        ...
 
     async def submit(
         self, intent: UUID, requests: list[tuple[UUID, CoursePrompt]], hook: Callable[[str], None]
@@ -103,3 +128,29 @@ def job_of(doc: Any, jobs: set[UUID], seen: set[UUID]) -> UUID | None:
         return None
     seen.add(job)
     return job
+
+
+def input_tokens(prompt: CoursePrompt) -> int:
+    """A request's input tokens, estimated on the high side as the per-minute
+    quotas do (quota.estimate): the instructions, the request and the schema."""
+    size = len(prompt.system) + len(prompt.user) + len(json.dumps(prompt.schema))
+    return math.ceil(size / CHARS_PER_TOKEN)
+
+
+_LIMIT = re.compile(r"Limit:\s*([0-9][0-9,]{0,30})\s*enqueued tokens", re.IGNORECASE)
+MAX_LIMIT = 10**12  # a stated limit above it (or below 1) is not believed
+
+
+def stated_limit(message: str | None) -> int | None:
+    """The limit in OpenAI's refusal ("... Limit: 2,000,000 enqueued tokens. ..."),
+    or None: no number, a number out of bounds, or digits that are not one."""
+    if not message:
+        return None
+    m = _LIMIT.search(message[:2000])
+    if m is None:
+        return None
+    digits = m.group(1)
+    if not re.fullmatch(r"[0-9]{1,3}(,[0-9]{3})*|[0-9]+", digits):
+        return None
+    n = int(digits.replace(",", ""))
+    return n if 1 <= n <= MAX_LIMIT else None

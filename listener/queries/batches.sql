@@ -43,3 +43,15 @@ limit %(limit)s
 select provider_batch_id from ai_job_batches
 where provider = %(provider)s and provider_batch_id is not null
   and submitted_at >= to_timestamp(%(since)s)
+
+-- name: batch_fit
+-- sql/030: the jobs of a collecting batch that fit its provider's batch queue; the intent.
+select kept, units, enqueued, queue_limit, moved, direct
+from ai_job_batch_fit(%(batch)s, %(worker)s, %(provider)s, %(model)s, %(scope)s, %(jobs)s,
+                      %(units)s, %(wait_bound)s, %(lease)s, %(limit_ttl)s)
+
+-- name: batch_refused
+-- sql/030: the provider refused the batch for its queue: the limit learned, its jobs wait.
+select queue_limit, paced, moved, direct
+from ai_job_batch_refused(%(batch)s, %(worker)s, %(provider)s, %(scope)s, %(limit)s, %(error)s,
+                          %(retry)s, %(wait_bound)s, %(lease)s)

@@ -202,19 +202,27 @@ def test_cancel_of_a_batched_job_is_at_once_and_its_result_ignored(
 
 
 def test_an_invalid_answer_is_repaired_the_direct_way(db_url: str, fake: FakeAI) -> None:
+    """The repair round is a direct call: it takes the one reservation of the
+    per-minute quota; the batch's answers take none."""
     fake.batches.delay = 3
-    w = WorkerProcess(db_url, **batch_env(fake)).started()
+    w = WorkerProcess(db_url, **batch_env(fake, PROVIDER_LIMITS="openai=rpm:3")).started()
     try:
         with connect(db_url) as c:
-            ids = insert_batch(c, 2)
+            ids = insert_batch(c, 3)
             fake.batches.invalid = {ids[0]}
             wait_until(lambda: all_done(c, ids), timeout=30, what="done")
             repaired = job(c, ids[0])
+            quotas = c.execute(
+                "select provider, requests, learned_at, learning_calls from ai_job_provider_quotas"
+            ).fetchall()
     finally:
         w.signal(signal.SIGTERM)
         assert w.wait() == 0
     assert repaired["metrics"]["repairRounds"] == 1 and repaired["metrics"]["batch"] is True
     assert direct_calls(fake) == 1  # the repair round only
+    (q,) = quotas  # one call reserved and settled, the repair's: 3 - 1 left
+    assert q["provider"] == "openai" and q["learned_at"] is not None
+    assert 1.9 <= q["requests"] < 2.5, q
     repair = next(r for r in fake.requests if r.path.endswith("/chat/completions"))
     assert len(repair.body["messages"]) == 4  # the batch's answer and the problem
 
@@ -303,3 +311,129 @@ def test_results_that_cannot_be_downloaded_are_read_at_the_next_poll(
     assert "could not read the batch's results" in failed["message"]
     assert fake.batches.fail_downloads == 0 and fake.batches.created[provider] == 1
     assert direct_calls(fake) == 0
+
+
+# -- the providers' batch queues (sql/030) ----------------------------------------
+
+
+def queue(c: psycopg.Connection[Any], provider: str) -> dict[str, Any]:
+    row = c.execute("select * from ai_job_batch_queues where provider = %s", [provider]).fetchone()
+    assert row is not None
+    return dict(row)
+
+
+def each_answered_once(fake: FakeAI, ids: list[str]) -> bool:
+    return Counter(fake.batches.completed_requests()) == Counter(ids)
+
+
+@pytest.mark.parametrize("message", [None, "Enqueued token limit reached."])
+def test_an_openai_queue_refusal_teaches_the_limit_and_its_jobs_wait_for_room(
+    db_url: str, fake: FakeAI, message: str | None
+) -> None:
+    """The second batch is past the model's enqueued tokens: it fails at OpenAI;
+    its jobs wait (no attempt, not direct) and go once the first batch ends. With
+    the stated limit learned (or, from a message without a number, the tokens
+    the first batch held), no batch is refused twice."""
+    fake.batches.delay = 4
+    fake.batches.queue_message = message
+    w = WorkerProcess(db_url, **batch_env(fake)).started()
+    try:
+        with connect(db_url) as c:
+            first = insert_batch(c, 3)
+            wait_until(lambda: fake.batches.created["openai"] == 1, what="first batch sent")
+            (held,) = fake.batches.batches.values()
+            limit = held.queued_tokens * 3 // 2  # the first fits; both do not
+            fake.batches.queue_limits = {held.model: limit}
+            second = [insert_course(c, f"Ebb {i}", batch=True) for i in range(3)]
+            wait_until(lambda: fake.batches.refused["openai"] == 1, what="second refused")
+            refused = w.wait_for("batch_queue_full")
+            ids = first + second
+            wait_until(lambda: all_done(c, ids), timeout=40, what="all done")
+            rows = [job(c, i) for i in ids]
+            learned = queue(c, "openai")
+    finally:
+        w.signal(signal.SIGTERM)
+        assert w.wait() == 0
+    assert refused["moved"] == 3 and refused["direct"] == 0
+    assert fake.batches.refused["openai"] == 1 and direct_calls(fake) == 0
+    assert fake.batches.peak["openai"] <= limit
+    assert each_answered_once(fake, ids)
+    for r in rows:
+        assert r["retry_count"] == 0 and r["metrics"]["batch"] is True
+    assert learned["refusals"] == 1 and learned["scope"] == held.model
+    if message is None:
+        assert learned["stated"] and learned["limit_units"] == limit
+    else:  # no number: the ceiling is what our first batch held
+        assert not learned["stated"] and learned["limit_units"] > 0
+
+
+def test_an_anthropic_429_teaches_the_limit_and_its_jobs_wait_for_room(
+    db_url: str, fake: FakeAI
+) -> None:
+    fake.batches.delay = 4
+    fake.batches.queue_limit = 3
+    env = batch_env(fake, AI_PROVIDER_PRIORITY="anthropic,openai")
+    w = WorkerProcess(db_url, **env).started()
+    try:
+        with connect(db_url) as c:
+            first = insert_batch(c, 3)
+            wait_until(lambda: fake.batches.created["anthropic"] == 1, what="first batch sent")
+            second = [insert_course(c, f"Ebb {i}", batch=True) for i in range(3)]
+            refused = w.wait_for("batch_queue_full")
+            ids = first + second
+            wait_until(lambda: all_done(c, ids), timeout=40, what="all done")
+            rows = [job(c, i) for i in ids]
+            learned = queue(c, "anthropic")
+    finally:
+        w.signal(signal.SIGTERM)
+        assert w.wait() == 0
+    assert refused["moved"] == 3 and refused["queue_limit"] == 3
+    assert fake.batches.refused["anthropic"] == 1 and direct_calls(fake) == 0
+    assert fake.batches.created["anthropic"] == 2 and fake.batches.peak["anthropic"] <= 3
+    assert each_answered_once(fake, ids)
+    assert all(r["retry_count"] == 0 and r["metrics"]["batch"] is True for r in rows)
+    assert (learned["scope"], learned["limit_units"], learned["stated"]) == ("*", 3, False)
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_batches_larger_than_the_room_are_split_and_workers_share_the_count(
+    db_url: str, fake: FakeAI, workers: int
+) -> None:
+    """A learned limit of 2 requests: 7 jobs go in batches of at most 2 open at a
+    time, across every worker; the provider never refuses one."""
+    fake.batches.delay = 1
+    fake.batches.queue_limit = 2
+    with connect(db_url) as c:
+        c.execute(
+            "insert into ai_job_batch_queues (provider, scope, limit_units, stated)"
+            " values ('anthropic', '*', 2, false)"
+        )
+    env = batch_env(
+        fake,
+        AI_PROVIDER_PRIORITY="anthropic,openai",
+        BATCH_COLLECT_SECONDS="0.5",
+        WORKER_CONCURRENCY="1",
+    )
+    ws = [WorkerProcess(db_url, **env).started() for _ in range(workers)]
+    try:
+        with connect(db_url) as c:
+            ids = insert_batch(c, 7)
+            wait_until(lambda: all_done(c, ids), timeout=60, what="all done")
+            rows = [job(c, i) for i in ids]
+            senders = c.execute(
+                "select count(distinct worker_id) as n from ai_job_batches"
+                " where outcome = 'completed'"
+            ).fetchone()
+    finally:
+        for w in ws:
+            w.signal(signal.SIGTERM)
+        for w in ws:
+            assert w.wait() == 0
+    assert fake.batches.refused["anthropic"] == 0 and fake.batches.peak["anthropic"] <= 2
+    assert fake.batches.created["anthropic"] >= 4 and direct_calls(fake) == 0
+    assert each_answered_once(fake, ids)
+    assert all(r["retry_count"] == 0 and r["metrics"]["batch"] is True for r in rows)
+    # Which worker claims which job is the race of the claims: both usually send
+    # (the count shared across workers is held deterministically by
+    # test_batches_sql.py's test_every_workers_open_batches_count...).
+    assert senders is not None and 1 <= senders["n"] <= workers

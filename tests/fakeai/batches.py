@@ -22,6 +22,20 @@ in mode "valid" (a course from its prompt), when the batch ends. How batches end
              results: not JSON, unknown or duplicate custom ids)
   fail_downloads  that many downloads of a results file answer 500 first
 
+Batch queue limits, as the providers count them (not per-minute calls):
+
+  queue_limits   OpenAI: model -> enqueued tokens (the input tokens of that
+                 model's batches not ended, counted at 4 characters a token of
+                 their messages and response format). A batch past it is created, then `failed` at
+                 once with errors.data[0].code "token_limit_exceeded" and OpenAI's
+                 message ("... Limit: 2,000,000 enqueued tokens. ...")
+  queue_message  that message instead (hostile refusals: no number, a huge one)
+  queue_limit    Anthropic: requests processing in all batches; a creation past
+                 it is answered 429 rate_limit_error, nothing created
+  refused        refusals for the queue, by provider
+  peak           the most a queue held after an accepted creation (OpenAI:
+                 tokens of one model; Anthropic: requests)
+
 `created` counts batch creations by provider; `requests_in` the requests each
 creation carried (a request submitted twice shows twice).
 """
@@ -60,6 +74,22 @@ class FakeBatch:
     error_file_id: str | None = None
     results: bytes = b""
     counts: dict[str, int] = field(default_factory=dict)
+    errors: dict[str, Any] | None = None  # OpenAI: a failed batch's errors
+
+    @property
+    def model(self) -> str:
+        first = self.requests[0] if self.requests else {}
+        body = first.get("params") if self.provider == "anthropic" else first.get("body")
+        return str((body or {}).get("model", ""))
+
+    @property
+    def queued_tokens(self) -> int:
+        """What OpenAI counts of it in the model's queue: its input tokens."""
+        chars = 0
+        for r in self.requests:
+            body = r.get("body") or {}
+            chars += len(json.dumps([body.get("messages"), body.get("response_format")]))
+        return -(-chars // 4)
 
 
 class Batches:
@@ -76,6 +106,11 @@ class Batches:
         self.batches: dict[str, FakeBatch] = {}
         self.created: dict[str, int] = {"openai": 0, "anthropic": 0}
         self.requests_in: list[str] = []  # custom ids, one per request of each creation
+        self.queue_limits: dict[str, int] = {}
+        self.queue_message: str | None = None
+        self.queue_limit: int | None = None
+        self.refused: dict[str, int] = {"openai": 0, "anthropic": 0}
+        self.peak: dict[str, int] = {"openai": 0, "anthropic": 0}
         self._ids = itertools.count(1)
 
     def routes(self, path: str) -> bool:
@@ -174,6 +209,7 @@ class Batches:
             self.batches[b.id] = b
             self.created["openai"] += 1
             self.requests_in.extend(str(x.get("custom_id")) for x in lines)
+            self.openai_queue(b)
             return send(h, 200, self.openai_object(b))
         if not post and not rest:
             mine = [b for b in self.batches.values() if b.provider == "openai"]
@@ -209,7 +245,7 @@ class Batches:
             "id": b.id,
             "object": "batch",
             "endpoint": b.endpoint,
-            "errors": None,
+            "errors": b.errors,
             "input_file_id": b.input_file_id,
             "completion_window": "24h",
             "status": b.status,
@@ -242,6 +278,20 @@ class Batches:
             reqs = body.get("requests")
             if not isinstance(reqs, list) or not reqs:
                 return send(h, 400, _an_error("requests: a non-empty list is required"))
+            if self.queue_limit is not None:
+                held = self.processing("anthropic")
+                if held + len(reqs) > self.queue_limit:
+                    self.refused["anthropic"] += 1
+                    message = self.queue_message or (
+                        "Number of request in the processing queue exceeds the limit of "
+                        f"{self.queue_limit} for your organization."
+                    )
+                    body = {
+                        "type": "error",
+                        "error": {"type": "rate_limit_error", "message": message},
+                    }
+                    return send(h, 429, body)
+                self.peak["anthropic"] = max(self.peak["anthropic"], held + len(reqs))
             b = FakeBatch("anthropic", self._id("msgbatch_"), reqs, time.time())
             self.batches[b.id] = b
             self.created["anthropic"] += 1
@@ -306,6 +356,60 @@ class Batches:
             "cancel_initiated_at": iso if b.cancelled else None,
             "results_url": f"http://{host}/v1/messages/batches/{b.id}/results" if ended else None,
         }
+
+    # -- the queues --------------------------------------------------------------
+
+    def openai_queue(self, b: FakeBatch) -> None:
+        """A batch past its model's enqueued-token limit fails at once."""
+        limit = self.queue_limits.get(b.model)
+        if limit is None:
+            return
+        held = 0
+        for other in self.batches.values():
+            if other.provider == "openai" and other is not b and other.model == b.model:
+                self.advance(other)
+                if other.ended is None:
+                    held += other.queued_tokens
+        if held + b.queued_tokens <= limit:
+            self.peak["openai"] = max(self.peak["openai"], held + b.queued_tokens)
+            return
+        self.refused["openai"] += 1
+        message = self.queue_message or (
+            f"Enqueued token limit reached for {b.model} in organization org-fake. "
+            f"Limit: {limit:,} enqueued tokens. "
+            "Please try again once some in_progress batches have been completed."
+        )
+        b.errors = {
+            "object": "list",
+            "data": [
+                {"code": "token_limit_exceeded", "message": message, "param": None, "line": None}
+            ],
+        }
+        b.status = "failed"
+        b.ended = time.time()
+
+    def processing(self, provider: str) -> int:
+        """Requests of the provider's batches not ended."""
+        n = 0
+        for b in self.batches.values():
+            if b.provider == provider:
+                self.advance(b)
+                if b.ended is None:
+                    n += len(b.requests)
+        return n
+
+    def completed_requests(self) -> list[str]:
+        """The custom ids of every batch that completed (answered), one per request."""
+        out: list[str] = []
+        with self.lock:
+            for b in self.batches.values():
+                self.advance(b)
+                if b.provider == "openai" and b.status != "completed":
+                    continue
+                if b.ended is None or b.cancelled or b.counts.get("expired"):
+                    continue
+                out.extend(str(r.get("custom_id")) for r in b.requests)
+        return out
 
     # -- the end of a batch ----------------------------------------------------
 

@@ -121,3 +121,170 @@ def test_the_end_sends_unfinished_jobs_back_without_an_attempt(c: Any) -> None:
     assert job(c, str(first["id"]))["status"] == "cancelled"
     ended = c.execute("select state, outcome from ai_job_batches").fetchone()
     assert (ended["state"], ended["outcome"]) == ("ended", "expired")
+
+
+# -- the providers' batch queues (sql/030) ----------------------------------------
+
+
+def batched(c: Any, n: int, worker: str = "w1") -> tuple[Any, list[Any]]:
+    """`n` batch jobs taken into one collecting batch of `worker`."""
+    for i in range(n):
+        insert_course(c, f"Queued {i}", batch=True)
+    claimed = [claim(c, worker) for _ in range(n)]
+    batches = {take(c, x, worker) for x in claimed}
+    assert len(batches) == 1
+    return batches.pop(), [x["id"] for x in claimed]
+
+
+def fit(
+    c: Any, b: Any, jobs: list[Any], units: list[int], worker: str = "w1", **kw: Any
+) -> dict[str, Any]:
+    provider = kw.get("provider", "anthropic")
+    row = c.execute(
+        "select * from ai_job_batch_fit(%s, %s, %s, 'm1', %s, %s, %s, %s, 60, 3600)",
+        [b, worker, provider, kw.get("scope", "*"), jobs, units, kw.get("bound", 86400.0)],
+    ).fetchone()
+    return dict(row) if row else {}
+
+
+def refused(c: Any, b: Any, limit: Any, worker: str = "w1", retry: float = 600) -> dict[str, Any]:
+    row = c.execute(
+        "select * from ai_job_batch_refused(%s, %s, 'anthropic', '*', %s, 'queue full', %s,"
+        " 86400, 60)",
+        [b, worker, limit, retry],
+    ).fetchone()
+    return dict(row)
+
+
+def batch_of(c: Any, job_id: Any) -> dict[str, Any]:
+    return dict(
+        c.execute(
+            "select x.* from ai_job_batch_items i join ai_job_batches x on x.id = i.batch_id"
+            " where i.job_id = %s and x.state <> 'ended'",
+            [job_id],
+        ).fetchone()
+    )
+
+
+def learn(c: Any, limit: int | None, stated: bool = False, scope: str = "*") -> None:
+    c.execute(
+        "insert into ai_job_batch_queues (provider, scope, limit_units, stated)"
+        " values ('anthropic', %s, %s, %s)",
+        [scope, limit, stated],
+    )
+
+
+def test_a_batch_larger_than_the_room_is_split_and_the_rest_waits(c: Any) -> None:
+    learn(c, 2)
+    b, ids = batched(c, 3)
+    got = fit(c, b, ids, [1, 1, 1])
+    assert (got["kept"], got["units"], got["moved"], got["direct"]) == (2, 2, 1, 0)
+    sent = c.execute("select state, queue_units from ai_job_batches where id = %s", [b])
+    assert dict(sent.fetchone()) == {"state": "submitting", "queue_units": 2}
+    (left,) = [i for i in ids if batch_of(c, i)["id"] != b]
+    rest = batch_of(c, left)
+    assert rest["state"] == "collecting" and rest["worker_id"] == "w1"
+    row = job(c, str(left))
+    assert row["status"] == "processing" and row["retry_count"] == 0
+    assert row["progress"]["phase"] == "batched"
+    jobs = c.execute(
+        "select id from ai_job_batch_submitting(%s, 'w1', 'anthropic', 'm1')", [b]
+    ).fetchall()
+    assert len(jobs) == 2 and left not in {r["id"] for r in jobs}
+
+
+def test_every_workers_open_batches_count_and_a_full_queue_sends_nothing(c: Any) -> None:
+    learn(c, 2)
+    b1, ids1 = batched(c, 2, "w1")
+    assert fit(c, b1, ids1, [1, 1], "w1")["kept"] == 2
+    b2, ids2 = batched(c, 1, "w2")
+    got = fit(c, b2, ids2, [1], "w2")
+    assert got["kept"] == 0 and got["enqueued"] == 2 and got["queue_limit"] == 2
+    state = c.execute("select state from ai_job_batches where id = %s", [b2]).fetchone()
+    assert state["state"] == "collecting"  # as it was: it waits
+    c.execute("select ai_job_batch_end(%s, 'w1', 'completed', null)", [b1])
+    assert fit(c, b2, ids2, [1], "w2")["kept"] == 1  # room freed
+
+
+def test_other_models_share_anthropics_queue_not_openais(c: Any) -> None:
+    learn(c, 1, scope="*")
+    b1, ids1 = batched(c, 1, "w1")
+    assert fit(c, b1, ids1, [1], "w1")["kept"] == 1
+    b2, ids2 = batched(c, 1, "w2")
+    assert fit(c, b2, ids2, [1], "w2")["enqueued"] == 1
+    b3, ids3 = batched(c, 1, "w3")
+    got = fit(c, b3, ids3, [5], "w3", provider="openai", scope="m1")
+    assert got["kept"] == 1 and got["enqueued"] == 0 and got["queue_limit"] is None
+
+
+def test_a_refusal_learns_the_ceiling_and_its_jobs_wait_without_an_attempt(c: Any) -> None:
+    b1, ids1 = batched(c, 2, "w1")
+    assert fit(c, b1, ids1, [1, 1], "w1")["kept"] == 2  # nothing known: all go
+    b2, ids2 = batched(c, 3, "w2")
+    assert fit(c, b2, ids2, [1, 1, 1], "w2")["kept"] == 3
+    got = refused(c, b2, None, "w2")  # Anthropic's 429: no number
+    assert got == {"queue_limit": 2, "paced": False, "moved": 3, "direct": 0}
+    ended = c.execute("select state, outcome, error from ai_job_batches where id = %s", [b2])
+    assert dict(ended.fetchone()) == {"state": "ended", "outcome": "failed", "error": "queue full"}
+    for i in ids2:
+        row = job(c, str(i))
+        assert row["status"] == "processing" and row["retry_count"] == 0 and row["batch"]
+        assert batch_of(c, i)["state"] == "collecting"
+    waiting = batch_of(c, ids2[0])["id"]
+    assert fit(c, waiting, ids2, [1, 1, 1], "w2")["kept"] == 0  # full: 2 of 2
+    c.execute("select ai_job_batch_end(%s, 'w1', 'completed', null)", [b1])
+    got = fit(c, waiting, ids2, [1, 1, 1], "w2")
+    assert (got["kept"], got["moved"]) == (2, 1)
+
+
+@pytest.mark.parametrize("limit", [None, 0, -5, 10**15])
+def test_a_refusal_without_a_usable_number_paces_the_next_try(c: Any, limit: Any) -> None:
+    b, ids = batched(c, 2)
+    assert fit(c, b, ids, [1, 1])["kept"] == 2
+    got = refused(c, b, limit)  # nothing else enqueued: no ceiling to learn either
+    assert got == {"queue_limit": None, "paced": True, "moved": 2, "direct": 0}
+    q = c.execute("select * from ai_job_batch_queues").fetchone()
+    assert q["limit_units"] is None and not q["stated"] and q["retry_at"] > q["refused_at"]
+    waiting = batch_of(c, ids[0])["id"]
+    assert fit(c, waiting, ids, [1, 1])["kept"] == 0  # not before retry_at...
+    other, _ = batched(c, 1, "w9")
+    c.execute("update ai_job_batches set provider = 'anthropic' where id = %s", [other])
+    c.execute("select ai_job_batch_end(%s, 'w9', 'completed', null)", [other])
+    assert fit(c, waiting, ids, [1, 1])["kept"] == 2  # ... unless a batch of it ended
+
+
+def test_a_stated_limit_is_kept_and_a_job_over_it_alone_goes_direct(c: Any) -> None:
+    b, ids = batched(c, 2)
+    assert fit(c, b, ids, [10, 10])["kept"] == 2
+    got = refused(c, b, 15)
+    assert got["queue_limit"] == 15 and got["paced"] is False  # 20 > 15: explained
+    waiting = batch_of(c, ids[0])["id"]
+    insert_course(c, "Huge", batch=True)
+    huge = claim(c)
+    assert take(c, huge) == waiting
+    got = fit(c, waiting, [*ids, huge["id"]], [10, 10, 99])
+    assert (got["kept"], got["direct"], got["moved"]) == (1, 1, 1)
+    row = job(c, str(huge["id"]))
+    assert row["status"] == "pending" and row["batch"] is False and row["retry_count"] == 0
+
+
+def test_a_job_that_waited_past_the_bound_goes_the_direct_way(c: Any) -> None:
+    learn(c, 1)
+    b1, ids1 = batched(c, 1, "w1")
+    assert fit(c, b1, ids1, [1], "w1")["kept"] == 1  # the queue is full now
+    b, ids = batched(c, 2, "w2")
+    c.execute(
+        "update ai_course_jobs set created_at = now() - interval '25 hours' where id = %s",
+        [ids[1]],
+    )
+    got = fit(c, b, ids, [1, 1], "w2")
+    assert (got["kept"], got["moved"], got["direct"]) == (0, 0, 1)
+    old = job(c, str(ids[1]))
+    assert old["status"] == "pending" and old["batch"] is False and old["retry_count"] == 0
+    assert batch_of(c, ids[0])["id"] == b  # the other waits in its batch
+    c.execute(
+        "update ai_course_jobs set created_at = now() - interval '25 hours' where id = %s",
+        [ids[0]],
+    )
+    c.execute("update ai_job_batches set worker_id = 'w2' where id = %s", [b1])
+    assert refused(c, b1, None, "w2")["direct"] == 0  # ids1[0] is young: it waits

@@ -155,3 +155,43 @@ def test_anthropic_batch_expiry_and_cancel(fake: FakeAI) -> None:
     fake.batches.outcome = "expired"
     b = c.messages.batches.create(requests=anthropic_requests(["late"]))
     assert [r.result.type for r in c.messages.batches.results(b.id)] == ["expired"]
+
+
+def test_openai_enqueued_token_limit_fails_the_batch_past_it(fake: FakeAI) -> None:
+    c = oai(fake)
+    fake.batches.delay = 60
+    chars = len(json.dumps([MESSAGES, None]))  # a request's, as the fake counts (4 a token)
+    fake.batches.queue_limits = {"gpt-4.1-mini": 3 * chars // 4}
+    first = c.batches.retrieve(openai_batch(fake, ["a", "b"], "q1").id)
+    assert first.status == "in_progress" and first.errors is None
+    refused = c.batches.retrieve(openai_batch(fake, ["c", "d"], "q2").id)
+    assert refused.status == "failed" and refused.errors and refused.errors.data
+    err = refused.errors.data[0]
+    assert err.code == "token_limit_exceeded"
+    assert err.message and f"Limit: {3 * chars // 4:,} enqueued tokens" in err.message
+    assert "gpt-4.1-mini" in err.message
+    assert fake.batches.refused["openai"] == 1 and fake.batches.peak["openai"] == -(-2 * chars // 4)
+    c.batches.cancel(first.id)  # room freed
+    again = c.batches.retrieve(openai_batch(fake, ["c", "d"], "q3").id)
+    assert again.status == "in_progress"
+    fake.batches.queue_limits = {"gpt-4.1-mini": 1}
+    fake.batches.queue_message = "Enqueued token limit reached."
+    hostile = c.batches.retrieve(openai_batch(fake, ["e"], "q4").id)
+    assert hostile.errors and hostile.errors.data[0].message == "Enqueued token limit reached."
+
+
+def test_anthropic_request_queue_limit_is_a_429_at_the_creation(fake: FakeAI) -> None:
+    c = ant(fake)
+    fake.batches.delay = 60
+    fake.batches.queue_limit = 3
+    first = c.messages.batches.create(requests=anthropic_requests(["a", "b"]))
+    with pytest.raises(anthropic.RateLimitError) as raised:
+        c.messages.batches.create(requests=anthropic_requests(["c", "d"]))
+    assert raised.value.status_code == 429
+    assert "processing queue" in str(raised.value)
+    assert fake.batches.created["anthropic"] == 1 and fake.batches.refused["anthropic"] == 1
+    c.messages.batches.create(requests=anthropic_requests(["c"]))  # fits: 3
+    assert fake.batches.peak["anthropic"] == 3
+    c.messages.batches.cancel(first.id)
+    c.messages.batches.create(requests=anthropic_requests(["d", "e"]))
+    assert fake.batches.created["anthropic"] == 3

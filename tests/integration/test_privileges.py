@@ -229,6 +229,16 @@ ALLOWED: dict[str, dict[str, set[str]]] = {
     },
     "function ai_job_batch_jobs(uuid,text)": {"service_role": EXECUTE},
     "function ai_job_batch_end(uuid,text,text,text)": {"service_role": EXECUTE},
+    # sql/030
+    "table ai_job_batch_queues": {"service_role": WRITE},
+    "function ai_job_batch_enqueued(text,text,uuid)": {"service_role": EXECUTE},
+    "function ai_job_batch_leave(uuid,text,uuid[],double precision,double precision,boolean)": {
+        "service_role": EXECUTE
+    },
+    "function ai_job_batch_fit(uuid,text,text,text,text,uuid[],bigint[],double precision,"
+    "double precision,double precision)": {"service_role": EXECUTE},
+    "function ai_job_batch_refused(uuid,text,text,text,bigint,text,double precision,"
+    "double precision,double precision)": {"service_role": EXECUTE},
 }
 
 

@@ -1,0 +1,44 @@
+"""What the batch modules read from a provider's refusal (batchapi.stated_limit:
+OpenAI's "Limit: N enqueued tokens"), hostile messages included, and what a
+request holds in a batch queue."""
+
+from __future__ import annotations
+
+import pytest
+
+from listener.course_schema import CourseParams
+from listener.providers.base import CoursePrompt
+from listener.providers.batchapi import MAX_LIMIT, input_tokens, stated_limit
+
+OPENAI = (
+    "Enqueued token limit reached for gpt-4o-mini in organization org-x. Limit: 2,000,000 "
+    "enqueued tokens. Please try again once some in_progress batches have been completed."
+)
+
+
+@pytest.mark.parametrize(
+    ("message", "limit"),
+    [
+        (OPENAI, 2_000_000),
+        ("Limit: 90000 enqueued tokens.", 90_000),
+        ("limit:1 enqueued tokens", 1),
+        ("Enqueued token limit reached for gpt-4o-mini.", None),  # no number
+        ("", None),
+        (None, None),
+        ("Limit: 0 enqueued tokens.", None),
+        ("Limit: -5 enqueued tokens.", None),  # not matched as a number
+        (f"Limit: {MAX_LIMIT + 1:,} enqueued tokens.", None),  # absurd
+        ("Limit: 99999999999999999999999999999 enqueued tokens.", None),
+        ("Limit: 1,2,3 enqueued tokens.", None),  # digits that are not one number
+        ("Limit: ,,, enqueued tokens.", None),
+        ("Limit: 2,000,000 requests.", None),  # another limit
+        ("x" * 5000 + " Limit: 5 enqueued tokens.", None),  # past what is read
+    ],
+)
+def test_the_stated_limit_is_read_or_not_believed(message: str | None, limit: int | None) -> None:
+    assert stated_limit(message) == limit
+
+
+def test_a_requests_input_tokens_are_estimated_on_the_high_side() -> None:
+    prompt = CoursePrompt("s" * 300, "u" * 300, {"k": "v"}, "Tides", "c1", CourseParams())
+    assert input_tokens(prompt) >= 600 // 4  # the provider's own count is near 4 a token
