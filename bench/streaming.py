@@ -627,6 +627,17 @@ def _dist(values: list[float]) -> dict[str, float] | None:
 def worker_main(no_progress: bool) -> int:
     from listener import cli, progress
 
+    if os.environ.get("BENCH_AIOHTTP"):
+        import openai
+
+        real = openai.AsyncOpenAI.__init__
+
+        def init(self: Any, *a: Any, **kw: Any) -> None:
+            kw.setdefault("http_client", openai.DefaultAioHttpClient())
+            real(self, *a, **kw)
+
+        openai.AsyncOpenAI.__init__ = init  # type: ignore[method-assign]
+
     flushes: list[tuple[float, int, float]] = []  # (seconds, jobs written, end) of each write
     if out := os.environ.get("BENCH_FLUSH_LOG"):
         import atexit

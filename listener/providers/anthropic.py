@@ -26,6 +26,7 @@ from listener.providers.base import (
     TextSink,
     Usage,
     number,
+    sdk_transport,
     stream_events,
     watched,
 )
@@ -48,6 +49,7 @@ class AnthropicProvider:
             base_url=settings.anthropic_base_url or None,
             timeout=settings.ai_timeout_seconds,
             max_retries=0,
+            **sdk_transport(anthropic),
         )
 
     async def course(self, prompt: CoursePrompt, sink: TextSink | None = None) -> Answer:

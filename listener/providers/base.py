@@ -329,6 +329,22 @@ def _sdk_errors(kind: str) -> tuple[type[BaseException], ...]:
 _SDKS = ("openai", "anthropic")
 
 
+def sdk_transport(sdk: Any) -> dict[str, Any]:
+    """The SDK client's HTTP transport: aiohttp's, as the SDKs offer it
+    (`DefaultAioHttpClient`), when installed (the `aiohttp` extra of both SDKs,
+    a dependency of this project); else the SDK's default (httpx). At hundreds
+    of streams the default's reads cost a third more of the worker's CPU per
+    token: each read pauses and resumes the socket's reader (docs/benchmarks.md,
+    "Streaming and progress")."""
+    client = getattr(sdk, "DefaultAioHttpClient", None)
+    if client is None:
+        return {}
+    try:
+        return {"http_client": client()}
+    except RuntimeError:  # the SDK's own word for "aiohttp is not installed"
+        return {}
+
+
 def _transport_errors() -> tuple[type[BaseException], ...]:
     # A stream broken off mid-answer raises the HTTP client's own error (the SDKs
     # wrap only the errors of the request, not those of reading a streamed body);

@@ -26,6 +26,7 @@ from listener.providers.base import (
     TextSink,
     Usage,
     number,
+    sdk_transport,
     stream_events,
     watched,
 )
@@ -53,6 +54,7 @@ class OpenAIProvider:
             base_url=settings.openai_base_url or None,
             timeout=settings.ai_timeout_seconds,
             max_retries=0,
+            **sdk_transport(openai),
         )
 
     async def course(self, prompt: CoursePrompt, sink: TextSink | None = None) -> Answer:

@@ -182,7 +182,13 @@ async def test_the_worker_counts_an_attempt_past_its_outage_max_wait(
     s = settings(db_url, provider_outage_max_wait_seconds=max_wait)
     async with running_worker(s, {"ai_course_jobs": course}) as w:
         await asyncio.wait_for(deferred.wait(), 10)
-        await await_until(lambda: _async("ai_course_jobs" in w.executor.cooldowns), what="deferred")
+        if counted:  # a failed attempt: its cooldown may be over before a look at it
+            async with await aconnect(db_url) as conn:
+                await await_until(lambda: _status(conn, jid, "failed"), what="failed")
+        else:
+            await await_until(
+                lambda: _async("ai_course_jobs" in w.executor.cooldowns), what="deferred"
+            )
     async with await aconnect(db_url) as conn:
         row = await _row(conn, jid)
     if counted:
