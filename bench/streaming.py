@@ -488,7 +488,9 @@ def run_bench(jobs: int, rounds: int, progress: bool) -> dict[str, Any]:
 # -- steady -----------------------------------------------------------------------
 
 
-def steady_bench(jobs: int, seconds: float, chunk: int, progress: bool) -> dict[str, Any]:
+def steady_bench(
+    jobs: int, seconds: float, chunk: int, progress: bool, httpx: bool = False
+) -> dict[str, Any]:
     """`jobs` streams at once, all the time: the real worker at WORKER_CONCURRENCY =
     jobs with a backlog that keeps every slot busy, against bench/pacedai.py (0.5 s
     to the first token, 75 tokens/s, `chunk` tokens an event, answers of
@@ -525,9 +527,8 @@ def steady_bench(jobs: int, seconds: float, chunk: int, progress: bool) -> dict[
         assert fake.stdout is not None
         base = fake.stdout.readline().strip()
         flush_log = Path(tempfile.mkdtemp(prefix="ai-jobs-bench-")) / "flushes.json"
-        worker = start_worker(
-            cluster.url, base, jobs, progress, flush_log, SHUTDOWN_GRACE_SECONDS="1"
-        )
+        extra = {"SHUTDOWN_GRACE_SECONDS": "1"} | ({"BENCH_HTTPX": "1"} if httpx else {})
+        worker = start_worker(cluster.url, base, jobs, progress, flush_log, **extra)
         conn = psycopg.connect(cluster.url, autocommit=True, application_name="bench")
         # enough work for every slot past the window: a course takes 38 s on average
         backlog = jobs * (2 + int((seconds + 60) / 30))
@@ -576,6 +577,7 @@ def steady_bench(jobs: int, seconds: float, chunk: int, progress: bool) -> dict[
             "streams": jobs,
             "chunk_tokens": chunk,
             "progress": progress,
+            "transport": "httpx (the SDK's default)" if httpx else "aiohttp",
             "pace": " ".join(PACE),
             "window_s": round(wall, 1),
             "streams_open": _dist([float(x) for x in open_samples]),
@@ -627,16 +629,10 @@ def _dist(values: list[float]) -> dict[str, float] | None:
 def worker_main(no_progress: bool) -> int:
     from listener import cli, progress
 
-    if os.environ.get("BENCH_AIOHTTP"):
-        import openai
+    if os.environ.get("BENCH_HTTPX"):  # the SDK's default transport, for comparison
+        from listener.providers import openai as openai_provider
 
-        real = openai.AsyncOpenAI.__init__
-
-        def init(self: Any, *a: Any, **kw: Any) -> None:
-            kw.setdefault("http_client", openai.DefaultAioHttpClient())
-            real(self, *a, **kw)
-
-        openai.AsyncOpenAI.__init__ = init  # type: ignore[method-assign]
+        openai_provider.sdk_transport = lambda sdk: {}  # type: ignore[attr-defined]
 
     flushes: list[tuple[float, int, float]] = []  # (seconds, jobs written, end) of each write
     if out := os.environ.get("BENCH_FLUSH_LOG"):
@@ -683,6 +679,7 @@ def main(argv: list[str] | None = None) -> int:
     d.add_argument("--seconds", type=float, default=60, help="the measured window")
     d.add_argument("--chunk", type=int, default=1, help="tokens per streamed event")
     d.add_argument("--no-progress", action="store_true", help="the worker writes no progress")
+    d.add_argument("--httpx", action="store_true", help="the SDK's default transport (httpx)")
     w = sub.add_parser("_worker")
     w.add_argument("--no-progress", action="store_true")
     a = p.parse_args(argv)
@@ -698,8 +695,11 @@ def main(argv: list[str] | None = None) -> int:
         result = sdk_bench(a.tokens_per_event)
         name = f"streaming-sdk-{a.tokens_per_event}.json"
     elif a.what == "steady":
-        result = steady_bench(a.jobs, a.seconds, a.chunk, not a.no_progress)
-        name = f"streaming-steady-{a.jobs}-{a.chunk}-{'off' if a.no_progress else 'on'}.json"
+        result = steady_bench(a.jobs, a.seconds, a.chunk, not a.no_progress, a.httpx)
+        name = (
+            f"streaming-steady-{a.jobs}-{a.chunk}-{'off' if a.no_progress else 'on'}"
+            f"{'-httpx' if a.httpx else ''}.json"
+        )
     else:
         result = run_bench(a.jobs, a.rounds, not a.no_progress)
         name = f"streaming-run-{a.jobs}-{'off' if a.no_progress else 'on'}.json"

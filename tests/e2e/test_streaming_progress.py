@@ -14,6 +14,7 @@ from typing import Any
 import psycopg
 import pytest
 
+from listener.progress import WRITE_PERIOD
 from tests.e2e.test_generation_worker import providers_env
 from tests.fakeai import FakeAI, Pace
 from tests.helpers import connect, insert_course, insert_media, job, wait_until
@@ -107,10 +108,10 @@ def test_many_jobs_progress_in_one_statement_an_interval(db_url: str, fake: Fake
     writes = w.actions("progress_written")
     times = [e["ts"] - e["ms"] / 1000 for e in writes]  # each write's start
     span = times[-1] - times[0]
-    assert len(writes) <= span / interval + 2  # one an interval at most
+    assert len(writes) <= span / (interval * WRITE_PERIOD) + 2  # one a period at most
     assert max(e["jobs"] for e in writes) >= n * 0.8  # and each for (nearly) all of them
     gaps = [b - a for a, b in itertools.pairwise(times)]
-    assert min(gaps) >= interval * 0.9
+    assert min(gaps) >= interval * WRITE_PERIOD * 0.9
     with connect(db_url) as c:
 
         def calls() -> int:
