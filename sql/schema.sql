@@ -2461,7 +2461,7 @@ begin
 end
 $function$;
 
--- last defined by sql/025_fair_claims.sql
+-- last defined by sql/031_claim_batch_flag.sql
 CREATE OR REPLACE FUNCTION public.claim_due_job(table_name text, job_id uuid, worker text)
  RETURNS TABLE(job_table text, id uuid, claim_token uuid, retry_count integer, max_retries integer, job jsonb)
  LANGUAGE plpgsql
@@ -2487,7 +2487,7 @@ begin
             for update of ai_course_jobs skip locked)
         returning 'ai_course_jobs'::text, j.id, j.claim_token, j.retry_count, j.max_retries,
                   jsonb_build_object('id', j.id, 'subject', j.subject, 'course_id', j.course_id,
-                                     'params', j.params);
+                                     'params', j.params, 'batch', j.batch);
     else
         return query
         update ai_media_jobs j
@@ -2511,7 +2511,7 @@ begin
 end
 $function$;
 
--- last defined by sql/025_fair_claims.sql
+-- last defined by sql/031_claim_batch_flag.sql
 CREATE OR REPLACE FUNCTION public.claim_job(table_name text, job_id uuid, worker text)
  RETURNS TABLE(job_table text, id uuid, claim_token uuid, retry_count integer, max_retries integer, job jsonb)
  LANGUAGE plpgsql
@@ -2541,7 +2541,7 @@ begin
        case ai_job_table(table_name)
            when 'ai_course_jobs' then
                $e$jsonb_build_object('id', j.id, 'subject', j.subject, 'course_id', j.course_id,
-                                     'params', j.params)$e$
+                                     'params', j.params, 'batch', j.batch)$e$
            else
                $e$jsonb_build_object('id', j.id, 'prompt', j.prompt, 'media_type', j.media_type,
                                      'course_id', j.course_id, 'params', j.params)$e$
@@ -2549,7 +2549,7 @@ begin
 end
 $function$;
 
--- last defined by sql/025_fair_claims.sql
+-- last defined by sql/031_claim_batch_flag.sql
 CREATE OR REPLACE FUNCTION public.claim_jobs(table_name text, worker text, max_jobs integer DEFAULT 1)
  RETURNS TABLE(job_table text, id uuid, claim_token uuid, retry_count integer, max_retries integer, job jsonb)
  LANGUAGE plpgsql
@@ -2593,7 +2593,7 @@ begin
                 for update of ai_course_jobs skip locked))
             returning 'ai_course_jobs'::text, j.id, j.claim_token, j.retry_count, j.max_retries,
                       jsonb_build_object('id', j.id, 'subject', j.subject, 'course_id', j.course_id,
-                                         'params', j.params);
+                                         'params', j.params, 'batch', j.batch);
         else
             return query
             update ai_course_jobs j
@@ -2611,7 +2611,7 @@ begin
                 for update of ai_course_jobs skip locked))
             returning 'ai_course_jobs'::text, j.id, j.claim_token, j.retry_count, j.max_retries,
                       jsonb_build_object('id', j.id, 'subject', j.subject, 'course_id', j.course_id,
-                                         'params', j.params);
+                                         'params', j.params, 'batch', j.batch);
         end if;
         get diagnostics got = row_count;
     end if;
@@ -2664,7 +2664,7 @@ begin
 end
 $function$;
 
--- last defined by sql/025_fair_claims.sql
+-- last defined by sql/031_claim_batch_flag.sql
 CREATE OR REPLACE FUNCTION public.complete_and_claim(table_name text, worker text, max_jobs integer, job_ids uuid[], tokens uuid[], result_paths text[], job_metrics jsonb[])
  RETURNS TABLE(kind text, job_table text, id uuid, claim_token uuid, retry_count integer, max_retries integer, job jsonb)
  LANGUAGE plpgsql
@@ -2712,7 +2712,7 @@ begin
             returning 'claimed'::text, 'ai_course_jobs'::text, j.id, j.claim_token, j.retry_count,
                       j.max_retries,
                       jsonb_build_object('id', j.id, 'subject', j.subject, 'course_id', j.course_id,
-                                         'params', j.params);
+                                         'params', j.params, 'batch', j.batch);
         else
             return query
             update ai_course_jobs j
@@ -2731,7 +2731,7 @@ begin
             returning 'claimed'::text, 'ai_course_jobs'::text, j.id, j.claim_token, j.retry_count,
                       j.max_retries,
                       jsonb_build_object('id', j.id, 'subject', j.subject, 'course_id', j.course_id,
-                                         'params', j.params);
+                                         'params', j.params, 'batch', j.batch);
         end if;
     else
         return query

@@ -96,7 +96,9 @@ class BatchRouter:
         result = self.results.pop(job.id, None)
         if result is not None:
             return await self._from_batch(job, *result)
-        if self.enabled and self.worker_id is not None:
+        # The claim says whether the job asked for a batch (sql/031); a row without
+        # the key (a claim of another path, an older schema) asks the database.
+        if self.enabled and self.worker_id is not None and job.row.get("batch", True):
             row = await self._take(job)
             if row is not None and row["batch_id"] is not None:
                 self.handed += 1
