@@ -110,15 +110,20 @@ def verdicts(rows: list[dict[str, Any]], load: L.Load, held: dict[str, Any] | No
             )
         j = r["jain"]
         out.append(f"{name}: Jain's index {j}: {_met(j is not None and j >= 0.91)} (>= 0.9; 0.91)")
-    by = {(r["system"], r["workers"], bool(r["provider_limits"])): r for r in rows}
-    for (system, n, capped), r in by.items():
+
+    def key(r: dict[str, Any]) -> tuple[str, int, bool, bool]:
+        over = (r.get("pgqueuer_calls_share") or 1) > 1
+        return r["system"], r["workers"], bool(r["provider_limits"]), over
+
+    by = {key(r): r for r in rows}
+    for (system, n, capped, _), r in by.items():
         if system != "ai-jobs" or capped:
             continue
         # pgqueuer as tuned to the quota's calls in flight (its 429s at most ours),
         # and tuned above it for goodput (the `--pgq-over` runs): ahead on goodput
         # of the first by 10%, on 429s of the second, and behind on neither.
-        for p, tuning in ((by.get(("pgqueuer", n, False)), "at the quota's calls"),
-                          (by.get(("pgqueuer", n, True)), "tuned above it")):  # fmt: skip
+        for p, tuning in ((by.get(("pgqueuer", n, False, False)), "at the quota's calls"),
+                          (by.get(("pgqueuer", n, False, True)), "tuned above it")):  # fmt: skip
             if p is None:
                 continue
             a, b = r["jobs_per_min"], p["jobs_per_min"]

@@ -53,7 +53,11 @@ def compute(o: Outcome, load: L.Load, heavy: str) -> dict[str, Any]:
     steady = [j for j in done if j.completed >= t_s]
     steady_min = (t_end - t_s) / window
     whole_min = (t_end - o.t0) / window
-    limits = o.config.limits or 1.0
+    # `limits` is PROVIDER_LIMITS' share for ai-jobs, and for pgqueuer the share of
+    # the quota's calls in flight its concurrency_limit is set to: the quota, and
+    # so the optimum, is the provider's own there.
+    pgq = o.config.system == "pgqueuer"
+    limits = 1.0 if pgq else (o.config.limits or 1.0)
     # The prompt as the provider counted it (each checkout's own prompt): with
     # max_tokens, what one call draws from TPM.
     prompts = [j.in_tokens for j in done if j.in_tokens]
@@ -105,7 +109,8 @@ def compute(o: Outcome, load: L.Load, heavy: str) -> dict[str, Any]:
         "config": o.config.name,
         "system": o.config.system,
         "workers": o.config.workers,
-        "provider_limits": o.config.limits or None,
+        "provider_limits": None if pgq else (o.config.limits or None),
+        "pgqueuer_calls_share": (o.config.limits or 1.0) if pgq else None,
         "max_running_per_user": o.user_cap,
         "prompt_tokens": r(prompt),
         "optimum_jobs_per_min": r(optimum),

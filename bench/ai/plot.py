@@ -46,8 +46,8 @@ def draw(result: dict[str, Any], out: Path) -> None:
             ys,
             color=STYLE.get(r["system"], "black"),
             ls="--" if dashed else "-",
-            lw=1.0 if r["provider_limits"] else 1.6,
-            alpha=0.6 if r["provider_limits"] else 1.0,
+            lw=1.0 if r["provider_limits"] or (r.get("pgqueuer_calls_share") or 1) != 1 else 1.6,
+            alpha=0.6 if r["provider_limits"] or (r.get("pgqueuer_calls_share") or 1) != 1 else 1.0,
             label=r["config"],
         )
     ax.axhline(load["optimum_jobs_per_min"], color="tab:red", lw=0.8, ls=":", label="optimum")
