@@ -25,6 +25,7 @@ from listener.providers.base import (
     StreamStalled,
     TextSink,
     Usage,
+    headers_heard,
     number,
     sdk_transport,
     stream_events,
@@ -66,6 +67,7 @@ class AnthropicProvider:
                 f"stream stalled: no answer within {self.first_token_timeout:g}s"
             ) from None
         limits = ratelimits.parse(raw.headers, sent)
+        headers_heard(limits)  # the quota learns now, not at the stream's end
         response = raw.http_response  # the body not read yet: read here, event by event
         model, stop = self.model, None
         inp = cached = written = out = 0

@@ -8,6 +8,7 @@ through to the next provider is the chain's job (listener/providers/chain.py).
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import email.utils
 import enum
 import json
@@ -39,6 +40,21 @@ FIRST_TOKEN_TIMEOUT_SECONDS = 30.0
 # down this long for every worker: the call goes later, without an attempt.
 RATE_LIMITED_MIN_WAIT = 1.0
 IDLE_TIMEOUT_SECONDS = 15.0
+
+
+# Set by the chain around a call that learns a model's limits (listener/providers/
+# chain.py): a streamed answer's rate-limit headers come with its first bytes,
+# tens of seconds before its end, and the other calls need not wait for the end.
+HEADERS_HEARD: contextvars.ContextVar[Callable[[RateLimits], None] | None] = contextvars.ContextVar(
+    "ai_jobs_headers_heard", default=None
+)
+
+
+def headers_heard(limits: RateLimits) -> None:
+    """A provider has the answer's headers (its rate limits), the body still to come."""
+    hook = HEADERS_HEARD.get()
+    if hook is not None:
+        hook(limits)
 
 
 class StreamStalled(TimeoutError):

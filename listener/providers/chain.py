@@ -35,6 +35,7 @@ from listener.errors import GenerationError, ProvidersUnavailable, RequestRefuse
 from listener.jobs import work_begins
 from listener.providers import quota, ratelimits
 from listener.providers.base import (
+    HEADERS_HEARD,
     Answer,
     CoursePrompt,
     CourseProvider,
@@ -100,6 +101,7 @@ class Chain:
         self.meter = meter
         self.quotas = quotas or Quotas(None, settings)
         self.gate = ClaimGate(breakers, self.quotas)  # the claim loop's view of the lanes
+        self._early: set[asyncio.Task[None]] = set()  # learning calls' early settles
 
     async def course(
         self,
@@ -200,12 +202,29 @@ class Chain:
             grant = await self._reserve_waiting(stop)
         work_begins()
         sent = time.time()
+        left = [grant]  # the grant still to settle at the end (None: settled early)
+        early: list[asyncio.Task[None]] = []  # the settle from the stream's headers
+
+        def heard(limits: RateLimits) -> None:
+            # A learning call's headers, at the stream's start: the model's limits
+            # are known now, so the other calls need not wait for this one's end.
+            learner = left[0]
+            if learner is None or not learner.learning or not limits:
+                return
+            left[0] = None
+            task = asyncio.create_task(
+                self.quotas.settle(learner, counted=None, limits=limits, sent_at=sent, heard=True)
+            )
+            early.append(task)
+            self._early.add(task)
+            task.add_done_callback(self._early.discard)
 
         async def bounded() -> R:
             # The SDK timeout bounds each network wait; this bounds the whole call.
             async with asyncio.timeout(cap or self.per_call):
                 return await call()
 
+        hook = HEADERS_HEARD.set(heard if grant is not None and grant.learning else None)
         try:
             if tracing.on:
                 result = await tracing.provider_call(stop.provider, stop.model, operation, bounded)
@@ -214,12 +233,18 @@ class Chain:
         except BaseException as exc:
             used = getattr(exc, "usage", None)  # a refusal's: billed
             self.meter.observe(operation, stop.provider, stop.model, time.time() - sent, used)
-            if grant is not None:
-                await asyncio.shield(self._settle_failed(grant, exc, sent))
+            if left[0] is not None:
+                await asyncio.shield(self._settle_failed(left[0], exc, sent))
             raise
+        finally:
+            HEADERS_HEARD.reset(hook)
         self.meter.observe(
             operation, stop.provider, stop.model, time.time() - sent, getattr(result, "usage", None)
         )
+        if early and grant is not None:  # what the provider gave back since its headers
+            await asyncio.shield(early[0])  # after them, not before (Anthropic's output)
+            await self.quotas.give_back_returned(grant.key, counted(result)[2])
+        grant = left[0]
         if grant is not None:
             limits, cost, back = counted(result)
             await self.quotas.settle(

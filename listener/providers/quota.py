@@ -237,6 +237,27 @@ class Quotas:
             if (grant.learning or was != row["metered"]) and self.on_change:
                 self.on_change()
 
+    async def give_back_returned(self, key: Key, returned: list[float] | None) -> None:
+        """What the provider gave back after the headers a learning call was settled
+        from at its stream's start (Anthropic: the output it held as max_tokens,
+        less the output produced); see returned()."""
+        if self.pool is None or not returned or not any(returned):
+            return
+        params = {
+            "provider": key[0],
+            "model": key[1],
+            "back": returned,
+            "caps": self.caps(key),
+            "limits": None,
+            "remaining": None,
+            "age": 0.0,
+            "window": None,
+            "heard": False,
+            "learning": 0,
+            "limited": False,
+        }
+        await self._query(dal.QUOTA_SETTLE, params)
+
     async def release(self, grant: Grant) -> None:
         """A reservation not used (the breaker turned the call away)."""
         if not grant.local:

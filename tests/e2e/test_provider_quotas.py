@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from tests.fakeai import FakeAI, Limits
+from tests.fakeai import FakeAI, Limits, Pace
 from tests.helpers import connect, moves, record_moves, wait_until
 from tests.workers import WorkerProcess
 
@@ -161,3 +161,27 @@ def test_a_probe_in_flight_holds_the_claims(db_url: str, fake: FakeAI) -> None:
     starts = Counter(e["job_id"] for e in w.actions("job_started"))
     assert len(starts) == 10 and set(starts.values()) == {1}
     assert chat_calls(fake) == 10
+
+
+def test_a_streamed_answers_headers_teach_the_limits_before_its_end(
+    db_url: str, fake: FakeAI
+) -> None:
+    # Answers of 5 s each, a quota that holds all 8 calls at once. A fresh
+    # deployment lets only a few calls learn a model's limits; a streamed answer's
+    # headers come with its first bytes, so the other calls go then, not at the
+    # first answer's end.
+    fake.limits = Limits(rpm=100, tpm=1_000_000, window=60)
+    fake.pace = Pace(ttft=0.1, tps=300, size=(1500, 1500))
+    w = WorkerProcess(db_url, **env(fake, WORKER_CONCURRENCY="8")).started()
+    try:
+        insert_many(db_url, 8)
+        wait_until(lambda: chat_calls(fake) >= 8, timeout=30, what="8 calls going")
+        completed = fake.counts[("streams", "completed")]
+        wait_until(lambda: all_done(db_url, 8), timeout=60, what="8 jobs done")
+    finally:
+        stop(w)
+    assert completed == 0  # all 8 went while the first answers were still streaming
+    assert fake.limited == []
+    with connect(db_url) as c:
+        q = c.execute("select * from ai_job_provider_quotas where model = %s", [MODEL]).fetchone()
+    assert q is not None and (q["rpm"], q["tpm"]) == (100, 1_000_000)
