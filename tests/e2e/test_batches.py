@@ -335,7 +335,8 @@ def test_an_openai_queue_refusal_teaches_the_limit_and_its_jobs_wait_for_room(
     """The second batch is past the model's enqueued tokens: it fails at OpenAI;
     its jobs wait (no attempt, not direct) and go once the first batch ends. With
     the stated limit learned (or, from a message without a number, the tokens
-    the first batch held), no batch is refused twice."""
+    the first batch held: at least what OpenAI had accepted), no batch is
+    refused twice."""
     fake.batches.delay = 4
     fake.batches.queue_message = message
     w = WorkerProcess(db_url, **batch_env(fake)).started()
@@ -365,7 +366,7 @@ def test_an_openai_queue_refusal_teaches_the_limit_and_its_jobs_wait_for_room(
     assert learned["refusals"] == 1 and learned["scope"] == held.model
     if message is None:
         assert learned["stated"] and learned["limit_units"] == limit
-    else:  # no number: the ceiling is what our first batch held
+    else:  # no number: at least what our first batch held (OpenAI had accepted it)
         assert not learned["stated"] and learned["limit_units"] > 0
 
 
