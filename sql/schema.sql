@@ -719,7 +719,7 @@ AS $function$
       and x.state in ('submitting', 'submitted') and x.id is distinct from p_except
 $function$;
 
--- last defined by sql/030_batch_queue.sql
+-- last defined by sql/032_batch_queue_fixes.sql
 CREATE OR REPLACE FUNCTION public.ai_job_batch_fit(p_batch uuid, worker text, p_provider text, p_model text, p_scope text, p_jobs uuid[], p_units bigint[], p_wait_bound double precision, lease_seconds double precision, p_limit_ttl double precision)
  RETURNS TABLE(kept integer, units bigint, enqueued bigint, queue_limit bigint, moved integer, direct integer)
  LANGUAGE plpgsql
@@ -754,7 +754,8 @@ begin
         paced := not exists (
             select from ai_job_batches x
             where x.provider = p_provider and (p_scope = '*' or x.model = p_scope)
-              and x.state = 'ended' and x.ended_at > q.refused_at);
+              and x.state = 'ended' and x.ended_at > q.refused_at
+              and x.submitted_at is not null);
     end if;
     if paced then
         room := 0;
@@ -904,7 +905,7 @@ begin
 end
 $function$;
 
--- last defined by sql/030_batch_queue.sql
+-- last defined by sql/032_batch_queue_fixes.sql
 CREATE OR REPLACE FUNCTION public.ai_job_batch_refused(p_batch uuid, worker text, p_provider text, p_scope text, p_limit bigint, p_error text, p_retry double precision, p_wait_bound double precision, lease_seconds double precision)
  RETURNS TABLE(queue_limit bigint, paced boolean, moved integer, direct integer)
  LANGUAGE plpgsql
@@ -913,8 +914,10 @@ AS $function$
 declare
     b ai_job_batches;
     enq bigint;
+    held bigint;
     learned bigint;
     is_stated boolean;
+    guessed boolean := false;
     now_ timestamptz;
     left_ record;
 begin
@@ -927,16 +930,24 @@ begin
     perform pg_advisory_xact_lock(hashtext('ai_job_batch_queue'),
                                   hashtext(p_provider || '/' || p_scope));
     enq := ai_job_batch_enqueued(p_provider, p_scope, p_batch);
-    is_stated := p_limit is not null and p_limit between 1 and 1000000000000;
-    learned := case when is_stated then p_limit when enq > 0 then enq end;
-    paced := learned is null or enq + greatest(coalesce(b.queue_units, 0), 1) <= learned;
+    held := greatest(coalesce(b.queue_units, 0), 0);
+    is_stated := coalesce(p_limit between greatest(enq, 1) and 1000000000000, false);
+    if is_stated then
+        learned := p_limit;
+    elsif enq > 0 then
+        learned := enq;
+    else
+        learned := greatest(held / 2, 1);
+        guessed := true;
+    end if;
+    paced := guessed or enq + greatest(held, 1) <= learned;
     now_ := clock_timestamp();
     update ai_job_batches x
     set state = 'ended', outcome = 'failed', error = left(p_error, 500), ended_at = now_
     where x.id = p_batch;
     insert into ai_job_batch_queues as q
         (provider, scope, limit_units, stated, learned_at, refused_at, retry_at, refusals, error)
-    values (p_provider, p_scope, learned, coalesce(is_stated, false), now_, now_,
+    values (p_provider, p_scope, learned, is_stated, now_, now_,
             case when paced then now_ + make_interval(secs => p_retry) end, 1,
             left(p_error, 500))
     on conflict (provider, scope) do update

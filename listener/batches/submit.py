@@ -8,9 +8,9 @@ Before that, the provider's batch queue (sql/030): a collecting batch sends only
 the jobs that fit the room its queue has (ai_job_batch_fit: the limit learned
 from the provider's last refusal, less what every worker's open batches hold
 there); the others wait in a new collecting batch, no attempt counted. A batch
-the provider refuses for its queue (here: Anthropic's 429 at the creation; in
-watch.py: OpenAI's batch failed with token_limit_exceeded) teaches the limit
-(ai_job_batch_refused) and its jobs wait likewise."""
+the provider refuses for its queue (here: Anthropic's 429 at the creation that
+names the queue; in watch.py: OpenAI's batch failed with token_limit_exceeded)
+teaches the limit (ai_job_batch_refused, sql/032) and its jobs wait likewise."""
 
 from __future__ import annotations
 

@@ -36,7 +36,10 @@ from listener.rows import BatchWatchRow
 from listener.settings import Settings
 
 ADOPT = 20  # batches one tick takes over at most
-SUBMIT_TRIES = 5  # failed sends of one batch before its jobs go the direct way
+# Failed sends of one batch (a network error, a 429 of a per-minute limit of the
+# Batches endpoints) before its jobs go the direct way, no attempt counted; each
+# next try waits BATCH_POLL_SECONDS, so that the tries outlast a minute's limit.
+SUBMIT_TRIES = 5
 DRAIN_SECONDS = 30.0
 # A queue refusal that its limit does not explain: the next try of that queue
 # waits this many BATCH_COLLECT_SECONDS / BATCH_POLL_SECONDS (10 minutes by
@@ -79,6 +82,7 @@ class BatchService:
         self._polled: dict[UUID, float] = {}
         self._tries: dict[UUID, int] = {}
         self._wait: dict[UUID, float] = {}  # a batch that found no room: not before then
+        self._retry: dict[UUID, float] = {}  # a batch whose send failed: not before then
         self.held = 0  # open batches held at the last tick
         self.ended = 0
 
@@ -115,6 +119,8 @@ class BatchService:
             if bid in self._busy:
                 continue
             state = row["state"]
+            if state in ("collecting", "submitting") and now < self._retry.get(bid, 0.0):
+                continue
             if state == "collecting":
                 due = row["age_seconds"] >= self.collect_seconds or row["jobs"] >= MAX_JOBS
                 if due and now >= self._wait.get(bid, 0.0):
@@ -148,17 +154,20 @@ class BatchService:
         try:
             done = await self.submitter.submit(row, api)
             self._tries.pop(bid, None)
+            self._retry.pop(bid, None)
             if done == WAITING:  # no room in the provider's queue: not at every tick
                 self._wait[bid] = time.monotonic() + self.poll_seconds
             else:
                 self._wait.pop(bid, None)
         except Exception as exc:
             tries = self._tries[bid] = self._tries.get(bid, 0) + 1
-            log.bind(provider=api.name).warning(
+            self._retry[bid] = time.monotonic() + self.poll_seconds
+            log.bind(provider=api.name, tries=tries).warning(
                 f"could not send the batch (try {tries}/{SUBMIT_TRIES}): {type(exc).__name__}"
             )
             if tries >= SUBMIT_TRIES:
                 self._tries.pop(bid, None)
+                self._retry.pop(bid, None)
                 await self._end(bid, "failed", f"the batch could not be sent: {type(exc).__name__}")
 
     async def _watch(self, row: BatchWatchRow) -> None:

@@ -22,6 +22,7 @@ from listener.providers import requests
 from listener.providers.anthropic import AnthropicProvider
 from listener.providers.base import Answer, CoursePrompt, Refused
 from listener.providers.batchapi import (
+    READ_CHARS,
     QueueFull,
     RequestFailed,
     Results,
@@ -29,6 +30,8 @@ from listener.providers.batchapi import (
     State,
     job_of,
     lines,
+    queue_limit,
+    queue_refusal,
 )
 from listener.providers.ratelimits import RateLimits
 
@@ -67,9 +70,14 @@ class AnthropicBatches:
                 ]
             )
         except anthropic.RateLimitError as exc:
-            # The processing queue's limit (the creation counts no per-minute call
-            # of the Messages API): the batch was not created.
-            raise QueueFull(f"batch refused (429): {_message(exc)}") from exc
+            # The batch was not created. A message that names the queue: the
+            # processing queue's limit (its number, when it states one). Any other
+            # 429 (a per-minute limit of the Batches endpoints) is a failed send,
+            # tried again by the watch (watch.py, SUBMIT_TRIES).
+            message = _message(exc)
+            if not queue_refusal(message):
+                raise
+            raise QueueFull(f"batch refused (429): {message[:300]}", queue_limit(message)) from exc
         return Sent(b.id)
 
     async def find(self, intent: UUID, since: float, count: int, known: set[str]) -> Sent | None:
@@ -144,4 +152,4 @@ def _message(exc: anthropic.APIStatusError) -> str:
     body = exc.body
     err = body.get("error") if isinstance(body, dict) else None
     message = err.get("message") if isinstance(err, dict) else None
-    return str(message or "rate_limit_error")[:300]
+    return str(message or "rate_limit_error")[:READ_CHARS]

@@ -45,7 +45,8 @@ class State:
 
 class QueueFull(Exception):
     """The provider refused the batch for its batch queue limit (Anthropic: 429 at
-    the creation): its jobs wait for room, no attempt counted (sql/030)."""
+    the creation, its message naming the queue): its jobs wait for room, no
+    attempt counted (sql/030, sql/032). `limit`: the one the message states."""
 
     def __init__(self, message: str, limit: int | None = None) -> None:
         super().__init__(message)
@@ -138,7 +139,9 @@ def input_tokens(prompt: CoursePrompt) -> int:
 
 
 _LIMIT = re.compile(r"Limit:\s*([0-9][0-9,]{0,30})\s*enqueued tokens", re.IGNORECASE)
+_QUEUE_LIMIT = re.compile(r"\blimit of\s*([0-9](?:[0-9,]{0,30}[0-9])?)(?![0-9])", re.IGNORECASE)
 MAX_LIMIT = 10**12  # a stated limit above it (or below 1) is not believed
+READ_CHARS = 2000  # what is read of a provider's message
 
 
 def stated_limit(message: str | None) -> int | None:
@@ -146,7 +149,25 @@ def stated_limit(message: str | None) -> int | None:
     or None: no number, a number out of bounds, or digits that are not one."""
     if not message:
         return None
-    m = _LIMIT.search(message[:2000])
+    return _number(_LIMIT.search(message[:READ_CHARS]))
+
+
+def queue_refusal(message: str | None) -> bool:
+    """Whether Anthropic's 429 at a batch's creation speaks of its batch queue
+    (the requests processing in all batches), not of a per-minute limit of the
+    Batches endpoints: it names the queue."""
+    return bool(message) and "queue" in str(message)[:READ_CHARS].lower()
+
+
+def queue_limit(message: str | None) -> int | None:
+    """The limit in Anthropic's queue refusal ("... exceeds the limit of 100000
+    ..."), or None, bounded as stated_limit's."""
+    if not message:
+        return None
+    return _number(_QUEUE_LIMIT.search(message[:READ_CHARS]))
+
+
+def _number(m: re.Match[str] | None) -> int | None:
     if m is None:
         return None
     digits = m.group(1)

@@ -10,12 +10,14 @@ import json
 import signal
 import uuid
 from collections import Counter
+from itertools import pairwise
 from typing import Any
 
 import psycopg
 import pytest
 
 from listener.batches.crash import ENV, EXIT_CODE, MOMENTS
+from listener.batches.watch import SUBMIT_TRIES
 from tests.fakeai import FAKE_ANTHROPIC_KEY, FAKE_OPENAI_KEY, FakeAI
 from tests.helpers import connect, insert_course, job, wait_until
 from tests.workers import WorkerProcess
@@ -333,7 +335,8 @@ def test_an_openai_queue_refusal_teaches_the_limit_and_its_jobs_wait_for_room(
     """The second batch is past the model's enqueued tokens: it fails at OpenAI;
     its jobs wait (no attempt, not direct) and go once the first batch ends. With
     the stated limit learned (or, from a message without a number, the tokens
-    the first batch held), no batch is refused twice."""
+    the first batch held: at least what OpenAI had accepted), no batch is
+    refused twice."""
     fake.batches.delay = 4
     fake.batches.queue_message = message
     w = WorkerProcess(db_url, **batch_env(fake)).started()
@@ -363,7 +366,7 @@ def test_an_openai_queue_refusal_teaches_the_limit_and_its_jobs_wait_for_room(
     assert learned["refusals"] == 1 and learned["scope"] == held.model
     if message is None:
         assert learned["stated"] and learned["limit_units"] == limit
-    else:  # no number: the ceiling is what our first batch held
+    else:  # no number: at least what our first batch held (OpenAI had accepted it)
         assert not learned["stated"] and learned["limit_units"] > 0
 
 
@@ -392,7 +395,70 @@ def test_an_anthropic_429_teaches_the_limit_and_its_jobs_wait_for_room(
     assert fake.batches.created["anthropic"] == 2 and fake.batches.peak["anthropic"] <= 3
     assert each_answered_once(fake, ids)
     assert all(r["retry_count"] == 0 and r["metrics"]["batch"] is True for r in rows)
-    assert (learned["scope"], learned["limit_units"], learned["stated"]) == ("*", 3, False)
+    # The 429 names the processing queue and states its limit: believed.
+    assert (learned["scope"], learned["limit_units"], learned["stated"]) == ("*", 3, True)
+
+
+def failed_sends(w: WorkerProcess) -> list[dict[str, Any]]:
+    return [e for e in w.actions("batch_submit") if "could not send" in e["message"]]
+
+
+def spaced(events: list[dict[str, Any]], seconds: float) -> bool:
+    times = [e["ts"] for e in events]
+    return all(b - a >= seconds for a, b in pairwise(times))
+
+
+def test_an_anthropic_per_minute_429_is_a_failed_send_not_a_queue_refusal(
+    db_url: str, fake: FakeAI
+) -> None:
+    """A 429 at the creation whose message names no queue (a per-minute limit of
+    the Batches endpoints): nothing is learned of the queue; the send is tried
+    again after BATCH_POLL_SECONDS (a tick is half that), no attempt counted."""
+    fake.batches.rate_limited = 2
+    env = batch_env(fake, AI_PROVIDER_PRIORITY="anthropic,openai", BATCH_POLL_SECONDS="1")
+    w = WorkerProcess(db_url, **env).started()
+    try:
+        with connect(db_url) as c:
+            ids = insert_batch(c, 3)
+            wait_until(lambda: all_done(c, ids), timeout=40, what="all done")
+            rows = [job(c, i) for i in ids]
+            queues = c.execute("select count(*) as n from ai_job_batch_queues").fetchone()
+    finally:
+        w.signal(signal.SIGTERM)
+        assert w.wait() == 0
+    failed = failed_sends(w)
+    assert [e["tries"] for e in failed] == [1, 2] and spaced(failed, 0.9)
+    assert fake.batches.throttled == 2 and fake.batches.refused["anthropic"] == 0
+    assert queues is not None and queues["n"] == 0 and not w.actions("batch_queue_full")
+    assert fake.batches.created["anthropic"] == 1 and direct_calls(fake) == 0
+    assert each_answered_once(fake, ids)
+    assert all(r["retry_count"] == 0 and r["metrics"]["batch"] is True for r in rows)
+
+
+def test_a_batch_never_accepted_goes_the_direct_way_after_its_tries(
+    db_url: str, fake: FakeAI
+) -> None:
+    """Every creation answered 429 (not the queue): SUBMIT_TRIES sends, spaced,
+    then the jobs go the direct way, no attempt counted; no loop."""
+    fake.batches.rate_limited = 1000
+    env = batch_env(fake, AI_PROVIDER_PRIORITY="anthropic,openai", BATCH_POLL_SECONDS="1")
+    w = WorkerProcess(db_url, **env).started()
+    try:
+        with connect(db_url) as c:
+            ids = insert_batch(c, 2)
+            wait_until(lambda: all_done(c, ids), timeout=40, what="done the direct way")
+            rows = [job(c, i) for i in ids]
+            ended = w.wait_for("batch_ended")
+    finally:
+        w.signal(signal.SIGTERM)
+        assert w.wait() == 0
+    failed = failed_sends(w)
+    assert len(failed) == SUBMIT_TRIES and spaced(failed, 0.9)
+    assert fake.batches.throttled == SUBMIT_TRIES and fake.batches.created["anthropic"] == 0
+    assert ended["outcome"] == "failed" and ended["returned"] == 2
+    assert direct_calls(fake) == 2 and not w.actions("batch_queue_full")
+    for r in rows:
+        assert r["retry_count"] == 0 and r["batch"] is False and "batch" not in r["metrics"]
 
 
 @pytest.mark.parametrize("workers", [1, 2])

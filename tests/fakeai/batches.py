@@ -31,7 +31,11 @@ Batch queue limits, as the providers count them (not per-minute calls):
                  message ("... Limit: 2,000,000 enqueued tokens. ...")
   queue_message  that message instead (hostile refusals: no number, a huge one)
   queue_limit    Anthropic: requests processing in all batches; a creation past
-                 it is answered 429 rate_limit_error, nothing created
+                 it is answered 429 rate_limit_error, its message naming the
+                 processing queue and the limit, nothing created
+  rate_limited   Anthropic: that many creations are answered 429 rate_limit_error
+                 for a per-minute limit of the Batches endpoints first (no queue
+                 named), nothing created; `throttled` counts them
   refused        refusals for the queue, by provider
   peak           the most a queue held after an accepted creation (OpenAI:
                  tokens of one model; Anthropic: requests)
@@ -109,6 +113,8 @@ class Batches:
         self.queue_limits: dict[str, int] = {}
         self.queue_message: str | None = None
         self.queue_limit: int | None = None
+        self.rate_limited = 0
+        self.throttled = 0
         self.refused: dict[str, int] = {"openai": 0, "anthropic": 0}
         self.peak: dict[str, int] = {"openai": 0, "anthropic": 0}
         self._ids = itertools.count(1)
@@ -278,19 +284,23 @@ class Batches:
             reqs = body.get("requests")
             if not isinstance(reqs, list) or not reqs:
                 return send(h, 400, _an_error("requests: a non-empty list is required"))
+            if self.rate_limited > 0:
+                self.rate_limited -= 1
+                self.throttled += 1
+                message = (
+                    "This request would exceed your organization's rate limit of 50 requests"
+                    " per minute for the Message Batches API."
+                )
+                return send(h, 429, _an_rate_limit(message))
             if self.queue_limit is not None:
                 held = self.processing("anthropic")
                 if held + len(reqs) > self.queue_limit:
                     self.refused["anthropic"] += 1
                     message = self.queue_message or (
-                        "Number of request in the processing queue exceeds the limit of "
-                        f"{self.queue_limit} for your organization."
+                        "Number of requests in the batch processing queue would exceed your"
+                        f" organization's limit of {self.queue_limit} requests."
                     )
-                    body = {
-                        "type": "error",
-                        "error": {"type": "rate_limit_error", "message": message},
-                    }
-                    return send(h, 429, body)
+                    return send(h, 429, _an_rate_limit(message))
                 self.peak["anthropic"] = max(self.peak["anthropic"], held + len(reqs))
             b = FakeBatch("anthropic", self._id("msgbatch_"), reqs, time.time())
             self.batches[b.id] = b
@@ -493,6 +503,10 @@ def _oa_line(
 
 def _oa_error(message: str) -> dict[str, Any]:
     return {"error": {"message": message, "type": "invalid_request_error", "code": None}}
+
+
+def _an_rate_limit(message: str) -> dict[str, Any]:
+    return {"type": "error", "error": {"type": "rate_limit_error", "message": message}}
 
 
 def _an_error(message: str) -> dict[str, Any]:

@@ -217,12 +217,14 @@ def test_other_models_share_anthropics_queue_not_openais(c: Any) -> None:
     assert got["kept"] == 1 and got["enqueued"] == 0 and got["queue_limit"] is None
 
 
-def test_a_refusal_learns_the_ceiling_and_its_jobs_wait_without_an_attempt(c: Any) -> None:
+def test_a_refusal_learns_what_was_accepted_and_its_jobs_wait_without_an_attempt(
+    c: Any,
+) -> None:
     b1, ids1 = batched(c, 2, "w1")
     assert fit(c, b1, ids1, [1, 1], "w1")["kept"] == 2  # nothing known: all go
     b2, ids2 = batched(c, 3, "w2")
     assert fit(c, b2, ids2, [1, 1, 1], "w2")["kept"] == 3
-    got = refused(c, b2, None, "w2")  # Anthropic's 429: no number
+    got = refused(c, b2, None, "w2")  # no number: at least the 2 it had accepted
     assert got == {"queue_limit": 2, "paced": False, "moved": 3, "direct": 0}
     ended = c.execute("select state, outcome, error from ai_job_batches where id = %s", [b2])
     assert dict(ended.fetchone()) == {"state": "ended", "outcome": "failed", "error": "queue full"}
@@ -237,20 +239,79 @@ def test_a_refusal_learns_the_ceiling_and_its_jobs_wait_without_an_attempt(c: An
     assert (got["kept"], got["moved"]) == (2, 1)
 
 
+def submitted_and_ended(c: Any, worker: str = "w9", sent: bool = True) -> None:
+    """A batch of the queue ends: one the provider held (`sent`), or one that
+    never was submitted (a send that failed)."""
+    other, (held,) = batched(c, 1, worker)
+    c.execute(
+        "update ai_job_batches set provider = 'anthropic', state = 'submitting',"
+        " submitted_at = case when %s then clock_timestamp() end where id = %s",
+        [sent, other],
+    )
+    c.execute("select ai_job_batch_end(%s, %s, 'completed', null)", [other, worker])
+    c.execute("select cancel_job(%s, 'ai_course_jobs')", [held])  # claimed by none again
+
+
 @pytest.mark.parametrize("limit", [None, 0, -5, 10**15])
 def test_a_refusal_without_a_usable_number_paces_the_next_try(c: Any, limit: Any) -> None:
     b, ids = batched(c, 2)
     assert fit(c, b, ids, [1, 1])["kept"] == 2
-    got = refused(c, b, limit)  # nothing else enqueued: no ceiling to learn either
-    assert got == {"queue_limit": None, "paced": True, "moved": 2, "direct": 0}
+    got = refused(c, b, limit)  # nothing else enqueued: the guess is half the batch
+    assert got == {"queue_limit": 1, "paced": True, "moved": 2, "direct": 0}
     q = c.execute("select * from ai_job_batch_queues").fetchone()
-    assert q["limit_units"] is None and not q["stated"] and q["retry_at"] > q["refused_at"]
+    assert q["limit_units"] == 1 and not q["stated"] and q["retry_at"] > q["refused_at"]
     waiting = batch_of(c, ids[0])["id"]
     assert fit(c, waiting, ids, [1, 1])["kept"] == 0  # not before retry_at...
-    other, _ = batched(c, 1, "w9")
-    c.execute("update ai_job_batches set provider = 'anthropic' where id = %s", [other])
-    c.execute("select ai_job_batch_end(%s, 'w9', 'completed', null)", [other])
-    assert fit(c, waiting, ids, [1, 1])["kept"] == 2  # ... unless a batch of it ended
+    submitted_and_ended(c, sent=False)
+    assert fit(c, waiting, ids, [1, 1])["kept"] == 0  # ... a batch never sent frees nothing
+    submitted_and_ended(c, sent=True)
+    got = fit(c, waiting, ids, [1, 1])  # ... unless a submitted batch of it ended
+    assert (got["kept"], got["moved"]) == (1, 1)
+
+
+def test_refusals_with_nothing_of_ours_enqueued_halve_the_batch_down_to_one_job(
+    c: Any,
+) -> None:
+    """No number and nothing of ours in the queue: after each pause, the batch
+    sent is half the one refused, not the same one again (every pause for a
+    day); a single job refused stays paced."""
+    b, ids = batched(c, 8)
+    for expected in (8, 4, 2, 1, 1):
+        got = fit(c, b, ids, [1] * len(ids))
+        assert got["kept"] == expected
+        got = refused(c, b, None)
+        assert got["paced"] is True and got["queue_limit"] == max(expected // 2, 1)
+        b = batch_of(c, ids[-1])["id"]
+        assert fit(c, b, ids, [1] * len(ids))["kept"] == 0  # paced
+        c.execute("update ai_job_batch_queues set retry_at = now() - interval '1 second'")
+    rows = [job(c, str(i)) for i in ids]
+    assert all(r["retry_count"] == 0 and r["batch"] for r in rows)
+
+
+def test_one_job_over_the_guess_is_paced_not_sent_again_at_once(c: Any) -> None:
+    b, ids = batched(c, 1)
+    assert fit(c, b, ids, [500])["kept"] == 1
+    got = refused(c, b, None)
+    assert got["queue_limit"] == 250 and got["paced"] is True
+    waiting = batch_of(c, ids[0])["id"]
+    assert fit(c, waiting, ids, [500])["kept"] == 0  # not at the next tick
+    c.execute("update ai_job_batch_queues set retry_at = now() - interval '1 second'")
+    assert fit(c, waiting, ids, [500])["kept"] == 1  # the one job of an empty queue
+
+
+def test_a_stated_limit_below_what_was_accepted_is_not_believed(c: Any) -> None:
+    b1, ids1 = batched(c, 2, "w1")
+    assert fit(c, b1, ids1, [10, 10], "w1")["kept"] == 2
+    b2, ids2 = batched(c, 2, "w2")
+    assert fit(c, b2, ids2, [10, 10], "w2")["kept"] == 2
+    got = refused(c, b2, 5, "w2")  # 5 < the 20 the provider holds of ours
+    assert got["queue_limit"] == 20 and got["paced"] is False
+    q = c.execute("select limit_units, stated from ai_job_batch_queues").fetchone()
+    assert dict(q) == {"limit_units": 20, "stated": False}
+    c.execute("select ai_job_batch_end(%s, 'w1', 'completed', null)", [b1])
+    waiting = batch_of(c, ids2[0])["id"]
+    got = fit(c, waiting, ids2, [10, 10], "w2")  # not sent the direct way: 10 > 5
+    assert (got["kept"], got["direct"]) == (2, 0)
 
 
 def test_a_stated_limit_is_kept_and_a_job_over_it_alone_goes_direct(c: Any) -> None:

@@ -188,10 +188,22 @@ def test_anthropic_request_queue_limit_is_a_429_at_the_creation(fake: FakeAI) ->
     with pytest.raises(anthropic.RateLimitError) as raised:
         c.messages.batches.create(requests=anthropic_requests(["c", "d"]))
     assert raised.value.status_code == 429
-    assert "processing queue" in str(raised.value)
+    assert "processing queue" in str(raised.value) and "limit of 3 requests" in str(raised.value)
     assert fake.batches.created["anthropic"] == 1 and fake.batches.refused["anthropic"] == 1
     c.messages.batches.create(requests=anthropic_requests(["c"]))  # fits: 3
     assert fake.batches.peak["anthropic"] == 3
     c.messages.batches.cancel(first.id)
     c.messages.batches.create(requests=anthropic_requests(["d", "e"]))
     assert fake.batches.created["anthropic"] == 3
+
+
+def test_anthropic_per_minute_429_names_no_queue(fake: FakeAI) -> None:
+    c = ant(fake)
+    fake.batches.rate_limited = 1
+    with pytest.raises(anthropic.RateLimitError) as raised:
+        c.messages.batches.create(requests=anthropic_requests(["a"]))
+    assert raised.value.status_code == 429
+    assert "per minute" in str(raised.value) and "queue" not in str(raised.value).lower()
+    assert fake.batches.throttled == 1 and fake.batches.created["anthropic"] == 0
+    c.messages.batches.create(requests=anthropic_requests(["a"]))
+    assert fake.batches.created["anthropic"] == 1 and fake.batches.refused["anthropic"] == 0

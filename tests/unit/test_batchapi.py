@@ -1,6 +1,7 @@
 """What the batch modules read from a provider's refusal (batchapi.stated_limit:
-OpenAI's "Limit: N enqueued tokens"), hostile messages included, and what a
-request holds in a batch queue."""
+OpenAI's "Limit: N enqueued tokens"; queue_refusal and queue_limit: Anthropic's
+429 that names its processing queue, "... limit of N ..."), hostile messages
+included, and what a request holds in a batch queue."""
 
 from __future__ import annotations
 
@@ -8,7 +9,13 @@ import pytest
 
 from listener.course_schema import CourseParams
 from listener.providers.base import CoursePrompt
-from listener.providers.batchapi import MAX_LIMIT, input_tokens, stated_limit
+from listener.providers.batchapi import (
+    MAX_LIMIT,
+    input_tokens,
+    queue_limit,
+    queue_refusal,
+    stated_limit,
+)
 
 OPENAI = (
     "Enqueued token limit reached for gpt-4o-mini in organization org-x. Limit: 2,000,000 "
@@ -37,6 +44,43 @@ OPENAI = (
 )
 def test_the_stated_limit_is_read_or_not_believed(message: str | None, limit: int | None) -> None:
     assert stated_limit(message) == limit
+
+
+ANTHROPIC = (
+    "Number of requests in the batch processing queue would exceed your organization's "
+    "limit of 100000 requests."
+)
+PER_MINUTE = (
+    "This request would exceed your organization's rate limit of 50 requests per minute "
+    "for the Message Batches API."
+)
+
+
+@pytest.mark.parametrize(
+    ("message", "refusal", "limit"),
+    [
+        (ANTHROPIC, True, 100_000),
+        ("Processing Queue full: limit of 1,000 requests", True, 1_000),
+        ("the QUEUE is full", True, None),  # no number
+        ("queue limit of 3, please wait", True, 3),
+        (PER_MINUTE, False, 50),  # a per-minute limit: not the queue's
+        ("rate_limit_error", False, None),
+        ("", False, None),
+        (None, False, None),
+        ("queue: limit of 0 requests", True, None),
+        ("queue: limit of -5 requests", True, None),
+        (f"queue: limit of {MAX_LIMIT + 1} requests", True, None),  # absurd
+        ("queue: limit of 99999999999999999999999999999999999999 requests", True, None),
+        ("queue: limit of 1,2,3 requests", True, None),  # digits that are not one number
+        ("queue: limit of ,,, requests", True, None),
+        ("x" * 5000 + " queue: limit of 5", False, None),  # past what is read
+    ],
+)
+def test_anthropics_queue_refusal_is_told_from_other_429s(
+    message: str | None, refusal: bool, limit: int | None
+) -> None:
+    assert queue_refusal(message) is refusal
+    assert queue_limit(message) == limit
 
 
 def test_a_requests_input_tokens_are_estimated_on_the_high_side() -> None:
