@@ -54,6 +54,7 @@ async def test_a_claim_returns_what_the_named_statement_returns(
             "subject": "Fast",
             "course_id": row["job"]["course_id"],
             "params": {"n": 1},
+            "batch": False,  # sql/031: the batch door asks only when it is true
         }
         with connect(db_url) as c:
             claimed = job(c, fast)

@@ -85,6 +85,7 @@ async def test_a_notified_job_is_claimed_by_its_id_without_a_claim_round(db_url:
         "subject": "Fast",
         "course_id": course_row["course_id"],
         "params": {"language": "en"},
+        "batch": False,  # sql/031: the batch door asks only when it is true
     }
     assert set(ran.jobs[1].row) == {"id", "prompt", "media_type", "course_id", "params"}
     assert ran.jobs[1].row["prompt"] == "a dog" and ran.jobs[1].row["media_type"] == "image"
