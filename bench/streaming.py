@@ -472,17 +472,7 @@ def run_bench(jobs: int, rounds: int, progress: bool) -> dict[str, Any]:
             "loadavg_at_end": os.getloadavg(),
         }
     finally:
-        for p in (worker, fake):
-            if p is not None and p.poll() is None:
-                p.send_signal(signal.SIGTERM)
-                try:
-                    p.wait(30)
-                except subprocess.TimeoutExpired:
-                    p.kill()
-                    p.wait()
-        if fake is not None and fake.stdout is not None:
-            fake.stdout.close()
-        cluster.destroy()
+        _stop(worker, fake, cluster)
 
 
 # -- steady -----------------------------------------------------------------------
@@ -600,17 +590,22 @@ def steady_bench(
             "loadavg_at_end": os.getloadavg(),
         }
     finally:
-        for p in (worker, fake):
-            if p is not None and p.poll() is None:
-                p.send_signal(signal.SIGTERM)
-                try:
-                    p.wait(30)
-                except subprocess.TimeoutExpired:
-                    p.kill()
-                    p.wait()
-        if fake is not None and fake.stdout is not None:
-            fake.stdout.close()
-        cluster.destroy()
+        _stop(worker, fake, cluster)
+
+
+def _stop(worker: Any, fake: Any, cluster: Any) -> None:
+    """The run's processes stopped (SIGTERM, then SIGKILL after 30 s), its cluster removed."""
+    for p in (worker, fake):
+        if p is not None and p.poll() is None:
+            p.send_signal(signal.SIGTERM)
+            try:
+                p.wait(30)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+    if fake is not None and fake.stdout is not None:
+        fake.stdout.close()
+    cluster.destroy()
 
 
 def _dist(values: list[float]) -> dict[str, float] | None:

@@ -243,20 +243,7 @@ class Quotas:
         less the output produced); see returned()."""
         if self.pool is None or not returned or not any(returned):
             return
-        params = {
-            "provider": key[0],
-            "model": key[1],
-            "back": returned,
-            "caps": self.caps(key),
-            "limits": None,
-            "remaining": None,
-            "age": 0.0,
-            "window": None,
-            "heard": False,
-            "learning": 0,
-            "limited": False,
-        }
-        await self._query(dal.QUOTA_SETTLE, params)
+        await self._return(key, returned, 0)
 
     async def release(self, grant: Grant) -> None:
         """A reservation not used (the breaker turned the call away)."""
@@ -303,6 +290,10 @@ class Quotas:
         if not permits:
             return
         back = [sum(p.cost.vector()[i] for p in permits if not p.learning) for i in range(4)]
+        await self._return(key, back, sum(p.learning for p in permits))
+
+    async def _return(self, key: Key, back: list[float], learning: int) -> None:
+        """Put `back` into the buckets and end `learning` learning calls, nothing heard."""
         params = {
             "provider": key[0],
             "model": key[1],
@@ -313,7 +304,7 @@ class Quotas:
             "age": 0.0,
             "window": None,
             "heard": False,
-            "learning": sum(p.learning for p in permits),
+            "learning": learning,
             "limited": False,
         }
         await self._query(dal.QUOTA_SETTLE, params)
