@@ -7,14 +7,13 @@ the usage from message_start and message_delta."""
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import time
 from typing import Any
 
 import anthropic
 
-from listener.providers import pricing, ratelimits, requests
+from listener.providers import pricing, requests
 from listener.providers.base import (
     FIRST_TOKEN_TIMEOUT_SECONDS,
     IDLE_TIMEOUT_SECONDS,
@@ -22,11 +21,11 @@ from listener.providers.base import (
     CoursePrompt,
     MalformedStream,
     Refused,
-    StreamStalled,
     TextSink,
     Usage,
-    headers_heard,
+    error_kind,
     number,
+    open_stream,
     sdk_transport,
     stream_events,
     watched,
@@ -56,18 +55,10 @@ class AnthropicProvider:
     async def course(self, prompt: CoursePrompt, sink: TextSink | None = None) -> Answer:
         # The raw response: its rate-limit headers too (the quotas learn from them).
         sent = time.time()
-        try:
-            async with asyncio.timeout(self.first_token_timeout):
-                raw = await self.client.messages.with_raw_response.create(
-                    **requests.anthropic_course(self.model, self.max_tokens, prompt),
-                    stream=True,
-                )
-        except TimeoutError:
-            raise StreamStalled(
-                f"stream stalled: no answer within {self.first_token_timeout:g}s"
-            ) from None
-        limits = ratelimits.parse(raw.headers, sent)
-        headers_heard(limits)  # the quota learns now, not at the stream's end
+        create = self.client.messages.with_raw_response.create(
+            **requests.anthropic_course(self.model, self.max_tokens, prompt), stream=True
+        )
+        raw, limits = await open_stream(create, self.first_token_timeout, sent)
         response = raw.http_response  # the body not read yet: read here, event by event
         model, stop = self.model, None
         inp = cached = written = out = 0
@@ -110,7 +101,7 @@ class AnthropicProvider:
                         out = number(u.get("output_tokens")) or out  # cumulative
                         inp = number(u.get("input_tokens")) or inp  # newer APIs say it here too
                     elif kind == "error":  # overloaded, or any error mid-stream
-                        raise MalformedStream(f"stream error: {_error_kind(event.get('error'))}")
+                        raise MalformedStream(f"stream error: {error_kind(event.get('error'))}")
         except (AttributeError, TypeError, KeyError) as exc:  # not the documented shape
             raise MalformedStream(f"malformed stream event ({type(exc).__name__})") from None
         finally:
@@ -139,9 +130,3 @@ class AnthropicProvider:
 
 def _has_text(event: tuple[str, dict[str, Any]]) -> bool:
     return event[1].get("type") == "content_block_delta"
-
-
-def _error_kind(error: Any) -> str:
-    if isinstance(error, dict) and isinstance(error.get("type"), str):
-        return str(error["type"])[:60]
-    return "unknown"

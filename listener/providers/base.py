@@ -14,13 +14,14 @@ import enum
 import json
 import sys
 import time
-from collections.abc import AsyncGenerator, AsyncIterable, Callable
+from collections.abc import AsyncGenerator, AsyncIterable, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar
 
 from listener import errors, tracing
 from listener.course_schema import CourseParams, SchemaValidationError
 from listener.errors import scrub as scrub  # the providers scrub with the one scrubber
+from listener.providers import ratelimits
 from listener.providers.ratelimits import RateLimits
 
 E = TypeVar("E")
@@ -55,6 +56,29 @@ def headers_heard(limits: RateLimits) -> None:
     hook = HEADERS_HEARD.get()
     if hook is not None:
         hook(limits)
+
+
+async def open_stream(create: Awaitable[Any], first: float, sent: float) -> tuple[Any, RateLimits]:
+    """A streamed call's raw response (`with_raw_response`) once its headers came,
+    within `first` seconds, and the rate limits they carry, told to the quota at
+    once (headers_heard); the body is the caller's to read, event by event."""
+    try:
+        async with asyncio.timeout(first):
+            raw = await create
+    except TimeoutError:
+        raise StreamStalled(f"stream stalled: no answer within {first:g}s") from None
+    limits = ratelimits.parse(raw.headers, sent)
+    headers_heard(limits)  # the quota learns now, not at the stream's end
+    return raw, limits
+
+
+def error_kind(error: Any) -> str:
+    """An error event's kind (its `type`, or OpenAI's `code`), short; never its text."""
+    if isinstance(error, dict):
+        kind = error.get("type") or error.get("code")
+        if isinstance(kind, str):
+            return kind[:60]
+    return "unknown"
 
 
 class StreamStalled(TimeoutError):

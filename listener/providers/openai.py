@@ -5,7 +5,6 @@ Speech API."""
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import contextlib
 import time
@@ -22,11 +21,11 @@ from listener.providers.base import (
     MalformedStream,
     Media,
     Refused,
-    StreamStalled,
     TextSink,
     Usage,
-    headers_heard,
+    error_kind,
     number,
+    open_stream,
     sdk_transport,
     stream_events,
     watched,
@@ -61,19 +60,12 @@ class OpenAIProvider:
     async def course(self, prompt: CoursePrompt, sink: TextSink | None = None) -> Answer:
         # The raw response: its rate-limit headers too (the quotas learn from them).
         sent = time.time()
-        try:
-            async with asyncio.timeout(self.first_token_timeout):
-                raw = await self.client.chat.completions.with_raw_response.create(
-                    **requests.openai_course(self.model, self.max_tokens, prompt),
-                    stream=True,
-                    stream_options={"include_usage": True},
-                )
-        except TimeoutError:
-            raise StreamStalled(
-                f"stream stalled: no answer within {self.first_token_timeout:g}s"
-            ) from None
-        limits = ratelimits.parse(raw.headers, sent)
-        headers_heard(limits)  # the quota learns now, not at the stream's end
+        create = self.client.chat.completions.with_raw_response.create(
+            **requests.openai_course(self.model, self.max_tokens, prompt),
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+        raw, limits = await open_stream(create, self.first_token_timeout, sent)
         response = raw.http_response  # the body not read yet: read here, event by event
         text: list[str] = []
         refusal: list[str] = []
@@ -85,7 +77,7 @@ class OpenAIProvider:
             async with contextlib.aclosing(events):
                 async for _, chunk in events:
                     if "error" in chunk:  # an error in the middle of the stream
-                        raise MalformedStream(f"stream error: {_error_kind(chunk['error'])}")
+                        raise MalformedStream(f"stream error: {error_kind(chunk['error'])}")
                     if isinstance(chunk.get("model"), str):
                         model = chunk["model"] or model
                     if isinstance(chunk.get("usage"), dict):
@@ -185,11 +177,3 @@ def _has_text(event: tuple[str, dict[str, Any]]) -> bool:
         if isinstance(delta, dict) and (delta.get("content") or delta.get("refusal")):
             return True
     return False
-
-
-def _error_kind(error: Any) -> str:
-    if isinstance(error, dict):
-        kind = error.get("type") or error.get("code")
-        if isinstance(kind, str):
-            return kind[:60]
-    return "unknown"
