@@ -35,6 +35,7 @@ import psycopg
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from psycopg.rows import dict_row
 
+from bench.proc import cpu_seconds, rss_mb
 from listener.migrate import migrate
 
 SECRET = "bench-jwt-secret-0123456789-abcdefghijklmnopqrstuvwxyz"
@@ -84,20 +85,6 @@ async def follow(s: Stream, port: int) -> None:
         percent = (job.get("progress") or {}).get("percent")
         if isinstance(percent, int) and percent not in s.percents:
             s.percents[percent] = now
-
-
-def cpu_seconds(pid: int) -> float:
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def rss_mb(pid: int) -> float:
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    return 0.0
 
 
 def quantiles(values: list[float]) -> dict[str, float]:

@@ -17,7 +17,6 @@ if __name__ == "__main__":
 
 import argparse
 import asyncio
-import os
 import time
 import uuid
 from typing import Any
@@ -25,6 +24,7 @@ from typing import Any
 import psycopg
 
 from bench import pgserver, stats
+from bench.proc import cpu_seconds
 from bench.queries import sql
 from bench.systems import ai_jobs
 
@@ -38,12 +38,6 @@ CASES = {
 }
 
 
-def backend_cpu(pid: int) -> float:
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
 def drain(url: str, jobs: int, batch: int, users: int, cap: int | None) -> tuple[float, float]:
     """Server CPU µs per job and wall µs per job for one drain."""
     with psycopg.connect(url, autocommit=True) as c:
@@ -53,7 +47,7 @@ def drain(url: str, jobs: int, batch: int, users: int, cap: int | None) -> tuple
         c.execute(sql("fair_vacuum"))
         pid = c.execute(sql("fair_backend")).fetchone()[0]  # type: ignore[index]
         held: list[tuple[Any, Any]] = []
-        cpu0, t0 = backend_cpu(pid), time.perf_counter()
+        cpu0, t0 = cpu_seconds(pid), time.perf_counter()
         claimed = 0
         while True:
             rows = c.execute(
@@ -70,7 +64,7 @@ def drain(url: str, jobs: int, batch: int, users: int, cap: int | None) -> tuple
             claimed += len(held)
             if not held:
                 break
-        wall, cpu = time.perf_counter() - t0, backend_cpu(pid) - cpu0
+        wall, cpu = time.perf_counter() - t0, cpu_seconds(pid) - cpu0
         assert claimed == jobs, (claimed, jobs)
         return 1e6 * cpu / jobs, 1e6 * wall / jobs
 

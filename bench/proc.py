@@ -4,6 +4,7 @@ it is ready, tell it to go, read what it says, stop it, collect its timestamps."
 from __future__ import annotations
 
 import json
+import os
 import queue
 import shutil
 import subprocess
@@ -120,3 +121,19 @@ class WorkerProcess:
         self.stderr.seek(0)
         tail = self.stderr.read().decode(errors="replace").strip().splitlines()[-15:]
         return (":\n  " + "\n  ".join(tail)) if tail else ""
+
+
+def cpu_seconds(pid: int) -> float:
+    """A process's user + system CPU time so far (/proc)."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def rss_mb(pid: int) -> float:
+    """A process's resident memory, MiB (/proc)."""
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return 0.0

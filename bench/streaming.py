@@ -42,6 +42,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from bench.proc import cpu_seconds, rss_mb
+
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
 PACE = ["--ttft", "0.5", "--tps", "75", "--size", "1500-4000"]
@@ -287,11 +289,6 @@ def flush_bench(url: str, jobs: int, budget: int | None) -> dict[str, Any]:
 
 
 # -- run --------------------------------------------------------------------------
-
-
-def cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def start_worker(
@@ -543,13 +540,7 @@ def steady_bench(
         s1, cpu1, t1 = stats(), cpu_seconds(worker.pid), time.monotonic()
         fcpu1 = cpu_seconds(fake.pid)
         w1 = time.time()
-        rss_kb = int(
-            next(
-                line.split()[1]
-                for line in Path(f"/proc/{worker.pid}/status").read_text().splitlines()
-                if line.startswith("VmRSS:")
-            )
-        )
+        rss = rss_mb(worker.pid)
         done = conn.execute("select count(*) from ai_course_jobs where status = 'done'").fetchone()
         bad = conn.execute(
             "select count(*), array_agg(distinct error) from ai_course_jobs"
@@ -559,7 +550,8 @@ def steady_bench(
         worker.send_signal(signal.SIGTERM)
         worker.wait(120)
         flushes = json.loads(flush_log.read_text()) if flush_log.exists() else []
-        ends = sorted(f[2] for f in flushes if w0 <= f[2] <= w1)
+        window = [f for f in flushes if w0 <= f[2] <= w1]
+        ends = sorted(f[2] for f in window)
         gaps = [b - a for a, b in itertools.pairwise(ends)]
         wall = t1 - t0
         tokens = s1["tokens"] - s0["tokens"]
@@ -578,15 +570,15 @@ def steady_bench(
             "worker_cores": round((cpu1 - cpu0) / wall, 3),
             "worker_cpu_us_per_token": round((cpu1 - cpu0) / max(tokens, 1) * 1e6, 2),
             "fake_cores": round((fcpu1 - fcpu0) / wall, 3),
-            "worker_rss_mb": round(rss_kb / 1024, 1),
+            "worker_rss_mb": round(rss, 1),
             "streams_completed_in_window": s1["completed"] - s0["completed"],
             "jobs_done_by_end": int(done[0]) if done else 0,
             "jobs_failed_or_retried": int(bad[0]) if bad else 0,
             "errors": bad[1] if bad else None,
             "progress_writes_in_window": len(ends),
             "progress_write_gap_s": _dist(gaps),
-            "progress_write_s": _dist([f[0] for f in flushes if w0 <= f[2] <= w1]),
-            "progress_jobs_per_write": _dist([f[1] for f in flushes if w0 <= f[2] <= w1]),
+            "progress_write_s": _dist([f[0] for f in window]),
+            "progress_jobs_per_write": _dist([f[1] for f in window]),
             "loadavg_at_end": os.getloadavg(),
         }
     finally:

@@ -152,7 +152,6 @@ class ProgressBoard:
         self.jobs: dict[uuid.UUID, JobProgress] = {}
         self._wake = asyncio.Event()
         self.statements = 0  # writes made (tests and benchmarks count them)
-        self.last_write = 0.0  # monotonic
 
     def open(self, job: Job) -> Any:
         """Track `job`'s progress for the task that runs it (a token for close)."""
@@ -197,7 +196,7 @@ class ProgressBoard:
                 jp.dirty = True
                 self._wake.set()
         self.statements += 1
-        self.last_write = t0 = time.monotonic()
+        t0 = time.monotonic()
         try:
             await self.write(params)
         except Exception as exc:

@@ -55,7 +55,6 @@ on = False  # True once setup() built the tracer: the one thing the hot path che
 SERVICE_NAME = "ai-jobs"
 PROTOCOLS = ("http/protobuf", "grpc")
 SYSTEM = "ai_jobs"  # messaging.system
-OUTCOMES = ("done", "failed", "dead_letter", "deferred", "cancelled", "released")
 MAX_HEADER = 512  # a traceparent is 55 characters (version 00)
 TRACE_QUERY_SECONDS = 1.0  # the job's trace_parent read: never holds a job longer
 

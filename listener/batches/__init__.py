@@ -20,7 +20,6 @@ from listener.settings import Settings
 
 if TYPE_CHECKING:
     from listener.handlers import Runtime
-    from listener.jobs import Job, Outcome
     from listener.providers import Providers
     from listener.providers.batchapi import BatchAPI
 
@@ -58,15 +57,9 @@ def setup(settings: Settings, pool: AsyncConnectionPool[Any], runtime: Runtime) 
             runtime.cache,
         )
 
-    def reader(name: str) -> Any:
-        return answered.get(name)
-
-    direct = runtime.handlers[COURSES]
-
-    async def course(job: Job) -> Outcome:
-        return await direct(job)
-
-    router = BatchRouter(pool, course, reader, settings.stale_after_seconds / 3)
+    router = BatchRouter(
+        pool, runtime.handlers[COURSES], answered.get, settings.stale_after_seconds / 3
+    )
     router.charge = runtime.chain.meter.charge
     runtime.handlers = {**runtime.handlers, COURSES: router}
     return BatchService(settings, pool, router, apis)

@@ -72,7 +72,6 @@ class BatchService:
         self.beat_after = stale / 4
         self.collect_seconds = settings.batch_collect_seconds
         self.poll_seconds = settings.batch_poll_seconds
-        router.lease_seconds = self.lease_seconds
         router.enabled = self.first is not None
         self.worker_id: str | None = None
         self.executor: Executor | None = None

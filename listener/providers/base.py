@@ -196,11 +196,6 @@ async def watched(
             timer.cancel()
 
 
-def first_deadline(first: float) -> float:
-    """The loop time by which a stream's first token is due."""
-    return asyncio.get_running_loop().time() + first
-
-
 @dataclass
 class Usage:
     input_tokens: int = 0  # every input token, those read from or written to a cache too

@@ -11,7 +11,6 @@ and the intent is sent again (docs/generation.md says so)."""
 from __future__ import annotations
 
 from collections.abc import Callable
-from datetime import datetime
 from typing import Any
 from uuid import UUID
 
@@ -22,6 +21,8 @@ from listener.providers import requests
 from listener.providers.anthropic import AnthropicProvider
 from listener.providers.base import Answer, CoursePrompt, Refused
 from listener.providers.batchapi import (
+    LIST_MAX,
+    LIST_PAGE,
     READ_CHARS,
     QueueFull,
     RequestFailed,
@@ -34,8 +35,6 @@ from listener.providers.batchapi import (
     queue_refusal,
 )
 from listener.providers.ratelimits import RateLimits
-
-LIST_MAX = 1000
 
 
 class AnthropicBatches:
@@ -83,9 +82,9 @@ class AnthropicBatches:
     async def find(self, intent: UUID, since: float, count: int, known: set[str]) -> Sent | None:
         found: list[str] = []
         seen = 0
-        async for b in self.client.messages.batches.list(limit=100):
+        async for b in self.client.messages.batches.list(limit=LIST_PAGE):
             seen += 1
-            created = _epoch(b.created_at)
+            created = b.created_at.timestamp()
             if created < since - 5 or seen >= LIST_MAX:
                 break
             c = b.request_counts
@@ -142,10 +141,6 @@ class AnthropicBatches:
 
     async def cancel(self, batch_id: str) -> None:
         await self.client.messages.batches.cancel(batch_id)
-
-
-def _epoch(when: datetime) -> float:
-    return when.timestamp()
 
 
 def _message(exc: anthropic.APIStatusError) -> str:

@@ -15,6 +15,9 @@ from openai.types.chat import ChatCompletion
 from listener.providers import requests
 from listener.providers.base import Answer, CoursePrompt, Refused
 from listener.providers.batchapi import (
+    ENDED,
+    LIST_MAX,
+    LIST_PAGE,
     META_KEY,
     RequestFailed,
     Results,
@@ -30,8 +33,6 @@ from listener.providers.ratelimits import RateLimits
 
 ENDPOINT: Final = "/v1/chat/completions"
 QUEUE_FULL: Final = "token_limit_exceeded"  # a failed batch's code: the enqueued tokens
-LIST_PAGE = 100
-LIST_MAX = 1000  # batches looked at when one is looked for by its intent
 
 
 class OpenAIBatches:
@@ -87,7 +88,7 @@ class OpenAIBatches:
 
     async def state(self, batch_id: str) -> State:
         b = await self.client.batches.retrieve(batch_id)
-        if b.status in ("completed", "expired", "failed", "cancelled"):
+        if b.status in ENDED:
             error = None
             full = False
             limit = None

@@ -27,6 +27,8 @@ from listener.providers.quota import CHARS_PER_TOKEN
 
 META_KEY = "ai_jobs_batch"  # the batch's own id, in the provider's batch metadata
 ENDED = ("completed", "expired", "failed", "cancelled")
+LIST_PAGE = 100  # batches a page when one is looked for by its intent
+LIST_MAX = 1000  # batches looked at, at most
 
 
 @dataclass(frozen=True)

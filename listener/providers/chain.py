@@ -203,13 +203,13 @@ class Chain:
         work_begins()
         sent = time.time()
         left = [grant]  # the grant still to settle at the end (None: settled early)
-        early: list[asyncio.Task[None]] = []  # the settle from the stream's headers
+        early: list[asyncio.Task[None]] = []  # the settle from the stream's headers, once
 
         def heard(limits: RateLimits) -> None:
             # A learning call's headers, at the stream's start: the model's limits
             # are known now, so the other calls need not wait for this one's end.
             learner = left[0]
-            if learner is None or not learner.learning or not limits:
+            if learner is None or not limits:
                 return
             left[0] = None
             task = asyncio.create_task(

@@ -129,9 +129,7 @@ class Meter:
             "input": [c.usage.input_tokens for c in charges],
             "cached": [c.usage.cached_input_tokens for c in charges],
             "output": [c.usage.output_tokens for c in charges],
-            "costs": [
-                None if c.usage.cost_usd is None else round(c.usage.cost_usd, 9) for c in charges
-            ],
+            "costs": [_cost(c.usage) for c in charges],
         }
         try:
             async with asyncio.timeout(DB_WAIT_SECONDS * 2):
