@@ -64,8 +64,9 @@ class Submitter:
         refused it), NOTHING when it is not ours or holds no job any more."""
         intent: UUID = row["id"]
         recover = row["state"] == "submitting"
+        made: dict[UUID, CoursePrompt] = {}  # the requests _fit made already
         if not recover:
-            kept = await self._fit(row, api)
+            kept = await self._fit(row, api, made)
             if kept is not None:
                 return kept
         jobs = await dal.BATCH_SUBMITTING.all(
@@ -92,7 +93,8 @@ class Submitter:
                 Job("ai_course_jobs", r["id"], r["claim_token"], r["retry_count"],
                     r["max_retries"], r["job"])
                 for r in jobs
-            ]
+            ],
+            made,
         )  # fmt: skip
         if not requests:
             return NOTHING
@@ -110,24 +112,33 @@ class Submitter:
         )
         return SENT
 
-    async def _requests(self, jobs: list[Job]) -> list[tuple[UUID, CoursePrompt]]:
-        """The jobs' requests; a job whose request cannot be made fails its attempt."""
+    async def _requests(
+        self, jobs: list[Job], made: dict[UUID, CoursePrompt]
+    ) -> list[tuple[UUID, CoursePrompt]]:
+        """The jobs' requests (those in `made` as they are, the others made and
+        added); a job whose request cannot be made fails its attempt."""
         out: list[tuple[UUID, CoursePrompt]] = []
         for job in jobs:
-            try:
-                out.append((job.id, _prompt(job)))
-            except InvalidJob as exc:
-                await self.fail(job, exc)
+            prompt = made.get(job.id)
+            if prompt is None:
+                try:
+                    prompt = made[job.id] = _prompt(job)
+                except InvalidJob as exc:
+                    await self.fail(job, exc)
+                    continue
+            out.append((job.id, prompt))
         return out
 
-    async def _fit(self, row: BatchWatchRow, api: BatchAPI) -> str | None:
+    async def _fit(
+        self, row: BatchWatchRow, api: BatchAPI, made: dict[UUID, CoursePrompt]
+    ) -> str | None:
         """A collecting batch: keep the jobs that fit its provider's queue (the batch
         becomes the intent), leave the others for the next batch. None: go on and
         send it; else what submit() answers."""
         held: list[ClaimedRow] = await dal.BATCH_JOBS.all(
             self.pool, {"batch": row["id"], "worker": self.worker_id}
         )
-        requests = await self._requests([Job.from_claim(r) for r in held])
+        requests = await self._requests([Job.from_claim(r) for r in held], made)
         if not requests:
             return None  # no job left: ai_job_batch_submitting ends it (empty)
         fit = await dal.BATCH_FIT.first(
