@@ -80,6 +80,7 @@ async def open_worker(settings: Settings, *, app: str = "ai-jobs worker") -> Asy
             gate=runtime.chain.gate,
         )
         batches.attach(worker.id, worker.executor, worker.completer)
+        worker.producer.batch_tables = batches.tables  # claimed while a quota holds the rest
         try:
             yield worker
         finally:

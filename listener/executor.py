@@ -55,19 +55,26 @@ class Cooldowns:
     def __init__(self) -> None:
         self._until: dict[str, float] = {}
         self._loud: set[str] = set()  # holds logged as warnings: their end is logged too
+        self._quota: set[str] = set()  # holds for per-minute quotas alone
 
     def __contains__(self, table: object) -> bool:
         return table in self._until
 
-    def start(self, table: str, seconds: float, reason: str, *, quiet: bool = False) -> None:
-        """Hold `table` for `seconds`; a hold that is not over (resumed) yet goes on."""
+    def start(self, table: str, seconds: float, reason: str, *, quota: bool = False) -> None:
+        """Hold `table` for `seconds`; a hold that is not over (resumed) yet goes on.
+        `quota`: held for per-minute quotas alone (logged quietly; batch jobs, which
+        make no per-minute call, are claimed meanwhile: held_for_quota)."""
         new = table not in self._until
         self._until[table] = time.monotonic() + seconds
+        if quota and (new or table in self._quota):
+            self._quota.add(table)
+        else:
+            self._quota.discard(table)
         if not new:
             return
         what = f"no {JOB_TYPES.get(table, table)} jobs claimed for {seconds:.1f}s ({reason})"
         log = logger.bind(action="claims_held", table=table, seconds=round(seconds, 1))
-        if quiet:
+        if quota:
             log.debug(what)
         else:
             self._loud.add(table)
@@ -77,8 +84,13 @@ class Cooldowns:
         until = self._until.get(table)
         return until is not None and until > now
 
+    def held_for_quota(self, table: str, now: float) -> bool:
+        """`table` is held, for per-minute quotas alone."""
+        return table in self._quota and self.cooling(table, now)
+
     def resume(self, table: str) -> None:
         """Claims of `table` go on (its hold, if any, is over)."""
+        self._quota.discard(table)
         if self._until.pop(table, None) is not None and table in self._loud:
             self._loud.discard(table)
             logger.bind(action="claims_resumed", table=table).info(f"claiming {table} again")
@@ -251,7 +263,7 @@ class Executor:
         deferred = row["status"] == "pending" and not row["counted"]
         tracing.outcome("deferred" if deferred else row["status"], message)
         due_in = max(0.0, row["due_in"] or 0.0)
-        self.cooldowns.start(job.table, due_in, message, quiet=exc.quota)
+        self.cooldowns.start(job.table, due_in, message, quota=exc.quota)
         self.on_due(due_in)
         if row["status"] == "dead_letter":
             log.bind(action="job_dead_letter").error(f"job moved to the dead letter: {message}")

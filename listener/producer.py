@@ -15,7 +15,7 @@ import time
 from collections.abc import Sequence
 from uuid import UUID
 
-from listener import db
+from listener import dal, db
 from listener.completer import Completer
 from listener.executor import Executor
 from listener.fastclaim import FastClaimer
@@ -24,6 +24,7 @@ from listener.jobs import FREE, JOB_TYPES, Job
 from listener.leases import LeaseKeeper
 from listener.outage import Backoff, Health, Reporter
 from listener.pacing import Pacing
+from listener.rows import ClaimedRow
 
 TABLES = tuple(JOB_TYPES)
 
@@ -39,6 +40,7 @@ class Producer:
         report: Reporter,
         stop: asyncio.Event,
     ) -> None:
+        self.pool = pool
         self.worker_id = worker_id
         self.executor = executor
         self.leases: LeaseKeeper = executor.leases
@@ -61,6 +63,11 @@ class Producer:
         self._round_claims = dict.fromkeys(TABLES, 0)  # ... by table
         self._wake = asyncio.Event()
         self._may_find = dict.fromkeys(TABLES, True)  # may a claim in this table find a job?
+        # Tables whose batch jobs go to a provider's Batch API (listener/batches/):
+        # while such a table is held for a per-minute quota, its batch jobs, which
+        # make no per-minute call, are claimed alone (sql/033).
+        self.batch_tables: frozenset[str] = frozenset()
+        self._batch_may_find = dict.fromkeys(TABLES, True)
         self._looks = dict.fromkeys(TABLES, 0)  # reasons to look so far, by table
         self._timers: list[float] = []  # monotonic times when a waiting job becomes due
         self._turn = 0  # which table a claim round asks first (fairness)
@@ -88,6 +95,7 @@ class Producer:
     def look_at(self, tables: Sequence[str] = TABLES) -> None:
         for t in tables:
             self._may_find[t] = True
+            self._batch_may_find[t] = True
             self._looks[t] += 1
         self._wake.set()
 
@@ -144,10 +152,10 @@ class Producer:
             await self.leases.release_overdue(now)
             ahead = self.pacing.ahead(running_for=now - self.leases.oldest_start(now))
             free = self.leases.free_slots(ahead) - (1 if self.fast.busy else 0)  # its slot
-            wanted = self._wanted(now)
-            if free > 0 and wanted:
+            wanted, batches = self._wanted(now)
+            if free > 0 and (wanted or batches):
                 self.db_back.clear()
-                if await self._claim_round(wanted, free):
+                if await self._claim_round(wanted, free, batches):
                     backoff.reset()
                 else:  # until the backoff ends, or the listener finds the database back
                     await self._sleep(backoff.next())
@@ -168,25 +176,48 @@ class Producer:
         finally:
             self._waiting = False
 
-    def _wanted(self, now: float) -> list[str]:
-        """The tables to claim from: a reason to look, and no hold. A hold whose
-        time is over ends at the table's next claim round, or here when there is
-        nothing to look for."""
-        cooldowns, wanted = self.executor.cooldowns, []
+    def _wanted(self, now: float) -> tuple[list[str], list[str]]:
+        """The tables to claim from: a reason to look, and no hold; and the held
+        tables whose batch jobs alone to claim. A hold whose time is over ends at
+        the table's next claim round, or here when there is nothing to look for."""
+        cooldowns, wanted, batches = self.executor.cooldowns, [], []
         for t in self._tables_in_turn():
             if cooldowns.cooling(t, now):
+                if (
+                    t in self.batch_tables
+                    and self._batch_may_find[t]
+                    and cooldowns.held_for_quota(t, now)
+                ):
+                    batches.append(t)
                 continue
             if self._may_find[t]:
                 wanted.append(t)
             else:
                 cooldowns.resume(t)
-        return wanted
+        return wanted, batches
 
     def _tables_in_turn(self) -> list[str]:
         self._turn = (self._turn + 1) % len(TABLES)
         return [*TABLES[self._turn :], *TABLES[: self._turn]]
 
-    async def _claim_round(self, tables: list[str], free: int) -> bool:
+    async def _claim_round(self, tables: list[str], free: int, batches: list[str]) -> bool:
+        for table in batches:
+            looks = self._looks[table]
+            try:
+                rows = await dal.CLAIM_BATCH.all(
+                    self.pool, {"table": table, "worker": self.worker_id, "n": free}
+                )
+            except Exception as exc:
+                self.report(exc, "claim")
+                return False
+            self.claim_rounds += 1
+            self._round_claims[table] += 1
+            if len(rows) < free and looks == self._looks[table]:
+                self._batch_may_find[table] = False
+            self._start(rows)
+            free -= len(rows)
+            if free <= 0:
+                return True
         for table in tables:
             n = await self._admitted(table, free)
             if n == 0:
@@ -207,8 +238,7 @@ class Producer:
             self.pacing.round_trip.add(time.perf_counter() - t0)
             if len(rows) < n and looks == self._looks[table]:
                 self._may_find[table] = False  # nothing more until the next reason to look
-            self.leases.ready.add([Job.from_claim(rec) for rec in rows])
-            self._fill()
+            self._start(rows)
             free -= len(rows)
             if free <= 0:
                 break
@@ -226,7 +256,7 @@ class Producer:
                 self.report(exc, "claim gate")
                 admitted = FREE
             if admitted.n == 0:
-                cooldowns.start(table, admitted.wait, admitted.reason, quiet=admitted.quota)
+                cooldowns.start(table, admitted.wait, admitted.reason, quota=admitted.quota)
                 return 0
             if admitted.n is not None:
                 n = min(free, admitted.n)
@@ -236,6 +266,10 @@ class Producer:
     async def _claimed(self, table: str, got: int) -> None:
         if self.executor.gate is not None:
             await self.executor.gate.claimed(table, got)
+
+    def _start(self, rows: Sequence[ClaimedRow]) -> None:
+        self.leases.ready.add([Job.from_claim(rec) for rec in rows])
+        self._fill()
 
     def _fill(self) -> None:
         """Start ready jobs in the free slots."""

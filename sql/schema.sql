@@ -417,6 +417,8 @@ CREATE INDEX ai_course_catalog_cache_idx ON public.ai_course_catalog USING btree
 
 CREATE INDEX ai_course_catalog_lower_idx ON public.ai_course_catalog USING btree (lower(course_id));
 
+CREATE INDEX ai_course_jobs_batch_due_idx ON public.ai_course_jobs USING btree (run_after) WHERE (batch AND (status = ANY (ARRAY['pending'::text, 'failed'::text])));
+
 CREATE INDEX ai_course_jobs_cancelled_idx ON public.ai_course_jobs USING btree (created_at, id) WHERE (status = 'cancelled'::text);
 
 CREATE INDEX ai_course_jobs_claim_idx ON public.ai_course_jobs USING btree (run_after) WHERE (status = ANY (ARRAY['pending'::text, 'failed'::text]));
@@ -454,6 +456,8 @@ CREATE INDEX ai_job_batches_worker_idx ON public.ai_job_batches USING btree (wor
 CREATE INDEX ai_job_charges_job_idx ON public.ai_job_charges USING btree (job_id);
 
 CREATE INDEX ai_job_charges_user_idx ON public.ai_job_charges USING btree (created_by, charged_at) WHERE (created_by IS NOT NULL);
+
+CREATE INDEX ai_media_jobs_batch_due_idx ON public.ai_media_jobs USING btree (run_after) WHERE (batch AND (media_type = 'image'::text) AND (status = ANY (ARRAY['pending'::text, 'failed'::text])));
 
 CREATE INDEX ai_media_jobs_cancelled_idx ON public.ai_media_jobs USING btree (created_at, id) WHERE (status = 'cancelled'::text);
 
@@ -1271,6 +1275,73 @@ begin
             using errcode = 'insufficient_privilege';
     end if;
     return ai_job_cancel(job_id, table_name, me);
+end
+$function$;
+
+-- last defined by sql/033_claim_batch_jobs.sql
+CREATE OR REPLACE FUNCTION public.ai_job_claim_batch(table_name text, worker text, max_jobs integer)
+ RETURNS TABLE(job_table text, id uuid, claim_token uuid, retry_count integer, max_retries integer, job jsonb)
+ LANGUAGE plpgsql
+ SET search_path TO 'pg_catalog', 'public', 'pg_temp'
+AS $function$
+declare
+    t text := ai_job_table(table_name);
+    nil constant uuid := '00000000-0000-0000-0000-000000000000';
+    due text;
+    claim text;
+    full_ uuid[] := '{}';
+    ids uuid[];
+    picked uuid;
+    owner uuid;
+    got int := 0;
+    tries int := 0;
+begin
+    if max_jobs is null or max_jobs < 1
+       or exists (select from ai_job_queues q where q.job_table = t and q.paused) then
+        return;
+    end if;
+    due := format($d$
+        select id, created_by from %I
+        where batch %s and status in ('pending', 'failed') and run_after <= now()
+          and (status = 'pending' or retry_count < max_retries)
+          and coalesce(created_by, %L::uuid) <> all($1)
+        order by run_after
+    $d$, t, case when t = 'ai_media_jobs' then $m$and media_type = 'image'$m$ else '' end, nil);
+    claim := format($c$
+        update %1$I j
+        set status = 'processing', started_at = clock_timestamp(),
+            last_heartbeat = clock_timestamp(), claim_token = gen_random_uuid(),
+            worker_id = $1, completed_at = null
+        where j.id = any($2)
+        returning %1$L::text, j.id, j.claim_token, j.retry_count, j.max_retries, %2$s
+    $c$, t,
+       case t
+           when 'ai_course_jobs' then
+               $e$jsonb_build_object('id', j.id, 'subject', j.subject, 'course_id', j.course_id,
+                                     'params', j.params, 'batch', j.batch)$e$
+           else
+               $e$jsonb_build_object('id', j.id, 'prompt', j.prompt, 'media_type', j.media_type,
+                                     'course_id', j.course_id, 'params', j.params,
+                                     'batch', j.batch)$e$
+       end);
+    if not exists (select from ai_job_settings where max_running_per_user is not null) then
+        execute format('select array(select s.id from (%s limit $2 for update skip locked) s)',
+                       due)
+            into ids using full_, max_jobs;
+        return query execute claim using worker, ids;
+        return;
+    end if;
+    while got < max_jobs and tries < 2 * max_jobs + 10 loop
+        tries := tries + 1;
+        execute due || ' limit 1 for update skip locked' into picked, owner using full_;
+        exit when picked is null;
+        if ai_job_under_cap(owner) then
+            return query execute claim using worker, array[picked];
+            got := got + 1;
+        else
+            full_ := full_ || coalesce(owner, nil);
+        end if;
+    end loop;
 end
 $function$;
 

@@ -87,6 +87,7 @@ class BatchRouter:
         self.lease_seconds = lease_seconds
         self.worker_id: str | None = None  # set once the worker exists; None: all direct
         self.enabled = False  # a provider of the chain has a Batch API
+        self.tables = frozenset({"ai_course_jobs"})  # whose batch jobs come through here
         # job id -> (provider name, its answer or the error that ends its attempt)
         self.results: dict[UUID, tuple[str, Answer | BaseException]] = {}
         self.handed = 0

@@ -85,6 +85,11 @@ class BatchService:
         self.held = 0  # open batches held at the last tick
         self.ended = 0
 
+    @property
+    def tables(self) -> frozenset[str]:
+        """The tables whose batch jobs this worker sends to a Batch API."""
+        return self.router.tables if self.router.enabled else frozenset()
+
     def attach(self, worker_id: str, executor: Executor, completer: Completer) -> None:
         """The worker that runs the batches (its id holds their leases)."""
         self.worker_id = worker_id

@@ -67,6 +67,10 @@ select * from claim_job(%(table)s, %(id)s, %(worker)s)
 -- The job a notification names, claimed the moment it arrives (the worker's fast path).
 select * from claim_due_job(%(table)s, %(id)s, %(worker)s)
 
+-- name: claim_batch
+-- A table's batch jobs alone, while its per-minute quota holds its other claims.
+select * from ai_job_claim_batch(%(table)s, %(worker)s, %(n)s)
+
 -- name: heartbeat_jobs
 select heartbeat_jobs as id from heartbeat_jobs(%(table)s, %(ids)b, %(tokens)b)
 

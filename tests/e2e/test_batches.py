@@ -268,6 +268,31 @@ def test_batch_answers_are_not_per_minute_calls(db_url: str, fake: FakeAI) -> No
     assert fake.batches.created["openai"] == 1 and direct_calls(fake) == 0
 
 
+def test_batch_jobs_go_into_a_batch_while_a_spent_quota_holds_the_direct_ones(
+    db_url: str, fake: FakeAI
+) -> None:
+    """One call a minute: the direct jobs wait for the next minute; batch jobs
+    inserted after them, which make no per-minute call, are claimed alone
+    (sql/033) and done within it, not behind the direct ones."""
+    env = batch_env(fake, PROVIDER_LIMITS="openai=rpm:1", AI_PROVIDER_PRIORITY="openai")
+    w = WorkerProcess(db_url, **env).started()
+    try:
+        with connect(db_url) as c:
+            direct = [
+                insert_course(c, f"Direct {i}", params={"itemsPerGroup": 3}) for i in range(3)
+            ]
+            wait_until(lambda: statuses(c, direct)["done"] == 1, what="the minute's one call")
+            ids = insert_batch(c, 4)
+            wait_until(lambda: all_done(c, ids), timeout=30, what="batch jobs done in the minute")
+            left = statuses(c, direct)
+    finally:
+        w.signal(signal.SIGTERM)
+        assert w.wait() == 0
+    assert left["done"] == 1  # still within the minute: the others wait for its quota
+    assert fake.batches.created["openai"] == 1 and sorted(fake.batches.requests_in) == sorted(ids)
+    assert fake.count("openai", "/chat/completions") == 1
+
+
 def test_every_batch_answer_is_charged_even_when_the_cache_serves_the_job(
     db_url: str, fake: FakeAI
 ) -> None:
