@@ -22,9 +22,7 @@ def c(db_url: str) -> Any:
 
 
 def claim_batch(c: Any, table: str = "ai_course_jobs", n: int = 10, worker: str = "w1") -> Any:
-    return c.execute(
-        "select * from ai_job_claim_batch(%s, %s, %s)", [table, worker, n]
-    ).fetchall()
+    return c.execute("select * from ai_job_claim_batch(%s, %s, %s)", [table, worker, n]).fetchall()
 
 
 def older(c: Any, seconds: int) -> Any:
