@@ -2543,7 +2543,7 @@ begin
 end
 $function$;
 
--- last defined by sql/031_claim_batch_flag.sql
+-- last defined by sql/034_claim_media_batch_flag.sql
 CREATE OR REPLACE FUNCTION public.claim_due_job(table_name text, job_id uuid, worker text)
  RETURNS TABLE(job_table text, id uuid, claim_token uuid, retry_count integer, max_retries integer, job jsonb)
  LANGUAGE plpgsql
@@ -2588,12 +2588,13 @@ begin
             for update of ai_media_jobs skip locked)
         returning 'ai_media_jobs'::text, j.id, j.claim_token, j.retry_count, j.max_retries,
                   jsonb_build_object('id', j.id, 'prompt', j.prompt, 'media_type', j.media_type,
-                                     'course_id', j.course_id, 'params', j.params);
+                                     'course_id', j.course_id, 'params', j.params,
+                                     'batch', j.batch);
     end if;
 end
 $function$;
 
--- last defined by sql/031_claim_batch_flag.sql
+-- last defined by sql/034_claim_media_batch_flag.sql
 CREATE OR REPLACE FUNCTION public.claim_job(table_name text, job_id uuid, worker text)
  RETURNS TABLE(job_table text, id uuid, claim_token uuid, retry_count integer, max_retries integer, job jsonb)
  LANGUAGE plpgsql
@@ -2626,12 +2627,13 @@ begin
                                      'params', j.params, 'batch', j.batch)$e$
            else
                $e$jsonb_build_object('id', j.id, 'prompt', j.prompt, 'media_type', j.media_type,
-                                     'course_id', j.course_id, 'params', j.params)$e$
+                                     'course_id', j.course_id, 'params', j.params,
+                                     'batch', j.batch)$e$
        end) using worker, job_id;
 end
 $function$;
 
--- last defined by sql/031_claim_batch_flag.sql
+-- last defined by sql/034_claim_media_batch_flag.sql
 CREATE OR REPLACE FUNCTION public.claim_jobs(table_name text, worker text, max_jobs integer DEFAULT 1)
  RETURNS TABLE(job_table text, id uuid, claim_token uuid, retry_count integer, max_retries integer, job jsonb)
  LANGUAGE plpgsql
@@ -2722,7 +2724,8 @@ begin
                 for update of ai_media_jobs skip locked))
             returning 'ai_media_jobs'::text, j.id, j.claim_token, j.retry_count, j.max_retries,
                       jsonb_build_object('id', j.id, 'prompt', j.prompt, 'media_type', j.media_type,
-                                         'course_id', j.course_id, 'params', j.params);
+                                         'course_id', j.course_id, 'params', j.params,
+                                         'batch', j.batch);
         else
             return query
             update ai_media_jobs j
@@ -2740,13 +2743,14 @@ begin
                 for update of ai_media_jobs skip locked))
             returning 'ai_media_jobs'::text, j.id, j.claim_token, j.retry_count, j.max_retries,
                       jsonb_build_object('id', j.id, 'prompt', j.prompt, 'media_type', j.media_type,
-                                         'course_id', j.course_id, 'params', j.params);
+                                         'course_id', j.course_id, 'params', j.params,
+                                         'batch', j.batch);
         end if;
     end if;
 end
 $function$;
 
--- last defined by sql/031_claim_batch_flag.sql
+-- last defined by sql/034_claim_media_batch_flag.sql
 CREATE OR REPLACE FUNCTION public.complete_and_claim(table_name text, worker text, max_jobs integer, job_ids uuid[], tokens uuid[], result_paths text[], job_metrics jsonb[])
  RETURNS TABLE(kind text, job_table text, id uuid, claim_token uuid, retry_count integer, max_retries integer, job jsonb)
  LANGUAGE plpgsql
@@ -2852,7 +2856,8 @@ begin
             returning 'claimed'::text, 'ai_media_jobs'::text, j.id, j.claim_token, j.retry_count,
                       j.max_retries,
                       jsonb_build_object('id', j.id, 'prompt', j.prompt, 'media_type', j.media_type,
-                                         'course_id', j.course_id, 'params', j.params);
+                                         'course_id', j.course_id, 'params', j.params,
+                                         'batch', j.batch);
         else
             return query
             update ai_media_jobs j
@@ -2871,7 +2876,8 @@ begin
             returning 'claimed'::text, 'ai_media_jobs'::text, j.id, j.claim_token, j.retry_count,
                       j.max_retries,
                       jsonb_build_object('id', j.id, 'prompt', j.prompt, 'media_type', j.media_type,
-                                         'course_id', j.course_id, 'params', j.params);
+                                         'course_id', j.course_id, 'params', j.params,
+                                         'batch', j.batch);
         end if;
     end if;
 end

@@ -1,8 +1,10 @@
 """The providers' Batch APIs for jobs that can wait (`batch = true`): half the
-price, within 24 hours (docs/generation.md, "Batch jobs").
+price, within 24 hours (docs/generation.md, "Batch jobs"). Course jobs go to
+OpenAI's or Anthropic's, image jobs to OpenAI's (the Images API); audio jobs
+run direct (no provider has a Batch API for speech).
 
-collect.py   the course handler's door: a batch job joins a collecting batch
-             instead of calling a provider; a batch's answer comes back through it
+collect.py   a job table's door: a batch job joins a collecting batch instead
+             of calling a provider; a batch's answer comes back through it
 submit.py    a batch sent: the intent recorded first, then the upload and creation
 watch.py     every worker's watch: leases, heartbeats, polls, results, ends
 crash.py     the crash tests' hook (AI_JOBS_TEST_CRASH_AT), inert otherwise
@@ -16,6 +18,7 @@ from psycopg_pool import AsyncConnectionPool
 
 from listener.batches.collect import AnsweredProviders, BatchRouter
 from listener.batches.watch import BatchService
+from listener.jobs import Job
 from listener.settings import Settings
 
 if TYPE_CHECKING:
@@ -24,17 +27,29 @@ if TYPE_CHECKING:
     from listener.providers.batchapi import BatchAPI
 
 COURSES = "ai_course_jobs"
+MEDIA = "ai_media_jobs"
+# Images per batch: OpenAI's results file holds each image as base64 (a few MB
+# each), read whole; courses are a few KB each (collect.MAX_JOBS).
+MAX_IMAGES = 50
+NO_SPEECH_BATCH = "no provider has a Batch API for speech"
 
 __all__ = ["BatchRouter", "BatchService", "setup"]
 
 
-def setup(settings: Settings, pool: AsyncConnectionPool[Any], runtime: Runtime) -> BatchService:
-    """Route the runtime's course jobs through the batches (its handler map is
-    replaced) and return the service the worker ticks and attaches to."""
-    from listener.handlers.course import CourseHandler
+def unbatchable_media(job: Job) -> str | None:
+    """Why a media job cannot go in a batch: audio (speech) has no Batch API."""
+    return None if job.row.get("media_type") == "image" else NO_SPEECH_BATCH
 
-    apis: list[BatchAPI] = []
-    answered: dict[str, Any] = {}
+
+def setup(settings: Settings, pool: AsyncConnectionPool[Any], runtime: Runtime) -> BatchService:
+    """Route the runtime's course and media jobs through the batches (its handler
+    map is replaced) and return the service the worker ticks and attaches to."""
+    from listener.handlers.course import CourseHandler
+    from listener.handlers.media import MediaHandler
+
+    apis: list[BatchAPI[Any]] = []
+    courses: dict[str, Any] = {}
+    media: dict[str, Any] = {}
     for p in runtime.providers.course:
         if p.name == "openai":
             from listener.providers.batch_openai import OpenAIBatches
@@ -48,18 +63,35 @@ def setup(settings: Settings, pool: AsyncConnectionPool[Any], runtime: Runtime) 
             apis.append(AnthropicBatches(cast(AnthropicProvider, p)))
         else:
             continue
-        answered[p.name] = CourseHandler(
+        courses[p.name] = CourseHandler(
             settings,
-            cast("Providers", AnsweredProviders(p)),
+            cast("Providers", AnsweredProviders(course=p)),
             runtime.chain,
             runtime.storage,
             runtime.catalog,
             runtime.cache,
         )
+    for m in runtime.providers.media:
+        if m.name == "openai":  # the only one with images, and a Batch API for them
+            from listener.providers.batch_openai import OpenAIImageBatches
+            from listener.providers.openai import OpenAIProvider
 
-    router = BatchRouter(
-        pool, runtime.handlers[COURSES], answered.get, settings.stale_after_seconds / 3
-    )
-    router.charge = runtime.chain.meter.charge
-    runtime.handlers = {**runtime.handlers, COURSES: router}
-    return BatchService(settings, pool, router, apis)
+            apis.append(OpenAIImageBatches(cast(OpenAIProvider, m)))
+            media[m.name] = MediaHandler(
+                settings,
+                cast("Providers", AnsweredProviders(media=m)),
+                runtime.chain,
+                runtime.storage,
+            )
+
+    lease = settings.stale_after_seconds / 3
+    routers = {
+        COURSES: BatchRouter(pool, runtime.handlers[COURSES], courses.get, lease),
+        MEDIA: BatchRouter(
+            pool, runtime.handlers[MEDIA], media.get, lease, MAX_IMAGES, unbatchable_media
+        ),
+    }
+    for router in routers.values():
+        router.charge = runtime.chain.meter.charge
+    runtime.handlers = {**runtime.handlers, **routers}
+    return BatchService(settings, pool, routers, apis)

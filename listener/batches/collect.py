@@ -1,9 +1,12 @@
-"""The course handler's door to the batches: a claimed job that asks for the
-batch price (`batch = true`) joins this worker's collecting batch instead of
-calling a provider (ai_job_batch_take), and its task ends without writing
+"""A job table's door to the batches: a claimed job that asks for the batch
+price (`batch = true`) joins this worker's collecting batch of its table instead
+of calling a provider (ai_job_batch_take), and its task ends without writing
 anything (HandedOff); a job whose batch answered comes back through the same
-door, and runs the course handler with that answer in place of the provider's
-first call (the repair round, if any, goes the direct way)."""
+door, and runs its table's handler with that answer in place of the provider's
+call: the course handler (the repair round, if any, goes the direct way), or
+the media handler (an image: stored as the direct path stores it). A job the
+batches cannot take (an audio job: no provider has a Batch API for speech) runs
+direct, said once in the log."""
 
 from __future__ import annotations
 
@@ -14,18 +17,29 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 from uuid import UUID
 
+from loguru import logger
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
 from listener import dal
 from listener.errors import HandedOff
 from listener.jobs import Job, Outcome
-from listener.providers.base import Answer, CoursePrompt, CourseProvider, TextSink, Usage
+from listener.providers.base import (
+    Answer,
+    CoursePrompt,
+    CourseProvider,
+    Media,
+    MediaProvider,
+    TextSink,
+    Usage,
+)
 
 MAX_JOBS = 1000  # requests per batch (the providers take far more); a new batch past it
 TAKE_TRIES = 20  # waits of about a second each for a pool connection (each try 5 s at most)
 Handler = Callable[[Job], Awaitable[Outcome]]
 Charge = Callable[[Job, str, str, Usage], Awaitable[None]]
-_ANSWER: contextvars.ContextVar[Answer | None] = contextvars.ContextVar(
+# Why a job that asked for a batch cannot have one (None: it can).
+Unbatchable = Callable[[Job], str | None]
+_ANSWER: contextvars.ContextVar[Answer | Media | None] = contextvars.ContextVar(
     "ai_jobs_batch_answer", default=None
 )
 
@@ -47,7 +61,7 @@ class Answered:
 
     async def course(self, prompt: CoursePrompt, sink: TextSink | None = None) -> Answer:
         answer = _ANSWER.get()
-        if answer is not None and prompt.repair is None:
+        if isinstance(answer, Answer) and prompt.repair is None:
             _ANSWER.set(None)
             if sink is not None:
                 sink(answer.text)  # the whole answer at once: the progress reader's one piece
@@ -61,18 +75,54 @@ class Answered:
         pass  # the real provider's client is closed with the runtime
 
 
-class AnsweredProviders:
-    """`Providers` as the course handler reads them, for a batch's answer."""
+class AnsweredMedia:
+    """A media provider whose image is the batch's (paid for there: the chain
+    neither reserves a quota nor asks the breaker for it)."""
 
-    def __init__(self, real: CourseProvider) -> None:
-        self.course: list[Answered] = [Answered(real)]
+    def __init__(self, real: MediaProvider) -> None:
+        self.real = real
+        self.name = real.name
+
+    @property
+    def answered(self) -> bool:
+        """True while the batch's answer is still to be read (chain.py's plan)."""
+        return _ANSWER.get() is not None
+
+    def media_model(self, media_type: str) -> str:
+        return self.real.media_model(media_type)
+
+    async def image(self, prompt: str, size: str) -> Media:
+        media = _ANSWER.get()
+        if not isinstance(media, Media):  # unreachable: the handler asks once
+            raise RuntimeError("no batch answer to read")
+        _ANSWER.set(None)
+        return media
+
+    async def speech(self, text: str, voice: str, fmt: str) -> Media:
+        raise RuntimeError("speech is never batched")  # unreachable: audio runs direct
+
+    async def aclose(self) -> None:
+        pass  # the real provider's client is closed with the runtime
+
+
+class AnsweredProviders:
+    """`Providers` as a table's handler reads them, for a batch's answer."""
+
+    def __init__(
+        self, course: CourseProvider | None = None, media: MediaProvider | None = None
+    ) -> None:
+        self.course: list[Answered] = [Answered(course)] if course is not None else []
+        self.media: list[AnsweredMedia] = [AnsweredMedia(media)] if media is not None else []
 
     def course_chain(self) -> list[CourseProvider]:
         return list(self.course)
 
+    def media_chain(self) -> list[MediaProvider]:
+        return list(self.media)
+
 
 class BatchRouter:
-    """The course table's handler in a worker that runs batches."""
+    """A job table's handler in a worker that runs batches (one per table)."""
 
     def __init__(
         self,
@@ -80,31 +130,51 @@ class BatchRouter:
         direct: Handler,
         answered: Callable[[str], Handler | None],
         lease_seconds: float,
+        max_jobs: int = MAX_JOBS,
+        unbatchable: Unbatchable | None = None,
     ) -> None:
         self.pool = pool
-        self.direct = direct  # the course handler
+        self.direct = direct  # the table's handler
         self.answered = answered  # provider name -> the handler that reads a batch's answer
         self.lease_seconds = lease_seconds
+        self.max_jobs = max_jobs  # jobs per batch of this table
+        self.unbatchable = unbatchable
         self.worker_id: str | None = None  # set once the worker exists; None: all direct
-        self.enabled = False  # a provider of the chain has a Batch API
-        self.tables = frozenset({"ai_course_jobs"})  # whose batch jobs come through here
+        self.enabled = False  # a provider of the chain has a Batch API for this table
         # job id -> (provider name, its answer or the error that ends its attempt)
-        self.results: dict[UUID, tuple[str, Answer | BaseException]] = {}
+        self.results: dict[UUID, tuple[str, Answer | Media | BaseException]] = {}
         self.handed = 0
         self.charge: Charge | None = None  # the meter's: a call made for a job
+        self._told: set[str] = set()  # reasons to run a batch job direct, logged once
 
     async def __call__(self, job: Job) -> Outcome:
         result = self.results.pop(job.id, None)
         if result is not None:
             return await self._from_batch(job, *result)
-        # The claim says whether the job asked for a batch (sql/031); a row without
-        # the key (a claim of another path, an older schema) asks the database.
-        if self.enabled and self.worker_id is not None and job.row.get("batch", True):
+        # The claim says whether the job asked for a batch (sql/031, sql/034); a row
+        # without the key (a claim of another path, an older schema) asks the database.
+        if (
+            self.enabled
+            and self.worker_id is not None
+            and job.row.get("batch", True)
+            and self._batchable(job)
+        ):
             row = await self._take(job)
             if row is not None and row["batch_id"] is not None:
                 self.handed += 1
                 raise HandedOff(f"in batch {row['batch_id']}")
         return await self.direct(job)
+
+    def _batchable(self, job: Job) -> bool:
+        why = self.unbatchable(job) if self.unbatchable is not None else None
+        if why is None:
+            return True
+        if job.row.get("batch") is True and why not in self._told:
+            self._told.add(why)
+            logger.bind(action="batch_direct", table=job.table).info(
+                f"{why}: batch jobs of this kind run direct"
+            )
+        return False
 
     async def _take(self, job: Job) -> Any:
         """ai_job_batch_take for a job starting. A pool that has no connection free
@@ -117,7 +187,7 @@ class BatchRouter:
             "token": job.claim_token,
             "worker": self.worker_id,
             "lease": self.lease_seconds,
-            "max_jobs": MAX_JOBS,
+            "max_jobs": self.max_jobs,
         }
         for n in range(TAKE_TRIES):
             try:
@@ -128,7 +198,9 @@ class BatchRouter:
                 await asyncio.sleep(random.uniform(0.5, 1.5))
         return None
 
-    async def _from_batch(self, job: Job, provider: str, result: Answer | BaseException) -> Outcome:
+    async def _from_batch(
+        self, job: Job, provider: str, result: Answer | Media | BaseException
+    ) -> Outcome:
         if isinstance(result, BaseException):
             raise result  # this request's error: this job's failed attempt, as a direct one's
         handler = self.answered(provider)

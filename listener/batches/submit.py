@@ -15,6 +15,7 @@ teaches the limit (ai_job_batch_refused, sql/032) and its jobs wait likewise."""
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from typing import Any
 from uuid import UUID
 
@@ -26,9 +27,10 @@ from listener.batches.crash import crash_point
 from listener.errors import InvalidJob, scrub
 from listener.handlers.course import parse_params
 from listener.jobs import Job
+from listener.params import MediaParams, parse
 from listener.prompts import course_prompt
 from listener.providers.base import CoursePrompt
-from listener.providers.batchapi import BatchAPI, QueueFull
+from listener.providers.batchapi import BatchAPI, ImageRequest, QueueFull
 from listener.rows import BatchWatchRow, ClaimedRow
 
 FailJob = Any  # Executor.fail(job, exc)
@@ -38,6 +40,7 @@ FailJob = Any  # Executor.fail(job, exc)
 QUEUE_WAIT_SECONDS = 24 * 3600.0
 QUEUE_LIMIT_SECONDS = 3600.0  # a learned queue limit is forgotten after an hour
 SENT, WAITING, NOTHING = "sent", "waiting", "nothing"
+Request = CoursePrompt | ImageRequest
 
 
 class Submitter:
@@ -58,13 +61,13 @@ class Submitter:
         self.recovered = 0  # intents found at the provider instead of sent again
         self.refused = 0  # batches the providers refused for their queue
 
-    async def submit(self, row: BatchWatchRow, api: BatchAPI) -> str:
+    async def submit(self, row: BatchWatchRow, api: BatchAPI[Any]) -> str:
         """Send (or find) the batch: SENT once its provider batch id is recorded,
         WAITING when none of its jobs fits its provider's queue now (or the queue
         refused it), NOTHING when it is not ours or holds no job any more."""
         intent: UUID = row["id"]
         recover = row["state"] == "submitting"
-        made: dict[UUID, CoursePrompt] = {}  # the requests _fit made already
+        made: dict[UUID, Request] = {}  # the requests _fit made already
         if not recover:
             kept = await self._fit(row, api, made)
             if kept is not None:
@@ -90,7 +93,7 @@ class Submitter:
                 return SENT
         requests = await self._requests(
             [
-                Job("ai_course_jobs", r["id"], r["claim_token"], r["retry_count"],
+                Job(row["job_table"], r["id"], r["claim_token"], r["retry_count"],
                     r["max_retries"], r["job"])
                 for r in jobs
             ],
@@ -113,24 +116,24 @@ class Submitter:
         return SENT
 
     async def _requests(
-        self, jobs: list[Job], made: dict[UUID, CoursePrompt]
-    ) -> list[tuple[UUID, CoursePrompt]]:
+        self, jobs: list[Job], made: dict[UUID, Request]
+    ) -> list[tuple[UUID, Request]]:
         """The jobs' requests (those in `made` as they are, the others made and
         added); a job whose request cannot be made fails its attempt."""
-        out: list[tuple[UUID, CoursePrompt]] = []
+        out: list[tuple[UUID, Request]] = []
         for job in jobs:
-            prompt = made.get(job.id)
-            if prompt is None:
+            request = made.get(job.id)
+            if request is None:
                 try:
-                    prompt = made[job.id] = _prompt(job)
+                    request = made[job.id] = REQUESTS[job.table](job)
                 except InvalidJob as exc:
                     await self.fail(job, exc)
                     continue
-            out.append((job.id, prompt))
+            out.append((job.id, request))
         return out
 
     async def _fit(
-        self, row: BatchWatchRow, api: BatchAPI, made: dict[UUID, CoursePrompt]
+        self, row: BatchWatchRow, api: BatchAPI[Any], made: dict[UUID, Request]
     ) -> str | None:
         """A collecting batch: keep the jobs that fit its provider's queue (the batch
         becomes the intent), leave the others for the next batch. None: go on and
@@ -150,7 +153,7 @@ class Submitter:
                 "model": api.model,
                 "scope": api.scope,
                 "jobs": [job for job, _ in requests],
-                "units": [api.units(prompt) for _, prompt in requests],
+                "units": [api.units(request) for _, request in requests],
                 "wait_bound": QUEUE_WAIT_SECONDS,
                 "lease": self.lease_seconds,
                 "limit_ttl": QUEUE_LIMIT_SECONDS,
@@ -178,7 +181,7 @@ class Submitter:
             )
         return None
 
-    async def refuse(self, intent: UUID, api: BatchAPI, limit: int | None, error: str) -> None:
+    async def refuse(self, intent: UUID, api: BatchAPI[Any], limit: int | None, error: str) -> None:
         """The provider refused the batch for its queue: the limit learned, the
         batch ended, its jobs moved to a new collecting batch (no attempt)."""
         self.refused += 1
@@ -224,10 +227,27 @@ class Submitter:
             ).error("batch sent after its lease was lost: not recorded")
 
 
-def _prompt(job: Job) -> CoursePrompt:
+def course_request(job: Job) -> CoursePrompt:
     """The request the course handler would make for this job."""
     subject = str(job.row.get("subject") or "").strip()
     course_id = str(job.row.get("course_id") or "")
     if not subject:
         raise InvalidJob("Invalid job: subject is empty")
     return course_prompt(subject, course_id, parse_params(job.params))
+
+
+def image_request(job: Job) -> ImageRequest:
+    """The request the media handler would make for this image job."""
+    prompt = str(job.row.get("prompt") or "").strip()
+    if not prompt:
+        raise InvalidJob("Invalid job: prompt is empty")
+    if job.row.get("media_type") != "image":  # never taken (collect.py): not an image
+        raise InvalidJob(f"Invalid job: media_type {job.row.get('media_type')!r} is not batched")
+    return ImageRequest(prompt, parse(MediaParams, job.params).size)
+
+
+# A job's request, by its table.
+REQUESTS: dict[str, Callable[[Job], Request]] = {
+    "ai_course_jobs": course_request,
+    "ai_media_jobs": image_request,
+}

@@ -8,6 +8,12 @@ ended, its results read back into its jobs (each through the executor, as a
 claimed job: validated, repaired, stored and completed by the course handler),
 and the rest of its jobs sent back to pending (ai_job_batch_end).
 
+Each job table has its own batches (a batch has one endpoint): course jobs go
+to the first provider of the chain with a Batch API, image jobs to OpenAI's
+(the Images API). A batch is moved on through its table's lane: its door
+(collect.py, which reads the answers back into the table's handler) and its
+Batch APIs.
+
 The providers' batch queues (submit.py, sql/030): a collecting batch that finds
 no room waits, and is looked at again after BATCH_POLL_SECONDS, or at the next
 tick once one of this worker's batches ended (room freed); a batch that OpenAI
@@ -18,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from dataclasses import dataclass, field
 from typing import Any
 from uuid import UUID
 
@@ -25,7 +32,7 @@ from loguru import logger
 from psycopg_pool import AsyncConnectionPool
 
 from listener import dal, tracing
-from listener.batches.collect import MAX_JOBS, BatchRouter
+from listener.batches.collect import BatchRouter
 from listener.batches.crash import crash_point
 from listener.batches.submit import WAITING, Submitter
 from listener.completer import Completer
@@ -48,19 +55,33 @@ REFUSED_PACE = 10
 RESULTS_AT_ONCE = 50  # answered jobs stored at once (no provider call but a repair)
 
 
+@dataclass
+class Lane:
+    """One job table's batches: its door, and its Batch APIs by provider."""
+
+    router: BatchRouter
+    apis: dict[str, BatchAPI[Any]] = field(default_factory=dict)
+    first: BatchAPI[Any] | None = None  # the chain's first provider with one
+
+
 class BatchService:
     def __init__(
         self,
         settings: Settings,
         pool: AsyncConnectionPool[Any],
-        router: BatchRouter,
-        apis: list[BatchAPI],
+        routers: dict[str, BatchRouter],
+        apis: list[BatchAPI[Any]],
     ) -> None:
+        """`routers`: each table's door; `apis`: the Batch APIs in the chain's
+        order, each for its table."""
         self.settings = settings
         self.pool = pool
-        self.router = router
-        self.apis = {a.name: a for a in apis}
-        self.first = apis[0] if apis else None  # the chain's first provider with a Batch API
+        self.lanes = {table: Lane(router) for table, router in routers.items()}
+        for api in apis:
+            lane = self.lanes.get(api.table)
+            if lane is not None and api.name not in lane.apis:
+                lane.apis[api.name] = api
+                lane.first = lane.first or api
         stale = settings.stale_after_seconds
         # A lease outlives a few ticks; a job's heartbeat is written when a quarter of
         # STALE_AFTER_SECONDS old, so that a batch taken over after its lease ran out
@@ -72,7 +93,8 @@ class BatchService:
         self.beat_after = stale / 4
         self.collect_seconds = settings.batch_collect_seconds
         self.poll_seconds = settings.batch_poll_seconds
-        router.enabled = self.first is not None
+        for lane in self.lanes.values():
+            lane.router.enabled = lane.first is not None
         self.worker_id: str | None = None
         self.executor: Executor | None = None
         self.completer: Completer | None = None
@@ -88,14 +110,15 @@ class BatchService:
     @property
     def tables(self) -> frozenset[str]:
         """The tables whose batch jobs this worker sends to a Batch API."""
-        return self.router.tables if self.router.enabled else frozenset()
+        return frozenset(t for t, lane in self.lanes.items() if lane.router.enabled)
 
     def attach(self, worker_id: str, executor: Executor, completer: Completer) -> None:
         """The worker that runs the batches (its id holds their leases)."""
         self.worker_id = worker_id
         self.executor = executor
         self.completer = completer
-        self.router.worker_id = worker_id
+        for lane in self.lanes.values():
+            lane.router.worker_id = worker_id
         self.submitter = Submitter(
             self.pool,
             worker_id,
@@ -120,20 +143,22 @@ class BatchService:
         now = time.monotonic()
         for row in rows:
             bid = row["id"]
-            if bid in self._busy:
+            lane = self.lanes.get(row["job_table"])
+            if bid in self._busy or lane is None:
                 continue
             state = row["state"]
             if state in ("collecting", "submitting") and now < self._retry.get(bid, 0.0):
                 continue
             if state == "collecting":
-                due = row["age_seconds"] >= self.collect_seconds or row["jobs"] >= MAX_JOBS
+                full = row["jobs"] >= lane.router.max_jobs
+                due = row["age_seconds"] >= self.collect_seconds or full
                 if due and now >= self._wait.get(bid, 0.0):
-                    self._spawn(bid, self._submit(row))
+                    self._spawn(bid, self._submit(lane, row))
             elif state == "submitting":
-                self._spawn(bid, self._submit(row))
+                self._spawn(bid, self._submit(lane, row))
             elif state == "submitted" and now - self._polled.get(bid, 0.0) >= self.poll_seconds:
                 self._polled[bid] = now
-                self._spawn(bid, self._watch(row))
+                self._spawn(bid, self._watch(lane, row))
 
     def _spawn(self, bid: UUID, coro: Any) -> None:
         task = asyncio.ensure_future(coro)
@@ -147,10 +172,10 @@ class BatchService:
             task.cancel()
         await asyncio.gather(*self._busy.values(), return_exceptions=True)
 
-    async def _submit(self, row: BatchWatchRow) -> None:
+    async def _submit(self, lane: Lane, row: BatchWatchRow) -> None:
         assert self.submitter is not None
         bid = row["id"]
-        api = self.apis.get(row["provider"] or "") if row["provider"] else self.first
+        api = lane.apis.get(row["provider"] or "") if row["provider"] else lane.first
         log = logger.bind(action="batch_submit", batch=str(bid))
         if api is None:
             await self._end(bid, "failed", "no provider of the chain has a Batch API")
@@ -174,9 +199,9 @@ class BatchService:
                 self._retry.pop(bid, None)
                 await self._end(bid, "failed", f"the batch could not be sent: {type(exc).__name__}")
 
-    async def _watch(self, row: BatchWatchRow) -> None:
+    async def _watch(self, lane: Lane, row: BatchWatchRow) -> None:
         bid, pbid = row["id"], row["provider_batch_id"]
-        api = self.apis.get(row["provider"] or "")
+        api = lane.apis.get(row["provider"] or "")
         log = logger.bind(action="batch_watch", batch=str(bid), provider_batch=pbid)
         if api is None or pbid is None:
             await self._end(bid, "failed", f"no Batch API for provider {row['provider']}")
@@ -195,12 +220,12 @@ class BatchService:
             self._polled.pop(bid, None)
             return
         try:
-            await self._results(row, api, state.outcome, state.error)
+            await self._results(lane, row, api, state.outcome, state.error)
         except Exception as exc:  # read again at the next poll (or by whoever takes it over)
             log.warning(f"could not read the batch's results: {type(exc).__name__}")
 
     async def _results(
-        self, row: BatchWatchRow, api: BatchAPI, outcome: str, error: str | None
+        self, lane: Lane, row: BatchWatchRow, api: BatchAPI[Any], outcome: str, error: str | None
     ) -> None:
         """Read the ended batch's results into its jobs, then end it."""
         assert self.executor is not None and self.completer is not None
@@ -212,13 +237,14 @@ class BatchService:
         if tracing.on:  # the batch's span: each answered job's attempt links to it
             name, attributes = f"batch results {api.name}", {"ai_jobs.batch.id": str(bid)}
             with tracing.span(name, attributes | {"ai_jobs.provider_batch_id": pbid}):
-                return await self._read(row, api, outcome, error, held)
-        await self._read(row, api, outcome, error, held)
+                return await self._read(lane, row, api, outcome, error, held)
+        await self._read(lane, row, api, outcome, error, held)
 
     async def _read(
         self,
+        lane: Lane,
         row: BatchWatchRow,
-        api: BatchAPI,
+        api: BatchAPI[Any],
         outcome: str,
         error: str | None,
         held: dict[UUID, Any],
@@ -231,7 +257,7 @@ class BatchService:
                 log.warning(f"{results.skipped} line(s) of the batch's results skipped")
             jobs = [Job.from_claim(held[j]) for j in results.answers]
             for job in jobs:
-                self.router.results[job.id] = (api.name, results.answers[job.id])
+                lane.router.results[job.id] = (api.name, results.answers[job.id])
             # The first job on its own, written, before the others: a worker that
             # dies reading the results leaves the written ones done and the rest to
             # whoever takes the batch over (the crash test's moment).

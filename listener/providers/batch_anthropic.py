@@ -39,6 +39,7 @@ from listener.providers.ratelimits import RateLimits
 
 class AnthropicBatches:
     name = "anthropic"
+    table = "ai_course_jobs"  # Anthropic makes no images
 
     def __init__(self, provider: AnthropicProvider) -> None:
         self.client = provider.client

@@ -1,28 +1,37 @@
 """OpenAI's Batch API: the requests as a JSONL file (POST /v1/files, purpose
 batch), one batch over it (POST /v1/batches, the intent's id in its metadata),
-watched (GET /v1/batches/{id}), its output and error files read back."""
+watched (GET /v1/batches/{id}), its output and error files read back.
+
+A batch has one endpoint: course jobs go in batches of Chat Completions
+(OpenAIBatches), image jobs in batches of the Images API (OpenAIImageBatches),
+each request the direct path's own (requests.py). Each model has its own
+enqueued-token limit, so the two never share a batch queue."""
 
 from __future__ import annotations
 
+import base64
+import binascii
 import io
 import json
 from collections.abc import Callable
-from typing import Any, Final
+from typing import Any, Final, Generic, TypeVar
 from uuid import UUID
 
 from openai.types.chat import ChatCompletion
 
-from listener.providers import requests
-from listener.providers.base import Answer, CoursePrompt, Refused
+from listener.providers import pricing, requests
+from listener.providers.base import Answer, CoursePrompt, Media, Refused, Usage
 from listener.providers.batchapi import (
     ENDED,
     LIST_MAX,
     LIST_PAGE,
     META_KEY,
+    ImageRequest,
     RequestFailed,
     Results,
     Sent,
     State,
+    image_tokens,
     input_tokens,
     job_of,
     lines,
@@ -32,37 +41,54 @@ from listener.providers.openai import OpenAIProvider
 from listener.providers.ratelimits import RateLimits
 
 ENDPOINT: Final = "/v1/chat/completions"
+IMAGES: Final = "/v1/images/generations"
 QUEUE_FULL: Final = "token_limit_exceeded"  # a failed batch's code: the enqueued tokens
+NOT_AN_IMAGE: Final = "the batch's answer is not an image"
+Q = TypeVar("Q", CoursePrompt, ImageRequest)
+A = TypeVar("A", Answer, Media)
 
 
-class OpenAIBatches:
+class _Batches(Generic[Q, A]):
+    """What both endpoints share: the upload, the batch, its watch and its files."""
+
     name = "openai"
+    table: str
+    endpoint: str
+    what: str  # what an answer is, in the error of one that is not
 
-    def __init__(self, provider: OpenAIProvider) -> None:
+    def __init__(self, provider: OpenAIProvider, model: str) -> None:
         self.client = provider.client
-        self.model = provider.model
+        self.model = model
         self.max_tokens = provider.max_tokens
 
     @property
     def scope(self) -> str:
         return self.model  # each model has its own enqueued-token limit
 
-    def units(self, prompt: CoursePrompt) -> int:
-        return input_tokens(prompt)
+    def units(self, request: Q) -> int:
+        raise NotImplementedError
+
+    def body(self, request: Q) -> dict[str, Any]:
+        """The request line's body: the direct call's request."""
+        raise NotImplementedError
+
+    def read(self, body: Any) -> A:
+        """A 200 answer's body read as the direct call's result, at the batch price."""
+        raise NotImplementedError
 
     async def submit(
-        self, intent: UUID, reqs: list[tuple[UUID, CoursePrompt]], hook: Callable[[str], None]
+        self, intent: UUID, reqs: list[tuple[UUID, Q]], hook: Callable[[str], None]
     ) -> Sent:
         body = "\n".join(
             json.dumps(
                 {
                     "custom_id": str(job),
                     "method": "POST",
-                    "url": ENDPOINT,
-                    "body": requests.openai_course(self.model, self.max_tokens, prompt),
+                    "url": self.endpoint,
+                    "body": self.body(request),
                 }
             )
-            for job, prompt in reqs
+            for job, request in reqs
         ).encode()
         f = await self.client.files.create(
             file=(f"ai-jobs-{intent}.jsonl", io.BytesIO(body)), purpose="batch"
@@ -70,7 +96,7 @@ class OpenAIBatches:
         hook("after_upload")
         b = await self.client.batches.create(
             input_file_id=f.id,
-            endpoint=ENDPOINT,
+            endpoint=self.endpoint,  # type: ignore[arg-type]  # one of the SDK's literals
             completion_window="24h",
             metadata={META_KEY: str(intent)},
         )
@@ -123,11 +149,11 @@ class OpenAIBatches:
                     continue
                 except (Refused, RequestFailed) as exc:
                     out.answers[job] = exc
-                except Exception:  # an answer that is not a completion
-                    out.answers[job] = RequestFailed("the batch's answer is not a chat completion")
+                except Exception:  # an answer that is not what the endpoint answers
+                    out.answers[job] = RequestFailed(f"the batch's answer is not {self.what}")
         return out
 
-    def _answer(self, doc: dict[str, Any]) -> Answer:
+    def _answer(self, doc: dict[str, Any]) -> A:
         response = doc.get("response")
         error = doc.get("error")
         if isinstance(error, dict) and error.get("code") == "batch_expired":
@@ -140,11 +166,68 @@ class OpenAIBatches:
                     message = err.get("message")
             status = response.get("status_code") if isinstance(response, dict) else None
             raise RequestFailed(f"batch request failed: HTTP {status} {message or ''}".strip())
-        completion = ChatCompletion.model_validate(response.get("body"))
-        return requests.openai_answer(completion, self.model, RateLimits(), batch=True)
+        return self.read(response.get("body"))
 
     async def cancel(self, batch_id: str) -> None:
         await self.client.batches.cancel(batch_id)
+
+
+class OpenAIBatches(_Batches[CoursePrompt, Answer]):
+    """Course jobs, through Chat Completions."""
+
+    table = "ai_course_jobs"
+    endpoint = ENDPOINT
+    what = "a chat completion"
+
+    def __init__(self, provider: OpenAIProvider) -> None:
+        super().__init__(provider, provider.model)
+
+    def units(self, request: CoursePrompt) -> int:
+        return input_tokens(request)
+
+    def body(self, request: CoursePrompt) -> dict[str, Any]:
+        return requests.openai_course(self.model, self.max_tokens, request)
+
+    def read(self, body: Any) -> Answer:
+        completion = ChatCompletion.model_validate(body)
+        return requests.openai_answer(completion, self.model, RateLimits(), batch=True)
+
+
+class OpenAIImageBatches(_Batches[ImageRequest, Media]):
+    """Image jobs, through the Images API (the image model's own batches)."""
+
+    table = "ai_media_jobs"
+    endpoint = IMAGES
+    what = "an image"
+
+    def __init__(self, provider: OpenAIProvider) -> None:
+        super().__init__(provider, provider.image_model)
+
+    def units(self, request: ImageRequest) -> int:
+        return image_tokens(request)
+
+    def body(self, request: ImageRequest) -> dict[str, Any]:
+        return requests.openai_image(self.model, request.prompt, request.size)
+
+    def read(self, body: Any) -> Media:
+        """The image as the direct path stores it (png), or RequestFailed saying
+        what is wrong with the answer: hostile input, never a crash."""
+        data = body.get("data") if isinstance(body, dict) else None
+        if not isinstance(body, dict):
+            raise RequestFailed(f"{NOT_AN_IMAGE}: not a JSON object")
+        if not isinstance(data, list) or not data or not isinstance(data[0], dict):
+            raise RequestFailed(f"{NOT_AN_IMAGE}: no data")
+        b64 = data[0].get("b64_json")
+        if not isinstance(b64, str) or not b64:
+            raise RequestFailed(f"{NOT_AN_IMAGE}: no b64_json")
+        try:
+            image = base64.b64decode(b64, validate=True)
+        except (binascii.Error, ValueError):
+            raise RequestFailed(f"{NOT_AN_IMAGE}: b64_json is not base64") from None
+        if not image:
+            raise RequestFailed(f"{NOT_AN_IMAGE}: b64_json is empty")
+        usage = Usage(cost_usd=pricing.batch_price(pricing.image_cost(self.model)))
+        return Media(image, "png", "image/png", self.model, usage)
 
 
 class _Missing(Exception):

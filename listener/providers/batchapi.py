@@ -1,5 +1,8 @@
 """What a provider's Batch API offers the batch jobs (listener/batches/), and what
-its answers become. One module per provider: batch_openai.py, batch_anthropic.py.
+its answers become. One module per provider: batch_openai.py (course jobs through
+Chat Completions, image jobs through the Images API), batch_anthropic.py (course
+jobs). A Batch API batches the jobs of one table (`table`): a batch has one
+endpoint, and its requests are that table's (a CoursePrompt or an ImageRequest).
 
 A batch carries one request per job, its `custom_id` the job's id; the batch
 itself is known by the id the database gave it before anything was sent (the
@@ -19,16 +22,27 @@ import math
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 from uuid import UUID
 
-from listener.providers.base import Answer, CoursePrompt
+from listener.providers.base import Answer, CoursePrompt, Media
 from listener.providers.quota import CHARS_PER_TOKEN
 
 META_KEY = "ai_jobs_batch"  # the batch's own id, in the provider's batch metadata
 ENDED = ("completed", "expired", "failed", "cancelled")
 LIST_PAGE = 100  # batches a page when one is looked for by its intent
 LIST_MAX = 1000  # batches looked at, at most
+
+
+@dataclass(frozen=True)
+class ImageRequest:
+    """An image job's request: what the direct path's `image(prompt, size)` takes."""
+
+    prompt: str
+    size: str
+
+
+Q = TypeVar("Q", CoursePrompt, ImageRequest)
 
 
 @dataclass(frozen=True)
@@ -61,17 +75,19 @@ class RequestFailed(Exception):
 
 @dataclass
 class Results:
-    """A batch's results by job: an Answer, or the exception that ends the job's
-    attempt (Refused, RequestFailed). Jobs without a usable result are absent
-    (expired, cancelled in the batch): they go back to pending."""
+    """A batch's results by job: an Answer (a course job's) or a Media (an image
+    job's), or the exception that ends the job's attempt (Refused,
+    RequestFailed). Jobs without a usable result are absent (expired, cancelled
+    in the batch): they go back to pending."""
 
-    answers: dict[UUID, Answer | BaseException] = field(default_factory=dict)
+    answers: dict[UUID, Answer | Media | BaseException] = field(default_factory=dict)
     skipped: int = 0  # lines not JSON, naming no job of the batch, or a job twice
 
 
-class BatchAPI(Protocol):
+class BatchAPI(Protocol[Q]):
     name: str
     model: str
+    table: str  # the job table whose batches it sends
 
     @property
     def scope(self) -> str:
@@ -79,13 +95,14 @@ class BatchAPI(Protocol):
         (OpenAI), or '*' (Anthropic: every model)."""
         ...
 
-    def units(self, prompt: CoursePrompt) -> int:
+    def units(self, request: Q) -> int:
         """What one request holds in that queue: its estimated input tokens
-        (OpenAI), or 1 (Anthropic: requests)."""
+        (OpenAI: a course's prompt and schema, an image's prompt), or 1
+        (Anthropic: requests)."""
         ...
 
     async def submit(
-        self, intent: UUID, requests: list[tuple[UUID, CoursePrompt]], hook: Callable[[str], None]
+        self, intent: UUID, requests: list[tuple[UUID, Q]], hook: Callable[[str], None]
     ) -> Sent:
         """Send one batch; `hook(moment)` is called after the upload and after the
         creation (the crash tests' moments)."""
@@ -138,6 +155,13 @@ def input_tokens(prompt: CoursePrompt) -> int:
     quotas do (quota.estimate): the instructions, the request and the schema."""
     size = len(prompt.system) + len(prompt.user) + len(json.dumps(prompt.schema))
     return math.ceil(size / CHARS_PER_TOKEN)
+
+
+def image_tokens(request: ImageRequest) -> int:
+    """An image request's input tokens, estimated on the high side as
+    input_tokens: its prompt (at least one). What OpenAI's enqueued-token limit
+    of the image model counts of it (docs/generation.md, "Batch jobs")."""
+    return max(1, math.ceil(len(request.prompt) / CHARS_PER_TOKEN))
 
 
 _LIMIT = re.compile(r"Limit:\s*([0-9][0-9,]{0,30})\s*enqueued tokens", re.IGNORECASE)

@@ -153,7 +153,9 @@ class Chain:
 
         def plan(p: MediaProvider) -> Stop:
             model = model_of(p) if model_of else p.name
-            return Stop(p.name, model, quota.MEDIA, p.name not in UNGUARDED)
+            # A batch's image (listener/batches/) was paid for in the batch: no call.
+            guarded = p.name not in UNGUARDED and not getattr(p, "answered", False)
+            return Stop(p.name, model, quota.MEDIA, guarded)
 
         async def ask(p: MediaProvider, grant: Grant | None) -> _Made[Media]:
             media = await self._call(plan(p), grant, lambda: make(p), _media_counted, MEDIA_OP)

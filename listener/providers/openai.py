@@ -119,12 +119,9 @@ class OpenAIProvider:
         return self.image_model if media_type == "image" else self.tts_model
 
     async def image(self, prompt: str, size: str) -> Media:
-        extra: dict[str, Any] = {}
-        if self.image_model.startswith("dall-e"):
-            extra["response_format"] = "b64_json"  # gpt-image models always answer base64
         sent = time.time()
         raw = await self.client.images.with_raw_response.generate(
-            model=self.image_model, prompt=prompt, size=size, n=1, **extra
+            **requests.openai_image(self.image_model, prompt, size)
         )
         resp = raw.parse()
         if not resp.data:

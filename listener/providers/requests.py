@@ -1,7 +1,9 @@
-"""A course request as each provider's API takes it, and its answer read back:
-shared by the direct calls (openai.py, anthropic.py) and the Batch APIs
-(batch_openai.py, batch_anthropic.py), so that a batched job is asked exactly
-what a direct one is (the prompts, the structured output, the prompt caching)."""
+"""A course request as each provider's API takes it, and its answer read back,
+and an image request as OpenAI's Images API takes it: shared by the direct
+calls (openai.py, anthropic.py) and the Batch APIs (batch_openai.py,
+batch_anthropic.py), so that a batched job is asked exactly what a direct one
+is (the prompts, the structured output, the prompt caching; the image's model,
+size and format)."""
 
 from __future__ import annotations
 
@@ -66,6 +68,15 @@ def openai_answer(resp: Any, model: str, limits: RateLimits, *, batch: bool = Fa
         raise Refused("blocked by the content filter", usage, limits)
     text = (choice.message.content or "") if choice else ""
     return Answer(text, model, usage, limits)
+
+
+def openai_image(model: str, prompt: str, size: str) -> dict[str, Any]:
+    """The Images API request (the keyword arguments of `images.generate`, and a
+    batch line's body): one image, as base64."""
+    body: dict[str, Any] = {"model": model, "prompt": prompt, "size": size, "n": 1}
+    if model.startswith("dall-e"):
+        body["response_format"] = "b64_json"  # gpt-image models always answer base64
+    return body
 
 
 def anthropic_course(model: str, max_tokens: int, prompt: CoursePrompt) -> dict[str, Any]:

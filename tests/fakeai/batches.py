@@ -9,8 +9,9 @@ Anthropic: POST /v1/messages/batches, GET /v1/messages/batches/{id}, GET
 batch's results_url), POST /v1/messages/batches/{id}/cancel.
 
 Each request of a batch is answered as the provider's own route would answer it
-in mode "valid" (a course from its prompt), when the batch ends. How batches end
-(`Batches` fields, set by the tests):
+in mode "valid" (a course from its prompt; for OpenAI's /v1/images/generations
+batches, the image as base64 JSON, as the direct images route answers), when the
+batch ends. How batches end (`Batches` fields, set by the tests):
 
   delay      seconds from creation until a batch ends (0: at the first look)
   outcome    "completed" (default), "expired" (OpenAI: status expired, each request
@@ -18,6 +19,9 @@ in mode "valid" (a course from its prompt), when the batch ends. How batches end
              "failed" (OpenAI only: status failed, no output)
   errors     custom ids answered with a per-request error (400) instead
   invalid    custom ids answered with text that is not a course
+  bodies     custom id -> the 200 answer's body to give instead (hostile answers:
+             any JSON value, e.g. an image answer without data or with a
+             b64_json that does not decode)
   garbage    extra lines appended to every results file as they are (hostile
              results: not JSON, unknown or duplicate custom ids)
   fail_downloads  that many downloads of a results file answer 500 first
@@ -26,7 +30,8 @@ Batch queue limits, as the providers count them (not per-minute calls):
 
   queue_limits   OpenAI: model -> enqueued tokens (the input tokens of that
                  model's batches not ended, counted at 4 characters a token of
-                 their messages and response format). A batch past it is created, then `failed` at
+                 their messages and response format, or of an image request's
+                 prompt). A batch past it is created, then `failed` at
                  once with errors.data[0].code "token_limit_exceeded" and OpenAI's
                  message ("... Limit: 2,000,000 enqueued tokens. ...")
   queue_message  that message instead (hostile refusals: no number, a huge one)
@@ -57,9 +62,12 @@ from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler
 from typing import Any
 
+IMAGES = "/v1/images/generations"
+ENDPOINTS = ("/v1/chat/completions", IMAGES)
 Send = Callable[[BaseHTTPRequestHandler, int, Any], None]
-# (provider, body, mode) -> (status, the provider's answer body), as its direct route
-Answer = Callable[[str, dict[str, Any]], dict[str, Any]]
+# (provider, the request's path, its body) -> the provider's answer body, as its
+# direct route answers it
+Answer = Callable[[str, str, dict[str, Any]], dict[str, Any]]
 
 
 @dataclass
@@ -92,7 +100,10 @@ class FakeBatch:
         chars = 0
         for r in self.requests:
             body = r.get("body") or {}
-            chars += len(json.dumps([body.get("messages"), body.get("response_format")]))
+            if self.endpoint == IMAGES:
+                chars += len(str(body.get("prompt") or ""))
+            else:
+                chars += len(json.dumps([body.get("messages"), body.get("response_format")]))
         return -(-chars // 4)
 
 
@@ -104,6 +115,7 @@ class Batches:
         self.outcome = "completed"
         self.errors: set[str] = set()
         self.invalid: set[str] = set()
+        self.bodies: dict[str, Any] = {}
         self.garbage: list[str] = []
         self.fail_downloads = 0
         self.files: dict[str, tuple[str, str, bytes]] = {}  # id -> (purpose, filename, data)
@@ -203,6 +215,11 @@ class Batches:
                 lines = [json.loads(x) for x in self.files[fid][2].splitlines() if x.strip()]
             except ValueError:
                 return send(h, 400, _oa_error("the input file is not JSONL"))
+            endpoint = body.get("endpoint", "/v1/chat/completions")
+            if endpoint not in ENDPOINTS:
+                return send(h, 400, _oa_error(f"endpoint: {endpoint} is not supported"))
+            if any(not isinstance(x, dict) or x.get("url") != endpoint for x in lines):
+                return send(h, 400, _oa_error("every request's url must be the batch's endpoint"))
             b = FakeBatch(
                 "openai",
                 self._id("batch_"),
@@ -210,7 +227,7 @@ class Batches:
                 time.time(),
                 metadata=body.get("metadata"),
                 input_file_id=fid,
-                endpoint=body.get("endpoint", "/v1/chat/completions"),
+                endpoint=endpoint,
             )
             self.batches[b.id] = b
             self.created["openai"] += 1
@@ -459,7 +476,8 @@ class Batches:
             body = dict(params or {})
             if cid in self.invalid:
                 body["_fake_invalid"] = True
-            answer = self.answer(b.provider, body)
+            path = "/v1/messages" if b.provider == "anthropic" else b.endpoint
+            answer = self.bodies[cid] if cid in self.bodies else self.answer(b.provider, path, body)
             if b.provider == "anthropic":
                 ok.append(
                     json.dumps(

@@ -543,9 +543,12 @@ class FakeAI(HTTPFake):
             held.settle(0)  # an error, or the client left
         return None
 
-    def batch_answer(self, provider: str, body: dict[str, Any]) -> dict[str, Any]:
+    def batch_answer(self, provider: str, path: str, body: dict[str, Any]) -> dict[str, Any]:
         """A batch's request answered as its route answers it in mode "valid" (or
         "invalid" when the batch marked it so), not streamed, quotas untouched."""
+        if path == "/v1/images/generations":
+            b64 = base64.b64encode(FAKE_IMAGE).decode()
+            return {"created": int(time.time()), "data": [{"b64_json": b64}]}
         mode = "invalid" if body.pop("_fake_invalid", False) else "valid"
         model = str(body.get("model") or DEFAULT_MODEL[provider])
         reply = self.reply(provider, body, mode, None)
