@@ -1,16 +1,20 @@
 """Batch jobs through the real `ai-jobs worker` and the real SDKs against the
-fake's Batch APIs: a batch end to end at the batch price, a worker killed at
-each moment of a batch's life (no job lost, no request sent twice), expiry and
-failure (back to pending, no attempt counted), a request's error (that job
-only), a cancel while batched, and a hostile results file."""
+fake's Batch APIs: a batch end to end at the batch price (course jobs, image
+jobs; audio jobs direct), a worker killed at each moment of a batch's life (no
+job lost, no request sent twice), expiry and failure (back to pending, no
+attempt counted), a request's error (that job only), a cancel while batched,
+and hostile results files."""
 
 from __future__ import annotations
 
+import base64
 import json
 import signal
+import tempfile
 import uuid
 from collections import Counter
 from itertools import pairwise
+from pathlib import Path
 from typing import Any
 
 import psycopg
@@ -18,8 +22,11 @@ import pytest
 
 from listener.batches.crash import ENV, EXIT_CODE, MOMENTS
 from listener.batches.watch import SUBMIT_TRIES
+from listener.providers import pricing
+from listener.settings import OPENAI_IMAGE_MODEL
 from tests.fakeai import FAKE_ANTHROPIC_KEY, FAKE_OPENAI_KEY, FakeAI
-from tests.helpers import connect, insert_course, job, wait_until
+from tests.fakeai.fake import FAKE_IMAGE
+from tests.helpers import connect, insert_course, insert_media, job, wait_until
 from tests.workers import WorkerProcess
 
 pytestmark = pytest.mark.timeout(120)
@@ -50,12 +57,30 @@ def insert_batch(c: psycopg.Connection[Any], n: int, **cols: Any) -> list[str]:
     ]
 
 
-def statuses(c: psycopg.Connection[Any], ids: list[str]) -> Counter[str]:
-    return Counter(job(c, i)["status"] for i in ids)
+MEDIA = "ai_media_jobs"
 
 
-def all_done(c: psycopg.Connection[Any], ids: list[str]) -> bool:
-    return statuses(c, ids) == Counter({"done": len(ids)})
+def insert_images(c: psycopg.Connection[Any], n: int, **cols: Any) -> list[str]:
+    return [
+        insert_media(c, f"a lighthouse, study {i}", "image", batch=True, **cols) for i in range(n)
+    ]
+
+
+def insert_jobs(c: psycopg.Connection[Any], kind: str, n: int, **cols: Any) -> list[str]:
+    """`n` batch jobs: courses, or images."""
+    return insert_images(c, n, **cols) if kind == "image" else insert_batch(c, n, **cols)
+
+
+def table(kind: str) -> str:
+    return MEDIA if kind == "image" else "ai_course_jobs"
+
+
+def statuses(c: psycopg.Connection[Any], ids: list[str], kind: str = "course") -> Counter[str]:
+    return Counter(job(c, i, table(kind))["status"] for i in ids)
+
+
+def all_done(c: psycopg.Connection[Any], ids: list[str], kind: str = "course") -> bool:
+    return statuses(c, ids, kind) == Counter({"done": len(ids)})
 
 
 def open_batches(c: psycopg.Connection[Any]) -> int:
@@ -65,7 +90,11 @@ def open_batches(c: psycopg.Connection[Any]) -> int:
 
 
 def direct_calls(fake: FakeAI) -> int:
-    return fake.count("openai", "/chat/completions") + fake.count("anthropic", "/v1/messages")
+    return (
+        fake.count("openai", "/chat/completions")
+        + fake.count("anthropic", "/v1/messages")
+        + fake.count("openai", "/images/generations")
+    )
 
 
 def test_a_batch_end_to_end_at_the_batch_price(db_url: str, fake: FakeAI) -> None:
@@ -100,12 +129,68 @@ def test_a_batch_end_to_end_at_the_batch_price(db_url: str, fake: FakeAI) -> Non
     assert "batch" not in direct_row["metrics"]
 
 
+def test_image_jobs_batch_at_the_batch_price_and_audio_runs_direct(
+    db_url: str, fake: FakeAI
+) -> None:
+    """Image jobs with `batch` go in one batch of /v1/images/generations, stored
+    as the direct path stores them; an audio job with `batch` runs direct (no
+    Batch API for speech), said once in the log; a course batch is its own."""
+    storage = tempfile.mkdtemp()
+    w = WorkerProcess(db_url, **batch_env(fake, STORAGE_URL=storage)).started()
+    try:
+        with connect(db_url) as c:
+            ids = insert_images(c, 3)
+            courses = insert_batch(c, 2)
+            sounds = [insert_media(c, f"a bell {i}", "audio", batch=True) for i in range(2)]
+            wait_until(lambda: all_done(c, ids, "image"), timeout=30, what="images done")
+            wait_until(lambda: all_done(c, courses), timeout=30, what="courses done")
+            wait_until(lambda: all_done(c, sounds, "image"), what="sounds done")
+            direct = insert_media(c, "a lighthouse, direct", "image")
+            wait_until(lambda: job(c, direct, MEDIA)["status"] == "done", what="direct done")
+            rows = [job(c, i, MEDIA) for i in ids]
+            sound_rows = [job(c, i, MEDIA) for i in sounds]
+            direct_row = job(c, direct, MEDIA)
+            ended = c.execute(
+                "select job_table, model, outcome from ai_job_batches order by job_table"
+            ).fetchall()
+    finally:
+        w.signal(signal.SIGTERM)
+        assert w.wait() == 0
+    assert fake.batches.created == {"openai": 2, "anthropic": 0}
+    assert sorted(fake.batches.requests_in) == sorted(ids + courses)
+    endpoints = sorted(b.endpoint for b in fake.batches.batches.values())
+    assert endpoints == ["/v1/chat/completions", "/v1/images/generations"]
+    assert [(r["job_table"], r["outcome"]) for r in ended] == [
+        ("ai_course_jobs", "completed"),
+        (MEDIA, "completed"),
+    ]
+    assert ended[1]["model"] == OPENAI_IMAGE_MODEL
+    # Direct: the image without `batch` and the two sounds; the batched images never.
+    assert fake.count("openai", "/images/generations") == 1
+    assert fake.count("openai", "/audio/speech") == 2
+    price = pricing.image_cost(OPENAI_IMAGE_MODEL)
+    assert price and direct_row["metrics"]["estimatedCostUsd"] == pytest.approx(price)
+    for r in rows:
+        m = r["metrics"]
+        assert m["batch"] is True and m["provider"] == "openai" and r["retry_count"] == 0
+        assert m["model"] == OPENAI_IMAGE_MODEL and m["mediaType"] == "image"
+        assert m["estimatedCostUsd"] == pytest.approx(price / 2)
+        assert r["result_path"] == f"media/{r['id']}.png"
+        assert (Path(storage) / r["result_path"]).read_bytes() == FAKE_IMAGE
+    for r in [*sound_rows, direct_row]:
+        assert "batch" not in r["metrics"] and r["retry_count"] == 0
+    told = w.actions("batch_direct")
+    assert len(told) == 1 and "speech" in told[0]["message"]
+
+
 @pytest.mark.parametrize(
-    ("moment", "provider"),
-    [(m, "openai") for m in MOMENTS] + [("after_create", "anthropic")],
+    ("moment", "provider", "kind"),
+    [(m, "openai", "course") for m in MOMENTS]
+    + [("after_create", "anthropic", "course")]
+    + [(m, "openai", "image") for m in MOMENTS],
 )
 def test_a_worker_killed_at_any_moment_loses_nothing_and_sends_nothing_twice(
-    db_url: str, fake: FakeAI, moment: str, provider: str
+    db_url: str, fake: FakeAI, moment: str, provider: str, kind: str
 ) -> None:
     order = "openai,anthropic" if provider == "openai" else "anthropic,openai"
     # A lease (a third of STALE_AFTER_SECONDS) that outlives the second worker's
@@ -113,14 +198,14 @@ def test_a_worker_killed_at_any_moment_loses_nothing_and_sends_nothing_twice(
     env = batch_env(fake, AI_PROVIDER_PRIORITY=order, STALE_AFTER_SECONDS="20")
     first = WorkerProcess(db_url, **env, **{ENV: moment}).started()
     with connect(db_url) as c:
-        ids = insert_batch(c, 4)
+        ids = insert_jobs(c, kind, 4)
         code = first.wait(timeout=30)  # it ends itself at that moment, as a kill would
         assert code == EXIT_CODE, first.log()[-3000:]
         sent_before = list(fake.batches.requests_in)
         second = WorkerProcess(db_url, **env).started()
         try:
-            wait_until(lambda: all_done(c, ids), timeout=40, what=f"done: {second.log_path}")
-            rows = [job(c, i) for i in ids]
+            wait_until(lambda: all_done(c, ids, kind), timeout=40, what=f"done: {second.log_path}")
+            rows = [job(c, i, table(kind)) for i in ids]
         finally:
             second.signal(signal.SIGTERM)
             assert second.wait() == 0

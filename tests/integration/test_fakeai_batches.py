@@ -1,9 +1,11 @@
-"""The fake's Batch APIs as the real SDKs see them: OpenAI's files and batches,
-Anthropic's message batches; their ends (completed, expired, failed,
-cancelled), per-request errors, and listing for recovery. No database."""
+"""The fake's Batch APIs as the real SDKs see them: OpenAI's files and batches
+(of chat completions and of images), Anthropic's message batches; their ends
+(completed, expired, failed, cancelled), per-request errors, and listing for
+recovery. No database."""
 
 from __future__ import annotations
 
+import base64
 import io
 import json
 from collections.abc import Iterator
@@ -16,6 +18,7 @@ import pytest
 from listener.course_schema import CourseParams, parse_course
 from tests import fakeai
 from tests.fakeai import FAKE_ANTHROPIC_KEY, FAKE_OPENAI_KEY, FakeAI
+from tests.fakeai.fake import FAKE_IMAGE
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -106,6 +109,76 @@ def test_openai_batch_delay_errors_expiry_failure_cancel(fake: FakeAI) -> None:
     assert b.status == "expired" and b.output_file_id is None and b.error_file_id
     fake.batches.outcome = "failed"
     assert c.batches.retrieve(openai_batch(fake, ["x"]).id).status == "failed"
+
+
+IMAGES = "/v1/images/generations"
+IMAGE_BODY = {"model": "gpt-image-1", "prompt": "a lighthouse at dawn", "size": "1024x1024", "n": 1}
+
+
+def image_batch(fake: FakeAI, ids: list[str], tag: str = "i1", url: str = IMAGES) -> Any:
+    c = oai(fake)
+    lines = [{"custom_id": i, "method": "POST", "url": url, "body": IMAGE_BODY} for i in ids]
+    data = "\n".join(json.dumps(x) for x in lines).encode()
+    f = c.files.create(file=("in.jsonl", io.BytesIO(data)), purpose="batch")
+    return c.batches.create(
+        input_file_id=f.id,
+        endpoint=IMAGES,
+        completion_window="24h",
+        metadata={"ai_jobs_batch": tag},
+    )
+
+
+def test_openai_image_batch_answers_as_the_direct_images_route(fake: FakeAI) -> None:
+    c = oai(fake)
+    fake.batches.errors = {"bad"}
+    b = c.batches.retrieve(image_batch(fake, ["a", "bad"]).id)
+    assert b.status == "completed" and b.endpoint == IMAGES and b.output_file_id
+    out = [json.loads(x) for x in c.files.content(b.output_file_id).text.splitlines()]
+    assert [x["custom_id"] for x in out] == ["a"] and out[0]["response"]["status_code"] == 200
+    batched = openai.types.ImagesResponse.model_validate(out[0]["response"]["body"])
+    direct = c.images.generate(**IMAGE_BODY)  # type: ignore[call-overload]
+    assert batched.data and direct.data and batched.data[0].b64_json and direct.data[0].b64_json
+    assert base64.b64decode(batched.data[0].b64_json) == FAKE_IMAGE
+    assert base64.b64decode(direct.data[0].b64_json) == FAKE_IMAGE
+    assert b.error_file_id
+    errs = [json.loads(x) for x in c.files.content(b.error_file_id).text.splitlines()]
+    assert [(e["custom_id"], e["response"]["status_code"]) for e in errs] == [("bad", 400)]
+    fake.batches.outcome = "expired"
+    late = c.batches.retrieve(image_batch(fake, ["late"], "i2").id)
+    assert late.status == "expired" and late.output_file_id is None and late.error_file_id
+    (expired,) = [json.loads(x) for x in c.files.content(late.error_file_id).text.splitlines()]
+    assert expired["custom_id"] == "late" and expired["error"]["code"] == "batch_expired"
+
+
+def test_openai_image_batch_hostile_bodies_and_a_wrong_url(fake: FakeAI) -> None:
+    c = oai(fake)
+    fake.batches.bodies = {"x": {"data": []}, "y": "not json"}
+    b = c.batches.retrieve(image_batch(fake, ["x", "y", "z"]).id)
+    assert b.output_file_id
+    out = {
+        x["custom_id"]: x["response"]["body"]
+        for x in map(json.loads, c.files.content(b.output_file_id).text.splitlines())
+    }
+    assert out["x"] == {"data": []} and out["y"] == "not json" and out["z"]["data"]
+    with pytest.raises(openai.BadRequestError):  # a batch has one endpoint
+        image_batch(fake, ["w"], "i3", url="/v1/chat/completions")
+
+
+def test_openai_image_model_has_its_own_enqueued_token_limit(fake: FakeAI) -> None:
+    """The image model's queue is not the chat model's: a full one refuses its
+    own model's batches only."""
+    c = oai(fake)
+    fake.batches.delay = 60
+    prompt_tokens = -(-len(IMAGE_BODY["prompt"]) // 4)  # the prompt, 4 characters a token
+    fake.batches.queue_limits = {"gpt-image-1": 2 * prompt_tokens, "gpt-4.1-mini": 10**9}
+    first = c.batches.retrieve(image_batch(fake, ["a", "b"], "q1").id)
+    assert first.status == "in_progress"
+    refused = c.batches.retrieve(image_batch(fake, ["c"], "q2").id)
+    assert refused.status == "failed" and refused.errors and refused.errors.data
+    assert refused.errors.data[0].code == "token_limit_exceeded"
+    assert f"Limit: {2 * prompt_tokens:,} enqueued tokens" in str(refused.errors.data[0].message)
+    chat = c.batches.retrieve(openai_batch(fake, ["d"], "q3").id)
+    assert chat.status == "in_progress" and fake.batches.refused["openai"] == 1
 
 
 def test_openai_upload_needs_purpose_batch(fake: FakeAI) -> None:

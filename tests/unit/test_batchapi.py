@@ -1,16 +1,26 @@
 """What the batch modules read from a provider's refusal (batchapi.stated_limit:
 OpenAI's "Limit: N enqueued tokens"; queue_refusal and queue_limit: Anthropic's
 429 that names its processing queue, "... limit of N ..."), hostile messages
-included, and what a request holds in a batch queue."""
+included, what a request holds in a batch queue, and an image batch's answer
+read back (hostile ones included)."""
 
 from __future__ import annotations
+
+import base64
+from types import SimpleNamespace
+from typing import Any, cast
 
 import pytest
 
 from listener.course_schema import CourseParams
+from listener.providers import pricing, requests
 from listener.providers.base import CoursePrompt
+from listener.providers.batch_openai import NOT_AN_IMAGE, OpenAIImageBatches
 from listener.providers.batchapi import (
     MAX_LIMIT,
+    ImageRequest,
+    RequestFailed,
+    image_tokens,
     input_tokens,
     queue_limit,
     queue_refusal,
@@ -86,3 +96,54 @@ def test_anthropics_queue_refusal_is_told_from_other_429s(
 def test_a_requests_input_tokens_are_estimated_on_the_high_side() -> None:
     prompt = CoursePrompt("s" * 300, "u" * 300, {"k": "v"}, "Tides", "c1", CourseParams())
     assert input_tokens(prompt) >= 600 // 4  # the provider's own count is near 4 a token
+
+
+def test_an_image_requests_units_are_its_prompts_tokens() -> None:
+    assert image_tokens(ImageRequest("p" * 10, "1024x1024")) == 4  # 3 characters a token, up
+    assert image_tokens(ImageRequest("", "1024x1024")) == 1  # never nothing
+
+
+def images(model: str = "gpt-image-1") -> OpenAIImageBatches:
+    provider = SimpleNamespace(client=None, image_model=model, max_tokens=1000)
+    return OpenAIImageBatches(cast(Any, provider))
+
+
+@pytest.mark.parametrize("model", ["gpt-image-1", "dall-e-3"])
+def test_an_image_batch_request_is_the_direct_paths(model: str) -> None:
+    body = images(model).body(ImageRequest("a fox", "512x512"))
+    assert body == requests.openai_image(model, "a fox", "512x512")
+    assert body["model"] == model and body["size"] == "512x512" and body["n"] == 1
+    assert ("response_format" in body) is model.startswith("dall-e")  # base64 either way
+
+
+def test_an_image_answer_is_the_png_at_the_batch_price() -> None:
+    b64 = base64.b64encode(b"the image").decode()
+    media = images().read({"created": 1, "data": [{"b64_json": b64}]})
+    assert (media.data, media.ext, media.content_type) == (b"the image", "png", "image/png")
+    full = pricing.image_cost("gpt-image-1")
+    assert full and media.usage.cost_usd == pytest.approx(full / 2)
+
+
+@pytest.mark.parametrize(
+    ("body", "why"),
+    [
+        ("<html>not json</html>", "not a JSON object"),
+        (7, "not a JSON object"),
+        (None, "not a JSON object"),
+        ([{"b64_json": "QQ=="}], "not a JSON object"),
+        ({}, "no data"),
+        ({"data": []}, "no data"),
+        ({"data": "QQ=="}, "no data"),
+        ({"data": ["QQ=="]}, "no data"),
+        ({"data": [{"url": "https://example.com/x.png"}]}, "no b64_json"),
+        ({"data": [{"b64_json": 5}]}, "no b64_json"),
+        ({"data": [{"b64_json": ""}]}, "no b64_json"),
+        ({"data": [{"b64_json": "%%% not base64 %%%"}]}, "b64_json is not base64"),
+        ({"data": [{"b64_json": "abc"}]}, "b64_json is not base64"),  # cut short
+        ({"data": [{"b64_json": "===="}]}, "b64_json is not base64"),
+    ],
+)
+def test_a_hostile_image_answer_is_a_clear_error_of_that_request(body: Any, why: str) -> None:
+    with pytest.raises(RequestFailed) as raised:
+        images().read(body)
+    assert str(raised.value) == f"{NOT_AN_IMAGE}: {why}"
