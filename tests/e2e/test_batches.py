@@ -7,7 +7,6 @@ and hostile results files."""
 
 from __future__ import annotations
 
-import base64
 import json
 import signal
 import tempfile
@@ -219,20 +218,25 @@ def test_a_worker_killed_at_any_moment_loses_nothing_and_sends_nothing_twice(
 
 
 @pytest.mark.parametrize(
-    ("outcome", "provider"),
-    [("expired", "openai"), ("failed", "openai"), ("expired", "anthropic")],
+    ("outcome", "provider", "kind"),
+    [
+        ("expired", "openai", "course"),
+        ("failed", "openai", "course"),
+        ("expired", "anthropic", "course"),
+        ("expired", "openai", "image"),
+    ],
 )
 def test_an_expired_or_failed_batch_sends_its_jobs_the_direct_way_without_an_attempt(
-    db_url: str, fake: FakeAI, outcome: str, provider: str
+    db_url: str, fake: FakeAI, outcome: str, provider: str, kind: str
 ) -> None:
     fake.batches.outcome = outcome
     order = "openai,anthropic" if provider == "openai" else "anthropic,openai"
     w = WorkerProcess(db_url, **batch_env(fake, AI_PROVIDER_PRIORITY=order)).started()
     try:
         with connect(db_url) as c:
-            ids = insert_batch(c, 3)
-            wait_until(lambda: all_done(c, ids), timeout=30, what="done the direct way")
-            rows = [job(c, i) for i in ids]
+            ids = insert_jobs(c, kind, 3)
+            wait_until(lambda: all_done(c, ids, kind), timeout=30, what="done the direct way")
+            rows = [job(c, i, table(kind)) for i in ids]
             ended = w.wait_for("batch_ended")
     finally:
         w.signal(signal.SIGTERM)
@@ -243,21 +247,25 @@ def test_an_expired_or_failed_batch_sends_its_jobs_the_direct_way_without_an_att
         assert r["retry_count"] == 0 and r["batch"] is False and "batch" not in r["metrics"]
 
 
-@pytest.mark.parametrize("provider", ["openai", "anthropic"])
-def test_a_request_error_fails_that_job_only(db_url: str, fake: FakeAI, provider: str) -> None:
+@pytest.mark.parametrize(
+    ("provider", "kind"), [("openai", "course"), ("anthropic", "course"), ("openai", "image")]
+)
+def test_a_request_error_fails_that_job_only(
+    db_url: str, fake: FakeAI, provider: str, kind: str
+) -> None:
     fake.batches.delay = 3  # the jobs are in before the batch ends
     order = "openai,anthropic" if provider == "openai" else "anthropic,openai"
     w = WorkerProcess(db_url, **batch_env(fake, AI_PROVIDER_PRIORITY=order)).started()
     try:
         with connect(db_url) as c:
-            ids = insert_batch(c, 3, max_retries=1)
+            ids = insert_jobs(c, kind, 3, max_retries=1)
             fake.batches.errors = {ids[1]}
             wait_until(
-                lambda: statuses(c, ids) == Counter({"done": 2, "dead_letter": 1}),
+                lambda: statuses(c, ids, kind) == Counter({"done": 2, "dead_letter": 1}),
                 timeout=30,
                 what="two done, one failed",
             )
-            bad = job(c, ids[1])
+            bad = job(c, ids[1], table(kind))
     finally:
         w.signal(signal.SIGTERM)
         assert w.wait() == 0
@@ -266,21 +274,24 @@ def test_a_request_error_fails_that_job_only(db_url: str, fake: FakeAI, provider
     assert fake.batches.created[provider] == 1 and direct_calls(fake) == 0
 
 
+@pytest.mark.parametrize("kind", ["course", "image"])
 def test_cancel_of_a_batched_job_is_at_once_and_its_result_ignored(
-    db_url: str, fake: FakeAI
+    db_url: str, fake: FakeAI, kind: str
 ) -> None:
     fake.batches.delay = 3600
     w = WorkerProcess(db_url, **batch_env(fake)).started()
     try:
         with connect(db_url) as c:
-            ids = insert_batch(c, 2)
+            ids = insert_jobs(c, kind, 2)
             wait_until(lambda: fake.batches.created["openai"] == 1, what="batch sent")
-            c.execute("select cancel_job(%s, 'ai_course_jobs')", [ids[0]])
-            assert job(c, ids[0])["status"] == "cancelled"  # not waiting for the batch
+            c.execute("select cancel_job(%s, %s)", [ids[0], table(kind)])
+            assert job(c, ids[0], table(kind))["status"] == "cancelled"  # not waiting for it
             fake.batches.delay = 0
-            wait_until(lambda: job(c, ids[1])["status"] == "done", timeout=30, what="done")
+            wait_until(
+                lambda: job(c, ids[1], table(kind))["status"] == "done", timeout=30, what="done"
+            )
             w.wait_for("batch_ended")
-            cancelled = job(c, ids[0])
+            cancelled = job(c, ids[0], table(kind))
     finally:
         w.signal(signal.SIGTERM)
         assert w.wait() == 0
@@ -338,6 +349,43 @@ def test_a_hostile_results_file_costs_no_job(db_url: str, fake: FakeAI) -> None:
         assert w.wait() == 0
     assert ended["returned"] == 0 and "7 line(s)" in skipped["message"]
     assert direct_calls(fake) == 0
+
+
+def test_hostile_image_answers_fail_those_jobs_only(db_url: str, fake: FakeAI) -> None:
+    """An image answer that is not JSON, has no data or no b64_json, or a b64_json
+    that does not decode: that job's attempt fails with a clear error; the good
+    image of the same batch is stored, nothing else is lost or sent again."""
+    fake.batches.delay = 3
+    storage = tempfile.mkdtemp()
+    w = WorkerProcess(db_url, **batch_env(fake, STORAGE_URL=storage)).started()
+    try:
+        with connect(db_url) as c:
+            ids = insert_images(c, 5, max_retries=1)
+            fake.batches.bodies = {
+                ids[0]: "<html>not json</html>",
+                ids[1]: {"created": 1, "data": []},
+                ids[2]: {"created": 1, "data": [{"url": "http://127.0.0.1:9/x.png"}]},
+                ids[3]: {"created": 1, "data": [{"b64_json": "%%% not base64 %%%"}]},
+            }
+            wait_until(
+                lambda: statuses(c, ids, "image") == Counter({"done": 1, "dead_letter": 4}),
+                timeout=30,
+                what="one done, four failed",
+            )
+            rows = [job(c, i, MEDIA) for i in ids]
+            ended = w.wait_for("batch_ended")
+    finally:
+        w.signal(signal.SIGTERM)
+        assert w.wait() == 0
+    why = ["not a JSON object", "no data", "no b64_json", "b64_json is not base64"]
+    for r, reason in zip(rows[:4], why, strict=True):
+        assert r["retry_count"] == 1 and r["result_path"] is None
+        assert r["error"].endswith(f"the batch's answer is not an image: {reason}"), r["error"]
+    good = rows[4]
+    assert good["metrics"]["batch"] is True and good["retry_count"] == 0
+    assert (Path(storage) / good["result_path"]).read_bytes() == FAKE_IMAGE
+    assert ended["returned"] == 0 and ended["outcome"] == "completed"
+    assert fake.batches.created["openai"] == 1 and direct_calls(fake) == 0
 
 
 def test_batch_answers_are_not_per_minute_calls(db_url: str, fake: FakeAI) -> None:
