@@ -9,7 +9,7 @@ import base64
 import io
 import json
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, Final
 
 import anthropic
 import openai
@@ -111,8 +111,14 @@ def test_openai_batch_delay_errors_expiry_failure_cancel(fake: FakeAI) -> None:
     assert c.batches.retrieve(openai_batch(fake, ["x"]).id).status == "failed"
 
 
-IMAGES = "/v1/images/generations"
-IMAGE_BODY = {"model": "gpt-image-1", "prompt": "a lighthouse at dawn", "size": "1024x1024", "n": 1}
+IMAGES: Final = "/v1/images/generations"
+PROMPT_IMAGE = "a lighthouse at dawn"
+IMAGE_BODY: dict[str, Any] = {
+    "model": "gpt-image-1",
+    "prompt": PROMPT_IMAGE,
+    "size": "1024x1024",
+    "n": 1,
+}
 
 
 def image_batch(fake: FakeAI, ids: list[str], tag: str = "i1", url: str = IMAGES) -> Any:
@@ -169,7 +175,7 @@ def test_openai_image_model_has_its_own_enqueued_token_limit(fake: FakeAI) -> No
     own model's batches only."""
     c = oai(fake)
     fake.batches.delay = 60
-    prompt_tokens = -(-len(IMAGE_BODY["prompt"]) // 4)  # the prompt, 4 characters a token
+    prompt_tokens = -(-len(PROMPT_IMAGE) // 4)  # the prompt, 4 characters a token
     fake.batches.queue_limits = {"gpt-image-1": 2 * prompt_tokens, "gpt-4.1-mini": 10**9}
     first = c.batches.retrieve(image_batch(fake, ["a", "b"], "q1").id)
     assert first.status == "in_progress"
