@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from tests.helpers import connect, insert_course, job
+from tests.helpers import connect, insert_course, insert_media, job
 
 
 @pytest.fixture
@@ -349,3 +349,60 @@ def test_a_job_that_waited_past_the_bound_goes_the_direct_way(c: Any) -> None:
     )
     c.execute("update ai_job_batches set worker_id = 'w2' where id = %s", [b1])
     assert refused(c, b1, None, "w2")["direct"] == 0  # ids1[0] is young: it waits
+
+
+# -- image batches (ai_media_jobs) ---------------------------------------------------
+
+
+def fit_model(c: Any, b: Any, jobs: list[Any], units: list[int], model: str) -> dict[str, Any]:
+    """OpenAI's fit: the queue is the model's."""
+    row = c.execute(
+        "select * from ai_job_batch_fit(%s, 'w1', 'openai', %s, %s, %s, %s, 86400, 60, 3600)",
+        [b, model, model, jobs, units],
+    ).fetchone()
+    return dict(row) if row else {}
+
+
+def test_image_and_course_batches_are_apart_and_so_are_their_queues(c: Any) -> None:
+    insert_course(c, "Queued", batch=True)
+    insert_media(c, "a fox", "image", batch=True)
+    course = claim(c)
+    row = c.execute("select * from claim_jobs('ai_media_jobs', 'w1', 1)").fetchone()
+    image = dict(row)
+    assert image["job"]["batch"] is True  # the claim says it (sql/034): no lookup per job
+    bc = take(c, course)
+    bi = c.execute(
+        "select ai_job_batch_take('ai_media_jobs', %s, %s, 'w1', 60, 50) as b",
+        [image["id"], image["claim_token"]],
+    ).fetchone()["b"]
+    assert bc is not None and bi is not None and bc != bi  # a batch has one endpoint
+    assert {r["id"]: r["job_table"] for r in watch(c, "w1")} == {
+        bc: "ai_course_jobs",
+        bi: "ai_media_jobs",
+    }
+    # The chat model's queue is full and paced: its batch waits; the image model's
+    # queue is another one, and its batch goes.
+    c.execute(
+        "insert into ai_job_batch_queues (provider, scope, limit_units, stated, refused_at,"
+        " retry_at) values ('openai', 'gpt-4.1-mini', 1, false, now(), now() + interval '1 hour')"
+    )
+    assert fit_model(c, bc, [course["id"]], [5], "gpt-4.1-mini")["kept"] == 0
+    got = fit_model(c, bi, [image["id"]], [5], "gpt-image-1")
+    assert (got["kept"], got["enqueued"], got["queue_limit"]) == (1, 0, None)
+    enqueued = "select ai_job_batch_enqueued('openai', %s, null) as n"
+    assert c.execute(enqueued, ["gpt-image-1"]).fetchone()["n"] == 5
+    assert c.execute(enqueued, ["gpt-4.1-mini"]).fetchone()["n"] == 0
+    # The image queue refuses its batch: it learns and paces the image model only.
+    c.execute("delete from ai_job_batch_queues")
+    c.execute(
+        "select * from ai_job_batch_refused(%s, 'w1', 'openai', 'gpt-image-1', 2, 'full',"
+        " 600, 86400, 60)",
+        [bi],
+    )
+    queues = c.execute("select scope, limit_units from ai_job_batch_queues").fetchall()
+    assert [(q["scope"], q["limit_units"]) for q in queues] == [("gpt-image-1", 2)]
+    got = fit_model(c, bc, [course["id"]], [5], "gpt-4.1-mini")
+    assert got["kept"] == 1, got
+    assert got["kept"] == 1
+    back = job(c, str(image["id"]), "ai_media_jobs")
+    assert back["status"] == "processing" and back["retry_count"] == 0  # waits for room
