@@ -212,9 +212,9 @@ class OpenAIImageBatches(_Batches[ImageRequest, Media]):
     def read(self, body: Any) -> Media:
         """The image as the direct path stores it (png), or RequestFailed saying
         what is wrong with the answer: hostile input, never a crash."""
-        data = body.get("data") if isinstance(body, dict) else None
         if not isinstance(body, dict):
             raise RequestFailed(f"{NOT_AN_IMAGE}: not a JSON object")
+        data = body.get("data")
         if not isinstance(data, list) or not data or not isinstance(data[0], dict):
             raise RequestFailed(f"{NOT_AN_IMAGE}: no data")
         b64 = data[0].get("b64_json")

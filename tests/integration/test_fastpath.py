@@ -87,8 +87,9 @@ async def test_a_notified_job_is_claimed_by_its_id_without_a_claim_round(db_url:
         "params": {"language": "en"},
         "batch": False,  # sql/031: the batch door asks only when it is true
     }
-    assert set(ran.jobs[1].row) == {"id", "prompt", "media_type", "course_id", "params"}
+    assert set(ran.jobs[1].row) == {"id", "prompt", "media_type", "course_id", "params", "batch"}
     assert ran.jobs[1].row["prompt"] == "a dog" and ran.jobs[1].row["media_type"] == "image"
+    assert ran.jobs[1].row["batch"] is False  # sql/034: as a course row's
 
 
 async def test_a_forged_notification_runs_nothing_and_loses_nothing(db_url: str) -> None:
