@@ -25,9 +25,9 @@ from psycopg_pool import AsyncConnectionPool
 from listener import dal
 from listener.batches.crash import crash_point
 from listener.errors import InvalidJob, scrub
-from listener.handlers.course import parse_params
+from listener.handlers.course import course_input
+from listener.handlers.media import media_input
 from listener.jobs import Job
-from listener.params import MediaParams, parse
 from listener.prompts import course_prompt
 from listener.providers.base import CoursePrompt
 from listener.providers.batchapi import BatchAPI, ImageRequest, QueueFull
@@ -228,22 +228,17 @@ class Submitter:
 
 
 def course_request(job: Job) -> CoursePrompt:
-    """The request the course handler would make for this job."""
-    subject = str(job.row.get("subject") or "").strip()
-    course_id = str(job.row.get("course_id") or "")
-    if not subject:
-        raise InvalidJob("Invalid job: subject is empty")
-    return course_prompt(subject, course_id, parse_params(job.params))
+    """The request the course handler would make for this job, checked as it
+    checks it: a job it would refuse fails here, before its batch is sent."""
+    return course_prompt(*course_input(job))
 
 
 def image_request(job: Job) -> ImageRequest:
     """The request the media handler would make for this image job."""
-    prompt = str(job.row.get("prompt") or "").strip()
-    if not prompt:
-        raise InvalidJob("Invalid job: prompt is empty")
-    if job.row.get("media_type") != "image":  # never taken (collect.py): not an image
-        raise InvalidJob(f"Invalid job: media_type {job.row.get('media_type')!r} is not batched")
-    return ImageRequest(prompt, parse(MediaParams, job.params).size)
+    prompt, media_type, params = media_input(job)
+    if media_type != "image":  # never taken (collect.py): not an image
+        raise InvalidJob(f"Invalid job: media_type {media_type!r} is not batched")
+    return ImageRequest(prompt, params.size)
 
 
 # A job's request, by its table.

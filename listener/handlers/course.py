@@ -33,6 +33,18 @@ PLACEHOLDER = PlaceholderProvider.name
 _COURSE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,127}")
 
 
+def course_input(job: Job) -> tuple[str, str, CourseParams]:
+    """The job's subject, course_id and params, checked: what the direct call and
+    a batch's request are made of (InvalidJob for a job neither can run)."""
+    subject = str(job.row.get("subject") or "").strip()
+    course_id = str(job.row.get("course_id") or "")
+    if not subject:
+        raise InvalidJob("Invalid job: subject is empty")
+    if not _COURSE_ID.fullmatch(course_id):
+        raise InvalidJob(f"Invalid job: course_id {course_id!r} is not a slug")
+    return subject, course_id, parse_params(job.params)
+
+
 def parse_params(raw: dict[str, Any]) -> CourseParams:
     return params.parse(CourseParams, raw)
 
@@ -71,13 +83,7 @@ class CourseHandler:
         self.cache_hits = 0
 
     async def __call__(self, job: Job) -> Outcome:
-        subject = str(job.row.get("subject") or "").strip()
-        course_id = str(job.row.get("course_id") or "")
-        if not subject:
-            raise InvalidJob("Invalid job: subject is empty")
-        if not _COURSE_ID.fullmatch(course_id):
-            raise InvalidJob(f"Invalid job: course_id {course_id!r} is not a slug")
-        params = parse_params(job.params)
+        subject, course_id, params = course_input(job)
         key = cache_key(subject, params)
         log = logger.bind(action="course_generate", job_id=str(job.id), course_id=course_id)
 

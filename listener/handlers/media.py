@@ -21,6 +21,18 @@ from listener.storage import Storage
 MEDIA_TYPES = ("image", "audio")
 
 
+def media_input(job: Job) -> tuple[str, str, MediaParams]:
+    """The job's prompt, media type and params, checked: what the direct call and
+    a batch's request are made of (InvalidJob for a job neither can run)."""
+    prompt = str(job.row.get("prompt") or "").strip()
+    media_type = job.row.get("media_type")
+    if not prompt:
+        raise InvalidJob("Invalid job: prompt is empty")
+    if media_type not in MEDIA_TYPES:
+        raise InvalidJob(f"Invalid job: unknown media_type {media_type!r} (image or audio)")
+    return prompt, media_type, parse(MediaParams, job.params)
+
+
 class MediaHandler:
     def __init__(
         self, settings: Settings, providers: Providers, chain: Chain, storage: Storage
@@ -31,13 +43,7 @@ class MediaHandler:
         self.storage = storage
 
     async def __call__(self, job: Job) -> Outcome:
-        prompt = str(job.row.get("prompt") or "").strip()
-        media_type = job.row.get("media_type")
-        if not prompt:
-            raise InvalidJob("Invalid job: prompt is empty")
-        if media_type not in MEDIA_TYPES:
-            raise InvalidJob(f"Invalid job: unknown media_type {media_type!r} (image or audio)")
-        params = parse(MediaParams, job.params)
+        prompt, media_type, params = media_input(job)
         voice = params.voice or self.settings.openai_tts_voice
 
         async def make(provider: MediaProvider) -> Media:

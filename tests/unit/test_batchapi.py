@@ -147,3 +147,62 @@ def test_a_hostile_image_answer_is_a_clear_error_of_that_request(body: Any, why:
     with pytest.raises(RequestFailed) as raised:
         images().read(body)
     assert str(raised.value) == f"{NOT_AN_IMAGE}: {why}"
+
+
+def _job(table: str, row: dict[str, Any]) -> Any:
+    from uuid import uuid4
+
+    from listener.jobs import Job
+
+    return Job(table, uuid4(), uuid4(), 0, 3, row)
+
+
+@pytest.mark.parametrize(
+    ("row", "error"),
+    [
+        ({"subject": " ", "course_id": "x", "params": {}}, "subject is empty"),
+        ({"subject": "Tides", "course_id": "../etc", "params": {}}, "is not a slug"),
+        ({"subject": "Tides", "course_id": "", "params": {}}, "is not a slug"),
+        ({"subject": "Tides", "course_id": "tides", "params": {"groups": "many"}}, "params"),
+    ],
+)
+def test_a_course_batch_request_refuses_what_the_handler_refuses(
+    row: dict[str, Any], error: str
+) -> None:
+    """A job the course handler would refuse fails when its batch is made, not
+    when its answer comes back a day later."""
+    from listener.batches.submit import course_request
+    from listener.errors import InvalidJob
+    from listener.handlers.course import course_input
+
+    job = _job("ai_course_jobs", row)
+    for check in (course_request, course_input):
+        with pytest.raises(InvalidJob, match=error):
+            check(job)
+
+
+def test_a_course_batch_request_is_the_handlers_prompt() -> None:
+    from listener.batches.submit import course_request
+    from listener.prompts import course_prompt
+
+    job = _job("ai_course_jobs", {"subject": " Tides ", "course_id": "tides-1", "params": {}})
+    assert course_request(job) == course_prompt("Tides", "tides-1", CourseParams())
+
+
+@pytest.mark.parametrize(
+    ("row", "error"),
+    [
+        ({"prompt": "", "media_type": "image", "params": {}}, "prompt is empty"),
+        ({"prompt": "a cat", "media_type": "audio", "params": {}}, "is not batched"),
+        ({"prompt": "a cat", "media_type": "video", "params": {}}, "unknown media_type"),
+        ({"prompt": "a cat", "media_type": "image", "params": {"size": 7}}, "params"),
+    ],
+)
+def test_an_image_batch_request_refuses_what_the_handler_refuses(
+    row: dict[str, Any], error: str
+) -> None:
+    from listener.batches.submit import image_request
+    from listener.errors import InvalidJob
+
+    with pytest.raises(InvalidJob, match=error):
+        image_request(_job("ai_media_jobs", row))
