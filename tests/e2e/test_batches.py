@@ -401,8 +401,9 @@ def test_batch_answers_are_not_per_minute_calls(db_url: str, fake: FakeAI) -> No
     assert fake.batches.created["openai"] == 1 and direct_calls(fake) == 0
 
 
+@pytest.mark.parametrize("kind", ["course", "image"])
 def test_batch_jobs_go_into_a_batch_while_a_spent_quota_holds_the_direct_ones(
-    db_url: str, fake: FakeAI
+    db_url: str, fake: FakeAI, kind: str
 ) -> None:
     """One call a minute: the direct jobs wait for the next minute; batch jobs
     inserted after them, which make no per-minute call, are claimed alone
@@ -412,18 +413,23 @@ def test_batch_jobs_go_into_a_batch_while_a_spent_quota_holds_the_direct_ones(
     try:
         with connect(db_url) as c:
             direct = [
-                insert_course(c, f"Direct {i}", params={"itemsPerGroup": 3}) for i in range(3)
+                insert_course(c, f"Direct {i}", params={"itemsPerGroup": 3})
+                if kind == "course"
+                else insert_media(c, f"a direct cat {i}", "image")
+                for i in range(3)
             ]
-            wait_until(lambda: statuses(c, direct)["done"] == 1, what="the minute's one call")
-            ids = insert_batch(c, 4)
-            wait_until(lambda: all_done(c, ids), timeout=30, what="batch jobs done in the minute")
-            left = statuses(c, direct)
+            wait_until(lambda: statuses(c, direct, kind)["done"] == 1, what="the minute's one call")
+            ids = insert_jobs(c, kind, 4)
+            wait_until(
+                lambda: all_done(c, ids, kind), timeout=30, what="batch jobs done in the minute"
+            )
+            left = statuses(c, direct, kind)
     finally:
         w.signal(signal.SIGTERM)
         assert w.wait() == 0
     assert left["done"] == 1  # still within the minute: the others wait for its quota
     assert fake.batches.created["openai"] == 1 and sorted(fake.batches.requests_in) == sorted(ids)
-    assert fake.count("openai", "/chat/completions") == 1
+    assert direct_calls(fake) == 1
 
 
 def test_every_batch_answer_is_charged_even_when_the_cache_serves_the_job(
