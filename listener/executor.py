@@ -64,9 +64,11 @@ class Cooldowns:
         """Hold `table` for `seconds`; a hold that is not over (resumed) yet goes on.
         `quota`: held for per-minute quotas alone (logged quietly; batch jobs, which
         make no per-minute call, are claimed meanwhile: held_for_quota)."""
+        now = time.monotonic()
         new = table not in self._until
-        self._until[table] = time.monotonic() + seconds
-        if quota and (new or table in self._quota):
+        over = not self.cooling(table, now)  # the hold before, if any, is over
+        self._until[table] = now + seconds
+        if quota and (over or table in self._quota):
             self._quota.add(table)
         else:
             self._quota.discard(table)

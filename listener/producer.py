@@ -27,6 +27,9 @@ from listener.pacing import Pacing
 from listener.rows import ClaimedRow
 
 TABLES = tuple(JOB_TYPES)
+# A held table's batch jobs are looked for at most this often once a look found
+# none (producer._batch_round).
+BATCH_LOOK_SECONDS = 1.0
 
 
 class Producer:
@@ -68,6 +71,7 @@ class Producer:
         # make no per-minute call, are claimed alone (sql/033).
         self.batch_tables: frozenset[str] = frozenset()
         self._batch_may_find = dict.fromkeys(TABLES, True)
+        self._batch_next = dict.fromkeys(TABLES, 0.0)  # no batch claim before (monotonic)
         self._looks = dict.fromkeys(TABLES, 0)  # reasons to look so far, by table
         self._timers: list[float] = []  # monotonic times when a waiting job becomes due
         self._turn = 0  # which table a claim round asks first (fairness)
@@ -166,6 +170,11 @@ class Producer:
         """Until a reason to look, the next retry timer, a cooldown's end or a
         ready job's limit."""
         waits = [t - now for t in self._timers[:1]] + self.executor.cooldowns.waits(now)
+        waits += [
+            self._batch_next[t] - now
+            for t in TABLES
+            if self._batch_next[t] > now and self._batch_due(t, now)
+        ]
         if (ready := self.leases.ready.due_in(now)) is not None:
             waits.append(ready)
         self._waiting = True
@@ -183,11 +192,7 @@ class Producer:
         cooldowns, wanted, batches = self.executor.cooldowns, [], []
         for t in self._tables_in_turn():
             if cooldowns.cooling(t, now):
-                if (
-                    t in self.batch_tables
-                    and self._batch_may_find[t]
-                    and cooldowns.held_for_quota(t, now)
-                ):
+                if self._batch_due(t, now) and now >= self._batch_next[t]:
                     batches.append(t)
                 continue
             if self._may_find[t]:
@@ -196,28 +201,19 @@ class Producer:
                 cooldowns.resume(t)
         return wanted, batches
 
+    def _batch_due(self, table: str, now: float) -> bool:
+        """Batch jobs of `table` may be waiting while a quota holds its claims."""
+        return (
+            table in self.batch_tables
+            and self._batch_may_find[table]
+            and self.executor.cooldowns.held_for_quota(table, now)
+        )
+
     def _tables_in_turn(self) -> list[str]:
         self._turn = (self._turn + 1) % len(TABLES)
         return [*TABLES[self._turn :], *TABLES[: self._turn]]
 
     async def _claim_round(self, tables: list[str], free: int, batches: list[str]) -> bool:
-        for table in batches:
-            looks = self._looks[table]
-            try:
-                rows = await dal.CLAIM_BATCH.all(
-                    self.pool, {"table": table, "worker": self.worker_id, "n": free}
-                )
-            except Exception as exc:
-                self.report(exc, "claim")
-                return False
-            self.claim_rounds += 1
-            self._round_claims[table] += 1
-            if len(rows) < free and looks == self._looks[table]:
-                self._batch_may_find[table] = False
-            self._start(rows)
-            free -= len(rows)
-            if free <= 0:
-                return True
         for table in tables:
             n = await self._admitted(table, free)
             if n == 0:
@@ -241,7 +237,35 @@ class Producer:
             self._start(rows)
             free -= len(rows)
             if free <= 0:
+                return True
+        return await self._batch_round(batches, free)
+
+    async def _batch_round(self, tables: list[str], free: int) -> bool:
+        """The batch jobs alone of these held tables, in the slots the others left.
+        One that finds fewer than it asked for is not asked again for a second
+        (BATCH_LOOK_SECONDS), whatever the notifications: while a quota holds a
+        table, every insert into it is a reason to look, and batch jobs gather
+        for BATCH_COLLECT_SECONDS anyway."""
+        for table in tables:
+            if free <= 0:
                 break
+            looks = self._looks[table]
+            try:
+                rows = await dal.CLAIM_BATCH.all(
+                    self.pool, {"table": table, "worker": self.worker_id, "n": free}
+                )
+            except Exception as exc:
+                self.report(exc, "claim")
+                return False
+            self.claim_rounds += 1
+            self._round_claims[table] += 1
+            self.health.up()
+            if len(rows) < free:
+                self._batch_next[table] = time.monotonic() + BATCH_LOOK_SECONDS
+                if looks == self._looks[table]:
+                    self._batch_may_find[table] = False
+            self._start(rows)
+            free -= len(rows)
         return True
 
     async def _admitted(self, table: str, free: int) -> int:

@@ -1278,7 +1278,7 @@ begin
 end
 $function$;
 
--- last defined by sql/033_claim_batch_jobs.sql
+-- last defined by sql/035_claim_batch_locks.sql
 CREATE OR REPLACE FUNCTION public.ai_job_claim_batch(table_name text, worker text, max_jobs integer)
  RETURNS TABLE(job_table text, id uuid, claim_token uuid, retry_count integer, max_retries integer, job jsonb)
  LANGUAGE plpgsql
@@ -1331,6 +1331,11 @@ begin
         return query execute claim using worker, ids;
         return;
     end if;
+    -- Every due user's lock first, in the order of their lock keys, as the fair
+    -- pick takes them (ai_job_fair_ids): ai_job_under_cap would otherwise take
+    -- them one by one in the order of the jobs, and two claims taking two users
+    -- in opposite orders deadlock.
+    perform ai_job_lock_users(ai_job_due_users(t));
     while got < max_jobs and tries < 2 * max_jobs + 10 loop
         tries := tries + 1;
         execute due || ' limit 1 for update skip locked' into picked, owner using full_;

@@ -12,6 +12,7 @@ crash.py     the crash tests' hook (AI_JOBS_TEST_CRASH_AT), inert otherwise
 
 from __future__ import annotations
 
+import asyncio
 from typing import TYPE_CHECKING, Any, cast
 
 from psycopg_pool import AsyncConnectionPool
@@ -28,9 +29,11 @@ if TYPE_CHECKING:
 
 COURSES = "ai_course_jobs"
 MEDIA = "ai_media_jobs"
-# Images per batch: OpenAI's results file holds each image as base64 (a few MB
-# each), read whole; courses are a few KB each (collect.MAX_JOBS).
-MAX_IMAGES = 50
+# Images per batch: OpenAI's results file holds each image as base64 (2-3 MB
+# each); a worker holds the file (read line by line) and the decoded images of
+# one image batch at a time (watch.py), tens of MB. Courses are a few KB each
+# (collect.MAX_JOBS).
+MAX_IMAGES = 10
 NO_SPEECH_BATCH = "no provider has a Batch API for speech"
 
 __all__ = ["BatchRouter", "BatchService", "setup"]
@@ -94,4 +97,6 @@ def setup(settings: Settings, pool: AsyncConnectionPool[Any], runtime: Runtime) 
     for router in routers.values():
         router.charge = runtime.chain.meter.charge
     runtime.handlers = {**runtime.handlers, **routers}
-    return BatchService(settings, pool, routers, apis)
+    service = BatchService(settings, pool, routers, apis)
+    service.lanes[MEDIA].reads = asyncio.Semaphore(1)  # one image results file at a time
+    return service

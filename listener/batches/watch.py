@@ -62,6 +62,9 @@ class Lane:
     router: BatchRouter
     apis: dict[str, BatchAPI[Any]] = field(default_factory=dict)
     first: BatchAPI[Any] | None = None  # the chain's first provider with one
+    # Results read one batch at a time (images: a results file of tens of MB and
+    # its decoded images held until stored), or all at once (None).
+    reads: asyncio.Semaphore | None = None
 
 
 class BatchService:
@@ -220,7 +223,11 @@ class BatchService:
             self._polled.pop(bid, None)
             return
         try:
-            await self._results(lane, row, api, state.outcome, state.error)
+            if lane.reads is None:
+                await self._results(lane, row, api, state.outcome, state.error)
+            else:
+                async with lane.reads:
+                    await self._results(lane, row, api, state.outcome, state.error)
         except Exception as exc:  # read again at the next poll (or by whoever takes it over)
             log.warning(f"could not read the batch's results: {type(exc).__name__}")
 

@@ -17,10 +17,11 @@ crash, never a second result for a job."""
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar
 from uuid import UUID
@@ -120,20 +121,20 @@ class BatchAPI(Protocol[Q]):
     async def cancel(self, batch_id: str) -> None: ...
 
 
-def lines(data: bytes | str) -> list[Any]:
-    """The JSON objects of a JSONL file; lines that are not JSON objects are None."""
-    text = data.decode("utf-8", "replace") if isinstance(data, bytes) else data
-    out: list[Any] = []
-    for line in text.splitlines():
+def lines(data: bytes | str) -> Iterator[Any]:
+    """The JSON objects of a JSONL file, one line at a time (a results file of
+    images is tens of MB: no copy of it whole is made); lines that are not JSON
+    objects are None, a line nested too deep for the parser included."""
+    raw = data.encode() if isinstance(data, str) else data
+    for line in io.BytesIO(raw):
         if not line.strip():
             continue
         try:
-            doc = json.loads(line)
-        except ValueError:
-            out.append(None)
+            doc = json.loads(line.decode("utf-8", "replace"))
+        except (ValueError, RecursionError):
+            yield None
             continue
-        out.append(doc if isinstance(doc, dict) else None)
-    return out
+        yield doc if isinstance(doc, dict) else None
 
 
 def job_of(doc: Any, jobs: set[UUID], seen: set[UUID]) -> UUID | None:

@@ -298,7 +298,8 @@ class Chain:
         quota_only = True  # every LATER is a quota's
         t0 = time.perf_counter()
         lane = [plan(p) for p in providers]
-        if job is not None:
+        if job is not None and not any(getattr(p, "answered", False) for p in providers):
+            # (A batch's answer, read without a call, is not what the table's jobs ask.)
             self.gate.note(job.table, lane)
         for p, stop in zip(providers, lane, strict=True):
             grant: Grant | None = None

@@ -128,7 +128,7 @@ class OpenAIProvider:
             raise ValueError("the images API returned no image")
         first = resp.data[0]
         if first.b64_json:
-            data = base64.b64decode(first.b64_json)
+            data = base64.b64decode(first.b64_json, validate=True)  # garbage: ValueError
         elif first.url:  # the answer's URL is untrusted input (providers/download.py)
             data = await download(first.url, self.timeout, trusted_base=self.base_url)
         else:

@@ -5,13 +5,14 @@ queues, the per-user cap, rows another claim holds, an unknown table."""
 
 from __future__ import annotations
 
+import threading
 import uuid
 from typing import Any
 
 import psycopg
 import pytest
 
-from tests.helpers import connect, insert_course, insert_media, job
+from tests.helpers import connect, insert_course, insert_media, job, wait_until
 
 
 @pytest.fixture
@@ -125,3 +126,68 @@ def test_an_unknown_table_is_refused(c: Any, table: Any) -> None:
 def test_no_room_claims_nothing(c: Any, n: Any) -> None:
     insert_course(c, "Batched", batch=True)
     assert claim_batch(c, n=n) == []
+
+
+def test_two_capped_batch_claims_at_once_never_deadlock(db_url: str, c: Any) -> None:
+    """Jobs A1, B1, B2, A2 (users A and B), a cap set. Taken one job at a time
+    with each user's lock as it comes, worker 1 would hold A and wait for B (for
+    B2) while worker 2 held B and waited for A (for A2): a deadlock, one claim
+    aborted. Every due user's lock is taken first, in one order (sql/035)."""
+    a, b = str(uuid.uuid4()), str(uuid.uuid4())
+    order = [(a, "A1"), (b, "B1"), (b, "B2"), (a, "A2")]
+    ids = [
+        insert_course(c, name, batch=True, created_by=user, run_after=older(c, 100 - i))
+        for i, (user, name) in enumerate(order)
+    ]
+    c.execute("update ai_job_settings set max_running_per_user = 5")
+    claim = "select id::text from ai_job_claim_batch('ai_course_jobs', %s, 1)"
+    got: dict[str, list[str]] = {"w1": [], "w2": []}
+    errors: list[BaseException] = []
+    go = threading.Event()
+
+    def waits_on_a_lock(pid: int) -> bool:
+        row = c.execute(
+            "select wait_event_type from pg_stat_activity where pid = %s", [pid]
+        ).fetchone()
+        return row is not None and row["wait_event_type"] == "Lock"
+
+    with psycopg.connect(db_url) as w1, psycopg.connect(db_url) as w2:
+
+        def second_worker() -> None:
+            try:
+                got["w2"] += [r[0] for r in w2.execute(claim, ["w2"]).fetchall()]
+                go.wait(15)
+                got["w2"] += [r[0] for r in w2.execute(claim, ["w2"]).fetchall()]
+                w2.commit()
+            except BaseException as exc:
+                errors.append(exc)
+                w2.rollback()
+
+        got["w1"] += [r[0] for r in w1.execute(claim, ["w1"]).fetchall()]  # A1
+        t2 = threading.Thread(target=second_worker)
+        t2.start()
+        wait_until(
+            lambda: got["w2"] or waits_on_a_lock(w2.info.backend_pid) or errors,
+            what="worker 2's first claim done, or waiting for worker 1's locks",
+        )
+
+        def first_worker_again() -> None:
+            try:
+                got["w1"] += [r[0] for r in w1.execute(claim, ["w1"]).fetchall()]
+                w1.commit()
+            except BaseException as exc:
+                errors.append(exc)
+                w1.rollback()
+
+        t1 = threading.Thread(target=first_worker_again)
+        t1.start()
+        wait_until(
+            lambda: not t1.is_alive() or waits_on_a_lock(w1.info.backend_pid),
+            what="worker 1's second claim done, or waiting",
+        )
+        go.set()
+        t1.join(20)
+        t2.join(20)
+    assert errors == []
+    claimed = got["w1"] + got["w2"]
+    assert len(claimed) == 4 and set(claimed) == set(ids)

@@ -4,6 +4,7 @@ outage has lasted too long) and the worker's hold on claiming that table."""
 from __future__ import annotations
 
 import asyncio
+import time
 from typing import Any
 
 import psycopg
@@ -138,6 +139,62 @@ async def test_the_worker_stops_claiming_that_table_while_providers_are_down(db_
         assert statuses == ["pending"] * 3
         assert w.producer.claims_by_table["ai_course_jobs"] == course_claims  # not one while held
         assert "ai_course_jobs" in w.executor.cooldowns
+
+
+@pytest.mark.parametrize("quota", [True, False])
+async def test_while_a_quota_holds_a_table_its_batch_jobs_alone_are_claimed(
+    db_url: str, quota: bool
+) -> None:
+    """Held for a per-minute quota: the table's batch jobs are claimed alone
+    (sql/033), and a burst of notifications makes at most a look a second, not a
+    claim each. Held because every provider is down: not even those."""
+    seen: list[tuple[str, bool]] = []
+
+    async def course(job: Job) -> Outcome:
+        seen.append((str(job.id), bool(job.row.get("batch"))))
+        if job.row.get("batch"):
+            return Outcome("b", {"provider": "test"})  # (a batch door's hand-off, here)
+        raise ProvidersUnavailable("Providers unavailable: openai: quota", 60, quota=quota)
+
+    s = settings(db_url, worker_concurrency=4)
+    async with running_worker(s, {"ai_course_jobs": course}) as w:
+        w.producer.batch_tables = frozenset({"ai_course_jobs"})
+        with connect(db_url) as c:
+            first = insert_course(c, "First")
+        await await_until(lambda: _async("ai_course_jobs" in w.executor.cooldowns), what="held")
+        await await_until(lambda: _async(w.settled), what="the claim loop settled")
+        claims = w.producer.claims_by_table["ai_course_jobs"]
+        burst = []
+        with connect(db_url) as c:
+            for n in range(10):  # one at a time: each notification a reason to look
+                heard = w.notifications
+                burst.append(insert_course(c, f"Direct {n}"))
+                await await_until(
+                    lambda h=heard: _async(w.notifications > h),  # type: ignore[misc]
+                    what="notified",
+                )
+                await await_until(lambda: _async(w.settled), what="settled")
+        looks = w.producer.claims_by_table["ai_course_jobs"] - claims
+        heard = w.notifications
+        with connect(db_url) as c:
+            batched = [insert_course(c, f"Batch {n}", batch=True) for n in range(3)]
+        await await_until(lambda: _async(w.notifications >= heard + 3), what="notified")
+        if quota:
+            await await_until(
+                lambda: _async(len(seen) == 4), timeout=10, what="the batch jobs claimed"
+            )
+        else:  # past any pause of the batch looks, and settled: nothing came
+            paused = w.producer._batch_next["ai_course_jobs"]
+            await await_until(lambda: _async(time.monotonic() > paused), what="no look paused")
+            await await_until(lambda: _async(w.settled), what="settled after the batch jobs")
+        async with await aconnect(db_url) as conn:
+            waiting = [(await _row(conn, jid))["status"] for jid in burst]
+    assert waiting == ["pending"] * 10  # the direct jobs wait for the quota
+    assert looks <= 2  # 10 notifications: one look, one more a second later at most
+    if quota:
+        assert sorted(seen[1:]) == sorted((jid, True) for jid in batched)
+    else:
+        assert seen == [(first, False)]
 
 
 async def _async(value: Any) -> Any:
