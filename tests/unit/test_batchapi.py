@@ -206,3 +206,12 @@ def test_an_image_batch_request_refuses_what_the_handler_refuses(
 
     with pytest.raises(InvalidJob, match=error):
         image_request(_job("ai_media_jobs", row))
+
+
+def test_results_lines_are_read_one_at_a_time_and_a_too_deep_line_is_skipped() -> None:
+    from listener.providers.batchapi import lines
+
+    data = b"[" * 200_000 + b'\n{"custom_id": "a"}\r\n\nnot json\n[1]\n{"custom_id": "\xff"}'
+    got = lines(data)
+    assert not isinstance(got, list)  # a generator: no copy of the file whole
+    assert list(got) == [None, {"custom_id": "a"}, None, None, {"custom_id": "\ufffd"}]
