@@ -52,6 +52,9 @@ DRAIN_SECONDS = 30.0
 # waits this many BATCH_COLLECT_SECONDS / BATCH_POLL_SECONDS (10 minutes by
 # default), unless a batch of it ends first.
 REFUSED_PACE = 10
+# A batch whose provider no worker here has a Batch API for ends this long after
+# it was made (the providers' completion window is 24 hours).
+ORPHAN_SECONDS = 25 * 3600.0
 RESULTS_AT_ONCE = 50  # answered jobs stored at once (no provider call but a repair)
 
 
@@ -107,6 +110,7 @@ class BatchService:
         self._tries: dict[UUID, int] = {}
         self._wait: dict[UUID, float] = {}  # a batch that found no room: not before then
         self._retry: dict[UUID, float] = {}  # a batch whose send failed: not before then
+        self._let_go: set[UUID] = set()  # batches let go for want of their API (logged once)
         self.held = 0  # open batches held at the last tick
         self.ended = 0
 
@@ -180,8 +184,11 @@ class BatchService:
         bid = row["id"]
         api = lane.apis.get(row["provider"] or "") if row["provider"] else lane.first
         log = logger.bind(action="batch_submit", batch=str(bid))
-        if api is None:
+        if api is None and row["state"] == "collecting":  # nothing sent: the direct way
             await self._end(bid, "failed", "no provider of the chain has a Batch API")
+            return
+        if api is None:  # an intent, perhaps at its provider already
+            await self._no_api(row)
             return
         try:
             done = await self.submitter.submit(row, api)
@@ -206,8 +213,11 @@ class BatchService:
         bid, pbid = row["id"], row["provider_batch_id"]
         api = lane.apis.get(row["provider"] or "")
         log = logger.bind(action="batch_watch", batch=str(bid), provider_batch=pbid)
-        if api is None or pbid is None:
-            await self._end(bid, "failed", f"no Batch API for provider {row['provider']}")
+        if pbid is None:  # (never: a submitted batch has its provider's id)
+            await self._end(bid, "failed", "no provider batch id")
+            return
+        if api is None:
+            await self._no_api(row)
             return
         try:
             state = await api.state(pbid)
@@ -230,6 +240,25 @@ class BatchService:
                     await self._results(lane, row, api, state.outcome, state.error)
         except Exception as exc:  # read again at the next poll (or by whoever takes it over)
             log.warning(f"could not read the batch's results: {type(exc).__name__}")
+
+    async def _no_api(self, row: BatchWatchRow) -> None:
+        """A batch sent (or being sent) to a provider this worker has no Batch API
+        for (its key is not set here, or this table's batches are not this
+        worker's): another worker may have it, so the lease is let go at once,
+        never the batch ended while its provider may run it (it would be paid
+        twice). Past the providers' 24 hours and an hour, no worker read it: it
+        ends, and its jobs go the direct way."""
+        bid, provider = row["id"], row["provider"]
+        why = f"no Batch API for provider {provider} in this worker"
+        if row["age_seconds"] >= ORPHAN_SECONDS:
+            await self._end(bid, "failed", f"{why} or any other for a day")
+            return
+        await dal.BATCH_LET_GO.run(self.pool, {"batch": bid, "worker": self.worker_id})
+        if bid not in self._let_go:
+            self._let_go.add(bid)
+            logger.bind(action="batch_let_go", batch=str(bid), provider=provider).warning(
+                f"{why}: left to a worker that has one"
+            )
 
     async def _results(
         self, lane: Lane, row: BatchWatchRow, api: BatchAPI[Any], outcome: str, error: str | None

@@ -19,6 +19,12 @@ select ai_job_batch_submitted(%(batch)s, %(worker)s, %(provider_batch)s, %(file)
 select id, job_table, state, provider, model, provider_batch_id, age_seconds, jobs
 from ai_job_batch_watch(%(worker)s, %(lease)s, %(adopt)s, %(beat_after)s)
 
+-- name: batch_let_go
+-- This worker has no Batch API for the batch's provider: its lease ends now, for a
+-- worker that has one to take it over (ai_job_batch_watch adopts it).
+update ai_job_batches set worker_id = null, lease_until = clock_timestamp()
+where id = %(batch)s and worker_id = %(worker)s and state <> 'ended'
+
 -- name: batch_jobs
 -- sql/027: the jobs a batch still holds, with their items' tokens.
 select job_table, id, claim_token, retry_count, max_retries, job

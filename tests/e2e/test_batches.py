@@ -217,6 +217,36 @@ def test_a_worker_killed_at_any_moment_loses_nothing_and_sends_nothing_twice(
         assert second.actions("batch_submit"), "the intent was found, not sent again"
 
 
+def test_a_worker_without_the_batchs_api_leaves_it_to_one_that_has_it(
+    db_url: str, fake: FakeAI
+) -> None:
+    """The worker that sent an OpenAI batch dies; a worker whose chain has no
+    OpenAI takes its lease over. It must not end the batch (its jobs would run
+    again the direct way while OpenAI runs the batch: paid twice): it lets go of
+    it, and a worker with OpenAI finishes it."""
+    env = batch_env(fake, AI_PROVIDER_PRIORITY="openai,anthropic", STALE_AFTER_SECONDS="20")
+    first = WorkerProcess(db_url, **env, **{ENV: "after_create"}).started()
+    with connect(db_url) as c:
+        ids = insert_batch(c, 3)
+        assert first.wait(timeout=30) == EXIT_CODE, first.log()[-3000:]
+        other = WorkerProcess(db_url, **{**env, "AI_PROVIDER_PRIORITY": "anthropic"}).started()
+        try:
+            other.wait_for("batch_let_go", timeout=30)
+            able = WorkerProcess(db_url, **env).started()
+            try:
+                wait_until(lambda: all_done(c, ids), timeout=40, what=f"done: {able.log_path}")
+                rows = [job(c, i) for i in ids]
+            finally:
+                able.signal(signal.SIGTERM)
+                assert able.wait() == 0
+        finally:
+            other.signal(signal.SIGTERM)
+            assert other.wait() == 0
+    assert fake.batches.created == {"openai": 1, "anthropic": 0}
+    assert direct_calls(fake) == 0
+    assert all(r["metrics"]["batch"] is True and r["retry_count"] == 0 for r in rows)
+
+
 @pytest.mark.parametrize(
     ("outcome", "provider", "kind"),
     [
