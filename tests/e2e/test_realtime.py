@@ -12,6 +12,7 @@ import asyncio
 import itertools
 import re
 import signal
+import statistics
 import subprocess
 import threading
 import time
@@ -150,7 +151,11 @@ def test_a_logical_consumer_sees_the_progress_at_its_cadence(
     times = [t for t, p in progress if p["phase"] == "generating"]
     gaps = [b - a for a, b in itertools.pairwise(times)]
     assert gaps and max(gaps) <= INTERVAL * 2.5, gaps
-    assert min(gaps) >= INTERVAL * WRITE_PERIOD * 0.8, gaps
+    # A write starts every WRITE_PERIOD of the interval: one whose commit a
+    # loaded machine delayed is followed by one on time, a shorter gap between
+    # the changes seen; per-token writes would be milliseconds apart.
+    assert min(gaps) >= INTERVAL * WRITE_PERIOD * 0.3, gaps
+    assert statistics.median(gaps) >= INTERVAL * WRITE_PERIOD * 0.8, gaps
     last = changes[-1][1]
     assert "'done'" in last
     assert field(last, "partial_result") is None
