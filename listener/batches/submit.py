@@ -30,7 +30,7 @@ from listener.handlers.media import media_input
 from listener.jobs import Job
 from listener.prompts import course_prompt
 from listener.providers.base import CoursePrompt
-from listener.providers.batchapi import BatchAPI, ImageRequest, QueueFull
+from listener.providers.batchapi import BatchAPI, ImageRequest, QueueFull, Unsure
 from listener.rows import BatchWatchRow, ClaimedRow
 
 FailJob = Any  # Executor.fail(job, exc)
@@ -83,7 +83,10 @@ class Submitter:
             since = time.time() - row["age_seconds"] - 60
             rows = await dal.BATCH_KNOWN.all(self.pool, {"provider": api.name, "since": since})
             known = {r["provider_batch_id"] for r in rows if r["provider_batch_id"]}
-            found = await api.find(intent, since, len(jobs), known)
+            found = await api.find(intent, since, {r["id"] for r in jobs}, known)
+            if isinstance(found, Unsure):
+                log.info("a batch that may be this one still runs at the provider: not sent")
+                return WAITING
             if found is not None:
                 await self._record(intent, found.batch_id, found.file_id)
                 self.recovered += 1

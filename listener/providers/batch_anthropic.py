@@ -10,6 +10,7 @@ and the intent is sent again (docs/generation.md says so)."""
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from typing import Any
 from uuid import UUID
@@ -24,17 +25,21 @@ from listener.providers.batchapi import (
     LIST_MAX,
     LIST_PAGE,
     READ_CHARS,
+    UNSURE,
     QueueFull,
     RequestFailed,
     Results,
     Sent,
     State,
+    Unsure,
     job_of,
     lines,
     queue_limit,
     queue_refusal,
 )
 from listener.providers.ratelimits import RateLimits
+
+NAMED_KEPT = 200  # ended batches whose jobs are remembered (find)
 
 
 class AnthropicBatches:
@@ -45,6 +50,7 @@ class AnthropicBatches:
         self.client = provider.client
         self.model = provider.model
         self.max_tokens = provider.max_tokens
+        self._named_by: dict[str, set[UUID]] = {}  # an ended batch's jobs, by its id
 
     @property
     def scope(self) -> str:
@@ -80,19 +86,45 @@ class AnthropicBatches:
             raise QueueFull(f"batch refused (429): {message[:300]}", queue_limit(message)) from exc
         return Sent(b.id)
 
-    async def find(self, intent: UUID, since: float, count: int, known: set[str]) -> Sent | None:
-        found: list[str] = []
+    async def find(
+        self, intent: UUID, since: float, jobs: set[UUID], known: set[str]
+    ) -> Sent | Unsure | None:
+        """Anthropic's batches carry no metadata: the intent's batch is one made
+        since the intent, recorded by no other intent, with at least as many
+        requests as the intent still holds jobs, whose results name every one of
+        them (custom_id: the job's id), read once it has ended. While such a
+        batch still runs: UNSURE, the intent waits (sending it again could pay
+        for its requests twice); none: it was never made."""
+        running = False
         seen = 0
         async for b in self.client.messages.batches.list(limit=LIST_PAGE):
             seen += 1
-            created = b.created_at.timestamp()
-            if created < since - 5 or seen >= LIST_MAX:
+            if b.created_at.timestamp() < since - 5 or seen >= LIST_MAX:
                 break
             c = b.request_counts
             total = c.processing + c.succeeded + c.errored + c.canceled + c.expired
-            if b.id not in known and total == count:
-                found.append(b.id)
-        return Sent(found[0]) if len(found) == 1 else None
+            if b.id in known or total < len(jobs):
+                continue
+            if b.processing_status != "ended":
+                running = True
+            elif jobs <= await self._named(b.id):
+                return Sent(b.id)
+        return UNSURE if running else None
+
+    async def _named(self, batch_id: str) -> set[UUID]:
+        """The jobs an ended batch's results name (remembered: they do not change)."""
+        named = self._named_by.get(batch_id)
+        if named is None:
+            raw = await self.client.messages.batches.with_raw_response.results(batch_id)
+            named = set()
+            for doc in lines(await raw.http_response.aread()):
+                cid = doc.get("custom_id") if isinstance(doc, dict) else None
+                with contextlib.suppress(TypeError, ValueError, AttributeError):
+                    named.add(UUID(cid))
+            if len(self._named_by) >= NAMED_KEPT:
+                self._named_by.clear()
+            self._named_by[batch_id] = named
+        return named
 
     async def state(self, batch_id: str) -> State:
         b = await self.client.messages.batches.retrieve(batch_id)

@@ -102,7 +102,10 @@ class _Batches(Generic[Q, A]):
         )
         return Sent(b.id, f.id)
 
-    async def find(self, intent: UUID, since: float, count: int, known: set[str]) -> Sent | None:
+    async def find(
+        self, intent: UUID, since: float, jobs: set[UUID], known: set[str]
+    ) -> Sent | None:
+        """By the intent's id in the batch's metadata: exact."""
         seen = 0
         async for b in self.client.batches.list(limit=LIST_PAGE):
             if (b.metadata or {}).get(META_KEY) == str(intent):

@@ -60,6 +60,18 @@ class State:
     queue_limit: int | None = None  # the limit the provider stated, if it did
 
 
+class Unsure:
+    """A batch that may be the lost intent's still runs at its provider, and only
+    its results would tell (Anthropic's batches carry no metadata): the intent
+    is looked at again later, never sent meanwhile."""
+
+    def __repr__(self) -> str:
+        return "UNSURE"
+
+
+UNSURE = Unsure()
+
+
 class QueueFull(Exception):
     """The provider refused the batch for its batch queue limit (Anthropic: 429 at
     the creation, its message naming the queue): its jobs wait for room, no
@@ -109,9 +121,13 @@ class BatchAPI(Protocol[Q]):
         creation (the crash tests' moments)."""
         ...
 
-    async def find(self, intent: UUID, since: float, count: int, known: set[str]) -> Sent | None:
+    async def find(
+        self, intent: UUID, since: float, jobs: set[UUID], known: set[str]
+    ) -> Sent | Unsure | None:
         """The batch sent for `intent` (created after `since`, epoch seconds, with
-        `count` requests), if the provider has it; None if it was never created."""
+        a request for each of `jobs`, recorded by no other intent: not in
+        `known`), if the provider has it; None if it was never created; UNSURE
+        while a batch that may be it still runs and cannot be told yet."""
         ...
 
     async def state(self, batch_id: str) -> State: ...

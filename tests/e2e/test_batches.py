@@ -217,6 +217,45 @@ def test_a_worker_killed_at_any_moment_loses_nothing_and_sends_nothing_twice(
         assert second.actions("batch_submit"), "the intent was found, not sent again"
 
 
+@pytest.mark.parametrize("moment", ["before_upload", "after_create"])
+def test_an_anthropic_intent_is_told_from_a_same_size_batch_by_its_results(
+    db_url: str, fake: FakeAI, moment: str
+) -> None:
+    """Anthropic's batches carry no metadata: a lost intent's batch is known by
+    its results. Another batch of the same size, made meanwhile by someone else
+    with the key, is not taken for it (the intent's jobs would go unanswered,
+    then direct) nor makes it sent again (paid twice): the intent waits until the
+    batches that could be it have ended, and reads whose jobs they answered."""
+    import anthropic
+
+    fake.batches.delay = 10  # every batch still runs when the intent is taken over
+    env = batch_env(fake, AI_PROVIDER_PRIORITY="anthropic", STALE_AFTER_SECONDS="20")
+    decoy = anthropic.Anthropic(api_key=FAKE_ANTHROPIC_KEY, base_url=fake.anthropic_url)
+    params: Any = {
+        "model": "claude-haiku-4-5",
+        "max_tokens": 16,
+        "messages": [{"role": "user", "content": "another application's request"}],
+    }
+    decoy.messages.batches.create(
+        requests=[{"custom_id": f"other-{i}", "params": params} for i in range(3)]
+    )
+    first = WorkerProcess(db_url, **env, **{ENV: moment}).started()
+    with connect(db_url) as c:
+        ids = insert_batch(c, 3)
+        assert first.wait(timeout=30) == EXIT_CODE, first.log()[-3000:]
+        second = WorkerProcess(db_url, **env).started()
+        try:
+            wait_until(lambda: all_done(c, ids), timeout=60, what=f"done: {second.log_path}")
+            rows = [job(c, i) for i in ids]
+        finally:
+            second.signal(signal.SIGTERM)
+            assert second.wait() == 0
+    assert fake.batches.created["anthropic"] == 2  # the other one, and the intent's once
+    assert sorted(r for r in fake.batches.requests_in if not r.startswith("other-")) == sorted(ids)
+    assert direct_calls(fake) == 0
+    assert all(r["metrics"]["batch"] is True and r["retry_count"] == 0 for r in rows)
+
+
 def test_a_worker_without_the_batchs_api_leaves_it_to_one_that_has_it(
     db_url: str, fake: FakeAI
 ) -> None:
