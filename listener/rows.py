@@ -603,6 +603,11 @@ class BatchWatchRow(TypedDict):  # batch_watch
     jobs: int
 
 
+class BatchRecordedRow(TypedDict):  # batch_recorded
+    state: str
+    provider_batch_id: str | None
+
+
 class BatchEndRow(TypedDict):  # batch_end
     returned: int
 

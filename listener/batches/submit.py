@@ -60,6 +60,7 @@ class Submitter:
         self.created = 0  # batches this process created at a provider
         self.recovered = 0  # intents found at the provider instead of sent again
         self.refused = 0  # batches the providers refused for their queue
+        self.cancelled = 0  # second batches of an intent, made after its lease was lost
 
     async def submit(self, row: BatchWatchRow, api: BatchAPI[Any]) -> str:
         """Send (or find) the batch: SENT once its provider batch id is recorded,
@@ -112,7 +113,7 @@ class Submitter:
             return WAITING
         self.created += 1
         crash_point("after_create")
-        await self._record(intent, sent.batch_id, sent.file_id)
+        await self._record(intent, sent.batch_id, sent.file_id, made_by=api)
         log.bind(provider_batch=sent.batch_id, jobs=len(requests)).info(
             f"batch of {len(requests)} job(s) sent"
         )
@@ -212,7 +213,18 @@ class Submitter:
             direct=row["direct"] if row else 0,
         ).warning(f"{api.name} refused the batch for its batch queue limit; its jobs wait for room")
 
-    async def _record(self, intent: UUID, batch_id: str, file_id: str | None) -> None:
+    async def _record(
+        self,
+        intent: UUID,
+        batch_id: str,
+        file_id: str | None,
+        made_by: BatchAPI[Any] | None = None,
+    ) -> None:
+        """The intent's provider batch id recorded. `made_by`: this worker has just
+        created that batch; if the intent went to another worker meanwhile (this
+        one was paused past its lease) and that worker recorded another batch, or
+        the intent ended, this one is a second batch of the same requests: it is
+        cancelled at once (its requests not yet run are not billed)."""
         row = await dal.BATCH_SUBMITTED.first(
             self.pool,
             {
@@ -225,9 +237,30 @@ class Submitter:
         if row is None or not row["recorded"]:
             # The lease went to another worker meanwhile (this one was paused past
             # it): the batch may have been sent twice; this one's answers go unread.
-            logger.bind(
-                action="batch_lease_lost", batch=str(intent), provider_batch=batch_id
-            ).error("batch sent after its lease was lost: not recorded")
+            log = logger.bind(action="batch_lease_lost", batch=str(intent), provider_batch=batch_id)
+            log.error("batch sent after its lease was lost: not recorded")
+            if made_by is not None:
+                await self._cancel_second(intent, batch_id, made_by, log)
+
+    async def _cancel_second(
+        self, intent: UUID, batch_id: str, api: BatchAPI[Any], log: Any
+    ) -> None:
+        now = await dal.BATCH_RECORDED.first(self.pool, {"batch": intent})
+        recorded = now["provider_batch_id"] if now else None
+        if recorded == batch_id:
+            return  # the worker that took the intent over found this batch: its own now
+        if now is not None and recorded is None and now["state"] != "ended":
+            # Still being sent by the worker that took it over, which may find this
+            # batch at the provider (OpenAI: by its metadata) and take it.
+            log.warning("left running: the intent's new holder may take it")
+            return
+        try:
+            await api.cancel(batch_id)
+        except Exception as exc:
+            log.error(f"a second batch of the same requests, not cancelled: {scrub(str(exc))}")
+            return
+        self.cancelled += 1
+        log.warning("a second batch of the same requests: cancelled")
 
 
 def course_request(job: Job) -> CoursePrompt:

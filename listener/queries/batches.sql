@@ -25,6 +25,11 @@ from ai_job_batch_watch(%(worker)s, %(lease)s, %(adopt)s, %(beat_after)s)
 update ai_job_batches set worker_id = null, lease_until = clock_timestamp()
 where id = %(batch)s and worker_id = %(worker)s and state <> 'ended'
 
+-- name: batch_recorded
+-- A batch's state and the provider batch id recorded for it (a worker whose lease
+-- was lost while it created one: is the one it made the intent's?).
+select state, provider_batch_id from ai_job_batches where id = %(batch)s
+
 -- name: batch_jobs
 -- sql/027: the jobs a batch still holds, with their items' tokens.
 select job_table, id, claim_token, retry_count, max_retries, job
