@@ -1291,6 +1291,7 @@ declare
     claim text;
     full_ uuid[] := '{}';
     ids uuid[];
+    locked uuid[];
     picked uuid;
     owner uuid;
     got int := 0;
@@ -1301,10 +1302,11 @@ begin
         return;
     end if;
     due := format($d$
-        select id, created_by from %I
-        where batch %s and status in ('pending', 'failed') and run_after <= now()
+        select id, created_by from %1$I
+        where batch %2$s and status in ('pending', 'failed') and run_after <= now()
           and (status = 'pending' or retry_count < max_retries)
-          and coalesce(created_by, %L::uuid) <> all($1)
+          and coalesce(created_by, %3$L::uuid) <> all($1)
+          and ($3::uuid[] is null or coalesce(created_by, %3$L::uuid) = any($3))
         order by run_after
     $d$, t, case when t = 'ai_media_jobs' then $m$and media_type = 'image'$m$ else '' end, nil);
     claim := format($c$
@@ -1327,7 +1329,7 @@ begin
     if not exists (select from ai_job_settings where max_running_per_user is not null) then
         execute format('select array(select s.id from (%s limit $2 for update skip locked) s)',
                        due)
-            into ids using full_, max_jobs;
+            into ids using full_, max_jobs, null::uuid[];
         return query execute claim using worker, ids;
         return;
     end if;
@@ -1335,10 +1337,14 @@ begin
     -- pick takes them (ai_job_fair_ids): ai_job_under_cap would otherwise take
     -- them one by one in the order of the jobs, and two claims taking two users
     -- in opposite orders deadlock.
-    perform ai_job_lock_users(ai_job_due_users(t));
+    -- Only their jobs are taken: a user whose first job came after this list was
+    -- made would be locked out of that order.
+    locked := ai_job_due_users(t);
+    perform ai_job_lock_users(locked);
     while got < max_jobs and tries < 2 * max_jobs + 10 loop
         tries := tries + 1;
-        execute due || ' limit 1 for update skip locked' into picked, owner using full_;
+        execute due || ' limit 1 for update skip locked' into picked, owner
+            using full_, 0, locked;
         exit when picked is null;
         if ai_job_under_cap(owner) then
             return query execute claim using worker, array[picked];

@@ -32,8 +32,9 @@ from listener.providers.base import (
     TextSink,
     Usage,
 )
+from listener.providers.batchapi import MAX_REQUESTS
 
-MAX_JOBS = 1000  # requests per batch (the providers take far more); a new batch past it
+MAX_JOBS = MAX_REQUESTS  # requests per batch (the providers take far more); a new one past it
 TAKE_TRIES = 20  # waits of about a second each for a pool connection (each try 5 s at most)
 Handler = Callable[[Job], Awaitable[Outcome]]
 Charge = Callable[[Job, str, str, Usage], Awaitable[None]]

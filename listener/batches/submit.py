@@ -14,6 +14,7 @@ teaches the limit (ai_job_batch_refused, sql/032) and its jobs wait likewise."""
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Callable
 from typing import Any
@@ -40,6 +41,7 @@ FailJob = Any  # Executor.fail(job, exc)
 QUEUE_WAIT_SECONDS = 24 * 3600.0
 QUEUE_LIMIT_SECONDS = 3600.0  # a learned queue limit is forgotten after an hour
 SENT, WAITING, NOTHING = "sent", "waiting", "nothing"
+RECORD_CHECK_SECONDS = 1.0  # a lost lease's second batch: how often its intent is read
 Request = CoursePrompt | ImageRequest
 
 
@@ -61,6 +63,7 @@ class Submitter:
         self.recovered = 0  # intents found at the provider instead of sent again
         self.refused = 0  # batches the providers refused for their queue
         self.cancelled = 0  # second batches of an intent, made after its lease was lost
+        self._first_look: dict[UUID, float] = {}  # an intent taken over: when (epoch)
 
     async def submit(self, row: BatchWatchRow, api: BatchAPI[Any]) -> str:
         """Send (or find) the batch: SENT once its provider batch id is recorded,
@@ -82,12 +85,18 @@ class Submitter:
         log = logger.bind(action="batch_submit", batch=str(intent), provider=api.name)
         if recover:
             since = time.time() - row["age_seconds"] - 60
-            rows = await dal.BATCH_KNOWN.all(self.pool, {"provider": api.name, "since": since})
+            # Taken over now (the first look of this worker): its holder made no
+            # batch after that; one made later is not the intent's.
+            until = self._first_look.setdefault(intent, time.time())
+            rows = await dal.BATCH_KNOWN.all(
+                self.pool, {"provider": api.name, "since": since - 3600}
+            )
             known = {r["provider_batch_id"] for r in rows if r["provider_batch_id"]}
-            found = await api.find(intent, since, {r["id"] for r in jobs}, known)
+            found = await api.find(intent, since, until, {r["id"] for r in jobs}, known)
             if isinstance(found, Unsure):
                 log.info("a batch that may be this one still runs at the provider: not sent")
                 return WAITING
+            self._first_look.pop(intent, None)
             if found is not None:
                 await self._record(intent, found.batch_id, found.file_id)
                 self.recovered += 1
@@ -245,15 +254,21 @@ class Submitter:
     async def _cancel_second(
         self, intent: UUID, batch_id: str, api: BatchAPI[Any], log: Any
     ) -> None:
-        now = await dal.BATCH_RECORDED.first(self.pool, {"batch": intent})
-        recorded = now["provider_batch_id"] if now else None
-        if recorded == batch_id:
-            return  # the worker that took the intent over found this batch: its own now
-        if now is not None and recorded is None and now["state"] != "ended":
-            # Still being sent by the worker that took it over, which may find this
-            # batch at the provider (OpenAI: by its metadata) and take it.
-            log.warning("left running: the intent's new holder may take it")
-            return
+        # While the worker that took the intent over is still sending it, it may
+        # find this batch at the provider (OpenAI: by its metadata) and take it:
+        # wait for its record (two leases at most: it may die too).
+        deadline = time.monotonic() + 2 * self.lease_seconds
+        while True:
+            now = await dal.BATCH_RECORDED.first(self.pool, {"batch": intent})
+            recorded = now["provider_batch_id"] if now else None
+            if recorded == batch_id:
+                return  # the new holder found this batch: the intent's now
+            if now is None or recorded is not None or now["state"] == "ended":
+                break  # another batch is the intent's, or the intent is over
+            if time.monotonic() >= deadline:
+                log.warning("left running: the intent is still being sent by its new holder")
+                return
+            await asyncio.sleep(RECORD_CHECK_SECONDS)
         try:
             await api.cancel(batch_id)
         except Exception as exc:

@@ -36,6 +36,7 @@ from listener.batches.collect import BatchRouter
 from listener.batches.crash import crash_point
 from listener.batches.submit import WAITING, Submitter
 from listener.completer import Completer
+from listener.errors import scrub
 from listener.executor import Executor
 from listener.jobs import Job
 from listener.providers.batchapi import BatchAPI
@@ -53,8 +54,9 @@ DRAIN_SECONDS = 30.0
 # default), unless a batch of it ends first.
 REFUSED_PACE = 10
 # A batch whose provider no worker here has a Batch API for ends this long after
-# it was made (the providers' completion window is 24 hours).
-ORPHAN_SECONDS = 25 * 3600.0
+# it was made: its jobs may wait a day for queue room before it is sent
+# (submit.QUEUE_WAIT_SECONDS), and the provider may take a day to run it.
+ORPHAN_SECONDS = 50 * 3600.0
 RESULTS_AT_ONCE = 50  # answered jobs stored at once (no provider call but a repair)
 
 
@@ -156,21 +158,36 @@ class BatchService:
             state = row["state"]
             if state in ("collecting", "submitting") and now < self._retry.get(bid, 0.0):
                 continue
-            if state == "collecting":
+            if row["provider"] and row["provider"] not in lane.apis:
+                self._spawn(bid, self._no_api(row))  # at once: for a worker that has it
+            elif state == "collecting":
                 full = row["jobs"] >= lane.router.max_jobs
                 due = row["age_seconds"] >= self.collect_seconds or full
                 if due and now >= self._wait.get(bid, 0.0):
                     self._spawn(bid, self._submit(lane, row))
-            elif state == "submitting":
+            elif state == "submitting" and now >= self._wait.get(bid, 0.0):
                 self._spawn(bid, self._submit(lane, row))
             elif state == "submitted" and now - self._polled.get(bid, 0.0) >= self.poll_seconds:
                 self._polled[bid] = now
                 self._spawn(bid, self._watch(lane, row))
 
     def _spawn(self, bid: UUID, coro: Any) -> None:
-        task = asyncio.ensure_future(coro)
+        task = asyncio.ensure_future(self._logged(bid, coro))
         self._busy[bid] = task
         task.add_done_callback(lambda _t: self._busy.pop(bid, None))
+
+    @staticmethod
+    async def _logged(bid: UUID, coro: Any) -> None:
+        """A batch's step; its failure (the database away, say) is logged, and the
+        step is taken again at a later tick."""
+        try:
+            await coro
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            logger.bind(action="batch_step", batch=str(bid)).warning(
+                f"batch step failed: {type(exc).__name__}: {scrub(str(exc))}"
+            )
 
     async def aclose(self) -> None:
         """Stop the batches' work under way; their leases run out and any worker
@@ -246,7 +263,7 @@ class BatchService:
         for (its key is not set here, or this table's batches are not this
         worker's): another worker may have it, so the lease is let go at once,
         never the batch ended while its provider may run it (it would be paid
-        twice). Past the providers' 24 hours and an hour, no worker read it: it
+        twice). ORPHAN_SECONDS after it was made, no worker having read it, it
         ends, and its jobs go the direct way."""
         bid, provider = row["id"], row["provider"]
         why = f"no Batch API for provider {provider} in this worker"
@@ -325,6 +342,7 @@ class BatchService:
         returned = row["returned"] if row else 0
         self.ended += 1
         self._polled.pop(bid, None)
+        self._let_go.discard(bid)
         self._wait.clear()  # room freed in a queue: the waiting batches look again
         logger.bind(action="batch_ended", batch=str(bid), outcome=outcome, returned=returned).info(
             f"batch ended ({outcome}); {returned} job(s) back to pending"

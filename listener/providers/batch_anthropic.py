@@ -24,6 +24,7 @@ from listener.providers.base import Answer, CoursePrompt, Refused
 from listener.providers.batchapi import (
     LIST_MAX,
     LIST_PAGE,
+    MAX_REQUESTS,
     READ_CHARS,
     UNSURE,
     QueueFull,
@@ -87,29 +88,38 @@ class AnthropicBatches:
         return Sent(b.id)
 
     async def find(
-        self, intent: UUID, since: float, jobs: set[UUID], known: set[str]
+        self, intent: UUID, since: float, until: float, jobs: set[UUID], known: set[str]
     ) -> Sent | Unsure | None:
         """Anthropic's batches carry no metadata: the intent's batch is one made
-        since the intent, recorded by no other intent, with at least as many
-        requests as the intent still holds jobs, whose results name every one of
-        them (custom_id: the job's id), read once it has ended. While such a
-        batch still runs: UNSURE, the intent waits (sending it again could pay
-        for its requests twice); none: it was never made."""
-        running = False
+        while its holder lived (between `since` and `until`), recorded by no other
+        intent, with as many requests as ours can have (at least the jobs the
+        intent still holds, at most MAX_REQUESTS), whose results name every one
+        of those jobs (custom_id: the job's id), read once it has ended. While
+        such a batch still runs, or its results cannot be read now: UNSURE, the
+        intent waits (sending it again could pay for its requests twice); each
+        ends within the provider's 24 hours. None: it was never made."""
+        unsure = False
         seen = 0
         async for b in self.client.messages.batches.list(limit=LIST_PAGE):
             seen += 1
-            if b.created_at.timestamp() < since - 5 or seen >= LIST_MAX:
+            created = b.created_at.timestamp()
+            if created < since - 5 or seen >= LIST_MAX:
                 break
             c = b.request_counts
             total = c.processing + c.succeeded + c.errored + c.canceled + c.expired
-            if b.id in known or total < len(jobs):
+            if created > until + 5 or b.id in known or not len(jobs) <= total <= MAX_REQUESTS:
                 continue
-            if b.processing_status != "ended":
-                running = True
-            elif jobs <= await self._named(b.id):
+            if b.processing_status != "ended" or not b.results_url:
+                unsure = True
+                continue
+            try:
+                named = await self._named(b.id)
+            except Exception:  # read again at the next look, never taken as not there
+                unsure = True
+                continue
+            if jobs <= named:
                 return Sent(b.id)
-        return UNSURE if running else None
+        return UNSURE if unsure else None
 
     async def _named(self, batch_id: str) -> set[UUID]:
         """The jobs an ended batch's results name (remembered: they do not change)."""

@@ -103,7 +103,7 @@ class _Batches(Generic[Q, A]):
         return Sent(b.id, f.id)
 
     async def find(
-        self, intent: UUID, since: float, jobs: set[UUID], known: set[str]
+        self, intent: UUID, since: float, until: float, jobs: set[UUID], known: set[str]
     ) -> Sent | None:
         """By the intent's id in the batch's metadata: exact."""
         seen = 0

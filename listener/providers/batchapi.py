@@ -33,6 +33,7 @@ META_KEY = "ai_jobs_batch"  # the batch's own id, in the provider's batch metada
 ENDED = ("completed", "expired", "failed", "cancelled")
 LIST_PAGE = 100  # batches a page when one is looked for by its intent
 LIST_MAX = 1000  # batches looked at, at most
+MAX_REQUESTS = 1000  # requests in one of our batches, at most (collect.MAX_JOBS)
 
 
 @dataclass(frozen=True)
@@ -122,12 +123,13 @@ class BatchAPI(Protocol[Q]):
         ...
 
     async def find(
-        self, intent: UUID, since: float, jobs: set[UUID], known: set[str]
+        self, intent: UUID, since: float, until: float, jobs: set[UUID], known: set[str]
     ) -> Sent | Unsure | None:
-        """The batch sent for `intent` (created after `since`, epoch seconds, with
-        a request for each of `jobs`, recorded by no other intent: not in
-        `known`), if the provider has it; None if it was never created; UNSURE
-        while a batch that may be it still runs and cannot be told yet."""
+        """The batch sent for `intent` (created between `since` and `until`, epoch
+        seconds: the intent's holder was alive then; with a request for each of
+        `jobs`, recorded by no other intent: not in `known`), if the provider has
+        it; None if it was never created; UNSURE while a batch that may be it
+        still runs and cannot be told yet."""
         ...
 
     async def state(self, batch_id: str) -> State: ...

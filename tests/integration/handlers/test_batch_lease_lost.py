@@ -7,6 +7,7 @@ this one, or the new holder is still sending, it is left running."""
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from typing import Any
 
@@ -38,7 +39,9 @@ async def _fail(*_: Any) -> None:
         ("submitted", "another", True),  # the new holder made and recorded its own
         ("ended", None, True),  # the intent is over (its jobs went elsewhere)
         ("submitted", "ours", False),  # the new holder found this one: it is the intent's
-        ("submitting", None, False),  # the new holder may still find this one
+        ("submitting", None, False),  # still sent by the new holder past two leases
+        ("submitting", "another, later", True),  # ... who then records its own
+        ("submitting", "ours, later", False),  # ... who then finds this one
     ],
 )
 async def test_a_second_batch_made_after_the_lease_was_lost(
@@ -68,15 +71,29 @@ async def _second_batch(
     intent, job_id = uuid.uuid4(), uuid.uuid4()
     prompt = course_prompt("Tides", "tides", CourseParams(group_count=2, items_per_group=3))
     sent = await api.submit(intent, [(job_id, prompt)], _no_crash)
-    provider_batch = sent.batch_id if recorded == "ours" else recorded
+    later = recorded is not None and recorded.endswith(", later")
+    provider_batch = sent.batch_id if recorded and recorded.startswith("ours") else recorded
     async with pool.connection() as conn:
         await conn.execute(
             "insert into ai_job_batches (id, job_table, state, provider, model, worker_id,"
             " provider_batch_id) values (%s, 'ai_course_jobs', %s, 'openai', %s, 'w2', %s)",
-            [intent, state, api.model, provider_batch],
+            [intent, state, api.model, None if later else provider_batch],
         )
-    submitter = Submitter(pool, "w1", _fail)
-    await submitter._record(intent, sent.batch_id, sent.file_id, made_by=api)
+    submitter = Submitter(pool, "w1", _fail, lease_seconds=1.5)
+    record = asyncio.ensure_future(
+        submitter._record(intent, sent.batch_id, sent.file_id, made_by=api)
+    )
+    if later:  # the new holder records its batch while the paused worker waits
+        await asyncio.sleep(0.3)
+        assert not record.done()
+        async with pool.connection() as conn:
+            await conn.execute(
+                "update ai_job_batches set state = 'submitted', provider_batch_id = %s"
+                " where id = %s",
+                [provider_batch, intent],
+            )
+        state = "submitted"
+    await record
     assert fake.batches.batches[sent.batch_id].cancelled is cancelled
     assert submitter.cancelled == int(cancelled)
     async with pool.connection() as conn:
