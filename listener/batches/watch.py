@@ -201,11 +201,8 @@ class BatchService:
         bid = row["id"]
         api = lane.apis.get(row["provider"] or "") if row["provider"] else lane.first
         log = logger.bind(action="batch_submit", batch=str(bid))
-        if api is None and row["state"] == "collecting":  # nothing sent: the direct way
+        if api is None:  # a collecting batch (an intent's API not here: the tick let it go)
             await self._end(bid, "failed", "no provider of the chain has a Batch API")
-            return
-        if api is None:  # an intent, perhaps at its provider already
-            await self._no_api(row)
             return
         try:
             done = await self.submitter.submit(row, api)
