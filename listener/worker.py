@@ -131,7 +131,12 @@ class Worker:
     def settled(self) -> bool:
         """Every reason to look so far is dealt with: the producer waits, no fast
         claim or sweep is under way or asked for."""
-        return self.producer.settled and not self.sweeper.busy and not self._sweep_now.is_set()
+        return self.producer.settled and not self.sweeping
+
+    @property
+    def sweeping(self) -> bool:
+        """A sweep is under way or asked for."""
+        return self.sweeper.busy or self._sweep_now.is_set()
 
     @property
     def claim_queries(self) -> int:

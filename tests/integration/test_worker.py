@@ -217,6 +217,10 @@ async def _swept(w: Any) -> bool:
     return bool(w.sweeps >= 1)
 
 
+async def _swept_and_idle(w: Any) -> bool:
+    return bool(w.sweeps >= 1 and not w.sweeping)
+
+
 async def _polled(w: Any, n: int) -> bool:
     return bool(w.polls >= n)
 
@@ -358,9 +362,10 @@ async def _holding_ahead(
             )
         await await_until(lambda: _ready(w, 4), what="4 jobs claimed ahead")
         assert await _statuses(db_url) == {"processing": 5, "pending": 1}
-        # The start's sweep over (on a loaded machine it can come this late): one
-        # now would rescue the jobs a test marks stale.
-        await await_until(lambda: _swept(w), what="the first sweep")
+        # The start's sweeps over (on a loaded machine they can come this late; the
+        # LISTEN connection's first start asks for one more, which may follow the
+        # first at once): one now would rescue the jobs a test marks stale.
+        await await_until(lambda: _swept_and_idle(w), what="the start's sweeps")
         yield w, started, gate
 
 
