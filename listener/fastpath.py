@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections import deque
 from collections.abc import Awaitable, Callable
 from typing import Any
 from uuid import UUID
@@ -27,6 +28,20 @@ from listener.rows import ClaimedRow
 # At shutdown, a fast claim still under way (behind a table's lock) gets this
 # long to end on its own; then it is cancelled (its reply still read).
 SHUTDOWN_WAIT_SECONDS = 1.0
+
+# Long jobs are spread over the workers. Every listening worker hears a
+# notification and the first claim to arrive wins the job; left to the race, the
+# same processes keep winning (the server wakes its listeners in an order of its
+# own), and a worker that has just started, or been paused, or lost its link, may
+# wait long for its first job while the others run several. So when this
+# worker's jobs take SPREAD_MIN_JOB or more (a generation: seconds to minutes), it
+# sends its claim SPREAD_STEP later for each job it started in the last
+# SPREAD_WINDOW seconds (at most SPREAD_MAX): the worker that started the fewest
+# lately wins. Shorter jobs start at once wherever they are heard.
+SPREAD_MIN_JOB = 1.0
+SPREAD_WINDOW = 10.0
+SPREAD_STEP = 0.002
+SPREAD_MAX = 0.012
 
 Look = Callable[[list[str]], None]
 
@@ -56,32 +71,64 @@ class FastPath:
         self.started = 0  # jobs claimed (and started or made ready) here
         self.tasks: set[asyncio.Task[Any]] = set()  # closes and releases under way
         self._opening: asyncio.Task[None] | None = None
+        self.starts: deque[float] = deque()  # when its fast claims started jobs, lately (spread)
+        self._deferred: asyncio.TimerHandle | None = None  # a claim sent a little later
 
     @property
     def busy(self) -> bool:
-        """A claim is under way (it takes a slot until its row is in)."""
-        return self.claimer.busy
+        """A claim is under way or about to be sent (it takes a slot until its row
+        is in)."""
+        return self.claimer.busy or self._deferred is not None
 
     @property
     def settled(self) -> bool:
         """No claim under way, the claimer not being opened."""
-        return not self.claimer.busy and (self._opening is None or self._opening.done())
+        return not self.busy and (self._opening is None or self._opening.done())
 
     def offer(self, table: str, job_id: UUID) -> bool:
         """Claim the notified job now if a slot is free, no fast claim is under
         way, the table is not cooling down and the claim gate does not count its
         claims (breakers, quotas); False: the claim loop's to take."""
-        if (
+        if self.busy or not self._claimable(table):
+            return False
+        if not self.claimer.ready:
+            self.open()  # for the next one: this one is the claim loop's
+            return False
+        delay = self.spread()
+        if delay > 0:
+            self._deferred = asyncio.get_running_loop().call_later(
+                delay, self._send_deferred, table, job_id
+            )
+            return True
+        return self._send(table, job_id)
+
+    def spread(self) -> float:
+        """How much later this worker sends a notified job's claim (SPREAD_*)."""
+        job_time = self.pacing.job_time.value
+        if job_time is None or job_time < SPREAD_MIN_JOB:
+            return 0.0
+        since = time.monotonic() - SPREAD_WINDOW
+        while self.starts and self.starts[0] < since:
+            self.starts.popleft()
+        return min(SPREAD_MAX, SPREAD_STEP * len(self.starts))
+
+    def _claimable(self, table: str) -> bool:
+        return not (
             self.claimer.busy
             or self.stopping()
             or self.leases.free_slots() <= 0
             or self.executor.cooldowns.cooling(table, time.monotonic())
             or (self.executor.gate is not None and self.executor.gate.gates(table))
-        ):
-            return False
-        if not self.claimer.ready:
-            self.open()  # for the next one: this one is the claim loop's
-            return False
+        )
+
+    def _send_deferred(self, table: str, job_id: UUID) -> None:
+        """The spread's wait is over: claim now, unless the worker can no longer
+        take the job here (then the claim loop looks at its table)."""
+        self._deferred = None
+        if not (self._claimable(table) and self.claimer.ready and self._send(table, job_id)):
+            self.look([table])
+
+    def _send(self, table: str, job_id: UUID) -> bool:
         try:
             self.claimer.claim(table, job_id, lambda row, exc: self._claimed(table, row, exc))
         except Exception as exc:  # not sent: the connection is broken
@@ -113,7 +160,11 @@ class FastPath:
 
     async def shutdown(self) -> None:
         """A claim under way gets SHUTDOWN_WAIT_SECONDS, then is cancelled (its job,
-        if any, is then ready and released with the others); the connection goes back."""
+        if any, is then ready and released with the others); the connection goes back.
+        A claim not yet sent is not sent."""
+        if self._deferred is not None:
+            self._deferred.cancel()
+            self._deferred = None
         await self.claimer.settle(SHUTDOWN_WAIT_SECONDS)
         if self._opening is not None:
             self._opening.cancel()
@@ -138,6 +189,7 @@ class FastPath:
             self.look([table])
             return None
         self.started += 1
+        self.starts.append(time.monotonic())
         job = Job.from_claim(row)
         self.leases.commit_pending(job)  # its writes wait for the claim's commit
         if self.stopping() or not self.leases.can_start():

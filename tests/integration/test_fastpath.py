@@ -10,6 +10,7 @@ import datetime
 import json
 import os
 import socket
+import time
 import uuid
 from typing import Any
 
@@ -556,3 +557,45 @@ async def test_a_notified_job_is_not_claimed_while_the_slot_and_its_ready_job_ar
         go.set()
         await await_until(_done(db_url, third), what="the third job done in its turn")
     assert ran == ["Running", "Ready", "Third"]
+
+
+async def test_long_jobs_go_first_to_the_worker_that_started_fewest_lately(db_url: str) -> None:
+    """Two workers hear each notification. Where jobs are long, the one that started
+    fewer jobs lately sends its claim first and wins, whichever of them the server
+    wakes first (the test favours each in turn: a fixed order of the race would
+    fail one of the two)."""
+    ran_a, ran_b = Ran(), Ran()
+    async with (
+        running_worker(settings(db_url), {"ai_course_jobs": ran_a}) as a,
+        running_worker(settings(db_url), {"ai_course_jobs": ran_b}) as b,
+    ):
+
+        async def idle() -> bool:  # lone jobs: a burst is the claim loops', as it comes
+            return all(w.settled and w.fast.claimer.ready for w in (a, b))
+
+        for favoured, other, ran in ((b, a, ran_b), (a, b, ran_a)):
+            await await_until(idle, what="both workers idle")
+            for w in (a, b):
+                w.pacing.job_time.value = 100.0  # a generation's length, as learnt
+                w.fast.starts.clear()
+            # The other started six jobs just now (its claims go out 12 ms later).
+            other.fast.starts.extend([time.monotonic()] * 6)
+            before = len(ran.jobs)
+            with connect(db_url) as c:
+                for i in range(3):
+                    jid = insert_course(c, f"Long {i}")
+                    await await_until(_done(db_url, jid), what=f"long job {i} done")
+                    await await_until(idle, what="both workers idle")
+            assert len(ran.jobs) == before + 3, "a job went to the busier worker"
+            assert favoured.fast.started >= 3
+    assert not ran_a.twice and not ran_b.twice
+
+
+async def test_short_jobs_are_claimed_at_once_however_many_started(db_url: str) -> None:
+    async with running_worker(settings(db_url), {"ai_course_jobs": Ran()}) as w:
+        await await_until(lambda: _true(w.settled), what="an idle worker")
+        w.fast.starts.extend([time.monotonic()] * 6)
+        w.pacing.job_time.value = 0.01
+        assert w.fast.spread() == 0.0
+        w.pacing.job_time.value = 100.0
+        assert w.fast.spread() > 0.0
