@@ -34,11 +34,12 @@ SHUTDOWN_WAIT_SECONDS = 1.0
 # same processes keep winning (the server wakes its listeners in an order of its
 # own), and a worker that has just started, or been paused, or lost its link, may
 # wait long for its first job while the others run several. So when this
-# worker's jobs take SPREAD_MIN_JOB or more (a generation: seconds to minutes), it
-# sends its claim SPREAD_STEP later for each job it started in the last
-# SPREAD_WINDOW seconds (at most SPREAD_MAX): the worker that started the fewest
-# lately wins. Shorter jobs start at once wherever they are heard.
-SPREAD_MIN_JOB = 1.0
+# worker's jobs take SPREAD_MIN_JOB or more on average (a generation: seconds to
+# minutes), it sends its claim SPREAD_STEP later for each job it started in the
+# last SPREAD_WINDOW seconds (at most SPREAD_MAX, under 5% of such a job): the
+# worker that started the fewest lately wins. Shorter jobs start at once
+# wherever they are heard.
+SPREAD_MIN_JOB = 0.25
 SPREAD_WINDOW = 10.0
 SPREAD_STEP = 0.002
 SPREAD_MAX = 0.012
