@@ -206,7 +206,9 @@ class Executor:
             if shown is not None:
                 self.leases.progress.close(job, shown)
             reset_work_begins(hook)
-            self.pacing.job_time.add(time.perf_counter() - t0)
+            took = time.perf_counter() - t0
+            self.pacing.job_time.add(took)
+            self.pacing.table_time[job.table].add(took)
             self.leases.untrack(job)
             self.on_free()
 

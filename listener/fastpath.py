@@ -34,11 +34,11 @@ SHUTDOWN_WAIT_SECONDS = 1.0
 # same processes keep winning (the server wakes its listeners in an order of its
 # own), and a worker that has just started, or been paused, or lost its link, may
 # wait long for its first job while the others run several. So when this
-# worker's jobs take SPREAD_MIN_JOB or more on average (a generation: seconds to
-# minutes), it sends its claim SPREAD_STEP later for each job it started in the
-# last SPREAD_WINDOW seconds (at most SPREAD_MAX, under 5% of such a job): the
-# worker that started the fewest lately wins. Shorter jobs start at once
-# wherever they are heard.
+# worker's jobs of the notified table take SPREAD_MIN_JOB or more on average (a
+# generation: seconds to minutes), it sends its claim SPREAD_STEP later for each
+# job it started in the last SPREAD_WINDOW seconds (at most SPREAD_MAX, under 5%
+# of such a job): the worker that started the fewest lately wins. Shorter jobs
+# start at once wherever they are heard.
 SPREAD_MIN_JOB = 0.25
 SPREAD_WINDOW = 10.0
 SPREAD_STEP = 0.002
@@ -95,7 +95,7 @@ class FastPath:
         if not self.claimer.ready:
             self.open()  # for the next one: this one is the claim loop's
             return False
-        delay = self.spread()
+        delay = self.spread(table)
         if delay > 0:
             self._deferred = asyncio.get_running_loop().call_later(
                 delay, self._send_deferred, table, job_id
@@ -103,9 +103,10 @@ class FastPath:
             return True
         return self._send(table, job_id)
 
-    def spread(self) -> float:
-        """How much later this worker sends a notified job's claim (SPREAD_*)."""
-        job_time = self.pacing.job_time.value
+    def spread(self, table: str) -> float:
+        """How much later this worker sends the claim of a notified job of
+        `table` (SPREAD_*)."""
+        job_time = self.pacing.table_time[table].value
         if job_time is None or job_time < SPREAD_MIN_JOB:
             return 0.0
         since = time.monotonic() - SPREAD_WINDOW

@@ -5,6 +5,8 @@ than a round trip come in batches and a generation is never claimed ahead
 
 from __future__ import annotations
 
+from collections import defaultdict
+
 ROUNDS = 16
 SMOOTHING = 0.2  # weight of the newest sample in the moving averages
 
@@ -25,6 +27,7 @@ class Pacing:
         self.concurrency = concurrency
         self.round_trip = Average()  # seconds per claim round
         self.job_time = Average()  # seconds per handler run
+        self.table_time: defaultdict[str, Average] = defaultdict(Average)  # the same, by table
 
     def ahead(self, running_for: float = 0.0) -> int:
         """Jobs to claim beyond the free slots:

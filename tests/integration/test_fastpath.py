@@ -576,7 +576,7 @@ async def test_long_jobs_go_first_to_the_worker_that_started_fewest_lately(db_ur
         for favoured, other, ran in ((b, a, ran_b), (a, b, ran_a)):
             await await_until(idle, what="both workers idle")
             for w in (a, b):
-                w.pacing.job_time.value = 100.0  # a generation's length, as learnt
+                w.pacing.table_time["ai_course_jobs"].value = 100.0  # a generation's, as learnt
                 w.fast.starts.clear()
             # The other started six jobs just now (its claims go out 12 ms later).
             other.fast.starts.extend([time.monotonic()] * 6)
@@ -592,10 +592,14 @@ async def test_long_jobs_go_first_to_the_worker_that_started_fewest_lately(db_ur
 
 
 async def test_short_jobs_are_claimed_at_once_however_many_started(db_url: str) -> None:
+    """Each table by its own job time: a table of short jobs is not spread
+    because the other's are long."""
     async with running_worker(settings(db_url), {"ai_course_jobs": Ran()}) as w:
         await await_until(lambda: _true(w.settled), what="an idle worker")
         w.fast.starts.extend([time.monotonic()] * 6)
-        w.pacing.job_time.value = 0.01
-        assert w.fast.spread() == 0.0
-        w.pacing.job_time.value = 100.0
-        assert w.fast.spread() > 0.0
+        w.pacing.table_time["ai_course_jobs"].value = 100.0  # courses: generations
+        w.pacing.table_time["ai_media_jobs"].value = 0.01  # media: placeholders
+        assert w.fast.spread("ai_course_jobs") > 0.0
+        assert w.fast.spread("ai_media_jobs") == 0.0  # started at once
+        w.fast.starts.clear()
+        assert w.fast.spread("ai_course_jobs") == 0.0  # none started lately: at once
