@@ -3,7 +3,10 @@ dashboard's live feed on `ai_jobs_events` (River's single notifier).
 
 A dedicated autocommit connection holds the LISTEN. After PING_INTERVAL of
 silence it pings; a ping that does not answer within PING_TIMEOUT means a dead
-(half-open) connection. A ping proves that the connection answers, not that it
+(half-open) connection. One that has not answered within PING_SUSPECT has a
+fresh connection tried beside it: if that one listens first, the service moves
+to it (a link that was down and is back: the old connection would wait for
+TCP's retransmission backoff, seconds more). A ping proves that the connection answers, not that it
 hears: so, after `probe_every` seconds without a notification, the service sends
 itself a probe through its owner's pool (`notify`) on its own channel and
 expects it back on the LISTEN connection within PROBE_TIMEOUT. A probe that does
@@ -35,6 +38,8 @@ from listener.outage import Backoff, Health, diagnose
 
 PING_INTERVAL = 5.0  # seconds of silence before a keepalive query (River pings every 5 s)
 PING_TIMEOUT = 10.0  # a ping that does not answer in this time means a dead connection
+PING_SUSPECT = 2.0  # a ping not answered by then: fresh connections are tried beside it
+FRESH_TIMEOUT = 1.0  # each of those tries, at most (a SYN lost while a link was down)
 PROBE_TIMEOUT = 5.0  # a probe not back on the LISTEN connection by then: deaf
 VERIFY_TIMEOUT = 3.0  # at start: how long the first probe may take
 VERIFY_ATTEMPTS = 2  # fresh connections tried before LISTEN is declared not to work
@@ -57,6 +62,10 @@ class ListenUnavailable(ConfigError):
 
 class Deaf(Exception):
     """A probe did not come back on the LISTEN connection in time."""
+
+
+class Replaced(Exception):
+    """A ping went unanswered while a fresh connection listened: moved to it."""
 
 
 def probe_payload(sender: str, n: int) -> str:
@@ -118,6 +127,8 @@ class ListenService:
         self.probes = 0  # probes sent
         self._sessions = 0
         self._verified: Conn | None = None  # the connection verify() proved, for run()
+        self._replacement: Conn | None = None  # a fresh one that answered a slow ping
+        self.replacements = 0  # sessions moved to a fresh connection (slow pings)
         self._probe_n = 0
         self._probe_sent: float | None = None  # an outstanding probe's send time
         self._probe_deadline: float | None = None
@@ -204,6 +215,8 @@ class ListenService:
         while True:
             started = time.monotonic()
             conn, self._verified = self._verified, None
+            if conn is None:
+                conn, self._replacement = self._replacement, None
             try:
                 if conn is None:
                     conn = await self._open(early=True)
@@ -214,6 +227,11 @@ class ListenService:
                 raise
             except Deaf as exc:
                 self._deaf(exc)
+            except Replaced as exc:
+                self._probe_sent = self._probe_deadline = None
+                self._log.bind(action=f"{self.name}_replaced").warning(
+                    f"{self.name}: {exc}; moved to it"
+                )
             except Exception as exc:
                 if diagnose(exc).transient:
                     self._lost(exc)
@@ -225,7 +243,8 @@ class ListenService:
                     await _close(conn)
             if time.monotonic() - started >= STABLE_SESSION:
                 backoff.reset()
-            await asyncio.sleep(backoff.next())
+            if self._replacement is None:
+                await asyncio.sleep(backoff.next())
 
     async def _open(self, early: bool = False) -> Conn:
         """Connect and LISTEN. `early`: notifications that arrive with the
@@ -354,21 +373,56 @@ class ListenService:
         """Prove that the connection is still there. A half-open TCP connection
         does not answer: after PING_TIMEOUT the connection is closed, then the
         query abandoned (cancelled first, psycopg would send a cancel request
-        and wait for its answer, up to 10 s more), and the session ends."""
+        and wait for its answer, up to 10 s more), and the session ends. After
+        PING_SUSPECT, fresh connections are tried beside it (`_fresh`): one that
+        listens first ends the session, and the next one starts on it."""
         ping = asyncio.ensure_future(conn.execute(dal.KEEPALIVE.sql))
+        fresh: asyncio.Task[Conn | None] | None = None
         try:
-            done, _ = await asyncio.wait({ping}, timeout=PING_TIMEOUT)
-        except asyncio.CancelledError:
-            ping.cancel()
+            done, _ = await asyncio.wait({ping}, timeout=PING_SUSPECT)
+            if not done:
+                fresh = asyncio.ensure_future(self._fresh(PING_TIMEOUT - PING_SUSPECT))
+                await asyncio.wait({ping, fresh}, return_when=asyncio.FIRST_COMPLETED)
+                if not ping.done():
+                    replacement = await fresh
+                    if replacement is None:  # none answered either: a dead connection
+                        raise DatabaseUnavailable(f"no answer to a ping within {PING_TIMEOUT:g}s")
+                    self._replacement = replacement
+                    self.replacements += 1
+                    raise Replaced(
+                        f"no answer to a ping within {PING_SUSPECT:g}s, while a fresh"
+                        " connection listened at once"
+                    )
+            ping.result()
+            self._pinged_at = time.monotonic()
+        except BaseException:
+            if not ping.done():
+                await _close(conn)
+                ping.cancel()
+                await asyncio.wait({ping}, timeout=1.0)
             raise
-        if not done:
-            await _close(conn)
-            ping.cancel()
-            await asyncio.wait({ping}, timeout=1.0)
-            # A dead connection, not a busy server: the ping is one round trip.
-            raise DatabaseUnavailable(f"no answer to a ping within {PING_TIMEOUT:g}s")
-        ping.result()
-        self._pinged_at = time.monotonic()
+        finally:
+            if fresh is not None and not fresh.done():
+                fresh.cancel()
+                await asyncio.wait({fresh}, timeout=1.0)
+            if fresh is not None and fresh.done() and not fresh.cancelled():
+                made = fresh.result() if fresh.exception() is None else None
+                if made is not None and made is not self._replacement:
+                    await _close(made)  # the ping answered after all
+
+    async def _fresh(self, within: float) -> Conn | None:
+        """A fresh LISTEN connection, tried every FRESH_TIMEOUT at most (a try
+        made while a link was down waits for TCP's SYN retries) for `within`
+        seconds; None if none answered."""
+        deadline = time.monotonic() + within
+        while (left := deadline - time.monotonic()) > 0:
+            try:
+                async with asyncio.timeout(min(FRESH_TIMEOUT, left)):
+                    return await self._open(early=True)
+            except Exception:
+                pass
+            await asyncio.sleep(min(0.25, max(0.0, deadline - time.monotonic())))
+        return None
 
     def _heard(self, payload: str) -> None:
         self._heard_at = time.monotonic()

@@ -56,6 +56,7 @@ class FaultProxy:
         self.refusing = False  # new connections are closed at once, as by a server that is down
         self.links: set[Link] = set()
         self.accepted = 0
+        self.refused = 0  # connections closed at once while `refusing`
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
         self._server: asyncio.Server | None = None
@@ -125,6 +126,7 @@ class FaultProxy:
 
     async def _accept(self, c_reader: asyncio.StreamReader, c_writer: asyncio.StreamWriter) -> None:
         if self.refusing:
+            self.refused += 1
             c_writer.transport.abort()
             return
         try:

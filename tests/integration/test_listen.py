@@ -235,3 +235,51 @@ async def test_a_forged_echo_of_the_probe_does_not_hide_a_deaf_connection(
             lambda: _true(lambda: service.deaf_count >= 1), timeout=10, what="found deaf"
         )
     assert service.probe_seconds is None  # no probe ever counted as back
+
+
+async def test_a_ping_unanswered_moves_the_service_to_a_fresh_connection(
+    db_url: str, proxy: FaultProxy, records: list[dict[str, Any]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The LISTEN connection's link went dead (blackholed: nothing comes back, as
+    # while a host's link is down and TCP waits to retransmit), while a new
+    # connection would work (the link is back). The service does not wait for
+    # the ping's timeout: after PING_SUSPECT it tries a fresh connection beside
+    # the ping, and moves to it.
+    monkeypatch.setattr(listen_module, "PING_INTERVAL", 0.3)
+    monkeypatch.setattr(listen_module, "PING_SUSPECT", 0.5)
+    monkeypatch.setattr(listen_module, "PING_TIMEOUT", 60.0)  # never the reason here
+    service, heard, connects = _service(proxy.url(db_url), None)
+    async with running(service):
+        assert proxy.blackhole() == 1
+        await await_until(lambda: _true(lambda: service.replacements == 1), timeout=10)
+        await await_until(lambda: _true(lambda: service.connected.is_set()))
+        async with await aconnect(db_url) as c:
+            await c.execute("notify ai_jobs, 'on the fresh connection'")
+        await await_until(lambda: _true(lambda: "on the fresh connection" in heard))
+        assert service.state == "listening" and service.reconnects == 1
+        assert connects == [False, True]  # the owner catches up what the gap lost
+    actions = [r["action"] for r in records if r.get("listener") == "test"]
+    assert actions.count("test_replaced") == 1 and "test_unhealthy" not in actions
+
+
+async def test_a_slow_ping_that_answers_keeps_its_connection(
+    db_url: str, proxy: FaultProxy, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A ping slower than PING_SUSPECT, while no fresh connection can be made (the
+    # server refuses them): the tries beside it fail, the ping answers, and the
+    # session goes on, on the same connection, with nothing left open.
+    monkeypatch.setattr(listen_module, "PING_INTERVAL", 0.2)
+    monkeypatch.setattr(listen_module, "PING_SUSPECT", 0.3)
+    monkeypatch.setattr(
+        dal, "KEEPALIVE", _Text("select pg_sleep(1.0), pg_notify('ai_jobs', 'ping answered')")
+    )
+    service, heard, connects = _service(proxy.url(db_url), None)
+    async with running(service):
+        pid = service.backend_pid
+        proxy.refusing = True
+        await await_until(lambda: _true(lambda: heard.count("ping answered") >= 2), timeout=10)
+        assert proxy.refused >= 1  # fresh connections were tried beside the slow pings
+        assert proxy.accepted == 1  # and none got through
+        assert service.backend_pid == pid and service.reconnects == 0
+        assert service.replacements == 0 and connects == [False]
+        assert len(proxy.links) == 1
