@@ -17,7 +17,7 @@ from loguru import logger
 from psycopg.pq import TransactionStatus
 
 from listener import dal
-from listener.db import WorkPool, connection
+from listener.db import WorkPool, connect
 
 
 class PoolMedic:
@@ -43,6 +43,10 @@ class PoolMedic:
 
     MIN_INTERVAL = 1.0
     STUCK_AFTER = 0.5
+    # Its own connection, at most: one tried while a link is down gives up soon,
+    # so that the next heal (the link back) looks again with a fresh one, instead
+    # of waiting for TCP's SYN retries with the connections it listed then.
+    CONNECT_WITHIN = 2.0
 
     def __init__(self, pool: WorkPool) -> None:
         self.pool = pool
@@ -94,16 +98,24 @@ class PoolMedic:
         if not first:
             return 0
         try:
-            async with asyncio.timeout(self.STUCK_AFTER + 10.0):
-                async with connection(self.pool.dsn, app="ai-jobs pool medic") as conn:
-                    since = (await dal.SERVER_TIME.one(conn))["now"]
-                    await asyncio.sleep(self.STUCK_AFTER)
-                    waiting = {p: c for p, c in _waiting(first.values()).items() if first[p] is c}
-                    params = {"pids": list(waiting), "since": since, "seconds": self.STUCK_AFTER}
-                    idle = await dal.IDLE_BACKENDS.all(conn, params) if waiting else []
+            async with asyncio.timeout(self.CONNECT_WITHIN):
+                conn = await connect(self.pool.dsn, app="ai-jobs pool medic")
         except Exception as exc:  # the database away again: the next heal looks again
             logger.bind(action="pool_unstick_failed").debug(f"pool unstick failed: {exc!r}")
             return 0
+        try:
+            async with asyncio.timeout(self.STUCK_AFTER + 10.0):
+                since = (await dal.SERVER_TIME.one(conn))["now"]
+                await asyncio.sleep(self.STUCK_AFTER)
+                waiting = {p: c for p, c in _waiting(first.values()).items() if first[p] is c}
+                params = {"pids": list(waiting), "since": since, "seconds": self.STUCK_AFTER}
+                idle = await dal.IDLE_BACKENDS.all(conn, params) if waiting else []
+        except Exception as exc:  # the database away again: the next heal looks again
+            logger.bind(action="pool_unstick_failed").debug(f"pool unstick failed: {exc!r}")
+            return 0
+        finally:
+            with contextlib.suppress(Exception):
+                await conn.close()
         cut = sum(_shut_down(waiting[r["pid"]]) for r in idle if r["pid"] in waiting)
         if cut:
             self.unstuck += cut

@@ -122,3 +122,29 @@ async def test_stuck_connections_are_found_when_none_is_left_to_lend(
         assert await _query(pool, "select 'again' as v") == {"v": "again"}
     finally:
         await pool.close(timeout=1)
+
+
+async def test_a_look_made_while_the_link_is_down_gives_up_soon_and_the_next_one_cuts(
+    proxied_pool: db.WorkPool, proxy: FaultProxy
+) -> None:
+    # While a link is down, the medic's own connection cannot be made either: it
+    # gives up within CONNECT_WITHIN (not after its 10-s connect timeout), so
+    # that the heal that follows the link's return looks again, and finds the
+    # query stuck since.
+    medic = PoolMedic(proxied_pool)
+    await _query(proxied_pool, "select 1")
+    async with proxied_pool.connection() as conn:
+        proxy.blackhole()
+        proxy.partition = True  # new connections go nowhere too: the link is down
+        stuck = asyncio.create_task(conn.execute("select 'lost'"))
+        done, _ = await asyncio.wait({stuck}, timeout=1.0)
+        assert not done
+        t0 = time.monotonic()
+        assert await medic.unstick() == 0  # no connection of its own: nothing decided
+        assert time.monotonic() - t0 < medic.CONNECT_WITHIN + 1.0
+        assert not stuck.done()
+        proxy.partition = False  # the link is back (for new connections)
+        assert await medic.unstick() == 1
+        with pytest.raises(psycopg.OperationalError):
+            await asyncio.wait_for(stuck, 10)
+    assert medic.unstuck == 1
