@@ -41,6 +41,8 @@ PING_TIMEOUT = 10.0  # a ping that does not answer in this time means a dead con
 PING_SUSPECT = 2.0  # a ping not answered by then: fresh connections are tried beside it
 FRESH_TIMEOUT = 1.0  # each of those tries, at most (a SYN lost while a link was down)
 PROBE_TIMEOUT = 5.0  # a probe not back on the LISTEN connection by then: deaf
+RESEND_PAUSE = 0.1  # a probe the pool could not send is sent again this much later,
+RESEND_BEFORE = 1.0  # while this much of PROBE_TIMEOUT is left for its echo
 VERIFY_TIMEOUT = 3.0  # at start: how long the first probe may take
 VERIFY_ATTEMPTS = 2  # fresh connections tried before LISTEN is declared not to work
 # Reconnect quickly: a job inserted while nobody listens waits for the catch-up
@@ -463,22 +465,34 @@ class ListenService:
 
     async def _deliver(self, n: int) -> None:
         assert self.notify is not None
-        try:
-            # A pool connection gone half-open would hold the probe forever: the
-            # deadline makes that a missed probe (deaf), which replaces connections.
-            async with asyncio.timeout(PROBE_TIMEOUT):
-                await self.notify(self.channel, probe_payload(self.sender, n))
-        except TimeoutError:
-            return
-        except Exception as exc:
-            # The pool could not send it (its owner reports that): no verdict on
-            # the LISTEN connection; try again after the next quiet period.
-            self._log.bind(action=f"{self.name}_probe_unsent").debug(
-                f"{self.name}: probe {n} not sent: {diagnose(exc)}"
-            )
-            if n == self._probe_n:
-                self._probe_sent = self._probe_deadline = None
-                self._heard_at = time.monotonic()
+        deadline = time.monotonic() + PROBE_TIMEOUT
+        while True:
+            try:
+                # A pool connection gone half-open would hold the probe forever: the
+                # deadline makes that a missed probe (deaf), which replaces connections.
+                async with asyncio.timeout(max(0.0, deadline - time.monotonic())):
+                    await self.notify(self.channel, probe_payload(self.sender, n))
+                return
+            except TimeoutError:
+                return
+            except Exception as exc:
+                # The pool could not send it (its owner reports that). Sent again
+                # while its echo still has time to come back (the pool's next
+                # connection may work: the one that failed was cut by the pool
+                # medic, say); else no verdict on the LISTEN connection: try again
+                # after the next quiet period.
+                again = n == self._probe_n and deadline - time.monotonic() > RESEND_BEFORE
+                self._log.bind(action=f"{self.name}_probe_unsent").debug(
+                    f"{self.name}: probe {n} not sent: {diagnose(exc)}"
+                    + ("; sending it again" if again else "")
+                )
+                if again:
+                    await asyncio.sleep(RESEND_PAUSE)
+                    continue
+                if n == self._probe_n:
+                    self._probe_sent = self._probe_deadline = None
+                    self._heard_at = time.monotonic()
+                return
 
     # -- transitions, logged once ------------------------------------------------
 

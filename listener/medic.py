@@ -47,6 +47,16 @@ class PoolMedic:
     # so that the next heal (the link back) looks again with a fresh one, instead
     # of waiting for TCP's SYN retries with the connections it listed then.
     CONNECT_WITHIN = 2.0
+    # The watch (`watch()`, every WATCH_EVERY): a connection seen waiting for a
+    # reply at WAITING_LOOKS looks in a row (the same connection, so about
+    # that many seconds) has its server asked (`unstick`). A link that was down
+    # for a few seconds leaves the queries sent meanwhile waiting for TCP's
+    # retransmission, seconds after the link is back, with no error to start a
+    # heal; this finds them about as soon as the medic's own connection can be
+    # made. A long query on a working connection costs a look at
+    # pg_stat_activity every few seconds.
+    WATCH_EVERY = 1.0
+    WAITING_LOOKS = 2
 
     def __init__(self, pool: WorkPool) -> None:
         self.pool = pool
@@ -55,6 +65,7 @@ class PoolMedic:
         self._last = -self.MIN_INTERVAL
         self._task: asyncio.Task[None] | None = None
         self._unsticking: asyncio.Task[int] | None = None
+        self._seen: dict[int, tuple[Any, int]] = {}  # waiting connections: looks in a row
 
     def heal_soon(self) -> None:
         """From an error path: drain in the background."""
@@ -89,6 +100,22 @@ class PoolMedic:
             self._unsticking = asyncio.get_running_loop().create_task(
                 self.unstick(), name="pool unstick"
             )
+
+    async def watch(self) -> None:
+        """One look of the watch (a periodic duty of the worker, every WATCH_EVERY)."""
+        waiting = _waiting(self.pool.connections)
+        seen = {
+            pid: (conn, (self._seen[pid][1] + 1 if self._seen.get(pid, (None,))[0] is conn else 1))
+            for pid, conn in waiting.items()
+        }
+        self._seen = seen
+        if any(n >= self.WAITING_LOOKS for _, n in seen.values()) and (
+            self._unsticking is None or self._unsticking.done()
+        ):
+            self._unsticking = asyncio.get_running_loop().create_task(
+                self.unstick(), name="pool unstick"
+            )
+            await asyncio.shield(self._unsticking)
 
     async def unstick(self) -> int:
         """Shut down the connections waiting on a reply that was lost; how many.

@@ -228,7 +228,7 @@ class Worker:
         await self.prepare()
         if self.listen:  # the fast path claims notified jobs: none without LISTEN
             self.fast.open()
-        duties = list(self.periodic)
+        duties = [*self.periodic, (self.medic.WATCH_EVERY, self.medic.watch, "pool watch")]
         if not self.listen:
             duties.append((self.poll_interval, self._poll, "poll"))
         background = [

@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from typing import Any
 
+import psycopg
 import pytest
 from loguru import logger
 
@@ -283,3 +284,25 @@ async def test_a_slow_ping_that_answers_keeps_its_connection(
         assert service.backend_pid == pid and service.reconnects == 0
         assert service.replacements == 0 and connects == [False]
         assert len(proxy.links) == 1
+
+
+async def test_a_probe_the_pool_could_not_send_is_sent_again(db_url: str) -> None:
+    # The pool's connection failed under the probe (cut by the pool medic, say):
+    # the same probe goes again at once, on the pool's next connection, instead
+    # of waiting out another quiet period; its echo proves the connection.
+    sent: list[int] = []
+    send = _sender(db_url)
+
+    async def notify(channel: str, payload: str) -> None:
+        probe = listen_module.probe_of(payload)
+        assert probe is not None
+        sent.append(probe[1])
+        if len(sent) == 1:
+            raise psycopg.OperationalError("the pool's connection was shut down")
+        await send(channel, payload)
+
+    service, _, _ = _service(db_url, notify)
+    async with running(service):
+        await await_until(lambda: _true(lambda: service.probe_seconds is not None))
+    assert sent[0] == sent[1]  # the same probe, sent again
+    assert service.deaf_count == 0 and service.probes == len(set(sent))

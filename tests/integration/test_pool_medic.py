@@ -148,3 +148,44 @@ async def test_a_look_made_while_the_link_is_down_gives_up_soon_and_the_next_one
         with pytest.raises(psycopg.OperationalError):
             await asyncio.wait_for(stuck, 10)
     assert medic.unstuck == 1
+
+
+async def test_the_watch_cuts_a_query_stuck_with_no_error_to_start_a_heal(
+    proxied_pool: db.WorkPool, proxy: FaultProxy
+) -> None:
+    # A link down for a few seconds raises nothing: the queries sent meanwhile
+    # just wait. The watch (a periodic duty of the worker) asks the server about
+    # a connection it saw waiting at WAITING_LOOKS looks in a row.
+    medic = PoolMedic(proxied_pool)
+    await _query(proxied_pool, "select 1")
+    async with proxied_pool.connection() as conn:
+        proxy.blackhole()
+        stuck = asyncio.create_task(conn.execute("select 'lost'"))
+        done, _ = await asyncio.wait({stuck}, timeout=1.0)
+        assert not done
+        for _ in range(medic.WAITING_LOOKS - 1):
+            await medic.watch()  # seen waiting: not yet a reason to ask
+        assert medic.unstuck == 0 and not stuck.done()
+        await medic.watch()
+        with pytest.raises(psycopg.OperationalError):
+            await asyncio.wait_for(stuck, 10)
+    assert medic.unstuck == 1 and medic.heals == 0  # found by the watch alone
+
+
+async def test_the_watch_leaves_a_long_query_alone(proxied_pool: db.WorkPool, db_url: str) -> None:
+    medic = PoolMedic(proxied_pool)
+    long = asyncio.create_task(_query(proxied_pool, "select pg_sleep(2) is null as slept"))
+    async with await aconnect(db_url) as c:
+
+        async def running() -> bool:
+            cur = await c.execute(
+                "select 1 from pg_stat_activity where state = 'active'"
+                " and query like 'select pg_sleep(2)%'"
+            )
+            return bool(await cur.fetchone())
+
+        await await_until(running, what="the long query running")
+    for _ in range(medic.WAITING_LOOKS + 1):
+        await medic.watch()
+    assert await asyncio.wait_for(long, 10) == {"slept": False}
+    assert medic.unstuck == 0
