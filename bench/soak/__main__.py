@@ -167,7 +167,7 @@ def run(a: argparse.Namespace, folder: Path) -> int:
         run_ = check.load(folder, jobs, storage, drained_at)
         verdict = check.check(run_)
         summary = report.summarize(
-            folder, jobs, read_faults(folder), verdict, started, inserts_stopped
+            folder, jobs, read_faults(folder), verdict, started, inserts_stopped, run_.inserts
         )
         summary.info = {
             "title": f"{'calm' if a.calm else 'chaos'} soak, {a.minutes:g} min, seed {a.seed}",
