@@ -95,27 +95,29 @@ class PoolMedic:
             self.heals += 1
         except Exception as exc:  # a closed pool, at shutdown: nothing to heal
             logger.bind(action="pool_heal_failed").debug(f"pool drain failed: {exc!r}")
-        if self._unsticking is None or self._unsticking.done():  # in the background:
-            # it takes STUCK_AFTER, and the drain's fresh connections serve meanwhile
-            self._unsticking = asyncio.get_running_loop().create_task(
-                self.unstick(), name="pool unstick"
-            )
+        # In the background: it takes STUCK_AFTER, and the drain's fresh
+        # connections serve meanwhile.
+        self._unstick_soon()
+
+    def _unstick_soon(self) -> asyncio.Task[int] | None:
+        """Start `unstick` unless one is under way; the task started, or None."""
+        if self._unsticking is not None and not self._unsticking.done():
+            return None
+        self._unsticking = asyncio.get_running_loop().create_task(
+            self.unstick(), name="pool unstick"
+        )
+        return self._unsticking
 
     async def watch(self) -> None:
         """One look of the watch (a periodic duty of the worker, every WATCH_EVERY)."""
-        waiting = _waiting(self.pool.connections)
-        seen = {
-            pid: (conn, (self._seen[pid][1] + 1 if self._seen.get(pid, (None,))[0] is conn else 1))
-            for pid, conn in waiting.items()
-        }
-        self._seen = seen
-        if any(n >= self.WAITING_LOOKS for _, n in seen.values()) and (
-            self._unsticking is None or self._unsticking.done()
-        ):
-            self._unsticking = asyncio.get_running_loop().create_task(
-                self.unstick(), name="pool unstick"
-            )
-            await asyncio.shield(self._unsticking)
+        looks: dict[int, tuple[Any, int]] = {}
+        for pid, conn in _waiting(self.pool.connections).items():
+            before, n = self._seen.get(pid, (None, 0))
+            looks[pid] = (conn, n + 1 if before is conn else 1)
+        self._seen = looks
+        stuck = any(n >= self.WAITING_LOOKS for _, n in looks.values())
+        if stuck and (task := self._unstick_soon()) is not None:
+            await asyncio.shield(task)
 
     async def unstick(self) -> int:
         """Shut down the connections waiting on a reply that was lost; how many.

@@ -35,6 +35,32 @@ async def _query(pool: db.WorkPool, statement: str) -> Any:
         return await (await conn.execute(statement)).fetchone()
 
 
+async def _lost(conn: Any) -> asyncio.Task[Any]:
+    """A query sent on a blackholed connection: waiting, and it would wait for
+    ever (the proxy acks the bytes)."""
+    stuck = asyncio.create_task(conn.execute("select 'lost'"))
+    done, _ = await asyncio.wait({stuck}, timeout=1.0)
+    assert not done
+    return stuck
+
+
+async def _long(pool: db.WorkPool, db_url: str) -> asyncio.Task[Any]:
+    """`select pg_sleep(2)` on a pool connection, once the server runs it: its
+    caller waits for its reply while the server works."""
+    long = asyncio.create_task(_query(pool, "select pg_sleep(2) is null as slept"))
+    async with await aconnect(db_url) as c:
+
+        async def running() -> bool:
+            cur = await c.execute(
+                "select 1 from pg_stat_activity where state = 'active'"
+                " and query like 'select pg_sleep(2)%'"
+            )
+            return bool(await cur.fetchone())
+
+        await await_until(running, what="the long query running")
+    return long
+
+
 async def test_a_query_stuck_on_a_half_open_connection_fails_and_is_retried(
     proxied_pool: db.WorkPool, proxy: FaultProxy
 ) -> None:
@@ -42,9 +68,7 @@ async def test_a_query_stuck_on_a_half_open_connection_fails_and_is_retried(
     await _query(proxied_pool, "select 1")  # a connection to lose
     async with proxied_pool.connection() as conn:
         proxy.blackhole()  # this connection: the query goes out, nothing comes back
-        stuck = asyncio.create_task(conn.execute("select 'lost'"))
-        done, _ = await asyncio.wait({stuck}, timeout=1.0)
-        assert not done  # waiting, and it would wait for ever (the proxy acks the bytes)
+        stuck = await _lost(conn)
         t0 = time.monotonic()
         await medic.heal()  # idle connections replaced now; the stuck one looked for
         with pytest.raises(psycopg.OperationalError):
@@ -58,17 +82,7 @@ async def test_a_long_query_on_a_working_connection_is_left_alone(
     proxied_pool: db.WorkPool, db_url: str
 ) -> None:
     medic = PoolMedic(proxied_pool)
-    long = asyncio.create_task(_query(proxied_pool, "select pg_sleep(2) is null as slept"))
-    async with await aconnect(db_url) as c:  # ... waiting for its reply while the server runs it
-
-        async def running() -> bool:
-            cur = await c.execute(
-                "select 1 from pg_stat_activity where state = 'active'"
-                " and query like 'select pg_sleep(2)%'"
-            )
-            return bool(await cur.fetchone())
-
-        await await_until(running, what="the long query running")
+    long = await _long(proxied_pool, db_url)
     assert await medic.unstick() == 0
     assert await asyncio.wait_for(long, 10) == {"slept": False}
     assert medic.unstuck == 0
@@ -136,9 +150,7 @@ async def test_a_look_made_while_the_link_is_down_gives_up_soon_and_the_next_one
     async with proxied_pool.connection() as conn:
         proxy.blackhole()
         proxy.partition = True  # new connections go nowhere too: the link is down
-        stuck = asyncio.create_task(conn.execute("select 'lost'"))
-        done, _ = await asyncio.wait({stuck}, timeout=1.0)
-        assert not done
+        stuck = await _lost(conn)
         t0 = time.monotonic()
         assert await medic.unstick() == 0  # no connection of its own: nothing decided
         assert time.monotonic() - t0 < medic.CONNECT_WITHIN + 1.0
@@ -160,9 +172,7 @@ async def test_the_watch_cuts_a_query_stuck_with_no_error_to_start_a_heal(
     await _query(proxied_pool, "select 1")
     async with proxied_pool.connection() as conn:
         proxy.blackhole()
-        stuck = asyncio.create_task(conn.execute("select 'lost'"))
-        done, _ = await asyncio.wait({stuck}, timeout=1.0)
-        assert not done
+        stuck = await _lost(conn)
         for _ in range(medic.WAITING_LOOKS - 1):
             await medic.watch()  # seen waiting: not yet a reason to ask
         assert medic.unstuck == 0 and not stuck.done()
@@ -174,17 +184,7 @@ async def test_the_watch_cuts_a_query_stuck_with_no_error_to_start_a_heal(
 
 async def test_the_watch_leaves_a_long_query_alone(proxied_pool: db.WorkPool, db_url: str) -> None:
     medic = PoolMedic(proxied_pool)
-    long = asyncio.create_task(_query(proxied_pool, "select pg_sleep(2) is null as slept"))
-    async with await aconnect(db_url) as c:
-
-        async def running() -> bool:
-            cur = await c.execute(
-                "select 1 from pg_stat_activity where state = 'active'"
-                " and query like 'select pg_sleep(2)%'"
-            )
-            return bool(await cur.fetchone())
-
-        await await_until(running, what="the long query running")
+    long = await _long(proxied_pool, db_url)
     for _ in range(medic.WAITING_LOOKS + 1):
         await medic.watch()
     assert await asyncio.wait_for(long, 10) == {"slept": False}
