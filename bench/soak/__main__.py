@@ -94,7 +94,7 @@ def clean_leftovers() -> None:
     for pid in found.get("pids", []):
         with contextlib.suppress(OSError):
             cmd = Path(f"/proc/{pid}/cmdline").read_bytes()
-            if b"tests.fakeai" in cmd:  # ours, not a pid used again since
+            if b"tests.fakeai" in cmd or b"bench.soak.wire" in cmd:  # ours, not a reused pid
                 os.kill(pid, signal.SIGKILL)
                 ended.append(pid)
     for mount in found.get("mounts", []):
@@ -117,7 +117,8 @@ def run(a: argparse.Namespace, folder: Path) -> int:
     load_before = os.getloadavg()[0]
     workers = [net.Host(f"h{i + 1}", f"{net.SUBNET}.{11 + i}") for i in range(a.hosts)]
     pg = (net.Host("pg1", f"{net.SUBNET}.21"), net.Host("pg2", f"{net.SUBNET}.22"))
-    net.setup([*workers, *pg])
+    if (wire := net.setup([*workers, *pg], shaped=tuple(workers), seed=a.seed)) is not None:
+        remember(pids=wire)
     storage = folder / "storage"
     storage.mkdir(exist_ok=True)
     size = f"size={a.storage_size}"

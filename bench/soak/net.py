@@ -7,9 +7,13 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import signal
 import subprocess
+import sys
+import threading
 from dataclasses import dataclass
+from pathlib import Path
 
 BRIDGE = "sk-br0"
 SUBNET = "10.231.0"
@@ -45,6 +49,7 @@ def namespaces() -> list[str]:
 def cleanup() -> list[int]:
     """Remove what an earlier run left (its namespaces, the processes still in
     them, the bridge); the ids of the processes it ended."""
+    stop_wire()
     ended = []
     for ns in namespaces():
         for pid in ip("netns", "pids", ns, check=False).stdout.split():
@@ -56,20 +61,89 @@ def cleanup() -> list[int]:
     return ended
 
 
-def setup(hosts: list[Host]) -> None:
+# The links of the shaped hosts, when they go through the wire (bench/soak/wire.py).
+_wire: subprocess.Popen[str] | None = None
+_wired: set[str] = set()
+_wire_lock = threading.Lock()  # faults run in threads of their own
+
+
+def setup(hosts: list[Host], shaped: tuple[Host, ...] = (), seed: int = 1) -> int | None:
+    """The bridge and a namespace per host. The `shaped` hosts' links take delay
+    and loss (`netem`): with tc netem where the kernel has it, else through the
+    wire, a process of its own whose id is returned (None without one)."""
     ip("link", "add", BRIDGE, "type", "bridge")
     ip("addr", "add", f"{ROOT_IP}/24", "dev", BRIDGE)
     ip("link", "set", BRIDGE, "up")
     for h in hosts:
         ip("netns", "add", h.ns)
+    wired = [h for h in shaped if h in hosts] if shaped and not has_netem(hosts[0]) else []
+    if wired:
+        _start_wire([h.name for h in wired], seed)
+    for h in hosts:
         peer = f"skp-{h.name}"
-        ip("link", "add", h.veth, "type", "veth", "peer", "name", peer)
+        if h in wired:
+            peer = f"skt-{h.name}"  # the wire's devices, made by it
+        else:
+            ip("link", "add", h.veth, "type", "veth", "peer", "name", peer)
         ip("link", "set", peer, "netns", h.ns)
         ip("link", "set", h.veth, "master", BRIDGE, "up")
         ip("-n", h.ns, "link", "set", "lo", "up")
         ip("-n", h.ns, "link", "set", peer, "name", "eth0")
         ip("-n", h.ns, "addr", "add", f"{h.ip}/24", "dev", "eth0")
         ip("-n", h.ns, "link", "set", "eth0", "up")
+    return _wire.pid if _wire is not None else None
+
+
+def has_netem(host: Host) -> bool:
+    """Whether the kernel shapes with netem (tried on the host's loopback)."""
+    tc = [*host.exec(), "tc", "qdisc"]
+    added = (
+        subprocess.run(
+            [*tc, "add", "dev", "lo", "root", "netem", "delay", "1ms"],
+            capture_output=True,
+            check=False,
+        ).returncode
+        == 0
+    )
+    if added:
+        subprocess.run([*tc, "del", "dev", "lo", "root"], capture_output=True, check=False)
+    return added
+
+
+def _start_wire(names: list[str], seed: int) -> None:
+    global _wire
+    _wire = subprocess.Popen(
+        [sys.executable, "-m", "bench.soak.wire", "--seed", str(seed), *names],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+        cwd=Path(__file__).resolve().parents[2],
+    )
+    assert _wire.stdout is not None
+    if (line := _wire.stdout.readline().strip()) != "ready":
+        raise RuntimeError(f"soak: the wire did not start ({line or 'no answer'})")
+    _wired.update(names)
+
+
+def _tell_wire(line: str) -> None:
+    assert _wire is not None and _wire.stdin is not None and _wire.stdout is not None
+    with _wire_lock:
+        _wire.stdin.write(line + "\n")
+        _wire.stdin.flush()
+        answer = _wire.stdout.readline().strip()
+    if answer != "ok":
+        raise RuntimeError(f"soak: the wire refused {line!r} ({answer or 'no answer'})")
+
+
+def stop_wire() -> None:
+    """End the wire (the shaped hosts' links go with it)."""
+    global _wire
+    if _wire is not None:
+        with contextlib.suppress(Exception):
+            _wire.kill()
+            _wire.wait(10)
+        _wire = None
+        _wired.clear()
 
 
 def link(host: Host, up: bool) -> None:
@@ -77,20 +151,27 @@ def link(host: Host, up: bool) -> None:
     ip("link", "set", host.veth, "up" if up else "down")
 
 
-# When the kernel has no netem (sch_netem), the link is shaped with tbf instead:
-# a slow link whose queue delays what waits in it; no random loss.
-FALLBACK = "tbf rate 256kbit burst 16kbit latency 400ms"
+_NETEM = re.compile(r"delay (\d+)ms (\d+)ms loss (\d+(?:\.\d+)?)%")
 
 
 def netem(host: Host, spec: str | None) -> str:
-    """Delay and loss on the host's link (tc netem `spec`), or none; what was
-    applied."""
+    """Delay and loss on the host's link (tc netem `spec`, as "delay 100ms 20ms
+    loss 5%"), or none; what was applied."""
+    if host.name in _wired:
+        if spec is None:
+            _tell_wire(f"{host.name} clear")
+            return ""
+        if (m := _NETEM.fullmatch(spec)) is None:
+            raise ValueError(f"the wire cannot apply {spec!r}")
+        _tell_wire(f"{host.name} {' '.join(m.groups())}")
+        return f"wire {spec}"
     tc = [*host.exec(), "tc", "qdisc"]
     if spec is None:
         subprocess.run([*tc, "del", "dev", "eth0", "root"], capture_output=True, check=False)
         return ""
-    cmd = [*tc, "replace", "dev", "eth0", "root"]
-    if subprocess.run([*cmd, "netem", *spec.split()], capture_output=True).returncode == 0:
-        return f"netem {spec}"
-    subprocess.run([*cmd, *FALLBACK.split()], capture_output=True, check=True)
-    return FALLBACK
+    subprocess.run(
+        [*tc, "replace", "dev", "eth0", "root", "netem", *spec.split()],
+        capture_output=True,
+        check=True,
+    )
+    return f"netem {spec}"
