@@ -1,6 +1,7 @@
 """The chaos driver: a fault every 10-20 s (by default), its kind, target and
 length drawn from a seeded generator, so that a run repeats. Each fault runs in
-a thread of its own and heals by itself, so faults arrive while others heal.
+a thread of its own and heals by itself, so faults arrive while others heal; a
+target healed is left alone for REST seconds (its recovery is measured).
 Every fault is written to faults.jsonl: its kind, target, when it began and when
 it was healed (the moment the checker measures recovery from).
 
@@ -27,6 +28,10 @@ from typing import Any
 
 from bench.soak import net
 from bench.soak.cluster import STALE_AFTER, Database, Fake, Fleet, log_line
+
+# A target just healed is left alone this long (the recovery target), so that
+# its recovery is measured, not cut short by the next fault on it.
+REST = 5.0
 
 KINDS = (
     "kill_worker",
@@ -63,6 +68,7 @@ class Chaos(threading.Thread):
         self.lock = threading.Lock()
         self.running: list[threading.Thread] = []
         self.busy: set[str] = set()  # resources a fault holds: "db", "provider", "disk", host names
+        self.rest_until: dict[str, float] = {}  # resources healed less than REST ago
         self.injected = 0
 
     def run(self) -> None:
@@ -100,12 +106,13 @@ class Chaos(threading.Thread):
         finally:
             with self.lock:
                 self.busy.discard(resource)
+                self.rest_until[resource] = time.time() + REST
         with self.lock:
             log_line(self.out, kind=kind, start=start, error=error, **detail)
 
     def free(self, resource: str) -> bool:
         with self.lock:
-            return resource not in self.busy
+            return resource not in self.busy and time.time() >= self.rest_until.get(resource, 0)
 
     def plan(self, kind: str) -> tuple[str, Callable[[], dict[str, Any]]] | None:
         rng = self.rng

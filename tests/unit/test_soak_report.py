@@ -3,6 +3,7 @@ window, and the same window stretched until the backlog it left is done."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from bench.soak.check import Job, Verdict
@@ -40,3 +41,66 @@ def test_the_backlog_a_fault_left_is_out_of_the_settled_figure(tmp_path: Path) -
     # Without the inserts' times, no settled figure.
     bare = summarize(tmp_path, jobs, faults, Verdict(), START, end)
     assert bare.settled_per_min != bare.settled_per_min  # NaN
+
+
+def _worker(folder: Path, log: str, host: str, worker: str) -> None:
+    """A worker process of the run: its line in processes.jsonl and its log's start."""
+    with open(folder / "processes.jsonl", "a") as f:
+        f.write(json.dumps({"event": "start", "log": log, "host": host, "t": START}) + "\n")
+    record = {"extra": {"action": "worker_started", "worker": worker}, "time": {"timestamp": START}}
+    (folder / "logs" / log).write_text(json.dumps({"record": record}) + "\n")
+
+
+def test_a_recovery_the_next_fault_on_the_same_workers_cut_short_is_a_lower_bound(
+    tmp_path: Path,
+) -> None:
+    (tmp_path / "logs").mkdir()
+    _worker(tmp_path, "h1-w0.jsonl", "h1", "w-h1")
+    _worker(tmp_path, "h2-w0.jsonl", "h2", "w-h2")
+    t = START + 100
+    jobs = {
+        "a": Job(
+            "a",
+            "ai_course_jobs",
+            "done",
+            "a",
+            worker_id="w-h1",
+            started_at=t + 5,
+            completed_at=t + 6,
+        ),
+        "b": Job(
+            "b",
+            "ai_course_jobs",
+            "done",
+            "b",
+            worker_id="w-h2",
+            started_at=t + 13,
+            completed_at=t + 14,
+        ),
+    }
+    faults = [
+        {"kind": "cut_link", "target": "h2", "start": t - 5, "healed": t},
+        {"kind": "cut_link", "target": "h1", "start": t + 2, "healed": t + 4},  # not h2's
+        {"kind": "cut_link", "target": "h2", "start": t + 6, "healed": t + 10},
+    ]
+    s = summarize(tmp_path, jobs, faults, Verdict(), START, t + 60)
+    # h2's first recovery ran into h2's next cut (6 s later): 6 s at least, not 13.
+    assert s.recovery["cut_link"] == [6.0, 1.0, 3.0]
+    assert s.interrupted["cut_link"] == [True, False, False]
+    # A worker of h2 killed before h2's workers claimed anything cuts it short too;
+    # a database restart cuts every recovery short.
+    killed = {
+        "kind": "kill_worker",
+        "target": "h2-w0.jsonl",
+        "new": "h2-w0.jsonl",
+        "start": t + 3,
+        "healed": t + 5,
+    }
+    s = summarize(tmp_path, jobs, [faults[0], killed], Verdict(), START, t + 60)
+    assert s.recovery["cut_link"] == [3.0] and s.interrupted["cut_link"] == [True]
+    restart = {"kind": "restart_db", "target": "pg1", "start": t + 4, "healed": t + 5}
+    s = summarize(tmp_path, jobs, [faults[0], restart], Verdict(), START, t + 60)
+    assert s.recovery["cut_link"] == [4.0] and s.interrupted["cut_link"] == [True]
+    # Claimed before the next fault: measured as it was.
+    s = summarize(tmp_path, jobs, [faults[1], faults[2]], Verdict(), START, t + 60)
+    assert s.interrupted["cut_link"] == [False, False]
