@@ -39,6 +39,10 @@ from listener.outage import Backoff, Health, diagnose
 PING_INTERVAL = 5.0  # seconds of silence before a keepalive query (River pings every 5 s)
 PING_TIMEOUT = 10.0  # a ping that does not answer in this time means a dead connection
 PING_SUSPECT = 2.0  # a ping not answered by then: fresh connections are tried beside it
+# After the owner found the database back from an outage (`suspect`): the LISTEN
+# connection is pinged at once, and fresh connections are tried beside a ping
+# not answered by then.
+SUSPECT_PING = 0.25
 FRESH_TIMEOUT = 1.0  # each of those tries, at most (a SYN lost while a link was down)
 PROBE_TIMEOUT = 5.0  # a probe not back on the LISTEN connection by then: deaf
 RESEND_PAUSE = 0.1  # a probe the pool could not send is sent again this much later,
@@ -139,6 +143,7 @@ class ListenService:
         self._next_probe = 0.0
         self._sends: set[asyncio.Task[None]] = set()
         self._answered: asyncio.Future[None] | None = None  # set by a probe's answer
+        self._suspect = False  # ping now, quick to try fresh connections (`suspect`)
         self._early: list[str] = []  # payloads that came with the LISTEN's reply
         self._log = logger.bind(listener=name, channel=channel)
         # Transitions logged once: <name>_unhealthy, _busy, _deaf, _healthy.
@@ -276,6 +281,7 @@ class ListenService:
             self._set_state(LISTENING)
         now = time.monotonic()
         self._heard_at = self._pinged_at = now
+        self._suspect = False  # a new connection: nothing to suspect
         # Prove every new connection at once (but the one verify() just proved).
         self._next_probe = now if recovered else now + self.probe_every
         self.connected.set()
@@ -285,6 +291,15 @@ class ListenService:
             self._log.bind(action=f"{self.name}_callback_failed").error(
                 f"{self.name}: on_connect failed: {type(exc).__name__}: {exc}"
             )
+
+    def suspect(self) -> None:
+        """The owner found the database back after an outage (a link that was
+        down, say): the LISTEN connection may still wait for TCP's retransmission,
+        deaf for seconds. Ping it now; if it does not answer within SUSPECT_PING,
+        move to a fresh connection that listens first (`_ping`)."""
+        self._suspect = True
+        if self._answered is not None and not self._answered.done():
+            self._answered.set_result(None)  # ends the session's wait
 
     def _keep_early(self, n: psycopg.Notify) -> None:
         self._early.append(n.payload)
@@ -358,11 +373,13 @@ class ListenService:
                 if ended.done():
                     ended.result()  # raises what ended the session
                 quiet = time.monotonic() - max(self._heard_at, self._pinged_at)
-                if self._probe_deadline is None and quiet >= PING_INTERVAL:
-                    # A probe under way answers the same question. The ping's
-                    # reply is read by psycopg, not by the reader callback.
+                suspect, self._suspect = self._suspect, False
+                if suspect or (self._probe_deadline is None and quiet >= PING_INTERVAL):
+                    # A probe under way answers the same question (but slowly,
+                    # for a suspect). The ping's reply is read by psycopg, not by
+                    # the reader callback.
                     sock.read(False)
-                    await self._ping(conn)
+                    await self._ping(conn, SUSPECT_PING if suspect else PING_SUSPECT)
                     drain()
                     sock.read(True)
         finally:
@@ -371,19 +388,20 @@ class ListenService:
             if ended.done():
                 ended.exception()  # retrieved (raised above, or the session ended otherwise)
 
-    async def _ping(self, conn: Conn) -> None:
+    async def _ping(self, conn: Conn, suspect_after: float = PING_SUSPECT) -> None:
         """Prove that the connection is still there. A half-open TCP connection
         does not answer: after PING_TIMEOUT the connection is closed, then the
         query abandoned (cancelled first, psycopg would send a cancel request
         and wait for its answer, up to 10 s more), and the session ends. After
-        PING_SUSPECT, fresh connections are tried beside it (`_fresh`): one that
-        listens first ends the session, and the next one starts on it."""
+        `suspect_after` (PING_SUSPECT), fresh connections are tried beside it
+        (`_fresh`): one that listens first ends the session, and the next one
+        starts on it."""
         ping = asyncio.ensure_future(conn.execute(dal.KEEPALIVE.sql))
         fresh: asyncio.Task[Conn | None] | None = None
         try:
-            done, _ = await asyncio.wait({ping}, timeout=PING_SUSPECT)
+            done, _ = await asyncio.wait({ping}, timeout=suspect_after)
             if not done:
-                fresh = asyncio.ensure_future(self._fresh(PING_TIMEOUT - PING_SUSPECT))
+                fresh = asyncio.ensure_future(self._fresh(PING_TIMEOUT - suspect_after))
                 await asyncio.wait({ping, fresh}, return_when=asyncio.FIRST_COMPLETED)
                 if not ping.done():
                     replacement = await fresh
@@ -392,7 +410,7 @@ class ListenService:
                     self._replacement = replacement
                     self.replacements += 1
                     raise Replaced(
-                        f"no answer to a ping within {PING_SUSPECT:g}s, while a fresh"
+                        f"no answer to a ping within {suspect_after:g}s, while a fresh"
                         " connection listened at once"
                     )
             ping.result()

@@ -149,7 +149,8 @@ class Health:
     refusing the role, say); a cause seen before is not logged again, as the
     duties that share one Health may meet two causes in turn at every retry.
     With a pool medic, the pool's other connections are replaced when the
-    database is found away (they died with it)."""
+    database is found away (they died with it); `back` is called when it
+    answers again after being away or busy."""
 
     def __init__(
         self,
@@ -157,11 +158,13 @@ class Health:
         *,
         pool: AsyncConnectionPool[Any] | None = None,
         heal: Callable[[], None] | None = None,
+        back: Callable[[], None] | None = None,
         log: Any = None,
     ) -> None:
         self.what = what
         self.pool = pool
         self.heal = heal
+        self.back = back
         self.state: str | None = None  # None until the first verdict
         self._log = log if log is not None else logger
         self._causes: set[str] = set()  # those of the current outage, logged
@@ -171,9 +174,12 @@ class Health:
         return None if self.state is None else self.state == UP
 
     def up(self, detail: str = "connection back") -> None:
-        if self.state not in (None, UP):
-            self._log.bind(action=f"{self.what}_healthy").info(f"{self.what}: {detail}")
+        was = self.state
         self.state = UP
+        if was not in (None, UP):
+            self._log.bind(action=f"{self.what}_healthy").info(f"{self.what}: {detail}")
+            if self.back is not None:
+                self.back()
 
     def down(self, exc: BaseException, then: str | None = None) -> Diagnosis:
         """Classify `exc`; if the database is away or busy, enter that state

@@ -63,7 +63,9 @@ class Worker:
         self._stop = asyncio.Event()
         self._sweep_now = asyncio.Event()
         self.medic = PoolMedic(pool)
-        self.db_health = Health("database", pool=pool, heal=self.medic.heal_soon)
+        self.db_health = Health(
+            "database", pool=pool, heal=self.medic.heal_soon, back=self._database_back
+        )
         self.report = Reporter(self.db_health, settings)  # a duty's failure: health or error
         self.retry = AwayRetry(self.db_health)  # writes that must land
         self.pacing = Pacing(self.concurrency)
@@ -183,6 +185,15 @@ class Worker:
             logger.bind(action="pause_unconfirmed", table=table).warning(
                 "ignored a pause notification for a job type that is not paused"
             )
+
+    def _database_back(self) -> None:
+        """The database answers again (any duty's query) after an outage. The
+        LISTEN connection may have survived it, waiting for TCP's retransmission
+        (a link that was down): it is pinged now, and the claim loop's backoff
+        ends, which nothing else would end for up to its cap."""
+        self.producer.db_back.set()
+        if self.listen:
+            self.listener.service.suspect()
 
     def _listener_state(self, state: str) -> None:
         if state == DEAF:  # the missed probe went through the pool: suspect it too

@@ -263,6 +263,41 @@ async def test_a_ping_unanswered_moves_the_service_to_a_fresh_connection(
     assert actions.count("test_replaced") == 1 and "test_unhealthy" not in actions
 
 
+async def test_a_suspect_after_an_outage_is_pinged_and_moved_at_once(
+    db_url: str, proxy: FaultProxy, records: list[dict[str, Any]]
+) -> None:
+    # The owner found the database back after an outage (a link that was down):
+    # the LISTEN connection, blackholed here as one waiting for TCP's
+    # retransmission, is pinged at once and left for a fresh connection within
+    # SUSPECT_PING, not after PING_INTERVAL of silence plus PING_SUSPECT (7 s).
+    service, heard, connects = _service(proxy.url(db_url), None)
+    async with running(service):
+        assert proxy.blackhole() == 1
+        service.suspect()
+        await await_until(
+            lambda: _true(lambda: service.replacements == 1),
+            timeout=listen_module.PING_INTERVAL,
+            what="moved to a fresh connection",
+        )
+        await await_until(lambda: _true(lambda: service.connected.is_set()))
+        async with await aconnect(db_url) as c:
+            await c.execute("notify ai_jobs, 'after the suspect'")
+        await await_until(lambda: _true(lambda: "after the suspect" in heard))
+        assert connects == [False, True]  # the owner catches up what the gap lost
+    replaced = [r["msg"] for r in records if r.get("action") == "test_replaced"]
+    assert len(replaced) == 1 and f"within {listen_module.SUSPECT_PING:g}s" in replaced[0]
+
+
+async def test_a_suspect_that_answers_keeps_its_connection(db_url: str) -> None:
+    service, _, connects = _service(db_url, None)
+    async with running(service):
+        pid, pinged = service.backend_pid, service._pinged_at
+        service.suspect()
+        await await_until(lambda: _true(lambda: service._pinged_at > pinged), what="pinged")
+        assert service.backend_pid == pid and service.replacements == 0
+        assert connects == [False]
+
+
 async def test_a_slow_ping_that_answers_keeps_its_connection(
     db_url: str, proxy: FaultProxy, monkeypatch: pytest.MonkeyPatch
 ) -> None:

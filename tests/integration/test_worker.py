@@ -448,3 +448,41 @@ async def test_jobs_held_too_long_go_back_for_an_idle_worker(db_url: str) -> Non
     assert {r["worker_id"] for r in rows} == {idle.id}  # ran once each, by the idle worker
     assert {r["retry_count"] for r in rows} == {0}  # giving back is not a failed attempt
     assert len(started) == 1
+
+
+async def test_the_database_back_ends_the_claim_loops_backoff_at_once(db_url: str) -> None:
+    # Claims failed for a while (a link down), so the claim loop sleeps in its
+    # backoff, seconds at its cap; the LISTEN connection survived, so no reconnect
+    # wakes it. The first query of any duty that answers again wakes it: the
+    # job waiting since the outage starts at once, and the LISTEN connection is
+    # pinged (it may be waiting on TCP's retransmission).
+    import psycopg
+
+    started = asyncio.Event()
+
+    async def handler(job: Job) -> Outcome:
+        started.set()
+        return await done_handler(job)
+
+    failures = 0
+    async with running_worker(settings(db_url), {"ai_course_jobs": handler}) as w:
+        claim = w.completer.claim
+
+        async def failing(params: Any) -> Any:
+            nonlocal failures
+            failures += 1
+            raise psycopg.OperationalError("server closed the connection unexpectedly")
+
+        w.completer.claim = failing  # type: ignore[method-assign]
+        with connect(db_url) as c:
+            insert_course(c, "Geometry")
+        await await_until(lambda: _true(lambda: failures >= 6), timeout=20, what="6 failures")
+        w.completer.claim = claim  # type: ignore[method-assign]
+        pinged = w.listener.service._pinged_at
+        w.db_health.up()  # a duty's query answered: the database is back
+        await asyncio.wait_for(started.wait(), 1.5)  # not the backoff's 2.5-5 s
+        await await_until(lambda: _true(lambda: w.listener.service._pinged_at > pinged))
+
+
+async def _true(check: Any) -> bool:
+    return bool(check())

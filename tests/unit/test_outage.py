@@ -110,6 +110,21 @@ def test_health_logs_each_transition_once(actions: list[tuple[str, str, str]]) -
     assert len(healed) == 4  # the pool's connections replaced on every "away", never on busy
 
 
+def test_health_calls_back_once_per_return_from_away_or_busy() -> None:
+    back: list[str | None] = []
+    h = Health("database")
+    h.back = lambda: back.append(h.state)
+    h.up()  # the first verdict: not a return
+    h.up()
+    assert back == []
+    h.down(psycopg.OperationalError("server closed the connection"))
+    h.up()
+    h.up()  # still up: once
+    h.down(TimeoutError())  # busy
+    h.up()
+    assert back == ["up", "up"]  # called once the state is up
+
+
 def test_health_logs_each_new_cause_of_an_outage_once(
     actions: list[tuple[str, str, str]],
 ) -> None:
