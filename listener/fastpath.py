@@ -38,11 +38,14 @@ SHUTDOWN_WAIT_SECONDS = 1.0
 # generation: seconds to minutes), it sends its claim SPREAD_STEP later for each
 # job it started in the last SPREAD_WINDOW seconds (at most SPREAD_MAX, under 5%
 # of such a job): the worker that started the fewest lately wins. Shorter jobs
-# start at once wherever they are heard.
+# start at once wherever they are heard. The claim loop's looks at a notified
+# table are spread alike (producer.notified): where the claim gate counts a
+# table's claims (quotas), every claim of it is the claim loop's.
 SPREAD_MIN_JOB = 0.25
 SPREAD_WINDOW = 10.0
 SPREAD_STEP = 0.002
 SPREAD_MAX = 0.012
+SPREAD_STARTS = round(SPREAD_MAX / SPREAD_STEP)  # starts that count, at most
 
 Look = Callable[[list[str]], None]
 
@@ -72,7 +75,8 @@ class FastPath:
         self.started = 0  # jobs claimed (and started or made ready) here
         self.tasks: set[asyncio.Task[Any]] = set()  # closes and releases under way
         self._opening: asyncio.Task[None] | None = None
-        self.starts: deque[float] = deque()  # when its fast claims started jobs, lately (spread)
+        # When its claims started jobs, lately (the spread): the last few only.
+        self.starts: deque[float] = deque(maxlen=SPREAD_STARTS)
         self._deferred: asyncio.TimerHandle | None = None  # a claim sent a little later
 
     @property
@@ -113,6 +117,11 @@ class FastPath:
         while self.starts and self.starts[0] < since:
             self.starts.popleft()
         return min(SPREAD_MAX, SPREAD_STEP * len(self.starts))
+
+    def started_here(self, n: int) -> None:
+        """The claim loop started (or made ready) `n` jobs: they count in the spread."""
+        now = time.monotonic()
+        self.starts.extend([now] * min(n, SPREAD_STARTS))
 
     def _claimable(self, table: str) -> bool:
         return not (

@@ -106,13 +106,15 @@ class Producer:
     def notified(self, table: str | None, job_id: UUID | None) -> None:
         """A notification of a job (or of a table): the fast path takes the job
         alone if the claim loop knows of no other of its table; else, a look."""
-        if (
-            job_id is None
-            or table is None
-            or self._may_find[table]
-            or not self.fast.offer(table, job_id)
-        ):
+        if job_id is None or table is None:
             self.look_at([table] if table else TABLES)
+        elif self._may_find[table] or not self.fast.offer(table, job_id):
+            # Spread as the fast path's claims are (fastpath.SPREAD_*): where
+            # jobs are long, a worker that started fewer lately looks first.
+            if (delay := self.fast.spread(table)) > 0:
+                asyncio.get_running_loop().call_later(delay, self.look_at, [table])
+            else:
+                self.look_at([table])
 
     def due_in(self, seconds: float | None) -> None:
         """A job waits: look again in that many seconds."""
@@ -292,6 +294,8 @@ class Producer:
             await self.executor.gate.claimed(table, got)
 
     def _start(self, rows: Sequence[ClaimedRow]) -> None:
+        if rows:
+            self.fast.started_here(len(rows))
         self.leases.ready.add([Job.from_claim(rec) for rec in rows])
         self._fill()
 

@@ -591,6 +591,39 @@ async def test_long_jobs_go_first_to_the_worker_that_started_fewest_lately(db_ur
     assert not ran_a.twice and not ran_b.twice
 
 
+async def test_the_claim_loops_looks_are_spread_too(db_url: str) -> None:
+    """Where the claim gate counts a table's claims (quotas), every claim of it
+    is the claim loop's: its look at a notified table is spread as the fast
+    path's claims are, and its claims count in the spread."""
+    ran_a, ran_b = Ran(), Ran()
+    async with (
+        running_worker(settings(db_url), {"ai_course_jobs": ran_a}) as a,
+        running_worker(settings(db_url), {"ai_course_jobs": ran_b}) as b,
+    ):
+        for w in (a, b):
+            w.fast.offer = lambda table, job_id: False  # type: ignore[method-assign]
+
+        async def idle() -> bool:
+            return all(w.settled for w in (a, b))
+
+        for favoured, other, ran in ((b, a, ran_b), (a, b, ran_a)):
+            await await_until(idle, what="both workers idle")
+            for w in (a, b):
+                w.pacing.table_time["ai_course_jobs"].value = 100.0
+                w.fast.starts.clear()
+            other.fast.starts.extend([time.monotonic()] * 6)
+            before, rounds = len(ran.jobs), favoured.producer.claim_rounds
+            with connect(db_url) as c:
+                for i in range(3):
+                    jid = insert_course(c, f"Gated {i}")
+                    await await_until(_done(db_url, jid), what=f"gated job {i} done")
+                    await await_until(idle, what="both workers idle")
+            assert len(ran.jobs) == before + 3, "a job went to the busier worker"
+            assert favoured.producer.claim_rounds > rounds  # the claim loop's, all of them
+            assert len(favoured.fast.starts) == 3  # its claims count in its spread
+    assert not ran_a.twice and not ran_b.twice
+
+
 async def test_short_jobs_are_claimed_at_once_however_many_started(db_url: str) -> None:
     """Each table by its own job time: a table of short jobs is not spread
     because the other's are long."""
