@@ -6,12 +6,14 @@ batches."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime
 import json
 import os
 import socket
 import time
 import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import psycopg
@@ -19,6 +21,7 @@ import psycopg
 from listener.errors import ProvidersUnavailable
 from listener.jobs import Job, Outcome
 from listener.pacing import ROUNDS
+from listener.worker import Worker
 from tests.faultproxy import FaultProxy, Link
 from tests.helpers import await_until, connect, insert_course, insert_media, job
 from tests.integration.test_fastclaim import hold_commits
@@ -559,69 +562,68 @@ async def test_a_notified_job_is_not_claimed_while_the_slot_and_its_ready_job_ar
     assert ran == ["Running", "Ready", "Third"]
 
 
-async def test_long_jobs_go_first_to_the_worker_that_started_fewest_lately(db_url: str) -> None:
-    """Two workers hear each notification. Where jobs are long, the one that started
-    fewer jobs lately sends its claim first and wins, whichever of them the server
-    wakes first (the test favours each in turn: a fixed order of the race would
-    fail one of the two)."""
+@contextlib.asynccontextmanager
+async def _two_workers(db_url: str) -> AsyncIterator[tuple[tuple[Worker, Ran], ...]]:
     ran_a, ran_b = Ran(), Ran()
     async with (
         running_worker(settings(db_url), {"ai_course_jobs": ran_a}) as a,
         running_worker(settings(db_url), {"ai_course_jobs": ran_b}) as b,
     ):
+        yield (a, ran_a), (b, ran_b)
+    assert not ran_a.twice and not ran_b.twice
+
+
+async def _long_jobs_to_the_favoured(
+    db_url: str, favoured: tuple[Worker, Ran], other: Worker, idle: Callable[[], Awaitable[bool]]
+) -> None:
+    """The other worker started six jobs just now (its claims go out 12 ms later):
+    three long jobs, inserted one at a time, all go to the favoured one."""
+    worker, ran = favoured
+    await await_until(idle, what="both workers idle")
+    for w in (worker, other):
+        w.pacing.table_time["ai_course_jobs"].value = 100.0  # a generation's, as learnt
+        w.fast.starts.clear()
+    other.fast.starts.extend([time.monotonic()] * 6)
+    before = len(ran.jobs)
+    with connect(db_url) as c:
+        for i in range(3):
+            jid = insert_course(c, f"Long {i}")
+            await await_until(_done(db_url, jid), what=f"long job {i} done")
+            await await_until(idle, what="both workers idle")
+    assert len(ran.jobs) == before + 3, "a job went to the busier worker"
+
+
+async def test_long_jobs_go_first_to_the_worker_that_started_fewest_lately(db_url: str) -> None:
+    """Two workers hear each notification. Where jobs are long, the one that started
+    fewer jobs lately sends its claim first and wins, whichever of them the server
+    wakes first (the test favours each in turn: a fixed order of the race would
+    fail one of the two)."""
+    async with _two_workers(db_url) as ((a, ran_a), (b, ran_b)):
 
         async def idle() -> bool:  # lone jobs: a burst is the claim loops', as it comes
             return all(w.settled and w.fast.claimer.ready for w in (a, b))
 
-        for favoured, other, ran in ((b, a, ran_b), (a, b, ran_a)):
-            await await_until(idle, what="both workers idle")
-            for w in (a, b):
-                w.pacing.table_time["ai_course_jobs"].value = 100.0  # a generation's, as learnt
-                w.fast.starts.clear()
-            # The other started six jobs just now (its claims go out 12 ms later).
-            other.fast.starts.extend([time.monotonic()] * 6)
-            before = len(ran.jobs)
-            with connect(db_url) as c:
-                for i in range(3):
-                    jid = insert_course(c, f"Long {i}")
-                    await await_until(_done(db_url, jid), what=f"long job {i} done")
-                    await await_until(idle, what="both workers idle")
-            assert len(ran.jobs) == before + 3, "a job went to the busier worker"
-            assert favoured.fast.started >= 3
-    assert not ran_a.twice and not ran_b.twice
+        for favoured, other in (((b, ran_b), a), ((a, ran_a), b)):
+            await _long_jobs_to_the_favoured(db_url, favoured, other, idle)
+            assert favoured[0].fast.started >= 3
 
 
 async def test_the_claim_loops_looks_are_spread_too(db_url: str) -> None:
     """Where the claim gate counts a table's claims (quotas), every claim of it
     is the claim loop's: its look at a notified table is spread as the fast
     path's claims are, and its claims count in the spread."""
-    ran_a, ran_b = Ran(), Ran()
-    async with (
-        running_worker(settings(db_url), {"ai_course_jobs": ran_a}) as a,
-        running_worker(settings(db_url), {"ai_course_jobs": ran_b}) as b,
-    ):
+    async with _two_workers(db_url) as ((a, ran_a), (b, ran_b)):
         for w in (a, b):
             w.fast.offer = lambda table, job_id: False  # type: ignore[method-assign]
 
         async def idle() -> bool:
             return all(w.settled for w in (a, b))
 
-        for favoured, other, ran in ((b, a, ran_b), (a, b, ran_a)):
-            await await_until(idle, what="both workers idle")
-            for w in (a, b):
-                w.pacing.table_time["ai_course_jobs"].value = 100.0
-                w.fast.starts.clear()
-            other.fast.starts.extend([time.monotonic()] * 6)
-            before, rounds = len(ran.jobs), favoured.producer.claim_rounds
-            with connect(db_url) as c:
-                for i in range(3):
-                    jid = insert_course(c, f"Gated {i}")
-                    await await_until(_done(db_url, jid), what=f"gated job {i} done")
-                    await await_until(idle, what="both workers idle")
-            assert len(ran.jobs) == before + 3, "a job went to the busier worker"
-            assert favoured.producer.claim_rounds > rounds  # the claim loop's, all of them
-            assert len(favoured.fast.starts) == 3  # its claims count in its spread
-    assert not ran_a.twice and not ran_b.twice
+        for favoured, other in (((b, ran_b), a), ((a, ran_a), b)):
+            rounds = favoured[0].producer.claim_rounds
+            await _long_jobs_to_the_favoured(db_url, favoured, other, idle)
+            assert favoured[0].producer.claim_rounds > rounds  # the claim loop's
+            assert len(favoured[0].fast.starts) == 3  # its claims count in its spread
 
 
 async def test_short_jobs_are_claimed_at_once_however_many_started(db_url: str) -> None:
