@@ -225,8 +225,7 @@ def span(
     name: str, attributes: Mapping[str, Any] | None = None, kind: str = "internal"
 ) -> Iterator[Any]:
     """A span under the current one (call only when `on`)."""
-    from opentelemetry import trace
-    from opentelemetry.trace import SpanKind, StatusCode
+    from opentelemetry.trace import SpanKind
 
     with _tracer.start_as_current_span(
         name,
@@ -238,8 +237,7 @@ def span(
         try:
             yield current
         except BaseException as exc:
-            current.set_attribute("error.type", error_type(exc))
-            current.set_status(trace.Status(StatusCode.ERROR, error_type(exc)))
+            _failed(current, exc)
             raise
 
 
@@ -286,8 +284,7 @@ def server(
     client's trace: `given` (the job's trace_parent in the body), else the
     request's `traceparent` header (one that is not W3C-valid starts a new
     trace). A refusal in `client_errors` is not the server's error."""
-    from opentelemetry import trace
-    from opentelemetry.trace import SpanKind, StatusCode
+    from opentelemetry.trace import SpanKind
 
     if header is not None and len(header) > MAX_HEADER:
         header = None  # not a traceparent: never parsed
@@ -304,9 +301,7 @@ def server(
         try:
             yield current
         except BaseException as exc:
-            current.set_attribute("error.type", error_type(exc))
-            if not isinstance(exc, client_errors):
-                current.set_status(trace.Status(StatusCode.ERROR, error_type(exc)))
+            _failed(current, exc, status=not isinstance(exc, client_errors))
             raise
 
 
@@ -478,13 +473,16 @@ def _usage(current: Any, usage: Any) -> None:
         current.set_attribute("gen_ai.usage.cache_creation.input_tokens", usage.cache_write_tokens)
 
 
-def _failed(current: Any, exc: BaseException) -> None:
+def _failed(current: Any, exc: BaseException, *, status: bool = True) -> None:
+    """The span's `error.type`, and its status an error (unless `status` is
+    False: a client's refusal is not the server's error)."""
     from opentelemetry import trace
     from opentelemetry.trace import StatusCode
 
     kind = error_type(exc)
     current.set_attribute("error.type", kind)
-    current.set_status(trace.Status(StatusCode.ERROR, kind))
+    if status:
+        current.set_status(trace.Status(StatusCode.ERROR, kind))
 
 
 def first_token() -> None:
