@@ -216,7 +216,10 @@ class Producer:
         return [*TABLES[self._turn :], *TABLES[: self._turn]]
 
     async def _claim_round(self, tables: list[str], free: int, batches: list[str]) -> bool:
+        cooldowns = self.executor.cooldowns
         for table in tables:
+            if cooldowns.cooling(table, time.monotonic()):
+                continue  # held since the round began (a job of it found no provider)
             n = await self._admitted(table, free)
             if n == 0:
                 continue  # held: the gate said when to look again

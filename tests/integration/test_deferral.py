@@ -143,6 +143,26 @@ async def test_the_worker_stops_claiming_that_table_while_providers_are_down(db_
         assert "ai_course_jobs" in w.executor.cooldowns
 
 
+async def test_a_hold_that_starts_during_a_claim_round_is_kept(db_url: str) -> None:
+    """A job of a table finds its providers down while the claim loop's round is
+    claiming from another table: the round does not claim from the held table
+    after it (which would also have ended the hold)."""
+    async with running_worker(settings(db_url), {}) as w:
+        await await_until(lambda: _async(w.settled), what="an idle worker")
+        claim, claimed = w.completer.claim, []
+
+        async def claim_then_hold(params: Any) -> Any:
+            claimed.append(params["table"])
+            if params["table"] == "ai_media_jobs":  # meanwhile, a course job was held
+                w.executor.cooldowns.start("ai_course_jobs", 60, "test: providers down")
+            return await claim(params)
+
+        w.completer.claim = claim_then_hold  # type: ignore[method-assign]
+        await w.producer._claim_round(["ai_media_jobs", "ai_course_jobs"], 4, [])
+        assert claimed == ["ai_media_jobs"]
+        assert w.executor.cooldowns.cooling("ai_course_jobs", time.monotonic())
+
+
 @pytest.mark.parametrize("quota", [True, False])
 async def test_while_a_quota_holds_a_table_its_batch_jobs_alone_are_claimed(
     db_url: str, quota: bool
