@@ -17,7 +17,9 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import psycopg
+import pytest
 
+from listener import fastpath
 from listener.errors import ProvidersUnavailable
 from listener.jobs import Job, Outcome
 from listener.pacing import ROUNDS
@@ -562,6 +564,13 @@ async def test_a_notified_job_is_not_claimed_while_the_slot_and_its_ready_job_ar
     assert ran == ["Running", "Ready", "Third"]
 
 
+def _wide_spread(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Steps of 50 ms instead of 2 (the same six starts count): a margin that a
+    loaded machine's scheduling does not eat."""
+    monkeypatch.setattr(fastpath, "SPREAD_STEP", 0.05)
+    monkeypatch.setattr(fastpath, "SPREAD_MAX", 0.3)
+
+
 @contextlib.asynccontextmanager
 async def _two_workers(db_url: str) -> AsyncIterator[tuple[tuple[Worker, Ran], ...]]:
     ran_a, ran_b = Ran(), Ran()
@@ -576,8 +585,8 @@ async def _two_workers(db_url: str) -> AsyncIterator[tuple[tuple[Worker, Ran], .
 async def _long_jobs_to_the_favoured(
     db_url: str, favoured: tuple[Worker, Ran], other: Worker, idle: Callable[[], Awaitable[bool]]
 ) -> None:
-    """The other worker started six jobs just now (its claims go out 12 ms later):
-    three long jobs, inserted one at a time, all go to the favoured one."""
+    """The other worker started six jobs just now (its claims go out SPREAD_MAX
+    later): three long jobs, inserted one at a time, all go to the favoured one."""
     worker, ran = favoured
     await await_until(idle, what="both workers idle")
     for w in (worker, other):
@@ -593,11 +602,14 @@ async def _long_jobs_to_the_favoured(
     assert len(ran.jobs) == before + 3, "a job went to the busier worker"
 
 
-async def test_long_jobs_go_first_to_the_worker_that_started_fewest_lately(db_url: str) -> None:
+async def test_long_jobs_go_first_to_the_worker_that_started_fewest_lately(
+    db_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Two workers hear each notification. Where jobs are long, the one that started
     fewer jobs lately sends its claim first and wins, whichever of them the server
     wakes first (the test favours each in turn: a fixed order of the race would
     fail one of the two)."""
+    _wide_spread(monkeypatch)
     async with _two_workers(db_url) as ((a, ran_a), (b, ran_b)):
 
         async def idle() -> bool:  # lone jobs: a burst is the claim loops', as it comes
@@ -608,10 +620,13 @@ async def test_long_jobs_go_first_to_the_worker_that_started_fewest_lately(db_ur
             assert favoured[0].fast.started >= 3
 
 
-async def test_the_claim_loops_looks_are_spread_too(db_url: str) -> None:
+async def test_the_claim_loops_looks_are_spread_too(
+    db_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Where the claim gate counts a table's claims (quotas), every claim of it
     is the claim loop's: its look at a notified table is spread as the fast
     path's claims are, and its claims count in the spread."""
+    _wide_spread(monkeypatch)
     async with _two_workers(db_url) as ((a, ran_a), (b, ran_b)):
         for w in (a, b):
             w.fast.offer = lambda table, job_id: False  # type: ignore[method-assign]

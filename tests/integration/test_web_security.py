@@ -103,7 +103,7 @@ async def test_a_wrong_csrf_token_from_the_right_origin_is_refused(
         csrf + "A",
         others,
         "",
-        "x" + csrf[1:],
+        ("y" if csrf[0] == "x" else "x") + csrf[1:],  # the first character wrong
     ]
     for token in wrong:
         for sent in ({"headers": {"X-CSRF-Token": token}}, {"data": {"csrf_token": token}}):
