@@ -44,16 +44,21 @@ async def _lost(conn: Any) -> asyncio.Task[Any]:
     return stuck
 
 
-async def _long(pool: db.WorkPool, db_url: str) -> asyncio.Task[Any]:
-    """`select pg_sleep(2)` on a pool connection, once the server runs it: its
-    caller waits for its reply while the server works."""
-    long = asyncio.create_task(_query(pool, "select pg_sleep(2) is null as slept"))
+async def _long(
+    pool: db.WorkPool, db_url: str, seconds: int = 2, running_for: float = 0.0
+) -> asyncio.Task[Any]:
+    """`select pg_sleep(seconds)` on a pool connection, once the server has run
+    it for `running_for` seconds: its caller waits for its reply while the
+    server works."""
+    long = asyncio.create_task(_query(pool, f"select pg_sleep({seconds}) is null as slept"))
     async with await aconnect(db_url) as c:
 
         async def running() -> bool:
             cur = await c.execute(
                 "select 1 from pg_stat_activity where state = 'active'"
-                " and query like 'select pg_sleep(2)%'"
+                " and query like %s"
+                " and state_change <= clock_timestamp() - make_interval(secs => %s)",
+                [f"select pg_sleep({seconds})%", running_for],
             )
             return bool(await cur.fetchone())
 
@@ -96,19 +101,7 @@ async def test_a_query_running_longer_than_the_medics_wait_is_left_alone(
     # (Looked at after the query has run for more than STUCK_AFTER: before that,
     # the backend's last state change alone would tell it apart.)
     medic = PoolMedic(proxied_pool)
-    long = asyncio.create_task(_query(proxied_pool, "select pg_sleep(3) is null as slept"))
-    async with await aconnect(db_url) as c:
-
-        async def running_for_a_while() -> bool:
-            cur = await c.execute(
-                "select 1 from pg_stat_activity where state = 'active'"
-                " and query like 'select pg_sleep(3)%%'"
-                " and state_change < clock_timestamp() - make_interval(secs => %s)",
-                [2 * medic.STUCK_AFTER],
-            )
-            return bool(await cur.fetchone())
-
-        await await_until(running_for_a_while, what="the long query running for a while")
+    long = await _long(proxied_pool, db_url, seconds=3, running_for=2 * medic.STUCK_AFTER)
     assert await medic.unstick() == 0
     assert await asyncio.wait_for(long, 10) == {"slept": False}
     assert medic.unstuck == 0
