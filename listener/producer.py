@@ -76,6 +76,9 @@ class Producer:
         self._timers: list[float] = []  # monotonic times when a waiting job becomes due
         self._turn = 0  # which table a claim round asks first (fairness)
         self._waiting = False  # the loop waits for a reason to look
+        # A notified table's look put off by the spread: one a table (the first
+        # goes first and finds the later jobs too).
+        self._spread_looks: dict[str, asyncio.TimerHandle] = {}
         # A per-user cap is set (read at each sweep): a capped user's job waits
         # pending for one of theirs to end, so the end of a job is a reason to look
         # at every table (docs/design.md, "Fair claims").
@@ -83,8 +86,13 @@ class Producer:
 
     @property
     def settled(self) -> bool:
-        """The loop waits, no wake-up pending, no fast claim under way."""
-        return self._waiting and not self._wake.is_set() and self.fast.settled
+        """The loop waits, no wake-up or spread look pending, no fast claim under way."""
+        return (
+            self._waiting
+            and not self._wake.is_set()
+            and not self._spread_looks
+            and self.fast.settled
+        )
 
     @property
     def claims_by_table(self) -> dict[str, int]:
@@ -111,10 +119,16 @@ class Producer:
         elif self._may_find[table] or not self.fast.offer(table, job_id):
             # Spread as the fast path's claims are (fastpath.SPREAD_*): where
             # jobs are long, a worker that started fewer lately looks first.
-            if (delay := self.fast.spread(table)) > 0:
-                asyncio.get_running_loop().call_later(delay, self.look_at, [table])
-            else:
+            if (delay := self.fast.spread(table)) <= 0:
                 self.look_at([table])
+            elif table not in self._spread_looks:
+                self._spread_looks[table] = asyncio.get_running_loop().call_later(
+                    delay, self._spread_look, table
+                )
+
+    def _spread_look(self, table: str) -> None:
+        del self._spread_looks[table]
+        self.look_at([table])
 
     def due_in(self, seconds: float | None) -> None:
         """A job waits: look again in that many seconds."""
@@ -147,6 +161,14 @@ class Producer:
 
     async def run(self) -> None:
         """Claim and start jobs until the stop event is set."""
+        try:
+            await self._loop()
+        finally:
+            for handle in self._spread_looks.values():
+                handle.cancel()
+            self._spread_looks.clear()
+
+    async def _loop(self) -> None:
         backoff = Backoff(base=0.2, cap=5.0)
         while not self.stop.is_set():
             self._wake.clear()

@@ -641,6 +641,32 @@ async def test_the_claim_loops_looks_are_spread_too(
             assert len(favoured[0].fast.starts) == 3  # its claims count in its spread
 
 
+async def test_a_put_off_look_is_pending_work_and_serves_the_jobs_heard_meanwhile(
+    db_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A look the spread puts off keeps the worker unsettled until it is made (a
+    look left behind would claim the next job out of its turn), and the
+    notifications heard meanwhile join it: one claim round for both jobs."""
+    monkeypatch.setattr(fastpath, "SPREAD_STEP", 0.2)  # six starts: 1.2 s later
+    monkeypatch.setattr(fastpath, "SPREAD_MAX", 1.2)
+    ran = Ran()
+    async with running_worker(settings(db_url), {"ai_course_jobs": ran}) as w:
+        w.fast.offer = lambda table, job_id: False  # type: ignore[method-assign]
+        await await_until(lambda: _true(w.settled), what="an idle worker")
+        w.pacing.table_time["ai_course_jobs"].value = 100.0  # a generation's, as learnt
+        w.fast.starts.extend([time.monotonic()] * 6)
+        rounds, heard = w.producer.claim_rounds, w.notifications
+        with connect(db_url) as c:
+            ids = [insert_course(c, f"Put off {i}") for i in range(2)]
+        await await_until(lambda: _true(w.notifications >= heard + 2), what="both heard")
+        assert not w.settled and not ran.jobs  # put off, not done
+        for jid in ids:
+            await await_until(_done(db_url, jid), what="the jobs done")
+        await await_until(lambda: _true(w.settled), what="settled")
+        assert sorted(ran.ids()) == sorted(ids)
+        assert w.producer.claim_rounds == rounds + 1
+
+
 async def test_short_jobs_are_claimed_at_once_however_many_started(db_url: str) -> None:
     """Each table by its own job time: a table of short jobs is not spread
     because the other's are long."""
