@@ -13,16 +13,14 @@ from typing import Any
 
 import anthropic
 
-from listener.providers import pricing, requests
+from listener.providers import requests
 from listener.providers.base import (
     FIRST_TOKEN_TIMEOUT_SECONDS,
     IDLE_TIMEOUT_SECONDS,
     Answer,
     CoursePrompt,
     MalformedStream,
-    Refused,
     TextSink,
-    Usage,
     error_kind,
     number,
     open_stream,
@@ -106,16 +104,7 @@ class AnthropicProvider:
             raise MalformedStream(f"malformed stream event ({type(exc).__name__})") from None
         finally:
             await response.aclose()
-        # Anthropic's input_tokens leaves out the cached and cache-written ones.
-        usage = Usage(inp + cached + written, out)
-        usage.cached_input_tokens, usage.cache_write_tokens = cached, written
-        usage.cost_usd = pricing.token_cost(
-            model, usage.input_tokens, usage.output_tokens, cached, written
-        )
-        if stop == "refusal":
-            raise Refused("the model declined (stop_reason refusal)", usage, limits)
-        if stop == "model_context_window_exceeded":
-            raise Refused("context window exceeded", usage, limits)
+        usage = requests.anthropic_usage(model, limits, (inp, out, cached, written), stop)
         called = "tool" in blocks.values()
         text = ("".join(tool) or "{}") if called else "".join(prose)
         return Answer(text, model, usage, limits, stop if isinstance(stop, str) else None)

@@ -20,7 +20,6 @@ from listener.providers.base import (
     CoursePrompt,
     MalformedStream,
     Media,
-    Refused,
     TextSink,
     Usage,
     error_kind,
@@ -104,13 +103,7 @@ class OpenAIProvider:
                 number(counted.get("prompt_tokens")), number(counted.get("completion_tokens"))
             )
             usage.cached_input_tokens = cached
-        usage.cost_usd = pricing.token_cost(
-            model, usage.input_tokens, usage.output_tokens, usage.cached_input_tokens
-        )
-        if refusal:
-            raise Refused("".join(refusal), usage, limits)
-        if finish == "content_filter":
-            raise Refused("blocked by the content filter", usage, limits)
+        requests.openai_settle(usage, model, limits, "".join(refusal), finish)
         return Answer(
             "".join(text), model, usage, limits, finish if isinstance(finish, str) else None
         )

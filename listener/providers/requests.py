@@ -56,18 +56,35 @@ def openai_answer(resp: Any, model: str, limits: RateLimits, *, batch: bool = Fa
         cached = (details.cached_tokens or 0) if details else 0
         usage = Usage(resp.usage.prompt_tokens, resp.usage.completion_tokens)
         usage.cached_input_tokens = cached
+    choice = resp.choices[0] if resp.choices else None
+    refusal = choice.message.refusal if choice is not None else None
+    finish = choice.finish_reason if choice is not None else None
+    openai_settle(usage, model, limits, refusal, finish, batch=batch)
+    text = (choice.message.content or "") if choice else ""
+    return Answer(text, model, usage, limits)
+
+
+def openai_settle(
+    usage: Usage,
+    model: str,
+    limits: RateLimits,
+    refusal: str | None,
+    finish: Any,
+    *,
+    batch: bool = False,
+) -> None:
+    """An OpenAI answer's cost into `usage` (at the Batch API's price for a
+    batch), then Refused for a refusal or a filtered answer: what a streamed
+    answer and a batch's answer share."""
     usage.cost_usd = pricing.token_cost(
         model, usage.input_tokens, usage.output_tokens, usage.cached_input_tokens
     )
     if batch:
         usage.cost_usd = pricing.batch_price(usage.cost_usd)
-    choice = resp.choices[0] if resp.choices else None
-    if choice is not None and choice.message.refusal:
-        raise Refused(choice.message.refusal, usage, limits)
-    if choice is not None and choice.finish_reason == "content_filter":
+    if refusal:
+        raise Refused(refusal, usage, limits)
+    if finish == "content_filter":
         raise Refused("blocked by the content filter", usage, limits)
-    text = (choice.message.content or "") if choice else ""
-    return Answer(text, model, usage, limits)
 
 
 def openai_image(model: str, prompt: str, size: str) -> dict[str, Any]:
@@ -109,19 +126,13 @@ def anthropic_answer(resp: Any, model: str, limits: RateLimits, *, batch: bool =
     """A Message read as an Answer (Refused for a refusal or an overflow)."""
     model = resp.model or model
     u = resp.usage
-    cached, written = u.cache_read_input_tokens or 0, u.cache_creation_input_tokens or 0
-    # Anthropic's input_tokens leaves out the cached and cache-written ones.
-    usage = Usage(u.input_tokens + cached + written, u.output_tokens)
-    usage.cached_input_tokens, usage.cache_write_tokens = cached, written
-    usage.cost_usd = pricing.token_cost(
-        model, usage.input_tokens, usage.output_tokens, cached, written
+    usage = anthropic_usage(
+        model,
+        limits,
+        (u.input_tokens, u.output_tokens, u.cache_read_input_tokens, u.cache_creation_input_tokens),
+        resp.stop_reason,
+        batch=batch,
     )
-    if batch:
-        usage.cost_usd = pricing.batch_price(usage.cost_usd)
-    if resp.stop_reason == "refusal":
-        raise Refused("the model declined (stop_reason refusal)", usage, limits)
-    if resp.stop_reason == "model_context_window_exceeded":
-        raise Refused("context window exceeded", usage, limits)
     text = ""
     for block in resp.content:
         if block.type == "tool_use" and block.name == TOOL:
@@ -130,3 +141,30 @@ def anthropic_answer(resp: Any, model: str, limits: RateLimits, *, batch: bool =
         if block.type == "text" and not text:
             text = block.text  # no tool call: let validation say what is wrong
     return Answer(text, model, usage, limits)
+
+
+def anthropic_usage(
+    model: str,
+    limits: RateLimits,
+    counts: tuple[int | None, int | None, int | None, int | None],
+    stop: Any,
+    *,
+    batch: bool = False,
+) -> Usage:
+    """A Message's usage and cost from its counts (input, output, cache read,
+    cache written; at the Batch API's price for a batch), then Refused for a
+    refusal or an overflow: what a streamed answer and a batch's answer share."""
+    inp, out, cached, written = (n or 0 for n in counts)
+    # Anthropic's input_tokens leaves out the cached and cache-written ones.
+    usage = Usage(inp + cached + written, out)
+    usage.cached_input_tokens, usage.cache_write_tokens = cached, written
+    usage.cost_usd = pricing.token_cost(
+        model, usage.input_tokens, usage.output_tokens, cached, written
+    )
+    if batch:
+        usage.cost_usd = pricing.batch_price(usage.cost_usd)
+    if stop == "refusal":
+        raise Refused("the model declined (stop_reason refusal)", usage, limits)
+    if stop == "model_context_window_exceeded":
+        raise Refused("context window exceeded", usage, limits)
+    return usage
