@@ -87,13 +87,11 @@ def test_a_half_open_connection_is_found_and_replaced(
     # Found by the probe that never comes back (deaf), or sooner: the pool's
     # connections, shut down by the medic, come back fresh, and the database's
     # return has the LISTEN connection pinged and left for a fresh one (replaced).
-    found: list[dict[str, Any]] = []
-
-    def left() -> bool:
-        found[:] = w.actions("listener_deaf") + w.actions("listener_replaced")
-        return bool(found)
-
-    wait_until(left, timeout=DEAF_WITHIN + 10, what="the LISTEN connection left")
+    found = wait_until(
+        lambda: w.actions("listener_deaf") + w.actions("listener_replaced"),
+        timeout=DEAF_WITHIN + 10,
+        what="the LISTEN connection left",
+    )
     assert min(e["ts"] for e in found) - t0 <= DEAF_WITHIN + SLACK
     wait_until(lambda: _row(db_url, jid)["status"] == "done", what="the unheard job done")
     row = _row(db_url, jid)

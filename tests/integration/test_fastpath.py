@@ -564,11 +564,11 @@ async def test_a_notified_job_is_not_claimed_while_the_slot_and_its_ready_job_ar
     assert ran == ["Running", "Ready", "Third"]
 
 
-def _wide_spread(monkeypatch: pytest.MonkeyPatch) -> None:
+def _wide_spread(monkeypatch: pytest.MonkeyPatch, step: float = 0.05) -> None:
     """Steps of 50 ms instead of 2 (the same six starts count): a margin that a
     loaded machine's scheduling does not eat."""
-    monkeypatch.setattr(fastpath, "SPREAD_STEP", 0.05)
-    monkeypatch.setattr(fastpath, "SPREAD_MAX", 0.3)
+    monkeypatch.setattr(fastpath, "SPREAD_STEP", step)
+    monkeypatch.setattr(fastpath, "SPREAD_MAX", step * fastpath.SPREAD_STARTS)
 
 
 @contextlib.asynccontextmanager
@@ -647,8 +647,7 @@ async def test_a_put_off_look_is_pending_work_and_serves_the_jobs_heard_meanwhil
     """A look the spread puts off keeps the worker unsettled until it is made (a
     look left behind would claim the next job out of its turn), and the
     notifications heard meanwhile join it: one claim round for both jobs."""
-    monkeypatch.setattr(fastpath, "SPREAD_STEP", 0.2)  # six starts: 1.2 s later
-    monkeypatch.setattr(fastpath, "SPREAD_MAX", 1.2)
+    _wide_spread(monkeypatch, step=0.2)  # six starts: 1.2 s later
     ran = Ran()
     async with running_worker(settings(db_url), {"ai_course_jobs": ran}) as w:
         w.fast.offer = lambda table, job_id: False  # type: ignore[method-assign]
