@@ -36,6 +36,13 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--itpm", type=int, default=d.itpm, help="Anthropic input tokens per window")
     p.add_argument("--otpm", type=int, default=d.otpm, help="Anthropic output tokens per window")
     p.add_argument("--window", type=float, default=d.window, help="seconds (60: per minute)")
+    p.add_argument(
+        "--foreign", type=float, default=0.0, help="share of each refill another client takes"
+    )
+    p.add_argument(
+        "--raise-at", type=float, default=0.0, help="seconds in: the limits rise (0: never)"
+    )
+    p.add_argument("--raise-by", type=float, default=1.0, help="... by this factor")
     p.add_argument("--ttft", type=float, default=0.0, help="seconds to the first token")
     p.add_argument("--tps", type=float, default=0.0, help="tokens per second (0: at once)")
     p.add_argument("--size", type=size, default=None, help="answer tokens, LO-HI (1500-4000)")
@@ -46,14 +53,28 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
         "--mode", action="append", default=[], metavar="PROVIDER=MODE", help="e.g. openai=500"
     )
     p.add_argument("--log", default=None, help="a file: one JSON line per provider request")
-    return p.parse_args(argv)
+    a = p.parse_args(argv)
+    try:
+        a.limits = Limits(
+            rpm=a.rpm,
+            tpm=a.tpm,
+            itpm=a.itpm,
+            otpm=a.otpm,
+            window=a.window,
+            foreign=a.foreign,
+            raise_at=a.raise_at,
+            raise_by=a.raise_by,
+        )
+    except ValueError as e:
+        p.error(str(e))
+    return a
 
 
 def main(argv: list[str] | None = None) -> int:
     a = parse(argv)
     fake = FakeAI(
         pace=Pace(ttft=a.ttft, tps=a.tps, size=a.size, seed=a.seed, chunk=a.chunk),
-        limits=Limits(rpm=a.rpm, tpm=a.tpm, itpm=a.itpm, otpm=a.otpm, window=a.window),
+        limits=a.limits,
         fixed_usage=a.fixed_usage,
         port=a.port,
         host=a.host,

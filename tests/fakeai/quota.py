@@ -15,6 +15,14 @@ A request is charged as its provider says it counts:
   settled to the output tokens produced when the answer ends.
 A request is admitted only if every bucket it draws on holds its cost, and then
 charged; else it is refused with nothing charged and the time until it would fit.
+
+Two conditions a deployment meets and a benchmark can ask for (bench/ai):
+- `foreign`: another application on the same key takes that share of every
+  bucket's refill, so this client gets the rest; the headers still state the
+  key's whole limit, and what remains after the other's use.
+- `raise_at` / `raise_by`: the provider raises the key's limits by `raise_by`
+  that many seconds after the quotas start (a move up a usage tier); the
+  buckets keep their level and refill at the new rate from then on.
 """
 
 from __future__ import annotations
@@ -41,6 +49,15 @@ class Limits:
     itpm: int = 4_000_000  # Anthropic: input tokens
     otpm: int = 800_000  # Anthropic: output tokens
     window: float = 60.0
+    foreign: float = 0.0  # the share of each refill another application of the key takes
+    raise_at: float = 0.0  # seconds after the start when the limits rise (0: never)
+    raise_by: float = 1.0  # ... by this factor
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.foreign < 1:
+            raise ValueError(f"foreign share must be in [0, 1), not {self.foreign}")
+        if self.raise_at < 0 or self.raise_by <= 0:
+            raise ValueError("raise_at must be >= 0 and raise_by > 0")
 
     def of(self, kind: str) -> int:
         return {
@@ -52,11 +69,19 @@ class Limits:
 
 
 class Bucket:
-    def __init__(self, limit: int, window: float, now: float) -> None:
+    def __init__(self, limit: int, window: float, now: float, share: float = 1.0) -> None:
         self.limit = limit
-        self.rate = limit / window
+        self.window = window
+        self.share = share  # of the refill this client gets (the rest is another's)
+        self.rate = share * limit / window
         self.level = float(limit)
         self.at = now
+
+    def rescale(self, limit: int, now: float) -> None:
+        """The key's limit changes at `now`: refilled until then at the old rate."""
+        self.refill(now)
+        self.limit = limit
+        self.rate = self.share * limit / self.window
 
     def refill(self, now: float) -> None:
         self.level = min(self.limit, self.level + (now - self.at) * self.rate)
@@ -93,11 +118,22 @@ class Quotas:
         self.limits = limits
         self.lock = threading.Lock()
         self.buckets: dict[tuple[str, str, str], Bucket] = {}
+        self.started = time.monotonic()
+        self.factor = 1.0  # the limits' multiple in effect (raise_by once raised)
+
+    def limit(self, kind: str) -> int:
+        return round(self.limits.of(kind) * self.factor)
 
     def _bucket(self, provider: str, model: str, kind: str, now: float) -> Bucket:
+        lim = self.limits
+        if lim.raise_at and self.factor == 1.0 and now >= self.started + lim.raise_at:
+            self.factor = lim.raise_by
+            at = self.started + lim.raise_at
+            for (_, _, k), b in self.buckets.items():
+                b.rescale(self.limit(k), at)
         key = (provider, model, kind)
         if key not in self.buckets:
-            self.buckets[key] = Bucket(self.limits.of(kind), self.limits.window, now)
+            self.buckets[key] = Bucket(self.limit(kind), lim.window, now, 1.0 - lim.foreign)
         b = self.buckets[key]
         b.refill(now)
         return b
@@ -112,7 +148,7 @@ class Quotas:
             if waits[kind] > 0:
                 # A cost over the limit never fits: come back when the bucket is full.
                 wait = waits[kind] if math.isfinite(waits[kind]) else buckets[kind].full_in()
-                limit = self.limits.of(kind)
+                limit = buckets[kind].limit
                 return Limited(provider, model, kind, limit, costs[kind], wait, time.time())
             for k, b in buckets.items():
                 b.level -= costs[k]

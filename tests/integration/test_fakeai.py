@@ -300,6 +300,65 @@ def test_quotas_are_per_model(fake: FakeAI) -> None:
         chat(c, model="gpt-4.1")
 
 
+def test_another_client_on_the_key_takes_its_share_of_the_refill(fake: FakeAI) -> None:
+    """bench-ai's shared key: another application takes half of each refill, so a
+    request comes back every 4 s instead of every 2, while the headers still state
+    the key's whole limit."""
+    fake.limits = Limits(rpm=2, window=4.0, foreign=0.5)
+    with oai(fake) as c:
+        first = chat(c, raw=True)
+        chat(c)
+        with pytest.raises(openai.RateLimitError) as refused:
+            chat(c)
+    h = refused.value.response.headers
+    assert first.headers["x-ratelimit-limit-requests"] == h["x-ratelimit-limit-requests"] == "2"
+    assert h["x-ratelimit-remaining-requests"] == "0"
+    # One request at a quarter of a request a second (half of 2 per 4 s): 4 s,
+    # less the little refilled since the first call.
+    assert 3.0 < int(h["retry-after-ms"]) / 1000 <= 4.0
+    assert 3.0 < seconds(h["x-ratelimit-reset-requests"]) <= 8.0
+
+
+def test_the_key_is_raised_while_it_runs(fake: FakeAI) -> None:
+    """bench-ai's tier upgrade: the limits rise by a factor at a set time; the
+    buckets keep their level and refill at the new rate from then."""
+    fake.limits = Limits(rpm=2, raise_at=0.3, raise_by=3.0)
+    with oai(fake) as c:
+        chat(c)
+        chat(c)
+
+        def refused_limit() -> str:
+            with pytest.raises(openai.RateLimitError) as refused:
+                chat(c)
+            return str(refused.value.response.headers["x-ratelimit-limit-requests"])
+
+        assert refused_limit() == "2"
+        # Raised: the limit says 6, and the bucket, nearly empty still, refills
+        # at 6 a minute (a request in about 10 s, against 30 s before).
+        assert wait_until(lambda: refused_limit() == "6", timeout=10, interval=0.05)
+        with pytest.raises(openai.RateLimitError) as refused:
+            chat(c)
+    wait = int(refused.value.response.headers["retry-after-ms"]) / 1000
+    assert 8.0 < wait <= 10.0
+    assert fake.limited[-1].limit == 6
+
+
+def test_the_fakes_conditions_refuse_what_makes_no_sense() -> None:
+    with pytest.raises(ValueError, match="foreign share"):
+        Limits(foreign=1.0)
+    with pytest.raises(ValueError, match="raise_by"):
+        Limits(raise_at=5, raise_by=0)
+    bad = subprocess.run(
+        [sys.executable, "-m", "tests.fakeai", "--foreign", "-0.1"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert bad.returncode == 2 and "foreign share must be in [0, 1)" in bad.stderr
+    assert "Traceback" not in bad.stderr
+
+
 def test_reset_formats() -> None:
     assert [go_duration(s) for s in (0, 0.059, 1, 360, 90.5, 3723.25)] == [
         "0s",
