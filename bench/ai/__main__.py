@@ -40,29 +40,39 @@ PLOT = ROOT / "docs" / "bench-ai.png"
 
 
 def configs(
-    workers: list[int], only: set[str] | None, rev: str | None, pgq_over: float = 0.0
+    workers: list[int],
+    only: set[str] | None,
+    rev: str | None,
+    pgq_over: float = 0.0,
+    pgq_slots: list[int] | None = None,
+    scenarios: list[str] | None = None,
+    scenarios_only: bool = False,
 ) -> list[Config]:
     out = []
     this = f"ai-jobs {rev}" if rev else "ai-jobs"
     for n in workers:
+        w = f"{n} worker{'s' * (n > 1)}"
         out += [
-            Config(f"{this}, {n} worker{'s' * (n > 1)}", "ai-jobs", n, fair=True, rev=rev),
-            Config(f"ai-jobs before issue 22, {n} worker{'s' * (n > 1)}", "base", n),
-            Config(f"pgqueuer, {n} worker{'s' * (n > 1)}", "pgqueuer", n),
+            Config(f"{this}, {w}", "ai-jobs", n, fair=True, rev=rev),
+            Config(f"ai-jobs before issue 22, {w}", "base", n),
+            Config(f"pgqueuer, {w}", "pgqueuer", n),
         ]
+        for k in pgq_slots or []:  # pgqueuer with other slot counts (Little's law rounded up)
+            out.append(Config(f"pgqueuer at {k} slots, {w}", "pgqueuer", n, slots=k))
         if pgq_over:  # pgqueuer tuned for goodput: more calls in flight than the quota keeps
             out.append(
                 Config(
-                    f"pgqueuer at {round(pgq_over * 100)}% of the calls, {n} worker{'s' * (n > 1)}",
+                    f"pgqueuer at {round(pgq_over * 100)}% of the calls, {w}",
                     "pgqueuer",
                     n,
                     limits=pgq_over,
                 )
             )
     n = max(workers)
+    w = f"{n} worker{'s' * (n > 1)}"
     out.append(
         Config(
-            f"{this}, PROVIDER_LIMITS at 90%, {n} worker{'s' * (n > 1)}",
+            f"{this}, PROVIDER_LIMITS at 90%, {w}",
             "ai-jobs",
             n,
             limits=0.9,
@@ -70,9 +80,24 @@ def configs(
             rev=rev,
         )
     )
+    # The conditions a fixed tuning does not see, with the most workers: ai-jobs
+    # as it comes (no per-user cap: none is tuned to the quota either), and
+    # pgqueuer tuned to the key's stated quota, as above.
+    for sc in scenarios or []:
+        what = SCENARIO_NAMES[sc]
+        out.append(Config(f"{this}, {what}, {w}", "ai-jobs", n, rev=rev, scenario=sc))
+        out.append(Config(f"pgqueuer, {what}, {w}", "pgqueuer", n, scenario=sc))
     if only:
         out = [c for c in out if c.system in only]
+    if scenarios_only:
+        out = [c for c in out if c.scenario]
     return out
+
+
+SCENARIO_NAMES = {
+    "shared": "key shared (30% to another client)",
+    "raised": "key's limits doubled at minute 3",
+}
 
 
 def _met(ok: bool) -> str:
@@ -111,21 +136,17 @@ def verdicts(rows: list[dict[str, Any]], load: L.Load, held: dict[str, Any] | No
         j = r["jain"]
         out.append(f"{name}: Jain's index {j}: {_met(j is not None and j >= 0.91)} (>= 0.9; 0.91)")
 
-    def key(r: dict[str, Any]) -> tuple[str, int, bool, bool]:
-        over = (r.get("pgqueuer_calls_share") or 1) > 1
-        return r["system"], r["workers"], bool(r["provider_limits"]), over
-
-    by = {key(r): r for r in rows}
-    for (system, n, capped, _), r in by.items():
-        if system != "ai-jobs" or capped:
+    # Against each pgqueuer tuning of the same run, workers and conditions: ahead
+    # on goodput by 10%, on 429s by 10% (a tie where both meet none), and behind
+    # on neither.
+    for r in rows:
+        if r["system"] != "ai-jobs" or r["provider_limits"]:
             continue
-        # pgqueuer as tuned to the quota's calls in flight (its 429s at most ours),
-        # and tuned above it for goodput (the `--pgq-over` runs): ahead on goodput
-        # of the first by 10%, on 429s of the second, and behind on neither.
-        for p, tuning in ((by.get(("pgqueuer", n, False, False)), "at the quota's calls"),
-                          (by.get(("pgqueuer", n, False, True)), "tuned above it")):  # fmt: skip
-            if p is None:
+        n, sc = r["workers"], r.get("scenario", "")
+        for p in rows:
+            if p["system"] != "pgqueuer" or p["workers"] != n or p.get("scenario", "") != sc:
                 continue
+            tuning = f"{p['pgqueuer_concurrency_limit']} slots" + (f", {sc}" if sc else "")
             a, b = r["jobs_per_min"], p["jobs_per_min"]
             out.append(
                 f"{n} worker(s): goodput {a} against pgqueuer's {b} jobs/min ({tuning}): "
@@ -155,6 +176,7 @@ COLUMNS = [
     ("config", "configuration"),
     ("jobs_per_min", "jobs/min"),
     ("goodput_vs_optimum", "x optimum"),
+    ("jobs_per_min_whole_run", "jobs/min, whole run"),
     ("tokens_per_min", "tokens/min"),
     ("http_429_per_1000_calls", "429s/1k calls"),
     ("dead_letters", "dead letters"),
@@ -217,6 +239,22 @@ def parse(argv: list[str]) -> argparse.Namespace:
         default=1.15,
         help="also pgqueuer at this share of the quota's calls in flight (1.15; 0: not)",
     )
+    p.add_argument(
+        "--pgq-slots",
+        default="nearest",
+        help="also pgqueuer with these concurrency limits (nearest: Little's law rounded "
+        "to the nearest, when that is not the rounded-down one; none: not)",
+    )
+    p.add_argument(
+        "--scenarios",
+        default="shared,raised",
+        help="conditions to run ai-jobs and pgqueuer under, with the most workers: "
+        "shared (30%% of the key to another client), raised (limits doubled at "
+        "minute 3); none: not",
+    )
+    p.add_argument(
+        "--scenarios-only", action="store_true", help="only the --scenarios configurations"
+    )
     p.add_argument("--out", type=Path, default=RESULTS)
     p.add_argument("--plot", type=Path, default=PLOT)
     opts = p.parse_args(argv)
@@ -230,6 +268,18 @@ async def main(opts: argparse.Namespace) -> int:
     crowd = load.crowd()
     workers = [int(x) for x in opts.workers.split(",") if x.strip()]
     only = {x.strip() for x in opts.only.split(",") if x.strip()} or None
+    if opts.pgq_slots == "nearest":
+        near = round(load.in_flight)
+        slots = [near] if near != pgqueuer_limit(load) else []
+    elif opts.pgq_slots == "none":
+        slots = []
+    else:
+        slots = [int(x) for x in opts.pgq_slots.split(",") if x.strip()]
+    scenarios = [] if opts.scenarios == "none" else opts.scenarios.split(",")
+    unknown = [x for x in scenarios if x not in SCENARIO_NAMES]
+    if unknown:
+        raise SystemExit(f"unknown scenario(s): {', '.join(unknown)} (shared, raised)")
+    crowds = {"": crowd}
     print(
         f"bench-ai: quota {load.rpm} rpm / {load.tpm:,} tpm, answers {L.ANSWER[0]}-{L.ANSWER[1]} "
         f"tokens at {L.TPS:g} tokens/s, time x{load.scale:g} (window {load.window:g} s), "
@@ -244,10 +294,16 @@ async def main(opts: argparse.Namespace) -> int:
     started = time.time()
     with pgserver.server() as srv:
         if not opts.inflight_only:
-            for c in configs(workers, only, opts.rev, opts.pgq_over):
+            for c in configs(
+                workers, only, opts.rev, opts.pgq_over, slots, scenarios, opts.scenarios_only
+            ):
                 print(f"- {c.name} ...", flush=True)
-                outcome = await run(c, load, crowd, srv, keep=opts.keep)
-                row = figures.compute(outcome, load, crowd.heavy)
+                cl = load.under(c.scenario)
+                if c.scenario not in crowds:
+                    crowds[c.scenario] = cl.crowd()
+                cc = crowds[c.scenario]
+                outcome = await run(c, cl, cc, srv, keep=opts.keep)
+                row = figures.compute(outcome, cl, cc.heavy)
                 rows.append(row)
                 print(
                     f"  {row['jobs_per_min']} jobs/min ({row['goodput_vs_optimum']} x optimum), "
@@ -290,6 +346,17 @@ async def main(opts: argparse.Namespace) -> int:
             "pgqueuer_concurrency_limit_over": pgqueuer_limit(load, opts.pgq_over)
             if opts.pgq_over
             else None,
+            "pgqueuer_concurrency_limits_more": slots,
+            "scenarios": {
+                sc: {
+                    "what": SCENARIO_NAMES[sc],
+                    **L.SCENARIOS[sc],
+                    "jobs": load.under(sc).total_jobs,
+                    "steady_from_minute": load.under(sc).steady_from,
+                    "steady_optimum_jobs_per_min": round(load.under(sc).steady_optimum(), 2),
+                }
+                for sc in scenarios
+            },
             "heavy_jobs": load.heavy_jobs,
             "light_jobs": load.light_jobs,
             "light_users": load.light_users,
@@ -309,7 +376,7 @@ async def main(opts: argparse.Namespace) -> int:
     print()
     for v in said:
         print("- " + v)
-    if opts.only or opts.inflight_only or opts.no_inflight or opts.rev:
+    if opts.only or opts.inflight_only or opts.no_inflight or opts.rev or opts.scenarios_only:
         out = opts.out.with_name(opts.out.stem + "-partial.json")
     else:
         out = opts.out

@@ -8,9 +8,7 @@ from typing import Any
 
 from bench import stats
 from bench.ai import load as L
-from bench.ai.run import Outcome
-
-STEADY_AFTER_WINDOWS = 2.0  # the first full bucket and the first calls are behind by then
+from bench.ai.run import Outcome, pgqueuer_limit
 
 
 def percentile(xs: list[float], q: float) -> float | None:
@@ -47,7 +45,7 @@ def max_min_shares(demands: dict[str, float], total: float) -> dict[str, float]:
 def compute(o: Outcome, load: L.Load, heavy: str) -> dict[str, Any]:
     s = load.scale
     window = load.window
-    t_s = o.t0 + STEADY_AFTER_WINDOWS * window
+    t_s = o.t0 + load.steady_from * window
     t_end = o.t_end
     done = [j for j in o.jobs if j.status == "done" and j.completed and j.completed <= t_end]
     steady = [j for j in done if j.completed >= t_s]
@@ -58,11 +56,17 @@ def compute(o: Outcome, load: L.Load, heavy: str) -> dict[str, Any]:
     # so the optimum, is the provider's own there.
     pgq = o.config.system == "pgqueuer"
     limits = 1.0 if pgq else (o.config.limits or 1.0)
+    slots = pgqueuer_limit(load, o.config.limits or 1.0, o.config.slots) if pgq else None
     # The prompt as the provider counted it (each checkout's own prompt): with
     # max_tokens, what one call draws from TPM.
     prompts = [j.in_tokens for j in done if j.in_tokens]
     prompt = sum(prompts) / len(prompts) if prompts else float(L.PROMPT_TOKENS)
-    optimum = load.optimum_per_min(tpm=load.tpm * limits, rpm=load.rpm * limits, prompt=prompt)
+    optimum = load.steady_optimum(prompt=prompt)
+    if limits != 1.0:  # PROVIDER_LIMITS below the provider's: its own optimum
+        optimum = min(
+            optimum,
+            load.optimum_per_min(tpm=load.tpm * limits, rpm=load.rpm * limits, prompt=prompt),
+        )
     jobs_min = len(steady) / steady_min
     tokens_min = sum(j.out_tokens for j in steady) / steady_min
 
@@ -111,6 +115,8 @@ def compute(o: Outcome, load: L.Load, heavy: str) -> dict[str, Any]:
         "workers": o.config.workers,
         "provider_limits": None if pgq else (o.config.limits or None),
         "pgqueuer_calls_share": (o.config.limits or 1.0) if pgq else None,
+        "pgqueuer_concurrency_limit": slots,
+        "scenario": o.config.scenario,
         "max_running_per_user": o.user_cap,
         "prompt_tokens": r(prompt),
         "optimum_jobs_per_min": r(optimum),

@@ -15,7 +15,7 @@ from __future__ import annotations
 import math
 import random
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 # Real scale, as the issue describes a low-tier key and a course.
 RPM = 500
@@ -30,6 +30,16 @@ BREAKER_COOLDOWN = 30.0  # PROVIDER_BREAKER_COOLDOWN_SECONDS's default
 RETRY_BASE = 10.0  # RETRY_BASE_SECONDS's default
 CONCURRENCY = 50  # WORKER_CONCURRENCY per process (the README's advice for generation)
 
+# The conditions of a deployment that a fixed tuning does not see (`make bench-ai
+# ARGS=--scenarios ...`): a key shared with another application that takes 30% of
+# its quota, and a key moved up a tier (its limits doubled) at quota minute 3 (of a
+# run of 8: 3/8 of the way through a shorter one).
+SCENARIOS: dict[str, dict[str, float]] = {
+    "": {},
+    "shared": {"foreign": 0.3},
+    "raised": {"raise_at": 3.0, "raise_by": 2.0},
+}
+
 
 @dataclass(frozen=True)
 class Load:
@@ -40,6 +50,24 @@ class Load:
     heavy_share: float = 0.6
     light_users: int = 20
     seed: int = 1
+    # Conditions a deployment meets (`scenario`): another client of the key takes
+    # `foreign` of its refill; the provider raises the key's limits by `raise_by`
+    # at quota minute `raise_at`.
+    scenario: str = ""
+    foreign: float = 0.0
+    raise_at: float = 0.0
+    raise_by: float = 1.0
+
+    def under(self, scenario: str) -> Load:
+        """This load under one of SCENARIOS ("" the plain one)."""
+        c = SCENARIOS[scenario]
+        return replace(
+            self,
+            scenario=scenario,
+            foreign=c.get("foreign", 0.0),
+            raise_at=c.get("raise_at", 0.0) * self.minutes / 8.0,  # stated for 8 minutes
+            raise_by=c.get("raise_by", 1.0),
+        )
 
     # -- the provider -----------------------------------------------------------
 
@@ -57,6 +85,8 @@ class Load:
             "--rpm", str(self.rpm), "--tpm", str(self.tpm), "--window", f"{self.window:g}",
             "--ttft", f"{TTFT / self.scale:g}", "--tps", f"{TPS * self.scale:g}",
             "--size", f"{ANSWER[0]}-{ANSWER[1]}", "--seed", str(self.seed),
+            "--foreign", f"{self.foreign:g}",
+            "--raise-at", f"{self.raise_at * self.window:g}", "--raise-by", f"{self.raise_by:g}",
         ]  # fmt: skip
 
     # -- the optimum ------------------------------------------------------------
@@ -67,6 +97,19 @@ class Load:
         """Calls (jobs) per quota minute the quota allows in steady state: OpenAI
         draws a call's prompt and its max_tokens from TPM."""
         return min(rpm or self.rpm, (tpm or self.tpm) / (prompt + MAX_OUTPUT))
+
+    @property
+    def steady_from(self) -> float:
+        """Quota minutes after which the steady state is measured: the first full
+        bucket and the first calls are behind by 2, a raise's first calls a minute
+        after it."""
+        return max(2.0, self.raise_at + 1.0) if self.raise_at else 2.0
+
+    def steady_optimum(self, prompt: float = PROMPT_TOKENS) -> float:
+        """The optimum in the steady state: the key's quota as raised by then, less
+        the other client's share."""
+        k = (self.raise_by if self.raise_at else 1.0) * (1.0 - self.foreign)
+        return self.optimum_per_min(tpm=self.tpm * k, rpm=self.rpm * k, prompt=prompt)
 
     @property
     def mean_answer(self) -> float:
@@ -88,16 +131,22 @@ class Load:
     def total_jobs(self) -> int:
         """A quarter more than the quota allows in the run (its first full bucket
         included): the queue is never empty."""
-        return math.ceil(1.25 * self.optimum_per_min() * (self.minutes + 1))
+        share = 1.0 - self.foreign
+        minutes = self.minutes * share
+        if self.raise_at:
+            minutes += (self.minutes - self.raise_at) * share * (self.raise_by - 1.0)
+        return math.ceil(1.25 * self.optimum_per_min() * (minutes + 1))
 
     @property
     def heavy_jobs(self) -> int:
-        return round(self.total_jobs * self.heavy_share)
+        return self.total_jobs - self.light_jobs
 
     @property
     def light_jobs(self) -> int:
-        """At 8 minutes, about 70% of what the quota allows while they arrive."""
-        return self.total_jobs - self.heavy_jobs
+        """At 8 minutes, about 70% of what the quota allows while they arrive (the
+        quota before any raise: the heavy user asks for what a raise adds)."""
+        unraised = replace(self, raise_at=0.0, raise_by=1.0).total_jobs
+        return round(unraised * (1 - self.heavy_share))
 
     def crowd(self) -> Crowd:
         return Crowd.make(self)

@@ -32,7 +32,11 @@ def _rate(
 
 
 def draw(result: dict[str, Any], out: Path) -> None:
-    rows = result["configs"]
+    rows = [r for r in result["configs"] if not r.get("scenario")]
+    if any(r.get("scenario") for r in result["configs"]):
+        draw_conditions(result, out.with_name(out.stem + "-conditions" + out.suffix))
+    if not rows:
+        return
     load = result["load"]
     end = load["quota_minutes"]
     fig, (ax, cx, bx) = plt.subplots(
@@ -77,6 +81,43 @@ def draw(result: dict[str, Any], out: Path) -> None:
     bx.set_yticks([])
     bx.invert_yaxis()
     bx.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(out)
+    plt.close(fig)
+
+
+def draw_conditions(result: dict[str, Any], out: Path) -> None:
+    """One panel per condition (bench/ai/load.py's SCENARIOS): jobs done per quota
+    minute of ai-jobs and pgqueuer against the optimum as it stands at each moment,
+    with each one's 429s in its label."""
+    rows = [r for r in result["configs"] if r.get("scenario")]
+    load = result["load"]
+    end = load["quota_minutes"]
+    names = list(dict.fromkeys(r["scenario"] for r in rows))
+    fig, axes = plt.subplots(1, len(names), figsize=(6 * len(names), 4), dpi=110, squeeze=False)
+    for ax, sc in zip(axes[0], names, strict=True):
+        info = load["scenarios"][sc]
+        base = load["optimum_jobs_per_min"] * (1 - info.get("foreign", 0.0))
+        at, by = info.get("raise_at", 0.0) * end / 8.0, info.get("raise_by", 1.0)
+        if at:
+            ax.plot([0, at, at, end], [base, base, base * by, base * by], color="tab:red",
+                    lw=0.8, ls=":", label="optimum")  # fmt: skip
+        else:
+            ax.axhline(base, color="tab:red", lw=0.8, ls=":", label="optimum")
+        for r in rows:
+            if r["scenario"] != sc:
+                continue
+            xs, ys = _rate(r["done_times"], end)
+            label = (
+                f"{r['config'].split(',')[0]}: {r['jobs_per_min']:g} jobs/min, "
+                f"{r['http_429_per_1000_calls']:g} 429s per 1,000 calls"
+            )
+            ax.plot(xs, ys, color=STYLE.get(r["system"], "black"), lw=1.6, label=label)
+        ax.set_title(info["what"], fontsize=9)
+        ax.set_xlabel("quota minutes")
+        ax.set_ylabel("jobs done per minute (1-min rolling)")
+        ax.set_ylim(bottom=0)
+        ax.legend(fontsize=7, loc="lower right", framealpha=0.8)
     fig.tight_layout()
     fig.savefig(out)
     plt.close(fig)

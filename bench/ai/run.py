@@ -34,10 +34,14 @@ class Config:
     limits: float = 0.0  # PROVIDER_LIMITS at this share of the provider's quota (0: unset)
     fair: bool = False  # max_running_per_user set, where the schema has it
     rev: str | None = None  # "ai-jobs" at this commit instead of this checkout
+    slots: int = 0  # pgqueuer: this concurrency_limit instead of one from `limits`
+    scenario: str = ""  # one of load.SCENARIOS: the conditions the run meets
 
     @property
     def tag(self) -> str:
         cap = f"_cap{round(self.limits * 100)}" if self.limits else ""
+        cap += f"_s{self.slots}" if self.slots else ""
+        cap += f"_{self.scenario}" if self.scenario else ""
         return f"{self.system.replace('-', '')}_{self.workers}w{cap}"
 
 
@@ -152,9 +156,10 @@ async def _start_ai_jobs(
     return workers, cap
 
 
-def pgqueuer_limit(load: L.Load, limits: float = 1.0) -> int:
-    """pgqueuer's concurrency_limit for the quota: the calls it keeps in flight."""
-    return max(1, math.floor(load.in_flight * limits))
+def pgqueuer_limit(load: L.Load, limits: float = 1.0, slots: int = 0) -> int:
+    """pgqueuer's concurrency_limit for the key's stated quota: the calls it keeps
+    in flight (Little's law, rounded down; `slots` when given)."""
+    return slots or max(1, math.floor(load.in_flight * limits))
 
 
 async def _start_pgqueuer(
@@ -166,7 +171,7 @@ async def _start_pgqueuer(
     s = load.scale
     args = [
         "--url", url, "--fake", fake,
-        "--limit", str(pgqueuer_limit(load, config.limits or 1.0)),
+        "--limit", str(pgqueuer_limit(load, config.limits or 1.0, config.slots)),
         "--max-tasks", str(L.CONCURRENCY),
         "--timeout", f"{L.AI_TIMEOUT / s:g}",
         "--max-output", str(L.MAX_OUTPUT),

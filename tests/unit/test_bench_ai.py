@@ -92,3 +92,39 @@ def test_goodput_counts_the_steady_state_and_waits_count_unstarted_jobs() -> Non
     assert f["wait_p95_s"]["heavy"] == pytest.approx(80.0)
     assert f["transactions_per_job"] == pytest.approx(900 / 61, abs=0.1)
     assert f["in_flight_mean"] == 25.0
+
+
+def test_the_conditions_a_fixed_tuning_does_not_see() -> None:
+    """The shared key: the fake gives this client 70% of each refill, the optimum
+    and the crowd shrink with it. The raise: the limits double at minute 3, the
+    steady state starts a minute later at the doubled optimum, and the heavy user
+    asks for what the raise adds while the light users ask for what they did."""
+    plain = L.Load(scale=4, minutes=8)
+    shared, raised = plain.under("shared"), plain.under("raised")
+    args = dict(zip(shared.fake_args()[::2], shared.fake_args()[1::2], strict=True))
+    assert args["--foreign"] == "0.3" and args["--raise-at"] == "0"
+    assert shared.steady_optimum() == pytest.approx(0.7 * plain.optimum_per_min())
+    assert shared.steady_from == plain.steady_from == 2.0
+    assert shared.total_jobs == pytest.approx(1.25 * plain.optimum_per_min() * 6.6, abs=1)
+    assert shared.light_jobs == round(shared.total_jobs * 0.4)
+
+    args = dict(zip(raised.fake_args()[::2], raised.fake_args()[1::2], strict=True))
+    assert args["--raise-at"] == "45" and args["--raise-by"] == "2"  # 3 windows of 15 s
+    assert raised.steady_from == 4.0
+    assert raised.steady_optimum() == pytest.approx(2 * plain.optimum_per_min())
+    assert raised.light_jobs == plain.light_jobs
+    assert raised.heavy_jobs == raised.total_jobs - plain.light_jobs > 2 * plain.heavy_jobs - 50
+    # pgqueuer is tuned to the key's stated quota: the same in every condition
+    assert raised.in_flight == shared.in_flight == plain.in_flight
+    # a shorter run raises 3/8 of the way through
+    assert L.Load(minutes=4).under("raised").raise_at == 1.5
+
+
+def test_goodput_under_a_raise_is_against_the_raised_optimum() -> None:
+    load = L.Load(scale=4, minutes=8).under("raised")  # steady from 60 s (4 windows)
+    jobs = [JobRec("h", 0.0, 1.0, 59.0, "done", 3000, 771) for _ in range(30)]  # before it
+    jobs += [JobRec("h", 0.0, 20.0, 60.0 + 0.25 * i, "done", 2000, 771) for i in range(240)]
+    f = figures.compute(outcome(jobs), load, heavy="h")
+    assert f["jobs_per_min"] == 60.0  # 240 in 4 quota minutes
+    assert f["optimum_jobs_per_min"] == pytest.approx(2 * 200_000 / 4771, abs=0.05)
+    assert f["goodput_vs_optimum"] == pytest.approx(60 / (2 * 200_000 / 4771), abs=0.001)
