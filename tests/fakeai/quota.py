@@ -18,8 +18,11 @@ charged; else it is refused with nothing charged and the time until it would fit
 
 Two conditions a deployment meets and a benchmark can ask for (bench/ai):
 - `foreign`: another application on the same key takes that share of every
-  bucket's refill, so this client gets the rest; the headers still state the
-  key's whole limit, and what remains after the other's use.
+  bucket's refill, so this client gets the rest. The headers state the key's
+  whole limit, what remains after the other's use, and the reset as the
+  provider computes it: the time to refill at the key's whole rate (it cannot
+  know what the other will take), so a client tells the other's use from the
+  remaining it is told, not from the reset.
 - `raise_at` / `raise_by`: the provider raises the key's limits by `raise_by`
   that many seconds after the quotas start (a move up a usage tier); the
   buckets keep their level and refill at the new rate from then on.
@@ -88,16 +91,18 @@ class Bucket:
         self.at = now
 
     def wait(self, cost: int) -> float:
-        """Seconds until the bucket holds `cost` (0: now; inf: never)."""
+        """Seconds until the bucket holds `cost` at the key's whole refill rate, as
+        the provider tells it in retry-after (0: now; inf: never)."""
         if cost <= self.level:
             return 0.0
-        return math.inf if cost > self.limit else (cost - self.level) / self.rate
+        return math.inf if cost > self.limit else (cost - self.level) * self.window / self.limit
 
     def remaining(self) -> int:
         return max(0, math.floor(self.level))
 
     def full_in(self) -> float:
-        return max(0.0, (self.limit - self.level) / self.rate)
+        """The reset header: seconds until full at the key's whole refill rate."""
+        return max(0.0, (self.limit - self.level) * self.window / self.limit)
 
 
 @dataclass
