@@ -243,10 +243,13 @@ create table ai_job_provider_quotas (
     learning_until timestamp with time zone,
     learning_calls integer default 0 not null,
     limited_at timestamp with time zone,
+    share double precision default 1 not null,
+    share_at timestamp with time zone,
     constraint ai_job_provider_quotas_pkey PRIMARY KEY (provider, model),
     constraint ai_job_provider_quotas_itpm_check CHECK (itpm > 0),
     constraint ai_job_provider_quotas_otpm_check CHECK (otpm > 0),
     constraint ai_job_provider_quotas_rpm_check CHECK (rpm > 0),
+    constraint ai_job_provider_quotas_share CHECK (share > 0::double precision AND share <= 1::double precision),
     constraint ai_job_provider_quotas_tpm_check CHECK (tpm > 0),
     constraint ai_job_provider_quotas_window_seconds_check CHECK (window_seconds >= 1::double precision AND window_seconds <= 60::double precision)
 );
@@ -1866,7 +1869,7 @@ begin
 end
 $function$;
 
--- last defined by sql/023_provider_quotas.sql
+-- last defined by sql/036_quota_share.sql
 CREATE OR REPLACE FUNCTION public.ai_job_quota_levels(q ai_job_provider_quotas, lim double precision[], at timestamp with time zone)
  RETURNS double precision[]
  LANGUAGE sql
@@ -1877,7 +1880,7 @@ AS $function$
                case when lim[k] is null then null
                     else least(lim[k], coalesce(lvl[k], lim[k])
                                + greatest(0, extract(epoch from at - q.refilled_at))
-                                 * lim[k] / q.window_seconds) end
+                                 * lim[k] * ai_job_quota_share(q, at) / q.window_seconds) end
                order by k)
     from (select array[q.requests, q.tokens, q.input_tokens, q.output_tokens]) l(lvl),
          generate_series(1, 4) k
@@ -1894,7 +1897,7 @@ AS $function$
                  least(q.itpm, caps[3]), least(q.otpm, caps[4])]::double precision[]
 $function$;
 
--- last defined by sql/029_quota_clock.sql
+-- last defined by sql/036_quota_share.sql
 CREATE OR REPLACE FUNCTION public.ai_job_quota_reserve(p_provider text, p_model text, p_calls integer, p_cost double precision[], p_caps bigint[], p_lease_seconds double precision, p_learners integer DEFAULT 1)
  RETURNS TABLE(granted integer, wait_seconds double precision, metered boolean, learning boolean, too_big boolean)
  LANGUAGE plpgsql
@@ -1965,7 +1968,8 @@ begin
         if lim[k] is not null then
             lvl[k] := lvl[k] - n * p_cost[k];
             if n < p_calls and p_cost[k] > 0 and p_cost[k] > lvl[k] then
-                wait_ := greatest(wait_, (p_cost[k] - lvl[k]) * q.window_seconds / lim[k]);
+                wait_ := greatest(wait_, (p_cost[k] - lvl[k]) * q.window_seconds
+                                         / (lim[k] * ai_job_quota_share(q, now_)));
             end if;
         end if;
     end loop;
@@ -1991,8 +1995,8 @@ AS $function$
     select count(*)::int from gone
 $function$;
 
--- last defined by sql/029_quota_clock.sql
-CREATE OR REPLACE FUNCTION public.ai_job_quota_settle(p_provider text, p_model text, p_back double precision[], p_caps bigint[], p_limits bigint[], p_remaining bigint[], p_age_seconds double precision, p_window_seconds double precision, p_heard boolean, p_learning integer, p_limited boolean)
+-- last defined by sql/036_quota_share.sql
+CREATE OR REPLACE FUNCTION public.ai_job_quota_settle(p_provider text, p_model text, p_back double precision[], p_caps bigint[], p_limits bigint[], p_remaining bigint[], p_age_seconds double precision, p_window_seconds double precision, p_heard boolean, p_learning integer, p_limited boolean, p_reserved_seconds double precision DEFAULT NULL::double precision)
  RETURNS TABLE(metered boolean)
  LANGUAGE plpgsql
  SET search_path TO 'pg_catalog', 'public', 'pg_temp'
@@ -2004,6 +2008,8 @@ declare
     lvl double precision[];
     lim double precision[];
     stated double precision;
+    share_ double precision;
+    wiped boolean;
 begin
     insert into ai_job_provider_quotas as t (provider, model) values (p_provider, p_model)
     on conflict do nothing;
@@ -2012,11 +2018,24 @@ begin
     -- The time is read once the row is ours: never before the time the last
     -- writer refilled to (it may have read the clock later and locked first).
     now_ := greatest(clock_timestamp(), q.refilled_at);
-    -- Brought to now under the limits that applied until now, then given back.
+    -- Brought to now under the limits that applied until now, then given back
+    -- (not what a 429 since the reservation wiped).
+    wiped := q.limited_at is not null and p_reserved_seconds is not null
+             and now_ - make_interval(secs => greatest(0, p_reserved_seconds)) <= q.limited_at;
     lvl := ai_job_quota_levels(q, ai_job_quota_limits(q, p_caps), now_);
     for k in 1..4 loop
-        lvl[k] := lvl[k] + coalesce(p_back[k], 0);
+        lvl[k] := lvl[k] + case when wiped and p_back[k] > 0 then 0
+                                else coalesce(p_back[k], 0) end;
     end loop;
+    -- A 429 despite a reservation made since the last: the buckets refilled
+    -- faster than the provider let this deployment have (another client of the
+    -- key), and the share is cut; once for the calls refused together.
+    share_ := ai_job_quota_share(q, now_);
+    if p_limited and coalesce(p_learning, 0) = 0 and not wiped
+       and (q.limited_at is null
+            or q.limited_at < now_ - make_interval(secs => q.window_seconds / 30)) then
+        share_ := greatest(0.05, share_ * 0.9);
+    end if;
 
     if p_limits[1] > 0 then q.rpm := p_limits[1]; end if;
     if p_limits[2] > 0 then q.tpm := p_limits[2]; end if;
@@ -2040,7 +2059,7 @@ begin
             lvl[k] := least(lvl[k], p_remaining[k]
                             + case when coalesce(p_learning, 0) > 0 then 0
                                    else greatest(0, coalesce(p_age_seconds, 0)) end
-                              * stated / q.window_seconds);
+                              * stated * share_ / q.window_seconds);
         elsif p_limited then
             lvl[k] := least(lvl[k], 0);
         end if;
@@ -2050,6 +2069,8 @@ begin
     set rpm = q.rpm, tpm = q.tpm, itpm = q.itpm, otpm = q.otpm,
         requests = lvl[1], tokens = lvl[2], input_tokens = lvl[3], output_tokens = lvl[4],
         window_seconds = q.window_seconds,
+        share = share_,
+        share_at = now_,
         refilled_at = now_,
         learned_at = case when p_heard then now_ else t.learned_at end,
         learning_calls = greatest(0, t.learning_calls - coalesce(p_learning, 0)),
@@ -2060,6 +2081,17 @@ begin
     return query select lim[1] is not null or lim[2] is not null or lim[3] is not null
                         or lim[4] is not null;
 end
+$function$;
+
+-- last defined by sql/036_quota_share.sql
+CREATE OR REPLACE FUNCTION public.ai_job_quota_share(q ai_job_provider_quotas, at timestamp with time zone)
+ RETURNS double precision
+ LANGUAGE sql
+ IMMUTABLE
+ SET search_path TO 'pg_catalog', 'public', 'pg_temp'
+AS $function$
+    select least(1.0, q.share + greatest(0, extract(epoch from at - coalesce(q.share_at, at)))
+                                * 0.02 / q.window_seconds)
 $function$;
 
 -- last defined by sql/024_client_columns.sql

@@ -55,5 +55,6 @@ select count(*)::int as n from ai_course_jobs where status = 'processing'
 -- The shared buckets as they were last written (--keep: a trace of them).
 select provider, model, tpm, tokens, requests, window_seconds, learning_calls,
        extract(epoch from refilled_at)::float8 as refilled_at,
-       extract(epoch from limited_at)::float8 as limited_at
-from ai_job_provider_quotas
+       extract(epoch from limited_at)::float8 as limited_at,
+       (to_jsonb(q) ->> 'share')::float8 as share  -- sql/036's; null before it
+from ai_job_provider_quotas q

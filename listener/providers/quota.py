@@ -112,6 +112,7 @@ class Grant:
     cost: Cost
     learning: bool = False  # this call learns the model's limits
     local: bool = False  # nothing reserved: nothing to give back
+    at: float = field(default_factory=time.monotonic, compare=False)  # when reserved
 
 
 @dataclass(frozen=True)
@@ -170,7 +171,7 @@ class Quotas:
         held = self.permits.get(key)
         if held:
             permit = held.popleft()
-            return Grant(key, permit.cost, learning=permit.learning)
+            return Grant(key, permit.cost, learning=permit.learning, at=permit.at)
         if self.metered.get(key) is False and not self.is_metered(key):
             return Grant(key, cost, local=True)  # answers without limits: nothing to hold
         row = await self._query(dal.QUOTA_RESERVE, self._reserve_params(key, cost, 1))
@@ -229,6 +230,7 @@ class Quotas:
             "heard": heard,
             "learning": int(grant.learning),
             "limited": limited,
+            "reserved": time.monotonic() - grant.at,
         }
         row = await self._query(dal.QUOTA_SETTLE, params)
         if row is not None:
@@ -290,10 +292,15 @@ class Quotas:
         if not permits:
             return
         back = [sum(p.cost.vector()[i] for p in permits if not p.learning) for i in range(4)]
-        await self._return(key, back, sum(p.learning for p in permits))
+        oldest = time.monotonic() - min(p.at for p in permits)
+        await self._return(key, back, sum(p.learning for p in permits), oldest)
 
-    async def _return(self, key: Key, back: list[float], learning: int) -> None:
-        """Put `back` into the buckets and end `learning` learning calls, nothing heard."""
+    async def _return(
+        self, key: Key, back: list[float], learning: int, reserved: float | None = None
+    ) -> None:
+        """Put `back` into the buckets and end `learning` learning calls, nothing heard.
+        `reserved`: seconds since the oldest of them was reserved (what a 429 since
+        then wiped is not put back; None: the provider gave it back)."""
         params = {
             "provider": key[0],
             "model": key[1],
@@ -306,6 +313,7 @@ class Quotas:
             "heard": False,
             "learning": learning,
             "limited": False,
+            "reserved": reserved,
         }
         await self._query(dal.QUOTA_SETTLE, params)
 

@@ -205,9 +205,15 @@ ALLOWED: dict[str, dict[str, set[str]]] = {
     "timestamp with time zone)": {"service_role": EXECUTE},
     "function ai_job_quota_reserve(text,text,integer,double precision[],bigint[],"
     "double precision,integer)": {"service_role": EXECUTE},
-    "function ai_job_quota_settle(text,text,double precision[],bigint[],bigint[],bigint[],"
-    "double precision,double precision,boolean,integer,boolean)": {"service_role": EXECUTE},
     "function ai_job_quota_reset(text,text)": {"service_role": EXECUTE},
+    # sql/036 (the settle of sql/023 and sql/029, one argument more)
+    "function ai_job_quota_settle(text,text,double precision[],bigint[],bigint[],bigint[],"
+    "double precision,double precision,boolean,integer,boolean,double precision)": {
+        "service_role": EXECUTE
+    },
+    "function ai_job_quota_share(ai_job_provider_quotas,timestamp with time zone)": {
+        "service_role": EXECUTE
+    },
     # sql/025
     "function ai_job_lock_users(uuid[])": {"service_role": EXECUTE},
     "function ai_job_running_by_user()": {"service_role": EXECUTE},

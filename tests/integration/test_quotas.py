@@ -1,7 +1,8 @@
 """The quota functions (sql/023) on a real database: continuous refill, the lower
 of learned and set limits, one call at a time while the limits are learned, a
-model per row, settlement from the answer, a 429's correction, and many
-workers reserving at once never passing more than the bucket holds."""
+model per row, settlement from the answer, a 429's correction and the share of
+the key it teaches (sql/036), and many workers reserving at once never passing
+more than the bucket holds."""
 
 from __future__ import annotations
 
@@ -55,6 +56,7 @@ async def settle(conn: Conn, model: str = "m", **kw: Any) -> bool:
         "heard": True,
         "learning": 0,
         "limited": False,
+        "reserved": None,
         **kw,
     }
     row = await dal.QUOTA_SETTLE.first(conn, params)
@@ -246,7 +248,100 @@ async def test_a_429_empties_what_it_does_not_state(conn: Conn) -> None:
     assert (q["rpm"], q["tpm"]) == (6, 1000) and q["limited_at"] is not None
     assert q["requests"] == pytest.approx(0, abs=0.01) and q["tokens"] == pytest.approx(0, abs=1)
     got = await reserve(conn)
-    assert got["granted"] == 0 and got["wait_seconds"] == pytest.approx(10 / 6, abs=0.2)
+    # A request back at 6 a window of 10 s, at the share the 429 cut (sql/036)
+    assert q["share"] == pytest.approx(0.9, abs=0.001)
+    assert got["granted"] == 0 and got["wait_seconds"] == pytest.approx(10 / 6 / 0.9, abs=0.2)
+
+
+async def share(conn: Conn, model: str = "m") -> float:
+    cur = await conn.execute(
+        "select ai_job_quota_share(q, clock_timestamp()) as s from ai_job_provider_quotas q"
+        " where provider = 'openai' and model = %s",
+        [model],
+    )
+    row = await cur.fetchone()
+    assert row is not None
+    return float(row["s"])
+
+
+async def test_a_429_despite_a_reservation_cuts_the_share_once_and_it_grows_back(
+    conn: Conn,
+) -> None:
+    """sql/036: another client of the key took part of its refill. The calls
+    refused together cut the buckets' share of the stated refill once; it grows
+    back by 2% of the refill a window; the buckets refill at the share."""
+    await learned(conn, rpm=10, tpm=100_000, window=10)
+    assert await share(conn) == 1.0
+    assert (await reserve(conn, n=10))["granted"] == 10
+    for _ in range(3):  # three calls refused at once: one cut
+        await settle(conn, back=[1, 100, 0, 0], remaining=[0, None, None, None], limited=True)
+    assert (await state(conn))["share"] == pytest.approx(0.9, abs=0.001)
+    # The buckets now refill at 0.9 of the stated rate: 10 s bring 9 requests.
+    await age(conn, 10.0)
+    assert (await reserve(conn, n=10))["granted"] == 9
+    # A 429 a while later (more than a thirtieth of the window) cuts again.
+    await conn.execute(
+        "update ai_job_provider_quotas set limited_at = limited_at - interval '1 second'"
+    )
+    await settle(conn, back=[1, 100, 0, 0], remaining=[0, None, None, None], limited=True)
+    assert (await state(conn))["share"] == pytest.approx(0.81, abs=0.001)
+    # It grows back by 0.02 a window (10 s here), to 1 at most.
+    await conn.execute(
+        "update ai_job_provider_quotas set share_at = share_at - interval '25 seconds'"
+    )
+    assert await share(conn) == pytest.approx(0.86, abs=0.002)
+    await conn.execute("update ai_job_provider_quotas set share_at = share_at - interval '1 hour'")
+    assert await share(conn) == 1.0
+    # A settle writes the share grown back, and the growth goes on from there.
+    await settle(conn)
+    q = await state(conn)
+    assert q["share"] == 1.0 and q["share_at"] is not None
+
+
+async def test_what_a_429_wiped_is_not_given_back_and_cuts_nothing(conn: Conn) -> None:
+    """A reservation made before the provider's last 429: the levels were set to
+    what the provider had, which never held it. Giving it back would count it
+    twice, and its own 429 says nothing new of the share."""
+    await learned(conn, rpm=10, tpm=100_000, window=10)
+    assert (await reserve(conn, n=10))["granted"] == 10
+    await settle(conn, back=[1, 100, 0, 0], remaining=[0, None, None, None], limited=True,
+                 reserved=0.2)  # fmt: skip
+    assert (await state(conn))["share"] == pytest.approx(0.9, abs=0.001)
+    # A permit taken 5 s ago, before that 429, comes back unused: nothing is put back.
+    await settle(conn, back=[1, 100, 0, 0], reserved=5.0)
+    assert (await state(conn))["requests"] == pytest.approx(0, abs=0.1)
+    # A call reserved before it is refused too, a second later: no second cut.
+    await conn.execute(
+        "update ai_job_provider_quotas set limited_at = limited_at - interval '1 second'"
+    )
+    await settle(conn, back=[1, 100, 0, 0], remaining=[0, None, None, None], limited=True,
+                 reserved=5.0)  # fmt: skip
+    assert (await state(conn))["share"] == pytest.approx(0.9, abs=0.001)
+    # One reserved since, refused a second later: the share was still too high.
+    await conn.execute(
+        "update ai_job_provider_quotas set limited_at = limited_at - interval '1 second'"
+    )
+    await settle(conn, back=[1, 100, 0, 0], remaining=[0, None, None, None], limited=True,
+                 reserved=0.2)  # fmt: skip
+    assert (await state(conn))["share"] == pytest.approx(0.81, abs=0.001)
+    # A reservation made since is given back in full.
+    await settle(conn, back=[1, 100, 0, 0], reserved=0.0)
+    assert (await state(conn))["requests"] == pytest.approx(1, abs=0.1)
+
+
+async def test_a_learning_calls_429_and_a_plain_settle_leave_the_share(conn: Conn) -> None:
+    first = await reserve(conn)
+    assert first["learning"]
+    await settle(conn, limits=[10, 1000, None, None], window=10, learning=1, limited=True)
+    await settle(conn, back=[0, 50, 0, 0], remaining=[3, 200, None, None])
+    assert (await state(conn))["share"] == 1.0
+
+
+async def test_the_share_is_a_fraction(conn: Conn) -> None:
+    await learned(conn)
+    for bad in (0.0, 1.5):
+        with pytest.raises(psycopg.errors.CheckViolation):
+            await conn.execute("update ai_job_provider_quotas set share = %s", [bad])
 
 
 async def test_bad_reservations_are_refused(conn: Conn) -> None:
