@@ -52,6 +52,26 @@ def stop(*workers: WorkerProcess) -> None:
         assert w.wait() == 0
 
 
+def drain(
+    db_url: str, fake: FakeAI, n: int, timeout: float
+) -> tuple[list[WorkerProcess], float, float]:
+    """Two workers at concurrency 6 run `n` jobs inserted at once: the workers
+    (stopped), when the jobs went in (time.time()) and the seconds until all
+    were done."""
+    settings = env(fake, WORKER_CONCURRENCY="6")
+    workers = [WorkerProcess(db_url, **settings) for _ in range(2)]
+    try:
+        for w in workers:
+            w.started()
+        t0 = time.time()
+        insert_many(db_url, n)
+        wait_until(lambda: all_done(db_url, n), timeout=timeout, what=f"{n} jobs done")
+        took = time.time() - t0
+    finally:
+        stop(*workers)
+    return workers, t0, took
+
+
 def chat_calls(fake: FakeAI) -> int:
     return fake.count("openai", "/chat/completions")
 
@@ -60,17 +80,7 @@ def test_two_workers_share_the_quota_and_meet_no_429(db_url: str, fake: FakeAI) 
     # 4 requests and 4,000 tokens (3 calls) per 2 s: well below what two workers
     # at concurrency 6 would send.
     fake.limits = Limits(rpm=4, tpm=4000, window=2)
-    settings = env(fake, WORKER_CONCURRENCY="6")
-    workers = [WorkerProcess(db_url, **settings) for _ in range(2)]
-    try:
-        for w in workers:
-            w.started()
-        t0 = time.monotonic()
-        insert_many(db_url, 16)
-        wait_until(lambda: all_done(db_url, 16), timeout=60, what="16 jobs done")
-        took = time.monotonic() - t0
-    finally:
-        stop(*workers)
+    workers, _, took = drain(db_url, fake, 16, timeout=60)
     assert fake.limited == []  # not one 429
     assert chat_calls(fake) == 16  # one call a job: none refused, none repeated
     done = rows(db_url)
@@ -147,17 +157,7 @@ def test_a_key_shared_with_another_client_teaches_its_share(db_url: str, fake: F
     share of the stated refill; then the workers keep to what is left, and meet
     a 429 only as the share grows back to probe for more."""
     fake.limits = Limits(rpm=10, window=2, foreign=0.4)  # 5 a second stated, 3 ours
-    settings = env(fake, WORKER_CONCURRENCY="6")
-    workers = [WorkerProcess(db_url, **settings) for _ in range(2)]
-    try:
-        for w in workers:
-            w.started()
-        t0 = time.time()
-        insert_many(db_url, 45)
-        wait_until(lambda: all_done(db_url, 45), timeout=90, what="45 jobs done")
-        took = time.time() - t0
-    finally:
-        stop(*workers)
+    workers, t0, took = drain(db_url, fake, 45, timeout=90)
     # The share learned: 0.6 is what the key leaves (give or take a cut or the
     # growth since; 1 if nothing was learned).
     with connect(db_url) as c:
