@@ -11,7 +11,7 @@
 --
 -- Each row now has `share`, the part of the stated refill the buckets get
 -- (1 until told otherwise). A 429 despite a reservation made since the last
--- 429 cuts it by a tenth (once for the calls refused together: at most once per
+-- 429, whose headers show less left than the call needed, cuts it by a tenth (once for the calls refused together: at most once per
 -- thirtieth of the window), and it grows back by 2% of the refill per window (a minute), so the
 -- buckets probe for what another client left: a key shared with a steady client
 -- meets one 429 in a few minutes instead of one every other call, and a key no
@@ -188,11 +188,16 @@ begin
         lvl[k] := lvl[k] + case when wiped and p_back[k] > 0 then 0
                                 else coalesce(p_back[k], 0) end;
     end loop;
-    -- A 429 despite a reservation made since the last: the buckets refilled
-    -- faster than the provider let this deployment have (another client of the
-    -- key), and the share is cut; once for the calls refused together.
+    -- A 429 despite a reservation made since the last, whose headers say the
+    -- quota held less than the call (a 429 for anything else, an overloaded
+    -- provider, says nothing of the share): the buckets refilled faster than the
+    -- provider let this deployment have (another client of the key), and the
+    -- share is cut; once for the calls refused together.
     share_ := ai_job_quota_share(q, now_);
     if p_limited and coalesce(p_learning, 0) = 0 and not wiped
+       and exists (select from generate_series(1, 4) k
+                   where p_remaining[k] is not null and p_back[k] > 0
+                     and p_remaining[k] < p_back[k])
        and (q.limited_at is null
             or q.limited_at < now_ - make_interval(secs => q.window_seconds / 30)) then
         share_ := greatest(0.05, share_ * 0.9);

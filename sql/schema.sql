@@ -2027,11 +2027,16 @@ begin
         lvl[k] := lvl[k] + case when wiped and p_back[k] > 0 then 0
                                 else coalesce(p_back[k], 0) end;
     end loop;
-    -- A 429 despite a reservation made since the last: the buckets refilled
-    -- faster than the provider let this deployment have (another client of the
-    -- key), and the share is cut; once for the calls refused together.
+    -- A 429 despite a reservation made since the last, whose headers say the
+    -- quota held less than the call (a 429 for anything else, an overloaded
+    -- provider, says nothing of the share): the buckets refilled faster than the
+    -- provider let this deployment have (another client of the key), and the
+    -- share is cut; once for the calls refused together.
     share_ := ai_job_quota_share(q, now_);
     if p_limited and coalesce(p_learning, 0) = 0 and not wiped
+       and exists (select from generate_series(1, 4) k
+                   where p_remaining[k] is not null and p_back[k] > 0
+                     and p_remaining[k] < p_back[k])
        and (q.limited_at is null
             or q.limited_at < now_ - make_interval(secs => q.window_seconds / 30)) then
         share_ := greatest(0.05, share_ * 0.9);

@@ -298,6 +298,22 @@ async def test_a_429_despite_a_reservation_cuts_the_share_once_and_it_grows_back
     assert q["share"] == 1.0 and q["share_at"] is not None
 
 
+async def test_a_429_that_is_not_for_the_quota_cuts_nothing(conn: Conn) -> None:
+    """A 429 whose headers show the quota holding the call (an overloaded
+    provider), or that has no headers, says nothing of the key's share: a storm
+    of them must not starve the deployment for the quarter hour the share takes
+    to grow back."""
+    await learned(conn, rpm=10, tpm=100_000, window=10)
+    assert (await reserve(conn, n=2))["granted"] == 2
+    await settle(conn, back=[1, 100, 0, 0], remaining=[5, 50_000, None, None], limited=True)
+    await conn.execute(
+        "update ai_job_provider_quotas set limited_at = limited_at - interval '1 second'"
+    )
+    await settle(conn, back=[1, 100, 0, 0], remaining=None, limited=True)
+    q = await state(conn)
+    assert q["share"] == 1.0 and q["limited_at"] is not None
+
+
 async def test_what_a_429_wiped_is_not_given_back_and_cuts_nothing(conn: Conn) -> None:
     """A reservation made before the provider's last 429: the levels were set to
     what the provider had, which never held it. Giving it back would count it
