@@ -84,7 +84,7 @@ def configs(
     # as it comes (no per-user cap: none is tuned to the quota either), and
     # pgqueuer tuned to the key's stated quota, as above.
     for sc in scenarios or []:
-        what = SCENARIO_NAMES[sc]
+        what = L.SCENARIOS[sc].what
         out.append(Config(f"{this}, {what}, {w}", "ai-jobs", n, rev=rev, scenario=sc))
         out.append(Config(f"pgqueuer, {what}, {w}", "pgqueuer", n, scenario=sc))
     if only:
@@ -94,10 +94,17 @@ def configs(
     return out
 
 
-SCENARIO_NAMES = {
-    "shared": "key shared (30% to another client)",
-    "raised": "key's limits doubled at minute 3",
-}
+def scenario_info(cl: L.Load) -> dict[str, Any]:
+    """A condition as this run ran it (its raise at this run's quota minute)."""
+    return {
+        "what": L.SCENARIOS[cl.scenario].what,
+        "foreign": cl.foreign,
+        "raise_at": cl.raise_at,
+        "raise_by": cl.raise_by,
+        "jobs": cl.total_jobs,
+        "steady_from_minute": cl.steady_from,
+        "steady_optimum_jobs_per_min": round(cl.steady_optimum(), 2),
+    }
 
 
 def _met(ok: bool) -> str:
@@ -276,7 +283,7 @@ async def main(opts: argparse.Namespace) -> int:
     else:
         slots = [int(x) for x in opts.pgq_slots.split(",") if x.strip()]
     scenarios = [] if opts.scenarios == "none" else opts.scenarios.split(",")
-    unknown = [x for x in scenarios if x not in SCENARIO_NAMES]
+    unknown = [x for x in scenarios if not x or x not in L.SCENARIOS]
     if unknown:
         raise SystemExit(f"unknown scenario(s): {', '.join(unknown)} (shared, raised)")
     crowds = {"": crowd}
@@ -347,16 +354,7 @@ async def main(opts: argparse.Namespace) -> int:
             if opts.pgq_over
             else None,
             "pgqueuer_concurrency_limits_more": slots,
-            "scenarios": {
-                sc: {
-                    "what": SCENARIO_NAMES[sc],
-                    **L.SCENARIOS[sc],
-                    "jobs": load.under(sc).total_jobs,
-                    "steady_from_minute": load.under(sc).steady_from,
-                    "steady_optimum_jobs_per_min": round(load.under(sc).steady_optimum(), 2),
-                }
-                for sc in scenarios
-            },
+            "scenarios": {sc: scenario_info(load.under(sc)) for sc in scenarios},
             "heavy_jobs": load.heavy_jobs,
             "light_jobs": load.light_jobs,
             "light_users": load.light_users,

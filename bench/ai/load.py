@@ -30,14 +30,23 @@ BREAKER_COOLDOWN = 30.0  # PROVIDER_BREAKER_COOLDOWN_SECONDS's default
 RETRY_BASE = 10.0  # RETRY_BASE_SECONDS's default
 CONCURRENCY = 50  # WORKER_CONCURRENCY per process (the README's advice for generation)
 
+
 # The conditions of a deployment that a fixed tuning does not see (`make bench-ai
 # ARGS=--scenarios ...`): a key shared with another application that takes 30% of
 # its quota, and a key moved up a tier (its limits doubled) at quota minute 3 (of a
 # run of 8: 3/8 of the way through a shorter one).
-SCENARIOS: dict[str, dict[str, float]] = {
-    "": {},
-    "shared": {"foreign": 0.3},
-    "raised": {"raise_at": 3.0, "raise_by": 2.0},
+@dataclass(frozen=True)
+class Scenario:
+    what: str
+    foreign: float = 0.0  # the share of the key's refill another client takes
+    raise_at: float = 0.0  # the quota minute of the raise, in a run of 8 (0: none)
+    raise_by: float = 1.0
+
+
+SCENARIOS = {
+    "": Scenario("as the issue describes it"),
+    "shared": Scenario("key shared (30% to another client)", foreign=0.3),
+    "raised": Scenario("key's limits doubled at minute 3", raise_at=3.0, raise_by=2.0),
 }
 
 
@@ -64,9 +73,9 @@ class Load:
         return replace(
             self,
             scenario=scenario,
-            foreign=c.get("foreign", 0.0),
-            raise_at=c.get("raise_at", 0.0) * self.minutes / 8.0,  # stated for 8 minutes
-            raise_by=c.get("raise_by", 1.0),
+            foreign=c.foreign,
+            raise_at=c.raise_at * self.minutes / 8.0,  # stated for 8 minutes
+            raise_by=c.raise_by,
         )
 
     # -- the provider -----------------------------------------------------------

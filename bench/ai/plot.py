@@ -98,7 +98,7 @@ def draw_conditions(result: dict[str, Any], out: Path) -> None:
     for ax, sc in zip(axes[0], names, strict=True):
         info = load["scenarios"][sc]
         base = load["optimum_jobs_per_min"] * (1 - info.get("foreign", 0.0))
-        at, by = info.get("raise_at", 0.0) * end / 8.0, info.get("raise_by", 1.0)
+        at, by = info.get("raise_at", 0.0), info.get("raise_by", 1.0)  # as the run ran it
         if at:
             ax.plot([0, at, at, end], [base, base, base * by, base * by], color="tab:red",
                     lw=0.8, ls=":", label="optimum")  # fmt: skip

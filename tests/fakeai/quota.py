@@ -76,18 +76,22 @@ class Bucket:
         self.limit = limit
         self.window = window
         self.share = share  # of the refill this client gets (the rest is another's)
-        self.rate = share * limit / window
         self.level = float(limit)
         self.at = now
+
+    @property
+    def key_rate(self) -> float:
+        """The key's whole refill a second, as the provider states it."""
+        return self.limit / self.window
 
     def rescale(self, limit: int, now: float) -> None:
         """The key's limit changes at `now`: refilled until then at the old rate."""
         self.refill(now)
         self.limit = limit
-        self.rate = self.share * limit / self.window
 
     def refill(self, now: float) -> None:
-        self.level = min(self.limit, self.level + (now - self.at) * self.rate)
+        gained = (now - self.at) * self.share * self.key_rate
+        self.level = min(self.limit, self.level + gained)
         self.at = now
 
     def wait(self, cost: int) -> float:
@@ -95,14 +99,14 @@ class Bucket:
         the provider tells it in retry-after (0: now; inf: never)."""
         if cost <= self.level:
             return 0.0
-        return math.inf if cost > self.limit else (cost - self.level) * self.window / self.limit
+        return math.inf if cost > self.limit else (cost - self.level) / self.key_rate
 
     def remaining(self) -> int:
         return max(0, math.floor(self.level))
 
     def full_in(self) -> float:
         """The reset header: seconds until full at the key's whole refill rate."""
-        return max(0.0, (self.limit - self.level) * self.window / self.limit)
+        return max(0.0, (self.limit - self.level) / self.key_rate)
 
 
 @dataclass
@@ -124,15 +128,15 @@ class Quotas:
         self.lock = threading.Lock()
         self.buckets: dict[tuple[str, str, str], Bucket] = {}
         self.started = time.monotonic()
-        self.factor = 1.0  # the limits' multiple in effect (raise_by once raised)
+        self.raised = False  # the limits are raise_by times the stated ones
 
     def limit(self, kind: str) -> int:
-        return round(self.limits.of(kind) * self.factor)
+        return round(self.limits.of(kind) * (self.limits.raise_by if self.raised else 1.0))
 
     def _bucket(self, provider: str, model: str, kind: str, now: float) -> Bucket:
         lim = self.limits
-        if lim.raise_at and self.factor == 1.0 and now >= self.started + lim.raise_at:
-            self.factor = lim.raise_by
+        if lim.raise_at and not self.raised and now >= self.started + lim.raise_at:
+            self.raised = True
             at = self.started + lim.raise_at
             for (_, _, k), b in self.buckets.items():
                 b.rescale(self.limit(k), at)
