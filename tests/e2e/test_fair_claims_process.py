@@ -42,7 +42,10 @@ def test_a_capped_users_job_starts_when_their_running_job_ends(db_url: str) -> N
         # B is not capped: B's job runs beside A's first.
         wait_until(lambda: _rows(db_url, other)[0]["status"] != "pending", what="B's job runs")
         seen_both = False
-        while (rows := _rows(db_url, first, second))[0]["status"] == "processing":
+        # The second is read before the first: the first may end, and the second
+        # start, between two reads, but a first still running when it is read was
+        # running when the second was read.
+        while (rows := _rows(db_url, second, first)[::-1])[0]["status"] == "processing":
             seen_both |= rows[1]["status"] == "processing"
             assert rows[1]["status"] == "pending"
             time.sleep(0.05)
