@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import socket
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -20,7 +19,7 @@ import uvicorn
 
 from listener.settings import Settings
 from listener.web.app import create_app
-from tests.helpers import await_until
+from tests.helpers import await_until, free_port
 
 SECRET = "test-jwt-secret-0123456789-abcdefghijklmnop-0123456789-abcdefghij"
 ADMIN = "test-admin-token-ABC-0123456789-xyz"
@@ -48,12 +47,6 @@ def token(user: uuid.UUID | str, key: Any = SECRET, alg: str = "HS256", **over: 
 
 def bearer(user: uuid.UUID | str, **over: Any) -> dict[str, str]:
     return {"Authorization": f"Bearer {token(user, **over)}"}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @dataclass

@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
+import socket
+import subprocess
 import sys
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import psycopg
 from psycopg.rows import dict_row
 
@@ -84,6 +88,44 @@ def wait_until(
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout}s waiting for {what or predicate}")
         time.sleep(interval)
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 for a server the test starts."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@contextlib.contextmanager
+def web_process(db_url: str, log: Path, timeout: float = 20.0, **extra: Any) -> Iterator[str]:
+    """`ai-jobs web` as its own process on a free port, `extra` in its environment
+    and its output in `log`: its base URL once /healthz answers. Stopped with
+    SIGTERM at the end, which must be a clean stop (exit 0)."""
+    port = free_port()
+    with log.open("w") as out:
+        proc = subprocess.Popen(
+            [*AI_JOBS, "web", "--host", "127.0.0.1"],
+            env=env(db_url, PORT=port, **extra),
+            stdout=out,
+            stderr=out,
+        )
+        base = f"http://127.0.0.1:{port}"
+
+        def healthy() -> bool:
+            assert proc.poll() is None, log.read_text()
+            try:
+                return httpx.get(f"{base}/healthz", timeout=1).status_code == 200
+            except httpx.TransportError:
+                return False
+
+        try:
+            wait_until(healthy, timeout=timeout, interval=0.1, what="ai-jobs web")
+            yield base
+        finally:
+            proc.terminate()
+            code = proc.wait(timeout=15)
+    assert code == 0, log.read_text()
 
 
 async def await_until(

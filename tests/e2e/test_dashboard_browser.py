@@ -10,17 +10,14 @@ from __future__ import annotations
 
 import json
 import re
-import socket
-import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
 
 from tests.browser import CHROMIUM, CHROMIUM_ARGS, ensure_chromium
-from tests.helpers import AI_JOBS, ROOT, connect, env, insert_course, job, wait_until
+from tests.helpers import ROOT, connect, insert_course, job, wait_until, web_process
 from tests.workers import WorkerProcess
 
 TOKEN = "browser-test-token-0123456789-abcdef"
@@ -37,12 +34,6 @@ def chromium() -> str:
     return str(CHROMIUM)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @pytest.fixture
 def storage(tmp_path: Path) -> Path:
     """Where the worker writes results and the dashboard reads them."""
@@ -53,31 +44,8 @@ def storage(tmp_path: Path) -> Path:
 
 @pytest.fixture
 def web(db_url: str, tmp_path: Path, storage: Path) -> Iterator[str]:
-    port = _free_port()
-    log = (tmp_path / "web.log").open("w")
-    proc = subprocess.Popen(
-        [*AI_JOBS, "web", "--host", "127.0.0.1"],
-        env=env(db_url, ADMIN_TOKEN=TOKEN, PORT=port, STORAGE_URL=storage),
-        stdout=log,
-        stderr=log,
-    )
-    base = f"http://127.0.0.1:{port}"
-
-    def healthy() -> bool:
-        assert proc.poll() is None, (tmp_path / "web.log").read_text()
-        try:
-            return httpx.get(f"{base}/healthz", timeout=1).status_code == 200
-        except httpx.TransportError:
-            return False
-
-    try:
-        wait_until(healthy, timeout=20, interval=0.1, what="ai-jobs web")
+    with web_process(db_url, tmp_path / "web.log", ADMIN_TOKEN=TOKEN, STORAGE_URL=storage) as base:
         yield base
-    finally:
-        proc.terminate()
-        code = proc.wait(timeout=15)
-        log.close()
-    assert code == 0, (tmp_path / "web.log").read_text()  # SIGTERM: a clean stop
 
 
 def test_dashboard_live_updates_and_requeue(chromium: str, web: str, db_url: str) -> None:

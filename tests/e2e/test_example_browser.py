@@ -10,18 +10,16 @@ from __future__ import annotations
 import functools
 import http.server
 import json
-import subprocess
 import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
 
-from tests.apitools import ADMIN, ALICE, SECRET, free_port, token
+from tests.apitools import ADMIN, ALICE, SECRET, token
 from tests.browser import CHROMIUM, CHROMIUM_ARGS, ensure_chromium
-from tests.helpers import AI_JOBS, ROOT, connect, env, wait_until
+from tests.helpers import ROOT, connect, web_process
 
 EXAMPLE = ROOT / "examples" / "course-progress"
 ARTIFACTS = ROOT / "test-artifacts"
@@ -50,37 +48,15 @@ def page_url() -> Iterator[str]:
 
 @pytest.fixture
 def api_url(db_url: str, tmp_path: Path, page_url: str) -> Iterator[str]:
-    port = free_port()
-    log = (tmp_path / "web.log").open("w")
-    proc = subprocess.Popen(
-        [*AI_JOBS, "web", "--host", "127.0.0.1"],
-        env=env(
-            db_url,
-            ADMIN_TOKEN=ADMIN,
-            JWT_SECRET=SECRET,
-            API_CORS_ORIGINS=page_url,
-            PORT=port,
-            STORAGE_URL=tmp_path / "storage",
-        ),
-        stdout=log,
-        stderr=log,
-    )
-    base = f"http://127.0.0.1:{port}"
-
-    def healthy() -> bool:
-        assert proc.poll() is None, (tmp_path / "web.log").read_text()
-        try:
-            return httpx.get(f"{base}/healthz", timeout=1).status_code == 200
-        except httpx.TransportError:
-            return False
-
-    try:
-        wait_until(healthy, timeout=20, interval=0.1, what="ai-jobs web")
+    with web_process(
+        db_url,
+        tmp_path / "web.log",
+        ADMIN_TOKEN=ADMIN,
+        JWT_SECRET=SECRET,
+        API_CORS_ORIGINS=page_url,
+        STORAGE_URL=tmp_path / "storage",
+    ) as base:
         yield base
-    finally:
-        proc.terminate()
-        proc.wait(timeout=15)
-        log.close()
 
 
 def group(n: int) -> dict[str, Any]:

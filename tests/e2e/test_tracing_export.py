@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import signal
-import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,10 +16,10 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.apitools import ALICE, SECRET, bearer, free_port
+from tests.apitools import ALICE, SECRET, bearer
 from tests.e2e.test_generation_worker import providers_env
 from tests.fakeai import FakeAI
-from tests.helpers import AI_JOBS, connect, env, insert_course, job, wait_until
+from tests.helpers import connect, free_port, insert_course, job, wait_until, web_process
 from tests.otlp import Span, grpc_receiver, http_receiver
 from tests.workers import WorkerProcess
 
@@ -36,31 +35,10 @@ FAST_EXPORT = {"OTEL_BSP_SCHEDULE_DELAY": "100"}
 
 @contextlib.contextmanager
 def web(db_url: str, tmp_path: Path, **extra: Any) -> Iterator[str]:
-    port = free_port()
-    log = (tmp_path / "web.log").open("w")
-    proc = subprocess.Popen(
-        [*AI_JOBS, "web", "--host", "127.0.0.1"],
-        env=env(db_url, ADMIN_TOKEN=ADMIN, PORT=port, JWT_SECRET=SECRET, **extra),
-        stdout=log,
-        stderr=log,
-    )
-    base = f"http://127.0.0.1:{port}"
-
-    def healthy() -> bool:
-        assert proc.poll() is None, (tmp_path / "web.log").read_text()
-        try:
-            return httpx.get(f"{base}/healthz", timeout=1).status_code == 200
-        except httpx.TransportError:
-            return False
-
-    try:
-        wait_until(healthy, timeout=30, interval=0.1, what="ai-jobs web")
+    with web_process(
+        db_url, tmp_path / "web.log", 30, ADMIN_TOKEN=ADMIN, JWT_SECRET=SECRET, **extra
+    ) as base:
         yield base
-    finally:
-        proc.terminate()
-        code = proc.wait(timeout=15)
-        log.close()
-    assert code == 0, (tmp_path / "web.log").read_text()
 
 
 def one(spans: list[Span]) -> Span:

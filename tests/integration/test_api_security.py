@@ -43,12 +43,11 @@ from tests.apitools import (
     SECRET,
     bearer,
     claims,
-    free_port,
     open_sse,
     serve,
     token,
 )
-from tests.helpers import AI_JOBS, aconnect, await_until, connect, env
+from tests.helpers import AI_JOBS, aconnect, await_until, connect, env, free_port
 
 COURSE = "/v1/jobs/course"
 

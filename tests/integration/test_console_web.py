@@ -26,8 +26,8 @@ from psycopg.rows import dict_row
 from listener.console import Cursor, JobFilter, find
 from listener.settings import Settings
 from listener.web.app import create_app
-from tests.helpers import aconnect, await_until
-from tests.integration.test_web import BEARER, HTML, JSON, TOKEN, free_port, insert_course
+from tests.helpers import aconnect, await_until, free_port
+from tests.integration.test_web import BEARER, HTML, JSON, TOKEN, insert_course
 
 COURSE = {
     "id": "tides",

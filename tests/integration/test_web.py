@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import json
 import re
-import socket
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -18,18 +17,12 @@ import uvicorn
 
 from listener.settings import Settings
 from listener.web.app import create_app
-from tests.helpers import aconnect, await_until
+from tests.helpers import aconnect, await_until, free_port
 
 TOKEN = "test-admin-token-ABC-0123456789-xyz"
 BEARER = {"Authorization": f"Bearer {TOKEN}"}
 HTML = {"Accept": "text/html"}
 JSON = {"Accept": "application/json"}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @pytest.fixture

@@ -6,8 +6,6 @@ and the token's minimum length."""
 from __future__ import annotations
 
 import re
-import socket
-import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -18,7 +16,7 @@ from starlette.requests import Request
 
 from listener.web.auth import MIN_TOKEN_LENGTH, Auth
 from listener.web.throttle import Throttle
-from tests.helpers import AI_JOBS, env, wait_until
+from tests.helpers import web_process
 from tests.integration.test_web import (  # noqa: F401 - fixtures
     HTML,
     JSON,
@@ -192,32 +190,10 @@ async def test_a_bearer_value_is_the_token_exactly(
 def served(db_url: str, tmp_path: Path) -> Iterator[str]:
     """`ai-jobs web` as deployed behind a PaaS router (README): FORWARDED_ALLOW_IPS=*,
     since only the router reaches it."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    log = (tmp_path / "web.log").open("w")
-    proc = subprocess.Popen(
-        [*AI_JOBS, "web", "--host", "127.0.0.1"],
-        env=env(db_url, ADMIN_TOKEN=TOKEN, PORT=port, FORWARDED_ALLOW_IPS="*"),
-        stdout=log,
-        stderr=log,
-    )
-    base = f"http://127.0.0.1:{port}"
-
-    def healthy() -> bool:
-        assert proc.poll() is None, (tmp_path / "web.log").read_text()
-        try:
-            return httpx.get(f"{base}/healthz", timeout=1).status_code == 200
-        except httpx.TransportError:
-            return False
-
-    try:
-        wait_until(healthy, timeout=20, interval=0.1, what="ai-jobs web")
+    with web_process(
+        db_url, tmp_path / "web.log", ADMIN_TOKEN=TOKEN, FORWARDED_ALLOW_IPS="*"
+    ) as base:
         yield base
-    finally:
-        proc.terminate()
-        proc.wait(timeout=15)
-        log.close()
 
 
 async def test_the_sign_in_throttle_is_not_keyed_on_what_a_client_says(served: str) -> None:
