@@ -232,6 +232,12 @@ def parse(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="make bench-ai ARGS=...", description=__doc__.split("\n")[0])
     p.add_argument("--minutes", type=float, default=8.0, help="quota minutes per configuration (8)")
     p.add_argument("--scale", type=float, default=4.0, help="time runs this many times faster (4)")
+    p.add_argument(
+        "--steady-from",
+        type=float,
+        default=0.0,
+        help="quota minute the steady state is measured from (0: 2, or a minute after a raise)",
+    )
     p.add_argument("--workers", default="1,4", help="worker processes to run with (1,4)")
     p.add_argument("--only", default="", help="systems to run: ai-jobs,base,pgqueuer (all)")
     p.add_argument("--rev", default=None, help="measure ai-jobs at this commit (this checkout)")
@@ -271,7 +277,9 @@ def parse(argv: list[str]) -> argparse.Namespace:
 
 
 async def main(opts: argparse.Namespace) -> int:
-    load = L.Load(scale=opts.scale, minutes=opts.minutes)
+    if not 0 <= opts.steady_from < opts.minutes:
+        raise SystemExit(f"--steady-from must be in [0, --minutes), not {opts.steady_from:g}")
+    load = L.Load(scale=opts.scale, minutes=opts.minutes, steady_start=opts.steady_from)
     crowd = load.crowd()
     workers = [int(x) for x in opts.workers.split(",") if x.strip()]
     only = {x.strip() for x in opts.only.split(",") if x.strip()} or None
@@ -344,6 +352,7 @@ async def main(opts: argparse.Namespace) -> int:
             "scale": load.scale,
             "window_s": load.window,
             "quota_minutes": load.minutes,
+            "steady_from_minute": load.steady_from,
             "optimum_jobs_per_min": round(load.optimum_per_min(), 2),
             "mean_call_s": load.mean_call,
             "in_flight_at_optimum": round(load.in_flight, 1),

@@ -66,6 +66,9 @@ class Load:
     foreign: float = 0.0
     raise_at: float = 0.0
     raise_by: float = 1.0
+    # The quota minute the steady state is measured from, when set (`--steady-from`:
+    # a long run's last part, after every system has spent the first full bucket).
+    steady_start: float = 0.0
 
     def under(self, scenario: str) -> Load:
         """This load under one of SCENARIOS ("" the plain one)."""
@@ -111,7 +114,9 @@ class Load:
     def steady_from(self) -> float:
         """Quota minutes after which the steady state is measured: the first full
         bucket and the first calls are behind by 2, a raise's first calls a minute
-        after it."""
+        after it; `steady_start` when set."""
+        if self.steady_start:
+            return self.steady_start
         return max(2.0, self.raise_at + 1.0) if self.raise_at else 2.0
 
     def steady_optimum(self, prompt: float = PROMPT_TOKENS) -> float:

@@ -118,6 +118,9 @@ def test_the_conditions_a_fixed_tuning_does_not_see() -> None:
     assert raised.in_flight == shared.in_flight == plain.in_flight
     # a shorter run raises 3/8 of the way through
     assert L.Load(minutes=4).under("raised").raise_at == 1.5
+    # a long run measured over its last part (--steady-from), in any condition
+    assert L.Load(minutes=20, steady_start=10).steady_from == 10.0
+    assert L.Load(minutes=20, steady_start=10).under("raised").steady_from == 10.0
 
 
 def test_goodput_under_a_raise_is_against_the_raised_optimum() -> None:
