@@ -33,13 +33,13 @@ demo: $(VENV)/.demo-installed ## run the demo on embedded PostgreSQL (ARGS=--ser
 	$(VENV)/bin/ai-jobs demo $(ARGS)
 
 .PHONY: test
-test: $(VENV)/.installed ## the whole suite on a real PostgreSQL: 4 at a time, then the slow ones 2 at a time
-	$(PY) -m pytest -m "not slow" -n 4 $(ARGS) || [ $$? -eq 5 ]
-	$(PY) -m pytest -m slow -n 2 $(ARGS) || [ $$? -eq 5 ]
+test: $(VENV)/.installed ## the whole suite on a real PostgreSQL: 5 at a time, then the slow ones 3 at a time
+	$(PY) -m pytest -m "not slow" -n 5 $(ARGS) || [ $$? -eq 5 ]
+	$(PY) -m pytest -m slow -n 3 $(ARGS) || [ $$? -eq 5 ]
 
 .PHONY: test-fast
-test-fast: $(VENV)/.installed ## the suite without the slow end-to-end tests, 4 at a time
-	$(PY) -m pytest -m "not slow" -n 4 $(ARGS)
+test-fast: $(VENV)/.installed ## the suite without the slow end-to-end tests, 5 at a time
+	$(PY) -m pytest -m "not slow" -n 5 $(ARGS)
 
 .PHONY: lint
 lint: $(VENV)/.installed ## ruff check and format check

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import os
+import queue
+import threading
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
@@ -71,19 +73,57 @@ def _new_database(pg_server: str, template: str | None) -> str:
     with _admin(pg_server) as conn:
         if template:
             tpl = psycopg.conninfo.conninfo_to_dict(template)["dbname"]
-            conn.execute(f'create database "{name}" template "{tpl}"')
+            # A file copy of the template (PostgreSQL 15+; the default copies it
+            # block by block through the WAL): 3 times faster for a database of a
+            # few MB, and every test makes one.
+            how = " strategy file_copy" if conn.info.server_version >= 150000 else ""
+            conn.execute(f'create database "{name}" template "{tpl}"{how}')
         else:
             conn.execute(f'create database "{name}"')
     return name
 
 
+class _Dropper:
+    """Drops the tests' databases on a thread of its own: a test's teardown does
+    not wait for it. `close` waits for every drop asked for."""
+
+    def __init__(self, pg_server: str) -> None:
+        self.pg_server = pg_server
+        self.names: queue.Queue[str | None] = queue.Queue()
+        self.failed: list[str] = []
+        self.thread = threading.Thread(target=self._run, name="drop-test-databases", daemon=True)
+        self.thread.start()
+
+    def drop(self, name: str) -> None:
+        self.names.put(name)
+
+    def close(self) -> None:
+        self.names.put(None)
+        self.thread.join(timeout=120)
+        assert not self.failed, f"test databases not dropped: {self.failed}"
+
+    def _run(self) -> None:
+        with _admin(self.pg_server) as conn:
+            while (name := self.names.get()) is not None:
+                try:
+                    conn.execute(f'drop database if exists "{name}" with (force)')
+                except psycopg.Error as exc:
+                    self.failed.append(f"{name}: {exc}")
+
+
+@pytest.fixture(scope="session")
+def dropper(pg_server: str) -> Iterator[_Dropper]:
+    d = _Dropper(pg_server)
+    yield d
+    d.close()
+
+
 @pytest.fixture
-def db_url(pg_server: str, template_db: str) -> Iterator[str]:
+def db_url(pg_server: str, template_db: str, dropper: _Dropper) -> Iterator[str]:
     """A fresh, migrated database for this test alone."""
     name = _new_database(pg_server, template_db)
     yield with_dbname(pg_server, name)
-    with _admin(pg_server) as conn:
-        conn.execute(f'drop database if exists "{name}" with (force)')
+    dropper.drop(name)
 
 
 @pytest.fixture
@@ -109,23 +149,21 @@ def supabase_template_db(pg_server: str) -> Iterator[str]:
 
 
 @pytest.fixture
-def supabase_db_url(pg_server: str, supabase_template_db: str) -> Iterator[str]:
+def supabase_db_url(pg_server: str, supabase_template_db: str, dropper: _Dropper) -> Iterator[str]:
     """A fresh database for this test alone, prepared like a Supabase project
     (default grants to anon, authenticated and service_role set before
     `ai-jobs migrate`, Supabase's auth.uid()) and then migrated."""
     name = _new_database(pg_server, supabase_template_db)
     yield with_dbname(pg_server, name)
-    with _admin(pg_server) as conn:
-        conn.execute(f'drop database if exists "{name}" with (force)')
+    dropper.drop(name)
 
 
 @pytest.fixture
-def empty_db_url(pg_server: str) -> Iterator[str]:
+def empty_db_url(pg_server: str, dropper: _Dropper) -> Iterator[str]:
     """A fresh database with nothing in it (for migration tests)."""
     name = _new_database(pg_server, None)
     yield with_dbname(pg_server, name)
-    with _admin(pg_server) as conn:
-        conn.execute(f'drop database if exists "{name}" with (force)')
+    dropper.drop(name)
 
 
 @pytest.fixture
