@@ -56,6 +56,10 @@ def _admin(url: str) -> psycopg.Connection[Any]:
     return psycopg.connect(url, autocommit=True)
 
 
+def _drop_database(conn: psycopg.Connection[Any], name: str) -> None:
+    conn.execute(f'drop database if exists "{name}" with (force)')
+
+
 @pytest.fixture(scope="session")
 def template_db(pg_server: str) -> Iterator[str]:
     name = f"aijobs_tpl_{os.getpid()}_{uuid.uuid4().hex[:6]}"
@@ -65,7 +69,7 @@ def template_db(pg_server: str) -> Iterator[str]:
     asyncio.run(migrate(url, rate_limit_per_hour=10))
     yield url
     with _admin(pg_server) as conn:
-        conn.execute(f'drop database if exists "{name}" with (force)')
+        _drop_database(conn, name)
 
 
 def _new_database(pg_server: str, template: str | None) -> str:
@@ -106,7 +110,7 @@ class _Dropper:
         with _admin(self.pg_server) as conn:
             while (name := self.names.get()) is not None:
                 try:
-                    conn.execute(f'drop database if exists "{name}" with (force)')
+                    _drop_database(conn, name)
                 except psycopg.Error as exc:
                     self.failed.append(f"{name}: {exc}")
 
@@ -145,7 +149,7 @@ def supabase_template_db(pg_server: str) -> Iterator[str]:
     asyncio.run(migrate(url, rate_limit_per_hour=10))
     yield url
     with _admin(pg_server) as conn:
-        conn.execute(f'drop database if exists "{name}" with (force)')
+        _drop_database(conn, name)
 
 
 @pytest.fixture

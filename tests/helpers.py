@@ -6,7 +6,6 @@ import asyncio
 import contextlib
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -17,6 +16,8 @@ from typing import Any
 import httpx
 import psycopg
 from psycopg.rows import dict_row
+
+from tests.pgserver import free_port as free_port  # one for every server a test starts
 
 ROOT = Path(__file__).resolve().parent.parent
 AI_JOBS = [sys.executable, "-m", "listener"]
@@ -88,13 +89,6 @@ def wait_until(
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout}s waiting for {what or predicate}")
         time.sleep(interval)
-
-
-def free_port() -> int:
-    """A TCP port free on 127.0.0.1 for a server the test starts."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @contextlib.contextmanager

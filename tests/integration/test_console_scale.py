@@ -25,7 +25,7 @@ def big_db(pg_server: str, template_db: str) -> Iterator[str]:
     """One database for the module: a million finished course jobs over 23 days,
     one in a hundred a dead letter, one in fifty with a user, two providers;
     filled by one insert with triggers off, then counted afresh."""
-    from tests.conftest import _admin, _new_database
+    from tests.conftest import _admin, _drop_database, _new_database
     from tests.pgserver import with_dbname
 
     name = _new_database(pg_server, template_db)
@@ -61,7 +61,7 @@ def big_db(pg_server: str, template_db: str) -> Iterator[str]:
         )
     yield url
     with _admin(pg_server) as conn:
-        conn.execute(f'drop database if exists "{name}" with (force)')
+        _drop_database(conn, name)
 
 
 def _work(c: psycopg.Connection[Any], query: str, params: Any = None) -> dict[str, int]:
