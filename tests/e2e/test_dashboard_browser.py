@@ -20,6 +20,9 @@ from tests.browser import CHROMIUM, CHROMIUM_ARGS, ensure_chromium
 from tests.helpers import ROOT, connect, insert_course, job, wait_until, web_process
 from tests.workers import WorkerProcess
 
+# A web server, Chromium and a worker a test.
+pytestmark = pytest.mark.timeout(120)
+
 TOKEN = "browser-test-token-0123456789-abcdef"
 ARTIFACTS = ROOT / "test-artifacts"
 TIMEOUT_MS = 15_000
@@ -74,7 +77,9 @@ def test_dashboard_live_updates_and_requeue(chromium: str, web: str, db_url: str
             with connect(db_url) as c:
                 jid = insert_course(c, "Photosynthesis")
             expect(row(jid)).to_have_attribute("data-status", "pending")
-            worker = WorkerProcess(db_url, PLACEHOLDER_DELAY_MS=1500).started()
+            # 3 s a job: the processing row stays on screen across the expectation's
+            # polls (a second apart at the end) even when the live feed lags.
+            worker = WorkerProcess(db_url, PLACEHOLDER_DELAY_MS=3000).started()
             expect(row(jid)).to_have_attribute("data-status", "processing")
             expect(row(jid)).to_have_attribute("data-status", "done")
             expect(page.locator('#cards [data-status="done"] .count')).to_have_text("1")
@@ -157,8 +162,10 @@ def test_console_in_the_browser(
             with connect(db_url) as c:
                 jid = insert_course(c, "Ocean Tides", params={"itemsPerGroup": 3})
             _fail_twice(db_url, jid)
+            # Each job takes 6 s: long enough for a running one to be cancelled from
+            # its row (seen live, clicked, confirmed) on a busy machine.
             worker = WorkerProcess(
-                db_url, STORAGE_URL=storage, PLACEHOLDER_DELAY_MS=2500, ALERT_INTERVAL_SECONDS=1
+                db_url, STORAGE_URL=storage, PLACEHOLDER_DELAY_MS=6000, ALERT_INTERVAL_SECONDS=1
             ).started()
             expect(row(jid)).to_have_attribute("data-status", "done")
 
@@ -201,7 +208,13 @@ def test_console_in_the_browser(
             expect(row(slow)).to_have_attribute("data-status", "processing")
             row(slow).get_by_role("button", name=f"Cancel job {slow}").click()
             expect(page.locator("#confirm-text")).to_contain_text("Cancel course job")
+            # A live update re-renders the rows while the dialog is open, as the
+            # heartbeats of a busy queue do: the confirmed cancel still lands.
+            with connect(db_url) as c:
+                bystander = insert_course(c, "Bystander", status="done")
+            expect(row(bystander)).to_have_count(1)
             page.click("#confirm-ok")
+            expect(page.locator("#toast")).to_contain_text(f"Cancelled {slow}")
             expect(row(slow)).to_have_attribute("data-status", "cancelled")
             worker.wait_for("job_cancelled", lambda e: e.get("job_id") == slow)
 

@@ -38,9 +38,12 @@ const AJ = (() => {
     ev.preventDefault();
     const button = ev.submitter;
     const text = (hooks.text && hooks.text(form, button)) || form.dataset.confirm;
+    // Read the form now: a live page may re-render the row while the dialog is
+    // open, and a button taken out of the page no longer belongs to the form.
+    const data = new FormData(form, button);
     if (!(await ask(form.dataset.title, text))) return;
     try {
-      const out = await post(form.action, new FormData(form, button));
+      const out = await post(form.action, data);
       toast(out.message, !out.ok);
       if (hooks.after) await hooks.after(form, out);
     } catch (e) { toast("Request failed: " + e, true); }
