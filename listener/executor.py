@@ -195,11 +195,13 @@ class Executor:
             return None  # in a batch now (listener/batches/): nothing of it is ours
         except ProvidersUnavailable as exc:
             if await self.leases.committed(job):
+                self.leases.ending(job)
                 await asyncio.shield(self.defer(job, exc, job_log(job)))
             return None
         except Exception as exc:
             begin()
             if await self.leases.committed(job):
+                self.leases.ending(job)
                 await asyncio.shield(self.fail(job, exc, job_log(job)))
             return None
         finally:

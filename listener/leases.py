@@ -38,6 +38,8 @@ class Running:
     job: Job
     task: asyncio.Task[Any] = field(repr=False)  # Executor.start's
     since: float = field(default_factory=time.monotonic)
+    stopped: bool = False  # stop_job cancelled its task: the reason is said
+    ending: bool = False  # its task writes how it ended (fail_job, defer_job): nothing to stop
 
 
 class ReadyQueue:
@@ -136,6 +138,13 @@ class LeaseKeeper:
         running = self._running.get(job.id)
         if running is not None and running.job.claim_token == job.claim_token:
             del self._running[job.id]
+
+    def ending(self, job: Job) -> None:
+        """The job's task writes how it ended: a beat or a cancel that finds the
+        job no longer held (that write took its claim) has nothing to stop."""
+        running = self._running.get(job.id)
+        if running is not None and running.job.claim_token == job.claim_token:
+            running.ending = True
 
     def can_start(self) -> bool:
         """A slot is free for a job to run now."""
@@ -252,12 +261,17 @@ class LeaseKeeper:
         job = running.job if running is not None else waiting
         if job is None:
             return  # not here, or ended meanwhile
+        if running is not None and running.stopped:
+            return  # stopped already (a cancel, then the heartbeat's drop): the first says why
+        if running is not None and running.ending:
+            return  # its end is being written: the write says how it ended
         if waiting is not None:
             self.ready.remove(waiting)
         logger.bind(action=action, job_id=str(job_id), table=job.table, attempt=job.attempt).log(
             level, message
         )
         if running is not None:
+            running.stopped = True
             tracing.stopped(job_id, action)  # the attempt's span says why it ended
             running.task.cancel()
 
