@@ -245,12 +245,15 @@ create table ai_job_provider_quotas (
     limited_at timestamp with time zone,
     share double precision default 1 not null,
     share_at timestamp with time zone,
+    window_error double precision,
+    window_at timestamp with time zone,
     constraint ai_job_provider_quotas_pkey PRIMARY KEY (provider, model),
     constraint ai_job_provider_quotas_itpm_check CHECK (itpm > 0),
     constraint ai_job_provider_quotas_otpm_check CHECK (otpm > 0),
     constraint ai_job_provider_quotas_rpm_check CHECK (rpm > 0),
     constraint ai_job_provider_quotas_share CHECK (share > 0::double precision AND share <= 1::double precision),
     constraint ai_job_provider_quotas_tpm_check CHECK (tpm > 0),
+    constraint ai_job_provider_quotas_window_error CHECK (window_error >= 0::double precision),
     constraint ai_job_provider_quotas_window_seconds_check CHECK (window_seconds >= 1::double precision AND window_seconds <= 60::double precision)
 );
 
@@ -1995,8 +1998,8 @@ AS $function$
     select count(*)::int from gone
 $function$;
 
--- last defined by sql/036_quota_share.sql
-CREATE OR REPLACE FUNCTION public.ai_job_quota_settle(p_provider text, p_model text, p_back double precision[], p_caps bigint[], p_limits bigint[], p_remaining bigint[], p_age_seconds double precision, p_window_seconds double precision, p_heard boolean, p_learning integer, p_limited boolean, p_reserved_seconds double precision DEFAULT NULL::double precision)
+-- last defined by sql/037_quota_window_error.sql
+CREATE OR REPLACE FUNCTION public.ai_job_quota_settle(p_provider text, p_model text, p_back double precision[], p_caps bigint[], p_limits bigint[], p_remaining bigint[], p_age_seconds double precision, p_window_seconds double precision, p_heard boolean, p_learning integer, p_limited boolean, p_reserved_seconds double precision DEFAULT NULL::double precision, p_window_error double precision DEFAULT NULL::double precision)
  RETURNS TABLE(metered boolean)
  LANGUAGE plpgsql
  SET search_path TO 'pg_catalog', 'public', 'pg_temp'
@@ -2046,8 +2049,16 @@ begin
     if p_limits[2] > 0 then q.tpm := p_limits[2]; end if;
     if p_limits[3] > 0 then q.itpm := p_limits[3]; end if;
     if p_limits[4] > 0 then q.otpm := p_limits[4]; end if;
-    if p_window_seconds > 0 and p_window_seconds <> 'Infinity' then
+    -- A window read less exactly than the stored one (both said: 1/used plus the
+    -- reset's last digit over the reset) is not stored until that one is ten
+    -- minutes old: a near-full bucket's answer may read it half its length.
+    if p_window_seconds > 0 and p_window_seconds <> 'Infinity'
+       and (p_window_error is null or q.window_error is null
+            or p_window_error <= q.window_error
+            or q.window_at < now_ - interval '10 minutes') then
         q.window_seconds := least(60, greatest(1, p_window_seconds));
+        q.window_error := p_window_error;
+        q.window_at := now_;
     end if;
     lim := ai_job_quota_limits(q, p_caps);
     for k in 1..4 loop
@@ -2074,6 +2085,8 @@ begin
     set rpm = q.rpm, tpm = q.tpm, itpm = q.itpm, otpm = q.otpm,
         requests = lvl[1], tokens = lvl[2], input_tokens = lvl[3], output_tokens = lvl[4],
         window_seconds = q.window_seconds,
+        window_error = q.window_error,
+        window_at = q.window_at,
         share = share_,
         share_at = now_,
         refilled_at = now_,

@@ -215,6 +215,7 @@ class Quotas:
                 back = grant.cost.vector()
             elif counted is not None:
                 back = grant.cost.minus(counted)
+        window = limits.window_read()
         params = {
             "provider": grant.key[0],
             "model": grant.key[1],
@@ -226,7 +227,9 @@ class Quotas:
                 for i, r in enumerate(limits.remaining())
             ],
             "age": max(0.0, time.time() - sent_at),
-            "window": limits.window(),
+            # The row keeps the most exact window read (sql/037): how far off it may be.
+            "window": None if window is None else window.seconds,
+            "window_error": None if window is None else window.error,
             "heard": heard,
             "learning": int(grant.learning),
             "limited": limited,
@@ -310,6 +313,7 @@ class Quotas:
             "remaining": None,
             "age": 0.0,
             "window": None,
+            "window_error": None,
             "heard": False,
             "learning": learning,
             "limited": False,

@@ -28,8 +28,13 @@ MAX_RESET_SECONDS = 86_400.0  # a reset further away than a day is not a per-min
 WINDOW_SECONDS = 60.0
 MIN_WINDOW_SECONDS = 1.0
 
-_DURATION_PART = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(h|ms|us|µs|ns|m|s)")
-_UNIT = {"h": 3600.0, "m": 60.0, "s": 1.0, "ms": 1e-3, "us": 1e-6, "µs": 1e-6, "ns": 1e-9}
+# Go's units; microseconds as "us", the micro sign (U+00B5) or the Greek mu (U+03BC).
+_NUMBER = r"(\d+(?:\.\d*)?|\.\d+)"
+_DURATION_PART = re.compile(_NUMBER + "(h|ms|us|\u00b5s|\u03bcs|ns|m|s)", re.ASCII)
+_BARE_NUMBER = re.compile(_NUMBER, re.ASCII)
+_FRACTION = re.compile(r":\d\d\.(\d+)", re.ASCII)  # of an RFC 3339 time's seconds
+_UNIT = {"h": 3600.0, "m": 60.0, "s": 1.0, "ms": 1e-3, "ns": 1e-9}
+_UNIT |= dict.fromkeys(("us", "\u00b5s", "\u03bcs"), 1e-6)
 
 
 @dataclass(frozen=True)
@@ -39,6 +44,9 @@ class Limit:
     limit: int | None = None
     remaining: int | None = None
     reset: float | None = None  # seconds from when the call was sent until it is full
+    # The reset's last written digit, in seconds (1 for `6m0s` or a time to the
+    # second, 0.001 for `59ms`): how far off it may be. Not part of what was stated.
+    precision: float = field(default=0.0, compare=False)
 
 
 @dataclass(frozen=True)
@@ -58,22 +66,46 @@ class RateLimits:
         return [self.kinds.get(k, Limit()).remaining for k in KINDS]
 
     def window(self) -> float | None:
-        """The window the limits refill over, from the kind furthest from full
-        (whose reset time rounds least): limit * reset / used, as the providers
-        refill their buckets continuously. None when no kind says it."""
-        best: tuple[float, float] | None = None
+        """The window the limits refill over (window_read: its seconds)."""
+        read = self.window_read()
+        return None if read is None else read.seconds
+
+    def window_read(self) -> WindowRead | None:
+        """The window the limits refill over: limit * reset / used, as the
+        providers refill their buckets continuously. None when no kind says it.
+
+        Of the kinds that say it, the one whose figures are the most exact: a
+        remaining count is a whole number (a bucket refilled to 3.5 says 3), so
+        `used` may be one too many, and a reset is only as exact as its last
+        digit. A kind with 1 of 4 requests used, whose bucket was a fraction
+        short, would give a window a quarter too short or worse; beside it, the
+        tokens kind of the same answer, with a thousand used, gives it exactly."""
+        best: WindowRead | None = None
         for v in self.kinds.values():
             if v.limit is None or v.remaining is None or v.reset is None or v.reset <= 0:
                 continue
             used = v.limit - v.remaining
             if used <= 0:
                 continue
-            estimate = v.limit * v.reset / used
-            if best is None or used / v.limit > best[0]:
-                best = (used / v.limit, estimate)
-        if best is None:
-            return None
-        return min(WINDOW_SECONDS, max(MIN_WINDOW_SECONDS, best[1]))
+            # A reset no longer than its last digit may be any fraction of it
+            # (`1ms` for 0.2 ms): it says nothing of the window.
+            slack = v.reset - v.precision
+            error = 1.0 / used + (v.precision / slack if slack > 0 else math.inf)
+            if best is None or error < best.error:
+                seconds = min(WINDOW_SECONDS, max(MIN_WINDOW_SECONDS, v.limit * v.reset / used))
+                best = WindowRead(seconds, error)
+        return best
+
+
+@dataclass(frozen=True)
+class WindowRead:
+    """A window read from an answer, and how far off it may be, relative: about
+    1 for one request used (the bucket may have been most of one short of what
+    its whole count says), a quarter for four; infinite for a reset no longer
+    than its last digit."""
+
+    seconds: float
+    error: float
 
 
 def parse(headers: Mapping[str, str] | None, sent_at: float) -> RateLimits:
@@ -100,23 +132,28 @@ def parse(headers: Mapping[str, str] | None, sent_at: float) -> RateLimits:
 
 
 def _openai(headers: Mapping[str, str], suffix: str) -> Limit:
+    seconds, precision = _duration(_get(headers, f"x-ratelimit-reset-{suffix}")) or (None, 0.0)
     return Limit(
         _count(_get(headers, f"x-ratelimit-limit-{suffix}")),
         _count(_get(headers, f"x-ratelimit-remaining-{suffix}")),
-        duration(_get(headers, f"x-ratelimit-reset-{suffix}")),
+        seconds,
+        precision=precision,
     )
 
 
 def _anthropic(headers: Mapping[str, str], suffix: str, sent_at: float) -> Limit:
     name = f"anthropic-ratelimit-{suffix}"
-    reset = timestamp(_get(headers, f"{name}-reset"))
+    reset, precision = _timestamp(_get(headers, f"{name}-reset")) or (None, 0.0)
     seconds = None
     if reset is not None:
         seconds = max(0.0, reset - sent_at)
         if seconds > MAX_RESET_SECONDS:
             seconds = None
     return Limit(
-        _count(_get(headers, f"{name}-limit")), _count(_get(headers, f"{name}-remaining")), seconds
+        _count(_get(headers, f"{name}-limit")),
+        _count(_get(headers, f"{name}-remaining")),
+        seconds,
+        precision=precision,
     )
 
 
@@ -141,31 +178,48 @@ def _count(value: str | None) -> int | None:
 def duration(value: str | None) -> float | None:
     """A Go duration (`6m0s`, `1s`, `59ms`, `1m30.5s`, `1h2m`, `0s`) in seconds;
     None for anything else (a bare number is taken as seconds)."""
+    read = _duration(value)
+    return read[0] if read else None
+
+
+def _duration(value: str | None) -> tuple[float, float] | None:
+    """A duration's seconds, and what its last digit is worth in seconds (0.1 for
+    `1.4s`, 1 for `6m0s`, 0.001 for `59ms`)."""
     if value is None:
         return None
     text = value.strip()
     if not text or len(text) > 40:
         return None
-    try:
+    if _BARE_NUMBER.fullmatch(text):
         seconds = float(text)
-    except ValueError:
-        pass
-    else:
-        return seconds if math.isfinite(seconds) and 0 <= seconds <= MAX_RESET_SECONDS else None
-    total, at = 0.0, 0
+        return (seconds, _digit(text, 1.0)) if seconds <= MAX_RESET_SECONDS else None
+    total, at, last = 0.0, 0, 1.0
     for m in _DURATION_PART.finditer(text):
         if m.start() != at:
             return None
         total += float(m.group(1)) * _UNIT[m.group(2)]
+        last = _digit(m.group(1), _UNIT[m.group(2)])
         at = m.end()
     if at != len(text) or at == 0 or total > MAX_RESET_SECONDS:
         return None
-    return total
+    return total, last
+
+
+def _digit(number: str, unit: float) -> float:
+    """What the last digit of `number` (in `unit` seconds) is worth."""
+    return unit * 10.0 ** -len(number.partition(".")[2])
 
 
 def timestamp(value: str | None) -> float | None:
     """An RFC 3339 time (`2026-12-06T10:00:05Z`, with fractions or an offset)
     as time.time(); None for anything else, and for a time without a zone."""
+    read = _timestamp(value)
+    return read[0] if read else None
+
+
+def _timestamp(value: str | None) -> tuple[float, float] | None:
+    """An RFC 3339 time as time.time(), and what its last digit is worth (1 s,
+    or its fraction's)."""
     if value is None:
         return None
     text = value.strip()
@@ -177,7 +231,8 @@ def timestamp(value: str | None) -> float | None:
         return None
     if when.tzinfo is None:
         return None
-    return when.timestamp()
+    fraction = _FRACTION.search(text)
+    return when.timestamp(), _digit(f".{fraction.group(1)}" if fraction else "", 1.0)
 
 
 def retry_after(headers: Mapping[str, str]) -> float | None:

@@ -74,8 +74,10 @@ from ai_job_quota_reserve(%(provider)s, %(model)s, %(n)s, %(cost)s::float8[], %(
                           %(lease)s, %(learners)s)
 
 -- name: quota_settle
--- sql/023, sql/036: a call settled from its answer, or reservations given back unused.
+-- sql/023, sql/036, sql/037: a call settled from its answer, or reservations given
+-- back unused.
 select metered
 from ai_job_quota_settle(%(provider)s, %(model)s, %(back)s::float8[], %(caps)s::bigint[],
                          %(limits)s::bigint[], %(remaining)s::bigint[], %(age)s, %(window)s,
-                         %(heard)s, %(learning)s, %(limited)s, %(reserved)s)
+                         %(heard)s, %(learning)s, %(limited)s, %(reserved)s,
+                         %(window_error)s)

@@ -206,11 +206,10 @@ ALLOWED: dict[str, dict[str, set[str]]] = {
     "function ai_job_quota_reserve(text,text,integer,double precision[],bigint[],"
     "double precision,integer)": {"service_role": EXECUTE},
     "function ai_job_quota_reset(text,text)": {"service_role": EXECUTE},
-    # sql/036 (the settle of sql/023 and sql/029, one argument more)
+    # sql/037 (the settle of sql/023, sql/029 and sql/036, one argument more)
     "function ai_job_quota_settle(text,text,double precision[],bigint[],bigint[],bigint[],"
-    "double precision,double precision,boolean,integer,boolean,double precision)": {
-        "service_role": EXECUTE
-    },
+    "double precision,double precision,boolean,integer,boolean,double precision,"
+    "double precision)": {"service_role": EXECUTE},
     "function ai_job_quota_share(ai_job_provider_quotas,timestamp with time zone)": {
         "service_role": EXECUTE
     },

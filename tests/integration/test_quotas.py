@@ -7,12 +7,18 @@ more than the bucket holds."""
 from __future__ import annotations
 
 import asyncio
+import math
+import time
 from typing import Any
 
 import psycopg
 import pytest
 
 from listener import dal
+from listener.providers import ratelimits
+from listener.providers.quota import Cost, Grant, Quotas
+from listener.providers.ratelimits import RateLimits
+from listener.settings import Settings
 from tests.helpers import aconnect
 
 Conn = psycopg.AsyncConnection[dict[str, Any]]
@@ -53,6 +59,7 @@ async def settle(conn: Conn, model: str = "m", **kw: Any) -> bool:
         "remaining": None,
         "age": 0.0,
         "window": None,
+        "window_error": None,
         "heard": True,
         "learning": 0,
         "limited": False,
@@ -436,3 +443,57 @@ async def test_a_call_that_waited_for_the_row_never_turns_its_clock_back(
         await holder.close()
         await waiter.close()
     assert (await state(conn))["refilled_at"] >= settled
+
+
+def _requests_only(used: int, reset: str) -> RateLimits:
+    """An answer whose requests kind alone says the window: 4 a window."""
+    headers = {
+        "x-ratelimit-limit-requests": "4",
+        "x-ratelimit-remaining-requests": str(4 - used),
+        "x-ratelimit-reset-requests": reset,
+    }
+    return ratelimits.parse(headers, time.time())
+
+
+async def test_a_window_read_less_exactly_does_not_replace_a_better_one(
+    conn: Conn, pool: Any
+) -> None:
+    """A 2 s window: 3 of 4 used, full in 1.5 s, reads it to a third; an answer
+    from a nearly full bucket (1 used, full in 0.26 s: the bucket was 0.87 short,
+    said as 1) reads it 1.04 s, and is not stored (sql/037), whichever worker's
+    answer it is."""
+    one, other = Quotas(pool, Settings()), Quotas(pool, Settings())
+    key, cost = ("openai", "m"), Cost(1, 100, 0, 0)
+
+    async def answer(quotas: Quotas, limits: RateLimits) -> float:
+        await quotas.settle(
+            Grant(key, cost), counted=cost, limits=limits, sent_at=time.time(), heard=True
+        )
+        return (await state(conn))["window_seconds"]
+
+    await learned(conn, rpm=4, tpm=100_000, window=60)
+    assert await answer(one, _requests_only(3, "1500ms")) == pytest.approx(2.0)
+    assert await answer(other, _requests_only(1, "260ms")) == pytest.approx(2.0)  # kept
+    assert await answer(one, _requests_only(1, "260ms")) == pytest.approx(2.0)
+    assert await answer(other, _requests_only(4, "2010ms")) == pytest.approx(2.01)  # better
+    # Once the stored read is ten minutes old, a new one is stored whatever its error.
+    await conn.execute("update ai_job_provider_quotas set window_at = now() - interval '11 min'")
+    assert await answer(one, _requests_only(1, "260ms")) == pytest.approx(1.04)
+
+
+async def test_a_window_said_without_its_error_is_stored_as_before(conn: Conn) -> None:
+    """A caller of before sql/037 (no p_window_error) stores every window it reads."""
+    await learned(conn, rpm=4, tpm=100_000, window=10)
+    await settle(conn, window=2.0, window_error=0.01)
+    await settle(conn, window=5.0, window_error=1.0)
+    assert (await state(conn))["window_seconds"] == 2.0
+    await conn.execute(
+        "select ai_job_quota_settle('openai', 'm', '{0,0,0,0}', '{null,null,null,null}',"
+        " null, null, 0, 5.0, true, 0, false)"
+    )
+    row = await state(conn)
+    assert (row["window_seconds"], row["window_error"]) == (5.0, None)
+    await settle(conn, window=3.0, window_error=math.inf)  # a reset that says nothing
+    assert (await state(conn))["window_seconds"] == 3.0
+    await settle(conn, window=4.0, window_error=0.5)
+    assert (await state(conn))["window_seconds"] == 4.0

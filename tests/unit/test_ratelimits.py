@@ -5,6 +5,7 @@ a crash."""
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -34,6 +35,8 @@ NOW = 1_796_563_000.0  # a fixed time.time() for the sent moment
         ("1h2m3.5s", 3723.5),
         ("2.5s", 2.5),
         ("500us", 0.0005),
+        ("500\u00b5s", 0.0005),  # the micro sign
+        ("500\u03bcs", 0.0005),  # the Greek mu: Go reads both
         (" 20ms ", 0.02),
         ("1.5", 1.5),  # a bare number: seconds
     ],
@@ -44,7 +47,10 @@ def test_go_durations(text: str, seconds: float) -> None:
 
 @pytest.mark.parametrize(
     "text",
-    ["", " ", "s", "ms", "-1s", "1s2", "1x", "1m 2s", "abc", "1e400", "nan", "inf", "2d", "9" * 50],
+    [
+        *["", " ", "s", "ms", "-1s", "1s2", "1x", "1m 2s", "abc", "1e400", "nan", "inf", "2d"],
+        *["9" * 50, "1_0", "1e3", "-0", "+1", "\u0661\u0662", "\u0661\u0662s", "1.5.2s"],
+    ],
 )
 def test_malformed_durations_are_none(text: str) -> None:
     assert duration(text) is None
@@ -198,6 +204,87 @@ def test_the_window_is_bounded() -> None:
     assert window(10, 10, "0s") is None  # full: it says nothing of the refill
 
 
+def test_the_window_comes_from_the_most_exact_kind() -> None:
+    # The fake's bucket of 4 requests a 2 s window held 2.9 after a call, said as
+    # 2: "2 used" (1.1 in truth), full in 0.55 s. Read from that kind, the window
+    # would be 4 x 0.55 / 2 = 1.1 s. The same answer's tokens, 1,100 of 4,000
+    # used, say it to a tenth of a percent.
+    headers = {
+        "x-ratelimit-limit-requests": "4",
+        "x-ratelimit-remaining-requests": "2",
+        "x-ratelimit-reset-requests": "550ms",
+        "x-ratelimit-limit-tokens": "4000",
+        "x-ratelimit-remaining-tokens": "2900",
+        "x-ratelimit-reset-tokens": "550ms",
+    }
+    assert parse(headers, NOW).window() == pytest.approx(2.0)
+    # A reset written to the second says little when it is a second or two away.
+    coarse = {
+        "x-ratelimit-limit-requests": "100",
+        "x-ratelimit-remaining-requests": "50",
+        "x-ratelimit-reset-requests": "30.0s",
+        "x-ratelimit-limit-tokens": "100000",
+        "x-ratelimit-remaining-tokens": "98000",
+        "x-ratelimit-reset-tokens": "1s",
+    }
+    found = parse(coarse, NOW)
+    assert found.kinds["requests"].precision == pytest.approx(0.1)
+    assert found.kinds["tokens"].precision == 1.0
+    assert found.window() == pytest.approx(60.0)  # requests: 100 x 30 / 50
+    # A reset as long as its last digit (a fast refill's `1ms`, 0.2 ms in truth)
+    # says nothing: 10,000,000 x 0.001 / 1,120 would be a 9 s window, not 2.
+    fast = {
+        "x-ratelimit-limit-requests": "12",
+        "x-ratelimit-remaining-requests": "11",
+        "x-ratelimit-reset-requests": "167ms",
+        "x-ratelimit-limit-tokens": "10000000",
+        "x-ratelimit-remaining-tokens": "9998880",
+        "x-ratelimit-reset-tokens": "1ms",
+    }
+    assert parse(fast, NOW).window() == pytest.approx(2.0, rel=0.01)
+
+
+def test_a_window_read_says_how_far_off_it_may_be() -> None:
+    def read(remaining: int, reset: str) -> ratelimits.WindowRead | None:
+        headers = {
+            "x-ratelimit-limit-requests": "4",
+            "x-ratelimit-remaining-requests": str(remaining),
+            "x-ratelimit-reset-requests": reset,
+        }
+        return parse(headers, NOW).window_read()
+
+    # 1 of 4 used, full in 500 ms: a 2 s window, off by 100% and 1/499.
+    near_full = read(3, "500ms")
+    assert near_full is not None
+    assert near_full.seconds == pytest.approx(2.0)
+    assert near_full.error == pytest.approx(1 + 1 / 499)
+    empty = read(0, "2000ms")  # 4 used: a quarter
+    assert empty is not None and empty.error == pytest.approx(0.25 + 1 / 1999)
+    assert read(4, "0s") is None
+    # A reset no longer than its last digit may be any fraction of it: read
+    # only where no other kind says better, and said to be anything.
+    coarse = read(3, "1s")
+    assert coarse is not None and coarse.error == math.inf
+
+
+@pytest.mark.parametrize(
+    ("reset", "precision"),
+    [("59ms", 0.001), ("1.4s", 0.1), ("6m0s", 1.0), ("1h2m", 60.0), ("2.25", 0.01)],
+)
+def test_a_resets_precision_is_its_last_digit(reset: str, precision: float) -> None:
+    limit = parse({"x-ratelimit-reset-requests": reset}, NOW).kinds["requests"]
+    assert limit.precision == pytest.approx(precision)
+
+
+def test_an_anthropic_resets_precision() -> None:
+    def precision(reset: str) -> float:
+        headers = {"anthropic-ratelimit-requests-reset": reset}
+        return parse(headers, NOW - 10).kinds["requests"].precision
+
+    assert precision(rfc3339(NOW)) == 1.0
+    assert precision("2026-12-06T10:00:05.25Z") == pytest.approx(0.01)
+
+
 def test_estimate_and_charge() -> None:
     est = quota.estimate(3000, 1000)  # 3,000 characters: 1,000 tokens on the high side
     assert est.vector() == [1, 2000, 1000, 1000]
@@ -231,8 +318,12 @@ def test_provider_limits() -> None:
         ("openai", "expected provider=key:value"),
         ("mistral=rpm:5", "expected provider=key:value"),
         ("openai/=rpm:5", "expected provider=key:value"),
-        ("openai=rpm:0", "rpm must be a whole number above 0"),
-        ("openai=rpm:1.5", "rpm must be a whole number above 0"),
+        ("openai=rpm:0", "rpm must be a whole number from 1 to 10^12"),
+        ("openai=rpm:1.5", "rpm must be a whole number from 1 to 10^12"),
+        ("openai=rpm:-5", "rpm must be a whole number from 1 to 10^12, got '-5'"),
+        ("openai=tpm:1000000000001", "tpm must be a whole number from 1 to 10^12"),
+        ("openai=tpm:١٢", "tpm must be a whole number from 1 to 10^12"),
+        ("openai=rpm:5,RPM:6", "openai: rpm is given twice"),
         ("openai=qpm:5", "'qpm:5' is not one of rpm, tpm, itpm, otpm"),
         ("openai=rpm", "'rpm' is not one of"),
         ("openai=rpm:5;openai=tpm:9", "openai is given twice"),

@@ -70,7 +70,10 @@ async def test_both_providers_headers_teach_each_models_limits(
 async def test_a_call_that_does_not_fit_waits_without_being_made(
     conn: Conn, pool: AsyncConnectionPool[Any], fake: FakeAI, make_settings: MakeSettings
 ) -> None:
-    fake.limits = Limits(rpm=100, window=4)
+    # 100,000 tokens a window: a call's 16,120 are full again in 645 ms, a reset
+    # that says the window to a tenth of a percent (the fake's default quota of
+    # ten million would be full in 7 ms, a reset to the millisecond: 10% off).
+    fake.limits = Limits(rpm=100, tpm=100_000, window=4)
     s = make_settings(ai_provider_priority="openai", provider_limits="openai=rpm:1")
     rt = await create_runtime(s, pool)
     try:
