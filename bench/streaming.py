@@ -181,7 +181,7 @@ def sdk_bench(tokens_per_event: int) -> dict[str, Any]:
             p.client = openai.AsyncOpenAI(api_key="x", http_client=http, max_retries=0)
         else:
             p = AnthropicProvider(settings)
-            p.client = anthropic.AsyncAnthropic(api_key="x", http_client=http, max_retries=0)
+            p._client = anthropic.AsyncAnthropic(api_key="x", http_client=http, max_retries=0)
         params = CourseParams()
         prompt = course_prompt("Parsing", "parsing", params)
         job = Job("ai_course_jobs", _uuid(), _uuid(), 0, 3, {})

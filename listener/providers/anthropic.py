@@ -3,15 +3,20 @@ input schema of one forced tool, so the answer arrives as structured tool input,
 streamed: the events are read here from the response (the SDK's stream helper re-parses
 the whole tool input at every delta, and its typed events cost more CPU than
 all the rest), the tool input's JSON fed to the progress reader as it arrives,
-the usage from message_start and message_delta."""
+the usage from message_start and message_delta.
+
+The SDK is imported at the first call, not at the worker's start: it takes
+seconds of CPU on a small machine (3.5 s on the project's 2-core one, more than
+the rest of the worker), which a worker whose calls and batches go to another
+provider first never needs to spend."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import importlib
 import time
 from typing import Any
-
-import anthropic
 
 from listener.providers import requests
 from listener.providers.base import (
@@ -42,18 +47,43 @@ class AnthropicProvider:
         self.max_tokens = settings.ai_max_output_tokens
         self.first_token_timeout = min(FIRST_TOKEN_TIMEOUT_SECONDS, settings.ai_timeout_seconds)
         self.idle_timeout = min(IDLE_TIMEOUT_SECONDS, settings.ai_timeout_seconds)
-        self.client = anthropic.AsyncAnthropic(
-            api_key=settings.anthropic_api_key.get_secret_value(),
-            base_url=settings.anthropic_base_url or None,
-            timeout=settings.ai_timeout_seconds,
-            max_retries=0,
-            **sdk_transport(anthropic),
-        )
+        self._key = settings.anthropic_api_key
+        self._base_url = settings.anthropic_base_url or None
+        self._timeout = settings.ai_timeout_seconds
+        self._client: Any = None
+        self._importing: asyncio.Future[Any] | None = None
+
+    @property
+    def client(self) -> Any:
+        """The SDK's client, made at its first use."""
+        if self._client is None:
+            import anthropic
+
+            self._client = anthropic.AsyncAnthropic(
+                api_key=self._key.get_secret_value(),
+                base_url=self._base_url,
+                timeout=self._timeout,
+                max_retries=0,
+                **sdk_transport(anthropic),
+            )
+        return self._client
+
+    async def ready(self) -> Any:
+        """The client; the first time, its SDK imported in a thread (one for all
+        the calls that wait for it), so that the jobs already running on this
+        loop go on meanwhile. The chain awaits it before it times the call."""
+        if self._client is None:
+            if self._importing is None:
+                load = asyncio.to_thread(importlib.import_module, "anthropic")
+                self._importing = asyncio.ensure_future(load)
+            await asyncio.shield(self._importing)
+        return self.client
 
     async def course(self, prompt: CoursePrompt, sink: TextSink | None = None) -> Answer:
+        client = await self.ready()
         # The raw response: its rate-limit headers too (the quotas learn from them).
         sent = time.time()
-        create = self.client.messages.with_raw_response.create(
+        create = client.messages.with_raw_response.create(
             **requests.anthropic_course(self.model, self.max_tokens, prompt), stream=True
         )
         raw, limits = await open_stream(create, self.first_token_timeout, sent)
@@ -114,7 +144,8 @@ class AnthropicProvider:
         return f"{len(page.data)} models"
 
     async def aclose(self) -> None:
-        await self.client.close()
+        if self._client is not None:
+            await self._client.close()
 
 
 def _has_text(event: tuple[str, dict[str, Any]]) -> bool:

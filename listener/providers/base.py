@@ -357,8 +357,10 @@ def repair_request(problem: str) -> str:
 def _sdk_errors(kind: str) -> tuple[type[BaseException], ...]:
     # An SDK's error exists only once its module is loaded, so look there instead of
     # importing both SDKs (seconds of start-up) into a worker that may use neither.
-    found = [getattr(sys.modules[name], kind) for name in _SDKS if name in sys.modules]
-    return tuple(found)
+    # A module still being imported (Anthropic's, in a thread) may not define it
+    # yet; it cannot have raised it either.
+    found = (getattr(sys.modules.get(name), kind, None) for name in _SDKS)
+    return tuple(e for e in found if e is not None)
 
 
 _SDKS = ("openai", "anthropic")
@@ -384,8 +386,8 @@ def _transport_errors() -> tuple[type[BaseException], ...]:
     # A stream broken off mid-answer raises the HTTP client's own error (the SDKs
     # wrap only the errors of the request, not those of reading a streamed body);
     # the SDKs use httpx or, in their newer versions, httpx2.
-    found = (sys.modules.get(name) for name in ("httpx", "httpx2"))
-    return tuple(m.TransportError for m in found if m is not None)
+    found = (getattr(sys.modules.get(name), "TransportError", None) for name in ("httpx", "httpx2"))
+    return tuple(e for e in found if e is not None)
 
 
 def describe(exc: BaseException, timeout: float, secrets: list[str]) -> str:

@@ -11,12 +11,10 @@ and the intent is sent again (docs/generation.md says so)."""
 from __future__ import annotations
 
 import contextlib
+import sys
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 from uuid import UUID
-
-import anthropic
-from anthropic.types import Message
 
 from listener.providers import requests
 from listener.providers.anthropic import AnthropicProvider
@@ -40,6 +38,9 @@ from listener.providers.batchapi import (
 )
 from listener.providers.ratelimits import RateLimits
 
+if TYPE_CHECKING:
+    import anthropic
+
 NAMED_KEPT = 200  # ended batches whose jobs are remembered (find)
 
 
@@ -48,10 +49,13 @@ class AnthropicBatches:
     table = "ai_course_jobs"  # Anthropic makes no images
 
     def __init__(self, provider: AnthropicProvider) -> None:
-        self.client = provider.client
+        self.provider = provider  # its client made at the first request (its SDK's import)
         self.model = provider.model
         self.max_tokens = provider.max_tokens
         self._named_by: dict[str, set[UUID]] = {}  # an ended batch's jobs, by its id
+
+    async def _client(self) -> anthropic.AsyncAnthropic:
+        return cast("anthropic.AsyncAnthropic", await self.provider.ready())
 
     @property
     def scope(self) -> str:
@@ -65,7 +69,7 @@ class AnthropicBatches:
     ) -> Sent:
         hook("after_upload")  # nothing to upload: the requests travel in the creation
         try:
-            b = await self.client.messages.batches.create(
+            b = await (await self._client()).messages.batches.create(
                 requests=[
                     {
                         "custom_id": str(job),
@@ -76,7 +80,7 @@ class AnthropicBatches:
                     for job, prompt in reqs
                 ]
             )
-        except anthropic.RateLimitError as exc:
+        except _sdk().RateLimitError as exc:
             # The batch was not created. A message that names the queue: the
             # processing queue's limit (its number, when it states one). Any other
             # 429 (a per-minute limit of the Batches endpoints) is a failed send,
@@ -100,7 +104,7 @@ class AnthropicBatches:
         ends within the provider's 24 hours. None: it was never made."""
         unsure = False
         seen = 0
-        async for b in self.client.messages.batches.list(limit=LIST_PAGE):
+        async for b in (await self._client()).messages.batches.list(limit=LIST_PAGE):
             seen += 1
             created = b.created_at.timestamp()
             if created < since - 5 or seen >= LIST_MAX:
@@ -125,7 +129,7 @@ class AnthropicBatches:
         """The jobs an ended batch's results name (remembered: they do not change)."""
         named = self._named_by.get(batch_id)
         if named is None:
-            raw = await self.client.messages.batches.with_raw_response.results(batch_id)
+            raw = await (await self._client()).messages.batches.with_raw_response.results(batch_id)
             named = set()
             for doc in lines(await raw.http_response.aread()):
                 cid = doc.get("custom_id") if isinstance(doc, dict) else None
@@ -137,7 +141,7 @@ class AnthropicBatches:
         return named
 
     async def state(self, batch_id: str) -> State:
-        b = await self.client.messages.batches.retrieve(batch_id)
+        b = await (await self._client()).messages.batches.retrieve(batch_id)
         if b.processing_status != "ended":
             return State(None)
         c = b.request_counts
@@ -148,12 +152,12 @@ class AnthropicBatches:
         return State("completed")
 
     async def results(self, batch_id: str, jobs: set[UUID]) -> Results:
-        b = await self.client.messages.batches.retrieve(batch_id)
+        b = await (await self._client()).messages.batches.retrieve(batch_id)
         out = Results()
         if not b.results_url:
             return out
         # The raw file, not the SDK's decoder: one bad line must not hide the others.
-        raw = await self.client.messages.batches.with_raw_response.results(batch_id)
+        raw = await (await self._client()).messages.batches.with_raw_response.results(batch_id)
         data = await raw.http_response.aread()
         seen: set[UUID] = set()
         for doc in lines(data):
@@ -179,11 +183,16 @@ class AnthropicBatches:
             inner = err.get("error") if isinstance(err, dict) else None
             message = inner.get("message") if isinstance(inner, dict) else None
             raise RequestFailed(f"batch request failed: {message or kind}")
-        message = Message.model_validate(result.get("message"))
+        message = _sdk().types.Message.model_validate(result.get("message"))
         return requests.anthropic_answer(message, self.model, RateLimits(), batch=True)
 
     async def cancel(self, batch_id: str) -> None:
-        await self.client.messages.batches.cancel(batch_id)
+        await (await self._client()).messages.batches.cancel(batch_id)
+
+
+def _sdk() -> Any:
+    """The SDK's module, imported by the provider's client before any request."""
+    return sys.modules["anthropic"]
 
 
 def _message(exc: anthropic.APIStatusError) -> str:

@@ -324,6 +324,8 @@ class Chain:
                     waits.append(admit.wait)
                     quota_only = False
                     continue
+            if (ready := getattr(p, "ready", None)) is not None:
+                await ready()  # a client made at its first call: not inside the call's time
             try:
                 made = await ask(p, grant)
             except _QuotaRefused as exc:  # the repair round's quota: later, as for the first

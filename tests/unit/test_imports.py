@@ -1,10 +1,14 @@
 """The package's import graph: no cycles, counting the imports made inside
 functions (a lazy import that closes a cycle hides it, it does not remove it);
-imports for type checking only do not count."""
+imports for type checking only do not count. And what a start imports: no SDK
+it does not use."""
 
 from __future__ import annotations
 
 import ast
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import listener
@@ -94,3 +98,37 @@ def test_the_cycle_check_finds_a_cycle() -> None:
 
 def test_the_connection_module_imports_only_the_errors() -> None:
     assert _graph()["listener.db"] <= {"listener.errors"}
+
+
+def test_a_start_imports_no_sdk_it_does_not_use() -> None:
+    """Sentry's SDK without SENTRY_DSN; Anthropic's before its first call (both
+    keys set): together 4 s of CPU of every worker's start on a 2-core machine."""
+    code = (
+        "import asyncio, sys\n"
+        "from listener import app, cli, db, settings, telemetry, worker\n"
+        "from listener.batches import setup as setup_batches\n"
+        "from listener.handlers import create_runtime\n"
+        "s = settings.Settings(openai_api_key='sk-test', anthropic_api_key='sk-ant-test',\n"
+        "                      ai_provider_priority='openai,anthropic')\n"
+        "assert telemetry.init_sentry(s) is False\n"
+        "telemetry.flush()\n"
+        "async def main():\n"
+        "    pool = db.make_pool('postgresql://127.0.0.1:1/none', 2)  # never opened\n"
+        "    rt = await create_runtime(s, pool, announce=False, start=False)\n"
+        "    setup_batches(s, pool, rt)  # as a worker starts: its batch queues too\n"
+        "    assert {p.name for p in rt.providers.course} == {'openai', 'anthropic'}\n"
+        "    await rt.aclose()\n"
+        "asyncio.run(main())\n"
+        "loaded = [m for m in sys.modules if m.startswith(('sentry', 'anthropic'))]\n"
+        "assert not loaded, loaded[:5]\n"
+        "print('ok')\n"
+    )
+    environ = {
+        k: v
+        for k, v in os.environ.items()
+        if k != "SENTRY_DSN" and not k.startswith(("OPENAI", "ANTHROPIC"))
+    }
+    out = subprocess.run(
+        [sys.executable, "-c", code], env=environ, capture_output=True, text=True, timeout=60
+    )
+    assert out.stdout.strip() == "ok", out.stderr

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import sys
+import types
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from email.utils import format_datetime
@@ -15,7 +17,7 @@ import pytest
 from listener.course_schema import SchemaValidationError
 from listener.errors import ConfigError
 from listener.providers import pricing
-from listener.providers.base import Failure, Refused, classify, retry_after
+from listener.providers.base import Failure, Refused, classify, describe, retry_after
 
 
 @pytest.fixture(autouse=True)
@@ -105,6 +107,20 @@ def test_other_failures_are_classified() -> None:
     assert classify(Refused("no"), 600).failure is Failure.REFUSED
     assert classify(SchemaValidationError("bad"), 600).failure is Failure.INVALID
     assert classify(ValueError("?"), 600).failure is Failure.OTHER
+
+
+def test_an_sdk_half_imported_does_not_break_the_classification(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Anthropic's SDK is imported in a thread at its first call; for seconds its
+    module is in sys.modules without its errors defined yet, while the other
+    jobs' failures are classified on the event loop."""
+    monkeypatch.setitem(sys.modules, "anthropic", types.ModuleType("anthropic"))
+    monkeypatch.setitem(sys.modules, "httpx2", types.ModuleType("httpx2"))
+    assert classify(_status_error(429), 600).failure is Failure.UNWELL
+    assert classify(ConnectionResetError(), 600).failure is Failure.UNWELL
+    assert classify(TimeoutError(), 600).failure is Failure.UNWELL
+    assert "HTTP 503" in describe(_status_error(503), 2.0, [])
 
 
 def test_retry_after_headers() -> None:
