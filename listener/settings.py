@@ -332,9 +332,13 @@ def parse_provider_limits(text: str | None) -> dict[str, dict[str, int]]:
             if key not in LIMIT_KEYS or not colon:
                 keys = ", ".join(LIMIT_KEYS)
                 raise ValueError(f"{target}: {pair.strip()[:40]!r} is not one of {keys}:<number>")
+            if LIMIT_KEYS[key] in caps:
+                raise ValueError(f"{target}: {key} is given twice")
             number = value.strip().replace("_", "")
             if not number.isascii() or not number.isdigit() or not 0 < int(number) <= 10**12:
-                raise ValueError(f"{target}: {key} must be a whole number above 0, got {value!r}")
+                raise ValueError(
+                    f"{target}: {key} must be a whole number from 1 to 10^12, got {value!r}"
+                )
             caps[LIMIT_KEYS[key]] = int(number)
         found[target] = caps
     return found
