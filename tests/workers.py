@@ -114,9 +114,11 @@ class WorkerProcess:
 
     def started(self) -> WorkerProcess:
         """Wait for the worker's start; if it never comes, kill it before failing,
-        so that no process outlives the test that started it."""
+        so that no process outlives the test that started it. The wait is long
+        (it ends with the start): a busy machine running the slow tests three
+        at a time has taken over 20 s to import and connect."""
         try:
-            self.wait_for("worker_started")
+            self.wait_for("worker_started", timeout=40)
         except BaseException:
             self.stop()
             raise

@@ -570,7 +570,9 @@ def test_an_openai_queue_refusal_teaches_the_limit_and_its_jobs_wait_for_room(
     the stated limit learned (or, from a message without a number, the tokens
     the first batch held: at least what OpenAI had accepted), no batch is
     refused twice."""
-    fake.batches.delay = 4
+    # The first batch runs until the second is refused, however long a busy
+    # machine takes to send it; then it ends.
+    fake.batches.delay = 3600
     fake.batches.queue_message = message
     w = WorkerProcess(db_url, **batch_env(fake)).started()
     try:
@@ -583,6 +585,7 @@ def test_an_openai_queue_refusal_teaches_the_limit_and_its_jobs_wait_for_room(
             second = [insert_course(c, f"Ebb {i}", batch=True) for i in range(3)]
             wait_until(lambda: fake.batches.refused["openai"] == 1, what="second refused")
             refused = w.wait_for("batch_queue_full")
+            fake.batches.delay = 0
             ids = first + second
             wait_until(lambda: all_done(c, ids), timeout=40, what="all done")
             rows = [job(c, i) for i in ids]
@@ -606,7 +609,7 @@ def test_an_openai_queue_refusal_teaches_the_limit_and_its_jobs_wait_for_room(
 def test_an_anthropic_429_teaches_the_limit_and_its_jobs_wait_for_room(
     db_url: str, fake: FakeAI
 ) -> None:
-    fake.batches.delay = 4
+    fake.batches.delay = 3600  # until the second batch is refused
     fake.batches.queue_limit = 3
     env = batch_env(fake, AI_PROVIDER_PRIORITY="anthropic,openai")
     w = WorkerProcess(db_url, **env).started()
@@ -616,6 +619,7 @@ def test_an_anthropic_429_teaches_the_limit_and_its_jobs_wait_for_room(
             wait_until(lambda: fake.batches.created["anthropic"] == 1, what="first batch sent")
             second = [insert_course(c, f"Ebb {i}", batch=True) for i in range(3)]
             refused = w.wait_for("batch_queue_full")
+            fake.batches.delay = 0
             ids = first + second
             wait_until(lambda: all_done(c, ids), timeout=40, what="all done")
             rows = [job(c, i) for i in ids]

@@ -6,7 +6,12 @@ from __future__ import annotations
 import subprocess
 from pathlib import Path
 
+import pytest
+
 from tests.helpers import AI_JOBS, ROOT, env
+
+# The demo's own subprocess timeout is 120 s.
+pytestmark = pytest.mark.timeout(120)
 
 
 def test_demo_on_embedded_postgres(tmp_path: Path) -> None:

@@ -28,7 +28,9 @@ def _rows(db_url: str, *ids: str) -> list[dict[str, Any]]:
 def test_a_capped_users_job_starts_when_their_running_job_ends(db_url: str) -> None:
     with connect(db_url) as c:
         c.execute("update ai_job_settings set rate_limit_per_hour = 1000")
-    w = WorkerProcess(db_url, WORKER_CONCURRENCY=4, PLACEHOLDER_DELAY_MS=1500).started()
+    # 3 s a job: B's job, inserted once A's first runs, starts before it ends
+    # even on a busy machine.
+    w = WorkerProcess(db_url, WORKER_CONCURRENCY=4, PLACEHOLDER_DELAY_MS=3000).started()
     try:
         w.wait_for("worker_started")
         with connect(db_url) as c:

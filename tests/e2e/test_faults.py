@@ -21,6 +21,9 @@ from tests.faultproxy import FaultProxy
 from tests.helpers import AI_JOBS, connect, env, insert_course, job, wait_until
 from tests.workers import WorkerProcess
 
+# Worker and command-line processes, probe cycles: beyond the default 60 s when busy.
+pytestmark = pytest.mark.timeout(120)
+
 PROBE = 1.0  # LISTEN_PROBE_SECONDS for these tests
 DEAF_WITHIN = PROBE + PROBE_TIMEOUT  # what the issue allows
 SLACK = 1.5  # scheduling on a loaded 2-core machine, and the catch-up itself

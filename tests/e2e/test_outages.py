@@ -23,6 +23,9 @@ from tests.helpers import connect, insert_course, job, wait_until
 from tests.pgserver import Cluster, with_dbname
 from tests.workers import WorkerProcess
 
+# A throwaway cluster a test (initdb), worker starts and restarts.
+pytestmark = pytest.mark.timeout(120)
+
 
 @pytest.fixture
 def cluster() -> Iterator[Cluster]:

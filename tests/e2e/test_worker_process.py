@@ -9,10 +9,14 @@ import subprocess
 import uuid
 from collections import Counter
 
+import pytest
 from psycopg.conninfo import make_conninfo
 
 from tests.helpers import AI_JOBS, connect, env, insert_course, job, wait_until
 from tests.workers import WorkerProcess
+
+# Worker processes started one after another on a machine that may be busy.
+pytestmark = pytest.mark.timeout(120)
 
 
 def _status(db_url: str, jid: str) -> str:

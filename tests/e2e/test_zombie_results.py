@@ -81,10 +81,11 @@ def test_a_worker_frozen_past_stale_after_never_replaces_the_winner(
         "RETRY_BASE_SECONDS": "0.2",
         **storage.env,
     }
-    # The frozen worker beats every 20 s: woken up, it reaches its storage write
-    # before its next heartbeat could tell it that the job is gone.
+    # The frozen worker beats every 120 s: woken up, it reaches its storage write
+    # before its next heartbeat could tell it that the job is gone, however long
+    # the rescuer took to start while it was frozen.
     frozen = WorkerProcess(
-        db_url, HEARTBEAT_INTERVAL_SECONDS=20, STALE_AFTER_SECONDS=60, **common
+        db_url, HEARTBEAT_INTERVAL_SECONDS=120, STALE_AFTER_SECONDS=360, **common
     ).started()
     rescuer: WorkerProcess | None = None
     try:
