@@ -172,6 +172,9 @@ class FakeAI(HTTPFake):
         self.limited: list[Limited] = []  # every request refused for its quota
         self.counts: Counter[tuple[str, str]] = Counter()
         self.in_flight = self.max_in_flight = 0
+        # When an Event, every call admitted waits for it (or the fake's stop) before
+        # it answers: a test holds calls in flight together, whatever the machine's pace.
+        self.gate: threading.Event | None = None
         self._asked: Counter[str] = Counter()  # answers per message list (the size draw)
         self.request_log: IO[str] | None = None
         self.batches = Batches(self.batch_answer)  # the Batch APIs (batches.py)
@@ -524,6 +527,9 @@ class FakeAI(HTTPFake):
             self.in_flight += 1
             self.max_in_flight = max(self.max_in_flight, self.in_flight)
         try:
+            gate = self.gate
+            while gate is not None and not gate.wait(0.05) and not self._unhang.is_set():
+                pass
             if self.failure(h, provider, path, mode, body, rate):
                 return None
             with self.lock:
