@@ -69,6 +69,11 @@ class Answered:
             return answer
         return await self.real.course(prompt, sink)
 
+    async def ready(self) -> Any:
+        """The real provider's client made, where it is made at its first use."""
+        ready = getattr(self.real, "ready", None)
+        return None if ready is None else await ready()
+
     async def check(self) -> str:
         return await self.real.check()
 

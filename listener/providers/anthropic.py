@@ -76,8 +76,13 @@ class AnthropicProvider:
             if self._importing is None:
                 load = asyncio.to_thread(importlib.import_module, "anthropic")
                 self._importing = asyncio.ensure_future(load)
+                self._importing.add_done_callback(self._imported)
             await asyncio.shield(self._importing)
         return self.client
+
+    def _imported(self, done: asyncio.Future[Any]) -> None:
+        if done.cancelled() or done.exception() is not None:
+            self._importing = None  # a failed import is tried again at the next call
 
     async def course(self, prompt: CoursePrompt, sink: TextSink | None = None) -> Answer:
         client = await self.ready()

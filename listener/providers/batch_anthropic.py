@@ -68,8 +68,10 @@ class AnthropicBatches:
         self, intent: UUID, reqs: list[tuple[UUID, CoursePrompt]], hook: Callable[[str], None]
     ) -> Sent:
         hook("after_upload")  # nothing to upload: the requests travel in the creation
+        # The SDK imported (at its first use) before the `except` below names its error.
+        client = await self._client()
         try:
-            b = await (await self._client()).messages.batches.create(
+            b = await client.messages.batches.create(
                 requests=[
                     {
                         "custom_id": str(job),

@@ -303,6 +303,19 @@ class Chain:
             self.gate.note(job.table, lane)
         for p, stop in zip(providers, lane, strict=True):
             grant: Grant | None = None
+            if (ready := getattr(p, "ready", None)) is not None:
+                # A client made at its first use (its SDK imported): before any
+                # reservation or probe is held, and not inside the call's time.
+                try:
+                    await ready()
+                except Exception as exc:  # not installed, say: the next provider's turn
+                    cause = describe_error(exc, self.per_call, self.secrets)
+                    causes.append(f"{p.name}: {cause}")
+                    outcomes.append(classify(exc, self.retry_after_cap).failure)
+                    logger.bind(action="provider_failed", provider=p.name).warning(
+                        "{} provider failed: {}", what.lower(), cause
+                    )
+                    continue
             if stop.guarded:
                 seen = await self.breakers.peek(p.name)
                 got = await self.quotas.reserve(stop.key, stop.cost) if seen.call else None
@@ -324,8 +337,6 @@ class Chain:
                     waits.append(admit.wait)
                     quota_only = False
                     continue
-            if (ready := getattr(p, "ready", None)) is not None:
-                await ready()  # a client made at its first call: not inside the call's time
             try:
                 made = await ask(p, grant)
             except _QuotaRefused as exc:  # the repair round's quota: later, as for the first

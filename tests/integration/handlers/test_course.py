@@ -3,8 +3,10 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -278,3 +280,43 @@ async def test_keys_never_reach_rows_or_logs(
         for haystack in (rows, text, json.dumps(out.metrics)):
             assert key not in haystack
             assert key[10:30] not in haystack  # not even a fragment
+
+
+async def test_an_sdk_that_fails_to_load_passes_the_job_on_and_is_loaded_again_later(
+    conn: Conn,
+    pool: AsyncConnectionPool[Any],
+    fake: FakeAI,
+    make_settings: MakeSettings,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Anthropic's SDK is imported at its first call. An import that fails is that
+    provider's failure (the next one answers), and is tried again at the next call."""
+    from listener.providers import anthropic as anthropic_provider
+
+    loads: list[str] = []
+
+    def import_module(name: str) -> Any:
+        loads.append(name)
+        if len(loads) == 1:
+            raise ImportError(f"No module named {name!r}")
+        return importlib.import_module(name)
+
+    monkeypatch.setattr(
+        anthropic_provider, "importlib", SimpleNamespace(import_module=import_module)
+    )
+    rt = await create_runtime(make_settings(ai_provider_priority="anthropic,openai"), pool)
+    try:
+        first = await course_job(
+            conn, "Rust Ownership", params={"itemsPerGroup": 2, "groupCount": 1}
+        )
+        out = await rt.handlers["ai_course_jobs"](first)
+        assert out.metrics["provider"] == "openai"
+        [cause] = out.metrics["fallbacks"]
+        assert cause.startswith("anthropic: ") and "No module named 'anthropic'" in cause
+        assert fake.count("anthropic") == 0
+        second = await course_job(conn, "Go Channels", params={"itemsPerGroup": 2, "groupCount": 1})
+        out = await rt.handlers["ai_course_jobs"](second)
+        assert out.metrics["provider"] == "anthropic" and out.metrics["fallbacks"] == []
+        assert loads == ["anthropic", "anthropic"]
+    finally:
+        await rt.aclose()
