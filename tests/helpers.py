@@ -107,7 +107,7 @@ def web_process(db_url: str, log: Path, timeout: float = 20.0, **extra: Any) -> 
         base = f"http://127.0.0.1:{port}"
 
         def healthy() -> bool:
-            assert proc.poll() is None, log.read_text()
+            assert proc.poll() is None, log.read_text(errors="replace")
             try:
                 return httpx.get(f"{base}/healthz", timeout=1).status_code == 200
             except httpx.TransportError:
@@ -119,7 +119,7 @@ def web_process(db_url: str, log: Path, timeout: float = 20.0, **extra: Any) -> 
         finally:
             proc.terminate()
             code = proc.wait(timeout=15)
-    assert code == 0, log.read_text()
+    assert code == 0, log.read_text(errors="replace")
 
 
 async def await_until(

@@ -76,8 +76,11 @@ class WorkerProcess:
         return self.proc.pid
 
     def events(self) -> list[dict[str, Any]]:
+        # The whole lines alone: the worker may be midway through writing one, its
+        # last bytes cut inside a character.
+        data = self.log_path.read_bytes()
         out = []
-        for line in self.log_path.read_text().splitlines():
+        for line in data[: data.rfind(b"\n") + 1].decode().splitlines():
             with contextlib.suppress(ValueError):
                 rec = json.loads(line)["record"]
                 out.append(
@@ -110,7 +113,7 @@ class WorkerProcess:
         raise AssertionError(f"no {action!r} within {timeout}s:\n{self.log()[-4000:]}")
 
     def log(self) -> str:
-        return self.log_path.read_text()
+        return self.log_path.read_text(errors="replace")  # perhaps cut inside a character
 
     def started(self) -> WorkerProcess:
         """Wait for the worker's start; if it never comes, kill it before failing,
