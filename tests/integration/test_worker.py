@@ -114,7 +114,9 @@ async def test_failures_retry_with_backoff_then_dead_letter(db_url: str) -> None
         )
     assert len(attempts) == 3
     gaps = [b - a for a, b in itertools.pairwise(attempts)]
-    assert 0.2 < gaps[0] < 0.6 and 0.4 < gaps[1] < 1.2  # 0.3 * 2^(n-1), +-25%, plus a little
+    # 0.3 * 2^(n-1), +-25%, plus the failure's write and the next claim: up to a
+    # second more on a busy machine.
+    assert 0.2 < gaps[0] < 0.375 + 1.0 and 0.4 < gaps[1] < 0.75 + 1.0
     assert row["retry_count"] == 3 and row["completed_at"] is not None
     assert row["error"].startswith("RuntimeError: provider exploded on attempt 3")
     assert "SECRET123456" not in row["error"]
