@@ -261,10 +261,10 @@ class LeaseKeeper:
         job = running.job if running is not None else waiting
         if job is None:
             return  # not here, or ended meanwhile
-        if running is not None and running.stopped:
-            return  # stopped already (a cancel, then the heartbeat's drop): the first says why
-        if running is not None and running.ending:
-            return  # its end is being written: the write says how it ended
+        if running is not None and (running.stopped or running.ending):
+            # Stopped already (a cancel, then the heartbeat's drop: the first says
+            # why), or its end is being written (the write says how it ended).
+            return
         if waiting is not None:
             self.ready.remove(waiting)
         logger.bind(action=action, job_id=str(job_id), table=job.table, attempt=job.attempt).log(

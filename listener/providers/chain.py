@@ -37,6 +37,7 @@ from listener.providers import quota, ratelimits
 from listener.providers.base import (
     HEADERS_HEARD,
     Answer,
+    Classified,
     CoursePrompt,
     CourseProvider,
     Failure,
@@ -309,12 +310,7 @@ class Chain:
                 try:
                     await ready()
                 except Exception as exc:  # not installed, say: the next provider's turn
-                    cause = describe_error(exc, self.per_call, self.secrets)
-                    causes.append(f"{p.name}: {cause}")
-                    outcomes.append(classify(exc, self.retry_after_cap).failure)
-                    logger.bind(action="provider_failed", provider=p.name).warning(
-                        "{} provider failed: {}", what.lower(), cause
-                    )
+                    outcomes.append(self._failed(p.name, exc, what, causes)[0].failure)
                     continue
             if stop.guarded:
                 seen = await self.breakers.peek(p.name)
@@ -347,12 +343,7 @@ class Chain:
                 waits.append(min(exc.refusal.wait, quota.QUOTA_DUE_SECONDS))
                 continue
             except Exception as exc:
-                c = classify(exc, self.retry_after_cap)
-                cause = describe_error(exc, self.per_call, self.secrets)
-                causes.append(f"{p.name}: {cause}")
-                logger.bind(action="provider_failed", provider=p.name, failure=c.failure).warning(
-                    "{} provider failed: {}", what.lower(), cause
-                )
+                c, cause = self._failed(p.name, exc, what, causes)
                 wait = await self.breakers.record(p.name, c, cause) if stop.guarded else None
                 if wait is not None:
                     outcomes.append(LATER)
@@ -367,6 +358,18 @@ class Chain:
             gen = Generated(p.name, made.model, ms, made.usage, causes, made.repairs)
             return made.value, gen
         raise verdict(what, causes, outcomes, waits, quota_only)
+
+    def _failed(
+        self, name: str, exc: BaseException, what: str, causes: list[str]
+    ) -> tuple[Classified, str]:
+        """A provider's failure: classified, named among the causes, logged."""
+        c = classify(exc, self.retry_after_cap)
+        cause = describe_error(exc, self.per_call, self.secrets)
+        causes.append(f"{name}: {cause}")
+        logger.bind(action="provider_failed", provider=name, failure=c.failure).warning(
+            "{} provider failed: {}", what.lower(), cause
+        )
+        return c, cause
 
 
 class _QuotaRefused(Exception):
