@@ -3,9 +3,10 @@
 Done: the outcome goes to the completer (batched `done` writes). Raised: the
 failure is written (fail_job: a retry after a backoff, or the dead letter).
 Handed to a provider's batch (HandedOff): nothing is written. Every provider
-unavailable: the job goes back to pending until the earliest
-recovery (defer_job, no attempt counted) and its table cools down (no claims
-there until then). Cancelled: the task ends and nothing is written (the claim is gone).
+unavailable: the job goes back to pending until the earliest recovery
+(defer_job, no attempt counted) and its lane (listener.jobs.LANES) cools down
+(no claims of its jobs until then). Cancelled: the task ends and nothing is
+written (the claim is gone).
 
 `start(job)` is all a caller needs: the claim loop, `run-once`, or any path that
 claimed a row itself (Job.from_claim).
@@ -27,10 +28,12 @@ from listener.completer import Completer
 from listener.errors import HandedOff, InvalidJob, ProvidersUnavailable, error_text, scrub
 from listener.jobs import (
     JOB_TYPES,
+    LANE_TYPES,
     Gate,
     HandlerMap,
     Job,
     Outcome,
+    lane_table,
     on_work_begins,
     reset_work_begins,
 )
@@ -45,67 +48,77 @@ R = TypeVar("R")
 
 
 class Cooldowns:
-    """Tables whose claims are held: every provider of a job was unavailable (the
-    job went back to pending), or the claim gate said not now. Held until a
-    moment (monotonic); the claim loop then looks again, asking the gate first
-    where there is one, so that one wait ends in one look, not in claims made
-    only to put the jobs back. A hold is logged when it starts and when claims
-    resume, once; a quota's holds, routine under load, at debug level."""
+    """Lanes (listener.jobs.LANES: a table's jobs, or a media table's of one type)
+    whose claims are held: every provider of a job was unavailable (the job went
+    back to pending), or the claim gate said not now. Held until a moment
+    (monotonic); the claim loop then looks again, asking the gate first where
+    there is one, so that one wait ends in one look, not in claims made only to
+    put the jobs back. A hold is logged when it starts and when claims resume,
+    once; a quota's holds, routine under load, at debug level."""
 
     def __init__(self) -> None:
         self._until: dict[str, float] = {}
         self._loud: set[str] = set()  # holds logged as warnings: their end is logged too
         self._quota: set[str] = set()  # holds for per-minute quotas alone
 
-    def __contains__(self, table: object) -> bool:
-        return table in self._until
+    def __contains__(self, lane: object) -> bool:
+        return lane in self._until
 
-    def start(self, table: str, seconds: float, reason: str, *, quota: bool = False) -> None:
-        """Hold `table` for `seconds`; a hold that is not over (resumed) yet goes on.
+    def start(self, lane: str, seconds: float, reason: str, *, quota: bool = False) -> None:
+        """Hold `lane` for `seconds`; a hold that is not over (resumed) yet goes on.
         `quota`: held for per-minute quotas alone (logged quietly; batch jobs, which
         make no per-minute call, are claimed meanwhile: held_for_quota)."""
         now = time.monotonic()
-        new = table not in self._until
-        over = not self.cooling(table, now)  # the hold before, if any, is over
-        self._until[table] = now + seconds
-        if quota and (over or table in self._quota):
-            self._quota.add(table)
+        new = lane not in self._until
+        over = not self.cooling(lane, now)  # the hold before, if any, is over
+        self._until[lane] = now + seconds
+        if quota and (over or lane in self._quota):
+            self._quota.add(lane)
         else:
-            self._quota.discard(table)
+            self._quota.discard(lane)
         if not new:
             return
-        what = f"no {JOB_TYPES.get(table, table)} jobs claimed for {seconds:.1f}s ({reason})"
-        log = logger.bind(action="claims_held", table=table, seconds=round(seconds, 1))
+        what = f"no {_jobs_of(lane)} jobs claimed for {seconds:.1f}s ({reason})"
+        log = logger.bind(
+            action="claims_held", table=lane_table(lane), lane=lane, seconds=round(seconds, 1)
+        )
         if quota:
             log.debug(what)
         else:
-            self._loud.add(table)
+            self._loud.add(lane)
             log.warning(f"every provider is unavailable: {what}")
 
-    def cooling(self, table: str, now: float) -> bool:
-        until = self._until.get(table)
+    def cooling(self, lane: str, now: float) -> bool:
+        until = self._until.get(lane)
         return until is not None and until > now
 
-    def held_for_quota(self, table: str, now: float) -> bool:
-        """`table` is held, for per-minute quotas alone."""
-        return table in self._quota and self.cooling(table, now)
+    def held_for_quota(self, lane: str, now: float) -> bool:
+        """`lane` is held, for per-minute quotas alone."""
+        return lane in self._quota and self.cooling(lane, now)
 
-    def resume(self, table: str) -> None:
-        """Claims of `table` go on (its hold, if any, is over)."""
-        self._quota.discard(table)
-        if self._until.pop(table, None) is not None and table in self._loud:
-            self._loud.discard(table)
-            logger.bind(action="claims_resumed", table=table).info(f"claiming {table} again")
+    def resume(self, lane: str) -> None:
+        """Claims of `lane` go on (its hold, if any, is over)."""
+        self._quota.discard(lane)
+        if self._until.pop(lane, None) is not None and lane in self._loud:
+            self._loud.discard(lane)
+            logger.bind(action="claims_resumed", table=lane_table(lane), lane=lane).info(
+                f"claiming {_jobs_of(lane)} jobs again"
+            )
 
-    def end(self, tables: list[str]) -> None:
+    def end(self, lanes: list[str]) -> None:
         """End these holds now: the claim loop looks (and asks the gate) again."""
-        for table in tables:
-            if table in self._until:
-                self._until[table] = 0.0
+        for lane in lanes:
+            if lane in self._until:
+                self._until[lane] = 0.0
 
     def waits(self, now: float) -> list[float]:
         """Seconds until each cooldown ends."""
         return [until - now for until in self._until.values() if until > now]
+
+
+def _jobs_of(lane: str) -> str:
+    """What a log line calls a lane's jobs: course, media, image, audio."""
+    return LANE_TYPES.get(lane) or JOB_TYPES.get(lane, lane)
 
 
 class Executor:
@@ -269,7 +282,7 @@ class Executor:
         deferred = row["status"] == "pending" and not row["counted"]
         tracing.outcome("deferred" if deferred else row["status"], message)
         due_in = max(0.0, row["due_in"] or 0.0)
-        self.cooldowns.start(job.table, due_in, message, quota=exc.quota)
+        self.cooldowns.start(job.lane, due_in, message, quota=exc.quota)
         self.on_due(due_in)
         if row["status"] == "dead_letter":
             log.bind(action="job_dead_letter").error(f"job moved to the dead letter: {message}")

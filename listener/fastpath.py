@@ -19,7 +19,7 @@ from uuid import UUID
 from listener.errors import scrub
 from listener.executor import Executor
 from listener.fastclaim import Abandoned, Committed, FastClaimer
-from listener.jobs import JOB_TYPES, Job
+from listener.jobs import JOB_TYPES, LANES, Job
 from listener.leases import LeaseKeeper, Report
 from listener.outage import Health
 from listener.pacing import Pacing
@@ -128,8 +128,16 @@ class FastPath:
             self.claimer.busy
             or self.stopping()
             or self.leases.free_slots() <= 0
-            or self.executor.cooldowns.cooling(table, time.monotonic())
-            or (self.executor.gate is not None and self.executor.gate.gates(table))
+            or self._held(table)
+        )
+
+    def _held(self, table: str) -> bool:
+        """A lane of `table` is held or gated: its claims are the claim loop's,
+        which asks the gate (the notification does not say the job's lane)."""
+        now, gate = time.monotonic(), self.executor.gate
+        return any(
+            self.executor.cooldowns.cooling(lane, now) or (gate is not None and gate.gates(lane))
+            for lane in LANES[table]
         )
 
     def _send_deferred(self, table: str, job_id: UUID) -> None:

@@ -17,6 +17,30 @@ if TYPE_CHECKING:
 
 JOB_TYPES = {"ai_course_jobs": "course", "ai_media_jobs": "media"}
 TABLES_BY_TYPE = {v: k for k, v in JOB_TYPES.items()}
+MEDIA_TABLE = "ai_media_jobs"
+MEDIA_TYPES = ("image", "audio")  # the media_type check of ai_media_jobs (sql/001)
+
+# A table's lanes: the jobs whose claims the claim gate holds or admits apart
+# (listener/providers/gate.py), as their calls ask different models, which a
+# provider meters on quotas of their own. A course job asks one model a
+# provider; a media job the image model or the speech model, by its media_type.
+LANES: dict[str, tuple[str, ...]] = {
+    "ai_course_jobs": ("ai_course_jobs",),
+    MEDIA_TABLE: tuple(f"{MEDIA_TABLE}:{t}" for t in MEDIA_TYPES),
+}
+# The media_type of a lane that is one (a media table's lane).
+LANE_TYPES = {f"{MEDIA_TABLE}:{t}": t for t in MEDIA_TYPES}
+
+
+def lane_of(table: str, media_type: object = None) -> str:
+    """The lane of a job of `table` (with this media_type, for a media job)."""
+    if table == MEDIA_TABLE and isinstance(media_type, str) and media_type in MEDIA_TYPES:
+        return f"{MEDIA_TABLE}:{media_type}"
+    return table
+
+
+def lane_table(lane: str) -> str:
+    return lane.partition(":")[0]
 
 
 @dataclass(frozen=True)
@@ -42,6 +66,11 @@ class Job:
     @property
     def job_type(self) -> str:
         return JOB_TYPES[self.table]
+
+    @property
+    def lane(self) -> str:
+        """Its claims' lane (LANES)."""
+        return lane_of(self.table, self.row.get("media_type"))
 
     @property
     def params(self) -> dict[str, Any]:
@@ -123,8 +152,8 @@ class Gate(Protocol):
 
     on_change: Callable[[], None] | None
 
-    def gates(self, table: str) -> bool: ...
+    def gates(self, lane: str) -> bool: ...
 
-    async def admit(self, table: str, wanted: int) -> Admitted: ...
+    async def admit(self, lane: str, wanted: int) -> Admitted: ...
 
-    async def claimed(self, table: str, got: int) -> None: ...
+    async def claimed(self, lane: str, got: int) -> None: ...

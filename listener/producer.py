@@ -4,7 +4,11 @@ starts them in the executor. Reasons to look: a notification, a freed slot, a
 due retry, a sweep, a poll tick; a burst of them is one claim round, since they
 only set flags and one event. A notification that names its job alone takes
 the fast path (fastpath.py) when the producer knows of no other job of its
-table; the finished jobs of a table ride on its next claim (Completer.claim)."""
+table; the finished jobs of a table ride on its next claim (Completer.claim).
+
+A table's claims are held or metered by lane (listener.jobs.LANES): while a lane
+of the media table is held or gated, its image and speech jobs are claimed
+apart (sql/038), so that one model's spent quota does not hold the other's."""
 
 from __future__ import annotations
 
@@ -20,13 +24,17 @@ from listener.completer import Completer
 from listener.executor import Executor
 from listener.fastclaim import FastClaimer
 from listener.fastpath import FastPath
-from listener.jobs import FREE, JOB_TYPES, Job
+from listener.jobs import FREE, JOB_TYPES, LANE_TYPES, LANES, Job, lane_of, lane_table
 from listener.leases import LeaseKeeper
 from listener.outage import Backoff, Health, Reporter
 from listener.pacing import Pacing
 from listener.rows import ClaimedRow
 
 TABLES = tuple(JOB_TYPES)
+ALL_LANES = tuple(lane for t in TABLES for lane in LANES[t])
+# The lane whose quota hold lets a table's batch jobs be claimed alone: a media
+# table's batch jobs are images (sql/033).
+BATCH_LANES = {t: lane_of(t, "image") for t in TABLES}
 # A held table's batch jobs are looked for at most this often once a look found
 # none (producer._batch_round).
 BATCH_LOOK_SECONDS = 1.0
@@ -65,7 +73,7 @@ class Producer:
         self.claim_rounds = 0  # claim statements of the claim loop, all tables
         self._round_claims = dict.fromkeys(TABLES, 0)  # ... by table
         self._wake = asyncio.Event()
-        self._may_find = dict.fromkeys(TABLES, True)  # may a claim in this table find a job?
+        self._may_find = dict.fromkeys(ALL_LANES, True)  # may a claim of this lane find a job?
         # Tables whose batch jobs go to a provider's Batch API (listener/batches/):
         # while such a table is held for a per-minute quota, its batch jobs, which
         # make no per-minute call, are claimed alone (sql/033).
@@ -106,7 +114,8 @@ class Producer:
 
     def look_at(self, tables: Sequence[str] = TABLES) -> None:
         for t in tables:
-            self._may_find[t] = True
+            for lane in LANES[t]:
+                self._may_find[lane] = True
             self._batch_may_find[t] = True
             self._looks[t] += 1
         self._wake.set()
@@ -116,7 +125,7 @@ class Producer:
         alone if the claim loop knows of no other of its table; else, a look."""
         if job_id is None or table is None:
             self.look_at([table] if table else TABLES)
-        elif self._may_find[table] or not self.fast.offer(table, job_id):
+        elif self._finds(table) or not self.fast.offer(table, job_id):
             # Spread as the fast path's claims are (fastpath.SPREAD_*): where
             # jobs are long, a worker that started fewer lately looks first.
             if (delay := self.fast.spread(table)) <= 0:
@@ -125,6 +134,10 @@ class Producer:
                 self._spread_looks[table] = asyncio.get_running_loop().call_later(
                     delay, self._spread_look, table
                 )
+
+    def _finds(self, table: str) -> bool:
+        """May a claim of `table` find a job the claim loop knows of?"""
+        return any(self._may_find[lane] for lane in LANES[table])
 
     def _spread_look(self, table: str) -> None:
         del self._spread_looks[table]
@@ -150,12 +163,12 @@ class Producer:
 
     def recheck(self) -> None:
         """The providers' state changed here (a breaker closed, a model's limits
-        learned): the tables the gate holds are looked at again at once."""
+        learned): the lanes the gate holds are looked at again at once."""
         gate, cooldowns = self.executor.gate, self.executor.cooldowns
-        held = [t for t in TABLES if t in cooldowns and gate is not None and gate.gates(t)]
+        held = [lane for lane in ALL_LANES if lane in cooldowns and gate and gate.gates(lane)]
         if held:
             cooldowns.end(held)
-            self.look_at(held)
+            self.look_at(sorted({lane_table(lane) for lane in held}))
 
     # -- the loop ---------------------------------------------------------------
 
@@ -210,19 +223,24 @@ class Producer:
             self._waiting = False
 
     def _wanted(self, now: float) -> tuple[list[str], list[str]]:
-        """The tables to claim from: a reason to look, and no hold; and the held
-        tables whose batch jobs alone to claim. A hold whose time is over ends at
-        the table's next claim round, or here when there is nothing to look for."""
+        """The tables to claim from: a lane with a reason to look, and no hold;
+        and the tables whose batch jobs alone to claim (their batch lane held). A
+        hold whose time is over ends at the lane's next claim, or here when there
+        is nothing to look for."""
         cooldowns, wanted, batches = self.executor.cooldowns, [], []
         for t in self._tables_in_turn():
-            if cooldowns.cooling(t, now):
-                if self._batch_due(t, now) and now >= self._batch_next[t]:
-                    batches.append(t)
-                continue
-            if self._may_find[t]:
+            finds = False
+            for lane in LANES[t]:
+                if cooldowns.cooling(lane, now):
+                    continue
+                if self._may_find[lane]:
+                    finds = True
+                else:
+                    cooldowns.resume(lane)
+            if finds:
                 wanted.append(t)
-            else:
-                cooldowns.resume(t)
+            if self._batch_due(t, now) and now >= self._batch_next[t]:
+                batches.append(t)
         return wanted, batches
 
     def _batch_due(self, table: str, now: float) -> bool:
@@ -230,7 +248,7 @@ class Producer:
         return (
             table in self.batch_tables
             and self._batch_may_find[table]
-            and self.executor.cooldowns.held_for_quota(table, now)
+            and self.executor.cooldowns.held_for_quota(BATCH_LANES[table], now)
         )
 
     def _tables_in_turn(self) -> list[str]:
@@ -238,34 +256,93 @@ class Producer:
         return [*TABLES[self._turn :], *TABLES[: self._turn]]
 
     async def _claim_round(self, tables: list[str], free: int, batches: list[str]) -> bool:
-        cooldowns = self.executor.cooldowns
         for table in tables:
-            if cooldowns.cooling(table, time.monotonic()):
-                continue  # held since the round began (a job of it found no provider)
-            n = await self._admitted(table, free)
-            if n == 0:
-                continue  # held: the gate said when to look again
-            looks = self._looks[table]
-            self.claim_rounds += 1
-            self._round_claims[table] += 1
-            params = {"table": table, "worker": self.worker_id, "n": n}
-            t0 = time.perf_counter()
-            try:
-                rows = await self.completer.claim(params)  # finished jobs ride along
-            except Exception as exc:
-                await self._claimed(table, 0)
-                self.report(exc, "claim")
+            got = await self._claim_table(table, free)
+            if got is None:
                 return False
-            await self._claimed(table, len(rows))
-            self.health.up()
-            self.pacing.round_trip.add(time.perf_counter() - t0)
-            if len(rows) < n and looks == self._looks[table]:
-                self._may_find[table] = False  # nothing more until the next reason to look
-            self._start(rows)
-            free -= len(rows)
+            free -= got
             if free <= 0:
                 return True
         return await self._batch_round(batches, free)
+
+    async def _claim_table(self, table: str, free: int) -> int | None:
+        """Claim and start up to `free` jobs of `table`: in one claim while no lane
+        of it is held or gated, else a claim a gated lane (what its gate admits)
+        and one for the rest. How many were claimed; None if a claim failed."""
+        now, cooldowns = time.monotonic(), self.executor.cooldowns
+        lanes = LANES[table]
+        if len(lanes) == 1 or not any(cooldowns.cooling(x, now) or self._gated(x) for x in lanes):
+            if len(lanes) == 1:
+                if cooldowns.cooling(table, now):
+                    return 0  # held since the round began (a job of it found no provider)
+                n = await self._admitted(table, free)
+                if n == 0:
+                    return 0  # held: the gate said when to look again
+            else:
+                for lane in lanes:
+                    cooldowns.resume(lane)
+                n = free
+            return await self._claim(table, lanes, n, None)
+        got, rest = 0, []
+        for lane in self._in_turn(lanes):
+            if cooldowns.cooling(lane, now) or not self._may_find[lane]:
+                continue
+            if not self._gated(lane):
+                cooldowns.resume(lane)
+                rest.append(lane)
+                continue
+            n = await self._admitted(lane, free - got)
+            if n == 0:
+                continue
+            one = await self._claim(table, [lane], n, _others(lanes, [lane]))
+            if one is None:
+                return None
+            got += one
+            if got >= free:
+                return got
+        if rest:
+            more = await self._claim(table, rest, free - got, _others(lanes, rest))
+            if more is None:
+                return None
+            got += more
+        return got
+
+    async def _claim(
+        self, table: str, lanes: Sequence[str], n: int, skip: list[str] | None
+    ) -> int | None:
+        """One claim of up to `n` jobs of `table`'s `lanes`: the table whole (the
+        finished jobs riding along), or its media jobs but the types in `skip`."""
+        looks = self._looks[table]
+        self.claim_rounds += 1
+        self._round_claims[table] += 1
+        t0 = time.perf_counter()
+        try:
+            if skip is None:
+                params = {"table": table, "worker": self.worker_id, "n": n}
+                rows = await self.completer.claim(params)  # finished jobs ride along
+            else:
+                params = {"worker": self.worker_id, "n": n, "skip": skip}
+                rows = await dal.CLAIM_MEDIA.all(self.pool, params)
+        except Exception as exc:
+            await self._claimed(lanes, 0)
+            self.report(exc, "claim")
+            return None
+        await self._claimed(lanes, len(rows))
+        self.health.up()
+        self.pacing.round_trip.add(time.perf_counter() - t0)
+        if len(rows) < n and looks == self._looks[table]:
+            for lane in lanes:  # nothing more until the next reason to look
+                self._may_find[lane] = False
+        self._start(rows)
+        return len(rows)
+
+    def _gated(self, lane: str) -> bool:
+        gate = self.executor.gate
+        return gate is not None and gate.gates(lane)
+
+    def _in_turn(self, lanes: Sequence[str]) -> list[str]:
+        k = self._turn % len(lanes)
+        return [*lanes[k:], *lanes[:k]]
 
     async def _batch_round(self, tables: list[str], free: int) -> bool:
         """The batch jobs alone of these held tables, in the slots the others left.
@@ -295,28 +372,30 @@ class Producer:
             free -= len(rows)
         return True
 
-    async def _admitted(self, table: str, free: int) -> int:
-        """How many jobs of `table` to claim: the free slots, or what the claim
-        gate admits (the providers' breakers and quotas); 0 holds the table."""
+    async def _admitted(self, lane: str, free: int) -> int:
+        """How many jobs of `lane` to claim: the free slots, or what the claim
+        gate admits (the providers' breakers and quotas); 0 holds the lane."""
         gate, cooldowns = self.executor.gate, self.executor.cooldowns
         n = free
-        if gate is not None and gate.gates(table):
+        if gate is not None and gate.gates(lane):
             try:
-                admitted = await gate.admit(table, free)
+                admitted = await gate.admit(lane, free)
             except Exception as exc:  # never the claim loop's end: claim as without it
                 self.report(exc, "claim gate")
                 admitted = FREE
             if admitted.n == 0:
-                cooldowns.start(table, admitted.wait, admitted.reason, quota=admitted.quota)
+                cooldowns.start(lane, admitted.wait, admitted.reason, quota=admitted.quota)
                 return 0
             if admitted.n is not None:
                 n = min(free, admitted.n)
-        cooldowns.resume(table)
+        cooldowns.resume(lane)
         return n
 
-    async def _claimed(self, table: str, got: int) -> None:
+    async def _claimed(self, lanes: Sequence[str], got: int) -> None:
+        """The gate's reservations of an admitted lane beyond the jobs claimed go back."""
         if self.executor.gate is not None:
-            await self.executor.gate.claimed(table, got)
+            for lane in lanes:
+                await self.executor.gate.claimed(lane, got)
 
     def _start(self, rows: Sequence[ClaimedRow]) -> None:
         if rows:
@@ -337,3 +416,8 @@ class Producer:
         finally:
             for w in waits:
                 w.cancel()
+
+
+def _others(lanes: Sequence[str], claimed: Sequence[str]) -> list[str]:
+    """The media types of `lanes` a claim of `claimed` leaves out."""
+    return [LANE_TYPES[lane] for lane in lanes if lane not in claimed]

@@ -1420,6 +1420,71 @@ begin
 end
 $function$;
 
+-- last defined by sql/038_claim_media_types.sql
+CREATE OR REPLACE FUNCTION public.ai_job_claim_media(worker text, max_jobs integer, skip_types text[])
+ RETURNS TABLE(job_table text, id uuid, claim_token uuid, retry_count integer, max_retries integer, job jsonb)
+ LANGUAGE plpgsql
+ SET search_path TO 'pg_catalog', 'public', 'pg_temp'
+ SET plan_cache_mode TO 'force_generic_plan'
+AS $function$
+#variable_conflict use_column
+declare
+    ids uuid[];
+    skip text[] := coalesce(skip_types, '{}');
+begin
+    if max_jobs is null or max_jobs < 1 then
+        return;
+    end if;
+    if exists (select from ai_job_settings where max_running_per_user is not null)
+       or (select created_by from ai_media_jobs
+           where status in ('pending', 'failed') and created_by is not null
+           order by created_by, run_after desc limit 1) is not null then
+        ids := ai_job_fair_ids('ai_media_jobs', max_jobs, null, skip);
+    end if;
+    if ids is null then
+        return query
+        update ai_media_jobs j
+        set status = 'processing', started_at = clock_timestamp(),
+            last_heartbeat = clock_timestamp(), claim_token = gen_random_uuid(),
+            worker_id = worker, completed_at = null
+        where j.id = any(array(
+            select id from ai_media_jobs
+            where status in ('pending', 'failed') and run_after <= now()
+              and (status = 'pending' or retry_count < max_retries)
+              and (media_type is null or media_type <> all(skip))
+              and not exists (select from ai_job_queues q
+                              where q.job_table = 'ai_media_jobs' and q.paused)
+            order by run_after
+            limit max_jobs
+            for update of ai_media_jobs skip locked))
+        returning 'ai_media_jobs'::text, j.id, j.claim_token, j.retry_count, j.max_retries,
+                  jsonb_build_object('id', j.id, 'prompt', j.prompt, 'media_type', j.media_type,
+                                     'course_id', j.course_id, 'params', j.params,
+                                     'batch', j.batch);
+    else
+        return query
+        update ai_media_jobs j
+        set status = 'processing', started_at = clock_timestamp(),
+            last_heartbeat = clock_timestamp(), claim_token = gen_random_uuid(),
+            worker_id = worker, completed_at = null
+        where j.id = any(array(
+            select id from ai_media_jobs
+            where id = any(ids) and status in ('pending', 'failed') and run_after <= now()
+              and (status = 'pending' or retry_count < max_retries)
+              and (media_type is null or media_type <> all(skip))
+              and not exists (select from ai_job_queues q
+                              where q.job_table = 'ai_media_jobs' and q.paused)
+            order by array_position(ids, id)
+            limit max_jobs
+            for update of ai_media_jobs skip locked))
+        returning 'ai_media_jobs'::text, j.id, j.claim_token, j.retry_count, j.max_retries,
+                  jsonb_build_object('id', j.id, 'prompt', j.prompt, 'media_type', j.media_type,
+                                     'course_id', j.course_id, 'params', j.params,
+                                     'batch', j.batch);
+    end if;
+end
+$function$;
+
 -- last defined by sql/025_fair_claims.sql
 CREATE OR REPLACE FUNCTION public.ai_job_due_users(table_name text)
  RETURNS uuid[]
@@ -1508,8 +1573,8 @@ begin
 end
 $function$;
 
--- last defined by sql/025_fair_claims.sql
-CREATE OR REPLACE FUNCTION public.ai_job_fair_ids(table_name text, max_jobs integer, held uuid[] DEFAULT NULL::uuid[])
+-- last defined by sql/038_claim_media_types.sql
+CREATE OR REPLACE FUNCTION public.ai_job_fair_ids(table_name text, max_jobs integer, held uuid[] DEFAULT NULL::uuid[], skip_types text[] DEFAULT NULL::text[])
  RETURNS uuid[]
  LANGUAGE plpgsql
  SET search_path TO 'pg_catalog', 'public', 'pg_temp'
@@ -1531,12 +1596,12 @@ begin
         end if;
     end if;
     -- A new statement, a new snapshot: what the locks' holders claimed is seen.
-    return ai_job_fair_pick(table_name, users, greatest(max_jobs, 0), cap);
+    return ai_job_fair_pick(table_name, users, greatest(max_jobs, 0), cap, skip_types);
 end
 $function$;
 
--- last defined by sql/025_fair_claims.sql
-CREATE OR REPLACE FUNCTION public.ai_job_fair_pick(table_name text, users uuid[], wanted integer, cap integer)
+-- last defined by sql/038_claim_media_types.sql
+CREATE OR REPLACE FUNCTION public.ai_job_fair_pick(table_name text, users uuid[], wanted integer, cap integer, skip_types text[] DEFAULT NULL::text[])
  RETURNS uuid[]
  LANGUAGE plpgsql
  STABLE
@@ -1583,6 +1648,7 @@ begin
                        where created_by >= u.k and created_by <= u.k
                          and status in ('pending', 'failed')
                          and run_after <= now() and (status = 'pending' or retry_count < max_retries)
+                         and (media_type is null or media_type <> all(coalesce(skip_types, '{}')))
                        order by created_by desc, run_after
                        limit greatest(0, least(wanted, coalesce(cap - u.running, wanted))))
                       union all
@@ -1591,6 +1657,7 @@ begin
                          and created_by is null
                          and status in ('pending', 'failed')
                          and run_after <= now() and (status = 'pending' or retry_count < max_retries)
+                         and (media_type is null or media_type <> all(coalesce(skip_types, '{}')))
                        order by created_by desc, run_after
                        limit greatest(0, least(wanted, coalesce(cap - u.running, wanted))))) c
             ) d

@@ -9,7 +9,7 @@ from loguru import logger
 
 from listener import progress
 from listener.errors import InvalidJob
-from listener.jobs import Job, Outcome
+from listener.jobs import MEDIA_TYPES, Job, Outcome
 from listener.params import MediaParams, parse
 from listener.providers import Providers
 from listener.providers.base import Media, MediaProvider
@@ -17,8 +17,6 @@ from listener.providers.chain import Chain
 from listener.results import store
 from listener.settings import Settings
 from listener.storage import Storage
-
-MEDIA_TYPES = ("image", "audio")
 
 
 def media_input(job: Job) -> tuple[str, str, MediaParams]:

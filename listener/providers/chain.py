@@ -301,7 +301,7 @@ class Chain:
         lane = [plan(p) for p in providers]
         if job is not None and not any(getattr(p, "answered", False) for p in providers):
             # (A batch's answer, read without a call, is not what the table's jobs ask.)
-            self.gate.note(job.table, lane)
+            self.gate.note(job.lane, lane)
         for p, stop in zip(providers, lane, strict=True):
             grant: Grant | None = None
             if (ready := getattr(p, "ready", None)) is not None:

@@ -1,11 +1,13 @@
-"""The claim gate: how many jobs of a table the claim loop may claim now.
+"""The claim gate: how many jobs of a lane the claim loop may claim now.
 
-A job of a table that finds every provider of its chain unavailable (a breaker
-open, its probe in flight, the quota spent) goes back to pending; claiming the
-next ones only to find the same would be churn. So the chain notes, per table,
-the providers its last job would ask (its lane: provider, model, estimated
-cost), and before each claim round of a table whose lane is gated (a metered
-quota, or a breaker not closed) the claim loop asks `admit`:
+A lane is the jobs whose calls ask the same providers and models
+(listener.jobs.LANES): a table's, or a media table's image or speech jobs. A job
+that finds every provider of its chain unavailable (a breaker open, its probe
+in flight, the quota spent) goes back to pending; claiming the next ones of its
+lane only to find the same would be churn. So the chain notes, per lane, the
+providers its last job would ask (their stops: provider, model, estimated
+cost), and before each claim round of a lane that is gated (a metered quota, or
+a breaker not closed) the claim loop asks `admit`:
 
 - the first provider of the lane that may be called decides: a breaker open or
   probing sends the question on to the next provider; a half-open breaker whose
@@ -17,8 +19,8 @@ quota, or a breaker not closed) the claim loop asks `admit`:
   wait (an open breaker's cooldown, a second while a probe is in flight or the
   first calls learn the limits, or the time until one more call fits).
 
-A table whose lane ends in an unguarded provider (the placeholder) is never
-held: its jobs always have somewhere to go.
+A lane that ends in an unguarded provider (the placeholder) is never held: its
+jobs always have somewhere to go.
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ from listener.providers.quota import Cost, Key, Quotas, Taken
 
 @dataclass(frozen=True)
 class Stop:
-    """One provider of a table's chain, as its jobs would ask it."""
+    """One provider of a lane's chain, as its jobs would ask it."""
 
     provider: str
     model: str
@@ -50,34 +52,36 @@ class ClaimGate:
     def __init__(self, breakers: Breakers, quotas: Quotas) -> None:
         self.breakers = breakers
         self.quotas = quotas
-        self.lanes: dict[str, tuple[Stop, ...]] = {}
-        self.on_change: Callable[[], None] | None = None  # a held table may be claimed again
-        self._taken: dict[str, tuple[Key, int]] = {}  # a table's permits of its last admit
+        self.lanes: dict[str, tuple[Stop, ...]] = {}  # by lane, the stops of its last job
+        self.on_change: Callable[[], None] | None = None  # a held lane may be claimed again
+        self._taken: dict[str, tuple[Key, int]] = {}  # a lane's permits of its last admit
         # A job admitted to take a half-open breaker's probe, until when: the
         # probe is its own until it had the time to take it.
         self._probers: dict[str, float] = {}
         breakers.on_change = self._changed
         quotas.on_change = self._changed
 
-    def note(self, table: str, lane: Sequence[Stop]) -> None:
-        """The providers a job of `table` asks, in order (the chain, at each job)."""
-        self.lanes[table] = tuple(lane)
+    def note(self, lane: str, stops: Sequence[Stop]) -> None:
+        """The providers a job of `lane` asks, in order (the chain, at each job)."""
+        self.lanes[lane] = tuple(stops)
 
-    def gates(self, table: str) -> bool:
-        """Whether `table`'s claims go through `admit` (cheap: the local copies)."""
-        lane = self.lanes.get(table)
-        if not lane or not all(s.guarded for s in lane):
+    def gates(self, lane: str) -> bool:
+        """Whether `lane`'s claims go through `admit` (cheap: the local copies)."""
+        stops = self.lanes.get(lane)
+        if not stops or not all(s.guarded for s in stops):
             return False
-        return any(self.quotas.is_metered(s.key) or self.breakers.is_open(s.provider) for s in lane)
+        return any(
+            self.quotas.is_metered(s.key) or self.breakers.is_open(s.provider) for s in stops
+        )
 
-    async def admit(self, table: str, wanted: int) -> Admitted:
-        lane = self.lanes.get(table)
-        if not lane or not all(s.guarded for s in lane):
+    async def admit(self, lane: str, wanted: int) -> Admitted:
+        stops = self.lanes.get(lane)
+        if not stops or not all(s.guarded for s in stops):
             return FREE
         waits: list[float] = []
         reasons: list[str] = []
         quota = True
-        for stop in lane:
+        for stop in stops:
             seen = await self.breakers.peek(stop.provider)
             now = time.monotonic()
             prober = self._probers.get(stop.provider, 0.0)
@@ -93,7 +97,7 @@ class ClaimGate:
             if self.quotas.is_metered(stop.key):
                 taken = await self.quotas.take(stop.key, stop.cost, n)
                 if taken.granted:
-                    self._taken[table] = (stop.key, taken.granted)
+                    self._taken[lane] = (stop.key, taken.granted)
             if taken.granted:
                 if seen.probe:
                     self._probers[stop.provider] = now + PROBE_RECHECK_SECONDS
@@ -106,10 +110,10 @@ class ClaimGate:
             return FREE  # every provider refuses these jobs: let them say so
         return Admitted(0, min(waits), "; ".join(reasons), quota)
 
-    async def claimed(self, table: str, got: int) -> None:
+    async def claimed(self, lane: str, got: int) -> None:
         """After the claim of an admitted round: the reservations beyond the jobs
         claimed go back at once."""
-        key, n = self._taken.pop(table, (None, 0))
+        key, n = self._taken.pop(lane, (None, 0))
         if key is not None and got < n:
             await self.quotas.give_back(key, n - got)
 

@@ -80,6 +80,9 @@ class Payer(Protocol):
     @property
     def id(self) -> UUID: ...
 
+    @property
+    def lane(self) -> str: ...
+
 
 @dataclass(frozen=True)
 class Charge:

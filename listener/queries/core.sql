@@ -71,6 +71,11 @@ select * from claim_due_job(%(table)s, %(id)s, %(worker)s)
 -- A table's batch jobs alone, while its per-minute quota holds its other claims.
 select * from ai_job_claim_batch(%(table)s, %(worker)s, %(n)s)
 
+-- name: claim_media
+-- Media jobs but those of the types in skip (their lanes held, or claimed apart),
+-- while the claim gate holds or meters a media lane.
+select * from ai_job_claim_media(%(worker)s, %(n)s, %(skip)s::text[])
+
 -- name: heartbeat_jobs
 select heartbeat_jobs as id from heartbeat_jobs(%(table)s, %(ids)b, %(tokens)b)
 

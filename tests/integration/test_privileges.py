@@ -115,6 +115,7 @@ ALLOWED: dict[str, dict[str, set[str]]] = {
     "function claim_job(text,uuid,text)": {"service_role": EXECUTE},
     "function claim_due_job(text,uuid,text)": {"service_role": EXECUTE},
     "function ai_job_claim_batch(text,text,integer)": {"service_role": EXECUTE},
+    "function ai_job_claim_media(text,integer,text[])": {"service_role": EXECUTE},
     "function heartbeat_jobs(text,uuid[],uuid[])": {"service_role": EXECUTE},
     "function complete_jobs(text,uuid[],uuid[],text[],jsonb[])": {"service_role": EXECUTE},
     "function complete_and_claim(text,text,integer,uuid[],uuid[],text[],jsonb[])": {
@@ -218,8 +219,8 @@ ALLOWED: dict[str, dict[str, set[str]]] = {
     "function ai_job_running_by_user()": {"service_role": EXECUTE},
     "function ai_job_one_user_due(text)": {"service_role": EXECUTE},
     "function ai_job_due_users(text)": {"service_role": EXECUTE},
-    "function ai_job_fair_pick(text,uuid[],integer,integer)": {"service_role": EXECUTE},
-    "function ai_job_fair_ids(text,integer,uuid[])": {"service_role": EXECUTE},
+    "function ai_job_fair_pick(text,uuid[],integer,integer,text[])": {"service_role": EXECUTE},
+    "function ai_job_fair_ids(text,integer,uuid[],text[])": {"service_role": EXECUTE},
     "function ai_job_under_cap(uuid)": {"service_role": EXECUTE},
     "function ai_job_settings_changed()": {},
     # sql/027

@@ -16,7 +16,7 @@ from psycopg_pool import AsyncConnectionPool
 from listener.errors import ProvidersUnavailable, RequestRefused
 from listener.handlers import create_runtime
 from tests.fakeai import FakeAI, Limits
-from tests.helpers import await_until, connect, insert_course, moves, record_moves
+from tests.helpers import await_until, connect, insert_course, insert_media, moves, record_moves
 from tests.integration.handlers.conftest import Conn, MakeSettings, course_job, media_job
 from tests.workers import FAST, running_worker
 
@@ -207,3 +207,85 @@ async def test_a_job_waiting_for_quota_counts_no_attempt(
     # quota's state not known yet), the two put back claimed again once each, as
     # their calls fitted; not a claim a second for each job waiting.
     assert moves(db_url, "claim") <= 3 + 2 and moves(db_url, "release") <= 2
+
+
+@pytest.mark.parametrize("speech_metered", [False, True])
+async def test_a_spent_image_quota_does_not_hold_the_speech_jobs(
+    db_url: str,
+    pool: AsyncConnectionPool[Any],
+    fake: FakeAI,
+    make_settings: MakeSettings,
+    speech_metered: bool,
+) -> None:
+    """Image and speech are two models, two quotas, two lanes: while the image
+    quota holds the image jobs, speech jobs that arrive meanwhile are claimed and
+    done at once (as many as their own quota admits, when it is metered too),
+    and the images wait without an attempt or a claim made only to put them
+    back."""
+    limits = "openai/gpt-image-1=rpm:1"  # one image a minute
+    if speech_metered:
+        limits += ";openai/gpt-4o-mini-tts=rpm:600"
+    s = make_settings(
+        database_url=db_url,
+        ai_provider_priority="openai",
+        provider_limits=limits,
+        worker_concurrency=4,
+        **FAST,
+    )
+    rt = await create_runtime(s, pool)
+    try:
+        async with running_worker(s, rt.handlers, gate=rt.chain.gate) as w:
+            first: list[str] = []
+            if speech_metered:  # the speech lane known, and gated: claimed apart
+                with connect(db_url) as c:
+                    first = [insert_media(c, "hello", "audio")]
+
+                async def said() -> bool:
+                    return fake.count("openai", "/audio/speech") == 1
+
+                await await_until(said, what="a speech")
+            with connect(db_url) as c:
+                images = [insert_media(c, f"picture {n}", "image") for n in range(3)]
+
+            def media(ids: list[str]) -> list[dict[str, Any]]:
+                with connect(db_url) as c:
+                    return list(
+                        c.execute(
+                            "select * from ai_media_jobs where id = any(%s::uuid[])", [ids]
+                        ).fetchall()
+                    )
+
+            async def held() -> bool:
+                rows = media(images)
+                return (
+                    sum(
+                        r["status"] == "pending" and r["provider_wait_since"] is not None
+                        for r in rows
+                    )
+                    == 2
+                    and "ai_media_jobs:image" in w.executor.cooldowns
+                )
+
+            await await_until(held, timeout=20, what="two images waiting for their quota")
+            claims = w.producer.claims_by_table["ai_media_jobs"]
+            assert w.executor.gate is not None
+            assert w.executor.gate.gates("ai_media_jobs:audio") == speech_metered
+            with connect(db_url) as c:
+                speech = first + [insert_media(c, f"words {n}", "audio") for n in range(3)]
+
+            async def spoken() -> bool:
+                return all(r["status"] == "done" for r in media(speech))
+
+            # Within the image quota's wait (a minute): not behind it.
+            await await_until(spoken, timeout=20, what="the speech jobs done")
+            assert w.executor.cooldowns.cooling("ai_media_jobs:image", time.monotonic())
+            waiting = media(images)
+            # No claim of the images while held: the claims since were the speech
+            # jobs' (one a notification, or a round), a few, not one per second.
+            assert w.producer.claims_by_table["ai_media_jobs"] - claims <= 6
+    finally:
+        await rt.aclose()
+    assert sorted(r["status"] for r in waiting) == ["done", "pending", "pending"]
+    assert all(r["retry_count"] == 0 for r in waiting)
+    assert fake.count("openai", "/images/generations") == 1
+    assert fake.count("openai", "/audio/speech") == len(speech)
