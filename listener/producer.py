@@ -285,8 +285,8 @@ class Producer:
             return await self._claim(table, lanes, n, None)
         got, rest = 0, []
         for lane in self._in_turn(lanes):
-            if cooldowns.cooling(lane, now) or not self._may_find[lane]:
-                continue
+            if cooldowns.cooling(lane, time.monotonic()) or not self._may_find[lane]:
+                continue  # held (maybe since the round began), or nothing to find
             if not self._gated(lane):
                 cooldowns.resume(lane)
                 rest.append(lane)
