@@ -134,11 +134,11 @@ class FastPath:
     def _held(self, table: str) -> bool:
         """A lane of `table` is held or gated: its claims are the claim loop's,
         which asks the gate (the notification does not say the job's lane)."""
-        now, gate = time.monotonic(), self.executor.gate
-        return any(
-            self.executor.cooldowns.cooling(lane, now) or (gate is not None and gate.gates(lane))
-            for lane in LANES[table]
-        )
+        now, gate, cooldowns = time.monotonic(), self.executor.gate, self.executor.cooldowns
+        for lane in LANES[table]:
+            if cooldowns.cooling(lane, now) or (gate is not None and gate.gates(lane)):
+                return True
+        return False
 
     def _send_deferred(self, table: str, job_id: UUID) -> None:
         """The spread's wait is over: claim now, unless the worker can no longer
