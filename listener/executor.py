@@ -260,7 +260,7 @@ class Executor:
     async def defer(self, job: Job, exc: ProvidersUnavailable, log: Any = logger) -> None:
         """Every provider is down or rate-limited: back to pending until the earliest
         recovery, no attempt counted (past PROVIDER_OUTAGE_MAX_WAIT_SECONDS of
-        waiting, defer_job counts one), and no more claims of this table until then."""
+        waiting, defer_job counts one), and no more claims of its lane until then."""
         message = scrub(exc.message, self.settings)
         params = {
             "table": job.table,

@@ -16,7 +16,7 @@ import asyncio
 import contextlib
 import heapq
 import time
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from uuid import UUID
 
 from listener import dal, db
@@ -266,9 +266,10 @@ class Producer:
         return await self._batch_round(batches, free)
 
     async def _claim_table(self, table: str, free: int) -> int | None:
-        """Claim and start up to `free` jobs of `table`: in one claim while no lane
-        of it is held or gated, else a claim a gated lane (what its gate admits)
-        and one for the rest. How many were claimed; None if a claim failed."""
+        """Claim and start up to `free` jobs of `table`: the table whole while no
+        lane of it is held or gated; else its lanes that may be claimed, each up
+        to what its gate admits (a gated lane) or `free`, in one claim. How many
+        were claimed; None if the claim failed."""
         now, cooldowns = time.monotonic(), self.executor.cooldowns
         lanes = LANES[table]
         if len(lanes) == 1 or not any(cooldowns.cooling(x, now) or self._gated(x) for x in lanes):
@@ -282,67 +283,55 @@ class Producer:
                 for lane in lanes:
                     cooldowns.resume(lane)
                 n = free
-            return await self._claim(table, lanes, n, None)
-        got, rest = 0, []
-        for lane in self._in_turn(lanes):
+            return await self._claim(table, {lane: n for lane in lanes}, n, whole=True)
+        limits: dict[str, int] = {}
+        for lane in lanes:
             if cooldowns.cooling(lane, time.monotonic()) or not self._may_find[lane]:
                 continue  # held (maybe since the round began), or nothing to find
-            if not self._gated(lane):
-                cooldowns.resume(lane)
-                rest.append(lane)
-                continue
-            n = await self._admitted(lane, free - got)
-            if n == 0:
-                continue
-            one = await self._claim(table, [lane], n, _others(lanes, [lane]))
-            if one is None:
-                return None
-            got += one
-            if got >= free:
-                return got
-        if rest:
-            more = await self._claim(table, rest, free - got, _others(lanes, rest))
-            if more is None:
-                return None
-            got += more
-        return got
+            if n := await self._admitted(lane, free):
+                limits[lane] = n
+        if not limits:
+            return 0
+        return await self._claim(table, limits, free, whole=False)
 
-    async def _claim(
-        self, table: str, lanes: Sequence[str], n: int, skip: list[str] | None
-    ) -> int | None:
-        """One claim of up to `n` jobs of `table`'s `lanes`: the table whole (the
-        finished jobs riding along), or its media jobs but the types in `skip`."""
+    async def _claim(self, table: str, limits: dict[str, int], n: int, whole: bool) -> int | None:
+        """One claim of up to `n` jobs of `table`, at most limits[lane] of each
+        lane's: the table whole (the finished jobs riding along), or its media
+        jobs of these lanes' types."""
         looks = self._looks[table]
         self.claim_rounds += 1
         self._round_claims[table] += 1
         t0 = time.perf_counter()
         try:
-            if skip is None:
+            if whole:
                 params = {"table": table, "worker": self.worker_id, "n": n}
                 rows = await self.completer.claim(params)  # finished jobs ride along
             else:
-                params = {"worker": self.worker_id, "n": n, "skip": skip}
+                params = {
+                    "worker": self.worker_id,
+                    "n": n,
+                    "types": [LANE_TYPES[lane] for lane in limits],
+                    "limits": list(limits.values()),
+                }
                 rows = await dal.CLAIM_MEDIA.all(self.pool, params)
         except Exception as exc:
-            await self._claimed(lanes, 0)
+            await self._claimed(dict.fromkeys(limits, 0))
             self.report(exc, "claim")
             return None
-        await self._claimed(lanes, len(rows))
+        got = _by_lane(rows, limits) if not whole else dict.fromkeys(limits, len(rows))
+        await self._claimed(got)
         self.health.up()
         self.pacing.round_trip.add(time.perf_counter() - t0)
         if len(rows) < n and looks == self._looks[table]:
-            for lane in lanes:  # nothing more until the next reason to look
-                self._may_find[lane] = False
+            for lane, limit in limits.items():  # nothing more until the next reason to look
+                if got[lane] < limit:
+                    self._may_find[lane] = False
         self._start(rows)
         return len(rows)
 
     def _gated(self, lane: str) -> bool:
         gate = self.executor.gate
         return gate is not None and gate.gates(lane)
-
-    def _in_turn(self, lanes: Sequence[str]) -> list[str]:
-        k = self._turn % len(lanes)
-        return [*lanes[k:], *lanes[:k]]
 
     async def _batch_round(self, tables: list[str], free: int) -> bool:
         """The batch jobs alone of these held tables, in the slots the others left.
@@ -391,11 +380,11 @@ class Producer:
         cooldowns.resume(lane)
         return n
 
-    async def _claimed(self, lanes: Sequence[str], got: int) -> None:
-        """The gate's reservations of an admitted lane beyond the jobs claimed go back."""
+    async def _claimed(self, got: dict[str, int]) -> None:
+        """The gate's reservations of each admitted lane beyond its jobs claimed go back."""
         if self.executor.gate is not None:
-            for lane in lanes:
-                await self.executor.gate.claimed(lane, got)
+            for lane, n in got.items():
+                await self.executor.gate.claimed(lane, n)
 
     def _start(self, rows: Sequence[ClaimedRow]) -> None:
         if rows:
@@ -418,6 +407,11 @@ class Producer:
                 w.cancel()
 
 
-def _others(lanes: Sequence[str], claimed: Sequence[str]) -> list[str]:
-    """The media types of `lanes` a claim of `claimed` leaves out."""
-    return [LANE_TYPES[lane] for lane in lanes if lane not in claimed]
+def _by_lane(rows: Sequence[ClaimedRow], lanes: Collection[str]) -> dict[str, int]:
+    """The jobs claimed of each of these lanes (a job of no type is of none)."""
+    got = dict.fromkeys(lanes, 0)
+    for row in rows:
+        lane = lane_of(row["job_table"], row["job"].get("media_type"))
+        if lane in got:
+            got[lane] += 1
+    return got

@@ -483,6 +483,10 @@ CREATE INDEX ai_media_jobs_running_idx ON public.ai_media_jobs USING btree (last
 
 CREATE INDEX ai_media_jobs_stale_idx ON public.ai_media_jobs USING btree (last_heartbeat) WHERE (status = 'stale'::text);
 
+CREATE INDEX ai_media_jobs_type_claim_idx ON public.ai_media_jobs USING btree (media_type, run_after) WHERE (status = ANY (ARRAY['pending'::text, 'failed'::text]));
+
+CREATE INDEX ai_media_jobs_untyped_claim_idx ON public.ai_media_jobs USING btree (run_after) WHERE ((status = ANY (ARRAY['pending'::text, 'failed'::text])) AND (media_type IS NULL));
+
 CREATE INDEX ai_media_jobs_user_idx ON public.ai_media_jobs USING btree (created_by, created_at) WHERE (created_by IS NOT NULL);
 
 -- ============================================================================
@@ -1421,7 +1425,7 @@ end
 $function$;
 
 -- last defined by sql/038_claim_media_types.sql
-CREATE OR REPLACE FUNCTION public.ai_job_claim_media(worker text, max_jobs integer, skip_types text[])
+CREATE OR REPLACE FUNCTION public.ai_job_claim_media(worker text, max_jobs integer, types text[], limits integer[])
  RETURNS TABLE(job_table text, id uuid, claim_token uuid, retry_count integer, max_retries integer, job jsonb)
  LANGUAGE plpgsql
  SET search_path TO 'pg_catalog', 'public', 'pg_temp'
@@ -1430,38 +1434,55 @@ AS $function$
 #variable_conflict use_column
 declare
     ids uuid[];
-    skip text[] := coalesce(skip_types, '{}');
 begin
-    if max_jobs is null or max_jobs < 1 then
+    if max_jobs is null or max_jobs < 1 or types is null
+       or exists (select from ai_job_queues q where q.job_table = 'ai_media_jobs' and q.paused) then
         return;
     end if;
     if exists (select from ai_job_settings where max_running_per_user is not null)
        or (select created_by from ai_media_jobs
            where status in ('pending', 'failed') and created_by is not null
            order by created_by, run_after desc limit 1) is not null then
-        ids := ai_job_fair_ids('ai_media_jobs', max_jobs, null, skip);
+        ids := ai_job_fair_ids('ai_media_jobs', max_jobs, null, types);
     end if;
     if ids is null then
+        -- Each type's oldest, up to its limit, locked as they are read; then the
+        -- oldest of them all, up to max_jobs (the others' locks end at the commit).
         return query
         update ai_media_jobs j
         set status = 'processing', started_at = clock_timestamp(),
             last_heartbeat = clock_timestamp(), claim_token = gen_random_uuid(),
             worker_id = worker, completed_at = null
         where j.id = any(array(
-            select id from ai_media_jobs
-            where status in ('pending', 'failed') and run_after <= now()
-              and (status = 'pending' or retry_count < max_retries)
-              and (media_type is null or media_type <> all(skip))
-              and not exists (select from ai_job_queues q
-                              where q.job_table = 'ai_media_jobs' and q.paused)
-            order by run_after
-            limit max_jobs
-            for update of ai_media_jobs skip locked))
+            select c.id
+            from ((select x.id, x.run_after
+                   from unnest(types, limits) t(mt, lim)
+                   cross join lateral (
+                       select id, run_after from ai_media_jobs
+                       where media_type = t.mt
+                         and status in ('pending', 'failed') and run_after <= now()
+                         and (status = 'pending' or retry_count < max_retries)
+                       order by run_after
+                       limit least(greatest(coalesce(t.lim, 0), 0), max_jobs)
+                       for update of ai_media_jobs skip locked) x)
+                  union all
+                  (select u.id, u.run_after
+                   from (select id, run_after from ai_media_jobs
+                         where media_type is null
+                           and status in ('pending', 'failed') and run_after <= now()
+                           and (status = 'pending' or retry_count < max_retries)
+                         order by run_after
+                         limit max_jobs
+                         for update of ai_media_jobs skip locked) u)) c
+            order by c.run_after
+            limit max_jobs))
         returning 'ai_media_jobs'::text, j.id, j.claim_token, j.retry_count, j.max_retries,
                   jsonb_build_object('id', j.id, 'prompt', j.prompt, 'media_type', j.media_type,
                                      'course_id', j.course_id, 'params', j.params,
                                      'batch', j.batch);
     else
+        -- The fair candidates (of these types and of none), each type's first
+        -- ones up to its limit, taken in the fair order as they can be locked.
         return query
         update ai_media_jobs j
         set status = 'processing', started_at = clock_timestamp(),
@@ -1469,11 +1490,17 @@ begin
             worker_id = worker, completed_at = null
         where j.id = any(array(
             select id from ai_media_jobs
-            where id = any(ids) and status in ('pending', 'failed') and run_after <= now()
+            where id = any(array(
+                    select c.id
+                    from (select m.id, m.media_type,
+                                 row_number() over (partition by m.media_type
+                                                    order by o.pos) as k
+                          from unnest(ids) with ordinality o(id, pos)
+                          join ai_media_jobs m on m.id = o.id) c
+                    where c.media_type is null
+                       or c.k <= coalesce(limits[array_position(types, c.media_type)], 0)))
+              and status in ('pending', 'failed') and run_after <= now()
               and (status = 'pending' or retry_count < max_retries)
-              and (media_type is null or media_type <> all(skip))
-              and not exists (select from ai_job_queues q
-                              where q.job_table = 'ai_media_jobs' and q.paused)
             order by array_position(ids, id)
             limit max_jobs
             for update of ai_media_jobs skip locked))
@@ -1574,7 +1601,7 @@ end
 $function$;
 
 -- last defined by sql/038_claim_media_types.sql
-CREATE OR REPLACE FUNCTION public.ai_job_fair_ids(table_name text, max_jobs integer, held uuid[] DEFAULT NULL::uuid[], skip_types text[] DEFAULT NULL::text[])
+CREATE OR REPLACE FUNCTION public.ai_job_fair_ids(table_name text, max_jobs integer, held uuid[] DEFAULT NULL::uuid[], only_types text[] DEFAULT NULL::text[])
  RETURNS uuid[]
  LANGUAGE plpgsql
  SET search_path TO 'pg_catalog', 'public', 'pg_temp'
@@ -1596,12 +1623,12 @@ begin
         end if;
     end if;
     -- A new statement, a new snapshot: what the locks' holders claimed is seen.
-    return ai_job_fair_pick(table_name, users, greatest(max_jobs, 0), cap, skip_types);
+    return ai_job_fair_pick(table_name, users, greatest(max_jobs, 0), cap, only_types);
 end
 $function$;
 
 -- last defined by sql/038_claim_media_types.sql
-CREATE OR REPLACE FUNCTION public.ai_job_fair_pick(table_name text, users uuid[], wanted integer, cap integer, skip_types text[] DEFAULT NULL::text[])
+CREATE OR REPLACE FUNCTION public.ai_job_fair_pick(table_name text, users uuid[], wanted integer, cap integer, only_types text[] DEFAULT NULL::text[])
  RETURNS uuid[]
  LANGUAGE plpgsql
  STABLE
@@ -1648,7 +1675,8 @@ begin
                        where created_by >= u.k and created_by <= u.k
                          and status in ('pending', 'failed')
                          and run_after <= now() and (status = 'pending' or retry_count < max_retries)
-                         and (media_type is null or media_type <> all(coalesce(skip_types, '{}')))
+                         and (only_types is null or media_type is null
+                              or media_type = any(only_types))
                        order by created_by desc, run_after
                        limit greatest(0, least(wanted, coalesce(cap - u.running, wanted))))
                       union all
@@ -1657,7 +1685,8 @@ begin
                          and created_by is null
                          and status in ('pending', 'failed')
                          and run_after <= now() and (status = 'pending' or retry_count < max_retries)
-                         and (media_type is null or media_type <> all(coalesce(skip_types, '{}')))
+                         and (only_types is null or media_type is null
+                              or media_type = any(only_types))
                        order by created_by desc, run_after
                        limit greatest(0, least(wanted, coalesce(cap - u.running, wanted))))) c
             ) d

@@ -72,9 +72,9 @@ select * from claim_due_job(%(table)s, %(id)s, %(worker)s)
 select * from ai_job_claim_batch(%(table)s, %(worker)s, %(n)s)
 
 -- name: claim_media
--- Media jobs but those of the types in skip (their lanes held, or claimed apart),
--- while the claim gate holds or meters a media lane.
-select * from ai_job_claim_media(%(worker)s, %(n)s, %(skip)s::text[])
+-- Media jobs of these types, at most limits[i] of types[i] (sql/038), while a
+-- media lane is held or gated.
+select * from ai_job_claim_media(%(worker)s, %(n)s, %(types)s::text[], %(limits)s::int[])
 
 -- name: heartbeat_jobs
 select heartbeat_jobs as id from heartbeat_jobs(%(table)s, %(ids)b, %(tokens)b)

@@ -1,8 +1,10 @@
-"""Media claims by type (sql/038, ai_job_claim_media): while one media lane is
-held or gated, a worker claims the other types alone. The types left out stay
-pending and untouched; a null media_type (an invalid job) is never left out;
-the fair order and the per-user cap hold as in claim_jobs; a paused queue
-gives nothing; bad arguments give nothing."""
+"""Media claims by type (sql/038, ai_job_claim_media): while a media lane is held
+or gated, a worker claims the types it may, each within its limit, in one
+statement. The types not asked for stay pending and untouched; the oldest job
+goes first whatever its type; a null media_type (an invalid job) is never left
+out; the fair order and the per-user cap hold as in claim_jobs; a type left out
+is not read through (its backlog); a paused queue and bad arguments give
+nothing."""
 
 from __future__ import annotations
 
@@ -25,66 +27,79 @@ def c(db_url: str) -> Any:
 
 
 def _add(c: Any, media_type: str | None, names: list[str], user: str | None = None) -> list[str]:
-    """Due media jobs named `names`, oldest first (an hour old, a second apart)."""
-    return [
-        insert_media(
-            c,
-            name,
-            media_type,  # type: ignore[arg-type]
-            created_by=user,
-            run_after=c.execute(
-                "select now() - interval '1 hour' + %s * interval '1 second' as t",
-                [len(c.execute("select id from ai_media_jobs").fetchall())],
-            ).fetchone()["t"],
-        )
-        for name in names
-    ]
+    """Due media jobs named `names`, each younger than every job added before."""
+    ids = []
+    for name in names:
+        n = c.execute("select count(*) as n from ai_media_jobs").fetchone()["n"]
+        at = c.execute(
+            "select now() - interval '1 hour' + %s * interval '1 second' as t", [n]
+        ).fetchone()["t"]
+        ids.append(insert_media(c, name, media_type, created_by=user, run_after=at))  # type: ignore[arg-type]
+    return ids
 
 
-def _claim(c: Any, n: int, skip: list[str] | None, worker: str = "w") -> list[str]:
-    rows = c.execute("select * from ai_job_claim_media(%s, %s, %s)", [worker, n, skip]).fetchall()
+def _claim(c: Any, n: int, limits: dict[str, int], worker: str = "w") -> list[str]:
+    """The prompts of the jobs claimed, oldest first."""
+    rows = c.execute(
+        "select * from ai_job_claim_media(%s, %s, %s, %s)",
+        [worker, n, list(limits), list(limits.values())],
+    ).fetchall()
     assert all(r["job_table"] == "ai_media_jobs" for r in rows)
-    return [r["job"]["prompt"] for r in rows]
+    names = [r["job"]["prompt"] for r in rows]
+    return sorted(
+        names, key=lambda p: (p.rstrip("0123456789"), int(p[len(p.rstrip("0123456789")) :] or 0))
+    )
 
 
-def test_the_skipped_type_stays_pending_and_the_others_are_claimed(c: Any) -> None:
+def test_the_types_not_asked_for_stay_pending(c: Any) -> None:
     images = _add(c, "image", ["i1", "i2", "i3"])  # the oldest
     _add(c, "audio", ["a1", "a2"])
-    assert sorted(_claim(c, 10, ["image"])) == ["a1", "a2"]
+    assert _claim(c, 10, {"audio": 10}) == ["a1", "a2"]
     assert [job(c, i, "ai_media_jobs")["status"] for i in images] == ["pending"] * 3
-    assert _claim(c, 10, ["image"]) == []
-    # The images, claimed apart, oldest first, as many as asked.
-    assert sorted(_claim(c, 2, ["audio"])) == ["i1", "i2"]
-    assert _claim(c, 2, ["audio"]) == ["i3"]
+    assert _claim(c, 10, {"audio": 10}) == []
+    assert _claim(c, 2, {"image": 5}) == ["i1", "i2"]
+    assert _claim(c, 2, {"image": 5}) == ["i3"]
 
 
-def test_no_skip_claims_every_type_in_age_order(c: Any) -> None:
-    _add(c, "audio", ["a1"])
-    _add(c, "image", ["i1"])
-    _add(c, "audio", ["a2"])
-    assert sorted(_claim(c, 2, None)) == ["a1", "i1"]
-    assert _claim(c, 2, []) == ["a2"]
+def test_each_type_within_its_limit_and_the_oldest_first(c: Any) -> None:
+    _add(c, "image", ["i1", "i2", "i3"])
+    _add(c, "audio", ["a1", "a2", "a3"])
+    # One image admitted (its quota), the audio jobs up to the free slots.
+    assert _claim(c, 3, {"image": 1, "audio": 3}) == ["a1", "a2", "i1"]
+    # No type goes first by its place in the list: the oldest job does.
+    assert _claim(c, 1, {"audio": 5, "image": 5}) == ["i2"]
+
+
+def test_an_older_job_of_an_unmetered_type_is_not_kept_behind_a_metered_one(c: Any) -> None:
+    _add(c, "audio", ["a1"])  # the oldest
+    _add(c, "image", [f"i{n}" for n in range(1, 6)])
+    # A slot at a time, the image quota admitting one each time: the speech
+    # job, older, goes first.
+    assert _claim(c, 1, {"image": 1, "audio": 1}) == ["a1"]
+    assert _claim(c, 1, {"image": 1, "audio": 1}) == ["i1"]
 
 
 def test_a_job_of_no_type_is_never_left_out(c: Any) -> None:
     # An invalid job (media_type null): whichever claim takes it refuses it at once.
     _add(c, None, ["none"])
     _add(c, "image", ["i1"])
-    assert _claim(c, 5, ["image", "audio"]) == ["none"]
+    assert _claim(c, 5, {"image": 0}) == ["none"]
+    assert _claim(c, 5, {}) == []
 
 
 def test_the_fair_order_and_the_cap_apply_within_the_types_claimed(c: Any) -> None:
     _add(c, "image", ["Ai1", "Ai2"], A)  # A's images: the oldest
     _add(c, "audio", ["Aa1", "Aa2", "Aa3"], A)
     _add(c, "audio", ["Ba1", "Ba2"], B)
-    # Fair between A and B among the audio jobs: A's images are not counted as
-    # claimable, nor taken.
-    assert sorted(_claim(c, 2, ["image"])) == ["Aa1", "Ba1"]
-    c.execute("update ai_job_settings set max_running_per_user = 2")
-    # A runs one, B one: with a cap of 2, one more each, whatever is asked.
-    assert sorted(_claim(c, 10, ["image"])) == ["Aa2", "Ba2"]
-    assert _claim(c, 10, ["image"]) == []
-    assert _claim(c, 10, ["audio"]) == []  # A's images: A is at the cap
+    # Fair between A and B among the audio jobs: A's images are neither counted
+    # as candidates nor taken.
+    assert _claim(c, 2, {"audio": 5}) == ["Aa1", "Ba1"]
+    # Within a type's limit, fair too: one image of A beside B's audio.
+    assert _claim(c, 2, {"image": 1, "audio": 0}) == ["Ai1"]
+    c.execute("update ai_job_settings set max_running_per_user = 3")
+    # A runs two, B one: with a cap of 3, one more of A's, two of B's at most.
+    assert _claim(c, 10, {"audio": 10, "image": 10}) == ["Ai2", "Ba2"]
+    assert _claim(c, 10, {"audio": 10, "image": 10}) == []
 
 
 def test_the_cap_holds_under_concurrent_claims_of_two_types(db_url: str, c: Any) -> None:
@@ -95,10 +110,10 @@ def test_the_cap_holds_under_concurrent_claims_of_two_types(db_url: str, c: Any)
     got: list[list[str]] = []
     start = threading.Barrier(2)
 
-    def claim(skip: str) -> None:
+    def claim(kind: str) -> None:
         with connect(db_url) as mine:
             start.wait()
-            got.append(_claim(mine, 5, [skip], worker=skip))
+            got.append(_claim(mine, 5, {kind: 5}, worker=kind))
 
     threads = [threading.Thread(target=claim, args=(t,)) for t in ("image", "audio")]
     for t in threads:
@@ -110,11 +125,42 @@ def test_the_cap_holds_under_concurrent_claims_of_two_types(db_url: str, c: Any)
     assert running.fetchone()["n"] == 3
 
 
-def test_a_paused_queue_and_bad_counts_give_nothing(c: Any) -> None:
+def test_a_type_left_out_is_not_read_through(c: Any) -> None:
+    """A backlog of images and a claim of speech alone: an index walk of the
+    speech jobs, not a read past every image."""
+    c.execute(
+        "insert into ai_media_jobs (prompt, media_type, run_after)"
+        " select 'old image ' || g, 'image', now() - interval '2 hours' + g * interval '1 ms'"
+        " from generate_series(1, 20000) g"
+    )
+    for name in ("a1", "a2"):
+        insert_media(c, name, "audio")
+    c.execute("analyze ai_media_jobs")
+    c.execute("select pg_stat_force_next_flush()")
+    c.commit()
+    with c.transaction():
+        assert (
+            len(c.execute("select * from ai_job_claim_media('w', 4, '{audio}', '{4}')").fetchall())
+            == 2
+        )
+        # Rows read by sequential scans, and index entries read, of the table
+        # and of each of its indexes.
+        read = c.execute(
+            "select pg_stat_get_xact_tuples_returned(t)"
+            " + (select sum(pg_stat_get_xact_tuples_returned(indexrelid)) from pg_index"
+            "    where indrelid = t) as n"
+            " from (select 'ai_media_jobs'::regclass::oid as t) x"
+        ).fetchone()["n"]
+    assert read < 100, f"{read} rows of ai_media_jobs read to claim 2"
+
+
+def test_a_paused_queue_and_bad_arguments_give_nothing(c: Any) -> None:
     _add(c, "audio", ["a1"])
-    assert _claim(c, 0, ["image"]) == []
-    assert c.execute("select * from ai_job_claim_media('w', null, null)").fetchall() == []
+    assert _claim(c, 0, {"audio": 5}) == []
+    assert c.execute("select * from ai_job_claim_media('w', null, null, null)").fetchall() == []
+    assert c.execute("select * from ai_job_claim_media('w', 5, null, null)").fetchall() == []
+    assert _claim(c, 5, {"audio": -1}) == []
     c.execute("select pause_jobs('ai_media_jobs')")
-    assert _claim(c, 5, ["image"]) == []
+    assert _claim(c, 5, {"audio": 5}) == []
     c.execute("select resume_jobs('ai_media_jobs')")
-    assert _claim(c, 5, ["image"]) == ["a1"]
+    assert _claim(c, 5, {"audio": 5}) == ["a1"]

@@ -141,7 +141,8 @@ async def test_providers_down_put_the_job_back_and_hold_the_table(
         row = job(c, jid)
     assert row["status"] == "pending" and row["retry_count"] == 0  # no attempt counted
     cooldowns = rig.executor.cooldowns
-    assert "ai_course_jobs" in cooldowns and "ai_media_jobs" not in cooldowns
+    assert "ai_course_jobs" in cooldowns
+    assert "ai_media_jobs:image" not in cooldowns and "ai_media_jobs:audio" not in cooldowns
     loop_now = time.monotonic()
     assert cooldowns.cooling("ai_course_jobs", loop_now)
     assert 25 < cooldowns.waits(loop_now)[0] <= 30

@@ -115,7 +115,7 @@ ALLOWED: dict[str, dict[str, set[str]]] = {
     "function claim_job(text,uuid,text)": {"service_role": EXECUTE},
     "function claim_due_job(text,uuid,text)": {"service_role": EXECUTE},
     "function ai_job_claim_batch(text,text,integer)": {"service_role": EXECUTE},
-    "function ai_job_claim_media(text,integer,text[])": {"service_role": EXECUTE},
+    "function ai_job_claim_media(text,integer,text[],integer[])": {"service_role": EXECUTE},
     "function heartbeat_jobs(text,uuid[],uuid[])": {"service_role": EXECUTE},
     "function complete_jobs(text,uuid[],uuid[],text[],jsonb[])": {"service_role": EXECUTE},
     "function complete_and_claim(text,text,integer,uuid[],uuid[],text[],jsonb[])": {

@@ -267,6 +267,16 @@ async def test_a_spent_image_quota_does_not_hold_the_speech_jobs(
                 )
 
             await await_until(held, timeout=20, what="two images waiting for their quota")
+            before = {r["id"]: r for r in media(images) if r["status"] == "pending"}
+            # Their deferral's due time passes (a second or so): from then on only
+            # the claim gate's hold of their lane keeps them from being claimed.
+            due = max(r["run_after"] for r in before.values())
+
+            async def overdue() -> bool:
+                with connect(db_url) as c:
+                    return bool(c.execute("select now() > %s as o", [due]).fetchone()["o"])
+
+            await await_until(overdue, what="the waiting images due")
             claims = w.producer.claims_by_table["ai_media_jobs"]
             assert w.executor.gate is not None
             assert w.executor.gate.gates("ai_media_jobs:audio") == speech_metered
@@ -278,14 +288,63 @@ async def test_a_spent_image_quota_does_not_hold_the_speech_jobs(
 
             # Within the image quota's wait (a minute): not behind it.
             await await_until(spoken, timeout=20, what="the speech jobs done")
-            assert w.executor.cooldowns.cooling("ai_media_jobs:image", time.monotonic())
             waiting = media(images)
-            # No claim of the images while held: the claims since were the speech
-            # jobs' (one a notification, or a round), a few, not one per second.
+            # The claims since were the speech jobs' (one a notification, or a
+            # round), a few, not one per second.
             assert w.producer.claims_by_table["ai_media_jobs"] - claims <= 6
     finally:
         await rt.aclose()
     assert sorted(r["status"] for r in waiting) == ["done", "pending", "pending"]
     assert all(r["retry_count"] == 0 for r in waiting)
+    # The waiting images were not claimed again (a claim sets started_at; a
+    # deferral moves run_after).
+    for r in waiting:
+        if r["status"] == "pending":
+            was = before[r["id"]]
+            assert (r["started_at"], r["run_after"]) == (was["started_at"], was["run_after"])
     assert fake.count("openai", "/images/generations") == 1
     assert fake.count("openai", "/audio/speech") == len(speech)
+
+
+async def test_an_older_speech_job_is_not_kept_behind_the_images_a_quota_admits(
+    db_url: str, pool: AsyncConnectionPool[Any], fake: FakeAI, make_settings: MakeSettings
+) -> None:
+    """The image quota is metered (its lane gated) but never spent: with one
+    slot, a speech job queued before eight images is started first, not after
+    every image the quota admits."""
+    s = make_settings(
+        database_url=db_url,
+        ai_provider_priority="openai",
+        provider_limits="openai/gpt-image-1=rpm:6000",
+        worker_concurrency=1,
+        **FAST,
+    )
+    rt = await create_runtime(s, pool)
+    try:
+        async with running_worker(s, rt.handlers, gate=rt.chain.gate) as w:
+            with connect(db_url) as c:
+                insert_media(c, "the first picture", "image")  # the image lane noted
+
+            async def gated() -> bool:
+                return w.executor.gate is not None and w.executor.gate.gates("ai_media_jobs:image")
+
+            await await_until(gated, what="the image lane gated")
+            with connect(db_url) as c, c.transaction():  # one commit: all due at once
+                older = c.execute("select now() - interval '1 second' as t").fetchone()
+                assert older is not None
+                ids = [insert_media(c, "words", "audio", run_after=older["t"])]
+                ids += [insert_media(c, f"picture {n}", "image") for n in range(8)]
+
+            async def done() -> bool:
+                with connect(db_url) as c:
+                    rows = c.execute(
+                        "select status from ai_media_jobs where id = any(%s::uuid[])", [ids]
+                    ).fetchall()
+                return all(r["status"] == "done" for r in rows)
+
+            await await_until(done, timeout=30, what="the nine jobs done")
+    finally:
+        await rt.aclose()
+    calls = [r.path for r in fake.requests if r.path.startswith("/v1/")]
+    assert calls[0].endswith("/images/generations")  # the first picture
+    assert calls[1].endswith("/audio/speech"), calls
