@@ -13,26 +13,36 @@
 -- whose media_type is null (an invalid job, refused at once) is never left out;
 -- it counts against max_jobs alone.
 --
--- The oldest first, a type at a time: an index per type (the claim index of 001
--- leads with run_after, and a type left out may be the one with a backlog), and
--- a small one for the null type. The fair order (025) gets the same filter:
--- ai_job_fair_pick and ai_job_fair_ids take `only_types` (default null: every
--- type), dropped and created again with the new argument; the calls of 025, 033
--- and 034 with fewer arguments keep their meaning. (The fair pick reads each due
--- user's jobs through the due-user index of 025 and filters them by type: with a
--- cap set or several users due, a claim by type reads past a user's jobs of the
--- types left out.) Grants as before, and the new function's.
+-- A type at a time, each through an index that leads with it: the claim index
+-- of 001 leads with run_after, and the type left out may be the one with a
+-- backlog. The bounds are written as row comparisons on the index's columns
+-- (`(media_type, run_after) <= (t, now())`): with `media_type = t` from an
+-- unnest, a generic plan guesses half the rows match and walks the claim index
+-- instead. The fair pick (025) takes the same types and limits, applied within
+-- each user's candidates (a user's older images do not crowd out their speech
+-- job), through an index on (created_by, media_type, run_after): `created_by =
+-- u` and the row comparison on the next two columns (a row comparison over all
+-- three would end the index walk only at the next user, reading the user's
+-- other types through). The null user's jobs of a type are read through the
+-- type's index, past other users' jobs of that type. ai_job_fair_pick
+-- and ai_job_fair_ids are dropped and created again with the two new arguments,
+-- last and optional: the calls of 025, 033 and 034 keep their meaning. Grants as
+-- before, and the new function's.
 
 create index if not exists ai_media_jobs_type_claim_idx
     on ai_media_jobs (media_type, run_after) where status in ('pending', 'failed');
+create index if not exists ai_media_jobs_user_type_claim_idx
+    on ai_media_jobs (created_by, media_type, run_after) where status in ('pending', 'failed');
 create index if not exists ai_media_jobs_untyped_claim_idx
     on ai_media_jobs (run_after) where status in ('pending', 'failed') and media_type is null;
 
 drop function ai_job_fair_pick(text, uuid[], int, int);
 drop function ai_job_fair_ids(text, int, uuid[]);
 
+-- As in 025; with `types`, only media jobs of these types (and of none), at most
+-- limits[i] of types[i] among each user's candidates.
 create function ai_job_fair_pick(table_name text, users uuid[], wanted int, cap int,
-                                 only_types text[] default null)
+                                 types text[] default null, limits int[] default null)
 returns uuid[]
 language plpgsql stable
 set search_path = pg_catalog, public, pg_temp
@@ -65,7 +75,7 @@ begin
             ) d
             order by d.level, d.run_after, d.id
             limit 2 * wanted);
-    else
+    elsif types is null then
         return array(
             select d.id
             from (select u.k, coalesce(r.running, 0) as running
@@ -78,8 +88,6 @@ begin
                        where created_by >= u.k and created_by <= u.k
                          and status in ('pending', 'failed')
                          and run_after <= now() and (status = 'pending' or retry_count < max_retries)
-                         and (only_types is null or media_type is null
-                              or media_type = any(only_types))
                        order by created_by desc, run_after
                        limit greatest(0, least(wanted, coalesce(cap - u.running, wanted))))
                       union all
@@ -88,10 +96,60 @@ begin
                          and created_by is null
                          and status in ('pending', 'failed')
                          and run_after <= now() and (status = 'pending' or retry_count < max_retries)
-                         and (only_types is null or media_type is null
-                              or media_type = any(only_types))
                        order by created_by desc, run_after
                        limit greatest(0, least(wanted, coalesce(cap - u.running, wanted))))) c
+            ) d
+            order by d.level, d.run_after, d.id
+            limit 2 * wanted);
+    else
+        return array(
+            select d.id
+            from (select u.k, coalesce(r.running, 0) as running,
+                         greatest(0, least(wanted, coalesce(cap - coalesce(r.running, 0), wanted)))
+                             as room
+                  from unnest(users) u(k)
+                  left join ai_job_running_by_user() r on r.user_key = u.k) u
+            cross join lateral (
+                select c.id, c.run_after,
+                       u.running + row_number() over (order by c.run_after, c.id) - 1 as level
+                from (select s.id, s.run_after
+                      from ((select x.id, x.run_after
+                             from unnest(types, limits) t(mt, lim)
+                             cross join lateral (
+                                 select id, run_after from ai_media_jobs
+                                 where u.k <> '00000000-0000-0000-0000-000000000000'::uuid
+                                   and created_by = u.k
+                                   and (media_type, run_after) >= (t.mt, '-infinity'::timestamptz)
+                                   and (media_type, run_after) <= (t.mt, now())
+                                   and status in ('pending', 'failed')
+                                   and (status = 'pending' or retry_count < max_retries)
+                                 order by media_type, run_after
+                                 limit least(greatest(coalesce(t.lim, 0), 0), u.room)) x)
+                            union all
+                            (select x.id, x.run_after
+                             from unnest(types, limits) t(mt, lim)
+                             cross join lateral (
+                                 select id, run_after from ai_media_jobs
+                                 where u.k = '00000000-0000-0000-0000-000000000000'::uuid
+                                   and (media_type, run_after) >= (t.mt, '-infinity'::timestamptz)
+                                   and (media_type, run_after) <= (t.mt, now())
+                                   and created_by is null
+                                   and status in ('pending', 'failed')
+                                   and (status = 'pending' or retry_count < max_retries)
+                                 order by media_type, run_after
+                                 limit least(greatest(coalesce(t.lim, 0), 0), u.room)) x)
+                            union all
+                            (select id, run_after from ai_media_jobs
+                             where media_type is null
+                               and (created_by = u.k
+                                    or (u.k = '00000000-0000-0000-0000-000000000000'::uuid
+                                        and created_by is null))
+                               and status in ('pending', 'failed') and run_after <= now()
+                               and (status = 'pending' or retry_count < max_retries)
+                             order by run_after
+                             limit u.room)) s
+                      order by s.run_after, s.id
+                      limit u.room) c
             ) d
             order by d.level, d.run_after, d.id
             limit 2 * wanted);
@@ -99,9 +157,9 @@ begin
 end
 $$;
 
--- As in 025, with the media types to pick passed on (null: every type).
+-- As in 025, with the media types and their limits passed on to the pick.
 create function ai_job_fair_ids(table_name text, max_jobs int, held uuid[] default null,
-                                only_types text[] default null)
+                                types text[] default null, limits int[] default null)
 returns uuid[]
 language plpgsql
 set search_path = pg_catalog, public, pg_temp
@@ -123,13 +181,16 @@ begin
         end if;
     end if;
     -- A new statement, a new snapshot: what the locks' holders claimed is seen.
-    return ai_job_fair_pick(table_name, users, greatest(max_jobs, 0), cap, only_types);
+    return ai_job_fair_pick(table_name, users, greatest(max_jobs, 0), cap, types, limits);
 end
 $$;
 
 -- Up to max_jobs claimable media jobs of the types in `types` (and of none),
 -- at most limits[i] of types[i], in the order claim_jobs takes them (the oldest
--- first, or fair between users within the cap).
+-- first, or fair between users within the cap). Each type's candidates are
+-- locked as they are read (a row another claim holds is passed over, the next
+-- one taken), then the oldest of them all are claimed: up to the sum of the
+-- limits less max_jobs stay locked, unclaimed, until this claim commits.
 create function ai_job_claim_media(worker text, max_jobs int, types text[], limits int[])
 returns table(job_table text, id uuid, claim_token uuid, retry_count int, max_retries int, job jsonb)
 language plpgsql
@@ -144,15 +205,18 @@ begin
        or exists (select from ai_job_queues q where q.job_table = 'ai_media_jobs' and q.paused) then
         return;
     end if;
+    if cardinality(types) <> (select count(distinct t) from unnest(types) t)
+       or cardinality(types) <> coalesce(cardinality(limits), 0) then
+        raise exception 'ai_job_claim_media: types must not repeat or be null, one limit each'
+            using errcode = '22023';
+    end if;
     if exists (select from ai_job_settings where max_running_per_user is not null)
        or (select created_by from ai_media_jobs
            where status in ('pending', 'failed') and created_by is not null
            order by created_by, run_after desc limit 1) is not null then
-        ids := ai_job_fair_ids('ai_media_jobs', max_jobs, null, types);
+        ids := ai_job_fair_ids('ai_media_jobs', max_jobs, null, types, limits);
     end if;
     if ids is null then
-        -- Each type's oldest, up to its limit, locked as they are read; then the
-        -- oldest of them all, up to max_jobs (the others' locks end at the commit).
         return query
         update ai_media_jobs j
         set status = 'processing', started_at = clock_timestamp(),
@@ -164,10 +228,11 @@ begin
                    from unnest(types, limits) t(mt, lim)
                    cross join lateral (
                        select id, run_after from ai_media_jobs
-                       where media_type = t.mt
-                         and status in ('pending', 'failed') and run_after <= now()
+                       where (media_type, run_after) >= (t.mt, '-infinity'::timestamptz)
+                         and (media_type, run_after) <= (t.mt, now())
+                         and status in ('pending', 'failed')
                          and (status = 'pending' or retry_count < max_retries)
-                       order by run_after
+                       order by media_type, run_after
                        limit least(greatest(coalesce(t.lim, 0), 0), max_jobs)
                        for update of ai_media_jobs skip locked) x)
                   union all
@@ -186,8 +251,8 @@ begin
                                      'course_id', j.course_id, 'params', j.params,
                                      'batch', j.batch);
     else
-        -- The fair candidates (of these types and of none), each type's first
-        -- ones up to its limit, taken in the fair order as they can be locked.
+        -- The fair candidates still claimable, each type's first ones up to its
+        -- limit, taken in the fair order as they can be locked.
         return query
         update ai_media_jobs j
         set status = 'processing', started_at = clock_timestamp(),
@@ -201,7 +266,9 @@ begin
                                  row_number() over (partition by m.media_type
                                                     order by o.pos) as k
                           from unnest(ids) with ordinality o(id, pos)
-                          join ai_media_jobs m on m.id = o.id) c
+                          join ai_media_jobs m on m.id = o.id
+                          where m.status in ('pending', 'failed') and m.run_after <= now()
+                            and (m.status = 'pending' or m.retry_count < m.max_retries)) c
                     where c.media_type is null
                        or c.k <= coalesce(limits[array_position(types, c.media_type)], 0)))
               and status in ('pending', 'failed') and run_after <= now()
@@ -218,12 +285,12 @@ end
 $$;
 
 revoke all on function
-    ai_job_fair_pick(text, uuid[], int, int, text[]),
-    ai_job_fair_ids(text, int, uuid[], text[]),
+    ai_job_fair_pick(text, uuid[], int, int, text[], int[]),
+    ai_job_fair_ids(text, int, uuid[], text[], int[]),
     ai_job_claim_media(text, int, text[], int[])
     from public, anon, authenticated, service_role;
 grant execute on function
-    ai_job_fair_pick(text, uuid[], int, int, text[]),
-    ai_job_fair_ids(text, int, uuid[], text[]),
+    ai_job_fair_pick(text, uuid[], int, int, text[], int[]),
+    ai_job_fair_ids(text, int, uuid[], text[], int[]),
     ai_job_claim_media(text, int, text[], int[])
     to service_role;

@@ -489,6 +489,8 @@ CREATE INDEX ai_media_jobs_untyped_claim_idx ON public.ai_media_jobs USING btree
 
 CREATE INDEX ai_media_jobs_user_idx ON public.ai_media_jobs USING btree (created_by, created_at) WHERE (created_by IS NOT NULL);
 
+CREATE INDEX ai_media_jobs_user_type_claim_idx ON public.ai_media_jobs USING btree (created_by, media_type, run_after) WHERE (status = ANY (ARRAY['pending'::text, 'failed'::text]));
+
 -- ============================================================================
 -- Sequences
 -- ============================================================================
@@ -1439,15 +1441,18 @@ begin
        or exists (select from ai_job_queues q where q.job_table = 'ai_media_jobs' and q.paused) then
         return;
     end if;
+    if cardinality(types) <> (select count(distinct t) from unnest(types) t)
+       or cardinality(types) <> coalesce(cardinality(limits), 0) then
+        raise exception 'ai_job_claim_media: types must not repeat or be null, one limit each'
+            using errcode = '22023';
+    end if;
     if exists (select from ai_job_settings where max_running_per_user is not null)
        or (select created_by from ai_media_jobs
            where status in ('pending', 'failed') and created_by is not null
            order by created_by, run_after desc limit 1) is not null then
-        ids := ai_job_fair_ids('ai_media_jobs', max_jobs, null, types);
+        ids := ai_job_fair_ids('ai_media_jobs', max_jobs, null, types, limits);
     end if;
     if ids is null then
-        -- Each type's oldest, up to its limit, locked as they are read; then the
-        -- oldest of them all, up to max_jobs (the others' locks end at the commit).
         return query
         update ai_media_jobs j
         set status = 'processing', started_at = clock_timestamp(),
@@ -1459,10 +1464,11 @@ begin
                    from unnest(types, limits) t(mt, lim)
                    cross join lateral (
                        select id, run_after from ai_media_jobs
-                       where media_type = t.mt
-                         and status in ('pending', 'failed') and run_after <= now()
+                       where (media_type, run_after) >= (t.mt, '-infinity'::timestamptz)
+                         and (media_type, run_after) <= (t.mt, now())
+                         and status in ('pending', 'failed')
                          and (status = 'pending' or retry_count < max_retries)
-                       order by run_after
+                       order by media_type, run_after
                        limit least(greatest(coalesce(t.lim, 0), 0), max_jobs)
                        for update of ai_media_jobs skip locked) x)
                   union all
@@ -1481,8 +1487,8 @@ begin
                                      'course_id', j.course_id, 'params', j.params,
                                      'batch', j.batch);
     else
-        -- The fair candidates (of these types and of none), each type's first
-        -- ones up to its limit, taken in the fair order as they can be locked.
+        -- The fair candidates still claimable, each type's first ones up to its
+        -- limit, taken in the fair order as they can be locked.
         return query
         update ai_media_jobs j
         set status = 'processing', started_at = clock_timestamp(),
@@ -1496,7 +1502,9 @@ begin
                                  row_number() over (partition by m.media_type
                                                     order by o.pos) as k
                           from unnest(ids) with ordinality o(id, pos)
-                          join ai_media_jobs m on m.id = o.id) c
+                          join ai_media_jobs m on m.id = o.id
+                          where m.status in ('pending', 'failed') and m.run_after <= now()
+                            and (m.status = 'pending' or m.retry_count < m.max_retries)) c
                     where c.media_type is null
                        or c.k <= coalesce(limits[array_position(types, c.media_type)], 0)))
               and status in ('pending', 'failed') and run_after <= now()
@@ -1601,7 +1609,7 @@ end
 $function$;
 
 -- last defined by sql/038_claim_media_types.sql
-CREATE OR REPLACE FUNCTION public.ai_job_fair_ids(table_name text, max_jobs integer, held uuid[] DEFAULT NULL::uuid[], only_types text[] DEFAULT NULL::text[])
+CREATE OR REPLACE FUNCTION public.ai_job_fair_ids(table_name text, max_jobs integer, held uuid[] DEFAULT NULL::uuid[], types text[] DEFAULT NULL::text[], limits integer[] DEFAULT NULL::integer[])
  RETURNS uuid[]
  LANGUAGE plpgsql
  SET search_path TO 'pg_catalog', 'public', 'pg_temp'
@@ -1623,12 +1631,12 @@ begin
         end if;
     end if;
     -- A new statement, a new snapshot: what the locks' holders claimed is seen.
-    return ai_job_fair_pick(table_name, users, greatest(max_jobs, 0), cap, only_types);
+    return ai_job_fair_pick(table_name, users, greatest(max_jobs, 0), cap, types, limits);
 end
 $function$;
 
 -- last defined by sql/038_claim_media_types.sql
-CREATE OR REPLACE FUNCTION public.ai_job_fair_pick(table_name text, users uuid[], wanted integer, cap integer, only_types text[] DEFAULT NULL::text[])
+CREATE OR REPLACE FUNCTION public.ai_job_fair_pick(table_name text, users uuid[], wanted integer, cap integer, types text[] DEFAULT NULL::text[], limits integer[] DEFAULT NULL::integer[])
  RETURNS uuid[]
  LANGUAGE plpgsql
  STABLE
@@ -1662,7 +1670,7 @@ begin
             ) d
             order by d.level, d.run_after, d.id
             limit 2 * wanted);
-    else
+    elsif types is null then
         return array(
             select d.id
             from (select u.k, coalesce(r.running, 0) as running
@@ -1675,8 +1683,6 @@ begin
                        where created_by >= u.k and created_by <= u.k
                          and status in ('pending', 'failed')
                          and run_after <= now() and (status = 'pending' or retry_count < max_retries)
-                         and (only_types is null or media_type is null
-                              or media_type = any(only_types))
                        order by created_by desc, run_after
                        limit greatest(0, least(wanted, coalesce(cap - u.running, wanted))))
                       union all
@@ -1685,10 +1691,60 @@ begin
                          and created_by is null
                          and status in ('pending', 'failed')
                          and run_after <= now() and (status = 'pending' or retry_count < max_retries)
-                         and (only_types is null or media_type is null
-                              or media_type = any(only_types))
                        order by created_by desc, run_after
                        limit greatest(0, least(wanted, coalesce(cap - u.running, wanted))))) c
+            ) d
+            order by d.level, d.run_after, d.id
+            limit 2 * wanted);
+    else
+        return array(
+            select d.id
+            from (select u.k, coalesce(r.running, 0) as running,
+                         greatest(0, least(wanted, coalesce(cap - coalesce(r.running, 0), wanted)))
+                             as room
+                  from unnest(users) u(k)
+                  left join ai_job_running_by_user() r on r.user_key = u.k) u
+            cross join lateral (
+                select c.id, c.run_after,
+                       u.running + row_number() over (order by c.run_after, c.id) - 1 as level
+                from (select s.id, s.run_after
+                      from ((select x.id, x.run_after
+                             from unnest(types, limits) t(mt, lim)
+                             cross join lateral (
+                                 select id, run_after from ai_media_jobs
+                                 where u.k <> '00000000-0000-0000-0000-000000000000'::uuid
+                                   and created_by = u.k
+                                   and (media_type, run_after) >= (t.mt, '-infinity'::timestamptz)
+                                   and (media_type, run_after) <= (t.mt, now())
+                                   and status in ('pending', 'failed')
+                                   and (status = 'pending' or retry_count < max_retries)
+                                 order by media_type, run_after
+                                 limit least(greatest(coalesce(t.lim, 0), 0), u.room)) x)
+                            union all
+                            (select x.id, x.run_after
+                             from unnest(types, limits) t(mt, lim)
+                             cross join lateral (
+                                 select id, run_after from ai_media_jobs
+                                 where u.k = '00000000-0000-0000-0000-000000000000'::uuid
+                                   and (media_type, run_after) >= (t.mt, '-infinity'::timestamptz)
+                                   and (media_type, run_after) <= (t.mt, now())
+                                   and created_by is null
+                                   and status in ('pending', 'failed')
+                                   and (status = 'pending' or retry_count < max_retries)
+                                 order by media_type, run_after
+                                 limit least(greatest(coalesce(t.lim, 0), 0), u.room)) x)
+                            union all
+                            (select id, run_after from ai_media_jobs
+                             where media_type is null
+                               and (created_by = u.k
+                                    or (u.k = '00000000-0000-0000-0000-000000000000'::uuid
+                                        and created_by is null))
+                               and status in ('pending', 'failed') and run_after <= now()
+                               and (status = 'pending' or retry_count < max_retries)
+                             order by run_after
+                             limit u.room)) s
+                      order by s.run_after, s.id
+                      limit u.room) c
             ) d
             order by d.level, d.run_after, d.id
             limit 2 * wanted);

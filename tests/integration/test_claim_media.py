@@ -11,6 +11,7 @@ from __future__ import annotations
 import threading
 from typing import Any
 
+import psycopg
 import pytest
 
 from tests.helpers import connect, insert_media, job
@@ -102,6 +103,15 @@ def test_the_fair_order_and_the_cap_apply_within_the_types_claimed(c: Any) -> No
     assert _claim(c, 10, {"audio": 10, "image": 10}) == []
 
 
+def test_a_users_older_images_do_not_crowd_out_their_speech_job(c: Any) -> None:
+    """Fair path (two users due): the image limit applies within each user's
+    candidates, so the speech job behind a user's images is picked too."""
+    _add(c, "image", [f"Ai{n}" for n in range(1, 6)], A)
+    _add(c, "audio", ["Aa1"], A)
+    _add(c, "image", [f"Bi{n}" for n in range(1, 6)], B)
+    assert _claim(c, 3, {"image": 1, "audio": 3}) == ["Aa1", "Ai1"]
+
+
 def test_the_cap_holds_under_concurrent_claims_of_two_types(db_url: str, c: Any) -> None:
     """Two workers claim A's images and A's audio at once: the cap counts both."""
     _add(c, "image", [f"i{n}" for n in range(5)], A)
@@ -125,33 +135,52 @@ def test_the_cap_holds_under_concurrent_claims_of_two_types(db_url: str, c: Any)
     assert running.fetchone()["n"] == 3
 
 
-def test_a_type_left_out_is_not_read_through(c: Any) -> None:
-    """A backlog of images and a claim of speech alone: an index walk of the
-    speech jobs, not a read past every image."""
-    c.execute(
-        "insert into ai_media_jobs (prompt, media_type, run_after)"
-        " select 'old image ' || g, 'image', now() - interval '2 hours' + g * interval '1 ms'"
-        " from generate_series(1, 20000) g"
-    )
-    for name in ("a1", "a2"):
-        insert_media(c, name, "audio")
-    c.execute("analyze ai_media_jobs")
+def _read(c: Any, limits: dict[str, int], n: int = 4) -> tuple[int, int]:
+    """Claim; the jobs claimed, and the rows of ai_media_jobs its scans read (by
+    sequential scans, and index entries of every index of the table)."""
     c.execute("select pg_stat_force_next_flush()")
     c.commit()
     with c.transaction():
-        assert (
-            len(c.execute("select * from ai_job_claim_media('w', 4, '{audio}', '{4}')").fetchall())
-            == 2
-        )
-        # Rows read by sequential scans, and index entries read, of the table
-        # and of each of its indexes.
+        got = c.execute(
+            "select * from ai_job_claim_media('w', %s, %s, %s)",
+            [n, list(limits), list(limits.values())],
+        ).fetchall()
         read = c.execute(
             "select pg_stat_get_xact_tuples_returned(t)"
             " + (select sum(pg_stat_get_xact_tuples_returned(indexrelid)) from pg_index"
             "    where indrelid = t) as n"
             " from (select 'ai_media_jobs'::regclass::oid as t) x"
         ).fetchone()["n"]
-    assert read < 100, f"{read} rows of ai_media_jobs read to claim 2"
+    return len(got), read
+
+
+@pytest.mark.parametrize("users", [False, True])
+def test_a_type_left_out_is_not_read_through(c: Any, users: bool) -> None:
+    """A backlog of images and a claim of speech alone, on a table whose history
+    holds both types (the statistics of a real one): an index walk of the speech
+    jobs, not a read past every image, in the plain order and in the fair pick
+    (two users due)."""
+    c.execute(
+        "insert into ai_media_jobs (prompt, media_type, status, run_after, completed_at)"
+        " select 'done ' || g, case when g % 2 = 0 then 'image' else 'audio' end, 'done',"
+        "  now() - interval '3 hours', now() - interval '3 hours'"
+        " from generate_series(1, 40000) g"
+    )
+    c.execute(
+        "insert into ai_media_jobs (prompt, media_type, run_after)"
+        " select 'old image ' || g, 'image', now() - interval '2 hours' + g * interval '1 ms'"
+        " from generate_series(1, 20000) g"
+    )
+    if users:  # (an update: the insert trigger's rate limit counts a user's rows)
+        c.execute("update ai_media_jobs set created_by = %s where prompt like 'old image %%'", [A])
+    for name in ("a1", "a2"):
+        insert_media(c, name, "audio", created_by=A if users else None)
+    if users:
+        insert_media(c, "b1", "image", created_by=B)
+    c.execute("vacuum analyze ai_media_jobs")
+    got, read = _read(c, {"audio": 4})
+    assert got == 2
+    assert read < 200, f"{read} rows of ai_media_jobs read to claim 2"
 
 
 def test_a_paused_queue_and_bad_arguments_give_nothing(c: Any) -> None:
@@ -160,6 +189,9 @@ def test_a_paused_queue_and_bad_arguments_give_nothing(c: Any) -> None:
     assert c.execute("select * from ai_job_claim_media('w', null, null, null)").fetchall() == []
     assert c.execute("select * from ai_job_claim_media('w', 5, null, null)").fetchall() == []
     assert _claim(c, 5, {"audio": -1}) == []
+    for types, limits in ((["audio", "audio"], [1, 1]), (["audio"], []), (["audio", None], [1, 1])):
+        with pytest.raises(psycopg.errors.InvalidParameterValue), c.transaction():
+            c.execute("select * from ai_job_claim_media('w', 5, %s, %s)", [types, limits])
     c.execute("select pause_jobs('ai_media_jobs')")
     assert _claim(c, 5, {"audio": 5}) == []
     c.execute("select resume_jobs('ai_media_jobs')")
