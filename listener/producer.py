@@ -7,8 +7,9 @@ the fast path (fastpath.py) when the producer knows of no other job of its
 table; the finished jobs of a table ride on its next claim (Completer.claim).
 
 A table's claims are held or metered by lane (listener.jobs.LANES): while a lane
-of the media table is held or gated, its image and speech jobs are claimed
-apart (sql/038), so that one model's spent quota does not hold the other's."""
+of the media table is held or gated, its image and speech jobs are claimed by
+type, each within its own limit, in one claim (sql/038), so that one model's
+spent quota does not hold the other's."""
 
 from __future__ import annotations
 
