@@ -256,20 +256,18 @@ async def test_a_spent_image_quota_does_not_hold_the_speech_jobs(
                     )
 
             async def held() -> bool:
-                rows = media(images)
-                return (
-                    sum(
-                        r["status"] == "pending" and r["provider_wait_since"] is not None
-                        for r in rows
-                    )
-                    == 2
-                    and "ai_media_jobs:image" in w.executor.cooldowns
+                # One image done, two pending: claimed and put back to wait for
+                # the quota, or never claimed (the gate learned the limit before
+                # their claim), as the notifications and the first call fall.
+                statuses = sorted(r["status"] for r in media(images))
+                return statuses == ["done", "pending", "pending"] and (
+                    "ai_media_jobs:image" in w.executor.cooldowns
                 )
 
             await await_until(held, timeout=20, what="two images waiting for their quota")
             before = {r["id"]: r for r in media(images) if r["status"] == "pending"}
-            # Their deferral's due time passes (a second or so): from then on only
-            # the claim gate's hold of their lane keeps them from being claimed.
+            # Their due time passes (a deferral's is a second or so away): from
+            # then on only the hold of their lane keeps them from being claimed.
             due = max(r["run_after"] for r in before.values())
 
             async def overdue() -> bool:
