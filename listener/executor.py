@@ -29,6 +29,7 @@ from listener.errors import HandedOff, InvalidJob, ProvidersUnavailable, error_t
 from listener.jobs import (
     JOB_TYPES,
     LANE_TYPES,
+    LANES,
     Gate,
     HandlerMap,
     Job,
@@ -149,6 +150,15 @@ class Executor:
         self.on_failure = on_failure  # telemetry of a failed attempt
         self.gate = gate  # how many jobs of a table may be claimed now (providers' state)
         self.cooldowns = Cooldowns()
+
+    def lanes_held(self, table: str, now: float) -> bool:
+        """A lane of `table` is held or gated (its providers' state): its claims
+        then go lane by lane, through the claim gate."""
+        gate = self.gate
+        for lane in LANES[table]:
+            if self.cooldowns.cooling(lane, now) or (gate is not None and gate.gates(lane)):
+                return True
+        return False
 
     def start(self, job: Job) -> asyncio.Task[Outcome | None]:
         """Run a claimed job in a task of its own, held by the lease keeper."""

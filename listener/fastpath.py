@@ -19,7 +19,7 @@ from uuid import UUID
 from listener.errors import scrub
 from listener.executor import Executor
 from listener.fastclaim import Abandoned, Committed, FastClaimer
-from listener.jobs import JOB_TYPES, LANES, Job
+from listener.jobs import JOB_TYPES, Job
 from listener.leases import LeaseKeeper, Report
 from listener.outage import Health
 from listener.pacing import Pacing
@@ -128,17 +128,10 @@ class FastPath:
             self.claimer.busy
             or self.stopping()
             or self.leases.free_slots() <= 0
-            or self._held(table)
+            # Its claims are the claim loop's, which asks the gate (a notification
+            # does not say the job's lane).
+            or self.executor.lanes_held(table, time.monotonic())
         )
-
-    def _held(self, table: str) -> bool:
-        """A lane of `table` is held or gated: its claims are the claim loop's,
-        which asks the gate (the notification does not say the job's lane)."""
-        now, gate, cooldowns = time.monotonic(), self.executor.gate, self.executor.cooldowns
-        for lane in LANES[table]:
-            if cooldowns.cooling(lane, now) or (gate is not None and gate.gates(lane)):
-                return True
-        return False
 
     def _send_deferred(self, table: str, job_id: UUID) -> None:
         """The spread's wait is over: claim now, unless the worker can no longer

@@ -267,33 +267,22 @@ class Producer:
         return await self._batch_round(batches, free)
 
     async def _claim_table(self, table: str, free: int) -> int | None:
-        """Claim and start up to `free` jobs of `table`: the table whole while no
-        lane of it is held or gated; else its lanes that may be claimed, each up
-        to what its gate admits (a gated lane) or `free`, in one claim. How many
-        were claimed; None if the claim failed."""
-        now, cooldowns = time.monotonic(), self.executor.cooldowns
-        lanes = LANES[table]
-        if len(lanes) == 1 or not any(cooldowns.cooling(x, now) or self._gated(x) for x in lanes):
-            if len(lanes) == 1:
-                if cooldowns.cooling(table, now):
-                    return 0  # held since the round began (a job of it found no provider)
-                n = await self._admitted(table, free)
-                if n == 0:
-                    return 0  # held: the gate said when to look again
-            else:
-                for lane in lanes:
-                    cooldowns.resume(lane)
-                n = free
-            return await self._claim(table, {lane: n for lane in lanes}, n, whole=True)
+        """Claim and start up to `free` jobs of `table`: the table whole (what the
+        gate admits, for a table of one lane) while no lane of it is held or
+        gated; else its lanes that may be claimed, each up to what its gate
+        admits (a gated lane) or `free`, in one claim. How many were claimed;
+        None if the claim failed."""
+        cooldowns, lanes = self.executor.cooldowns, LANES[table]
+        whole = len(lanes) == 1 or not self.executor.lanes_held(table, time.monotonic())
         limits: dict[str, int] = {}
         for lane in lanes:
-            if cooldowns.cooling(lane, time.monotonic()) or not self._may_find[lane]:
-                continue  # held (maybe since the round began), or nothing to find
-            if n := await self._admitted(lane, free):
+            if cooldowns.cooling(lane, time.monotonic()):
+                continue  # held (maybe since the round began: a job found no provider)
+            if (whole or self._may_find[lane]) and (n := await self._admitted(lane, free)):
                 limits[lane] = n
         if not limits:
-            return 0
-        return await self._claim(table, limits, free, whole=False)
+            return 0  # held: the gate said when to look again
+        return await self._claim(table, limits, min(limits.values()) if whole else free, whole)
 
     async def _claim(self, table: str, limits: dict[str, int], n: int, whole: bool) -> int | None:
         """One claim of up to `n` jobs of `table`, at most limits[lane] of each
@@ -329,10 +318,6 @@ class Producer:
                     self._may_find[lane] = False
         self._start(rows)
         return len(rows)
-
-    def _gated(self, lane: str) -> bool:
-        gate = self.executor.gate
-        return gate is not None and gate.gates(lane)
 
     async def _batch_round(self, tables: list[str], free: int) -> bool:
         """The batch jobs alone of these held tables, in the slots the others left.

@@ -18,16 +18,16 @@
 -- backlog. The bounds are written as row comparisons on the index's columns
 -- (`(media_type, run_after) <= (t, now())`): with `media_type = t` from an
 -- unnest, a generic plan guesses half the rows match and walks the claim index
--- instead. The fair pick (025) takes the same types and limits, applied within
--- each user's candidates (a user's older images do not crowd out their speech
--- job), through an index on (created_by, media_type, run_after): `created_by =
--- u` and the row comparison on the next two columns (a row comparison over all
--- three would end the index walk only at the next user, reading the user's
--- other types through). The null user's jobs of a type are read through the
--- type's index, past other users' jobs of that type. ai_job_fair_pick
--- and ai_job_fair_ids are dropped and created again with the two new arguments,
--- last and optional: the calls of 025, 033 and 034 keep their meaning. Grants as
--- before, and the new function's.
+-- instead. The fair order (025) over these types is ai_job_fair_pick_types:
+-- the limits applied within each user's candidates (a user's older images do
+-- not crowd out their speech job), through an index on (created_by, media_type,
+-- run_after): `created_by = u` and the row comparison on the next two columns (a
+-- row comparison over all three would end the index walk only at the next user,
+-- reading the user's other types through). The null user's jobs of a type are
+-- read through the type's index, past other users' jobs of that type.
+-- ai_job_fair_ids is dropped and created again with two new arguments, last and
+-- optional, that send it to that pick: the calls of 025, 033 and 034 keep their
+-- meaning. Grants as before, and the new functions'.
 
 create index if not exists ai_media_jobs_type_claim_idx
     on ai_media_jobs (media_type, run_after) where status in ('pending', 'failed');
@@ -36,128 +36,74 @@ create index if not exists ai_media_jobs_user_type_claim_idx
 create index if not exists ai_media_jobs_untyped_claim_idx
     on ai_media_jobs (run_after) where status in ('pending', 'failed') and media_type is null;
 
-drop function ai_job_fair_pick(text, uuid[], int, int);
 drop function ai_job_fair_ids(text, int, uuid[]);
 
--- As in 025; with `types`, only media jobs of these types (and of none), at most
--- limits[i] of types[i] among each user's candidates.
-create function ai_job_fair_pick(table_name text, users uuid[], wanted int, cap int,
-                                 types text[] default null, limits int[] default null)
+-- The fair order of ai_job_fair_pick (025) over ai_media_jobs' jobs of these
+-- types (and of none), at most limits[i] of types[i] among each user's
+-- candidates.
+create function ai_job_fair_pick_types(users uuid[], wanted int, cap int,
+                                       types text[], limits int[])
 returns uuid[]
 language plpgsql stable
 set search_path = pg_catalog, public, pg_temp
 set plan_cache_mode = force_generic_plan
 as $$
 begin
-    if table_name = 'ai_course_jobs' then
-        return array(
-            select d.id
-            from (select u.k, coalesce(r.running, 0) as running
-                  from unnest(users) u(k)
-                  left join ai_job_running_by_user() r on r.user_key = u.k) u
-            cross join lateral (
-                select c.id, c.run_after,
-                       u.running + row_number() over (order by c.run_after, c.id) - 1 as level
-                from ((select id, run_after from ai_course_jobs
-                       where created_by >= u.k and created_by <= u.k
-                         and status in ('pending', 'failed')
-                         and run_after <= now() and (status = 'pending' or retry_count < max_retries)
-                       order by created_by desc, run_after
-                       limit greatest(0, least(wanted, coalesce(cap - u.running, wanted))))
-                      union all
-                      (select id, run_after from ai_course_jobs
-                       where u.k = '00000000-0000-0000-0000-000000000000'::uuid
-                         and created_by is null
-                         and status in ('pending', 'failed')
-                         and run_after <= now() and (status = 'pending' or retry_count < max_retries)
-                       order by created_by desc, run_after
-                       limit greatest(0, least(wanted, coalesce(cap - u.running, wanted))))) c
-            ) d
-            order by d.level, d.run_after, d.id
-            limit 2 * wanted);
-    elsif types is null then
-        return array(
-            select d.id
-            from (select u.k, coalesce(r.running, 0) as running
-                  from unnest(users) u(k)
-                  left join ai_job_running_by_user() r on r.user_key = u.k) u
-            cross join lateral (
-                select c.id, c.run_after,
-                       u.running + row_number() over (order by c.run_after, c.id) - 1 as level
-                from ((select id, run_after from ai_media_jobs
-                       where created_by >= u.k and created_by <= u.k
-                         and status in ('pending', 'failed')
-                         and run_after <= now() and (status = 'pending' or retry_count < max_retries)
-                       order by created_by desc, run_after
-                       limit greatest(0, least(wanted, coalesce(cap - u.running, wanted))))
-                      union all
-                      (select id, run_after from ai_media_jobs
-                       where u.k = '00000000-0000-0000-0000-000000000000'::uuid
-                         and created_by is null
-                         and status in ('pending', 'failed')
-                         and run_after <= now() and (status = 'pending' or retry_count < max_retries)
-                       order by created_by desc, run_after
-                       limit greatest(0, least(wanted, coalesce(cap - u.running, wanted))))) c
-            ) d
-            order by d.level, d.run_after, d.id
-            limit 2 * wanted);
-    else
-        return array(
-            select d.id
-            from (select u.k, coalesce(r.running, 0) as running,
-                         greatest(0, least(wanted, coalesce(cap - coalesce(r.running, 0), wanted)))
-                             as room
-                  from unnest(users) u(k)
-                  left join ai_job_running_by_user() r on r.user_key = u.k) u
-            cross join lateral (
-                select c.id, c.run_after,
-                       u.running + row_number() over (order by c.run_after, c.id) - 1 as level
-                from (select s.id, s.run_after
-                      from ((select x.id, x.run_after
-                             from unnest(types, limits) t(mt, lim)
-                             cross join lateral (
-                                 select id, run_after from ai_media_jobs
-                                 where u.k <> '00000000-0000-0000-0000-000000000000'::uuid
-                                   and created_by = u.k
-                                   and (media_type, run_after) >= (t.mt, '-infinity'::timestamptz)
-                                   and (media_type, run_after) <= (t.mt, now())
-                                   and status in ('pending', 'failed')
-                                   and (status = 'pending' or retry_count < max_retries)
-                                 order by media_type, run_after
-                                 limit least(greatest(coalesce(t.lim, 0), 0), u.room)) x)
-                            union all
-                            (select x.id, x.run_after
-                             from unnest(types, limits) t(mt, lim)
-                             cross join lateral (
-                                 select id, run_after from ai_media_jobs
-                                 where u.k = '00000000-0000-0000-0000-000000000000'::uuid
-                                   and (media_type, run_after) >= (t.mt, '-infinity'::timestamptz)
-                                   and (media_type, run_after) <= (t.mt, now())
-                                   and created_by is null
-                                   and status in ('pending', 'failed')
-                                   and (status = 'pending' or retry_count < max_retries)
-                                 order by media_type, run_after
-                                 limit least(greatest(coalesce(t.lim, 0), 0), u.room)) x)
-                            union all
-                            (select id, run_after from ai_media_jobs
-                             where media_type is null
-                               and (created_by = u.k
-                                    or (u.k = '00000000-0000-0000-0000-000000000000'::uuid
-                                        and created_by is null))
-                               and status in ('pending', 'failed') and run_after <= now()
+    return array(
+        select d.id
+        from (select u.k, coalesce(r.running, 0) as running,
+                     greatest(0, least(wanted, coalesce(cap - coalesce(r.running, 0), wanted)))
+                         as room
+              from unnest(users) u(k)
+              left join ai_job_running_by_user() r on r.user_key = u.k) u
+        cross join lateral (
+            select c.id, c.run_after,
+                   u.running + row_number() over (order by c.run_after, c.id) - 1 as level
+            from (select s.id, s.run_after
+                  from ((select x.id, x.run_after
+                         from unnest(types, limits) t(mt, lim)
+                         cross join lateral (
+                             select id, run_after from ai_media_jobs
+                             where u.k <> '00000000-0000-0000-0000-000000000000'::uuid
+                               and created_by = u.k
+                               and (media_type, run_after) >= (t.mt, '-infinity'::timestamptz)
+                               and (media_type, run_after) <= (t.mt, now())
+                               and status in ('pending', 'failed')
                                and (status = 'pending' or retry_count < max_retries)
-                             order by run_after
-                             limit u.room)) s
-                      order by s.run_after, s.id
-                      limit u.room) c
-            ) d
-            order by d.level, d.run_after, d.id
-            limit 2 * wanted);
-    end if;
+                             order by media_type, run_after
+                             limit least(greatest(coalesce(t.lim, 0), 0), u.room)) x)
+                        union all
+                        (select x.id, x.run_after
+                         from unnest(types, limits) t(mt, lim)
+                         cross join lateral (
+                             select id, run_after from ai_media_jobs
+                             where u.k = '00000000-0000-0000-0000-000000000000'::uuid
+                               and (media_type, run_after) >= (t.mt, '-infinity'::timestamptz)
+                               and (media_type, run_after) <= (t.mt, now())
+                               and created_by is null
+                               and status in ('pending', 'failed')
+                               and (status = 'pending' or retry_count < max_retries)
+                             order by media_type, run_after
+                             limit least(greatest(coalesce(t.lim, 0), 0), u.room)) x)
+                        union all
+                        (select id, run_after from ai_media_jobs
+                         where media_type is null
+                           and (created_by = u.k
+                                or (u.k = '00000000-0000-0000-0000-000000000000'::uuid
+                                    and created_by is null))
+                           and status in ('pending', 'failed') and run_after <= now()
+                           and (status = 'pending' or retry_count < max_retries)
+                         order by run_after
+                         limit u.room)) s
+                  order by s.run_after, s.id
+                  limit u.room) c
+        ) d
+        order by d.level, d.run_after, d.id
+        limit 2 * wanted);
 end
 $$;
 
--- As in 025, with the media types and their limits passed on to the pick.
+-- As in 025; with `types`, the pick of ai_job_fair_pick_types.
 create function ai_job_fair_ids(table_name text, max_jobs int, held uuid[] default null,
                                 types text[] default null, limits int[] default null)
 returns uuid[]
@@ -181,7 +127,10 @@ begin
         end if;
     end if;
     -- A new statement, a new snapshot: what the locks' holders claimed is seen.
-    return ai_job_fair_pick(table_name, users, greatest(max_jobs, 0), cap, types, limits);
+    if types is null then
+        return ai_job_fair_pick(table_name, users, greatest(max_jobs, 0), cap);
+    end if;
+    return ai_job_fair_pick_types(users, greatest(max_jobs, 0), cap, types, limits);
 end
 $$;
 
@@ -216,13 +165,12 @@ begin
            order by created_by, run_after desc limit 1) is not null then
         ids := ai_job_fair_ids('ai_media_jobs', max_jobs, null, types, limits);
     end if;
+    -- The jobs to claim, locked: each type's oldest candidates up to its limit,
+    -- locked as they are read, then the oldest of them all; or the fair
+    -- candidates still claimable, each type's first ones up to its limit, taken
+    -- in the fair order as they can be locked.
     if ids is null then
-        return query
-        update ai_media_jobs j
-        set status = 'processing', started_at = clock_timestamp(),
-            last_heartbeat = clock_timestamp(), claim_token = gen_random_uuid(),
-            worker_id = worker, completed_at = null
-        where j.id = any(array(
+        ids := array(
             select c.id
             from ((select x.id, x.run_after
                    from unnest(types, limits) t(mt, lim)
@@ -245,20 +193,9 @@ begin
                          limit max_jobs
                          for update of ai_media_jobs skip locked) u)) c
             order by c.run_after
-            limit max_jobs))
-        returning 'ai_media_jobs'::text, j.id, j.claim_token, j.retry_count, j.max_retries,
-                  jsonb_build_object('id', j.id, 'prompt', j.prompt, 'media_type', j.media_type,
-                                     'course_id', j.course_id, 'params', j.params,
-                                     'batch', j.batch);
+            limit max_jobs);
     else
-        -- The fair candidates still claimable, each type's first ones up to its
-        -- limit, taken in the fair order as they can be locked.
-        return query
-        update ai_media_jobs j
-        set status = 'processing', started_at = clock_timestamp(),
-            last_heartbeat = clock_timestamp(), claim_token = gen_random_uuid(),
-            worker_id = worker, completed_at = null
-        where j.id = any(array(
+        ids := array(
             select id from ai_media_jobs
             where id = any(array(
                     select c.id
@@ -275,22 +212,28 @@ begin
               and (status = 'pending' or retry_count < max_retries)
             order by array_position(ids, id)
             limit max_jobs
-            for update of ai_media_jobs skip locked))
-        returning 'ai_media_jobs'::text, j.id, j.claim_token, j.retry_count, j.max_retries,
-                  jsonb_build_object('id', j.id, 'prompt', j.prompt, 'media_type', j.media_type,
-                                     'course_id', j.course_id, 'params', j.params,
-                                     'batch', j.batch);
+            for update of ai_media_jobs skip locked);
     end if;
+    return query
+    update ai_media_jobs j
+    set status = 'processing', started_at = clock_timestamp(),
+        last_heartbeat = clock_timestamp(), claim_token = gen_random_uuid(),
+        worker_id = worker, completed_at = null
+    where j.id = any(ids)
+    returning 'ai_media_jobs'::text, j.id, j.claim_token, j.retry_count, j.max_retries,
+              jsonb_build_object('id', j.id, 'prompt', j.prompt, 'media_type', j.media_type,
+                                 'course_id', j.course_id, 'params', j.params,
+                                 'batch', j.batch);
 end
 $$;
 
 revoke all on function
-    ai_job_fair_pick(text, uuid[], int, int, text[], int[]),
+    ai_job_fair_pick_types(uuid[], int, int, text[], int[]),
     ai_job_fair_ids(text, int, uuid[], text[], int[]),
     ai_job_claim_media(text, int, text[], int[])
     from public, anon, authenticated, service_role;
 grant execute on function
-    ai_job_fair_pick(text, uuid[], int, int, text[], int[]),
+    ai_job_fair_pick_types(uuid[], int, int, text[], int[]),
     ai_job_fair_ids(text, int, uuid[], text[], int[]),
     ai_job_claim_media(text, int, text[], int[])
     to service_role;

@@ -1452,13 +1452,12 @@ begin
            order by created_by, run_after desc limit 1) is not null then
         ids := ai_job_fair_ids('ai_media_jobs', max_jobs, null, types, limits);
     end if;
+    -- The jobs to claim, locked: each type's oldest candidates up to its limit,
+    -- locked as they are read, then the oldest of them all; or the fair
+    -- candidates still claimable, each type's first ones up to its limit, taken
+    -- in the fair order as they can be locked.
     if ids is null then
-        return query
-        update ai_media_jobs j
-        set status = 'processing', started_at = clock_timestamp(),
-            last_heartbeat = clock_timestamp(), claim_token = gen_random_uuid(),
-            worker_id = worker, completed_at = null
-        where j.id = any(array(
+        ids := array(
             select c.id
             from ((select x.id, x.run_after
                    from unnest(types, limits) t(mt, lim)
@@ -1481,20 +1480,9 @@ begin
                          limit max_jobs
                          for update of ai_media_jobs skip locked) u)) c
             order by c.run_after
-            limit max_jobs))
-        returning 'ai_media_jobs'::text, j.id, j.claim_token, j.retry_count, j.max_retries,
-                  jsonb_build_object('id', j.id, 'prompt', j.prompt, 'media_type', j.media_type,
-                                     'course_id', j.course_id, 'params', j.params,
-                                     'batch', j.batch);
+            limit max_jobs);
     else
-        -- The fair candidates still claimable, each type's first ones up to its
-        -- limit, taken in the fair order as they can be locked.
-        return query
-        update ai_media_jobs j
-        set status = 'processing', started_at = clock_timestamp(),
-            last_heartbeat = clock_timestamp(), claim_token = gen_random_uuid(),
-            worker_id = worker, completed_at = null
-        where j.id = any(array(
+        ids := array(
             select id from ai_media_jobs
             where id = any(array(
                     select c.id
@@ -1511,12 +1499,18 @@ begin
               and (status = 'pending' or retry_count < max_retries)
             order by array_position(ids, id)
             limit max_jobs
-            for update of ai_media_jobs skip locked))
-        returning 'ai_media_jobs'::text, j.id, j.claim_token, j.retry_count, j.max_retries,
-                  jsonb_build_object('id', j.id, 'prompt', j.prompt, 'media_type', j.media_type,
-                                     'course_id', j.course_id, 'params', j.params,
-                                     'batch', j.batch);
+            for update of ai_media_jobs skip locked);
     end if;
+    return query
+    update ai_media_jobs j
+    set status = 'processing', started_at = clock_timestamp(),
+        last_heartbeat = clock_timestamp(), claim_token = gen_random_uuid(),
+        worker_id = worker, completed_at = null
+    where j.id = any(ids)
+    returning 'ai_media_jobs'::text, j.id, j.claim_token, j.retry_count, j.max_retries,
+              jsonb_build_object('id', j.id, 'prompt', j.prompt, 'media_type', j.media_type,
+                                 'course_id', j.course_id, 'params', j.params,
+                                 'batch', j.batch);
 end
 $function$;
 
@@ -1631,12 +1625,15 @@ begin
         end if;
     end if;
     -- A new statement, a new snapshot: what the locks' holders claimed is seen.
-    return ai_job_fair_pick(table_name, users, greatest(max_jobs, 0), cap, types, limits);
+    if types is null then
+        return ai_job_fair_pick(table_name, users, greatest(max_jobs, 0), cap);
+    end if;
+    return ai_job_fair_pick_types(users, greatest(max_jobs, 0), cap, types, limits);
 end
 $function$;
 
--- last defined by sql/038_claim_media_types.sql
-CREATE OR REPLACE FUNCTION public.ai_job_fair_pick(table_name text, users uuid[], wanted integer, cap integer, types text[] DEFAULT NULL::text[], limits integer[] DEFAULT NULL::integer[])
+-- last defined by sql/025_fair_claims.sql
+CREATE OR REPLACE FUNCTION public.ai_job_fair_pick(table_name text, users uuid[], wanted integer, cap integer)
  RETURNS uuid[]
  LANGUAGE plpgsql
  STABLE
@@ -1670,7 +1667,7 @@ begin
             ) d
             order by d.level, d.run_after, d.id
             limit 2 * wanted);
-    elsif types is null then
+    else
         return array(
             select d.id
             from (select u.k, coalesce(r.running, 0) as running
@@ -1696,59 +1693,70 @@ begin
             ) d
             order by d.level, d.run_after, d.id
             limit 2 * wanted);
-    else
-        return array(
-            select d.id
-            from (select u.k, coalesce(r.running, 0) as running,
-                         greatest(0, least(wanted, coalesce(cap - coalesce(r.running, 0), wanted)))
-                             as room
-                  from unnest(users) u(k)
-                  left join ai_job_running_by_user() r on r.user_key = u.k) u
-            cross join lateral (
-                select c.id, c.run_after,
-                       u.running + row_number() over (order by c.run_after, c.id) - 1 as level
-                from (select s.id, s.run_after
-                      from ((select x.id, x.run_after
-                             from unnest(types, limits) t(mt, lim)
-                             cross join lateral (
-                                 select id, run_after from ai_media_jobs
-                                 where u.k <> '00000000-0000-0000-0000-000000000000'::uuid
-                                   and created_by = u.k
-                                   and (media_type, run_after) >= (t.mt, '-infinity'::timestamptz)
-                                   and (media_type, run_after) <= (t.mt, now())
-                                   and status in ('pending', 'failed')
-                                   and (status = 'pending' or retry_count < max_retries)
-                                 order by media_type, run_after
-                                 limit least(greatest(coalesce(t.lim, 0), 0), u.room)) x)
-                            union all
-                            (select x.id, x.run_after
-                             from unnest(types, limits) t(mt, lim)
-                             cross join lateral (
-                                 select id, run_after from ai_media_jobs
-                                 where u.k = '00000000-0000-0000-0000-000000000000'::uuid
-                                   and (media_type, run_after) >= (t.mt, '-infinity'::timestamptz)
-                                   and (media_type, run_after) <= (t.mt, now())
-                                   and created_by is null
-                                   and status in ('pending', 'failed')
-                                   and (status = 'pending' or retry_count < max_retries)
-                                 order by media_type, run_after
-                                 limit least(greatest(coalesce(t.lim, 0), 0), u.room)) x)
-                            union all
-                            (select id, run_after from ai_media_jobs
-                             where media_type is null
-                               and (created_by = u.k
-                                    or (u.k = '00000000-0000-0000-0000-000000000000'::uuid
-                                        and created_by is null))
-                               and status in ('pending', 'failed') and run_after <= now()
-                               and (status = 'pending' or retry_count < max_retries)
-                             order by run_after
-                             limit u.room)) s
-                      order by s.run_after, s.id
-                      limit u.room) c
-            ) d
-            order by d.level, d.run_after, d.id
-            limit 2 * wanted);
     end if;
+end
+$function$;
+
+-- last defined by sql/038_claim_media_types.sql
+CREATE OR REPLACE FUNCTION public.ai_job_fair_pick_types(users uuid[], wanted integer, cap integer, types text[], limits integer[])
+ RETURNS uuid[]
+ LANGUAGE plpgsql
+ STABLE
+ SET search_path TO 'pg_catalog', 'public', 'pg_temp'
+ SET plan_cache_mode TO 'force_generic_plan'
+AS $function$
+begin
+    return array(
+        select d.id
+        from (select u.k, coalesce(r.running, 0) as running,
+                     greatest(0, least(wanted, coalesce(cap - coalesce(r.running, 0), wanted)))
+                         as room
+              from unnest(users) u(k)
+              left join ai_job_running_by_user() r on r.user_key = u.k) u
+        cross join lateral (
+            select c.id, c.run_after,
+                   u.running + row_number() over (order by c.run_after, c.id) - 1 as level
+            from (select s.id, s.run_after
+                  from ((select x.id, x.run_after
+                         from unnest(types, limits) t(mt, lim)
+                         cross join lateral (
+                             select id, run_after from ai_media_jobs
+                             where u.k <> '00000000-0000-0000-0000-000000000000'::uuid
+                               and created_by = u.k
+                               and (media_type, run_after) >= (t.mt, '-infinity'::timestamptz)
+                               and (media_type, run_after) <= (t.mt, now())
+                               and status in ('pending', 'failed')
+                               and (status = 'pending' or retry_count < max_retries)
+                             order by media_type, run_after
+                             limit least(greatest(coalesce(t.lim, 0), 0), u.room)) x)
+                        union all
+                        (select x.id, x.run_after
+                         from unnest(types, limits) t(mt, lim)
+                         cross join lateral (
+                             select id, run_after from ai_media_jobs
+                             where u.k = '00000000-0000-0000-0000-000000000000'::uuid
+                               and (media_type, run_after) >= (t.mt, '-infinity'::timestamptz)
+                               and (media_type, run_after) <= (t.mt, now())
+                               and created_by is null
+                               and status in ('pending', 'failed')
+                               and (status = 'pending' or retry_count < max_retries)
+                             order by media_type, run_after
+                             limit least(greatest(coalesce(t.lim, 0), 0), u.room)) x)
+                        union all
+                        (select id, run_after from ai_media_jobs
+                         where media_type is null
+                           and (created_by = u.k
+                                or (u.k = '00000000-0000-0000-0000-000000000000'::uuid
+                                    and created_by is null))
+                           and status in ('pending', 'failed') and run_after <= now()
+                           and (status = 'pending' or retry_count < max_retries)
+                         order by run_after
+                         limit u.room)) s
+                  order by s.run_after, s.id
+                  limit u.room) c
+        ) d
+        order by d.level, d.run_after, d.id
+        limit 2 * wanted);
 end
 $function$;
 

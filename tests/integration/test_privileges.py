@@ -219,7 +219,8 @@ ALLOWED: dict[str, dict[str, set[str]]] = {
     "function ai_job_running_by_user()": {"service_role": EXECUTE},
     "function ai_job_one_user_due(text)": {"service_role": EXECUTE},
     "function ai_job_due_users(text)": {"service_role": EXECUTE},
-    "function ai_job_fair_pick(text,uuid[],integer,integer,text[],integer[])": {
+    "function ai_job_fair_pick(text,uuid[],integer,integer)": {"service_role": EXECUTE},
+    "function ai_job_fair_pick_types(uuid[],integer,integer,text[],integer[])": {
         "service_role": EXECUTE
     },
     "function ai_job_fair_ids(text,integer,uuid[],text[],integer[])": {"service_role": EXECUTE},
